@@ -1,0 +1,396 @@
+"""Node configuration (YAML + HAKEEPER_* environment) and cluster-wide dynamic settings.
+
+Local settings live in the node's YAML file; environment variables override them
+(``HAKEEPER_POSTGRESQL__DATA_DIR=/x``, nested keys joined by ``__``).  Settings that must agree
+on every node live in etcd under ``<namespace>/<scope>/config`` as :class:`DynamicConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "HAKEEPER_"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+
+ParamValue = str | int | float | bool
+
+# Parameters the agent owns: users may not set them in `parameters`, because the agent writes
+# them itself (per role) and a mismatch would silently break replication or fencing.
+AGENT_OWNED_PARAMETERS = frozenset(
+    {
+        "port",
+        "listen_addresses",
+        "hba_file",
+        "ident_file",
+        "data_directory",
+        "config_file",
+        "primary_conninfo",
+        "primary_slot_name",
+        "recovery_target_timeline",
+        "hot_standby",
+    }
+)
+
+
+class ConfigError(Exception):
+    """A configuration file or value is invalid.  ``errors`` is a list of (field, message)."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = [f"{source}: {field}: {msg}" for field, msg in errors]
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _split_hostport(value: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port_no = int(port)
+    except ValueError as e:
+        raise ValueError(f"invalid port in {value!r}") from e
+    if not 0 < port_no < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port_no
+
+
+class EtcdConfig(_Strict):
+    hosts: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:2379"],
+        description="etcd client URLs (http:// or https://); the client rotates through them.",
+        min_length=1,
+    )
+    request_timeout: float = Field(1.0, gt=0, le=30, description="Timeout of one etcd request (s).")
+    cacert: Path | None = Field(None, description="CA bundle to verify etcd's certificate.")
+    cert: Path | None = Field(None, description="Client certificate (PEM) for TLS client auth.")
+    key: Path | None = Field(None, description="Client key (PEM) for TLS client auth.")
+    username: str | None = Field(None, description="etcd user (etcd authentication).")
+    password: SecretStr | None = Field(None, description="etcd password.")
+
+    @field_validator("hosts")
+    @classmethod
+    def _urls(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for h in hosts:
+            if "://" not in h:
+                h = "http://" + h
+            if not h.startswith(("http://", "https://")):
+                raise ValueError(f"etcd host {h!r} must use http:// or https://")
+            out.append(h.rstrip("/"))
+        return out
+
+    @model_validator(mode="after")
+    def _pairs(self) -> EtcdConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key must be given together")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password must be given together")
+        return self
+
+
+class ApiConfig(_Strict):
+    listen: str = Field("127.0.0.1:8008", description="host:port the REST API listens on.")
+    connect_address: str | None = Field(
+        None, description="host:port others use to reach this API (default: listen)."
+    )
+    username: str | None = Field(None, description="Basic-auth user for mutating endpoints.")
+    password: SecretStr | None = Field(None, description="Basic-auth password.")
+    token: SecretStr | None = Field(None, description="Bearer token for mutating endpoints.")
+
+    @field_validator("listen", "connect_address")
+    @classmethod
+    def _hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            _split_hostport(v, 8008)
+        return v
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return _split_hostport(self.listen, 8008)
+
+    @property
+    def url(self) -> str:
+        host, port = _split_hostport(self.connect_address or self.listen, 8008)
+        return f"http://{host}:{port}"
+
+
+class Credentials(_Strict):
+    username: str
+    password: SecretStr | None = None
+
+
+class PostgresConfig(_Strict):
+    data_dir: Path = Field(description="PGDATA of this node.")
+    bin_dir: Path | None = Field(
+        None, description="Directory with initdb, pg_ctl, ... (default: PostgreSQL 15 on Debian)."
+    )
+    listen: str = Field("127.0.0.1:5432", description="host:port PostgreSQL listens on.")
+    connect_address: str | None = Field(
+        None, description="host:port others use to reach this PostgreSQL (default: listen)."
+    )
+    superuser: Credentials = Field(default_factory=lambda: Credentials(username="postgres"))
+    replication: Credentials = Field(default_factory=lambda: Credentials(username="replicator"))
+    parameters: dict[str, ParamValue] = Field(
+        default_factory=dict, description="Node-local PostgreSQL parameters."
+    )
+    pg_hba: list[str] = Field(
+        default_factory=list, description="Extra pg_hba.conf lines, placed before the agent's own."
+    )
+    os_user: str | None = Field(
+        None,
+        description="OS user PostgreSQL runs as when the agent runs as root "
+        "(default: owner of data_dir, else 'postgres').",
+    )
+    use_pg_rewind: bool = Field(True, description="Rewind a diverged former primary (else re-clone).")
+    remove_data_directory_on_rewind_failure: bool = Field(
+        True, description="Re-clone from the leader when pg_rewind fails."
+    )
+
+    @field_validator("listen", "connect_address")
+    @classmethod
+    def _hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            _split_hostport(v, 5432)
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _params(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        owned = sorted(set(params) & AGENT_OWNED_PARAMETERS)
+        if owned:
+            raise ValueError(f"managed by hakeeper, set them elsewhere: {', '.join(owned)}")
+        return params
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return _split_hostport(self.listen, 5432)
+
+    @property
+    def connect_host_port(self) -> tuple[str, int]:
+        return _split_hostport(self.connect_address or self.listen, 5432)
+
+
+class Tags(_Strict):
+    nofailover: bool = Field(False, description="Never promote this node automatically.")
+    failover_priority: int = Field(
+        1, ge=0, description="Higher wins among equally caught-up candidates; 0 = never promote."
+    )
+    noloadbalance: bool = Field(False, description="Health checks report this replica unavailable.")
+    nosync: bool = Field(False, description="Never choose this node as a synchronous standby.")
+
+
+class LogConfig(_Strict):
+    format: Literal["json", "console"] = "console"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class DynamicPostgres(_Strict):
+    parameters: dict[str, ParamValue] = Field(
+        default_factory=dict, description="Cluster-wide PostgreSQL parameters (must match on all nodes)."
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _params(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        owned = sorted(set(params) & AGENT_OWNED_PARAMETERS)
+        if owned:
+            raise ValueError(f"managed by hakeeper: {', '.join(owned)}")
+        return params
+
+
+# Parameters the cluster needs for replication; users may raise them.
+DEFAULT_CLUSTER_PARAMETERS: dict[str, ParamValue] = {
+    "wal_level": "replica",
+    "max_wal_senders": 10,
+    "max_replication_slots": 10,
+    "wal_keep_size": "128MB",
+    "wal_log_hints": "on",
+    "hot_standby_feedback": "on",
+    "max_connections": 100,
+    "password_encryption": "scram-sha-256",
+}
+
+
+class DynamicConfig(_Strict):
+    """Cluster-wide settings stored in etcd (``<prefix>/config``)."""
+
+    ttl: int = Field(5, ge=2, le=3600, description="Leader lease TTL (s).")
+    loop_wait: float = Field(1.0, gt=0, le=60, description="HA loop period (s).")
+    keepalive_interval: float = Field(
+        1.0, gt=0, le=60, description="How often the lease is kept alive (s), on its own task."
+    )
+    fence_margin: float = Field(
+        1.5,
+        ge=0.2,
+        description="The primary fences itself this long before its lease could expire (s).",
+    )
+    maximum_lag_on_failover: int = Field(
+        1048576, ge=0, description="A replica further behind (bytes) is never promoted."
+    )
+    primary_start_timeout: float = Field(
+        30, ge=0, description="How long a crashed primary may take to restart in place (s)."
+    )
+    member_slots_ttl: float = Field(
+        1800, ge=0, description="Keep the slot of an absent member this long (s)."
+    )
+    candidate_grace: float = Field(
+        2.0, ge=0, description="After this long without a leader, the next-best candidate campaigns (s)."
+    )
+    postgresql: DynamicPostgres = Field(default_factory=DynamicPostgres)
+
+    @model_validator(mode="after")
+    def _timing(self) -> DynamicConfig:
+        if self.keepalive_interval + self.fence_margin >= self.ttl:
+            raise ValueError(
+                f"keepalive_interval ({self.keepalive_interval}) + fence_margin ({self.fence_margin}) "
+                f"must be below ttl ({self.ttl})"
+            )
+        return self
+
+    def cluster_parameters(self) -> dict[str, ParamValue]:
+        return {**DEFAULT_CLUSTER_PARAMETERS, **self.postgresql.parameters}
+
+
+class BootstrapConfig(_Strict):
+    dcs: DynamicConfig = Field(
+        default_factory=DynamicConfig,
+        description="Initial dynamic settings, written to etcd by the node that initializes the cluster.",
+    )
+    initdb: list[str] = Field(
+        default_factory=lambda: ["--data-checksums", "--encoding=UTF8", "--locale=C"],
+        description="Extra initdb arguments.",
+    )
+
+
+class NodeConfig(BaseSettings):
+    """One node's YAML file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+    _yaml_path: ClassVar[Path | None] = None
+
+    scope: str = Field(description="Cluster name; every node of one cluster uses the same.")
+    namespace: str = Field("/hakeeper", description="etcd key prefix above the scope.")
+    name: str = Field(description="This member's unique name.")
+    etcd: EtcdConfig = Field(default_factory=EtcdConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)  # type: ignore[arg-type]
+    postgresql: PostgresConfig
+    tags: Tags = Field(default_factory=Tags)
+    log: LogConfig = Field(default_factory=LogConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+
+    @field_validator("scope", "name")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("use 1-63 letters, digits, '_', '-' or '.'")
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _ns(cls, v: str) -> str:
+        v = "/" + v.strip("/")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_path))
+        return tuple(sources)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}/{self.scope}"
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def format_validation_error(e: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        out.append((_loc(err["loc"]), msg))
+    return out
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    """Load and validate a node YAML file plus HAKEEPER_* env overrides.
+
+    Raises :class:`ConfigError` naming the file and every bad field.
+    """
+    p = Path(path)
+    src = str(p)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(src, [("(file)", e.strerror or str(e))]) from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise ConfigError(src, [(where, f"invalid YAML: {getattr(e, 'problem', e)}")]) from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(src, [("(top level)", "must be a mapping of keys to values")])
+    NodeConfig._yaml_path = p
+    try:
+        return NodeConfig()  # type: ignore[call-arg]
+    except ValidationError as e:
+        errors = format_validation_error(e)
+        env_keys = {k for k in os.environ if k.startswith(ENV_PREFIX)}
+        if env_keys:
+            errors.append(("(environment)", f"overrides in effect: {', '.join(sorted(env_keys))}"))
+        raise ConfigError(src, errors) from e
+    finally:
+        NodeConfig._yaml_path = None
+
+
+def parse_dynamic_config(data: Any, source: str = "etcd config") -> DynamicConfig:
+    try:
+        return DynamicConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, format_validation_error(e)) from e
