@@ -1,0 +1,3 @@
+"""Cluster read commands (list, history)."""
+
+from __future__ import annotations

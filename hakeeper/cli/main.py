@@ -1,0 +1,84 @@
+"""The `hakeeper` command line.
+
+User mistakes (bad config, unreachable etcd, unknown member) end with a one-line message and a
+non-zero exit code, never a traceback.  Exit codes: 0 ok, 1 operation failed, 2 bad usage/config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from hakeeper.config import ConfigError, NodeConfig, load_node_config
+
+app = typer.Typer(
+    name="hakeeper",
+    help="PostgreSQL high availability and recovery manager.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Node configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Node YAML file.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True)
+    return typer.Exit(code)
+
+
+def load_or_exit(path: Path) -> NodeConfig:
+    try:
+        return load_node_config(path)
+    except ConfigError as e:
+        for field, msg in e.errors:
+            err.print(f"{e.source}: {field}: {msg}", markup=False)
+        raise typer.Exit(2) from None
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOpt) -> None:
+    """Check a node config file; print every error with file and field (exit 2 on error)."""
+    cfg = load_or_exit(config)
+    out.print(f"{config}: OK (scope={cfg.scope}, name={cfg.name})", markup=False)
+
+
+@app.command()
+def agent(config: ConfigOpt) -> None:
+    """Run the HA agent beside this node's PostgreSQL (foreground)."""
+    cfg = load_or_exit(config)
+    from hakeeper.ha.agent import run_agent
+
+    try:
+        code = asyncio.run(run_agent(cfg, config_path=config))
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+def _register_optional_commands() -> None:
+    # Commands living in their own modules register themselves on `app`.
+    from hakeeper.cli import cluster_cmds  # noqa: F401
+
+    try:
+        from hakeeper.cli import demo_cmd  # noqa: F401
+    except ImportError:  # pragma: no cover - only while the module is being written
+        pass
+
+
+def main() -> None:
+    _register_optional_commands()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
