@@ -1,0 +1,265 @@
+"""The immutable cluster view the HA logic decides on, and its etcd key layout.
+
+Keys under ``<namespace>/<scope>/``:
+
+==================  ==========================================================================
+``initialize``      system identifier of the cluster (created once, ``create_revision == 0``)
+``config``          dynamic settings (JSON, CAS on mod_revision)
+``leader``          leader member name, attached to the leader's lease; create_revision = term
+``members/<name>``  member state (JSON), attached to that member's lease
+``status``          leader LSN and timeline (JSON), written by the leader under its term
+``history``         promotions (JSON list), appended by the new leader under its term
+==================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import ValidationError
+
+from hakeeper.config import DynamicConfig
+
+
+class MemberRole(StrEnum):
+    PRIMARY = "primary"
+    REPLICA = "replica"
+    UNKNOWN = "unknown"
+
+
+class MemberState(StrEnum):
+    RUNNING = "running"  # primary accepting writes
+    STREAMING = "streaming"  # replica streaming from its upstream
+    IN_RECOVERY = "in recovery"  # replica running but not streaming (yet)
+    STARTING = "starting"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    FENCED = "fenced"
+    INITIALIZING = "initializing"
+    CLONING = "cloning"
+    REWINDING = "rewinding"
+    PROMOTING = "promoting"
+    UNINITIALIZED = "uninitialized"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    @property
+    def initialize(self) -> str:
+        return f"{self.prefix}/initialize"
+
+    @property
+    def config(self) -> str:
+        return f"{self.prefix}/config"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}/leader"
+
+    @property
+    def members(self) -> str:
+        return f"{self.prefix}/members/"
+
+    def member(self, name: str) -> str:
+        return f"{self.prefix}/members/{name}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def history(self) -> str:
+        return f"{self.prefix}/history"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    role: MemberRole = MemberRole.UNKNOWN
+    state: MemberState = MemberState.STOPPED
+    timeline: int | None = None
+    wal_lsn: int | None = None  # primary: current WAL LSN; replica: max(received, replayed)
+    received_lsn: int | None = None
+    replayed_lsn: int | None = None
+    lag: int | None = None  # bytes behind the leader's last published LSN
+    host: str = ""
+    port: int = 0
+    api_url: str = ""
+    nofailover: bool = False
+    failover_priority: int = 1
+    noloadbalance: bool = False
+    nosync: bool = False
+    eligible: bool = False
+    ineligible_reason: str | None = None
+    streaming_from: str | None = None
+    updated_at: float = 0.0  # wall clock, for display only
+    version: str = ""
+    lease: int = 0  # filled from the key, not the value
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d.pop("lease")
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, name: str, raw: bytes, lease: int = 0) -> Member:
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            return cls(name=name, lease=lease)
+        if not isinstance(d, dict):
+            return cls(name=name, lease=lease)
+        known = {f for f in cls.__dataclass_fields__ if f not in ("name", "lease")}
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        try:
+            kw["role"] = MemberRole(kw.get("role", "unknown"))
+        except ValueError:
+            kw["role"] = MemberRole.UNKNOWN
+        try:
+            kw["state"] = MemberState(kw.get("state", "stopped"))
+        except ValueError:
+            kw["state"] = MemberState.STOPPED
+        return cls(name=name, lease=lease, **kw)
+
+    @property
+    def conn_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Leader:
+    name: str
+    term: int  # create_revision of the leader key: the fencing token
+    lease: int
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    lsn: int | None = None
+    timeline: int | None = None
+    term: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps({"lsn": self.lsn, "timeline": self.timeline, "term": self.term}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Status:
+        try:
+            d = json.loads(raw)
+            return cls(lsn=d.get("lsn"), timeline=d.get("timeline"), term=int(d.get("term", 0)))
+        except (ValueError, TypeError, AttributeError):
+            return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    timeline: int
+    lsn: int | None  # where the new timeline branched off
+    time: float
+    reason: str
+    old_leader: str | None
+    new_leader: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_history(raw: bytes | None) -> tuple[HistoryEntry, ...]:
+    if not raw:
+        return ()
+    try:
+        items = json.loads(raw)
+        return tuple(HistoryEntry(**item) for item in items)
+    except (ValueError, TypeError):
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """A consistent snapshot of the cluster's keys at one etcd revision."""
+
+    revision: int = 0
+    initialized: str | None = None  # system identifier
+    config: DynamicConfig = field(default_factory=DynamicConfig)
+    config_revision: int = 0
+    config_error: str | None = None
+    leader: Leader | None = None
+    members: Mapping[str, Member] = field(default_factory=dict)
+    status: Status = field(default_factory=Status)
+    history: tuple[HistoryEntry, ...] = ()
+    history_revision: int = 0
+
+    @property
+    def leader_member(self) -> Member | None:
+        if self.leader is None:
+            return None
+        return self.members.get(self.leader.name)
+
+    @property
+    def max_timeline(self) -> int:
+        tls = [m.timeline for m in self.members.values() if m.timeline is not None]
+        if self.status.timeline is not None:
+            tls.append(self.status.timeline)
+        if self.history:
+            tls.append(self.history[-1].timeline)
+        return max(tls, default=0)
+
+
+def build_view(
+    keys: Keys, kvs: Mapping[str, tuple[bytes, int, int, int]], revision: int, fallback: DynamicConfig
+) -> ClusterView:
+    """Build a view from ``{full_key: (value, create_revision, mod_revision, lease)}``."""
+    initialized = None
+    config = fallback
+    config_rev = 0
+    config_error = None
+    leader = None
+    members: dict[str, Member] = {}
+    status = Status()
+    history: tuple[HistoryEntry, ...] = ()
+    history_rev = 0
+    for key, (value, create_rev, mod_rev, lease) in kvs.items():
+        if key == keys.initialize:
+            initialized = value.decode(errors="replace")
+        elif key == keys.config:
+            config_rev = mod_rev
+            try:
+                config = DynamicConfig.model_validate_json(value)
+            except ValidationError as e:
+                config_error = f"invalid config in etcd, using local bootstrap values: {e.errors()[:3]}"
+        elif key == keys.leader:
+            leader = Leader(value.decode(errors="replace"), create_rev, lease, mod_rev)
+        elif key.startswith(keys.members):
+            name = key[len(keys.members) :]
+            if name:
+                members[name] = Member.from_json(name, value, lease)
+        elif key == keys.status:
+            status = Status.from_json(value)
+        elif key == keys.history:
+            history = parse_history(value)
+            history_rev = mod_rev
+    return ClusterView(
+        revision=revision,
+        initialized=initialized,
+        config=config,
+        config_revision=config_rev,
+        config_error=config_error,
+        leader=leader,
+        members=members,
+        status=status,
+        history=history,
+        history_revision=history_rev,
+    )
+
+
+def slot_name_for(member: str) -> str:
+    """Physical slot name of a member: lower case, [a-z0-9_] only, at most 63 bytes."""
+    out = "".join(c if c.isalnum() and c.isascii() else "_" for c in member.lower())
+    return out[:63] or "_"

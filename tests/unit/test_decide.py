@@ -1,0 +1,312 @@
+"""decide() as a truth table, plus generated views checked against the invariants."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hakeeper.config import DynamicConfig
+from hakeeper.ha.decide import Action, LocalFacts, assess, decide, rank
+from hakeeper.ha.model import ClusterView, Leader, Member, MemberRole, MemberState, Status
+
+MB = 1024 * 1024
+SYSID = "7300000000000000001"
+
+
+def replica(name: str, lsn: int = 100 * MB, tl: int = 1, **kw: object) -> Member:
+    return Member(
+        name=name,
+        role=MemberRole.REPLICA,
+        state=MemberState.STREAMING,
+        timeline=tl,
+        wal_lsn=lsn,
+        host="127.0.0.1",
+        port=5432,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def primary(name: str, lsn: int = 100 * MB, tl: int = 1) -> Member:
+    return Member(name=name, role=MemberRole.PRIMARY, state=MemberState.RUNNING, timeline=tl, wal_lsn=lsn)
+
+
+def view(*members: Member, leader: str | None = None, lease: int = 7, **kw: object) -> ClusterView:
+    return ClusterView(
+        initialized=SYSID,
+        members={m.name: m for m in members},
+        leader=Leader(leader, term=42, lease=lease, mod_revision=42) if leader else None,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def local(name: str, **kw: object) -> LocalFacts:
+    base: dict[str, object] = dict(
+        name=name,
+        data_initialized=True,
+        system_identifier=SYSID,
+        pg_running=True,
+        in_recovery=True,
+        timeline=1,
+        wal_lsn=100 * MB,
+        lease=7,
+        lease_valid=True,
+    )
+    base.update(kw)
+    return LocalFacts(**base)  # type: ignore[arg-type]
+
+
+# -- bootstrap -------------------------------------------------------------------------------------
+
+
+def test_uninitialized_cluster_races_for_initialize() -> None:
+    d = decide(ClusterView(), local("a", data_initialized=False, pg_running=False))
+    assert d.action == Action.INITIALIZE
+
+
+def test_empty_node_clones_from_running_leader() -> None:
+    v = view(primary("a"), leader="a")
+    d = decide(v, local("b", data_initialized=False, pg_running=False))
+    assert (d.action, d.target) == (Action.CLONE, "a")
+
+
+def test_empty_node_waits_without_a_running_leader() -> None:
+    v = view(replica("b"))
+    d = decide(v, local("c", data_initialized=False, pg_running=False))
+    assert d.action == Action.WAIT
+
+
+def test_foreign_data_directory_is_never_touched() -> None:
+    v = view(primary("a"), leader="a")
+    d = decide(v, local("b", system_identifier="999"))
+    assert d.action == Action.WAIT
+    assert "another cluster" in d.why
+
+
+# -- leader ------------------------------------------------------------------------------------------
+
+
+def test_leader_with_running_primary_leads() -> None:
+    v = view(primary("a"), replica("b"), leader="a")
+    assert decide(v, local("a", in_recovery=False)).action == Action.LEAD
+
+
+def test_leader_in_recovery_promotes() -> None:
+    v = view(replica("a"), replica("b"), leader="a")
+    assert decide(v, local("a")).action == Action.PROMOTE
+
+
+def test_crashed_primary_restarts_in_place_within_timeout() -> None:
+    v = view(primary("a"), replica("b"), leader="a")
+    d = decide(v, local("a", pg_running=False, in_recovery=None, pg_down_for=3))
+    assert d.action == Action.START_PRIMARY
+
+
+def test_crashed_primary_releases_after_primary_start_timeout() -> None:
+    v = view(primary("a"), replica("b"), leader="a", config=DynamicConfig(primary_start_timeout=10))
+    d = decide(v, local("a", pg_running=False, in_recovery=None, pg_down_for=11))
+    assert d.action == Action.RELEASE
+
+
+def test_leader_without_confirmed_lease_never_starts_read_write() -> None:
+    v = view(primary("a"), leader="a")
+    d = decide(v, local("a", pg_running=False, lease_valid=False))
+    assert d.action == Action.WAIT
+    d = decide(v, local("a", in_recovery=False, lease_valid=False))
+    assert d.action == Action.DEMOTE
+
+
+def test_restarted_agent_takes_its_leader_key_over() -> None:
+    v = view(primary("a"), leader="a", lease=5)
+    assert decide(v, local("a", in_recovery=False, lease=9)).action == Action.TAKEOVER
+
+
+# -- followers -------------------------------------------------------------------------------------
+
+
+def test_writable_node_demotes_when_another_leads() -> None:
+    v = view(primary("b", tl=2), replica("a"), leader="b")
+    d = decide(v, local("a", in_recovery=False))
+    assert (d.action, d.target) == (Action.DEMOTE, "b")
+
+
+def test_former_primary_rewinds_before_following() -> None:
+    v = view(primary("b", tl=2), leader="b")
+    d = decide(v, local("a", pg_running=False, needs_rewind=True))
+    assert (d.action, d.target) == (Action.REWIND, "b")
+
+
+def test_stopped_replica_starts_following_leader() -> None:
+    v = view(primary("b"), leader="b")
+    d = decide(v, local("a", pg_running=False))
+    assert (d.action, d.target) == (Action.START_REPLICA, "b")
+
+
+def test_running_replica_follows_leader() -> None:
+    v = view(primary("b"), replica("a"), leader="b")
+    assert decide(v, local("a")).action == Action.FOLLOW
+
+
+# -- elections -------------------------------------------------------------------------------------
+
+
+def test_most_caught_up_replica_campaigns_and_others_wait() -> None:
+    v = view(replica("a", lsn=100 * MB - 900), replica("b", lsn=100 * MB), replica("c", lsn=100 * MB - 500))
+    assert decide(v, local("b")).action == Action.CAMPAIGN
+    assert decide(v, local("a")).action == Action.WAIT
+    d = decide(v, local("c"))
+    assert d.action == Action.WAIT and "b is a better candidate" in d.why
+
+
+def test_lagging_replica_is_never_promoted() -> None:
+    cfg = DynamicConfig(maximum_lag_on_failover=MB)
+    v = view(replica("a", lsn=10 * MB), status=Status(lsn=100 * MB, timeline=1), config=cfg)
+    d = decide(v, local("a", leaderless_for=3600))
+    assert d.action == Action.WAIT
+    assert "maximum_lag_on_failover" in d.why
+
+
+def test_nofailover_is_respected() -> None:
+    v = view(replica("a", nofailover=True, lsn=200 * MB), replica("b", lsn=100 * MB))
+    d = decide(v, local("a", leaderless_for=3600))
+    assert d.action == Action.WAIT and "nofailover" in d.why
+    assert decide(v, local("b")).action == Action.CAMPAIGN
+
+
+def test_equal_lsn_falls_to_priority_then_name() -> None:
+    v = view(replica("a"), replica("b", failover_priority=5), replica("c", failover_priority=5))
+    assert [c.name for c in rank(v)] == ["b", "c", "a"]
+    assert decide(v, local("b")).action == Action.CAMPAIGN
+    assert decide(v, local("c")).action == Action.WAIT
+
+
+def test_old_primary_on_lower_timeline_never_takes_the_lead() -> None:
+    v = view(replica("old", tl=1, lsn=500 * MB), replica("b", tl=2, lsn=100 * MB))
+    assert rank(v)[0].name == "b"
+    d = decide(v, local("old", timeline=1, leaderless_for=3600))
+    assert d.action == Action.WAIT and "timeline 1 is behind" in d.why
+
+
+def test_next_candidate_campaigns_after_grace_when_best_is_silent() -> None:
+    cfg = DynamicConfig(candidate_grace=2)
+    v = view(replica("a", lsn=100 * MB), replica("b", lsn=100 * MB - 10), config=cfg)
+    assert decide(v, local("b", leaderless_for=1.0)).action == Action.WAIT
+    assert decide(v, local("b", leaderless_for=2.5)).action == Action.CAMPAIGN
+
+
+def test_stopped_node_without_leader_starts_read_only_first() -> None:
+    v = view(replica("b"))
+    assert decide(v, local("a", pg_running=False)).action == Action.START_REPLICA
+
+
+def test_writable_node_without_leader_keeps_writing_only_if_best() -> None:
+    v = view(primary("a", lsn=100 * MB), replica("b", lsn=100 * MB))
+    assert decide(v, local("a", in_recovery=False)).action == Action.CAMPAIGN
+    v2 = view(primary("a", lsn=50 * MB), replica("b", lsn=100 * MB))
+    assert decide(v2, local("a", in_recovery=False)).action == Action.DEMOTE
+
+
+def test_ineligible_member_reason_is_reported() -> None:
+    m = replace(replica("a"), state=MemberState.STOPPED)
+    assert assess(m, view(m)).reason == "postgres is not running (state stopped)"
+
+
+# -- generated views ---------------------------------------------------------------------------------
+
+NAMES = ["n1", "n2", "n3", "n4"]
+
+
+@st.composite
+def members(draw: st.DrawFn) -> list[Member]:
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=4, unique=True))
+    out = []
+    for n in names:
+        out.append(
+            Member(
+                name=n,
+                role=draw(st.sampled_from(list(MemberRole))),
+                state=draw(st.sampled_from(list(MemberState))),
+                timeline=draw(st.one_of(st.none(), st.integers(1, 4))),
+                wal_lsn=draw(st.one_of(st.none(), st.integers(0, 8 * MB))),
+                nofailover=draw(st.booleans()),
+                failover_priority=draw(st.integers(0, 3)),
+            )
+        )
+    return out
+
+
+@given(
+    ms=members(),
+    leader=st.one_of(st.none(), st.sampled_from(NAMES)),
+    leaderless_for=st.floats(0, 1.9),
+    max_lag=st.integers(0, 4 * MB),
+)
+def test_generated_views_never_elect_two_campaigners_within_grace(
+    ms: list[Member], leader: str | None, leaderless_for: float, max_lag: int
+) -> None:
+    cfg = DynamicConfig(maximum_lag_on_failover=max_lag, candidate_grace=2)
+    v = view(*ms, leader=leader, config=cfg)
+    campaigners = []
+    for m in ms:
+        lf = local(
+            m.name,
+            pg_running=m.state in (MemberState.RUNNING, MemberState.STREAMING, MemberState.IN_RECOVERY),
+            in_recovery=True,
+            timeline=m.timeline,
+            wal_lsn=m.wal_lsn,
+            leaderless_for=leaderless_for,
+        )
+        d = decide(v, lf)
+        if d.action == Action.CAMPAIGN:
+            campaigners.append(m.name)
+            assert leader is None, "nobody campaigns while a leader key exists"
+            assert assess(m, v).eligible
+    assert len(campaigners) <= 1
+
+
+@given(
+    ms=members(),
+    leader=st.one_of(st.none(), st.sampled_from(NAMES)),
+    me=st.sampled_from(NAMES),
+    running=st.booleans(),
+    in_recovery=st.booleans(),
+    lease_valid=st.booleans(),
+    same_lease=st.booleans(),
+    down_for=st.floats(0, 100),
+)
+def test_only_the_lease_holder_is_told_to_run_read_write(
+    ms: list[Member],
+    leader: str | None,
+    me: str,
+    running: bool,
+    in_recovery: bool,
+    lease_valid: bool,
+    same_lease: bool,
+    down_for: float,
+) -> None:
+    v = view(*ms, leader=leader, lease=7)
+    lf = local(
+        me,
+        pg_running=running,
+        in_recovery=in_recovery if running else None,
+        lease=7 if same_lease else 8,
+        lease_valid=lease_valid,
+        pg_down_for=down_for,
+    )
+    d = decide(v, lf)
+    holds = leader == me and same_lease and lease_valid
+    if d.action in (Action.LEAD, Action.PROMOTE, Action.START_PRIMARY):
+        assert holds
+    if lf.writable and leader is not None and leader != me:
+        assert d.action == Action.DEMOTE
+    if lf.writable and leader is None:
+        assert d.action in (Action.CAMPAIGN, Action.DEMOTE)
+
+
+@pytest.mark.parametrize("action", list(Action))
+def test_every_action_has_an_executor(action: Action) -> None:
+    from hakeeper.ha.agent import EXECUTORS
+
+    assert action in EXECUTORS
