@@ -1,0 +1,252 @@
+"""``hakeeper demo``: a local 3-node cluster (etcd + agents + PostgreSQL) in the foreground."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+
+from hakeeper.cli.main import app, err, fail, out
+from hakeeper.demo import (
+    DEFAULT_BASE_PORT,
+    MAX_NODES,
+    LocalCluster,
+    LocalClusterError,
+    NodeState,
+)
+from hakeeper.proc import pid_alive
+
+STATE_FILE = "demo.json"
+
+
+class _Terminate(Exception):
+    """SIGTERM/SIGHUP arrived: shut down like on Ctrl-C."""
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise _Terminate(signal.Signals(signum).name)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _is_demo_process(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid() or not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"demo" in args
+
+
+def _existing_node_count(base_dir: Path, state: dict[str, Any]) -> int | None:
+    nodes = state.get("nodes")
+    if isinstance(nodes, list) and nodes:
+        return len(nodes)
+    count = 0
+    while (base_dir / f"node{count + 1}" / "node.yml").exists():
+        count += 1
+    return count or None
+
+
+def _stamp() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+def _summary(states: dict[str, NodeState]) -> str:
+    return ", ".join(f"{s.name}: {s.role}" for s in states.values())
+
+
+def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
+    states = cluster.states()
+    out.print()
+    out.print(
+        f"[bold green]hakeeper demo cluster {cluster.scope!r} is ready[/] "
+        f"({len(cluster.nodes)} nodes, primary: [bold]{primary}[/])"
+    )
+    out.print("[yellow]Local demo only: the connection strings below include the generated passwords.[/]")
+    out.print()
+    for name, n in cluster.nodes.items():
+        role = states[name].role if name in states else "?"
+        out.print(f"[bold]{name}[/] ({role})  API {n.api_url}  config {n.config_path}")
+        out.print(f"    psql {shlex.quote(cluster.dsn(name))}", soft_wrap=True, markup=False)
+    out.print()
+    out.print("[bold]Always the primary[/] (libpq multi-host, read-write):")
+    out.print(f"    psql {shlex.quote(cluster.write_dsn())}", soft_wrap=True, markup=False)
+    out.print()
+    out.print(f"etcd: {cluster.etcd_url}   details: {state_path}   agent logs: <dir>/nodeN/agent.log")
+    first = next(iter(cluster.nodes.values()))
+    out.print(f"Try:  curl -s -o /dev/null -w '%{{http_code}}\\n' {first.api_url}/primary", markup=False)
+    out.print(f"      hakeeper list -c {first.config_path}", markup=False)
+    out.print(
+        "Failover test: kill an agent or its PostgreSQL; restart a node by hand with "
+        "`hakeeper agent -c <config>` (the demo keeps watching).",
+        markup=False,
+    )
+    out.print(f"[bold]Stop:[/] press Ctrl-C here (or: kill -TERM {os.getpid()}).")
+    out.print()
+
+
+def _supervise(cluster: LocalCluster, state_path: Path) -> None:
+    """Report agent exits/restarts, etcd exits and primary changes until interrupted."""
+    running: dict[str, int | None] = {}
+    for name in cluster.nodes:
+        running[name] = cluster.agent_pid(name)
+    etcd_up = True
+    primary = cluster.primary()
+    last_role_check = time.monotonic()
+    while True:
+        time.sleep(1.0)
+        changed = False
+        for name, n in cluster.nodes.items():
+            pid = cluster.agent_pid(name)
+            if pid is None:
+                pid = next(iter(cluster.external_agent_pids(name)), None)
+            if pid == running[name]:
+                continue
+            changed = True
+            if pid is None:
+                code = cluster.agent_returncode(name)
+                how = f"exited with code {code}" if code is not None else "is gone"
+                err.print(
+                    f"{_stamp()} [bold yellow]{name}: agent {how}[/] (log: {n.log_path}). "
+                    f"Restart it with: hakeeper agent -c {n.config_path}",
+                    soft_wrap=True,
+                )
+            else:
+                out.print(f"{_stamp()} {name}: agent running (pid {pid})")
+            running[name] = pid
+        if etcd_up and cluster.etcd_pid is None:
+            etcd_up = False
+            err.print(f"{_stamp()} [bold red]etcd exited[/] (log: {cluster.etcd_log}); leaders cannot renew.")
+        if time.monotonic() - last_role_check >= 2.0:
+            last_role_check = time.monotonic()
+            now = cluster.primary()
+            if now != primary:
+                if now is None:
+                    out.print(f"{_stamp()} no single primary right now ({_summary(cluster.states())})")
+                else:
+                    out.print(f"{_stamp()} [bold]primary is now {now}[/]")
+                primary = now
+        if changed:
+            _write_state(state_path, {**cluster.describe(), "demo_pid": os.getpid()})
+
+
+@app.command()
+def demo(
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            "--nodes",
+            "-n",
+            min=1,
+            max=MAX_NODES,
+            help="Number of nodes (default: 3, or as many as the directory has).",
+        ),
+    ] = None,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where configs, data and logs go (reused on the next run).")
+    ] = Path("demo-data"),
+    base_port: Annotated[
+        int | None,
+        typer.Option(
+            "--base-port",
+            help=f"etcd on P and P+1, PostgreSQL of node i on P+10+i, its API on P+20+i "
+            f"(default: {DEFAULT_BASE_PORT}).",
+        ),
+    ] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Wipe the directory's cluster first.")] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the cluster to become ready.")
+    ] = 300.0,
+) -> None:
+    """Run a local cluster (etcd + NODES agents with their PostgreSQL) until Ctrl-C."""
+    base_dir = directory.absolute()
+    state_path = base_dir / STATE_FILE
+    previous = _read_state(state_path)
+    if _is_demo_process(previous.get("demo_pid")):
+        raise fail(
+            f"a demo is already running from {base_dir} (pid {previous['demo_pid']}); stop it first", 2
+        )
+    if base_dir.exists() and not base_dir.is_dir():
+        raise fail(f"{base_dir} is not a directory", 2)
+
+    existing = None if fresh else _existing_node_count(base_dir, previous)
+    n_nodes = nodes or existing or 3
+    prev_port = previous.get("base_port") if not fresh else None
+    port = base_port or (prev_port if isinstance(prev_port, int) else DEFAULT_BASE_PORT)
+    try:
+        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
+        leftovers = cluster.stop_leftovers()
+        for what in leftovers:
+            err.print(f"stopped leftover process from an earlier run: {what}")
+        if fresh:
+            cluster.wipe()
+            # Passwords of the wiped configs must not be reused.
+            cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
+        cluster.check_ports()
+    except LocalClusterError as e:
+        raise fail(str(e), 2) from None
+
+    if existing and not fresh:
+        out.print(f"Reusing the cluster in {base_dir} (use --fresh to start over).")
+    if existing and existing != n_nodes:
+        err.print(f"note: {base_dir} had {existing} nodes; running {n_nodes} now")
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    code = 0
+    try:
+        out.print(f"Starting etcd on {cluster.etcd_url} and {n_nodes} agents under {base_dir} ...")
+        cluster.start()
+        _write_state(state_path, {**cluster.describe(), "demo_pid": os.getpid()})
+        with out.status("waiting for a primary and streaming replicas ...") as status:
+
+            def show(states: dict[str, NodeState]) -> None:
+                status.update(f"waiting for a primary and streaming replicas ({_summary(states)})")
+
+            primary = cluster.wait_ready(timeout, on_poll=show)
+        _print_ready(cluster, primary, state_path)
+        _supervise(cluster, state_path)
+    except (KeyboardInterrupt, _Terminate):
+        out.print("\nStopping the demo cluster ...")
+    except LocalClusterError as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        code = 1
+    finally:
+        # Shutting down must not be interrupted half-way by a second signal.
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            cluster.stop()
+            with contextlib.suppress(OSError):
+                _write_state(state_path, {**cluster.describe(), "demo_pid": None})
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+    out.print("Demo cluster stopped." if code == 0 else "Demo cluster stopped after an error.")
+    raise typer.Exit(code)
