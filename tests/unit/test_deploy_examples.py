@@ -1,0 +1,63 @@
+"""The example files in deploy/ stay valid as the config schema evolves."""
+
+from __future__ import annotations
+
+import configparser
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hakeeper.config import load_node_config
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+NODE_FILES = sorted(DEPLOY.glob("node*.yml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("HAKEEPER_"):
+            monkeypatch.delenv(key)
+
+
+def test_there_are_three_node_examples() -> None:
+    assert [p.name for p in NODE_FILES] == ["node1.yml", "node2.yml", "node3.yml"]
+
+
+@pytest.mark.parametrize("path", NODE_FILES, ids=lambda p: p.name)
+def test_node_example_is_valid(path: Path) -> None:
+    cfg = load_node_config(path)
+    assert cfg.scope == "prod-main"
+    assert len(cfg.etcd.hosts) == 3
+    assert cfg.api.connect_address is not None
+    assert cfg.postgresql.connect_address is not None
+
+
+def test_node_examples_agree_and_differ_where_they_must() -> None:
+    cfgs = [load_node_config(p) for p in NODE_FILES]
+    assert len({c.name for c in cfgs}) == 3
+    assert len({c.postgresql.connect_address for c in cfgs}) == 3
+    assert len({c.api.connect_address for c in cfgs}) == 3
+    assert len({c.scope for c in cfgs}) == 1
+    assert len({tuple(c.etcd.hosts) for c in cfgs}) == 1
+    assert len({c.bootstrap.dcs.model_dump_json() for c in cfgs}) == 1
+
+
+def test_etcd_example_lists_three_members() -> None:
+    conf = yaml.safe_load((DEPLOY / "etcd.conf.yml").read_text())
+    members = conf["initial-cluster"].split(",")
+    assert len(members) == 3
+    assert conf["name"] in {m.split("=")[0] for m in members}
+
+
+def test_systemd_unit_runs_the_agent_as_postgres() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / "hakeeper-agent.service")
+    service = unit["Service"]
+    assert service["User"] == "postgres"
+    assert service["ExecStart"].split()[1:3] == ["agent", "-c"]
+    assert service["KillMode"] in {"mixed", "process"}
+    assert service["Restart"] == "on-failure"
