@@ -693,7 +693,10 @@ class LocalCluster:
         summary = ", ".join(
             f"{s.name}: {s.role}" + (f" ({s.error})" if s.error else "") for s in states.values()
         )
-        raise LocalClusterError(f"cluster not ready after {timeout:.0f}s: {summary}")
+        logs = "\n".join(
+            f"--- {n.log_path} (last lines):\n{self._tail(n.log_path, 5)}" for n in self.nodes.values()
+        )
+        raise LocalClusterError(f"cluster not ready after {timeout:.0f}s: {summary}\n{logs}")
 
     # ----------------------------------------------------------------- whole cluster
 

@@ -1,0 +1,295 @@
+"""LocalCluster and `hakeeper demo` against real etcd / PostgreSQL processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hakeeper.config import load_node_config
+from hakeeper.demo import LocalCluster, PortInUseError, pg_program
+from hakeeper.proc import pid_alive
+from tests.support.cluster import cluster_tmpdir, free_base_port
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def base_dir() -> Iterator[Path]:
+    path = cluster_tmpdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == str(pid):
+                        out.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
+
+
+def test_configs_ports_and_permissions(base_dir: Path) -> None:
+    cluster = LocalCluster(
+        base_dir,
+        nodes=3,
+        base_port=free_base_port(3),
+        dynamic={"ttl": 10},
+        tags={"node3": {"nofailover": True}},
+    )
+    cluster.write_configs()
+    pg_ports = set()
+    for i, (name, node) in enumerate(cluster.nodes.items(), start=1):
+        assert name == f"node{i}"
+        assert stat.S_IMODE(node.config_path.stat().st_mode) == 0o600
+        assert not node.data_dir.exists(), "PGDATA is the agent's to create"
+        cfg = load_node_config(node.config_path)
+        assert cfg.scope == "demo" and cfg.name == name
+        assert cfg.postgresql.listen_host_port == ("127.0.0.1", cluster.base_port + 10 + i)
+        assert cfg.api.listen_host_port == ("127.0.0.1", cluster.base_port + 20 + i)
+        assert cfg.etcd.hosts == [f"http://127.0.0.1:{cluster.base_port}"]
+        assert cfg.log.format == "json"
+        assert cfg.bootstrap.dcs.ttl == 10
+        assert cfg.tags.nofailover is (name == "node3")
+        pg_ports.add(cfg.postgresql.listen_host_port[1])
+        if os.geteuid() == 0:
+            assert node.node_dir.stat().st_uid == cluster.run_as.uid != 0
+    assert len(pg_ports) == 3
+    write = cluster.write_dsn()
+    assert "target_session_attrs=read-write" in write
+    assert ",".join(str(p) for p in sorted(pg_ports)) in write
+    # A second LocalCluster on the same directory reuses the passwords (a restart).
+    again = LocalCluster(base_dir, nodes=3, base_port=cluster.base_port)
+    assert again.superuser_password == cluster.superuser_password
+    assert again.replication_password == cluster.replication_password
+
+
+def test_port_conflict_is_refused_with_a_clear_error(base_dir: Path) -> None:
+    base = free_base_port(3)
+    cluster = LocalCluster(base_dir, nodes=3, base_port=base)
+    taken = base + 12  # node2's PostgreSQL
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        with pytest.raises(PortInUseError) as exc:
+            cluster.check_ports()
+        assert exc.value.port == taken
+        assert str(taken) in str(exc.value) and "node2 PostgreSQL" in str(exc.value)
+
+        # The CLI refuses with exit code 2 and the same message, without a traceback.
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hakeeper",
+                "demo",
+                "--dir",
+                str(base_dir / "cli"),
+                "--base-port",
+                str(base),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"port {taken} (node2 PostgreSQL)" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_etcd_start_and_stop_by_pid(base_dir: Path) -> None:
+    cluster = LocalCluster(base_dir, nodes=1, base_port=free_base_port(1))
+    with cluster:
+        pid = cluster.start_etcd()
+        assert pid_alive(pid)
+        assert cluster.etcd_pid == pid
+        with urllib.request.urlopen(cluster.etcd_url + "/health", timeout=5) as r:
+            assert b'"true"' in r.read()
+        assert ("etcd", pid) in list(cluster.processes())
+        cluster.stop_etcd()
+        assert cluster.etcd_pid is None
+        assert not pid_alive(pid)
+        # Restarting on the same data directory works (a demo restart).
+        pid2 = cluster.start_etcd()
+        assert pid2 != pid and pid_alive(pid2)
+    assert not pid_alive(pid2), "leaving the context manager stops etcd"
+    assert (base_dir / "etcd" / "data").is_dir()
+
+
+def test_stop_also_stops_a_postgres_left_in_a_data_dir(base_dir: Path) -> None:
+    """The safety net of stop(): a postmaster running from our data dir is stopped even without
+    an agent (here started by hand, as the agent would, as PostgreSQL's OS user)."""
+    cluster = LocalCluster(base_dir, nodes=1, base_port=free_base_port(1))
+    cluster.write_configs()
+    node = cluster.nodes["node1"]
+    run_as = cluster.run_as
+    kw: dict[str, object] = {}
+    if run_as.uid is not None:
+        kw = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    subprocess.run(
+        [pg_program("initdb"), "-D", str(node.data_dir), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd="/",
+        timeout=120,
+        **kw,  # type: ignore[arg-type]
+    )
+    opts = f"-c port={node.pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={node.node_dir}"
+    subprocess.run(
+        [
+            pg_program("pg_ctl"),
+            "start",
+            "-D",
+            str(node.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            opts,
+            "-l",
+            str(node.node_dir / "pg.log"),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd="/",
+        timeout=90,
+        start_new_session=True,
+        **kw,  # type: ignore[arg-type]
+    )
+    pm = cluster.postmaster_pid("node1")
+    assert pm is not None and pid_alive(pm)
+    backends = _children(pm)
+    cluster.stop()
+    assert _wait_gone([pm, *backends], 10) == []
+    assert cluster.postmaster_pid("node1") is None
+
+
+@pytest.mark.timeout(480)
+def test_demo_end_to_end(base_dir: Path) -> None:
+    """`hakeeper demo` brings up 1 primary + 2 streaming replicas, writes demo.json, and on
+    SIGTERM stops every process it started.  Needs a working agent."""
+    base = free_base_port(3)
+    log_path = base_dir / "demo.out"
+    demo_dir = base_dir / "demo"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hakeeper",
+                "demo",
+                "--dir",
+                str(demo_dir),
+                "--nodes",
+                "3",
+                "--base-port",
+                str(base),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    pids: set[int] = set()
+    view = LocalCluster(demo_dir, nodes=3, base_port=base)
+    try:
+        state_path = demo_dir / "demo.json"
+        deadline = time.monotonic() + 60
+        while not state_path.exists():
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, "demo.json was not written"
+            time.sleep(0.2)
+        state = json.loads(state_path.read_text())
+        assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
+        assert state["scope"] == "demo"
+        assert state["etcd"] == [f"http://127.0.0.1:{base}"]
+        assert "target_session_attrs=read-write" in state["write_dsn"]
+        assert [n["name"] for n in state["nodes"]] == ["node1", "node2", "node3"]
+        for n in state["nodes"]:
+            assert set(n) >= {"name", "dsn", "api_url", "config", "data_dir", "agent_pid"}
+            assert Path(n["config"]).is_absolute() and Path(n["config"]).exists()
+            assert isinstance(n["agent_pid"], int)
+            pids.add(n["agent_pid"])
+        assert isinstance(state["etcd_pid"], int)
+        pids.add(state["etcd_pid"])
+
+        # Ready: exactly one primary, two streaming replicas (asked over TCP as the superuser).
+        deadline = time.monotonic() + 240
+        roles: list[str] = []
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()}"
+            roles = sorted(s.role for s in view.states().values())
+            if roles == ["primary", "replica", "replica"]:
+                break
+            time.sleep(1)
+        assert roles == ["primary", "replica", "replica"], f"{roles}\n{log_path.read_text()[-3000:]}"
+        primary = view.primary()
+        assert primary is not None
+        api = next(n["api_url"] for n in state["nodes"] if n["name"] == primary)
+        with urllib.request.urlopen(api + "/primary", timeout=5) as r:
+            assert r.status == 200
+        for name in view.names:
+            pm = view.postmaster_pid(name)
+            assert pm is not None
+            pids.add(pm)
+            pids.update(_children(pm))
+
+        # The demo reports readiness and the write DSN.
+        deadline = time.monotonic() + 30
+        while "read-write" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "target_session_attrs=read-write" in log_path.read_text()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(150) == 0, log_path.read_text()[-3000:]
+        assert _wait_gone(sorted(pids), 10) == [], "processes left behind"
+        assert list(view.processes()) == []
+        assert view.etcd_leftover_pids() == []
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        view.stop_leftovers()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
