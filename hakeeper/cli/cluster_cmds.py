@@ -1,3 +1,165 @@
-"""Cluster read commands (list, history)."""
+"""Cluster read commands: ``list`` and ``history``.  Reads come straight from etcd."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from hakeeper.cli.main import app, err, fail, load_or_exit, out
+from hakeeper.config import DynamicConfig
+from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.ha.model import ClusterView, Keys, build_view
+from hakeeper.lsn import format_lsn
+
+ConfigOpt = Annotated[Path | None, typer.Option("-c", "--config", help="Node YAML file.")]
+EtcdOpt = Annotated[list[str] | None, typer.Option("--etcd", help="etcd URL (repeatable); instead of -c.")]
+ScopeOpt = Annotated[str | None, typer.Option("--scope", help="Cluster name; with --etcd.")]
+NamespaceOpt = Annotated[str, typer.Option("--namespace", help="Key prefix; with --etcd.")]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table or json.")]
+
+
+def _client_and_prefix(
+    config: Path | None, etcd: list[str] | None, scope: str | None, namespace: str
+) -> tuple[EtcdClient, str]:
+    if config is not None:
+        cfg = load_or_exit(config)
+        e = cfg.etcd
+        client = EtcdClient(
+            e.hosts,
+            timeout=max(e.request_timeout, 2.0),
+            cacert=e.cacert,
+            cert=e.cert,
+            key=e.key,
+            username=e.username,
+            password=e.password.get_secret_value() if e.password else None,
+        )
+        return client, cfg.prefix
+    if not etcd or not scope:
+        raise fail("give -c NODE.yml, or both --etcd URL and --scope NAME", 2)
+    hosts = [h if "://" in h else "http://" + h for h in etcd]
+    return EtcdClient(hosts, timeout=2.0), "/" + namespace.strip("/") + "/" + scope
+
+
+async def fetch_view(client: EtcdClient, prefix: str) -> ClusterView:
+    try:
+        kvs, rev = await client.get_prefix(prefix + "/")
+    finally:
+        await client.close()
+    raw = {kv.key: (kv.value, kv.create_revision, kv.mod_revision, kv.lease) for kv in kvs}
+    return build_view(Keys(prefix), raw, rev, DynamicConfig())
+
+
+def _load(config: Path | None, etcd: list[str] | None, scope: str | None, namespace: str) -> ClusterView:
+    client, prefix = _client_and_prefix(config, etcd, scope, namespace)
+    try:
+        return asyncio.run(fetch_view(client, prefix))
+    except EtcdError as e:
+        raise fail(f"cannot read the cluster from etcd: {e}") from None
+
+
+def members_rows(view: ClusterView) -> list[dict[str, Any]]:
+    rows = []
+    for m in sorted(view.members.values(), key=lambda m: m.name):
+        is_leader = view.leader is not None and view.leader.name == m.name
+        rows.append(
+            {
+                "name": m.name,
+                "host": m.conn_address,
+                "role": m.role.value,
+                "state": m.state.value,
+                "timeline": m.timeline,
+                "lag": m.lag,
+                "leader": is_leader,
+                "eligible": m.eligible,
+                "reason": m.ineligible_reason,
+                "wal_lsn": format_lsn(m.wal_lsn) if m.wal_lsn is not None else None,
+                "tags": {
+                    "nofailover": m.nofailover,
+                    "failover_priority": m.failover_priority,
+                    "noloadbalance": m.noloadbalance,
+                },
+            }
+        )
+    return rows
+
+
+@app.command("list")
+def list_members(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    output: OutputOpt = "table",
+) -> None:
+    """One row per member: name, host:port, role, state, timeline, lag in bytes."""
+    if output not in ("table", "json"):
+        raise fail(f"unknown output format {output!r}; use table or json", 2)
+    view = _load(config, etcd, scope, namespace)
+    rows = members_rows(view)
+    if output == "json":
+        out.print_json(
+            json.dumps(
+                {
+                    "leader": view.leader.name if view.leader else None,
+                    "term": view.leader.term if view.leader else None,
+                    "members": rows,
+                }
+            )
+        )
+        return
+    if not view.members:
+        err.print("no members registered (is the scope right and are the agents running?)")
+    t = Table(title=f"cluster (leader: {view.leader.name if view.leader else 'none'})")
+    for col in ("Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Notes"):
+        t.add_column(col, justify="right" if col in ("TL", "Lag (bytes)") else "left")
+    for r in rows:
+        notes = []
+        if r["leader"]:
+            notes.append("leader")
+        if r["reason"] and r["role"] != "primary":
+            notes.append(r["reason"])
+        t.add_row(
+            r["name"],
+            r["host"],
+            r["role"],
+            r["state"],
+            "" if r["timeline"] is None else str(r["timeline"]),
+            "" if r["lag"] is None else str(r["lag"]),
+            "; ".join(notes),
+        )
+    out.print(t)
+
+
+@app.command("history")
+def history(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    output: OutputOpt = "table",
+) -> None:
+    """Every promotion: timeline, LSN, time, reason, old and new leader."""
+    view = _load(config, etcd, scope, namespace)
+    entries = [e.to_dict() for e in view.history]
+    if output == "json":
+        out.print_json(json.dumps(entries))
+        return
+    t = Table(title="history")
+    for col in ("TL", "LSN", "Time (UTC)", "Reason", "Old leader", "New leader"):
+        t.add_column(col)
+    for e in view.history:
+        t.add_row(
+            str(e.timeline),
+            format_lsn(e.lsn) if e.lsn is not None else "",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time)),
+            e.reason,
+            e.old_leader or "",
+            e.new_leader,
+        )
+    out.print(t)

@@ -130,7 +130,9 @@ def _campaign_or_wait(view: ClusterView, local: LocalFacts) -> Decision:
         return Decision(Action.WAIT, "our member key is not published yet")
     mine = assess(me, view)
     if not mine.eligible:
-        return Decision(Action.WAIT, f"not a failover candidate: {mine.reason}", facts={"reason": mine.reason})
+        return Decision(
+            Action.WAIT, f"not a failover candidate: {mine.reason}", facts={"reason": mine.reason}
+        )
     order = rank(view)
     pos = next(i for i, c in enumerate(order) if c.name == local.name)
     best = order[0]
@@ -209,7 +211,9 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
         leader_up = lm is not None and lm.role == MemberRole.PRIMARY and lm.state == MemberState.RUNNING
         if local.needs_rewind:
             if leader_up:
-                return Decision(Action.REWIND, "our data may have diverged from the leader", target=leader.name)
+                return Decision(
+                    Action.REWIND, "our data may have diverged from the leader", target=leader.name
+                )
             return Decision(Action.WAIT, f"need a rewind but leader {leader.name} is not running yet")
         if not local.pg_running:
             return Decision(Action.START_REPLICA, f"following {leader.name}", target=leader.name)

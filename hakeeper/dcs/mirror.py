@@ -1,0 +1,140 @@
+"""An in-memory copy of every key under an etcd prefix, kept current by a watch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, WatchCompacted, WatchEvent
+from hakeeper.log import get_logger
+
+log = get_logger(__name__)
+
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 1.0
+
+
+class PrefixMirror:
+    """Mirrors ``prefix``: a range, then a watch from the range's revision + 1.
+
+    ``kvs`` maps full keys to their :class:`KV`. ``synced`` is False until the first successful
+    list and again after a failed re-list. ``changed`` is set after every applied list or batch of
+    events (consumers clear it). Events at or below ``revision`` are ignored, so a :meth:`resync`
+    racing the watch never moves the copy backwards.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.kvs: dict[str, KV] = {}
+        self.revision = 0
+        self._listed_revision = 0
+        self.synced = False
+        self.changed = asyncio.Event()
+        self.last_update_monotonic = 0.0
+        self._synced_event = asyncio.Event()
+        self._list_lock = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"PrefixMirror(prefix={self.prefix!r}, keys={len(self.kvs)}, revision={self.revision})"
+
+    def _set_synced(self, value: bool) -> None:
+        self.synced = value
+        if value:
+            self._synced_event.set()
+        else:
+            self._synced_event.clear()
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        """Return once the mirror is synced; raise :class:`TimeoutError` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            await self._synced_event.wait()
+
+    async def _list(self) -> None:
+        async with self._list_lock:
+            try:
+                kvs, revision = await self.client.get_prefix(self.prefix)
+            except EtcdError:
+                self._set_synced(False)
+                raise
+            self.kvs = {kv.key: kv for kv in kvs}
+            self.revision = revision
+            self._listed_revision = revision
+            self.last_update_monotonic = time.monotonic()
+            self._set_synced(True)
+            self.changed.set()
+            log.debug("mirror_listed", prefix=self.prefix, keys=len(kvs), revision=revision)
+
+    async def resync(self) -> None:
+        """Re-read the prefix now (the cache proved stale). Raises :class:`EtcdError` on failure,
+        leaving ``synced`` False and making :meth:`run` re-list and re-watch."""
+        try:
+            await self._list()
+        except EtcdError:
+            if self._watch_task is not None:
+                self._watch_task.cancel()
+            raise
+
+    def _apply(self, ev: WatchEvent) -> bool:
+        kv = ev.kv
+        # Events of one txn share a revision, so compare with the revision of the last *list*
+        # (what it already contains), never with the last event applied.
+        if kv.mod_revision <= self._listed_revision:
+            return False  # already contained in a newer list
+        if ev.type == "DELETE":
+            self.kvs.pop(kv.key, None)
+        else:
+            self.kvs[kv.key] = kv
+        self.revision = kv.mod_revision
+        return True
+
+    async def _follow(self) -> None:
+        """Apply watch events until the watch raises. Consecutive events that arrive without the
+        watch yielding to the loop are one batch: ``changed`` is set once nobody else can run."""
+        async for ev in self.client.watch_prefix(self.prefix, self.revision + 1):
+            if self._apply(ev):
+                self.last_update_monotonic = time.monotonic()
+                self.changed.set()
+
+    async def run(self) -> None:
+        """List, then watch; re-list on compaction or failure. Runs until cancelled."""
+        backoff = _BACKOFF_MIN
+        while True:
+            try:
+                if not self.synced:
+                    await self._list()
+                backoff = _BACKOFF_MIN
+                self._watch_task = asyncio.create_task(self._follow(), name=f"mirror-watch {self.prefix}")
+                try:
+                    await asyncio.wait({self._watch_task})
+                finally:
+                    task, self._watch_task = self._watch_task, None
+                    if not task.done():
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                if task.cancelled():
+                    # resync() failed and stopped the watch: re-list
+                    self._set_synced(False)
+                    continue
+                task.result()  # raises what stopped the watch
+                self._set_synced(False)  # the watch never ends on its own; be safe if it does
+            except WatchCompacted as e:
+                log.info(
+                    "mirror_watch_compacted",
+                    prefix=self.prefix,
+                    compact_revision=e.compact_revision,
+                    revision=self.revision,
+                )
+                # re-list at once; stay "synced" with the old copy unless the re-list fails
+                try:
+                    await self._list()
+                except EtcdError as le:
+                    log.warning("mirror_list_failed", prefix=self.prefix, error=str(le))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+            except EtcdError as e:
+                self._set_synced(False)
+                log.warning("mirror_sync_failed", prefix=self.prefix, error=str(e), backoff=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)

@@ -1,0 +1,804 @@
+"""The agent: gather facts -> decide() -> execute, on a loop woken by etcd watch events.
+
+Tasks running side by side on one event loop:
+
+* ``PrefixMirror.run``  keeps a copy of the cluster's keys (range + watch, resumes itself);
+* ``LeaseKeeper.run``   keeps our lease alive about every second and moves the fence deadline;
+* ``_fence_watch``      first-line fence: stops PostgreSQL itself if the deadline passes;
+* ``_loop``             the HA loop;
+* the HTTP API.
+
+The fencer *process* (``hakeeper.ha.fence``) is the last line of defence when this loop stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hakeeper import __version__
+from hakeeper.config import DynamicConfig, NodeConfig
+from hakeeper.dcs.etcd import (
+    EtcdClient,
+    EtcdError,
+    cmp_create,
+    cmp_mod,
+    cmp_value,
+    op_delete,
+    op_put,
+)
+from hakeeper.dcs.mirror import PrefixMirror
+from hakeeper.ha.decide import Action, Decision, LocalFacts, assess, decide, reference_lsn
+from hakeeper.ha.fence import FenceClient
+from hakeeper.ha.lease import LeaseKeeper
+from hakeeper.ha.model import (
+    ClusterView,
+    HistoryEntry,
+    Keys,
+    Member,
+    MemberRole,
+    MemberState,
+    Status,
+    build_view,
+    slot_name_for,
+)
+from hakeeper.log import get_logger, setup_logging
+from hakeeper.pg.errors import PgError
+from hakeeper.pg.postgres import LocalState, Postgres, Role, Upstream
+from hakeeper.proc import CommandFailed
+
+log = get_logger("hakeeper.agent")
+
+# How long a replica may fail to stream from a leader on a newer timeline before we rewind.
+NOT_STREAMING_REWIND_AFTER = 8.0
+
+
+class Agent:
+    def __init__(self, cfg: NodeConfig, *, config_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.keys = Keys(cfg.prefix)
+        e = cfg.etcd
+        self.client = EtcdClient(
+            e.hosts,
+            timeout=e.request_timeout,
+            cacert=e.cacert,
+            cert=e.cert,
+            key=e.key,
+            username=e.username,
+            password=e.password.get_secret_value() if e.password else None,
+        )
+        self.mirror = PrefixMirror(self.client, cfg.prefix + "/")
+        self.pg = Postgres(cfg.postgresql, member_name=cfg.name)
+        data_dir = cfg.postgresql.data_dir
+        self.runtime_dir = data_dir.parent / f".{data_dir.name}.hakeeper"
+        self.fence = FenceClient(self.runtime_dir, data_dir)
+        self.bootstrap_dcs = cfg.bootstrap.dcs
+        dyn = self.bootstrap_dcs
+        self.lease = LeaseKeeper(
+            self.client,
+            ttl=dyn.ttl,
+            interval=dyn.keepalive_interval,
+            margin=dyn.fence_margin,
+            on_deadline=self._on_deadline,
+            on_lost=self._on_lease_lost,
+        )
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.state: LocalState | None = None
+        self.activity: MemberState | None = None  # a long action in progress (cloning, ...)
+        self.pg_down_since: float | None = None
+        self.leaderless_since: float | None = None
+        self.not_streaming_since: float | None = None
+        self.needs_rewind = False
+        self.upstream: Upstream | None = None  # what our replica config points at
+        self.last_decision: Decision | None = None
+        self.last_view: ClusterView = ClusterView(config=dyn)
+        self.slot_seen: dict[str, float] = {}
+        self.loop_heartbeat = time.monotonic()
+        self.started_at = time.monotonic()
+        self._lock_fd: int | None = None
+        self._sysid: str | None = None
+
+    # -- fence plumbing ---------------------------------------------------------------------------
+
+    def _on_deadline(self, deadline: float) -> None:
+        if self.fence.armed:
+            self.fence.arm(deadline)
+
+    def _on_lease_lost(self) -> None:
+        self.wake.set()
+
+    def _arm_fence(self) -> None:
+        """Called before anything makes PostgreSQL writable."""
+        self.fence.ensure_running()
+        self.fence.arm(self.lease.deadline)
+
+    async def _fence_watch(self) -> None:
+        while True:
+            if self.fence.expired():
+                log.error(
+                    "fence_fired",
+                    reason="leader lease not renewed before the fence deadline",
+                    late_by=round(time.monotonic() - self.fence.state.deadline, 3),
+                )
+                self.fence.disarm()
+                self.activity = MemberState.FENCED
+                try:
+                    await self.pg.stop("immediate", timeout=10)
+                except PgError as e:
+                    log.error("fence_stop_failed", error=str(e))
+                self.needs_rewind = True
+                self.pg_down_since = None
+                self.wake.set()
+            await asyncio.sleep(0.1)
+
+    # -- gathering facts --------------------------------------------------------------------------
+
+    @property
+    def dyn(self) -> DynamicConfig:
+        return self.last_view.config
+
+    def view(self) -> ClusterView:
+        kvs = {
+            k: (kv.value, kv.create_revision, kv.mod_revision, kv.lease) for k, kv in self.mirror.kvs.items()
+        }
+        return build_view(self.keys, kvs, self.mirror.revision, self.bootstrap_dcs)
+
+    async def _system_identifier(self) -> str | None:
+        if self._sysid is None and self.pg.is_initialized():
+            try:
+                self._sysid = await self.pg.system_identifier()
+            except (PgError, CommandFailed) as e:
+                log.warning("controldata_failed", error=str(e))
+        return self._sysid
+
+    async def gather(self, view: ClusterView) -> LocalFacts:
+        now = time.monotonic()
+        st = await self.pg.probe(timeout=2.0)
+        self.state = st
+        if st.running:
+            self.pg_down_since = None
+            if self.activity in (MemberState.STARTING, MemberState.FENCED, MemberState.CRASHED):
+                self.activity = None
+        elif self.pg_down_since is None:
+            self.pg_down_since = now
+        if view.leader is None:
+            self.leaderless_since = self.leaderless_since or now
+        else:
+            self.leaderless_since = None
+        # A replica that cannot stream from a leader on a newer timeline has diverged.
+        if st.running and st.in_recovery and view.leader is not None and view.leader.name != self.name:
+            lm = view.leader_member
+            if st.streaming_from is None:
+                self.not_streaming_since = self.not_streaming_since or now
+                newer = lm is not None and (lm.timeline or 0) > (st.timeline or 0)
+                if newer and now - self.not_streaming_since > NOT_STREAMING_REWIND_AFTER:
+                    if not self.needs_rewind:
+                        log.warning(
+                            "rewind_needed",
+                            reason="not streaming from a leader on a newer timeline",
+                            our_timeline=st.timeline,
+                            leader_timeline=lm.timeline if lm else None,
+                        )
+                    self.needs_rewind = True
+            else:
+                self.not_streaming_since = None
+                self.needs_rewind = False
+        else:
+            self.not_streaming_since = None
+        tags = self.cfg.tags
+        return LocalFacts(
+            name=self.name,
+            data_initialized=self.pg.is_initialized(),
+            system_identifier=await self._system_identifier(),
+            pg_running=st.running,
+            in_recovery=st.in_recovery,
+            timeline=st.timeline,
+            wal_lsn=st.wal_lsn,
+            streaming_from=st.streaming_from,
+            pg_down_for=0.0 if self.pg_down_since is None else now - self.pg_down_since,
+            needs_rewind=self.needs_rewind,
+            lease=self.lease.lease,
+            lease_valid=self.lease.valid(now),
+            leaderless_for=0.0 if self.leaderless_since is None else now - self.leaderless_since,
+            nofailover=tags.nofailover,
+            failover_priority=tags.failover_priority,
+        )
+
+    def member_record(self, view: ClusterView) -> Member:
+        st = self.state
+        pgc = self.cfg.postgresql
+        host, port = pgc.connect_host_port
+        role = MemberRole.UNKNOWN
+        state = MemberState.STOPPED if self.pg.is_initialized() else MemberState.UNINITIALIZED
+        if st is not None and st.running:
+            if st.in_recovery:
+                role = MemberRole.REPLICA
+                state = MemberState.STREAMING if st.streaming_from else MemberState.IN_RECOVERY
+            else:
+                role = MemberRole.PRIMARY
+                state = MemberState.RUNNING
+        elif self.activity is not None:
+            state = self.activity
+        if self.activity in (MemberState.PROMOTING, MemberState.REWINDING, MemberState.CLONING):
+            state = self.activity
+        tags = self.cfg.tags
+        m = Member(
+            name=self.name,
+            role=role,
+            state=state,
+            timeline=st.timeline if st else None,
+            wal_lsn=st.wal_lsn if st else None,
+            received_lsn=st.received_lsn if st else None,
+            replayed_lsn=st.replayed_lsn if st else None,
+            host=host,
+            port=port,
+            api_url=self.cfg.api.url,
+            nofailover=tags.nofailover,
+            failover_priority=tags.failover_priority,
+            noloadbalance=tags.noloadbalance,
+            nosync=tags.nosync,
+            streaming_from=st.streaming_from if st else None,
+            updated_at=time.time(),
+            version=__version__,
+        )
+        ref = reference_lsn(view)
+        lag = None if m.wal_lsn is None else max(0, ref - m.wal_lsn)
+        if role == MemberRole.PRIMARY:
+            lag = 0
+        cand = assess(replace(m, lag=lag), replace(view, members={**view.members, self.name: m}))
+        return replace(m, lag=lag, eligible=cand.eligible, ineligible_reason=cand.reason)
+
+    async def publish(self, view: ClusterView) -> Member | None:
+        if not self.lease.lease:
+            return None
+        m = self.member_record(view)
+        try:
+            await self.client.put(self.keys.member(self.name), m.to_json(), lease=self.lease.lease)
+        except EtcdError as e:
+            log.warning("member_publish_failed", error=str(e))
+            return None
+        return m
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self.loop_heartbeat = time.monotonic()
+            started = time.monotonic()
+            try:
+                await self.cycle()
+            except (PgError, CommandFailed, EtcdError, OSError) as e:
+                log.error("ha_cycle_failed", error=str(e), error_type=type(e).__name__)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ha_cycle_crashed")
+            self.loop_duration = time.monotonic() - started
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.dyn.loop_wait):
+                    await self._wait_event()
+
+    async def _wait_event(self) -> None:
+        mirror_changed = asyncio.ensure_future(self.mirror.changed.wait())
+        woke = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait({mirror_changed, woke}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            mirror_changed.cancel()
+            woke.cancel()
+        self.mirror.changed.clear()
+
+    async def cycle(self) -> None:
+        if not self.mirror.synced:
+            log.info("ha_waiting", reason="no etcd view yet (etcd unreachable?)")
+            return
+        view = self.view()
+        if view.config_error:
+            log.warning("dynamic_config_invalid", error=view.config_error)
+        self.last_view = view
+        self._apply_timing(view.config)
+        facts = await self.gather(view)
+        published = await self.publish(view)
+        if published is not None:
+            view = replace(view, members={**view.members, self.name: published})
+        decision = decide(view, facts)
+        self._log_decision(decision, facts)
+        await EXECUTORS[decision.action](self, view, facts, decision)
+
+    def _apply_timing(self, cfg: DynamicConfig) -> None:
+        self.lease.ttl = cfg.ttl
+        self.lease.interval = cfg.keepalive_interval
+        self.lease.margin = cfg.fence_margin
+
+    def _log_decision(self, d: Decision, facts: LocalFacts) -> None:
+        prev = self.last_decision
+        self.last_decision = d
+        if prev is not None and prev.action == d.action and prev.why == d.why:
+            return
+        level = log.info
+        if d.action in (Action.WAIT, Action.DEMOTE, Action.RELEASE):
+            level = log.warning
+        level(
+            "decision_" + d.action.value,
+            why=d.why,
+            target=d.target,
+            facts=dict(d.facts),
+            timeline=facts.timeline,
+            wal_lsn=facts.wal_lsn,
+        )
+
+    # -- executors ----------------------------------------------------------------------------------
+
+    async def do_wait(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        return None
+
+    async def do_initialize(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        if not await self.lease.refresh():
+            log.warning("initialize_refused", reason="no valid lease")
+            return
+        self.activity = MemberState.INITIALIZING
+        log.info("initdb_started", data_dir=str(self.pg.data_dir))
+        try:
+            await self.pg.initdb(self.cfg.bootstrap.initdb)
+            sysid = await self.pg.system_identifier()
+            if sysid is None:
+                raise PgError("initdb left no readable pg_control")
+            k = self.keys
+            cfg_json = self.bootstrap_dcs.model_dump_json().encode()
+            res = await self.client.txn(
+                [cmp_create(k.initialize, "=", 0), cmp_create(k.leader, "=", 0)],
+                [
+                    op_put(k.initialize, sysid),
+                    op_put(k.leader, self.name, lease=self.lease.lease),
+                    op_put(k.config, cfg_json),
+                ],
+            )
+            if not res.succeeded:
+                log.info("initialize_lost", reason="another member initialized the cluster first")
+                self.pg.remove_data_dir()
+                self._sysid = None
+                return
+            self._sysid = sysid
+            log.info("initialize_won", system_identifier=sysid)
+            await self.mirror.resync()
+            await self._start_as_primary(self.bootstrap_dcs)
+            pgc = self.cfg.postgresql
+            await self.pg.create_roles(
+                superuser_password=_secret(pgc.superuser.password),
+                replication_user=pgc.replication.username,
+                replication_password=_secret(pgc.replication.password),
+            )
+            term = await self.client.get(k.leader)
+            if term is not None:
+                await self._append_history(term.create_revision, "bootstrap", None, 1, None)
+        except BaseException:
+            if self._sysid is None and self.pg.is_initialized():
+                with contextlib.suppress(Exception):
+                    await self.pg.stop("immediate")
+                    self.pg.remove_data_dir()
+            raise
+        finally:
+            self.activity = None
+
+    async def _start_as_primary(self, dyn: DynamicConfig) -> None:
+        self._arm_fence()
+        await self.pg.write_config(
+            self._params(dyn),
+            Role.PRIMARY,
+            None,
+            replication_password=_secret(self.cfg.postgresql.replication.password),
+        )
+        self.upstream = None
+        self.activity = MemberState.STARTING
+        await self.pg.start(timeout=max(30.0, dyn.primary_start_timeout))
+
+    def _params(self, dyn: DynamicConfig) -> dict[str, Any]:
+        return {**dyn.cluster_parameters(), **self.cfg.postgresql.parameters}
+
+    def _upstream_for(self, view: ClusterView, leader: str | None) -> Upstream | None:
+        if leader is None:
+            return None
+        m = view.members.get(leader)
+        if m is None or not m.host:
+            return None
+        return Upstream(m.host, m.port, slot_name_for(self.name))
+
+    async def do_clone(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        up = self._upstream_for(view, d.target)
+        if up is None:
+            return
+        self.activity = MemberState.CLONING
+        await self.publish(view)
+        pgc = self.cfg.postgresql
+        log.info("clone_started", source=d.target, host=up.host, port=up.port, slot=up.slot_name)
+        t0 = time.monotonic()
+        try:
+            await self.pg.clone_from(
+                up,
+                replication_user=pgc.replication.username,
+                replication_password=_secret(pgc.replication.password),
+            )
+        except (PgError, CommandFailed) as e:
+            log.warning("clone_failed", source=d.target, error=str(e), retry_in=self.dyn.loop_wait)
+            return
+        finally:
+            self.activity = None
+        self._sysid = None
+        log.info("clone_finished", source=d.target, seconds=round(time.monotonic() - t0, 2))
+        self.needs_rewind = False
+        await self._start_as_replica(view, d.target)
+
+    async def _start_as_replica(self, view: ClusterView, leader: str | None) -> None:
+        up = self._upstream_for(view, leader)
+        await self.pg.write_config(
+            self._params(view.config),
+            Role.REPLICA,
+            up,
+            replication_password=_secret(self.cfg.postgresql.replication.password),
+        )
+        self.upstream = up
+        self.activity = MemberState.STARTING
+        await self.pg.start(timeout=120)
+
+    async def do_start_replica(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        self.fence.disarm()
+        if facts.pg_down_for > 0 and self.pg.is_running():
+            return  # the postmaster is up but not accepting connections yet
+        await self._start_as_replica(view, d.target)
+
+    async def do_follow(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        self.fence.disarm()
+        up = self._upstream_for(view, d.target)
+        if up is None or up == self.upstream:
+            return
+        log.info("upstream_changed", old=_addr(self.upstream), new=_addr(up), leader=d.target)
+        await self.pg.write_config(
+            self._params(view.config),
+            Role.REPLICA,
+            up,
+            replication_password=_secret(self.cfg.postgresql.replication.password),
+        )
+        self.upstream = up
+        await self.pg.reload()
+
+    async def do_rewind(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        self.fence.disarm()
+        lm = view.members.get(d.target or "")
+        if lm is None:
+            return
+        pgc = self.cfg.postgresql
+        self.activity = MemberState.REWINDING
+        await self.publish(view)
+        try:
+            if self.pg.is_running():
+                await self.pg.stop("fast", timeout=60)
+            if not pgc.use_pg_rewind:
+                raise PgError("use_pg_rewind is off")
+            log.info("rewind_started", source=d.target)
+            t0 = time.monotonic()
+            await self.pg.rewind(
+                Upstream(lm.host, lm.port, None),
+                superuser=pgc.superuser.username,
+                superuser_password=_secret(pgc.superuser.password),
+            )
+            log.info("rewind_finished", source=d.target, seconds=round(time.monotonic() - t0, 2))
+        except (PgError, CommandFailed) as e:
+            if not pgc.remove_data_directory_on_rewind_failure:
+                log.error("rewind_failed", source=d.target, error=str(e), action="waiting for an operator")
+                return
+            log.warning("rewind_failed", source=d.target, error=str(e), action="re-cloning from the leader")
+            await self.pg.stop("immediate")
+            self.pg.remove_data_dir()
+            self._sysid = None
+            self.needs_rewind = False
+            return
+        finally:
+            self.activity = None
+        self.needs_rewind = False
+        await self._start_as_replica(view, d.target)
+
+    async def _confirm_lease(self) -> bool:
+        """A fresh keepalive: never go read-write on a lease we have not just confirmed."""
+        ok = await self.lease.refresh()
+        if not ok:
+            log.warning("read_write_refused", reason="lease could not be confirmed with etcd")
+        return ok
+
+    async def do_campaign(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        if not await self._confirm_lease():
+            return
+        k = self.keys
+        res = await self.client.txn(
+            [cmp_create(k.leader, "=", 0)], [op_put(k.leader, self.name, lease=self.lease.lease)]
+        )
+        if not res.succeeded:
+            log.info("campaign_lost", reason="another member took the leader key first")
+            await self.mirror.resync()
+            return
+        term = res.revision
+        log.info("leader_acquired", term=term, why=d.why, facts=dict(d.facts))
+        self._arm_fence()
+        old = view.history[-1].new_leader if view.history else None
+        if facts.in_recovery:
+            await self._promote(term, f"failover: {d.why}", old)
+        await self.mirror.resync()
+
+    async def do_promote(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        if not await self._confirm_lease():
+            return
+        assert view.leader is not None
+        self._arm_fence()
+        old = view.history[-1].new_leader if view.history else None
+        await self._promote(view.leader.term, d.why, old)
+
+    async def _promote(self, term: int, reason: str, old_leader: str | None) -> None:
+        self.activity = MemberState.PROMOTING
+        t0 = time.monotonic()
+        try:
+            await self.pg.promote(timeout=30)
+        finally:
+            self.activity = None
+        st = await self.pg.probe()
+        self.state = st
+        self.upstream = None
+        switch_lsn = await self._switch_point(st.timeline)
+        log.info(
+            "promoted",
+            timeline=st.timeline,
+            switch_lsn=switch_lsn,
+            seconds=round(time.monotonic() - t0, 3),
+            reason=reason,
+        )
+        await self.pg.write_config(
+            self._params(self.dyn),
+            Role.PRIMARY,
+            None,
+            replication_password=_secret(self.cfg.postgresql.replication.password),
+        )
+        await self._append_history(term, reason, old_leader, st.timeline or 0, switch_lsn)
+        await self._lead(self.view(), term)
+
+    async def _switch_point(self, timeline: int | None) -> int | None:
+        if not timeline or timeline < 2:
+            return None
+        try:
+            rows = await self.pg.execute(
+                "SELECT pg_read_file('pg_wal/' || lpad(upper(to_hex(%s::int)), 8, '0') || '.history')",
+                (timeline,),
+            )
+            last = [ln for ln in str(rows[0][0]).splitlines() if ln.strip() and not ln.startswith("#")][-1]
+            from hakeeper.lsn import parse_lsn
+
+            return parse_lsn(last.split()[1])
+        except (PgError, IndexError, ValueError) as e:
+            log.warning("switch_point_unknown", error=str(e))
+            return None
+
+    async def _append_history(
+        self, term: int, reason: str, old: str | None, timeline: int, lsn: int | None
+    ) -> None:
+        k = self.keys
+        for _ in range(3):
+            cur = await self.client.get(k.history)
+            items = json.loads(cur.value) if cur is not None and cur.value else []
+            items.append(HistoryEntry(timeline, lsn, time.time(), reason, old, self.name).to_dict())
+            res = await self.client.txn(
+                [cmp_create(k.leader, "=", term), cmp_mod(k.history, "=", cur.mod_revision if cur else 0)],
+                [op_put(k.history, json.dumps(items))],
+            )
+            if res.succeeded:
+                return
+        log.warning("history_write_failed", reason="lost the leader key or concurrent writes")
+
+    async def do_takeover(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        assert view.leader is not None
+        if not await self._confirm_lease():
+            return
+        k = self.keys
+        res = await self.client.txn(
+            [cmp_value(k.leader, "=", self.name), cmp_create(k.leader, "=", view.leader.term)],
+            [op_put(k.leader, self.name, lease=self.lease.lease)],
+        )
+        if res.succeeded:
+            log.info("leader_key_reattached", term=view.leader.term, old_lease=hex(view.leader.lease))
+            if facts.writable:
+                self._arm_fence()
+        await self.mirror.resync()
+
+    async def do_lead(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        assert view.leader is not None
+        self._arm_fence()
+        await self._lead(view, view.leader.term)
+
+    async def _lead(self, view: ClusterView, term: int) -> None:
+        st = self.state
+        k = self.keys
+        if st is not None and st.wal_lsn is not None:
+            status = Status(lsn=st.wal_lsn, timeline=st.timeline, term=term)
+            if status != view.status:
+                await self.client.txn([cmp_create(k.leader, "=", term)], [op_put(k.status, status.to_json())])
+        await self._manage_slots(view)
+
+    async def _manage_slots(self, view: ClusterView) -> None:
+        now = time.monotonic()
+        for name in view.members:
+            if name != self.name:
+                self.slot_seen[slot_name_for(name)] = now
+        ttl = view.config.member_slots_ttl
+        wanted = {s for s in self.slot_seen if now - self.slot_seen[s] <= ttl}
+        created, dropped = await self.pg.ensure_slots(wanted)
+        if created or dropped:
+            log.info("slots_changed", created=created, dropped=dropped)
+        for s in dropped:
+            self.slot_seen.pop(s, None)
+
+    async def do_start_primary(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        if not await self._confirm_lease():
+            return
+        log.warning("primary_restarting", down_for=round(facts.pg_down_for, 1))
+        try:
+            await self._start_as_primary(view.config)
+        except (PgError, CommandFailed) as e:
+            log.error("primary_restart_failed", error=str(e))
+
+    async def do_release(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        self.fence.disarm()
+        if self.pg.is_running():
+            await self.pg.stop("immediate")
+        await self._release_key(view)
+
+    async def _release_key(self, view: ClusterView) -> None:
+        if view.leader is None or view.leader.name != self.name:
+            return
+        k = self.keys
+        res = await self.client.txn(
+            [cmp_value(k.leader, "=", self.name), cmp_create(k.leader, "=", view.leader.term)],
+            [op_delete(k.leader)],
+        )
+        log.warning("leader_released", term=view.leader.term, succeeded=res.succeeded)
+        await self.mirror.resync()
+
+    async def do_demote(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        log.warning("demoting", why=d.why, mode="immediate")
+        await self.pg.stop("immediate", timeout=30)
+        self.fence.disarm()
+        self.needs_rewind = True
+        self.pg_down_since = None
+        self.wake.set()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.pg.run_as.chown(self.runtime_dir)
+        fd = os.open(self.runtime_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SystemExit(
+                f"another hakeeper agent already runs for {self.cfg.postgresql.data_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _initial_rewind_state(self, controldata: dict[str, str]) -> None:
+        state = controldata.get("Database cluster state", "")
+        if state in ("in production", "shut down"):
+            # Data last ran as a primary; if another node leads now, we may have diverged.
+            self.needs_rewind = True
+            log.info("former_primary_data_found", cluster_state=state)
+
+    async def run(self) -> int:
+        self._take_lock()
+        self.fence.start()
+        if self.pg.is_initialized() and not self.pg.is_running():
+            with contextlib.suppress(PgError, CommandFailed):
+                self._initial_rewind_state(await self.pg.controldata())
+        elif self.pg.is_running():
+            st = await self.pg.probe()
+            if st.running and st.in_recovery is False:
+                self.needs_rewind = True
+        from hakeeper.api.server import ApiServer
+
+        api = ApiServer(self)
+        await api.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        log.info(
+            "agent_started",
+            name=self.name,
+            scope=self.cfg.scope,
+            data_dir=str(self.pg.data_dir),
+            api=self.cfg.api.url,
+            version=__version__,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.mirror.run(), name="mirror"),
+                    tg.create_task(self.lease.run(), name="lease"),
+                    tg.create_task(self._fence_watch(), name="fence"),
+                    tg.create_task(self._loop(), name="loop"),
+                ]
+                await self.stopping.wait()
+                log.info("agent_stopping")
+                for t in tasks:
+                    t.cancel()
+        finally:
+            await self.shutdown()
+            await api.stop()
+        return 0
+
+    async def shutdown(self) -> None:
+        view = self.view() if self.mirror.synced else self.last_view
+        was_leader = view.leader is not None and view.leader.name == self.name
+        try:
+            if self.pg.is_running():
+                log.info("postgres_stopping", mode="fast")
+                await self.pg.stop("fast", timeout=60)
+        except (PgError, CommandFailed) as e:
+            log.error("postgres_stop_failed", error=str(e))
+            with contextlib.suppress(Exception):
+                await self.pg.stop("immediate")
+        self.fence.stop()
+        if was_leader:
+            with contextlib.suppress(EtcdError):
+                await self._release_key(view)
+        with contextlib.suppress(EtcdError):
+            await self.client.delete(self.keys.member(self.name))
+        await self.lease.revoke()
+        await self.pg.close()
+        await self.client.close()
+        log.info("agent_stopped")
+
+
+Executor = Callable[[Agent, ClusterView, LocalFacts, Decision], Awaitable[None]]
+
+EXECUTORS: dict[Action, Executor] = {
+    Action.INITIALIZE: Agent.do_initialize,
+    Action.CLONE: Agent.do_clone,
+    Action.WAIT: Agent.do_wait,
+    Action.START_REPLICA: Agent.do_start_replica,
+    Action.FOLLOW: Agent.do_follow,
+    Action.REWIND: Agent.do_rewind,
+    Action.CAMPAIGN: Agent.do_campaign,
+    Action.PROMOTE: Agent.do_promote,
+    Action.LEAD: Agent.do_lead,
+    Action.TAKEOVER: Agent.do_takeover,
+    Action.START_PRIMARY: Agent.do_start_primary,
+    Action.RELEASE: Agent.do_release,
+    Action.DEMOTE: Agent.do_demote,
+}
+
+
+def _secret(s: Any) -> str | None:
+    return s.get_secret_value() if s is not None else None
+
+
+def _addr(u: Upstream | None) -> str | None:
+    return None if u is None else f"{u.host}:{u.port}"
+
+
+async def run_agent(cfg: NodeConfig, *, config_path: Path | None = None) -> int:
+    setup_logging(cfg.log.format, cfg.log.level)
+    agent = Agent(cfg, config_path=config_path)
+    try:
+        return await agent.run()
+    except SystemExit as e:
+        log.error("agent_refused_to_start", reason=str(e))
+        return 1
