@@ -1,0 +1,180 @@
+"""Rendering PostgreSQL configuration files and libpq strings (pure functions, no I/O).
+
+Quoting follows the PostgreSQL 15 sources:
+
+* ``postgresql.conf`` (guc-file.l): a quoted string is ``'...'``; inside it ``''`` is a quote,
+  backslash escapes ``\\b \\f \\n \\r \\t``, octal ``\\ooo`` and ``\\<any>`` (the character itself);
+  a raw newline ends the line, so it must be escaped.
+* libpq conninfo (``conninfo_parse``): ``key=value`` pairs separated by whitespace; a value is
+  either bare (no whitespace) or single-quoted; in both, a backslash escapes the next character.
+* pg_hba.conf (hba.c): a double-quoted token is taken literally (a quoted ``all`` is a role
+  named "all"); a double quote cannot appear inside a name.
+* ``.pgpass``: ``host:port:database:user:password``; ``\\`` and ``:`` are escaped by a backslash.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+from hakeeper.config import AGENT_OWNED_PARAMETERS, ParamValue
+
+HEADER = (
+    "# This file is managed by hakeeper, edits are overwritten.\n"
+    "# Set parameters in the node's YAML (postgresql.parameters) or the cluster's dynamic config.\n"
+)
+
+_PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+_CONNINFO_KEY_RE = re.compile(r"^[a-z_]+$")
+_CONNINFO_BARE_RE = re.compile(r"^[A-Za-z0-9_.,:/@+-]+$")
+# A line of postgresql.conf / postgresql.auto.conf that sets a parameter: name, then '=' or blank.
+_SETTING_LINE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_$.]*)\s*(=|\s|$)")
+
+
+def quote_conf_value(v: str | int | float | bool) -> str:
+    """One parameter value as written in postgresql.conf.
+
+    Booleans become ``on``/``off``, integers stay bare, everything else (floats included: a bare
+    ``1e-05`` does not lex) is a single-quoted string.
+    """
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"parameter value must be finite, got {v!r}")
+        v = repr(v)
+    if not isinstance(v, str):
+        raise TypeError(f"unsupported parameter value type {type(v).__name__}")
+    if "\x00" in v:
+        raise ValueError("a parameter value cannot contain a NUL character")
+    out = []
+    for ch in v:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "'":
+            out.append("''")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        else:
+            out.append(ch)
+    return "'" + "".join(out) + "'"
+
+
+def check_param_name(name: str) -> str:
+    if not _PARAM_NAME_RE.match(name):
+        raise ValueError(f"invalid PostgreSQL parameter name {name!r}")
+    return name
+
+
+def render_postgresql_conf(params: Mapping[str, ParamValue]) -> str:
+    """A complete postgresql.conf: the header, then one ``name = value`` line per parameter
+    (in the given order)."""
+    lines = [HEADER]
+    for name, value in params.items():
+        lines.append(f"{check_param_name(name)} = {quote_conf_value(value)}\n")
+    return "".join(lines)
+
+
+def build_conninfo(**kw: str | int | None) -> str:
+    """libpq ``key=value`` connection string; None values are skipped, values quoted as needed."""
+    parts = []
+    for key, value in kw.items():
+        if value is None:
+            continue
+        if not _CONNINFO_KEY_RE.match(key):
+            raise ValueError(f"invalid conninfo keyword {key!r}")
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        else:
+            text = str(value)
+        if "\x00" in text:
+            raise ValueError(f"conninfo value for {key!r} contains a NUL character")
+        if not _CONNINFO_BARE_RE.match(text):
+            text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _hba_name(name: str) -> str:
+    if not name or '"' in name or any(c in name for c in "\n\r\x00"):
+        raise ValueError(f"role name {name!r} cannot be written to pg_hba.conf")
+    return f'"{name}"'
+
+
+_LOCAL_NETS = ("127.0.0.1/32", "::1/128")
+_ANY_NETS = ("0.0.0.0/0", "::/0")
+
+
+def render_pg_hba(
+    *, extra_lines: list[str], superuser: str, replication_user: str, password_auth: bool
+) -> str:
+    """pg_hba.conf: the user's extra lines first, then the agent's.
+
+    The superuser may use the Unix socket without a password: the socket lives in the data
+    directory, which only the PostgreSQL OS user (and root) can enter.
+    """
+    method = "scram-sha-256" if password_auth else "trust"
+    su = _hba_name(superuser)
+    repl = _hba_name(replication_user)
+    out = [HEADER]
+    if extra_lines:
+        out.append("# From postgresql.pg_hba in the node configuration\n")
+        for line in extra_lines:
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"pg_hba line contains a line break: {line!r}")
+            out.append(line.rstrip() + "\n")
+    out.append("# hakeeper\n")
+    rows: list[tuple[str, str, str, str, str]] = [
+        ("local", "all", su, "", "trust"),
+        ("local", "replication", su, "", "trust"),
+    ]
+    for net in (*_LOCAL_NETS, *_ANY_NETS):
+        rows.append(("host", "replication", repl, net, method))
+    for net in (*_LOCAL_NETS, *_ANY_NETS):
+        rows.append(("host", "all", "all", net, method))
+    for kind, db, user, addr, meth in rows:
+        out.append(f"{kind:<6} {db:<12} {user:<16} {addr:<14} {meth}\n")
+    return "".join(out)
+
+
+def clean_auto_conf(text: str, owned: Iterable[str] = AGENT_OWNED_PARAMETERS) -> str:
+    """postgresql.auto.conf without the lines that set agent-owned parameters (names compare
+    case-insensitively, as PostgreSQL does).  Comments and other settings are kept verbatim."""
+    owned_lower = {o.lower() for o in owned}
+    kept = []
+    # Only "\n" ends a line for PostgreSQL (str.splitlines would also split on \x1e, \u2028...).
+    for line in text.split("\n"):
+        m = _SETTING_LINE_RE.match(line)
+        if m and not line.lstrip().startswith("#") and m.group(1).lower() in owned_lower:
+            continue
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def pgpass_escape(field: str) -> str:
+    if any(c in field for c in "\n\r\x00"):
+        raise ValueError("a .pgpass field cannot contain a line break or NUL")
+    return field.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def render_pgpass(entries: Iterable[tuple[str, str, str, str, str]]) -> str:
+    """``.pgpass`` lines from (host, port, database, user, password); ``*`` stays a wildcard."""
+    lines = []
+    for fields in entries:
+        lines.append(":".join(f if f == "*" else pgpass_escape(f) for f in fields) + "\n")
+    return "".join(lines)
+
+
+def parse_controldata(text: str) -> dict[str, str]:
+    """``pg_controldata`` output (C locale) as ``{"Database cluster state": "in production", ...}``."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            out[key.strip()] = value.strip()
+    return out

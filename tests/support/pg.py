@@ -1,0 +1,133 @@
+"""Helpers for tests that run real PostgreSQL servers.
+
+``PgArea`` is a temporary directory the PostgreSQL OS user can traverse (pytest's tmp_path is
+root-owned 0700), node configurations on free ports inside it, and a cleanup that kills, by PID,
+every postmaster whose data directory lives in it, then removes the directory.
+
+    area = PgArea()
+    try:
+        cfg = area.node_config("node1")
+        ...
+    finally:
+        area.cleanup()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hakeeper.config import PostgresConfig
+from hakeeper.pg.bins import find_bin_dir
+from hakeeper.proc import pid_alive
+from tests.support.ports import free_ports
+
+DEFAULT_PARAMS: dict[str, str | int | float | bool] = {
+    "wal_level": "replica",
+    "max_wal_senders": 10,
+    "max_replication_slots": 10,
+    "wal_keep_size": "128MB",
+    "wal_log_hints": "on",
+    "hot_standby_feedback": "on",
+    "max_connections": 30,
+    "shared_buffers": "16MB",
+    "password_encryption": "scram-sha-256",
+    "fsync": "off",  # tests only: much faster, and crash safety is not under test here
+    "log_line_prefix": "%m [%p] ",
+}
+
+
+def pg_available() -> bool:
+    try:
+        find_bin_dir(None)
+    except Exception:
+        return False
+    return True
+
+
+def _children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            kids.append(int(entry))
+    return kids
+
+
+def kill_postmaster(data_dir: Path) -> int | None:
+    """SIGKILL the postmaster of ``data_dir`` (from its postmaster.pid) and its children; returns
+    the PID killed, if any.  Only a live ``postgres`` process whose cwd is data_dir is touched."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    if not pid_alive(pid):
+        return None
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cwd = os.path.realpath(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+    if comm != "postgres" or cwd != os.path.realpath(data_dir):
+        return None
+    kids = _children_of(pid)
+    for p in (pid, *kids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (pid_alive(pid) or any(pid_alive(k) for k in kids)):
+        time.sleep(0.05)
+    return pid
+
+
+class PgArea:
+    """A scratch directory (``/tmp/hk-pg-*``, mode 0755) for PostgreSQL data dirs."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="hk-pg-"))
+        os.chmod(self.root, 0o755)
+        self.data_dirs: list[Path] = []
+
+    def data_dir(self, name: str) -> Path:
+        d = self.root / name / "data"
+        d.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(d.parent, 0o755)
+        self.data_dirs.append(d)
+        return d
+
+    def node_config(self, name: str, port: int | None = None, **overrides: Any) -> PostgresConfig:
+        if port is None:
+            (port,) = free_ports(1)
+        fields: dict[str, Any] = {
+            "data_dir": self.data_dir(name),
+            "listen": f"127.0.0.1:{port}",
+            "superuser": {"username": "postgres", "password": "su-secret"},
+            "replication": {"username": "replicator", "password": "repl-secret"},
+        }
+        fields.update(overrides)
+        return PostgresConfig.model_validate(fields)
+
+    def kill_all(self) -> list[int]:
+        killed = []
+        for d in self.data_dirs:
+            pid = kill_postmaster(d)
+            if pid is not None:
+                killed.append(pid)
+        return killed
+
+    def cleanup(self) -> list[int]:
+        killed = self.kill_all()
+        shutil.rmtree(self.root, ignore_errors=True)
+        return killed

@@ -1,0 +1,285 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from psycopg.conninfo import conninfo_to_dict
+
+from hakeeper.config import AGENT_OWNED_PARAMETERS
+from hakeeper.pg.bins import find_bin_dir
+from hakeeper.pg.conf import (
+    build_conninfo,
+    clean_auto_conf,
+    parse_controldata,
+    quote_conf_value,
+    render_pg_hba,
+    render_pgpass,
+    render_postgresql_conf,
+)
+from hakeeper.pg.errors import PgError
+
+# ---------------------------------------------------------------- a postgresql.conf reader
+# Mirrors PostgreSQL 15's guc-file.l: the STRING token and GUC_scanstr().
+
+_STRING_RE = re.compile(r"'([^'\\\n]|\\.|'')*'")
+
+
+def scan_conf_string(token: str) -> str:
+    assert _STRING_RE.fullmatch(token), token
+    s = token[1:-1]
+    out = []
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            i += 1
+            e = s[i]
+            if e in "bfnrt":
+                out.append({"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}[e])
+            elif e in "01234567":
+                j = i
+                while j < len(s) and j < i + 3 and s[j] in "01234567":
+                    j += 1
+                out.append(chr(int(s[i:j], 8)))
+                i = j - 1
+            else:
+                out.append(e)
+        elif c == "'" and i + 1 < len(s) and s[i + 1] == "'":
+            out.append("'")
+            i += 1
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def read_conf(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.split("\n"):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, value = line.partition(" = ")
+        out[name] = scan_conf_string(value) if value.startswith("'") else value
+    return out
+
+
+text_no_nul = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+
+
+@given(text_no_nul)
+def test_quoted_string_round_trips(value: str) -> None:
+    quoted = quote_conf_value(value)
+    assert "\n" not in quoted
+    assert scan_conf_string(quoted) == value
+
+
+@given(st.text(alphabet="'\\\n\r ab", max_size=30))
+def test_quotes_and_backslashes_round_trip(value: str) -> None:
+    assert scan_conf_string(quote_conf_value(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, "on"),
+        (False, "off"),
+        (0, "0"),
+        (-5, "-5"),
+        (100, "100"),
+        ("128MB", "'128MB'"),
+        ("", "''"),
+        ("it's", "'it''s'"),
+        ("a\\b", "'a\\\\b'"),
+        ("two\nlines", "'two\\nlines'"),
+        (0.5, "'0.5'"),
+        (1e-05, "'1e-05'"),
+    ],
+)
+def test_quote_conf_value(value: str | int | float | bool, expected: str) -> None:
+    assert quote_conf_value(value) == expected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "nul\x00here"])
+def test_quote_conf_value_rejects(bad: str | float) -> None:
+    with pytest.raises(ValueError):
+        quote_conf_value(bad)
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,20}", fullmatch=True), text_no_nul, max_size=8))
+def test_render_postgresql_conf_round_trips(params: dict[str, str]) -> None:
+    text = render_postgresql_conf(params)
+    assert text.startswith("#")
+    assert "managed by hakeeper, edits are overwritten" in text
+    assert read_conf(text) == params
+
+
+def test_render_postgresql_conf_values_and_order() -> None:
+    text = render_postgresql_conf({"b_param": 1, "a_param": True, "hakeeper.custom": "x y"})
+    body = [line for line in text.splitlines() if not line.startswith("#")]
+    assert body == ["b_param = 1", "a_param = on", "hakeeper.custom = 'x y'"]
+
+
+@pytest.mark.parametrize("name", ["", "bad name", "x\ny", "1abc", "a=b", "a.b.c"])
+def test_render_postgresql_conf_rejects_bad_names(name: str) -> None:
+    with pytest.raises(ValueError):
+        render_postgresql_conf({name: 1})
+
+
+# ---------------------------------------------------------------- conninfo
+
+conninfo_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+
+
+@given(host=conninfo_text, user=conninfo_text, password=conninfo_text, app=conninfo_text)
+def test_conninfo_round_trips_through_libpq(host: str, user: str, password: str, app: str) -> None:
+    kw = {"host": host, "user": user, "password": password, "application_name": app}
+    assert conninfo_to_dict(build_conninfo(**kw)) == kw
+
+
+def test_conninfo_examples() -> None:
+    assert build_conninfo(host="10.0.0.1", port=5432, user="rep") == "host=10.0.0.1 port=5432 user=rep"
+    assert build_conninfo(host="h", sslmode=None) == "host=h"
+    assert build_conninfo(password="a b'c\\") == "password='a b\\'c\\\\'"
+    assert build_conninfo(dbname="") == "dbname=''"
+    assert build_conninfo(passfile="/data dir/x.pgpass") == "passfile='/data dir/x.pgpass'"
+
+
+@pytest.mark.parametrize(("key", "value"), [("bad key", "x"), ("Host", "x"), ("host", "a\x00b")])
+def test_conninfo_rejects(key: str, value: str) -> None:
+    with pytest.raises(ValueError):
+        build_conninfo(**{key: value})
+
+
+def test_conninfo_inside_postgresql_conf_round_trips() -> None:
+    """primary_conninfo is quoted twice (libpq inside postgresql.conf)."""
+    ci = build_conninfo(host="h", user="o'brien", application_name="a\\b c")
+    assert conninfo_to_dict(scan_conf_string(quote_conf_value(ci))) == {
+        "host": "h",
+        "user": "o'brien",
+        "application_name": "a\\b c",
+    }
+
+
+# ---------------------------------------------------------------- pg_hba
+
+
+def _hba_rows(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_pg_hba_password_auth() -> None:
+    text = render_pg_hba(
+        extra_lines=["host all app 10.0.0.0/8 scram-sha-256", "hostssl all all 0.0.0.0/0 cert"],
+        superuser="postgres",
+        replication_user="replicator",
+        password_auth=True,
+    )
+    assert "managed by hakeeper" in text
+    rows = _hba_rows(text)
+    assert rows[0] == ["host", "all", "app", "10.0.0.0/8", "scram-sha-256"]
+    assert rows[1] == ["hostssl", "all", "all", "0.0.0.0/0", "cert"]
+    assert ["local", "all", '"postgres"', "trust"] in rows
+    for net in ("127.0.0.1/32", "::1/128", "0.0.0.0/0", "::/0"):
+        assert ["host", "replication", '"replicator"', net, "scram-sha-256"] in rows
+        assert ["host", "all", "all", net, "scram-sha-256"] in rows
+    assert not any(r[-1] == "trust" and r[0] == "host" for r in rows)
+
+
+def test_pg_hba_trust_without_passwords() -> None:
+    rows = _hba_rows(
+        render_pg_hba(extra_lines=[], superuser="admin", replication_user="rep", password_auth=False)
+    )
+    host_rows = [r for r in rows if r[0] == "host"]
+    assert len(host_rows) == 8
+    assert all(r[-1] == "trust" for r in host_rows)
+    assert rows[0][0] == "local"
+
+
+@pytest.mark.parametrize("name", ['we"ird', "a\nb", ""])
+def test_pg_hba_rejects_unwritable_names(name: str) -> None:
+    with pytest.raises(ValueError):
+        render_pg_hba(extra_lines=[], superuser=name, replication_user="r", password_auth=True)
+
+
+def test_pg_hba_rejects_multiline_extra() -> None:
+    with pytest.raises(ValueError):
+        render_pg_hba(
+            extra_lines=["host all all 0.0.0.0/0 trust\nlocal all all trust"],
+            superuser="p",
+            replication_user="r",
+            password_auth=True,
+        )
+
+
+# ---------------------------------------------------------------- postgresql.auto.conf
+
+
+def test_clean_auto_conf_removes_agent_owned_lines() -> None:
+    text = (
+        "# Do not edit this file manually!\n"
+        "# It will be overwritten by the ALTER SYSTEM command.\n"
+        "work_mem = '64MB'\n"
+        "primary_conninfo = 'host=old port=5432 user=replicator'\n"
+        "PRIMARY_SLOT_NAME = 'node2'\n"
+        "  port=5999\n"
+        "listen_addresses '*'\n"
+        "port_extra = 'kept'\n"
+        "# port = 1 (a comment stays)\n"
+        "log_min_duration_statement = 250\n"
+    )
+    assert clean_auto_conf(text) == (
+        "# Do not edit this file manually!\n"
+        "# It will be overwritten by the ALTER SYSTEM command.\n"
+        "work_mem = '64MB'\n"
+        "port_extra = 'kept'\n"
+        "# port = 1 (a comment stays)\n"
+        "log_min_duration_statement = 250\n"
+    )
+
+
+@given(st.lists(st.sampled_from(sorted(AGENT_OWNED_PARAMETERS | {"work_mem", "shared_buffers"}))))
+def test_clean_auto_conf_property(names: list[str]) -> None:
+    text = "".join(f"{n} = 'v'\n" for n in names)
+    kept = clean_auto_conf(text)
+    assert [line.split(" = ")[0] for line in kept.splitlines()] == [
+        n for n in names if n not in AGENT_OWNED_PARAMETERS
+    ]
+    assert clean_auto_conf(kept) == kept
+
+
+def test_clean_auto_conf_splits_only_on_newline() -> None:
+    text = "application_name = 'a\x1eport = 1\u2028b'\nport = 5\n"
+    assert clean_auto_conf(text) == "application_name = 'a\x1eport = 1\u2028b'\n"
+
+
+# ---------------------------------------------------------------- misc
+
+
+def test_pgpass_escaping() -> None:
+    assert render_pgpass([("*", "*", "*", "rep", "p:w\\d")]) == "*:*:*:rep:p\\:w\\\\d\n"
+    with pytest.raises(ValueError):
+        render_pgpass([("*", "*", "*", "rep", "two\nlines")])
+
+
+def test_parse_controldata() -> None:
+    out = parse_controldata(
+        "pg_control version number:            1300\n"
+        "Database system identifier:           7312345678901234567\n"
+        "Database cluster state:               in production\n"
+        "Time of latest checkpoint:            Mon 01 Jan 2024 10:00:00 AM UTC\n"
+        "Latest checkpoint's TimeLineID:       2\n"
+    )
+    assert out["Database system identifier"] == "7312345678901234567"
+    assert out["Database cluster state"] == "in production"
+    assert out["Time of latest checkpoint"] == "Mon 01 Jan 2024 10:00:00 AM UTC"
+    assert out["Latest checkpoint's TimeLineID"] == "2"
+
+
+def test_find_bin_dir(tmp_path: Path) -> None:
+    with pytest.raises(PgError, match="does not contain pg_ctl"):
+        find_bin_dir(tmp_path)
+    (tmp_path / "pg_ctl").write_text("")
+    assert find_bin_dir(tmp_path) == tmp_path
