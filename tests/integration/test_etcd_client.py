@@ -513,6 +513,10 @@ async def test_mirror_follows_puts_and_deletes(client: EtcdClient) -> None:
         assert values(mirror) == {"/m/b": b"2", "/m/c": b"3"}
         await client.put("/m/d", "4")
         await eventually(lambda: "/m/d" in mirror.kvs)
+        # several keys in one txn share a revision: all of them are applied
+        await client.txn([], [op_put("/m/e", "5"), op_put("/m/f", "6"), op_put("/m/b", "7")])
+        await eventually(lambda: {"/m/e", "/m/f"} <= mirror.kvs.keys())
+        assert values(mirror) == {"/m/b": b"7", "/m/c": b"3", "/m/d": b"4", "/m/e": b"5", "/m/f": b"6"}
         assert not task.done()
 
 
