@@ -142,8 +142,12 @@ class ApiConfig(_Strict):
 
 
 class Credentials(_Strict):
-    username: str
-    password: SecretStr | None = None
+    username: str = Field(
+        description="Role name (defaults: postgres for superuser, replicator for replication)."
+    )
+    password: SecretStr | None = Field(
+        None, description="Password (scram-sha-256). Without one, pg_hba trusts that role: demo use only."
+    )
 
 
 class PostgresConfig(_Strict):
@@ -235,6 +239,7 @@ DEFAULT_CLUSTER_PARAMETERS: dict[str, ParamValue] = {
     "hot_standby_feedback": "on",
     "max_connections": 100,
     "password_encryption": "scram-sha-256",
+    "wal_retrieve_retry_interval": "1s",
 }
 
 
@@ -301,7 +306,7 @@ class NodeConfig(BaseSettings):
     namespace: str = Field("/hakeeper", description="etcd key prefix above the scope.")
     name: str = Field(description="This member's unique name.")
     etcd: EtcdConfig = Field(default_factory=EtcdConfig)
-    api: ApiConfig = Field(default_factory=ApiConfig)  # type: ignore[arg-type]
+    api: ApiConfig = Field(default_factory=ApiConfig)
     postgresql: PostgresConfig
     tags: Tags = Field(default_factory=Tags)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -378,7 +383,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raise ConfigError(src, [("(top level)", "must be a mapping of keys to values")])
     NodeConfig._yaml_path = p
     try:
-        return NodeConfig()  # type: ignore[call-arg]
+        return NodeConfig()
     except ValidationError as e:
         errors = format_validation_error(e)
         env_keys = {k for k in os.environ if k.startswith(ENV_PREFIX)}

@@ -60,4 +60,4 @@ def setup_logging(fmt: str = "console", level: str = "INFO", stream: Any = None)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.stdlib.get_logger(name)

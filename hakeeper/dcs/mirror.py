@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, WatchCompacted, WatchEvent
+from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, EtcdUnavailable, WatchCompacted, WatchEvent
 from hakeeper.log import get_logger
 
 log = get_logger(__name__)
@@ -35,6 +35,9 @@ class PrefixMirror:
         self._synced_event = asyncio.Event()
         self._list_lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
+        self._running = False
+        self._need_list = False
+        self._listed = asyncio.Event()  # set after every list attempt in run()
 
     def __repr__(self) -> str:
         return f"PrefixMirror(prefix={self.prefix!r}, keys={len(self.kvs)}, revision={self.revision})"
@@ -68,13 +71,26 @@ class PrefixMirror:
 
     async def resync(self) -> None:
         """Re-read the prefix now (the cache proved stale). Raises :class:`EtcdError` on failure,
-        leaving ``synced`` False and making :meth:`run` re-list and re-watch."""
-        try:
+        leaving ``synced`` False and making :meth:`run` re-list and re-watch.
+
+        While :meth:`run` is active, it does the re-list itself between stopping and restarting
+        the watch: an event applied while a range is in flight would otherwise be overwritten by
+        the (older) list and never seen again."""
+        if not self._running:
             await self._list()
-        except EtcdError:
-            if self._watch_task is not None:
-                self._watch_task.cancel()
-            raise
+            return
+        self._need_list = True
+        self._listed.clear()
+        task = self._watch_task
+        if task is not None and not task.done():
+            task.cancel()
+        try:
+            async with asyncio.timeout(self.client.timeout * max(1, len(self.client.endpoints)) + 1):
+                await self._listed.wait()
+        except TimeoutError:
+            raise EtcdUnavailable("re-list of the cluster keys did not finish in time") from None
+        if not self.synced:
+            raise EtcdUnavailable("re-list of the cluster keys failed")
 
     def _apply(self, ev: WatchEvent) -> bool:
         kv = ev.kv
@@ -100,10 +116,22 @@ class PrefixMirror:
     async def run(self) -> None:
         """List, then watch; re-list on compaction or failure. Runs until cancelled."""
         backoff = _BACKOFF_MIN
+        self._running = True
+        try:
+            await self._run(backoff)
+        finally:
+            self._running = False
+            self._listed.set()
+
+    async def _run(self, backoff: float) -> None:
         while True:
             try:
-                if not self.synced:
-                    await self._list()
+                if not self.synced or self._need_list:
+                    self._need_list = False
+                    try:
+                        await self._list()
+                    finally:
+                        self._listed.set()
                 backoff = _BACKOFF_MIN
                 self._watch_task = asyncio.create_task(self._follow(), name=f"mirror-watch {self.prefix}")
                 try:
@@ -114,8 +142,7 @@ class PrefixMirror:
                         task.cancel()
                         await asyncio.gather(task, return_exceptions=True)
                 if task.cancelled():
-                    # resync() failed and stopped the watch: re-list
-                    self._set_synced(False)
+                    # resync() stopped the watch to re-list; if its list failed, list again here
                     continue
                 task.result()  # raises what stopped the watch
                 self._set_synced(False)  # the watch never ends on its own; be safe if it does
