@@ -277,10 +277,11 @@ class Postgres:
         """PID from postmaster.pid if that process is alive and is this data dir's postgres."""
         try:
             first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0].strip()
-            pid = int(first)
+            # A single-user backend writes its PID negated; it owns the data dir all the same.
+            pid = abs(int(first))
         except (OSError, ValueError):
             return None
-        if pid <= 0 or not pid_alive(pid):
+        if pid == 0 or not pid_alive(pid):
             return None
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()

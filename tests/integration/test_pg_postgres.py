@@ -230,6 +230,18 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
         await n1.execute("INSERT INTO t VALUES (9999, 'x')")
     assert ei.value.sqlstate == "25006"
 
+    # ---- node1 (now a replica) crashes: rewind brings it to a clean state first (single-user
+    # crash recovery refuses standby.signal), finds nothing to rewind, and it streams again
+    await n1.stop("immediate")
+    assert (await n1.controldata())["Database cluster state"] == "in archive recovery"
+    await n1.rewind(upstream_of(n2, None), superuser="postgres", superuser_password="su-secret", timeout=120)
+    assert (await n1.controldata())["Database cluster state"] in ("shut down", "shut down in recovery")
+    await n1.write_config(PARAMS, Role.REPLICA, upstream_of(n2, "node1"), replication_password="repl-secret")
+    await n1.start(timeout=60)
+    st1 = await streaming(n1, n2)
+    assert st1.timeline == 2
+    assert (await n1.execute("SELECT count(*) FROM t")) == [(1500,)]
+
 
 async def test_stop_modes_and_probe_when_down(area: PgArea, nodes: list[Postgres]) -> None:
     pg = make_node(area, nodes, "solo")
@@ -261,6 +273,10 @@ async def test_stop_kills_a_stuck_postmaster(area: PgArea, nodes: list[Postgres]
     assert pid is not None
     os.kill(pid, 19)  # SIGSTOP: pg_ctl stop cannot get through
     try:
+        t0 = time.monotonic()
+        st = await pg.probe(timeout=1.0)  # the kernel accepts, nobody answers
+        assert st.running is False and st.error and "timed out" in st.error
+        assert time.monotonic() - t0 < 2.0
         await pg.stop("fast", timeout=2)
     finally:
         if pg.is_running():

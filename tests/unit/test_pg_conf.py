@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
-from hakeeper.config import AGENT_OWNED_PARAMETERS
+from hakeeper.config import AGENT_OWNED_PARAMETERS, PostgresConfig
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.conf import (
     build_conninfo,
@@ -20,6 +20,8 @@ from hakeeper.pg.conf import (
     render_postgresql_conf,
 )
 from hakeeper.pg.errors import PgError
+from hakeeper.pg.postgres import Postgres, Upstream
+from hakeeper.proc import RunAs
 
 # ---------------------------------------------------------------- a postgresql.conf reader
 # Mirrors PostgreSQL 15's guc-file.l: the STRING token and GUC_scanstr().
@@ -283,3 +285,76 @@ def test_find_bin_dir(tmp_path: Path) -> None:
         find_bin_dir(tmp_path)
     (tmp_path / "pg_ctl").write_text("")
     assert find_bin_dir(tmp_path) == tmp_path
+
+
+# ---------------------------------------------------------------- probe row -> LocalState
+
+
+def _pg(tmp_path: Path) -> Postgres:
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    (bins / "pg_ctl").write_text("")
+    cfg = PostgresConfig(data_dir=tmp_path / "data", bin_dir=bins, listen="0.0.0.0:6543")
+    return Postgres(cfg, member_name="n1", run_as=RunAs())
+
+
+def test_probe_row_primary(tmp_path: Path) -> None:
+    pg = _pg(tmp_path)
+    assert pg.connect_host == "127.0.0.1" and pg.port == 6543
+    repl = [
+        {
+            "application_name": "n2",
+            "state": "streaming",
+            "sync_state": "async",
+            "sent_lsn": "0/3000100",
+            "write_lsn": "0/3000100",
+            "flush_lsn": "0/3000000",
+            "replay_lsn": None,
+            "replay_lag": 0.25,
+            "client_addr": "127.0.0.1",
+        }
+    ]
+    row = (
+        False,
+        "0/3000100",
+        "000000030000000000000003",
+        "0/2000000",
+        "0/2000000",
+        2,
+        0,
+        None,
+        repl,
+        str(tmp_path / "data"),
+    )
+    st = pg._state_from_row(row)
+    assert st.running and st.in_recovery is False and st.error is None
+    assert st.timeline == 3  # from the WAL file name, not the (older) checkpoint timeline
+    assert st.wal_lsn == 0x3000100
+    # stale receive/replay positions of a promoted replica are not reported
+    assert st.received_lsn is None and st.replayed_lsn is None and st.streaming_from is None
+    (r,) = st.replication
+    assert r.application_name == "n2" and r.flush_lsn == 0x3000000 and r.replay_lsn is None
+    assert r.replay_lag == 0.25
+
+
+def test_probe_row_replica(tmp_path: Path) -> None:
+    pg = _pg(tmp_path)
+    dd = str(tmp_path / "data")
+    receiver = {"status": "streaming", "tli": 4, "host": "10.0.0.1", "port": 5432}
+    st = pg._state_from_row((True, None, None, "0/5000000", "0/4FFFF00", 3, 3, receiver, [], dd))
+    assert st.in_recovery is True and st.timeline == 4
+    assert st.received_lsn == 0x5000000 and st.replayed_lsn == 0x4FFFF00 and st.wal_lsn == 0x5000000
+    assert st.streaming_from == Upstream("10.0.0.1", 5432, "x").address == "10.0.0.1:5432"
+    # not streaming: the timeline comes from pg_control, received may be NULL
+    st = pg._state_from_row((True, None, None, None, "0/4FFFF00", 2, 3, None, [], dd))
+    assert st.timeline == 3 and st.wal_lsn == 0x4FFFF00 and st.streaming_from is None
+    v6 = {"status": "streaming", "tli": 1, "host": "::1", "port": 5433}
+    st = pg._state_from_row((True, None, None, "0/1", "0/1", 1, 0, v6, [], dd))
+    assert st.streaming_from == "[::1]:5433" == Upstream("::1", 5433, None).address
+
+
+def test_probe_row_from_another_server(tmp_path: Path) -> None:
+    st = _pg(tmp_path)._state_from_row(
+        (False, "0/1", "000000010000000000000001", None, None, 1, 0, None, [], "/somewhere/else")
+    )
+    assert st.running is False and st.error and "another PostgreSQL" in st.error
