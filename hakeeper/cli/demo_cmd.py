@@ -231,8 +231,10 @@ def demo(
             primary = cluster.wait_ready(timeout, on_poll=show)
         _print_ready(cluster, primary, state_path)
         _supervise(cluster, state_path)
-    except (KeyboardInterrupt, _Terminate):
-        out.print("\nStopping the demo cluster ...")
+    except KeyboardInterrupt:
+        out.print("\nInterrupted; stopping the demo cluster ...")
+    except _Terminate as e:
+        out.print(f"\n{e} received; stopping the demo cluster ...")
     except LocalClusterError as e:
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         code = 1

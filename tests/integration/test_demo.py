@@ -227,7 +227,8 @@ def test_demo_end_to_end(base_dir: Path) -> None:
             start_new_session=True,
         )
     pids: set[int] = set()
-    view = LocalCluster(demo_dir, nodes=3, base_port=base)
+    # Only a view: it reads the passwords from the configs the demo writes (so it is made after).
+    view: LocalCluster | None = None
     try:
         state_path = demo_dir / "demo.json"
         deadline = time.monotonic() + 60
@@ -236,6 +237,7 @@ def test_demo_end_to_end(base_dir: Path) -> None:
             assert time.monotonic() < deadline, "demo.json was not written"
             time.sleep(0.2)
         state = json.loads(state_path.read_text())
+        view = LocalCluster(demo_dir, nodes=3, base_port=base)
         assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
         assert state["scope"] == "demo"
         assert state["etcd"] == [f"http://127.0.0.1:{base}"]
@@ -289,7 +291,8 @@ def test_demo_end_to_end(base_dir: Path) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        view.stop_leftovers()
+        if view is not None:
+            view.stop_leftovers()
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
