@@ -26,7 +26,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Node configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False)
 
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Node YAML file.")]

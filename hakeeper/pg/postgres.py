@@ -625,6 +625,8 @@ class Postgres:
             application_name="hakeeper",
             connect_timeout=max(2, math.ceil(connect_timeout)),
             gssencmode="disable",
+            # An SQL_ASCII database would otherwise hand every text column back as bytes.
+            client_encoding="UTF8",
         )
         kw: dict[str, Any] = {
             "conninfo": conninfo,

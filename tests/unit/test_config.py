@@ -1,0 +1,122 @@
+"""Node config validation: every error names the file and the field; the CLI exits 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hakeeper.config import ConfigError, DynamicConfig, load_node_config
+from hakeeper.config_docs import render
+
+GOOD = """
+scope: demo
+name: node1
+etcd:
+  hosts: ["127.0.0.1:2379"]
+postgresql:
+  data_dir: /tmp/x
+  listen: 127.0.0.1:6000
+  superuser: {username: postgres, password: s3cret}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.yml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
+    cfg = load_node_config(write(tmp_path, GOOD))
+    assert cfg.etcd.hosts == ["http://127.0.0.1:2379"]
+    assert cfg.postgresql.listen_host_port == ("127.0.0.1", 6000)
+    assert cfg.prefix == "/hakeeper/demo"
+    assert cfg.bootstrap.dcs.ttl == 5
+
+
+def test_every_error_names_its_field(tmp_path: Path) -> None:
+    bad = GOOD.replace("scope: demo", "scope: 'bad scope!'").replace(
+        "listen: 127.0.0.1:6000", "listen: 127.0.0.1:notaport\n  tll: 3"
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, bad))
+    fields = dict(ei.value.errors)
+    assert "scope" in fields
+    assert "postgresql.listen" in fields
+    assert fields["postgresql.tll"] == "unknown field"
+    assert str(tmp_path / "node.yml") in str(ei.value)
+
+
+def test_missing_required_and_managed_parameters(tmp_path: Path) -> None:
+    text = "scope: s\npostgresql:\n  data_dir: /x\n  parameters: {port: 5, work_mem: 4MB}\n"
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, text))
+    fields = dict(ei.value.errors)
+    assert fields["name"] == "required field is missing"
+    assert "port" in fields["postgresql.parameters"]
+
+
+def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HAKEEPER_POSTGRESQL__DATA_DIR", "/srv/pg")
+    monkeypatch.setenv("HAKEEPER_TAGS__NOFAILOVER", "true")
+    cfg = load_node_config(write(tmp_path, GOOD))
+    assert str(cfg.postgresql.data_dir) == "/srv/pg"
+    assert cfg.tags.nofailover is True
+    assert cfg.postgresql.listen == "127.0.0.1:6000"
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, "scope: [unclosed\nname: x\n"))
+    assert ei.value.errors[0][0].startswith("line ")
+
+
+def test_secrets_are_masked_in_dumps(tmp_path: Path) -> None:
+    cfg = load_node_config(write(tmp_path, GOOD))
+    assert "s3cret" not in cfg.model_dump_json()
+    assert "s3cret" not in repr(cfg)
+
+
+def test_fence_timing_must_fit_in_ttl() -> None:
+    with pytest.raises(ValueError, match="must be below ttl"):
+        DynamicConfig(ttl=2, keepalive_interval=1, fence_margin=1.5)
+
+
+def test_cli_validate_exits_2_with_file_and_field(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace("name: node1", "name: node1\nbogus: 1"))
+    r = subprocess.run(
+        [sys.executable, "-m", "hakeeper", "config", "validate", "-c", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert f"{p}: bogus: unknown field" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    ok = subprocess.run(
+        [sys.executable, "-m", "hakeeper", "config", "validate", "-c", str(write(tmp_path, GOOD))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_cli_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "hakeeper", "agent", "-c", str(tmp_path / "nope.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "nope.yml: (file): No such file or directory" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_configuration_reference_is_current() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == render(), "regenerate: python -m hakeeper.config_docs > docs/configuration.md"
