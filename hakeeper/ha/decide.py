@@ -87,9 +87,14 @@ RUNNING_STATES = frozenset({MemberState.RUNNING, MemberState.STREAMING, MemberSt
 
 
 def reference_lsn(view: ClusterView) -> int:
-    """The furthest WAL position the cluster is known to have reached."""
-    lsns = [m.wal_lsn for m in view.members.values() if m.wal_lsn is not None]
-    if view.status.lsn is not None:
+    """The furthest WAL position the cluster is known to have reached on its newest timeline.
+
+    Positions on older timelines do not count: a former primary's WAL past the switch point has
+    diverged and says nothing about how far behind the current timeline's members are.
+    """
+    tl = view.max_timeline
+    lsns = [m.wal_lsn for m in view.members.values() if m.wal_lsn is not None and (m.timeline or 0) >= tl]
+    if view.status.lsn is not None and (view.status.timeline is None or view.status.timeline >= tl):
         lsns.append(view.status.lsn)
     return max(lsns, default=0)
 
