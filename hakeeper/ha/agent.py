@@ -52,6 +52,7 @@ from hakeeper.ha.model import (
     slot_name_for,
 )
 from hakeeper.log import get_logger, setup_logging
+from hakeeper.lsn import parse_lsn
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import LocalState, Postgres, Role, Upstream
 from hakeeper.proc import CommandFailed
@@ -367,7 +368,7 @@ class Agent:
             )
             if not res.succeeded:
                 log.info("initialize_lost", reason="another member initialized the cluster first")
-                self.pg.remove_data_dir()
+                await asyncio.to_thread(self.pg.remove_data_dir)
                 self._sysid = None
                 return
             self._sysid = sysid
@@ -387,7 +388,7 @@ class Agent:
             if self._sysid is None and self.pg.is_initialized():
                 with contextlib.suppress(Exception):
                     await self.pg.stop("immediate")
-                    self.pg.remove_data_dir()
+                    await asyncio.to_thread(self.pg.remove_data_dir)
             raise
         finally:
             self.activity = None
@@ -500,7 +501,7 @@ class Agent:
                 return
             log.warning("rewind_failed", source=d.target, error=str(e), action="re-cloning from the leader")
             await self.pg.stop("immediate")
-            self.pg.remove_data_dir()
+            await asyncio.to_thread(self.pg.remove_data_dir)
             self._sysid = None
             self.needs_rewind = False
             return
@@ -579,8 +580,6 @@ class Agent:
                 (timeline,),
             )
             last = [ln for ln in str(rows[0][0]).splitlines() if ln.strip() and not ln.startswith("#")][-1]
-            from hakeeper.lsn import parse_lsn
-
             return parse_lsn(last.split()[1])
         except (PgError, IndexError, ValueError) as e:
             log.warning("switch_point_unknown", error=str(e))

@@ -85,7 +85,7 @@ def new_primary(c: LocalCluster, old: str) -> str:
 
 
 def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None:
-    with running_cluster() as c:
+    with running_cluster(dynamic={"member_slots_ttl": 3}) as c:
         primary = c.primary()
         assert primary is not None
         replicas = [n for n in c.names if n != primary]
@@ -130,6 +130,20 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
 
         values = " ".join(base64.b64decode(kv["value"]).decode() for kv in json.loads(raw)["kvs"])
         assert c.superuser_password not in values and c.replication_password not in values
+        # ... nor any log line.
+        for n in c.names:
+            text = c.nodes[n].log_path.read_text()
+            assert c.superuser_password not in text and c.replication_password not in text
+        # A member gone longer than member_slots_ttl loses its slot; the others keep theirs.
+        gone = replicas[0]
+        c.stop_agent(gone)
+        wait_for(
+            lambda: (
+                [r[0] for r in sql(c, primary, "SELECT slot_name FROM pg_replication_slots")] == [replicas[1]]
+            ),
+            30,
+            f"slot of {gone} dropped after member_slots_ttl",
+        )
 
 
 def test_failover_after_kill9_then_old_primary_rejoins_with_new_rows() -> None:
