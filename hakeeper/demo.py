@@ -583,6 +583,31 @@ class LocalCluster:
             return None
         return pid
 
+    def fencer_pids(self, name: str) -> list[int]:
+        """The agent's fencer helper processes for this node (``python -m hakeeper.ha.fence
+        --state <file below the node dir>``).  A fencer outlives a killed agent on purpose."""
+        node_dir = self.nodes[name].node_dir
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            args = _proc_cmdline(int(entry))
+            if "hakeeper.ha.fence" not in args:
+                continue
+            for i, a in enumerate(args[:-1]):
+                if a == "--state" and Path(args[i + 1]).is_relative_to(node_dir) and pid_alive(int(entry)):
+                    found.append(int(entry))
+        return found
+
+    def _stop_fencers(self, name: str) -> list[int]:
+        pids = self.fencer_pids(name)
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        for pid in pids:
+            if not _wait_dead(pid, 5.0):
+                _signal(pid, signal.SIGKILL)
+        return pids
+
     def kill_postgres(self, name: str) -> int:
         """kill -9 the postmaster of ``name``; returns the PID killed."""
         pid = self.postmaster_pid(name)
@@ -708,7 +733,8 @@ class LocalCluster:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop everything we run: agents (SIGTERM, then SIGKILL), any PostgreSQL still running
-        from our data directories, then etcd.  Safe to call more than once."""
+        from our data directories, any fencer helper left by a killed agent, then etcd.
+        Safe to call more than once."""
         for name in self.nodes:
             proc = self._agents.get(name)
             if proc is not None and proc.poll() is None:
@@ -723,6 +749,7 @@ class LocalCluster:
                     _signal(pid, signal.SIGKILL)
         for name in self.nodes:
             self._stop_postmaster(name)
+            self._stop_fencers(name)
         self.stop_etcd()
 
     def etcd_leftover_pids(self) -> list[int]:
@@ -756,6 +783,8 @@ class LocalCluster:
             if pm is not None:
                 self._stop_postmaster(name)
                 stopped.append(f"{name} postgres (pid {pm})")
+        for name in self.nodes:
+            stopped.extend(f"{name} fencer (pid {pid})" for pid in self._stop_fencers(name))
         for pid in self.etcd_leftover_pids():
             _signal(pid, signal.SIGTERM)
             if not _wait_dead(pid, 15.0):
@@ -822,3 +851,5 @@ class LocalCluster:
             pm = self.postmaster_pid(name)
             if pm is not None:
                 yield f"{name} postgres", pm
+            for fencer in self.fencer_pids(name):
+                yield f"{name} fencer", fencer

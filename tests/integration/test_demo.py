@@ -20,7 +20,7 @@ import pytest
 from hakeeper.config import load_node_config
 from hakeeper.demo import LocalCluster, PortInUseError, pg_program
 from hakeeper.proc import pid_alive
-from tests.support.cluster import cluster_tmpdir, free_base_port
+from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +197,35 @@ def test_stop_also_stops_a_postgres_left_in_a_data_dir(base_dir: Path) -> None:
     cluster.stop()
     assert _wait_gone([pm, *backends], 10) == []
     assert cluster.postmaster_pid("node1") is None
+
+
+@pytest.mark.timeout(420)
+def test_failover_after_agent_kill_then_stop_leaves_nothing() -> None:
+    """kill -9 the primary's agent: another node takes over; stop() then ends every process,
+    including the fencer the killed agent left behind.  Needs a working agent."""
+    with running_cluster(nodes=3) as cluster:
+        old = cluster.wait_ready(180)
+        agent = cluster.agent_pid(old)
+        assert agent is not None
+        cluster.kill_agent(old)
+        assert not pid_alive(agent)
+        assert cluster.agent_pid(old) is None
+        deadline = time.monotonic() + 90
+        new = None
+        while time.monotonic() < deadline:
+            new = cluster.primary()
+            if new is not None and new != old:
+                break
+            time.sleep(0.5)
+        assert new is not None and new != old, {k: v.role for k, v in cluster.states().items()}
+        pids = [pid for _, pid in cluster.processes()]
+        for name in cluster.names:
+            pm = cluster.postmaster_pid(name)
+            if pm is not None:
+                pids.extend(_children(pm))
+        cluster.stop()
+        assert _wait_gone(pids, 10) == []
+        assert list(cluster.processes()) == []
 
 
 @pytest.mark.timeout(480)
