@@ -703,6 +703,12 @@ class Agent:
 
     async def run(self) -> int:
         self._take_lock()
+        if self.fence.inherit():
+            log.warning(
+                "fence_inherited",
+                reason="an earlier agent left its primary fenced; keeping its deadline until we re-confirm",
+                deadline_in=round(self.fence.state.deadline - time.monotonic(), 2),
+            )
         self.fence.start()
         if self.pg.is_initialized() and not self.pg.is_running():
             with contextlib.suppress(PgError, CommandFailed):

@@ -163,8 +163,9 @@ def run_fencer(state_path: Path) -> int:
                 data_dir=st.data_dir,
                 reason="leader lease not renewed before the fence deadline",
             )
-        if not st.armed and st.agent_pid and not _alive(st.agent_pid):
-            _log("fencer_exiting", reason="agent gone and nothing to guard")
+        guarding = st.armed and fenced_seq != st.seq
+        if not guarding and st.agent_pid and not _alive(st.agent_pid):
+            _log("fencer_exiting", reason="agent gone and nothing left to guard")
             return 0
         time.sleep(POLL_INTERVAL)
 
@@ -187,6 +188,20 @@ class FenceClient:
         except (OSError, ValueError):
             return None
         return pid if b"hakeeper.ha.fence" in cmdline and _alive(pid) else None
+
+    def inherit(self) -> bool:
+        """Keep an armed fence left by an earlier agent on this data dir (fail closed).
+
+        If that agent died while its PostgreSQL was a writable primary, the fence must still fire
+        at *its* deadline unless we confirm our own lease and re-arm it first.  Returns True when
+        an armed fence was inherited."""
+        prev = FenceState.read(self.path)
+        if prev is None or prev.exit or not prev.armed:
+            return False
+        self.state.armed = True
+        self.state.deadline = prev.deadline
+        self.state.seq = prev.seq + 1
+        return True
 
     def start(self) -> None:
         """Start the fencer, or adopt the one an earlier agent left running on this data dir."""

@@ -16,6 +16,7 @@ import pytest
 from hakeeper.config import PostgresConfig
 from hakeeper.ha.fence import FenceClient
 from hakeeper.pg.postgres import Postgres, Role
+from hakeeper.proc import pid_alive
 from tests.support.pg import DEFAULT_PARAMS, PgArea
 
 pytestmark = pytest.mark.integration
@@ -117,7 +118,35 @@ time.sleep(60)
         while pg.is_running() and time.monotonic() < end:
             time.sleep(0.1)
         assert not pg.is_running(), "the fencer must stop PostgreSQL although the agent is frozen"
-    finally:
+        fencer_pid = int((runtime / "fencer.pid").read_text())
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
+        end = time.monotonic() + 5
+        while pid_alive(fencer_pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not pid_alive(fencer_pid), "with its agent gone and the fence done, the fencer exits"
+    finally:
+        if agent.poll() is None:
+            os.kill(agent.pid, signal.SIGKILL)
+            agent.wait()
         FenceClient(runtime, cfg.data_dir).stop()
+
+
+def test_restarted_agent_inherits_an_armed_fence(area: PgArea) -> None:
+    """A new agent on the same data dir must not disarm its predecessor's fence."""
+    pg, cfg = start_primary(area, "inherit")
+    runtime = cfg.data_dir.parent / "runtime"
+    runtime.mkdir()
+    old = FenceClient(runtime, cfg.data_dir)
+    old.start()
+    try:
+        old.arm(time.monotonic() + 1.0)
+        new = FenceClient(runtime, cfg.data_dir)  # the "restarted agent"
+        assert new.inherit()
+        new.start()  # adopts the running fencer, keeps the old deadline
+        end = time.monotonic() + 10
+        while pg.is_running() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not pg.is_running()
+    finally:
+        old.stop()
