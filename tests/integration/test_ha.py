@@ -323,3 +323,18 @@ def test_lagging_and_nofailover_replicas_are_never_promoted() -> None:
             assert "maximum_lag_on_failover" in c.tail_log("node3", 400)
         finally:
             os.kill(pid, signal.SIGCONT)
+
+
+def test_kill9_of_primary_agent_alone_fences_postgres_and_fails_over() -> None:
+    with running_cluster() as c:
+        old = c.primary()
+        assert old is not None
+        sql(c, old, "CREATE TABLE probe (v int)")
+        c.kill_agent(old)  # PostgreSQL keeps running: only the fencer can stop it now
+        new = new_primary(c, old)
+        assert try_write(c, new, 1)
+        assert c.postmaster_pid(old) is None, "the orphaned primary must have been fenced"
+        assert writable_nodes(c) == [new]
+        c.start_agent(old)
+        wait_for(lambda: roles(c).get(old) == ("replica", "streaming"), 90, "old primary rejoins")
+        assert writable_nodes(c) == [new]
