@@ -92,13 +92,14 @@ def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
     out.print()
     for name, n in cluster.nodes.items():
         role = states[name].role if name in states else "?"
-        out.print(f"[bold]{name}[/] ({role})  API {n.api_url}  config {n.config_path}")
+        out.print(f"[bold]{name}[/] ({role})  API {n.api_url}  config {n.config_path}", soft_wrap=True)
         out.print(f"    psql {shlex.quote(cluster.dsn(name))}", soft_wrap=True, markup=False)
     out.print()
     out.print("[bold]Always the primary[/] (libpq multi-host, read-write):")
     out.print(f"    psql {shlex.quote(cluster.write_dsn())}", soft_wrap=True, markup=False)
     out.print()
-    out.print(f"etcd: {cluster.etcd_url}   details: {state_path}   agent logs: <dir>/nodeN/agent.log")
+    out.print(f"etcd: {cluster.etcd_url}   details: {state_path}", soft_wrap=True)
+    out.print(f"agent logs: {cluster.base_dir}/node*/agent.log", soft_wrap=True, markup=False)
     first = next(iter(cluster.nodes.values()))
     out.print(f"Try:  curl -s -o /dev/null -w '%{{http_code}}\\n' {first.api_url}/primary", markup=False)
     out.print(f"      hakeeper list -c {first.config_path}", markup=False)
@@ -209,6 +210,7 @@ def demo(
             # Passwords of the wiped configs must not be reused.
             cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
         cluster.check_ports()
+        cluster.write_configs()
     except LocalClusterError as e:
         raise fail(str(e), 2) from None
 
