@@ -42,7 +42,15 @@ from typing import Any
 import psycopg
 import yaml
 
-from hakeeper.proc import RunAs, child_env, pid_alive, resolve_run_as
+from hakeeper.proc import (
+    RunAs,
+    child_env,
+    children_of,
+    pid_alive,
+    postmaster_pid,
+    proc_cmdline,
+    resolve_run_as,
+)
 
 DEFAULT_BASE_PORT = 25000
 MAX_NODES = 9
@@ -129,39 +137,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _proc_cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _proc_comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(pid):
-            out.append(int(entry))
-    return out
 
 
 def _wait_dead(pid: int, timeout: float) -> bool:
@@ -499,7 +474,7 @@ class LocalCluster:
             if not entry.isdigit() or int(entry) in ours or int(entry) == os.getpid():
                 continue
             pid = int(entry)
-            args = _proc_cmdline(pid)
+            args = proc_cmdline(pid)
             if "agent" not in args:
                 continue
             for i, a in enumerate(args[:-1]):
@@ -573,15 +548,7 @@ class LocalCluster:
 
     def postmaster_pid(self, name: str) -> int | None:
         """PID from ``data/postmaster.pid`` if that process is alive and is PostgreSQL."""
-        pidfile = self.nodes[name].data_dir / "postmaster.pid"
-        try:
-            first = pidfile.read_text().splitlines()[0]
-            pid = int(first.strip())
-        except (OSError, IndexError, ValueError):
-            return None
-        if pid <= 0 or not pid_alive(pid) or _proc_comm(pid) not in ("postgres", "postmaster"):
-            return None
-        return pid
+        return postmaster_pid(self.nodes[name].data_dir)
 
     def fencer_pids(self, name: str) -> list[int]:
         """The agent's fencer helper processes for this node (``python -m hakeeper.ha.fence
@@ -591,7 +558,7 @@ class LocalCluster:
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            args = _proc_cmdline(int(entry))
+            args = proc_cmdline(int(entry))
             if "hakeeper.ha.fence" not in args:
                 continue
             for i, a in enumerate(args[:-1]):
@@ -602,10 +569,9 @@ class LocalCluster:
     def _stop_fencers(self, name: str) -> list[int]:
         pids = self.fencer_pids(name)
         for pid in pids:
-            _signal(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGKILL)  # a fencer ignores SIGTERM by design; it holds no state
         for pid in pids:
-            if not _wait_dead(pid, 5.0):
-                _signal(pid, signal.SIGKILL)
+            _wait_dead(pid, 5.0)
         return pids
 
     def kill_postgres(self, name: str) -> int:
@@ -636,7 +602,7 @@ class LocalCluster:
             _run_quiet(argv, self.run_as, timeout=timeout + 5)
         if _wait_dead(pid, 2.0):
             return
-        children = _children(pid)
+        children = children_of(pid)
         _signal(pid, signal.SIGKILL)
         for child in children:
             _signal(child, signal.SIGKILL)
@@ -759,7 +725,7 @@ class LocalCluster:
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == ours:
                 continue
-            args = _proc_cmdline(int(entry))
+            args = proc_cmdline(int(entry))
             if not args or Path(args[0]).name != "etcd":
                 continue
             for i, a in enumerate(args[:-1]):

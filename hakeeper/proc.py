@@ -155,3 +155,58 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``, read from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            kids.append(int(entry))
+    return kids
+
+
+def proc_comm(pid: int) -> str:
+    """The process's command name ('' when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    """The process's arguments ([] when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """PID from ``data_dir/postmaster.pid`` if that process is alive, is postgres, and runs in
+    that data directory (a recycled PID or another cluster's server is never reported)."""
+    try:
+        first = (data_dir / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+        # A single-user backend writes its PID negated; it owns the data dir all the same.
+        pid = abs(int(first))
+    except (OSError, ValueError):
+        return None
+    if pid == 0 or not pid_alive(pid) or proc_comm(pid) not in ("postgres", "postmaster"):
+        return None
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return pid  # not ours to inspect; the name matched
+    if os.path.realpath(cwd) != os.path.realpath(data_dir):
+        return None
+    return pid

@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hakeeper.proc import children_of, pid_alive, postmaster_pid
+
 POLL_INTERVAL = 0.05
 
 
@@ -63,69 +65,27 @@ def _log(event: str, **facts: object) -> None:
         pass
 
 
-def postmaster_pid(data_dir: Path) -> int | None:
-    try:
-        first = (data_dir / "postmaster.pid").read_text().splitlines()[0]
-        pid = int(first.strip())
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            return None
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except (OSError, IndexError):
-        return None
-    if comm not in ("postgres", "postmaster"):
-        return None
-    return pid
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            out.append(int(entry))
-    return out
-
-
 def fence_postgres(data_dir: Path, grace: float = 1.0) -> str:
     """Stop the postmaster of ``data_dir`` at once, open sessions included.  Returns what happened."""
     pid = postmaster_pid(data_dir)
     if pid is None:
         return "not running"
-    children = _children(pid)
+    children = children_of(pid)
     try:
         os.kill(pid, signal.SIGQUIT)  # immediate shutdown: backends exit without committing more
     except ProcessLookupError:
         return "not running"
     end = time.monotonic() + grace
     while time.monotonic() < end:
-        if postmaster_pid(data_dir) is None and not any(_alive(c) for c in children):
+        if postmaster_pid(data_dir) is None and not any(pid_alive(c) for c in children):
             return "immediate shutdown"
         time.sleep(0.02)
-    for p in [pid, *children, *_children(pid)]:
+    for p in [pid, *children, *children_of(pid)]:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
     return "killed"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def run_fencer(state_path: Path) -> int:
@@ -164,7 +124,7 @@ def run_fencer(state_path: Path) -> int:
                 reason="leader lease not renewed before the fence deadline",
             )
         guarding = st.armed and fenced_seq != st.seq
-        if not guarding and st.agent_pid and not _alive(st.agent_pid):
+        if not guarding and st.agent_pid and not pid_alive(st.agent_pid):
             _log("fencer_exiting", reason="agent gone and nothing left to guard")
             return 0
         time.sleep(POLL_INTERVAL)
@@ -187,7 +147,7 @@ class FenceClient:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid if b"hakeeper.ha.fence" in cmdline and _alive(pid) else None
+        return pid if b"hakeeper.ha.fence" in cmdline and pid_alive(pid) else None
 
     def inherit(self) -> bool:
         """Keep an armed fence left by an earlier agent on this data dir (fail closed).
@@ -225,7 +185,7 @@ class FenceClient:
             log.close()
 
     def ensure_running(self) -> None:
-        if self.adopted_pid is not None and _alive(self.adopted_pid):
+        if self.adopted_pid is not None and pid_alive(self.adopted_pid):
             return
         if self.proc is None or self.proc.poll() is not None:
             self.start()
@@ -262,7 +222,7 @@ class FenceClient:
             pass
         if self.adopted_pid is not None:
             end = time.monotonic() + 2
-            while _alive(self.adopted_pid) and time.monotonic() < end:
+            while pid_alive(self.adopted_pid) and time.monotonic() < end:
                 time.sleep(0.05)
         if self.proc is not None:
             try:

@@ -50,7 +50,7 @@ from hakeeper.pg.conf import (
     render_postgresql_conf,
 )
 from hakeeper.pg.errors import PgError
-from hakeeper.proc import Result, RunAs, pid_alive, resolve_run_as, run
+from hakeeper.proc import Result, RunAs, children_of, pid_alive, postmaster_pid, resolve_run_as, run
 
 __all__ = [
     "LocalState",
@@ -128,12 +128,10 @@ class LocalState:
 
     ``timeline``: on a primary the timeline WAL is being written on, from
     ``pg_walfile_name(pg_current_wal_lsn())`` (exact, and current right after promotion, unlike
-    ``pg_control_checkpoint()`` which lags until the next checkpoint).  On a replica whose WAL
-    receiver is running, ``pg_stat_wal_receiver.received_tli`` (the timeline of the last WAL
-    received; exact).  Otherwise the higher of the last restartpoint's timeline
-    (``pg_control_checkpoint()``) and the minimum-recovery-point timeline
-    (``pg_control_recovery()``), which PostgreSQL advances to the replay timeline as it flushes
-    pages: a lower bound of the replay timeline that may briefly lag a timeline switch.
+    ``pg_control_checkpoint()`` which lags until the next checkpoint).  On a replica, the highest
+    of ``pg_stat_wal_receiver.received_tli`` (while a WAL receiver runs), the newest timeline
+    history file in ``pg_wal`` (the timeline the standby follows, also after its upstream died),
+    and pg_control's restartpoint and minimum-recovery timelines (lower bounds that lag).
     """
 
     running: bool
@@ -160,6 +158,9 @@ SELECT
   pg_last_wal_replay_lsn()::text,
   (SELECT timeline_id FROM pg_control_checkpoint()),
   (SELECT min_recovery_end_timeline FROM pg_control_recovery()),
+  CASE WHEN pg_is_in_recovery() THEN
+    (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir()
+      WHERE name ~ '^[0-9A-F]{8}[.]history$') END,
   (SELECT json_build_object('status', status, 'tli', received_tli,
                             'host', sender_host, 'port', sender_port)
      FROM pg_stat_wal_receiver LIMIT 1),
@@ -181,21 +182,6 @@ def _listen_to_connect_host(host: str) -> str:
     if host == "::":
         return "::1"
     return host
-
-
-def _children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(pid):
-            kids.append(int(entry))
-    return kids
 
 
 def _write_atomic(path: Path, data: str, *, mode: int, run_as: RunAs) -> None:
@@ -275,27 +261,7 @@ class Postgres:
 
     def postmaster_pid(self) -> int | None:
         """PID from postmaster.pid if that process is alive and is this data dir's postgres."""
-        try:
-            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0].strip()
-            # A single-user backend writes its PID negated; it owns the data dir all the same.
-            pid = abs(int(first))
-        except (OSError, ValueError):
-            return None
-        if pid == 0 or not pid_alive(pid):
-            return None
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            return None
-        if comm != "postgres":
-            return None
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            return pid  # not ours to inspect; comm matched
-        if os.path.realpath(cwd) != os.path.realpath(self.data_dir):
-            return None
-        return pid
+        return postmaster_pid(self.data_dir)
 
     def is_running(self) -> bool:
         return self.postmaster_pid() is not None
@@ -589,7 +555,7 @@ class Postgres:
 
     async def _kill(self, pid: int) -> None:
         """SIGKILL the postmaster and its children (so none keeps the shared memory attached)."""
-        kids = _children_of(pid)
+        kids = children_of(pid)
         log.warning("postgres_killing", pid=pid, children=len(kids))
         for p in (pid, *kids):
             with contextlib.suppress(ProcessLookupError):
@@ -686,7 +652,19 @@ class Postgres:
         return self._state_from_row(row)
 
     def _state_from_row(self, row: tuple[Any, ...]) -> LocalState:
-        (in_recovery, cur_lsn, walfile, recv, replay, ckpt_tli, minrec_tli, receiver, repl, data_dir) = row
+        (
+            in_recovery,
+            cur_lsn,
+            walfile,
+            recv,
+            replay,
+            ckpt_tli,
+            minrec_tli,
+            hist_tli,
+            receiver,
+            repl,
+            data_dir,
+        ) = row
         if os.path.realpath(str(data_dir)) != os.path.realpath(self.data_dir):
             return LocalState.down(
                 f"port {self.port} is served by another PostgreSQL (data_directory={data_dir})"
@@ -718,16 +696,19 @@ class Postgres:
             )
         received = parse_lsn(recv)
         replayed = parse_lsn(replay)
-        timeline: int | None = None
         streaming_from = None
+        # Timeline sources, the highest wins: the WAL receiver's (exact, but gone as soon as the
+        # upstream dies, i.e. exactly during a failover); the newest timeline history file in
+        # pg_wal (a standby fetches N.history when it follows timeline N, pg_rewind copies them,
+        # a diverged old primary never has the newer one); and pg_control's restartpoint and
+        # min-recovery timelines, which lag until the next restartpoint.
+        tlis = [int(t) for t in (ckpt_tli, minrec_tli, hist_tli) if t]
         if receiver:
             if receiver.get("tli"):
-                timeline = int(receiver["tli"])
+                tlis.append(int(receiver["tli"]))
             if receiver.get("status") == "streaming" and receiver.get("host") is not None:
                 streaming_from = _hostport(str(receiver["host"]), int(receiver["port"] or 0))
-        if timeline is None:
-            tlis = [int(t) for t in (ckpt_tli, minrec_tli) if t]
-            timeline = max(tlis) if tlis else None
+        timeline = max(tlis) if tlis else None
         known = [x for x in (received, replayed) if x is not None]
         return LocalState(
             running=True,

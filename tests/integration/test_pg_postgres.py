@@ -408,3 +408,37 @@ async def test_rewind_and_initdb_refuse_a_running_server(area: PgArea, nodes: li
 def test_area_is_usable_by_the_postgres_user(area: PgArea) -> None:
     assert stat.S_IMODE(area.root.stat().st_mode) == 0o755
     assert area.root.name.startswith("hk-pg-")
+
+
+async def test_replica_keeps_reporting_the_new_timeline_after_its_upstream_dies(
+    area: PgArea, nodes: list[Postgres]
+) -> None:
+    """During a failover the WAL receiver is gone; the replica must not fall back to an old
+    timeline (pg_control's lags until the next restartpoint), or it looks ineligible."""
+    a = make_node(area, nodes, "tl_a")
+    b = make_node(area, nodes, "tl_b")
+    c = make_node(area, nodes, "tl_c")
+    await init_primary(a)
+    await a.ensure_slots({"tl_b", "tl_c"})
+    await make_replica(a, b, "tl_b")
+    await make_replica(a, c, "tl_c")
+    await streaming(b, a)
+    await streaming(c, a)
+    await a.stop("immediate")
+    await b.promote()
+    await b.ensure_slots({"tl_c"})
+    await c.write_config(
+        PARAMS, Role.REPLICA, upstream_of(b, "tl_c"), replication_password=_pw(c.cfg.replication.password)
+    )
+    await c.reload()
+    st = await streaming(c, b)
+    assert st.timeline == 2
+    await b.stop("immediate")
+
+    async def receiver_gone() -> bool:
+        s = await c.probe()
+        return s.running and s.streaming_from is None
+
+    await wait_for(receiver_gone, what="tl_c's WAL receiver gone")
+    after = await c.probe()
+    assert after.timeline == 2, after

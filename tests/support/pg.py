@@ -25,7 +25,7 @@ from typing import Any
 
 from hakeeper.config import PostgresConfig
 from hakeeper.pg.bins import find_bin_dir
-from hakeeper.proc import pid_alive
+from hakeeper.proc import children_of, pid_alive
 from tests.support.ports import free_ports
 
 DEFAULT_PARAMS: dict[str, str | int | float | bool] = {
@@ -51,21 +51,6 @@ def pg_available() -> bool:
     return True
 
 
-def _children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(pid):
-            kids.append(int(entry))
-    return kids
-
-
 def kill_postmaster(data_dir: Path) -> int | None:
     """SIGKILL the postmaster of ``data_dir`` (from its postmaster.pid) and its children; returns
     the PID killed, if any.  Only a live ``postgres`` process whose cwd is data_dir is touched."""
@@ -82,7 +67,7 @@ def kill_postmaster(data_dir: Path) -> int | None:
         return None
     if comm != "postgres" or cwd != os.path.realpath(data_dir):
         return None
-    kids = _children_of(pid)
+    kids = children_of(pid)
     for p in (pid, *kids):
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)

@@ -323,6 +323,7 @@ def test_probe_row_primary(tmp_path: Path) -> None:
         2,
         0,
         None,
+        None,
         repl,
         str(tmp_path / "data"),
     )
@@ -341,20 +342,23 @@ def test_probe_row_replica(tmp_path: Path) -> None:
     pg = _pg(tmp_path)
     dd = str(tmp_path / "data")
     receiver = {"status": "streaming", "tli": 4, "host": "10.0.0.1", "port": 5432}
-    st = pg._state_from_row((True, None, None, "0/5000000", "0/4FFFF00", 3, 3, receiver, [], dd))
+    st = pg._state_from_row((True, None, None, "0/5000000", "0/4FFFF00", 3, 3, 3, receiver, [], dd))
     assert st.in_recovery is True and st.timeline == 4
     assert st.received_lsn == 0x5000000 and st.replayed_lsn == 0x4FFFF00 and st.wal_lsn == 0x5000000
     assert st.streaming_from == Upstream("10.0.0.1", 5432, "x").address == "10.0.0.1:5432"
-    # not streaming: the timeline comes from pg_control, received may be NULL
-    st = pg._state_from_row((True, None, None, None, "0/4FFFF00", 2, 3, None, [], dd))
+    # not streaming: pg_control's timelines are lower bounds, received may be NULL
+    st = pg._state_from_row((True, None, None, None, "0/4FFFF00", 2, 3, None, None, [], dd))
     assert st.timeline == 3 and st.wal_lsn == 0x4FFFF00 and st.streaming_from is None
+    # upstream gone right after a timeline switch: the newest history file in pg_wal wins
+    st = pg._state_from_row((True, None, None, None, "0/4FFFF00", 1, 1, 2, None, [], dd))
+    assert st.timeline == 2
     v6 = {"status": "streaming", "tli": 1, "host": "::1", "port": 5433}
-    st = pg._state_from_row((True, None, None, "0/1", "0/1", 1, 0, v6, [], dd))
+    st = pg._state_from_row((True, None, None, "0/1", "0/1", 1, 0, None, v6, [], dd))
     assert st.streaming_from == "[::1]:5433" == Upstream("::1", 5433, None).address
 
 
 def test_probe_row_from_another_server(tmp_path: Path) -> None:
     st = _pg(tmp_path)._state_from_row(
-        (False, "0/1", "000000010000000000000001", None, None, 1, 0, None, [], "/somewhere/else")
+        (False, "0/1", "000000010000000000000001", None, None, 1, 0, None, None, [], "/somewhere/else")
     )
     assert st.running is False and st.error and "another PostgreSQL" in st.error
