@@ -178,6 +178,18 @@ def _run_text(argv: list[str]) -> str:
     return (r.stdout or r.stderr).strip()
 
 
+def code_revision() -> str:
+    """The commit of the hakeeper code under test, and whether its tree has local changes."""
+    import hakeeper
+
+    root = Path(hakeeper.__file__).resolve().parent.parent
+    rev = _run_text(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
+    if not re.fullmatch(r"[0-9a-f]{7,40}", rev):
+        return f"unknown (no git checkout at {root})"
+    dirty = _run_text(["git", "-C", str(root), "status", "--porcelain", "--", "hakeeper"])
+    return rev + (" + uncommitted changes under hakeeper/" if dirty else " (clean hakeeper/)")
+
+
 def machine_facts() -> dict[str, str]:
     cpu = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -209,6 +221,7 @@ def machine_facts() -> dict[str, str]:
         "python": platform.python_version(),
         "psycopg": f"{psycopg.__version__} (libpq {psycopg.pq.version()})",
         "load_avg_start": load,
+        "hakeeper": os.environ.get("BENCH_CODE_REV") or code_revision(),
     }
 
 
@@ -729,6 +742,7 @@ def render_section(
         f"| Python | {facts['python']} |",
         f"| psycopg | {facts['psycopg']} |",
         f"| load average at start (1/5/15 min) | {facts['load_avg_start']} |",
+        f"| hakeeper code under test | {facts['hakeeper']} |",
         "",
         "Everything (etcd, 3 PostgreSQL, 3 agents, the writer) runs on the same machine on 127.0.0.1; "
         "the machine is shared, other people's workloads were running at the same time.",
