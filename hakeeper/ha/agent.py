@@ -59,6 +59,10 @@ from hakeeper.proc import CommandFailed
 
 log = get_logger("hakeeper.agent")
 
+# What the agent may still do on a stale view while etcd is unreachable: nothing that could make
+# PostgreSQL writable or change etcd.
+SAFE_WITHOUT_ETCD = frozenset({Action.WAIT, Action.START_REPLICA, Action.FOLLOW, Action.DEMOTE})
+
 # How long a replica may fail to stream from a leader on a newer timeline before we rewind.
 NOT_STREAMING_REWIND_AFTER = 8.0
 
@@ -302,10 +306,16 @@ class Agent:
         self.mirror.changed.clear()
 
     async def cycle(self) -> None:
-        if not self.mirror.synced:
-            log.info("ha_waiting", reason="no etcd view yet (etcd unreachable?)")
-            return
-        view = self.view()
+        stale = not self.mirror.synced
+        if stale:
+            if self.last_view.revision == 0:
+                log.info("ha_waiting", reason="no etcd view yet (etcd unreachable?)")
+                return
+            # etcd is unreachable: decide on the last view we had, but only act locally in
+            # ways that never make PostgreSQL writable (see SAFE_WITHOUT_ETCD).
+            view = self.last_view
+        else:
+            view = self.view()
         if view.config_error:
             log.warning("dynamic_config_invalid", error=view.config_error)
         self.last_view = view
@@ -315,6 +325,8 @@ class Agent:
         if published is not None:
             view = replace(view, members={**view.members, self.name: published})
         decision = decide(view, facts)
+        if stale and decision.action not in SAFE_WITHOUT_ETCD:
+            decision = Decision(Action.WAIT, f"etcd unreachable; not acting on '{decision.action}'")
         self._log_decision(decision, facts)
         await EXECUTORS[decision.action](self, view, facts, decision)
 

@@ -190,7 +190,11 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
             # The keepalive is failing; the fence will stop writes.  Never (re)start read-write.
             if local.writable:
                 return Decision(Action.DEMOTE, "leader lease could not be confirmed")
-            return Decision(Action.WAIT, "leader lease could not be confirmed; not starting read-write")
+            if not local.pg_running:
+                return Decision(
+                    Action.START_REPLICA, "leader lease could not be confirmed; serving read-only until it is"
+                )
+            return Decision(Action.WAIT, "leader lease could not be confirmed; not going read-write")
         if not local.pg_running:
             timeout = view.config.primary_start_timeout
             if local.pg_down_for < timeout:

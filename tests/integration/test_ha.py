@@ -224,6 +224,10 @@ def test_etcd_outage_longer_than_ttl_demotes_primary_then_recovers_without_loss(
         assert fenced_after < 8, fenced_after
         time.sleep(3)
         assert writable_nodes(c) == [], "nobody may write while etcd is down"
+        # ... but the fenced node serves reads again (restarted read-only)
+        wait_for(
+            lambda: sql(c, old, "SELECT count(*) FROM probe WHERE v > 0")[0][0] == 50, 20, "read-only service"
+        )
         c.start_etcd()
         new = wait_for(lambda: w[0] if len(w := writable_nodes(c)) == 1 else None, 90, "a primary again")
         got = sql(c, str(new), "SELECT count(*) FROM probe WHERE v > 0")[0][0]

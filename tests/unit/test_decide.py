@@ -113,7 +113,8 @@ def test_crashed_primary_releases_after_primary_start_timeout() -> None:
 def test_leader_without_confirmed_lease_never_starts_read_write() -> None:
     v = view(primary("a"), leader="a")
     d = decide(v, local("a", pg_running=False, lease_valid=False))
-    assert d.action == Action.WAIT
+    assert (d.action, d.target) == (Action.START_REPLICA, None)  # read-only, no upstream
+    assert decide(v, local("a", lease_valid=False)).action == Action.WAIT
     d = decide(v, local("a", in_recovery=False, lease_valid=False))
     assert d.action == Action.DEMOTE
 
