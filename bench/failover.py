@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,8 @@ from typing import Any, Literal
 import psycopg
 
 from hakeeper.config import DynamicConfig
-from hakeeper.demo import HOST, LocalCluster, NodeState, etcd_program, pg_program
+from hakeeper.demo import LocalCluster, NodeState, etcd_program, pg_program, port_is_free
+from hakeeper.proc import children_of, pid_alive
 
 Outcome = Literal["ok", "failed", "unknown"]
 
@@ -82,16 +82,6 @@ def make_base_dir(prefix: str = "hakeeper-bench-") -> Path:
     return path
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def cluster_ports(base: int, nodes: int) -> list[int]:
     """Every port ``LocalCluster(base_port=base, nodes=nodes)`` listens on."""
     return [
@@ -108,7 +98,7 @@ def pick_base_port(nodes: int, lo: int = 30000, hi: int = 40000) -> int:
     for _ in range(500):
         base = random.randrange(lo, hi)
         wanted = cluster_ports(base, nodes)
-        if avoid.isdisjoint(wanted) and all(_port_free(p) for p in wanted):
+        if avoid.isdisjoint(wanted) and all(port_is_free(p) for p in wanted):
             return base
     raise RuntimeError("no free block of ports for the benchmark cluster")
 
@@ -124,36 +114,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(pid):
-            out.append(int(entry))
-    return out
-
-
 def _processes_mentioning(text: str) -> list[tuple[int, str]]:
     """(pid, cmdline) of live processes whose command line contains ``text``."""
     found = []
@@ -165,7 +125,7 @@ def _processes_mentioning(text: str) -> list[tuple[int, str]]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if text in cmd and _pid_alive(int(entry)):
+        if text in cmd and pid_alive(int(entry)):
             found.append((int(entry), cmd))
     return found
 
@@ -369,7 +329,7 @@ def kill_host(cluster: LocalCluster, name: str) -> tuple[float, dict[str, int]]:
     postmaster = cluster.postmaster_pid(name)
     if agent is None or postmaster is None:
         raise RuntimeError(f"{name}: agent pid {agent}, postmaster pid {postmaster}: cannot kill")
-    children = _children(postmaster)
+    children = children_of(postmaster)
     pids = {"agent": agent, "postmaster": postmaster}
     pids.update({f"pg_child_{i}": c for i, c in enumerate(children)})
     t_kill = time.monotonic()
@@ -902,7 +862,7 @@ def _phases(n: int, jitter: float) -> list[float]:
 
 def _leftover_processes(cluster: LocalCluster, pids: Iterable[int]) -> list[str]:
     left = [f"{what} (pid {pid})" for what, pid in cluster.processes()]
-    left += [f"pid {pid}" for pid in set(pids) if _pid_alive(pid)]
+    left += [f"pid {pid}" for pid in set(pids) if pid_alive(pid)]
     left += [f"pid {pid}: {cmd[:80]}" for pid, cmd in _processes_mentioning(str(cluster.base_dir))]
     return sorted(set(left))
 

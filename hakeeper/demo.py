@@ -128,12 +128,12 @@ def etcd_program() -> str:
     return _find_program("etcd", "/usr/bin/etcd", "/usr/local/bin/etcd")
 
 
-def _port_free(port: int) -> bool:
+def port_is_free(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # SO_REUSEADDR: a socket in TIME_WAIT is no conflict, a listener is.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((HOST, port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
@@ -348,7 +348,7 @@ class LocalCluster:
     def check_ports(self) -> None:
         """Raise :class:`PortInUseError` for the first port of the plan that is taken."""
         for port, purpose in self.port_plan():
-            if not _port_free(port):
+            if not port_is_free(port):
                 raise PortInUseError(port, purpose)
 
     # ----------------------------------------------------------------- etcd

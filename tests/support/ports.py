@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import random
-import socket
+
+from hakeeper.demo import port_is_free
 
 _handed_out: set[int] = set()
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def free_ports(count: int, lo: int = 20000, hi: int = 32000) -> list[int]:
