@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 
 from hakeeper.demo import LocalCluster
-from tests.support.cluster import running_cluster
+from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -294,39 +295,54 @@ def test_sigstopped_agent_stops_primary_writes_before_a_replica_is_promoted() ->
 
 
 def test_lagging_and_nofailover_replicas_are_never_promoted() -> None:
-    with running_cluster(tags={"node2": {"nofailover": True}}) as c:
-        old = c.primary()
-        assert old is not None
-        if old != "node1":
-            pytest.skip("bootstrap race picked another node; layout of this test needs node1 primary")
-        # freeze node3's WAL receiver so it falls behind
-        pid = int(sql(c, "node3", "SELECT pid FROM pg_stat_wal_receiver")[0][0])  # type: ignore[arg-type]
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            sql(
-                c,
-                old,
-                "CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 40000) g",
-            )
-            wait_for(
-                lambda: any(
-                    m["name"] == "node3" and (m["lag"] or 0) > 1048576
-                    for m in hk_list(c)["members"]  # type: ignore[union-attr]
-                ),
-                30,
-                "node3 lag is published",
-            )
-            c.kill_agent(old)
-            c.kill_postgres(old)
-            time.sleep(15)  # well past ttl + candidate grace
-            assert writable_nodes(c) == []
-            members = {m["name"]: m for m in hk_list(c)["members"]}  # type: ignore[union-attr]
-            assert hk_list(c)["leader"] is None
-            assert "nofailover" in (members["node2"]["reason"] or "")
-            assert "maximum_lag_on_failover" in (members["node3"]["reason"] or "")
-            assert "maximum_lag_on_failover" in c.tail_log("node3", 400)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+    base = cluster_tmpdir()
+    c = LocalCluster(base, base_port=free_base_port(3), tags={"node2": {"nofailover": True}})
+    try:
+        with c:
+            _lagging_and_nofailover(c)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _lagging_and_nofailover(c: LocalCluster) -> None:
+    # node1 bootstraps alone, so it is the primary; node2 (nofailover) and node3 join after
+    c.check_ports()
+    c.write_configs()
+    c.start_etcd()
+    c.start_agent("node1")
+    wait_for(lambda: c.primary() == "node1", 120, "node1 primary")
+    c.start_agent("node2")
+    c.start_agent("node3")
+    c.wait_ready(180)
+    old = "node1"
+    # freeze node3's WAL receiver so it falls behind
+    pid = int(sql(c, "node3", "SELECT pid FROM pg_stat_wal_receiver")[0][0])  # type: ignore[arg-type]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sql(
+            c,
+            old,
+            "CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 40000) g",
+        )
+        wait_for(
+            lambda: any(
+                m["name"] == "node3" and (m["lag"] or 0) > 1048576
+                for m in hk_list(c)["members"]  # type: ignore[union-attr]
+            ),
+            30,
+            "node3 lag is published",
+        )
+        c.kill_agent(old)
+        c.kill_postgres(old)
+        time.sleep(15)  # well past ttl + candidate grace
+        assert writable_nodes(c) == []
+        members = {m["name"]: m for m in hk_list(c)["members"]}  # type: ignore[union-attr]
+        assert hk_list(c)["leader"] is None
+        assert "nofailover" in (members["node2"]["reason"] or "")
+        assert "maximum_lag_on_failover" in (members["node3"]["reason"] or "")
+        assert "maximum_lag_on_failover" in c.tail_log("node3", 400)
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_kill9_of_primary_agent_alone_fences_postgres_and_fails_over() -> None:
