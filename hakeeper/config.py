@@ -268,6 +268,14 @@ class DynamicConfig(_Strict):
     candidate_grace: float = Field(
         2.0, ge=0, description="After this long without a leader, the next-best candidate campaigns (s)."
     )
+    switchover_timeout: float = Field(
+        30, gt=0, description="A switchover or manual failover not done within this long is abandoned (s)."
+    )
+    pause: bool = Field(
+        False,
+        description="Maintenance mode: no automatic failover, no restart of a stopped PostgreSQL "
+        "(fencing and demotion of a second writable node stay on).",
+    )
     postgresql: DynamicPostgres = Field(default_factory=DynamicPostgres)
 
     @model_validator(mode="after")

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from hakeeper.ha.model import ClusterView, Member, MemberRole, MemberState
+from hakeeper.ha.model import (
+    ClusterView,
+    Member,
+    MemberRole,
+    MemberState,
+    Switchover,
+    SwitchoverKind,
+    SwitchoverStage,
+)
 
 
 class Action(StrEnum):
@@ -38,6 +46,8 @@ class Action(StrEnum):
     START_PRIMARY = "start_primary"  # we hold the key, PostgreSQL is down: restart in place
     RELEASE = "release"  # we hold the key but cannot run a primary: give it up now
     DEMOTE = "demote"  # we run read-write without the key: stop writes, become a replica
+    SWITCHOVER = "switchover"  # leader: hand over to `target` (stop writes, wait, release)
+    REJECT_SWITCHOVER = "reject_switchover"  # leader: drop an impossible or stale request
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,7 @@ class LocalFacts:
     leaderless_for: float = 0.0  # seconds since we first saw no leader key
     nofailover: bool = False
     failover_priority: int = 1
+    now: float = 0.0  # wall clock (epoch s), for scheduled and stale switchover requests
 
     @property
     def writable(self) -> bool:
@@ -129,6 +140,25 @@ def rank(view: ClusterView) -> list[Candidate]:
     return cands
 
 
+def _manual_candidate(view: ClusterView, local: LocalFacts, sw: Switchover) -> Decision:
+    """No leader and a switchover hand-over or manual failover names a candidate: only it may
+    campaign (whatever the automatic ranking says); everyone else waits for it."""
+    if sw.candidate != local.name:
+        return Decision(Action.WAIT, f"{sw.kind} to {sw.candidate} in progress")
+    me = view.members.get(local.name)
+    if me is None:
+        return Decision(Action.WAIT, "our member key is not published yet")
+    mine = assess(me, view)
+    if not mine.eligible and not sw.force:
+        return Decision(
+            Action.WAIT,
+            f"{sw.kind} to us refused: {mine.reason} (an operator may force it)",
+            facts={"reason": mine.reason},
+        )
+    why = f"{sw.kind} to us" + (" (forced)" if sw.force and not mine.eligible else "")
+    return Decision(Action.CAMPAIGN, why, facts={"kind": sw.kind.value, "forced": sw.force})
+
+
 def _campaign_or_wait(view: ClusterView, local: LocalFacts) -> Decision:
     me = view.members.get(local.name)
     if me is None:
@@ -158,6 +188,33 @@ def _campaign_or_wait(view: ClusterView, local: LocalFacts) -> Decision:
     )
 
 
+def switchover_live(sw: Switchover, view: ClusterView, now: float) -> bool:
+    """False once a request has waited longer than ``switchover_timeout`` since it was due (or
+    since the handover began): it is then abandoned and normal elections resume."""
+    start = sw.handover_at or sw.scheduled_at or sw.requested_at
+    return now - start <= view.config.switchover_timeout
+
+
+def switchover_target(view: ClusterView, sw: Switchover, leader: str) -> tuple[str | None, str | None]:
+    """(candidate, None) or (None, why the request cannot be carried out)."""
+    if sw.candidate is not None:
+        m = view.members.get(sw.candidate)
+        if m is None:
+            return None, f"candidate {sw.candidate} is not a member"
+        if sw.candidate == leader:
+            return None, f"candidate {sw.candidate} is already the leader"
+        c = assess(m, view)
+        if not c.eligible and not sw.force:
+            return None, f"candidate {sw.candidate} is not eligible: {c.reason}"
+        if m.state != MemberState.STREAMING and not sw.force:
+            return None, f"candidate {sw.candidate} is not streaming (state {m.state})"
+        return sw.candidate, None
+    best = [c for c in rank(view) if c.name != leader and view.members[c.name].state == MemberState.STREAMING]
+    if not best:
+        return None, "no healthy streaming replica within maximum_lag_on_failover"
+    return best[0].name, None
+
+
 def decide(view: ClusterView, local: LocalFacts) -> Decision:
     leader = view.leader
     # -- no data directory yet ------------------------------------------------------------------
@@ -168,6 +225,8 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
             return Decision(Action.INITIALIZE, "cluster not initialized")
         lm = view.leader_member
         if lm is not None and lm.role == MemberRole.PRIMARY and lm.state == MemberState.RUNNING:
+            if view.paused:
+                return Decision(Action.WAIT, "paused: not cloning")
             return Decision(Action.CLONE, "empty data directory", target=lm.name)
         return Decision(Action.WAIT, "empty data directory and no running leader to clone from")
 
@@ -196,6 +255,8 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
                 )
             return Decision(Action.WAIT, "leader lease could not be confirmed; not going read-write")
         if not local.pg_running:
+            if view.paused:
+                return Decision(Action.WAIT, "paused: not restarting postgres on the leader")
             timeout = view.config.primary_start_timeout
             if local.pg_down_for < timeout:
                 return Decision(
@@ -210,6 +271,22 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
             )
         if local.in_recovery:
             return Decision(Action.PROMOTE, "we hold the leader key and postgres is in recovery")
+        sw = view.switchover
+        if sw is not None:
+            if sw.stage != SwitchoverStage.REQUESTED or sw.leader not in (None, local.name):
+                return Decision(Action.REJECT_SWITCHOVER, "stale request: we lead and did not hand over")
+            if not switchover_live(sw, view, local.now):
+                return Decision(Action.REJECT_SWITCHOVER, "request abandoned after switchover_timeout")
+            if sw.due(local.now):
+                target, refusal = switchover_target(view, sw, local.name)
+                if target is None:
+                    return Decision(Action.REJECT_SWITCHOVER, f"{sw.kind} refused: {refusal}")
+                return Decision(
+                    Action.SWITCHOVER,
+                    f"{sw.kind} requested",
+                    target=target,
+                    facts={"kind": sw.kind.value, "force": sw.force},
+                )
         return Decision(Action.LEAD, "we hold the leader key")
 
     # -- another node leads ---------------------------------------------------------------------
@@ -218,6 +295,8 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
             return Decision(Action.DEMOTE, f"{leader.name} holds the leader key", target=leader.name)
         lm = view.leader_member
         leader_up = lm is not None and lm.role == MemberRole.PRIMARY and lm.state == MemberState.RUNNING
+        if view.paused and (local.needs_rewind or not local.pg_running):
+            return Decision(Action.WAIT, "paused: not starting or rewinding postgres")
         if local.needs_rewind:
             if leader_up:
                 return Decision(
@@ -230,8 +309,21 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
 
     # -- nobody leads -------------------------------------------------------------------------------
     if not local.pg_running:
+        if view.paused:
+            return Decision(Action.WAIT, "paused: not starting postgres")
         return Decision(Action.START_REPLICA, "no leader; starting read-only to take part in the election")
-    decision = _campaign_or_wait(view, local)
+    sw = view.switchover
+    if (
+        sw is not None
+        and sw.candidate is not None
+        and (sw.stage == SwitchoverStage.HANDOVER or sw.kind == SwitchoverKind.FAILOVER)
+        and switchover_live(sw, view, local.now)
+    ):
+        decision = _manual_candidate(view, local, sw)
+    elif view.paused:
+        decision = Decision(Action.WAIT, "paused: no automatic failover")
+    else:
+        decision = _campaign_or_wait(view, local)
     if local.writable and decision.action != Action.CAMPAIGN:
         return Decision(Action.DEMOTE, f"running read-write without the leader key ({decision.why})")
     return decision

@@ -9,6 +9,7 @@ Keys under ``<namespace>/<scope>/``:
 ``members/<name>``  member state (JSON), attached to that member's lease
 ``status``          leader LSN and timeline (JSON), written by the leader under its term
 ``history``         promotions (JSON list), appended by the new leader under its term
+``switchover``      a pending switchover or manual failover request (JSON, CAS on mod_revision)
 ==================  ==========================================================================
 """
 
@@ -76,6 +77,10 @@ class Keys:
     @property
     def history(self) -> str:
         return f"{self.prefix}/history"
+
+    @property
+    def switchover(self) -> str:
+        return f"{self.prefix}/switchover"
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +186,57 @@ def parse_history(raw: bytes | None) -> tuple[HistoryEntry, ...]:
         return ()
 
 
+class SwitchoverKind(StrEnum):
+    SWITCHOVER = "switchover"  # planned: the healthy leader hands over
+    FAILOVER = "failover"  # manual: promote the named candidate, with or without a leader
+
+
+class SwitchoverStage(StrEnum):
+    REQUESTED = "requested"  # waiting for the leader (or, without a leader, the candidate)
+    HANDOVER = "handover"  # the old leader stopped writes and released the key to the candidate
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """A request in the ``switchover`` key.  Times are wall-clock epoch seconds."""
+
+    kind: SwitchoverKind
+    leader: str | None  # who must hand over; None: a failover with no leader
+    candidate: str | None  # None: the best eligible replica, chosen by the leader
+    requested_at: float
+    scheduled_at: float | None = None
+    force: bool = False  # accept data loss / an ineligible candidate (recorded in history)
+    stage: SwitchoverStage = SwitchoverStage.REQUESTED
+    handover_at: float | None = None
+    mod_revision: int = 0  # filled from the key
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d.pop("mod_revision")
+        return json.dumps(d).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, mod_revision: int = 0) -> Switchover | None:
+        try:
+            d = json.loads(raw)
+            return cls(
+                kind=SwitchoverKind(d["kind"]),
+                leader=d.get("leader"),
+                candidate=d.get("candidate"),
+                requested_at=float(d["requested_at"]),
+                scheduled_at=None if d.get("scheduled_at") is None else float(d["scheduled_at"]),
+                force=bool(d.get("force", False)),
+                stage=SwitchoverStage(d.get("stage", "requested")),
+                handover_at=None if d.get("handover_at") is None else float(d["handover_at"]),
+                mod_revision=mod_revision,
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def due(self, now: float) -> bool:
+        return self.scheduled_at is None or self.scheduled_at <= now
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterView:
     """A consistent snapshot of the cluster's keys at one etcd revision."""
@@ -195,6 +251,11 @@ class ClusterView:
     status: Status = field(default_factory=Status)
     history: tuple[HistoryEntry, ...] = ()
     history_revision: int = 0
+    switchover: Switchover | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.config.pause
 
     @property
     def leader_member(self) -> Member | None:
@@ -225,6 +286,7 @@ def build_view(
     status = Status()
     history: tuple[HistoryEntry, ...] = ()
     history_rev = 0
+    switchover: Switchover | None = None
     for key, (value, create_rev, mod_rev, lease) in kvs.items():
         if key == keys.initialize:
             initialized = value.decode(errors="replace")
@@ -245,6 +307,8 @@ def build_view(
         elif key == keys.history:
             history = parse_history(value)
             history_rev = mod_rev
+        elif key == keys.switchover:
+            switchover = Switchover.from_json(value, mod_rev)
     return ClusterView(
         revision=revision,
         initialized=initialized,
@@ -256,6 +320,7 @@ def build_view(
         status=status,
         history=history,
         history_revision=history_rev,
+        switchover=switchover,
     )
 
 

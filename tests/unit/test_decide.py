@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 
 from hakeeper.config import DynamicConfig
 from hakeeper.ha.decide import Action, LocalFacts, assess, decide, rank
-from hakeeper.ha.model import ClusterView, Leader, Member, MemberRole, MemberState, Status
+from hakeeper.ha.model import (
+    ClusterView,
+    Leader,
+    Member,
+    MemberRole,
+    MemberState,
+    Status,
+    Switchover,
+    SwitchoverKind,
+    SwitchoverStage,
+)
 
 MB = 1024 * 1024
 SYSID = "7300000000000000001"
@@ -311,3 +321,95 @@ def test_every_action_has_an_executor(action: Action) -> None:
     from hakeeper.ha.agent import EXECUTORS
 
     assert action in EXECUTORS
+
+
+# -- switchover, manual failover, pause --------------------------------------------------------------
+
+NOW = 1_800_000_000.0
+
+
+def sw(**kw: object) -> Switchover:
+    base: dict[str, object] = dict(
+        kind=SwitchoverKind.SWITCHOVER, leader="a", candidate=None, requested_at=NOW
+    )
+    base.update(kw)
+    return Switchover(**base)  # type: ignore[arg-type]
+
+
+def test_leader_hands_over_to_the_named_candidate() -> None:
+    v = view(primary("a"), replica("b"), replica("c"), leader="a", switchover=sw(candidate="c"))
+    d = decide(v, local("a", in_recovery=False, now=NOW))
+    assert (d.action, d.target) == (Action.SWITCHOVER, "c")
+
+
+def test_switchover_without_candidate_picks_the_best_streaming_replica() -> None:
+    v = view(
+        primary("a"),
+        replica("b", lsn=100 * MB - 10),
+        replica("c", lsn=100 * MB),
+        leader="a",
+        switchover=sw(),
+    )
+    assert decide(v, local("a", in_recovery=False, now=NOW)).target == "c"
+
+
+def test_switchover_to_a_lagging_or_nofailover_candidate_is_refused() -> None:
+    cfg = DynamicConfig(maximum_lag_on_failover=MB)
+    v = view(primary("a"), replica("b", lsn=10 * MB), leader="a", switchover=sw(candidate="b"), config=cfg)
+    d = decide(v, local("a", in_recovery=False, now=NOW))
+    assert d.action == Action.REJECT_SWITCHOVER and "maximum_lag_on_failover" in d.why
+    v = view(primary("a"), replica("b", nofailover=True), leader="a", switchover=sw(candidate="b"))
+    assert decide(v, local("a", in_recovery=False, now=NOW)).action == Action.REJECT_SWITCHOVER
+
+
+def test_scheduled_switchover_waits_for_its_time() -> None:
+    v = view(primary("a"), replica("b"), leader="a", switchover=sw(candidate="b", scheduled_at=NOW + 60))
+    assert decide(v, local("a", in_recovery=False, now=NOW)).action == Action.LEAD
+    assert decide(v, local("a", in_recovery=False, now=NOW + 61)).action == Action.SWITCHOVER
+
+
+def test_stale_switchover_request_is_dropped() -> None:
+    v = view(primary("a"), replica("b"), leader="a", switchover=sw(candidate="b"))
+    d = decide(v, local("a", in_recovery=False, now=NOW + 3600))
+    assert d.action == Action.REJECT_SWITCHOVER
+
+
+def test_during_handover_only_the_candidate_campaigns() -> None:
+    handover = sw(candidate="c", stage=SwitchoverStage.HANDOVER, handover_at=NOW)
+    # b is ahead of c by a little: automatic ranking would pick b, the hand-over picks c
+    v = view(replica("a"), replica("b", lsn=100 * MB + 5), replica("c"), switchover=handover)
+    assert decide(v, local("c", now=NOW)).action == Action.CAMPAIGN
+    d = decide(v, local("b", now=NOW, leaderless_for=60))
+    assert d.action == Action.WAIT and "switchover to c" in d.why
+
+
+def test_manual_failover_to_a_lagging_candidate_needs_force() -> None:
+    cfg = DynamicConfig(maximum_lag_on_failover=MB)
+    req = sw(kind=SwitchoverKind.FAILOVER, leader=None, candidate="c")
+    v = view(replica("b", lsn=100 * MB), replica("c", lsn=10 * MB), switchover=req, config=cfg)
+    d = decide(v, local("c", wal_lsn=10 * MB, now=NOW))
+    assert d.action == Action.WAIT and "refused" in d.why
+    forced = view(
+        replica("b", lsn=100 * MB), replica("c", lsn=10 * MB), switchover=replace(req, force=True), config=cfg
+    )
+    assert decide(forced, local("c", wal_lsn=10 * MB, now=NOW)).action == Action.CAMPAIGN
+    assert decide(forced, local("b", now=NOW, leaderless_for=60)).action == Action.WAIT
+
+
+def test_pause_stops_automatic_actions_but_not_demotion() -> None:
+    paused = DynamicConfig(pause=True)
+    v = view(replica("a"), replica("b"), config=paused)
+    d = decide(v, local("a", leaderless_for=600))
+    assert d.action == Action.WAIT and "paused" in d.why
+    v = view(primary("a"), replica("b"), leader="a", config=paused)
+    d = decide(v, local("a", pg_running=False, pg_down_for=600))
+    assert d.action == Action.WAIT and "paused" in d.why
+    v = view(primary("b"), replica("a"), leader="b", config=paused)
+    assert decide(v, local("a", in_recovery=False)).action == Action.DEMOTE
+    assert decide(v, local("a", pg_running=False)).action == Action.WAIT
+
+
+def test_manual_failover_works_while_paused() -> None:
+    req = sw(kind=SwitchoverKind.FAILOVER, leader=None, candidate="b")
+    v = view(replica("a"), replica("b"), switchover=req, config=DynamicConfig(pause=True))
+    assert decide(v, local("b", now=NOW)).action == Action.CAMPAIGN
