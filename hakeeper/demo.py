@@ -171,7 +171,7 @@ def _run_quiet(argv: list[str], run_as: RunAs, timeout: float | None = None) -> 
     return res.returncode
 
 
-def _user_can(run_as: RunAs, test_flag: str, path: Path) -> bool:
+def user_can(run_as: RunAs, test_flag: str, path: Path) -> bool:
     """Whether ``run_as`` may access ``path`` (``test -x``/``-w``): every parent must be traversable."""
     if run_as.uid is None:
         return True
@@ -309,7 +309,7 @@ class LocalCluster:
             mode = self.base_dir.stat().st_mode & 0o777
             if mode & 0o001 == 0 and self.base_dir.stat().st_uid == os.geteuid():
                 self.base_dir.chmod(mode | 0o711)
-            if not _user_can(self.run_as, "-x", self.base_dir):
+            if not user_can(self.run_as, "-x", self.base_dir):
                 raise LocalClusterError(
                     f"{self.base_dir} is not reachable by OS user {self.run_as.name!r}, which runs "
                     "PostgreSQL (a parent directory is not traversable); use a directory such as "

@@ -21,8 +21,9 @@ from hakeeper.demo import (
     LocalCluster,
     LocalClusterError,
     NodeState,
+    user_can,
 )
-from hakeeper.proc import pid_alive
+from hakeeper.proc import pid_alive, resolve_run_as
 
 STATE_FILE = "demo.json"
 
@@ -157,6 +158,27 @@ def _supervise(cluster: LocalCluster, state_path: Path) -> None:
             _write_state(state_path, {**cluster.describe(), "demo_pid": os.getpid()})
 
 
+FALLBACK_DIR = Path("/tmp/hakeeper-demo")
+
+
+def default_demo_dir() -> Path:
+    """./demo-data when PostgreSQL's OS user can reach it; else a fixed directory under /tmp.
+
+    As root, a checkout under /root or in a 0700 temporary directory is not traversable by the
+    unprivileged user PostgreSQL runs as; changing the modes of the user's directories would be
+    worse than using another place (which is printed)."""
+    here = Path("demo-data").absolute()
+    probe = here if here.exists() else here.parent
+    run_as = resolve_run_as(here / "node1" / "data")
+    if user_can(run_as, "-x", probe):
+        return here
+    err.print(
+        f"note: PostgreSQL's OS user {run_as.name!r} cannot reach {probe}; using {FALLBACK_DIR} instead",
+        soft_wrap=True,
+    )
+    return FALLBACK_DIR
+
+
 @app.command()
 def demo(
     nodes: Annotated[
@@ -170,8 +192,13 @@ def demo(
         ),
     ] = None,
     directory: Annotated[
-        Path, typer.Option("--dir", help="Where configs, data and logs go (reused on the next run).")
-    ] = Path("demo-data"),
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Where configs, data and logs go (reused on the next run). Default: ./demo-data, "
+            f"or {FALLBACK_DIR} when PostgreSQL's OS user cannot reach the current directory.",
+        ),
+    ] = None,
     base_port: Annotated[
         int | None,
         typer.Option(
@@ -186,7 +213,7 @@ def demo(
     ] = 300.0,
 ) -> None:
     """Run a local cluster (etcd + NODES agents with their PostgreSQL) until Ctrl-C."""
-    base_dir = directory.absolute()
+    base_dir = default_demo_dir() if directory is None else directory.absolute()
     state_path = base_dir / STATE_FILE
     previous = _read_state(state_path)
     if _is_demo_process(previous.get("demo_pid")):
