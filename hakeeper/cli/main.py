@@ -27,7 +27,8 @@ config_app = typer.Typer(help="Node configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False)
+# Piped or captured output gets no terminal width; rich would squeeze tables to 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Node YAML file.")]
 
