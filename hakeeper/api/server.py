@@ -59,20 +59,7 @@ class ApiServer:
     # -- state ---------------------------------------------------------------------------------------
 
     def _is_primary(self) -> bool:
-        a = self.agent
-        st = a.state
-        view = a.last_view
-        return (
-            st is not None
-            and st.running
-            and st.in_recovery is False
-            and view.leader is not None
-            and view.leader.name == a.name
-            and view.leader.lease == a.lease.lease
-            and a.lease.valid()
-            and a.fence.armed
-            and not a.fence.expired()
-        )
+        return self.agent.is_writable_leader()
 
     def _is_replica(self) -> bool:
         st = self.agent.state

@@ -28,7 +28,7 @@ import base64
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace, TracebackType
@@ -419,6 +419,8 @@ class EtcdClient:
         self._session: aiohttp.ClientSession | None = None
         self._session_lock = asyncio.Lock()
         self._closed = False
+        # Called with (path, seconds, ok) after every unary request: metrics hook.
+        self.on_request: Callable[[str, float, bool], None] | None = None
 
     def __repr__(self) -> str:  # never show credentials
         user = f", username={self._username!r}" if self._username else ""
@@ -506,6 +508,20 @@ class EtcdClient:
         self, path: str, payload: Mapping[str, Any], *, timeout: float | None, idempotent: bool
     ) -> dict[str, Any]:
         """POST ``payload`` with auth handling: one re-authentication on an invalid token."""
+        if self.on_request is None:
+            return await self._request_once(path, payload, timeout=timeout, idempotent=idempotent)
+        t0 = time.monotonic()
+        ok = False
+        try:
+            body = await self._request_once(path, payload, timeout=timeout, idempotent=idempotent)
+            ok = True
+            return body
+        finally:
+            self.on_request(path, time.monotonic() - t0, ok)
+
+    async def _request_once(
+        self, path: str, payload: Mapping[str, Any], *, timeout: float | None, idempotent: bool
+    ) -> dict[str, Any]:
         to = self.timeout if timeout is None else timeout
         if self._username is not None and self._token is None:
             await self._authenticate(None, to)

@@ -54,8 +54,10 @@ from hakeeper.ha.model import (
     build_view,
     slot_name_for,
 )
+from hakeeper.ha.ops import OperationError
 from hakeeper.log import get_logger, setup_logging
 from hakeeper.lsn import parse_lsn
+from hakeeper.metrics import Metrics
 from hakeeper.pg.conf import build_conninfo
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import LocalState, Postgres, Role, Upstream
@@ -117,6 +119,13 @@ class Agent:
         self.started_at = time.monotonic()
         self._lock_fd: int | None = None
         self._sysid: str | None = None
+        self.metrics = Metrics()
+        self.client.on_request = self.metrics.etcd_observer
+        # The HA cycle and operator actions (restart, reinitialize, reload) never interleave.
+        self.action_lock = asyncio.Lock()
+        self.loop_duration = 0.0
+        self._leader_last_alive: float | None = None  # wall clock of the leader's last member update
+        self._promotion: dict[str, float | str] | None = None  # phases of our current promotion
 
     # -- fence plumbing ---------------------------------------------------------------------------
 
@@ -141,6 +150,7 @@ class Agent:
                     late_by=round(time.monotonic() - self.fence.state.deadline, 3),
                 )
                 self.fence.disarm()
+                self.metrics.fence_events.inc()
                 self.activity = MemberState.FENCED
                 try:
                     await self.pg.stop("immediate", timeout=10)
@@ -150,6 +160,22 @@ class Agent:
                 self.pg_down_since = None
                 self.wake.set()
             await asyncio.sleep(0.1)
+
+    def is_writable_leader(self) -> bool:
+        """Lease-holding writable primary whose fence is armed and not expired."""
+        st = self.state
+        view = self.last_view
+        return (
+            st is not None
+            and st.running
+            and st.in_recovery is False
+            and view.leader is not None
+            and view.leader.name == self.name
+            and view.leader.lease == self.lease.lease
+            and self.lease.valid()
+            and self.fence.armed
+            and not self.fence.expired()
+        )
 
     # -- gathering facts --------------------------------------------------------------------------
 
@@ -185,6 +211,9 @@ class Agent:
             self.leaderless_since = self.leaderless_since or now
         else:
             self.leaderless_since = None
+            lm = view.leader_member
+            if lm is not None and lm.name != self.name:
+                self._leader_last_alive = lm.updated_at
         # A replica that cannot stream from a leader on a newer timeline has diverged.
         if st.running and st.in_recovery and view.leader is not None and view.leader.name != self.name:
             lm = view.leader_member
@@ -287,7 +316,8 @@ class Agent:
             self.loop_heartbeat = time.monotonic()
             started = time.monotonic()
             try:
-                await self.cycle()
+                async with self.action_lock:
+                    await self.cycle()
             except (PgError, CommandFailed, EtcdError, OSError) as e:
                 log.error("ha_cycle_failed", error=str(e), error_type=type(e).__name__)
             except asyncio.CancelledError:
@@ -295,6 +325,7 @@ class Agent:
             except Exception:
                 log.exception("ha_cycle_crashed")
             self.loop_duration = time.monotonic() - started
+            self.metrics.loop_duration.observe(self.loop_duration)
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.dyn.loop_wait):
@@ -333,6 +364,7 @@ class Agent:
         if stale and decision.action not in SAFE_WITHOUT_ETCD:
             decision = Decision(Action.WAIT, f"etcd unreachable; not acting on '{decision.action}'")
         self._log_decision(decision, facts)
+        self.metrics.decisions.labels(decision.action.value).inc()
         await EXECUTORS[decision.action](self, view, facts, decision)
 
     def _apply_timing(self, cfg: DynamicConfig) -> None:
@@ -550,6 +582,15 @@ class Agent:
         self._arm_fence()
         old = view.history[-1].new_leader if view.history else None
         sw = view.switchover
+        kind = sw.kind.value if sw is not None and sw.candidate == self.name else "failover"
+        now_m, now_w = time.monotonic(), time.time()
+        noticed = self.leaderless_since or now_m
+        self._promotion = {"kind": kind, "key_taken": now_m}
+        self.metrics.phase.labels(kind, "elect").observe(now_m - noticed)
+        if self._leader_last_alive is not None:
+            detect = (now_w - (now_m - noticed)) - self._leader_last_alive
+            self.metrics.phase.labels(kind, "detect").observe(max(0.0, detect))
+        self.metrics.promotions.labels(kind).inc()
         reason = f"failover: {d.why}"
         if sw is not None and sw.candidate == self.name:
             reason = f"{sw.kind.value} from {sw.leader or old}" + (" (forced)" if sw.force else "")
@@ -576,6 +617,8 @@ class Agent:
             await self.pg.promote(timeout=30)
         finally:
             self.activity = None
+        kind = str(self._promotion["kind"]) if self._promotion else "failover"
+        self.metrics.phase.labels(kind, "promote").observe(time.monotonic() - t0)
         st = await self.pg.probe()
         self.state = st
         self.upstream = None
@@ -649,6 +692,12 @@ class Agent:
     async def _lead(self, view: ClusterView, term: int) -> None:
         st = self.state
         k = self.keys
+        p = self._promotion
+        if p is not None and st is not None and any(r.state == "streaming" for r in st.replication):
+            self.metrics.phase.labels(str(p["kind"]), "reconfigure").observe(
+                time.monotonic() - float(p["key_taken"])
+            )
+            self._promotion = None
         if st is not None and st.wal_lsn is not None:
             status = Status(lsn=st.wal_lsn, timeline=st.timeline, term=term)
             if status != view.status:
@@ -757,6 +806,7 @@ class Agent:
             log.error("switchover_aborted", reason="leader key or request changed under us")
             return
         self.fence.disarm()
+        self.metrics.handovers.inc()
         t_released = time.monotonic()
         log.info(
             "leader_released_to_candidate",
@@ -802,6 +852,69 @@ class Agent:
                 log.warning("switchover_candidate_unreachable", candidate=cand.name, error=str(e).strip())
                 await asyncio.sleep(0.1)
         return False
+
+    # -- operator actions (API) ------------------------------------------------------------------
+
+    async def op_restart(self) -> str:
+        """Restart PostgreSQL in its current role (a primary re-confirms its lease first)."""
+        async with self.action_lock:
+            if not self.pg.is_initialized():
+                raise OperationError(409, "postgres has no data directory yet")
+            view = self.last_view
+            leading = view.leader is not None and view.leader.name == self.name
+            log.info("restart_requested", leader=leading)
+            if self.pg.is_running():
+                await self.pg.stop("fast", timeout=120)
+            if leading:
+                if not await self._confirm_lease():
+                    raise OperationError(503, "could not confirm our leader lease; not restarting read-write")
+                await self._start_as_primary(view.config)
+            else:
+                await self._start_as_replica(view, view.leader.name if view.leader else None)
+            self.pg_down_since = None
+            self.wake.set()
+            return "postgres restarted"
+
+    async def op_reinitialize(self) -> str:
+        """Throw this replica's data away and clone it again from the leader."""
+        async with self.action_lock:
+            view = self.last_view
+            if view.leader is None:
+                raise OperationError(503, "no leader to clone from")
+            if view.leader.name == self.name:
+                raise OperationError(409, "this node is the leader; it cannot be reinitialized")
+            lm = view.leader_member
+            if lm is None or lm.state != MemberState.RUNNING:
+                raise OperationError(503, f"leader {view.leader.name} is not running")
+            log.warning("reinitialize_requested", leader=view.leader.name)
+            self.fence.disarm()
+            if self.pg.is_running():
+                await self.pg.stop("immediate", timeout=60)
+            await asyncio.to_thread(self.pg.remove_data_dir)
+            self._sysid = None
+            self.needs_rewind = False
+            d = Decision(Action.CLONE, "reinitialize requested", target=view.leader.name)
+            await self.do_clone(view, await self.gather(view), d)
+            self.wake.set()
+            return f"reinitialized from {view.leader.name}"
+
+    async def op_reload(self) -> str:
+        """Rewrite the configuration files from the current dynamic config and reload PostgreSQL."""
+        async with self.action_lock:
+            if not self.pg.is_running():
+                raise OperationError(409, "postgres is not running")
+            view = self.last_view
+            st = await self.pg.probe()
+            role = Role.REPLICA if st.in_recovery else Role.PRIMARY
+            await self.pg.write_config(
+                self._params(view.config),
+                role,
+                self.upstream if role == Role.REPLICA else None,
+                replication_password=_secret(self.cfg.postgresql.replication.password),
+            )
+            await self.pg.reload()
+            log.info("reload_done", role=role.value)
+            return "configuration reloaded"
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
