@@ -52,6 +52,11 @@ AGENT_OWNED_PARAMETERS = frozenset(
 )
 
 
+def secret_value(s: SecretStr | None) -> str | None:
+    """The plain text of an optional secret (only where it is handed to a program or server)."""
+    return None if s is None else s.get_secret_value()
+
+
 class ConfigError(Exception):
     """A configuration file or value is invalid.  ``errors`` is a list of (field, message)."""
 

@@ -25,10 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from hakeeper import __version__
-from hakeeper.config import DynamicConfig, NodeConfig
+from hakeeper.config import DynamicConfig, NodeConfig, secret_value
 from hakeeper.dcs.etcd import (
     EtcdClient,
     EtcdError,
@@ -39,6 +37,7 @@ from hakeeper.dcs.etcd import (
     op_put,
 )
 from hakeeper.dcs.mirror import PrefixMirror
+from hakeeper.ha import switchover
 from hakeeper.ha.decide import Action, Decision, LocalFacts, assess, decide, reference_lsn
 from hakeeper.ha.fence import FenceClient
 from hakeeper.ha.lease import LeaseKeeper
@@ -50,7 +49,6 @@ from hakeeper.ha.model import (
     MemberRole,
     MemberState,
     Status,
-    SwitchoverStage,
     build_view,
     slot_name_for,
 )
@@ -58,7 +56,6 @@ from hakeeper.ha.ops import OperationError
 from hakeeper.log import get_logger, setup_logging
 from hakeeper.lsn import parse_lsn
 from hakeeper.metrics import Metrics
-from hakeeper.pg.conf import build_conninfo
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import LocalState, Postgres, Role, Upstream
 from hakeeper.proc import CommandFailed
@@ -426,9 +423,9 @@ class Agent:
             await self._start_as_primary(self.bootstrap_dcs)
             pgc = self.cfg.postgresql
             await self.pg.create_roles(
-                superuser_password=_secret(pgc.superuser.password),
+                superuser_password=secret_value(pgc.superuser.password),
                 replication_user=pgc.replication.username,
-                replication_password=_secret(pgc.replication.password),
+                replication_password=secret_value(pgc.replication.password),
             )
             term = await self.client.get(k.leader)
             if term is not None:
@@ -448,7 +445,7 @@ class Agent:
             self._params(dyn),
             Role.PRIMARY,
             None,
-            replication_password=_secret(self.cfg.postgresql.replication.password),
+            replication_password=secret_value(self.cfg.postgresql.replication.password),
         )
         self.upstream = None
         self.activity = MemberState.STARTING
@@ -478,7 +475,7 @@ class Agent:
             await self.pg.clone_from(
                 up,
                 replication_user=pgc.replication.username,
-                replication_password=_secret(pgc.replication.password),
+                replication_password=secret_value(pgc.replication.password),
             )
         except (PgError, CommandFailed) as e:
             log.warning("clone_failed", source=d.target, error=str(e), retry_in=self.dyn.loop_wait)
@@ -496,7 +493,7 @@ class Agent:
             self._params(view.config),
             Role.REPLICA,
             up,
-            replication_password=_secret(self.cfg.postgresql.replication.password),
+            replication_password=secret_value(self.cfg.postgresql.replication.password),
         )
         self.upstream = up
         self.activity = MemberState.STARTING
@@ -518,7 +515,7 @@ class Agent:
             self._params(view.config),
             Role.REPLICA,
             up,
-            replication_password=_secret(self.cfg.postgresql.replication.password),
+            replication_password=secret_value(self.cfg.postgresql.replication.password),
         )
         self.upstream = up
         await self.pg.reload()
@@ -541,7 +538,7 @@ class Agent:
             await self.pg.rewind(
                 Upstream(lm.host, lm.port, None),
                 superuser=pgc.superuser.username,
-                superuser_password=_secret(pgc.superuser.password),
+                superuser_password=secret_value(pgc.superuser.password),
             )
             log.info("rewind_finished", source=d.target, seconds=round(time.monotonic() - t0, 2))
         except (PgError, CommandFailed) as e:
@@ -634,7 +631,7 @@ class Agent:
             self._params(self.dyn),
             Role.PRIMARY,
             None,
-            replication_password=_secret(self.cfg.postgresql.replication.password),
+            replication_password=secret_value(self.cfg.postgresql.replication.password),
         )
         await self._append_history(term, reason, old_leader, st.timeline or 0, switch_lsn)
         await self._lead(self.view(), term)
@@ -751,108 +748,6 @@ class Agent:
         self.pg_down_since = None
         self.wake.set()
 
-    async def do_reject_switchover(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
-        sw = view.switchover
-        assert view.leader is not None and sw is not None
-        log.warning("switchover_refused", reason=d.why, kind=sw.kind.value, candidate=sw.candidate)
-        k = self.keys
-        await self.client.txn(
-            [cmp_create(k.leader, "=", view.leader.term), cmp_mod(k.switchover, "=", sw.mod_revision)],
-            [op_delete(k.switchover)],
-        )
-        await self.mirror.resync()
-
-    async def do_switchover(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
-        """Planned hand-over: stop writes, wait until the candidate has all our WAL, release the
-        leader key to it, and follow it.  Nothing acknowledged is lost and no rewind is needed:
-        the candidate has received everything up to our shutdown checkpoint."""
-        sw = view.switchover
-        assert view.leader is not None and sw is not None and d.target is not None
-        cand = view.members[d.target]
-        k = self.keys
-        term = view.leader.term
-        t0 = time.monotonic()
-        log.info("switchover_started", candidate=d.target, kind=sw.kind.value, force=sw.force)
-        with contextlib.suppress(PgError):
-            await self.pg.checkpoint(timeout=60)  # makes the shutdown checkpoint short
-        t_ckpt = time.monotonic()
-        await self.pg.stop("fast", timeout=60)  # terminates sessions, writes the shutdown checkpoint
-        t_stopped = time.monotonic()
-        ctl = await self.pg.controldata()
-        final_lsn = parse_lsn(ctl.get("Latest checkpoint location"))
-        caught_up = await self._wait_received(cand, final_lsn, timeout=max(5.0, view.config.ttl))
-        if not caught_up and not sw.force:
-            log.error(
-                "switchover_aborted",
-                reason="candidate did not receive our final WAL in time; restarting as primary",
-                candidate=d.target,
-                final_lsn=ctl.get("Latest checkpoint location"),
-            )
-            await self.client.txn(
-                [cmp_create(k.leader, "=", term), cmp_mod(k.switchover, "=", sw.mod_revision)],
-                [op_delete(k.switchover)],
-            )
-            return  # next cycle: we still hold the key, postgres is down -> restart in place
-        handover = replace(sw, stage=SwitchoverStage.HANDOVER, candidate=d.target, handover_at=time.time())
-        res = await self.client.txn(
-            [
-                cmp_value(k.leader, "=", self.name),
-                cmp_create(k.leader, "=", term),
-                cmp_mod(k.switchover, "=", sw.mod_revision),
-            ],
-            [op_delete(k.leader), op_put(k.switchover, handover.to_json())],
-        )
-        if not res.succeeded:
-            log.error("switchover_aborted", reason="leader key or request changed under us")
-            return
-        self.fence.disarm()
-        self.metrics.handovers.inc()
-        t_released = time.monotonic()
-        log.info(
-            "leader_released_to_candidate",
-            candidate=d.target,
-            final_lsn=ctl.get("Latest checkpoint location"),
-            checkpoint_s=round(t_ckpt - t0, 3),
-            stop_s=round(t_stopped - t_ckpt, 3),
-            catch_up_s=round(t_released - t_stopped, 3),
-        )
-        self.needs_rewind = not caught_up
-        self.pg_down_since = None
-        await self._start_as_replica(view, d.target)
-        await self.mirror.resync()
-
-    async def _wait_received(self, cand: Member, lsn: int | None, *, timeout: float) -> bool:
-        """Poll the candidate directly until it has received WAL past ``lsn``."""
-        if lsn is None:
-            return False
-        pgc = self.cfg.postgresql
-        deadline = time.monotonic() + timeout
-        conninfo = build_conninfo(
-            host=cand.host,
-            port=cand.port,
-            user=pgc.superuser.username,
-            password=_secret(pgc.superuser.password),
-            dbname="postgres",
-            connect_timeout=2,
-            application_name="hakeeper-switchover",
-        )
-        while time.monotonic() < deadline:
-            try:
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-                    while time.monotonic() < deadline:
-                        cur = await conn.execute(
-                            "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
-                        )
-                        row = await cur.fetchone()
-                        got = max((parse_lsn(x) or 0) for x in (row or (None, None)))
-                        if got > lsn:
-                            return True
-                        await asyncio.sleep(0.01)
-            except psycopg.Error as e:
-                log.warning("switchover_candidate_unreachable", candidate=cand.name, error=str(e).strip())
-                await asyncio.sleep(0.1)
-        return False
-
     # -- operator actions (API) ------------------------------------------------------------------
 
     async def op_restart(self) -> str:
@@ -910,7 +805,7 @@ class Agent:
                 self._params(view.config),
                 role,
                 self.upstream if role == Role.REPLICA else None,
-                replication_password=_secret(self.cfg.postgresql.replication.password),
+                replication_password=secret_value(self.cfg.postgresql.replication.password),
             )
             await self.pg.reload()
             log.info("reload_done", role=role.value)
@@ -1027,13 +922,9 @@ EXECUTORS: dict[Action, Executor] = {
     Action.START_PRIMARY: Agent.do_start_primary,
     Action.RELEASE: Agent.do_release,
     Action.DEMOTE: Agent.do_demote,
-    Action.SWITCHOVER: Agent.do_switchover,
-    Action.REJECT_SWITCHOVER: Agent.do_reject_switchover,
+    Action.SWITCHOVER: switchover.switchover,
+    Action.REJECT_SWITCHOVER: switchover.reject_switchover,
 }
-
-
-def _secret(s: Any) -> str | None:
-    return s.get_secret_value() if s is not None else None
 
 
 def _addr(u: Upstream | None) -> str | None:

@@ -37,7 +37,7 @@ from typing import Any, Literal, NamedTuple
 import psycopg
 from psycopg import sql as pgsql
 
-from hakeeper.config import AGENT_OWNED_PARAMETERS, ParamValue, PostgresConfig
+from hakeeper.config import AGENT_OWNED_PARAMETERS, ParamValue, PostgresConfig, secret_value
 from hakeeper.log import get_logger
 from hakeeper.lsn import parse_lsn
 from hakeeper.pg.bins import find_bin_dir
@@ -219,10 +219,6 @@ def _remove(path: Path) -> bool:
     return True
 
 
-def _secret(value: Any) -> str | None:
-    return None if value is None else str(value.get_secret_value())
-
-
 class Postgres:
     """Drives one local PostgreSQL data directory.  Not safe for concurrent lifecycle calls
     (start/stop/rewind/clone); probe and execute may run concurrently with each other."""
@@ -325,7 +321,7 @@ class Postgres:
             *extra_args,
         ]
         pwfile: str | None = None
-        password = _secret(su.password)
+        password = secret_value(su.password)
         try:
             if password is not None:
                 fd, pwfile = tempfile.mkstemp(prefix="hakeeper-pw-")
@@ -599,7 +595,7 @@ class Postgres:
             "autocommit": True,
             "options": f"-c statement_timeout={statement_timeout_ms}",
         }
-        password = _secret(self.cfg.superuser.password)
+        password = secret_value(self.cfg.superuser.password)
         if password is not None:
             kw["password"] = password
         return kw
