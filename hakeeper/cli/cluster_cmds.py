@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.table import Table
 
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
-from hakeeper.config import DynamicConfig
+from hakeeper.config import DynamicConfig, NodeConfig
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
 from hakeeper.ha.model import ClusterView, Keys, build_view
 from hakeeper.lsn import format_lsn
@@ -21,7 +23,46 @@ ConfigOpt = Annotated[Path | None, typer.Option("-c", "--config", help="Node YAM
 EtcdOpt = Annotated[list[str] | None, typer.Option("--etcd", help="etcd URL (repeatable); instead of -c.")]
 ScopeOpt = Annotated[str | None, typer.Option("--scope", help="Cluster name; with --etcd.")]
 NamespaceOpt = Annotated[str, typer.Option("--namespace", help="Key prefix; with --etcd.")]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table or json.")]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table, json or yaml.")]
+WatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-w",
+        "--watch",
+        is_flag=False,
+        flag_value="2",
+        metavar="[SECONDS]",
+        help="Refresh every SECONDS (default 2) until Ctrl-C.",
+    ),
+]
+OUTPUTS = ("table", "json", "yaml")
+
+
+def check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise fail(f"unknown output format {output!r}; use table, json or yaml", 2)
+
+
+def emit_data(output: str, data: Any) -> None:
+    """Print ``data`` as JSON (indented) or YAML, unwrapped, for scripts."""
+    if output == "yaml":
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    else:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def etcd_client_for(cfg: NodeConfig) -> EtcdClient:
+    e = cfg.etcd
+    return EtcdClient(
+        e.hosts,
+        timeout=max(e.request_timeout, 2.0),
+        cacert=e.cacert,
+        cert=e.cert,
+        key=e.key,
+        username=e.username,
+        password=e.password.get_secret_value() if e.password else None,
+    )
 
 
 def _client_and_prefix(
@@ -29,17 +70,7 @@ def _client_and_prefix(
 ) -> tuple[EtcdClient, str]:
     if config is not None:
         cfg = load_or_exit(config)
-        e = cfg.etcd
-        client = EtcdClient(
-            e.hosts,
-            timeout=max(e.request_timeout, 2.0),
-            cacert=e.cacert,
-            cert=e.cert,
-            key=e.key,
-            username=e.username,
-            password=e.password.get_secret_value() if e.password else None,
-        )
-        return client, cfg.prefix
+        return etcd_client_for(cfg), cfg.prefix
     if not etcd or not scope:
         raise fail("give -c NODE.yml, or both --etcd URL and --scope NAME", 2)
     hosts = [h if "://" in h else "http://" + h for h in etcd]
@@ -89,36 +120,42 @@ def members_rows(view: ClusterView) -> list[dict[str, Any]]:
     return rows
 
 
-@app.command("list")
-def list_members(
-    config: ConfigOpt = None,
-    etcd: EtcdOpt = None,
-    scope: ScopeOpt = None,
-    namespace: NamespaceOpt = "/hakeeper",
-    output: OutputOpt = "table",
-) -> None:
-    """One row per member: name, host:port, role, state, timeline, lag in bytes."""
-    if output not in ("table", "json"):
-        raise fail(f"unknown output format {output!r}; use table or json", 2)
-    view = _load(config, etcd, scope, namespace)
-    rows = members_rows(view)
-    if output == "json":
-        out.print_json(
-            json.dumps(
-                {
-                    "leader": view.leader.name if view.leader else None,
-                    "term": view.leader.term if view.leader else None,
-                    "members": rows,
-                }
-            )
+def list_document(view: ClusterView) -> dict[str, Any]:
+    """What ``list -o json|yaml`` prints."""
+    sw = view.switchover
+    return {
+        "leader": view.leader.name if view.leader else None,
+        "term": view.leader.term if view.leader else None,
+        "paused": view.paused,
+        "switchover": None
+        if sw is None
+        else {
+            "kind": sw.kind.value,
+            "leader": sw.leader,
+            "candidate": sw.candidate,
+            "scheduled_at": sw.scheduled_at,
+            "stage": sw.stage.value,
+        },
+        "members": members_rows(view),
+    }
+
+
+def members_table(view: ClusterView) -> Table:
+    title = f"cluster (leader: {view.leader.name if view.leader else 'none'})"
+    if view.paused:
+        title += " [maintenance mode: paused]"
+    sw = view.switchover
+    if sw is not None:
+        when = (
+            "now"
+            if sw.scheduled_at is None
+            else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(sw.scheduled_at))
         )
-        return
-    if not view.members:
-        err.print("no members registered (is the scope right and are the agents running?)")
-    t = Table(title=f"cluster (leader: {view.leader.name if view.leader else 'none'})")
+        title += f" [{sw.kind.value} {sw.leader or '-'} -> {sw.candidate or 'best replica'}, {when}]"
+    t = Table(title=title)
     for col in ("Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Notes"):
         t.add_column(col, justify="right" if col in ("TL", "Lag (bytes)") else "left")
-    for r in rows:
+    for r in members_rows(view):
         notes = []
         if r["leader"]:
             notes.append("leader")
@@ -133,7 +170,61 @@ def list_members(
             "" if r["lag"] is None else str(r["lag"]),
             "; ".join(notes),
         )
-    out.print(t)
+    return t
+
+
+def _print_list(view: ClusterView, output: str, watching: bool) -> None:
+    if output == "table":
+        if not view.members:
+            err.print("no members registered (is the scope right and are the agents running?)")
+        out.print(members_table(view))
+    elif watching and output == "json":
+        # One compact document per refresh: easy to consume line by line.
+        sys.stdout.write(json.dumps(list_document(view)) + "\n")
+        sys.stdout.flush()
+    else:
+        emit_data(output, list_document(view))
+
+
+@app.command("list")
+def list_members(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    output: OutputOpt = "table",
+    watch: WatchOpt = None,
+) -> None:
+    """One row per member: name, host:port, role, state, timeline, lag in bytes.
+
+    With --watch [SECONDS] the list refreshes until Ctrl-C (exit 0); -o json then prints one
+    compact JSON document per line."""
+    check_output(output)
+    if watch is None:
+        _print_list(_load(config, etcd, scope, namespace), output, watching=False)
+        return
+    try:
+        interval = float(watch)
+    except ValueError:
+        raise fail(f"--watch wants a number of seconds, not {watch!r}", 2) from None
+    if not 0.1 <= interval <= 3600:
+        raise fail("--watch interval must be between 0.1 and 3600 seconds", 2)
+    try:
+        while True:
+            client, prefix = _client_and_prefix(config, etcd, scope, namespace)
+            try:
+                view = asyncio.run(fetch_view(client, prefix))
+            except EtcdError as e:
+                err.print(f"{time.strftime('%H:%M:%S')} cannot read the cluster from etcd: {e}")
+            else:
+                if output == "table":
+                    if out.is_terminal:
+                        out.clear()
+                    out.print(time.strftime("%Y-%m-%d %H:%M:%S"), markup=False)
+                _print_list(view, output, watching=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 @app.command("history")
@@ -145,10 +236,11 @@ def history(
     output: OutputOpt = "table",
 ) -> None:
     """Every promotion: timeline, LSN, time, reason, old and new leader."""
+    check_output(output)
     view = _load(config, etcd, scope, namespace)
     entries = [e.to_dict() for e in view.history]
-    if output == "json":
-        out.print_json(json.dumps(entries))
+    if output != "table":
+        emit_data(output, entries)
         return
     t = Table(title="history")
     for col in ("TL", "LSN", "Time (UTC)", "Reason", "Old leader", "New leader"):

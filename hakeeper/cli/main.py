@@ -69,7 +69,7 @@ def agent(config: ConfigOpt) -> None:
 
 def _register_optional_commands() -> None:
     # Commands living in their own modules register themselves on `app`.
-    from hakeeper.cli import cluster_cmds  # noqa: F401
+    from hakeeper.cli import cluster_cmds, ops_cmds  # noqa: F401
 
     try:
         from hakeeper.cli import demo_cmd  # noqa: F401

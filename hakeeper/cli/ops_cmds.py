@@ -1,0 +1,962 @@
+"""Cluster operations from the command line.
+
+Reads (who leads, which members exist, the current configuration) come straight from etcd;
+every change goes through a member's HTTP API (the leader's ``api_url`` from its member key; for
+a failover without a leader, the candidate's), authenticated with the ``api:`` credentials of the
+node YAML, ``--token``/``--user``/``--password`` or ``HAKEEPER_API_TOKEN``.
+
+Exit codes: 0 done, 1 the operation failed or was refused (the API's ``error`` is printed),
+2 usage or configuration error.  User errors never print a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import datetime as dt
+import difflib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import aiohttp
+import typer
+import yaml
+
+from hakeeper.cli.cluster_cmds import (
+    ConfigOpt,
+    EtcdOpt,
+    NamespaceOpt,
+    OutputOpt,
+    ScopeOpt,
+    check_output,
+    emit_data,
+    etcd_client_for,
+    fetch_view,
+)
+from hakeeper.cli.main import app, err, fail, load_or_exit, out
+from hakeeper.config import ConfigError, NodeConfig, parse_dynamic_config
+from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.ha.model import ClusterView, Member, MemberRole, MemberState
+
+TOKEN_ENV = "HAKEEPER_API_TOKEN"
+
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", help=f"API bearer token (default: ${TOKEN_ENV}, then api.token of -c)."),
+]
+UserOpt = Annotated[str | None, typer.Option("--user", help="API basic-auth user (default: api.username).")]
+PasswordOpt = Annotated[
+    str | None, typer.Option("--password", help="API basic-auth password (default: api.password).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Do not ask for confirmation.")]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", help="Seconds to wait for the API's answer.", min=0.5, max=3600)
+]
+ScheduledOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduled",
+        help="When: ISO 8601 time (without a zone: local time) or 'now' (default).",
+    ),
+]
+
+CONNECT_TIMEOUT_S = 3.0
+
+
+# --------------------------------------------------------------------------------- pure helpers
+
+
+class UsageError(ValueError):
+    """A malformed argument (exit 2)."""
+
+
+def parse_set(arg: str) -> tuple[list[str], Any]:
+    """``'a.b.c=value'`` -> (``['a','b','c']``, value parsed as a YAML scalar).
+
+    ``null`` (or ``~``) deletes the key, an empty value is the empty string."""
+    key, sep, raw = arg.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set wants key.path=value, not {arg!r}")
+    path = key.split(".")
+    if any(not p for p in path):
+        raise UsageError(f"--set: empty segment in key path {key!r}")
+    if raw == "":
+        return path, ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict | list) and not raw.lstrip().startswith(("{", "[")):
+        value = raw  # 'a: b' is text, not a mapping
+    return path, value
+
+
+def parse_pg(arg: str) -> tuple[list[str], Any]:
+    """``'work_mem=8MB'`` -> (``['postgresql','parameters','work_mem']``, ``'8MB'``).
+
+    Integers and decimals become numbers, ``null`` deletes the parameter, anything else stays
+    text (so ``on``/``off`` reach PostgreSQL as written)."""
+    name, sep, raw = arg.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise UsageError(f"--pg wants name=value, not {arg!r}")
+    if "." in name and not name.count(".") == 1:
+        raise UsageError(f"--pg: invalid parameter name {name!r}")
+    value: Any = raw
+    stripped = raw.strip()
+    if stripped in ("null", "~"):
+        value = None
+    else:
+        for conv in (int, float):
+            try:
+                value = conv(stripped)
+                break
+            except ValueError:
+                continue
+    return ["postgresql", "parameters", name], value
+
+
+def set_path(doc: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``doc[p0][p1]...= value`` creating mappings on the way; ``None`` deletes the key."""
+    node = doc
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if value is None:
+                return
+            if child is not None:
+                raise UsageError(f"{'.'.join(path[: i + 1])} is not a mapping")
+            child = {}
+            node[part] = child
+        node = child
+    if value is None:
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = value
+
+
+def make_merge_patch(old: Any, new: Any) -> Any:
+    """The RFC 7386 merge patch that turns ``old`` into ``new`` (``null`` for removed keys)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return copy.deepcopy(new)
+    patch: dict[str, Any] = {}
+    for k in old:
+        if k not in new:
+            patch[k] = None
+    for k, v in new.items():
+        if k not in old:
+            patch[k] = copy.deepcopy(v)
+        elif old[k] != v:
+            if isinstance(old[k], dict) and isinstance(v, dict):
+                patch[k] = make_merge_patch(old[k], v)
+            else:
+                patch[k] = copy.deepcopy(v)
+    return patch
+
+
+def dump_yaml(doc: Any) -> str:
+    return yaml.safe_dump(doc, sort_keys=True, default_flow_style=False)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Unified diff of two configs rendered as YAML with sorted keys ("" when equal)."""
+    a = dump_yaml(old).splitlines(keepends=True)
+    b = dump_yaml(new).splitlines(keepends=True)
+    return "".join(difflib.unified_diff(a, b, fromfile="current", tofile="new"))
+
+
+def parse_when(text: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
+    """``--scheduled`` -> an aware datetime, or None for now.  A time without a zone is local."""
+    if text is None or text.strip().lower() in ("", "now"):
+        return None
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    try:
+        when = dt.datetime.fromisoformat(t)
+    except ValueError:
+        raise UsageError(
+            f"--scheduled: {text!r} is not an ISO 8601 time (e.g. 2030-01-31T14:00+01:00)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    now = now or dt.datetime.now(dt.UTC)
+    if when < now - dt.timedelta(seconds=1):
+        raise UsageError(f"--scheduled: {when.isoformat()} is in the past")
+    return when
+
+
+def _quote_conninfo(value: str) -> str:
+    if value and not any(c in value for c in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def conninfo(params: dict[str, str]) -> str:
+    """A libpq key/value connection string."""
+    return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in params.items())
+
+
+# --------------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True, slots=True)
+class ApiAuth:
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        if self.username is not None and self.password is not None:
+            raw = f"{self.username}:{self.password}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+        return {}
+
+    @property
+    def given(self) -> bool:
+        return bool(self.headers())
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    cfg: NodeConfig | None
+    etcd_hosts: tuple[str, ...]
+    prefix: str
+    auth: ApiAuth
+
+    def client(self) -> EtcdClient:
+        if self.cfg is not None:
+            return etcd_client_for(self.cfg)
+        return EtcdClient(list(self.etcd_hosts), timeout=2.0)
+
+
+def resolve_auth(
+    cfg: NodeConfig | None, token: str | None, user: str | None, password: str | None
+) -> ApiAuth:
+    """Command-line options first, then $HAKEEPER_API_TOKEN, then the node YAML's ``api:``."""
+    if token:
+        return ApiAuth(token=token)
+    if user is not None or password is not None:
+        if user is None or password is None:
+            raise fail("give --user and --password together", 2)
+        return ApiAuth(username=user, password=password)
+    env = os.environ.get(TOKEN_ENV)
+    if env:
+        return ApiAuth(token=env)
+    if cfg is not None:
+        a = cfg.api
+        if a.token is not None:
+            return ApiAuth(token=a.token.get_secret_value())
+        if a.username is not None and a.password is not None:
+            return ApiAuth(username=a.username, password=a.password.get_secret_value())
+    return ApiAuth()
+
+
+def make_context(
+    config: Path | None,
+    etcd: list[str] | None,
+    scope: str | None,
+    namespace: str,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+) -> Context:
+    cfg = None
+    if config is not None:
+        cfg = load_or_exit(config)
+        prefix = cfg.prefix
+        hosts: tuple[str, ...] = tuple(cfg.etcd.hosts)
+    else:
+        if not etcd or not scope:
+            raise fail("give -c NODE.yml, or both --etcd URL and --scope NAME", 2)
+        hosts = tuple(h if "://" in h else "http://" + h for h in etcd)
+        prefix = "/" + namespace.strip("/") + "/" + scope
+    return Context(cfg, hosts, prefix, resolve_auth(cfg, token, user, password))
+
+
+def read_view(ctx: Context) -> ClusterView:
+    try:
+        return asyncio.run(fetch_view(ctx.client(), ctx.prefix))
+    except EtcdError as e:
+        raise fail(f"cannot read the cluster from etcd: {e}") from None
+
+
+def member_or_exit(view: ClusterView, name: str, what: str = "member") -> Member:
+    m = view.members.get(name)
+    if m is None:
+        known = ", ".join(sorted(view.members)) or "none registered"
+        raise fail(f"{what} {name!r} is not a member of the cluster (members: {known})")
+    return m
+
+
+def confirm(question: str, force: bool) -> None:
+    """Ask ``question`` [y/N] unless ``force``; refuse without a terminal to ask on."""
+    if force:
+        return
+    if not sys.stdin.isatty():
+        raise fail("not confirmed: standard input is not a terminal; add --force to proceed without asking")
+    try:
+        ok = typer.confirm(question, default=False)
+    except (typer.Abort, EOFError):
+        ok = False
+    if not ok:
+        raise fail("aborted; nothing was changed")
+
+
+# --------------------------------------------------------------------------------- HTTP
+
+
+@dataclass(frozen=True, slots=True)
+class ApiAnswer:
+    status: int
+    data: Any
+    url: str
+
+
+class Unreachable(Exception):
+    pass
+
+
+async def _http(
+    method: str,
+    url: str,
+    auth: ApiAuth,
+    body: Any,
+    extra_headers: dict[str, str] | None,
+    timeout: float,
+) -> ApiAnswer:
+    headers = {**auth.headers(), **(extra_headers or {})}
+    to = aiohttp.ClientTimeout(total=timeout, sock_connect=min(CONNECT_TIMEOUT_S, timeout))
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=to) as session,
+            session.request(method, url, json=body, headers=headers) as resp,
+        ):
+            text = await resp.text(errors="replace")
+            status = resp.status
+    except TimeoutError:
+        raise Unreachable(f"no answer within {timeout:g} s") from None
+    except aiohttp.ClientError as e:
+        raise Unreachable(str(e) or type(e).__name__) from None
+    try:
+        data: Any = json.loads(text) if text.strip() else {}
+    except ValueError:
+        data = {"error": text.strip()[:300]}
+    return ApiAnswer(status, data, url)
+
+
+def call_api(
+    member: Member,
+    method: str,
+    path: str,
+    auth: ApiAuth,
+    *,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> ApiAnswer:
+    """One request to ``member``'s API; exit 1 with a one-line message when it cannot be reached."""
+    if not member.api_url:
+        raise fail(f"{member.name} has not published an API address (is its agent running?)")
+    url = member.api_url.rstrip("/") + path
+    try:
+        return asyncio.run(_http(method, url, auth, body, headers, timeout))
+    except Unreachable as e:
+        raise fail(f"cannot reach the API of {member.name} at {member.api_url}: {e}") from None
+
+
+def answer_error(ans: ApiAnswer) -> str:
+    d = ans.data
+    if isinstance(d, dict):
+        for key in ("error", "message"):
+            if isinstance(d.get(key), str) and d[key]:
+                return str(d[key])
+    return f"HTTP {ans.status}"
+
+
+def check_answer(ans: ApiAnswer, what: str, auth: ApiAuth) -> dict[str, Any]:
+    """The answer's JSON object on 2xx; otherwise exit 1 with the API's reason."""
+    if 200 <= ans.status < 300:
+        return ans.data if isinstance(ans.data, dict) else {"result": ans.data}
+    reason = answer_error(ans)
+    if ans.status == 401:
+        hint = (
+            "the credentials were rejected"
+            if auth.given
+            else f"no credentials given: use -c NODE.yml with api.token, --token, ${TOKEN_ENV} "
+            "or --user/--password"
+        )
+        raise fail(f"{what}: not authenticated ({hint}): {reason}")
+    if ans.status == 403:
+        raise fail(f"{what}: not allowed: {reason}")
+    if ans.status in (404, 405) and (
+        "Not Found" in reason or "Not Allowed" in reason or reason.startswith("HTTP")
+    ):
+        raise fail(f"{what}: {ans.url} does not offer this operation (HTTP {ans.status}; agent too old?)")
+    raise fail(f"{what} failed (HTTP {ans.status}): {reason}")
+
+
+def leader_or_exit(view: ClusterView, what: str) -> Member:
+    if view.leader is None:
+        raise fail(f"{what}: the cluster has no leader")
+    m = view.members.get(view.leader.name)
+    if m is None:
+        raise fail(f"{what}: the leader {view.leader.name} has no member key (its agent is not reporting)")
+    return m
+
+
+def api_targets(view: ClusterView) -> list[Member]:
+    """Members to send a cluster-wide request to: the leader first, then the others."""
+    lead = view.leader.name if view.leader else None
+    ms = [m for m in view.members.values() if m.api_url]
+    return sorted(ms, key=lambda m: (m.name != lead, m.name))
+
+
+def call_any(view: ClusterView, method: str, path: str, auth: ApiAuth, *, what: str, **kw: Any) -> ApiAnswer:
+    """Send a cluster-wide request to the leader's API, else to the first member that answers."""
+    targets = api_targets(view)
+    if not targets:
+        raise fail(f"{what}: no member has published an API address (are the agents running?)")
+    errors = []
+    for m in targets:
+        url = m.api_url.rstrip("/") + path
+        try:
+            return asyncio.run(
+                _http(method, url, auth, kw.get("body"), kw.get("headers"), kw.get("timeout", 30))
+            )
+        except Unreachable as e:
+            errors.append(f"{m.name} ({m.api_url}): {e}")
+    raise fail(f"{what}: no member's API could be reached: " + "; ".join(errors))
+
+
+def _print_result(output: str, data: dict[str, Any], text: str) -> None:
+    if output == "table":
+        out.print(text, markup=False)
+    else:
+        emit_data(output, data)
+
+
+def _describe(m: Member) -> str:
+    bits = [m.role.value, m.state.value]
+    if m.lag is not None and m.role == MemberRole.REPLICA:
+        bits.append(f"lag {m.lag} bytes")
+    if not m.eligible and m.ineligible_reason and m.role != MemberRole.PRIMARY:
+        bits.append(f"not eligible: {m.ineligible_reason}")
+    return f"{m.name} ({', '.join(bits)})"
+
+
+# --------------------------------------------------------------------------------- commands
+
+
+@app.command("switchover")
+def switchover(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    leader: Annotated[
+        str | None, typer.Option("--leader", help="The current leader (checked; default: whoever it is).")
+    ] = None,
+    candidate: Annotated[
+        str | None, typer.Option("--candidate", help="Who takes over (default: the best eligible replica).")
+    ] = None,
+    scheduled: ScheduledOpt = None,
+    force: ForceOpt = False,
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Planned handover: the healthy leader stops writes and hands over to a caught-up replica."""
+    check_output(output)
+    try:
+        when = parse_when(scheduled)
+    except UsageError as e:
+        raise fail(str(e), 2) from None
+    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    view = read_view(ctx)
+    cur = leader_or_exit(view, "switchover is not possible")
+    if leader is not None and leader != cur.name:
+        raise fail(f"switchover is not possible: the leader is {cur.name}, not {leader}")
+    cand = None
+    if candidate is not None:
+        if candidate == cur.name:
+            raise fail(f"candidate {candidate} is already the leader")
+        cand = member_or_exit(view, candidate, "candidate")
+    if view.switchover is not None:
+        sw = view.switchover
+        raise fail(
+            f"a {sw.kind.value} to {sw.candidate or 'the best replica'} is already pending "
+            "(cancel it with DELETE /switchover, or wait)"
+        )
+    target = _describe(cand) if cand else "the best eligible replica"
+    at = "now" if when is None else f"at {when.isoformat()}"
+    if output == "table":
+        out.print(f"switchover: leader {cur.name} -> {target}, {at}", markup=False)
+    confirm(f"Switch over from {cur.name} to {candidate or 'the best replica'} {at}?", force)
+    body: dict[str, Any] = {"leader": cur.name}
+    if candidate is not None:
+        body["candidate"] = candidate
+    if when is not None:
+        body["scheduled_at"] = when.isoformat()
+    ans = call_api(cur, "POST", "/switchover", ctx.auth, body=body, timeout=timeout)
+    data = check_answer(ans, "switchover", ctx.auth)
+    msg = data.get("message") or (
+        f"switchover scheduled for {when.isoformat()}" if ans.status == 202 and when else "switchover done"
+    )
+    _print_result(output, {"status": ans.status, **data}, str(msg))
+
+
+@app.command("failover")
+def failover(
+    candidate: Annotated[str, typer.Option("--candidate", help="The member to promote (required).")],
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "-f",
+            help="Promote even a candidate that is not eligible (lagging, wrong timeline, "
+            "nofailover): acknowledged writes may be LOST.  Also skips the confirmation.",
+        ),
+    ] = False,
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Promote CANDIDATE, also when the cluster has no (healthy) leader.
+
+    Without --force an ineligible candidate is refused by the agents; --force overrides that
+    check and accepts the loss of writes the candidate has not received (recorded in history)."""
+    check_output(output)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    view = read_view(ctx)
+    cand = member_or_exit(view, candidate, "candidate")
+    if view.leader is not None and view.leader.name == candidate:
+        raise fail(f"candidate {candidate} is already the leader")
+    lead = view.leader.name if view.leader else None
+    if output == "table":
+        out.print(f"failover: promote {_describe(cand)}; current leader: {lead or 'none'}", markup=False)
+        if not cand.eligible and cand.ineligible_reason:
+            err.print(
+                f"warning: {candidate} is not eligible ({cand.ineligible_reason})"
+                + (
+                    "; --force: writes it has not received will be lost"
+                    if force
+                    else "; the agents will refuse without --force"
+                ),
+                markup=False,
+            )
+    confirm(f"Promote {candidate}{' (the current leader ' + lead + ' is demoted)' if lead else ''}?", force)
+    body = {"candidate": candidate, "force": force}
+    targets: list[Member] = []
+    lead_m = view.leader_member
+    if lead_m is not None and lead_m.api_url:
+        targets.append(lead_m)
+    targets.append(cand)
+    ans: ApiAnswer | None = None
+    errors = []
+    for m in targets:
+        url = m.api_url.rstrip("/") + "/failover"
+        if not m.api_url:
+            errors.append(f"{m.name}: no API address")
+            continue
+        try:
+            ans = asyncio.run(_http("POST", url, ctx.auth, body, None, timeout))
+            break
+        except Unreachable as e:
+            errors.append(f"{m.name} ({m.api_url}): {e}")
+    if ans is None:
+        raise fail("failover: cannot reach the API of " + "; ".join(errors))
+    data = check_answer(ans, "failover", ctx.auth)
+    _print_result(output, {"status": ans.status, **data}, str(data.get("message") or "failover done"))
+
+
+def _set_pause(ctx: Context, paused: bool, output: str) -> None:
+    view = read_view(ctx)
+    if view.config_revision == 0:
+        raise fail("the cluster has no dynamic configuration in etcd yet (not initialized)")
+    if view.paused == paused:
+        _print_result(
+            output,
+            {"paused": paused, "changed": False},
+            f"the cluster is already {'paused' if paused else 'not paused'}",
+        )
+        return
+    ans = call_any(
+        view, "PATCH", "/config", ctx.auth, body={"pause": paused}, what="pause" if paused else "resume"
+    )
+    check_answer(ans, "pause" if paused else "resume", ctx.auth)
+    text = (
+        "cluster paused: maintenance mode, no automatic failover"
+        if paused
+        else "cluster resumed: automatic failover is on again"
+    )
+    _print_result(output, {"paused": paused, "changed": True}, text)
+
+
+@app.command("pause")
+def pause(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+) -> None:
+    """Maintenance mode: no automatic failover or restarts until `resume`."""
+    check_output(output)
+    _set_pause(make_context(config, etcd, scope, namespace, token, user, password), True, output)
+
+
+@app.command("resume")
+def resume(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+) -> None:
+    """Leave maintenance mode."""
+    check_output(output)
+    _set_pause(make_context(config, etcd, scope, namespace, token, user, password), False, output)
+
+
+def _member_action(
+    ctx: Context,
+    member: str,
+    path: str,
+    what: str,
+    question: str | None,
+    force: bool,
+    output: str,
+    timeout: float,
+) -> None:
+    view = read_view(ctx)
+    m = member_or_exit(view, member)
+    if question is not None:
+        if output == "table":
+            out.print(f"{what}: {_describe(m)}", markup=False)
+        confirm(question.format(name=m.name), force)
+    ans = call_api(m, "POST", path, ctx.auth, body={}, timeout=timeout)
+    data = check_answer(ans, what, ctx.auth)
+    _print_result(
+        output, {"member": m.name, "status": ans.status, **data}, str(data.get("message") or f"{what}: done")
+    )
+
+
+MemberArg = Annotated[str, typer.Argument(help="Member name (see `hakeeper list`).")]
+
+
+@app.command("restart")
+def restart(
+    member: MemberArg,
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    force: ForceOpt = False,
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    timeout: TimeoutOpt = 120.0,
+) -> None:
+    """Restart PostgreSQL on MEMBER (in place; a leader keeps its role)."""
+    check_output(output)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    _member_action(
+        ctx, member, "/restart", "restart", "Restart PostgreSQL on {name}?", force, output, timeout
+    )
+
+
+@app.command("reinit")
+def reinit(
+    member: MemberArg,
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    force: ForceOpt = False,
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    timeout: TimeoutOpt = 60.0,
+) -> None:
+    """Rebuild replica MEMBER from scratch: its data directory is removed and cloned again."""
+    check_output(output)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    _member_action(
+        ctx,
+        member,
+        "/reinitialize",
+        "reinit",
+        "Remove the data directory of {name} and clone it again from the leader?",
+        force,
+        output,
+        timeout,
+    )
+
+
+@app.command("reload")
+def reload(
+    member: MemberArg,
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    timeout: TimeoutOpt = 30.0,
+) -> None:
+    """Make MEMBER's agent re-read its YAML and reload PostgreSQL's configuration."""
+    check_output(output)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    _member_action(ctx, member, "/reload", "reload", None, True, output, timeout)
+
+
+def _current_config(view: ClusterView) -> dict[str, Any]:
+    if view.config_revision == 0:
+        raise fail("the cluster has no dynamic configuration in etcd yet (not initialized)")
+    if view.config_error:
+        raise fail(view.config_error)
+    return view.config.model_dump(mode="json")
+
+
+@app.command("show-config")
+def show_config(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    output: Annotated[str, typer.Option("-o", "--output", help="yaml (default) or json.")] = "yaml",
+) -> None:
+    """Print the cluster-wide (dynamic) configuration stored in etcd."""
+    if output not in ("yaml", "json"):
+        raise fail(f"unknown output format {output!r}; use yaml or json", 2)
+    view = read_view(make_context(config, etcd, scope, namespace))
+    current = _current_config(view)
+    if output == "json":
+        emit_data("json", {"config": current, "revision": view.config_revision})
+    else:
+        sys.stdout.write(dump_yaml(current))
+
+
+def _edit_in_editor(current: dict[str, Any]) -> dict[str, Any]:
+    if not sys.stdin.isatty() and "EDITOR" not in os.environ:
+        raise fail("no --set/--pg/--apply given and no terminal for an editor", 2)
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    fd, name = tempfile.mkstemp(prefix="hakeeper-config-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("# Edit the cluster configuration; save and quit to apply (a diff is shown first).\n")
+            f.write(dump_yaml(current))
+        try:
+            rc = subprocess.call([*shlex.split(editor), name])
+        except OSError as e:
+            raise fail(f"cannot run the editor {editor!r}: {e}", 2) from None
+        if rc != 0:
+            raise fail(f"the editor {editor!r} exited with code {rc}; nothing was changed")
+        text = Path(name).read_text()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise fail(f"the edited file is not valid YAML: {str(e).splitlines()[0]}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise fail("the edited configuration must be a mapping")
+    return doc
+
+
+@app.command("edit-config")
+def edit_config(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="key.path=value (YAML scalar; null deletes). Repeatable."),
+    ] = None,
+    pg: Annotated[
+        list[str] | None,
+        typer.Option("--pg", "-p", help="PostgreSQL parameter name=value (null deletes). Repeatable."),
+    ] = None,
+    apply: Annotated[
+        str | None, typer.Option("--apply", help="YAML merge patch from FILE, or - for stdin.")
+    ] = None,
+    force: ForceOpt = False,
+    output: OutputOpt = "table",
+    token: TokenOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+) -> None:
+    """Change the cluster-wide configuration: show a diff, confirm, write with compare-and-swap.
+
+    With none of --set/--pg/--apply, $EDITOR opens the configuration as YAML."""
+    check_output(output)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    edits: list[tuple[list[str], Any]] = []
+    try:
+        edits += [parse_set(s) for s in set_ or []]
+        edits += [parse_pg(p) for p in pg or []]
+    except UsageError as e:
+        raise fail(str(e), 2) from None
+    patch_doc: Any = None
+    if apply is not None:
+        try:
+            text = sys.stdin.read() if apply == "-" else Path(apply).read_text()
+        except OSError as e:
+            raise fail(f"cannot read {apply}: {e.strerror or e}", 2) from None
+        try:
+            patch_doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise fail(f"{apply}: not valid YAML: {str(e).splitlines()[0]}", 2) from None
+        if patch_doc is not None and not isinstance(patch_doc, dict):
+            raise fail(f"{apply}: the patch must be a YAML mapping", 2)
+    view = read_view(ctx)
+    current = _current_config(view)
+    revision = view.config_revision
+    if not edits and apply is None:
+        new = _edit_in_editor(current)
+    else:
+        from hakeeper.ha.ops import merge_patch
+
+        new = copy.deepcopy(current)
+        if patch_doc:
+            new = merge_patch(new, patch_doc)
+        try:
+            for path, value in edits:
+                set_path(new, path, value)
+        except UsageError as e:
+            raise fail(str(e), 2) from None
+    try:
+        validated = parse_dynamic_config(new, source="new configuration").model_dump(mode="json")
+    except ConfigError as e:
+        for field, msg in e.errors:
+            err.print(f"new configuration: {field}: {msg}", markup=False)
+        raise fail("the new configuration is invalid; nothing was changed") from None
+    diff = config_diff(current, validated)
+    if not diff:
+        _print_result(output, {"changed": False, "revision": revision}, "no changes")
+        return
+    if output == "table":
+        out.print(diff.rstrip("\n"), markup=False, highlight=False)
+    confirm("Apply these changes?", force)
+    patch = make_merge_patch(current, new)
+    ans = call_any(
+        view,
+        "PATCH",
+        "/config",
+        ctx.auth,
+        body=patch,
+        headers={"If-Match": str(revision)},
+        what="edit-config",
+    )
+    if ans.status == 409:
+        raise fail(
+            f"the configuration was changed by someone else since revision {revision}; nothing was "
+            f"written, run the command again ({answer_error(ans)})"
+        )
+    data = check_answer(ans, "edit-config", ctx.auth)
+    new_rev = data.get("revision")
+    _print_result(
+        output,
+        {"changed": True, "revision": new_rev, "patch": patch, "diff": diff},
+        f"configuration updated (revision {new_rev})" if new_rev else "configuration updated",
+    )
+
+
+@app.command("dsn")
+def dsn(
+    config: ConfigOpt = None,
+    etcd: EtcdOpt = None,
+    scope: ScopeOpt = None,
+    namespace: NamespaceOpt = "/hakeeper",
+    role: Annotated[str, typer.Option("--role", "-r", help="primary or replica.")] = "primary",
+    member: Annotated[
+        str | None, typer.Option("--member", "-m", help="This member instead of a role.")
+    ] = None,
+    multi_host: Annotated[
+        bool,
+        typer.Option(
+            "--multi-host",
+            help="List every member; libpq picks by role (target_session_attrs read-write / standby).",
+        ),
+    ] = False,
+    dbname: Annotated[str, typer.Option("--dbname", "-d", help="Database name.")] = "postgres",
+    db_user: Annotated[
+        str | None, typer.Option("--db-user", "-U", help="Database user (default: the superuser of -c).")
+    ] = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Print a libpq connection string for the primary, a replica or one member."""
+    check_output(output)
+    if role not in ("primary", "replica"):
+        raise fail(f"--role must be primary or replica, not {role!r}", 2)
+    ctx = make_context(config, etcd, scope, namespace)
+    view = read_view(ctx)
+    user = db_user or (ctx.cfg.postgresql.superuser.username if ctx.cfg else "postgres")
+    params: dict[str, str]
+    chosen: list[Member]
+    if member is not None:
+        chosen = [member_or_exit(view, member)]
+    elif multi_host:
+        chosen = sorted((m for m in view.members.values() if m.host), key=lambda m: m.name)
+        if not chosen:
+            raise fail("no members registered")
+    elif role == "primary":
+        chosen = [leader_or_exit(view, "no primary")]
+    else:
+        replicas = [
+            m
+            for m in view.members.values()
+            if m.role == MemberRole.REPLICA and m.state == MemberState.STREAMING and not m.noloadbalance
+        ]
+        if not replicas:
+            raise fail("no streaming replica")
+        replicas.sort(key=lambda m: (m.lag is None, m.lag or 0, m.name))
+        chosen = [replicas[0]]
+    params = {
+        "host": ",".join(m.host for m in chosen),
+        "port": ",".join(str(m.port) for m in chosen),
+        "dbname": dbname,
+        "user": user,
+    }
+    if multi_host and member is None:
+        params["target_session_attrs"] = "read-write" if role == "primary" else "standby"
+    text = conninfo(params)
+    if output == "table":
+        sys.stdout.write(text + "\n")
+    else:
+        emit_data(output, {"dsn": text, "members": [m.name for m in chosen]})

@@ -1,0 +1,211 @@
+"""Pure parts of the operations CLI: --set/--pg parsing, merge patches, diffs, times, conninfo."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hakeeper.cli.main import _register_optional_commands, app
+from hakeeper.cli.ops_cmds import (
+    ApiAuth,
+    UsageError,
+    config_diff,
+    conninfo,
+    make_merge_patch,
+    parse_pg,
+    parse_set,
+    parse_when,
+    resolve_auth,
+    set_path,
+)
+from hakeeper.config import NodeConfig
+from hakeeper.ha.ops import merge_patch
+
+_register_optional_commands()
+
+
+@pytest.mark.parametrize(
+    ("arg", "path", "value"),
+    [
+        ("loop_wait=2", ["loop_wait"], 2),
+        ("ttl=10", ["ttl"], 10),
+        ("pause=true", ["pause"], True),
+        ("loop_wait=1.5", ["loop_wait"], 1.5),
+        ("postgresql.parameters.work_mem=8MB", ["postgresql", "parameters", "work_mem"], "8MB"),
+        ("a.b=null", ["a", "b"], None),
+        ("a=~", ["a"], None),
+        ("a=", ["a"], ""),
+        ("a=x=y", ["a"], "x=y"),
+        ("a=k: v", ["a"], "k: v"),
+        ("a={k: 1}", ["a"], {"k": 1}),
+        (" ttl =7", ["ttl"], 7),
+    ],
+)
+def test_parse_set(arg: str, path: list[str], value: object) -> None:
+    assert parse_set(arg) == (path, value)
+
+
+@pytest.mark.parametrize("arg", ["loop_wait", "=2", "a..b=1", ".a=1", "a.=1", ""])
+def test_parse_set_rejects(arg: str) -> None:
+    with pytest.raises(UsageError):
+        parse_set(arg)
+
+
+@pytest.mark.parametrize(
+    ("arg", "value"),
+    [
+        ("work_mem=8MB", "8MB"),
+        ("max_connections=200", 200),
+        ("random_page_cost=1.1", 1.1),
+        ("wal_log_hints=on", "on"),  # not YAML's boolean
+        ("work_mem=null", None),
+        ("search_path='$user', public", "'$user', public"),
+    ],
+)
+def test_parse_pg(arg: str, value: object) -> None:
+    path, v = parse_pg(arg)
+    assert path == ["postgresql", "parameters", arg.split("=")[0]]
+    assert v == value
+
+
+@pytest.mark.parametrize("arg", ["work_mem", "=1"])
+def test_parse_pg_rejects(arg: str) -> None:
+    with pytest.raises(UsageError):
+        parse_pg(arg)
+
+
+def test_set_path_creates_deletes_and_refuses_scalars() -> None:
+    doc: dict[str, object] = {"ttl": 5, "postgresql": {"parameters": {"a": 1}}}
+    set_path(doc, ["postgresql", "parameters", "b"], "x")
+    set_path(doc, ["postgresql", "parameters", "a"], None)
+    set_path(doc, ["new", "deep", "key"], 1)
+    set_path(doc, ["missing", "key"], None)  # deleting what is not there is a no-op
+    assert doc == {"ttl": 5, "postgresql": {"parameters": {"b": "x"}}, "new": {"deep": {"key": 1}}}
+    with pytest.raises(UsageError):
+        set_path(doc, ["ttl", "x"], 1)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ({"a": 1}, {"a": 2}),
+        ({"a": 1, "b": 2}, {"a": 1}),
+        ({"p": {"x": 1, "y": 2}}, {"p": {"x": 1, "z": 3}}),
+        ({"p": {"x": 1}}, {"p": 5}),
+        ({}, {"q": {"r": [1, 2]}}),
+        ({"a": [1, 2]}, {"a": [2]}),
+        ({"a": 1}, {"a": 1}),
+    ],
+)
+def test_make_merge_patch_round_trips(old: dict[str, object], new: dict[str, object]) -> None:
+    patch = make_merge_patch(old, new)
+    assert merge_patch(old, patch) == new
+    if old == new:
+        assert patch == {}
+
+
+def test_make_merge_patch_is_minimal() -> None:
+    old = {"ttl": 5, "loop_wait": 1.0, "postgresql": {"parameters": {"a": 1, "b": 2}}}
+    new = {"ttl": 5, "loop_wait": 2, "postgresql": {"parameters": {"a": 1}}}
+    assert make_merge_patch(old, new) == {"loop_wait": 2, "postgresql": {"parameters": {"b": None}}}
+
+
+def test_config_diff() -> None:
+    assert config_diff({"a": 1}, {"a": 1}) == ""
+    d = config_diff({"a": 1, "b": 2}, {"a": 1, "b": 3})
+    assert d.startswith("--- current\n+++ new\n")
+    assert "-b: 2\n" in d and "+b: 3\n" in d and " a: 1\n" in d
+
+
+def test_parse_when() -> None:
+    now = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+    assert parse_when(None, now) is None
+    assert parse_when("now", now) is None
+    when = parse_when("2030-01-01T13:00:00Z", now)
+    assert when == dt.datetime(2030, 1, 1, 13, 0, tzinfo=dt.UTC)
+    when = parse_when("2030-01-01T14:00+01:00", now)
+    assert when is not None and when.utcoffset() == dt.timedelta(hours=1)
+    naive = parse_when("2030-01-02T00:00:00", now)
+    assert naive is not None and naive.tzinfo is not None  # local time
+    with pytest.raises(UsageError, match="past"):
+        parse_when("2029-12-31T00:00Z", now)
+    with pytest.raises(UsageError, match="ISO 8601"):
+        parse_when("tomorrow", now)
+
+
+def test_conninfo_quotes() -> None:
+    assert conninfo({"host": "h", "port": "5432"}) == "host=h port=5432"
+    assert conninfo({"password": "a b'c\\"}) == r"password='a b\'c\\'"
+    assert conninfo({"x": ""}) == "x=''"
+
+
+def _node_cfg(api: dict[str, object]) -> NodeConfig:
+    return NodeConfig.model_validate(
+        {"scope": "s", "name": "n", "api": api, "postgresql": {"data_dir": "/tmp/x"}}
+    )
+
+
+def test_resolve_auth_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HAKEEPER_API_TOKEN", raising=False)
+    cfg = _node_cfg({"token": "from-file", "username": "u", "password": "p"})
+    assert resolve_auth(cfg, None, None, None) == ApiAuth(token="from-file")
+    assert resolve_auth(cfg, "cli", None, None) == ApiAuth(token="cli")
+    assert resolve_auth(cfg, None, "x", "y") == ApiAuth(username="x", password="y")
+    monkeypatch.setenv("HAKEEPER_API_TOKEN", "env")
+    assert resolve_auth(cfg, None, None, None) == ApiAuth(token="env")
+    monkeypatch.delenv("HAKEEPER_API_TOKEN")
+    basic = resolve_auth(_node_cfg({"username": "u", "password": "p"}), None, None, None)
+    assert basic.headers() == {"Authorization": "Basic dTpw"}
+    assert resolve_auth(None, None, None, None).headers() == {}
+    assert ApiAuth(token="t").headers() == {"Authorization": "Bearer t"}
+
+
+# ---- usage errors end with exit 2 and one line, before anything is contacted
+
+runner = CliRunner()
+
+
+def _cfg_file(tmp_path: Path) -> Path:
+    p = tmp_path / "node.yml"
+    p.write_text(
+        json.dumps(
+            {
+                "scope": "s",
+                "name": "n",
+                "etcd": {"hosts": ["http://127.0.0.1:9"]},
+                "postgresql": {"data_dir": str(tmp_path / "d")},
+            }
+        )
+    )
+    return p
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list", "-o", "xml"],
+        ["list", "--watch", "soon"],
+        ["switchover", "--scheduled", "yesterday-ish"],
+        ["edit-config", "--set", "nokey"],
+        ["edit-config", "--pg", "=1"],
+        ["dsn", "--role", "leader"],
+        ["show-config", "-o", "table"],
+        ["pause"],  # neither -c nor --etcd/--scope
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], tmp_path: Path) -> None:
+    extra = [] if args == ["pause"] else ["-c", str(_cfg_file(tmp_path))]
+    res = runner.invoke(app, args + extra)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+
+
+def test_unreachable_etcd_is_one_line_exit_1(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["switchover", "--force", "-c", str(_cfg_file(tmp_path))])
+    assert res.exit_code == 1
+    assert "cannot read the cluster from etcd" in res.output
+    assert "Traceback" not in res.output
