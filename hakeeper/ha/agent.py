@@ -123,6 +123,7 @@ class Agent:
         self.loop_duration = 0.0
         self._leader_last_alive: float | None = None  # wall clock of the leader's last member update
         self._promotion: dict[str, float | str] | None = None  # phases of our current promotion
+        self._written_params: dict[str, Any] | None = None  # parameters in the config files now
 
     # -- fence plumbing ---------------------------------------------------------------------------
 
@@ -363,6 +364,8 @@ class Agent:
         self._log_decision(decision, facts)
         self.metrics.decisions.labels(decision.action.value).inc()
         await EXECUTORS[decision.action](self, view, facts, decision)
+        if decision.action in (Action.LEAD, Action.FOLLOW) and not stale:
+            await self._apply_parameter_changes(view)
 
     def _apply_timing(self, cfg: DynamicConfig) -> None:
         self.lease.ttl = cfg.ttl
@@ -441,7 +444,7 @@ class Agent:
 
     async def _start_as_primary(self, dyn: DynamicConfig) -> None:
         self._arm_fence()
-        await self.pg.write_config(
+        await self._write_config(
             self._params(dyn),
             Role.PRIMARY,
             None,
@@ -450,6 +453,43 @@ class Agent:
         self.upstream = None
         self.activity = MemberState.STARTING
         await self.pg.start(timeout=max(30.0, dyn.primary_start_timeout))
+
+    async def _write_config(
+        self,
+        params: dict[str, Any],
+        role: Role,
+        upstream: Upstream | None,
+        *,
+        replication_password: str | None,
+    ) -> None:
+        await self.pg.write_config(params, role, upstream, replication_password=replication_password)
+        self._written_params = params
+
+    async def _apply_parameter_changes(self, view: ClusterView) -> None:
+        """Cluster-wide parameters changed in etcd (PATCH /config): rewrite and reload.
+
+        Parameters that need a restart are reported by PostgreSQL as pending_restart; the agent
+        does not restart on its own (POST /restart does)."""
+        params = self._params(view.config)
+        before = self._written_params or {}  # None: an agent restarted beside a running server
+        if params == before:
+            return
+        changed = sorted(k for k in params.keys() | before.keys() if params.get(k) != before.get(k))
+        role = Role.PRIMARY if self.state is not None and self.state.in_recovery is False else Role.REPLICA
+        await self._write_config(
+            params,
+            role,
+            self.upstream if role == Role.REPLICA else None,
+            replication_password=secret_value(self.cfg.postgresql.replication.password),
+        )
+        await self.pg.reload()
+        pending = []
+        try:
+            rows = await self.pg.execute("SELECT name FROM pg_settings WHERE pending_restart")
+            pending = [str(r[0]) for r in rows]
+        except PgError:
+            pass
+        log.info("parameters_applied", changed=changed, pending_restart=pending)
 
     def _params(self, dyn: DynamicConfig) -> dict[str, Any]:
         return {**dyn.cluster_parameters(), **self.cfg.postgresql.parameters}
@@ -489,7 +529,7 @@ class Agent:
 
     async def _start_as_replica(self, view: ClusterView, leader: str | None) -> None:
         up = self._upstream_for(view, leader)
-        await self.pg.write_config(
+        await self._write_config(
             self._params(view.config),
             Role.REPLICA,
             up,
@@ -511,7 +551,7 @@ class Agent:
         if up is None or up == self.upstream:
             return
         log.info("upstream_changed", old=_addr(self.upstream), new=_addr(up), leader=d.target)
-        await self.pg.write_config(
+        await self._write_config(
             self._params(view.config),
             Role.REPLICA,
             up,
@@ -627,7 +667,7 @@ class Agent:
             seconds=round(time.monotonic() - t0, 3),
             reason=reason,
         )
-        await self.pg.write_config(
+        await self._write_config(
             self._params(self.dyn),
             Role.PRIMARY,
             None,
@@ -801,7 +841,7 @@ class Agent:
             view = self.last_view
             st = await self.pg.probe()
             role = Role.REPLICA if st.in_recovery else Role.PRIMARY
-            await self.pg.write_config(
+            await self._write_config(
                 self._params(view.config),
                 role,
                 self.upstream if role == Role.REPLICA else None,

@@ -207,3 +207,20 @@ def test_failover_to_a_lagging_candidate_needs_force_and_is_recorded(cluster: Lo
     assert history(c)[-1]["reason"].endswith("(forced)")
     assert other  # the other replica follows the new leader
     wait_for(lambda: c.node_state(other).role == "replica", 90, "other replica follows")
+
+
+def test_cluster_wide_parameter_change_is_applied_on_every_node(cluster: LocalCluster) -> None:
+    c = cluster
+    c.wait_ready(120)
+    _cfg, rev = run_ops(c, ops.read_config)
+    with pytest.raises(ops.OperationError) as e:
+        run_ops(c, ops.patch_config, patch={"ttl": 1}, expected_revision=rev)
+    assert e.value.status == 400  # keepalive_interval + fence_margin must stay below ttl
+    run_ops(
+        c, ops.patch_config, patch={"postgresql": {"parameters": {"work_mem": "7MB"}}}, expected_revision=rev
+    )
+    with pytest.raises(ops.OperationError) as e:
+        run_ops(c, ops.patch_config, patch={"loop_wait": 2}, expected_revision=rev)  # stale revision
+    assert e.value.status == 409
+    for n in c.names:
+        wait_for(lambda n=n: sql(c, n, "SHOW work_mem") == [("7MB",)], 30, f"work_mem applied on {n}")
