@@ -7,6 +7,7 @@ on every node live in etcd under ``<namespace>/<scope>/config`` as :class:`Dynam
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -128,6 +129,24 @@ class ApiConfig(_Strict):
     username: str | None = Field(None, description="Basic-auth user for mutating endpoints.")
     password: SecretStr | None = Field(None, description="Basic-auth password.")
     token: SecretStr | None = Field(None, description="Bearer token for mutating endpoints.")
+    allowlist: list[str] = Field(
+        default_factory=list,
+        description="Client addresses or CIDRs allowed to call mutating endpoints (empty: any).",
+    )
+    certfile: Path | None = Field(None, description="Server certificate (PEM); enables HTTPS.")
+    keyfile: Path | None = Field(None, description="Server private key (PEM; default: in certfile).")
+    cafile: Path | None = Field(None, description="CA bundle that client certificates must chain to.")
+    verify_client: Literal["none", "optional", "required"] = Field(
+        "none",
+        description="Client certificates: none; optional (asked for, required by mutating "
+        "endpoints); required (every connection). optional/required need cafile and certfile.",
+    )
+    max_connections: int = Field(
+        2000, ge=1, le=100000, description="Concurrent connections; more are closed at once."
+    )
+    request_timeout: float = Field(
+        5.0, gt=0, le=300, description="A request's headers and body must arrive within this long (s)."
+    )
 
     @field_validator("listen", "connect_address")
     @classmethod
@@ -136,6 +155,26 @@ class ApiConfig(_Strict):
             _split_hostport(v, 8008)
         return v
 
+    @field_validator("allowlist")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError as e:
+                raise ValueError(f"not an address or CIDR: {item!r}") from e
+        return [item.strip() for item in v]
+
+    @model_validator(mode="after")
+    def _tls(self) -> ApiConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password must be given together")
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("keyfile needs certfile")
+        if self.verify_client != "none" and (self.certfile is None or self.cafile is None):
+            raise ValueError(f"verify_client={self.verify_client} needs certfile and cafile")
+        return self
+
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return _split_hostport(self.listen, 8008)
@@ -143,7 +182,10 @@ class ApiConfig(_Strict):
     @property
     def url(self) -> str:
         host, port = _split_hostport(self.connect_address or self.listen, 8008)
-        return f"http://{host}:{port}"
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.certfile is not None else "http"
+        return f"{scheme}://{host}:{port}"
 
 
 class Credentials(_Strict):

@@ -56,6 +56,7 @@ DEFAULT_BASE_PORT = 25000
 MAX_NODES = 9
 SUPERUSER = "postgres"
 REPLICATION_USER = "replicator"
+API_USER = "hakeeper"  # basic-auth user of the REST API
 HOST = "127.0.0.1"
 
 
@@ -234,6 +235,7 @@ class LocalCluster:
                 log_path=node_dir / "agent.log",
             )
         self.superuser_password, self.replication_password = self._load_or_make_passwords()
+        self.api_token, self.api_password = self._load_or_make_api_credentials()
         # As root: the owner of an existing node dir, else of base_dir if not root, else "postgres"
         # -- the same rule the agent applies to its data directory.
         self.run_as = resolve_run_as(self.base_dir / "node1" / "data")
@@ -272,6 +274,21 @@ class LocalCluster:
                 return su, repl
         return secrets.token_urlsafe(18), secrets.token_urlsafe(18)
 
+    def _load_or_make_api_credentials(self) -> tuple[str, str]:
+        """REST API token and password of user ``hakeeper`` (kept across restarts, like the
+        PostgreSQL passwords; configs written before the API had credentials get new ones)."""
+        for n in self.nodes.values():
+            if not n.config_path.exists():
+                continue
+            try:
+                api = yaml.safe_load(n.config_path.read_text()).get("api") or {}
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            token, password = api.get("token"), api.get("password")
+            if isinstance(token, str) and isinstance(password, str):
+                return token, password
+        return secrets.token_urlsafe(24), secrets.token_urlsafe(18)
+
     def node_config(self, name: str) -> dict[str, Any]:
         """The YAML document of one node, as a dict."""
         n = self.nodes[name]
@@ -282,7 +299,12 @@ class LocalCluster:
             "scope": self.scope,
             "name": n.name,
             "etcd": {"hosts": [self.etcd_url]},
-            "api": {"listen": f"{HOST}:{n.api_port}"},
+            "api": {
+                "listen": f"{HOST}:{n.api_port}",
+                "username": API_USER,
+                "password": self.api_password,
+                "token": self.api_token,
+            },
             "postgresql": {
                 "data_dir": str(n.data_dir),
                 "listen": f"{HOST}:{n.pg_port}",

@@ -1,157 +1,568 @@
-"""The agent's HTTP API: load-balancer health checks and cluster status.
+"""The agent's HTTP API: health checks, status, metrics and operator actions.
 
-Every answer comes from state the agent already holds (its last probe, its etcd mirror and its
-lease deadline); no handler runs SQL or calls etcd.
+Health checks and status documents come from state the agent already holds (its last probe,
+its etcd mirror and its lease); none of them runs SQL or calls etcd.  ``GET /config`` and the
+mutating endpoints go to etcd through :mod:`hakeeper.ha.ops`.
+
+Connection hygiene (see :class:`_Connection`): at most ``api.max_connections`` connections
+(more are answered 503 and closed at once), and a connection must start a request within
+``api.request_timeout`` of opening (or of its previous response plus an idle keep-alive
+allowance); request bodies must arrive within the same time.  TLS handshakes are bounded too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import resource
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import yaml
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from pydantic import BaseModel, ValidationError
 
 from hakeeper import __version__
-from hakeeper.ha.model import MemberRole
+from hakeeper.api import health as h
+from hakeeper.api import status
+from hakeeper.api.auth import Authenticator, server_ssl_context
+from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
+from hakeeper.dcs.etcd import EtcdError
+from hakeeper.ha import ops
+from hakeeper.ha.ops import OperationError
 from hakeeper.log import get_logger
+from hakeeper.pg.errors import PgError
+from hakeeper.proc import CommandFailed
 
 if TYPE_CHECKING:
     from hakeeper.ha.agent import Agent
 
 log = get_logger("hakeeper.api")
 
+JSON = "application/json"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+KEEPALIVE_IDLE = 30.0  # an idle keep-alive connection is closed after this long
+MAX_BODY = 64 * 1024
+MAX_OPERATION_WAIT = 120.0  # cap on waiting for a switchover/failover to complete (s)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+B = TypeVar("B", bound=BaseModel)
+
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b'Connection: close\r\nContent-Length: 35\r\n\r\n{"error": "too many connections"}\r\n'
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **facts: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+        self.facts = facts
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":"), default=str).encode(),
+        status=status,
+        content_type=JSON,
+        headers=headers,
+    )
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, **facts: Any
+) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    for k, v in facts.items():
+        if k == "errors" and isinstance(v, list):
+            v = [
+                {"field": str(e[0]), "message": str(e[1])} if isinstance(e, tuple) and len(e) == 2 else e
+                for e in v
+            ]
+        body.setdefault(k, v)
+    return json_response(body, status, headers)
+
+
+class _Refuse(asyncio.Protocol):
+    """Protocol of a connection beyond ``max_connections``: a 503 and close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_REFUSED)
+        transport.close()
+
+
+class _Connection(asyncio.Protocol):
+    """Wraps aiohttp's per-connection protocol to count connections and enforce deadlines.
+
+    Created at accept time (so TLS handshakes in progress count against the limit); the inner
+    aiohttp handler is created once the connection (and its TLS handshake) is made."""
+
+    def __init__(self, api: ApiServer) -> None:
+        self.api = api
+        self.inner: RequestHandler | None = None
+        self.transport: asyncio.Transport | None = None
+        self.busy = 0
+        self.released = False
+        api.open_connections += 1
+        self.timer: asyncio.TimerHandle | None = None
+        self.arm(api.cfg.request_timeout)
+
+    def arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def started(self) -> None:
+        self.busy += 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def finished(self) -> None:
+        self.busy -= 1
+        if self.busy == 0 and not self.released:
+            self.arm(KEEPALIVE_IDLE + self.api.cfg.request_timeout)
+
+    def _release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.api.open_connections -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            self._release()  # the TLS handshake never completed (asyncio then never tells us)
+            return
+        if self.busy == 0:
+            self.api.timed_out += 1
+            self.transport.abort()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self.released or self.api.runner is None or self.api.runner.server is None:
+            transport.abort()
+            return
+        self.transport = transport
+        inner = self.api.runner.server()
+        self.inner = inner
+        self.api.connections[inner] = self
+        inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            self.inner.eof_received()
+        return None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        inner = self.inner
+        if inner is not None:
+            self.api.connections.pop(inner, None)
+            inner.connection_lost(exc)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (bounded by the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            return new
+    return soft
+
+
+def _load_openapi() -> tuple[str, dict[str, Any]]:
+    text = resources.files("hakeeper.api").joinpath("openapi.yaml").read_text()
+    doc = yaml.safe_load(text)
+    doc["info"]["version"] = __version__
+    return text, doc
+
 
 class ApiServer:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.cfg = agent.cfg.api
+        self.auth = Authenticator(self.cfg)
         self.runner: web.AppRunner | None = None
-        app = web.Application()
-        for path, handler in (
-            ("/health", self.health),
-            ("/primary", self.primary),
-            ("/leader", self.primary),
-            ("/replica", self.replica),
-            ("/read-only", self.read_only),
-            ("/liveness", self.liveness),
-            ("/cluster", self.cluster),
-            ("/", self.node_status),
-        ):
-            app.router.add_get(path, handler)  # GET also answers HEAD
-        app.on_response_prepare.append(self._hide_server)
+        self.server: asyncio.Server | None = None
+        self.connections: dict[RequestHandler, _Connection] = {}
+        self.open_connections = 0
+        self.refused = 0
+        self.timed_out = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._openapi_yaml, self._openapi = _load_openapi()
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
+        r = app.router
+
+        def health(*paths: str, fn: Handler) -> None:
+            for p in paths:
+                r.add_get(p, fn)  # GET also answers HEAD, without a body
+
+        health("/primary", "/leader", "/read-write", fn=self._check(h.check_primary, lag=False))
+        health("/replica", fn=self._check(h.check_replica))
+        health("/read-only", fn=self._check(h.check_read_only))
+        health("/sync", "/synchronous", fn=self._check(h.check_sync))
+        health("/async", "/asynchronous", fn=self._check(h.check_async))
+        health("/health", fn=self._check(lambda f, q: h.check_health(f), lag=False, tags=False))
+        health("/liveness", fn=self._check(lambda f, q: h.check_liveness(f), lag=False, tags=False))
+        health("/readiness", fn=self._check(h.check_readiness, tags=False))
+        for p in ("/", "/status"):
+            r.add_get(p, self.node_status)
+        r.add_get("/cluster", self.cluster)
+        r.add_get("/history", self.history)
+        r.add_get("/config", self.get_config)
+        r.add_patch("/config", self._mutating(self.patch_config))
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/openapi.json", self.openapi_json)
+        r.add_get("/openapi.yaml", self.openapi_yaml)
+        r.add_post("/switchover", self._mutating(self.switchover))
+        r.add_delete("/switchover", self._mutating(self.cancel_switchover))
+        r.add_post("/failover", self._mutating(self.failover))
+        r.add_post("/restart", self._mutating(self.restart))
+        r.add_post("/reinitialize", self._mutating(self.reinitialize))
+        r.add_post("/reload", self._mutating(self.reload))
+        app.on_response_prepare.append(self._headers)
         self.app = app
 
-    @staticmethod
-    async def _hide_server(_req: web.Request, resp: web.StreamResponse) -> None:
-        resp.headers["Server"] = f"hakeeper/{__version__}"
+    # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        host, port = self.agent.cfg.api.listen_host_port
-        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        cfg = self.cfg
+        host, port = cfg.listen_host_port
+        limit = raise_fd_limit(cfg.max_connections + 512)
+        if limit < cfg.max_connections + 64:
+            log.warning("api_fd_limit_low", nofile=limit, max_connections=cfg.max_connections)
+        self.runner = web.AppRunner(
+            self.app, access_log=None, handler_cancellation=True, keepalive_timeout=KEEPALIVE_IDLE
+        )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
-        log.info("api_listening", host=host, port=port)
+        ctx = server_ssl_context(cfg)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._protocol,
+            host or None,
+            port,
+            ssl=ctx,
+            reuse_address=True,
+            backlog=min(4096, max(128, cfg.max_connections)),
+            ssl_handshake_timeout=cfg.request_timeout if ctx else None,
+        )
+        log.info(
+            "api_listening",
+            host=host,
+            port=port,
+            tls=ctx is not None,
+            verify_client=cfg.verify_client,
+            mutating_api="enabled" if self.auth.configured else "disabled (no credentials)",
+        )
+
+    def _protocol(self) -> asyncio.Protocol:
+        if self.open_connections >= self.cfg.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("api_connection_refused", reason="max_connections", refused=self.refused)
+            return _Refuse()
+        return _Connection(self)
 
     async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
         if self.runner is not None:
             await self.runner.cleanup()
-
-    # -- state ---------------------------------------------------------------------------------------
-
-    def _is_primary(self) -> bool:
-        return self.agent.is_writable_leader()
-
-    def _is_replica(self) -> bool:
-        st = self.agent.state
-        return st is not None and st.running and st.in_recovery is True
-
-    def _status(self) -> dict[str, Any]:
-        a = self.agent
-        st = a.state
-        view = a.last_view
-        return {
-            "name": a.name,
-            "role": "primary" if self._is_primary() else ("replica" if self._is_replica() else "unknown"),
-            "running": bool(st and st.running),
-            "timeline": st.timeline if st else None,
-            "wal_lsn": st.wal_lsn if st else None,
-            "streaming_from": st.streaming_from if st else None,
-            "leader": view.leader.name if view.leader else None,
-            "lease_remaining": round(a.lease.remaining(), 2),
-            "decision": a.last_decision.action.value if a.last_decision else None,
-            "why": a.last_decision.why if a.last_decision else None,
-            "tags": a.cfg.tags.model_dump(),
-        }
-
-    def _answer(self, ok: bool) -> web.Response:
-        return web.json_response(self._status(), status=200 if ok else 503)
-
-    # -- handlers ------------------------------------------------------------------------------------
-
-    async def health(self, _req: web.Request) -> web.Response:
-        st = self.agent.state
-        return self._answer(bool(st and st.running))
-
-    async def primary(self, _req: web.Request) -> web.Response:
-        return self._answer(self._is_primary())
-
-    async def replica(self, req: web.Request) -> web.Response:
-        ok = self._is_replica() and not self.agent.cfg.tags.noloadbalance
-        lag_arg = req.query.get("lag")
-        if ok and lag_arg is not None:
+        for conn in list(self.connections.values()):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self.server is not None:
             try:
-                bound = parse_size(lag_arg)
-            except ValueError:
-                return web.json_response({"error": f"invalid lag {lag_arg!r}"}, status=400)
-            me = self.agent.last_view.members.get(self.agent.name)
-            ok = me is not None and me.lag is not None and me.lag <= bound
-        return self._answer(ok)
+                async with asyncio.timeout(2):
+                    await self.server.wait_closed()
+            except TimeoutError:
+                pass
 
-    async def read_only(self, _req: web.Request) -> web.Response:
-        return self._answer(self._is_primary() or self._is_replica())
+    # -- middleware ---------------------------------------------------------------------------------
 
-    async def liveness(self, _req: web.Request) -> web.Response:
-        a = self.agent
-        age = time.monotonic() - a.loop_heartbeat
-        limit = max(a.dyn.ttl, 10 * a.dyn.loop_wait)
-        return web.json_response({"loop_age": round(age, 2)}, status=200 if age < limit else 503)
-
-    async def node_status(self, _req: web.Request) -> web.Response:
-        return web.json_response(self._status())
-
-    async def cluster(self, _req: web.Request) -> web.Response:
-        view = self.agent.last_view
-        members = []
-        for m in sorted(view.members.values(), key=lambda m: m.name):
-            members.append(
-                {
-                    "name": m.name,
-                    "role": m.role.value if m.role != MemberRole.UNKNOWN else None,
-                    "state": m.state.value,
-                    "host": m.host,
-                    "port": m.port,
-                    "api_url": m.api_url,
-                    "timeline": m.timeline,
-                    "lag": m.lag,
-                    "leader": view.leader is not None and view.leader.name == m.name,
-                    "eligible": m.eligible,
-                    "ineligible_reason": m.ineligible_reason,
-                }
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        conn = (
+            self.connections.get(request.protocol) if isinstance(request.protocol, RequestHandler) else None
+        )
+        if conn is not None:
+            conn.started()
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return error_response(e.status, e.message, e.headers, **e.facts)
+        except OperationError as e:
+            return error_response(e.status, e.message, **e.facts)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow",)}
+            msg = {404: "no such endpoint", 405: f"method {request.method} not allowed here"}.get(
+                e.status, e.reason
             )
-        return web.json_response({"leader": view.leader.name if view.leader else None, "members": members})
+            return error_response(e.status, msg, headers)
+        except EtcdError as e:
+            return error_response(503, f"etcd unavailable: {e}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("api_handler_crashed", method=request.method, path=request.path)
+            return error_response(500, "internal error (logged by the agent)")
+        finally:
+            if conn is not None:
+                conn.finished()
+
+    @staticmethod
+    async def _headers(_req: web.Request, resp: web.StreamResponse) -> None:
+        resp.headers["Server"] = f"hakeeper/{__version__}"
+        resp.headers.setdefault("Cache-Control", "no-store")
+
+    # -- health checks -----------------------------------------------------------------------------
+
+    def _check(
+        self,
+        check: Callable[[h.NodeFacts, h.HealthQuery], h.Verdict],
+        *,
+        lag: bool = True,
+        tags: bool = True,
+    ) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            query = {k: v for k, v in request.query.items()}
+            if len(query) != len(request.query):
+                raise ApiError(400, "a query parameter is given more than once")
+            if not tags and any(k.startswith("tag_") for k in query):
+                raise ApiError(400, "this endpoint takes no tag_ parameters")
+            try:
+                q = h.parse_query(query, allow_lag=lag)
+            except h.QueryError as e:
+                raise ApiError(400, str(e)) from e
+            facts = h.NodeFacts.from_agent(self.agent)
+            ok, reason = check(facts, q)
+            body = status.node_summary(self.agent)
+            body["ok"] = ok
+            body["reason"] = reason
+            body["loop_age"] = round(facts.loop_age, 3)
+            return json_response(body, 200 if ok else 503)
+
+        return handler
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    async def node_status(self, _req: web.Request) -> web.StreamResponse:
+        return json_response(status.node_status(self.agent))
+
+    async def cluster(self, _req: web.Request) -> web.StreamResponse:
+        return json_response(status.cluster_status(self.agent))
+
+    async def history(self, _req: web.Request) -> web.StreamResponse:
+        return json_response(status.history_doc(self.agent.last_view.history))
+
+    async def metrics(self, _req: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=self.agent.metrics.render(self.agent), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
+
+    async def openapi_json(self, _req: web.Request) -> web.StreamResponse:
+        return json_response(self._openapi)
+
+    async def openapi_yaml(self, _req: web.Request) -> web.StreamResponse:
+        return web.Response(text=self._openapi_yaml, content_type="application/yaml")
+
+    async def get_config(self, _req: web.Request) -> web.StreamResponse:
+        cfg, rev = await ops.read_config(self.agent.client, self.agent.keys)
+        return json_response(
+            {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
+        )
+
+    # -- mutating ----------------------------------------------------------------------------------------
+
+    def _mutating(self, fn: Handler) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            tr = request.transport
+            cert = tr.get_extra_info("peercert") if tr is not None else None
+            denied = self.auth.check(
+                remote=request.remote,
+                authorization=request.headers.get("Authorization"),
+                has_client_cert=bool(cert),
+            )
+            if denied is not None:
+                headers = {}
+                if denied.challenge:
+                    headers["WWW-Authenticate"] = ", ".join(self.auth.challenges)
+                log.info(
+                    "api_request_denied",
+                    method=request.method,
+                    path=request.path,
+                    remote=request.remote,
+                    status=denied.status,
+                    reason=denied.message,
+                )
+                raise ApiError(denied.status, denied.message, headers)
+            log.info("api_request", method=request.method, path=request.path, remote=request.remote)
+            return await fn(request)
+
+        return handler
+
+    async def _read(self, request: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {self.cfg.request_timeout}s") from None
+
+    async def _body(self, request: web.Request, model: type[B]) -> B:
+        raw = await self._read(request)
+        if not raw.strip():
+            raw = b"{}"
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as e:
+            raise ApiError(400, "invalid request body", errors=_validation_errors(e)) from None
+
+    async def _shielded(self, coro: Awaitable[str], what: str) -> str:
+        """Run an operator action to its end even if the client goes away."""
+        task: asyncio.Task[str] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except (PgError, CommandFailed) as e:
+            raise ApiError(503, f"{what} failed: {e}") from e
+
+    def _wait_budget(self) -> float:
+        return min(self.agent.dyn.switchover_timeout, MAX_OPERATION_WAIT) + 5.0
+
+    async def switchover(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, SwitchoverBody)
+        when: float | None = None
+        if body.scheduled_at is not None:
+            try:
+                when = body.scheduled_at.timestamp()
+            except (OverflowError, OSError, ValueError):
+                raise ApiError(400, "scheduled_at is out of range") from None
+        a = self.agent
+        sw = await ops.request_switchover(
+            a.client, a.keys, leader=body.leader, candidate=body.candidate, scheduled_at=when
+        )
+        if sw.scheduled_at is not None and sw.scheduled_at > time.time():
+            return json_response(
+                {
+                    "message": f"switchover scheduled for {status.iso(sw.scheduled_at)}",
+                    "switchover": status.switchover_doc(sw),
+                },
+                202,
+            )
+        budget = self._wait_budget()
+        new = await ops.wait_for_new_leader(
+            a.client, a.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
+        )
+        if new is None:
+            raise ApiError(
+                503,
+                f"switchover from {sw.leader} did not complete: the leader refused or aborted it, or "
+                f"it took longer than {budget:.0f}s (see the leader's log)",
+                leader=sw.leader,
+            )
+        return json_response({"message": f"switched over to {new}", "leader": new})
+
+    async def cancel_switchover(self, request: web.Request) -> web.StreamResponse:
+        await self._body(request, EmptyBody)
+        sw = await ops.cancel_switchover(self.agent.client, self.agent.keys)
+        return json_response(
+            {"message": f"{sw.kind.value} cancelled", "switchover": status.switchover_doc(sw)}
+        )
+
+    async def failover(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, FailoverBody)
+        a = self.agent
+        sw = await ops.request_failover(a.client, a.keys, candidate=body.candidate, force=body.force)
+        budget = self._wait_budget()
+        new = await ops.wait_for_new_leader(
+            a.client, a.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
+        )
+        if new is None:
+            raise ApiError(
+                503,
+                f"failover to {body.candidate} did not complete: it was refused or aborted, or it "
+                f"took longer than {budget:.0f}s (see the agents' logs)",
+                candidate=body.candidate,
+            )
+        return json_response({"message": f"failed over to {new}", "leader": new})
+
+    async def restart(self, request: web.Request) -> web.StreamResponse:
+        await self._body(request, EmptyBody)
+        return json_response({"message": await self._shielded(self.agent.op_restart(), "restart")})
+
+    async def reinitialize(self, request: web.Request) -> web.StreamResponse:
+        await self._body(request, EmptyBody)
+        return json_response({"message": await self._shielded(self.agent.op_reinitialize(), "reinitialize")})
+
+    async def reload(self, request: web.Request) -> web.StreamResponse:
+        await self._body(request, EmptyBody)
+        return json_response({"message": await self._shielded(self.agent.op_reload(), "reload")})
+
+    async def patch_config(self, request: web.Request) -> web.StreamResponse:
+        expected = parse_if_match(request.headers.get("If-Match"))
+        raw = await self._read(request)
+        try:
+            patch = json.loads(raw or b"{}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"invalid JSON: {e}") from None
+        if not isinstance(patch, dict):
+            raise ApiError(400, "the patch must be a JSON object (RFC 7386 merge patch)")
+        a = self.agent
+        cfg, rev = await ops.patch_config(a.client, a.keys, patch, expected_revision=expected)
+        log.info("config_patched", revision=rev, keys=sorted(patch))
+        return json_response(
+            {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
+        )
 
 
-_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+def parse_if_match(value: str | None) -> int | None:
+    """``If-Match: 12`` / ``"12"`` / ``W/"12"`` -> 12; ``*`` or absent -> None."""
+    if value is None:
+        return None
+    v = value.strip()
+    if v == "*":
+        return None
+    if v.startswith("W/"):
+        v = v[2:]
+    v = v.strip('"').strip()
+    if not v.isdigit() or len(v) > 19:
+        raise ApiError(400, f"If-Match must be a config revision (an integer), not {value!r}")
+    return int(v)
 
 
-def parse_size(text: str) -> int:
-    """``'16MB'`` -> 16777216; plain numbers are bytes."""
-    t = text.strip().lower().replace(" ", "")
-    num = t.rstrip("kmgtb")
-    unit = t[len(num) :]
-    if unit not in _UNITS or not num:
-        raise ValueError(text)
-    value = float(num) * _UNITS[unit]
-    if value < 0:
-        raise ValueError(text)
-    return int(value)
+def _validation_errors(e: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in e.errors(include_url=False, include_input=False):
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        out.append({"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": msg})
+    return out
+
+
+parse_size = h.parse_size  # the old location

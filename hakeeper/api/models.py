@@ -1,0 +1,25 @@
+"""Request bodies of the mutating endpoints (unknown fields and wrong types are 400s)."""
+
+from __future__ import annotations
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SwitchoverBody(_Body):
+    leader: str | None = Field(None, min_length=1, description="Expected current leader (checked).")
+    candidate: str | None = Field(None, min_length=1, description="Member to hand over to.")
+    # ISO 8601 strings are accepted even in strict mode when parsed from JSON.
+    scheduled_at: AwareDatetime | None = Field(None, description="When (ISO 8601 with a timezone).")
+
+
+class FailoverBody(_Body):
+    candidate: str = Field(min_length=1, description="Member to promote.")
+    force: StrictBool = Field(False, description="Promote even an ineligible candidate (may lose data).")
+
+
+class EmptyBody(_Body):
+    """POST /restart, /reinitialize, /reload take no parameters (an empty body or ``{}``)."""
