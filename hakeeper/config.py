@@ -49,8 +49,11 @@ AGENT_OWNED_PARAMETERS = frozenset(
         "primary_slot_name",
         "recovery_target_timeline",
         "hot_standby",
+        "synchronous_standby_names",
     }
 )
+# Of those, the ones the agent itself hands to the PostgreSQL layer in its parameters.
+AGENT_SET_PARAMETERS = frozenset({"synchronous_standby_names"})
 
 
 def secret_value(s: SecretStr | None) -> str | None:
@@ -255,6 +258,9 @@ class Tags(_Strict):
     )
     noloadbalance: bool = Field(False, description="Health checks report this replica unavailable.")
     nosync: bool = Field(False, description="Never choose this node as a synchronous standby.")
+    sync_priority: int = Field(
+        1, ge=0, description="Higher is chosen first as a synchronous standby; 0 = never."
+    )
 
 
 class LogConfig(_Strict):
@@ -314,6 +320,21 @@ class DynamicConfig(_Strict):
     )
     candidate_grace: float = Field(
         2.0, ge=0, description="After this long without a leader, the next-best candidate campaigns (s)."
+    )
+    replication_mode: Literal["async", "synchronous"] = Field(
+        "async",
+        description="async: commits never wait for replicas. synchronous: commits wait for every "
+        "standby of the sync set (FIRST n of exactly those n names) and only sync-set members are "
+        "promoted automatically.",
+    )
+    synchronous_node_count: int = Field(1, ge=1, le=16, description="Size of the sync set.")
+    synchronous_strict: bool = Field(
+        False,
+        description="With no healthy sync standby, commits wait (synchronous_standby_names '*') "
+        "instead of falling back to async.",
+    )
+    maximum_lag_on_syncnode: int = Field(
+        -1, ge=-1, description="A sync standby further behind (bytes) is swapped out; -1 = never."
     )
     switchover_timeout: float = Field(
         30, gt=0, description="A switchover or manual failover not done within this long is abandoned (s)."

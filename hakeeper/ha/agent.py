@@ -53,6 +53,7 @@ from hakeeper.ha.model import (
     slot_name_for,
 )
 from hakeeper.ha.ops import OperationError
+from hakeeper.ha.sync import manage_sync, sync_guc
 from hakeeper.log import get_logger, setup_logging
 from hakeeper.lsn import parse_lsn
 from hakeeper.metrics import Metrics
@@ -124,6 +125,8 @@ class Agent:
         self._leader_last_alive: float | None = None  # wall clock of the leader's last member update
         self._promotion: dict[str, float | str] | None = None  # phases of our current promotion
         self._written_params: dict[str, Any] | None = None  # parameters in the config files now
+        self._sync_names: tuple[str, ...] = ()  # in synchronous_standby_names (primary), in order
+        self._sync_pending: tuple[str, int] | None = None  # (standby, LSN it must flush) to join
 
     # -- fence plumbing ---------------------------------------------------------------------------
 
@@ -285,6 +288,7 @@ class Agent:
             failover_priority=tags.failover_priority,
             noloadbalance=tags.noloadbalance,
             nosync=tags.nosync,
+            sync_priority=tags.sync_priority,
             streaming_from=st.streaming_from if st else None,
             updated_at=time.time(),
             version=__version__,
@@ -492,7 +496,11 @@ class Agent:
         log.info("parameters_applied", changed=changed, pending_restart=pending)
 
     def _params(self, dyn: DynamicConfig) -> dict[str, Any]:
-        return {**dyn.cluster_parameters(), **self.cfg.postgresql.parameters}
+        return {
+            **dyn.cluster_parameters(),
+            **self.cfg.postgresql.parameters,
+            "synchronous_standby_names": sync_guc(dyn, self._sync_names),
+        }
 
     def _upstream_for(self, view: ClusterView, leader: str | None) -> Upstream | None:
         if leader is None:
@@ -649,6 +657,8 @@ class Agent:
 
     async def _promote(self, term: int, reason: str, old_leader: str | None) -> None:
         self.activity = MemberState.PROMOTING
+        self._sync_names = ()
+        self._sync_pending = None
         t0 = time.monotonic()
         try:
             await self.pg.promote(timeout=30)
@@ -740,6 +750,7 @@ class Agent:
             if status != view.status:
                 await self.client.txn([cmp_create(k.leader, "=", term)], [op_put(k.status, status.to_json())])
         await self._manage_slots(view)
+        await manage_sync(self, view, term)
 
     async def _manage_slots(self, view: ClusterView) -> None:
         now = time.monotonic()
@@ -779,6 +790,18 @@ class Agent:
         )
         log.warning("leader_released", term=view.leader.term, succeeded=res.succeeded)
         await self.mirror.resync()
+
+    async def do_detach(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+        log.warning("replication_detached", old_upstream=facts.streaming_from, why=d.why)
+        await self._write_config(
+            self._params(view.config),
+            Role.REPLICA,
+            None,
+            replication_password=secret_value(self.cfg.postgresql.replication.password),
+        )
+        self.upstream = None
+        await self.pg.reload()
+        self.wake.set()
 
     async def do_demote(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
         log.warning("demoting", why=d.why, mode="immediate")
@@ -962,6 +985,7 @@ EXECUTORS: dict[Action, Executor] = {
     Action.START_PRIMARY: Agent.do_start_primary,
     Action.RELEASE: Agent.do_release,
     Action.DEMOTE: Agent.do_demote,
+    Action.DETACH: Agent.do_detach,
     Action.SWITCHOVER: switchover.switchover,
     Action.REJECT_SWITCHOVER: switchover.reject_switchover,
 }

@@ -46,6 +46,7 @@ class Action(StrEnum):
     START_PRIMARY = "start_primary"  # we hold the key, PostgreSQL is down: restart in place
     RELEASE = "release"  # we hold the key but cannot run a primary: give it up now
     DEMOTE = "demote"  # we run read-write without the key: stop writes, become a replica
+    DETACH = "detach"  # synchronous mode, no leader: stop streaming from the old primary first
     SWITCHOVER = "switchover"  # leader: hand over to `target` (stop writes, wait, release)
     REJECT_SWITCHOVER = "reject_switchover"  # leader: drop an impossible or stale request
 
@@ -126,6 +127,17 @@ def assess(member: Member, view: ClusterView) -> Candidate:
         reason = "WAL position unknown"
     elif tl < view.max_timeline:
         reason = f"timeline {tl} is behind the cluster's timeline {view.max_timeline}"
+    elif (
+        cfg.replication_mode == "synchronous"
+        and view.sync is not None
+        and view.sync.members
+        and member.name not in view.sync.members
+        and member.name != view.sync.leader
+    ):
+        reason = (
+            f"not a synchronous standby (sync set: {', '.join(view.sync.members)}); "
+            "promoting it could lose acknowledged writes"
+        )
     else:
         lag = max(0, reference_lsn(view) - lsn)
         if lag > cfg.maximum_lag_on_failover:
@@ -312,6 +324,10 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
         if view.paused:
             return Decision(Action.WAIT, "paused: not starting postgres")
         return Decision(Action.START_REPLICA, "no leader; starting read-only to take part in the election")
+    if view.config.replication_mode == "synchronous" and local.in_recovery and local.streaming_from:
+        # The old primary may still run (partitioned from etcd, not from us): stop acknowledging
+        # its commits before anyone is elected, so it can never collect another acknowledgement.
+        return Decision(Action.DETACH, "no leader: stop streaming from the old primary before the election")
     sw = view.switchover
     if (
         sw is not None

@@ -10,6 +10,7 @@ Keys under ``<namespace>/<scope>/``:
 ``status``          leader LSN and timeline (JSON), written by the leader under its term
 ``history``         promotions (JSON list), appended by the new leader under its term
 ``switchover``      a pending switchover or manual failover request (JSON, CAS on mod_revision)
+``sync``            the synchronous standbys (JSON), written by the leader under its term
 ==================  ==========================================================================
 """
 
@@ -82,6 +83,10 @@ class Keys:
     def switchover(self) -> str:
         return f"{self.prefix}/switchover"
 
+    @property
+    def sync(self) -> str:
+        return f"{self.prefix}/sync"
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -100,6 +105,7 @@ class Member:
     failover_priority: int = 1
     noloadbalance: bool = False
     nosync: bool = False
+    sync_priority: int = 1
     eligible: bool = False
     ineligible_reason: str | None = None
     streaming_from: str | None = None
@@ -186,6 +192,27 @@ def parse_history(raw: bytes | None) -> tuple[HistoryEntry, ...]:
         return ()
 
 
+@dataclass(frozen=True, slots=True)
+class SyncState:
+    """Members that have acknowledged every commit since the leader of ``term`` listed them."""
+
+    leader: str
+    members: tuple[str, ...]
+    term: int
+    mod_revision: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps({"leader": self.leader, "members": list(self.members), "term": self.term}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, mod_revision: int = 0) -> SyncState | None:
+        try:
+            d = json.loads(raw)
+            return cls(str(d["leader"]), tuple(str(m) for m in d["members"]), int(d["term"]), mod_revision)
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
 class SwitchoverKind(StrEnum):
     SWITCHOVER = "switchover"  # planned: the healthy leader hands over
     FAILOVER = "failover"  # manual: promote the named candidate, with or without a leader
@@ -252,6 +279,7 @@ class ClusterView:
     history: tuple[HistoryEntry, ...] = ()
     history_revision: int = 0
     switchover: Switchover | None = None
+    sync: SyncState | None = None
 
     @property
     def paused(self) -> bool:
@@ -287,6 +315,7 @@ def build_view(
     history: tuple[HistoryEntry, ...] = ()
     history_rev = 0
     switchover: Switchover | None = None
+    sync: SyncState | None = None
     for key, (value, create_rev, mod_rev, lease) in kvs.items():
         if key == keys.initialize:
             initialized = value.decode(errors="replace")
@@ -309,6 +338,8 @@ def build_view(
             history_rev = mod_rev
         elif key == keys.switchover:
             switchover = Switchover.from_json(value, mod_rev)
+        elif key == keys.sync:
+            sync = SyncState.from_json(value, mod_rev)
     return ClusterView(
         revision=revision,
         initialized=initialized,
@@ -321,6 +352,7 @@ def build_view(
         history=history,
         history_revision=history_rev,
         switchover=switchover,
+        sync=sync,
     )
 
 

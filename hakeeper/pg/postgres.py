@@ -37,7 +37,13 @@ from typing import Any, Literal, NamedTuple
 import psycopg
 from psycopg import sql as pgsql
 
-from hakeeper.config import AGENT_OWNED_PARAMETERS, ParamValue, PostgresConfig, secret_value
+from hakeeper.config import (
+    AGENT_OWNED_PARAMETERS,
+    AGENT_SET_PARAMETERS,
+    ParamValue,
+    PostgresConfig,
+    secret_value,
+)
 from hakeeper.log import get_logger
 from hakeeper.lsn import parse_lsn
 from hakeeper.pg.bins import find_bin_dir
@@ -381,7 +387,7 @@ class Postgres:
     ) -> str:
         merged: dict[str, ParamValue] = {}
         for name in sorted(params):
-            if name.lower() in AGENT_OWNED_PARAMETERS:
+            if name.lower() in AGENT_OWNED_PARAMETERS - AGENT_SET_PARAMETERS:
                 log.warning("postgres_param_ignored", param=name, reason="managed by hakeeper")
                 continue
             merged[name] = params[name]
