@@ -218,6 +218,16 @@ def switchover_target(view: ClusterView, sw: Switchover, leader: str) -> tuple[s
         c = assess(m, view)
         if not c.eligible and not sw.force:
             return None, f"candidate {sw.candidate} is not eligible: {c.reason}"
+        # assess() already keeps non-sync members out once the sync set is non-empty; a planned
+        # switchover in synchronous mode also refuses them while the set is still forming.
+        if (
+            sw.kind == SwitchoverKind.SWITCHOVER
+            and view.config.replication_mode == "synchronous"
+            and view.sync is not None
+            and sw.candidate not in view.sync.members
+            and not sw.force
+        ):
+            return None, f"candidate {sw.candidate} is not a synchronous standby"
         if m.state != MemberState.STREAMING and not sw.force:
             return None, f"candidate {sw.candidate} is not streaming (state {m.state})"
         return sw.candidate, None

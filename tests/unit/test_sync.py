@@ -61,3 +61,17 @@ def test_replicas_detach_from_a_leaderless_primary_before_the_election_in_sync_m
     assert decide(v, local("b", streaming_from="127.0.0.1:5432")).action == Action.DETACH
     async_view = view(replica("b"), replica("c"))
     assert decide(async_view, local("b", streaming_from="127.0.0.1:5432")).action == Action.CAMPAIGN
+
+
+def test_switchover_in_sync_mode_goes_to_a_sync_standby_only() -> None:
+    from hakeeper.ha.model import Switchover, SwitchoverKind
+
+    sync = SyncState("a", ("c",), term=42)
+    req = Switchover(SwitchoverKind.SWITCHOVER, "a", "b", requested_at=0.0)
+    v = view(primary("a"), replica("b"), replica("c"), leader="a", config=SYNC, sync=sync, switchover=req)
+    d = decide(v, local("a", in_recovery=False, now=1.0))
+    assert d.action == Action.REJECT_SWITCHOVER and "not a synchronous standby" in d.why
+    anyone = Switchover(SwitchoverKind.SWITCHOVER, "a", None, requested_at=0.0)
+    v = view(primary("a"), replica("b"), replica("c"), leader="a", config=SYNC, sync=sync, switchover=anyone)
+    d = decide(v, local("a", in_recovery=False, now=1.0))
+    assert (d.action, d.target) == (Action.SWITCHOVER, "c")
