@@ -143,6 +143,17 @@ def haproxy_config(
     return "\n".join(out) + "\n"
 
 
+def write_check_settings(cfg_text: str) -> str:
+    """The ``default-server`` line of the write backend (check timing), for the report."""
+    section = ""
+    for line in cfg_text.splitlines():
+        if line and not line[0].isspace():
+            section = line.split()[-1]
+        elif section == "postgres_write" and line.strip().startswith("default-server"):
+            return line.strip()
+    return "unknown"
+
+
 def haproxy_program() -> str:
     for c in ("/usr/sbin/haproxy", shutil.which("haproxy")):
         if c and os.access(c, os.X_OK):
@@ -683,8 +694,8 @@ def render(
         "- Per switchover two writers run at the same time, each one autocommit `INSERT ... RETURNING "
         "inet_server_port()` every 10 ms with a new id (never retried), `connect_timeout=1`: one through "
         "the libpq multi-host DSN (`target_session_attrs=read-write`), one through HAProxy's write port "
-        "(`deploy/haproxy.cfg` with loopback addresses; `GET /primary` checks, inter 1s / fastinter 250ms / "
-        "downinter 500ms, rise 1, fall 2).  So every switchover is measured on both paths.",
+        "(`deploy/haproxy.cfg` with loopback addresses; `GET /primary` checks, "
+        f"`{write_check_settings(haproxy_text)}`).  So every switchover is measured on both paths.",
         "- The switchover goes to the other replica each time (alternating), requested from the leader's "
         "HTTP API with leader and candidate 1.5-2.5 s (random) after the writers started.",
         "- **window** = the longest gap between two successive acknowledged INSERTs of one writer where "

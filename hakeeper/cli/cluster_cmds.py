@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
@@ -152,7 +153,7 @@ def members_table(view: ClusterView) -> Table:
             else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(sw.scheduled_at))
         )
         title += f" [{sw.kind.value} {sw.leader or '-'} -> {sw.candidate or 'best replica'}, {when}]"
-    t = Table(title=title)
+    t = Table(title=escape(title))
     for col in ("Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Notes"):
         t.add_column(col, justify="right" if col in ("TL", "Lag (bytes)") else "left")
     for r in members_rows(view):
@@ -168,7 +169,7 @@ def members_table(view: ClusterView) -> Table:
             r["state"],
             "" if r["timeline"] is None else str(r["timeline"]),
             "" if r["lag"] is None else str(r["lag"]),
-            "; ".join(notes),
+            escape("; ".join(notes)),
         )
     return t
 

@@ -1,0 +1,307 @@
+"""The operations CLI against a real cluster, run as subprocesses the way an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from hakeeper.demo import LocalCluster
+from tests.support.cluster import running_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with running_cluster() as c:
+        yield c
+
+
+def hk(
+    c: LocalCluster,
+    *args: str,
+    node: str = "node1",
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``hakeeper ARGS -c nodeN/node.yml`` (``-c`` omitted when ARGS has --etcd)."""
+    argv = [sys.executable, "-m", "hakeeper", *args]
+    if "--etcd" not in args:
+        argv += ["-c", str(c.nodes[node].config_path)]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        argv,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=full_env,
+    )
+
+
+def listed(c: LocalCluster) -> dict[str, Any]:
+    res = hk(c, "list", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    doc: dict[str, Any] = json.loads(res.stdout)
+    return doc
+
+
+def api_has_operations(c: LocalCluster) -> bool:
+    """The agents' API answers the mutating endpoints (401 without credentials)."""
+    req = urllib.request.Request(c.nodes["node1"].api_url + "/switchover", data=b"{}", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=3):
+            return True
+    except urllib.error.HTTPError as e:
+        return e.code not in (404, 405)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def api(cluster: LocalCluster) -> LocalCluster:
+    if not api_has_operations(cluster):
+        pytest.skip("the agents' API does not offer the mutating endpoints yet")
+    return cluster
+
+
+def assert_clean_error(res: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr + res.stdout
+    for w in words:
+        assert w in res.stderr, res.stderr
+
+
+def wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def test_list_json_and_yaml(cluster: LocalCluster) -> None:
+    doc = listed(cluster)
+    primary = cluster.primary()
+    assert doc["leader"] == primary
+    assert doc["paused"] is False
+    assert doc["switchover"] is None
+    assert {m["name"] for m in doc["members"]} == set(cluster.names)
+    roles = {m["name"]: m["role"] for m in doc["members"]}
+    assert roles[primary] == "primary"
+    assert sorted(roles.values()) == ["primary", "replica", "replica"]
+
+    res = hk(cluster, "list", "-o", "yaml")
+    assert res.returncode == 0, res.stderr
+    ydoc = yaml.safe_load(res.stdout)
+    assert ydoc["leader"] == primary
+    assert len(ydoc["members"]) == 3
+
+    # The same through --etcd/--scope instead of -c.
+    res = hk(cluster, "list", "-o", "json", "--etcd", cluster.etcd_url, "--scope", cluster.scope)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["leader"] == primary
+
+    res = hk(cluster, "list")
+    assert res.returncode == 0 and primary in res.stdout and "leader" in res.stdout
+
+
+def test_list_watch_refreshes_and_ctrl_c_exits_0(cluster: LocalCluster) -> None:
+    argv = [sys.executable, "-m", "hakeeper", "list", "-o", "json", "--watch", "0.3"]
+    argv += ["-c", str(cluster.nodes["node1"].config_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert all(json.loads(line)["leader"] for line in lines)
+        proc.send_signal(2)  # SIGINT, as Ctrl-C
+        rc = proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0
+
+
+def test_history_and_show_config(cluster: LocalCluster) -> None:
+    res = hk(cluster, "history", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    assert isinstance(json.loads(res.stdout), list)
+    res = hk(cluster, "show-config")
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load(res.stdout)["ttl"] == 5
+    res = hk(cluster, "show-config", "-o", "json")
+    doc = json.loads(res.stdout)
+    assert doc["config"]["ttl"] == 5 and doc["revision"] > 0
+
+
+def test_dsn_connects(cluster: LocalCluster) -> None:
+    primary = cluster.primary()
+    env = {**os.environ, "PGPASSWORD": cluster.superuser_password}
+    res = hk(cluster, "dsn")
+    assert res.returncode == 0, res.stderr
+    with psycopg.connect(res.stdout.strip(), password=env["PGPASSWORD"], connect_timeout=3) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery(), inet_server_port()").fetchone()
+    assert row == (False, cluster.nodes[primary].pg_port)
+
+    res = hk(cluster, "dsn", "--role", "replica", "-o", "json")
+    doc = json.loads(res.stdout)
+    with psycopg.connect(doc["dsn"], password=env["PGPASSWORD"], connect_timeout=3) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    assert row == (True,)
+    assert doc["members"][0] != primary
+
+    res = hk(cluster, "dsn", "--multi-host")
+    assert "target_session_attrs=read-write" in res.stdout
+    with psycopg.connect(res.stdout.strip(), password=env["PGPASSWORD"], connect_timeout=3) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    assert row == (False,)
+
+    assert_clean_error(hk(cluster, "dsn", "--member", "nosuch"), 1, "nosuch", "not a member")
+
+
+def test_refusals_are_one_line(cluster: LocalCluster) -> None:
+    assert_clean_error(
+        hk(cluster, "switchover", "--candidate", "nosuch", "--force"), 1, "candidate 'nosuch' is not a member"
+    )
+    primary = cluster.primary()
+    assert primary is not None
+    assert_clean_error(hk(cluster, "switchover", "--candidate", primary, "--force"), 1, "already the leader")
+    assert_clean_error(hk(cluster, "failover", "--candidate", "nosuch", "--force"), 1, "not a member")
+    assert_clean_error(hk(cluster, "restart", "nosuch", "--force"), 1, "not a member")
+    # No terminal and no --force: refuse without asking.
+    other = next(n for n in cluster.names if n != primary)
+    assert_clean_error(hk(cluster, "switchover", "--candidate", other), 1, "--force")
+    # Usage errors: exit 2.
+    assert_clean_error(hk(cluster, "edit-config", "--set", "loop_wait", "--force"), 2, "key.path=value")
+    assert_clean_error(hk(cluster, "list", "-o", "xml"), 2, "unknown output format")
+    assert_clean_error(hk(cluster, "switchover", "--scheduled", "someday", "--force"), 2, "ISO 8601")
+    # Unreachable etcd.
+    assert_clean_error(
+        hk(cluster, "list", "--etcd", "http://127.0.0.1:9", "--scope", "x"), 1, "cannot read the cluster"
+    )
+
+
+def test_bad_credentials_are_refused(api: LocalCluster) -> None:
+    res = hk(api, "pause", "--token", "wrong-token")
+    assert_clean_error(res, 1, "not authenticated")
+    assert listed(api)["paused"] is False
+
+
+def test_pause_resume_visible_in_list(api: LocalCluster) -> None:
+    res = hk(api, "pause")
+    assert res.returncode == 0, res.stderr
+    assert "paused" in res.stdout
+    assert listed(api)["paused"] is True
+    table = hk(api, "list").stdout
+    assert "paused" in table
+    res = hk(api, "pause", "-o", "json")
+    assert res.returncode == 0 and json.loads(res.stdout)["changed"] is False
+    # Credentials from the environment instead of the YAML file.
+    token = yaml.safe_load(api.nodes["node1"].config_path.read_text())["api"]["token"]
+    res = hk(
+        api,
+        "resume",
+        "--etcd",
+        api.etcd_url,
+        "--scope",
+        api.scope,
+        env={"HAKEEPER_API_TOKEN": token},
+    )
+    assert res.returncode == 0, res.stderr
+    assert listed(api)["paused"] is False
+
+
+def test_edit_config_set_then_show_config(api: LocalCluster) -> None:
+    res = hk(api, "edit-config", "--set", "loop_wait=2", "--pg", "work_mem=8MB", "--force")
+    assert res.returncode == 0, res.stderr
+    assert "+loop_wait: 2" in res.stdout and "configuration updated" in res.stdout
+    shown = yaml.safe_load(hk(api, "show-config").stdout)
+    assert shown["loop_wait"] == 2
+    assert shown["postgresql"]["parameters"]["work_mem"] == "8MB"
+    # Same value again: nothing to do.
+    res = hk(api, "edit-config", "--set", "loop_wait=2", "--force")
+    assert res.returncode == 0 and "no changes" in res.stdout
+    # Invalid value: refused locally, nothing written.
+    res = hk(api, "edit-config", "--set", "ttl=1", "--force")
+    assert_clean_error(res, 1, "invalid")
+    # --apply from stdin, deleting the parameter and restoring loop_wait.
+    res = hk(
+        api,
+        "edit-config",
+        "--apply",
+        "-",
+        "--force",
+        stdin="loop_wait: 1.0\npostgresql:\n  parameters:\n    work_mem: null\n",
+    )
+    assert res.returncode == 0, res.stderr
+    shown = yaml.safe_load(hk(api, "show-config").stdout)
+    assert shown["loop_wait"] == 1.0 and "work_mem" not in shown["postgresql"]["parameters"]
+    # Without --force and without a terminal: refused, nothing written.
+    res = hk(api, "edit-config", "--set", "loop_wait=3")
+    assert_clean_error(res, 1, "--force")
+    assert yaml.safe_load(hk(api, "show-config").stdout)["loop_wait"] == 1.0
+
+
+def test_edit_config_with_editor(api: LocalCluster, tmp_path: Any) -> None:
+    editor = tmp_path / "ed.sh"
+    editor.write_text(
+        "#!/bin/sh\nsed -i 's/^maximum_lag_on_failover: .*/maximum_lag_on_failover: 2097152/' \"$1\"\n"
+    )
+    editor.chmod(0o755)
+    res = hk(api, "edit-config", "--force", env={"EDITOR": str(editor)})
+    assert res.returncode == 0, res.stderr
+    assert "+maximum_lag_on_failover: 2097152" in res.stdout
+    assert yaml.safe_load(hk(api, "show-config").stdout)["maximum_lag_on_failover"] == 2097152
+
+
+def test_switchover_moves_the_primary(api: LocalCluster) -> None:
+    api.wait_ready(120)
+    old = listed(api)["leader"]
+    new = next(n for n in api.names if n != old)
+    res = hk(api, "switchover", "--candidate", new, "--force", node=new)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert new in res.stdout
+    doc = listed(api)
+    assert doc["leader"] == new
+    roles = {m["name"]: m["role"] for m in doc["members"]}
+    assert roles[new] == "primary"
+    wait_for(lambda: api.primary() == new, 30, "the new leader's PostgreSQL is not writable")
+    hist = json.loads(hk(api, "history", "-o", "json").stdout)
+    assert hist and hist[-1]["new_leader"] == new
+    # --leader that is not the leader: refused.
+    assert_clean_error(hk(api, "switchover", "--leader", old, "--force"), 1, f"the leader is {new}")
+
+
+def test_failover_to_a_replica(api: LocalCluster) -> None:
+    api.wait_ready(120)
+    old = listed(api)["leader"]
+    cand = next(n for n in sorted(api.names) if n != old)
+    res = hk(api, "failover", "--candidate", cand, "--force", "-o", "json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert json.loads(res.stdout)["leader"] == cand
+    assert listed(api)["leader"] == cand
+    api.wait_ready(120)
+
+
+def test_reload_and_restart_a_replica(api: LocalCluster) -> None:
+    api.wait_ready(120)
+    leader = listed(api)["leader"]
+    replica = next(n for n in api.names if n != leader)
+    res = hk(api, "reload", replica)
+    assert res.returncode == 0, res.stderr
+    res = hk(api, "restart", replica, "--force")
+    assert res.returncode == 0, res.stderr
+    api.wait_ready(120)
