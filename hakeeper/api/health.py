@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hakeeper.config import Tags
+
 if TYPE_CHECKING:
     from hakeeper.ha.agent import Agent
 
@@ -21,13 +23,13 @@ class QueryError(ValueError):
     """A health-check query parameter is malformed (answered with 400)."""
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,6})?) ?([kKmMgGtT]i?[bB]?|[bB])?", re.ASCII)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def parse_size(text: str) -> int:
     """``'16MB'`` -> 16777216; plain numbers are bytes; units are binary (kB = 1024 bytes)."""
-    m = _SIZE_RE.match(text)
+    m = _SIZE_RE.fullmatch(text)
     if m is None:
         raise ValueError(f"not a size: {text!r} (use bytes or a number with kB, MB, GB or TB)")
     unit = (m.group(2) or "").lower()
@@ -37,17 +39,14 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-BOOL_TAGS = ("nofailover", "noloadbalance", "nosync")
-INT_TAGS = ("failover_priority",)
+BOOL_TAGS = tuple(n for n, f in Tags.model_fields.items() if f.annotation is bool)
+INT_TAGS = tuple(n for n, f in Tags.model_fields.items() if f.annotation is int)
 
 
 def parse_bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in _TRUE:
+    if text == "true":
         return True
-    if t in _FALSE:
+    if text == "false":
         return False
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
 
@@ -77,7 +76,9 @@ def parse_query(query: Mapping[str, str], *, allow_lag: bool) -> HealthQuery:
                 if name in BOOL_TAGS:
                     tags[name] = parse_bool(value)
                 elif name in INT_TAGS:
-                    tags[name] = int(value.strip())
+                    if not re.fullmatch(r"-?[0-9]{1,18}", value, re.ASCII):
+                        raise ValueError(f"not an integer: {value!r}")
+                    tags[name] = int(value)
                 else:
                     known = ", ".join(f"tag_{t}" for t in (*BOOL_TAGS, *INT_TAGS))
                     raise QueryError(f"unknown tag {name!r} (known: {known})")
@@ -106,6 +107,7 @@ class NodeFacts:
     loop_age: float
     loop_limit: float
     maximum_lag_on_failover: int
+    sync_standbys: tuple[str, ...] = ()  # the leader's current synchronous standbys
 
     @classmethod
     def from_agent(cls, agent: Agent, now: float | None = None) -> NodeFacts:
@@ -126,7 +128,16 @@ class NodeFacts:
             loop_age=max(0.0, now - agent.loop_heartbeat),
             loop_limit=max(float(dyn.ttl), 10 * dyn.loop_wait),
             maximum_lag_on_failover=dyn.maximum_lag_on_failover,
+            sync_standbys=_sync_standbys(agent),
         )
+
+
+def _sync_standbys(agent: Agent) -> tuple[str, ...]:
+    view = agent.last_view
+    sync = getattr(view, "sync", None)
+    if sync is None or view.leader is None or sync.leader != view.leader.name:
+        return ()
+    return tuple(sync.members)
 
 
 Verdict = tuple[bool, str | None]
@@ -189,11 +200,16 @@ def check_read_only(f: NodeFacts, q: HealthQuery) -> Verdict:
 
 
 def check_sync(f: NodeFacts, q: HealthQuery) -> Verdict:
-    return False, "no synchronous standbys are configured (synchronous replication is not supported yet)"
+    if not f.sync_standbys:
+        return False, "no synchronous standbys are configured"
+    if f.name not in f.sync_standbys:
+        return False, "not a synchronous standby"
+    return check_replica(f, q)
 
 
 def check_async(f: NodeFacts, q: HealthQuery) -> Verdict:
-    # Without synchronous replication, every healthy replica is asynchronous.
+    if f.name in f.sync_standbys:
+        return False, "a synchronous standby"
     return check_replica(f, q)
 
 

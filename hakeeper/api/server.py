@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import resource
 import time
 from collections.abc import Awaitable, Callable
@@ -543,18 +544,16 @@ class ApiServer:
 
 
 def parse_if_match(value: str | None) -> int | None:
-    """``If-Match: 12`` / ``"12"`` / ``W/"12"`` -> 12; ``*`` or absent -> None."""
+    """``If-Match: 12`` / ``"12"`` / ``W/"12"`` -> 12; absent -> None."""
     if value is None:
         return None
-    v = value.strip()
-    if v == "*":
-        return None
-    if v.startswith("W/"):
-        v = v[2:]
-    v = v.strip('"').strip()
-    if not v.isdigit() or len(v) > 19:
+    m = _IF_MATCH.fullmatch(value)
+    if m is None:
         raise ApiError(400, f"If-Match must be a config revision (an integer), not {value!r}")
-    return int(v)
+    return int(m.group(1))
+
+
+_IF_MATCH = re.compile(r'(?:W/)?"?([0-9]{1,18})"?', re.ASCII)
 
 
 def _validation_errors(e: ValidationError) -> list[dict[str, str]]:
