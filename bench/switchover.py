@@ -484,6 +484,7 @@ class PathResult:
     path: str
     window_s: float | None
     first_new_s: float | None  # request -> first ack from the new primary
+    last_old_s: float | None  # request -> last ack from the old primary
     acked: int
     failed: int
     unknown: int
@@ -502,6 +503,34 @@ class Trial:
     request_answer: str
     paths: list[PathResult] = field(default_factory=list)
     healthy_again_s: float | None = None
+    hap_old_down_s: float | None = None  # request -> HAProxy marks the old primary not UP
+    hap_new_up_s: float | None = None  # request -> HAProxy marks the new primary UP
+
+
+class StatePoller(threading.Thread):
+    """Polls HAProxy's write backend every 25 ms; remembers when old left and new reached UP."""
+
+    def __init__(self, hap: HAProxy, old: str, new: str) -> None:
+        super().__init__(name="haproxy-poller", daemon=True)
+        self.hap, self.old, self.new = hap, old, new
+        self.t0: float | None = None
+        self.old_down: float | None = None
+        self.new_up: float | None = None
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.025):
+            if self.t0 is None:
+                continue
+            try:
+                st = self.hap.server_states().get("postgres_write", {})
+            except OSError:
+                continue
+            now = time.monotonic() - self.t0
+            if self.old_down is None and not st.get(self.old, "").startswith("UP"):
+                self.old_down = now
+            if self.new_up is None and st.get(self.new, "").startswith("UP"):
+                self.new_up = now
 
 
 def _setup_table(dsn: str) -> None:
@@ -542,8 +571,11 @@ def run_trial(m: Manager, hap: HAProxy, number: int, ids: Callable[[], int], tim
     writers = {label: Writer(dsn, label, number, ids) for label, dsn in dsns.items()}
     for w in writers.values():
         w.start()
+    poller = StatePoller(hap, old, new)
+    poller.start()
     time.sleep(1.5 + random.random())
     t0 = time.monotonic()
+    poller.t0 = t0
     status, answer = m.request_switchover(old, new)
     t_answer = time.monotonic()
     new_port = m.pg_port(new)
@@ -557,10 +589,14 @@ def run_trial(m: Manager, hap: HAProxy, number: int, ids: Callable[[], int], tim
         w.stop_event.set()
     for w in writers.values():
         w.join(10)
+    poller.stop_event.set()
+    poller.join(5)
     trial = Trial(m.label, number, old, new, status, t_answer - t0, answer.strip()[:200])
+    trial.hap_old_down_s, trial.hap_new_up_s = poller.old_down, poller.new_up
     for label, w in writers.items():
         acks = w.acks()
         firsts = [a.end - t0 for a in acks if a.server_port == new_port and a.end > t0]
+        lasts = [a.end - t0 for a in acks if a.server_port == m.pg_port(old)]
         present = _present(m.write_dsn() + auth, number, label)
         lost = sum(1 for a in acks if a.id not in present)
         trial.paths.append(
@@ -568,6 +604,7 @@ def run_trial(m: Manager, hap: HAProxy, number: int, ids: Callable[[], int], tim
                 label,
                 window(acks, t0),
                 min(firsts) if firsts else None,
+                max(lasts) if lasts else None,
                 len(acks),
                 w.probe.failed,
                 w.probe.unknown,
@@ -700,7 +737,10 @@ def render(
         "HTTP API with leader and candidate 1.5-2.5 s (random) after the writers started.",
         "- **window** = the longest gap between two successive acknowledged INSERTs of one writer where "
         "the second ack comes after the request (steady state: ~10 ms).  *first ack on new* = request → "
-        "first ack from the new primary.  **lost** = acknowledged ids missing on the new primary.",
+        "first ack from the new primary, *last ack on old* = request → last ack from the old one.  "
+        "*HAProxy old down / new up* = request → the stats page (polled every 25 ms) first shows the "
+        "old primary not UP / the new one UP in the write backend.  **lost** = acknowledged ids "
+        "missing on the new primary.",
         "- p99 over n ≈ 12 is interpolated between the two largest values: read it as 'close to the max'.",
         "",
         "### Results",
@@ -724,15 +764,17 @@ def render(
         "",
         "<details><summary>Every switchover</summary>",
         "",
-        "| manager | # | old → new | API answer | API call s | path | window s | first ack on new s "
-        "| acked | failed | unknown | lost | healthy again s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| manager | # | old → new | API answer | API call s | path | window s | last ack on old s "
+        "| first ack on new s | HAProxy: old down / new up s | acked | failed | unknown | lost "
+        "| healthy again s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
         for p in t.paths:
             lines.append(
                 f"| {t.manager} | {t.number} | {t.old} → {t.new} | {t.request_status} | {t.request_s:.2f} "
-                f"| {p.path} | {_f(p.window_s, 3)} | {_f(p.first_new_s)} | {p.acked} | {p.failed} "
+                f"| {p.path} | {_f(p.window_s, 3)} | {_f(p.last_old_s)} | {_f(p.first_new_s)} "
+                f"| {_f(t.hap_old_down_s)} / {_f(t.hap_new_up_s)} | {p.acked} | {p.failed} "
                 f"| {p.unknown} "
                 f"| {p.lost} | {_f(t.healthy_again_s, 1)} |"
             )
