@@ -295,6 +295,13 @@ def render(facts: dict[str, str], subjects: Sequence[Subject], command: str, pat
             )
     if obs:
         lines += ["", "Observations (computed from the data above):", "", *obs]
+    lines += [
+        "",
+        "Reference, **not re-measured here**: `patroni-bench.md` (the shared Patroni 4.1.5 baseline, "
+        "this machine type, 2026-11-23/24, load average 0.3-0.8, nothing pinned) reports for the "
+        "leader's `/primary` with the same wrk command 1368 / 1459 / 1694 req/s and p99 11.40 / 13.00 / "
+        "14.98 ms (min / median / max, n = 5), and 49.5-49.7 MiB RSS per Patroni process.",
+    ]
     lines += ["", MARK_END]
     return "\n".join(lines) + "\n"
 
