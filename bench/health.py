@@ -280,10 +280,21 @@ def render(facts: dict[str, str], subjects: Sequence[Subject], command: str, pat
     lines += ["", "| manager | pinned | RSS KiB idle / after all runs | socket errors (wrk) | notes |"]
     lines += ["|---|---|---|---|---|"]
     for s in subjects:
-        errs = sorted({r.socket_errors for r in s.plain + s.with_idle})
+        runs = s.plain + s.with_idle
+        reads = sum(int(m) for r in runs for m in re.findall(r"read (\d+)", r.socket_errors))
+        others = sum(
+            int(m) for r in runs for m in re.findall(r"(?:connect|write|timeout) (\d+)", r.socket_errors)
+        )
+        total = sum(r.requests for r in runs)
+        errs = (
+            "none"
+            if reads + others == 0
+            else f"read {reads} (of {total} requests: the server closes the connection after each "
+            f"response, no keep-alive), other {others}"
+        )
         lines.append(
-            f"| {s.manager} | {s.pinned} | {s.rss_idle_kib} / {s.rss_after_kib} | {'; '.join(errs)[:200]} "
-            f"| {'; '.join(s.notes)[:300] or '-'} |"
+            f"| {s.manager} | {s.pinned} | {s.rss_idle_kib} / {s.rss_after_kib} | {errs} "
+            f"| {'; '.join(s.notes)[:600] or '-'} |"
         )
     obs = []
     for s in subjects:
@@ -312,7 +323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--patroni", action="store_true", help="also measure Patroni (bench/patroni_cluster.py)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--render-json", type=Path, default=None, help="only re-render from an earlier --json")
     args = p.parse_args(argv)
+    if args.render_json is not None:
+        doc = json.loads(args.render_json.read_text())
+        subs = []
+        for d in doc["subjects"]:
+            d["plain"] = [WrkResult(**r) for r in d["plain"]]
+            d["with_idle"] = [WrkResult(**r) for r in d["with_idle"]]
+            subs.append(Subject(**d))
+        note = doc.get("patroni_note", "not run in this invocation.")
+        text = render(doc["facts"], subs, doc.get("command", "python -m bench.health"), note)
+        write_section(args.out, MARK_START, MARK_END, text)
+        return 0
     if wrk_program() is None:
         print(
             "wrk is not installed (apt-get install wrk); it is a benchmark-only dependency", file=sys.stderr
@@ -383,7 +406,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"wrote the health section of {args.out}")
     if args.json:
         args.json.write_text(
-            json.dumps({"facts": facts, "subjects": [asdict(s) for s in subjects]}, indent=1)
+            json.dumps(
+                {
+                    "facts": facts,
+                    "command": command,
+                    "patroni_note": patroni_note,
+                    "subjects": [asdict(s) for s in subjects],
+                },
+                indent=1,
+            )
         )
     return rc if subjects else (rc or 1)
 
