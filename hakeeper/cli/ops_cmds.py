@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +46,7 @@ from hakeeper.cli.cluster_cmds import (
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.config import ConfigError, NodeConfig, parse_dynamic_config
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.ha.decide import switchover_live
 from hakeeper.ha.model import ClusterView, Member, MemberRole, MemberState
 
 TOKEN_ENV = "HAKEEPER_API_TOKEN"
@@ -473,6 +475,9 @@ def switchover(
         str | None, typer.Option("--candidate", help="Who takes over (default: the best eligible replica).")
     ] = None,
     scheduled: ScheduledOpt = None,
+    cancel: Annotated[
+        bool, typer.Option("--cancel", help="Cancel a pending (e.g. scheduled) switchover or failover.")
+    ] = False,
     force: ForceOpt = False,
     output: OutputOpt = "table",
     token: TokenOpt = None,
@@ -482,6 +487,17 @@ def switchover(
 ) -> None:
     """Planned handover: the healthy leader stops writes and hands over to a caught-up replica."""
     check_output(output)
+    if cancel:
+        if leader or candidate or scheduled:
+            raise fail("--cancel takes no --leader, --candidate or --scheduled", 2)
+        ctx = make_context(config, etcd, scope, namespace, token, user, password)
+        view = read_view(ctx)
+        if view.switchover is None:
+            raise fail("no switchover or failover is pending")
+        ans = call_any(view, "DELETE", "/switchover", ctx.auth, what="cancel", timeout=timeout)
+        data = check_answer(ans, "cancel", ctx.auth)
+        _print_result(output, data, str(data.get("message") or "cancelled"))
+        return
     try:
         when = parse_when(scheduled)
     except UsageError as e:
@@ -496,11 +512,11 @@ def switchover(
         if candidate == cur.name:
             raise fail(f"candidate {candidate} is already the leader")
         cand = member_or_exit(view, candidate, "candidate")
-    if view.switchover is not None:
-        sw = view.switchover
+    sw = view.switchover
+    if sw is not None and switchover_live(sw, view, time.time()):
         raise fail(
             f"a {sw.kind.value} to {sw.candidate or 'the best replica'} is already pending "
-            "(cancel it with DELETE /switchover, or wait)"
+            "(cancel it with `hakeeper switchover --cancel`, or wait)"
         )
     target = _describe(cand) if cand else "the best eligible replica"
     at = "now" if when is None else f"at {when.isoformat()}"

@@ -224,6 +224,27 @@ def test_pause_resume_visible_in_list(api: LocalCluster) -> None:
     assert listed(api)["paused"] is False
 
 
+def test_scheduled_switchover_then_cancel(api: LocalCluster) -> None:
+    import datetime as dt
+
+    leader = listed(api)["leader"]
+    cand = next(n for n in api.names if n != leader)
+    when = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+    res = hk(api, "switchover", "--candidate", cand, "--scheduled", when, "--force", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["status"] == 202
+    pending = listed(api)["switchover"]
+    assert pending is not None and pending["candidate"] == cand and pending["scheduled_at"]
+    assert "switchover" in hk(api, "list").stdout
+    # A second request is refused while this one is pending.
+    assert_clean_error(hk(api, "switchover", "--candidate", cand, "--force"), 1, "already pending")
+    res = hk(api, "switchover", "--cancel")
+    assert res.returncode == 0, res.stderr
+    assert listed(api)["switchover"] is None
+    assert listed(api)["leader"] == leader
+    assert_clean_error(hk(api, "switchover", "--cancel"), 1, "no switchover")
+
+
 def test_edit_config_set_then_show_config(api: LocalCluster) -> None:
     res = hk(api, "edit-config", "--set", "loop_wait=2", "--pg", "work_mem=8MB", "--force")
     assert res.returncode == 0, res.stderr
