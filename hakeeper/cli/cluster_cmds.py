@@ -25,17 +25,43 @@ EtcdOpt = Annotated[list[str] | None, typer.Option("--etcd", help="etcd URL (rep
 ScopeOpt = Annotated[str | None, typer.Option("--scope", help="Cluster name; with --etcd.")]
 NamespaceOpt = Annotated[str, typer.Option("--namespace", help="Key prefix; with --etcd.")]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table, json or yaml.")]
+WATCH_DEFAULT_S = "2"
 WatchOpt = Annotated[
     str | None,
     typer.Option(
         "-w",
         "--watch",
-        is_flag=False,
-        flag_value="2",
         metavar="[SECONDS]",
-        help="Refresh every SECONDS (default 2) until Ctrl-C.",
+        help=f"Refresh every SECONDS (default {WATCH_DEFAULT_S}) until Ctrl-C.",
     ),
 ]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def expand_watch_default(args: list[str]) -> list[str]:
+    """Let ``list --watch`` take an optional value: a bare ``--watch``/``-w`` (last, or followed
+    by another option) gets the default interval.  ``args`` is ``sys.argv[1:]``."""
+    if "list" not in args:
+        return args
+    start = args.index("list")
+    out = args[: start + 1]
+    rest = args[start + 1 :]
+    for i, a in enumerate(rest):
+        out.append(a)
+        if a in ("-w", "--watch"):
+            nxt = rest[i + 1] if i + 1 < len(rest) else None
+            if nxt is None or (nxt.startswith("-") and not _is_number(nxt)):
+                out.append(WATCH_DEFAULT_S)
+    return out
+
+
 OUTPUTS = ("table", "json", "yaml")
 
 
@@ -66,9 +92,18 @@ def etcd_client_for(cfg: NodeConfig) -> EtcdClient:
     )
 
 
+def quiet_logging() -> None:
+    """Library log lines (e.g. one etcd endpoint of several failing) go to stderr, and only at
+    ERROR: stdout carries the command's output (JSON for scripts) and nothing else."""
+    from hakeeper.log import setup_logging
+
+    setup_logging(fmt="console", level="ERROR")
+
+
 def _client_and_prefix(
     config: Path | None, etcd: list[str] | None, scope: str | None, namespace: str
 ) -> tuple[EtcdClient, str]:
+    quiet_logging()
     if config is not None:
         cfg = load_or_exit(config)
         return etcd_client_for(cfg), cfg.prefix

@@ -79,7 +79,9 @@ def _register_optional_commands() -> None:
 
 def main() -> None:
     _register_optional_commands()
+    from hakeeper.cli.cluster_cmds import expand_watch_default
+
     try:
-        app()
+        app(args=expand_watch_default(sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit(130)

@@ -42,6 +42,7 @@ from hakeeper.cli.cluster_cmds import (
     emit_data,
     etcd_client_for,
     fetch_view,
+    quiet_logging,
 )
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.config import ConfigError, NodeConfig, parse_dynamic_config
@@ -275,6 +276,7 @@ def make_context(
     user: str | None = None,
     password: str | None = None,
 ) -> Context:
+    quiet_logging()
     cfg = None
     if config is not None:
         cfg = load_or_exit(config)

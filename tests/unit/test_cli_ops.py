@@ -209,3 +209,45 @@ def test_unreachable_etcd_is_one_line_exit_1(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "cannot read the cluster from etcd" in res.output
     assert "Traceback" not in res.output
+
+
+def test_unreachable_etcd_keeps_stdout_clean(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["list", "-o", "json", "-c", str(_cfg_file(tmp_path))])
+    assert res.exit_code == 1
+    assert res.stdout == ""  # library warnings never land in a script's JSON
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["list", "--watch"], ["list", "--watch", "2"]),
+        (["list", "-w", "-o", "json"], ["list", "-w", "2", "-o", "json"]),
+        (["list", "--watch", "0.5"], ["list", "--watch", "0.5"]),
+        (["-c", "x", "list", "--watch", "-c", "y"], ["-c", "x", "list", "--watch", "2", "-c", "y"]),
+        (["history", "--watch"], ["history", "--watch"]),  # only list has --watch
+        (["list", "--watch=3"], ["list", "--watch=3"]),
+    ],
+)
+def test_expand_watch_default(argv: list[str], expected: list[str]) -> None:
+    from hakeeper.cli.cluster_cmds import expand_watch_default
+
+    assert expand_watch_default(argv) == expected
+
+
+def test_confirm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer
+
+    from hakeeper.cli import ops_cmds
+
+    ops_cmds.confirm("anything?", force=True)  # --force: never asks
+    monkeypatch.setattr(ops_cmds.sys.stdin, "isatty", lambda: False, raising=False)
+    with pytest.raises(typer.Exit) as e:
+        ops_cmds.confirm("anything?", force=False)
+    assert e.value.exit_code == 1
+    monkeypatch.setattr(ops_cmds.sys.stdin, "isatty", lambda: True, raising=False)
+    answers = iter([True, False])
+    monkeypatch.setattr(ops_cmds.typer, "confirm", lambda *_a, **_k: next(answers))
+    ops_cmds.confirm("go?", force=False)  # yes
+    with pytest.raises(typer.Exit) as e:
+        ops_cmds.confirm("go?", force=False)  # no
+    assert e.value.exit_code == 1
