@@ -43,7 +43,7 @@ def switchover_doc(sw: Switchover | None) -> dict[str, Any] | None:
 
 def local_member(agent: Agent) -> Member:
     """This node as it would publish itself now (role/state from the last probe; no I/O)."""
-    return agent.member_record(agent.last_view)
+    return agent.current_member()
 
 
 def role_of(m: Member) -> str:

@@ -127,6 +127,7 @@ class Agent:
         self._written_params: dict[str, Any] | None = None  # parameters in the config files now
         self._sync_names: tuple[str, ...] = ()  # in synchronous_standby_names (primary), in order
         self._sync_pending: tuple[str, int] | None = None  # (standby, LSN it must flush) to join
+        self._member_cache: tuple[LocalState | None, ClusterView, MemberState | None, Member] | None = None
 
     # -- fence plumbing ---------------------------------------------------------------------------
 
@@ -299,6 +300,20 @@ class Agent:
             lag = 0
         cand = assess(replace(m, lag=lag), replace(view, members={**view.members, self.name: m}))
         return replace(m, lag=lag, eligible=cand.eligible, ineligible_reason=cand.reason)
+
+    def current_member(self) -> Member:
+        """This node's member record for the API, rebuilt only when what it is made of changed
+        (a new probe, another activity, a new view): health checks stay cheap."""
+        c = self._member_cache
+        # Holding the objects themselves (not their ids) keeps their identities unique.
+        if c is None or c[0] is not self.state or c[1] is not self.last_view or c[2] != self.activity:
+            c = self._member_cache = (
+                self.state,
+                self.last_view,
+                self.activity,
+                self.member_record(self.last_view),
+            )
+        return c[3]
 
     async def publish(self, view: ClusterView) -> Member | None:
         if not self.lease.lease:
