@@ -599,7 +599,9 @@ class Postgres:
         kw: dict[str, Any] = {
             "conninfo": conninfo,
             "autocommit": True,
-            "options": f"-c statement_timeout={statement_timeout_ms}",
+            # The agent's own transactions (roles, passwords) must never wait for a synchronous
+            # standby: in strict mode on a fresh cluster none can connect before they commit.
+            "options": f"-c statement_timeout={statement_timeout_ms} -c synchronous_commit=local",
         }
         password = secret_value(self.cfg.superuser.password)
         if password is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+import psycopg
 import pytest
 
 from hakeeper.demo import LocalCluster
@@ -66,3 +68,31 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         run_ops(c, ops.request_failover, candidate=survivor, force=True)
         wait_for(lambda: writable_nodes(c) == [survivor], 60, "forced failover")
         assert history(c)[-1]["reason"].endswith("(forced)")
+
+
+def test_strict_mode_blocks_commits_without_a_standby_and_resumes_when_one_returns() -> None:
+    with running_cluster(dynamic={"replication_mode": "synchronous", "synchronous_strict": True}) as c:
+        primary = c.primary()
+        assert primary is not None
+        wait_for(lambda: sync_set(c), 60, "a sync standby")
+        sql(c, primary, "CREATE TABLE strict_t (v int)")
+        replicas = [n for n in c.names if n != primary]
+        for n in replicas:
+            c.stop_agent(n)  # stops its PostgreSQL too
+        wait_for(
+            lambda: sql(c, primary, "SHOW synchronous_standby_names") == [("*",)], 30, "strict: wait for any"
+        )
+        # The commit waits for a standby (no timeout interrupts that wait): run it aside.
+        done = threading.Event()
+
+        def insert() -> None:
+            with psycopg.connect(c.dsn(primary), autocommit=True) as conn:
+                conn.execute("INSERT INTO strict_t VALUES (2)")
+            done.set()
+
+        t = threading.Thread(target=insert, daemon=True)
+        t.start()
+        assert not done.wait(3), "strict mode: a commit must wait while no standby is connected"
+        c.start_agent(replicas[0])
+        assert done.wait(90), "the commit completes once a standby is back"
+        assert sql(c, replicas[0], "SELECT v FROM strict_t WHERE v = 2", timeout=3) == [(2,)]
