@@ -80,16 +80,7 @@ def emit_data(output: str, data: Any) -> None:
 
 
 def etcd_client_for(cfg: NodeConfig) -> EtcdClient:
-    e = cfg.etcd
-    return EtcdClient(
-        e.hosts,
-        timeout=max(e.request_timeout, 2.0),
-        cacert=e.cacert,
-        cert=e.cert,
-        key=e.key,
-        username=e.username,
-        password=e.password.get_secret_value() if e.password else None,
-    )
+    return EtcdClient.from_config(cfg.etcd, min_timeout=2.0)
 
 
 def quiet_logging() -> None:

@@ -32,11 +32,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace, TracebackType
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiohttp
 
 from hakeeper.log import get_logger
+
+if TYPE_CHECKING:
+    from hakeeper.config import EtcdConfig
 
 log = get_logger(__name__)
 
@@ -421,6 +424,19 @@ class EtcdClient:
         self._closed = False
         # Called with (path, seconds, ok) after every unary request: metrics hook.
         self.on_request: Callable[[str, float, bool], None] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: EtcdConfig, *, min_timeout: float = 0.0) -> EtcdClient:
+        """A client for a node config's ``etcd`` section (endpoints, timeout, TLS, auth)."""
+        return cls(
+            cfg.hosts,
+            timeout=max(cfg.request_timeout, min_timeout),
+            cacert=cfg.cacert,
+            cert=cfg.cert,
+            key=cfg.key,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+        )
 
     def __repr__(self) -> str:  # never show credentials
         user = f", username={self._username!r}" if self._username else ""

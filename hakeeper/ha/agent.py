@@ -76,16 +76,7 @@ class Agent:
         self.cfg = cfg
         self.name = cfg.name
         self.keys = Keys(cfg.prefix)
-        e = cfg.etcd
-        self.client = EtcdClient(
-            e.hosts,
-            timeout=e.request_timeout,
-            cacert=e.cacert,
-            cert=e.cert,
-            key=e.key,
-            username=e.username,
-            password=e.password.get_secret_value() if e.password else None,
-        )
+        self.client = EtcdClient.from_config(cfg.etcd)
         self.mirror = PrefixMirror(self.client, cfg.prefix + "/")
         self.pg = Postgres(cfg.postgresql, member_name=cfg.name)
         data_dir = cfg.postgresql.data_dir
