@@ -13,12 +13,9 @@ import pytest
 
 from hakeeper.config import DynamicConfig, ParamValue
 from hakeeper.pg import LocalState, PgError, Postgres, Role, Upstream
-from tests.support.pg import DEFAULT_PARAMS, PgArea, pg_available
+from tests.support.pg import DEFAULT_PARAMS, PgArea
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not pg_available(), reason="PostgreSQL binaries not installed"),
-]
+pytestmark = pytest.mark.integration
 
 INITDB_ARGS = ["--data-checksums", "--encoding=UTF8", "--locale=C"]
 PARAMS: dict[str, ParamValue] = {**DynamicConfig().cluster_parameters(), **DEFAULT_PARAMS}

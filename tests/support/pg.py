@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from hakeeper.config import PostgresConfig
-from hakeeper.pg.bins import find_bin_dir
 from hakeeper.proc import children_of, pid_alive
 from tests.support.ports import free_ports
 
@@ -41,14 +40,6 @@ DEFAULT_PARAMS: dict[str, str | int | float | bool] = {
     "fsync": "off",  # tests only: much faster, and crash safety is not under test here
     "log_line_prefix": "%m [%p] ",
 }
-
-
-def pg_available() -> bool:
-    try:
-        find_bin_dir(None)
-    except Exception:
-        return False
-    return True
 
 
 def kill_postmaster(data_dir: Path) -> int | None:
