@@ -129,6 +129,46 @@ def etcd_program() -> str:
     return _find_program("etcd", "/usr/bin/etcd", "/usr/local/bin/etcd")
 
 
+def etcd_argv(
+    name: str, data_dir: Path, client_url: str, peer_url: str, initial_cluster: str, token: str
+) -> list[str]:
+    """Command line of one etcd member tuned for a cluster on one machine (fast elections,
+    compaction by revision so that watches see compaction like in production)."""
+    return [
+        etcd_program(),
+        "--name",
+        name,
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        initial_cluster,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        token,
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+        "--auto-compaction-mode",
+        "revision",
+        "--auto-compaction-retention",
+        "1000",
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+    ]
+
+
 def port_is_free(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # SO_REUSEADDR: a socket in TIME_WAIT is no conflict, a listener is.
@@ -387,39 +427,9 @@ class LocalCluster:
             return self.etcd_pid
         self.etcd_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         peer = f"http://{HOST}:{self.etcd_peer_port}"
-        argv = [
-            etcd_program(),
-            "--name",
-            "etcd1",
-            "--data-dir",
-            str(self.etcd_data_dir),
-            "--listen-client-urls",
-            self.etcd_url,
-            "--advertise-client-urls",
-            self.etcd_url,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"etcd1={peer}",
-            "--initial-cluster-state",
-            "new",
-            "--initial-cluster-token",
-            f"hakeeper-{self.scope}",
-            "--heartbeat-interval",
-            "100",
-            "--election-timeout",
-            "1000",
-            "--auto-compaction-mode",
-            "revision",
-            "--auto-compaction-retention",
-            "1000",
-            "--logger",
-            "zap",
-            "--log-level",
-            "warn",
-        ]
+        argv = etcd_argv(
+            "etcd1", self.etcd_data_dir, self.etcd_url, peer, f"etcd1={peer}", f"hakeeper-{self.scope}"
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         with open(self.etcd_log, "ab") as log:
             self._etcd = subprocess.Popen(
@@ -517,6 +527,11 @@ class LocalCluster:
                 break
         return found
 
+    def agent_argv(self, name: str) -> list[str]:
+        """The command that runs node ``name``'s agent (a subclass may wrap it, e.g. to run it
+        in a network namespace)."""
+        return [sys.executable, "-m", "hakeeper", "agent", "-c", str(self.nodes[name].config_path)]
+
     def start_agent(self, name: str) -> int:
         """Start the agent of node ``name`` (output appended to its agent.log); returns its PID."""
         n = self.nodes[name]
@@ -529,7 +544,7 @@ class LocalCluster:
         env["PYTHONUNBUFFERED"] = "1"
         with open(n.log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "hakeeper", "agent", "-c", str(n.config_path)],
+                self.agent_argv(name),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

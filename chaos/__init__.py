@@ -1,0 +1,1 @@
+"""hakeeper's fault-injection suite: ``python -m chaos run SCENARIO [--runs N] [--mode M]``."""

@@ -1,0 +1,126 @@
+"""``python -m chaos``: run fault scenarios against a real 3-node hakeeper cluster.
+
+    python -m chaos list
+    python -m chaos run SCENARIO[,SCENARIO...]|all [--runs N] [--mode async|sync|quorum]
+    python -m chaos smoke                 # what `make chaos-smoke` (part of `make test`) runs
+    python -m chaos full [--runs N]       # every scenario in every mode (`make chaos`)
+    python -m chaos summarize DIR... [--write docs/chaos.md]
+    python -m chaos cleanup               # namespaces left by a runner that was killed
+
+Exit status: 0 when every run passed, 1 when one failed, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from chaos.net import remove_stale_namespaces
+from chaos.report import summarize, write_summary
+from chaos.runner import MODES, Runner, plans_for
+from chaos.scenarios import SCENARIOS, SMOKE
+
+REPORTS = Path("chaos/reports")
+
+
+def _out_dir(args: argparse.Namespace, what: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    return REPORTS / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{what}"
+
+
+def _log(msg: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _finish(reports: list[dict[str, Any]], out: Path) -> int:
+    ran = [r for r in reports if r.get("passed") is not None]
+    failed = [r for r in ran if not r["passed"]]
+    print()
+    print(summarize(reports))
+    print(f"\nreports: {out}/  ({len(ran)} runs, {len(failed)} failed, {len(reports) - len(ran)} skipped)")
+    return 1 if failed or not ran else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m chaos", description="hakeeper fault-injection suite")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the scenarios")
+    for name in ("run", "smoke", "full"):
+        p = sub.add_parser(name)
+        if name == "run":
+            p.add_argument("scenario", help="a scenario name, several joined by commas, or 'all'")
+        p.add_argument("--runs", type=int, default=1, help="runs per scenario (default 1)")
+        if name != "full":
+            p.add_argument("--mode", choices=MODES, default="sync", help="replication mode (default sync)")
+        else:
+            p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+        p.add_argument("--net", choices=("auto", "netns", "loopback"), default="auto")
+        p.add_argument("--out", help="report directory (default chaos/reports/<time>-<what>)")
+        p.add_argument("--keep", action="store_true", help="keep cluster directories (logs) after runs")
+    p = sub.add_parser("summarize")
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("--write", help="replace the summary section of this markdown file")
+    sub.add_parser("cleanup")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        for s in SCENARIOS.values():
+            extra = " [netns]" if s.partition else ""
+            extra += " [3 etcd]" if s.etcd_members == 3 else ""
+            print(f"{s.name:26} {s.about}{extra}")
+        return 0
+    if args.cmd == "cleanup":
+        gone = remove_stale_namespaces()
+        print("removed: " + (", ".join(gone) if gone else "nothing"))
+        return 0
+    if args.cmd == "summarize":
+        found: list[dict[str, Any]] = []
+        for d in args.dirs:
+            for f in sorted(Path(d).glob("*.json")):
+                found.append(json.loads(f.read_text()))
+        if args.write:
+            write_summary(Path(args.write), found)
+            print(f"wrote {args.write}")
+        else:
+            print(summarize(found))
+        return 0
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+
+    if args.cmd == "run":
+        names = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+        what, modes = args.scenario.replace(",", "+"), [args.mode]
+    elif args.cmd == "smoke":
+        names, what, modes = SMOKE, "smoke", [args.mode]
+    else:
+        names, what = list(SCENARIOS), "full"
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            ap.error(f"unknown mode(s): {', '.join(bad)}")
+    try:
+        plans = plans_for(names, args.runs)
+    except KeyError as e:
+        ap.error(f"unknown scenario(s): {e.args[0]}; see `python -m chaos list`")
+    out = _out_dir(args, what)
+    reports: list[dict[str, Any]] = []
+    try:
+        for mode in modes:
+            runner = Runner(mode, out, net_kind=args.net, log=_log, keep=args.keep)
+            reports += runner.execute(plans)
+    except RuntimeError as e:
+        print(f"chaos: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("chaos: interrupted", file=sys.stderr)
+        return 130
+    return _finish(reports, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

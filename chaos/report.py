@@ -1,0 +1,83 @@
+"""Summaries of chaos reports: a markdown table per scenario and mode, and the totals the goal
+is judged on (0 lost acknowledged writes in sync and quorum modes, 0 dual-primary windows)."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- chaos-summary:begin -->"
+END = "<!-- chaos-summary:end -->"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.2f}"
+
+
+def summarize(reports: Iterable[dict[str, Any]]) -> str:
+    reports = list(reports)
+    ran = [r for r in reports if r.get("passed") is not None]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in ran:
+        groups.setdefault((r["scenario"], r["mode"]), []).append(r)
+    lines = [
+        "| scenario | mode | net | runs | passed | RTO p50 s | RTO p95 s | RTO max s "
+        "| longest write gap max s | lost acked | dual-primary windows | unknown | refusals |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (sc, mode), rs in sorted(groups.items()):
+        rtos = [float(r["rto_s"]) for r in rs if r.get("rto_s") is not None]
+        gaps = [float(r["write_outage_s"]) for r in rs]
+        nets = ",".join(sorted({r["net"] for r in rs}))
+        lines.append(
+            f"| {sc} | {mode} | {nets} | {len(rs)} | {sum(1 for r in rs if r['passed'])} "
+            f"| {_fmt(statistics.median(rtos) if rtos else None)} | {_fmt(_pct(rtos, 0.95))} "
+            f"| {_fmt(max(rtos) if rtos else None)} | {_fmt(max(gaps) if gaps else None)} "
+            f"| {sum(r['lost_count'] for r in rs)} | {sum(len(r['dual_primary']) for r in rs)} "
+            f"| {sum(r['unknown'] for r in rs)} | {sum(r['refusals'] for r in rs)} |"
+        )
+    selftests = [r for r in ran if r["scenario"].startswith("selftest-")]
+    ran = [r for r in ran if not r["scenario"].startswith("selftest-")]
+    strict = [r for r in ran if r["mode"] in ("sync", "quorum")]
+    asyn = [r for r in ran if r["mode"] == "async"]
+    skipped = sorted({f"{r['scenario']} ({r['mode']})" for r in reports if r.get("passed") is None})
+    lines += [
+        "",
+        f"- runs: **{len(ran)}** ({len(strict)} in sync/quorum mode, {len(asyn)} async), "
+        f"passed {sum(1 for r in ran if r['passed'])}",
+        f"- acknowledged writes lost in sync/quorum mode: **{sum(r['lost_count'] for r in strict)}**"
+        f" (of {sum(r['writer']['ok'] + r['probe_acks'] for r in strict)} acknowledged)",
+        f"- dual-primary windows, all modes: **{sum(len(r['dual_primary']) for r in ran)}**",
+        f"- async mode: {sum(r['lost_count'] for r in asyn)} acknowledged writes lost in "
+        f"{sum(1 for r in asyn if r['lost_count'])} runs; largest loss "
+        f"{max((r['lost_bytes'] for r in asyn), default=0)} bytes of WAL",
+    ]
+    if selftests:
+        lines.append(
+            f"- checker self-tests (sabotage the checkers must report; not in the totals): "
+            f"{len(selftests)} runs, {sum(1 for r in selftests if r['passed'])} caught it"
+        )
+    if skipped:
+        lines.append(f"- skipped (no network namespaces): {', '.join(skipped)}")
+    return "\n".join(lines)
+
+
+def write_summary(path: Path, reports: Iterable[dict[str, Any]]) -> None:
+    """Replace the text between the summary markers of ``path`` (append them if missing)."""
+    block = f"{BEGIN}\n{summarize(reports)}\n{END}"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
