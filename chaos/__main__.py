@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,15 @@ def _finish(reports: list[dict[str, Any]], out: Path) -> int:
     return 1 if failed or not ran else 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (and SIGINT, which a shell ignores for background jobs) stop the run cleanly: the
+    # cluster's processes are stopped and the namespaces removed by the runner's finally blocks.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     ap = argparse.ArgumentParser(prog="python -m chaos", description="hakeeper fault-injection suite")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the scenarios")

@@ -147,3 +147,21 @@ def lost_bytes(lost: Iterable[Attempt], history: dict[int, int]) -> int:
         if switch is not None and a.lsn is not None:
             worst = max(worst, a.lsn - switch)
     return worst
+
+
+def recovery_time(attempts: Iterable[Attempt], fault: float, src: str = "writer") -> float | None:
+    """RTO: seconds from ``fault`` until ``src``'s writes flowed again after the longest outage
+    the fault caused -- the end of the longest gap between acknowledgements that ends after the
+    fault.  A fault that interrupted nothing (the old primary served on) gives the time to the
+    first acknowledgement after it."""
+    dones = sorted(a.done for a in attempts if a.outcome == "ok" and a.src == src)
+    before = [d for d in dones if d < fault]
+    after = [d for d in dones if d >= fault]
+    if not after:
+        return None
+    seq = before[-1:] + after
+    best_end, best_gap = after[0], -1.0
+    for a, b in itertools.pairwise(seq):
+        if b - a > best_gap:
+            best_end, best_gap = b, b - a
+    return best_end - fault

@@ -191,7 +191,12 @@ class Runner:
             self.run_counter += 1
             rep = await self._one_run(cluster, sc, i, self.run_counter)
             reports.append(rep)
-            self._write(rep, f"{sc.name}-{self.mode}-{i:03d}")
+            attempts = rep.pop("_attempts")
+            stem = f"{sc.name}-{self.mode}-{i:03d}"
+            self._write(rep, stem)
+            if not rep["passed"]:  # every attempt, for the post-mortem
+                lines = "".join(json.dumps(a.to_json()) + "\n" for a in attempts)
+                (self.out_dir / f"{stem}.attempts.jsonl").write_text(lines)
             verdict = "PASS" if rep["passed"] else "FAIL: " + "; ".join(rep["violations"])
             self.log(
                 f"{sc.name} [{self.mode}] run {i}: {verdict} "
@@ -342,7 +347,8 @@ class Runner:
             violations = [v for v in violations if v not in caught]
             violations += [f"self-test: the checkers did not report {x}" for x in missed]
         writer_atts = [a for a in atts if a.src == "writer"]
-        rto = checks.first_ack_after(atts, fault)
+        rto = checks.recovery_time(atts, fault)
+        first = checks.first_ack_after(atts, fault)
         return {
             "scenario": sc.name,
             "about": sc.about,
@@ -357,6 +363,7 @@ class Runner:
             "settled": settled,
             "settle_s": round(settled_at - heal, 3),
             "rto_s": None if rto is None else round(rto, 3),
+            "first_ack_s": None if first is None else round(first, 3),
             "write_outage_s": round(checks.longest_gap(atts), 3),
             "writer": {o: sum(1 for a in writer_atts if a.outcome == o) for o in ("ok", "failed", "unknown")},
             "probe_acks": sum(1 for a in acked if a.src != "writer"),
@@ -381,6 +388,7 @@ class Runner:
             "violations": violations,
             "caught_by_design": caught,
             "passed": not violations,
+            "_attempts": atts,
         }
 
 

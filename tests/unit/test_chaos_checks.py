@@ -135,3 +135,11 @@ def test_selftests_stay_out_of_the_totals() -> None:
     assert "lost in sync/quorum mode: **0**" in text
     assert "runs: **1**" in text
     assert "self-tests (sabotage the checkers must report; not in the totals): 1 runs, 1 caught it" in text
+
+
+def test_recovery_time_is_the_end_of_the_outage_the_fault_caused() -> None:
+    acks = [ok("n1", 1, t / 10, t / 10 + 0.01) for t in range(40)]  # steady until 3.9 s
+    acks += [ok("n2", 2, 9.0, 9.2), ok("n2", 2, 9.3, 9.4)]  # old primary fenced, new from 9.2 s
+    assert checks.first_ack_after(acks, 3.0) is not None and checks.first_ack_after(acks, 3.0) < 0.1
+    assert abs((checks.recovery_time(acks, 3.0) or 0) - 6.2) < 1e-9
+    assert checks.recovery_time(acks, 20.0) is None
