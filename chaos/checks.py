@@ -149,11 +149,14 @@ def lost_bytes(lost: Iterable[Attempt], history: dict[int, int]) -> int:
     return worst
 
 
+OUTAGE = 0.5  # a gap between acknowledgements shorter than this is not an outage (s)
+
+
 def recovery_time(attempts: Iterable[Attempt], fault: float, src: str = "writer") -> float | None:
     """RTO: seconds from ``fault`` until ``src``'s writes flowed again after the longest outage
     the fault caused -- the end of the longest gap between acknowledgements that ends after the
-    fault.  A fault that interrupted nothing (the old primary served on) gives the time to the
-    first acknowledgement after it."""
+    fault.  A fault that interrupted nothing (no gap of :data:`OUTAGE` or more) gives the time
+    to the first acknowledgement after it."""
     dones = sorted(a.done for a in attempts if a.outcome == "ok" and a.src == src)
     before = [d for d in dones if d < fault]
     after = [d for d in dones if d >= fault]
@@ -164,4 +167,6 @@ def recovery_time(attempts: Iterable[Attempt], fault: float, src: str = "writer"
     for a, b in itertools.pairwise(seq):
         if b - a > best_gap:
             best_end, best_gap = b, b - a
+    if best_gap < OUTAGE:
+        return after[0] - fault
     return best_end - fault

@@ -143,3 +143,8 @@ def test_recovery_time_is_the_end_of_the_outage_the_fault_caused() -> None:
     assert checks.first_ack_after(acks, 3.0) is not None and checks.first_ack_after(acks, 3.0) < 0.1
     assert abs((checks.recovery_time(acks, 3.0) or 0) - 6.2) < 1e-9
     assert checks.recovery_time(acks, 20.0) is None
+
+
+def test_no_outage_means_rto_is_the_first_ack() -> None:
+    acks = [ok("n1", 1, t / 10, t / 10 + 0.01) for t in range(60)]  # never interrupted
+    assert abs((checks.recovery_time(acks, 3.05) or 0) - 0.06) < 1e-9
