@@ -321,20 +321,30 @@ class DynamicConfig(_Strict):
     candidate_grace: float = Field(
         2.0, ge=0, description="After this long without a leader, the next-best candidate campaigns (s)."
     )
-    replication_mode: Literal["async", "synchronous"] = Field(
+    replication_mode: Literal["async", "synchronous", "quorum"] = Field(
         "async",
         description="async: commits never wait for replicas. synchronous: commits wait for every "
         "standby of the sync set (FIRST n of exactly those n names) and only sync-set members are "
-        "promoted automatically.",
+        "promoted automatically. quorum: every healthy standby is a voter and commits wait for "
+        "synchronous_node_count of them (ANY k); a voter is promoted automatically only when "
+        "enough voters are reachable to be sure it has every acknowledged commit.",
     )
-    synchronous_node_count: int = Field(1, ge=1, le=16, description="Size of the sync set.")
+    synchronous_node_count: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="synchronous: size of the sync set. quorum: how many voters acknowledge each "
+        "commit (k of ANY k, at most the number of voters).",
+    )
     synchronous_strict: bool = Field(
         False,
-        description="With no healthy sync standby, commits wait (synchronous_standby_names '*') "
-        "instead of falling back to async.",
+        description="With no healthy sync standby (or voter), commits wait "
+        "(synchronous_standby_names '*') instead of falling back to async.",
     )
     maximum_lag_on_syncnode: int = Field(
-        -1, ge=-1, description="A sync standby further behind (bytes) is swapped out; -1 = never."
+        -1,
+        ge=-1,
+        description="A sync standby (or voter) further behind (bytes) is swapped out; -1 = never.",
     )
     switchover_timeout: float = Field(
         30, gt=0, description="A switchover or manual failover not done within this long is abandoned (s)."

@@ -117,7 +117,11 @@ class Agent:
         self._promotion: dict[str, float | str] | None = None  # phases of our current promotion
         self._written_params: dict[str, Any] | None = None  # parameters in the config files now
         self._sync_names: tuple[str, ...] = ()  # in synchronous_standby_names (primary), in order
-        self._sync_pending: tuple[str, int] | None = None  # (standby, LSN it must flush) to join
+        self._sync_quorum = 0  # quorum mode: k of ANY k (0: all of the names)
+        self._sync_guc_at = 0.0  # quorum mode: monotonic time of the last GUC change
+        # FIRST mode: (standby, LSN it must flush) to join; quorum mode: (the GUC, WAL position
+        # read after it took effect).  See hakeeper/ha/sync.py.
+        self._sync_pending: tuple[str, int] | None = None
         self._member_cache: tuple[LocalState | None, ClusterView, MemberState | None, Member] | None = None
 
     # -- fence plumbing ---------------------------------------------------------------------------
@@ -282,6 +286,7 @@ class Agent:
             nosync=tags.nosync,
             sync_priority=tags.sync_priority,
             streaming_from=st.streaming_from if st else None,
+            leaderless=view.leader is None,
             updated_at=time.time(),
             version=__version__,
         )
@@ -505,7 +510,7 @@ class Agent:
         return {
             **dyn.cluster_parameters(),
             **self.cfg.postgresql.parameters,
-            "synchronous_standby_names": sync_guc(dyn, self._sync_names),
+            "synchronous_standby_names": sync_guc(dyn, self._sync_names, self._sync_quorum),
         }
 
     def _upstream_for(self, view: ClusterView, leader: str | None) -> Upstream | None:
@@ -551,7 +556,7 @@ class Agent:
         )
         self.upstream = up
         self.activity = MemberState.STARTING
-        await self.pg.start(timeout=120)
+        await self.pg.start(timeout=120, wait=False)  # see Postgres.start: keep publishing
 
     async def do_start_replica(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
         self.fence.disarm()

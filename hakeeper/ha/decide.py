@@ -46,7 +46,7 @@ class Action(StrEnum):
     START_PRIMARY = "start_primary"  # we hold the key, PostgreSQL is down: restart in place
     RELEASE = "release"  # we hold the key but cannot run a primary: give it up now
     DEMOTE = "demote"  # we run read-write without the key: stop writes, become a replica
-    DETACH = "detach"  # synchronous mode, no leader: stop streaming from the old primary first
+    DETACH = "detach"  # synchronous/quorum mode, no leader: stop streaming from the old primary first
     SWITCHOVER = "switchover"  # leader: hand over to `target` (stop writes, wait, release)
     REJECT_SWITCHOVER = "reject_switchover"  # leader: drop an impossible or stale request
 
@@ -127,22 +127,63 @@ def assess(member: Member, view: ClusterView) -> Candidate:
         reason = "WAL position unknown"
     elif tl < view.max_timeline:
         reason = f"timeline {tl} is behind the cluster's timeline {view.max_timeline}"
-    elif (
-        cfg.replication_mode == "synchronous"
-        and view.sync is not None
-        and view.sync.members
-        and member.name not in view.sync.members
-        and member.name != view.sync.leader
-    ):
-        reason = (
-            f"not a synchronous standby (sync set: {', '.join(view.sync.members)}); "
-            "promoting it could lose acknowledged writes"
-        )
+    elif (refusal := sync_refusal(member, view)) is not None:
+        reason = refusal
     else:
         lag = max(0, reference_lsn(view) - lsn)
         if lag > cfg.maximum_lag_on_failover:
             reason = f"lag {lag} bytes exceeds maximum_lag_on_failover {cfg.maximum_lag_on_failover}"
     return Candidate(member.name, reason is None, reason, tl, lsn, member.failover_priority)
+
+
+def _position(m: Member) -> tuple[int, int]:
+    return (m.timeline or 0, m.wal_lsn or 0)
+
+
+def sync_refusal(member: Member, view: ClusterView) -> str | None:
+    """Synchronous and quorum modes: why promoting ``member`` could lose an acknowledged commit
+    according to the ``sync`` key (``hakeeper/ha/sync.py``), or None."""
+    sync = view.sync
+    if view.config.replication_mode == "async" or sync is None or not sync.members:
+        return None  # an empty key: the leader ran without waiting for anyone
+    if member.name == sync.leader:
+        return None  # the old primary itself has every commit it acknowledged
+    voters = ", ".join(sync.members)
+    if member.name not in sync.members:
+        if sync.is_quorum:
+            return f"not a quorum voter (voters: {voters}); promoting it could lose acknowledged writes"
+        return f"not a synchronous standby (sync set: {voters}); promoting it could lose acknowledged writes"
+    sw = view.switchover
+    handed_over = sw is not None and sw.stage == SwitchoverStage.HANDOVER and sw.candidate == member.name
+    if not sync.is_quorum or view.leader is not None or handed_over:
+        # FIRST: every member has every commit.  A switchover (with a leader) hands over only
+        # once the candidate has received the old primary's last WAL.
+        return None
+    # Quorum, leader gone: every acknowledged commit is on `quorum` voters, so any `need` of them
+    # include one that has it, and the most advanced of those has them all.  Only positions read
+    # after the leader key disappeared count (the old primary had stopped by then).
+    need = len(sync.members) - sync.quorum + 1
+    present = [view.members[n] for n in sync.members if n in view.members]
+    usable = [m for m in present if m.timeline is not None and m.wal_lsn is not None]
+    reached = [m for m in usable if m.leaderless]
+    if len(reached) < need:
+        waiting = sorted(m.name for m in usable if not m.leaderless)
+        if len(reached) + len(waiting) >= need:
+            return f"waiting for quorum voters {', '.join(waiting)} to report their WAL position"
+        names = ", ".join(sorted(m.name for m in reached)) or "none"
+        return (
+            f"only {len(reached)} of {len(sync.members)} quorum voters reachable ({names}); "
+            f"{need} needed (quorum {sync.quorum}); promoting could lose acknowledged writes"
+        )
+    if member.name not in {m.name for m in reached}:
+        return "WAL position not reported since the leader was lost"
+    best = max(reached, key=_position)
+    if _position(member) < _position(best):
+        return (
+            f"quorum voter {best.name} is further ahead (timeline {best.timeline}, lsn {best.wal_lsn}); "
+            "promoting us could lose acknowledged writes"
+        )
+    return None
 
 
 def rank(view: ClusterView) -> list[Candidate]:
@@ -219,15 +260,17 @@ def switchover_target(view: ClusterView, sw: Switchover, leader: str) -> tuple[s
         if not c.eligible and not sw.force:
             return None, f"candidate {sw.candidate} is not eligible: {c.reason}"
         # assess() already keeps non-sync members out once the sync set is non-empty; a planned
-        # switchover in synchronous mode also refuses them while the set is still forming.
+        # switchover in synchronous (quorum) mode also refuses them while the set is forming.
+        mode = view.config.replication_mode
         if (
             sw.kind == SwitchoverKind.SWITCHOVER
-            and view.config.replication_mode == "synchronous"
+            and mode != "async"
             and view.sync is not None
             and sw.candidate not in view.sync.members
             and not sw.force
         ):
-            return None, f"candidate {sw.candidate} is not a synchronous standby"
+            what = "quorum voter" if mode == "quorum" else "synchronous standby"
+            return None, f"candidate {sw.candidate} is not a {what}"
         if m.state != MemberState.STREAMING and not sw.force:
             return None, f"candidate {sw.candidate} is not streaming (state {m.state})"
         return sw.candidate, None
@@ -334,7 +377,7 @@ def decide(view: ClusterView, local: LocalFacts) -> Decision:
         if view.paused:
             return Decision(Action.WAIT, "paused: not starting postgres")
         return Decision(Action.START_REPLICA, "no leader; starting read-only to take part in the election")
-    if view.config.replication_mode == "synchronous" and local.in_recovery and local.streaming_from:
+    if view.config.replication_mode != "async" and local.in_recovery and local.streaming_from:
         # The old primary may still run (partitioned from etcd, not from us): stop acknowledging
         # its commits before anyone is elected, so it can never collect another acknowledgement.
         return Decision(Action.DETACH, "no leader: stop streaming from the old primary before the election")

@@ -109,6 +109,9 @@ class Member:
     eligible: bool = False
     ineligible_reason: str | None = None
     streaming_from: str | None = None
+    # Published while the leader key was gone: the old primary had stopped (fenced or released)
+    # before, so wal_lsn covers every commit this member acknowledged (quorum elections).
+    leaderless: bool = False
     updated_at: float = 0.0  # wall clock, for display only
     version: str = ""
     lease: int = 0  # filled from the key, not the value
@@ -194,22 +197,41 @@ def parse_history(raw: bytes | None) -> tuple[HistoryEntry, ...]:
 
 @dataclass(frozen=True, slots=True)
 class SyncState:
-    """Members that have acknowledged every commit since the leader of ``term`` listed them."""
+    """The ``sync`` key: what the leader of ``term`` guarantees about its acknowledged commits.
+
+    Every commit acknowledged since the leader listed them is on at least ``quorum`` of
+    ``members`` (``hakeeper/ha/sync.py``).  Synchronous (FIRST) mode: ``quorum ==
+    len(members)``, every member has every commit; a key without ``quorum`` (written before
+    quorum mode existed) reads so.  Empty ``members``: no guarantee (the leader ran async).
+    """
 
     leader: str
     members: tuple[str, ...]
     term: int
+    quorum: int = -1  # -1: all of them (FIRST mode)
     mod_revision: int = 0
 
+    def __post_init__(self) -> None:
+        if self.quorum < 0:
+            object.__setattr__(self, "quorum", len(self.members))
+
+    @property
+    def is_quorum(self) -> bool:
+        """A quorum (ANY k) key: fewer than all members are known to have every commit."""
+        return self.quorum < len(self.members)
+
     def to_json(self) -> bytes:
-        return json.dumps({"leader": self.leader, "members": list(self.members), "term": self.term}).encode()
+        d = {"leader": self.leader, "members": list(self.members), "term": self.term, "quorum": self.quorum}
+        return json.dumps(d).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, mod_revision: int = 0) -> SyncState | None:
         try:
             d = json.loads(raw)
-            return cls(str(d["leader"]), tuple(str(m) for m in d["members"]), int(d["term"]), mod_revision)
-        except (ValueError, KeyError, TypeError):
+            members = tuple(str(m) for m in d["members"])
+            quorum = int(d.get("quorum", len(members)))
+            return cls(str(d["leader"]), members, int(d["term"]), quorum, mod_revision)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 

@@ -20,6 +20,7 @@ from hakeeper.ha.model import (
     Switchover,
     SwitchoverKind,
     SwitchoverStage,
+    SyncState,
 )
 
 MB = 1024 * 1024
@@ -413,3 +414,115 @@ def test_manual_failover_works_while_paused() -> None:
     req = sw(kind=SwitchoverKind.FAILOVER, leader=None, candidate="b")
     v = view(replica("a"), replica("b"), switchover=req, config=DynamicConfig(pause=True))
     assert decide(v, local("b", now=NOW)).action == Action.CAMPAIGN
+
+
+# -- quorum mode (ANY k): who may be promoted ----------------------------------------------------------
+
+QUORUM = DynamicConfig(replication_mode="quorum")
+
+
+def voter(name: str, lsn: int = 100 * MB, **kw: object) -> Member:
+    """A replica whose record was published after the leader key disappeared."""
+    return replica(name, lsn=lsn, leaderless=True, **kw)
+
+
+def quorum_key(*members: str, k: int) -> SyncState:
+    return SyncState("a", members, term=42, quorum=k)
+
+
+def test_quorum_promotes_a_voter_when_enough_voters_are_reachable() -> None:
+    # ANY 1 of (b, c): every acknowledged commit is on b or c; with both reachable, the more
+    # advanced one has them all.
+    v = view(voter("b"), voter("c", lsn=100 * MB + 10), config=QUORUM, sync=quorum_key("b", "c", k=1))
+    assert decide(v, local("c")).action == Action.CAMPAIGN
+    d = decide(v, local("b", leaderless_for=600))
+    assert d.action == Action.WAIT and "quorum voter c is further ahead" in d.why
+    assert [c.name for c in rank(v)] == ["c"]
+
+
+def test_quorum_picks_the_most_advanced_voter_and_ties_go_to_priority_then_name() -> None:
+    key = quorum_key("b", "c", "d", k=2)  # any 2 of the 3 voters include one with every commit
+    v = view(
+        voter("b", lsn=100 * MB),
+        voter("c", lsn=101 * MB),
+        replica("e", lsn=102 * MB),
+        config=QUORUM,
+        sync=key,
+    )
+    assert [c.name for c in rank(v)] == ["c"]  # e is further ahead but not a voter
+    assert "not a quorum voter" in (assess(v.members["e"], v).reason or "")
+    tie = view(
+        voter("b", lsn=101 * MB), voter("c", lsn=101 * MB, failover_priority=2), config=QUORUM, sync=key
+    )
+    assert [c.name for c in rank(tie)] == ["c", "b"]
+    assert decide(tie, local("c", wal_lsn=101 * MB)).action == Action.CAMPAIGN
+
+
+def test_quorum_refuses_with_too_few_reachable_voters_and_says_why() -> None:
+    # ANY 1 of (b, c): a commit acknowledged by c alone is not on b, so b alone is not enough.
+    v = view(voter("b"), config=QUORUM, sync=quorum_key("b", "c", k=1))
+    d = decide(v, local("b", leaderless_for=3600))
+    assert d.action == Action.WAIT
+    assert "only 1 of 2 quorum voters reachable (b); 2 needed" in d.why
+    assert "could lose acknowledged writes" in d.why
+    # A voter whose postgres is down does not count either.
+    down = replace(voter("c"), state=MemberState.STOPPED, wal_lsn=None, timeline=None)
+    v = view(voter("b"), down, config=QUORUM, sync=quorum_key("b", "c", k=1))
+    assert decide(v, local("b", leaderless_for=3600)).action == Action.WAIT
+
+
+def test_quorum_waits_for_positions_read_after_the_leader_was_lost() -> None:
+    # c's record predates the leader's loss: c may have received (and acknowledged) more since.
+    v = view(voter("b"), replica("c", lsn=99 * MB), config=QUORUM, sync=quorum_key("b", "c", k=1))
+    d = decide(v, local("b"))
+    assert d.action == Action.WAIT and "waiting for quorum voters c to report" in d.why
+    assert "could lose" not in d.why
+
+
+def test_quorum_forced_failover_overrides_the_refusal() -> None:
+    req = sw(kind=SwitchoverKind.FAILOVER, leader=None, candidate="b")
+    key = quorum_key("b", "c", k=1)
+    v = view(voter("b"), config=QUORUM, sync=key, switchover=req)
+    d = decide(v, local("b", now=NOW))
+    assert d.action == Action.WAIT and "refused" in d.why and "quorum voters reachable" in d.why
+    forced = view(voter("b"), config=QUORUM, sync=key, switchover=replace(req, force=True))
+    d = decide(forced, local("b", now=NOW))
+    assert d.action == Action.CAMPAIGN and "(forced)" in d.why
+
+
+def test_quorum_rules_apply_only_without_a_leader_and_never_to_the_old_leader() -> None:
+    key = quorum_key("b", "c", k=1)
+    # With a leader, a switchover waits for the candidate to receive everything: any voter.
+    v = view(primary("a"), replica("b"), replica("c", lsn=99 * MB), leader="a", config=QUORUM, sync=key)
+    assert assess(v.members["c"], v).eligible
+    # The old primary back as a replica has every commit it acknowledged.
+    v = view(voter("a", lsn=101 * MB), config=QUORUM, sync=key)
+    assert decide(v, local("a", wal_lsn=101 * MB)).action == Action.CAMPAIGN
+    # A switchover handed over: the candidate has received the old primary's last WAL.
+    handover = sw(candidate="b", stage=SwitchoverStage.HANDOVER, handover_at=NOW)
+    v = view(voter("b"), config=QUORUM, sync=key, switchover=handover)
+    assert decide(v, local("b", now=NOW)).action == Action.CAMPAIGN
+    # k == number of voters reads like synchronous mode: every voter has every commit.
+    v = view(voter("b"), config=QUORUM, sync=quorum_key("b", "c", k=2))
+    assert decide(v, local("b")).action == Action.CAMPAIGN
+    # An empty key claims nothing (the leader ran without waiting): any caught-up replica.
+    v = view(replica("b"), replica("c"), config=QUORUM, sync=SyncState("a", (), term=42, quorum=0))
+    assert decide(v, local("b")).action == Action.CAMPAIGN
+
+
+def test_quorum_replicas_detach_and_switchover_goes_to_a_voter_only() -> None:
+    v = view(replica("b"), replica("c"), config=QUORUM, sync=quorum_key("b", "c", k=1))
+    assert decide(v, local("b", streaming_from="127.0.0.1:5432")).action == Action.DETACH
+    key = quorum_key("c", "d", k=1)
+    members = (primary("a"), replica("b"), replica("c"), replica("d"))
+    v = view(*members, leader="a", config=QUORUM, sync=key, switchover=sw(candidate="b"))
+    d = decide(v, local("a", in_recovery=False, now=NOW))
+    assert d.action == Action.REJECT_SWITCHOVER and "not a quorum voter" in d.why
+    v = view(*members, leader="a", config=QUORUM, sync=key, switchover=sw())
+    d = decide(v, local("a", in_recovery=False, now=NOW))
+    assert (d.action, d.target) == (Action.SWITCHOVER, "c")
+
+
+def test_a_quorum_key_is_read_as_quorum_also_after_a_switch_to_synchronous_mode() -> None:
+    v = view(voter("b"), config=DynamicConfig(replication_mode="synchronous"), sync=quorum_key("b", "c", k=1))
+    assert "quorum voters reachable" in (assess(v.members["b"], v).reason or "")
