@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -223,6 +224,9 @@ def _remove(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+_DIVERGED = re.compile(r"servers diverged at WAL location ([0-9A-Fa-f]+/[0-9A-Fa-f]+) on timeline (\d+)")
 
 
 class Postgres:
@@ -490,10 +494,15 @@ class Postgres:
             return ""
         return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
 
-    async def start(self, *, timeout: float) -> None:
+    async def start(self, *, timeout: float, wait: bool = True) -> None:
         """``pg_ctl start -w``.  A no-op if already running.  On a timeout pg_ctl gives up waiting
         but the server may still be starting (e.g. long crash recovery): the error says so and
-        the postmaster is left alone."""
+        the postmaster is left alone.
+
+        ``wait=False`` (replicas) returns once the postmaster runs, without waiting for it to
+        accept connections: a standby does so only once consistent, which may need WAL from a
+        leader that first has to see this member (and create its slot) -- the agent must go on
+        publishing meanwhile."""
         if self.is_running():
             log.info("postgres_start_skipped", reason="already running", pid=self.postmaster_pid())
             return
@@ -514,7 +523,7 @@ class Postgres:
                 "start",
                 "-D",
                 str(self.data_dir),
-                "-w",
+                "-w" if wait else "-W",
                 "-t",
                 str(secs),
                 "-l",
@@ -523,6 +532,18 @@ class Postgres:
             timeout=secs + 15,
             what="start",
         )
+        if r.ok and not wait:
+            # Up when postmaster.pid names a live postgres; a bad config makes it exit at once.
+            for _ in range(min(secs, 30) * 20):
+                if self.is_running():
+                    break
+                await asyncio.sleep(0.05)
+            if self.is_running():
+                log.info("postgres_started", pid=self.postmaster_pid(), waited_for_ready=False)
+                return
+            raise PgError(
+                f"PostgreSQL exited right after starting\n--- {self.log_file} ---\n{self._log_tail(offset)}"
+            )
         if not r.ok:
             still = " (the postmaster is still running)" if self.is_running() else ""
             tail = self._log_tail(offset)
@@ -1020,6 +1041,36 @@ class Postgres:
             seconds=round(time.monotonic() - t0, 3),
             output=r.tail(2),
         )
+        out = r.stdout + "\n" + r.stderr
+        fork = _DIVERGED.search(out)
+        if fork is not None and "no rewind required" in out:
+            await self._check_no_wal_past(int(fork.group(2)), fork.group(1))
+
+    async def _check_no_wal_past(self, timeline: int, lsn: str) -> None:
+        """pg_rewind judges "no rewind required" from the control file (the last checkpoint or
+        minRecoveryPoint), but a standby shut down in recovery may hold WAL in pg_wal past both:
+        WAL it received from the old primary that the new one never had (an async replica ahead
+        of the promoted sync standby).  Replayed at start, it puts the server past the fork point
+        and it can never follow the new timeline.  pg_waldump tells whether a record exists at
+        or after the fork point on our timeline; if so, the directory must be re-cloned."""
+        r = await self._run(
+            [
+                self._bin("pg_waldump"),
+                f"--path={self.data_dir / 'pg_wal'}",
+                f"--timeline={timeline}",
+                f"--start={lsn}",
+                "--limit=1",
+            ],
+            timeout=60,
+            env=dict(_C_LOCALE),
+            what="waldump",
+        )
+        if r.ok and r.stdout.strip():
+            raise PgError(
+                f"pg_rewind found nothing to rewind, but pg_wal holds WAL past the fork point {lsn} "
+                f"on timeline {timeline} (received from the old primary, never on the new one): "
+                "this replica cannot follow the new timeline"
+            )
 
     def remove_data_dir(self) -> None:
         """Delete the data directory's contents, then the directory itself if we may."""
