@@ -119,6 +119,9 @@ class Agent:
         self._sync_names: tuple[str, ...] = ()  # in synchronous_standby_names (primary), in order
         self._sync_quorum = 0  # quorum mode: k of ANY k (0: all of the names)
         self._sync_guc_at = 0.0  # quorum mode: monotonic time of the last GUC change
+        # A newly promoted primary waits for any standby ('*') until its sync set forms, or
+        # non-strict mode gives up at this monotonic time (see _promote).
+        self._sync_guard_until = 0.0
         # FIRST mode: (standby, LSN it must flush) to join; quorum mode: (the GUC, WAL position
         # read after it took effect).  See hakeeper/ha/sync.py.
         self._sync_pending: tuple[str, int] | None = None
@@ -490,6 +493,11 @@ class Agent:
         if params == before:
             return
         changed = sorted(k for k in params.keys() | before.keys() if params.get(k) != before.get(k))
+        if before.get("synchronous_standby_names") == "*" and params.get("synchronous_standby_names") == "":
+            log.warning(
+                "sync_guard_expired",
+                reason="no synchronous standby joined in time; commits stop waiting (not strict)",
+            )
         role = Role.PRIMARY if self.state is not None and self.state.in_recovery is False else Role.REPLICA
         await self._write_config(
             params,
@@ -510,7 +518,9 @@ class Agent:
         return {
             **dyn.cluster_parameters(),
             **self.cfg.postgresql.parameters,
-            "synchronous_standby_names": sync_guc(dyn, self._sync_names, self._sync_quorum),
+            "synchronous_standby_names": sync_guc(
+                dyn, self._sync_names, self._sync_quorum, guard=time.monotonic() < self._sync_guard_until
+            ),
         }
 
     def _upstream_for(self, view: ClusterView, leader: str | None) -> Upstream | None:
@@ -671,6 +681,8 @@ class Agent:
         self._sync_names = ()
         self._sync_pending = None
         t0 = time.monotonic()
+        if self.dyn.replication_mode != "async":
+            await self._arm_sync_guard()
         try:
             await self.pg.promote(timeout=30)
         finally:
@@ -696,6 +708,24 @@ class Agent:
         )
         await self._append_history(term, reason, old_leader, st.timeline or 0, switch_lsn)
         await self._lead(self.view(), term)
+
+    async def _arm_sync_guard(self) -> None:
+        """Before promoting in synchronous or quorum mode: ``synchronous_standby_names = '*'``,
+        reloaded while still a standby (where it has no effect), so that no commit of the new
+        primary is acknowledged before a standby has it -- not even in the cycles before
+        manage_sync has formed the new term's sync set.  Without a standby, non-strict mode
+        stops waiting after 2 x ttl (logged); strict mode waits on."""
+        self._sync_guard_until = time.monotonic() + 2 * self.dyn.ttl
+        try:
+            await self._write_config(
+                self._params(self.dyn),
+                Role.REPLICA,
+                self.upstream,
+                replication_password=secret_value(self.cfg.postgresql.replication.password),
+            )
+            await self.pg.reload()
+        except (PgError, CommandFailed, OSError) as e:
+            log.warning("sync_guard_failed", error=str(e))
 
     async def _switch_point(self, timeline: int | None) -> int | None:
         if not timeline or timeline < 2:

@@ -84,7 +84,9 @@ def guc_quorum(names: Collection[str], quorum: int) -> int:
     return quorum if 1 <= quorum <= len(names) else len(names)
 
 
-def sync_guc(dyn: DynamicConfig, names: tuple[str, ...], quorum: int = 0) -> str:
+def sync_guc(dyn: DynamicConfig, names: tuple[str, ...], quorum: int = 0, guard: bool = False) -> str:
+    """``synchronous_standby_names`` for ``names``.  With no names: ``'*'`` (commits wait for any
+    standby) under ``synchronous_strict`` or while a new primary's ``guard`` lasts, else ``''``."""
     if dyn.replication_mode == "async":
         return ""
     if names:
@@ -92,7 +94,7 @@ def sync_guc(dyn: DynamicConfig, names: tuple[str, ...], quorum: int = 0) -> str
         if dyn.replication_mode == "quorum":
             return f"ANY {guc_quorum(names, quorum)} ({quoted})"
         return f"FIRST {len(names)} ({quoted})"
-    return "*" if dyn.synchronous_strict else ""
+    return "*" if dyn.synchronous_strict or guard else ""
 
 
 def choose(view: ClusterView, streaming: set[str], leader: str) -> list[str]:

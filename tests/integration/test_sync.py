@@ -41,8 +41,11 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         c.kill_agent(first)
         c.kill_postgres(first)
         wait_for(lambda: writable_nodes(c) == [sync_standby], 60, "the sync standby is promoted")
-        assert sql(c, sync_standby, "SELECT count(*) FROM acked") == [(1000,)]
         other = next(n for n in c.names if n not in (first, sync_standby))
+        # From its first writable moment the new primary waits for a standby ('*' until its own
+        # sync set forms): nothing it acknowledges exists on it alone.
+        assert sql(c, sync_standby, "SHOW synchronous_standby_names")[0][0] in ("*", f'FIRST 1 ("{other}")')
+        assert sql(c, sync_standby, "SELECT count(*) FROM acked") == [(1000,)]
         wait_for(lambda: sync_set(c) == (other,), 60, "the new leader's sync set")
 
         # 2. Primary and sync standby lost together: nobody may be promoted, and it says why.

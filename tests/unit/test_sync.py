@@ -25,6 +25,14 @@ def test_guc_lists_exactly_the_sync_set_so_every_member_acknowledges_every_commi
     assert sync_guc(SYNC, ('we"ird',)) == 'FIRST 1 ("we""ird")'
 
 
+def test_a_new_primary_waits_for_any_standby_until_its_sync_set_forms() -> None:
+    """The promotion guard: no commit of a new primary is acknowledged by it alone."""
+    assert sync_guc(SYNC, (), guard=True) == "*"
+    assert sync_guc(QUORUM, (), guard=True) == "*"
+    assert sync_guc(SYNC, ("b",), guard=True) == 'FIRST 1 ("b")'  # a formed set replaces it
+    assert sync_guc(DynamicConfig(), (), guard=True) == ""  # async mode never waits
+
+
 def test_choose_prefers_sync_priority_then_lag_and_skips_nosync_and_laggards() -> None:
     cfg = DynamicConfig(replication_mode="synchronous", maximum_lag_on_syncnode=MB)
     v = view(
