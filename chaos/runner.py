@@ -110,6 +110,7 @@ class Runner:
         self.why_no_netns = why_not
         self.ttl = DynamicConfig().ttl
         self.run_counter = int(time.time()) % 1000 * 1000
+        self.failed_dirs: set[Path] = set()  # clusters where a run failed: kept for the logs
 
     # ------------------------------------------------------------------ cluster lifecycle
 
@@ -166,7 +167,9 @@ class Runner:
                     libc.setns(own_ns, CLONE_NEWNET)
                     os.close(own_ns)
                     net.teardown()
-                    if not self.keep:
+                    if self.keep or base in self.failed_dirs:
+                        self.log(f"cluster directory kept (logs): {base}")
+                    else:
                         shutil.rmtree(base, ignore_errors=True)
         return reports
 
@@ -193,10 +196,12 @@ class Runner:
             reports.append(rep)
             attempts = rep.pop("_attempts")
             stem = f"{sc.name}-{self.mode}-{i:03d}"
-            self._write(rep, stem)
-            if not rep["passed"]:  # every attempt, for the post-mortem
+            if not rep["passed"]:  # every attempt and the cluster's logs, for the post-mortem
+                self.failed_dirs.add(cluster.base_dir)
+                rep["cluster_dir"] = str(cluster.base_dir)
                 lines = "".join(json.dumps(a.to_json()) + "\n" for a in attempts)
                 (self.out_dir / f"{stem}.attempts.jsonl").write_text(lines)
+            self._write(rep, stem)
             verdict = "PASS" if rep["passed"] else "FAIL: " + "; ".join(rep["violations"])
             self.log(
                 f"{sc.name} [{self.mode}] run {i}: {verdict} "
@@ -399,9 +404,11 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _sql(cluster: ChaosCluster, name: str, query: str) -> list[tuple[Any, ...]]:
+def _sql(
+    cluster: ChaosCluster, name: str, query: str, params: tuple[Any, ...] | None = None
+) -> list[tuple[Any, ...]]:
     with psycopg.connect(cluster.dsn(name), autocommit=True, connect_timeout=5) as conn:
-        cur = conn.execute(query)
+        cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []
 
 
@@ -411,6 +418,28 @@ def _settled(cluster: ChaosCluster, mode: str) -> tuple[bool, str]:
     primaries = [s.name for s in states.values() if s.role == "primary"]
     if len(primaries) != 1 or any(s.role not in ("primary", "replica") for s in states.values()):
         return False, desc
+    # Streaming is not enough: a replica that diverged keeps reconnecting on its old timeline.
+    # Each must receive the primary's current timeline past the primary's position of now.
+    try:
+        tli, lsn = _sql(
+            cluster,
+            primaries[0],
+            "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, "
+            "pg_current_wal_lsn()",
+        )[0]
+        for s in states.values():
+            if s.name == primaries[0]:
+                continue
+            row = _sql(
+                cluster,
+                s.name,
+                "SELECT received_tli, pg_last_wal_receive_lsn() >= %s::pg_lsn FROM pg_stat_wal_receiver",
+                (str(lsn),),
+            )
+            if not row or row[0][0] != tli or not row[0][1]:
+                return False, f"{desc}; {s.name} has not received timeline {tli} up to {lsn} yet"
+    except psycopg.Error as e:
+        return False, f"{desc}; {e}"
     if mode != "async":
         try:
             rows = _sql(
