@@ -299,6 +299,32 @@ async def crash_during_switchover(ctx: Ctx) -> None:
     await _after_failover_restart(ctx, ctx.primary)
 
 
+async def kill_new_primary(ctx: Ctx) -> None:
+    """A second failure right after a failover: the new primary dies the moment it has
+    acknowledged a write, before its own sync set can have formed; both victims come back
+    after 3 x ttl.  Nothing acknowledged may be lost, and no second primary may appear."""
+    ctx.mark("fault")
+    first = ctx.primary
+    ctx.kill_node(first)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    second = None
+    while second is None and loop.time() < deadline:
+        acked = [a.node for a in ctx.rec.attempts[-50:] if a.outcome == "ok" and a.node not in (None, first)]
+        second = acked[-1] if acked else None
+        await asyncio.sleep(0.02)
+    if second is None:
+        ctx.note("no new primary acknowledged a write within 60 s")
+    else:
+        ctx.kill_node(second)
+        ctx.note(f"new primary {second} killed right after its first acknowledgement")
+        await asyncio.sleep(3 * ctx.ttl)
+    ctx.mark("heal")
+    await ctx.restart_agent(first)
+    if second is not None:
+        await ctx.restart_agent(second)
+
+
 async def old_primary_restart(ctx: Ctx) -> None:
     ctx.mark("fault")
     ctx.kill_node(ctx.primary)
@@ -374,6 +400,11 @@ SCENARIOS: dict[str, Scenario] = {
             expect_refusal=True,
         ),
         Scenario("crash-during-switchover", "the primary dies during a switchover", crash_during_switchover),
+        Scenario(
+            "kill-new-primary",
+            "the primary dies, then the new one the moment it acknowledges a write",
+            kill_new_primary,
+        ),
         Scenario(
             "old-primary-restart", "the dead primary's agent comes back within the ttl", old_primary_restart
         ),
