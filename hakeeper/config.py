@@ -293,6 +293,11 @@ DEFAULT_CLUSTER_PARAMETERS: dict[str, ParamValue] = {
     "max_connections": 100,
     "password_encryption": "scram-sha-256",
     "wal_retrieve_retry_interval": "1s",
+    # Standbys report at least every second, so a sync standby behind a partition is noticed
+    # (reply_time stops) within a ttl instead of wal_sender_timeout's default minute.
+    "wal_receiver_status_interval": "1s",
+    "wal_sender_timeout": "10s",
+    "wal_receiver_timeout": "10s",
 }
 
 

@@ -209,7 +209,13 @@ async def manage_sync(agent: Agent, view: ClusterView, term: int) -> None:
     st = agent.state
     if st is None or not st.running or st.in_recovery:
         return
-    streaming = {r.application_name for r in st.replication if r.state == "streaming"}
+    # A standby silent for a ttl (it reports every second) is cut off, even while its walsender
+    # has not timed out yet: keeping it would stall every commit until wal_sender_timeout.
+    streaming = {
+        r.application_name
+        for r in st.replication
+        if r.state == "streaming" and (r.reply_age is None or r.reply_age <= dyn.ttl)
+    }
     healthy = choose(view, streaming, agent.name)
     if dyn.replication_mode == "quorum":
         await _manage_quorum(agent, view, term, st, healthy)

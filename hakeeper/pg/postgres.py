@@ -122,6 +122,7 @@ class ReplicaInfo:
     replay_lsn: int | None
     replay_lag: float | None  # seconds
     client_addr: str | None = None
+    reply_age: float | None = None  # seconds since the standby's last status message
 
 
 class SlotInfo(NamedTuple):
@@ -175,7 +176,8 @@ SELECT
             'application_name', application_name, 'state', state, 'sync_state', sync_state,
             'sent_lsn', sent_lsn::text, 'write_lsn', write_lsn::text,
             'flush_lsn', flush_lsn::text, 'replay_lsn', replay_lsn::text,
-            'replay_lag', extract(epoch FROM replay_lag), 'client_addr', client_addr::text)
+            'replay_lag', extract(epoch FROM replay_lag), 'client_addr', client_addr::text,
+            'reply_age', extract(epoch FROM now() - reply_time))
           ORDER BY application_name), '[]'::json)
      FROM pg_stat_replication),
   current_setting('data_directory')
@@ -706,6 +708,7 @@ class Postgres:
                     replay_lsn=parse_lsn(r["replay_lsn"]),
                     replay_lag=None if r["replay_lag"] is None else float(r["replay_lag"]),
                     client_addr=r["client_addr"],
+                    reply_age=None if r.get("reply_age") is None else float(r["reply_age"]),
                 )
                 for r in (repl or [])
             )
