@@ -3,6 +3,7 @@ is judged on (0 lost acknowledged writes in sync and quorum modes, 0 dual-primar
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 from collections.abc import Iterable
@@ -84,9 +85,37 @@ def summarize(reports: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def machine_facts() -> str:
+    """One line about this machine and the versions the runs used."""
+    import os
+    import platform
+    import subprocess
+
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    versions = []
+    for argv in (["/usr/lib/postgresql/15/bin/postgres", "--version"], ["etcd", "--version"]):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.splitlines()
+            if out:
+                versions.append(out[0].strip())
+    return f"{cpu} x {os.cpu_count()} cores{mem}, Linux {platform.release()}; " + "; ".join(versions)
+
+
 def write_summary(path: Path, reports: Iterable[dict[str, Any]]) -> None:
     """Replace the text between the summary markers of ``path`` (append them if missing)."""
-    block = f"{BEGIN}\n{summarize(reports)}\n{END}"
+    reports = list(reports)
+    stamps = sorted(str(r["started_at"]) for r in reports if r.get("started_at"))
+    when = f"{stamps[0]} to {stamps[-1]}" if stamps else "unknown dates"
+    block = f"{BEGIN}\nRuns from {when} on {machine_facts()}.\n\n{summarize(reports)}\n{END}"
     text = path.read_text() if path.exists() else ""
     if BEGIN in text and END in text:
         text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
