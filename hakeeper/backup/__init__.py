@@ -1,0 +1,1 @@
+"""Backups and WAL archiving (issue 5): repositories, object codec, configuration."""

@@ -1,0 +1,56 @@
+"""Errors of the backup repositories.
+
+The split that matters to callers is *definitely absent* versus *cannot tell now*: a WAL fetch
+must answer "not found" only on :class:`NotFound`, and treat every other :class:`RepoError`
+(above all :class:`RepoUnavailable`) as "try again", or recovery would end early.
+"""
+
+from __future__ import annotations
+
+
+class RepoError(Exception):
+    """Any repository failure.  Anything but :class:`NotFound` means "the answer is not known"."""
+
+
+class NotFound(RepoError):
+    """The object does not exist (the repository itself answered and said so)."""
+
+    def __init__(self, repo: str, name: str) -> None:
+        self.repo = repo
+        self.name = name
+        super().__init__(f"{repo}: {name}: no such object")
+
+
+class RepoUnavailable(RepoError):
+    """The repository could not be reached or did not answer properly (connection refused,
+    timeout, 5xx, throttling, missing bucket or root directory, denied access): try again later."""
+
+
+class CorruptObject(RepoError):
+    """An object exists but its content does not match its recorded checksum or format."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"{name}: corrupt object: {reason}")
+
+
+class ContentConflict(RepoError):
+    """``put_unique`` found an object of that name with other content.
+
+    The existing object was left alone; the new content was stored as ``quarantined``.
+    ``existing_sha256`` is None when the existing object could not be read (it is corrupt).
+    """
+
+    def __init__(
+        self, repo: str, name: str, quarantined: str, existing_sha256: str | None, new_sha256: str
+    ) -> None:
+        self.repo = repo
+        self.name = name
+        self.quarantined = quarantined
+        self.existing_sha256 = existing_sha256
+        self.new_sha256 = new_sha256
+        super().__init__(
+            f"{repo}: {name} exists with other content (sha256 {existing_sha256 or 'unreadable'}, "
+            f"new {new_sha256}); kept the existing object, stored the new content as {quarantined}"
+        )

@@ -1,0 +1,725 @@
+"""Backup repositories: where WAL and base backups are stored (issue 5).
+
+A :class:`Repository` stores named objects in the form of :mod:`hakeeper.backup.codec`
+(zstd + a SHA-256 trailer), so every read is verified.  Two implementations:
+
+* :class:`FilesystemRepository`: a directory; every write goes to a temporary file in the
+  target directory, is fsynced, renamed into place and the directory fsynced, so a reader never
+  sees a partial object and a stored object survives a crash.
+* :class:`S3Repository`: an S3-compatible object store through aiobotocore (path-style
+  addressing, as SeaweedFS and most self-hosted stores need).
+
+Object names are relative paths of ``/``-separated components made of letters, digits and
+``_.:+-``, never starting with ``.`` (temporary files do, so they never collide or get listed).
+
+``put_unique`` is the duplicate policy WAL archiving needs: a re-push of identical content
+succeeds, different content for an existing name is never overwritten but stored under
+``quarantine/<name>.<UTC timestamp>`` and reported as :class:`ContentConflict`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import re
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from hakeeper.backup import codec
+from hakeeper.backup.errors import ContentConflict, CorruptObject, NotFound, RepoError, RepoUnavailable
+from hakeeper.log import get_logger
+from hakeeper.pg.postgres import _fsync_dir
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3.client import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+log = get_logger(__name__)
+
+CHUNK = 1 << 20  # read and compress in 1 MiB steps
+_INLINE_LIMIT = 256 * 1024  # smaller payloads are encoded on the loop; larger ones in a thread
+_NAME_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]*$")
+QUARANTINE = "quarantine"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid object name, else ValueError (a programming error, not I/O)."""
+    parts = name.split("/")
+    if not name or len(name) > 900 or not all(_NAME_COMPONENT.match(p) for p in parts):
+        raise ValueError(f"invalid object name {name!r}")
+    return name
+
+
+def quarantine_name(name: str, now: datetime | None = None) -> str:
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{QUARANTINE}/{name}.{stamp}"
+
+
+class Outcome(enum.StrEnum):
+    STORED = "stored"
+    ALREADY_PRESENT = "already_present"  # put_unique: identical content was there already
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    name: str
+    size: int  # uncompressed
+    stored_size: int
+    sha256: str  # of the uncompressed content
+    outcome: Outcome = Outcome.STORED
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStat:
+    name: str
+    size: int  # uncompressed, from the trailer
+    stored_size: int
+    sha256: str
+    meta: Mapping[str, str]
+    modified: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    name: str
+    stored_size: int
+    modified: datetime
+
+
+class Repository(ABC):
+    """One backup repository.  All methods are coroutines and never block the event loop.
+
+    Errors: :class:`NotFound` when the object is absent; :class:`CorruptObject` when it fails
+    verification; :class:`RepoUnavailable` (or another :class:`RepoError`) when the answer is
+    not known.  ``delete`` of a missing object succeeds.
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self, name: str, *, level: int = codec.DEFAULT_LEVEL, threads: int = 0, offsite: bool = False
+    ) -> None:
+        self.name = name
+        self.level = level
+        self.threads = threads
+        self.offsite = offsite
+
+    # ------------------------------------------------------------------ storage primitives
+    @abstractmethod
+    async def _store(self, name: str, blob: bytes, trailer: codec.Trailer, *, exclusive: bool) -> bool:
+        """Store an encoded object.  With ``exclusive``, return False (and store nothing) if
+        the name exists."""
+
+    @abstractmethod
+    async def _store_stream(self, name: str, chunks: AsyncIterator[bytes]) -> int:
+        """Store an encoded object from a stream (overwriting); return the stored size."""
+
+    @abstractmethod
+    def _load_stream(self, name: str) -> AsyncGenerator[bytes, None]:
+        """The stored bytes of ``name`` in chunks (NotFound before the first one if absent)."""
+
+    @abstractmethod
+    async def _load_tail(self, name: str, length: int) -> tuple[bytes, int, datetime]:
+        """The last ``length`` stored bytes (fewer if the object is shorter), the stored size
+        and the modification time."""
+
+    @abstractmethod
+    async def list_objects(self, prefix: str = "") -> list[ListEntry]:
+        """Objects whose name starts with ``prefix`` (a plain string prefix), sorted by name."""
+
+    @abstractmethod
+    async def delete(self, name: str) -> None: ...
+
+    @abstractmethod
+    async def initialize(self) -> None:
+        """Create the repository's root (directory or bucket) if missing.  For set-up (demo,
+        tests, an explicit command), never implicitly: a missing root may be a missing mount."""
+
+    async def close(self) -> None:
+        """Release connections (none by default)."""
+        return None
+
+    async def __aenter__(self) -> Repository:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ public operations
+    async def _encode(self, data: bytes, meta: Mapping[str, str] | None) -> tuple[bytes, codec.Trailer]:
+        m = codec.validate_meta(meta or {})
+        if len(data) <= _INLINE_LIMIT:
+            return codec.encode(data, m, self.level, 0)
+        return await asyncio.to_thread(codec.encode, data, m, self.level, self.threads)
+
+    async def put(self, name: str, data: bytes, *, meta: Mapping[str, str] | None = None) -> PutResult:
+        """Store ``data`` as ``name``, replacing any existing object (atomically)."""
+        check_name(name)
+        blob, trailer = await self._encode(data, meta)
+        await self._store(name, blob, trailer, exclusive=False)
+        return PutResult(name, trailer.size, len(blob), trailer.sha256)
+
+    async def put_stream(
+        self, name: str, chunks: AsyncIterable[bytes], *, meta: Mapping[str, str] | None = None
+    ) -> PutResult:
+        """Store the concatenated ``chunks`` as ``name`` (replacing), compressing as they come."""
+        check_name(name)
+        m = codec.validate_meta(meta or {})
+        enc = codec.Encoder(self.level, self.threads)
+        done: list[codec.Trailer] = []
+
+        async def encoded() -> AsyncGenerator[bytes, None]:
+            async for chunk in chunks:
+                out = await asyncio.to_thread(enc.update, chunk)
+                if out:
+                    yield out
+            tail, trailer = await asyncio.to_thread(enc.finish, m)
+            done.append(trailer)
+            yield tail
+
+        async with aclosing(encoded()) as stream:
+            stored = await self._store_stream(name, stream)
+        trailer = done[0]
+        return PutResult(name, trailer.size, stored, trailer.sha256)
+
+    async def put_unique(self, name: str, data: bytes, *, meta: Mapping[str, str] | None = None) -> PutResult:
+        """Store ``data`` as ``name`` unless that name exists.
+
+        Identical content already there (same size and SHA-256): success, ``ALREADY_PRESENT``.
+        Other content there (or an unreadable object): the existing object stays, the new
+        content goes to :func:`quarantine_name` and :class:`ContentConflict` is raised.
+        """
+        check_name(name)
+        blob, trailer = await self._encode(data, meta)
+        for _ in range(5):
+            try:
+                existing: str | None = (await self.stat(name)).sha256
+            except NotFound:
+                if await self._store(name, blob, trailer, exclusive=True):
+                    return PutResult(name, trailer.size, len(blob), trailer.sha256)
+                continue  # created by someone else meanwhile: compare with theirs
+            except CorruptObject:
+                existing = None
+            if existing == trailer.sha256:
+                return PutResult(name, trailer.size, len(blob), trailer.sha256, Outcome.ALREADY_PRESENT)
+            quarantined = quarantine_name(name)
+            await self._store(quarantined, blob, trailer, exclusive=False)
+            log.error(
+                "object_conflict_quarantined",
+                repo=self.name,
+                object=name,
+                quarantined=quarantined,
+                existing_sha256=existing,
+                new_sha256=trailer.sha256,
+            )
+            raise ContentConflict(self.name, name, quarantined, existing, trailer.sha256)
+        raise RepoUnavailable(f"{self.name}: {name}: object appears and disappears; giving up")
+
+    async def get(self, name: str) -> bytes:
+        """The verified content of ``name`` (whole in memory; see :meth:`get_stream`)."""
+        check_name(name)
+        parts: list[bytes] = []
+        async with aclosing(self._load_stream(name)) as raw:
+            async for chunk in raw:
+                parts.append(chunk)
+        blob = b"".join(parts)
+        if len(blob) <= _INLINE_LIMIT:
+            return codec.decode(blob, name)[0]
+        return (await asyncio.to_thread(codec.decode, blob, name))[0]
+
+    async def get_stream(self, name: str) -> AsyncIterator[bytes]:
+        """The content of ``name`` in chunks.  The checksum is checked at the end: a
+        :class:`CorruptObject` may come after data was yielded, so a caller writing to a file
+        must discard it on any error."""
+        check_name(name)
+        dec = codec.Decoder(name)
+        async with aclosing(self._load_stream(name)) as raw:
+            async for chunk in raw:
+                out = await asyncio.to_thread(dec.feed, chunk)
+                if out:
+                    yield out
+        rest, _ = await asyncio.to_thread(dec.finish)
+        if rest:
+            yield rest
+
+    async def stat(self, name: str) -> ObjectStat:
+        """Size, checksum and metadata of ``name``, read from its trailer (without the content)."""
+        check_name(name)
+        tail, stored, modified = await self._load_tail(name, 4096)
+        need = codec.trailer_length(tail)
+        if need is not None and need > len(tail) and stored > len(tail):
+            tail, stored, modified = await self._load_tail(name, min(need, codec.MAX_TRAILER))
+        _, trailer = codec.parse_trailer(tail, name)
+        return ObjectStat(name, trailer.size, stored, trailer.sha256, dict(trailer.meta), modified)
+
+
+# ====================================================================== filesystem
+
+
+class FilesystemRepository(Repository):
+    """Objects are files below ``path``; writes are atomic and durable (see the module doc)."""
+
+    kind = "fs"
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        name: str = "fs",
+        level: int = codec.DEFAULT_LEVEL,
+        threads: int = 0,
+        offsite: bool = False,
+    ) -> None:
+        super().__init__(name, level=level, threads=threads, offsite=offsite)
+        self.root = Path(path)
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _error(self, e: OSError, op: str, name: str) -> RepoError:
+        if isinstance(e, FileNotFoundError) and self.root.is_dir():
+            return NotFound(self.name, name)
+        if not self.root.is_dir():
+            return RepoUnavailable(f"{self.name}: repository directory {self.root} is missing")
+        return RepoUnavailable(f"{self.name}: {op} {name}: {e}")
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(self.root)
+
+    def _make_parents(self, directory: Path) -> None:
+        """Create missing directories below the root, each made durable in its parent."""
+        missing: list[Path] = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except FileExistsError:
+                pass
+            _fsync_dir(m.parent)
+
+    def _open_temp(self, final: Path) -> tuple[Path, BinaryIO]:
+        self._check_root()
+        self._make_parents(final.parent)
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        return tmp, os.fdopen(fd, "wb")
+
+    @staticmethod
+    def _commit(tmp: Path, f: BinaryIO, final: Path, exclusive: bool) -> bool:
+        """fsync and close ``f``, move ``tmp`` to ``final`` (link: never replaces), fsync the dir."""
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+        try:
+            if exclusive:
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+        return True
+
+    def _write_sync(self, name: str, blob: bytes, exclusive: bool) -> bool:
+        final = self._path(name)
+        tmp, f = self._open_temp(final)
+        try:
+            f.write(blob)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return self._commit(tmp, f, final, exclusive)
+
+    async def _store(self, name: str, blob: bytes, trailer: codec.Trailer, *, exclusive: bool) -> bool:
+        try:
+            return await asyncio.to_thread(self._write_sync, name, blob, exclusive)
+        except OSError as e:
+            raise self._error(e, "write", name) from e
+
+    async def _store_stream(self, name: str, chunks: AsyncIterator[bytes]) -> int:
+        final = self._path(name)
+        try:
+            tmp, f = await asyncio.to_thread(self._open_temp, final)
+        except OSError as e:
+            raise self._error(e, "write", name) from e
+        size = 0
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(f.write, chunk)
+                size += len(chunk)
+            await asyncio.to_thread(self._commit, tmp, f, final, False)
+        except OSError as e:
+            raise self._error(e, "write", name) from e
+        finally:
+            if not f.closed:
+                f.close()
+            if tmp.exists():
+                tmp.unlink(missing_ok=True)
+        return size
+
+    async def _load_stream(self, name: str) -> AsyncGenerator[bytes, None]:
+        path = self._path(name)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except OSError as e:
+            raise self._error(e, "read", name) from e
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(f.read, CHUNK)
+                except OSError as e:
+                    raise self._error(e, "read", name) from e
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            f.close()
+
+    def _tail_sync(self, name: str, length: int) -> tuple[bytes, int, datetime]:
+        with open(self._path(name), "rb") as f:
+            st = os.fstat(f.fileno())
+            f.seek(max(0, st.st_size - length))
+            return f.read(length), st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)
+
+    async def _load_tail(self, name: str, length: int) -> tuple[bytes, int, datetime]:
+        try:
+            return await asyncio.to_thread(self._tail_sync, name, length)
+        except OSError as e:
+            raise self._error(e, "stat", name) from e
+
+    def _list_sync(self, prefix: str) -> list[ListEntry]:
+        self._check_root()
+        start = self.root / prefix.rpartition("/")[0]
+        out: list[ListEntry] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                if fn.startswith("."):
+                    continue
+                p = Path(dirpath) / fn
+                rel = p.relative_to(self.root).as_posix()
+                if not rel.startswith(prefix):
+                    continue
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                out.append(ListEntry(rel, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
+        return sorted(out, key=lambda e: e.name)
+
+    async def list_objects(self, prefix: str = "") -> list[ListEntry]:
+        try:
+            return await asyncio.to_thread(self._list_sync, prefix)
+        except OSError as e:
+            raise self._error(e, "list", prefix) from e
+
+    def _delete_sync(self, name: str) -> None:
+        self._check_root()
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
+    async def delete(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(self._delete_sync, name)
+        except OSError as e:
+            raise self._error(e, "delete", name) from e
+
+    async def initialize(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
+
+# ====================================================================== S3
+
+
+class S3Repository(Repository):
+    """An S3-compatible bucket (optionally below ``prefix``), path-style addressing.
+
+    ``put_unique`` checks for the name, then writes with ``If-None-Match: *`` so that the
+    server refuses to replace an object created in between (SeaweedFS and AWS enforce it).
+    A server that ignores the header leaves a race between check and write; WAL names are
+    written by one primary at a time, so in practice only a re-push of the same segment can
+    meet it, and that has identical content.
+
+    Besides the trailer inside the body, objects written in one piece carry their checksum and
+    size as user metadata (``x-amz-meta-hk-sha256``, ``-hk-size``) for other tools; streamed
+    (multipart) objects cannot, as the checksum is known only at the end.  The trailer is what
+    :meth:`stat` and every read rely on.  botocore's own transfer checksums are off
+    (``when_required``): several S3-compatible servers mishandle the streaming variant, and
+    the SHA-256 trailer checks the content end to end anyway.
+    """
+
+    kind = "s3"
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        endpoint: str | None = None,
+        prefix: str = "",
+        region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        verify: bool | str = True,
+        timeout: float = 60.0,
+        max_attempts: int = 3,
+        part_size: int = 8 << 20,
+        name: str = "s3",
+        level: int = codec.DEFAULT_LEVEL,
+        threads: int = 0,
+        offsite: bool = False,
+    ) -> None:
+        super().__init__(name, level=level, threads=threads, offsite=offsite)
+        if part_size < 5 << 20:
+            raise ValueError("part_size must be at least 5 MiB (S3's minimum)")
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.prefix = prefix.strip("/")
+        self.region = region
+        self.timeout = timeout
+        self.part_size = part_size
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._verify = verify
+        self._config = AioConfig(
+            s3={"addressing_style": "path"},
+            connect_timeout=min(5.0, timeout),
+            read_timeout=timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._stack: AsyncExitStack | None = None
+        self._client: S3Client | None = None
+        self._lock = asyncio.Lock()
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    async def _s3(self) -> S3Client:
+        async with self._lock:
+            if self._client is None:
+                stack = AsyncExitStack()
+                self._client = await stack.enter_async_context(
+                    get_session().create_client(
+                        "s3",
+                        endpoint_url=self.endpoint,
+                        region_name=self.region,
+                        aws_access_key_id=self._access_key,
+                        aws_secret_access_key=self._secret_key,
+                        verify=self._verify,
+                        config=self._config,
+                    )
+                )
+                self._stack = stack
+            return self._client
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._stack is not None:
+                await self._stack.aclose()
+            self._stack = None
+            self._client = None
+
+    def _error(self, e: BaseException, op: str, name: str) -> RepoError:
+        if isinstance(e, ClientError):
+            err: Mapping[str, Any] = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            if code == "NoSuchKey":
+                return NotFound(self.name, name)
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return RepoUnavailable(f"{self.name}: {op} {name}: {code} ({status}): {err.get('Message', '')}")
+        return RepoUnavailable(f"{self.name}: {op} {name}: {type(e).__name__}: {e}")
+
+    _TRANSIENT = (ClientError, BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)
+
+    async def _store(self, name: str, blob: bytes, trailer: codec.Trailer, *, exclusive: bool) -> bool:
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(name),
+            "Body": blob,
+            "ContentType": "application/zstd",
+            "Metadata": {"hk-sha256": trailer.sha256, "hk-size": str(trailer.size)},
+        }
+        if exclusive:
+            args["IfNoneMatch"] = "*"
+        try:
+            async with asyncio.timeout(self.timeout):
+                s3 = await self._s3()
+                await s3.put_object(**args)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if exclusive and code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise self._error(e, "put", name) from e
+        except self._TRANSIENT as e:
+            raise self._error(e, "put", name) from e
+        return True
+
+    async def _store_stream(self, name: str, chunks: AsyncIterator[bytes]) -> int:
+        key = self._key(name)
+        buf = bytearray()
+        size = 0
+        upload_id: str | None = None
+        parts: list[CompletedPartTypeDef] = []
+        try:
+            s3 = await self._s3()
+
+            async def flush_part() -> None:
+                nonlocal upload_id
+                if upload_id is None:
+                    async with asyncio.timeout(self.timeout):
+                        r = await s3.create_multipart_upload(
+                            Bucket=self.bucket, Key=key, ContentType="application/zstd"
+                        )
+                    upload_id = r["UploadId"]
+                number = len(parts) + 1
+                async with asyncio.timeout(self.timeout):
+                    r2 = await s3.upload_part(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=bytes(buf)
+                    )
+                parts.append({"PartNumber": number, "ETag": r2["ETag"]})
+                buf.clear()
+
+            async for chunk in chunks:
+                buf += chunk
+                size += len(chunk)
+                if len(buf) >= self.part_size:
+                    await flush_part()
+            async with asyncio.timeout(self.timeout):
+                if upload_id is None:
+                    await s3.put_object(
+                        Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType="application/zstd"
+                    )
+                else:
+                    if buf:
+                        await flush_part()
+                    await s3.complete_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                    )
+                    upload_id = None
+        except self._TRANSIENT as e:
+            raise self._error(e, "put", name) from e
+        finally:
+            if upload_id is not None:
+                await self._abort(key, upload_id)
+        return size
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                s3 = await self._s3()
+                await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except self._TRANSIENT as e:
+            log.warning("multipart_abort_failed", repo=self.name, key=key, error=str(e))
+
+    async def _load_stream(self, name: str) -> AsyncGenerator[bytes, None]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                s3 = await self._s3()
+                resp = await s3.get_object(Bucket=self.bucket, Key=self._key(name))
+        except self._TRANSIENT as e:
+            raise self._error(e, "get", name) from e
+        body = resp["Body"]
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        chunk = await body.read(CHUNK)
+                except self._TRANSIENT as e:
+                    raise self._error(e, "get", name) from e
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            body.close()
+
+    async def _load_tail(self, name: str, length: int) -> tuple[bytes, int, datetime]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                s3 = await self._s3()
+                resp = await s3.get_object(Bucket=self.bucket, Key=self._key(name), Range=f"bytes=-{length}")
+                async with resp["Body"] as body:
+                    tail = await body.read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
+                raise CorruptObject(name, "empty object") from e
+            raise self._error(e, "stat", name) from e
+        except self._TRANSIENT as e:
+            raise self._error(e, "stat", name) from e
+        content_range = resp.get("ContentRange", "")
+        total = int(content_range.rpartition("/")[2]) if "/" in content_range else len(tail)
+        return tail, total, resp["LastModified"]
+
+    async def list_objects(self, prefix: str = "") -> list[ListEntry]:
+        strip = len(self._key(""))
+        out: list[ListEntry] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                s3 = await self._s3()
+                pages = s3.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=self._key(prefix)
+                )
+                async for page in pages:
+                    for obj in page.get("Contents", []):
+                        out.append(ListEntry(obj["Key"][strip:], obj["Size"], obj["LastModified"]))
+        except self._TRANSIENT as e:
+            raise self._error(e, "list", prefix) from e
+        return sorted(out, key=lambda e: e.name)
+
+    async def delete(self, name: str) -> None:
+        check_name(name)
+        try:
+            async with asyncio.timeout(self.timeout):
+                s3 = await self._s3()
+                await s3.delete_object(Bucket=self.bucket, Key=self._key(name))
+        except self._TRANSIENT as e:
+            raise self._error(e, "delete", name) from e
+
+    async def initialize(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                s3 = await self._s3()
+                try:
+                    await s3.head_bucket(Bucket=self.bucket)
+                    return
+                except ClientError as e:
+                    if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                        raise
+                if self.region == "us-east-1":
+                    await s3.create_bucket(Bucket=self.bucket)
+                else:
+                    await s3.create_bucket(
+                        Bucket=self.bucket,
+                        CreateBucketConfiguration={"LocationConstraint": self.region},  # type: ignore[typeddict-item]
+                    )
+        except self._TRANSIENT as e:
+            raise self._error(e, "create bucket", self.bucket) from e

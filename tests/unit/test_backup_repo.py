@@ -1,0 +1,336 @@
+"""Backup repositories: filesystem in tmp_path, S3 against moto, the object codec, the config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from moto.server import ThreadedMotoServer
+from pydantic import ValidationError
+
+from hakeeper.backup import codec
+from hakeeper.backup.config import BackupConfig, RepositoryConfig, make_repository
+from hakeeper.backup.errors import ContentConflict, CorruptObject, NotFound, RepoUnavailable
+from hakeeper.backup.repo import FilesystemRepository, S3Repository, check_name
+from tests.support.ports import free_ports
+from tests.support.repo_checks import (
+    SEGMENT,
+    check_basic_operations,
+    check_create_never_replaces,
+    check_duplicate_policy,
+    check_streaming,
+    wal_like,
+)
+
+# ---------------------------------------------------------------------------------- codec
+
+
+@given(data=st.binary(max_size=20_000), cuts=st.lists(st.integers(1, 5000), max_size=8))
+def test_codec_round_trip_in_any_chunking(data: bytes, cuts: list[int]) -> None:
+    enc = codec.Encoder(level=1)
+    blob = bytearray()
+    pos = 0
+    for step in [*cuts, len(data)]:
+        blob += enc.update(data[pos : pos + step])
+        pos += step
+    tail, trailer = enc.finish({"k": "v"})
+    blob += tail
+    assert (trailer.size, trailer.sha256) == (len(data), codec.sha256_hex(data))
+    out, read_trailer = codec.decode(bytes(blob), "x")
+    assert out == data
+    assert read_trailer == trailer
+    one_shot, _ = codec.encode(data, {"k": "v"}, level=1)
+    assert codec.decode(one_shot, "x")[0] == data
+
+
+@given(data=st.binary(min_size=1, max_size=3000), where=st.floats(0, 1), bit=st.integers(0, 7))
+def test_codec_detects_any_flipped_bit(data: bytes, where: float, bit: int) -> None:
+    blob = bytearray(codec.encode(data, {"timeline": "1"})[0])
+    blob[min(int(where * len(blob)), len(blob) - 1)] ^= 1 << bit
+    with pytest.raises(CorruptObject):
+        codec.decode(bytes(blob), "x")
+
+
+def test_codec_detects_truncation_and_multithreaded_output_decodes() -> None:
+    data = wal_like(4 << 20)
+    blob, _ = codec.encode(data, {}, level=3, threads=2)
+    assert codec.decode(blob, "x")[0] == data
+    for cut in (1, 100, len(blob) // 2):
+        with pytest.raises(CorruptObject):
+            codec.decode(blob[:-cut], "x")
+    with pytest.raises(CorruptObject):
+        codec.decode(blob[: len(blob) // 2] + blob[-200:], "x")
+
+
+def test_stored_object_is_a_plain_zstd_file() -> None:
+    import zstandard
+
+    blob, _ = codec.encode(b"hello" * 1000, {})
+    reader = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True)
+    assert reader.read() == b"hello" * 1000
+
+
+def test_object_names_are_checked() -> None:
+    for bad in ("", "/abs", "a//b", "../x", "a/../b", ".hidden", "a/.tmp", "sp ace", "a/"):
+        with pytest.raises(ValueError):
+            check_name(bad)
+    assert check_name("wal/000000010000000000000001.partial") == "wal/000000010000000000000001.partial"
+
+
+# ---------------------------------------------------------------------------------- filesystem
+
+
+@pytest.fixture
+async def fs_repo(tmp_path: Path) -> AsyncIterator[FilesystemRepository]:
+    repo = FilesystemRepository(tmp_path / "repo", name="local")
+    await repo.initialize()
+    yield repo
+
+
+async def test_fs_operations(fs_repo: FilesystemRepository) -> None:
+    await check_basic_operations(fs_repo)
+    await check_streaming(fs_repo)
+
+
+async def test_fs_duplicate_policy(fs_repo: FilesystemRepository) -> None:
+    await check_duplicate_policy(fs_repo)
+    await check_create_never_replaces(fs_repo)
+
+
+async def test_fs_writes_leave_no_temporary_files(fs_repo: FilesystemRepository) -> None:
+    await fs_repo.put(SEGMENT, b"a")
+    await fs_repo.put(SEGMENT, b"b")
+    await fs_repo.put_unique("wal/x", b"c")
+    await fs_repo.put_unique("wal/x", b"c")
+    files = sorted(p.relative_to(fs_repo.root).as_posix() for p in fs_repo.root.rglob("*") if p.is_file())
+    assert files == [SEGMENT, "wal/x"]
+
+
+async def test_fs_failed_stream_leaves_nothing(fs_repo: FilesystemRepository) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        raise RuntimeError("source failed")
+
+    with pytest.raises(RuntimeError):
+        await fs_repo.put_stream("base/f", broken())
+    assert [p for p in fs_repo.root.rglob("*") if p.is_file()] == []
+
+
+async def test_fs_corruption_is_detected(fs_repo: FilesystemRepository) -> None:
+    data = wal_like(512 * 1024)
+    await fs_repo.put(SEGMENT, data)
+    path = fs_repo.root / SEGMENT
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 3] ^= 0x40
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CorruptObject):
+        await fs_repo.get(SEGMENT)
+    with pytest.raises(CorruptObject):
+        async for _ in fs_repo.get_stream(SEGMENT):
+            pass
+    # a re-push onto a corrupt object is a conflict too: never overwrite what we cannot read
+    path.write_bytes(b"garbage")
+    with pytest.raises(CorruptObject):
+        await fs_repo.stat(SEGMENT)
+    with pytest.raises(ContentConflict) as ei:
+        await fs_repo.put_unique(SEGMENT, data)
+    assert ei.value.existing_sha256 is None
+    assert path.read_bytes() == b"garbage"
+
+
+async def test_fs_missing_root_is_unavailable_not_not_found(tmp_path: Path) -> None:
+    repo = FilesystemRepository(tmp_path / "unmounted")
+    for coro in (
+        repo.get(SEGMENT),
+        repo.stat(SEGMENT),
+        repo.put(SEGMENT, b"x"),
+        repo.put_unique(SEGMENT, b"x"),
+        repo.list_objects(),
+        repo.delete(SEGMENT),
+    ):
+        with pytest.raises(RepoUnavailable):
+            await coro
+    assert not (tmp_path / "unmounted").exists()  # never created behind our back
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+async def test_fs_permission_error_is_unavailable(fs_repo: FilesystemRepository) -> None:
+    await fs_repo.put(SEGMENT, b"x")
+    (fs_repo.root / "wal").chmod(0)
+    try:
+        with pytest.raises(RepoUnavailable):
+            await fs_repo.get(SEGMENT)
+    finally:
+        (fs_repo.root / "wal").chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------- S3 (moto)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def _s3(endpoint: str, bucket: str, **kw: object) -> S3Repository:
+    return S3Repository(
+        bucket=bucket,
+        endpoint=endpoint,
+        prefix="cluster1",
+        access_key="test",
+        secret_key="test",
+        timeout=10,
+        max_attempts=1,
+        part_size=5 << 20,
+        name="moto",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def moto_repo(moto_endpoint: str, request: pytest.FixtureRequest) -> AsyncIterator[S3Repository]:
+    bucket = "b-" + request.node.name.replace("_", "-")[:50].lower()
+    async with _s3(moto_endpoint, bucket) as repo:
+        await repo.initialize()
+        yield repo
+
+
+async def test_s3_operations(moto_repo: S3Repository) -> None:
+    await check_basic_operations(moto_repo)
+    await check_streaming(moto_repo)
+
+
+async def test_s3_multipart_stream(moto_repo: S3Repository) -> None:
+    data = os.urandom(11 << 20)  # incompressible: three 5 MiB parts
+    r = await moto_repo.put_stream("base/rand", _chunks(data))
+    assert r.stored_size > 10 << 20
+    assert await moto_repo.get("base/rand") == data
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), 1 << 20):
+        yield data[i : i + (1 << 20)]
+
+
+async def test_s3_duplicate_policy(moto_repo: S3Repository) -> None:
+    await check_duplicate_policy(moto_repo)
+    await check_create_never_replaces(moto_repo)
+
+
+async def test_s3_keys_live_under_the_prefix_and_carry_metadata(moto_repo: S3Repository) -> None:
+    data = b"segment" * 100
+    await moto_repo.put(SEGMENT, data)
+    assert moto_repo.endpoint is not None
+    raw = boto3.client(
+        "s3",
+        endpoint_url=moto_repo.endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    )
+    head = raw.head_object(Bucket=moto_repo.bucket, Key=f"cluster1/{SEGMENT}")
+    assert head["Metadata"] == {"hk-sha256": codec.sha256_hex(data), "hk-size": str(len(data))}
+    raw.put_object(Bucket=moto_repo.bucket, Key=f"cluster1/{SEGMENT}", Body=b"tampered")
+    with pytest.raises(CorruptObject):
+        await moto_repo.get(SEGMENT)
+
+
+async def test_s3_missing_bucket_is_unavailable_not_not_found(moto_endpoint: str) -> None:
+    async with _s3(moto_endpoint, "no-such-bucket") as repo:
+        for coro in (repo.get(SEGMENT), repo.stat(SEGMENT), repo.put(SEGMENT, b"x"), repo.list_objects()):
+            with pytest.raises(RepoUnavailable):
+                await coro
+
+
+async def test_s3_closed_port_is_unavailable() -> None:
+    (port,) = free_ports(1)
+    async with _s3(f"http://127.0.0.1:{port}", "bucket") as repo:
+        for coro in (repo.get(SEGMENT), repo.stat(SEGMENT), repo.put_unique(SEGMENT, b"x")):
+            with pytest.raises(RepoUnavailable):
+                await coro
+
+
+async def test_s3_not_found(moto_repo: S3Repository) -> None:
+    with pytest.raises(NotFound):
+        await moto_repo.get("wal/missing")
+    with pytest.raises(NotFound):
+        await moto_repo.stat("wal/missing")
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_config_builds_both_repository_types(tmp_path: Path) -> None:
+    cfg = BackupConfig.model_validate(
+        {
+            "repositories": [
+                {"name": "local", "type": "fs", "path": str(tmp_path)},
+                {
+                    "name": "remote",
+                    "type": "s3",
+                    "endpoint": "https://s3.example.net/",
+                    "bucket": "pg",
+                    "prefix": "/prod/",
+                    "access_key": "AK",
+                    "secret_key": "SK",
+                    "ca_file": str(tmp_path / "ca.pem"),
+                    "offsite": True,
+                    "compression_level": 6,
+                },
+            ]
+        }
+    )
+    local, remote = (make_repository(r) for r in cfg.repositories)
+    assert isinstance(local, FilesystemRepository) and local.root == tmp_path and local.name == "local"
+    assert isinstance(remote, S3Repository)
+    assert (remote.endpoint, remote.prefix, remote.offsite, remote.level) == (
+        "https://s3.example.net",
+        "prod",
+        True,
+        6,
+    )
+    assert "SK" not in repr(cfg) and "SK" not in str(cfg.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize(
+    ("repo", "message"),
+    [
+        ({"name": "a", "type": "fs"}, "type fs needs path"),
+        ({"name": "a", "type": "fs", "path": "relative/dir"}, "must be absolute"),
+        ({"name": "a", "type": "fs", "path": "/x", "bucket": "b"}, "bucket not allowed for a repo"),
+        ({"name": "a", "type": "s3", "endpoint": "http://h:1"}, "type s3 needs bucket"),
+        ({"name": "a", "type": "s3", "bucket": "b", "path": "/x"}, "path not allowed"),
+        ({"name": "a", "type": "s3", "bucket": "b", "access_key": "k"}, "given together"),
+        ({"name": "a", "type": "s3", "bucket": "b", "endpoint": "h:9000"}, "must start with http"),
+        ({"name": "a", "type": "s3", "bucket": "b", "ca_file": "/ca", "verify_tls": False}, "verify_tls"),
+        ({"name": "a", "type": "nfs", "path": "/x"}, "'fs' or 's3'"),
+        ({"name": "a b", "type": "fs", "path": "/x"}, "letters, digits"),
+        ({"name": "a", "type": "fs", "path": "/x", "compression_level": 30}, "less than or equal to 19"),
+        ({"name": "a", "type": "fs", "path": "/x", "pathh": "/y"}, "Extra inputs"),
+    ],
+)
+def test_config_errors_say_what_is_wrong(repo: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError) as ei:
+        BackupConfig.model_validate({"repositories": [repo]})
+    assert message in str(ei.value)
+
+
+def test_config_repository_names_are_unique() -> None:
+    with pytest.raises(ValidationError, match="repeated: a"):
+        BackupConfig(
+            repositories=[
+                RepositoryConfig(name="a", type="fs", path=Path("/x")),
+                RepositoryConfig(name="a", type="fs", path=Path("/y")),
+            ]
+        )
