@@ -352,7 +352,13 @@ class Runner:
             violations = [v for v in violations if v not in caught]
             violations += [f"self-test: the checkers did not report {x}" for x in missed]
         writer_atts = [a for a in atts if a.src == "writer"]
-        rto = checks.recovery_time(atts, fault)
+        # Several faults (kill storm): the worst recovery, each measured up to the next fault.
+        starts = sorted({fault, *ctx.faults})
+        recoveries = [
+            checks.recovery_time([a for a in atts if nxt is None or a.done < nxt], f)
+            for f, nxt in zip(starts, [*starts[1:], None], strict=True)
+        ]
+        rto = max((r for r in recoveries if r is not None), default=None)
         first = checks.first_ack_after(atts, fault)
         return {
             "scenario": sc.name,

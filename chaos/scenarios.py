@@ -34,6 +34,7 @@ class Ctx:
     ttl: float
     marks: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    faults: list[float] = field(default_factory=list)  # later faults of a multi-fault scenario
 
     @property
     def replicas(self) -> list[str]:
@@ -41,6 +42,11 @@ class Ctx:
 
     def mark(self, what: str) -> None:
         self.marks.setdefault(what, self.rec.now())
+
+    def another_fault(self) -> None:
+        """A scenario with several faults (kill storm): each one's recovery is measured."""
+        self.mark("fault")
+        self.faults.append(self.rec.now())
 
     def note(self, text: str) -> None:
         self.notes.append(f"{self.rec.now():.2f}s {text}")
@@ -336,9 +342,9 @@ async def old_primary_restart(ctx: Ctx) -> None:
 async def kill_storm(ctx: Ctx) -> None:
     loop = asyncio.get_running_loop()
     victim = ctx.primary
-    ctx.mark("fault")
     for _ in range(3):
         t = loop.time()
+        ctx.another_fault()
         ctx.kill_node(victim)
         new = await ctx.wait_primary(exclude=victim, timeout=60)
         ctx.note(f"new primary: {new}")
