@@ -346,10 +346,16 @@ class Runner:
                 violations.append("no refusal logged")
         caught: list[str] = []
         if sc.expect_violations:
-            # A self-test passes when the checkers caught the sabotage, and fails when they did not.
-            caught = [v for v in violations if any(x in v for x in sc.expect_violations)]
-            missed = [x for x in sc.expect_violations if not any(x in v for v in violations)]
-            violations = [v for v in violations if v not in caught]
+            # A self-test passes when the checkers caught the sabotage, and fails when they did not
+            # (judged on what they detected, in every mode: async mode tolerates lost writes).
+            detected = {
+                "dual-primary": bool(dual),
+                "writes lost": bool(lost),
+                "off the final timeline": bool(audit.off_history),
+            }
+            caught = [x for x in sc.expect_violations if detected.get(x)]
+            missed = [x for x in sc.expect_violations if not detected.get(x)]
+            violations = [v for v in violations if not any(x in v for x in sc.expect_violations)]
             violations += [f"self-test: the checkers did not report {x}" for x in missed]
         writer_atts = [a for a in atts if a.src == "writer"]
         # Several faults (kill storm): the worst recovery, each measured up to the next fault.
