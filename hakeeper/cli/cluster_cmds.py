@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -236,22 +238,48 @@ def list_members(
         raise fail(f"--watch wants a number of seconds, not {watch!r}", 2) from None
     if not 0.1 <= interval <= 3600:
         raise fail("--watch interval must be between 0.1 and 3600 seconds", 2)
-    try:
-        while True:
-            client, prefix = _client_and_prefix(config, etcd, scope, namespace)
-            try:
-                view = asyncio.run(fetch_view(client, prefix))
-            except EtcdError as e:
-                err.print(f"{time.strftime('%H:%M:%S')} cannot read the cluster from etcd: {e}")
-            else:
-                if output == "table":
-                    if out.is_terminal:
-                        out.clear()
-                    out.print(time.strftime("%Y-%m-%d %H:%M:%S"), markup=False)
-                _print_list(view, output, watching=True)
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    asyncio.run(_watch(config, etcd, scope, namespace, output, interval))
+    raise typer.Exit(0)
+
+
+async def _watch(
+    config: Path | None,
+    etcd: list[str] | None,
+    scope: str | None,
+    namespace: str,
+    output: str,
+    interval: float,
+) -> None:
+    """Refresh until SIGINT (Ctrl-C) or SIGTERM.  The signals only set an event: a signal that
+    cancelled an etcd request half-way (asyncio.run's own SIGINT handling) could be swallowed on
+    the way out and leave the loop running."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        client, prefix = _client_and_prefix(config, etcd, scope, namespace)
+        fetch = asyncio.ensure_future(fetch_view(client, prefix))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if stop.is_set():
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EtcdError):
+                await fetch
+            break
+        try:
+            view = fetch.result()
+        except EtcdError as e:
+            err.print(f"{time.strftime('%H:%M:%S')} cannot read the cluster from etcd: {e}")
+        else:
+            if output == "table":
+                if out.is_terminal:
+                    out.clear()
+                out.print(time.strftime("%Y-%m-%d %H:%M:%S"), markup=False)
+            _print_list(view, output, watching=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 @app.command("history")
