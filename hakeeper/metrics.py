@@ -96,8 +96,8 @@ class Metrics:
         self.replica_lag_seconds.clear()
         if st is not None and st.running and st.in_recovery is False:
             for r in st.replication:
-                if r.replay_lag is not None:
-                    self.replica_lag_seconds.labels(r.application_name).set(r.replay_lag)
+                if (lag := r.replay_lag_seconds) is not None:
+                    self.replica_lag_seconds.labels(r.application_name).set(lag)
 
     def render(self, agent: Agent) -> bytes:
         self.refresh(agent)

@@ -102,7 +102,7 @@ def _replay_lag_seconds(agent: Agent) -> dict[str, float] | None:
     st = agent.state
     if st is None or not st.running or st.in_recovery is not False:
         return None
-    return {r.application_name: r.replay_lag for r in st.replication if r.replay_lag is not None}
+    return {r.application_name: lag for r in st.replication if (lag := r.replay_lag_seconds) is not None}
 
 
 def member_doc(m: Member, view: ClusterView, lag_seconds: dict[str, float] | None) -> dict[str, Any]:

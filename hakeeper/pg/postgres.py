@@ -124,6 +124,18 @@ class ReplicaInfo:
     client_addr: str | None = None
     reply_age: float | None = None  # seconds since the standby's last status message
 
+    @property
+    def replay_lag_seconds(self) -> float | None:
+        """``replay_lag``, or 0 for a streaming standby that replayed all that was sent:
+        PostgreSQL shows NULL there once the standby has caught up (after one or two status
+        messages, i.e. within wal_receiver_status_interval)."""
+        if self.replay_lag is not None:
+            return self.replay_lag
+        caught_up = (
+            self.replay_lsn is not None and self.sent_lsn is not None and self.replay_lsn >= self.sent_lsn
+        )
+        return 0.0 if self.state == "streaming" and caught_up else None
+
 
 class SlotInfo(NamedTuple):
     active: bool

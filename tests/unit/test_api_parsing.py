@@ -89,3 +89,26 @@ def test_authenticator() -> None:
     tls = ApiConfig(token="t", certfile="/x.crt", cafile="/ca.crt", verify_client="optional")
     d = Authenticator(tls).check(authorization="Bearer t", remote="127.0.0.1", has_client_cert=False)
     assert d is not None and d.status == 403
+
+
+def test_replay_lag_of_a_caught_up_standby_is_zero_not_unknown() -> None:
+    from hakeeper.pg.postgres import ReplicaInfo
+
+    def row(**kw: object) -> ReplicaInfo:
+        base: dict[str, object] = {
+            "application_name": "n2",
+            "state": "streaming",
+            "sync_state": "async",
+            "sent_lsn": 100,
+            "write_lsn": 100,
+            "flush_lsn": 100,
+            "replay_lsn": 100,
+            "replay_lag": None,
+        }
+        base.update(kw)
+        return ReplicaInfo(**base)  # type: ignore[arg-type]
+
+    assert row().replay_lag_seconds == 0.0
+    assert row(replay_lag=1.5).replay_lag_seconds == 1.5
+    assert row(replay_lsn=90).replay_lag_seconds is None  # behind, and PostgreSQL has no figure yet
+    assert row(state="catchup").replay_lag_seconds is None
