@@ -363,6 +363,10 @@ async def rogue_promote(ctx: Ctx) -> None:
     ctx.signal_agent(rogue, signal.SIGSTOP)  # or its agent demotes it within a second
     ctx.mark("fault")
     try:
+        # Its own synchronous_standby_names may name a standby (left from an earlier term): then
+        # the rogue could never acknowledge anything.  The agent strips this at its next start.
+        await ctx.sql(rogue, "ALTER SYSTEM SET synchronous_standby_names = ''")
+        await ctx.sql(rogue, "SELECT pg_reload_conf()")
         await ctx.sql(rogue, "SELECT pg_promote(true, 30)")
         ctx.note(f"{rogue} promoted behind the agents' back")
         await asyncio.sleep(3)
