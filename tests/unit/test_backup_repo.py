@@ -158,15 +158,50 @@ async def test_fs_missing_root_is_unavailable_not_not_found(tmp_path: Path) -> N
     assert not (tmp_path / "unmounted").exists()  # never created behind our back
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-async def test_fs_permission_error_is_unavailable(fs_repo: FilesystemRepository) -> None:
-    await fs_repo.put(SEGMENT, b"x")
-    (fs_repo.root / "wal").chmod(0)
+def _get_as_nobody(root: str, name: str) -> str:
+    """In a child process that dropped root (root ignores directory permissions): what get()
+    raised, by class name."""
+    import asyncio
+    import pwd
+
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.setgid(nobody.pw_gid)
+        os.setgroups([])
+        os.setuid(nobody.pw_uid)
     try:
-        with pytest.raises(RepoUnavailable):
-            await fs_repo.get(SEGMENT)
+        asyncio.run(FilesystemRepository(root, name="local").get(name))
+    except Exception as e:
+        return type(e).__name__
+    return "no error"
+
+
+def test_fs_permission_error_is_unavailable() -> None:
+    import asyncio
+    import multiprocessing
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="hk-perm-", dir="/tmp"))  # traversable by nobody
+    repo = FilesystemRepository(base / "repo", name="local")
+
+    async def setup() -> None:
+        await repo.initialize()
+        await repo.put(SEGMENT, b"x")
+
+    try:
+        base.chmod(0o755)
+        asyncio.run(setup())
+        for d in [repo.root, *repo.root.rglob("*")]:
+            d.chmod(0o755 if d.is_dir() else 0o644)  # readable by nobody but for the next line
+        (repo.root / "wal").chmod(0)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            raised = pool.apply(_get_as_nobody, (str(repo.root), SEGMENT))
+        assert raised == "RepoUnavailable"
     finally:
-        (fs_repo.root / "wal").chmod(0o755)
+        if (repo.root / "wal").exists():
+            (repo.root / "wal").chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- S3 (moto)
