@@ -30,6 +30,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from hakeeper.backup.config import BackupConfig
+
 ENV_PREFIX = "HAKEEPER_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 
@@ -402,6 +404,9 @@ class NodeConfig(BaseSettings):
     tags: Tags = Field(default_factory=Tags)
     log: LogConfig = Field(default_factory=LogConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    backup: BackupConfig = Field(
+        default_factory=BackupConfig, description="Backup repositories and WAL archiving."
+    )
 
     @field_validator("scope", "name")
     @classmethod

@@ -241,6 +241,7 @@ class LocalCluster:
         scope: str = "demo",
         dynamic: dict[str, Any] | None = None,
         tags: dict[str, dict[str, Any]] | None = None,
+        backup: dict[str, Any] | None = None,
     ) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise LocalClusterError(f"nodes must be between 1 and {MAX_NODES}, not {nodes}")
@@ -252,6 +253,7 @@ class LocalCluster:
         self.scope = scope
         self.dynamic = dict(dynamic or {})
         self.tags = {k: dict(v) for k, v in (tags or {}).items()}
+        self.backup = dict(backup or {})  # the `backup:` section of every node's config
         unknown = set(self.tags) - {f"node{i}" for i in range(1, nodes + 1)}
         if unknown:
             raise LocalClusterError(f"tags for unknown nodes: {', '.join(sorted(unknown))}")
@@ -360,6 +362,8 @@ class LocalCluster:
         }
         if name in self.tags:
             cfg["tags"] = self.tags[name]
+        if self.backup:
+            cfg["backup"] = self.backup
         if self.dynamic:
             cfg["bootstrap"] = {"dcs": self.dynamic}
         return cfg

@@ -1,7 +1,7 @@
-"""Configuration of the backup repositories (``backup.repositories`` in a node's YAML).
+"""The ``backup:`` section of a node's YAML: repositories and WAL archiving.
 
-Not wired into :class:`hakeeper.config.NodeConfig` yet; :func:`make_repository` builds a
-:class:`~hakeeper.backup.repo.Repository` from one entry.
+:func:`make_repository` builds a :class:`~hakeeper.backup.repo.Repository` from one entry.  The
+repository code (aiobotocore) is imported only there, so loading a config stays cheap.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from hakeeper.backup.repo import FilesystemRepository, Repository, S3Repository
+if TYPE_CHECKING:
+    from hakeeper.backup.repo import Repository
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 _FS_ONLY = ("path",)
@@ -88,10 +89,39 @@ class RepositoryConfig(_Strict):
         return self
 
 
+class ArchiveConfig(_Strict):
+    enabled: bool = Field(
+        True, description="Archive WAL continuously to every repository (when there is at least one)."
+    )
+    spool_dir: Path | None = Field(
+        None,
+        description="Local queue of WAL waiting for an unreachable repository "
+        "(default: `<data_dir>/../<name>.spool`).",
+    )
+    max_queue_bytes: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description="Cap of that local queue; beyond it the oldest queued WAL of a repository that "
+        "stays down is dropped for that repository and the gap recorded (the others stay complete).",
+    )
+    max_pg_wal_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="If set: when WAL waiting for archiving in pg_wal exceeds this, it is given up "
+        "(logged, recorded as a gap, PITR across it refused) so the primary's disk does not fill. "
+        "Default: never give up (pg_wal grows until archiving works again).",
+    )
+    parallel: int = Field(4, ge=1, le=32, description="Segments compressed and uploaded at once.")
+    timeout: float = Field(
+        60.0, gt=0, description="archive_command waits this long for the agent before failing (s)."
+    )
+
+
 class BackupConfig(_Strict):
     repositories: list[RepositoryConfig] = Field(
         default_factory=list, description="Where WAL and backups go; each gets all of them."
     )
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> BackupConfig:
@@ -104,6 +134,8 @@ class BackupConfig(_Strict):
 
 def make_repository(cfg: RepositoryConfig) -> Repository:
     """The repository ``cfg`` describes (no I/O: connections open on first use)."""
+    from hakeeper.backup.repo import FilesystemRepository, S3Repository
+
     if cfg.type == "fs":
         assert cfg.path is not None  # checked by the model
         return FilesystemRepository(
@@ -129,3 +161,26 @@ def make_repository(cfg: RepositoryConfig) -> Repository:
         threads=cfg.compression_threads,
         offsite=cfg.offsite,
     )
+
+
+class WalToolConfig(_Strict):
+    """The JSON file handed to ``archive_command`` / ``restore_command`` helpers
+    (:mod:`hakeeper.backup.walpush`, :mod:`hakeeper.backup.walfetch`): which cluster and which
+    repositories.  Written by the agent or by ``hakeeper restore``, mode 0600 (it may hold
+    credentials)."""
+
+    scope: str
+    repositories: list[RepositoryConfig]
+
+    @classmethod
+    def load(cls, path: Path) -> WalToolConfig:
+        return cls.model_validate_json(path.read_text())
+
+    def dump(self) -> str:
+        data = self.model_dump(mode="json")
+        for r, src in zip(data["repositories"], self.repositories, strict=True):
+            if src.secret_key is not None:
+                r["secret_key"] = src.secret_key.get_secret_value()
+        import json
+
+        return json.dumps(data, indent=1) + "\n"

@@ -1,0 +1,1 @@
+"""Backup and restore commands (``hakeeper backup ...``, ``hakeeper restore``): being written."""
