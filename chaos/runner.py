@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -245,7 +246,7 @@ class Runner:
                     probe(name, cluster.dsn(name), rec, base_id + PROBE_ID_OFFSET * i, stop, cluster.node_of)
                 )
             )
-        ctx = Ctx(cluster, rec, self.mode, primary, self.ttl)
+        ctx = Ctx(cluster, rec, self.mode, primary, self.ttl, echo=self.log)
         started = time.time()
         error: str | None = None
         await asyncio.sleep(WARMUP)
@@ -260,6 +261,8 @@ class Runner:
                 await ctx.restart_agent(name)
         ok, detail = await self._wait_settled(cluster, SETTLE_TIMEOUT)
         settled_at = rec.now()
+        if not ok:
+            detail += await asyncio.to_thread(_post_mortem, cluster)
         await asyncio.sleep(TAIL)
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -422,6 +425,24 @@ def _sql(
     with psycopg.connect(cluster.dsn(name), autocommit=True, connect_timeout=5) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []
+
+
+def _post_mortem(cluster: ChaosCluster) -> str:
+    """For a run that did not settle: which agents still run, and their thread stacks in their
+    logs (the agent dumps them on SIGUSR1), so a hung agent can be told from a dead one."""
+    found = []
+    for name in cluster.names:
+        pid = cluster.agent_pid(name)
+        if pid is None:
+            found.append(f"{name} agent not running (exit {cluster.agent_returncode(name)})")
+            continue
+        try:
+            os.kill(pid, signal.SIGUSR1)
+            found.append(f"{name} agent {pid} alive (stacks dumped to its log)")
+        except ProcessLookupError:
+            found.append(f"{name} agent {pid} gone")
+    time.sleep(1.0)
+    return "; post-mortem: " + ", ".join(found)
 
 
 def _settled(cluster: ChaosCluster, mode: str) -> tuple[bool, str]:

@@ -35,6 +35,7 @@ class Ctx:
     marks: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     faults: list[float] = field(default_factory=list)  # later faults of a multi-fault scenario
+    echo: Callable[[str], None] | None = None  # notes also go to the runner's log as they happen
 
     @property
     def replicas(self) -> list[str]:
@@ -50,6 +51,8 @@ class Ctx:
 
     def note(self, text: str) -> None:
         self.notes.append(f"{self.rec.now():.2f}s {text}")
+        if self.echo is not None:
+            self.echo(f"  {self.rec.now():.2f}s {text}")
 
     # -------------------------------------------------------------- processes
 

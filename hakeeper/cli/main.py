@@ -58,7 +58,14 @@ def config_validate(config: ConfigOpt) -> None:
 def agent(config: ConfigOpt) -> None:
     """Run the HA agent beside this node's PostgreSQL (foreground)."""
     cfg = load_or_exit(config)
+    import faulthandler
+    import signal
+
     from hakeeper.ha.agent import run_agent
+
+    # `kill -USR1 <agent pid>` writes every thread's stack to the agent's stderr: how a stuck
+    # agent is diagnosed without stopping it (the chaos runner does it for runs that hang).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     try:
         code = asyncio.run(run_agent(cfg, config_path=config))
