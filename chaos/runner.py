@@ -36,6 +36,7 @@ from hakeeper.config import DynamicConfig
 CLONE_NEWNET = 0x40000000
 MODES = ("async", "sync", "quorum")
 SETTLE_TIMEOUT = 120.0
+INJECT_TIMEOUT = 300.0  # the longest scenario (kill storm) takes about a minute
 WARMUP = 3.0
 TAIL = 2.0
 
@@ -251,7 +252,9 @@ class Runner:
         error: str | None = None
         await asyncio.sleep(WARMUP)
         try:
-            await sc.inject(ctx)
+            await asyncio.wait_for(sc.inject(ctx), INJECT_TIMEOUT)
+        except TimeoutError:
+            error = f"the injection did not finish within {INJECT_TIMEOUT:.0f}s (see the notes)"
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         ctx.mark("fault")

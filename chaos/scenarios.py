@@ -436,5 +436,6 @@ SMOKE = [
     "sigstop-3ttl",
     "partition-all",
     "double-fault",
+    "crash-during-switchover",
     "selftest-rogue-promote",
-]  # crash-during-switchover left out until its rejoin bug is fixed (a node stayed down, 06:29 run)
+]
