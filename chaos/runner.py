@@ -260,7 +260,7 @@ class Runner:
         ctx.mark("fault")
         ctx.mark("heal")
         for name in cluster.names:  # whatever the scenario left down comes back now
-            if cluster.agent_pid(name) is None:
+            if name in ctx.killed or cluster.agent_pid(name) is None:
                 await ctx.restart_agent(name)
         ok, detail = await self._wait_settled(cluster, SETTLE_TIMEOUT)
         settled_at = rec.now()

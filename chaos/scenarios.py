@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Ctx:
     notes: list[str] = field(default_factory=list)
     faults: list[float] = field(default_factory=list)  # later faults of a multi-fault scenario
     echo: Callable[[str], None] | None = None  # notes also go to the runner's log as they happen
+    killed: set[str] = field(default_factory=set)  # nodes whose agent got a SIGKILL, not yet restarted
 
     @property
     def replicas(self) -> list[str]:
@@ -70,6 +72,7 @@ class Ctx:
             self.note(f"{name}: agent not running")
             return
         os.kill(pid, signal.SIGKILL)
+        self.killed.add(name)
         self.note(f"{name}: kill -9 agent {pid}")
 
     def kill_node(self, name: str) -> None:
@@ -87,14 +90,25 @@ class Ctx:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if agent is not None:
+            self.killed.add(name)
         self.note(f"{name}: node killed (pids {pids})")
 
     async def restart_agent(self, name: str) -> None:
+        """Start the agent of ``name`` again if it is not running.  An agent we killed is
+        waited for first: SIGKILL is asynchronous, and a process inside an fsync can take a
+        while to go -- a restart that looked too early once left a node down for a whole run."""
         proc = self.cluster._agents.get(name)
+        if proc is not None and name in self.killed:
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                self.note(f"{name}: agent {proc.pid} still alive 30 s after SIGKILL; not restarted")
+                return
         if proc is not None and proc.poll() is None:
+            self.note(f"{name}: agent {proc.pid} is running; not restarted")
             return
-        if proc is not None:
-            await asyncio.to_thread(proc.wait)
+        self.killed.discard(name)
         self.cluster.start_agent(name)
         self.note(f"{name}: agent restarted")
 
