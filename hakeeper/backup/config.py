@@ -25,6 +25,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RetentionConfig(_Strict):
+    """How many full backups a repository keeps (``hakeeper backup expire``).  With neither
+    setting, no complete backup is expired (failed ones and WAL older than the oldest backup
+    still are)."""
+
+    full_count: int | None = Field(None, ge=1, description="Keep the newest N complete full backups.")
+    full_days: float | None = Field(
+        None,
+        gt=0,
+        description="Keep every complete full backup younger than this many days, plus the newest "
+        "older one (so any moment of the window can be restored).",
+    )
+
+
 class RepositoryConfig(_Strict):
     name: str = Field(description="Repository name, unique among the node's repositories.")
     type: Literal["fs", "s3"] = Field(description="`fs`: a directory; `s3`: an S3-compatible bucket.")
@@ -47,6 +61,11 @@ class RepositoryConfig(_Strict):
         0, ge=-1, le=64, description="zstd worker threads per object (0: none, -1: one per CPU)."
     )
     timeout: float = Field(60.0, gt=0, le=3600, description="s3: limit of one request (s).")
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig,
+        description="Backups kept by `hakeeper backup expire` (both rules set: a backup either keeps "
+        "is kept).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -90,12 +109,15 @@ class RepositoryConfig(_Strict):
 
 
 class ArchiveConfig(_Strict):
+    """Continuous WAL archiving by the agent (:mod:`hakeeper.backup.archiver`)."""
+
     enabled: bool = Field(
         True, description="Archive WAL continuously to every repository (when there is at least one)."
     )
     spool_dir: Path | None = Field(
         None,
-        description="Local queue of WAL waiting for an unreachable repository "
+        description="Local directory of the archiver: the archive_command script, its hand-over "
+        "markers, the queue of WAL waiting for an unreachable repository and the local gap records "
         "(default: `<data_dir>/../<name>.spool`).",
     )
     max_queue_bytes: int = Field(
@@ -107,13 +129,24 @@ class ArchiveConfig(_Strict):
     max_pg_wal_bytes: int | None = Field(
         None,
         ge=0,
-        description="If set: when WAL waiting for archiving in pg_wal exceeds this, it is given up "
-        "(logged, recorded as a gap, PITR across it refused) so the primary's disk does not fill. "
-        "Default: never give up (pg_wal grows until archiving works again).",
+        description="If set: when the WAL files waiting for archiving in pg_wal (`.ready`) exceed "
+        "this, the oldest that failed to archive are given up (logged, recorded as a gap under "
+        "`<scope>/wal-gaps/`) so the primary's disk does not fill. Default: never give up (pg_wal "
+        "grows until archiving works again).",
     )
-    parallel: int = Field(4, ge=1, le=32, description="Segments compressed and uploaded at once.")
+    parallel: int = Field(4, ge=1, le=32, description="WAL files compressed and uploaded at once.")
     timeout: float = Field(
-        60.0, gt=0, description="archive_command waits this long for the agent before failing (s)."
+        60.0, gt=0, le=3600, description="archive_command waits this long for the agent before failing (s)."
+    )
+    repo_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A repository that has not stored a WAL file within this many seconds is treated "
+        "as down: the file is queued for it (once another repository has it) and it is retried later.",
+    )
+    poll_interval: float = Field(
+        0.1, ge=0.01, le=5.0, description="How often the archiver looks for new `.ready` files (s)."
     )
 
 
@@ -171,6 +204,13 @@ class WalToolConfig(_Strict):
 
     scope: str
     repositories: list[RepositoryConfig]
+    prefetch: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="walfetch: segments fetched ahead of the one PostgreSQL asks for (0: no prefetch).",
+    )
+    prefetch_parallel: int = Field(4, ge=1, le=16, description="walfetch: prefetch downloads at once.")
 
     @classmethod
     def load(cls, path: Path) -> WalToolConfig:

@@ -1,0 +1,1248 @@
+"""Continuous WAL archiving on the primary (issue 5, item 2).
+
+The agent runs one :class:`Archiver` task.  It watches ``pg_wal/archive_status/*.ready`` itself
+(a directory scan every ``poll_interval``, 0.1 s by default), reads each file PostgreSQL wants
+archived and stores it in every repository with ``put_unique`` (compressed, checksummed, never
+overwritten), several files at once, timeline history files first.  PostgreSQL's
+``archive_command`` is a tiny POSIX sh script in the spool directory that only *waits*: once
+the file is durable the archiver creates ``<spool>/done/<file>``; the script removes that
+marker and exits 0.  Without a marker within ``timeout`` it exits 1 and PostgreSQL retries
+later.  So there is no Python process per segment, and PostgreSQL removes or recycles a
+segment only after the archiver vouched for it.
+
+A file is handed back (marker written) when it is durable in every repository, or durable in
+at least one and durably queued in the spool for each of the others.  A repository that fails
+(unreachable, or no answer within ``repo_timeout``) is *down*: live files skip it and are queued
+for it, and it is probed again with exponential back-off (1 s .. 30 s), by pushing its oldest
+queued file or, with an empty queue, by a ``stat``.  When it answers again its queue drains
+(history files first, oldest first) while live archiving goes on.
+
+Caps:
+
+* ``max_queue_bytes``: beyond it, the oldest queued files are dropped (for every repository
+  still waiting for them) and the gap is recorded: a JSON record in ``<spool>/gaps/`` (fsynced
+  before anything is dropped) that is published as ``<scope>/wal-gaps/<id>.json`` to every
+  repository as soon as it is reachable.
+* ``max_pg_wal_bytes`` (default None: never): when the ``.ready`` files in pg_wal exceed it, the
+  ones that failed to archive are given up in PostgreSQL's order (history first, then oldest):
+  gap record first, then the marker, so PostgreSQL can recycle them.
+
+``put_unique`` raising :class:`ContentConflict` (an object of that name with other content; the
+repository quarantined our copy) is a hard error for that file: logged, counted, shown in
+:meth:`Archiver.status`, never retried by this process and never reported archived (unless the
+pg_wal cap gives it up, recorded as a gap).
+
+Only a node that is primary and holds the leader key archives: ``may_archive()`` is asked
+before every push and every marker; while it is false nothing is pushed (not even the spool
+queue), every marker is removed and the per-file state is forgotten (re-pushing an identical
+file later is cheap and safe).  At start the markers of an earlier run are removed too: a
+marker must only ever vouch for a file this process stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from hakeeper.backup import layout
+from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
+from hakeeper.log import get_logger
+from hakeeper.proc import RunAs
+
+if TYPE_CHECKING:
+    from hakeeper.backup.config import ArchiveConfig
+    from hakeeper.backup.repo import Repository
+
+log = get_logger(__name__)
+
+SCRIPT_NAME = "archive_command.sh"
+DONE_DIR = "done"
+QUEUE_DIR = "queue"
+GAPS_DIR = "gaps"
+INCOMING = ".incoming"
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 30.0
+MARKER_REWRITE_AFTER = 2.0  # a done file still .ready without its marker: PostgreSQL retried it
+ORPHAN_SWEEP_EVERY = 5.0
+GAP_FORMAT = 1
+_READY = ".ready"
+_LAT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
+
+
+# ====================================================================== pure helpers
+
+
+def is_history(name: str) -> bool:
+    return name.endswith(".history")
+
+
+def archive_order(name: str) -> tuple[int, str]:
+    """PostgreSQL's own archiving order: timeline history files first, then by name (oldest
+    first; a ``.partial`` or ``.backup`` file sorts right after its segment)."""
+    return (0 if is_history(name) else 1, name)
+
+
+def drop_order(name: str) -> tuple[int, str]:
+    """Which queued file goes first when the queue is over its cap: the oldest segment; history
+    files (tiny, and needed to follow a timeline) only when nothing else is left."""
+    return (1 if is_history(name) else 0, name)
+
+
+def plan_queue_drops(sizes: Mapping[str, int], cap: int, busy: Iterable[str] = ()) -> list[str]:
+    """The queued files to drop, in order, until the queue holds at most ``cap`` bytes.  Files in
+    ``busy`` (being pushed right now) count but are not dropped."""
+    skip = set(busy)
+    total = sum(sizes.values())
+    drops: list[str] = []
+    for name in sorted(sizes, key=drop_order):
+        if total <= cap:
+            break
+        if name in skip:
+            continue
+        drops.append(name)
+        total -= sizes[name]
+    return drops
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyInfo:
+    name: str
+    size: int
+    eligible: bool  # may be given up: failed (or blocked), not in flight, not handed back yet
+    done: bool = False  # handed back already (PostgreSQL has not taken it yet)
+
+
+def plan_give_up(ready: Iterable[ReadyInfo], cap: int) -> list[str]:
+    """The ``.ready`` files to give up so that pg_wal stops growing past ``cap`` bytes.
+
+    1. The files not handed back yet, eligible ones in PostgreSQL's order (history first, then
+       oldest), until those total at most ``cap``.  Files already handed back do not count
+       here: PostgreSQL takes them as soon as its archiver gets to them.
+    2. Unless its archiver cannot get to them: it archives in order, so an eligible file
+       *before* a handed-back one (a history file or segment in conflict) blocks them all.
+       When every ``.ready`` file together exceeds ``cap``, such blockers are given up too."""
+    items = sorted(ready, key=lambda r: archive_order(r.name))
+    pending = sum(r.size for r in items if not r.done)
+    out: list[str] = []
+    for r in items:
+        if pending <= cap:
+            break
+        if r.eligible and not r.done:
+            out.append(r.name)
+            pending -= r.size
+    last_done = max((i for i, r in enumerate(items) if r.done), default=-1)
+    if last_done > 0 and sum(r.size for r in items if r.name not in out) > cap:
+        for r in items[:last_done]:
+            if r.eligible and not r.done and r.name not in out:
+                out.append(r.name)
+    return sorted(out, key=archive_order)
+
+
+def backoff(attempts: int, lo: float = BACKOFF_MIN, hi: float = BACKOFF_MAX) -> float:
+    """Seconds to wait after ``attempts`` consecutive failures (1, 2, 4, ... up to ``hi``)."""
+    if attempts <= 0:
+        return 0.0
+    return float(min(hi, lo * 2 ** min(attempts - 1, 20)))
+
+
+def gap_key(scope: str, gap_id: str) -> str:
+    return f"{scope}/wal-gaps/{gap_id}.json"
+
+
+def render_script(spool: Path, timeout: float) -> str:
+    """The ``archive_command`` script: wait for ``<spool>/done/<%f>``, remove it, exit 0;
+    exit 1 after ``timeout`` seconds.  POSIX sh plus ``sleep`` with fractions (coreutils)."""
+    fast_wait, slow_wait = 0.05, 0.25
+    fast = max(1, min(100, round(timeout / fast_wait)))
+    slow = max(0, round((timeout - fast * fast_wait) / slow_wait))
+    done = shlex.quote(str(spool / DONE_DIR))
+    return f"""#!/bin/sh
+# hakeeper archive_command (written by the agent at every start; edits are overwritten).
+#   archive_command = '<this script> "%p" "%f"'
+# The agent's archiver finds pg_wal/archive_status/%f.ready itself and stores %f in every
+# repository; then it creates the marker done/%f.  This script only waits for that marker.
+# Exit 0: %f is durable (in every repository, or in one and durably queued for the others).
+# Exit 1: no marker within {timeout:g} s (agent down, not allowed to archive, or failing):
+# PostgreSQL keeps the file and retries later.
+case "$2" in
+    '' | .* | */*) echo "hakeeper archive_command: bad file name '$2'" >&2; exit 1 ;;
+esac
+marker={done}/"$2"
+i=0
+while [ "$i" -lt {fast} ]; do
+    if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
+    sleep {fast_wait}
+    i=$((i + 1))
+done
+i=0
+while [ "$i" -lt {slow} ]; do
+    if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
+    sleep {slow_wait}
+    i=$((i + 1))
+done
+if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
+echo "hakeeper archive_command: $2 not archived within {timeout:g} s (is the agent running and primary?)" >&2
+exit 1
+"""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _reachable_by(path: Path, run_as: RunAs) -> bool:
+    """Whether ``run_as`` can traverse every directory down to ``path`` (owner/group/other
+    execute bits; supplementary groups not considered, so this may err on the side of no)."""
+    if run_as.uid is None:
+        return True
+    p = path.resolve()
+    for d in [*reversed(p.parents), p]:
+        try:
+            st = d.stat()
+        except OSError:
+            return False
+        if st.st_uid == run_as.uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid == run_as.gid:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return False
+    return True
+
+
+# ====================================================================== the local queue
+
+
+@dataclass(slots=True)
+class QueueEntry:
+    size: int
+    repos: set[str] = field(default_factory=set)
+
+
+class SpoolQueue:
+    """WAL waiting for repositories that were down: ``<root>/<repo>/<file>``.
+
+    One copy per file on disk: it is written once (to ``<root>/.incoming``, fsynced) and
+    hard-linked into the directory of every repository that needs it, each directory fsynced
+    before the caller hands the file back to PostgreSQL.  The bytes of the queue are the sum of
+    the distinct files.  Synchronous (called in a worker thread)."""
+
+    def __init__(self, root: Path, repos: Sequence[str]) -> None:
+        self.root = root
+        self.repos = list(repos)
+        self.entries: dict[str, QueueEntry] = {}
+
+    def _dir(self, repo: str) -> Path:
+        return self.root / repo
+
+    def path(self, repo: str, name: str) -> Path:
+        return self._dir(repo) / name
+
+    def load(self) -> list[str]:
+        """Read the queue from disk; returns what was removed (temporary files, directories of
+        repositories no longer configured)."""
+        removed: list[str] = []
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        incoming = self.root / INCOMING
+        incoming.mkdir(mode=0o700, exist_ok=True)
+        for tmp in incoming.iterdir():
+            tmp.unlink(missing_ok=True)
+            removed.append(str(tmp))
+        for d in self.root.iterdir():
+            if d.name == INCOMING or not d.is_dir():
+                continue
+            if d.name not in self.repos:
+                for f in d.iterdir():
+                    f.unlink(missing_ok=True)
+                d.rmdir()
+                removed.append(str(d))
+        self.entries.clear()
+        for repo in self.repos:
+            d = self._dir(repo)
+            d.mkdir(mode=0o700, exist_ok=True)
+            for f in d.iterdir():
+                if not layout.WAL_FILE_RE.match(f.name):
+                    f.unlink(missing_ok=True)
+                    removed.append(str(f))
+                    continue
+                e = self.entries.setdefault(f.name, QueueEntry(f.stat().st_size))
+                e.repos.add(repo)
+        return removed
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries.values())
+
+    def files_for(self, repo: str) -> list[str]:
+        return sorted((n for n, e in self.entries.items() if repo in e.repos), key=archive_order)
+
+    def bytes_for(self, repo: str) -> int:
+        return sum(e.size for e in self.entries.values() if repo in e.repos)
+
+    def add(self, name: str, data: bytes, repos: Iterable[str]) -> None:
+        """Queue ``data`` as ``name`` for ``repos``, durably (fsynced file and directories)."""
+        want = [r for r in repos if r not in self.entries.get(name, QueueEntry(0)).repos]
+        if not want:
+            return
+        entry = self.entries.get(name)
+        if entry is not None and entry.repos:
+            src = self.path(next(iter(entry.repos)), name)
+            tmp = None
+        else:
+            tmp = self.root / INCOMING / f"{name}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            src = tmp
+        try:
+            for repo in want:
+                dst = self.path(repo, name)
+                try:
+                    os.link(src, dst)
+                except FileExistsError:
+                    pass
+                _fsync_dir(dst.parent)
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        e = self.entries.setdefault(name, QueueEntry(len(data)))
+        e.repos.update(want)
+
+    def remove(self, repo: str, name: str) -> None:
+        e = self.entries.get(name)
+        self.path(repo, name).unlink(missing_ok=True)
+        _fsync_dir(self._dir(repo))
+        if e is not None:
+            e.repos.discard(repo)
+            if not e.repos:
+                del self.entries[name]
+
+    def read(self, repo: str, name: str) -> bytes:
+        return self.path(repo, name).read_bytes()
+
+
+# ====================================================================== gap records
+
+
+@dataclass(slots=True)
+class GapRecord:
+    gap_id: str
+    body: bytes  # the JSON document, exactly as published (identical re-push succeeds)
+    pending: set[str]  # repositories it has not been published to yet
+
+
+class GapBook:
+    """Gap records: ``<root>/<id>.json`` (the record, fsynced) and ``<root>/<id>.pending``
+    (repositories it still has to go to).  Synchronous (called in a worker thread)."""
+
+    def __init__(self, root: Path, repos: Sequence[str]) -> None:
+        self.root = root
+        self.repos = list(repos)
+        self.records: dict[str, GapRecord] = {}
+        self.count = 0
+
+    def load(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.records.clear()
+        self.count = 0
+        for f in sorted(self.root.glob("*.json")):
+            self.count += 1
+            pend = f.with_suffix(".pending")
+            if not pend.exists():
+                continue
+            try:
+                names = set(json.loads(pend.read_text())) & set(self.repos)
+            except (OSError, ValueError):
+                names = set(self.repos)
+            if names:
+                self.records[f.stem] = GapRecord(f.stem, f.read_bytes(), names)
+            else:
+                pend.unlink(missing_ok=True)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def record(self, doc: dict[str, Any]) -> GapRecord:
+        first = doc["files"][0] if doc["files"] else "none"
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        gap_id = f"{stamp}-{first}-{doc['reason']}"
+        body = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        pending = set(self.repos)
+        self._write(self.root / f"{gap_id}.pending", json.dumps(sorted(pending)).encode())
+        self._write(self.root / f"{gap_id}.json", body)
+        _fsync_dir(self.root)
+        rec = GapRecord(gap_id, body, pending)
+        self.records[gap_id] = rec
+        self.count += 1
+        return rec
+
+    def published(self, gap_id: str, repo: str) -> None:
+        rec = self.records.get(gap_id)
+        if rec is None:
+            return
+        rec.pending.discard(repo)
+        pend = self.root / f"{gap_id}.pending"
+        if rec.pending:
+            self._write(pend, json.dumps(sorted(rec.pending)).encode())
+        else:
+            pend.unlink(missing_ok=True)
+            del self.records[gap_id]
+
+
+# ====================================================================== state
+
+
+@dataclass(slots=True)
+class RepoState:
+    repo: Repository
+    up: bool = True
+    failures_in_row: int = 0
+    next_probe: float = 0.0  # monotonic; when a down repository may be tried again
+    archived: int = 0
+    failures: int = 0
+    conflicts: int = 0
+    last_success_at: float | None = None  # wall clock
+    last_archived: str | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    probing: bool = False
+    draining: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.repo.name
+
+    def claim_probe(self, now: float) -> bool:
+        """A down repository may be tried once its back-off has passed, by one task at a time."""
+        if self.up:
+            return True
+        if self.probing or now < self.next_probe:
+            return False
+        self.probing = True
+        return True
+
+    def ok(self, name: str | None) -> None:
+        if not self.up:
+            log.info("archive_repository_back", repo=self.name, down_failures=self.failures_in_row)
+        self.up = True
+        self.probing = False
+        self.failures_in_row = 0
+        self.last_success_at = time.time()
+        if name is not None:
+            self.archived += 1
+            self.last_archived = name
+
+    def failed(self, error: str, now: float) -> None:
+        was_up = self.up
+        self.up = False
+        self.probing = False
+        self.failures += 1
+        self.failures_in_row += 1
+        self.last_error = error
+        self.last_error_at = time.time()
+        wait = backoff(self.failures_in_row)
+        self.next_probe = now + wait
+        (log.warning if was_up else log.info)(
+            "archive_repository_down" if was_up else "archive_repository_still_down",
+            repo=self.name,
+            error=error,
+            retry_in=wait,
+        )
+
+
+@dataclass(slots=True, eq=False)
+class ReadyFile:
+    name: str
+    ready_at: float  # wall clock: mtime of the .ready file
+    size: int
+    stored: set[str] = field(default_factory=set)
+    queued: set[str] = field(default_factory=set)
+    conflicts: dict[str, str] = field(default_factory=dict)
+    in_flight: bool = False
+    attempts: int = 0  # failed attempts in a row
+    blocked: bool = False  # no repository could be tried (all down)
+    next_try: float = 0.0
+    last_error: str | None = None
+    done: bool = False  # marker written (archived, or given up)
+    given_up: bool = False
+    marker_at: float = 0.0  # monotonic
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.conflicts) or self.attempts > 0 or self.blocked
+
+
+class _Outcome:
+    STORED = "stored"
+    CONFLICT = "conflict"
+    ERROR = "error"
+    REFUSED = "refused"
+
+
+# ====================================================================== the archiver
+
+
+class Archiver:
+    """Archives ``pg_wal`` to ``repositories`` while ``may_archive()`` holds (see the module doc).
+
+    ``prepare()`` (synchronous: directories, the script, markers and queue of an earlier run)
+    before PostgreSQL may call the archive_command; then ``run()`` as a task; ``close()`` at the
+    end (after PostgreSQL stopped, so its last archive_command calls still get answers).
+    """
+
+    def __init__(
+        self,
+        *,
+        scope: str,
+        pg_wal: Path,
+        spool_dir: Path,
+        repositories: Sequence[Repository],
+        cfg: ArchiveConfig,
+        may_archive: Callable[[], bool],
+        refusal_reason: Callable[[], str | None] | None = None,
+        run_as: RunAs = RunAs(),
+        registry: CollectorRegistry | None = None,
+        node: str = "",
+    ) -> None:
+        if not repositories:
+            raise ValueError("the archiver needs at least one repository")
+        self.scope = scope
+        self.pg_wal = pg_wal
+        self.status_dir = pg_wal / "archive_status"
+        self.spool = spool_dir
+        self.done_dir = spool_dir / DONE_DIR
+        self.script = spool_dir / SCRIPT_NAME
+        self.cfg = cfg
+        self.may_archive = may_archive
+        self.refusal_reason = refusal_reason
+        self.run_as = run_as
+        self.node = node
+        self.repos: dict[str, RepoState] = {r.name: RepoState(r) for r in repositories}
+        self.queue = SpoolQueue(spool_dir / QUEUE_DIR, list(self.repos))
+        self.gaps = GapBook(spool_dir / GAPS_DIR, list(self.repos))
+        self.files: dict[str, ReadyFile] = {}
+        self.recent_conflicts: collections.deque[dict[str, str]] = collections.deque(maxlen=20)
+        self.latencies: collections.deque[tuple[str, float]] = collections.deque(maxlen=20000)
+        self.archived_files = 0
+        self.archived_bytes = 0
+        self.given_up_files = 0
+        self.last_archived: str | None = None
+        self.last_archived_at: float | None = None
+        self.last_error: str | None = None
+        self._allowed: bool | None = None
+        self._refusal_logged = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._publishing: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+        self._last_sweep = 0.0
+        self._prepared = False
+        self._closed = False
+        self._init_metrics(registry or CollectorRegistry())
+
+    # ------------------------------------------------------------------ metrics
+
+    def _init_metrics(self, r: CollectorRegistry) -> None:
+        self.m_last_success = Gauge(
+            "hakeeper_archive_last_success_timestamp_seconds",
+            "Unix time of the last WAL file stored in each repository",
+            ["repo"],
+            registry=r,
+        )
+        self.m_pending = Gauge(
+            "hakeeper_archive_pending_files", "WAL files ready in pg_wal and not yet archived", registry=r
+        )
+        self.m_pending_bytes = Gauge(
+            "hakeeper_archive_pending_bytes", "Bytes of the .ready WAL files in pg_wal", registry=r
+        )
+        self.m_failures = Counter(
+            "hakeeper_archive_failures", "Failed attempts to store WAL, by repository", ["repo"], registry=r
+        )
+        self.m_files = Counter(
+            "hakeeper_archive_files", "WAL files stored, by repository", ["repo"], registry=r
+        )
+        self.m_conflicts = Counter(
+            "hakeeper_archive_conflicts",
+            "WAL files refused by a repository holding other content under that name (quarantined)",
+            ["repo"],
+            registry=r,
+        )
+        self.m_queue_files = Gauge(
+            "hakeeper_archive_queue_files",
+            "WAL files queued for a repository that was down",
+            ["repo"],
+            registry=r,
+        )
+        self.m_queue_bytes = Gauge(
+            "hakeeper_archive_queue_bytes", "Bytes in the local queue (distinct files)", registry=r
+        )
+        self.m_repo_up = Gauge(
+            "hakeeper_archive_repository_up", "1 while a repository takes WAL", ["repo"], registry=r
+        )
+        self.m_gap_files = Counter(
+            "hakeeper_archive_gap_files",
+            "WAL files recorded as missing from a repository, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.m_active = Gauge(
+            "hakeeper_archive_active",
+            "1 while this node may archive (primary holding the leader key)",
+            registry=r,
+        )
+        self.m_latency = Histogram(
+            "hakeeper_archive_latency_seconds",
+            "From a WAL file's .ready to its hand-back to PostgreSQL (durable)",
+            buckets=_LAT_BUCKETS,
+            registry=r,
+        )
+
+    def _refresh_metrics(self) -> None:
+        pending = [f for f in self.files.values() if not f.done]
+        self.m_pending.set(len(pending))
+        self.m_pending_bytes.set(sum(f.size for f in self.files.values()))
+        self.m_queue_bytes.set(self.queue.total_bytes)
+        self.m_active.set(1 if self._allowed else 0)
+        for name, rs in self.repos.items():
+            self.m_queue_files.labels(name).set(len(self.queue.files_for(name)))
+            self.m_repo_up.labels(name).set(1 if rs.up else 0)
+            if rs.last_success_at is not None:
+                self.m_last_success.labels(name).set(rs.last_success_at)
+
+    # ------------------------------------------------------------------ set-up
+
+    def archive_command(self) -> str:
+        """The ``archive_command`` value for postgresql.conf."""
+        return f'{shlex.quote(str(self.script))} "%p" "%f"'
+
+    def prepare(self) -> None:
+        """Create the spool (the script, ``done/`` owned by PostgreSQL's OS user, the queue and
+        gap directories), remove markers of an earlier run, load the queue and gap records."""
+        sp = self.spool
+        sp.mkdir(parents=True, exist_ok=True)
+        # PostgreSQL's user must reach the script and done/, but not the queue or gap records.
+        os.chmod(sp, 0o711 if self.run_as.uid is not None else 0o700)
+        self.done_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.done_dir, 0o700)
+        self.run_as.chown(self.done_dir)
+        tmp = sp / f".{SCRIPT_NAME}.tmp"
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o755)
+        try:
+            os.write(fd, render_script(sp, self.cfg.timeout).encode())
+            os.fchmod(fd, 0o755)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.script)
+        _fsync_dir(sp)
+        wiped = self._wipe_markers()
+        removed = self.queue.load()
+        self.gaps.load()
+        if not _reachable_by(self.done_dir, self.run_as):
+            log.error(
+                "archive_spool_unreachable",
+                spool=str(sp),
+                os_user=self.run_as.name,
+                reason="PostgreSQL's OS user cannot traverse the spool directory; archive_command will fail",
+            )
+        log.info(
+            "archiver_prepared",
+            spool=str(sp),
+            repositories=list(self.repos),
+            stale_markers_removed=wiped,
+            queued_files=len(self.queue.entries),
+            queued_bytes=self.queue.total_bytes,
+            unpublished_gaps=len(self.gaps.records),
+            removed=removed or None,
+        )
+        self._prepared = True
+
+    def _wipe_markers(self) -> int:
+        n = 0
+        with contextlib.suppress(FileNotFoundError):
+            for m in self.done_dir.iterdir():
+                m.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        if not self._prepared:
+            await asyncio.to_thread(self.prepare)
+        log.info("archiver_started", pg_wal=str(self.pg_wal), parallel=self.cfg.parallel)
+        try:
+            while True:
+                try:
+                    self.tick()
+                except Exception as e:  # never let one bad pass stop archiving
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    log.exception("archiver_tick_failed")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.cfg.poll_interval):
+                        await self._wake.wait()
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+
+    async def close(self) -> None:
+        """Stop every task and close the repositories."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for rs in self.repos.values():
+            with contextlib.suppress(Exception):
+                await rs.repo.close()
+
+    def _allowed_now(self) -> bool:
+        try:
+            return bool(self.may_archive())
+        except Exception:
+            log.exception("archive_predicate_failed")
+            return False
+
+    def _reason(self) -> str | None:
+        if self.refusal_reason is None:
+            return "may_archive() is false"
+        try:
+            return self.refusal_reason()
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        t: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(t)
+
+        def _done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._wake.set()
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("archiver_task_failed", task=task.get_name(), error=self.last_error)
+
+        t.add_done_callback(_done)
+
+    def scan(self) -> dict[str, float]:
+        """``.ready`` files in archive_status: WAL file name -> mtime of its ``.ready``."""
+        out: dict[str, float] = {}
+        try:
+            with os.scandir(self.status_dir) as it:
+                for e in it:
+                    n = e.name
+                    if not n.endswith(_READY):
+                        continue
+                    fname = n[: -len(_READY)]
+                    if not layout.WAL_FILE_RE.match(fname):
+                        continue
+                    try:
+                        out[fname] = e.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            pass  # no data directory (yet)
+        return out
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        allowed = self._allowed_now()
+        ready = self.scan()
+        if not allowed:
+            self._refuse(ready)
+            self._refresh_metrics()
+            return
+        if self._allowed is not True:
+            if self._allowed is False:
+                log.info("archive_resumed", ready=len(ready), queued=len(self.queue.entries))
+            self._allowed = True
+            self._refusal_logged = False
+        self._sync_files(ready, now)
+        self._fix_markers(ready, now)
+        self._enforce_pg_wal_cap(now)
+        self._schedule(now)
+        if now - self._last_sweep > ORPHAN_SWEEP_EVERY:
+            self._last_sweep = now
+            self._sweep_orphan_markers(ready)
+        self._refresh_metrics()
+
+    def _refuse(self, ready: Mapping[str, float]) -> None:
+        if self._allowed is not False:
+            if self._allowed is True:
+                wiped = self._wipe_markers()
+                log.warning("archive_paused", reason=self._reason(), markers_removed=wiped)
+            self._allowed = False
+            self.files.clear()  # forget what we knew: re-checked (cheaply) if we archive again
+        if not self._refusal_logged and (ready or self.queue.entries):
+            self._refusal_logged = True
+            log.warning(
+                "archive_refused",
+                reason=self._reason(),
+                ready_files=len(ready),
+                queued_files=len(self.queue.entries),
+            )
+
+    def _sync_files(self, ready: Mapping[str, float], now: float) -> None:
+        for name in list(self.files):
+            if name not in ready and not self.files[name].in_flight:
+                del self.files[name]
+        for name, mtime in ready.items():
+            if name in self.files:
+                continue
+            try:
+                size = (self.pg_wal / name).stat().st_size
+            except FileNotFoundError:
+                continue
+            self.files[name] = ReadyFile(name, mtime, size)
+
+    # ------------------------------------------------------------------ markers
+
+    def _write_marker(self, f: ReadyFile) -> None:
+        try:
+            fd = os.open(
+                self.done_dir / f.name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
+            os.close(fd)
+        except FileExistsError:
+            pass
+        f.done = True
+        f.marker_at = time.monotonic()
+
+    def _fix_markers(self, ready: Mapping[str, float], now: float) -> None:
+        """A file we handed back is .ready again or still (PostgreSQL crashed between our
+        marker and its rename to .done, and calls archive_command again): put the marker back."""
+        for f in self.files.values():
+            if f.done and f.name in ready and now - f.marker_at > MARKER_REWRITE_AFTER:
+                if not (self.done_dir / f.name).exists():
+                    self._write_marker(f)
+                else:
+                    f.marker_at = now
+
+    def _sweep_orphan_markers(self, ready: Mapping[str, float]) -> None:
+        try:
+            names = os.listdir(self.done_dir)
+        except FileNotFoundError:
+            return
+        for n in names:
+            if n not in ready and not (self.status_dir / (n + _READY)).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    (self.done_dir / n).unlink()
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _up_repos(self) -> list[RepoState]:
+        return [rs for rs in self.repos.values() if rs.up]
+
+    def _schedule(self, now: float) -> None:
+        slots = self.cfg.parallel - len(self._tasks)
+        drain_waiting = any(self.queue.files_for(r) for r in self.repos)
+        reserve = 1 if drain_waiting and self.cfg.parallel > 1 else 0
+        # History files first: a segment of a new timeline never goes before its history file.
+        history_pending = any(
+            is_history(f.name) and not f.done and not f.conflicts for f in self.files.values()
+        )
+        any_up = bool(self._up_repos())
+        for f in sorted(self.files.values(), key=lambda f: archive_order(f.name)):
+            if slots - reserve <= 0:
+                break
+            if f.done or f.in_flight or f.conflicts or now < f.next_try:
+                continue
+            if history_pending and not is_history(f.name):
+                break
+            missing = [rs for rs in self.repos.values() if rs.name not in f.stored | f.queued]
+            if any_up:
+                targets = [rs for rs in missing if rs.up]
+                if not targets:
+                    # every repository that still lacks it is down: queue it (it is stored somewhere)
+                    targets = []
+            else:
+                targets = [rs for rs in missing if rs.claim_probe(now)]
+                if not targets:
+                    f.blocked = True
+                    continue
+            f.in_flight = True
+            f.blocked = False
+            slots -= 1
+            self._spawn(self._push_live(f, targets), f"archive-{f.name}")
+        slots = self.cfg.parallel - len(self._tasks)
+        for rs in self.repos.values():
+            if slots <= 0:
+                break
+            names = [n for n in self.queue.files_for(rs.name) if n not in rs.draining]
+            if not names:
+                if not rs.up and not self.queue.files_for(rs.name) and rs.claim_probe(now):
+                    slots -= 1
+                    self._spawn(self._probe(rs), f"probe-{rs.name}")
+                continue
+            if not rs.up:
+                if rs.draining or not rs.claim_probe(now):
+                    continue
+                names = names[:1]  # one file probes a repository that was down
+            for n in names:
+                if slots <= 0:
+                    break
+                rs.draining.add(n)
+                slots -= 1
+                self._spawn(self._drain_one(rs, n), f"drain-{rs.name}-{n}")
+        for rec in list(self.gaps.records.values()):
+            for repo in list(rec.pending):
+                target = self.repos.get(repo)
+                key = (rec.gap_id, repo)
+                if target is not None and target.up and key not in self._publishing:
+                    self._publishing.add(key)
+                    self._spawn(self._publish_gap(target, rec), f"gap-{rec.gap_id}-{repo}")
+
+    # ------------------------------------------------------------------ pushing
+
+    async def _put(self, rs: RepoState, name: str, data: bytes) -> tuple[str, str | None]:
+        if not self._allowed_now():
+            rs.probing = False
+            return _Outcome.REFUSED, "archiving not allowed now"
+        key = layout.wal_key(self.scope, name)
+        now = time.monotonic()
+        try:
+            async with asyncio.timeout(self.cfg.repo_timeout):
+                await rs.repo.put_unique(key, data, meta={"node": self.node} if self.node else None)
+        except ContentConflict as e:
+            rs.conflicts += 1
+            self.m_conflicts.labels(rs.name).inc()
+            self.recent_conflicts.append(
+                {"repo": rs.name, "file": name, "quarantined": e.quarantined, "at": _iso(time.time()) or ""}
+            )
+            log.error(
+                "archive_conflict",
+                repo=rs.name,
+                file=name,
+                quarantined=e.quarantined,
+                existing_sha256=e.existing_sha256,
+                new_sha256=e.new_sha256,
+                action="not archived; an object with other content has that name (split brain, or "
+                "another cluster with the same scope?): an operator must look",
+            )
+            rs.ok(None)
+            return _Outcome.CONFLICT, str(e)
+        except TimeoutError:
+            err = f"no answer within {self.cfg.repo_timeout:g} s"
+            self.m_failures.labels(rs.name).inc()
+            rs.failed(err, now)
+            return _Outcome.ERROR, err
+        except RepoError as e:
+            self.m_failures.labels(rs.name).inc()
+            rs.failed(str(e), now)
+            return _Outcome.ERROR, str(e)
+        except OSError as e:
+            self.m_failures.labels(rs.name).inc()
+            rs.failed(f"{type(e).__name__}: {e}", now)
+            return _Outcome.ERROR, str(e)
+        rs.ok(name)
+        self.m_files.labels(rs.name).inc()
+        self.m_last_success.labels(rs.name).set(rs.last_success_at or time.time())
+        return _Outcome.STORED, None
+
+    async def _push_live(self, f: ReadyFile, targets: list[RepoState]) -> None:
+        try:
+            await self._push_live_inner(f, targets)
+        finally:
+            f.in_flight = False
+            for rs in targets:
+                rs.probing = False
+
+    async def _push_live_inner(self, f: ReadyFile, targets: list[RepoState]) -> None:
+        try:
+            data = await asyncio.to_thread((self.pg_wal / f.name).read_bytes)
+        except FileNotFoundError:
+            log.warning("archive_file_vanished", file=f.name)
+            self.files.pop(f.name, None)
+            return
+        results = await asyncio.gather(*(self._put(rs, f.name, data) for rs in targets))
+        errors: list[str] = []
+        for rs, (outcome, err) in zip(targets, results, strict=True):
+            if outcome == _Outcome.STORED:
+                f.stored.add(rs.name)
+            elif outcome == _Outcome.CONFLICT:
+                f.conflicts[rs.name] = err or "conflict"
+            elif outcome == _Outcome.ERROR:
+                errors.append(f"{rs.name}: {err}")
+            else:
+                return  # refused meanwhile: nothing more (the state is forgotten anyway)
+        if self.files.get(f.name) is not f or not self._allowed_now():
+            return
+        missing = [r for r in self.repos if r not in f.stored | f.queued | set(f.conflicts)]
+        if missing and (f.stored or f.conflicts):
+            try:
+                await self._enqueue(f, data, missing)
+            except OSError as e:
+                errors.append(f"spool: {e}")
+                log.error("archive_spool_write_failed", file=f.name, repos=missing, error=str(e))
+        if f.conflicts:
+            f.last_error = "; ".join(f"{r}: {m}" for r, m in f.conflicts.items())
+            self.last_error = f.last_error
+            return
+        if set(self.repos) <= f.stored | f.queued:
+            self._handed_back(f)
+            return
+        f.attempts += 1
+        f.last_error = "; ".join(errors) or "no repository could be tried"
+        self.last_error = f"{f.name}: {f.last_error}"
+        f.next_try = time.monotonic() + backoff(f.attempts)
+
+    async def _enqueue(self, f: ReadyFile, data: bytes, repos: list[str]) -> None:
+        await asyncio.to_thread(self.queue.add, f.name, data, repos)
+        f.queued.update(repos)
+        log.info("archive_queued", file=f.name, repos=repos, queue_bytes=self.queue.total_bytes)
+        await self._enforce_queue_cap()
+
+    def _handed_back(self, f: ReadyFile) -> None:
+        self._write_marker(f)
+        latency = max(0.0, time.time() - f.ready_at)
+        self.m_latency.observe(latency)
+        self.latencies.append((f.name, latency))
+        self.archived_files += 1
+        self.archived_bytes += f.size
+        self.last_archived = f.name
+        self.last_archived_at = time.time()
+
+    async def _drain_one(self, rs: RepoState, name: str) -> None:
+        try:
+            try:
+                data = await asyncio.to_thread(self.queue.read, rs.name, name)
+            except FileNotFoundError:
+                return  # dropped meanwhile
+            outcome, err = await self._put(rs, name, data)
+            if outcome == _Outcome.STORED:
+                await asyncio.to_thread(self.queue.remove, rs.name, name)
+                log.info(
+                    "archive_queue_drained", repo=rs.name, file=name, left=len(self.queue.files_for(rs.name))
+                )
+            elif outcome == _Outcome.CONFLICT:
+                await self._record_gap([name], [rs.name], "conflict", detail=err)
+                await asyncio.to_thread(self.queue.remove, rs.name, name)
+        finally:
+            rs.draining.discard(name)
+            rs.probing = False
+
+    async def _probe(self, rs: RepoState) -> None:
+        """Is a down repository (with nothing queued for it) back?  A stat of a name that is
+        never stored: 'not found' is an answer."""
+        try:
+            if not self._allowed_now():
+                return
+            now = time.monotonic()
+            try:
+                async with asyncio.timeout(self.cfg.repo_timeout):
+                    await rs.repo.stat(f"{self.scope}/wal-gaps/probe")
+            except NotFound:
+                rs.ok(None)
+            except TimeoutError:
+                rs.failed(f"no answer within {self.cfg.repo_timeout:g} s", now)
+            except (RepoError, OSError) as e:
+                rs.failed(str(e), now)
+            else:
+                rs.ok(None)
+        finally:
+            rs.probing = False
+
+    async def _publish_gap(self, rs: RepoState, rec: GapRecord) -> None:
+        try:
+            if not self._allowed_now():
+                return
+            now = time.monotonic()
+            try:
+                async with asyncio.timeout(self.cfg.repo_timeout):
+                    await rs.repo.put_unique(gap_key(self.scope, rec.gap_id), rec.body)
+            except ContentConflict as e:
+                log.error("archive_gap_record_conflict", repo=rs.name, gap=rec.gap_id, error=str(e))
+            except TimeoutError:
+                rs.failed(f"no answer within {self.cfg.repo_timeout:g} s", now)
+                return
+            except (RepoError, OSError) as e:
+                rs.failed(str(e), now)
+                return
+            await asyncio.to_thread(self.gaps.published, rec.gap_id, rs.name)
+            log.info("archive_gap_published", repo=rs.name, gap=rec.gap_id)
+        finally:
+            self._publishing.discard((rec.gap_id, rs.name))
+
+    # ------------------------------------------------------------------ caps and gaps
+
+    async def _record_gap(
+        self, files: list[str], repos: list[str], reason: str, detail: str | None = None
+    ) -> None:
+        ordered = sorted(files, key=archive_order)
+        doc: dict[str, Any] = {
+            "format": GAP_FORMAT,
+            "scope": self.scope,
+            "node": self.node,
+            "reason": reason,
+            "repositories": sorted(repos),
+            "files": ordered,
+            "recorded_at": _iso(time.time()),
+            "detail": detail,
+        }
+        rec = await asyncio.to_thread(self.gaps.record, doc)
+        self.m_gap_files.labels(reason).inc(len(files))
+        log.error(
+            "archive_gap_recorded",
+            gap=rec.gap_id,
+            reason=reason,
+            repositories=sorted(repos),
+            files=len(files),
+            first=ordered[0] if ordered else None,
+            last=ordered[-1] if ordered else None,
+            detail=detail,
+        )
+
+    async def _enforce_queue_cap(self) -> None:
+        cap = self.cfg.max_queue_bytes
+        sizes = {n: e.size for n, e in self.queue.entries.items()}
+        busy = {n for rs in self.repos.values() for n in rs.draining}
+        drops = plan_queue_drops(sizes, cap, busy)
+        if not drops:
+            return
+        per_repo: dict[str, list[str]] = {}
+        for n in drops:
+            for r in self.queue.entries[n].repos:
+                per_repo.setdefault(r, []).append(n)
+        # the record first (durable), then the drop: a crash in between overstates the gap
+        for repo, names in per_repo.items():
+            await self._record_gap(names, [repo], "queue_cap", detail=f"local queue over {cap} bytes")
+        for repo, names in per_repo.items():
+            for n in names:
+                await asyncio.to_thread(self.queue.remove, repo, n)
+
+    def _enforce_pg_wal_cap(self, now: float) -> None:
+        cap = self.cfg.max_pg_wal_bytes
+        if cap is None:
+            return
+        infos = [
+            ReadyInfo(f.name, f.size, f.failed and not f.in_flight and not f.done, f.done)
+            for f in self.files.values()
+        ]
+        victims = plan_give_up(infos, cap)
+        if not victims:
+            return
+        self._spawn(self._give_up([self.files[n] for n in victims]), "archive-give-up")
+        for n in victims:
+            self.files[n].in_flight = True  # not scheduled meanwhile
+
+    async def _give_up(self, victims: list[ReadyFile]) -> None:
+        try:
+            per_set: dict[tuple[str, ...], list[str]] = {}
+            for f in victims:
+                lacking = tuple(sorted(r for r in self.repos if r not in f.stored | f.queued))
+                per_set.setdefault(lacking, []).append(f.name)
+            for lacking, names in per_set.items():
+                await self._record_gap(
+                    names,
+                    list(lacking),
+                    "pg_wal_cap",
+                    detail=f".ready WAL in pg_wal over max_pg_wal_bytes={self.cfg.max_pg_wal_bytes}",
+                )
+            if not self._allowed_now():
+                return
+            for f in victims:
+                if self.files.get(f.name) is f:
+                    f.given_up = True
+                    self._write_marker(f)
+                    self.given_up_files += 1
+                    log.error("archive_gave_up", file=f.name, size=f.size, error=f.last_error)
+        finally:
+            for f in victims:
+                f.in_flight = False
+
+    # ------------------------------------------------------------------ status
+
+    def latency_quantiles(self, qs: Sequence[float] = (0.5, 0.99)) -> dict[str, float | None]:
+        vals = sorted(v for _, v in self.latencies)
+        out: dict[str, float | None] = {}
+        for q in qs:
+            key = f"p{round(q * 100):d}"
+            out[key] = None if not vals else round(vals[min(len(vals) - 1, int(q * len(vals)))], 3)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """Counts, last archived file and last error per repository (JSON-able; no I/O)."""
+        pending = [f for f in self.files.values() if not f.done]
+        conflicted = sorted(f.name for f in self.files.values() if f.conflicts and not f.done)
+        repos = []
+        for name, rs in self.repos.items():
+            repos.append(
+                {
+                    "name": name,
+                    "up": rs.up,
+                    "archived": rs.archived,
+                    "failures": rs.failures,
+                    "conflicts": rs.conflicts,
+                    "queued_files": len(self.queue.files_for(name)),
+                    "queued_bytes": self.queue.bytes_for(name),
+                    "last_archived": rs.last_archived,
+                    "last_success_at": _iso(rs.last_success_at),
+                    "last_error": rs.last_error,
+                    "last_error_at": _iso(rs.last_error_at),
+                }
+            )
+        return {
+            "active": bool(self._allowed),
+            "refused_reason": None if self._allowed else self._reason(),
+            "pending_files": len(pending),
+            "pending_bytes": sum(f.size for f in pending),
+            "in_flight": sum(1 for f in self.files.values() if f.in_flight),
+            "archived_files": self.archived_files,
+            "archived_bytes": self.archived_bytes,
+            "last_archived": self.last_archived,
+            "last_archived_at": _iso(self.last_archived_at),
+            "last_error": self.last_error,
+            "latency_seconds": self.latency_quantiles(),
+            "queue": {
+                "files": len(self.queue.entries),
+                "bytes": self.queue.total_bytes,
+                "max_bytes": self.cfg.max_queue_bytes,
+            },
+            "gaps": {"recorded": self.gaps.count, "unpublished": len(self.gaps.records)},
+            "given_up_files": self.given_up_files,
+            "conflicted_files": conflicted,
+            "recent_conflicts": list(self.recent_conflicts),
+            "repositories": repos,
+        }
