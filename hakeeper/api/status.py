@@ -94,6 +94,7 @@ def node_status(agent: Agent) -> dict[str, Any]:
         "loop_age": round(max(0.0, time.monotonic() - a.loop_heartbeat), 3),
         "tags": a.cfg.tags.model_dump(),
         "version": __version__,
+        "archive": a.archiver.status() if a.archiver is not None else None,
     }
 
 

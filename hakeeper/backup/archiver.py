@@ -588,7 +588,9 @@ class Archiver:
             "hakeeper_archive_pending_files", "WAL files ready in pg_wal and not yet archived", registry=r
         )
         self.m_pending_bytes = Gauge(
-            "hakeeper_archive_pending_bytes", "Bytes of the .ready WAL files in pg_wal", registry=r
+            "hakeeper_archive_ready_bytes",
+            "Bytes of the .ready WAL files in pg_wal (handed back or not)",
+            registry=r,
         )
         self.m_failures = Counter(
             "hakeeper_archive_failures", "Failed attempts to store WAL, by repository", ["repo"], registry=r

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hakeeper import __version__
 from hakeeper.config import DynamicConfig, NodeConfig, secret_value
@@ -60,6 +60,9 @@ from hakeeper.metrics import Metrics
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import LocalState, Postgres, Role, Upstream
 from hakeeper.proc import CommandFailed
+
+if TYPE_CHECKING:
+    from hakeeper.backup.archiver import Archiver
 
 log = get_logger("hakeeper.agent")
 
@@ -126,6 +129,8 @@ class Agent:
         # read after it took effect).  See hakeeper/ha/sync.py.
         self._sync_pending: tuple[str, int] | None = None
         self._member_cache: tuple[LocalState | None, ClusterView, MemberState | None, Member] | None = None
+        self._archive_overridden: set[str] = set()
+        self.archiver: Archiver | None = self._make_archiver()
 
     # -- fence plumbing ---------------------------------------------------------------------------
 
@@ -515,13 +520,74 @@ class Agent:
         log.info("parameters_applied", changed=changed, pending_restart=pending)
 
     def _params(self, dyn: DynamicConfig) -> dict[str, Any]:
-        return {
+        params = {
             **dyn.cluster_parameters(),
             **self.cfg.postgresql.parameters,
             "synchronous_standby_names": sync_guc(
                 dyn, self._sync_names, self._sync_quorum, guard=time.monotonic() < self._sync_guard_until
             ),
         }
+        return {**params, **self._archive_params(params)}
+
+    # -- WAL archiving (hakeeper/backup/archiver.py) ------------------------------------------------
+
+    def _make_archiver(self) -> Archiver | None:
+        """The archiver when ``backup.repositories`` is not empty and ``backup.archive.enabled``."""
+        b = self.cfg.backup
+        if not b.repositories or not b.archive.enabled:
+            return None
+        from hakeeper.backup.archiver import Archiver
+        from hakeeper.backup.config import make_repository
+
+        data_dir = self.pg.data_dir
+        return Archiver(
+            scope=self.cfg.scope,
+            pg_wal=data_dir / "pg_wal",
+            spool_dir=b.archive.spool_dir or data_dir.parent / f"{self.name}.spool",
+            repositories=[make_repository(r) for r in b.repositories],
+            cfg=b.archive,
+            may_archive=lambda: self.archive_refusal() is None,
+            refusal_reason=self.archive_refusal,
+            run_as=self.pg.run_as,
+            registry=self.metrics.registry,
+            node=self.name,
+        )
+
+    def _archive_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """archive_mode and archive_command on every node (only a primary archives with 'on';
+        archive_mode needs a restart, so it is there from a node's first start), and
+        archive_timeout 60s unless set: an idle primary still ships a segment a minute."""
+        if self.archiver is None:
+            return {}
+        ours: dict[str, Any] = {"archive_mode": "on", "archive_command": self.archiver.archive_command()}
+        for k, v in ours.items():
+            if k in params and params[k] != v and k not in self._archive_overridden:
+                self._archive_overridden.add(k)
+                log.warning(
+                    "archive_parameter_overridden", parameter=k, value=params[k], reason="backup.archive"
+                )
+        if "archive_timeout" not in params:
+            ours["archive_timeout"] = "60s"
+        return ours
+
+    def archive_refusal(self) -> str | None:
+        """Why this node may not archive now (None: it may): only the running primary that
+        holds the leader key under a valid lease, in its current view, and is not fenced."""
+        st = self.state
+        if st is None or not st.running:
+            return "postgres is not running"
+        if st.in_recovery is not False:
+            return "not a primary (in recovery)"
+        leader = self.last_view.leader
+        if leader is None:
+            return "no leader key"
+        if leader.name != self.name:
+            return f"the leader key is held by {leader.name}"
+        if leader.lease != self.lease.lease or not self.lease.valid():
+            return "our leader lease is not valid"
+        if self.fence.expired():
+            return "fenced"
+        return None
 
     def _upstream_for(self, view: ClusterView, leader: str | None) -> Upstream | None:
         if leader is None:
@@ -955,6 +1021,9 @@ class Agent:
             st = await self.pg.probe()
             if st.running and st.in_recovery is False:
                 self.needs_rewind = True
+        if self.archiver is not None:
+            # before PostgreSQL can start: the archive_command script and its directories
+            await asyncio.to_thread(self.archiver.prepare)
         from hakeeper.api.server import ApiServer
 
         api = ApiServer(self)
@@ -970,6 +1039,9 @@ class Agent:
             api=self.cfg.api.url,
             version=__version__,
         )
+        archiver_task: asyncio.Task[None] | None = None
+        if self.archiver is not None:  # not in the TaskGroup: it must outlive PostgreSQL's stop
+            archiver_task = asyncio.create_task(self.archiver.run(), name="archiver")
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -983,7 +1055,12 @@ class Agent:
                 for t in tasks:
                     t.cancel()
         finally:
-            await self.shutdown()
+            await self.shutdown()  # the archiver still answers archive_command while PG stops
+            if archiver_task is not None and self.archiver is not None:
+                archiver_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await archiver_task
+                await self.archiver.close()
             await api.stop()
         return 0
 
