@@ -1,1 +1,719 @@
-"""Backup and restore commands (``hakeeper backup ...``, ``hakeeper restore``): being written."""
+"""Backup and restore commands: ``hakeeper backup create|list|info|expire`` and ``hakeeper restore``.
+
+Every command reads the repositories, the scope and the database credentials from a node's
+YAML (``-c``).  ``backup create`` asks etcd which member to back up (a streaming standby by
+default); ``restore`` asks etcd for the primary so that it can switch WAL there before a
+point-in-time restore.  Exit codes: 0 done, 1 the operation failed or was refused, 2 usage or
+configuration error.  User errors never print a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from hakeeper.backup import catalog, layout
+from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup, query
+from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
+from hakeeper.backup.config import RepositoryConfig, make_repository
+from hakeeper.backup.errors import RepoError
+from hakeeper.cli.cluster_cmds import (
+    OutputOpt,
+    check_output,
+    emit_data,
+    etcd_client_for,
+    fetch_view,
+    quiet_logging,
+)
+from hakeeper.cli.main import app, err, fail, load_or_exit, out
+from hakeeper.config import NodeConfig
+from hakeeper.dcs.etcd import EtcdError
+from hakeeper.ha.model import ClusterView, MemberRole, MemberState
+from hakeeper.lsn import parse_lsn
+from hakeeper.pg.bins import find_bin_dir
+from hakeeper.pg.errors import PgError
+
+backup_app = typer.Typer(
+    help="Physical base backups in the configured repositories: create, list, info, expire.",
+    no_args_is_help=True,
+)
+app.add_typer(backup_app, name="backup")
+
+ConfigReq = Annotated[
+    Path, typer.Option("-c", "--config", help="Node YAML file (scope, repositories, credentials).")
+]
+RepoOpt = Annotated[str | None, typer.Option("--repo", help="Repository name (default: see each command).")]
+
+ProgressFn = Callable[[str, int, int | None], None]
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def rate(size: int, seconds: float | None) -> str:
+    if not seconds:
+        return ""
+    return f" ({size / seconds / 2**20:.0f} MiB/s)"
+
+
+def _repo_configs(cfg: NodeConfig, name: str | None) -> list[RepositoryConfig]:
+    repos = cfg.backup.repositories
+    if not repos:
+        raise fail("no backup repositories configured (backup.repositories in the node YAML)", 2)
+    if name is None:
+        return list(repos)
+    for r in repos:
+        if r.name == name:
+            return [r]
+    raise fail(f"unknown repository {name!r} (configured: {', '.join(r.name for r in repos)})", 2)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool, labels: dict[str, str]) -> Iterator[ProgressFn | None]:
+    """A ProgressFn drawing rich progress bars on stderr (only on a terminal)."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    )
+    tasks: dict[str, TaskID] = {}
+    with Progress(*columns, console=err, transient=False) as bars:
+
+        def update(phase: str, done: int, total: int | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = bars.add_task(labels.get(phase, phase), total=total)
+            task = tasks[phase]
+            if total is not None and done > total:
+                total = None
+            bars.update(task, completed=done, total=total)
+
+        yield update
+
+
+async def _view(cfg: NodeConfig) -> ClusterView:
+    try:
+        async with asyncio.timeout(10):
+            return await fetch_view(etcd_client_for(cfg), cfg.prefix)
+    except (EtcdError, TimeoutError) as e:
+        raise BackupError(f"cannot read the cluster from etcd: {e or 'timed out'}") from None
+
+
+def _local(cfg: NodeConfig) -> Endpoint:
+    host, port = cfg.postgresql.connect_host_port
+    if host in ("", "*", "0.0.0.0"):
+        host = "127.0.0.1"
+    return Endpoint(cfg.name, host, port)
+
+
+async def pick_source(cfg: NodeConfig, mode: str) -> tuple[Endpoint, Endpoint | None, str]:
+    """(server to back up, primary for pg_switch_wal or None, a note for the user)."""
+    if mode == "local":
+        return _local(cfg), None, f"backing up this node ({cfg.name})"
+    view = await _view(cfg)
+    leader = view.leader_member
+    primary = (
+        Endpoint(leader.name, leader.host, leader.port)
+        if leader is not None and leader.host and leader.role == MemberRole.PRIMARY
+        else None
+    )
+    bound = max(view.config.maximum_lag_on_failover, 16 << 20)
+    standbys = sorted(
+        (
+            m
+            for m in view.members.values()
+            if m.role == MemberRole.REPLICA
+            and m.state == MemberState.STREAMING
+            and m.host
+            and m.lag is not None
+            and m.lag <= bound
+        ),
+        key=lambda m: (m.lag or 0, m.name),
+    )
+    if mode in ("auto", "standby") and standbys:
+        m = standbys[0]
+        return Endpoint(m.name, m.host, m.port), primary, f"backing up standby {m.name} (lag {m.lag} bytes)"
+    if mode == "standby":
+        raise BackupError("no streaming standby within the lag bound to back up from (try --from primary)")
+    if primary is None:
+        raise BackupError("the cluster has no running primary to back up from")
+    note = f"backing up the primary {primary.name}"
+    if mode == "auto":
+        note += " (no streaming standby)"
+    return primary, primary, note
+
+
+async def find_primary(cfg: NodeConfig) -> Endpoint | None:
+    """The cluster's primary (leader in etcd), else this node if it is a primary; None if neither."""
+    with contextlib.suppress(BackupError):
+        view = await _view(cfg)
+        leader = view.leader_member
+        if leader is not None and leader.host and leader.role == MemberRole.PRIMARY:
+            return Endpoint(leader.name, leader.host, leader.port)
+    local = _local(cfg)
+    with contextlib.suppress(BackupError):
+        rows = await query(local, cfg.postgresql.superuser, "SELECT pg_is_in_recovery()", timeout=5)
+        if rows and rows[0][0] is False:
+            return local
+    return None
+
+
+# --------------------------------------------------------------------------------- backup create
+
+
+@backup_app.command("create")
+def backup_create(
+    config: ConfigReq,
+    repo: RepoOpt = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="auto: a streaming standby, else the primary; primary; standby; "
+            "local: the node of -c (no etcd).",
+        ),
+    ] = "auto",
+    label: Annotated[str | None, typer.Option("--label", help="Backup label.")] = None,
+    wal_timeout: Annotated[
+        float,
+        typer.Option("--wal-timeout", help="Seconds to wait for the backup's WAL to be archived.", min=1),
+    ] = 300.0,
+    part_size: Annotated[int, typer.Option("--part-size", help="MiB per stored part.", min=8, max=4096)] = 64,
+    parallel: Annotated[
+        int, typer.Option("--parallel", help="Parts compressed and stored at once.", min=1)
+    ] = 2,
+    output: OutputOpt = "table",
+) -> None:
+    """Take a full base backup into one repository (default: the first configured).
+
+    The backup is complete only once every WAL segment it needs is in that repository's
+    archive; otherwise it is marked failed and its data removed."""
+    check_output(output)
+    if source not in ("auto", "primary", "standby", "local"):
+        raise fail(f"--from must be auto, primary, standby or local, not {source!r}", 2)
+    cfg = load_or_exit(config)
+    quiet_logging()
+    rc = _repo_configs(cfg, repo)[0]
+    try:
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+    except PgError as e:
+        raise fail(str(e), 2) from None
+
+    async def go(progress: ProgressFn | None) -> tuple[BackupRecord, str]:
+        src, primary, note = await pick_source(cfg, source)
+        if output == "table":
+            err.print(escape(f"{note} ({src.address}) into repository {rc.name}"))
+        r = make_repository(rc)
+        try:
+            rec = await create_backup(
+                r,
+                scope=cfg.scope,
+                source=src,
+                primary=primary,
+                superuser=cfg.postgresql.superuser,
+                replication=cfg.postgresql.replication,
+                bin_dir=bin_dir,
+                label=label,
+                part_size=part_size << 20,
+                parallel=parallel,
+                wal_timeout=wal_timeout,
+                progress=progress,
+            )
+        finally:
+            await r.close()
+        return rec, note
+
+    try:
+        with progress_bars(output == "table", {"copy": "copying", "wal": "WAL archived (segments)"}) as bars:
+            rec, _ = asyncio.run(go(bars))
+    except (BackupError, RepoError) as e:
+        raise fail(str(e)) from None
+    if output != "table":
+        emit_data(output, rec.model_dump(mode="json"))
+        return
+    src = rec.source
+    ratio = f", {rec.size / rec.stored_size:.1f}x" if rec.stored_size else ""
+    lines = [
+        f"backup {rec.id} complete in repository {rec.repository}",
+        f"  source   {src.member} ({'standby' if src.standby else 'primary'}) {src.host}:{src.port}"
+        if src
+        else "",
+        f"  WAL      {rec.start_lsn} .. {rec.stop_lsn} on timeline {rec.timeline}: "
+        f"{rec.wal_start} .. {rec.wal_stop} archived",
+        f"  size     {human_bytes(rec.size)} -> {human_bytes(rec.stored_size)} stored{ratio}, "
+        f"{len(rec.parts)} parts, {rec.files} files",
+        f"  seconds  {rec.seconds_copy} copy{rate(rec.size, rec.seconds_copy)}, "
+        f"{rec.seconds_wal_wait} waiting for WAL",
+    ]
+    out.print(escape("\n".join(ln for ln in lines if ln)))
+
+
+# --------------------------------------------------------------------------------- backup list / info
+
+
+async def _catalogs(cfg: NodeConfig, repos: list[RepositoryConfig], wal: bool) -> list[catalog.Catalog]:
+    async def one(rc: RepositoryConfig) -> catalog.Catalog:
+        r = make_repository(rc)
+        try:
+            return await catalog.load_catalog(r, cfg.scope, wal=wal)
+        finally:
+            await r.close()
+
+    return list(await asyncio.gather(*(one(rc) for rc in repos)))
+
+
+@backup_app.command("list")
+def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "table") -> None:
+    """Backups of every repository (or --repo), oldest first."""
+    check_output(output)
+    cfg = load_or_exit(config)
+    quiet_logging()
+    repos = _repo_configs(cfg, repo)
+    try:
+        cats = asyncio.run(_catalogs(cfg, repos, wal=False))
+    except RepoError as e:
+        raise fail(str(e)) from None
+    now = catalog.utcnow()
+    for c in cats:
+        for p in c.problems:
+            err.print(escape(f"warning: {p}"))
+    rows = [r.summary(now) for c in cats for r in c.records]
+    if output != "table":
+        emit_data(output, rows)
+        return
+    t = Table(title=f"backups of {cfg.scope}")
+    for col in (
+        "ID",
+        "Repo",
+        "Status",
+        "Source",
+        "TL",
+        "Start LSN",
+        "Stop LSN",
+        "Stop (UTC)",
+        "Size",
+        "Stored",
+    ):
+        t.add_column(col, justify="right" if col in ("TL", "Size", "Stored") else "left")
+    for row in rows:
+        src = row["source"] or ""
+        if row["from_standby"]:
+            src = f"{src} (standby)"
+        stop = row["stop_time"]
+        t.add_row(
+            str(row["id"]),
+            str(row["repository"]),
+            str(row["status"]),
+            escape(str(src)),
+            "" if row["timeline"] is None else str(row["timeline"]),
+            str(row["start_lsn"] or ""),
+            str(row["stop_lsn"] or ""),
+            str(stop or "").replace("T", " ").rstrip("Z")[:19],
+            human_bytes(int(str(row["size"]))),
+            human_bytes(int(str(row["stored_size"]))),
+        )
+    if not rows:
+        err.print("no backups")
+    out.print(t)
+
+
+@backup_app.command("info")
+def backup_info(
+    backup_id: Annotated[str, typer.Argument(help="Backup id (from backup list).")],
+    config: ConfigReq,
+    repo: RepoOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """One backup's record, and whether the WAL it needs is still in the archive."""
+    check_output(output)
+    cfg = load_or_exit(config)
+    quiet_logging()
+    repos = _repo_configs(cfg, repo)
+    try:
+        cats = asyncio.run(_catalogs(cfg, repos, wal=True))
+    except RepoError as e:
+        raise fail(str(e)) from None
+    found = [(c, c.get(backup_id)) for c in cats if c.get(backup_id) is not None]
+    if not found:
+        raise fail(f"no backup {backup_id!r} in {', '.join(r.name for r in repos)}")
+    c, rec = found[0]
+    assert rec is not None
+    missing: list[str] | None = None
+    if rec.usable():
+        hist = catalog.history_of(rec.stop_timeline or rec.timeline or 1, c.histories) or []
+        need = catalog.required_segments(rec.start_lsn_int, rec.stop_lsn_int, rec.stop_timeline or 1, hist)
+        missing = [s for s in need if s not in c.wal]
+    doc: dict[str, Any] = rec.model_dump(mode="json")
+    doc["effective_status"] = rec.effective_status(catalog.utcnow())
+    doc["wal_missing"] = missing
+    if output != "table":
+        emit_data(output, doc)
+        return
+    src = rec.source
+    lines = [
+        f"backup     {rec.id} ({rec.kind}), repository {rec.repository}",
+        f"status     {doc['effective_status']}" + (f": {rec.error}" if rec.error else ""),
+        f"label      {rec.label}",
+        f"source     {src.member} ({'standby' if src.standby else 'primary'}) {src.host}:{src.port}"
+        if src
+        else "source     ?",
+        f"postgres   {rec.pg_version}, system identifier {rec.system_identifier}",
+        f"timeline   {rec.timeline}"
+        + (f" -> {rec.stop_timeline}" if rec.stop_timeline != rec.timeline else ""),
+        f"LSN        {rec.start_lsn} .. {rec.stop_lsn}",
+        f"time       {catalog.iso(rec.start_time)} .. {catalog.iso(rec.stop_time) if rec.stop_time else '-'}",
+        f"WAL        {rec.wal_start} .. {rec.wal_stop} ({rec.wal_segments} segments): "
+        + (
+            "unknown"
+            if missing is None
+            else "all in the archive"
+            if not missing
+            else f"{len(missing)} MISSING ({missing[0]} ...)"
+        ),
+        f"size       {human_bytes(rec.size)} in {len(rec.parts)} parts, "
+        f"{human_bytes(rec.stored_size)} stored, {rec.files} files",
+        f"seconds    {rec.seconds_copy} copy, {rec.seconds_wal_wait} waiting for WAL",
+    ]
+    out.print(escape("\n".join(lines)))
+
+
+# --------------------------------------------------------------------------------- backup expire
+
+
+def _wal_ranges(names: list[str]) -> list[str]:
+    """Consecutive segments of one timeline as 'first .. last (n files)'; others one by one."""
+    out_lines: list[str] = []
+    run: list[tuple[int, int, str]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        if len(run) == 1:
+            out_lines.append(run[0][2])
+        else:
+            out_lines.append(f"{run[0][2]} .. {run[-1][2]} ({len(run)} files)")
+        run.clear()
+
+    for full in names:
+        base = full.rpartition("/")[2]
+        seg = layout.parse_segment_name(base)
+        if seg is None:
+            flush()
+            out_lines.append(base)
+            continue
+        if run and (run[-1][0] != seg[0] or run[-1][1] + 1 != seg[1]):
+            flush()
+        run.append((seg[0], seg[1], base))
+    flush()
+    return out_lines
+
+
+@backup_app.command("expire")
+def backup_expire(
+    config: ConfigReq,
+    repo: RepoOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed.")] = False,
+    output: OutputOpt = "table",
+) -> None:
+    """Remove the backups each repository's retention no longer keeps, failed backups, and the
+    WAL no kept backup needs (every repository, or --repo)."""
+    check_output(output)
+    cfg = load_or_exit(config)
+    quiet_logging()
+    repos = _repo_configs(cfg, repo)
+    from hakeeper.backup.retention import ExpirePlan, expire
+
+    async def go() -> list[ExpirePlan]:
+        plans = []
+        for rc in repos:
+            r = make_repository(rc)
+            try:
+                plans.append(await expire(r, cfg.scope, rc.retention, dry_run=dry_run))
+            finally:
+                await r.close()
+        return plans
+
+    try:
+        plans = asyncio.run(go())
+    except RepoError as e:
+        raise fail(str(e)) from None
+    if output != "table":
+        emit_data(output, [p.to_dict() for p in plans])
+        return
+    verb = "would remove" if dry_run else "removed"
+    for p in plans:
+        lines = [f"repository {p.repository}:"]
+        for b in p.backups:
+            lines.append(
+                f"  {verb} backup {b.id} ({b.reason}; {len(b.objects)} objects, {human_bytes(b.stored_size)})"
+            )
+        if p.wal:
+            lines.append(f"  {verb} {len(p.wal)} WAL files:")
+            lines.extend(f"    {ln}" for ln in _wal_ranges(p.wal))
+        if not p.backups and not p.wal:
+            lines.append("  nothing to remove")
+        if p.kept:
+            lines.append(f"  kept {len(p.kept)} backups: {', '.join(p.kept)}")
+        if p.running:
+            lines.append(f"  running (kept): {', '.join(p.running)}")
+        if p.wal_boundary:
+            lines.append("  WAL kept from " + ", ".join(f"{s} (timeline {t})" for t, s in p.wal_boundary))
+        lines.extend(f"  note: {n}" for n in p.notes)
+        out.print(escape("\n".join(lines)))
+
+
+# --------------------------------------------------------------------------------- restore
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_target_time(text: str) -> dt.datetime:
+    """ISO 8601; ``Z`` or an offset; a time without a zone is local time."""
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    try:
+        when = dt.datetime.fromisoformat(t)
+    except ValueError:
+        raise UsageError(
+            f"--target-time: {text!r} is not an ISO 8601 time (e.g. 2026-11-24T07:15:00+01:00)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time
+    return when.astimezone(dt.UTC)
+
+
+def build_target(
+    time_: str | None,
+    lsn: str | None,
+    xid: int | None,
+    name: str | None,
+    latest: bool,
+    exclusive: bool,
+    timeline: str,
+) -> Target:
+    given = [
+        k
+        for k, v in (
+            ("--target-time", time_),
+            ("--target-lsn", lsn),
+            ("--target-xid", xid),
+            ("--target-name", name),
+            ("--latest", latest or None),
+        )
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise UsageError(
+            "give exactly one of --target-time, --target-lsn, --target-xid, --target-name, --latest"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    tl: int | Literal["latest", "current"]
+    t = timeline.strip().lower()
+    if t == "latest":
+        tl = "latest"
+    elif t == "current":
+        tl = "current"
+    else:
+        try:
+            tl = int(t, 0)
+        except ValueError:
+            raise UsageError(
+                f"--target-timeline must be a number, latest or current, not {timeline!r}"
+            ) from None
+        if tl < 1:
+            raise UsageError("--target-timeline must be at least 1")
+    inclusive = not exclusive
+    if time_ is not None:
+        return Target("time", time=parse_target_time(time_), inclusive=inclusive, timeline=tl)
+    if lsn is not None:
+        try:
+            value = parse_lsn(lsn)
+        except ValueError:
+            raise UsageError(f"--target-lsn: {lsn!r} is not an LSN (like 0/3000148)") from None
+        return Target("lsn", lsn=value, inclusive=inclusive, timeline=tl)
+    if xid is not None:
+        if xid < 3:
+            raise UsageError("--target-xid must be a normal transaction id (3 or more)")
+        return Target("xid", xid=xid, inclusive=inclusive, timeline=tl)
+    if name is not None:
+        if not name or len(name) > 63:
+            raise UsageError("--target-name must be 1 to 63 characters")
+        return Target("name", name=name, timeline=tl)
+    return Target("latest", timeline=tl)
+
+
+@app.command("restore")
+def restore_cmd(
+    config: ConfigReq,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", "-D", help="Empty or missing directory to restore into.")
+    ],
+    target_time: Annotated[
+        str | None, typer.Option("--target-time", help="ISO 8601 time; without a zone: local time.")
+    ] = None,
+    target_lsn: Annotated[
+        str | None, typer.Option("--target-lsn", help="WAL position, e.g. 0/3000148.")
+    ] = None,
+    target_xid: Annotated[int | None, typer.Option("--target-xid", help="Transaction id.")] = None,
+    target_name: Annotated[
+        str | None, typer.Option("--target-name", help="Restore point (pg_create_restore_point).")
+    ] = None,
+    latest: Annotated[bool, typer.Option("--latest", help="Everything in the archive.")] = False,
+    exclusive: Annotated[
+        bool, typer.Option("--exclusive", help="Stop just before the target (time, LSN, xid).")
+    ] = False,
+    target_timeline: Annotated[
+        str, typer.Option("--target-timeline", help="Timeline number, latest or current.")
+    ] = "latest",
+    backup_id: Annotated[
+        str | None, typer.Option("--backup", help="Backup id (default: the newest one before the target).")
+    ] = None,
+    repo: RepoOpt = None,
+    start: Annotated[
+        bool, typer.Option("--start", help="Start PostgreSQL and wait until it has left recovery.")
+    ] = False,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Port of the restored server.", min=1, max=65535)
+    ] = None,
+    no_switch_wal: Annotated[
+        bool,
+        typer.Option("--no-switch-wal", help="Never run pg_switch_wal() on the cluster's primary."),
+    ] = False,
+    wal_timeout: Annotated[
+        float,
+        typer.Option("--wal-timeout", help="Seconds to wait for a switched segment to be archived.", min=1),
+    ] = 60.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for recovery to end.", min=1)
+    ] = 3600.0,
+    parallel: Annotated[
+        int, typer.Option("--parallel", help="Parts fetched and decompressed at once.", min=1)
+    ] = 3,
+    output: OutputOpt = "table",
+) -> None:
+    """Restore a base backup into an empty directory and recover to a target.
+
+    The newest complete backup before the target is chosen, and the archive is checked to
+    reach the target along the target timeline's history before anything is copied.  The
+    restored server promotes at the target (recovery_target_action = promote), never
+    archives (archive_mode = off) and has the source's replication settings cleared."""
+    check_output(output)
+    try:
+        target = build_target(
+            target_time, target_lsn, target_xid, target_name, latest, exclusive, target_timeline
+        )
+    except UsageError as e:
+        raise fail(str(e), 2) from None
+    if start and port is None:
+        raise fail("--start needs --port (the restored server must not take the source's port)", 2)
+    cfg = load_or_exit(config)
+    quiet_logging()
+    repos = _repo_configs(cfg, repo)
+    from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, check_data_dir, restore
+    from hakeeper.proc import resolve_run_as
+
+    try:
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+        run_as = resolve_run_as(data_dir.absolute(), cfg.postgresql.os_user)
+    except (PgError, RuntimeError) as e:
+        raise fail(str(e), 2) from None
+    try:
+        check_data_dir(data_dir.absolute())
+    except RestoreRefused as e:
+        raise fail(str(e)) from None
+
+    async def go(progress: ProgressFn | None) -> RestoreResult:
+        primary = None if no_switch_wal else await find_primary(cfg)
+        refusals: list[str] = []
+        for rc in repos:
+            r = make_repository(rc)
+            opts = RestoreOptions(
+                data_dir=data_dir.absolute(),
+                target=target,
+                bin_dir=bin_dir,
+                run_as=run_as,
+                superuser=cfg.postgresql.superuser,
+                backup_id=backup_id,
+                start=start,
+                port=port,
+                primary=primary,
+                switch_wal=not no_switch_wal,
+                wal_timeout=wal_timeout,
+                start_timeout=timeout,
+                parallel=parallel,
+                progress=progress,
+            )
+            try:
+                return await restore(r, rc, cfg.scope, opts)
+            except RestoreRefused as e:
+                refusals.append(f"{rc.name}: {e}" if len(repos) > 1 else str(e))
+            finally:
+                await r.close()
+        raise RestoreRefused("\n".join(refusals))
+
+    try:
+        with progress_bars(output == "table", {"fetch": "fetch + decompress"}) as bars:
+            res = asyncio.run(go(bars))
+    except RestoreRefused as e:
+        raise fail(f"restore refused, nothing was copied: {e}") from None
+    except (RestoreError, BackupError, RepoError) as e:
+        raise fail(f"restore failed: {e}") from None
+    if output != "table":
+        emit_data(output, res.to_dict())
+        return
+    secs = [
+        f"plan {res.seconds_plan:.1f}",
+        f"fetch+decompress {res.seconds_fetch:.1f}{rate(res.size, res.seconds_fetch)}",
+    ]
+    if res.seconds_replay is not None:
+        secs.append(f"WAL replay {res.seconds_replay:.1f}")
+    if res.seconds_promote is not None:
+        secs.append(f"promote {res.seconds_promote:.1f}")
+    secs.append(f"total {res.seconds_total:.1f}")
+    lines = [
+        f"restored backup {res.backup_id} (repository {res.repository}) into {res.data_dir}",
+        f"  target    {res.target} on timeline {res.timeline}",
+        f"  size      {human_bytes(res.size)} in {res.parts} parts",
+        f"  seconds   {', '.join(secs)}",
+    ]
+    lines.extend(f"  note      {n}" for n in res.notes)
+    if res.started:
+        lines.append(f"  promoted  new timeline {res.new_timeline}; writable")
+        lines.append(f"  connect   {res.dsn}")
+    else:
+        lines.append(f"  start it  {res.start_command}")
+    out.print(escape("\n".join(lines)))
+    sys.stdout.flush()

@@ -1,0 +1,654 @@
+"""Physical base backups into a repository (``hakeeper backup create``).
+
+``pg_basebackup -D - -Ft -X none --checkpoint=fast`` streams the data directory as one tar
+stream over the replication protocol (PostgreSQL 15 appends ``backup_manifest`` to it).  The
+stream is cut into parts of ``part_size`` bytes; each part is compressed (zstd, in a worker
+thread: zstandard and hashlib release the GIL) and stored while the next one is read, with at
+most ``parallel`` parts in flight.  On the way, a tar header scanner picks out ``backup_label``
+(start LSN and timeline) and ``backup_manifest`` (the WAL range up to the backup's end).
+
+The backup is complete only when every WAL segment from its start to its end is in the archive
+of the same repository.  From a standby, the last segment may still be the one the primary is
+writing: ``pg_switch_wal()`` on the primary closes it.  If the WAL does not arrive within
+``wal_timeout`` the backup is marked failed and its parts are removed: a backup is never
+reported successful before it can be restored.
+
+The record (:class:`~hakeeper.backup.catalog.BackupRecord`) is written as ``running`` first,
+refreshed while the backup runs, and rewritten last as ``complete`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from hakeeper.backup import catalog, layout
+from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
+from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.repo import PutResult, Repository
+from hakeeper.config import Credentials, secret_value
+from hakeeper.log import get_logger
+from hakeeper.lsn import format_lsn
+from hakeeper.pg.conf import build_conninfo
+from hakeeper.proc import RunAs, child_env
+
+log = get_logger(__name__)
+
+DEFAULT_PART_SIZE = 64 << 20
+READ_CHUNK = 4 << 20
+MAX_CAPTURE = 512 << 20  # backup_manifest of a very large cluster; anything bigger is refused
+CAPTURED = ("backup_label", "backup_manifest", "tablespace_map")
+SWITCH_EVERY_S = 10.0
+
+ProgressFn = Callable[[str, int, int | None], None]  # (phase, done, total)
+
+
+class BackupError(Exception):
+    """The backup failed; the message says why.  The record says ``failed``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A PostgreSQL server to connect to (name: the member name, for the record)."""
+
+    name: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# ============================================================================ tar scanning
+
+
+class TarFormatError(ValueError):
+    pass
+
+
+def _tar_number(field_: bytes) -> int:
+    if field_ and field_[0] & 0x80:  # GNU base-256 for large sizes
+        n = field_[0] & 0x7F
+        for b in field_[1:]:
+            n = (n << 8) | b
+        return n
+    text = field_.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _tar_checksum_ok(hdr: bytes) -> bool:
+    try:
+        want = _tar_number(hdr[148:156])
+    except ValueError:
+        return False
+    got = sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
+    return want == got
+
+
+@dataclass
+class TarScanner:
+    """Follows a tar stream fed in arbitrary pieces: counts members and keeps the content of
+    the few small files named in ``capture`` (without copying anything else)."""
+
+    capture: tuple[str, ...] = CAPTURED
+    files: dict[str, bytes] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)
+    regular_files: int = 0
+    ended: bool = False
+    _hdr: bytearray = field(default_factory=bytearray)
+    _skip: int = 0  # body + padding still to pass over
+    _cap_name: str | None = None
+    _cap: bytearray = field(default_factory=bytearray)
+    _cap_left: int = 0
+    _long_name: str | None = None
+    _long_pending: bool = False
+    _zero_blocks: int = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        i, n = 0, len(view)
+        while i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                if self._cap_left:
+                    c = min(take, self._cap_left)
+                    self._cap += view[i : i + c]
+                    self._cap_left -= c
+                self._skip -= take
+                i += take
+                if self._skip == 0:
+                    self._finish_member()
+                continue
+            take = min(512 - len(self._hdr), n - i)
+            self._hdr += view[i : i + take]
+            i += take
+            if len(self._hdr) == 512:
+                hdr = bytes(self._hdr)
+                self._hdr.clear()
+                self._header(hdr)
+
+    def _header(self, hdr: bytes) -> None:
+        if hdr.count(0) == 512:
+            self._zero_blocks += 1
+            if self._zero_blocks >= 2:
+                self.ended = True
+            return
+        if self.ended:
+            raise TarFormatError("data after the end of the tar stream")
+        self._zero_blocks = 0
+        if not _tar_checksum_ok(hdr):
+            raise TarFormatError(f"bad tar header checksum after {len(self.members)} members")
+        name = hdr[:100].split(b"\0", 1)[0].decode(errors="replace")
+        if hdr[257:262] == b"ustar":
+            prefix = hdr[345:500].split(b"\0", 1)[0].decode(errors="replace")
+            if prefix:
+                name = f"{prefix}/{name}"
+        size = _tar_number(hdr[124:136])
+        kind = hdr[156:157]
+        if kind in (b"L",):  # GNU long name: the body is the next member's name
+            self._long_pending = True
+            self._start_body("\0longname", size, capture=True)
+            return
+        if self._long_name is not None:
+            name, self._long_name = self._long_name, None
+        if kind in (b"x", b"g"):  # pax headers: skip
+            self._start_body(None, size, capture=False)
+            return
+        name = name.removeprefix("./")
+        self.members.append(name)
+        if kind in (b"0", b"\0", b"7"):
+            self.regular_files += 1
+            self._start_body(name, size, capture=name in self.capture)
+        else:
+            self._start_body(None, size if kind not in (b"1", b"2", b"3", b"4", b"5", b"6") else 0, False)
+
+    @property
+    def between_members(self) -> bool:
+        """At a member boundary (the last member's content complete)."""
+        return self._skip == 0 and not self._hdr
+
+    def _start_body(self, name: str | None, size: int, capture: bool) -> None:
+        if capture and size > MAX_CAPTURE:
+            raise TarFormatError(f"{name} is {size} bytes; too large to keep")
+        self._skip = math.ceil(size / 512) * 512
+        self._cap_name = name if capture else None
+        self._cap = bytearray()
+        self._cap_left = size if capture else 0
+        if self._skip == 0:
+            self._finish_member()
+
+    def _finish_member(self) -> None:
+        if self._cap_name is not None:
+            if self._cap_name == "\0longname":
+                self._long_name = bytes(self._cap).split(b"\0", 1)[0].decode(errors="replace")
+            else:
+                self.files[self._cap_name] = bytes(self._cap)
+        self._cap_name = None
+        self._cap = bytearray()
+
+
+# ============================================================================ SQL helpers
+
+
+def conn_kwargs(ep: Endpoint, creds: Credentials, timeout: float = 10.0) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "conninfo": build_conninfo(
+            host=ep.host,
+            port=ep.port,
+            user=creds.username,
+            dbname="postgres",
+            application_name="hakeeper-backup",
+            connect_timeout=max(2, math.ceil(timeout)),
+            gssencmode="disable",
+            client_encoding="UTF8",
+        ),
+        "autocommit": True,
+    }
+    password = secret_value(creds.password)
+    if password is not None:
+        kw["password"] = password
+    return kw
+
+
+async def query(ep: Endpoint, creds: Credentials, sql: str, timeout: float = 15.0) -> list[tuple[Any, ...]]:
+    """One statement on a fresh superuser connection; raises BackupError on any failure."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with await psycopg.AsyncConnection.connect(**conn_kwargs(ep, creds, timeout)) as conn:
+                cur = await conn.execute(sql)
+                return await cur.fetchall() if cur.description is not None else []
+    except (psycopg.Error, OSError) as e:
+        raise BackupError(f"{ep.name} ({ep.address}): {str(e).strip()}") from e
+    except TimeoutError as e:
+        raise BackupError(f"{ep.name} ({ep.address}): no answer within {timeout:.0f}s") from e
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFacts:
+    in_recovery: bool
+    version_num: int
+    system_identifier: str
+    extra_tablespaces: list[str]
+    estimated_size: int
+    upstream: Endpoint | None  # a standby's WAL sender (pg_stat_wal_receiver)
+
+
+async def source_facts(ep: Endpoint, creds: Credentials) -> SourceFacts:
+    rows = await query(
+        ep,
+        creds,
+        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int,"
+        " (SELECT system_identifier::text FROM pg_control_system()),"
+        " ARRAY(SELECT spcname::text FROM pg_tablespace"
+        "       WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1),"
+        " (SELECT sum(pg_database_size(oid))::bigint FROM pg_database),"
+        " (SELECT sender_host FROM pg_stat_wal_receiver WHERE status = 'streaming'),"
+        " (SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+    )
+    rec, ver, sysid, spaces, size, s_host, s_port = rows[0]
+    upstream = None
+    if rec and s_host and s_port and not str(s_host).startswith("/"):
+        upstream = Endpoint(f"upstream of {ep.name}", str(s_host), int(s_port))
+    return SourceFacts(bool(rec), int(ver), str(sysid), list(spaces or []), int(size or 0), upstream)
+
+
+async def switch_wal(primary: Endpoint, creds: Credentials) -> str | None:
+    """``pg_switch_wal()`` on the primary; the name of the segment that closes (None when the
+    server turned out to be in recovery)."""
+    rows = await query(
+        primary,
+        creds,
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_switch_wal()) END",
+    )
+    return None if rows[0][0] is None else str(rows[0][0])
+
+
+# ============================================================================ the backup
+
+
+@dataclass
+class _Run:
+    repo: Repository
+    scope: str
+    record: BackupRecord
+    progress: ProgressFn | None
+    last_saved: float = 0.0
+
+    async def save(self) -> None:
+        self.record.updated_at = catalog.utcnow()
+        await self.repo.put(catalog.record_key(self.scope, self.record.id), self.record.to_json())
+        self.last_saved = time.monotonic()
+
+    def tick(self, phase: str, done: int, total: int | None) -> None:
+        if self.progress is not None:
+            self.progress(phase, done, total)
+
+
+async def _new_id(repo: Repository, scope: str, now: dt.datetime) -> str:
+    for i in range(120):
+        bid = catalog.make_backup_id(now + dt.timedelta(seconds=i))
+        if not await repo.list_objects(layout.backup_prefix(scope, bid)):
+            return bid
+    raise BackupError("cannot find a free backup id")
+
+
+async def create_backup(
+    repo: Repository,
+    *,
+    scope: str,
+    source: Endpoint,
+    superuser: Credentials,
+    replication: Credentials,
+    bin_dir: Path,
+    primary: Endpoint | None = None,
+    label: str | None = None,
+    part_size: int = DEFAULT_PART_SIZE,
+    parallel: int = 2,
+    wal_timeout: float = 300.0,
+    manifest_checksums: str = "CRC32C",
+    progress: ProgressFn | None = None,
+) -> BackupRecord:
+    """Back ``source`` up into ``repo`` and return the complete record (BackupError otherwise).
+
+    ``primary`` is where ``pg_switch_wal()`` runs when the source is a standby (default: the
+    standby's upstream, if that is a primary)."""
+    facts = await source_facts(source, superuser)
+    if facts.extra_tablespaces:
+        raise BackupError(
+            f"{source.name} has tablespaces besides pg_default/pg_global "
+            f"({', '.join(facts.extra_tablespaces)}): not supported by hakeeper backups yet"
+        )
+    if primary is None:
+        primary = source if not facts.in_recovery else facts.upstream
+    now = catalog.utcnow()
+    bid = await _new_id(repo, scope, now)
+    record = BackupRecord(
+        id=bid,
+        label=label or f"hakeeper {bid}",
+        status=BackupStatus.RUNNING,
+        scope=scope,
+        repository=repo.name,
+        source=SourceInfo(member=source.name, host=source.host, port=source.port, standby=facts.in_recovery),
+        pg_version=facts.version_num,
+        system_identifier=facts.system_identifier,
+        start_time=now,
+        updated_at=now,
+        manifest_checksums=manifest_checksums,
+    )
+    run = _Run(repo, scope, record, progress)
+    await run.save()
+    log.info("backup_started", id=bid, repo=repo.name, source=source.address, standby=facts.in_recovery)
+    try:
+        await _copy(run, source, replication, bin_dir, part_size, parallel, wal_timeout, facts)
+        await _wait_for_wal(run, primary, superuser, wal_timeout)
+    except BaseException as e:
+        msg = str(e) if isinstance(e, BackupError | RepoError) else f"{type(e).__name__}: {e}"
+        if isinstance(e, asyncio.CancelledError | KeyboardInterrupt):
+            msg = "interrupted"
+        await asyncio.shield(_fail(run, msg))
+        if isinstance(e, BackupError):
+            raise
+        if isinstance(e, RepoError):
+            raise BackupError(f"backup {bid}: {e}") from e
+        raise
+    record.status = BackupStatus.COMPLETE
+    record.error = None
+    await run.save()
+    log.info(
+        "backup_complete",
+        id=bid,
+        size=record.size,
+        stored=record.stored_size,
+        seconds=record.seconds_copy,
+        wal_wait=record.seconds_wal_wait,
+    )
+    return record
+
+
+async def _fail(run: _Run, msg: str) -> None:
+    rec = run.record
+    rec.status = BackupStatus.FAILED
+    rec.error = msg
+    log.error("backup_failed", id=rec.id, error=msg)
+    # The parts are useless without a complete record: remove them now; the record stays so
+    # that `backup list` shows the failure (`backup expire` removes it).
+    with contextlib.suppress(RepoError):
+        for e in await run.repo.list_objects(layout.backup_prefix(run.scope, rec.id)):
+            if not e.name.endswith("/" + catalog.RECORD_NAME):
+                await run.repo.delete(e.name)
+    rec.parts = []
+    rec.manifest = None
+    rec.stored_size = 0
+    with contextlib.suppress(RepoError):
+        await run.save()
+
+
+def _stored(name: str, r: PutResult) -> StoredObject:
+    return StoredObject(name=name, size=r.size, stored_size=r.stored_size, sha256=r.sha256)
+
+
+async def _copy(
+    run: _Run,
+    source: Endpoint,
+    replication: Credentials,
+    bin_dir: Path,
+    part_size: int,
+    parallel: int,
+    wal_timeout: float,
+    facts: SourceFacts,
+) -> None:
+    rec = run.record
+    conninfo = build_conninfo(
+        host=source.host,
+        port=source.port,
+        user=replication.username,
+        application_name="hakeeper-backup",
+        connect_timeout=10,
+        gssencmode="disable",
+    )
+    argv = [
+        str(bin_dir / "pg_basebackup"),
+        "-d",
+        conninfo,
+        "-D",
+        "-",
+        "-Ft",
+        "-X",
+        "none",
+        "--checkpoint=fast",
+        f"--manifest-checksums={rec.manifest_checksums}",
+        "--no-password",
+        "-l",
+        rec.label,
+    ]
+    extra = {"LC_ALL": "C", "LC_MESSAGES": "C"}
+    password = secret_value(replication.password)
+    if password is not None:
+        extra["PGPASSWORD"] = password
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(RunAs(), extra),
+        start_new_session=True,
+        limit=READ_CHUNK,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr_buf = bytearray()
+
+    async def drain_stderr() -> None:
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.read(65536):
+            stderr_buf.extend(chunk[-65536:])
+            if len(stderr_buf) > 65536:
+                del stderr_buf[: len(stderr_buf) - 65536]
+
+    err_task = asyncio.create_task(drain_stderr())
+    scanner = TarScanner()
+    results: dict[int, PutResult] = {}
+    sem = asyncio.Semaphore(max(1, parallel))
+    tasks: list[asyncio.Task[None]] = []
+
+    async def upload(index: int, data: bytes) -> None:
+        try:
+            name = catalog.part_name(index)
+            results[index] = await run.repo.put(
+                catalog.object_key(run.scope, rec.id, name),
+                data,
+                meta={"backup": rec.id, "part": str(index)},
+            )
+        finally:
+            sem.release()
+
+    def check_tasks() -> None:
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+
+    async def submit(data: bytes) -> None:
+        await sem.acquire()
+        check_tasks()
+        tasks.append(asyncio.create_task(upload(len(tasks), data)))
+
+    total = 0
+    buf = bytearray()
+    idle_timeout = max(wal_timeout, 300.0)
+    try:
+        while True:
+            # The server sends nothing during its checkpoint at the start and, from a primary,
+            # while it waits for the archiving of the backup's last segment after pg_control
+            # (always the last data file) and before the manifest.
+            at_end = "global/pg_control" in scanner.members and scanner.between_members
+            wait = wal_timeout if at_end else idle_timeout
+            try:
+                chunk = await asyncio.wait_for(proc.stdout.read(READ_CHUNK), timeout=wait)
+            except TimeoutError as e:
+                if at_end:
+                    raise BackupError(
+                        f"the server sent the data but then waited more than {wait:.0f}s for the "
+                        "archiving of the backup's WAL; is archive_command working?"
+                    ) from e
+                raise BackupError(
+                    f"pg_basebackup sent nothing for {wait:.0f}s (after {total} bytes): a checkpoint "
+                    "that does not finish?"
+                ) from e
+            if not chunk:
+                break
+            try:
+                scanner.feed(chunk)
+            except TarFormatError as e:
+                raise BackupError(f"pg_basebackup's output is not a valid tar stream: {e}") from e
+            buf += chunk
+            total += len(chunk)
+            run.tick("copy", total, facts.estimated_size or None)
+            while len(buf) >= part_size:
+                part = bytes(buf[:part_size])
+                del buf[:part_size]
+                await submit(part)
+                if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
+                    rec.size = total
+                    await run.save()
+        if buf or not tasks:
+            await submit(bytes(buf))
+            buf.clear()
+        try:
+            # A primary waits (server side) until the backup's last segment is archived.
+            rc = await asyncio.wait_for(proc.wait(), timeout=wal_timeout)
+        except TimeoutError as e:
+            raise BackupError(
+                f"pg_basebackup did not finish within {wal_timeout:.0f}s after sending the data "
+                "(the server waits for the archiving of the backup's last WAL segment)"
+            ) from e
+        await err_task
+        if rc != 0:
+            tail = stderr_buf.decode(errors="replace").strip().splitlines()[-8:]
+            raise BackupError(f"pg_basebackup from {source.address} failed (exit {rc}):\n" + "\n".join(tail))
+        await asyncio.gather(*tasks)
+    except BaseException:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+        err_task.cancel()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, err_task, return_exceptions=True)
+        raise
+    rec.stop_time = catalog.utcnow()
+    rec.seconds_copy = round(time.monotonic() - t0, 3)
+    if not scanner.ended:
+        raise BackupError("pg_basebackup's tar stream ended without its end-of-archive marker")
+    if "tablespace_map" in scanner.files and scanner.files["tablespace_map"].strip():
+        raise BackupError("the backup carries a non-empty tablespace_map: tablespaces are not supported")
+    try:
+        label = catalog.parse_backup_label(scanner.files["backup_label"].decode())
+        manifest_raw = scanner.files["backup_manifest"]
+        ranges = catalog.manifest_wal_ranges(json.loads(manifest_raw))
+    except KeyError as e:
+        raise BackupError(f"the backup stream has no {e.args[0]}") from e
+    except ValueError as e:
+        raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
+    man = await run.repo.put(catalog.object_key(run.scope, rec.id, catalog.MANIFEST_NAME), manifest_raw)
+    rec.manifest = _stored(catalog.MANIFEST_NAME, man)
+    rec.parts = [_stored(catalog.part_name(i), results[i]) for i in range(len(tasks))]
+    rec.size = total
+    rec.stored_size = sum(p.stored_size for p in rec.parts) + man.stored_size
+    rec.files = scanner.regular_files
+    rec.backup_label = scanner.files["backup_label"].decode(errors="replace")
+    rec.timeline = label.start_timeline
+    rec.start_lsn = format_lsn(label.start_lsn)
+    rec.stop_lsn = format_lsn(ranges[-1].end_lsn)
+    rec.stop_timeline = ranges[-1].timeline
+    if facts.in_recovery != label.from_standby:
+        log.warning("backup_source_role_changed", id=rec.id, label_from_standby=label.from_standby)
+        assert rec.source is not None
+        rec.source.standby = label.from_standby
+    await run.save()
+    log.info(
+        "backup_copied",
+        id=rec.id,
+        size=total,
+        parts=len(rec.parts),
+        start_lsn=rec.start_lsn,
+        stop_lsn=rec.stop_lsn,
+        seconds=rec.seconds_copy,
+    )
+
+
+async def _segment_present(repo: Repository, key: str) -> bool:
+    try:
+        await repo.stat(key)
+    except NotFound:
+        return False
+    except CorruptObject as e:
+        raise BackupError(f"archived WAL {key} is corrupt: {e}") from e
+    except RepoError:
+        return False  # cannot tell now: ask again
+    return True
+
+
+async def _wait_for_wal(run: _Run, primary: Endpoint | None, superuser: Credentials, timeout: float) -> None:
+    rec = run.record
+    assert rec.timeline is not None and rec.stop_timeline is not None
+    history: list[layout.HistoryEntry] = []
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    if rec.stop_timeline != rec.timeline:  # promoted during the backup: follow the new history
+        hkey = layout.wal_key(run.scope, layout.history_name(rec.stop_timeline))
+        while True:
+            try:
+                history = layout.parse_history((await run.repo.get(hkey)).decode())
+                break
+            except NotFound:
+                if time.monotonic() > deadline:
+                    raise BackupError(f"{hkey} did not reach the archive within {timeout:.0f}s") from None
+                await asyncio.sleep(0.5)
+    segments = catalog.required_segments(rec.start_lsn_int, rec.stop_lsn_int, rec.stop_timeline, history)
+    rec.wal_start, rec.wal_stop, rec.wal_segments = segments[0], segments[-1], len(segments)
+    missing = list(segments)
+    last_switch = -math.inf if (rec.source and rec.source.standby) else t0
+    warned = False
+    while True:
+        still = []
+        for name in missing:
+            if not await _segment_present(run.repo, layout.wal_key(run.scope, name)):
+                still.append(name)
+        missing = still
+        run.tick("wal", len(segments) - len(missing), len(segments))
+        if not missing:
+            break
+        now = time.monotonic()
+        if now - last_switch >= SWITCH_EVERY_S:
+            last_switch = now
+            if primary is not None:
+                try:
+                    closed = await switch_wal(primary, superuser)
+                    log.info("backup_wal_switch", id=rec.id, primary=primary.address, closed=closed)
+                except BackupError as e:
+                    log.warning("backup_wal_switch_failed", id=rec.id, error=str(e))
+            elif not warned:
+                warned = True
+                log.warning("backup_no_primary_for_switch", id=rec.id, missing=missing[0])
+        if now > deadline:
+            hint = "" if primary is not None else " (no primary known to run pg_switch_wal() on)"
+            raise BackupError(
+                f"WAL segment {missing[0]} ({len(missing)} of {len(segments)} needed by the backup) "
+                f"did not reach the archive of {run.repo.name} within {timeout:.0f}s{hint}; "
+                "is WAL archiving working?"
+            )
+        await asyncio.sleep(0.5)
+    rec.seconds_wal_wait = round(time.monotonic() - t0, 3)

@@ -1,0 +1,678 @@
+"""Restore a base backup and recover to a target (``hakeeper restore``).
+
+Order of work, so that a restore that cannot succeed stops before a byte is copied:
+
+1. The data directory must be empty (or absent) and no server may run in it.
+2. Plan (:func:`hakeeper.backup.catalog.plan_restore`): the backup, the target timeline, and
+   the WAL on the way, all from the repository's listing and history files.  When the archive
+   cannot show that it reaches the target (the segment the primary is writing is never
+   archived until it is switched) and the primary is reachable, ``pg_switch_wal()`` runs there
+   and the restore waits until that segment is archived, then plans again.
+3. Every part's trailer is read (size, SHA-256 against the record).
+4. The parts are fetched and decompressed in parallel (each checked against its SHA-256) and
+   piped in order into ``tar -x`` running as the PostgreSQL OS user.
+5. Recovery settings go into ``postgresql.auto.conf`` (``restore_command`` with
+   :mod:`hakeeper.backup.walfetch`, the target, ``recovery_target_action = 'promote'``, the
+   timeline, ``archive_mode = off`` so that a restored copy never archives into the
+   production repository, replication settings of the source neutralised), and
+   ``recovery.signal`` is created.
+6. With ``start``: ``pg_ctl start``, then wait until ``pg_is_in_recovery()`` is false (not
+   merely until connections are accepted); a recovery that fails shows the server's log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import grp
+import os
+import pwd
+import re
+import shlex
+import shutil
+import site
+import stat
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from hakeeper.backup import catalog, layout
+from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
+from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, StoredObject, Target
+from hakeeper.backup.config import RepositoryConfig, WalToolConfig
+from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.repo import FilesystemRepository, Repository
+from hakeeper.config import Credentials
+from hakeeper.log import get_logger
+from hakeeper.lsn import format_lsn
+from hakeeper.pg.conf import build_conninfo, quote_conf_value
+from hakeeper.pg.postgres import SOCKET_SUBDIR, _fsync_dir, _write_atomic
+from hakeeper.proc import RunAs, child_env, postmaster_pid, run
+
+log = get_logger(__name__)
+
+WAL_CONFIG_NAME = "hakeeper-restore-wal.json"
+LOG_REL = Path("log") / "postgresql.log"
+WALFETCH_MODULE = "hakeeper.backup.walfetch"
+_MAX_SOCKET_PATH = 107
+ProgressFn = Callable[[str, int, int | None], None]
+
+__all__ = ["RestoreError", "RestoreOptions", "RestoreRefused", "RestoreResult", "restore"]
+
+
+class RestoreError(Exception):
+    """The restore failed after it started copying (the data directory was emptied again), or
+    recovery failed; the message says why."""
+
+
+@dataclass
+class RestoreOptions:
+    data_dir: Path
+    target: Target
+    bin_dir: Path
+    run_as: RunAs
+    superuser: Credentials
+    backup_id: str | None = None
+    start: bool = False
+    port: int | None = None
+    primary: Endpoint | None = None  # where pg_switch_wal() runs to complete the archive
+    switch_wal: bool = True
+    wal_timeout: float = 60.0
+    start_timeout: float = 3600.0
+    parallel: int = 3
+    progress: ProgressFn | None = None
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    repository: str
+    target: str
+    timeline: int
+    data_dir: str
+    size: int
+    parts: int
+    started: bool
+    new_timeline: int | None = None
+    dsn: str | None = None
+    seconds_plan: float = 0.0
+    seconds_fetch: float = 0.0
+    seconds_replay: float | None = None
+    seconds_promote: float | None = None
+    seconds_total: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
+    start_command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backup": self.backup_id,
+            "repository": self.repository,
+            "target": self.target,
+            "target_timeline": self.timeline,
+            "new_timeline": self.new_timeline,
+            "data_dir": self.data_dir,
+            "size": self.size,
+            "parts": self.parts,
+            "started": self.started,
+            "dsn": self.dsn,
+            "seconds": {
+                "plan": round(self.seconds_plan, 3),
+                "fetch_decompress": round(self.seconds_fetch, 3),
+                "wal_replay": None if self.seconds_replay is None else round(self.seconds_replay, 3),
+                "promote": None if self.seconds_promote is None else round(self.seconds_promote, 3),
+                "total": round(self.seconds_total, 3),
+            },
+            "settings": self.settings,
+            "start_command": self.start_command,
+            "notes": self.notes,
+        }
+
+
+# ============================================================================ checks
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Refuse a data directory that is in use or not empty (RestoreRefused)."""
+    pidfile = data_dir / "postmaster.pid"
+    if pidfile.exists():
+        pid = postmaster_pid(data_dir)
+        state = f"PostgreSQL (pid {pid}) is running there" if pid else "a server was not shut down there"
+        raise RestoreRefused(f"{data_dir}: postmaster.pid exists ({state}); refusing to restore over it")
+    if data_dir.exists():
+        if not data_dir.is_dir():
+            raise RestoreRefused(f"{data_dir} exists and is not a directory")
+        entries = sorted(p.name for p in data_dir.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+            raise RestoreRefused(
+                f"{data_dir} is not empty ({len(entries)} entries: {shown}); restore needs an empty "
+                "or missing directory"
+            )
+
+
+def _can_access(path: Path, ra: RunAs, want: int) -> bool:
+    """Whether user ``ra`` may access ``path`` with ``want`` (a mask of R_OK/W_OK/X_OK),
+    traversing every directory on the way, symbolic links followed (classic permission bits,
+    as root sees them)."""
+    if ra.uid is None:
+        return os.access(path, want)
+    groups = {ra.gid}
+    if ra.name:
+        groups |= {g.gr_gid for g in grp.getgrall() if ra.name in g.gr_mem}
+
+    def allowed(d: Path, bits: int) -> bool:
+        try:
+            st = d.stat()
+        except OSError:
+            return False
+        if st.st_uid == ra.uid:
+            perm = (st.st_mode >> 6) & 7
+        elif st.st_gid in groups:
+            perm = (st.st_mode >> 3) & 7
+        else:
+            perm = st.st_mode & 7
+        return perm & bits == bits
+
+    given = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(given))
+    dirs = {*given.parents, *real.parents}
+    return all(allowed(d, os.X_OK) for d in dirs) and allowed(real, want)
+
+
+def python_command(module: str, ra: RunAs) -> str:
+    """A shell command that runs ``python -m module`` as user ``ra``.
+
+    Our interpreter when that user can run it.  Otherwise (a virtualenv below /root, say) a
+    system Python of the same version with our import paths, which works because the
+    compiled extensions are built for that version's ABI."""
+    exe = Path(sys.executable)
+    if _can_access(exe, ra, os.X_OK):
+        return f"{shlex.quote(str(exe))} -m {module}"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    import hakeeper
+
+    root = Path(hakeeper.__file__).resolve().parent.parent
+    paths = [str(root), *(p for p in site.getsitepackages() if Path(p).is_dir())]
+    for cand in (f"/usr/bin/python{ver}", f"/usr/local/bin/python{ver}"):
+        c = Path(cand)
+        if c.exists() and _can_access(c, ra, os.X_OK):
+            unreadable = [p for p in paths if not _can_access(Path(p), ra, os.R_OK | os.X_OK)]
+            if unreadable:
+                break
+            return f"PYTHONPATH={shlex.quote(os.pathsep.join(paths))} {shlex.quote(cand)} -m {module}"
+    raise RestoreRefused(
+        f"the PostgreSQL OS user {ra.name or ra.uid} cannot run {sys.executable} (restore_command "
+        f"needs it) and no usable python{ver} was found; install hakeeper where that user can read it"
+    )
+
+
+def _check_repo_readable(repo: Repository, scope: str, plan: RestorePlan, ra: RunAs) -> None:
+    """restore_command runs as the PostgreSQL OS user: it must be able to read archived WAL."""
+    if ra.uid is None or not isinstance(repo, FilesystemRepository) or not plan.segments:
+        return
+    probe = repo.root / layout.wal_key(scope, plan.segments[0])
+    if not _can_access(probe, ra, os.R_OK):
+        try:
+            st = probe.stat()
+            owner = f"owner {pwd.getpwuid(st.st_uid).pw_name}, mode {stat.S_IMODE(st.st_mode):04o}"
+        except (OSError, KeyError):
+            owner = "not accessible"
+        raise RestoreRefused(
+            f"the PostgreSQL OS user {ra.name} cannot read the archived WAL of repository {repo.name} "
+            f"({probe}: {owner}), which its restore_command must fetch"
+        )
+
+
+# ============================================================================ planning
+
+
+async def _plan(repo: Repository, scope: str, opts: RestoreOptions) -> tuple[Catalog, RestorePlan, list[str]]:
+    cat = await catalog.load_catalog(repo, scope)
+    plan = catalog.plan_restore(cat, opts.target, opts.backup_id)
+    notes: list[str] = []
+    if plan.proven:
+        return cat, plan, notes
+    if opts.switch_wal and opts.primary is not None:
+        closed = await _switch_and_wait(repo, scope, opts)
+        if closed:
+            notes.append(f"switched WAL on the primary {opts.primary.address}; {closed} archived")
+        cat = await catalog.load_catalog(repo, scope)
+        plan = catalog.plan_restore(cat, opts.target, opts.backup_id)
+        if plan.proven:
+            return cat, plan, notes
+    if opts.target.kind in ("time", "lsn"):
+        hint = ""
+        if opts.primary is None:
+            hint = " (no primary reachable to switch WAL on)"
+        elif not opts.switch_wal:
+            hint = " (WAL switch on the primary disabled)"
+        raise RestoreRefused(f"{plan.missing}{hint}")
+    if opts.primary is None or not opts.switch_wal:
+        last = plan.covered_until or "none"
+        mod = catalog.iso(plan.covered_until_modified) if plan.covered_until_modified else "?"
+        notes.append(
+            f"no WAL switch on the primary: recovery ends with the archived WAL ({last}, archived {mod}); "
+            "WAL still in the primary's current segment is not restored"
+        )
+    return cat, plan, notes
+
+
+async def _switch_and_wait(repo: Repository, scope: str, opts: RestoreOptions) -> str | None:
+    assert opts.primary is not None
+    try:
+        closed = await switch_wal(opts.primary, opts.superuser)
+    except BackupError as e:
+        log.warning("restore_wal_switch_failed", error=str(e))
+        return None
+    if closed is None:
+        return None
+    key = layout.wal_key(scope, closed)
+    deadline = time.monotonic() + opts.wal_timeout
+    while True:
+        try:
+            await repo.stat(key)
+            return closed
+        except NotFound:
+            pass
+        except RepoError as e:
+            log.warning("restore_wal_wait", error=str(e))
+        if time.monotonic() > deadline:
+            raise RestoreRefused(
+                f"switched WAL on the primary {opts.primary.address}, but {closed} did not reach "
+                f"repository {repo.name} within {opts.wal_timeout:.0f}s; is WAL archiving working?"
+            )
+        await asyncio.sleep(0.3)
+
+
+async def _verify_parts(repo: Repository, scope: str, rec: catalog.BackupRecord) -> None:
+    """Every part and the manifest exist with the size and checksum the record names."""
+    objs: list[StoredObject] = [*rec.parts, *([rec.manifest] if rec.manifest else [])]
+    if not rec.parts:
+        raise RestoreRefused(f"backup {rec.id} has no parts")
+    sem = asyncio.Semaphore(16)
+
+    async def one(o: StoredObject) -> None:
+        key = catalog.object_key(scope, rec.id, o.name)
+        async with sem:
+            try:
+                st = await repo.stat(key)
+            except NotFound:
+                raise RestoreRefused(f"backup {rec.id}: {key} is missing from {repo.name}") from None
+            except CorruptObject as e:
+                raise RestoreRefused(f"backup {rec.id}: {e}") from None
+        if st.sha256 != o.sha256 or st.size != o.size:
+            raise RestoreRefused(
+                f"backup {rec.id}: {key} in {repo.name} is not the object the backup recorded "
+                f"(sha256 {st.sha256[:16]}.. size {st.size}, recorded {o.sha256[:16]}.. size {o.size})"
+            )
+
+    await asyncio.gather(*(one(o) for o in objs))
+
+
+# ============================================================================ copying
+
+
+def _mkdir_owned(path: Path, ra: RunAs) -> bool:
+    created = not path.exists()
+    if created:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+    os.chmod(path, 0o700)
+    ra.chown(path)
+    return created
+
+
+def _empty_dir(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                child.unlink()
+
+
+async def _extract(
+    repo: Repository, scope: str, rec: catalog.BackupRecord, data_dir: Path, opts: RestoreOptions
+) -> None:
+    tar = shutil.which("tar") or "/bin/tar"
+    proc = await asyncio.create_subprocess_exec(
+        tar,
+        "-x",
+        "-f",
+        "-",
+        "-C",
+        str(data_dir),
+        "--no-same-owner",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(opts.run_as, {"LC_ALL": "C"}),
+        cwd="/",
+        start_new_session=True,
+        **opts.run_as.kwargs(),  # type: ignore[arg-type]
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    err_task = asyncio.create_task(proc.stderr.read())
+    window = max(1, opts.parallel)
+    pending: deque[asyncio.Task[bytes]] = deque()
+    parts = list(rec.parts)
+    total = rec.size or sum(p.size for p in parts)
+    done = 0
+
+    async def fetch(p: StoredObject) -> bytes:
+        data = await repo.get(catalog.object_key(scope, rec.id, p.name))
+        if len(data) != p.size:
+            raise CorruptObject(catalog.object_key(scope, rec.id, p.name), "size differs from the record")
+        return data
+
+    nxt = 0
+    try:
+        while nxt < len(parts) and len(pending) < window:
+            pending.append(asyncio.create_task(fetch(parts[nxt])))
+            nxt += 1
+        while pending:
+            data = await pending.popleft()
+            if nxt < len(parts):
+                pending.append(asyncio.create_task(fetch(parts[nxt])))
+                nxt += 1
+            view = memoryview(data)
+            step = 4 << 20
+            for i in range(0, len(view), step):
+                proc.stdin.write(view[i : i + step])
+                await proc.stdin.drain()
+                done += min(step, len(view) - i)
+                if opts.progress:
+                    opts.progress("fetch", done, total)
+            del data, view
+        proc.stdin.close()
+        rc = await proc.wait()
+        err = (await err_task).decode(errors="replace").strip()
+        if rc != 0:
+            raise RestoreError(f"tar -x into {data_dir} failed (exit {rc}): {err[-2000:]}")
+    except BaseException:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+        err_task.cancel()
+        await asyncio.gather(err_task, return_exceptions=True)
+        raise
+
+
+# ============================================================================ recovery settings
+
+
+def _socket_dir(data_dir: Path, port: int | None) -> str:
+    path = str(data_dir / SOCKET_SUBDIR)
+    if len(path) + len(f"/.s.PGSQL.{port or 65535}") > _MAX_SOCKET_PATH or any(c in path for c in '", \t'):
+        return "/tmp"
+    return path
+
+
+def recovery_settings(
+    opts: RestoreOptions, plan: RestorePlan, restore_command: str, socket_dir: str
+) -> dict[str, str | int | bool]:
+    t = opts.target
+    s: dict[str, str | int | bool] = {"restore_command": restore_command}
+    if t.kind == "time":
+        assert t.time is not None
+        s["recovery_target_time"] = t.time.astimezone(dt.UTC).isoformat(sep=" ")
+    elif t.kind == "lsn":
+        assert t.lsn is not None
+        s["recovery_target_lsn"] = format_lsn(t.lsn)
+    elif t.kind == "xid":
+        s["recovery_target_xid"] = str(t.xid)
+    elif t.kind == "name":
+        assert t.name is not None
+        s["recovery_target_name"] = t.name
+    if t.kind in ("time", "lsn", "xid"):
+        s["recovery_target_inclusive"] = t.inclusive
+    s["recovery_target_action"] = "promote"
+    s["recovery_target_timeline"] = str(plan.timeline)
+    # A restored copy must never archive into the production repository, stream from, or
+    # wait for the source cluster's members.
+    s["archive_mode"] = False
+    s["primary_conninfo"] = ""
+    s["primary_slot_name"] = ""
+    s["synchronous_standby_names"] = ""
+    s["unix_socket_directories"] = socket_dir
+    if opts.port is not None:
+        s["port"] = opts.port
+        s["listen_addresses"] = "127.0.0.1"
+    return s
+
+
+def _write_settings(
+    data_dir: Path, ra: RunAs, settings: dict[str, str | int | bool], wal_conf: str, header: str
+) -> None:
+    _write_atomic(data_dir / WAL_CONFIG_NAME, wal_conf, mode=0o600, run_as=ra)
+    auto = data_dir / "postgresql.auto.conf"
+    try:
+        old = auto.read_text()
+    except FileNotFoundError:
+        old = "# Do not edit this file manually!\n# It will be overwritten by the ALTER SYSTEM command.\n"
+    lines = [old.rstrip("\n") + "\n", f"# {header}\n"]
+    for k, v in settings.items():
+        lines.append(f"{k} = {quote_conf_value(v)}\n")
+    _write_atomic(auto, "".join(lines), mode=0o600, run_as=ra)
+    for name in ("standby.signal", "postmaster.opts"):
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / name).unlink()
+    # The source's server log came with the backup; it is not this server's.
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / LOG_REL).unlink()
+    _write_atomic(data_dir / "recovery.signal", "", mode=0o600, run_as=ra)
+    for d in (data_dir / "log", data_dir / SOCKET_SUBDIR):
+        d.mkdir(mode=0o700, exist_ok=True)
+        ra.chown(d)
+    _fsync_dir(data_dir)
+
+
+# ============================================================================ starting
+
+
+_NEW_TLI = re.compile(r"selected new timeline ID: (\d+)")
+_REPLAY_DONE = ("redo done at", "recovery stopping", "archive recovery complete", "redo is not required")
+_RELEVANT = re.compile(r"FATAL|PANIC|ERROR|recovery|restore|timeline|consistent|hakeeper walfetch", re.I)
+
+
+class _LogWatch:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.lines: list[str] = []
+        self.replay_done_at: float | None = None
+        self.new_timeline: int | None = None
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        if not data:
+            return
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        for line in data[:cut].decode(errors="replace").splitlines():
+            self.lines.append(line)
+            if self.replay_done_at is None and any(m in line for m in _REPLAY_DONE):
+                self.replay_done_at = time.monotonic()
+            m = _NEW_TLI.search(line)
+            if m:
+                self.new_timeline = int(m.group(1))
+
+    def relevant(self, n: int = 25) -> str:
+        picked = [ln for ln in self.lines if _RELEVANT.search(ln)]
+        return "\n".join((picked or self.lines)[-n:])
+
+
+def pg_ctl_start_command(bin_dir: Path, data_dir: Path, ra: RunAs) -> str:
+    q = shlex.quote
+    cmd = f"{q(str(bin_dir / 'pg_ctl'))} -D {q(str(data_dir))} -l {q(str(data_dir / LOG_REL))} start"
+    if ra.name:
+        return f"runuser -u {ra.name} -- {cmd}" if os.geteuid() == 0 else cmd
+    return cmd
+
+
+async def _start_and_wait(
+    opts: RestoreOptions, data_dir: Path, socket_dir: str, result: RestoreResult
+) -> None:
+    assert opts.port is not None
+    logf = data_dir / LOG_REL
+    watch = _LogWatch(logf)
+    t0 = time.monotonic()
+    r = await run(
+        [
+            str(opts.bin_dir / "pg_ctl"),
+            "start",
+            "-D",
+            str(data_dir),
+            "-l",
+            str(logf),
+            "-W",
+        ],
+        run_as=opts.run_as,
+        env={"LC_ALL": "C", "LC_MESSAGES": "C"},
+        timeout=60,
+        check=False,
+    )
+    if not r.ok:
+        watch.poll()
+        raise RestoreError(f"pg_ctl start failed (exit {r.returncode}): {r.tail(4)}\n{watch.relevant()}")
+    conninfo = build_conninfo(
+        host=socket_dir,
+        port=opts.port,
+        user=opts.superuser.username,
+        dbname="postgres",
+        application_name="hakeeper-restore",
+        connect_timeout=2,
+    )
+    seen_pid = False
+    deadline = t0 + opts.start_timeout
+    while True:
+        watch.poll()
+        pid = postmaster_pid(data_dir)
+        if pid is not None:
+            seen_pid = True
+        elif seen_pid or time.monotonic() - t0 > 10:
+            await asyncio.sleep(0.2)
+            watch.poll()
+            raise RestoreError(f"PostgreSQL stopped during recovery (log: {logf}):\n{watch.relevant()}")
+        in_recovery: bool | None = None
+        with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    cur = await conn.execute("SELECT pg_is_in_recovery()")
+                    row = await cur.fetchone()
+                    in_recovery = bool(row[0]) if row else None
+        if in_recovery is False:
+            break
+        if time.monotonic() > deadline:
+            raise RestoreError(
+                f"still in recovery after {opts.start_timeout:.0f}s; the server keeps running "
+                f"(pid {pid}, log {logf}):\n{watch.relevant(10)}"
+            )
+        await asyncio.sleep(0.1)
+    end = time.monotonic()
+    watch.poll()
+    replay_end = watch.replay_done_at or end
+    result.seconds_replay = replay_end - t0
+    result.seconds_promote = end - replay_end
+    result.new_timeline = watch.new_timeline
+    if result.new_timeline is None:
+        with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    cur = await conn.execute("SELECT timeline_id FROM pg_control_checkpoint()")
+                    row = await cur.fetchone()
+                    result.new_timeline = int(row[0]) if row else None
+    result.dsn = build_conninfo(
+        host="127.0.0.1", port=opts.port, dbname="postgres", user=opts.superuser.username
+    )
+
+
+# ============================================================================ the restore
+
+
+async def restore(
+    repo: Repository, repo_cfg: RepositoryConfig, scope: str, opts: RestoreOptions
+) -> RestoreResult:
+    """Restore into ``opts.data_dir`` (see the module docstring).  RestoreRefused: nothing was
+    touched; RestoreError: the copy or the recovery failed."""
+    t0 = time.monotonic()
+    data_dir = opts.data_dir.absolute()
+    check_data_dir(data_dir)
+    if opts.start and opts.port is None:
+        raise RestoreRefused("starting the restored server needs a port")
+    _cat, plan, notes = await _plan(repo, scope, opts)
+    rec = plan.backup
+    restore_command_base = python_command(WALFETCH_MODULE, opts.run_as)
+    _check_repo_readable(repo, scope, plan, opts.run_as)
+    await _verify_parts(repo, scope, rec)
+    check_data_dir(data_dir)  # again: planning may have taken a while
+    result = RestoreResult(
+        backup_id=rec.id,
+        repository=repo.name,
+        target=opts.target.describe(),
+        timeline=plan.timeline,
+        data_dir=str(data_dir),
+        size=rec.size,
+        parts=len(rec.parts),
+        started=False,
+        notes=[*plan.notes, *notes],
+    )
+    result.seconds_plan = time.monotonic() - t0
+    log.info(
+        "restore_planned",
+        backup=rec.id,
+        timeline=plan.timeline,
+        target=result.target,
+        covered_until=plan.covered_until,
+    )
+    created = _mkdir_owned(data_dir, opts.run_as)
+    t1 = time.monotonic()
+    try:
+        await _extract(repo, scope, rec, data_dir, opts)
+    except BaseException as e:
+        await asyncio.to_thread(_empty_dir, data_dir)
+        if created:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(data_dir.rmdir)
+        if isinstance(e, RepoError):
+            raise RestoreError(f"{e} (restore abandoned; {data_dir} emptied)") from e
+        if isinstance(e, RestoreError):
+            raise RestoreError(f"{e} (restore abandoned; {data_dir} emptied)") from e
+        raise
+    result.seconds_fetch = time.monotonic() - t1
+    wal_conf_path = data_dir / WAL_CONFIG_NAME
+    restore_command = f"{restore_command_base} --config {shlex.quote(str(wal_conf_path))} %f %p"
+    socket_dir = _socket_dir(data_dir, opts.port)
+    settings = recovery_settings(opts, plan, restore_command, socket_dir)
+    wal_conf = WalToolConfig(scope=scope, repositories=[repo_cfg]).dump()
+    header = (
+        f"hakeeper restore of backup {rec.id} from repository {repo.name} at {catalog.iso(catalog.utcnow())}"
+    )
+    await asyncio.to_thread(_write_settings, data_dir, opts.run_as, settings, wal_conf, header)
+    result.settings = {k: str(v) for k, v in settings.items()}
+    result.start_command = pg_ctl_start_command(opts.bin_dir, data_dir, opts.run_as)
+    log.info("restore_copied", backup=rec.id, size=rec.size, seconds=round(result.seconds_fetch, 3))
+    if opts.start:
+        await _start_and_wait(opts, data_dir, socket_dir, result)
+        result.started = True
+    result.seconds_total = time.monotonic() - t0
+    return result

@@ -1,0 +1,204 @@
+"""Retention: which backups and which archived WAL ``hakeeper backup expire`` removes.
+
+Per repository (``retention`` in its configuration):
+
+* ``full_count: N`` keeps the newest N complete backups; ``full_days: D`` keeps every complete
+  backup that ended within D days plus the newest one that ended before (so every moment of the
+  window stays restorable).  With both, a backup either rule keeps is kept; with neither, no
+  complete backup is expired.
+* Never expired: a backup in progress (a ``running`` record refreshed within
+  :data:`~hakeeper.backup.catalog.STALE_AFTER`), or the newest complete backup.
+* Always expired: failed backups, abandoned ``running`` ones, and backup prefixes without a
+  record that are older than an hour (left by an interrupted expire or backup).
+* WAL: once at least one complete backup is kept, an archived segment (also ``.partial`` and
+  ``.backup`` files) is removed when it is older than every kept backup: on the backup's
+  timeline or an older one, and before the segment the backup starts in.  Timeline history
+  files are always kept.
+
+A backup is removed record first (from then on it is not usable), then its other objects.
+:func:`plan_expire` is pure; :func:`expire` reads the catalog and carries the plan out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+
+from hakeeper.backup import catalog, layout
+from hakeeper.backup.catalog import BackupRecord, BackupStatus, Catalog
+from hakeeper.backup.config import RetentionConfig
+from hakeeper.backup.repo import Repository
+from hakeeper.log import get_logger
+
+log = get_logger(__name__)
+
+ORPHAN_AFTER = dt.timedelta(hours=1)
+_WAL_SEGMENT_PART = re.compile(r"^([0-9A-F]{24})(?:\.partial|\.[0-9A-F]{8}\.backup)?$")
+
+
+@dataclass
+class ExpiredBackup:
+    id: str
+    status: str
+    reason: str
+    objects: list[str]
+    stored_size: int
+
+
+@dataclass
+class ExpirePlan:
+    repository: str
+    dry_run: bool = False
+    backups: list[ExpiredBackup] = field(default_factory=list)
+    wal: list[str] = field(default_factory=list)  # object names
+    kept: list[str] = field(default_factory=list)  # complete backups kept
+    running: list[str] = field(default_factory=list)
+    wal_boundary: list[tuple[int, str]] = field(default_factory=list)  # (timeline, first kept segment)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "repository": self.repository,
+            "dry_run": self.dry_run,
+            "backups": [
+                {
+                    "id": b.id,
+                    "status": b.status,
+                    "reason": b.reason,
+                    "objects": b.objects,
+                    "stored_size": b.stored_size,
+                }
+                for b in self.backups
+            ],
+            "wal": self.wal,
+            "kept": self.kept,
+            "running": self.running,
+            "wal_kept_from": [{"timeline": t, "segment": s} for t, s in self.wal_boundary],
+            "notes": self.notes,
+        }
+
+
+def keep_set(
+    done: list[BackupRecord], retention: RetentionConfig, now: dt.datetime
+) -> tuple[set[str], dict[str, str]]:
+    """Which complete backups (newest first in ``done``) to keep, and why each other one goes."""
+    if not done:
+        return set(), {}
+    if retention.full_count is None and retention.full_days is None:
+        return {b.id for b in done}, {}
+    keep: set[str] = {done[0].id}  # never the newest (so never the only one)
+    why: dict[str, str] = {}
+    if retention.full_count is not None:
+        keep |= {b.id for b in done[: retention.full_count]}
+    if retention.full_days is not None:
+        cutoff = now - dt.timedelta(days=retention.full_days)
+        inside = [b for b in done if b.stop_time is not None and b.stop_time >= cutoff]
+        keep |= {b.id for b in inside}
+        older = [b for b in done if b.stop_time is not None and b.stop_time < cutoff]
+        if older:
+            keep.add(older[0].id)  # the window's start must stay restorable
+    for i, b in enumerate(done):
+        if b.id in keep:
+            continue
+        parts = []
+        if retention.full_count is not None:
+            parts.append(f"not among the newest {retention.full_count} (number {i + 1})")
+        if retention.full_days is not None:
+            parts.append(f"older than {retention.full_days:g} days and not needed to cover them")
+        why[b.id] = "; ".join(parts)
+    return keep, why
+
+
+def plan_expire(
+    cat: Catalog, scope: str, retention: RetentionConfig, now: dt.datetime | None = None
+) -> ExpirePlan:
+    now = now or catalog.utcnow()
+    plan = ExpirePlan(cat.repository)
+    done = cat.complete()
+    keep, why = keep_set(done, retention, now)
+    plan.kept = [b.id for b in done if b.id in keep]
+
+    def objects_of(bid: str) -> list[str]:
+        names = [e.name for e in cat.objects.get(bid, [])]
+        record = catalog.record_key(scope, bid)
+        # the record first: once it is gone the backup is no longer usable
+        return ([record] if record in names else []) + sorted(n for n in names if n != record)
+
+    def stored(bid: str) -> int:
+        return sum(e.stored_size for e in cat.objects.get(bid, []))
+
+    for b in cat.records:
+        if b.id in keep:
+            continue
+        if b.status is BackupStatus.RUNNING and not b.abandoned(now):
+            plan.running.append(b.id)
+            continue
+        if b.usable():
+            reason = why.get(b.id, "retention")
+        elif b.status is BackupStatus.COMPLETE:
+            reason = "record incomplete (no start/stop position)"
+        elif b.abandoned(now):
+            reason = f"abandoned: running, but not updated since {catalog.iso(b.updated_at)}"
+        else:
+            reason = f"failed: {b.error or 'unknown error'}"
+        plan.backups.append(
+            ExpiredBackup(b.id, b.effective_status(now), reason, objects_of(b.id), stored(b.id))
+        )
+    for bid, entries in sorted(cat.orphans.items()):
+        newest = max(e.modified for e in entries)
+        if now - newest > ORPHAN_AFTER:
+            plan.backups.append(
+                ExpiredBackup(
+                    bid, "orphan", f"objects without a {catalog.RECORD_NAME}", objects_of(bid), stored(bid)
+                )
+            )
+        else:
+            plan.notes.append(f"{bid}: objects without a record, newer than an hour: left alone")
+    if cat.problems:
+        plan.notes.extend(cat.problems)
+        plan.notes.append("unreadable backup records: WAL is not expired until they are fixed or removed")
+        return plan
+    # WAL: older than every kept backup (and every running one that knows its start)
+    anchors = [b for b in done if b.id in keep] + [
+        b for b in cat.records if b.id in plan.running and b.start_lsn is not None and b.timeline is not None
+    ]
+    if not [b for b in done if b.id in keep]:
+        plan.notes.append("no complete backup: archived WAL is kept")
+        return plan
+    bounds: list[tuple[int, int]] = []
+    for b in anchors:
+        assert b.timeline is not None
+        bounds.append((b.timeline, layout.segno_of(b.start_lsn_int)))
+    plan.wal_boundary = sorted({(t, layout.segment_name(t, s)) for t, s in bounds})
+    prefix = layout.wal_prefix(scope)
+    for name in sorted(cat.wal):
+        m = _WAL_SEGMENT_PART.match(name)
+        if m is None:
+            continue  # .history and anything unknown stay
+        seg = layout.parse_segment_name(m.group(1))
+        if seg is None:
+            continue
+        tli, segno = seg
+        if all(tli <= bt and segno < bs for bt, bs in bounds):
+            plan.wal.append(prefix + name)
+    return plan
+
+
+async def expire(
+    repo: Repository, scope: str, retention: RetentionConfig, *, dry_run: bool = False
+) -> ExpirePlan:
+    cat = await catalog.load_catalog(repo, scope, histories=False)
+    plan = plan_expire(cat, scope, retention)
+    plan.dry_run = dry_run
+    if dry_run:
+        return plan
+    for b in plan.backups:
+        for name in b.objects:
+            await repo.delete(name)
+        log.info("backup_expired", repo=repo.name, id=b.id, reason=b.reason, objects=len(b.objects))
+    for name in plan.wal:
+        await repo.delete(name)
+    if plan.wal:
+        log.info("wal_expired", repo=repo.name, files=len(plan.wal), first=plan.wal[0], last=plan.wal[-1])
+    return plan
