@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -129,26 +130,33 @@ class ReadyInfo:
 def plan_give_up(ready: Iterable[ReadyInfo], cap: int) -> list[str]:
     """The ``.ready`` files to give up so that pg_wal stops growing past ``cap`` bytes.
 
-    1. The files not handed back yet, eligible ones in PostgreSQL's order (history first, then
-       oldest), until those total at most ``cap``.  Files already handed back do not count
-       here: PostgreSQL takes them as soon as its archiver gets to them.
-    2. Unless its archiver cannot get to them: it archives in order, so an eligible file
-       *before* a handed-back one (a history file or segment in conflict) blocks them all.
-       When every ``.ready`` file together exceeds ``cap``, such blockers are given up too."""
+    1. The files not handed back yet, in PostgreSQL's order (history first, then oldest), until
+       those total at most ``cap``.  Files already handed back do not count here: PostgreSQL
+       takes them as soon as its archiver gets to them.
+    2. Unless its archiver cannot get to them: it archives in order, so a file *before* a
+       handed-back one (a history file or segment in conflict) blocks them all.  When every
+       ``.ready`` file together exceeds ``cap``, such blockers are given up too.
+
+    Only a prefix of the files not handed back, in that order, is ever given up: a file that is
+    not eligible (still being tried) stops the plan, so the oldest always go first."""
     items = sorted(ready, key=lambda r: archive_order(r.name))
     pending = sum(r.size for r in items if not r.done)
     out: list[str] = []
     for r in items:
-        if pending <= cap:
+        if r.done:
+            continue
+        if pending <= cap or not r.eligible:
             break
-        if r.eligible and not r.done:
-            out.append(r.name)
-            pending -= r.size
+        out.append(r.name)
+        pending -= r.size
     last_done = max((i for i, r in enumerate(items) if r.done), default=-1)
     if last_done > 0 and sum(r.size for r in items if r.name not in out) > cap:
         for r in items[:last_done]:
-            if r.eligible and not r.done and r.name not in out:
-                out.append(r.name)
+            if r.done or r.name in out:
+                continue
+            if not r.eligible:
+                break
+            out.append(r.name)
     return sorted(out, key=archive_order)
 
 
@@ -443,6 +451,7 @@ class RepoState:
     last_error_at: float | None = None
     probing: bool = False
     draining: set[str] = field(default_factory=set)
+    background: set[asyncio.Future[tuple[str, str | None]]] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -729,7 +738,10 @@ class Archiver:
         if self._closed:
             return
         self._closed = True
-        tasks = list(self._tasks)
+        tasks: list[asyncio.Future[Any]] = [
+            *self._tasks,
+            *(t for rs in self.repos.values() for t in rs.background),
+        ]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -998,19 +1010,41 @@ class Archiver:
             log.warning("archive_file_vanished", file=f.name)
             self.files.pop(f.name, None)
             return
-        results = await asyncio.gather(*(self._put(rs, f.name, data) for rs in targets))
+        puts = {asyncio.ensure_future(self._put(rs, f.name, data)): rs for rs in targets}
         errors: list[str] = []
-        for rs, (outcome, err) in zip(targets, results, strict=True):
-            if outcome == _Outcome.STORED:
-                f.stored.add(rs.name)
-            elif outcome == _Outcome.CONFLICT:
-                f.conflicts[rs.name] = err or "conflict"
-            elif outcome == _Outcome.ERROR:
-                errors.append(f"{rs.name}: {err}")
-            else:
-                return  # refused meanwhile: nothing more (the state is forgotten anyway)
-        if self.files.get(f.name) is not f or not self._allowed_now():
-            return
+        refused = False
+        started = time.monotonic()
+        pending = set(puts)
+        try:
+            while pending:
+                # Once one repository has the file, a slower one does not hold the hand-back up
+                # for more than queue_slow_after: it gets the file through the queue instead.
+                wait = None
+                if f.stored:
+                    wait = max(0.0, started + self.cfg.queue_slow_after - time.monotonic())
+                done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    rs = puts[t]
+                    outcome, err = t.result()
+                    if outcome == _Outcome.STORED:
+                        f.stored.add(rs.name)
+                    elif outcome == _Outcome.CONFLICT:
+                        f.conflicts[rs.name] = err or "conflict"
+                    elif outcome == _Outcome.ERROR:
+                        errors.append(f"{rs.name}: {err}")
+                    else:
+                        refused = True
+                if not done:
+                    break  # the slow ones: queued below, finished in the background
+        except BaseException:
+            for t in pending:
+                t.cancel()
+            raise
+        slow = [puts[t] for t in pending]
+        if refused or self.files.get(f.name) is not f or not self._allowed_now():
+            for t in pending:
+                t.cancel()
+            return  # refused meanwhile: nothing more (the state is forgotten anyway)
         missing = [r for r in self.repos if r not in f.stored | f.queued | set(f.conflicts)]
         if missing and (f.stored or f.conflicts):
             try:
@@ -1018,6 +1052,15 @@ class Archiver:
             except OSError as e:
                 errors.append(f"spool: {e}")
                 log.error("archive_spool_write_failed", file=f.name, repos=missing, error=str(e))
+        for t, rs in ((t, puts[t]) for t in pending):
+            if rs.name in f.queued and len(rs.background) < self.cfg.parallel and f.name not in rs.draining:
+                rs.draining.add(f.name)  # the background push acts as this file's drain
+                rs.background.add(t)
+                t.add_done_callback(functools.partial(self._background_done, rs, f.name))
+            else:
+                t.cancel()
+        if slow:
+            log.info("archive_repository_slow", file=f.name, repos=[rs.name for rs in slow])
         if f.conflicts:
             f.last_error = "; ".join(f"{r}: {m}" for r, m in f.conflicts.items())
             self.last_error = f.last_error
@@ -1029,6 +1072,28 @@ class Archiver:
         f.last_error = "; ".join(errors) or "no repository could be tried"
         self.last_error = f"{f.name}: {f.last_error}"
         f.next_try = time.monotonic() + backoff(f.attempts)
+
+    def _background_done(self, rs: RepoState, name: str, t: asyncio.Future[tuple[str, str | None]]) -> None:
+        """A push that went on after its file was queued for the repository finished."""
+        rs.background.discard(t)
+        if t.cancelled():
+            rs.draining.discard(name)
+            return
+        outcome, err = t.result()
+        if outcome == _Outcome.STORED:
+            self._spawn(self._dequeue(rs, name), f"dequeue-{rs.name}-{name}")
+        elif outcome == _Outcome.CONFLICT:
+            self._spawn(self._dequeue(rs, name, conflict=err), f"dequeue-{rs.name}-{name}")
+        else:
+            rs.draining.discard(name)
+
+    async def _dequeue(self, rs: RepoState, name: str, conflict: str | None = None) -> None:
+        try:
+            if conflict is not None:
+                await self._record_gap([name], [rs.name], "conflict", detail=conflict)
+            await asyncio.to_thread(self.queue.remove, rs.name, name)
+        finally:
+            rs.draining.discard(name)
 
     async def _enqueue(self, f: ReadyFile, data: bytes, repos: list[str]) -> None:
         await asyncio.to_thread(self.queue.add, f.name, data, repos)

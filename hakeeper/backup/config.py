@@ -145,6 +145,14 @@ class ArchiveConfig(_Strict):
         description="A repository that has not stored a WAL file within this many seconds is treated "
         "as down: the file is queued for it (once another repository has it) and it is retried later.",
     )
+    queue_slow_after: float = Field(
+        1.0,
+        ge=0,
+        le=3600,
+        description="Once a WAL file is durable in one repository, a repository that has not confirmed "
+        "it within this many seconds gets it through the local queue instead (its push goes on in the "
+        "background), so a slow or failing repository does not delay the hand-back to PostgreSQL.",
+    )
     poll_interval: float = Field(
         0.1, ge=0.01, le=5.0, description="How often the archiver looks for new `.ready` files (s)."
     )

@@ -77,15 +77,15 @@ def test_queue_drops_oldest_segments_first_history_last_and_stops_at_the_cap() -
 def test_give_up_only_failed_files_in_postgresql_order_until_under_the_cap() -> None:
     ready = [
         ReadyInfo(seg(3), 10, True),
-        ReadyInfo(seg(1), 10, False),  # in flight / not failed: never given up, but counts
+        ReadyInfo(seg(1), 10, True),
+        ReadyInfo(seg(5), 10, True),
         ReadyInfo(seg(2), 10, True),
-        ReadyInfo(seg(4), 10, True),
+        ReadyInfo(seg(4), 10, False),  # still being tried: not given up, nor anything after it
     ]
-    assert plan_give_up(ready, 40) == []
-    assert plan_give_up(ready, 39) == [seg(2)]
-    assert plan_give_up(ready, 25) == [seg(2), seg(3)]
-    assert plan_give_up(ready, 15) == [seg(2), seg(3), seg(4)]
-    assert plan_give_up(ready, 0) == [seg(2), seg(3), seg(4)]
+    assert plan_give_up(ready, 50) == []
+    assert plan_give_up(ready, 49) == [seg(1)]
+    assert plan_give_up(ready, 25) == [seg(1), seg(2), seg(3)]
+    assert plan_give_up(ready, 0) == [seg(1), seg(2), seg(3)]
     # handed back already (PostgreSQL not there yet): not counted against the cap...
     given = [ReadyInfo(seg(1), 10, False, done=True), ReadyInfo(seg(2), 10, False, done=True)]
     assert plan_give_up([*given, ReadyInfo(seg(3), 10, True), ReadyInfo(seg(4), 10, True)], 20) == []
@@ -481,6 +481,31 @@ async def test_a_hanging_repository_is_queued_after_repo_timeout(tmp_path: Path)
     assert rig.marker(seg(1)) and time.monotonic() - t0 < 2
     assert rig.arch.queue.files_for("b") == [seg(1)]
     assert "no answer" in (rig.arch.repos["b"].last_error or "")
+    await rig.arch.close()
+
+
+async def test_a_slow_repository_does_not_hold_the_hand_back_up(tmp_path: Path) -> None:
+    class Slow(FilesystemRepository):
+        async def put_unique(self, name: str, data: bytes, **kw: Any) -> Any:
+            await asyncio.sleep(0.6)
+            return await super().put_unique(name, data, **kw)
+
+    rig = Rig(tmp_path, ["a", "b"], queue_slow_after=0.1)
+    await rig.arch.close()
+    rig.arch = rig.new_archiver(lambda n, p: Slow(p, name=n) if n == "b" else FilesystemRepository(p, name=n))
+    rig.ready(seg(1))
+    t0 = time.monotonic()
+    for _ in range(100):
+        rig.arch.tick()
+        if rig.marker(seg(1)):
+            break
+        await asyncio.sleep(0.02)
+    assert rig.marker(seg(1)) and time.monotonic() - t0 < 0.5  # durable in a, queued for b
+    assert rig.arch.queue.files_for("b") == [seg(1)]
+    await asyncio.sleep(0.8)  # the push to b went on and finished: the queue entry is gone
+    await rig.settle()
+    assert rig.stored("b", seg(1)) == rig.content[seg(1)]
+    assert rig.arch.queue.entries == {} and rig.arch.repos["b"].up
     await rig.arch.close()
 
 
