@@ -721,6 +721,7 @@ class Bench:
         }
         row.update(self.check_restored(self.ports.pgbr_restore, target_time))
         stop_pg(target, ra, mode="immediate")
+        self.reap_helpers(target, f"pgbr_{kind} #{i}")
         self.res.add(f"pgbr_{kind}", row)
         rmtree(target)
         rmtree(sock)
@@ -771,8 +772,22 @@ class Bench:
                 row[f"hk_{k}_s"] = v
         row.update(self.check_restored(self.ports.hk_restore, target_time))
         stop_pg(target, self.run_as, mode="immediate")
+        self.reap_helpers(target, f"hk_{kind} #{i}")
         self.res.add(f"hk_{kind}", row)
         rmtree(target)
+
+    def reap_helpers(self, target: Path, what: str) -> None:
+        """Processes a restored server left behind (e.g. a detached restore_command helper):
+        found by the restore directory in their command line, stopped by PID, and noted."""
+        time.sleep(0.2)
+        left = processes_mentioning(str(target))
+        for pid, cmd in left:
+            self.tracker.seen_pids.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            note = f"{what}: a process outlived the stopped restored server and was killed: {cmd[:160]}"
+            self.res.notes.append(note)
+            log(note)
 
     # ----------------------------------------------------------------- checks, loads
 
@@ -994,12 +1009,19 @@ class Bench:
         left = [f"{w} (pid {p})" for w, p in self.cluster.processes()]
         left += [f"pid {p}" for p in self.tracker.seen_pids if pid_alive(p)]
         left += [f"postgres in {d}" for d in self.tracker.pgdata if postmaster_pid(d) is not None]
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                cmd = " ".join(proc_cmdline(int(entry)))
-                if str(self.work) in cmd and pid_alive(int(entry)):
-                    left.append(f"pid {entry}: {cmd[:100]}")
+        left += [f"pid {pid}: {cmd[:100]}" for pid, cmd in processes_mentioning(str(self.work))]
         return sorted(set(left))
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes (not us) whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            cmd = " ".join(proc_cmdline(int(entry)))
+            if text in cmd and pid_alive(int(entry)):
+                found.append((int(entry), cmd))
+    return found
 
 
 def timeline_check(tool: str, source_tli: int, names: Sequence[str]) -> str:
@@ -1471,6 +1493,13 @@ def render_section(
             + ", ".join(f"{t} {ld['rows_to_target_source']}" for t, ld in res.loads.items())
             + " (pgbench's mtime is the transaction start, recovery stops on commit time: a difference of a "
             "few rows at the boundary is expected).",
+            "",
+        ]
+    if (REPO_ROOT / "bench" / "archive.py").exists():
+        lines += [
+            "The archiver's drain throughput, its latency with S3 and fs+S3 repositories and under a "
+            "bulk load are measured by `bench/archive.py` (its own section); the latency above is the "
+            "same archiver inside the agent, seen from PostgreSQL, beside pgBackRest on the same data.",
             "",
         ]
     if res.checks or res.notes:
