@@ -175,7 +175,8 @@ class BackupConfig(_Strict):
 
 def make_repository(cfg: RepositoryConfig) -> Repository:
     """The repository ``cfg`` describes (no I/O: connections open on first use)."""
-    from hakeeper.backup.repo import FilesystemRepository, S3Repository
+    from hakeeper.backup.repo import FilesystemRepository
+    from hakeeper.backup.s3repo import S3Repository
 
     if cfg.type == "fs":
         assert cfg.path is not None  # checked by the model

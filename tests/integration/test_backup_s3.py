@@ -13,7 +13,7 @@ import pytest
 
 from hakeeper.backup.config import RepositoryConfig, make_repository
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoUnavailable
-from hakeeper.backup.repo import S3Repository
+from hakeeper.backup.s3repo import S3Repository
 from tests.support.repo_checks import (
     SEGMENT,
     check_basic_operations,
