@@ -110,6 +110,17 @@ def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
     first = next(iter(cluster.nodes.values()))
     out.print(f"Try:  curl -s -o /dev/null -w '%{{http_code}}\\n' {first.api_url}/primary", markup=False)
     out.print(f"      hakeeper list -c {first.config_path}", markup=False)
+    repos = ", ".join(
+        f"{r['name']} ({r.get('path') or r.get('endpoint')})" for r in cluster.backup.get("repositories", [])
+    )
+    if repos:
+        out.print(f"WAL archive / backups: {repos}", soft_wrap=True, markup=False)
+        out.print(f"      hakeeper backup create -c {first.config_path}", markup=False)
+        out.print(
+            f"      hakeeper restore -c {first.config_path} --target-time '<ISO time>' "
+            f"--data-dir /tmp/restored --start --port {cluster.base_port + 40}",
+            markup=False,
+        )
     out.print(
         "Failover test: kill an agent or its PostgreSQL; restart a node by hand with "
         "`hakeeper agent -c <config>` (the demo keeps watching).",
