@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import math
 import os
@@ -197,6 +198,18 @@ class TarScanner:
                 self.files[self._cap_name] = bytes(self._cap)
         self._cap_name = None
         self._cap = bytearray()
+
+
+def grow_pipe(proc: asyncio.subprocess.Process, fd: int, size: int = 1 << 20) -> None:
+    """Enlarge the pipe to a child's stdin (0) or stdout (1): with the default 64 KiB, the
+    child stalls whenever the event loop is a few milliseconds late (best effort)."""
+    transport = getattr(proc, "_transport", None)
+    pipe = transport.get_pipe_transport(fd) if transport is not None else None
+    f = pipe.get_extra_info("pipe") if pipe is not None else None
+    if f is None:
+        return
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, size)
 
 
 # ============================================================================ SQL helpers
@@ -448,6 +461,7 @@ async def _copy(
         limit=READ_CHUNK,
     )
     assert proc.stdout is not None and proc.stderr is not None
+    grow_pipe(proc, 1)
     stderr_buf = bytearray()
 
     async def drain_stderr() -> None:

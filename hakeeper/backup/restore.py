@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 
 from hakeeper.backup import catalog, layout
-from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
+from hakeeper.backup.basebackup import BackupError, Endpoint, grow_pipe, switch_wal
 from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, StoredObject, Target
 from hakeeper.backup.config import RepositoryConfig, WalToolConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
@@ -362,6 +362,7 @@ async def _extract(
         **opts.run_as.kwargs(),  # type: ignore[arg-type]
     )
     assert proc.stdin is not None and proc.stderr is not None
+    grow_pipe(proc, 0)
     err_task = asyncio.create_task(proc.stderr.read())
     window = max(1, opts.parallel)
     pending: deque[asyncio.Task[bytes]] = deque()
