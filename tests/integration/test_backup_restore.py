@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,12 +50,14 @@ PART = 8 << 20  # small parts: every backup has several, fetched and stored in p
 # --------------------------------------------------------------------------------- helpers
 
 
-def sql(port: int, query: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
+def sql(
+    port: int, query: str, params: tuple[Any, ...] | None = None, password: str = "su-secret"
+) -> list[tuple[Any, ...]]:
     with psycopg.connect(
         host="127.0.0.1",
         port=port,
         user="postgres",
-        password="su-secret",
+        password=password,
         dbname="postgres",
         autocommit=True,
         connect_timeout=5,
@@ -63,8 +66,8 @@ def sql(port: int, query: str, params: tuple[Any, ...] | None = None) -> list[tu
         return cur.fetchall() if cur.description else []
 
 
-def batches(port: int) -> list[str]:
-    return [r[0] for r in sql(port, "SELECT DISTINCT batch FROM t ORDER BY 1")]
+def batches(port: int, password: str = "su-secret") -> list[str]:
+    return [r[0] for r in sql(port, "SELECT DISTINCT batch FROM t ORDER BY 1", password=password)]
 
 
 def insert(port: int, batch: str, n: int = 100) -> None:
@@ -178,6 +181,7 @@ def start_standby(env: Env, name: str, source: str) -> PostgresConfig:
 
 def backup(env: Env, source: str, primary: str | None = None, **kw: Any) -> BackupRecord:
     kw.setdefault("wal_timeout", 60)
+    kw.setdefault("part_size", PART)
 
     async def go() -> BackupRecord:
         async with make_repository(env.repo_cfg) as repo:
@@ -189,7 +193,6 @@ def backup(env: Env, source: str, primary: str | None = None, **kw: Any) -> Back
                 superuser=SU,
                 replication=REPL,
                 bin_dir=BIN,
-                part_size=PART,
                 **kw,
             )
 
@@ -633,3 +636,92 @@ def test_retention_expire(area: PgArea) -> None:
     r = do_restore(env, area.data_dir("r"), Target("latest"), primary="p")
     assert r.backup_id == ids[2]
     check_restored(r, ["b0", "b1", "b2"])
+
+
+# --------------------------------------------------------------------------------- a real cluster
+
+
+def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
+    """A 2-node hakeeper cluster whose agents archive WAL: ``backup create`` picks the
+    streaming standby; after a switchover (timeline 2), ``restore --target-time`` stops on
+    timeline 1's part of the history and ``restore --latest`` reaches the new primary's last
+    commit (the CLI finds the leader in etcd and switches WAL there)."""
+    from hakeeper.demo import prepare_fs_repository
+    from tests.support.cluster import cluster_tmpdir, running_cluster
+
+    repo_dir = cluster_tmpdir("hk-bk-repo-")
+    restore_area = PgArea()
+    try:
+        prepare_fs_repository(repo_dir, resolve_run_as(restore_area.root / "x"))
+        backup_cfg = {"repositories": [{"name": "fs", "type": "fs", "path": str(repo_dir)}]}
+        with running_cluster(nodes=2, backup=backup_cfg, scope="bkc") as c:
+
+            def q(node: str, query: str) -> list[tuple[Any, ...]]:
+                with psycopg.connect(c.dsn(node), autocommit=True, connect_timeout=5) as conn:
+                    cur = conn.execute(query)  # type: ignore[arg-type]
+                    return cur.fetchall() if cur.description else []
+
+            old = c.primary()
+            assert old is not None
+            new = next(n for n in c.names if n != old)
+            conf = str(c.nodes[old].config_path)
+            q(old, "CREATE TABLE t (id serial, batch text)")
+            q(old, "INSERT INTO t (batch) SELECT 'a' FROM generate_series(1, 1000)")
+
+            def created() -> Any:
+                res = hk("backup", "create", "-c", conf, "--part-size", "8", "-o", "json")
+                if res.returncode != 0 and "no streaming standby" in res.stderr:
+                    return None  # the replica's lag is not published yet
+                return ok(res)
+
+            doc = None
+            deadline = time.monotonic() + 60
+            while doc is None:
+                assert time.monotonic() < deadline, "backup create never found the standby"
+                doc = created()
+                if doc is None:
+                    time.sleep(1)
+            assert doc["status"] == "complete" and doc["source"]["member"] == new
+            assert doc["source"]["standby"] is True
+            q(old, "INSERT INTO t (batch) VALUES ('b')")
+            t_target = q(old, "SELECT clock_timestamp()")[0][0]
+            time.sleep(0.3)
+            q(old, "INSERT INTO t (batch) VALUES ('c')")
+            sw = hk("switchover", "-c", conf, "--candidate", new, "--force")
+            assert sw.returncode == 0, sw.stderr
+            wait(lambda: c.node_state(new).role == "primary", 60, "new primary writable")
+            q(new, "INSERT INTO t (batch) VALUES ('d')")
+
+            # time target: before the switchover, on the history of timeline 2
+            (port,) = free_ports(1)
+            dest = restore_area.data_dir("r-time")
+            res = ok(
+                hk(
+                    "restore",
+                    "-c",
+                    conf,
+                    "-D",
+                    str(dest),
+                    "--target-time",
+                    t_target.isoformat(),
+                    "--start",
+                    "--port",
+                    str(port),
+                    "-o",
+                    "json",
+                )
+            )
+            assert res["backup"] == doc["id"] and res["target_timeline"] == 2
+            assert batches(port, c.superuser_password) == ["a", "b"]
+            # latest: across the switchover, up to the new primary's last commit
+            (port,) = free_ports(1)
+            dest = restore_area.data_dir("r-latest")
+            res = ok(hk("restore", "-c", conf, "-D", str(dest), "--latest", "--start", "--port", str(port)))
+            assert doc["id"] in res and "on timeline 2" in res
+            assert batches(port, c.superuser_password) == ["a", "b", "c", "d"]
+            assert sql(port, "SELECT pg_is_in_recovery()", password=c.superuser_password) == [(False,)]
+            listed = ok(hk("backup", "list", "-c", conf, "-o", "json"))
+            assert [b["id"] for b in listed] == [doc["id"]]
+    finally:
+        restore_area.cleanup()
+        shutil.rmtree(repo_dir, ignore_errors=True)
