@@ -417,6 +417,10 @@ def test_refusals_and_corrupted_part(area: PgArea) -> None:
     r = do_restore(env, dest, Target("latest"), primary="p")
     assert r.backup_id == b.id
     check_restored(r, ["a"])
+    # a target recovery never reaches: the server stops, its log lines are shown
+    dest = area.data_dir("r-unreached")
+    with pytest.raises(RestoreError, match="recovery ended before configured recovery target was reached"):
+        do_restore(env, dest, Target("xid", xid=50_000_000), primary="p")
 
 
 def test_backup_fails_when_wal_is_not_archived(area: PgArea) -> None:
