@@ -488,6 +488,15 @@ def _write_settings(
 _NEW_TLI = re.compile(r"selected new timeline ID: (\d+)")
 _REPLAY_DONE = ("redo done at", "recovery stopping", "archive recovery complete", "redo is not required")
 _RELEVANT = re.compile(r"FATAL|PANIC|ERROR|recovery|restore|timeline|consistent|hakeeper walfetch", re.I)
+# What our own connection attempts make the server log while it starts.
+_NOISE = (
+    "the database system is starting up",
+    "not yet accepting connections",
+    "Consistent recovery state has not been yet reached",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+)
+_READY = "ready to accept"
 
 
 class _LogWatch:
@@ -497,6 +506,7 @@ class _LogWatch:
         self.lines: list[str] = []
         self.replay_done_at: float | None = None
         self.new_timeline: int | None = None
+        self.ready_seen = 0  # "ready to accept (read-only) connections" lines so far
 
     def poll(self) -> None:
         try:
@@ -510,7 +520,11 @@ class _LogWatch:
         cut = data.rfind(b"\n") + 1
         self.offset += cut
         for line in data[:cut].decode(errors="replace").splitlines():
+            if any(n in line for n in _NOISE):
+                continue
             self.lines.append(line)
+            if _READY in line:
+                self.ready_seen += 1
             if self.replay_done_at is None and any(m in line for m in _REPLAY_DONE):
                 self.replay_done_at = time.monotonic()
             m = _NEW_TLI.search(line)
@@ -565,6 +579,7 @@ async def _start_and_wait(
     )
     seen_pid = False
     deadline = t0 + opts.start_timeout
+    asked_at_ready, last_ask = 0, t0
     while True:
         watch.poll()
         pid = postmaster_pid(data_dir)
@@ -574,7 +589,21 @@ async def _start_and_wait(
             await asyncio.sleep(0.2)
             watch.poll()
             raise RestoreError(f"PostgreSQL stopped during recovery (log: {logf}):\n{watch.relevant()}")
+        if time.monotonic() > deadline:
+            raise RestoreError(
+                f"still in recovery after {opts.start_timeout:.0f}s; the server keeps running "
+                f"(pid {pid}, log {logf}):\n{watch.relevant(10)}"
+            )
         in_recovery: bool | None = None
+        # Ask once the server says it accepts connections (read-only while it replays), and
+        # every second anyway in case its messages are not in English; every attempt before
+        # it is ready costs a FATAL line in its log.
+        now = time.monotonic()
+        if watch.ready_seen != asked_at_ready or now - last_ask >= 1.0:
+            asked_at_ready, last_ask = watch.ready_seen, now
+        else:
+            await asyncio.sleep(0.05)
+            continue
         with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
             async with asyncio.timeout(5):
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
@@ -583,11 +612,6 @@ async def _start_and_wait(
                     in_recovery = bool(row[0]) if row else None
         if in_recovery is False:
             break
-        if time.monotonic() > deadline:
-            raise RestoreError(
-                f"still in recovery after {opts.start_timeout:.0f}s; the server keeps running "
-                f"(pid {pid}, log {logf}):\n{watch.relevant(10)}"
-            )
         await asyncio.sleep(0.1)
     end = time.monotonic()
     watch.poll()

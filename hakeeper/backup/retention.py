@@ -21,6 +21,7 @@ A backup is removed record first (from then on it is not usable), then its other
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 from dataclasses import dataclass, field
@@ -197,8 +198,13 @@ async def expire(
         for name in b.objects:
             await repo.delete(name)
         log.info("backup_expired", repo=repo.name, id=b.id, reason=b.reason, objects=len(b.objects))
-    for name in plan.wal:
-        await repo.delete(name)
+    sem = asyncio.Semaphore(16)  # S3 deletes are one request each
+
+    async def delete(name: str) -> None:
+        async with sem:
+            await repo.delete(name)
+
+    await asyncio.gather(*(delete(n) for n in plan.wal))
     if plan.wal:
         log.info("wal_expired", repo=repo.name, files=len(plan.wal), first=plan.wal[0], last=plan.wal[-1])
     return plan
