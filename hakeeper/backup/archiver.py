@@ -62,10 +62,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from hakeeper.backup import layout
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
 from hakeeper.log import get_logger
+from hakeeper.lsn import format_lsn
 from hakeeper.proc import RunAs
 
 if TYPE_CHECKING:
-    from hakeeper.backup.config import ArchiveConfig
+    from hakeeper.backup.config import ArchiveConfig, RepositoryConfig
     from hakeeper.backup.repo import Repository
 
 log = get_logger(__name__)
@@ -165,6 +166,28 @@ def backoff(attempts: int, lo: float = BACKOFF_MIN, hi: float = BACKOFF_MAX) -> 
     if attempts <= 0:
         return 0.0
     return float(min(hi, lo * 2 ** min(attempts - 1, 20)))
+
+
+def _on_path(name: str, segno: int, tli: int, history: list[layout.HistoryEntry], seg_size: int) -> bool:
+    """Whether segment ``name`` is the one recovery reads for ``segno`` on ``tli``'s history."""
+    end = (segno + 1) * seg_size - 1
+    return layout.segment_name(layout.timeline_of(end, tli, history), segno, seg_size) == name
+
+
+def _segment_size(pg_wal: Path) -> int:
+    """wal_segment_size, from the size of a segment file in pg_wal (16 MiB if there is none)."""
+    with contextlib.suppress(OSError), os.scandir(pg_wal) as it:
+        for e in it:
+            if layout.parse_segment_name(e.name) is not None and e.is_file():
+                return e.stat().st_size
+    return layout.DEFAULT_SEGMENT_SIZE
+
+
+def archive_repository_config(rc: RepositoryConfig, cfg: ArchiveConfig) -> RepositoryConfig:
+    """``rc`` as the archiver uses it: with the WAL compression level of ``cfg`` if set."""
+    if cfg.compression_level is None or cfg.compression_level == rc.compression_level:
+        return rc
+    return rc.model_copy(update={"compression_level": cfg.compression_level})
 
 
 def gap_key(scope: str, gap_id: str) -> str:
@@ -578,6 +601,8 @@ class Archiver:
         self._refusal_logged = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishing: set[tuple[str, str]] = set()
+        self._side: set[asyncio.Task[None]] = set()
+        self.switch_check: dict[str, Any] | None = None
         self._wake = asyncio.Event()
         self._last_sweep = 0.0
         self._prepared = False
@@ -740,6 +765,7 @@ class Archiver:
         self._closed = True
         tasks: list[asyncio.Future[Any]] = [
             *self._tasks,
+            *self._side,
             *(t for rs in self.repos.values() for t in rs.background),
         ]
         for t in tasks:
@@ -1259,6 +1285,86 @@ class Archiver:
             for f in victims:
                 f.in_flight = False
 
+    # ------------------------------------------------------------------ after a promotion
+
+    def after_promotion(self, timeline: int | None) -> None:
+        """In the background: once this node's ``<timeline>.history`` is archived, check that
+        every repository holds the WAL of the earlier timelines up to the switch point (from the
+        oldest segment it has on that path), and log what is missing (pgBackRest #626: WAL the
+        old primary never archived is not in any archive, though the new primary streamed it)."""
+        if not timeline or timeline < 2:
+            return
+        t = asyncio.create_task(self._check_switch(timeline), name=f"archive-switch-check-{timeline}")
+        self._side.add(t)
+        t.add_done_callback(self._side.discard)
+
+    async def _check_switch(self, tli: int) -> None:
+        hist = layout.history_name(tli)
+        try:
+            history = layout.parse_history(await asyncio.to_thread((self.pg_wal / hist).read_text))
+        except (OSError, ValueError) as e:
+            log.warning("archive_switch_check_skipped", timeline=tli, reason=str(e))
+            return
+        if not history:
+            return
+        switch = history[-1].switch_lsn
+        for _ in range(600):  # until our history file is handed back (at most a minute)
+            f = self.files.get(hist)
+            if (f is not None and f.done) or not (self.status_dir / f"{hist}{_READY}").exists():
+                break
+            await asyncio.sleep(0.1)
+        seg_size = await asyncio.to_thread(_segment_size, self.pg_wal)
+        last = layout.segno_of(switch, seg_size) - 1  # the switch segment itself is on the new timeline
+        results: dict[str, Any] = {}
+        for name, rs in self.repos.items():
+            try:
+                async with asyncio.timeout(self.cfg.repo_timeout):
+                    objs = await rs.repo.list_objects(layout.wal_prefix(self.scope))
+            except (TimeoutError, RepoError, OSError) as e:
+                results[name] = {"checked": False, "error": str(e)}
+                continue
+            have = {o.name.rsplit("/", 1)[1] for o in objs}
+            on_path = [
+                seg[1]
+                for n in have
+                if (seg := layout.parse_segment_name(n, seg_size)) is not None
+                and seg[1] <= last
+                and _on_path(n, seg[1], tli, history, seg_size)
+            ]
+            if last < 0 or not on_path:
+                results[name] = {"checked": True, "missing": 0, "note": "no earlier WAL in this repository"}
+                continue
+            wanted = layout.wal_segments(
+                layout.segment_start_lsn(min(on_path), seg_size),
+                layout.segment_start_lsn(last, seg_size),
+                tli,
+                history,
+                seg_size,
+            )
+            missing = [n for n in wanted if n not in have]
+            results[name] = {"checked": True, "from": wanted[0], "to": wanted[-1], "missing": len(missing)}
+            if missing:
+                results[name]["first_missing"] = missing[0]
+                log.warning(
+                    "archive_gap_before_switch",
+                    repo=name,
+                    timeline=tli,
+                    switch_lsn=format_lsn(switch),
+                    missing=len(missing),
+                    first=missing[0],
+                    last=missing[-1],
+                    hint="the old primary did not archive them; take a new base backup",
+                )
+            else:
+                log.info(
+                    "archive_complete_before_switch",
+                    repo=name,
+                    timeline=tli,
+                    first=wanted[0],
+                    last=wanted[-1],
+                )
+        self.switch_check = {"timeline": tli, "switch_lsn": format_lsn(switch), "repositories": results}
+
     # ------------------------------------------------------------------ status
 
     def latency_quantiles(self, qs: Sequence[float] = (0.5, 0.99)) -> dict[str, float | None]:
@@ -1311,5 +1417,6 @@ class Archiver:
             "given_up_files": self.given_up_files,
             "conflicted_files": conflicted,
             "recent_conflicts": list(self.recent_conflicts),
+            "switch_check": self.switch_check,
             "repositories": repos,
         }

@@ -79,6 +79,19 @@ def serve_prefetched(pdir: Path, fname: str, dest: Path) -> int | None:
     return size
 
 
+def _note_hit(pdir: Path, fname: str) -> None:
+    """One line per segment served from the prefetch directory (``<tag>/hits``): how well
+    prefetch works, for operators and tests."""
+    try:
+        fd = os.open(pdir / "hits", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{fname}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def next_segments(fname: str, seg_size: int, count: int) -> list[str]:
     """The ``count`` segment names after ``fname`` on the same timeline."""
     m = _SEGMENT.match(fname)
@@ -178,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hakeeper walfetch: {a.fname}: prefetched copy unusable: {e}", file=sys.stderr)
             size = None
         if size is not None:
+            _note_hit(pdir, a.fname)
             request_prefetch(a.config, pdir, a.fname, size)
             return EXIT_OK
     import asyncio

@@ -536,7 +536,7 @@ class Agent:
         b = self.cfg.backup
         if not b.repositories or not b.archive.enabled:
             return None
-        from hakeeper.backup.archiver import Archiver
+        from hakeeper.backup.archiver import Archiver, archive_repository_config
         from hakeeper.backup.config import make_repository
 
         data_dir = self.pg.data_dir
@@ -544,7 +544,7 @@ class Agent:
             scope=self.cfg.scope,
             pg_wal=data_dir / "pg_wal",
             spool_dir=b.archive.spool_dir or data_dir.parent / f"{self.name}.spool",
-            repositories=[make_repository(r) for r in b.repositories],
+            repositories=[make_repository(archive_repository_config(r, b.archive)) for r in b.repositories],
             cfg=b.archive,
             may_archive=lambda: self.archive_refusal() is None,
             refusal_reason=self.archive_refusal,
@@ -773,6 +773,8 @@ class Agent:
             replication_password=secret_value(self.cfg.postgresql.replication.password),
         )
         await self._append_history(term, reason, old_leader, st.timeline or 0, switch_lsn)
+        if self.archiver is not None:  # is the old timeline's WAL in the archive up to the switch?
+            self.archiver.after_promotion(st.timeline)
         await self._lead(self.view(), term)
 
     async def _arm_sync_guard(self) -> None:

@@ -29,17 +29,22 @@ import pytest
 
 from hakeeper.backup import layout
 from hakeeper.backup.archiver import Archiver
-from hakeeper.backup.config import ArchiveConfig, RepositoryConfig, make_repository
+from hakeeper.backup.config import ArchiveConfig, RepositoryConfig, WalToolConfig, make_repository
 from hakeeper.backup.errors import NotFound
 from hakeeper.backup.repo import FilesystemRepository, Repository
+from hakeeper.backup.restore import python_command
 from hakeeper.config import DynamicConfig, ParamValue
+from hakeeper.demo import pg_program
 from hakeeper.ha import ops
 from hakeeper.lsn import parse_lsn
 from hakeeper.pg import Postgres, Role
+from hakeeper.pg.postgres import SOCKET_SUBDIR
+from hakeeper.proc import proc_cmdline, run
 from tests.integration.test_ha import sql, wait_for
 from tests.integration.test_switchover import run_ops
 from tests.support.cluster import cluster_tmpdir, running_cluster
 from tests.support.pg import DEFAULT_PARAMS, PgArea
+from tests.support.ports import free_ports
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 pytestmark = pytest.mark.integration
@@ -362,6 +367,91 @@ async def test_pg_wal_grows_by_default_and_the_cap_gives_up_with_a_gap_record(pr
 
 async def _gap_records(p: Primary) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted((p.spool / "gaps").glob("*.json"))]
+
+
+async def test_recovery_from_the_archive_takes_prefetched_segments(primary: Primary) -> None:
+    """A base backup without WAL, restored with walfetch as restore_command: every segment comes
+    from the archive, most of them from the prefetch directory; the data is all there; no
+    prefetch worker outlives the recovery."""
+    repo = await fs_repo(primary, "fs")
+    await primary.start([repo])
+    ra = primary.pg.run_as
+    restored = primary.area.data_dir("restored")
+    ra.chown(restored.parent)  # pg_basebackup runs as PostgreSQL's OS user
+    sock = str(primary.pg.data_dir / SOCKET_SUBDIR)
+    basebackup = [pg_program("pg_basebackup"), "-h", sock, "-p", str(primary.pg.port), "-U", "postgres"]
+    # no WAL in the backup: recovery gets all of it from the archive
+    await run([*basebackup, "-D", str(restored), "-X", "none", "-c", "fast"], run_as=ra, timeout=120)
+    for _ in range(12):
+        await primary.switch(rows=30000)
+    last = await primary.switch(rows=1)
+    expected = (await primary.pg.execute("SELECT count(*), md5(string_agg(v, ',' ORDER BY v)) FROM t"))[0]
+    await until(lambda: _archived_at_least(primary, last), 60, "everything archived")
+
+    for d, _, files in os.walk(repo.root):  # restore_command runs as PostgreSQL's OS user
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    conf = primary.area.root / "restored" / "walfetch.json"
+    conf.write_text(WalToolConfig(scope=SCOPE, repositories=[s3_free_fs_config(repo.root)]).dump())
+    os.chmod(conf, 0o600)
+    ra.chown(conf)
+    (port,) = free_ports(1)
+    cfg = primary.area.node_config("restored", port=port)
+    pg2 = Postgres(cfg, member_name="restored")
+    try:
+        params: dict[str, ParamValue] = {
+            **DynamicConfig().cluster_parameters(),
+            **DEFAULT_PARAMS,
+            "archive_mode": "off",
+            "restore_command": f"{python_command('hakeeper.backup.walfetch', ra)} --config {conf} %f %p",
+            "recovery_target_action": "promote",
+        }
+        await pg2.write_config(params, Role.PRIMARY, None, replication_password=None)
+        signal = restored / "recovery.signal"
+        signal.touch()
+        ra.chown(signal)
+        await pg2.start(timeout=300)
+
+        async def promoted() -> bool:
+            try:
+                return (await pg2.execute("SELECT NOT pg_is_in_recovery()"))[0][0] is True
+            except Exception:
+                return False
+
+        await until(promoted, 300, "recovery to the end of the archive", 0.5)
+        got = (await pg2.execute("SELECT count(*), md5(string_agg(v, ',' ORDER BY v)) FROM t"))[0]
+        assert got == expected
+        hits = [
+            ln
+            for f in (restored / "pg_wal" / ".hakeeper-prefetch").glob("*/hits")
+            for ln in f.read_text().split()
+        ]
+        fetched_segments = 12 + 2  # about: the load's segments plus the backup's
+        assert len(hits) >= fetched_segments // 2, hits  # most segments were prefetched
+        assert len(set(hits)) == len(hits)
+        print(f"segments served from the prefetch directory: {len(hits)}")
+
+        def workers() -> list[int]:
+            return [
+                pid
+                for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if str(conf) in " ".join(proc_cmdline(pid))
+            ]
+
+        await until(lambda: _true(not workers()), 30, "no prefetch worker left")
+        left = [
+            p.name
+            for p in (restored / "pg_wal" / ".hakeeper-prefetch").glob("*/*")
+            if layout.parse_segment_name(p.name)
+        ]
+        assert left == []  # the worker removed what it had fetched ahead
+    finally:
+        await pg2.close()
+
+
+def s3_free_fs_config(path: Path) -> RepositoryConfig:
+    return RepositoryConfig(name="fs", type="fs", path=path)
 
 
 # ---------------------------------------------------------------------------------- hakeeper cluster

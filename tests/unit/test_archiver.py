@@ -27,12 +27,13 @@ from hakeeper.backup.archiver import (
     ReadyInfo,
     SpoolQueue,
     archive_order,
+    archive_repository_config,
     backoff,
     plan_give_up,
     plan_queue_drops,
     render_script,
 )
-from hakeeper.backup.config import ArchiveConfig
+from hakeeper.backup.config import ArchiveConfig, RepositoryConfig
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.backup.walfetch import (
     _cleanup,
@@ -100,6 +101,13 @@ def test_give_up_only_failed_files_in_postgresql_order_until_under_the_cap() -> 
     assert plan_give_up(stuck, 20) == ["00000002.history"]
 
 
+def test_wal_compression_level_overrides_the_repositorys() -> None:
+    rc = RepositoryConfig(name="r", type="fs", path=Path("/x"), compression_level=9)
+    assert archive_repository_config(rc, ArchiveConfig()).compression_level == 1  # the default
+    assert archive_repository_config(rc, ArchiveConfig(compression_level=None)) is rc
+    assert rc.compression_level == 9
+
+
 def test_backoff_doubles_up_to_the_limit() -> None:
     assert [backoff(n) for n in range(8)] == [0, 1, 2, 4, 8, 16, 30, 30]
 
@@ -127,6 +135,8 @@ def test_script_exits_0_on_its_marker_and_removes_it(script_spool: Path) -> None
 
 
 def test_script_waits_for_the_marker(script_spool: Path) -> None:
+    (script_spool / "archive_command.sh").write_text(render_script(script_spool, timeout=10))
+
     async def later() -> tuple[int, float]:
         proc = asyncio.create_task(asyncio.to_thread(run_script, script_spool, seg(2)))
         await asyncio.sleep(0.3)
@@ -134,7 +144,7 @@ def test_script_waits_for_the_marker(script_spool: Path) -> None:
         return await proc
 
     rc, took = asyncio.run(later())
-    assert rc == 0 and 0.3 <= took < 0.6
+    assert rc == 0 and 0.3 <= took < 5  # the marker ended the wait, not the 10 s timeout
 
 
 def test_script_fails_after_its_timeout_and_on_bad_names(script_spool: Path) -> None:
@@ -507,6 +517,34 @@ async def test_a_slow_repository_does_not_hold_the_hand_back_up(tmp_path: Path) 
     assert rig.stored("b", seg(1)) == rig.content[seg(1)]
     assert rig.arch.queue.entries == {} and rig.arch.repos["b"].up
     await rig.arch.close()
+
+
+async def test_after_a_promotion_the_old_timelines_wal_is_checked_up_to_the_switch(rig2: Rig) -> None:
+    hist = "1\t0/5000028\tno recovery target specified\n"  # timeline 1 ended in segment 5
+    (rig2.pg_wal / "00000002.history").write_text(hist)
+    (rig2.pg_wal / "archive_status" / "00000002.history.ready").touch()
+    for repo, segnos in (("a", (2, 3, 4)), ("b", (2, 4))):
+        r = FilesystemRepository(rig2.repo_dirs[repo], name=repo)
+        for n in segnos:
+            await r.put_unique(f"sc/wal/{seg(n)}", b"wal")
+    await FilesystemRepository(rig2.repo_dirs["b"], name="b").put_unique(f"sc/wal/{seg(9)}", b"after")
+    rig2.arch.after_promotion(2)
+    for _ in range(200):
+        rig2.arch.tick()
+        await asyncio.sleep(0.01)
+        if rig2.arch.switch_check is not None:
+            break
+    check = rig2.arch.switch_check
+    assert check is not None and check["switch_lsn"] == "0/5000028"
+    assert check["repositories"]["a"] == {"checked": True, "from": seg(2), "to": seg(4), "missing": 0}
+    assert check["repositories"]["b"] == {
+        "checked": True,
+        "from": seg(2),
+        "to": seg(4),
+        "missing": 1,
+        "first_missing": seg(3),
+    }
+    assert rig2.marker("00000002.history")
 
 
 async def test_metrics_are_exported(rig2: Rig) -> None:
