@@ -499,7 +499,8 @@ async def _copy(
         tasks.append(asyncio.create_task(upload(len(tasks), data)))
 
     total = 0
-    buf = bytearray()
+    pending: list[bytes] = []  # chunks of the part being filled (joined once: one copy)
+    pending_size = 0
     idle_timeout = max(wal_timeout, 300.0)
     try:
         while True:
@@ -526,19 +527,21 @@ async def _copy(
                 scanner.feed(chunk)
             except TarFormatError as e:
                 raise BackupError(f"pg_basebackup's output is not a valid tar stream: {e}") from e
-            buf += chunk
+            pending.append(chunk)
+            pending_size += len(chunk)
             total += len(chunk)
             run.tick("copy", total, facts.estimated_size or None)
-            while len(buf) >= part_size:
-                part = bytes(buf[:part_size])
-                del buf[:part_size]
+            if pending_size >= part_size:  # parts need not be of equal size
+                part = b"".join(pending)
+                pending.clear()
+                pending_size = 0
                 await submit(part)
                 if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
                     rec.size = total
                     await run.save()
-        if buf or not tasks:
-            await submit(bytes(buf))
-            buf.clear()
+        if pending or not tasks:
+            await submit(b"".join(pending))
+            pending.clear()
         try:
             # A primary waits (server side) until the backup's last segment is archived.
             rc = await asyncio.wait_for(proc.wait(), timeout=wal_timeout)
