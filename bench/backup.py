@@ -486,7 +486,11 @@ class Bench:
         self.restore_dir = work / "restore"
         backup = None
         if not args.skip_hakeeper:
-            backup = {"repositories": [{"name": REPO_NAME, "type": "fs", "path": str(self.hk_repo)}]}
+            backup = {
+                "repositories": [{"name": REPO_NAME, "type": "fs", "path": str(self.hk_repo)}],
+                # WAL at zstd level 3 like pgBackRest's compress-level (hakeeper's default is 1)
+                "archive": {"compression_level": ZSTD_LEVEL},
+            }
         self.cluster = BenchCluster(
             work / "hk", nodes=1, base_port=args.base_port, scope=SCOPE, backup=backup
         )
@@ -591,9 +595,42 @@ class Bench:
 
     # ----------------------------------------------------------------- raw reference
 
+    def copy_data(self) -> None:
+        """An exact copy of the stopped data directory (untimed): the raw reference reads it, then
+        it becomes pgBackRest's source."""
+        mkdir_for(self.pgbr_dir, self.run_as, 0o755)
+        t0 = time.monotonic()
+        run_cmd(["cp", "-a", self.node.data_dir, self.pgbr_data], self.run_as, timeout=1800)
+        log(f"copied the stopped data directory to {self.pgbr_data} in {time.monotonic() - t0:.1f} s")
+
+    def idle_cpu(self, seconds: float = 15.0) -> None:
+        """CPU used by the idle hakeeper cluster (agent, etcd): it runs beside every measurement."""
+        pids = {"agent": self.cluster.agent_pid("node1"), "etcd": self.cluster.etcd_pid}
+        if None in pids.values():
+            return
+        before = {k: proc_cpu_s(p) for k, p in pids.items() if p}
+        puts0 = etcd_puts(self.cluster.etcd_url)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        el = time.monotonic() - t0
+        use = {k: (proc_cpu_s(p) - before[k]) / el for k, p in pids.items() if p}
+        puts1 = etcd_puts(self.cluster.etcd_url)
+        self.res.dataset["idle_cpu"] = {k: round(v, 3) for k, v in use.items()}
+        rate = (puts1 - puts0) / el if puts0 is not None and puts1 is not None else None
+        self.res.dataset["idle_etcd_puts_per_s"] = rate
+        note = (
+            "The idle hakeeper cluster (1 agent + 1 etcd, no client) used "
+            f"{use['agent'] * 100:.0f} % of a core (agent) and {use['etcd'] * 100:.0f} % (etcd) over "
+            f"{el:.0f} s, from /proc after the restart"
+            + (f", while etcd served {rate:.0f} Put requests/s (`etcd_mvcc_put_total`)" if rate else "")
+            + "; it runs beside every measurement (the raw reference, pgBackRest and hakeeper alike)."
+        )
+        self.res.notes.append(note)
+        log(note)
+
     def raw_reference(self) -> None:
         ra = self.run_as
-        src = self.node.data_dir
+        src = self.pgbr_data  # the stopped copy: identical to the hakeeper node's data directory
         raw = mkdir_for(self.work / "raw", ra, 0o755)
         out = raw / "raw.tar.zst"
         q = shlex.quote
@@ -612,14 +649,9 @@ class Bench:
             t0 = time.monotonic()
             bash(f"zstd -q -d -T{PARALLEL} -c {q(str(out))} | tar -C {q(str(target))} -xf -", ra)
             self.res.add("raw_restore", {"run": i, "s": time.monotonic() - t0})
-        out.unlink(missing_ok=True)
-        if self.args.skip_pgbackrest:
-            rmtree(raw)
-            return
-        # The last extraction: an exact copy of the stopped data directory for pgBackRest.
-        mkdir_for(self.pgbr_dir, ra, 0o755)
-        os.rename(raw / "extract", self.pgbr_data)
         rmtree(raw)
+        if self.args.skip_pgbackrest:
+            rmtree(self.pgbr_data)
 
     # ----------------------------------------------------------------- pgBackRest
 
@@ -717,10 +749,12 @@ class Bench:
             "total_s": t2 - t0,
             "start_to_write_s": t2 - t1,
             "recovery_off_to_write_s": t2 - off,
-            **log_phases(logfile, wall0),
         }
         row.update(self.check_restored(self.ports.pgbr_restore, target_time))
         stop_pg(target, ra, mode="immediate")
+        # Read after the stop: the postmaster may log "ready to accept connections" after the
+        # first INSERT already committed.
+        row.update(log_phases(logfile, wall0))
         self.reap_helpers(target, f"pgbr_{kind} #{i}")
         self.res.add(f"pgbr_{kind}", row)
         rmtree(target)
@@ -764,7 +798,6 @@ class Bench:
             "total_s": t2 - t0,
             "cmd_to_write_s": t2 - t1,
             "recovery_off_to_write_s": t2 - off,
-            **log_phases(find_pg_log(target), wall0),
         }
         secs = parse_json(r.stdout).get("seconds") or {}
         for k, v in secs.items():
@@ -772,6 +805,7 @@ class Bench:
                 row[f"hk_{k}_s"] = v
         row.update(self.check_restored(self.ports.hk_restore, target_time))
         stop_pg(target, self.run_as, mode="immediate")
+        row.update(log_phases(find_pg_log(target), wall0))
         self.reap_helpers(target, f"hk_{kind} #{i}")
         self.res.add(f"hk_{kind}", row)
         rmtree(target)
@@ -932,16 +966,18 @@ class Bench:
                 log(self.res.missing[-1])
         self.create_dataset()
         self.stop_cluster()
-        log("raw reference: tar | zstd, tar | cat, zstd -d | tar -x")
-        self.raw_reference()
-        if pgbr_on:
-            self.setup_pgbackrest()
+        self.copy_data()
         hk_measured = hk_on and self.hk_available
         if hk_measured:
             log("starting the hakeeper cluster again")
             self.cluster.start()
             self.cluster.wait_ready(180)
             self.wait_archive_idle(self.node.data_dir, "hakeeper (after restart)", 300)
+            self.idle_cpu()
+        log("raw reference on the stopped copy: tar | zstd, tar | cat, zstd -d | tar -x")
+        self.raw_reference()
+        if pgbr_on:
+            self.setup_pgbackrest()
         tools: list[str] = [t for t, on in (("hk", hk_measured), ("pgbr", pgbr_on)) if on]
         if not tools:
             return
@@ -1011,6 +1047,26 @@ class Bench:
         left += [f"postgres in {d}" for d in self.tracker.pgdata if postmaster_pid(d) is not None]
         left += [f"pid {pid}: {cmd[:100]}" for pid, cmd in processes_mentioning(str(self.work))]
         return sorted(set(left))
+
+
+def etcd_puts(url: str) -> float | None:
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    m = re.search(r"^etcd_mvcc_put_total (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -1132,7 +1188,7 @@ MiB = 2**20
 ROW_SPECS: list[tuple[str, str, str, str]] = [
     # (section, label, op, value key)
     (
-        "Raw reference (stopped cluster, as the PostgreSQL OS user)",
+        "Raw reference (stopped copy of the data directory, as the PostgreSQL OS user)",
         "`tar -cf - . | zstd -q -T2 -3 -o F`",
         "raw_backup",
         "s",
@@ -1368,16 +1424,19 @@ def setup_lines(res: Results, args: argparse.Namespace) -> list[str]:
         "MiB/s below = data-directory bytes / median seconds, for every row.",
         "**PostgreSQL settings** (both sources, from the same postgresql.conf): hakeeper's defaults plus "
         f"{params} (`wal_recycle=off` during `pgbench -i` only, as in the baseline).",
-        "**Same data for both tools**: after the load the cluster is stopped; the raw reference runs on its "
-        "data directory; the last `zstd -d | tar -x` extraction (an exact copy: same data, same system "
-        "identifier, same postgresql.conf) becomes pgBackRest's source, a plain PostgreSQL on its own port "
-        "with `archive_command = 'pgbackrest ... archive-push %p'`. The hakeeper cluster is started again "
-        "(its agent archives into the filesystem repository). Both sources run side by side, idle except "
-        "for the tool under test; each tool backs up and archives its own copy. Two copies rather than one "
-        "cluster switched between the tools, so that each tool's WAL archive stays complete and untouched "
-        "by the other (PITR needs it).",
+        "**Same data for both tools**: after the load the cluster is stopped and its data directory "
+        "copied with `cp -a` (untimed; an exact copy: same data, same system identifier, same "
+        "postgresql.conf). The hakeeper cluster is started again (its agent archives into the filesystem "
+        "repository); the raw reference then reads the stopped copy, with the hakeeper cluster idling "
+        "beside it as during every other measurement. The copy then becomes pgBackRest's source, a plain "
+        "PostgreSQL on its own port with `archive_command = 'pgbackrest ... archive-push %p'`. Both "
+        "sources run side by side, idle except for the tool under test; each tool backs up and archives "
+        "its own copy. Two copies rather than one cluster switched between the tools, so that each tool's "
+        "WAL archive stays complete and untouched by the other (PITR needs it).",
         f"**hakeeper**: node config `backup: {{repositories: [{{name: {REPO_NAME}, type: fs, path: ...}}]}}` "
-        "(defaults otherwise: zstd level 3, archiver `parallel: 4`); commands run as root, as the agent "
+        f"and `archive: {{compression_level: {ZSTD_LEVEL}}}` (WAL at level 3 like pgBackRest; hakeeper's "
+        "default for WAL is 1), defaults otherwise (backups at zstd level 3, archiver `parallel: 4`); "
+        "commands run as root, as the agent "
         f"does, with `-o json` (no progress bars): `hakeeper backup create -c node1.yml --repo {REPO_NAME} "
         f"--from primary --parallel {PARALLEL}` and `hakeeper restore -c node1.yml --data-dir DIR "
         f"--latest | --target-time T --start --port P --parallel {PARALLEL}` (its default is 3). "
