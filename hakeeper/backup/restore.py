@@ -33,18 +33,20 @@ import shlex
 import shutil
 import site
 import stat
+import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 
 from hakeeper.backup import catalog, layout
-from hakeeper.backup.basebackup import BackupError, Endpoint, grow_pipe, switch_wal
+from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
 from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, StoredObject, Target
 from hakeeper.backup.config import RepositoryConfig, WalToolConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
@@ -341,29 +343,34 @@ def _empty_dir(path: Path) -> None:
                 child.unlink()
 
 
+def _start_tar(data_dir: Path, ra: RunAs, errlog: IO[bytes]) -> subprocess.Popen[bytes]:
+    tar = shutil.which("tar") or "/bin/tar"
+    return subprocess.Popen(
+        [tar, "-x", "-f", "-", "-C", str(data_dir), "--no-same-owner"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=errlog,
+        env=child_env(ra, {"LC_ALL": "C"}),
+        cwd="/",
+        start_new_session=True,
+        user=ra.uid,
+        group=ra.gid,
+        extra_groups=[] if ra.uid is not None else None,
+        pipesize=1 << 20,
+    )
+
+
 async def _extract(
     repo: Repository, scope: str, rec: catalog.BackupRecord, data_dir: Path, opts: RestoreOptions
 ) -> None:
-    tar = shutil.which("tar") or "/bin/tar"
-    proc = await asyncio.create_subprocess_exec(
-        tar,
-        "-x",
-        "-f",
-        "-",
-        "-C",
-        str(data_dir),
-        "--no-same-owner",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env(opts.run_as, {"LC_ALL": "C"}),
-        cwd="/",
-        start_new_session=True,
-        **opts.run_as.kwargs(),  # type: ignore[arg-type]
-    )
-    assert proc.stdin is not None and proc.stderr is not None
-    grow_pipe(proc, 0)
-    err_task = asyncio.create_task(proc.stderr.read())
+    """Fetch and decompress the parts ``opts.parallel`` at a time and write them, in order, to
+    ``tar -x`` (as the PostgreSQL OS user).  The writes are blocking writes in a worker thread:
+    written from the event loop through asyncio's pipe transport, tar waited for the loop
+    (and the GIL) at every pipe-full."""
+    errlog = tempfile.TemporaryFile()
+    proc = await asyncio.to_thread(_start_tar, data_dir, opts.run_as, errlog)
+    stdin = proc.stdin
+    assert stdin is not None
     window = max(1, opts.parallel)
     pending: deque[asyncio.Task[bytes]] = deque()
     parts = list(rec.parts)
@@ -376,6 +383,12 @@ async def _extract(
             raise CorruptObject(catalog.object_key(scope, rec.id, p.name), "size differs from the record")
         return data
 
+    def tar_failed() -> RestoreError:
+        proc.wait()
+        errlog.seek(0)
+        err = errlog.read().decode(errors="replace").strip()
+        return RestoreError(f"tar -x into {data_dir} failed (exit {proc.returncode}): {err[-2000:]}")
+
     nxt = 0
     try:
         while nxt < len(parts) and len(pending) < window:
@@ -387,30 +400,36 @@ async def _extract(
                 pending.append(asyncio.create_task(fetch(parts[nxt])))
                 nxt += 1
             view = memoryview(data)
-            step = 4 << 20
+            step = 16 << 20
             for i in range(0, len(view), step):
-                proc.stdin.write(view[i : i + step])
-                await proc.stdin.drain()
+                try:
+                    await asyncio.to_thread(stdin.write, view[i : i + step])
+                except BrokenPipeError:
+                    raise await asyncio.to_thread(tar_failed) from None
                 done += min(step, len(view) - i)
                 if opts.progress:
                     opts.progress("fetch", done, total)
             del data, view
-        proc.stdin.close()
-        rc = await proc.wait()
-        err = (await err_task).decode(errors="replace").strip()
+        try:
+            await asyncio.to_thread(stdin.close)
+        except BrokenPipeError:
+            raise await asyncio.to_thread(tar_failed) from None
+        rc = await asyncio.to_thread(proc.wait)
         if rc != 0:
-            raise RestoreError(f"tar -x into {data_dir} failed (exit {rc}): {err[-2000:]}")
+            raise await asyncio.to_thread(tar_failed)
     except BaseException:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        if proc.returncode is None:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
-            await proc.wait()
-        err_task.cancel()
-        await asyncio.gather(err_task, return_exceptions=True)
+            await asyncio.to_thread(proc.wait)
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            stdin.close()
+        errlog.close()
 
 
 # ============================================================================ recovery settings
