@@ -552,6 +552,12 @@ def test_cluster_archives_across_a_switchover_and_the_demoted_node_pushes_nothin
 
             st_new = api_get(c.nodes[new].api_url + "/status")["archive"]
             assert st_new["active"] is True and st_new["last_error"] is None
+            # the promotion's check of the old timeline's WAL up to the switch point
+            check = st_new["switch_check"]
+            assert check is not None and check["timeline"] == 2, check
+            assert check["repositories"]["fs"]["missing"] == 0, check
+            assert check["repositories"]["fs"]["from"] == "000000010000000000000001", check
+            assert "archive_complete_before_switch" in c.tail_log(new, 400)
             metrics = api_get(c.nodes[new].api_url + "/metrics")
             assert 'hakeeper_archive_files_total{repo="fs"}' in metrics
             assert "hakeeper_archive_active 1.0" in metrics
