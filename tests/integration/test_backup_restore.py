@@ -646,7 +646,7 @@ def test_retention_expire(area: PgArea) -> None:
 
 
 def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
-    """A 2-node hakeeper cluster whose agents archive WAL: ``backup create`` picks the
+    """A 3-node hakeeper cluster whose agents archive WAL: ``backup create`` picks a
     streaming standby; after a switchover (timeline 2), ``restore --target-time`` stops on
     timeline 1's part of the history and ``restore --latest`` reaches the new primary's last
     commit (the CLI finds the leader in etcd and switches WAL there)."""
@@ -658,7 +658,7 @@ def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
     try:
         prepare_fs_repository(repo_dir, resolve_run_as(restore_area.root / "x"))
         backup_cfg = {"repositories": [{"name": "fs", "type": "fs", "path": str(repo_dir)}]}
-        with running_cluster(nodes=2, backup=backup_cfg, scope="bkc") as c:
+        with running_cluster(nodes=3, backup=backup_cfg, scope="bkc") as c:
 
             def q(node: str, query: str) -> list[tuple[Any, ...]]:
                 with psycopg.connect(c.dsn(node), autocommit=True, connect_timeout=5) as conn:
@@ -667,7 +667,6 @@ def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
 
             old = c.primary()
             assert old is not None
-            new = next(n for n in c.names if n != old)
             conf = str(c.nodes[old].config_path)
             q(old, "CREATE TABLE t (id serial, batch text)")
             q(old, "INSERT INTO t (batch) SELECT 'a' FROM generate_series(1, 1000)")
@@ -685,8 +684,8 @@ def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
                 doc = created()
                 if doc is None:
                     time.sleep(1)
-            assert doc["status"] == "complete" and doc["source"]["member"] == new
-            assert doc["source"]["standby"] is True
+            new = doc["source"]["member"]
+            assert doc["status"] == "complete" and new != old and doc["source"]["standby"] is True
             q(old, "INSERT INTO t (batch) VALUES ('b')")
             t_target = q(old, "SELECT clock_timestamp()")[0][0]
             time.sleep(0.3)
