@@ -1032,7 +1032,7 @@ class Bench:
         if hk_on and pgbr_on:
             self.res.notes.append(
                 "The hakeeper source runs on a newer timeline than pgBackRest's copy: after the stop for "
-                "the raw reference, the agent starts the single node as a replica and promotes it (a "
+                "the copy, the agent starts the single node as a replica and promotes it (a "
                 "new timeline, same data); pgBackRest's copy was started as a plain server."
             )
         for c in self.res.checks:
@@ -1189,12 +1189,12 @@ ROW_SPECS: list[tuple[str, str, str, str]] = [
     # (section, label, op, value key)
     (
         "Raw reference (stopped copy of the data directory, as the PostgreSQL OS user)",
-        "`tar -cf - . | zstd -q -T2 -3 -o F`",
+        "`tar -cf - . \\| zstd -q -T2 -3 -o F`",
         "raw_backup",
         "s",
     ),
-    ("", "`tar -cf - . | cat > /dev/null` (read floor)", "raw_read", "s"),
-    ("", "`zstd -q -d -T2 -c F | tar -xf -` (restore reference)", "raw_restore", "s"),
+    ("", "`tar -cf - . \\| cat > /dev/null` (read floor)", "raw_read", "s"),
+    ("", "`zstd -q -d -T2 -c F \\| tar -xf -` (restore reference)", "raw_restore", "s"),
     ("Full backup (running server)", "hakeeper `backup create --repo local`", "hk_backup", "s"),
     ("", "pgBackRest `backup --type=full`", "pgbr_backup", "s"),
     (
@@ -1470,6 +1470,23 @@ def setup_lines(res: Results, args: argparse.Namespace) -> list[str]:
     return [f"- {b}" for b in bullets]
 
 
+def busy_note(f: dict[str, str]) -> list[str]:
+    """A warning when the 1-minute load average was above the CPU count at start or end."""
+    try:
+        n = int(f["nproc"])
+        loads = [float(f[k].split()[0]) for k in ("load_avg_start", "load_avg_end") if k in f]
+    except (KeyError, ValueError, IndexError):
+        return []
+    if not loads or max(loads) <= n:
+        return []
+    return [
+        f"**The machine was busy with other work during this run** (1-minute load average "
+        f"{' / '.join(f'{x:.1f}' for x in loads)} at start / end on {n} CPUs): absolute times are "
+        "inflated; compare the tools within the run (they were interleaved).",
+        "",
+    ]
+
+
 def machine_lines(f: dict[str, str]) -> list[str]:
     return [
         "| | |",
@@ -1512,6 +1529,7 @@ def render_section(
         "",
         *machine_lines(f),
         "",
+        *busy_note(f),
         "Everything runs on this one machine (shared, noisy: a run-to-run spread of ±30 % is normal "
         f"here, see `{BASELINE_DOC}`). All reads come from the page cache (the data fits in RAM many "
         "times; caches are not dropped): the figures measure CPU, compression and the write path, not "
@@ -1583,6 +1601,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md", help="markdown report")
     p.add_argument("--json", type=Path, default=None, help="also write every result as JSON")
     p.add_argument(
+        "--render-json", type=Path, default=None, help="only write --out's section from an earlier --json"
+    )
+    p.add_argument(
         "--base-port", type=int, default=DEFAULT_BASE_PORT, help="first port (34100); uses up to +61"
     )
     args = p.parse_args(argv)
@@ -1591,8 +1612,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def render_json(args: argparse.Namespace) -> int:
+    """Write the docs section from the JSON of an earlier run (no measurement)."""
+    d = json.loads(args.render_json.read_text())
+    res = Results(
+        facts=d["facts"],
+        dataset=d["dataset"],
+        rows=d["rows"],
+        loads=d["loads"],
+        notes=d.get("notes", []),
+        checks=d.get("checks", []),
+        missing=d.get("missing", []),
+    )
+    args.runs = d.get("runs", args.runs)
+    section = render_section(res, args, d.get("command", "?"), d.get("leftover", "?"), d.get("aborted"))
+    write_section(args.out, MARK_START, MARK_END, section)
+    log(f"wrote the backup section of {args.out} from {args.render_json}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_json is not None:
+        return render_json(args)
     command = "python -m bench.backup " + " ".join(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     busy = [p for p in Ports(args.base_port).all() if not port_is_free(p)]
@@ -1650,7 +1692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"wrote the backup section of {args.out}")
     if args.json is not None:
         args.json.write_text(
-            json.dumps({"facts": facts, "dataset": res.dataset, "rows": res.rows, "loads": res.loads,
+            json.dumps({"command": command, "runs": args.runs, "scale": args.scale,
+                        "facts": facts, "dataset": res.dataset, "rows": res.rows, "loads": res.loads,
                         "notes": res.notes, "checks": res.checks, "missing": res.missing,
                         "aborted": aborted, "leftover": leftover}, indent=1, default=str)
         )  # fmt: skip
