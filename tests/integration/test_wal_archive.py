@@ -469,97 +469,119 @@ def test_cluster_archives_across_a_switchover_and_the_demoted_node_pushes_nothin
     repo = FilesystemRepository(repo_dir, name="fs")
     try:
         with running_cluster(nodes=2, backup=backup, scope=SCOPE) as c:
-            old = c.primary()
-            assert old is not None
-            new = next(n for n in c.names if n != old)
-            settings = dict(sql(c, old, "SELECT name, setting FROM pg_settings WHERE name LIKE 'archive_%'"))
-            assert settings["archive_mode"] == "on" and settings["archive_timeout"] == "60"
-            assert settings["archive_command"].endswith('archive_command.sh "%p" "%f"')
-            assert dict(sql(c, new, "SELECT name, setting FROM pg_settings WHERE name = 'archive_mode'")) == {
-                "archive_mode": "on"
-            }
-            sql(c, old, "CREATE TABLE t (v text)")
-            for _ in range(3):
-                sql(c, old, "INSERT INTO t SELECT md5(g::text) FROM generate_series(1, 5000) g")
-                sql(c, old, "SELECT pg_switch_wal()")
-
-            def request() -> bool:  # once the replica's published lag allows it
-                try:
-                    run_ops(c, ops.request_switchover, leader=old, candidate=new)
-                except ops.OperationError as e:
-                    if "not eligible" in str(e):
-                        return False
-                    raise
-                return True
-
-            wait_for(request, 30, "switchover accepted")
-            assert run_ops(c, ops.wait_for_new_leader, old_leader=old, candidate=new, timeout=30) == new
-            t_switched = time.time()
-            wait_for(lambda: c.node_state(new).role == "primary", 30, "new primary writable")
-            for _ in range(2):
-                sql(c, new, "INSERT INTO t SELECT md5(g::text) FROM generate_series(1, 5000) g")
-                sql(c, new, "SELECT pg_switch_wal()")
-            last_lsn = parse_lsn(str(sql(c, new, "SELECT pg_current_wal_lsn()")[0][0]))
-            assert last_lsn is not None
-            open_segment = layout.segment_name(2, layout.segno_of(last_lsn))  # not complete: not archived
-            history_name = layout.history_name(2)
-            wal = repo_dir / SCOPE / "wal"
-
-            def archived() -> list[str]:
-                return sorted(os.listdir(wal)) if wal.is_dir() else []
-
-            wait_for(lambda: history_name in archived(), 60, "the new primary's history file archived")
-            hist = layout.parse_history(asyncio.run(repo.get(layout.wal_key(SCOPE, history_name))).decode())
-            # every segment recovery reads from the first one to the last complete one on timeline
-            # 2, across the switch, reaches the archive
-            wanted = layout.wal_segments(layout.segment_start_lsn(1), last_lsn, 2, hist)
-            assert wanted[-1] == open_segment and wanted[0] == "000000010000000000000001"
-            assert any(n.startswith("00000002") for n in wanted[:-1])
-            wait_for(
-                lambda: [n for n in wanted[:-1] if n not in archived()] == [],
-                60,
-                "no segment missing across the switch",
-            )
-            names = archived()
-            # the old timeline's last, partial segment is kept too, and history came first
-            assert any(n.endswith(".partial") and n.startswith("00000001") for n in names), names
-            hist_mtime = (wal / history_name).stat().st_mtime
-            tl2 = [n for n in names if n.startswith("00000002") and layout.parse_segment_name(n)]
-            assert tl2 and all((wal / n).stat().st_mtime >= hist_mtime for n in tl2)
-
-            # who wrote what: nothing from the old primary after the switchover
-            for n in names:
-                st = asyncio.run(repo.stat(layout.wal_key(SCOPE, n)))
-                if st.meta.get("node") == old:
-                    assert st.modified.timestamp() <= t_switched + 0.5, (n, st.modified)
-
-            # the demoted node is a replica now: a .ready file planted in its pg_wal is refused
-            wait_for(lambda: c.node_state(old).role == "replica", 60, "old primary follows")
-            planted = "0000000100000000000000F0"
-            old_wal = c.nodes[old].data_dir / "pg_wal"
-            (old_wal / planted).write_bytes(os.urandom(1024) + bytes(SEG - 1024))
-            (old_wal / "archive_status" / f"{planted}.ready").touch()
             try:
-                time.sleep(3)
-                assert planted not in archived()
-                st_old = api_get(c.nodes[old].api_url + "/status")["archive"]
-                assert st_old["active"] is False
-                assert st_old["refused_reason"] == "not a primary (in recovery)"
-                assert "archive_refused" in c.tail_log(old, 400)
-            finally:
-                (old_wal / "archive_status" / f"{planted}.ready").unlink(missing_ok=True)
-                (old_wal / planted).unlink(missing_ok=True)
+                old = c.primary()
+                assert old is not None
+                new = next(n for n in c.names if n != old)
+                settings = dict(
+                    sql(c, old, "SELECT name, setting FROM pg_settings WHERE name LIKE 'archive_%'")
+                )
+                assert settings["archive_mode"] == "on" and settings["archive_timeout"] == "60"
+                assert settings["archive_command"].endswith('archive_command.sh "%p" "%f"')
+                assert dict(
+                    sql(c, new, "SELECT name, setting FROM pg_settings WHERE name = 'archive_mode'")
+                ) == {"archive_mode": "on"}
+                sql(c, old, "CREATE TABLE t (v text)")
+                for _ in range(3):
+                    sql(c, old, "INSERT INTO t SELECT md5(g::text) FROM generate_series(1, 5000) g")
+                    sql(c, old, "SELECT pg_switch_wal()")
 
-            st_new = api_get(c.nodes[new].api_url + "/status")["archive"]
-            assert st_new["active"] is True and st_new["last_error"] is None
-            # the promotion's check of the old timeline's WAL up to the switch point
-            check = st_new["switch_check"]
-            assert check is not None and check["timeline"] == 2, check
-            assert check["repositories"]["fs"]["missing"] == 0, check
-            assert check["repositories"]["fs"]["from"] == "000000010000000000000001", check
-            assert "archive_complete_before_switch" in c.tail_log(new, 400)
-            metrics = api_get(c.nodes[new].api_url + "/metrics")
-            assert 'hakeeper_archive_files_total{repo="fs"}' in metrics
-            assert "hakeeper_archive_active 1.0" in metrics
+                def request() -> bool:  # once the replica's published lag allows it
+                    try:
+                        run_ops(c, ops.request_switchover, leader=old, candidate=new)
+                    except ops.OperationError as e:
+                        if "not eligible" in str(e):
+                            return False
+                        raise
+                    return True
+
+                def caught_up() -> bool:
+                    primary_lsn = parse_lsn(str(sql(c, old, "SELECT pg_current_wal_lsn()")[0][0]))
+                    replayed = parse_lsn(str(sql(c, new, "SELECT pg_last_wal_replay_lsn()")[0][0]))
+                    return primary_lsn is not None and replayed is not None and replayed >= primary_lsn
+
+                # The leader checks the candidate's lag again when it executes the request and
+                # refuses a lagging one: ask once it has caught up, and again if it was refused.
+                for _ in range(3):
+                    wait_for(caught_up, 60, "the candidate caught up")
+                    time.sleep(1.5)  # its member record shows that
+                    wait_for(request, 30, "switchover accepted")
+                    if run_ops(c, ops.wait_for_new_leader, old_leader=old, candidate=new, timeout=30) == new:
+                        break
+                else:
+                    raise AssertionError(f"no switchover to {new}")
+                t_switched = time.time()
+                wait_for(lambda: c.node_state(new).role == "primary", 30, "new primary writable")
+                for _ in range(2):
+                    sql(c, new, "INSERT INTO t SELECT md5(g::text) FROM generate_series(1, 5000) g")
+                    sql(c, new, "SELECT pg_switch_wal()")
+                last_lsn = parse_lsn(str(sql(c, new, "SELECT pg_current_wal_lsn()")[0][0]))
+                assert last_lsn is not None
+                open_segment = layout.segment_name(2, layout.segno_of(last_lsn))  # not complete: not archived
+                history_name = layout.history_name(2)
+                wal = repo_dir / SCOPE / "wal"
+
+                def archived() -> list[str]:
+                    return sorted(os.listdir(wal)) if wal.is_dir() else []
+
+                wait_for(lambda: history_name in archived(), 60, "the new primary's history file archived")
+                hist = layout.parse_history(
+                    asyncio.run(repo.get(layout.wal_key(SCOPE, history_name))).decode()
+                )
+                # every segment recovery reads from the first one to the last complete one on timeline
+                # 2, across the switch, reaches the archive
+                wanted = layout.wal_segments(layout.segment_start_lsn(1), last_lsn, 2, hist)
+                assert wanted[-1] == open_segment and wanted[0] == "000000010000000000000001"
+                assert any(n.startswith("00000002") for n in wanted[:-1])
+                wait_for(
+                    lambda: [n for n in wanted[:-1] if n not in archived()] == [],
+                    60,
+                    "no segment missing across the switch",
+                )
+                names = archived()
+                # the old timeline's last, partial segment is kept too, and history came first
+                assert any(n.endswith(".partial") and n.startswith("00000001") for n in names), names
+                hist_mtime = (wal / history_name).stat().st_mtime
+                tl2 = [n for n in names if n.startswith("00000002") and layout.parse_segment_name(n)]
+                assert tl2 and all((wal / n).stat().st_mtime >= hist_mtime for n in tl2)
+
+                # who wrote what: nothing from the old primary after the switchover
+                for n in names:
+                    st = asyncio.run(repo.stat(layout.wal_key(SCOPE, n)))
+                    if st.meta.get("node") == old:
+                        assert st.modified.timestamp() <= t_switched + 0.5, (n, st.modified)
+
+                # the demoted node is a replica now: a .ready file planted in its pg_wal is refused
+                wait_for(lambda: c.node_state(old).role == "replica", 60, "old primary follows")
+                planted = "0000000100000000000000F0"
+                old_wal = c.nodes[old].data_dir / "pg_wal"
+                (old_wal / planted).write_bytes(os.urandom(1024) + bytes(SEG - 1024))
+                (old_wal / "archive_status" / f"{planted}.ready").touch()
+                try:
+                    time.sleep(3)
+                    assert planted not in archived()
+                    st_old = api_get(c.nodes[old].api_url + "/status")["archive"]
+                    assert st_old["active"] is False
+                    assert st_old["refused_reason"] == "not a primary (in recovery)"
+                    assert "archive_refused" in c.tail_log(old, 400)
+                finally:
+                    (old_wal / "archive_status" / f"{planted}.ready").unlink(missing_ok=True)
+                    (old_wal / planted).unlink(missing_ok=True)
+
+                st_new = api_get(c.nodes[new].api_url + "/status")["archive"]
+                assert st_new["active"] is True and st_new["last_error"] is None
+                # the promotion's check of the old timeline's WAL up to the switch point
+                check = st_new["switch_check"]
+                assert check is not None and check["timeline"] == 2, check
+                assert check["repositories"]["fs"]["missing"] == 0, check
+                assert check["repositories"]["fs"]["from"] == "000000010000000000000001", check
+                assert "archive_complete_before_switch" in c.tail_log(new, 400)
+                metrics = api_get(c.nodes[new].api_url + "/metrics")
+                assert 'hakeeper_archive_files_total{repo="fs"}' in metrics
+                assert "hakeeper_archive_active 1.0" in metrics
+            except BaseException:  # what the agents said, for the failure report
+                for n in c.names:
+                    print(f"--- {n} agent log ---\n{c.tail_log(n, 80)}")
+                raise
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
