@@ -7,6 +7,7 @@ on every node live in etcd under ``<namespace>/<scope>/config`` as :class:`Dynam
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import re
@@ -31,6 +32,7 @@ from pydantic_settings import (
 )
 
 from hakeeper.backup.config import BackupConfig
+from hakeeper.lsn import parse_lsn
 
 ENV_PREFIX = "HAKEEPER_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
@@ -376,6 +378,96 @@ class DynamicConfig(_Strict):
         return {**DEFAULT_CLUSTER_PARAMETERS, **self.postgresql.parameters}
 
 
+class FromBackupConfig(_Strict):
+    """Bootstrap a new cluster from a base backup instead of initdb (docs/backup-bootstrap.md).
+
+    At most one target; none means ``latest`` (everything archived)."""
+
+    repo: str | None = Field(
+        None, description="Repository to restore from (default: the repositories in order, first that can)."
+    )
+    backup: str | None = Field(None, description="Backup id (default: the newest one before the target).")
+    scope: str | None = Field(
+        None,
+        description="Scope of the source cluster in the repository (default: this cluster's scope). "
+        "A different scope makes a new cluster from another one's backup; this cluster's own scope "
+        "must then be empty in every repository.",
+    )
+    target_time: str | None = Field(
+        None, description="ISO 8601 time to recover to; without a zone it is local time."
+    )
+    target_lsn: str | None = Field(None, description="WAL position to recover to (e.g. 0/3000148).")
+    target_xid: int | None = Field(None, ge=3, description="Transaction id to recover to.")
+    target_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        description="Restore point (pg_create_restore_point).",
+    )
+    latest: bool = Field(False, description="Recover everything archived (the default without a target).")
+    exclusive: bool = Field(False, description="Stop just before the target (time, LSN, xid).")
+    target_timeline: int | Literal["latest", "current"] = Field(
+        "latest", description="Timeline to follow: a number, latest or current (the backup's own)."
+    )
+    timeout: float = Field(3600.0, gt=0, description="Seconds recovery may take before the bootstrap fails.")
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME_RE.match(v):
+            raise ValueError("use 1-63 letters, digits, '_', '-' or '.'")
+        return v
+
+    @field_validator("target_time")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_target_time(v)
+        return v
+
+    @field_validator("target_lsn")
+    @classmethod
+    def _lsn(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_lsn(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an LSN (like 0/3000148)") from None
+        return v
+
+    @field_validator("target_timeline")
+    @classmethod
+    def _tli(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FromBackupConfig:
+        given = [
+            k
+            for k in ("target_time", "target_lsn", "target_xid", "target_name")
+            if getattr(self, k) is not None
+        ] + (["latest"] if self.latest else [])
+        if len(given) > 1:
+            raise ValueError(f"give at most one target, not {', '.join(given)}")
+        return self
+
+
+def parse_target_time(text: str) -> dt.datetime:
+    """ISO 8601 with ``Z`` or an offset; a time without a zone is local time (as the CLI)."""
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    try:
+        when = dt.datetime.fromisoformat(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-24T07:15:00+01:00)") from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return when.astimezone(dt.UTC)
+
+
 class BootstrapConfig(_Strict):
     dcs: DynamicConfig = Field(
         default_factory=DynamicConfig,
@@ -384,6 +476,12 @@ class BootstrapConfig(_Strict):
     initdb: list[str] = Field(
         default_factory=lambda: ["--data-checksums", "--encoding=UTF8", "--locale=C"],
         description="Extra initdb arguments.",
+    )
+    from_backup: FromBackupConfig | None = Field(
+        None,
+        description="Instead of initdb, the node that initializes the cluster restores this base backup "
+        "from `backup.repositories`, recovers to the target and promotes on a new timeline "
+        "(docs/backup-bootstrap.md).",
     )
 
 

@@ -171,6 +171,18 @@ class BackupConfig(_Strict):
         default_factory=list, description="Where WAL and backups go; each gets all of them."
     )
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
+    replica_from_backup: bool = Field(
+        True,
+        description="A replica that needs a full copy restores the newest complete backup of this "
+        "cluster from the repositories (then replays archived WAL and streams) instead of running "
+        "pg_basebackup against the leader; pg_basebackup remains the fallback on any failure.",
+    )
+    replica_from_backup_max_wal: int = Field(
+        16 * 1024**3,
+        ge=0,
+        description="...but only when the leader is at most this many bytes of WAL past the backup's "
+        "end (older backups would replay longer than a fresh copy takes).",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> BackupConfig:

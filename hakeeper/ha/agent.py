@@ -73,6 +73,9 @@ SAFE_WITHOUT_ETCD = frozenset({Action.WAIT, Action.START_REPLICA, Action.FOLLOW,
 # How long a replica may fail to stream from a leader on a newer timeline before we rewind.
 NOT_STREAMING_REWIND_AFTER = 8.0
 
+# After a refused or failed bootstrap from a backup, the next attempt waits this long (s).
+BOOTSTRAP_RETRY_AFTER = 10.0
+
 
 class Agent:
     def __init__(self, cfg: NodeConfig, *, config_path: Path | None = None) -> None:
@@ -130,6 +133,7 @@ class Agent:
         self._sync_pending: tuple[str, int] | None = None
         self._member_cache: tuple[LocalState | None, ClusterView, MemberState | None, Member] | None = None
         self._archive_overridden: set[str] = set()
+        self._bootstrap_retry_at = 0.0
         self.archiver: Archiver | None = self._make_archiver()
 
     # -- fence plumbing ---------------------------------------------------------------------------
@@ -421,6 +425,12 @@ class Agent:
         if not await self.lease.refresh():
             log.warning("initialize_refused", reason="no valid lease")
             return
+        if self.cfg.bootstrap.from_backup is not None:
+            if time.monotonic() >= self._bootstrap_retry_at:
+                await self._initialize_from_backup()
+                if self._sysid is None:  # refused or failed: not again every loop_wait
+                    self._bootstrap_retry_at = time.monotonic() + BOOTSTRAP_RETRY_AFTER
+            return
         self.activity = MemberState.INITIALIZING
         log.info("initdb_started", data_dir=str(self.pg.data_dir))
         try:
@@ -461,6 +471,148 @@ class Agent:
                 with contextlib.suppress(Exception):
                     await self.pg.stop("immediate")
                     await asyncio.to_thread(self.pg.remove_data_dir)
+            raise
+        finally:
+            self.activity = None
+
+    async def _initialize_from_backup(self) -> None:
+        """``bootstrap.from_backup`` (hakeeper/backup/seed.py, docs/backup-bootstrap.md): restore
+        the backup (every check of ``hakeeper restore`` first), take the initialize race like
+        initdb, then let PostgreSQL recover to the target and promote on a new timeline with
+        this node's own configuration (archive_mode on, into this cluster's scope), remove the
+        recovery settings and set our roles' passwords.  Any failure removes the data directory
+        and, once the race was won, the keys it created, so the next attempt starts clean."""
+        from hakeeper.backup import seed
+        from hakeeper.backup.errors import RepoError
+        from hakeeper.backup.restore import RestoreError
+
+        fb = self.cfg.bootstrap.from_backup
+        assert fb is not None
+        source = fb.scope or self.cfg.scope
+        self.activity = MemberState.INITIALIZING
+        k = self.keys
+        term: int | None = None
+        t0 = time.monotonic()
+        try:
+            primary = None
+            if source != self.cfg.scope:
+                primary = await seed.source_primary(self.client, self.cfg.namespace, source)
+            log.info(
+                "bootstrap_from_backup_started",
+                source_scope=source,
+                repo=fb.repo,
+                backup=fb.backup,
+                target=seed.target_of(fb).describe(),
+                source_primary=primary.address if primary else None,
+            )
+            try:
+                seeded = await seed.restore_for_bootstrap(self.cfg, self.pg, fb, primary)
+            except seed.RestoreRefused as e:
+                log.error("bootstrap_from_backup_refused", reason=str(e), retry_in=self.dyn.loop_wait)
+                return
+            except (RestoreError, RepoError, PgError, CommandFailed, OSError) as e:
+                log.error("bootstrap_from_backup_failed", stage="copy", error=str(e))
+                await asyncio.to_thread(self.pg.remove_data_dir)
+                return
+            res = seeded.result
+            log.info(
+                "bootstrap_from_backup_copied",
+                backup=res.backup_id,
+                repository=res.repository,
+                target_timeline=res.timeline,
+                seconds=round(res.seconds_fetch, 2),
+                notes=res.notes,
+            )
+            ra = self.pg.run_as
+            await asyncio.to_thread(seed.set_seed_settings, self.pg.data_dir, ra, {})
+            sysid = await self.pg.system_identifier()
+            if sysid is None:
+                raise PgError("the restored backup left no readable pg_control")
+            if not await self.lease.refresh():
+                raise PgError("lease lost while restoring")
+            cfg_json = self.bootstrap_dcs.model_dump_json().encode()
+            won = await self.client.txn(
+                [cmp_create(k.initialize, "=", 0), cmp_create(k.leader, "=", 0)],
+                [
+                    op_put(k.initialize, sysid),
+                    op_put(k.leader, self.name, lease=self.lease.lease),
+                    op_put(k.config, cfg_json),
+                ],
+            )
+            if not won.succeeded:
+                log.info("initialize_lost", reason="another member initialized the cluster first")
+                await asyncio.to_thread(self.pg.remove_data_dir)
+                return
+            term = won.revision
+            log.info("initialize_won", system_identifier=sysid, source="backup")
+            await self.mirror.resync()
+            # Our configuration (archive_mode on, our scope's archive_command, port, pg_hba),
+            # then the recovery settings on top of it (write_config drops the timeline).
+            self._arm_fence()
+            await self._write_config(
+                self._params(self.bootstrap_dcs),
+                Role.PRIMARY,
+                None,
+                replication_password=secret_value(self.cfg.postgresql.replication.password),
+            )
+            self.upstream = None
+            await asyncio.to_thread(
+                seed.set_seed_settings, self.pg.data_dir, ra, seeded.settings, recovery_signal=True
+            )
+            await seed.recover(self.cfg, self.pg, seeded, fb.timeout)
+            await asyncio.to_thread(seed.drop_seed_settings, self.pg.data_dir, ra)
+            pgc = self.cfg.postgresql
+            async with seed.over_socket(self.pg):  # the restored roles have the source's passwords
+                await self.pg.create_roles(
+                    superuser_password=secret_value(pgc.superuser.password),
+                    replication_user=pgc.replication.username,
+                    replication_password=secret_value(pgc.replication.password),
+                )
+            self._sysid = sysid
+            st = await self.pg.probe()
+            self.state = st
+            switch_lsn = await self._switch_point(st.timeline)
+            log.info(
+                "bootstrap_from_backup_done",
+                backup=res.backup_id,
+                repository=res.repository,
+                source_scope=source,
+                target=res.target,
+                new_timeline=st.timeline,
+                switch_lsn=switch_lsn,
+                seconds_replay=None if res.seconds_replay is None else round(res.seconds_replay, 2),
+                seconds=round(time.monotonic() - t0, 2),
+            )
+            await self._append_history(
+                term,
+                f"bootstrap from backup {res.backup_id} of scope {source} ({res.target})",
+                None,
+                st.timeline or 0,
+                switch_lsn,
+            )
+        except BaseException as e:
+            if self._sysid is None:
+                log.error(
+                    "bootstrap_from_backup_failed",
+                    stage="recovery" if term is not None else "prepare",
+                    error=str(e) or type(e).__name__,
+                    action="data directory removed"
+                    + (", initialize and leader keys deleted" if term else ""),
+                )
+                self.fence.disarm()
+                with contextlib.suppress(Exception):
+                    await self.pg.stop("immediate")
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.pg.remove_data_dir)
+                if term is not None:
+                    with contextlib.suppress(Exception):
+                        await self.client.txn(
+                            [cmp_value(k.leader, "=", self.name), cmp_create(k.leader, "=", term)],
+                            [op_delete(k.initialize), op_delete(k.config), op_delete(k.leader)],
+                        )
+                        await self.mirror.resync()
+            if isinstance(e, Exception):
+                return
             raise
         finally:
             self.activity = None
@@ -604,14 +756,16 @@ class Agent:
         self.activity = MemberState.CLONING
         await self.publish(view)
         pgc = self.cfg.postgresql
-        log.info("clone_started", source=d.target, host=up.host, port=up.port, slot=up.slot_name)
         t0 = time.monotonic()
         try:
-            await self.pg.clone_from(
-                up,
-                replication_user=pgc.replication.username,
-                replication_password=secret_value(pgc.replication.password),
-            )
+            seeded = await self._clone_from_backup(view, d)
+            if not seeded:
+                log.info("clone_started", source=d.target, host=up.host, port=up.port, slot=up.slot_name)
+                await self.pg.clone_from(
+                    up,
+                    replication_user=pgc.replication.username,
+                    replication_password=secret_value(pgc.replication.password),
+                )
         except (PgError, CommandFailed) as e:
             log.warning("clone_failed", source=d.target, error=str(e), retry_in=self.dyn.loop_wait)
             return
@@ -621,6 +775,51 @@ class Agent:
         log.info("clone_finished", source=d.target, seconds=round(time.monotonic() - t0, 2))
         self.needs_rewind = False
         await self._start_as_replica(view, d.target)
+
+    async def _clone_from_backup(self, view: ClusterView, d: Decision) -> bool:
+        """``backup.replica_from_backup``: restore the newest complete backup of this cluster
+        (same system identifier, on the leader's timeline history, not too far behind) into the
+        empty data directory, keeping only ``restore_command`` (walfetch) of its recovery
+        settings; _start_as_replica then makes it a standby of the leader, which replays the
+        archive and then streams.  False (logged with the reason) means: use pg_basebackup."""
+        b = self.cfg.backup
+        if not b.repositories or not b.replica_from_backup:
+            return False
+        from hakeeper.backup import seed
+
+        lm = view.members.get(d.target or "")
+        sysid = view.initialized
+        tli = (lm.timeline if lm else None) or (view.status.timeline if view.status else None)
+        if lm is None or not sysid or not tli:
+            log.info("clone_from_backup_skipped", reason="leader's system identifier or timeline unknown")
+            return False
+        lsn = lm.wal_lsn if lm.wal_lsn is not None else (view.status.lsn if view.status else None)
+        t0 = time.monotonic()
+        log.info("clone_from_backup_started", leader=d.target, system_identifier=sysid, timeline=tli)
+        try:
+            seeded = await seed.restore_for_replica(self.cfg, self.pg, sysid, tli, lsn)
+            await asyncio.to_thread(seed.set_seed_settings, self.pg.data_dir, self.pg.run_as, seeded.settings)
+        except seed.RestoreRefused as e:
+            log.info("clone_from_backup_skipped", reason=str(e), fallback="pg_basebackup")
+            return False
+        except Exception as e:  # any failure: the data dir goes, pg_basebackup follows
+            log.warning(
+                "clone_from_backup_failed",
+                error=str(e) or type(e).__name__,
+                error_type=type(e).__name__,
+                fallback="pg_basebackup",
+            )
+            await asyncio.to_thread(self.pg.remove_data_dir)
+            return False
+        res = seeded.result
+        log.info(
+            "clone_from_backup_finished",
+            backup=res.backup_id,
+            repository=res.repository,
+            seconds=round(time.monotonic() - t0, 2),
+            note="replays archived WAL, then streams from the leader",
+        )
+        return True
 
     async def _start_as_replica(self, view: ClusterView, leader: str | None) -> None:
         up = self._upstream_for(view, leader)
@@ -642,6 +841,8 @@ class Agent:
 
     async def do_follow(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
         self.fence.disarm()
+        if facts.streaming_from and self.cfg.backup.repositories:
+            await self._drop_seed_settings()
         up = self._upstream_for(view, d.target)
         if up is None or up == self.upstream:
             return
@@ -654,6 +855,17 @@ class Agent:
         )
         self.upstream = up
         await self.pg.reload()
+
+    async def _drop_seed_settings(self) -> None:
+        """A replica seeded from a backup streams now: its restore_command (walfetch) goes
+        (a standby stops when walfetch cannot reach a repository)."""
+        from hakeeper.backup import seed
+
+        if not seed.has_seed_settings(self.pg.data_dir):
+            return
+        await asyncio.to_thread(seed.drop_seed_settings, self.pg.data_dir, self.pg.run_as)
+        await self.pg.reload()
+        log.info("clone_from_backup_settings_removed", reason="streaming from the leader")
 
     async def do_rewind(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
         self.fence.disarm()
