@@ -27,6 +27,7 @@ class PrefixMirror:
         self.client = client
         self.prefix = prefix
         self.kvs: dict[str, KV] = {}
+        self.changed_keys: set[str] = set()  # since the last take_changed(); "" = re-listed
         self.revision = 0
         self._listed_revision = 0
         self.synced = False
@@ -66,8 +67,14 @@ class PrefixMirror:
             self._listed_revision = revision
             self.last_update_monotonic = time.monotonic()
             self._set_synced(True)
+            self.changed_keys.add("")
             self.changed.set()
             log.debug("mirror_listed", prefix=self.prefix, keys=len(kvs), revision=revision)
+
+    def take_changed(self) -> set[str]:
+        """The keys changed since the last call ("" stands for a re-list of everything)."""
+        keys, self.changed_keys = self.changed_keys, set()
+        return keys
 
     async def resync(self) -> None:
         """Re-read the prefix now (the cache proved stale). Raises :class:`EtcdError` on failure,
@@ -111,6 +118,7 @@ class PrefixMirror:
         async for ev in self.client.watch_prefix(self.prefix, self.revision + 1):
             if self._apply(ev):
                 self.last_update_monotonic = time.monotonic()
+                self.changed_keys.add(ev.kv.key)
                 self.changed.set()
 
     async def run(self) -> None:
