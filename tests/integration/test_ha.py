@@ -85,6 +85,17 @@ def new_primary(c: LocalCluster, old: str) -> str:
     return str(wait_for(pick, 60, "a new writable primary"))
 
 
+def etcd_puts(c: LocalCluster) -> float:
+    """etcd's count of put operations so far (its Prometheus metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(c.etcd_url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("etcd_mvcc_put_total "):
+                return float(line.split()[1])
+    raise AssertionError("etcd_mvcc_put_total not in etcd's metrics")
+
+
 def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None:
     with running_cluster(dynamic={"member_slots_ttl": 3}) as c:
         primary = c.primary()
@@ -111,6 +122,12 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
 
         listed = wait_for(settled, 30, "list shows 1 primary + 2 replicas")
         assert listed[primary] == ("primary", "running")  # type: ignore[index]
+        # An idle cluster writes to etcd about once per loop_wait per agent: agents that woke
+        # each other on every member put once made ~285 puts/s (and burnt CPU) here.
+        p0, t0 = etcd_puts(c), time.monotonic()
+        time.sleep(5)
+        rate = (etcd_puts(c) - p0) / (time.monotonic() - t0)
+        assert rate < 20, f"{rate:.0f} etcd puts/s on an idle cluster"
         # No password reaches etcd.
         raw = subprocess.run(
             [
