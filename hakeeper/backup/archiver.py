@@ -61,6 +61,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from hakeeper.backup import layout
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
+from hakeeper.fsutil import fsync_dir as _fsync_dir
 from hakeeper.log import get_logger
 from hakeeper.lsn import format_lsn
 from hakeeper.proc import RunAs
@@ -229,14 +230,6 @@ if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
 echo "hakeeper archive_command: $2 not archived within {timeout:g} s (is the agent running and primary?)" >&2
 exit 1
 """
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -52,10 +52,11 @@ from hakeeper.backup.config import RepositoryConfig, WalToolConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.config import Credentials
+from hakeeper.fsutil import fsync_dir as _fsync_dir
 from hakeeper.log import get_logger
 from hakeeper.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo, quote_conf_value
-from hakeeper.pg.postgres import SOCKET_SUBDIR, _fsync_dir, _write_atomic
+from hakeeper.pg.postgres import SOCKET_SUBDIR, _write_atomic
 from hakeeper.proc import RunAs, child_env, postmaster_pid, run
 
 log = get_logger(__name__)

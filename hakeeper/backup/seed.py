@@ -41,10 +41,11 @@ from hakeeper.backup.restore import (
     restore,
 )
 from hakeeper.config import FromBackupConfig, NodeConfig, parse_target_time
+from hakeeper.fsutil import fsync_dir as _fsync_dir
 from hakeeper.log import get_logger
 from hakeeper.lsn import parse_lsn
 from hakeeper.pg.conf import clean_auto_conf, quote_conf_value
-from hakeeper.pg.postgres import _fsync_dir, _write_atomic
+from hakeeper.pg.postgres import _write_atomic
 from hakeeper.proc import RunAs
 
 if TYPE_CHECKING:

@@ -45,6 +45,7 @@ from hakeeper.config import (
     PostgresConfig,
     secret_value,
 )
+from hakeeper.fsutil import fsync_dir as _fsync_dir
 from hakeeper.log import get_logger
 from hakeeper.lsn import parse_lsn
 from hakeeper.pg.bins import find_bin_dir
@@ -222,14 +223,6 @@ def _write_atomic(path: Path, data: str, *, mode: int, run_as: RunAs) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> bool:
