@@ -51,6 +51,7 @@ from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, Stored
 from hakeeper.backup.config import RepositoryConfig, WalToolConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import FilesystemRepository, Repository
+from hakeeper.backup.walfetch import fast_path_script
 from hakeeper.config import Credentials
 from hakeeper.fsutil import fsync_dir as _fsync_dir
 from hakeeper.log import get_logger
@@ -62,6 +63,7 @@ from hakeeper.proc import RunAs, child_env, postmaster_pid, run
 log = get_logger(__name__)
 
 WAL_CONFIG_NAME = "hakeeper-restore-wal.json"
+RESTORE_SCRIPT_NAME = "hakeeper-restore-command.sh"  # restore_command: walfetch's shell fast path
 LOG_REL = Path("log") / "postgresql.log"
 WALFETCH_MODULE = "hakeeper.backup.walfetch"
 _MAX_SOCKET_PATH = 107
@@ -705,13 +707,16 @@ async def restore(
         raise
     result.seconds_fetch = time.monotonic() - t1
     wal_conf_path = data_dir / WAL_CONFIG_NAME
-    restore_command = f"{restore_command_base} --config {shlex.quote(str(wal_conf_path))} %f %p"
+    wal_conf = WalToolConfig(scope=scope, repositories=[repo_cfg]).dump()
+    script_path = data_dir / RESTORE_SCRIPT_NAME
+    script = fast_path_script(f"{restore_command_base}", wal_conf_path, wal_conf.encode())
+    restore_command = f"{shlex.quote(str(script_path))} %f %p"
     socket_dir = _socket_dir(data_dir, opts.port)
     settings = recovery_settings(opts, plan, restore_command, socket_dir)
-    wal_conf = WalToolConfig(scope=scope, repositories=[repo_cfg]).dump()
     header = (
         f"hakeeper restore of backup {rec.id} from repository {repo.name} at {catalog.iso(catalog.utcnow())}"
     )
+    await asyncio.to_thread(_write_atomic, script_path, script, mode=0o700, run_as=opts.run_as)
     await asyncio.to_thread(_write_settings, data_dir, opts.run_as, settings, wal_conf, header)
     result.settings = {k: str(v) for k, v in settings.items()}
     result.start_command = pg_ctl_start_command(opts.bin_dir, data_dir, opts.run_as)

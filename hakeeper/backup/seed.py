@@ -34,6 +34,7 @@ from hakeeper.backup.basebackup import Endpoint
 from hakeeper.backup.catalog import RestoreRefused, Target
 from hakeeper.backup.config import RepositoryConfig, make_repository
 from hakeeper.backup.restore import (
+    RESTORE_SCRIPT_NAME,
     WAL_CONFIG_NAME,
     RestoreOptions,
     RestoreResult,
@@ -150,8 +151,9 @@ def drop_seed_settings(data_dir: Path, ra: RunAs) -> None:
     """Remove the seed's recovery settings and the walfetch config file (it may hold S3
     credentials, and a later backup of this node would copy it)."""
     set_seed_settings(data_dir, ra, {})
-    with contextlib.suppress(FileNotFoundError):
-        (data_dir / WAL_CONFIG_NAME).unlink()
+    for name in (WAL_CONFIG_NAME, RESTORE_SCRIPT_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / name).unlink()
 
 
 def _kept(result: RestoreResult, keys: tuple[str, ...]) -> dict[str, str]:
