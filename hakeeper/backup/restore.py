@@ -50,6 +50,7 @@ from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
 from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, StoredObject, Target
 from hakeeper.backup.config import RepositoryConfig, WalToolConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.handover import serving
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.walfetch import fast_path_script
 from hakeeper.config import Credentials
@@ -93,6 +94,7 @@ class RestoreOptions:
     start_timeout: float = 3600.0
     parallel: int = 3
     progress: ProgressFn | None = None
+    serve_wal: bool = False  # the caller serves WAL while the server recovers (handover.serving)
 
 
 @dataclass
@@ -668,8 +670,16 @@ async def restore(
         raise RestoreRefused("starting the restored server needs a port")
     _cat, plan, notes = await _plan(repo, scope, opts)
     rec = plan.backup
-    restore_command_base = python_command(WALFETCH_MODULE, opts.run_as)
-    _check_repo_readable(repo, scope, plan, opts.run_as)
+    try:
+        restore_command_base = python_command(WALFETCH_MODULE, opts.run_as)
+        _check_repo_readable(repo, scope, plan, opts.run_as)
+    except RestoreRefused as e:
+        if not (opts.start or opts.serve_wal):
+            raise RestoreRefused(f"{e}; or use --start: hakeeper then serves the WAL itself") from None
+        # This process serves the WAL while the server recovers (handover.serving); without it,
+        # the script's last resort fails loudly (exit 200) instead of ending recovery early.
+        restore_command_base = f"echo {shlex.quote(f'hakeeper: {e}')} >&2; exit 200; :"
+        notes.append("WAL is served to the recovering server by this process (its OS user cannot run it)")
     await _verify_parts(repo, scope, rec)
     check_data_dir(data_dir)  # again: planning may have taken a while
     result = RestoreResult(
@@ -722,7 +732,8 @@ async def restore(
     result.start_command = pg_ctl_start_command(opts.bin_dir, data_dir, opts.run_as)
     log.info("restore_copied", backup=rec.id, size=rec.size, seconds=round(result.seconds_fetch, 3))
     if opts.start:
-        await _start_and_wait(opts, data_dir, socket_dir, result)
+        async with serving(data_dir, repo, scope, opts.run_as):
+            await _start_and_wait(opts, data_dir, socket_dir, result)
         result.started = True
     result.seconds_total = time.monotonic() - t0
     return result

@@ -22,6 +22,7 @@ streams (walfetch exits 200 when a repository is unreachable, which would stop a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
@@ -33,6 +34,7 @@ from hakeeper.backup import catalog
 from hakeeper.backup.basebackup import Endpoint
 from hakeeper.backup.catalog import RestoreRefused, Target
 from hakeeper.backup.config import RepositoryConfig, make_repository
+from hakeeper.backup.handover import serving
 from hakeeper.backup.restore import (
     RESTORE_SCRIPT_NAME,
     WAL_CONFIG_NAME,
@@ -263,6 +265,7 @@ async def restore_for_bootstrap(
             primary=primary,
             switch_wal=primary is not None,
             start_timeout=fb.timeout,
+            serve_wal=True,
         )
         try:
             res = await restore(repo, rc, source, opts)
@@ -311,7 +314,14 @@ async def restore_for_replica(
                     f"(more than backup.replica_from_backup_max_wal = {bound})"
                 )
                 continue
-            opts = _options(cfg, pg, Target("latest", timeline=leader_tli), backup_id=b.id, switch_wal=False)
+            opts = _options(
+                cfg,
+                pg,
+                Target("latest", timeline=leader_tli),
+                backup_id=b.id,
+                switch_wal=False,
+                serve_wal=True,  # the agent serves the WAL until the replica streams (serve_replica_wal)
+            )
             try:
                 res = await restore(repo, rc, cfg.scope, opts)
             except RestoreRefused as e:
@@ -328,7 +338,14 @@ async def recover(cfg: NodeConfig, pg: Postgres, seeded: Seeded, timeout: float)
     and the same log lines on failure, as ``hakeeper restore --start``), over the agent's Unix
     socket as the superuser.  RestoreError when recovery stops or takes too long."""
     opts = _options(cfg, pg, Target("latest"), start_timeout=timeout)
-    await _start_and_wait(opts, pg.data_dir, str(pg.socket_dir), seeded.result)
+    repo = make_repository(seeded.repository)
+    try:
+        # The agent answers the restore script's WAL requests (PostgreSQL's OS user may not be
+        # able to run walfetch or read the repository).
+        async with serving(pg.data_dir, repo, seeded.scope, opts.run_as):
+            await _start_and_wait(opts, pg.data_dir, str(pg.socket_dir), seeded.result)
+    finally:
+        await repo.close()
     return seeded.result
 
 
@@ -345,3 +362,14 @@ async def over_socket(pg: Postgres) -> AsyncIterator[None]:
     finally:
         await pg.close()
         pg.connect_host = saved
+
+
+async def serve_replica_wal(cfg: NodeConfig, pg: Postgres, seeded: Seeded) -> None:
+    """Answer a seeded replica's WAL requests until cancelled (when it streams): PostgreSQL's
+    OS user may not be able to run walfetch or read the repository."""
+    repo = make_repository(seeded.repository)
+    try:
+        async with serving(pg.data_dir, repo, seeded.scope, pg.run_as):
+            await asyncio.Event().wait()
+    finally:
+        await repo.close()

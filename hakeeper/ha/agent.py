@@ -121,6 +121,7 @@ class Agent:
         self.loop_duration = 0.0
         self._leader_last_alive: float | None = None  # wall clock of the leader's last member update
         self._published: tuple[Member, int | None, float] | None = None  # last put: record, lease, when
+        self._wal_server: asyncio.Task[None] | None = None  # serves a seeded replica's WAL (seed.py)
         self._promotion: dict[str, float | str] | None = None  # phases of our current promotion
         self._written_params: dict[str, Any] | None = None  # parameters in the config files now
         self._sync_names: tuple[str, ...] = ()  # in synchronous_standby_names (primary), in order
@@ -849,6 +850,10 @@ class Agent:
             await asyncio.to_thread(self.pg.remove_data_dir)
             return False
         res = seeded.result
+        self._stop_wal_server()
+        self._wal_server = asyncio.create_task(
+            seed.serve_replica_wal(self.cfg, self.pg, seeded), name="replica-wal-handover"
+        )
         log.info(
             "clone_from_backup_finished",
             backup=res.backup_id,
@@ -899,10 +904,17 @@ class Agent:
         from hakeeper.backup import seed
 
         if not seed.has_seed_settings(self.pg.data_dir):
+            self._stop_wal_server()
             return
         await asyncio.to_thread(seed.drop_seed_settings, self.pg.data_dir, self.pg.run_as)
         await self.pg.reload()
+        self._stop_wal_server()
         log.info("clone_from_backup_settings_removed", reason="streaming from the leader")
+
+    def _stop_wal_server(self) -> None:
+        if self._wal_server is not None:
+            self._wal_server.cancel()
+            self._wal_server = None
 
     async def do_rewind(self, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
         self.fence.disarm()
@@ -1316,6 +1328,7 @@ class Agent:
         return 0
 
     async def shutdown(self) -> None:
+        self._stop_wal_server()
         view = self.view() if self.mirror.synced else self.last_view
         was_leader = view.leader is not None and view.leader.name == self.name
         try:

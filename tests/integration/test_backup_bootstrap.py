@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.config import RepositoryConfig, make_repository
@@ -21,6 +22,8 @@ from hakeeper.demo import LocalCluster, prepare_fs_repository
 from hakeeper.proc import resolve_run_as
 from tests.integration.test_backup_restore import hk, ok
 from tests.support.cluster import cluster_tmpdir, free_base_port
+
+pytestmark = pytest.mark.integration
 
 
 class FromBackupCluster(LocalCluster):

@@ -1,7 +1,7 @@
 """Base backups, restore and point-in-time recovery against real PostgreSQL 15 servers.
 
-WAL is archived with the one-shot ``walpush`` helper as ``archive_command`` (running as
-PostgreSQL's OS user) into a filesystem repository (SeaweedFS for the CLI test).  Every
+WAL is archived through a staging directory and walpush's code in the test process (see
+Stager) into a filesystem repository (SeaweedFS for the CLI test).  Every
 restore starts the restored server and checks which rows it has, that it left recovery and
 that it takes a write.
 """
@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +26,11 @@ import psycopg
 import pytest
 import yaml
 
+from hakeeper.backup import walpush
 from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup
 from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target, load_catalog
 from hakeeper.backup.config import RepositoryConfig, WalToolConfig, make_repository
-from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, python_command, restore
+from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
 from hakeeper.config import Credentials, ParamValue, PostgresConfig
 from hakeeper.lsn import parse_lsn
 from hakeeper.pg import Postgres, Role, Upstream
@@ -94,6 +97,7 @@ class Env:
     walconf: Path
     scope: str = SCOPE
     servers: dict[str, PostgresConfig] = field(default_factory=dict)
+    stager: Stager | None = None
 
     def port(self, name: str) -> int:
         return self.servers[name].listen_host_port[1]
@@ -121,12 +125,48 @@ def fs_env(area: PgArea, scope: str = SCOPE) -> Env:
     return make_env(area, cfg, scope)
 
 
+class Stager:
+    """Archiving for these standalone servers.  PostgreSQL's OS user may not be able to run
+    hakeeper's Python (CI: a checkout in a 0700 directory), so ``archive_command`` only copies
+    the file into a staging directory, and a thread of the test process (root) pushes staged
+    files into the repository with walpush's code (``put_unique``), then removes them.  The
+    agent's archiver does the same hand-over with stronger guarantees; test_wal_archive tests it."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.dir = env.area.root / f"stage-{env.scope}"
+        self.dir.mkdir(exist_ok=True)
+        resolve_run_as(env.area.root / "x").chown(self.dir)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def command(self) -> str:
+        d = shlex.quote(str(self.dir))
+        return f"test ! -f {d}/%f && cp %p {d}/.%f.tmp && mv {d}/.%f.tmp {d}/%f"
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for f in sorted(self.dir.iterdir(), key=lambda p: (not p.name.endswith(".history"), p.name)):
+                if f.name.startswith("."):
+                    continue
+                code, _msg = asyncio.run(walpush.push(self.env.walconf, f, f.name))
+                if code == 0:
+                    f.unlink()
+            self.stop.wait(0.05)
+
+
+STAGERS: list[Stager] = []
+
+
 def archive_params(env: Env) -> dict[str, ParamValue]:
-    cmd = python_command("hakeeper.backup.walpush", resolve_run_as(env.area.root / "x"))
+    if env.stager is None:
+        env.stager = Stager(env)
+        STAGERS.append(env.stager)
     return {
         **PARAMS,
         "archive_mode": "on",
-        "archive_command": f"{cmd} --config {env.walconf} %p %f",
+        "archive_command": env.stager.command(),
         "max_wal_size": "256MB",
     }
 
@@ -221,6 +261,7 @@ def do_restore(
         primary=env.endpoint(primary) if primary else None,
         wal_timeout=60,
         start_timeout=120,
+        serve_wal=True,  # without --start these restores are never started (no walfetch needed)
     )
 
     async def go() -> RestoreResult:
@@ -254,6 +295,10 @@ def area() -> Iterator[PgArea]:
     try:
         yield a
     finally:
+        while STAGERS:
+            st = STAGERS.pop()
+            st.stop.set()
+            st.thread.join(10)
         a.cleanup()
 
 

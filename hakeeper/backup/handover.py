@@ -1,0 +1,169 @@
+"""WAL served to a recovering server by the process that restored it (``hakeeper restore``, a
+bootstrap from a backup), through the file system.
+
+``restore_command`` runs as PostgreSQL's OS user, which may not be able to run hakeeper's
+Python at all (a virtualenv below /root, a checkout in a 0700 directory) nor read the
+repository.  So, like the archiver's ``archive_command``, the restore script only hands over:
+it drops a request ``<pg_wal>/.hakeeper-handover/req/<file>`` and waits for
+``out/<file>`` (then moves it to ``%p``: exit 0), ``out/<file>.missing`` (exit 1: not in the
+archive) or ``out/<file>.error`` (exit 200: unknown, recovery must stop rather than end early).
+This process, holding the repository, answers the requests and fetches the next segments ahead
+of replay.  ``pid`` names the serving process; without one alive the script falls back to the
+Python walfetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from hakeeper.backup import layout
+from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.repo import Repository
+from hakeeper.backup.walfetch import HANDOVER_DIR  # the restore script uses the same name
+from hakeeper.log import get_logger
+from hakeeper.proc import RunAs
+
+log = get_logger(__name__)
+
+POLL = 0.02
+PREFETCH = 8
+
+
+def handover_dir(data_dir: Path) -> Path:
+    return data_dir / "pg_wal" / HANDOVER_DIR
+
+
+def _next_segments(fname: str, count: int) -> list[str]:
+    parsed = layout.parse_segment_name(fname)
+    if parsed is None:
+        return []
+    tli, segno = parsed
+    return [layout.segment_name(tli, s) for s in range(segno + 1, segno + 1 + count)]
+
+
+class _Server:
+    def __init__(self, hdir: Path, repo: Repository, scope: str, run_as: RunAs) -> None:
+        self.hdir = hdir
+        self.req = hdir / "req"
+        self.out = hdir / "out"
+        self.repo = repo
+        self.scope = scope
+        self.run_as = run_as
+        self.fetches: dict[str, asyncio.Task[bytes | None]] = {}
+        self.busy: set[str] = set()
+        self.served = 0
+
+    def _mkdirs(self) -> None:
+        for d in (self.hdir, self.req, self.out):
+            d.mkdir(mode=0o700, exist_ok=True)
+            self.run_as.chown(d)
+        pid = self.hdir / "pid"
+        pid.write_text(f"{os.getpid()}\n")
+        os.chmod(pid, 0o644)
+
+    async def _get(self, fname: str) -> bytes | None:
+        key = layout.wal_key(self.scope, fname)
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(
+                    lambda e: isinstance(e, RepoError) and not isinstance(e, NotFound | CorruptObject)
+                ),
+                stop=stop_after_attempt(4),
+                wait=wait_exponential(multiplier=0.5, max=4),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self.repo.get(key)
+        except NotFound:
+            return None
+        return None  # pragma: no cover - the loop returns or raises
+
+    def _fetch(self, fname: str) -> asyncio.Task[bytes | None]:
+        task = self.fetches.get(fname)
+        if task is None:
+            task = asyncio.ensure_future(self._get(fname))
+            self.fetches[fname] = task
+        return task
+
+    def _write(self, name: str, data: bytes) -> None:
+        tmp = self.out / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self.run_as.chown(tmp)
+        os.replace(tmp, self.out / name)
+
+    async def _answer(self, fname: str) -> None:
+        try:
+            if layout.WAL_FILE_RE.match(fname) is None:
+                outcome, data = "error", b""
+            else:
+                try:
+                    got = await self._fetch(fname)
+                except RepoError as e:
+                    log.error("wal_handover_failed", file=fname, error=str(e))
+                    outcome, data = "error", b""
+                else:
+                    outcome, data = ("missing", b"") if got is None else ("ok", got)
+            self.fetches.pop(fname, None)
+            if outcome == "ok":
+                await asyncio.to_thread(self._write, fname, data)
+                self.served += 1
+                for nxt in _next_segments(fname, PREFETCH):
+                    self._fetch(nxt)
+                # forget prefetches behind the one just served
+                parsed = layout.parse_segment_name(fname)
+                for name in list(self.fetches):
+                    p = layout.parse_segment_name(name)
+                    if parsed is not None and p is not None and p[1] < parsed[1]:
+                        self.fetches.pop(name).cancel()
+            else:
+                await asyncio.to_thread(self._write, f"{fname}.{outcome}", b"")
+            with contextlib.suppress(FileNotFoundError):
+                (self.req / fname).unlink()
+        finally:
+            self.busy.discard(fname)
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self._mkdirs)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    names = await asyncio.to_thread(os.listdir, self.req)
+                except FileNotFoundError:
+                    names = []
+                for name in names:
+                    if name not in self.busy and not name.startswith("."):
+                        self.busy.add(name)
+                        t = asyncio.ensure_future(self._answer(name))
+                        tasks.add(t)
+                        t.add_done_callback(tasks.discard)
+                await asyncio.sleep(POLL)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for f in self.fetches.values():
+                f.cancel()
+
+
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path, repo: Repository, scope: str, run_as: RunAs) -> AsyncIterator[None]:
+    """Serve the restore script's WAL requests while the body runs (the server recovers)."""
+    server = _Server(handover_dir(data_dir), repo, scope, run_as)
+    task = asyncio.ensure_future(server.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("wal_handover_done", served=server.served)
+        await asyncio.to_thread(shutil.rmtree, server.hdir, True)
