@@ -29,6 +29,7 @@ import pytest
 
 from hakeeper.backup import layout
 from hakeeper.backup.archiver import Archiver
+from hakeeper.backup.catalog import RestoreRefused
 from hakeeper.backup.config import ArchiveConfig, RepositoryConfig, WalToolConfig, make_repository
 from hakeeper.backup.errors import NotFound
 from hakeeper.backup.repo import FilesystemRepository, Repository
@@ -373,9 +374,15 @@ async def test_recovery_from_the_archive_takes_prefetched_segments(primary: Prim
     """A base backup without WAL, restored with walfetch as restore_command: every segment comes
     from the archive, most of them from the prefetch directory; the data is all there; no
     prefetch worker outlives the recovery."""
+    ra = primary.pg.run_as
+    try:
+        walfetch = python_command("hakeeper.backup.walfetch", ra)
+    except RestoreRefused as e:
+        # e.g. CI: a checkout in a 0700 directory.  hakeeper restore then serves the WAL itself
+        # (handover; test_backup_restore covers that path); this test is about walfetch.
+        pytest.skip(f"PostgreSQL's OS user cannot run hakeeper's Python here: {e}")
     repo = await fs_repo(primary, "fs")
     await primary.start([repo])
-    ra = primary.pg.run_as
     restored = primary.area.data_dir("restored")
     ra.chown(restored.parent)  # pg_basebackup runs as PostgreSQL's OS user
     sock = str(primary.pg.data_dir / SOCKET_SUBDIR)
@@ -404,7 +411,7 @@ async def test_recovery_from_the_archive_takes_prefetched_segments(primary: Prim
             **DynamicConfig().cluster_parameters(),
             **DEFAULT_PARAMS,
             "archive_mode": "off",
-            "restore_command": f"{python_command('hakeeper.backup.walfetch', ra)} --config {conf} %f %p",
+            "restore_command": f"{walfetch} --config {conf} %f %p",
             "recovery_target_action": "promote",
         }
         await pg2.write_config(params, Role.PRIMARY, None, replication_password=None)
