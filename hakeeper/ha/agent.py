@@ -423,6 +423,9 @@ class Agent:
         published = await self.publish(view)
         if published is not None:
             view = replace(view, members={**view.members, self.name: published})
+            # Our own put no longer wakes the loop: the API's facts (lag, ...) come from
+            # last_view, which must hold what we just published, not the record of a cycle ago.
+            self.last_view = view
         decision = decide(view, facts)
         if stale and decision.action not in SAFE_WITHOUT_ETCD:
             decision = Decision(Action.WAIT, f"etcd unreachable; not acting on '{decision.action}'")

@@ -132,6 +132,12 @@ def replicas(c: LocalCluster, primary: str) -> list[str]:
 def test_exactly_one_primary_and_the_others_replicas(cluster: LocalCluster) -> None:
     c = cluster
     prim = api_primary(c)
+    # a replica's lag is known once it has published a record while streaming (<= loop_wait)
+    wait_for(
+        lambda: all(call(s.api_url + "/readiness").status == 200 for s in c.nodes.values()),
+        15,
+        "every node ready",
+    )
     for name, spec in c.nodes.items():
         want = 200 if name == prim else 503
         for path in ("/primary", "/leader", "/read-write"):

@@ -92,6 +92,13 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
 
 
 def test_list_json_and_yaml(cluster: LocalCluster) -> None:
+    # Members publish their state once per loop_wait at most: give the records a moment after
+    # the cluster became ready (SQL-visible) to say so too.
+    wait_for(
+        lambda: sorted(m["role"] for m in listed(cluster)["members"]) == ["primary", "replica", "replica"],
+        15,
+        "list shows 1 primary + 2 replicas",
+    )
     doc = listed(cluster)
     primary = cluster.primary()
     assert doc["leader"] == primary
