@@ -454,18 +454,22 @@ class FromBackupConfig(_Strict):
         return self
 
 
-def parse_target_time(text: str) -> dt.datetime:
-    """ISO 8601 with ``Z`` or an offset; a time without a zone is local time (as the CLI)."""
+def parse_user_time(text: str, example: str = "2026-11-24T07:15:00+01:00") -> dt.datetime:
+    """ISO 8601 with ``Z`` or an offset (kept); a time without a zone is local time.  The one
+    parser of times users give (``--target-time``, ``--scheduled``, ``bootstrap.from_backup``)."""
     t = text.strip()
     if t.endswith(("Z", "z")):
         t = t[:-1] + "+00:00"
     try:
         when = dt.datetime.fromisoformat(t)
     except ValueError:
-        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-24T07:15:00+01:00)") from None
-    if when.tzinfo is None:
-        when = when.astimezone()
-    return when.astimezone(dt.UTC)
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. {example})") from None
+    return when.astimezone() if when.tzinfo is None else when
+
+
+def parse_target_time(text: str) -> dt.datetime:
+    """A recovery target time (see :func:`parse_user_time`), in UTC."""
+    return parse_user_time(text).astimezone(dt.UTC)
 
 
 class BootstrapConfig(_Strict):

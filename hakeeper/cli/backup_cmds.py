@@ -45,6 +45,7 @@ from hakeeper.cli.cluster_cmds import (
 )
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.config import NodeConfig
+from hakeeper.config import parse_target_time as config_time
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.ha.model import ClusterView, MemberRole, MemberState
 from hakeeper.lsn import parse_lsn
@@ -501,18 +502,10 @@ class UsageError(ValueError):
 
 def parse_target_time(text: str) -> dt.datetime:
     """ISO 8601; ``Z`` or an offset; a time without a zone is local time."""
-    t = text.strip()
-    if t.endswith(("Z", "z")):
-        t = t[:-1] + "+00:00"
     try:
-        when = dt.datetime.fromisoformat(t)
-    except ValueError:
-        raise UsageError(
-            f"--target-time: {text!r} is not an ISO 8601 time (e.g. 2026-11-24T07:15:00+01:00)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # local time
-    return when.astimezone(dt.UTC)
+        return config_time(text)
+    except ValueError as e:
+        raise UsageError(f"--target-time: {e}") from None
 
 
 def build_target(

@@ -45,7 +45,7 @@ from hakeeper.cli.cluster_cmds import (
     quiet_logging,
 )
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
-from hakeeper.config import ConfigError, NodeConfig, parse_dynamic_config
+from hakeeper.config import ConfigError, NodeConfig, parse_dynamic_config, parse_user_time
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
 from hakeeper.ha.decide import switchover_live
 from hakeeper.ha.model import ClusterView, Member, MemberRole, MemberState
@@ -182,17 +182,10 @@ def parse_when(text: str | None, now: dt.datetime | None = None) -> dt.datetime 
     """``--scheduled`` -> an aware datetime, or None for now.  A time without a zone is local."""
     if text is None or text.strip().lower() in ("", "now"):
         return None
-    t = text.strip()
-    if t.endswith(("Z", "z")):
-        t = t[:-1] + "+00:00"
     try:
-        when = dt.datetime.fromisoformat(t)
-    except ValueError:
-        raise UsageError(
-            f"--scheduled: {text!r} is not an ISO 8601 time (e.g. 2030-01-31T14:00+01:00)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()
+        when = parse_user_time(text, example="2030-01-31T14:00+01:00")
+    except ValueError as e:
+        raise UsageError(f"--scheduled: {e}") from None
     now = now or dt.datetime.now(dt.UTC)
     if when < now - dt.timedelta(seconds=1):
         raise UsageError(f"--scheduled: {when.isoformat()} is in the past")
