@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +25,6 @@ from tests.support.repo_checks import (
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _config(endpoint: str, bucket: str) -> RepositoryConfig:

@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,16 +168,6 @@ async def primary() -> AsyncIterator[Primary]:
         await p.stop_archiver()
         await p.pg.close()
         area.cleanup()
-
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def fs_repo(primary: Primary, name: str) -> FilesystemRepository:

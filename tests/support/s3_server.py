@@ -4,9 +4,11 @@ demo uses too) on free loopback ports, with a boto3 client for set-up and tamper
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import pytest
 from botocore.config import Config
 
 from hakeeper.s3local import COMPONENTS, LocalS3
@@ -59,3 +61,14 @@ class SeaweedS3(LocalS3):
                 last = e
             time.sleep(0.2)
         raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s: {last}; see {self.log_path}")
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One SeaweedFS per test module (tests/integration/conftest.py provides it), always stopped."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
