@@ -21,12 +21,10 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
-
 from hakeeper.backup import layout
-from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import Repository
-from hakeeper.backup.walfetch import HANDOVER_DIR  # the restore script uses the same name
+from hakeeper.backup.walfetch import HANDOVER_DIR, transient_retry  # the script uses the same dir
 from hakeeper.log import get_logger
 from hakeeper.proc import RunAs
 
@@ -71,14 +69,7 @@ class _Server:
     async def _get(self, fname: str) -> bytes | None:
         key = layout.wal_key(self.scope, fname)
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(
-                    lambda e: isinstance(e, RepoError) and not isinstance(e, NotFound | CorruptObject)
-                ),
-                stop=stop_after_attempt(4),
-                wait=wait_exponential(multiplier=0.5, max=4),
-                reraise=True,
-            ):
+            async for attempt in transient_retry():
                 with attempt:
                     return await self.repo.get(key)
         except NotFound:

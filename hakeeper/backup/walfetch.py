@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 # ====================================================================== fetching (slow path, worker)
 
 
-def _retrying() -> Any:
+def transient_retry() -> Any:
+    """Retries of a repository read on transient errors (not on NotFound or CorruptObject)."""
     from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
     from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
@@ -291,7 +292,7 @@ async def _get_any(
     for rc, repo in repos:
         try:
             if retry:
-                async for attempt in _retrying():
+                async for attempt in transient_retry():
                     with attempt:
                         data = await repo.get(key)
             else:
