@@ -717,7 +717,11 @@ def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
             q(old, "INSERT INTO t (batch) SELECT 'a' FROM generate_series(1, 1000)")
 
             def created() -> Any:
-                res = hk("backup", "create", "-c", conf, "--part-size", "8", "-o", "json")
+                # --from standby: `auto` would fall back to the primary while the replica has
+                # not yet published its streaming state and lag (a race seen in CI).
+                res = hk(
+                    "backup", "create", "-c", conf, "--from", "standby", "--part-size", "8", "-o", "json"
+                )
                 if res.returncode != 0 and "no streaming standby" in res.stderr:
                     return None  # the replica's lag is not published yet
                 return ok(res)
