@@ -86,6 +86,10 @@ def _register_optional_commands() -> None:
         from hakeeper.cli import backup_cmds  # noqa: F401
     except ImportError:  # pragma: no cover - only while the module is being written
         pass
+    try:
+        from hakeeper.cli import dump_cmds  # noqa: F401
+    except ImportError:  # pragma: no cover - only while the module is being written
+        pass
 
 
 def main() -> None:
