@@ -56,6 +56,13 @@ class RepositoryConfig(_Strict):
     ca_file: Path | None = Field(None, description="s3: CA bundle to verify the endpoint's certificate.")
     verify_tls: bool = Field(True, description="s3: verify the endpoint's TLS certificate.")
     offsite: bool = Field(False, description="This repository is the off-site copy (3-2-1 rule).")
+    storage: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Storage type for the 3-2-1 policy check (`hakeeper backup policy`): copies on "
+        "repositories of different types count as different media (default: `disk` for fs, `object` "
+        "for s3; name others yourself, e.g. `nfs`, `tape`).",
+    )
     compression_level: int = Field(3, ge=1, le=19, description="zstd level of stored objects.")
     compression_threads: int = Field(
         0, ge=-1, le=64, description="zstd worker threads per object (0: none, -1: one per CPU)."
@@ -66,6 +73,11 @@ class RepositoryConfig(_Strict):
         description="Backups kept by `hakeeper backup expire` (both rules set: a backup either keeps "
         "is kept).",
     )
+
+    @property
+    def storage_type(self) -> str:
+        """``storage``, else derived from the type: fs -> disk, s3 -> object."""
+        return self.storage or ("disk" if self.type == "fs" else "object")
 
     @field_validator("name")
     @classmethod

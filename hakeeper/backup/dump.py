@@ -34,7 +34,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -402,6 +402,19 @@ async def _tool(
     return res.stdout
 
 
+async def all_or_first_error(aws: Iterable[Awaitable[None]]) -> None:
+    """Run ``aws`` concurrently; on the first error cancel the others and raise that error
+    itself (not an ExceptionGroup: callers catch RepoError, DumpError, CopyError)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 @dataclass
 class _Run:
     repo: Repository
@@ -651,9 +664,7 @@ async def _dump_one(
             if progress is not None:
                 progress(f"upload {db.name}", done, total)
 
-    async with asyncio.TaskGroup() as tg:
-        for rel, path in names:
-            tg.create_task(up(rel, path))
+    await all_or_first_error(up(rel, path) for rel, path in names)
     db.objects = [stored[rel] for rel, _ in names]
     db.size = sum(o.size for o in db.objects)
     db.stored_size = sum(o.stored_size for o in db.objects)
@@ -836,11 +847,10 @@ async def restore_dump(
             if progress is not None:
                 progress("fetch", done, db.size)
 
-        async with asyncio.TaskGroup() as tg:
-            for o in db.objects:
-                tg.create_task(get(f"{db.key}/{o.name}", o.size))
-            if req.globals and rec.globals_object is not None:
-                tg.create_task(get(GLOBALS_NAME, 0))
+        fetches = [get(f"{db.key}/{o.name}", o.size) for o in db.objects]
+        if req.globals and rec.globals_object is not None:
+            fetches.append(get(GLOBALS_NAME, 0))
+        await all_or_first_error(fetches)
         if fmt == "directory":
             archive = tmp / db.key / "dir"
         else:

@@ -258,6 +258,28 @@ class Repository(ABC):
         _, trailer = codec.parse_trailer(tail, name)
         return ObjectStat(name, trailer.size, stored, trailer.sha256, dict(trailer.meta), modified)
 
+    # ------------------------------------------------------------------ stored bytes (copies)
+    async def get_stored(self, name: str) -> AsyncIterator[bytes]:
+        """The stored form of ``name`` (compressed content and trailer) in chunks, unverified:
+        for copying an object to another repository byte for byte (``hakeeper backup copy``)."""
+        check_name(name)
+        async with aclosing(self._load_stream(name)) as raw:
+            async for chunk in raw:
+                yield chunk
+
+    async def put_stored(self, name: str, chunks: AsyncIterable[bytes]) -> int:
+        """Store ``chunks``, the stored form of an object read with :meth:`get_stored`, as
+        ``name`` (replacing; atomically as every write); return the stored size.  An error
+        raised by ``chunks`` before its end stores nothing."""
+        check_name(name)
+
+        async def it() -> AsyncGenerator[bytes, None]:
+            async for c in chunks:
+                yield c
+
+        async with aclosing(it()) as stream:
+            return await self._store_stream(name, stream)
+
 
 # ====================================================================== filesystem
 

@@ -710,3 +710,104 @@ def restore_cmd(
         lines.append(f"  start it  {res.start_command}")
     out.print(escape("\n".join(lines)))
     sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------- backup copy / policy
+
+
+@backup_app.command("copy")
+def backup_copy(
+    item_id: Annotated[str, typer.Argument(help="Backup id, or dump id (D...), from backup/dump list.")],
+    config: ConfigReq,
+    to: Annotated[str, typer.Option("--to", help="Repository to copy into.")],
+    source: Annotated[
+        str | None,
+        typer.Option("--from", help="Repository to copy from (default: the first other one holding it)."),
+    ] = None,
+    output: OutputOpt = "table",
+) -> None:
+    """Copy a base backup (with the WAL it needs) or a dump to another repository, byte for byte
+    (no recompression), and verify the copy."""
+    check_output(output)
+    cfg = load_or_exit(config)
+    quiet_logging()
+    names = [r.name for r in _repo_configs(cfg, None)]
+    for opt, name in (("--to", to), ("--from", source)):
+        if name is not None and name not in names:
+            raise fail(f"{opt}: unknown repository {name!r} (configured: {', '.join(names)})", 2)
+    if source == to:
+        raise fail("--from and --to name the same repository", 2)
+    from hakeeper.backup.copy import CopyError, CopyResult, copy_to
+
+    async def go(progress: ProgressFn | None) -> CopyResult:
+        return await copy_to(cfg.backup, cfg.scope, item_id, to, source=source, progress=progress)
+
+    try:
+        with progress_bars(output == "table", {"copy": "objects copied"}) as bars:
+            res = asyncio.run(go(bars))
+    except (CopyError, RepoError) as e:
+        raise fail(str(e)) from None
+    if output != "table":
+        emit_data(output, res.to_dict())
+        return
+    lines = [
+        f"{res.kind} {res.item_id}: {res.source} -> {res.target}, "
+        + (
+            "already there"
+            if res.already_there
+            else f"{res.objects} objects, {human_bytes(res.stored_bytes)} copied and verified"
+        ),
+    ]
+    if res.kind == "backup":
+        lines.append(f"  WAL      {res.wal_copied} files copied, {res.wal_present} already there")
+    lines.extend(f"  note     {n}" for n in res.notes)
+    out.print(escape("\n".join(lines)))
+
+
+@backup_app.command("policy")
+def backup_policy(
+    config: ConfigReq,
+    copies: Annotated[int, typer.Option("--copies", help="Copies each backup needs.", min=1)] = 3,
+    storage_types: Annotated[
+        int, typer.Option("--storage-types", help="Different storage types among them.", min=1)
+    ] = 2,
+    offsite: Annotated[int, typer.Option("--offsite", help="Off-site copies among them.", min=0)] = 1,
+    output: OutputOpt = "table",
+) -> None:
+    """The 3-2-1 check: does every retained backup and dump have 3 copies, on 2 storage types,
+    1 off-site?  Exit 1 when one does not (or a repository cannot be read)."""
+    check_output(output)
+    cfg = load_or_exit(config)
+    quiet_logging()
+    _repo_configs(cfg, None)
+    from hakeeper.backup.policy import Rule, check_policy
+
+    report = asyncio.run(check_policy(cfg.backup, cfg.scope, Rule(copies, storage_types, offsite)))
+    if output != "table":
+        emit_data(output, report.to_dict())
+    else:
+        t = Table(title=f"3-2-1 policy of {cfg.scope}: {report.rule.describe()}")
+        for col in ("ID", "Kind", "Time (UTC)", "Copies", "Storage", "Off-site", "OK", "Missing"):
+            t.add_column(col)
+        for r in report.rows:
+            t.add_row(
+                r.id,
+                r.kind,
+                catalog.iso(r.time).replace("T", " ").rstrip("Z")[:19] if r.time else "",
+                escape(", ".join(r.repositories)),
+                escape(", ".join(r.storage_types)),
+                escape(", ".join(r.offsite)) or "-",
+                "[green]yes[/]" if r.ok else "[bold red]NO[/]",
+                escape("; ".join(r.missing)),
+            )
+        out.print(t)
+        repos = ", ".join(
+            f"{f.name} ({f.storage}{', off-site' if f.offsite else ''})" for f in report.repositories
+        )
+        err.print(escape(f"repositories: {repos}"))
+        for name, e in report.unreadable.items():
+            err.print(escape(f"warning: {name} could not be read: {e}"))
+        for n in report.notes:
+            err.print(escape(f"note: {n}"))
+    if not report.ok:
+        raise typer.Exit(1)

@@ -75,6 +75,29 @@ INSERT INTO notes SELECT g, repeat('x', 200) FROM generate_series(1, 500) g;
 """
 
 
+def seaweed_repo(seaweed: SeaweedS3, name: str, bucket: str, **extra: Any) -> RepositoryConfig:
+    """A repository in a new bucket of the SeaweedFS fixture (created)."""
+    cfg = RepositoryConfig.model_validate(
+        {
+            "name": name,
+            "type": "s3",
+            "endpoint": seaweed.endpoint,
+            "bucket": bucket,
+            "access_key": ACCESS_KEY,
+            "secret_key": SECRET_KEY,
+            "timeout": 20,
+            **extra,
+        }
+    )
+
+    async def init() -> None:
+        async with make_repository(cfg) as r:
+            await r.initialize()
+
+    asyncio.run(init())
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def server(seaweed: SeaweedS3) -> Iterator[Server]:
     area = PgArea()
@@ -102,23 +125,7 @@ def server(seaweed: SeaweedS3) -> Iterator[Server]:
         sql(port, "CREATE ROLE app_reader LOGIN PASSWORD 'r' CONNECTION LIMIT 7")
         fs_root = area.root / "repo-fs"
         fs_root.mkdir()
-        s3_cfg = RepositoryConfig.model_validate(
-            {
-                "name": "s3",
-                "type": "s3",
-                "endpoint": seaweed.endpoint,
-                "bucket": "hk-dump-test",
-                "access_key": ACCESS_KEY,
-                "secret_key": SECRET_KEY,
-                "timeout": 20,
-            }
-        )
-
-        async def init() -> None:
-            async with make_repository(s3_cfg) as r:
-                await r.initialize()
-
-        asyncio.run(init())
+        s3_cfg = seaweed_repo(seaweed, "s3", "hk-dump-test")
         (dead,) = free_ports(1)  # no etcd: --from local and restores into the node itself
         repo_s3 = s3_cfg.model_dump(mode="json", exclude_none=True)
         repo_s3["secret_key"] = SECRET_KEY
