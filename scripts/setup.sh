@@ -10,7 +10,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(postgresql-15 etcd-server haproxy python3-venv make)
+PACKAGES=(postgresql-15 etcd-server haproxy python3-venv make zstd)
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.hakeeper-setup-stamp"

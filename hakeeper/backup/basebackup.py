@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import datetime as dt
 import fcntl
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import zstandard
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import PutResult, Repository
 from hakeeper.config import Credentials, secret_value
+from hakeeper.fsutil import libc
 from hakeeper.log import get_logger
 from hakeeper.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo
@@ -332,6 +337,8 @@ async def create_backup(
     wal_timeout: float = 300.0,
     manifest_checksums: str = "CRC32C",
     progress: ProgressFn | None = None,
+    compress_on: str = "server",
+    staging_dir: Path | None = None,
 ) -> BackupRecord:
     """Back ``source`` up into ``repo`` and return the complete record (BackupError otherwise).
 
@@ -364,7 +371,13 @@ async def create_backup(
     await run.save()
     log.info("backup_started", id=bid, repo=repo.name, source=source.address, standby=facts.in_recovery)
     try:
-        await _copy(run, source, replication, bin_dir, part_size, parallel, wal_timeout, facts)
+        if compress_on == "server" and facts.version_num >= 150000:
+            record.layout = catalog.LAYOUT_STREAM
+            await _copy_compressed(
+                run, source, replication, bin_dir, part_size, parallel, wal_timeout, facts, staging_dir
+            )
+        else:
+            await _copy(run, source, replication, bin_dir, part_size, parallel, wal_timeout, facts)
         await _wait_for_wal(run, primary, superuser, wal_timeout)
     except BaseException as e:
         msg = str(e) if isinstance(e, BackupError | RepoError) else f"{type(e).__name__}: {e}"
@@ -412,17 +425,16 @@ def _stored(name: str, r: PutResult) -> StoredObject:
     return StoredObject(name=name, size=r.size, stored_size=r.stored_size, sha256=r.sha256)
 
 
-async def _copy(
-    run: _Run,
+async def _spawn_pg_basebackup(
+    bin_dir: Path,
     source: Endpoint,
     replication: Credentials,
-    bin_dir: Path,
-    part_size: int,
-    parallel: int,
-    wal_timeout: float,
-    facts: SourceFacts,
-) -> None:
-    rec = run.record
+    target: str,
+    rec: BackupRecord,
+    *extra_args: str,
+) -> asyncio.subprocess.Process:
+    """pg_basebackup of ``source`` in tar format into ``target`` (``-``: its standard output,
+    a pipe), without WAL; standard error is a pipe."""
     conninfo = build_conninfo(
         host=source.host,
         port=source.port,
@@ -436,7 +448,7 @@ async def _copy(
         "-d",
         conninfo,
         "-D",
-        "-",
+        target,
         "-Ft",
         "-X",
         "none",
@@ -445,21 +457,36 @@ async def _copy(
         "--no-password",
         "-l",
         rec.label,
+        *extra_args,
     ]
     extra = {"LC_ALL": "C", "LC_MESSAGES": "C"}
     password = secret_value(replication.password)
     if password is not None:
         extra["PGPASSWORD"] = password
-    t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE if target == "-" else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=child_env(RunAs(), extra),
         start_new_session=True,
         limit=READ_CHUNK,
     )
+
+
+async def _copy(
+    run: _Run,
+    source: Endpoint,
+    replication: Credentials,
+    bin_dir: Path,
+    part_size: int,
+    parallel: int,
+    wal_timeout: float,
+    facts: SourceFacts,
+) -> None:
+    rec = run.record
+    t0 = time.monotonic()
+    proc = await _spawn_pg_basebackup(bin_dir, source, replication, "-", rec)
     assert proc.stdout is not None and proc.stderr is not None
     grow_pipe(proc, 1)
     stderr_buf = bytearray()
@@ -473,30 +500,7 @@ async def _copy(
 
     err_task = asyncio.create_task(drain_stderr())
     scanner = TarScanner()
-    results: dict[int, PutResult] = {}
-    sem = asyncio.Semaphore(max(1, parallel))
-    tasks: list[asyncio.Task[None]] = []
-
-    async def upload(index: int, data: bytes) -> None:
-        try:
-            name = catalog.part_name(index)
-            results[index] = await run.repo.put(
-                catalog.object_key(run.scope, rec.id, name),
-                data,
-                meta={"backup": rec.id, "part": str(index)},
-            )
-        finally:
-            sem.release()
-
-    def check_tasks() -> None:
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-
-    async def submit(data: bytes) -> None:
-        await sem.acquire()
-        check_tasks()
-        tasks.append(asyncio.create_task(upload(len(tasks), data)))
+    parts = _PartUploader(run, parallel)
 
     total = 0
     pending: list[bytes] = []  # chunks of the part being filled (joined once: one copy)
@@ -535,12 +539,12 @@ async def _copy(
                 part = b"".join(pending)
                 pending.clear()
                 pending_size = 0
-                await submit(part)
+                await parts.submit(part)
                 if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
                     rec.size = total
                     await run.save()
-        if pending or not tasks:
-            await submit(b"".join(pending))
+        if pending or not parts.tasks:
+            await parts.submit(b"".join(pending))
             pending.clear()
         try:
             # A primary waits (server side) until the backup's last segment is archived.
@@ -554,16 +558,15 @@ async def _copy(
         if rc != 0:
             tail = stderr_buf.decode(errors="replace").strip().splitlines()[-8:]
             raise BackupError(f"pg_basebackup from {source.address} failed (exit {rc}):\n" + "\n".join(tail))
-        await asyncio.gather(*tasks)
+        results = await parts.finish()
     except BaseException:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             await proc.wait()
         err_task.cancel()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, err_task, return_exceptions=True)
+        await parts.cancel()
+        await asyncio.gather(err_task, return_exceptions=True)
         raise
     rec.stop_time = catalog.utcnow()
     rec.seconds_copy = round(time.monotonic() - t0, 3)
@@ -581,19 +584,11 @@ async def _copy(
         raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
     man = await run.repo.put(catalog.object_key(run.scope, rec.id, catalog.MANIFEST_NAME), manifest_raw)
     rec.manifest = _stored(catalog.MANIFEST_NAME, man)
-    rec.parts = [_stored(catalog.part_name(i), results[i]) for i in range(len(tasks))]
+    rec.parts = [_stored(catalog.part_name(i), r) for i, r in enumerate(results)]
     rec.size = total
     rec.stored_size = sum(p.stored_size for p in rec.parts) + man.stored_size
     rec.files = scanner.regular_files
-    rec.backup_label = scanner.files["backup_label"].decode(errors="replace")
-    rec.timeline = label.start_timeline
-    rec.start_lsn = format_lsn(label.start_lsn)
-    rec.stop_lsn = format_lsn(ranges[-1].end_lsn)
-    rec.stop_timeline = ranges[-1].timeline
-    if facts.in_recovery != label.from_standby:
-        log.warning("backup_source_role_changed", id=rec.id, label_from_standby=label.from_standby)
-        assert rec.source is not None
-        rec.source.standby = label.from_standby
+    _set_label_fields(rec, label, scanner.files["backup_label"], ranges, facts)
     await run.save()
     log.info(
         "backup_copied",
@@ -604,6 +599,264 @@ async def _copy(
         stop_lsn=rec.stop_lsn,
         seconds=rec.seconds_copy,
     )
+
+
+# ------------------------------------------------------------ server-side compression
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of a consumed range of the staging file (its size stays)."""
+    fallocate = libc().fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return bool(fallocate(fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length) == 0)
+
+
+_FALLOC_KEEP_SIZE = 0x01
+_FALLOC_PUNCH_HOLE = 0x02
+FOLLOW_POLL = 0.05
+
+
+class _LabelReader:
+    """Decompresses the start of the server's zstd stream until ``backup_label`` (the first
+    member) is complete; the rest of the stream is never decompressed here."""
+
+    LIMIT = 64 << 20
+
+    def __init__(self) -> None:
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.scanner = TarScanner(capture=("backup_label",))
+        self.out = 0
+
+    @property
+    def label(self) -> bytes | None:
+        return self.scanner.files.get("backup_label")
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), 65536):
+            if self.label is not None:
+                return
+            try:
+                out = self._dobj.decompress(view[i : i + 65536])
+            except zstandard.ZstdError as e:
+                raise BackupError(f"the server's compressed backup stream is not valid zstd: {e}") from e
+            self.out += len(out)
+            try:
+                self.scanner.feed(out)
+            except TarFormatError as e:
+                raise BackupError(f"pg_basebackup's output is not a valid tar stream: {e}") from e
+            if self.label is None and (self.out > self.LIMIT or len(self.scanner.members) > 1):
+                raise BackupError("the backup stream does not start with backup_label")
+
+
+async def _copy_compressed(
+    run: _Run,
+    source: Endpoint,
+    replication: Credentials,
+    bin_dir: Path,
+    part_size: int,
+    parallel: int,
+    wal_timeout: float,
+    facts: SourceFacts,
+    staging_dir: Path | None,
+) -> None:
+    """The server compresses (``--compress=server-zstd``, ``parallel`` worker threads on the
+    server); pg_basebackup writes ``base.tar.zst`` and ``backup_manifest`` into a staging
+    directory.  The growing ``base.tar.zst`` is followed and cut into parts that are stored as
+    they are (no second compression); the consumed ranges of the staging file are freed (a hole
+    punched), so the staging directory never holds more than the parts in flight.
+
+    Why: pg_basebackup cannot put the manifest into a compressed stream on its standard output,
+    and compressing on the server is the fastest way there is (the data crosses the connection
+    compressed, the server's zstd runs in threads; see docs/benchmarks.md)."""
+    rec = run.record
+    level = max(1, min(run.repo.level, 19))
+    spec = f"server-zstd:level={level}" + (f",workers={parallel}" if parallel > 1 else "")
+    where = str(staging_dir) if staging_dir else None
+    stage = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"hakeeper-backup-{rec.id}-", dir=where))
+    out_dir = stage / "pgbb"
+    t0 = time.monotonic()
+    proc = await _spawn_pg_basebackup(bin_dir, source, replication, str(out_dir), rec, f"--compress={spec}")
+    assert proc.stderr is not None
+    err_task = asyncio.create_task(proc.stderr.read())
+    wait_task = asyncio.create_task(proc.wait())
+    parts = _PartUploader(run, parallel, as_is=True)
+    label = _LabelReader()
+    stream = out_dir / "base.tar.zst"
+    fd: int | None = None
+    offset = 0  # bytes read from the staging file
+    freed = 0  # bytes of it whose blocks were released
+    can_punch = True
+    pending: list[bytes] = []
+    pending_size = 0
+    idle_timeout = max(wal_timeout, 300.0)
+    last_growth = time.monotonic()
+
+    def read_some() -> bytes:
+        assert fd is not None
+        return os.pread(fd, READ_CHUNK, offset)
+
+    try:
+        while True:
+            finished = wait_task.done()
+            if fd is None:
+                try:
+                    fd = os.open(stream, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    fd = None
+            got_any = False
+            while fd is not None:
+                chunk = await asyncio.to_thread(read_some)
+                if not chunk:
+                    break
+                got_any = True
+                offset += len(chunk)
+                if label.label is None:
+                    await asyncio.to_thread(label.feed, chunk)
+                pending.append(chunk)
+                pending_size += len(chunk)
+                run.tick("copy", offset, None)
+                if pending_size >= part_size:
+                    part = b"".join(pending)
+                    pending.clear()
+                    pending_size = 0
+                    await parts.submit(part)
+                    if can_punch and offset > freed:
+                        can_punch = await asyncio.to_thread(_punch_hole, fd, freed, offset - freed)
+                        freed = offset
+                    if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
+                        await run.save()
+            if finished:
+                break  # everything written before the exit has been read
+            now = time.monotonic()
+            if got_any:
+                last_growth = now
+            elif now - last_growth > idle_timeout:
+                raise BackupError(
+                    f"pg_basebackup wrote nothing for {idle_timeout:.0f}s (after {offset} compressed "
+                    "bytes): a checkpoint that does not finish, or the server waiting for the "
+                    "archiving of the backup's last WAL segment (is archive_command working?)"
+                )
+            await asyncio.wait([wait_task], timeout=FOLLOW_POLL)
+        rc = wait_task.result()
+        stderr = (await err_task).decode(errors="replace")
+        if rc != 0:
+            tail = stderr.strip().splitlines()[-8:]
+            raise BackupError(f"pg_basebackup from {source.address} failed (exit {rc}):\n" + "\n".join(tail))
+        if pending or not parts.tasks:
+            await parts.submit(b"".join(pending))
+            pending.clear()
+        others = sorted(
+            p.name for p in out_dir.iterdir() if p.name not in ("base.tar.zst", "backup_manifest")
+        )
+        if others:
+            names = ", ".join(others)
+            raise BackupError(f"pg_basebackup wrote more than the base archive ({names}): tablespaces?")
+        try:
+            manifest_raw = await asyncio.to_thread((out_dir / "backup_manifest").read_bytes)
+        except FileNotFoundError:
+            raise BackupError("pg_basebackup wrote no backup_manifest") from None
+        results = await parts.finish()
+    except BaseException:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+        err_task.cancel()
+        wait_task.cancel()
+        await parts.cancel()
+        await asyncio.gather(err_task, wait_task, return_exceptions=True)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+        await asyncio.to_thread(shutil.rmtree, stage, True)
+    rec.stop_time = catalog.utcnow()
+    rec.seconds_copy = round(time.monotonic() - t0, 3)
+    if label.label is None:
+        raise BackupError("the backup stream has no backup_label")
+    try:
+        manifest = json.loads(manifest_raw)
+        files = manifest["Files"]
+        ranges = catalog.manifest_wal_ranges(manifest)
+        parsed = catalog.parse_backup_label(label.label.decode())
+    except (ValueError, KeyError, TypeError) as e:
+        raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
+    man = await run.repo.put(catalog.object_key(run.scope, rec.id, catalog.MANIFEST_NAME), manifest_raw)
+    rec.manifest = _stored(catalog.MANIFEST_NAME, man)
+    rec.parts = [_stored(catalog.part_name(i), r) for i, r in enumerate(results)]
+    rec.size = sum(int(f.get("Size", 0)) for f in files)
+    rec.stored_size = sum(p.stored_size for p in rec.parts) + man.stored_size
+    rec.files = len(files)
+    _set_label_fields(rec, parsed, label.label, ranges, facts)
+    await run.save()
+    log.info(
+        "backup_copied",
+        id=rec.id,
+        size=rec.size,
+        compressed=offset,
+        parts=len(rec.parts),
+        start_lsn=rec.start_lsn,
+        stop_lsn=rec.stop_lsn,
+        seconds=rec.seconds_copy,
+        compression=spec,
+    )
+
+
+def _set_label_fields(
+    rec: BackupRecord,
+    label: catalog.BackupLabel,
+    label_raw: bytes,
+    ranges: list[catalog.WalRange],
+    facts: SourceFacts,
+) -> None:
+    rec.backup_label = label_raw.decode(errors="replace")
+    rec.timeline = label.start_timeline
+    rec.start_lsn = format_lsn(label.start_lsn)
+    rec.stop_lsn = format_lsn(ranges[-1].end_lsn)
+    rec.stop_timeline = ranges[-1].timeline
+    if facts.in_recovery != label.from_standby:
+        log.warning("backup_source_role_changed", id=rec.id, label_from_standby=label.from_standby)
+        assert rec.source is not None
+        rec.source.standby = label.from_standby
+
+
+class _PartUploader:
+    """Stores parts ``parallel`` at a time, in the order given (part 0, 1, ...)."""
+
+    def __init__(self, run: _Run, parallel: int, *, as_is: bool = False) -> None:
+        self.run = run
+        self.as_is = as_is
+        self.sem = asyncio.Semaphore(max(1, parallel))
+        self.tasks: list[asyncio.Task[PutResult]] = []
+
+    async def _upload(self, index: int, data: bytes) -> PutResult:
+        try:
+            rec = self.run.record
+            return await self.run.repo.put(
+                catalog.object_key(self.run.scope, rec.id, catalog.part_name(index)),
+                data,
+                meta={"backup": rec.id, "part": str(index)},
+                as_is=self.as_is,
+            )
+        finally:
+            self.sem.release()
+
+    async def submit(self, data: bytes) -> None:
+        await self.sem.acquire()
+        for t in self.tasks:  # fail early: a part that could not be stored ends the backup
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                self.sem.release()
+                raise t.exception()  # type: ignore[misc]
+        self.tasks.append(asyncio.create_task(self._upload(len(self.tasks), data)))
+
+    async def finish(self) -> list[PutResult]:
+        return list(await asyncio.gather(*self.tasks))
+
+    async def cancel(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def _segment_present(repo: Repository, key: str) -> bool:

@@ -31,7 +31,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,6 +45,12 @@ RECORD_NAME = "backup.json"
 MANIFEST_NAME = "backup_manifest"
 PART_PREFIX = "base.tar."
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
+# How the tar stream is stored in the parts.  zstd-parts: every part a zstd frame of its own
+# (hakeeper compressed the stream).  zstd-stream: the server compressed the whole stream
+# (pg_basebackup --compress=server-zstd); the parts are consecutive slices of that one zstd
+# stream, stored as they are (see codec.encode_raw).
+LAYOUT_PARTS: Final = "zstd-parts"
+LAYOUT_STREAM: Final = "zstd-stream"
 # A "running" record not refreshed for this long belongs to a backup that died (kill -9, host
 # lost): it is treated as failed.  A running backup refreshes its record every 30 s.
 STALE_AFTER = dt.timedelta(minutes=15)
@@ -84,6 +90,7 @@ class BackupRecord(_Model):
     id: str
     label: str
     kind: Literal["full"] = "full"
+    layout: Literal["zstd-parts", "zstd-stream"] = LAYOUT_PARTS
     status: BackupStatus
     error: str | None = None
     scope: str
@@ -101,7 +108,7 @@ class BackupRecord(_Model):
     wal_start: str | None = None  # first WAL segment the backup needs
     wal_stop: str | None = None  # last one
     wal_segments: int = 0
-    size: int = 0  # bytes of the tar stream (the data directory)
+    size: int = 0  # bytes of the data directory (tar stream; zstd-stream: the manifest's files)
     stored_size: int = 0  # bytes stored for the parts and the manifest
     parts: list[StoredObject] = Field(default_factory=list)
     manifest: StoredObject | None = None

@@ -11,6 +11,14 @@ version, codec, the *uncompressed* size and SHA-256, and the caller's metadata. 
 it from the last 16 bytes (length, CRC, marker), decompresses everything before it and checks size
 and SHA-256: any mismatch, a missing trailer or a zstd error is :class:`CorruptObject`.
 
+Content that is already compressed (the slices of a zstd stream that PostgreSQL compressed
+itself, see :mod:`hakeeper.backup.basebackup`) is stored as is, without a second compression::
+
+    skippable frame: "HKRAW" head | content | skippable frame: trailer (codec "none")
+
+The head tells a streaming reader, from the first bytes, that the content follows unchanged;
+size and SHA-256 in the trailer are those of the content (the bytes as given).
+
 The functions here are synchronous and CPU-bound; the repositories call them in a worker
 thread for anything but small data (zstd and hashlib release the GIL).
 """
@@ -30,13 +38,17 @@ import zstandard
 from hakeeper.backup.errors import CorruptObject
 
 CODEC = "zstd"
+CODEC_NONE = "none"  # content stored as given (already compressed)
+_CODECS = (CODEC, CODEC_NONE)
 FORMAT_VERSION = 1
 DEFAULT_LEVEL = 3
 MAX_TRAILER = 64 * 1024  # a trailer is never longer; readers fetch at most this much of the tail
 _SKIPPABLE_MAGIC = 0x184D2A5E
 _MARKER = b"HKOBJ\x00v1"
+_RAW_PAYLOAD = b"HKRAW\x00v1"
 _FRAME_HEAD = struct.Struct("<II")  # skippable magic, frame size
 _TAIL = struct.Struct("<II8s")  # JSON length, CRC-32 of the JSON, marker
+RAW_HEAD = _FRAME_HEAD.pack(_SKIPPABLE_MAGIC, len(_RAW_PAYLOAD)) + _RAW_PAYLOAD
 _META_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _MAX_META = 16
 
@@ -112,14 +124,15 @@ def parse_trailer(tail: bytes, name: str) -> tuple[int, Trailer]:
         raise CorruptObject(name, "trailer checksum mismatch")
     try:
         doc = json.loads(body)
-        if doc["v"] != FORMAT_VERSION or doc["codec"] != CODEC:
+        if doc["v"] != FORMAT_VERSION or doc["codec"] not in _CODECS:
             raise CorruptObject(name, f"unknown format {doc['v']!r}/{doc['codec']!r}")
         size, sha, meta = doc["size"], doc["sha256"], doc["meta"]
         if not (isinstance(size, int) and isinstance(sha, str) and isinstance(meta, dict)):
             raise TypeError("field types")
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptObject(name, f"trailer unreadable: {e}") from e
-    return total, Trailer(size=size, sha256=sha, meta={str(k): str(v) for k, v in meta.items()})
+    meta = {str(k): str(v) for k, v in meta.items()}
+    return total, Trailer(size=size, sha256=sha, meta=meta, codec=str(doc["codec"]))
 
 
 class Encoder:
@@ -150,6 +163,12 @@ def encode(
     return cctx.compress(data) + trailer.to_bytes(), trailer
 
 
+def encode_raw(data: bytes, meta: Mapping[str, str]) -> tuple[bytes, Trailer]:
+    """The stored form of already compressed ``data``: kept as is (see the module doc)."""
+    trailer = Trailer(size=len(data), sha256=sha256_hex(data), meta=dict(meta), codec=CODEC_NONE)
+    return RAW_HEAD + data + trailer.to_bytes(), trailer
+
+
 class Decoder:
     """Streaming decompression and verification of a stored object, trailer included.
 
@@ -165,10 +184,15 @@ class Decoder:
         self._held = bytearray()
         self._sha = hashlib.sha256()
         self._size = 0
+        self._raw: bool | None = None  # known once the first bytes are in
 
     def _decompress(self, data: bytes) -> bytes:
         if not data:
             return b""
+        if self._raw:
+            self._sha.update(data)
+            self._size += len(data)
+            return data
         if self._dobj.eof:
             raise CorruptObject(self.name, "data after the end of the zstd frame")
         try:
@@ -181,9 +205,16 @@ class Decoder:
         self._size += len(out)
         return out
 
+    def _sniff(self) -> None:
+        if self._raw is None and len(self._held) >= len(RAW_HEAD):
+            self._raw = self._held.startswith(RAW_HEAD)
+            if self._raw:
+                del self._held[: len(RAW_HEAD)]
+
     def feed(self, chunk: bytes) -> bytes:
         self._held += chunk
-        if len(self._held) <= MAX_TRAILER:
+        self._sniff()
+        if len(self._held) <= MAX_TRAILER or self._raw is None:
             return b""
         cut = len(self._held) - MAX_TRAILER
         data = bytes(self._held[:cut])
@@ -191,10 +222,13 @@ class Decoder:
         return self._decompress(data)
 
     def finish(self) -> tuple[bytes, Trailer]:
+        self._sniff()
         total, trailer = parse_trailer(bytes(self._held), self.name)
+        if bool(self._raw) != (trailer.codec == CODEC_NONE):
+            raise CorruptObject(self.name, f"head and trailer disagree on the codec ({trailer.codec})")
         out = self._decompress(bytes(self._held[: len(self._held) - total]))
         self._held.clear()
-        if not self._dobj.eof:
+        if not self._raw and not self._dobj.eof:
             raise CorruptObject(self.name, "zstd frame truncated")
         if self._size != trailer.size:
             raise CorruptObject(self.name, f"size {self._size} != recorded {trailer.size}")
@@ -205,6 +239,16 @@ class Decoder:
 
 def decode(blob: bytes, name: str) -> tuple[bytes, Trailer]:
     """Content and trailer of a whole stored object, verified."""
+    if blob.startswith(RAW_HEAD):  # stored as is: no copy through the streaming decoder
+        total, trailer = parse_trailer(blob[-MAX_TRAILER:], name)
+        if trailer.codec != CODEC_NONE:
+            raise CorruptObject(name, f"head and trailer disagree on the codec ({trailer.codec})")
+        content = blob[len(RAW_HEAD) : len(blob) - total]
+        if len(content) != trailer.size:
+            raise CorruptObject(name, f"size {len(content)} != recorded {trailer.size}")
+        if sha256_hex(content) != trailer.sha256:
+            raise CorruptObject(name, "sha256 of the content does not match the recorded one")
+        return content, trailer
     dec = Decoder(name)
     head = dec.feed(blob)
     rest, trailer = dec.finish()

@@ -123,7 +123,6 @@ class _Server:
             self.busy.discard(fname)
 
     async def run(self) -> None:
-        await asyncio.to_thread(self._mkdirs)
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -149,6 +148,9 @@ class _Server:
 async def serving(data_dir: Path, repo: Repository, scope: str, run_as: RunAs) -> AsyncIterator[None]:
     """Serve the restore script's WAL requests while the body runs (the server recovers)."""
     server = _Server(handover_dir(data_dir), repo, scope, run_as)
+    # The directories and the pid file exist before the body starts the server: a restore
+    # script that found no pid file would fall back to starting Python for every file.
+    await asyncio.to_thread(server._mkdirs)
     task = asyncio.ensure_future(server.run())
     try:
         yield

@@ -152,16 +152,23 @@ class Repository(ABC):
         await self.close()
 
     # ------------------------------------------------------------------ public operations
-    async def _encode(self, data: bytes, meta: Mapping[str, str] | None) -> tuple[bytes, codec.Trailer]:
+    async def _encode(
+        self, data: bytes, meta: Mapping[str, str] | None, *, as_is: bool = False
+    ) -> tuple[bytes, codec.Trailer]:
         m = codec.validate_meta(meta or {})
+        if as_is:
+            return await asyncio.to_thread(codec.encode_raw, data, m)
         if len(data) <= _INLINE_LIMIT:
             return codec.encode(data, m, self.level, 0)
         return await asyncio.to_thread(codec.encode, data, m, self.level, self.threads)
 
-    async def put(self, name: str, data: bytes, *, meta: Mapping[str, str] | None = None) -> PutResult:
-        """Store ``data`` as ``name``, replacing any existing object (atomically)."""
+    async def put(
+        self, name: str, data: bytes, *, meta: Mapping[str, str] | None = None, as_is: bool = False
+    ) -> PutResult:
+        """Store ``data`` as ``name``, replacing any existing object (atomically).  ``as_is``:
+        the data is already compressed; store it without compressing it again."""
         check_name(name)
-        blob, trailer = await self._encode(data, meta)
+        blob, trailer = await self._encode(data, meta, as_is=as_is)
         await self._store(name, blob, trailer, exclusive=False)
         return PutResult(name, trailer.size, len(blob), trailer.sha256)
 

@@ -209,10 +209,30 @@ def backup_create(
         float,
         typer.Option("--wal-timeout", help="Seconds to wait for the backup's WAL to be archived.", min=1),
     ] = 300.0,
-    part_size: Annotated[int, typer.Option("--part-size", help="MiB per stored part.", min=8, max=4096)] = 64,
+    part_size: Annotated[
+        int, typer.Option("--part-size", help="MiB per stored part (compressed).", min=1, max=4096)
+    ] = 64,
     parallel: Annotated[
-        int, typer.Option("--parallel", help="Parts compressed and stored at once.", min=1)
+        int,
+        typer.Option(
+            "--parallel",
+            help="zstd threads on the server (client: parts compressed at once); parts stored at once.",
+            min=1,
+        ),
     ] = 2,
+    compress_on: Annotated[
+        str,
+        typer.Option(
+            "--compress-on",
+            help="server: PostgreSQL compresses (15+, fastest); client: this process compresses every part.",
+        ),
+    ] = "server",
+    staging_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--staging-dir", help="Where pg_basebackup's compressed output passes (default: $TMPDIR)."
+        ),
+    ] = None,
     output: OutputOpt = "table",
 ) -> None:
     """Take a full base backup into one repository (default: the first configured).
@@ -222,6 +242,10 @@ def backup_create(
     check_output(output)
     if source not in ("auto", "primary", "standby", "local"):
         raise fail(f"--from must be auto, primary, standby or local, not {source!r}", 2)
+    if compress_on not in ("server", "client"):
+        raise fail(f"--compress-on must be server or client, not {compress_on!r}", 2)
+    if staging_dir is not None and not staging_dir.is_dir():
+        raise fail(f"--staging-dir {staging_dir} is not a directory", 2)
     cfg = load_or_exit(config)
     quiet_logging()
     rc = _repo_configs(cfg, repo)[0]
@@ -249,6 +273,8 @@ def backup_create(
                 parallel=parallel,
                 wal_timeout=wal_timeout,
                 progress=progress,
+                compress_on=compress_on,
+                staging_dir=staging_dir,
             )
         finally:
             await r.close()

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ SCOPE = "bk"
 SU = Credentials(username="postgres", password="su-secret")  # type: ignore[arg-type]
 REPL = Credentials(username="replicator", password="repl-secret")  # type: ignore[arg-type]
 BIN = find_bin_dir(None)
-PART = 8 << 20  # small parts: every backup has several, fetched and stored in parallel
+PART = 256 << 10  # small parts: every backup has several, fetched and stored in parallel
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -222,6 +223,8 @@ def start_standby(env: Env, name: str, source: str) -> PostgresConfig:
 def backup(env: Env, source: str, primary: str | None = None, **kw: Any) -> BackupRecord:
     kw.setdefault("wal_timeout", 60)
     kw.setdefault("part_size", PART)
+    stage = Path(tempfile.mkdtemp(prefix="hk-stage-"))
+    kw.setdefault("staging_dir", stage)
 
     async def go() -> BackupRecord:
         async with make_repository(env.repo_cfg) as repo:
@@ -236,7 +239,15 @@ def backup(env: Env, source: str, primary: str | None = None, **kw: Any) -> Back
                 **kw,
             )
 
-    return asyncio.run(go())
+    try:
+        rec = asyncio.run(go())
+        assert rec.layout == "zstd-stream" or kw.get("compress_on") == "client"
+        return rec
+    finally:
+        # the server-compressed stream passes through the staging directory and never stays
+        left = os.listdir(stage)
+        shutil.rmtree(stage, ignore_errors=True)
+        assert left == [], left
 
 
 def do_restore(
@@ -565,7 +576,21 @@ def test_cli_backup_and_restore_on_s3(area: PgArea) -> None:
         insert(p, "a", 5000)
         conf = node_yaml(env, "p", area.root / "node.yml")
         created = ok(
-            hk("backup", "create", "-c", str(conf), "--from", "local", "--part-size", "8", "-o", "json")
+            # --compress-on client: this end-to-end test keeps the parts-compressed-here layout covered
+            hk(
+                "backup",
+                "create",
+                "-c",
+                str(conf),
+                "--from",
+                "local",
+                "--part-size",
+                "8",
+                "--compress-on",
+                "client",
+                "-o",
+                "json",
+            )
         )
         assert created["status"] == "complete" and len(created["parts"]) >= 2
         bid = created["id"]

@@ -449,3 +449,46 @@ def test_wal_ranges_compact_listing() -> None:
         seg(2, 6),
         f"{seg(1, 3)}.partial",
     ]
+
+
+# ---------------------------------------------------------------------------------- recovery settings
+
+
+@pytest.mark.parametrize(
+    ("kind", "start", "action"),
+    [
+        ("time", True, "pause"),  # hakeeper watches the server: pause, then a fast promotion
+        ("name", True, "pause"),
+        ("time", False, "promote"),  # the user starts it: it must promote by itself
+        ("latest", True, "promote"),  # no target to pause at
+    ],
+)
+def test_recovery_target_action(kind: str, start: bool, action: str) -> None:
+    from pathlib import Path
+
+    from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestorePlan, Target
+    from hakeeper.backup.restore import RestoreOptions, recovery_settings
+    from hakeeper.config import Credentials
+    from hakeeper.proc import RunAs
+
+    t = Target(kind, time=dt.datetime(2026, 1, 1, tzinfo=dt.UTC) if kind == "time" else None, name="rp")  # type: ignore[arg-type]
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rec = BackupRecord(id="b", label="b", status=BackupStatus.COMPLETE, scope="s", repository="r",
+                       start_time=now, updated_at=now)  # fmt: skip
+    plan = RestorePlan(
+        backup=rec, timeline=1, history=[], segments=[], covered_until=None, covered_until_modified=None
+    )
+    opts = RestoreOptions(
+        data_dir=Path("/x"),
+        target=t,
+        bin_dir=Path("/b"),
+        run_as=RunAs(),
+        superuser=Credentials(username="postgres"),
+        start=start,
+        port=5,
+    )
+    s = recovery_settings(opts, plan, "cmd %f %p", "/tmp")
+    assert s["recovery_target_action"] == action
+    assert s["archive_mode"] is False
+    if action == "pause":
+        assert s["hot_standby"] is True

@@ -95,6 +95,73 @@ def test_stored_object_is_a_plain_zstd_file() -> None:
     assert reader.read() == b"hello" * 1000
 
 
+@given(data=st.binary(max_size=20_000), cuts=st.lists(st.integers(1, 5000), max_size=8))
+def test_raw_objects_round_trip_in_any_chunking(data: bytes, cuts: list[int]) -> None:
+    """Already compressed content is stored as is: whole and streamed reads give it back,
+    the trailer says codec none with size and SHA-256 of the content."""
+    blob, trailer = codec.encode_raw(data, {"part": "3"})
+    assert blob.startswith(codec.RAW_HEAD) and data in blob
+    assert (trailer.codec, trailer.size, trailer.sha256) == ("none", len(data), codec.sha256_hex(data))
+    assert codec.decode(blob, "x") == (data, trailer)
+    dec = codec.Decoder("x")
+    out = bytearray()
+    pos = 0
+    for step in [*cuts, len(blob)]:
+        out += dec.feed(blob[pos : pos + step])
+        pos += step
+    rest, read_trailer = dec.finish()
+    assert bytes(out + rest) == data and read_trailer == trailer
+
+
+@given(data=st.binary(min_size=1, max_size=3000), where=st.floats(0, 1), bit=st.integers(0, 7))
+def test_raw_objects_never_return_altered_content(data: bytes, where: float, bit: int) -> None:
+    blob = bytearray(codec.encode_raw(data, {})[0])
+    blob[min(int(where * len(blob)), len(blob) - 1)] ^= 1 << bit
+
+    def streamed(b: bytes) -> bytes:
+        dec = codec.Decoder("x")
+        head = dec.feed(b)
+        return head + dec.finish()[0]
+
+    for read in (lambda b: codec.decode(b, "x")[0], streamed):
+        try:
+            got = read(bytes(blob))
+        except CorruptObject:
+            continue
+        assert got == data
+
+
+def test_raw_and_compressed_heads_cannot_be_mixed_up() -> None:
+    data = wal_like(256 << 10)
+    raw, _ = codec.encode_raw(data, {})
+    packed, _ = codec.encode(data, {})
+    # a compressed object's trailer after a raw head (and the other way round) is refused
+    body = raw[: len(raw) - len(codec.encode_raw(b"", {})[1].to_bytes())]
+    mixed = body + codec.encode(data, {})[1].to_bytes()
+    for blob in (mixed, codec.RAW_HEAD + packed):
+        with pytest.raises(CorruptObject):
+            codec.decode(blob, "x")
+        dec = codec.Decoder("x")
+        with pytest.raises(CorruptObject):
+            dec.feed(blob)
+            dec.finish()
+
+
+async def test_fs_stores_compressed_data_as_is(tmp_path: Path) -> None:
+    import zstandard
+
+    repo = FilesystemRepository(tmp_path / "repo", name="local")
+    await repo.initialize()
+    data = zstandard.ZstdCompressor().compress(wal_like(1 << 20))
+    put = await repo.put("b/part", data, as_is=True)
+    assert (put.size, put.sha256) == (len(data), codec.sha256_hex(data))
+    assert put.stored_size < len(data) + 1024
+    assert await repo.get("b/part") == data
+    assert b"".join([c async for c in repo.get_stream("b/part")]) == data
+    st_ = await repo.stat("b/part")
+    assert (st_.size, st_.sha256) == (len(data), put.sha256)
+
+
 def test_object_names_are_checked() -> None:
     for bad in ("", "/abs", "a//b", "../x", "a/../b", ".hidden", "a/.tmp", "sp ace", "a/"):
         with pytest.raises(ValueError):
