@@ -94,8 +94,18 @@ def node_status(agent: Agent) -> dict[str, Any]:
         "loop_age": round(max(0.0, time.monotonic() - a.loop_heartbeat), 3),
         "tags": a.cfg.tags.model_dump(),
         "version": __version__,
-        "archive": a.archiver.status() if a.archiver is not None else None,
+        "archive": _archive_doc(a),
     }
+
+
+def _archive_doc(agent: Agent) -> dict[str, Any] | None:
+    """The archiver's status plus the heartbeat that keeps its RPO measurable (issue 6, 5a)."""
+    if agent.archiver is None:
+        return None
+    doc = agent.archiver.status()
+    hb = agent.heartbeat
+    doc["heartbeat"] = None if hb is None else {**hb.status(), "last_beat_at": iso(hb.last_beat_at)}
+    return doc
 
 
 def _replay_lag_seconds(agent: Agent) -> dict[str, float] | None:

@@ -468,6 +468,10 @@ class RepoState:
     probing: bool = False
     draining: set[str] = field(default_factory=set)
     background: set[asyncio.Future[tuple[str, str | None]]] = field(default_factory=set)
+    # archive RPO: stored WAL files (name -> when they became .ready) not yet folded into
+    # durable_at, the .ready time of the newest file with every older one stored here too
+    stored_ready: dict[str, float] = field(default_factory=dict)
+    durable_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -600,6 +604,7 @@ class Archiver:
         self._last_sweep = 0.0
         self._prepared = False
         self._closed = False
+        self._rpo_baselined = False
         self._init_metrics(registry or CollectorRegistry())
 
     # ------------------------------------------------------------------ metrics
@@ -654,6 +659,13 @@ class Archiver:
             "1 while this node may archive (primary holding the leader key)",
             registry=r,
         )
+        self.m_rpo = Gauge(
+            "hakeeper_archive_rpo_seconds",
+            "Archive RPO per repository: age of the newest WAL durable there (now minus the time the "
+            "newest segment stored with every older one became ready); on the archiving primary only",
+            ["repository"],
+            registry=r,
+        )
         self.m_latency = Histogram(
             "hakeeper_archive_latency_seconds",
             "From a WAL file's .ready to its hand-back to PostgreSQL (durable)",
@@ -672,6 +684,7 @@ class Archiver:
             self.m_repo_up.labels(name).set(1 if rs.up else 0)
             if rs.last_success_at is not None:
                 self.m_last_success.labels(name).set(rs.last_success_at)
+        self._refresh_rpo(time.time())
 
     # ------------------------------------------------------------------ set-up
 
@@ -826,6 +839,9 @@ class Archiver:
             self._refresh_metrics()
             return
         if self._allowed is not True:
+            if not self._rpo_baselined:
+                self._rpo_baselined = True
+                self._rpo_baseline()
             if self._allowed is False:
                 log.info("archive_resumed", ready=len(ready), queued=len(self.queue.entries))
             self._allowed = True
@@ -1010,6 +1026,7 @@ class Archiver:
             rs.failed(f"{type(e).__name__}: {e}", now)
             return _Outcome.ERROR, str(e)
         rs.ok(name)
+        self._note_durable(rs, name)
         self.m_files.labels(rs.name).inc()
         self.m_last_success.labels(rs.name).set(rs.last_success_at or time.time())
         return _Outcome.STORED, None
@@ -1358,6 +1375,63 @@ class Archiver:
                 )
         self.switch_check = {"timeline": tli, "switch_lsn": format_lsn(switch), "repositories": results}
 
+    # ------------------------------------------------------------------ archive RPO (issue 6, 5a)
+
+    def _note_durable(self, rs: RepoState, name: str) -> None:
+        """``name`` is stored in ``rs``: remember when it became .ready (its content is older)."""
+        if is_history(name):
+            return  # says nothing about how far WAL is durable
+        f = self.files.get(name)
+        if f is not None:
+            rs.stored_ready[name] = f.ready_at
+            return
+        with contextlib.suppress(OSError):  # a queued file: its queue copy is as old as .ready or younger
+            rs.stored_ready[name] = self.queue.path(rs.name, name).stat().st_mtime
+            return
+        rs.stored_ready[name] = time.time()
+
+    def _rpo_baseline(self) -> None:
+        """At this process's first activation: WAL PostgreSQL marked ``.done`` was archived before
+        (by an earlier agent: it hands back only durable files); the newest one's mtime (kept by
+        the rename from .ready) starts the RPO of every repository with nothing queued."""
+        newest = 0.0
+        with contextlib.suppress(OSError), os.scandir(self.status_dir) as it:
+            for e in it:
+                if e.name.endswith(".done") and layout.parse_segment_name(e.name[:-5]) is not None:
+                    with contextlib.suppress(OSError):
+                        newest = max(newest, e.stat().st_mtime)
+        if newest:
+            for rs in self.repos.values():
+                if rs.durable_at is None and not self.queue.files_for(rs.name):
+                    rs.durable_at = newest
+
+    def rpo_seconds(self, now: float) -> dict[str, float | None]:
+        return {
+            name: None if rs.durable_at is None else max(0.0, now - rs.durable_at)
+            for name, rs in self.repos.items()
+        }
+
+    def _refresh_rpo(self, now: float) -> None:
+        """Fold stored files into ``durable_at`` up to the oldest WAL file still missing in a
+        repository (live and not stored there, or queued for it): restore replays WAL in order,
+        so nothing after a hole is restorable from that repository."""
+        if not self._allowed:
+            self.m_rpo.clear()  # only the archiving primary knows; after a promotion, start afresh
+            for rs in self.repos.values():
+                rs.durable_at = None
+                rs.stored_ready.clear()
+            return
+        for name, rs in self.repos.items():
+            missing = [f.name for f in self.files.values() if name not in f.stored and not is_history(f.name)]
+            missing += [n for n in self.queue.files_for(name) if not is_history(n)]
+            first_missing = min(missing, default=None)
+            for n, t in list(rs.stored_ready.items()):
+                if first_missing is None or n < first_missing:
+                    rs.durable_at = t if rs.durable_at is None else max(rs.durable_at, t)
+                    del rs.stored_ready[n]
+            if rs.durable_at is not None:
+                self.m_rpo.labels(name).set(max(0.0, now - rs.durable_at))
+
     # ------------------------------------------------------------------ status
 
     def latency_quantiles(self, qs: Sequence[float] = (0.5, 0.99)) -> dict[str, float | None]:
@@ -1372,6 +1446,7 @@ class Archiver:
         """Counts, last archived file and last error per repository (JSON-able; no I/O)."""
         pending = [f for f in self.files.values() if not f.done]
         conflicted = sorted(f.name for f in self.files.values() if f.conflicts and not f.done)
+        now = time.time()
         repos = []
         for name, rs in self.repos.items():
             repos.append(
@@ -1387,6 +1462,8 @@ class Archiver:
                     "last_success_at": _iso(rs.last_success_at),
                     "last_error": rs.last_error,
                     "last_error_at": _iso(rs.last_error_at),
+                    "rpo_seconds": None if rs.durable_at is None else round(max(0.0, now - rs.durable_at), 3),
+                    "durable_through": _iso(rs.durable_at),
                 }
             )
         return {

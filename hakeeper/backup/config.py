@@ -178,11 +178,87 @@ class ArchiveConfig(_Strict):
     )
 
 
+ScheduleKind = Literal["full", "dump", "verify"]
+
+
+class ScheduleRetention(_Strict):
+    """What a schedule keeps of what its kind produces, per repository (see docs/schedules.md).
+    Both set: an item either rule keeps is kept; neither: nothing is expired by the schedule."""
+
+    count: int | None = Field(None, ge=1, description="Keep the newest N.")
+    days: float | None = Field(None, gt=0, description="Keep everything younger than this many days.")
+
+
+class ScheduleConfig(_Strict):
+    """One entry of ``backup.schedules``: a job the leader runs once per cron slot."""
+
+    name: str = Field(description="Schedule name, unique among the node's schedules (its etcd key).")
+    kind: ScheduleKind = Field(
+        description="`full`: a base backup; `dump`: a logical dump; `verify`: a restore drill."
+    )
+    cron: str = Field(
+        description="Cron expression: five fields (minute hour day month weekday), or six where the "
+        "sixth is seconds (`*/20 * * * * */10`: every 10 s, for tests and demos)."
+    )
+    timezone: str = Field("UTC", description="Time zone the cron expression is read in (IANA name).")
+    repositories: list[str] | None = Field(
+        None, description="Repositories the job runs for, one after another (default: every one)."
+    )
+    source: Literal["auto", "standby", "primary"] = Field(
+        "auto", description="full: what to back up (auto: a streaming standby, else the primary)."
+    )
+    retention: ScheduleRetention = Field(
+        default_factory=ScheduleRetention,
+        description="Applied per repository after each successful run (full: the repository's "
+        "backups, like `hakeeper backup expire`; it replaces the repository's own `retention`).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _sched_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', not starting with '.' or '-'")
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from croniter import croniter
+
+        v = " ".join(v.split())
+        if len(v.split()) not in (5, 6) or not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a cron expression of 5 (or 6, with seconds) fields")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+
+# The classic production schedule (used when backup.schedules is not given and there is at least
+# one repository): WAL continuously (the archiver), a logical dump daily kept 30 days, a base
+# backup weekly kept 90 days, an export (a dump) monthly kept a year.  docs/schedules.md.
+DEFAULT_SCHEDULES: tuple[dict[str, object], ...] = (
+    {"name": "weekly-full", "kind": "full", "cron": "0 1 * * 0", "retention": {"days": 90}},
+    {"name": "daily-dump", "kind": "dump", "cron": "0 2 * * *", "retention": {"days": 30}},
+    {"name": "monthly-export", "kind": "dump", "cron": "0 3 1 * *", "retention": {"days": 365}},
+)
+
+
 class BackupConfig(_Strict):
     repositories: list[RepositoryConfig] = Field(
         default_factory=list, description="Where WAL and backups go; each gets all of them."
     )
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
+    row_counts: RowCountConfig = Field(default_factory=RowCountConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
     replica_from_backup: bool = Field(
         True,
         description="A replica that needs a full copy restores the newest complete backup of this "
@@ -195,6 +271,19 @@ class BackupConfig(_Strict):
         description="...but only when the leader is at most this many bytes of WAL past the backup's "
         "end (older backups would replay longer than a fresh copy takes).",
     )
+    schedules: list[ScheduleConfig] | None = Field(
+        None,
+        description="Jobs the leader runs on cron slots (docs/schedules.md).  Not given: the classic "
+        "schedule when there is a repository (weekly full kept 90 days, daily dump kept 30 days, "
+        "monthly export kept a year); `[]`: none.",
+    )
+    heartbeat_interval: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="The leader upserts its row in `hakeeper.heartbeat` (database postgres) this "
+        "often (s), so WAL flows and the archive RPO is measurable; 0: off.  Only with a repository.",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> BackupConfig:
@@ -203,6 +292,39 @@ class BackupConfig(_Strict):
         if dup:
             raise ValueError(f"repository names must be unique; repeated: {', '.join(dup)}")
         return self
+
+    @model_validator(mode="after")
+    def _schedules_valid(self) -> BackupConfig:
+        scheds = self.schedules or []
+        counts = Counter(s.name for s in scheds)
+        dup = sorted(n for n, c in counts.items() if c > 1)
+        if dup:
+            raise ValueError(f"schedules: names must be unique; repeated: {', '.join(dup)}")
+        known = {r.name for r in self.repositories}
+        retained: dict[str, str] = {}
+        if scheds and not known:
+            raise ValueError("schedules: there is no repository to run them for (backup.repositories)")
+        for i, s in enumerate(scheds):
+            unknown = sorted(set(s.repositories or ()) - known)
+            if unknown:
+                raise ValueError(f"schedules.{i}.repositories: unknown repository {', '.join(unknown)}")
+            if s.kind == "full" and (s.retention.count is not None or s.retention.days is not None):
+                for r in s.repositories or sorted(known):
+                    if r in retained:
+                        raise ValueError(
+                            f"schedules.{i}.retention: full schedules {retained[r]} and {s.name} both "
+                            f"set the retention of repository {r}'s backups (set it on one)"
+                        )
+                    retained[r] = s.name
+        return self
+
+    def effective_schedules(self) -> list[ScheduleConfig]:
+        """``schedules``, or the classic ones when not given and there is a repository."""
+        if self.schedules is not None:
+            return list(self.schedules)
+        if not self.repositories:
+            return []
+        return [ScheduleConfig.model_validate(d) for d in DEFAULT_SCHEDULES]
 
 
 def make_repository(cfg: RepositoryConfig) -> Repository:

@@ -86,6 +86,8 @@ def _register_optional_commands() -> None:
         from hakeeper.cli import backup_cmds  # noqa: F401
     except ImportError:  # pragma: no cover - only while the module is being written
         pass
+    from hakeeper.cli import schedule_cmds  # noqa: F401
+
     try:
         from hakeeper.cli import dump_cmds  # noqa: F401
     except ImportError:  # pragma: no cover - only while the module is being written

@@ -63,6 +63,8 @@ from hakeeper.proc import CommandFailed
 
 if TYPE_CHECKING:
     from hakeeper.backup.archiver import Archiver
+    from hakeeper.backup.heartbeat import Heartbeat
+    from hakeeper.backup.schedule import ScheduleRunner
 
 log = get_logger("hakeeper.agent")
 
@@ -137,6 +139,8 @@ class Agent:
         self._archive_overridden: set[str] = set()
         self._bootstrap_retry_at = 0.0
         self.archiver: Archiver | None = self._make_archiver()
+        self.scheduler: ScheduleRunner | None = self._make_scheduler()
+        self.heartbeat: Heartbeat | None = self._make_heartbeat()
 
     # -- fence plumbing ---------------------------------------------------------------------------
 
@@ -746,6 +750,44 @@ class Agent:
             node=self.name,
         )
 
+    # -- backup schedules and heartbeat (hakeeper/backup/schedule.py, heartbeat.py) --------------
+
+    def _make_scheduler(self) -> ScheduleRunner | None:
+        schedules = self.cfg.backup.effective_schedules()
+        if not schedules:
+            return None
+        from hakeeper.backup.schedule import ScheduleRunner
+
+        return ScheduleRunner(
+            cfg=self.cfg,
+            schedules=schedules,
+            client=self.client,
+            lookup=lambda key: self.mirror.kvs.get(key),  # the mirror replaces its dict on a re-list
+            view=lambda: self.last_view,
+            refusal=self.archive_refusal,
+            registry=self.metrics.registry,
+        )
+
+    def _make_heartbeat(self) -> Heartbeat | None:
+        b = self.cfg.backup
+        if not b.repositories or b.heartbeat_interval <= 0:
+            return None
+        from hakeeper.backup.basebackup import Endpoint
+        from hakeeper.backup.heartbeat import Heartbeat
+
+        return Heartbeat(
+            node=self.name,
+            endpoint=Endpoint(self.name, self.pg.connect_host, self.pg.port),
+            superuser=self.cfg.postgresql.superuser,
+            interval=b.heartbeat_interval,
+            term=self._leader_term,
+        )
+
+    def _leader_term(self) -> int | None:
+        """Our term while we may write as the leader (the archive's conditions), else None."""
+        leader = self.last_view.leader
+        return leader.term if leader is not None and self.archive_refusal() is None else None
+
     def _archive_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """archive_mode and archive_command on every node (only a primary archives with 'on';
         archive_mode needs a restart, so it is there from a node's first start), and
@@ -1316,6 +1358,10 @@ class Agent:
                     tg.create_task(self._fence_watch(), name="fence"),
                     tg.create_task(self._loop(), name="loop"),
                 ]
+                if self.scheduler is not None:
+                    tasks.append(tg.create_task(self.scheduler.run(), name="scheduler"))
+                if self.heartbeat is not None:
+                    tasks.append(tg.create_task(self.heartbeat.run(), name="heartbeat"))
                 await self.stopping.wait()
                 log.info("agent_stopping")
                 for t in tasks:
