@@ -485,6 +485,12 @@ def _socket_dir(data_dir: Path, port: int | None) -> str:
     return path
 
 
+def pauses_at_target(opts: RestoreOptions) -> bool:
+    """Whether the restored server pauses at its target for hakeeper to promote it: only when
+    hakeeper starts and watches it, and there is a target."""
+    return opts.start and opts.target.kind != "latest"
+
+
 def recovery_settings(
     opts: RestoreOptions, plan: RestorePlan, restore_command: str, socket_dir: str
 ) -> dict[str, str | int | bool]:
@@ -504,7 +510,7 @@ def recovery_settings(
     if t.kind in ("time", "lsn", "xid"):
         s["recovery_target_inclusive"] = t.inclusive
     s["recovery_target_action"] = "promote"
-    if opts.start and t.kind != "latest":
+    if pauses_at_target(opts):
         # We start the server and watch it: it pauses at the target and we promote it
         # (pg_promote).  A promotion on request ends recovery with an end-of-recovery record
         # and a checkpoint in the background; recovery_target_action=promote makes the
@@ -665,6 +671,7 @@ async def _start_and_wait(
     )
     seen_pid = False
     promoted_at: float | None = None
+    early_promote = pauses_at_target(opts)
     deadline = t0 + opts.start_timeout
     asked_at_ready, last_ask = 0, t0
     while True:
@@ -702,6 +709,14 @@ async def _start_and_wait(
                     row = await cur.fetchone()
                     in_recovery = bool(row[0]) if row else None
                     paused = bool(row[1]) if row else False
+                    if in_recovery and not paused and early_promote:
+                        # Ask for the promotion now, long before the target: in archive
+                        # recovery (recovery.signal, not standby.signal) the startup process
+                        # looks at the request only once paused at the target, where it then
+                        # promotes at once (the first check of its pause loop).  A promotion
+                        # requested while paused waits for its next check, up to a second.
+                        early_promote = False
+                        await conn.execute("SELECT pg_promote(false)")
                     if paused:
                         # At the target (recovery_target_action = pause; a target never
                         # reached ends recovery with a FATAL instead): promote now.

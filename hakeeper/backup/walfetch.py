@@ -89,13 +89,15 @@ FAST_PATH_SCRIPT = """#!/bin/sh
 f="$1"; p="$2"
 h="$(dirname "$p")/{handover}"
 if [ -f "$h/pid" ] && [ -d "/proc/$(cat "$h/pid" 2>/dev/null)" ]; then
-  # the restoring process serves WAL (it can read the repository; we may not)
+  # the restoring process serves WAL (it can read the repository; we may not); segments it
+  # wrote ahead of the request are taken at once (it is told, to write the next ones)
+  if [ "${{#f}}" -eq 24 ] && mv -f "$h/out/$f" "$p" 2>/dev/null; then : > "$h/req/$f.taken"; exit 0; fi
   : > "$h/req/$f" || exit 200
   while [ -d "/proc/$(cat "$h/pid" 2>/dev/null)" ]; do
     if [ -f "$h/out/$f" ]; then mv -f "$h/out/$f" "$p" && exit 0; exit 200; fi
     if [ -f "$h/out/$f.missing" ]; then rm -f "$h/out/$f.missing"; exit 1; fi
     if [ -f "$h/out/$f.error" ]; then rm -f "$h/out/$f.error"; exit 200; fi
-    sleep 0.02
+    sleep 0.01
   done
   exit 200
 fi
