@@ -69,9 +69,13 @@ class Heartbeat:
         log.info("heartbeat_started", interval=self.interval, table="hakeeper.heartbeat")
         try:
             while True:
-                term = self.term()
-                if term is not None:
-                    await self.beat(term)
+                try:
+                    term = self.term()
+                    if term is not None:
+                        await self.beat(term)
+                except Exception:  # an optional feature must never end the agent's task group
+                    log.exception("heartbeat_error")
+                    await self.close()
                 await asyncio.sleep(self.interval)
         finally:
             await self.close()
