@@ -74,6 +74,27 @@ class Metrics:
             "hakeeper_decisions", "HA decisions taken, by action", ["action"], registry=r
         )
 
+        # restore drills (hakeeper verify): the CLI is short-lived, so every agent exports the
+        # last drill's result from etcd (<prefix>/verify/last and last_success)
+        self.verify_last_success = Gauge(
+            "hakeeper_verify_last_success_timestamp",
+            "End of the last restore drill that passed (Unix time)",
+            registry=r,
+        )
+        self.verify_last = Gauge(
+            "hakeeper_verify_last_timestamp", "End of the last restore drill (Unix time)", registry=r
+        )
+        self.verify_last_ok = Gauge(
+            "hakeeper_verify_last_result", "1 if the last restore drill passed, 0 if it failed", registry=r
+        )
+        self.verify_rto = Gauge(
+            "hakeeper_verify_rto_seconds",
+            "RTO measured by the last restore drill that passed, by phase (plan, fetch, decompress, "
+            "wal_replay, promote, total)",
+            ["phase"],
+            registry=r,
+        )
+
     def etcd_observer(self, path: str, seconds: float, ok: bool) -> None:
         self.etcd_latency.labels(path, "ok" if ok else "error").observe(seconds)
 
@@ -98,6 +119,26 @@ class Metrics:
             for r in st.replication:
                 if (lag := r.replay_lag_seconds) is not None:
                     self.replica_lag_seconds.labels(r.application_name).set(lag)
+        self.refresh_verify(agent)
+
+    def refresh_verify(self, agent: Agent) -> None:
+        from hakeeper.backup.verify import etcd_last_key, etcd_success_key, metric_values
+
+        kvs = agent.mirror.kvs
+        last, success = kvs.get(etcd_last_key(agent.cfg.prefix)), kvs.get(etcd_success_key(agent.cfg.prefix))
+        v = metric_values(last.value if last else None, success.value if success else None)
+        for gauge, key in (
+            (self.verify_last, "last_timestamp"),
+            (self.verify_last_ok, "last_ok"),
+            (self.verify_last_success, "last_success_timestamp"),
+        ):
+            if v[key] is None:
+                gauge.set(float("nan"))
+            else:
+                gauge.set(v[key])
+        self.verify_rto.clear()
+        for phase, seconds in v["rto"].items():
+            self.verify_rto.labels(phase).set(seconds)
 
     def render(self, agent: Agent) -> bytes:
         self.refresh(agent)

@@ -40,6 +40,7 @@ import zstandard
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
+from hakeeper.backup.config import RowCountConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import PutResult, Repository
 from hakeeper.config import Credentials, secret_value
@@ -339,11 +340,14 @@ async def create_backup(
     progress: ProgressFn | None = None,
     compress_on: str = "server",
     staging_dir: Path | None = None,
+    row_counts: RowCountConfig | None = None,
 ) -> BackupRecord:
     """Back ``source`` up into ``repo`` and return the complete record (BackupError otherwise).
 
     ``primary`` is where ``pg_switch_wal()`` runs when the source is a standby (default: the
-    standby's upstream, if that is a primary)."""
+    standby's upstream, if that is a primary).  With ``row_counts`` (enabled), the row counts
+    of every table and a restore point are recorded on the primary once the data is copied
+    (:func:`record_row_counts`; a failure there is recorded, never fails the backup)."""
     facts = await source_facts(source, superuser)
     if facts.extra_tablespaces:
         raise BackupError(
@@ -389,6 +393,10 @@ async def create_backup(
             if nudge is not None:
                 nudge.cancel()
                 await asyncio.gather(nudge, return_exceptions=True)
+        if row_counts is not None and row_counts.enabled:
+            record.row_counts = await record_row_counts(
+                primary, superuser, bid, max_bytes=row_counts.max_bytes, timeout=row_counts.timeout
+            )
         await _wait_for_wal(run, primary, superuser, wal_timeout)
     except BaseException as e:
         msg = str(e) if isinstance(e, BackupError | RepoError) else f"{type(e).__name__}: {e}"
@@ -981,3 +989,185 @@ async def _wait_for_wal(run: _Run, primary: Endpoint | None, superuser: Credenti
             )
         await asyncio.sleep(0.5)
     rec.seconds_wal_wait = round(time.monotonic() - t0, 3)
+
+
+# ============================================================================ row counts
+
+
+USER_TABLES_SQL = (
+    "SELECT n.nspname::text, c.relname::text, pg_relation_size(c.oid)"
+    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relkind = 'r' AND c.relpersistence = 'p'"
+    " AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    " AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'"
+    " ORDER BY 1, 2"
+)
+DATABASES_SQL = "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A ``pg_current_snapshot()``: xmin, xmax and the transactions in progress."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+
+def nothing_committed_between(before: Snapshot, after: Snapshot) -> bool:
+    """Whether no transaction can have committed (or aborted) between two snapshots: every one
+    in progress at ``before``, and every one started since, is still in progress at ``after``.
+    (Conservative: a transaction that ended without changing rows counts as a change.)"""
+    if after.xmax < before.xmax:
+        return False
+    started = after.xmax - before.xmax
+    if started > len(after.xip):  # more new transactions than can still be in progress
+        return False
+    need = set(before.xip) | set(range(before.xmax, after.xmax))
+    return need <= after.xip
+
+
+def table_name(schema: str, table: str) -> str:
+    return f"{schema}.{table}"
+
+
+async def count_tables(
+    conn: psycopg.AsyncConnection[Any], tables: list[tuple[str, str]]
+) -> tuple[dict[str, int], list[str]]:
+    """``count(*)`` of each table on ``conn`` (in its current transaction, one savepoint per
+    table); the counts, and the tables that could not be counted (dropped meanwhile, say)."""
+    from psycopg import sql as pgsql
+
+    counts: dict[str, int] = {}
+    failed: list[str] = []
+    for schema, table in tables:
+        q = pgsql.SQL("SELECT count(*) FROM {}.{}").format(pgsql.Identifier(schema), pgsql.Identifier(table))
+        try:
+            if conn.autocommit:
+                cur = await conn.execute(q)
+                row = await cur.fetchone()
+            else:
+                async with conn.transaction():
+                    cur = await conn.execute(q)
+                    row = await cur.fetchone()
+        except psycopg.errors.UndefinedTable:
+            failed.append(table_name(schema, table))
+            continue
+        counts[table_name(schema, table)] = int(row[0]) if row else 0
+    return counts, failed
+
+
+def restore_point_name(backup_id: str) -> str:
+    return f"hakeeper-{backup_id}"
+
+
+async def record_row_counts(
+    primary: Endpoint | None, creds: Credentials, backup_id: str, *, max_bytes: int, timeout: float
+) -> catalog.RowCounts:
+    """Row counts of every permanent user table of every database, exact per database (one
+    REPEATABLE READ snapshot each), and a restore point right after the snapshots were taken:
+    a restore to that point holds exactly these rows when no transaction committed in between
+    (``exact``; see :func:`nothing_committed_between`).  The snapshots are all taken first and
+    the restore point created at once, so the window is the time to open the connections, not
+    the time of the counting.  Never raises: a failure is recorded as ``skipped``."""
+    t0 = time.monotonic()
+    rc = catalog.RowCounts(taken_at=catalog.utcnow())
+    if primary is None:
+        rc.skipped = "no primary known to count rows and create a restore point on"
+        return rc
+    conns: list[psycopg.AsyncConnection[Any]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            await _count_rows(primary, creds, backup_id, max_bytes, rc, conns)
+    except TimeoutError:
+        rc.skipped = f"counting took longer than {timeout:.0f}s (backup.row_counts.timeout)"
+    except (psycopg.Error, OSError, ValueError) as e:
+        rc.skipped = f"{primary.name} ({primary.address}): {str(e).strip()}"
+    finally:
+        for c in conns:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await c.close()
+    if rc.skipped:
+        rc.tables = {}
+        rc.exact = False
+        log.warning("backup_row_counts_skipped", id=backup_id, reason=rc.skipped)
+    rc.seconds = round(time.monotonic() - t0, 3)
+    return rc
+
+
+async def _count_rows(
+    primary: Endpoint,
+    creds: Credentials,
+    backup_id: str,
+    max_bytes: int,
+    rc: catalog.RowCounts,
+    conns: list[psycopg.AsyncConnection[Any]],
+) -> None:
+    kw = conn_kwargs(primary, creds)
+    admin = await psycopg.AsyncConnection.connect(**kw)
+    conns.append(admin)
+    cur = await admin.execute("SELECT pg_is_in_recovery()")
+    row = await cur.fetchone()
+    if row is None or row[0]:
+        rc.skipped = f"{primary.name} is not a primary (in recovery): no restore point possible"
+        return
+    databases = [r[0] for r in await (await admin.execute(DATABASES_SQL)).fetchall()]
+    # 1. one REPEATABLE READ snapshot per database, and its table list
+    per_db: dict[str, tuple[psycopg.AsyncConnection[Any], Snapshot, list[tuple[str, str]]]] = {}
+    total = 0
+    for db in databases:
+        conn = await psycopg.AsyncConnection.connect(**{**kw, "autocommit": False, "dbname": db})
+        conns.append(conn)
+        await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+        await conn.set_read_only(True)
+        cur = await conn.execute("SELECT pg_current_snapshot()::text")  # the transaction's snapshot
+        row = await cur.fetchone()
+        assert row is not None
+        snap = Snapshot.parse(row[0])
+        tables = await (await conn.execute(USER_TABLES_SQL)).fetchall()
+        total += sum(int(t[2]) for t in tables)
+        per_db[db] = (conn, snap, [(t[0], t[1]) for t in tables])
+    rc.bytes_counted = total
+    if total > max_bytes:
+        rc.skipped = f"the tables hold {total} bytes, more than backup.row_counts.max_bytes ({max_bytes})"
+        return
+    # 2. the restore point, and what has committed since the snapshots
+    name = restore_point_name(backup_id)
+    cur = await admin.execute("SELECT pg_create_restore_point(%s)::text", (name,))
+    row = await cur.fetchone()
+    assert row is not None
+    rc.restore_point, rc.restore_point_lsn = name, str(row[0])
+    # a statement of its own: a statement's snapshot is taken when it starts
+    cur = await admin.execute("SELECT pg_current_snapshot()::text")
+    row = await cur.fetchone()
+    assert row is not None
+    after = Snapshot.parse(row[0])
+    changed = [db for db, (_c, snap, _t) in per_db.items() if not nothing_committed_between(snap, after)]
+    # 3. the counts, each in its database's snapshot
+    rc.exact = not changed
+    if changed:
+        rc.inexact_reason = (
+            "transactions committed between the snapshot of "
+            + ", ".join(changed)
+            + " and the restore point: a restore to it may hold other rows"
+        )
+    for db, (conn, _snap, tables) in per_db.items():
+        counts, failed = await count_tables(conn, tables)
+        rc.tables[db] = counts
+        if failed:
+            rc.exact = False
+            rc.inexact_reason = f"{db}: tables dropped while counting: {', '.join(failed)}"
+        await conn.rollback()
+    log.info(
+        "backup_row_counts",
+        id=backup_id,
+        databases=len(per_db),
+        tables=sum(len(t) for t in rc.tables.values()),
+        exact=rc.exact,
+        restore_point_lsn=rc.restore_point_lsn,
+    )

@@ -85,6 +85,27 @@ class SourceInfo(_Model):
     standby: bool
 
 
+class RowCounts(_Model):
+    """Exact row counts of every permanent user table of every database, taken on the primary
+    right after the backup's data was copied, and the restore point created with them
+    (:func:`hakeeper.backup.basebackup.record_row_counts`).
+
+    ``exact``: a restore to ``restore_point`` holds exactly these rows: every count came from a
+    REPEATABLE READ snapshot taken just before the restore point, and no transaction committed
+    between any of those snapshots and the restore point (compared with ``pg_current_snapshot()``
+    taken right after it).  ``skipped``: why nothing was counted (then ``tables`` is empty)."""
+
+    taken_at: dt.datetime
+    restore_point: str | None = None
+    restore_point_lsn: str | None = None
+    exact: bool = False
+    inexact_reason: str | None = None
+    skipped: str | None = None
+    bytes_counted: int = 0
+    seconds: float = 0.0
+    tables: dict[str, dict[str, int]] = Field(default_factory=dict)  # database -> schema.table -> rows
+
+
 class BackupRecord(_Model):
     format: int = FORMAT_VERSION
     id: str
@@ -119,6 +140,7 @@ class BackupRecord(_Model):
     pid: int = Field(default_factory=os.getpid)
     seconds_copy: float | None = None  # pg_basebackup stream, compression, upload
     seconds_wal_wait: float | None = None  # waiting for the archive
+    row_counts: RowCounts | None = None  # backup.row_counts; None in older records
 
     # -- derived
     @property

@@ -39,6 +39,39 @@ class RetentionConfig(_Strict):
     )
 
 
+class RowCountConfig(_Strict):
+    """Row counts recorded with every base backup ``hakeeper backup create`` takes, for restore
+    drills (``hakeeper verify``, docs/verify.md): an exact ``count(*)`` of every permanent user
+    table of every database, on the primary, and a restore point created with them."""
+
+    enabled: bool = Field(True, description="Record row counts and a restore point with each backup.")
+    max_bytes: int = Field(
+        8 * 1024**3,
+        ge=0,
+        description="Skip the counts (recorded as skipped, with the reason) when the tables to count "
+        "hold more than this many bytes in all: counting reads every table on the primary.",
+    )
+    timeout: float = Field(
+        600.0, gt=0, le=86400, description="Limit of the counting (s); beyond it the counts are skipped."
+    )
+
+
+class VerifyConfig(_Strict):
+    """Restore drills (``hakeeper verify``, docs/verify.md)."""
+
+    scratch_dir: Path | None = Field(
+        None,
+        description="Directory in which each drill creates (and always removes) its scratch data "
+        "directory; it needs room for a restored copy of the cluster (default: $TMPDIR).",
+    )
+    timeout: float = Field(
+        3600.0, gt=0, le=86400, description="Limit of the recovery of the restored copy (s)."
+    )
+    dump_check: bool = Field(
+        True, description="Also restore the newest complete logical dump into a scratch database."
+    )
+
+
 class RepositoryConfig(_Strict):
     name: str = Field(description="Repository name, unique among the node's repositories.")
     type: Literal["fs", "s3"] = Field(description="`fs`: a directory; `s3`: an S3-compatible bucket.")

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -71,6 +71,9 @@ LOG_REL = Path("log") / "postgresql.log"
 WALFETCH_MODULE = "hakeeper.backup.walfetch"
 _MAX_SOCKET_PATH = 107
 ProgressFn = Callable[[str, int, int | None], None]
+# Called with the record and the data directory once the copy is complete, before the recovery
+# settings are written and before anything starts (a restore drill runs pg_verifybackup there).
+AfterCopyFn = Callable[[catalog.BackupRecord, Path], Awaitable[None]]
 
 __all__ = ["RestoreError", "RestoreOptions", "RestoreRefused", "RestoreResult", "restore"]
 
@@ -97,6 +100,7 @@ class RestoreOptions:
     parallel: int = 3
     progress: ProgressFn | None = None
     serve_wal: bool = False  # the caller serves WAL while the server recovers (handover.serving)
+    after_copy: AfterCopyFn | None = None
 
 
 @dataclass
@@ -113,6 +117,10 @@ class RestoreResult:
     dsn: str | None = None
     seconds_plan: float = 0.0
     seconds_fetch: float = 0.0
+    # seconds_fetch split: the copy waited for the repository (fetch) / for zstd+tar and the
+    # final flush to disk (decompress); see _extract
+    seconds_fetch_wait: float | None = None
+    seconds_decompress: float | None = None
     seconds_replay: float | None = None
     seconds_promote: float | None = None
     seconds_total: float = 0.0
@@ -135,6 +143,8 @@ class RestoreResult:
             "seconds": {
                 "plan": round(self.seconds_plan, 3),
                 "fetch_decompress": round(self.seconds_fetch, 3),
+                "fetch": None if self.seconds_fetch_wait is None else round(self.seconds_fetch_wait, 3),
+                "decompress": None if self.seconds_decompress is None else round(self.seconds_decompress, 3),
                 "wal_replay": None if self.seconds_replay is None else round(self.seconds_replay, 3),
                 "promote": None if self.seconds_promote is None else round(self.seconds_promote, 3),
                 "total": round(self.seconds_total, 3),
@@ -385,11 +395,17 @@ def _start_tar(
 
 async def _extract(
     repo: Repository, scope: str, rec: catalog.BackupRecord, data_dir: Path, opts: RestoreOptions
-) -> None:
+) -> float:
     """Fetch and decompress the parts ``opts.parallel`` at a time and write them, in order, to
     ``tar -x`` (as the PostgreSQL OS user).  The writes are blocking writes in a worker thread:
     written from the event loop through asyncio's pipe transport, tar waited for the loop
-    (and the GIL) at every pipe-full."""
+    (and the GIL) at every pipe-full.
+
+    Returns the seconds the copy waited for the repository: the time the next part in order
+    was not fetched yet when the pipeline could take it (fetches run ahead, so this is the
+    time the copy was bound by the repository, not the sum of the fetches' durations).  The
+    rest of the copy's time is decompression and untar: writing into zstd/tar (blocked while
+    they are behind), tar finishing after the last byte, and flushing the files to disk."""
     errlog = tempfile.TemporaryFile()
     # zstd-stream: the parts are slices of one zstd stream; the zstd program (through tar)
     # decompresses it, else a worker thread here does.
@@ -429,12 +445,15 @@ async def _extract(
         return RestoreError(f"tar -x into {data_dir} failed (exit {proc.returncode}): {err[-2000:]}")
 
     nxt = 0
+    fetch_wait = 0.0
     try:
         while nxt < len(parts) and len(pending) < window:
             pending.append(asyncio.create_task(fetch(parts[nxt])))
             nxt += 1
         while pending:
+            waited = time.monotonic()
             data = await pending.popleft()
+            fetch_wait += time.monotonic() - waited
             if nxt < len(parts):
                 pending.append(asyncio.create_task(fetch(parts[nxt])))
                 nxt += 1
@@ -459,6 +478,7 @@ async def _extract(
         if rc != 0:
             raise await asyncio.to_thread(tar_failed)
         await asyncio.to_thread(writeback.finish)  # the copy is durable
+        return fetch_wait
     except BaseException:
         writeback.cancel()
         for t in pending:
@@ -800,7 +820,7 @@ async def restore(
     created = _mkdir_owned(data_dir, opts.run_as)
     t1 = time.monotonic()
     try:
-        await _extract(repo, scope, rec, data_dir, opts)
+        fetch_wait = await _extract(repo, scope, rec, data_dir, opts)
     except BaseException as e:
         await asyncio.to_thread(_empty_dir, data_dir)
         if created:
@@ -812,6 +832,10 @@ async def restore(
             raise RestoreError(f"{e} (restore abandoned; {data_dir} emptied)") from e
         raise
     result.seconds_fetch = time.monotonic() - t1
+    result.seconds_fetch_wait = fetch_wait
+    result.seconds_decompress = max(0.0, result.seconds_fetch - fetch_wait)
+    if opts.after_copy is not None:
+        await opts.after_copy(rec, data_dir)
     wal_conf_path = data_dir / WAL_CONFIG_NAME
     wal_conf = WalToolConfig(scope=scope, repositories=[repo_cfg]).dump()
     script_path = data_dir / RESTORE_SCRIPT_NAME

@@ -275,6 +275,7 @@ def backup_create(
                 progress=progress,
                 compress_on=compress_on,
                 staging_dir=staging_dir,
+                row_counts=cfg.backup.row_counts,
             )
         finally:
             await r.close()
@@ -302,6 +303,15 @@ def backup_create(
         f"  seconds  {rec.seconds_copy} copy{rate(rec.size, rec.seconds_copy)}, "
         f"{rec.seconds_wal_wait} waiting for WAL",
     ]
+    rc_ = rec.row_counts
+    if rc_ is not None and rc_.skipped:
+        lines.append(f"  counts   skipped: {rc_.skipped}")
+    elif rc_ is not None:
+        n = sum(len(t) for t in rc_.tables.values())
+        lines.append(
+            f"  counts   {n} tables in {len(rc_.tables)} databases, restore point {rc_.restore_point} "
+            f"at {rc_.restore_point_lsn}, " + ("exact" if rc_.exact else f"not exact ({rc_.inexact_reason})")
+        )
     out.print(escape("\n".join(ln for ln in lines if ln)))
 
 
@@ -319,6 +329,28 @@ async def _catalogs(cfg: NodeConfig, repos: list[RepositoryConfig], wal: bool) -
     return list(await asyncio.gather(*(one(rc) for rc in repos)))
 
 
+async def _verified(repos: list[RepositoryConfig], cats: list[catalog.Catalog]) -> dict[tuple[str, str], Any]:
+    """(repository, backup id) -> the newest restore drill stored with that backup (a summary)."""
+    from hakeeper.backup.verify import last_drills
+
+    out: dict[tuple[str, str], Any] = {}
+    for rc, c in zip(repos, cats, strict=True):
+        r = make_repository(rc)
+        try:
+            for bid, d in (await last_drills(r, c)).items():
+                out[(rc.name, bid)] = {
+                    "id": d.id,
+                    "ok": d.ok,
+                    "at": catalog.iso(d.finished_at or d.started_at),
+                    "failed_object": d.failed_object,
+                    "error": d.error,
+                    "rto_seconds": d.rto.total if d.rto else None,
+                }
+        finally:
+            await r.close()
+    return out
+
+
 @backup_app.command("list")
 def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "table") -> None:
     """Backups of every repository (or --repo), oldest first."""
@@ -326,15 +358,22 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
+
+    async def load() -> tuple[list[catalog.Catalog], dict[tuple[str, str], Any]]:
+        cats = await _catalogs(cfg, repos, wal=False)
+        return cats, await _verified(repos, cats)
+
     try:
-        cats = asyncio.run(_catalogs(cfg, repos, wal=False))
+        cats, verified = asyncio.run(load())
     except RepoError as e:
         raise fail(str(e)) from None
     now = catalog.utcnow()
     for c in cats:
         for p in c.problems:
             err.print(escape(f"warning: {p}"))
-    rows = [r.summary(now) for c in cats for r in c.records]
+    rows = [
+        {**r.summary(now), "verified": verified.get((c.repository, r.id))} for c in cats for r in c.records
+    ]
     if output != "table":
         emit_data(output, rows)
         return
@@ -350,6 +389,7 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
         "Stop (UTC)",
         "Size",
         "Stored",
+        "Verified",
     ):
         t.add_column(col, justify="right" if col in ("TL", "Size", "Stored") else "left")
     for row in rows:
@@ -368,10 +408,19 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             str(stop or "").replace("T", " ").rstrip("Z")[:19],
             human_bytes(int(str(row["size"]))),
             human_bytes(int(str(row["stored_size"]))),
+            _verified_cell(row["verified"]),
         )
     if not rows:
         err.print("no backups")
     out.print(t)
+
+
+def _verified_cell(v: Any) -> str:
+    """The last restore drill of a backup: ``ok 2026-11-24 13:50`` or ``FAILED ...``."""
+    if not v:
+        return "-"
+    when = str(v["at"]).replace("T", " ")[:16]
+    return f"[green]ok[/] {when}" if v["ok"] else f"[bold red]FAILED[/] {when}"
 
 
 @backup_app.command("info")
@@ -717,6 +766,10 @@ def restore_cmd(
         f"plan {res.seconds_plan:.1f}",
         f"fetch+decompress {res.seconds_fetch:.1f}{rate(res.size, res.seconds_fetch)}",
     ]
+    if res.seconds_fetch_wait is not None and res.seconds_decompress is not None:
+        secs[-1] += (
+            f" [waiting for the repository {res.seconds_fetch_wait:.1f}, untar {res.seconds_decompress:.1f}]"
+        )
     if res.seconds_replay is not None:
         secs.append(f"WAL replay {res.seconds_replay:.1f}")
     if res.seconds_promote is not None:

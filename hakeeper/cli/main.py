@@ -92,6 +92,7 @@ def _register_optional_commands() -> None:
         from hakeeper.cli import dump_cmds  # noqa: F401
     except ImportError:  # pragma: no cover - only while the module is being written
         pass
+    from hakeeper.cli import verify_cmds  # noqa: F401
 
 
 def main() -> None:

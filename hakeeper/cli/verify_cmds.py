@@ -1,0 +1,134 @@
+"""``hakeeper verify`` (restore drills) and ``hakeeper report`` (this cluster's RPO/RTO table).
+
+docs/verify.md.  Exit codes: 0 the drill passed, 1 it failed (or could not run), 2 usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from hakeeper.backup.basebackup import BackupError
+from hakeeper.cli.backup_cmds import (
+    ConfigReq,
+    RepoOpt,
+    UsageError,
+    find_primary,
+    human_bytes,
+    parse_target_time,
+    progress_bars,
+)
+from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, etcd_client_for, quiet_logging
+from hakeeper.cli.main import app, err, fail, load_or_exit, out
+
+
+def _fmt_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+@app.command("verify")
+def verify_cmd(
+    config: ConfigReq,
+    backup_id: Annotated[
+        str | None, typer.Option("--backup", help="Backup id (default: the newest).")
+    ] = None,
+    latest: Annotated[
+        bool, typer.Option("--latest", help="The newest complete backup (the default).")
+    ] = False,
+    target_time: Annotated[
+        str | None,
+        typer.Option(
+            "--target-time",
+            help="Recover to this time (ISO 8601; without a zone: local time) instead of the "
+            "restore point recorded with the backup's row counts.",
+        ),
+    ] = None,
+    repo: RepoOpt = None,
+    no_switch_wal: Annotated[
+        bool, typer.Option("--no-switch-wal", help="Never run pg_switch_wal() on the cluster's primary.")
+    ] = False,
+    output: OutputOpt = "table",
+) -> None:
+    """Restore drill: restore a backup into a scratch directory on a free port, check it
+    (pg_verifybackup, row counts, pg_amcheck --heapallindexed, a logical dump restored), measure
+    the RTO by phase, clean up, and record the result with the backup and in etcd.
+
+    Exit 0 when the drill passed, 1 when it failed."""
+    check_output(output)
+    if backup_id is not None and latest:
+        raise fail("give --backup ID or --latest, not both", 2)
+    try:
+        when = parse_target_time(target_time) if target_time is not None else None
+    except UsageError as e:
+        raise fail(str(e), 2) from None
+    cfg = load_or_exit(config)
+    quiet_logging()
+    if not cfg.backup.repositories:
+        raise fail("no backup repositories configured (backup.repositories in the node YAML)", 2)
+    if repo is not None and repo not in {r.name for r in cfg.backup.repositories}:
+        raise fail(f"unknown repository {repo!r}", 2)
+    from hakeeper.backup.verify import DrillError, DrillResult, run_drill
+
+    def step(msg: str) -> None:
+        if output == "table":
+            err.print(escape(f"verify: {msg}"))
+
+    async def go(progress: Any) -> DrillResult:
+        primary = None if no_switch_wal else await find_primary(cfg)
+        client = etcd_client_for(cfg)
+        try:
+            return await run_drill(
+                cfg,
+                backup_id=backup_id,
+                target_time=when,
+                repository=repo,
+                primary=primary,
+                etcd=client,
+                progress=progress,
+                step=step,
+            )
+        finally:
+            await client.close()
+
+    try:
+        with progress_bars(output == "table", {"fetch": "fetch + decompress"}) as bars:
+            res = asyncio.run(go(bars))
+    except (DrillError, BackupError) as e:
+        raise fail(str(e)) from None
+    if output != "table":
+        emit_data(output, res.model_dump(mode="json"))
+    else:
+        _print_drill(res)
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+def _print_drill(res: Any) -> None:
+    verdict = "[green]PASSED[/]" if res.ok else "[bold red]FAILED[/]"
+    out.print(
+        f"drill {res.id}: {verdict} backup {escape(str(res.backup_id))} "
+        f"(repository {escape(str(res.repository))}) in {res.seconds:.1f} s"
+    )
+    lines: list[str] = []
+    if res.error:
+        lines.append(f"  error     {res.error}")
+    if res.failed_object:
+        lines.append(f"  object    {res.failed_object}")
+    lines.append(f"  target    {res.target}")
+    for name, c in res.checks.items():
+        state = "ok" if c.ok else "skipped" if c.ok is None else "FAILED"
+        lines.append(f"  {name:<16} {state}: {c.detail}" + (f" ({c.seconds:.1f} s)" if c.seconds else ""))
+    if res.rto is not None:
+        r = res.rto
+        size = res.restore.get("size") if res.restore else None
+        lines.append(
+            f"  RTO       {r.total:.1f} s: plan {r.plan:.1f}, fetch {r.fetch:.1f}, "
+            f"decompress {r.decompress:.1f}, WAL replay {_fmt_s(r.wal_replay)}, promote {_fmt_s(r.promote)}"
+            + (f" ({human_bytes(size)})" if size else "")
+        )
+    lines.extend(f"  note      {n}" for n in res.notes)
+    lines.extend(f"  stored    {s}" for s in res.stored)
+    out.print(escape("\n".join(lines)))

@@ -1,0 +1,146 @@
+"""Restore drills (``hakeeper verify``) against a real PostgreSQL 15 and a filesystem repository,
+through the command line: a drill on a good backup passes with equal row counts and an RTO by
+phase; a corrupted repository object makes the next drill fail and name it; every drill leaves
+no server and no scratch directory behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from tests.integration.test_backup_restore import (
+    SCOPE,
+    area,  # noqa: F401  (fixture)
+    fs_env,
+    hk,
+    insert,
+    node_yaml,
+    ok,
+    sql,
+    start_primary,
+)
+from tests.support.pg import PgArea
+
+pytestmark = pytest.mark.integration
+
+
+def _db_sql(port: int, db: str, query: str) -> None:
+    with psycopg.connect(
+        host="127.0.0.1", port=port, user="postgres", password="su-secret", dbname=db, autocommit=True
+    ) as c:
+        c.execute(query)  # type: ignore[arg-type]
+
+
+def _postgres_running_in(root: Path) -> list[str]:
+    """Command lines of processes whose command line mentions ``root`` (a scratch server)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(root) in cmd and "postgres" in cmd:
+            found.append(cmd)
+    return found
+
+
+def _verify(conf: Path) -> tuple[int, dict[str, Any]]:
+    res = hk("verify", "-c", str(conf), "--latest", "-o", "json")
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def test_drill_passes_on_a_good_backup_and_names_a_corrupted_object(area: PgArea) -> None:  # noqa: F811
+    env = fs_env(area)
+    start_primary(env, "p")
+    p = env.port("p")
+    insert(p, "a", 5000)
+    sql(p, "CREATE INDEX t_batch ON t (batch)")
+    sql(p, "CREATE DATABASE shop")
+    _db_sql(p, "shop", "CREATE TABLE items (id int PRIMARY KEY, sku text); CREATE INDEX ON items (sku)")
+    _db_sql(p, "shop", "INSERT INTO items SELECT g, 'sku' || g FROM generate_series(1, 777) g")
+    _db_sql(p, "shop", "CREATE UNLOGGED TABLE scratch AS SELECT 1 AS x")  # empty after a restore: not counted
+    scratch = area.root / "verify-scratch"
+    conf = node_yaml(env, "p", area.root / "node.yml")
+    doc = yaml.safe_load(conf.read_text())
+    doc["backup"]["verify"] = {"scratch_dir": str(scratch), "timeout": 120}
+    conf.write_text(yaml.safe_dump(doc))
+
+    ok(hk("dump", "create", "-c", str(conf), "--db", "shop", "--from", "local", "-o", "json"))
+    rec = ok(hk("backup", "create", "-c", str(conf), "--from", "local", "--part-size", "1", "-o", "json"))
+    counts = rec["row_counts"]
+    assert counts["skipped"] is None and counts["exact"] is True, counts
+    assert counts["restore_point"] == f"hakeeper-{rec['id']}"
+    assert counts["tables"]["postgres"]["public.t"] == 5000
+    assert counts["tables"]["shop"] == {"public.items": 777}
+    # rows written after the backup: the drill restores to the counts' restore point, not past it
+    insert(p, "b", 300)
+    _db_sql(p, "shop", "DELETE FROM items WHERE id <= 10")
+
+    code, res = _verify(conf)
+    assert code == 0, res
+    assert res["ok"] is True and res["error"] is None and res["failed_object"] is None
+    assert res["backup_id"] == rec["id"] and res["repository"] == "fs1"
+    assert res["target"].startswith("restore point") or rec["row_counts"]["restore_point"] in res["target"]
+    checks = res["checks"]
+    for name in ("restore", "pg_verifybackup", "row_counts", "pg_amcheck", "dump_restore"):
+        assert checks[name]["ok"] is True, (name, checks[name])
+    rows = res["row_counts"]
+    assert rows["compared"] is True and rows["exact_expected"] is True and rows["differences"] == []
+    assert rows["counts"]["postgres"]["public.t"] == 5000  # not the 300 rows of batch b
+    assert rows["counts"]["shop"] == {"public.items": 777}
+    dump = res["dump"]
+    assert [(d["name"], d["tables"], d["rows"]) for d in dump["databases"]] == [("shop", 1, 777)], dump
+    rto = res["rto"]
+    for phase in ("plan", "fetch", "decompress", "wal_replay", "promote", "total"):
+        assert isinstance(rto[phase], int | float) and rto[phase] >= 0, (phase, rto)
+    assert rto["total"] >= rto["fetch"] + rto["decompress"] + rto["wal_replay"] + rto["promote"] - 0.01
+    assert rto["wal_replay"] > 0
+    stored = f"fs1:{SCOPE}/backup/{rec['id']}/verify-"
+    assert any(s.startswith(stored) for s in res["stored"]), res["stored"]
+    # cleaned up: no scratch directory, no server
+    assert os.listdir(scratch) == []
+    assert _postgres_running_in(scratch) == []
+    # backup list shows the drill
+    listed = ok(hk("backup", "list", "-c", str(conf), "-o", "json"))
+    assert listed[0]["verified"]["ok"] is True and listed[0]["verified"]["id"] == res["id"]
+
+    # one flipped byte in a stored part: the drill fails and names the object
+    part = Path(str(env.repo_cfg.path)) / SCOPE / "backup" / rec["id"] / rec["parts"][0]["name"]
+    blob = bytearray(part.read_bytes())
+    pos = len(blob) // 2
+    blob[pos] ^= 0x55
+    part.write_bytes(bytes(blob))
+    code, bad = _verify(conf)
+    assert code == 1, bad
+    key = f"{SCOPE}/backup/{rec['id']}/{rec['parts'][0]['name']}"
+    assert bad["ok"] is False and bad["failed_object"] == key, bad
+    assert key in bad["error"]
+    assert bad["checks"]["restore"]["ok"] is False
+    assert os.listdir(scratch) == []
+    assert _postgres_running_in(scratch) == []
+    listed = ok(hk("backup", "list", "-c", str(conf), "-o", "json"))
+    assert listed[0]["verified"]["ok"] is False and listed[0]["verified"]["failed_object"] == key
+    blob[pos] ^= 0x55
+    part.write_bytes(bytes(blob))
+
+    # a corrupted manifest: the copy restores, pg_verifybackup cannot run, the manifest is named
+    manifest = part.parent / "backup_manifest"
+    good = manifest.read_bytes()
+    blob = bytearray(good)
+    blob[len(blob) // 2] ^= 0x55
+    manifest.write_bytes(bytes(blob))
+    code, bad = _verify(conf)
+    assert code == 1, bad
+    assert bad["failed_object"] == f"{SCOPE}/backup/{rec['id']}/backup_manifest", bad
+    assert bad["checks"]["pg_verifybackup"]["ok"] is False
+    assert os.listdir(scratch) == []
+    manifest.write_bytes(good)
