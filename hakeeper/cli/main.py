@@ -74,32 +74,72 @@ def agent(config: ConfigOpt) -> None:
     raise typer.Exit(code)
 
 
-def _register_optional_commands() -> None:
-    # Commands living in their own modules register themselves on `app`.
-    from hakeeper.cli import cluster_cmds, ops_cmds  # noqa: F401
+# The module that registers each command (imported alone when the command is known: a CLI call
+# then does not pay for importing every other command's dependencies, ~0.1 s).
+_COMMAND_MODULES = {
+    "backup": "backup_cmds",
+    "restore": "backup_cmds",
+    "dump": "dump_cmds",
+    "schedule": "schedule_cmds",
+    "verify": "verify_cmds",
+    "report": "verify_cmds",
+    "demo": "demo_cmd",
+    "list": "cluster_cmds",
+    "history": "cluster_cmds",
+    **dict.fromkeys(
+        (
+            "switchover",
+            "failover",
+            "pause",
+            "resume",
+            "restart",
+            "reinit",
+            "reload",
+            "show-config",
+            "edit-config",
+            "dsn",
+        ),
+        "ops_cmds",
+    ),
+    "agent": None,
+    "config": None,
+}
+_ALL_MODULES = (
+    "cluster_cmds",
+    "ops_cmds",
+    "demo_cmd",
+    "backup_cmds",
+    "schedule_cmds",
+    "dump_cmds",
+    "verify_cmds",
+)
 
-    try:
-        from hakeeper.cli import demo_cmd  # noqa: F401
-    except ImportError:  # pragma: no cover - only while the module is being written
-        pass
-    try:
-        from hakeeper.cli import backup_cmds  # noqa: F401
-    except ImportError:  # pragma: no cover - only while the module is being written
-        pass
-    from hakeeper.cli import schedule_cmds  # noqa: F401
 
-    try:
-        from hakeeper.cli import dump_cmds  # noqa: F401
-    except ImportError:  # pragma: no cover - only while the module is being written
-        pass
-    from hakeeper.cli import verify_cmds  # noqa: F401
+def _register_optional_commands(args: list[str] | None = None) -> None:
+    """Import the modules whose commands register themselves on ``app``: the one of the command
+    in ``args`` (``sys.argv[1:]``) if known, else all (help, an unknown command)."""
+    import importlib
+
+    first = args[0] if args else None
+    names = (_COMMAND_MODULES[first],) if first in _COMMAND_MODULES else _ALL_MODULES
+    for name in names:
+        if name is None:
+            continue
+        try:
+            importlib.import_module(f"hakeeper.cli.{name}")
+        except ModuleNotFoundError as e:  # pragma: no cover - a module not in this build
+            if e.name != f"hakeeper.cli.{name}":
+                raise
 
 
 def main() -> None:
-    _register_optional_commands()
-    from hakeeper.cli.cluster_cmds import expand_watch_default
+    args = sys.argv[1:]
+    _register_optional_commands(args)
+    if "list" in args:
+        from hakeeper.cli.cluster_cmds import expand_watch_default
 
+        args = expand_watch_default(args)
     try:
-        app(args=expand_watch_default(sys.argv[1:]))
+        app(args=args)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -251,3 +251,27 @@ def test_confirm(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(typer.Exit) as e:
         ops_cmds.confirm("go?", force=False)  # no
     assert e.value.exit_code == 1
+
+
+def test_every_command_is_found_in_its_module() -> None:
+    """main() imports only the module of the command given; each top-level command and group
+    must be mapped to the module that registers it (else `hakeeper CMD` says no such command)."""
+    from hakeeper.cli.main import _COMMAND_MODULES
+
+    seen = set()
+    for cmd in app.registered_commands:
+        assert cmd.callback is not None
+        name = cmd.name or cmd.callback.__name__.replace("_", "-")
+        module = cmd.callback.__module__.removeprefix("hakeeper.cli.")
+        assert name in _COMMAND_MODULES, name
+        assert _COMMAND_MODULES[name] == (None if module == "main" else module), name
+        seen.add(name)
+    for group in app.registered_groups:
+        assert group.name in _COMMAND_MODULES, group.name
+        sub = group.typer_instance
+        assert sub is not None
+        modules = {c.callback.__module__ for c in sub.registered_commands if c.callback is not None}
+        expected = _COMMAND_MODULES[group.name]
+        assert modules == {f"hakeeper.cli.{expected}" if expected else "hakeeper.cli.main"}, group.name
+        seen.add(group.name)
+    assert "backup" in seen and "restore" in seen and "list" in seen
