@@ -109,6 +109,15 @@ def test_drill_passes_on_a_good_backup_and_names_a_corrupted_object(area: PgArea
     # cleaned up: no scratch directory, no server
     assert os.listdir(scratch) == []
     assert _postgres_running_in(scratch) == []
+    # the report, without etcd: the drill stored with the backup, the dump's age and restore time
+    rep = ok(hk("report", "-c", str(conf), "-o", "json"))
+    rows = {r["scenario"]: r for r in rep["rows"]}
+    assert rows["WAL archive + PITR"]["rto_seconds"] == rto["total"], rows
+    assert rows["WAL archive + PITR"]["rpo_seconds"] is not None  # newest archived WAL's age
+    assert rows["daily dump"]["rto_seconds"] == dump["seconds"], rows
+    assert 0 <= rows["daily dump"]["rpo_seconds"] < 600
+    assert rows["failover"]["rto"] == "not measured yet"
+    assert any("etcd could not be read" in n for n in rep["notes"]), rep["notes"]
     # backup list shows the drill
     listed = ok(hk("backup", "list", "-c", str(conf), "-o", "json"))
     assert listed[0]["verified"]["ok"] is True and listed[0]["verified"]["id"] == res["id"]
@@ -144,3 +153,106 @@ def test_drill_passes_on_a_good_backup_and_names_a_corrupted_object(area: PgArea
     assert bad["checks"]["pg_verifybackup"]["ok"] is False
     assert os.listdir(scratch) == []
     manifest.write_bytes(good)
+
+
+# --------------------------------------------------------------------------- with etcd and agents
+
+
+def test_drill_result_in_etcd_metrics_and_the_report_after_a_failover() -> None:
+    """A 2-node cluster archiving into a directory: a drill's result goes to etcd and every
+    agent's metrics; after a failover, `hakeeper report` shows the drill's RTO, the archive's
+    RPO from the leader and the failover RTO the agent measured -- and nothing it did not measure."""
+    import contextlib
+    import re
+    import shutil
+    import threading
+    import urllib.request
+
+    from tests.integration.test_ha import sql as csql
+    from tests.integration.test_ha import wait_for
+    from tests.support.cluster import cluster_tmpdir, running_cluster
+
+    repo_dir = cluster_tmpdir("hk-drill-repo-")
+    backup = {
+        "repositories": [{"name": "fs", "type": "fs", "path": str(repo_dir)}],
+        "schedules": [],
+        "heartbeat_interval": 1,
+    }
+    stop = threading.Event()
+    try:
+        with running_cluster(nodes=2, backup=backup, scope="drill") as c:
+            leader = c.primary()
+            assert leader is not None
+            other = next(n for n in c.names if n != leader)
+            conf = str(c.nodes[leader].config_path)
+
+            def metrics(node: str) -> str:
+                with urllib.request.urlopen(c.nodes[node].api_url + "/metrics", timeout=5) as r:
+                    return str(r.read().decode())
+
+            def report(node: str) -> dict[str, Any]:
+                res = ok(hk("report", "-c", str(c.nodes[node].config_path), "-o", "json"))
+                return {r["scenario"]: r for r in res["rows"]}
+
+            def switcher() -> None:  # archive_timeout's part (see test_schedule)
+                while not stop.wait(2):
+                    with contextlib.suppress(Exception):
+                        csql(c, c.primary() or leader, "SELECT pg_switch_wal()")
+
+            try:
+                csql(c, leader, "CREATE TABLE t AS SELECT g FROM generate_series(1, 4321) g")
+                before = report(leader)
+                assert before["WAL archive + PITR"]["rto"] == "not measured yet"
+                assert before["failover"]["rto"] == "not measured yet"
+                rec = ok(hk("backup", "create", "-c", conf, "--from", "primary", "-o", "json"))
+                assert rec["row_counts"]["tables"]["postgres"]["public.t"] == 4321
+                res = hk("verify", "-c", conf, "--latest", "-o", "json")
+                assert res.returncode == 0, res.stdout + res.stderr
+                drill = json.loads(res.stdout)
+                assert drill["ok"] is True, drill
+                assert drill["row_counts"]["counts"]["postgres"]["public.t"] == 4321
+                assert "etcd:/hakeeper/drill/verify/last" in drill["stored"], drill["stored"]
+                assert "etcd:/hakeeper/drill/verify/last_success" in drill["stored"]
+                for node in c.names:  # every agent exports what etcd holds
+                    wait_for(
+                        lambda n=node: "hakeeper_verify_last_result 1.0" in metrics(n),
+                        30,
+                        f"the drill's result in {node}'s metrics",
+                    )
+                m = metrics(other)
+                total = float(re.findall(r'hakeeper_verify_rto_seconds\{phase="total"\} ([0-9.e+-]+)', m)[0])
+                assert total == drill["rto"]["total"]
+
+                t = threading.Thread(target=switcher, daemon=True)
+                t.start()
+                c.kill_agent(leader)
+                c.kill_postgres(leader)
+                wait_for(lambda: c.primary() == other, 120, "failover to the other node")
+                rows = wait_for(
+                    lambda: (
+                        (r := report(other))["WAL archive + PITR"]["rpo_seconds"] is not None
+                        and r["failover"]["rto_seconds"] is not None
+                        and r
+                    ),
+                    120,
+                    "a report with the archive RPO and the failover RTO",
+                )
+                assert isinstance(rows, dict)
+                pitr = rows["WAL archive + PITR"]
+                assert pitr["rto_seconds"] == drill["rto"]["total"], pitr
+                assert drill["id"] in pitr["source"] and "archive lag now" in pitr["source"]
+                assert pitr["rpo_seconds"] < 60, pitr
+                fo = rows["failover"]
+                assert 0 < fo["rto_seconds"] < 120 and "measured by the agents" in fo["source"], fo
+                assert rows["daily dump"]["rpo"] == "no complete dump"
+                assert rows["daily dump"]["rto"] == "not measured yet"
+                text = hk("report", "-c", str(c.nodes[other].config_path))
+                assert text.returncode == 0 and "WAL archive + PITR" in text.stdout, text
+            except BaseException:
+                for n in c.names:
+                    print(f"--- {n} agent log ---\n{c.tail_log(n, 60)}")
+                raise
+            finally:
+                stop.set()
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)

@@ -141,3 +141,106 @@ def test_drill_keys_and_metrics() -> None:
     }
     none = metric_values(None, b"not json")
     assert none == {"last_timestamp": None, "last_ok": None, "last_success_timestamp": None, "rto": {}}
+
+
+# ------------------------------------------------------------------------ hakeeper report
+
+METRICS_PAGE = """
+# HELP hakeeper_promotion_phase_seconds Duration of each phase
+# TYPE hakeeper_promotion_phase_seconds histogram
+hakeeper_promotion_phase_seconds_bucket{kind="failover",phase="detect",le="+Inf"} 2.0
+hakeeper_promotion_phase_seconds_count{kind="failover",phase="detect"} 2.0
+hakeeper_promotion_phase_seconds_sum{kind="failover",phase="detect"} 6.0
+hakeeper_promotion_phase_seconds_count{kind="failover",phase="elect"} 2.0
+hakeeper_promotion_phase_seconds_sum{kind="failover",phase="elect"} 1.0
+hakeeper_promotion_phase_seconds_count{kind="failover",phase="promote"} 2.0
+hakeeper_promotion_phase_seconds_sum{kind="failover",phase="promote"} 2.0
+hakeeper_promotion_phase_seconds_count{kind="switchover",phase="promote"} 1.0
+hakeeper_promotion_phase_seconds_sum{kind="switchover",phase="promote"} 0.5
+hakeeper_decisions_total{action="idle"} 3.0
+"""
+
+
+def test_promotion_metrics_parsed_and_merged() -> None:
+    from hakeeper.backup.report import merge_promotions, parse_promotion_metrics
+
+    page = parse_promotion_metrics(METRICS_PAGE)
+    assert page[("failover", "detect")] == (6.0, 2.0)
+    assert page[("switchover", "promote")] == (0.5, 1.0)
+    both = merge_promotions([page, {("failover", "detect"): (2.0, 1.0)}])
+    assert both[("failover", "detect")] == (8.0, 3.0)
+    assert parse_promotion_metrics("garbage {") == {}
+
+
+def _row(rows: list, name: str):  # type: ignore[no-untyped-def]
+    return next(r for r in rows if r.scenario == name)
+
+
+def test_report_without_data_says_not_measured() -> None:
+    from hakeeper.backup.report import NOT_MEASURED, Inputs, build_rows
+
+    rows = build_rows(Inputs(now=T0))
+    assert [r.scenario for r in rows] == [
+        "daily dump",
+        "WAL archive + PITR",
+        "synchronous replication",
+        "failover",
+    ]
+    for r in rows:
+        assert r.rpo_seconds is None and r.rto_seconds is None, r
+    assert _row(rows, "WAL archive + PITR").rto == NOT_MEASURED
+    assert _row(rows, "daily dump").rto == NOT_MEASURED
+    assert _row(rows, "failover").rto == NOT_MEASURED
+
+
+def test_report_uses_measured_values() -> None:
+    from hakeeper.backup.report import Inputs, build_rows, parse_promotion_metrics
+
+    drill = DrillResult(
+        id="V20261124T130000Z",
+        ok=True,
+        scope="s",
+        backup_id="20261124T120000Z",
+        started_at=T0,
+        finished_at=T0,
+        rto=Rto(plan=0.1, fetch=1.0, decompress=2.0, wal_replay=3.0, promote=0.5, total=6.6),
+    ).summary()
+    drill["dump"] = {"dump_id": "D20261124T020000Z", "seconds": 4.25}
+    inp = Inputs(
+        now=T0,
+        replication_mode="synchronous",
+        sync_members=["b"],
+        sync_quorum=1,
+        replica_lags={"b": 0, "c": 4096},
+        archive_rpo={"fs1": 2.5, "s3": 7.0},
+        archive_source="the leader",
+        newest_dump={
+            "id": "D20261124T020000Z",
+            "repository": "fs1",
+            "stop_time": T0 - dt.timedelta(hours=10),
+        },
+        last_drill=drill,
+        last_success=drill,
+        promotions=parse_promotion_metrics(METRICS_PAGE),
+        history=[{"reason": "failover: leader lost"}, {"reason": "switchover"}],
+    )
+    rows = build_rows(inp)
+    dump = _row(rows, "daily dump")
+    assert dump.rpo_seconds == 36000 and dump.rto_seconds == 4.25
+    pitr = _row(rows, "WAL archive + PITR")
+    assert pitr.rpo_seconds == 2.5 and pitr.rto_seconds == 6.6
+    assert "V20261124T130000Z" in pitr.source and "worst repository 7.0 s" in pitr.rpo
+    sync = _row(rows, "synchronous replication")
+    assert sync.rpo_seconds == 0.0
+    failover = _row(rows, "failover")
+    assert failover.rto_seconds == 3.0 + 0.5 + 1.0  # mean detect + elect + promote
+    assert "2 failovers" in failover.source and "1 failovers in the history" in failover.source
+    assert failover.rpo_seconds == 0.0
+    # async: the failover RPO is the closest replica's lag, not a number of seconds invented here
+    inp.replication_mode, inp.sync_members = "async", []
+    rows = build_rows(inp)
+    assert _row(rows, "failover").rpo_seconds is None and "0 bytes" in _row(rows, "failover").rpo
+    assert "not configured" in _row(rows, "synchronous replication").rpo
+    # the last drill failed: said next to the RTO of the last passed one
+    inp.last_drill = {**drill, "ok": False, "id": "V2", "error": "restore failed: x: corrupt object"}
+    assert "LAST DRILL FAILED" in _row(build_rows(inp), "WAL archive + PITR").source
