@@ -490,6 +490,9 @@ class Bench:
                 "repositories": [{"name": REPO_NAME, "type": "fs", "path": str(self.hk_repo)}],
                 # WAL at zstd level 3 like pgBackRest's compress-level (hakeeper's default is 1)
                 "archive": {"compression_level": ZSTD_LEVEL},
+                # No row counts for restore drills: pgBackRest has nothing like them, and they
+                # read every table on the primary after the copy (not part of making the backup).
+                "row_counts": {"enabled": False},
             }
         self.cluster = BenchCluster(
             work / "hk", nodes=1, base_port=args.base_port, scope=SCOPE, backup=backup
@@ -1435,7 +1438,10 @@ def setup_lines(res: Results, args: argparse.Namespace) -> list[str]:
         "WAL archive stays complete and untouched by the other (PITR needs it).",
         f"**hakeeper**: node config `backup: {{repositories: [{{name: {REPO_NAME}, type: fs, path: ...}}]}}` "
         f"and `archive: {{compression_level: {ZSTD_LEVEL}}}` (WAL at level 3 like pgBackRest; hakeeper's "
-        "default for WAL is 1), defaults otherwise (backups at zstd level 3, archiver `parallel: 4`); "
+        "default for WAL is 1) and `row_counts: {enabled: false}` (the per-table row counts recorded "
+        "for restore drills read every table on the primary after the copy; pgBackRest has no "
+        "counterpart), defaults otherwise (backups compressed by the server at zstd level 3, "
+        "archiver `parallel: 4`); "
         "commands run as root, as the agent "
         f"does, with `-o json` (no progress bars): `hakeeper backup create -c node1.yml --repo {REPO_NAME} "
         f"--from primary --parallel {PARALLEL}` and `hakeeper restore -c node1.yml --data-dir DIR "
