@@ -61,7 +61,6 @@ MISSED_COUNT_CAP = 10_000  # counting missed slots stops here (a seconds cron af
 UNAVAILABLE = {
     "dump": "dump schedules are not available in this build (`hakeeper dump create` is; the "
     "scheduler does not call it yet)",
-    "verify": "restore drills are not available in this build",
 }
 
 
@@ -334,6 +333,7 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
                 replication=cfg.postgresql.replication,
                 bin_dir=bin_dir,
                 label=f"schedule {sched.name} {iso(ctx.slot)}",
+                row_counts=cfg.backup.row_counts,
             )
             one["backup"] = rec.id
             kept = sched.retention
@@ -354,7 +354,47 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
     return details
 
 
-JOBS: dict[str, JobFn] = {"full": run_full}
+async def run_verify(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
+    """A restore drill (``hakeeper verify --latest``, docs/verify.md) of the newest backup of each
+    repository in turn; a drill that fails fails the run."""
+    from hakeeper.backup.basebackup import BackupError
+    from hakeeper.backup.verify import DrillError, run_drill
+    from hakeeper.dcs.etcd import EtcdClient
+
+    cfg = ctx.cfg
+    try:
+        primary = backup_source(ctx.view, "primary")[0]  # where WAL is switched for the target
+    except BackupError:
+        primary = None
+    details: dict[str, Any] = {"repositories": {}}
+    errors: list[str] = []
+    client = EtcdClient.from_config(cfg.etcd, min_timeout=2.0)
+    try:
+        for rc in ctx.repositories:
+            try:
+                res = await run_drill(cfg, repository=rc.name, primary=primary, etcd=client)
+            except DrillError as e:
+                details["repositories"][rc.name] = {"error": str(e)}
+                errors.append(f"{rc.name}: {e}")
+                continue
+            details["repositories"][rc.name] = {
+                "drill": res.id,
+                "backup": res.backup_id,
+                "ok": res.ok,
+                "rto_seconds": res.rto.total if res.rto else None,
+                "error": res.error,
+                "failed_object": res.failed_object,
+            }
+            if not res.ok:
+                errors.append(f"{rc.name}: drill {res.id} of backup {res.backup_id} failed: {res.error}")
+    finally:
+        await client.close()
+    if errors:
+        raise JobError("; ".join(errors))
+    return details
+
+
+JOBS: dict[str, JobFn] = {"full": run_full, "verify": run_verify}
 
 
 def unavailable(kind: str) -> str | None:

@@ -169,6 +169,9 @@ class DrillResult(_Model):
         doc = self.model_dump(mode="json", exclude={"restore", "stored"})
         if doc.get("row_counts"):
             doc["row_counts"].pop("counts", None)
+            diffs = doc["row_counts"]["differences"]
+            doc["row_counts"]["differences_total"] = len(diffs)
+            doc["row_counts"]["differences"] = diffs[:20]  # an etcd value stays small
         return doc
 
     def fail(self, error: str, obj: str | None = None) -> None:

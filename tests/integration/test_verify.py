@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +158,30 @@ def test_drill_passes_on_a_good_backup_and_names_a_corrupted_object(area: PgArea
     assert os.listdir(scratch) == []
     manifest.write_bytes(good)
 
+    # Ctrl-C while the scratch server runs: it is stopped and the directory removed all the same
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hakeeper", "verify", "-c", str(conf), "--latest", "-o", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("*/data/postmaster.pid")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the scratch server never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _out, errs = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, errs[-2000:])
+    assert os.listdir(scratch) == []
+    assert _postgres_running_in(scratch) == []
+
 
 # --------------------------------------------------------------------------- with etcd and agents
 
@@ -254,5 +282,53 @@ def test_drill_result_in_etcd_metrics_and_the_report_after_a_failover() -> None:
                 raise
             finally:
                 stop.set()
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+
+
+def test_a_verify_schedule_runs_drills_on_the_leader() -> None:
+    """backup.schedules kind verify: the leader runs a drill per slot; its result is in the
+    schedule's record and in etcd's verify/last."""
+    import shutil
+
+    from tests.integration.test_ha import sql as csql
+    from tests.integration.test_ha import wait_for
+    from tests.integration.test_schedule import record
+    from tests.support.cluster import cluster_tmpdir, running_cluster
+
+    repo_dir = cluster_tmpdir("hk-drill-sched-")
+    backup = {
+        "repositories": [{"name": "fs", "type": "fs", "path": str(repo_dir)}],
+        "schedules": [{"name": "drill", "kind": "verify", "cron": "* * * * * */15"}],
+    }
+    try:
+        with running_cluster(nodes=1, backup=backup, scope="vsched") as c:
+            node = c.names[0]
+            try:
+                csql(c, node, "CREATE TABLE t AS SELECT g FROM generate_series(1, 1234) g")
+                # no backup yet: the run fails, saying so
+                wait_for(
+                    lambda: any(r["result"] == "failed" for r in record(c, "drill").get("runs", [])),
+                    90,
+                    "a failed run without a backup",
+                )
+                failed = next(r for r in record(c, "drill")["runs"] if r["result"] == "failed")
+                assert "nothing to verify" in failed["error"], failed
+                conf = str(c.nodes[node].config_path)
+                ok(hk("backup", "create", "-c", conf, "--from", "primary", "-o", "json"))
+                wait_for(
+                    lambda: any(r["result"] == "ok" for r in record(c, "drill").get("runs", [])),
+                    120,
+                    "a successful drill run",
+                )
+                run = next(r for r in record(c, "drill")["runs"] if r["result"] == "ok")
+                fs = run["details"]["repositories"]["fs"]
+                assert fs["ok"] is True and fs["rto_seconds"] > 0, run
+                rep = ok(hk("report", "-c", conf, "-o", "json"))
+                pitr = next(r for r in rep["rows"] if r["scenario"] == "WAL archive + PITR")
+                assert pitr["rto_seconds"] is not None and "drill V" in pitr["source"], pitr
+            except BaseException:
+                print(f"--- agent log ---\n{c.tail_log(node, 80)}")
+                raise
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
