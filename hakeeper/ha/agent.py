@@ -137,6 +137,7 @@ class Agent:
         self._sync_pending: tuple[str, int] | None = None
         self._member_cache: tuple[LocalState | None, ClusterView, MemberState | None, Member] | None = None
         self._archive_overridden: set[str] = set()
+        self._checkpointer_woken_for: int | None = None  # postmaster pid (see _wake_checkpointer)
         self._bootstrap_retry_at = 0.0
         self.archiver: Archiver | None = self._make_archiver()
         self.scheduler: ScheduleRunner | None = self._make_scheduler()
@@ -220,6 +221,8 @@ class Agent:
             self.pg_down_since = None
             if self.activity in (MemberState.STARTING, MemberState.FENCED, MemberState.CRASHED):
                 self.activity = None
+            if st.in_recovery is False:
+                await self._wake_checkpointer()
         elif self.pg_down_since is None:
             self.pg_down_since = now
         if view.leader is None:
@@ -804,6 +807,23 @@ class Agent:
         if "archive_timeout" not in params:
             ours["archive_timeout"] = "60s"
         return ours
+
+    async def _wake_checkpointer(self) -> None:
+        """Once per postmaster, when it is first seen out of recovery: pg_reload_conf().  Since
+        PostgreSQL 15 the checkpointer starts before recovery ends and computes its first sleep
+        (checkpoint_timeout, 5 min) without archive_timeout, which only counts outside recovery;
+        nothing wakes it at the end of a clean start, so archive_timeout had no effect for up to
+        checkpoint_timeout after every start of a primary.  A reload wakes it (docs/wal-archiving.md)."""
+        pid = await asyncio.to_thread(self.pg.postmaster_pid)
+        if pid is None or pid == self._checkpointer_woken_for:
+            return
+        try:
+            await self.pg.execute("SELECT pg_reload_conf()", timeout=2.0)
+        except PgError as e:
+            log.warning("checkpointer_wake_failed", error=str(e))
+            return
+        self._checkpointer_woken_for = pid
+        log.info("checkpointer_woken", postmaster_pid=pid, reason="archive_timeout after start")
 
     def archive_refusal(self) -> str | None:
         """Why this node may not archive now (None: it may): only the running primary that
