@@ -5,6 +5,7 @@ no server and no scratch directory behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ import psycopg
 import pytest
 import yaml
 
+from hakeeper.backup.catalog import read_record, record_key
+from hakeeper.backup.config import make_repository
 from tests.integration.test_backup_restore import (
     SCOPE,
     area,  # noqa: F401  (fixture)
@@ -144,6 +147,33 @@ def test_drill_passes_on_a_good_backup_and_names_a_corrupted_object(area: PgArea
     assert listed[0]["verified"]["ok"] is False and listed[0]["verified"]["failed_object"] == key
     blob[pos] ^= 0x55
     part.write_bytes(bytes(blob))
+
+    # counts that differ from the restored rows: a failure when they were exact, a report when not
+    def set_recorded(exact: bool, items: int) -> None:
+        async def go() -> None:
+            async with make_repository(env.repo_cfg) as repo:
+                r = await read_record(repo, SCOPE, rec["id"])
+                assert r.row_counts is not None
+                r.row_counts.exact = exact
+                r.row_counts.inexact_reason = None if exact else "test: pretended commits in the window"
+                r.row_counts.tables["shop"]["public.items"] = items
+                await repo.put(record_key(SCOPE, rec["id"]), r.to_json())
+
+        asyncio.run(go())
+
+    set_recorded(True, 778)
+    code, bad = _verify(conf)
+    assert code == 1 and bad["checks"]["row_counts"]["ok"] is False, bad
+    assert bad["row_counts"]["differences"] == [
+        {"database": "shop", "table": "public.items", "recorded": 778, "restored": 777}
+    ]
+    assert bad["failed_object"] is None and "row_counts" in bad["error"]
+    set_recorded(False, 778)
+    code, res = _verify(conf)
+    assert code == 0 and res["ok"] is True, res
+    assert res["row_counts"]["exact_expected"] is False and len(res["row_counts"]["differences"]) == 1
+    assert "not exact" in res["checks"]["row_counts"]["detail"]
+    set_recorded(True, 777)
 
     # a corrupted manifest: the copy restores, pg_verifybackup cannot run, the manifest is named
     manifest = part.parent / "backup_manifest"
