@@ -393,11 +393,24 @@ async def create_backup(
             if nudge is not None:
                 nudge.cancel()
                 await asyncio.gather(nudge, return_exceptions=True)
-        if row_counts is not None and row_counts.enabled:
-            record.row_counts = await record_row_counts(
-                primary, superuser, bid, max_bytes=row_counts.max_bytes, timeout=row_counts.timeout
+        # the row counts are taken while the backup waits for its WAL (both after the copy)
+        counting = (
+            asyncio.create_task(
+                record_row_counts(
+                    primary, superuser, bid, max_bytes=row_counts.max_bytes, timeout=row_counts.timeout
+                )
             )
-        await _wait_for_wal(run, primary, superuser, wal_timeout)
+            if row_counts is not None and row_counts.enabled
+            else None
+        )
+        try:
+            await _wait_for_wal(run, primary, superuser, wal_timeout)
+            if counting is not None:
+                record.row_counts = await counting
+        finally:
+            if counting is not None and not counting.done():
+                counting.cancel()
+                await asyncio.gather(counting, return_exceptions=True)
     except BaseException as e:
         msg = str(e) if isinstance(e, BackupError | RepoError) else f"{type(e).__name__}: {e}"
         if isinstance(e, asyncio.CancelledError | KeyboardInterrupt):
