@@ -229,17 +229,22 @@ def build_rows(inp: Inputs) -> list[Row]:
                 f"RPO: replication_mode {mode} but the sync key lists no member; RTO: {f_src}",
             )
         )
+    elif mode is None:
+        rows.append(Row("synchronous replication", None, "unknown", f_rto_s, f_rto, "etcd could not be read"))
     else:
         rows.append(
             Row(
                 "synchronous replication",
                 None,
-                f"not configured (replication_mode {mode or 'unknown'})",
+                f"not configured (replication_mode {mode})",
                 None,
                 "-",
                 "dynamic config in etcd",
             )
         )
+    if mode is None:
+        rows.append(Row("failover", None, "unknown", f_rto_s, f_rto, f"etcd could not be read; RTO: {f_src}"))
+        return rows
     if inp.replica_lags:
         lag = min(inp.replica_lags.values())
         closest = min(inp.replica_lags, key=lambda k: inp.replica_lags[k])

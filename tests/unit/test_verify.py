@@ -191,6 +191,9 @@ def test_report_without_data_says_not_measured() -> None:
     assert _row(rows, "WAL archive + PITR").rto == NOT_MEASURED
     assert _row(rows, "daily dump").rto == NOT_MEASURED
     assert _row(rows, "failover").rto == NOT_MEASURED
+    # etcd not readable: the replication rows say unknown, not "not configured"
+    assert _row(rows, "synchronous replication").rpo == "unknown"
+    assert _row(rows, "failover").rpo == "unknown"
 
 
 def test_report_uses_measured_values() -> None:
