@@ -47,7 +47,7 @@ from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.config import NodeConfig
 from hakeeper.config import parse_target_time as config_time
 from hakeeper.dcs.etcd import EtcdError
-from hakeeper.ha.model import ClusterView, MemberRole, MemberState
+from hakeeper.ha.model import ClusterView, MemberRole
 from hakeeper.lsn import parse_lsn
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.errors import PgError
@@ -139,39 +139,16 @@ def _local(cfg: NodeConfig) -> Endpoint:
 
 async def pick_source(cfg: NodeConfig, mode: str) -> tuple[Endpoint, Endpoint | None, str]:
     """(server to back up, primary for pg_switch_wal or None, a note for the user)."""
+    from hakeeper.backup.source import NoStandby, choose_source
+
     if mode == "local":
         return _local(cfg), None, f"backing up this node ({cfg.name})"
     view = await _view(cfg)
-    leader = view.leader_member
-    primary = (
-        Endpoint(leader.name, leader.host, leader.port)
-        if leader is not None and leader.host and leader.role == MemberRole.PRIMARY
-        else None
-    )
-    bound = max(view.config.maximum_lag_on_failover, 16 << 20)
-    standbys = sorted(
-        (
-            m
-            for m in view.members.values()
-            if m.role == MemberRole.REPLICA
-            and m.state == MemberState.STREAMING
-            and m.host
-            and m.lag is not None
-            and m.lag <= bound
-        ),
-        key=lambda m: (m.lag or 0, m.name),
-    )
-    if mode in ("auto", "standby") and standbys:
-        m = standbys[0]
-        return Endpoint(m.name, m.host, m.port), primary, f"backing up standby {m.name} (lag {m.lag} bytes)"
-    if mode == "standby":
-        raise BackupError("no streaming standby within the lag bound to back up from (try --from primary)")
-    if primary is None:
-        raise BackupError("the cluster has no running primary to back up from")
-    note = f"backing up the primary {primary.name}"
-    if mode == "auto":
-        note += " (no streaming standby)"
-    return primary, primary, note
+    try:
+        c = choose_source(view, mode)
+    except NoStandby as e:
+        raise BackupError(f"{e} (try --from primary)") from None
+    return c.source, c.primary, f"backing up {c.what}"
 
 
 async def find_primary(cfg: NodeConfig) -> Endpoint | None:
