@@ -244,8 +244,24 @@ class ScheduleConfig(_Strict):
     retention: ScheduleRetention = Field(
         default_factory=ScheduleRetention,
         description="Applied per repository after each successful run (full: the repository's "
-        "backups, like `hakeeper backup expire`; it replaces the repository's own `retention`).",
+        "backups, like `hakeeper backup expire`; it replaces the repository's own `retention`; "
+        "dump: this schedule's dumps only, like `hakeeper dump expire --schedule NAME`).",
     )
+    databases: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="dump: the databases to dump (default: every database that accepts connections).",
+    )
+    format: Literal["custom", "directory", "plain"] = Field(
+        "custom", description="dump: pg_dump's output format (`hakeeper dump create --format`)."
+    )
+
+    @model_validator(mode="after")
+    def _dump_fields(self) -> ScheduleConfig:
+        for f in ("databases", "format"):
+            if f in self.model_fields_set and self.kind != "dump":
+                raise ValueError(f"{f}: only for kind dump (this schedule's kind is {self.kind})")
+        return self
 
     @field_validator("name")
     @classmethod

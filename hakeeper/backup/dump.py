@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -50,6 +50,10 @@ from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import CHUNK, ListEntry, Repository
 from hakeeper.log import get_logger
 from hakeeper.proc import RunAs, run
+
+if TYPE_CHECKING:
+    from hakeeper.backup.basebackup import Endpoint
+    from hakeeper.config import NodeConfig
 
 log = get_logger(__name__)
 
@@ -124,6 +128,8 @@ class DumpRecord(_Model):
     stored_size: int = 0
     created_on: str = Field(default_factory=socket.gethostname)
     pid: int = Field(default_factory=os.getpid)
+    schedule: str | None = None  # the backup schedule that took it (None: by hand)
+    label: str | None = None
 
     def usable(self) -> bool:
         return self.status is DumpStatus.COMPLETE and self.stop_time is not None
@@ -143,6 +149,11 @@ class DumpRecord(_Model):
         if o.tables:
             flags.append("tables " + ",".join(o.tables))
         return what + (f" ({'; '.join(flags)})" if flags else "")
+
+    def retention_group(self) -> str:
+        """:meth:`group`, and the schedule that took the dump: each schedule's dumps form their own
+        groups, so one schedule's retention never counts or ages another's (nor a manual dump)."""
+        return self.group() + (f" [schedule {self.schedule}]" if self.schedule is not None else "")
 
     def to_json(self) -> bytes:
         return (self.model_dump_json(indent=1) + "\n").encode()
@@ -174,6 +185,8 @@ class DumpRecord(_Model):
             "size": self.size,
             "stored_size": self.stored_size,
             "error": self.error,
+            "schedule": self.schedule,
+            "label": self.label,
         }
 
 
@@ -426,9 +439,18 @@ class _Run:
         await self.repo.put(record_key(self.scope, self.record.id), self.record.to_json())
 
 
+# (scope, id) of every dump id this process handed out: two dumps started in the same second
+# (two schedules on one slot) get different ids, in every repository (a scheduled dump is copied
+# under its id).  Dumps started by other processes are seen in the repository only.
+_IDS_TAKEN: set[tuple[str, str]] = set()
+
+
 async def _new_id(repo: Repository, scope: str, now: dt.datetime) -> str:
     for i in range(120):
         did = make_dump_id(now + dt.timedelta(seconds=i))
+        if (scope, did) in _IDS_TAKEN:
+            continue
+        _IDS_TAKEN.add((scope, did))  # before the await: a concurrent task skips it
         if not await repo.list_objects(dump_prefix(scope, did)):
             return did
     raise DumpError("cannot find a free dump id")
@@ -471,6 +493,36 @@ class DumpRequest:
     globals: bool = True
     tmp_dir: Path | None = None
     parallel_uploads: int = 4
+    schedule: str | None = None  # set by the scheduler: retention selects its dumps by it
+    label: str | None = None
+
+
+def node_conninfo(cfg: NodeConfig, ep: Endpoint) -> str:
+    """libpq connection string of database ``postgres`` on ``ep`` as the node config's superuser
+    (the password goes through the environment, see :func:`_env`)."""
+    from hakeeper.pg.conf import build_conninfo
+
+    return build_conninfo(
+        host=ep.host,
+        port=ep.port,
+        user=cfg.postgresql.superuser.username,
+        dbname="postgres",
+        gssencmode="disable",
+    )
+
+
+def node_dump_request(cfg: NodeConfig, ep: Endpoint, bin_dir: Path, **fields: Any) -> DumpRequest:
+    """A :class:`DumpRequest` for the member ``ep`` with the node config's superuser;
+    ``fields`` are the request's others (databases, all_databases, dump_format, schedule, ...)."""
+    from hakeeper.config import secret_value
+
+    return DumpRequest(
+        conninfo=node_conninfo(cfg, ep),
+        password=secret_value(cfg.postgresql.superuser.password),
+        bin_dir=bin_dir,
+        source=SourceInfo(member=ep.name, host=ep.host, port=ep.port, standby=False),
+        **fields,
+    )
 
 
 def _pg_dump_argv(req: DumpRequest, conninfo: str, dest: Path) -> list[str]:
@@ -538,6 +590,8 @@ async def create_dump(
         start_time=now,
         updated_at=now,
         databases=[DumpedDatabase(name=n, key=db_key(i)) for i, n in enumerate(names)],
+        schedule=req.schedule,
+        label=req.label,
     )
     run_ = _Run(repo, scope, record)
     await run_.save()
@@ -1019,16 +1073,17 @@ class DumpExpirePlan:
 def keep_dumps(
     done: list[DumpRecord], count: int | None, days: float | None, now: dt.datetime
 ) -> tuple[set[str], dict[str, str]]:
-    """Complete dumps to keep, per group of what was dumped (``done`` newest first): the newest
-    ``count``, and every one younger than ``days``; the newest of each group always.  Neither
-    rule: every complete dump is kept."""
+    """Complete dumps to keep, per group of what was dumped and by which schedule
+    (:meth:`DumpRecord.retention_group`; ``done`` newest first): the newest ``count``, and every
+    one younger than ``days``; the newest of each group always.  Neither rule: every complete
+    dump is kept."""
     if count is None and days is None:
         return {d.id for d in done}, {}
     keep: set[str] = set()
     why: dict[str, str] = {}
     groups: dict[str, list[DumpRecord]] = {}
     for d in done:
-        groups.setdefault(d.group(), []).append(d)
+        groups.setdefault(d.retention_group(), []).append(d)
     for members in groups.values():
         keep.add(members[0].id)  # never the newest, so never the only one
         if count is not None:
@@ -1041,7 +1096,7 @@ def keep_dumps(
                 continue
             parts = []
             if count is not None:
-                parts.append(f"not among the newest {count} of {d.group()} (number {i + 1})")
+                parts.append(f"not among the newest {count} of {d.retention_group()} (number {i + 1})")
             if days is not None:
                 parts.append(f"older than {days:g} days")
             why[d.id] = "; ".join(parts)
@@ -1054,10 +1109,14 @@ def plan_dump_expire(
     count: int | None = None,
     days: float | None = None,
     now: dt.datetime | None = None,
+    schedule: str | None = None,
 ) -> DumpExpirePlan:
+    """What :func:`expire_dumps` removes.  With ``schedule``, only that schedule's dumps are
+    looked at (kept, expired, failed or abandoned); objects without a record are left alone."""
     now = now or catalog.utcnow()
     plan = DumpExpirePlan(cat.repository)
-    done = cat.complete()
+    records = cat.records if schedule is None else [d for d in cat.records if d.schedule == schedule]
+    done = [d for d in cat.complete() if d in records]
     keep, why = keep_dumps(done, count, days, now)
     plan.kept = [d.id for d in done if d.id in keep]
 
@@ -1069,7 +1128,7 @@ def plan_dump_expire(
     def stored(did: str) -> int:
         return sum(e.stored_size for e in cat.objects.get(did, []))
 
-    for d in cat.records:
+    for d in records:
         if d.id in keep:
             continue
         if d.status is DumpStatus.RUNNING and not d.abandoned(now):
@@ -1083,7 +1142,9 @@ def plan_dump_expire(
             reason = f"failed: {d.error or 'unknown error'}"
         plan.dumps.append(ExpiredDump(d.id, d.effective_status(now), reason, objects_of(d.id), stored(d.id)))
     for did, entries in sorted(cat.orphans.items()):
-        if now - max(e.modified for e in entries) > ORPHAN_AFTER:
+        if schedule is not None:
+            plan.notes.append(f"{did}: objects without a record: left to an expire of every dump")
+        elif now - max(e.modified for e in entries) > ORPHAN_AFTER:
             plan.dumps.append(
                 ExpiredDump(did, "orphan", f"objects without a {RECORD_NAME}", objects_of(did), stored(did))
             )
@@ -1099,15 +1160,21 @@ async def expire_dumps(
     count: int | None = None,
     days: float | None = None,
     dry_run: bool = False,
+    *,
+    schedule: str | None = None,
 ) -> DumpExpirePlan:
     """Remove the dumps of ``scope`` in ``repo`` that retention no longer keeps (see
     :func:`keep_dumps`), failed and abandoned ones, and old objects without a record.  Never a
-    running dump, never the newest complete one of what it dumped."""
+    running dump, never the newest complete one of what it dumped (per schedule).
+
+    ``schedule`` selects: only the dumps that schedule took are considered, so the retention of
+    one schedule (a daily dump kept 30 days) never removes another's (a monthly export kept a
+    year) or a manual dump.  Without it every dump of ``scope`` is, as before."""
     if count is not None and count < 1:
         raise ValueError("count must be at least 1")
     if days is not None and days <= 0:
         raise ValueError("days must be positive")
-    plan = plan_dump_expire(await load_dumps(repo, scope), scope, count, days)
+    plan = plan_dump_expire(await load_dumps(repo, scope), scope, count, days, schedule=schedule)
     plan.dry_run = dry_run
     if dry_run:
         return plan

@@ -49,7 +49,6 @@ from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, cmp_create, cmp_mod, op
 from hakeeper.log import get_logger
 
 if TYPE_CHECKING:
-    from hakeeper.backup.basebackup import Endpoint
     from hakeeper.config import NodeConfig
     from hakeeper.ha.model import ClusterView
 
@@ -58,10 +57,6 @@ log = get_logger(__name__)
 MAX_ATTEMPTS = 2  # an interrupted slot runs once more, never a third time
 KEEP_RUNS = 20  # runs kept in a record
 MISSED_COUNT_CAP = 10_000  # counting missed slots stops here (a seconds cron after a long outage)
-UNAVAILABLE = {
-    "dump": "dump schedules are not available in this build (`hakeeper dump create` is; the "
-    "scheduler does not call it yet)",
-}
 
 
 class Result(StrEnum):
@@ -251,39 +246,6 @@ def plan(
     return Plan(Action.IDLE, "no slot due")
 
 
-# ====================================================================== source of a base backup
-
-
-def backup_source(view: ClusterView, mode: str) -> tuple[Endpoint, Endpoint | None, str]:
-    """(server to back up, the primary, a note) from the cluster view, as ``hakeeper backup
-    create --from auto|standby|primary`` chooses: the least lagging streaming standby within
-    max(maximum_lag_on_failover, 16 MiB) of the leader, else the primary.  Raises BackupError."""
-    from hakeeper.backup.basebackup import BackupError, Endpoint
-    from hakeeper.ha.model import MemberRole, MemberState
-
-    leader = view.leader_member
-    primary = None
-    if leader is not None and leader.host and leader.role == MemberRole.PRIMARY:
-        primary = Endpoint(leader.name, leader.host, leader.port)
-    bound = max(view.config.maximum_lag_on_failover, 16 << 20)
-    candidates = [
-        m
-        for m in view.members.values()
-        if m.role == MemberRole.REPLICA and m.state == MemberState.STREAMING and m.host
-    ]
-    standbys = sorted(
-        (m for m in candidates if m.lag is not None and m.lag <= bound), key=lambda m: (m.lag, m.name)
-    )
-    if mode != "primary" and standbys:
-        s = standbys[0]
-        return Endpoint(s.name, s.host, s.port), primary, f"standby {s.name} (lag {s.lag} bytes)"
-    if mode == "standby":
-        raise BackupError("no streaming standby within the lag bound to back up from")
-    if primary is None:
-        raise BackupError("the cluster has no running primary to back up from")
-    return primary, primary, f"primary {primary.name}" + (" (no streaming standby)" if mode == "auto" else "")
-
-
 # ====================================================================== jobs
 
 
@@ -303,37 +265,31 @@ JobFn = Callable[[ScheduleConfig, JobContext], Awaitable[dict[str, Any]]]
 
 
 async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
-    """A base backup into each repository in turn, then that repository's retention."""
+    """A base backup into each repository in turn (from the source ``hakeeper backup create
+    --from`` would pick), then that repository's retention."""
     from hakeeper.backup import retention
-    from hakeeper.backup.basebackup import BackupError, create_backup
+    from hakeeper.backup.basebackup import BackupError
     from hakeeper.backup.config import RetentionConfig, make_repository
     from hakeeper.backup.errors import RepoError
+    from hakeeper.backup.source import backup_node, choose_source
     from hakeeper.pg.bins import find_bin_dir
     from hakeeper.pg.errors import PgError
 
     cfg = ctx.cfg
     try:
         bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
-        src, primary, note = backup_source(ctx.view, sched.source)
+        choice = choose_source(ctx.view, sched.source)
     except (PgError, BackupError) as e:
         raise JobError(str(e)) from None
-    details: dict[str, Any] = {"source": note, "repositories": {}}
+    details: dict[str, Any] = {"source": choice.what, "repositories": {}}
     errors: list[str] = []
     for rc in ctx.repositories:
         r = make_repository(rc)
         one: dict[str, Any] = {}
         details["repositories"][rc.name] = one
         try:
-            rec = await create_backup(
-                r,
-                scope=cfg.scope,
-                source=src,
-                primary=primary,
-                superuser=cfg.postgresql.superuser,
-                replication=cfg.postgresql.replication,
-                bin_dir=bin_dir,
-                label=f"schedule {sched.name} {iso(ctx.slot)}",
-                row_counts=cfg.backup.row_counts,
+            rec = await backup_node(
+                r, cfg, choice, bin_dir=bin_dir, label=f"schedule {sched.name} {iso(ctx.slot)}"
             )
             one["backup"] = rec.id
             kept = sched.retention
@@ -358,12 +314,13 @@ async def run_verify(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
     """A restore drill (``hakeeper verify --latest``, docs/verify.md) of the newest backup of each
     repository in turn; a drill that fails fails the run."""
     from hakeeper.backup.basebackup import BackupError
+    from hakeeper.backup.source import choose_source
     from hakeeper.backup.verify import DrillError, run_drill
     from hakeeper.dcs.etcd import EtcdClient
 
     cfg = ctx.cfg
     try:
-        primary = backup_source(ctx.view, "primary")[0]  # where WAL is switched for the target
+        primary = choose_source(ctx.view, "primary").source  # where WAL is switched for the target
     except BackupError:
         primary = None
     details: dict[str, Any] = {"repositories": {}}
@@ -394,12 +351,73 @@ async def run_verify(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
     return details
 
 
-JOBS: dict[str, JobFn] = {"full": run_full, "verify": run_verify}
+async def run_dump(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
+    """A logical dump on the primary (every database, or the schedule's ``databases``, in its
+    ``format``; the globals too) labelled with the schedule, into the first of the schedule's
+    repositories that takes it, copied (and read back) into each of the others; then, in each
+    repository, the schedule's retention over the dumps of this schedule only
+    (``expire_dumps(..., schedule=name)``: a daily dump's 30 days never expire a monthly
+    export's dumps of the same databases, nor dumps taken by hand)."""
+    from hakeeper.backup.basebackup import BackupError
+    from hakeeper.backup.config import make_repository
+    from hakeeper.backup.copy import CopyError, copy_item
+    from hakeeper.backup.dump import DumpError, create_dump, expire_dumps, node_dump_request
+    from hakeeper.backup.errors import RepoError
+    from hakeeper.backup.source import choose_source
+    from hakeeper.pg.bins import find_bin_dir
+    from hakeeper.pg.errors import PgError
+
+    cfg = ctx.cfg
+    try:
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+        primary = choose_source(ctx.view, "primary").source
+    except (PgError, BackupError) as e:
+        raise JobError(str(e)) from None
+    req = node_dump_request(
+        cfg,
+        primary,
+        bin_dir,
+        databases=tuple(sched.databases or ()),
+        all_databases=sched.databases is None,
+        dump_format=sched.format,
+        schedule=sched.name,
+        label=f"schedule {sched.name} {iso(ctx.slot)}",
+    )
+    kept = sched.retention
+    details: dict[str, Any] = {"source": f"the primary {primary.name}", "repositories": {}}
+    errors: list[str] = []
+    dumped: tuple[str, RepositoryConfig] | None = None  # (dump id, the repository it went to)
+    for rc in ctx.repositories:
+        one: dict[str, Any] = {}
+        details["repositories"][rc.name] = one
+        try:
+            async with make_repository(rc) as r:
+                if dumped is None:
+                    rec = await create_dump(r, cfg.scope, req)
+                    dumped = (rec.id, rc)
+                    one["dump"] = rec.id
+                else:
+                    async with make_repository(dumped[1]) as src:
+                        await copy_item(src, r, cfg.scope, dumped[0])
+                    one["dump"] = dumped[0]
+                    one["copied_from"] = dumped[1].name
+                if kept.count is not None or kept.days is not None:
+                    p = await expire_dumps(r, cfg.scope, kept.count, kept.days, schedule=sched.name)
+                    one["expired_dumps"] = [d.id for d in p.dumps]
+        except (DumpError, CopyError, RepoError, OSError) as e:
+            one["error"] = str(e)
+            errors.append(f"{rc.name}: {e}")
+    if errors:
+        raise JobError("; ".join(errors))
+    return details
+
+
+JOBS: dict[str, JobFn] = {"full": run_full, "dump": run_dump, "verify": run_verify}
 
 
 def unavailable(kind: str) -> str | None:
     """Why schedules of ``kind`` cannot run in this build (None: they can)."""
-    return None if kind in JOBS else UNAVAILABLE.get(kind, f"unknown kind {kind}")
+    return None if kind in JOBS else f"unknown kind {kind}"
 
 
 # ====================================================================== the runner
@@ -724,6 +742,8 @@ def describe(s: ScheduleConfig, rec: ScheduleRecord | None, now: float) -> dict[
         "timezone": s.timezone,
         "repositories": s.repositories,
         "retention": s.retention.model_dump(),
+        "databases": s.databases if s.kind == "dump" else None,
+        "format": s.format if s.kind == "dump" else None,
         "available": why_not is None,
         "unavailable_reason": why_not,
         "armed_at": iso(rec.since) if rec is not None else None,

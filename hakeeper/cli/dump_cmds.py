@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -32,6 +32,8 @@ from hakeeper.backup.dump import (
     create_dump,
     expire_dumps,
     load_dumps,
+    node_conninfo,
+    node_dump_request,
     restore_dump,
 )
 from hakeeper.backup.errors import RepoError
@@ -49,7 +51,6 @@ from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, quiet_
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.config import NodeConfig, secret_value
 from hakeeper.pg.bins import find_bin_dir
-from hakeeper.pg.conf import build_conninfo
 from hakeeper.pg.errors import PgError
 
 dump_app = typer.Typer(
@@ -69,13 +70,7 @@ TmpOpt = Annotated[
 
 
 def _conninfo(cfg: NodeConfig, ep: Endpoint) -> str:
-    return build_conninfo(
-        host=ep.host,
-        port=ep.port,
-        user=cfg.postgresql.superuser.username,
-        dbname="postgres",
-        gssencmode="disable",
-    )
+    return node_conninfo(cfg, ep)
 
 
 def _dsn_source(dsn: str) -> SourceInfo:
@@ -137,6 +132,7 @@ def dump_create(
     ] = "primary",
     dsn: DsnOpt = None,
     tmp_dir: TmpOpt = None,
+    label: Annotated[str | None, typer.Option("--label", help="Free text kept with the dump.")] = None,
     output: OutputOpt = "table",
 ) -> None:
     """Dump one or more databases (and the globals) into one repository (default: the first)."""
@@ -158,29 +154,31 @@ def dump_create(
     bin_dir = _bin_dir(cfg)
 
     async def go(progress: ProgressFn | None) -> DumpRecord:
+        what: dict[str, Any] = {
+            "databases": tuple(db or ()),
+            "all_databases": all_dbs,
+            "dump_format": fmt,
+            "jobs": jobs,
+            "tables": tuple(table or ()),
+            "schema_only": schema_only,
+            "data_only": data_only,
+            "globals": not no_globals,
+            "tmp_dir": tmp_dir,
+            "label": label,
+        }
         if dsn is not None:
-            conninfo, src = dsn, _dsn_source(dsn)
+            req = DumpRequest(
+                conninfo=dsn,
+                password=secret_value(cfg.postgresql.superuser.password),
+                bin_dir=bin_dir,
+                source=_dsn_source(dsn),
+                **what,
+            )
         else:
             ep, _, note = await pick_source(cfg, source)
-            conninfo = _conninfo(cfg, ep)
-            src = SourceInfo(member=ep.name, host=ep.host, port=ep.port, standby=False)
+            req = node_dump_request(cfg, ep, bin_dir, **what)
             if output == "table":
                 err.print(escape(f"{note.replace('backing up', 'dumping')} ({ep.address}) into {rc.name}"))
-        req = DumpRequest(
-            conninfo=conninfo,
-            password=secret_value(cfg.postgresql.superuser.password),
-            bin_dir=bin_dir,
-            source=src,
-            databases=tuple(db or ()),
-            all_databases=all_dbs,
-            dump_format=fmt,  # type: ignore[arg-type]
-            jobs=jobs,
-            tables=tuple(table or ()),
-            schema_only=schema_only,
-            data_only=data_only,
-            globals=not no_globals,
-            tmp_dir=tmp_dir,
-        )
         async with make_repository(rc) as r:
             return await create_dump(r, cfg.scope, req, progress)
 
@@ -241,7 +239,18 @@ def dump_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "tabl
         emit_data(output, rows)
         return
     t = Table(title=f"dumps of {cfg.scope}")
-    for col in ("ID", "Repo", "Status", "Format", "Databases", "Options", "Stop (UTC)", "Size", "Stored"):
+    for col in (
+        "ID",
+        "Repo",
+        "Status",
+        "Format",
+        "Databases",
+        "Options",
+        "Schedule",
+        "Stop (UTC)",
+        "Size",
+        "Stored",
+    ):
         t.add_column(col, justify="right" if col in ("Size", "Stored") else "left")
     for row in rows:
         opts = [
@@ -262,6 +271,7 @@ def dump_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "tabl
             str(row["format"]),
             escape(dbs + ", ".join(row["databases"])),  # type: ignore[arg-type]
             escape(", ".join(opts)),
+            escape(str(row["schedule"] or "-")),
             str(row["stop_time"] or "").replace("T", " ").rstrip("Z")[:19],
             human_bytes(int(str(row["size"]))),
             human_bytes(int(str(row["stored_size"]))),
@@ -302,6 +312,8 @@ def dump_info(
         f"postgres   {rec.pg_version}; {rec.pg_dump_version}",
         f"time       {catalog.iso(rec.start_time)} .. {catalog.iso(rec.stop_time) if rec.stop_time else '-'}",
         f"globals    {'yes' if rec.globals_object else 'no'}",
+        f"taken by   {'schedule ' + rec.schedule if rec.schedule else 'hand'}"
+        + (f"; label {rec.label}" if rec.label else ""),
         f"copies     {', '.join(doc['copies']) or 'none complete'}",
     ]
     for d in rec.databases:
@@ -441,12 +453,19 @@ def dump_expire(
     keep_days: Annotated[
         float | None, typer.Option("--keep-days", help="Keep complete dumps younger than D days.", min=0.001)
     ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule", help="Only the dumps this backup schedule took (as the schedule's retention does)."
+        ),
+    ] = None,
     repo: RepoOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed.")] = False,
     output: OutputOpt = "table",
 ) -> None:
     """Remove failed dumps and the complete ones --keep / --keep-days no longer keep (per set of
-    databases dumped; never the newest of a set, never a running one)."""
+    databases dumped and per schedule; never the newest of a set, never a running one).  Without
+    --schedule every dump counts, those of schedules too."""
     check_output(output)
     cfg = load_or_exit(config)
     quiet_logging()
@@ -456,7 +475,7 @@ def dump_expire(
         plans = []
         for rc in repos:
             async with make_repository(rc) as r:
-                plans.append(await expire_dumps(r, cfg.scope, keep, keep_days, dry_run))
+                plans.append(await expire_dumps(r, cfg.scope, keep, keep_days, dry_run, schedule=schedule))
         return plans
 
     try:

@@ -119,12 +119,11 @@ def test_a_schedule_runs_once_per_slot_on_the_leader_keeps_its_retention_and_mov
                 listed = schedules(c, other)  # any node's config and etcd tell the same
                 q = listed["quick"]
                 assert q["last_leader"] == leader and q["next_run"] is not None
-                assert listed["nightly-dump"]["available"] is False
-                assert "not available in this build" in listed["nightly-dump"]["unavailable_reason"]
+                nightly = listed["nightly-dump"]
+                assert nightly["available"] is True and nightly["next_run"].endswith("T02:00:00Z")
                 m = metrics(c, leader)
                 assert re.search(r'hakeeper_schedule_runs_total\{result="ok",schedule="quick"\} [3-9]', m), m
                 assert 'hakeeper_schedule_last_success_timestamp_seconds{schedule="quick"}' in m
-                assert "schedule_unavailable" in c.tail_log(leader, 2000)
 
                 # kill the leader while it runs a slot: the new leader marks it interrupted
                 wait_for(
@@ -164,6 +163,111 @@ def test_a_schedule_runs_once_per_slot_on_the_leader_keeps_its_retention_and_mov
                 raise
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
+
+
+def dumps(repo_dir: Path, scope: str) -> list[dict[str, Any]]:
+    """Every dump record in the repository (``DumpRecord`` as JSON), oldest first."""
+    from hakeeper.backup.dump import load_dumps
+
+    async def go() -> list[dict[str, Any]]:
+        repo = FilesystemRepository(repo_dir, name=repo_dir.name)
+        try:
+            cat = await load_dumps(repo, scope)
+        finally:
+            await repo.close()
+        return [r.model_dump(mode="json") for r in cat.records]
+
+    return asyncio.run(go())
+
+
+def test_dump_schedules_dump_on_the_primary_and_expire_only_their_own_dumps() -> None:
+    """Two dump schedules of the same databases, like the classic daily dump and monthly export,
+    with different retention, and a dump taken by hand: each schedule's retention removes only
+    its own dumps; every scheduled dump is copied to the second repository."""
+    dirs = {n: cluster_tmpdir(f"hk-dsched-{n}-") for n in ("a", "b")}
+    scope = "dsched"
+    backup = {
+        "repositories": [{"name": n, "type": "fs", "path": str(p)} for n, p in dirs.items()],
+        "schedules": [
+            {"name": "often", "kind": "dump", "cron": "* * * * * */10", "retention": {"count": 1}},
+            {
+                "name": "seldom",
+                "kind": "dump",
+                "cron": "* * * * * 5,25,45",
+                "retention": {"count": 10},
+                "databases": ["app"],
+                "format": "directory",
+            },
+        ],
+    }
+    try:
+        with running_cluster(nodes=1, backup=backup, scope=scope) as c:
+            node = c.names[0]
+            try:
+                sql(c, node, "CREATE DATABASE app")
+                cli = [
+                    sys.executable,
+                    "-m",
+                    "hakeeper",
+                    "dump",
+                    "create",
+                    "-c",
+                    str(c.nodes[node].config_path),
+                ]
+                manual = []
+                for _ in range(2):  # two of app by hand: a count of 1 over them would remove one
+                    res = subprocess.run(
+                        [*cli, "--db", "app", "--repo", "a", "--label", "by hand", "-o", "json"],
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    )
+                    assert res.returncode == 0, res.stderr
+                    manual.append(json.loads(res.stdout))
+                assert all(m["schedule"] is None and m["label"] == "by hand" for m in manual)
+
+                def ok(name: str) -> list[dict[str, Any]]:
+                    return [r for r in record(c, name).get("runs", []) if r["result"] == "ok"]
+
+                wait_for(lambda: len(ok("often")) >= 4 and len(ok("seldom")) >= 3, 240, "dump runs")
+                for name in ("often", "seldom"):
+                    runs = record(c, name)["runs"]
+                    assert all(r["result"] in ("ok", "running") for r in runs), runs
+                for r in ok("often"):
+                    d = r["details"]["repositories"]
+                    assert d["b"]["copied_from"] == "a" and d["b"]["dump"] == d["a"]["dump"], r
+                expired = {i for r in ok("often") for i in r["details"]["repositories"]["a"]["expired_dumps"]}
+                assert expired, ok("often")  # four runs with count 1: the often schedule expired some
+                assert all(i.startswith("D") for i in expired)
+
+                for repo in dirs.values():
+                    recs = dumps(repo, scope)
+                    by = {
+                        n: [r for r in recs if r["schedule"] == n and r["status"] == "complete"]
+                        for n in ("often", "seldom")
+                    }
+                    # count 1, plus at most one just taken whose expire has not run yet
+                    assert 1 <= len(by["often"]) <= 2, recs
+                    assert all(r["id"] not in expired for r in recs), (expired, recs)
+                    # the other schedule's dumps (of app, like the manual ones), all there
+                    assert len(by["seldom"]) >= 2
+                    assert {r["id"] for r in by["seldom"]} >= {
+                        x["details"]["repositories"]["a"]["dump"] for x in ok("seldom")
+                    }
+                    assert all(r["dump_format"] == "directory" for r in by["seldom"])
+                    assert all([d["name"] for d in r["databases"]] == ["app"] for r in by["seldom"])
+                    assert all(r["all_databases"] for r in by["often"])
+                    assert all(r["source"]["member"] == node and not r["source"]["standby"] for r in recs)
+                # the manual dumps, older than every run, are never touched by a schedule
+                assert {m["id"] for m in manual} <= {r["id"] for r in dumps(dirs["a"], scope)}
+                listed = schedules(c, node)
+                assert listed["seldom"]["databases"] == ["app"] and listed["seldom"]["format"] == "directory"
+            except BaseException:
+                print(f"--- agent log ---\n{c.tail_log(node, 80)}")
+                raise
+    finally:
+        for p in dirs.values():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def rpo(c: LocalCluster, node: str) -> dict[str, float]:

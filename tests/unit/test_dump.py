@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from pathlib import Path
 
 from hakeeper.backup.dump import (
     DumpCatalog,
@@ -125,3 +127,71 @@ def test_expire_plan_never_removes_a_running_dump_but_removes_failed_and_abandon
     assert plan.running == ["R1"] and plan.kept == ["D2"]
     reasons = {d.id: d.reason for d in plan.dumps}
     assert reasons["F1"].startswith("failed: boom") and reasons["A1"].startswith("abandoned")
+
+
+def test_a_schedules_retention_never_touches_another_schedules_or_manual_dumps() -> None:
+    """The classic schedule: a daily dump kept 30 days and a monthly export kept a year, both of
+    every database.  Each schedule's expire sees only its own dumps."""
+    daily = [rec(f"D{i:03}", i, all_databases=True, schedule="daily-dump") for i in range(1, 61)]
+    monthly = [
+        rec(f"M{i:02}", 30 * i + 0.5, all_databases=True, schedule="monthly-export") for i in range(0, 14)
+    ]
+    manual = [rec("H1", 90, all_databases=True), rec("H2", 200, all_databases=True)]
+    running = rec("DR", 0.001, status="running", all_databases=True, schedule="daily-dump")
+    failed_m = rec("MF", 2, status="failed", error="boom", all_databases=True, schedule="monthly-export")
+    cat = DumpCatalog("r", records=[*daily, *monthly, *manual, running, failed_m])
+
+    p = plan_dump_expire(cat, "s", days=30, now=NOW, schedule="daily-dump")
+    gone = {d.id for d in p.dumps}
+    assert gone == {f"D{i:03}" for i in range(31, 61)}  # older than 30 days, daily only
+    assert p.running == ["DR"]
+    assert set(p.kept) == {f"D{i:03}" for i in range(1, 31)}
+
+    p = plan_dump_expire(cat, "s", days=365, now=NOW, schedule="monthly-export")
+    assert {d.id for d in p.dumps} == {"M13", "MF"}  # 390.5 days old, and its own failed dump
+    assert "M12" in p.kept  # 360.5 days
+
+    # a schedule whose dumps are all old keeps its newest
+    p = plan_dump_expire(cat, "s", days=1, now=NOW, schedule="monthly-export")
+    assert "M00" in p.kept and "M01" not in p.kept
+
+    # no selector: every dump as before, but each schedule's newest (and the manual ones') kept
+    p = plan_dump_expire(cat, "s", count=1, now=NOW)
+    assert set(p.kept) == {"D001", "M00", "H1"}
+    assert {"H2", "D002", "M01", "MF"} <= {d.id for d in p.dumps}
+    assert p.running == ["DR"]
+
+
+def test_a_selected_expire_leaves_objects_without_a_record_alone() -> None:
+    from hakeeper.backup.repo import ListEntry
+
+    old = NOW - dt.timedelta(days=3)
+    orphan = [ListEntry("s/dump/DX/db000/archive.dump", 10, old)]
+    cat = DumpCatalog("r", records=[rec("D1", 1, schedule="daily")], orphans={"DX": orphan})
+    p = plan_dump_expire(cat, "s", count=1, now=NOW, schedule="daily")
+    assert p.dumps == [] and any("DX" in n for n in p.notes)
+    p = plan_dump_expire(cat, "s", count=1, now=NOW)
+    assert [d.id for d in p.dumps] == ["DX"]
+
+
+def test_dump_records_carry_their_schedule_and_label_and_old_records_read_without() -> None:
+    r = rec("D1", 1, schedule="daily-dump", label="schedule daily-dump 2026-05-31T02:00:00Z")
+    again = DumpRecord.model_validate_json(r.to_json())
+    assert again.schedule == "daily-dump" and again.label and again.summary(NOW)["schedule"] == "daily-dump"
+    assert rec("D2", 1).schedule is None  # a record written before schedules: taken by hand
+    assert r.retention_group() == "shop [schedule daily-dump]" and rec("D2", 1).retention_group() == "shop"
+
+
+def test_two_dumps_started_in_the_same_second_get_different_ids(tmp_path: Path) -> None:
+    from hakeeper.backup.dump import _new_id
+    from hakeeper.backup.repo import FilesystemRepository
+
+    async def go() -> list[str]:
+        repo = FilesystemRepository(tmp_path, name="fs")
+        try:
+            return list(await asyncio.gather(*(_new_id(repo, "s", NOW) for _ in range(3))))
+        finally:
+            await repo.close()
+
+    ids = asyncio.run(go())
+    assert len(set(ids)) == 3 and min(ids) == make_dump_id(NOW)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from hakeeper.backup.basebackup import BackupError
 from hakeeper.backup.config import BackupConfig, ScheduleConfig
 from hakeeper.backup.schedule import (
     MAX_ATTEMPTS,
@@ -16,12 +17,12 @@ from hakeeper.backup.schedule import (
     Result,
     Run,
     ScheduleRecord,
-    backup_source,
     describe,
     due_slots,
     next_slot,
     plan,
 )
+from hakeeper.backup.source import NoStandby, choose_source
 
 T0 = dt.datetime(2024, 3, 4, 0, 0, tzinfo=dt.UTC).timestamp()  # a Monday
 HOUR = 3600.0
@@ -173,6 +174,10 @@ def test_default_schedules_only_with_a_repository_and_empty_list_disables() -> N
         ({"name": "a", "kind": "fulll", "cron": "0 * * * *"}, "kind"),
         ({"name": "a", "kind": "full", "cron": "0 * * * *", "repositories": ["nope"]}, "repositories"),
         ({"name": "a", "kind": "full", "cron": "0 * * * *", "retention": {"count": 0}}, "count"),
+        ({"name": "a", "kind": "full", "cron": "0 * * * *", "databases": ["app"]}, "databases"),
+        ({"name": "a", "kind": "verify", "cron": "0 * * * *", "format": "plain"}, "format"),
+        ({"name": "a", "kind": "dump", "cron": "0 * * * *", "format": "tar"}, "format"),
+        ({"name": "a", "kind": "dump", "cron": "0 * * * *", "databases": []}, "databases"),
     ],
 )
 def test_schedule_config_errors_name_the_field(entry: dict[str, object], field: str) -> None:
@@ -190,16 +195,28 @@ def test_two_full_schedules_may_not_both_set_a_repositorys_retention() -> None:
         BackupConfig.model_validate({"repositories": [REPO], "schedules": entries})
 
 
-def test_describe_reports_unavailable_kinds_honestly() -> None:
-    s = ScheduleConfig(name="d", kind="dump", cron="0 2 * * *")
+def test_every_kind_is_available_and_a_dump_schedule_shows_what_it_dumps() -> None:
+    s = ScheduleConfig(name="d", kind="dump", cron="0 2 * * *", databases=["app"], format="directory")
     d = describe(s, None, T0)
-    assert d["available"] is False and "not available in this build" in d["unavailable_reason"]
-    assert d["next_run"] is None
+    assert d["available"] is True and d["unavailable_reason"] is None
+    assert d["next_run"] == "2024-03-04T02:00:00Z"
+    assert d["databases"] == ["app"] and d["format"] == "directory"
     f = describe(ScheduleConfig(name="f", kind="full", cron="0 1 * * 0"), None, T0)
     assert f["available"] is True and f["next_run"] == "2024-03-10T01:00:00Z"
+    assert f["databases"] is None and f["format"] is None
+    v = describe(ScheduleConfig(name="v", kind="verify", cron="0 4 * * 0"), None, T0)
+    assert v["available"] is True
 
 
-def test_backup_source_prefers_the_least_lagging_streaming_standby() -> None:
+def test_the_classic_schedule_dumps_every_database_daily_and_monthly_each_with_its_own_retention() -> None:
+    by_name = {s.name: s for s in BackupConfig.model_validate({"repositories": [REPO]}).effective_schedules()}
+    daily, monthly = by_name["daily-dump"], by_name["monthly-export"]
+    assert daily.kind == monthly.kind == "dump"
+    assert daily.databases is None and monthly.databases is None and daily.format == "custom"
+    assert daily.retention.days == 30 and monthly.retention.days == 365
+
+
+def test_the_source_is_the_least_lagging_streaming_standby() -> None:
     from hakeeper.ha.model import ClusterView, Leader, Member, MemberRole, MemberState
 
     def m(name: str, role: MemberRole, state: MemberState, lag: int | None) -> Member:
@@ -212,12 +229,18 @@ def test_backup_source_prefers_the_least_lagging_streaming_standby() -> None:
         "c": m("c", MemberRole.REPLICA, MemberState.IN_RECOVERY, 0),
     }
     view = ClusterView(leader=Leader("p", 5, 1, 5), members=members)
-    src, primary, _ = backup_source(view, "auto")
-    assert src.name == "b" and primary is not None and primary.name == "p"
-    assert backup_source(view, "primary")[0].name == "p"
+    c = choose_source(view, "auto")
+    assert c.source.name == "b" and c.primary is not None and c.primary.name == "p"
+    assert c.what == "standby b (lag 100 bytes)"
+    assert choose_source(view, "standby").source.name == "b"
+    assert choose_source(view, "primary").source.name == "p"
+    assert choose_source(view, "primary").what == "the primary p"
     lonely = ClusterView(leader=Leader("p", 5, 1, 5), members={"p": members["p"]})
-    assert backup_source(lonely, "auto")[0].name == "p"
-    from hakeeper.backup.basebackup import BackupError
-
-    with pytest.raises(BackupError):
-        backup_source(lonely, "standby")
+    assert choose_source(lonely, "auto").source.name == "p"
+    assert choose_source(lonely, "auto").what == "the primary p (no streaming standby)"
+    with pytest.raises(NoStandby):
+        choose_source(lonely, "standby")
+    headless = ClusterView(leader=None, members={"a": members["a"]})
+    assert choose_source(headless, "auto").primary is None  # a standby, and no primary to switch WAL
+    with pytest.raises(BackupError, match="no running primary"):
+        choose_source(headless, "primary")
