@@ -265,11 +265,14 @@ JobFn = Callable[[ScheduleConfig, JobContext], Awaitable[dict[str, Any]]]
 
 
 async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
-    """A base backup into each repository in turn (from the source ``hakeeper backup create
-    --from`` would pick), then that repository's retention."""
+    """A base backup (from the source ``hakeeper backup create --from`` would pick) into the
+    first of the schedule's repositories that takes it, copied byte for byte (with its WAL, and
+    read back) into each of the others (``backup copy``: one backup's load on the source, the
+    same backup id everywhere for the 3-2-1 check); then each repository's retention."""
     from hakeeper.backup import retention
     from hakeeper.backup.basebackup import BackupError
     from hakeeper.backup.config import RetentionConfig, make_repository
+    from hakeeper.backup.copy import CopyError, copy_item
     from hakeeper.backup.errors import RepoError
     from hakeeper.backup.source import backup_node, choose_source
     from hakeeper.pg.bins import find_bin_dir
@@ -283,28 +286,34 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
         raise JobError(str(e)) from None
     details: dict[str, Any] = {"source": choice.what, "repositories": {}}
     errors: list[str] = []
+    taken: tuple[str, RepositoryConfig] | None = None  # (backup id, the repository it went to)
     for rc in ctx.repositories:
-        r = make_repository(rc)
         one: dict[str, Any] = {}
         details["repositories"][rc.name] = one
         try:
-            rec = await backup_node(
-                r, cfg, choice, bin_dir=bin_dir, label=f"schedule {sched.name} {iso(ctx.slot)}"
-            )
-            one["backup"] = rec.id
-            kept = sched.retention
-            rule = rc.retention
-            if kept.count is not None or kept.days is not None:
-                rule = RetentionConfig(full_count=kept.count, full_days=kept.days)
-            if rule.full_count is not None or rule.full_days is not None:
-                p = await retention.expire(r, cfg.scope, rule)
-                one["expired_backups"] = [b.id for b in p.backups]
-                one["expired_wal"] = len(p.wal)
-        except (BackupError, RepoError, OSError) as e:
+            async with make_repository(rc) as r:
+                if taken is None:
+                    rec = await backup_node(
+                        r, cfg, choice, bin_dir=bin_dir, label=f"schedule {sched.name} {iso(ctx.slot)}"
+                    )
+                    taken = (rec.id, rc)
+                    one["backup"] = rec.id
+                else:
+                    async with make_repository(taken[1]) as src:
+                        await copy_item(src, r, cfg.scope, taken[0])
+                    one["backup"] = taken[0]
+                    one["copied_from"] = taken[1].name
+                kept = sched.retention
+                rule = rc.retention
+                if kept.count is not None or kept.days is not None:
+                    rule = RetentionConfig(full_count=kept.count, full_days=kept.days)
+                if rule.full_count is not None or rule.full_days is not None:
+                    p = await retention.expire(r, cfg.scope, rule)
+                    one["expired_backups"] = [b.id for b in p.backups]
+                    one["expired_wal"] = len(p.wal)
+        except (BackupError, CopyError, RepoError, OSError) as e:
             one["error"] = str(e)
             errors.append(f"{rc.name}: {e}")
-        finally:
-            await r.close()
     if errors:
         raise JobError("; ".join(errors))
     return details

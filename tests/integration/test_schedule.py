@@ -89,9 +89,13 @@ def metrics(c: LocalCluster, node: str) -> str:
 
 def test_a_schedule_runs_once_per_slot_on_the_leader_keeps_its_retention_and_moves_with_a_failover() -> None:
     repo_dir = cluster_tmpdir("hk-sched-repo-")
+    repo2_dir = cluster_tmpdir("hk-sched-repo2-")
     scope = "sched"
     backup = {
-        "repositories": [{"name": "fs", "type": "fs", "path": str(repo_dir)}],
+        "repositories": [
+            {"name": "fs", "type": "fs", "path": str(repo_dir)},
+            {"name": "fs2", "type": "fs", "path": str(repo2_dir), "offsite": True},
+        ],
         "schedules": [
             {"name": "quick", "kind": "full", "cron": "* * * * * */20", "retention": {"count": 2}},
             {"name": "nightly-dump", "kind": "dump", "cron": "0 2 * * *"},
@@ -116,6 +120,12 @@ def test_a_schedule_runs_once_per_slot_on_the_leader_keeps_its_retention_and_mov
                 # retention count 2, applied after each run: at most 2 (+ one being taken)
                 assert len(complete_backups(repo_dir, scope)) <= 2 + 1
                 wait_for(lambda: len(complete_backups(repo_dir, scope)) <= 2, 120, "retention applied")
+                # one backup per run, copied (same id) into the second repository, retention there too
+                wait_for(
+                    lambda: complete_backups(repo2_dir, scope) == complete_backups(repo_dir, scope),
+                    120,
+                    "the same backups in both repositories",
+                )
                 listed = schedules(c, other)  # any node's config and etcd tell the same
                 q = listed["quick"]
                 assert q["last_leader"] == leader and q["next_run"] is not None
@@ -163,6 +173,7 @@ def test_a_schedule_runs_once_per_slot_on_the_leader_keeps_its_retention_and_mov
                 raise
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
+        shutil.rmtree(repo2_dir, ignore_errors=True)
 
 
 def dumps(repo_dir: Path, scope: str) -> list[dict[str, Any]]:
