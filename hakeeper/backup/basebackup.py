@@ -27,6 +27,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -48,7 +49,7 @@ from hakeeper.fsutil import libc
 from hakeeper.log import get_logger
 from hakeeper.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo
-from hakeeper.proc import RunAs, child_env
+from hakeeper.proc import RunAs, child_env, pid_alive
 
 log = get_logger(__name__)
 
@@ -729,6 +730,30 @@ class _LabelReader:
                 raise BackupError("the backup stream does not start with backup_label")
 
 
+STAGING_PREFIX = "hakeeper-backup-"
+_STAGING_PID = re.compile(r"-p(\d+)-[^-]*$")
+
+
+def remove_stale_staging(where: Path) -> list[Path]:
+    """Remove the staging directories of backups whose process is gone (killed: a ``finally``
+    never ran), so that they do not pile up in the staging directory.  Returns what it removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(where.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = _STAGING_PID.search(d.name)
+        if not d.name.startswith(STAGING_PREFIX) or m is None or not d.is_dir() or d.is_symlink():
+            continue
+        if pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+        log.info("backup_stale_staging_removed", path=str(d))
+    return removed
+
+
 async def _copy_compressed(
     run: _Run,
     source: Endpoint,
@@ -752,8 +777,10 @@ async def _copy_compressed(
     rec = run.record
     level = max(1, min(run.repo.level, 19))
     spec = f"server-zstd:level={level}" + (f",workers={parallel}" if parallel > 1 else "")
-    where = str(staging_dir) if staging_dir else None
-    stage = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"hakeeper-backup-{rec.id}-", dir=where))
+    where = str(staging_dir) if staging_dir else tempfile.gettempdir()
+    await asyncio.to_thread(remove_stale_staging, Path(where))
+    prefix = f"{STAGING_PREFIX}{rec.id}-p{os.getpid()}-"
+    stage = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix, dir=where))
     out_dir = stage / "pgbb"
     t0 = time.monotonic()
     proc = await _spawn_pg_basebackup(bin_dir, source, replication, str(out_dir), rec, f"--compress={spec}")

@@ -8,6 +8,7 @@ import io
 import json
 import random
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -464,8 +465,6 @@ def test_wal_ranges_compact_listing() -> None:
     ],
 )
 def test_recovery_target_action(kind: str, start: bool, action: str) -> None:
-    from pathlib import Path
-
     from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestorePlan, Target
     from hakeeper.backup.restore import RestoreOptions, recovery_settings
     from hakeeper.config import Credentials
@@ -492,3 +491,20 @@ def test_recovery_target_action(kind: str, start: bool, action: str) -> None:
     assert s["archive_mode"] is False
     if action == "pause":
         assert s["hot_standby"] is True
+
+
+def test_stale_staging_directories_of_dead_backups_are_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from hakeeper.backup.basebackup import remove_stale_staging
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free once it has been waited for
+    stale = tmp_path / f"hakeeper-backup-20260101T000000Z-p{gone.pid}-abc123"
+    live = tmp_path / f"hakeeper-backup-20260101T000001Z-p{os.getpid()}-def456"
+    other = tmp_path / "hakeeper-backup-unrelated"
+    for d in (stale, live, other):
+        (d / "pgbb").mkdir(parents=True)
+    assert remove_stale_staging(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
