@@ -37,6 +37,13 @@ class RetentionConfig(_Strict):
         description="Keep every complete full backup younger than this many days, plus the newest "
         "older one (so any moment of the window can be restored).",
     )
+    wal_days: float | None = Field(
+        None,
+        gt=0,
+        description="Point-in-time recovery window: keep all archived WAL from the newest kept "
+        "backup that ended before the last N days on; of older kept backups only the WAL each needs "
+        "to be restored to its end.  Not set: all WAL from the oldest kept backup on.",
+    )
 
 
 class RowCountConfig(_Strict):
@@ -221,6 +228,12 @@ class ScheduleRetention(_Strict):
 
     count: int | None = Field(None, ge=1, description="Keep the newest N.")
     days: float | None = Field(None, gt=0, description="Keep everything younger than this many days.")
+    wal_days: float | None = Field(
+        None,
+        gt=0,
+        description="`full` only: the point-in-time recovery window (the repository's "
+        "`retention.wal_days` when not set here).",
+    )
 
 
 class ScheduleConfig(_Strict):
@@ -293,10 +306,10 @@ class ScheduleConfig(_Strict):
 
 
 # The classic production schedule (used when backup.schedules is not given and there is at least
-# one repository): WAL continuously (the archiver), a logical dump daily kept 30 days, a base
-# backup weekly kept 90 days, an export (a dump) monthly kept a year.  docs/schedules.md.
+# one repository): WAL continuously (the archiver) kept 7 days, a logical dump daily kept 30 days,
+# a base backup weekly kept 90 days, an export (a dump) monthly kept a year.  docs/schedules.md.
 DEFAULT_SCHEDULES: tuple[dict[str, object], ...] = (
-    {"name": "weekly-full", "kind": "full", "cron": "0 1 * * 0", "retention": {"days": 90}},
+    {"name": "weekly-full", "kind": "full", "cron": "0 1 * * 0", "retention": {"days": 90, "wal_days": 7}},
     {"name": "daily-dump", "kind": "dump", "cron": "0 2 * * *", "retention": {"days": 30}},
     {"name": "monthly-export", "kind": "dump", "cron": "0 3 1 * *", "retention": {"days": 365}},
 )

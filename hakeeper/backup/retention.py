@@ -14,6 +14,10 @@ Per repository (``retention`` in its configuration):
   ``.backup`` files) is removed when it is older than every kept backup: on the backup's
   timeline or an older one, and before the segment the backup starts in.  Timeline history
   files are always kept.
+* ``wal_days: W`` narrows that to a point-in-time recovery window: all WAL is kept from the
+  newest kept backup that ended at least W days ago on (every moment of the last W days stays
+  restorable); of the kept backups older than that, only the WAL from each one's start to its
+  end (``wal_start`` .. ``wal_stop``), so each can still be restored to its end.
 
 A backup is removed record first (from then on it is not usable), then its other objects.
 :func:`plan_expire` is pure; :func:`expire` reads the catalog and carries the plan out.
@@ -161,12 +165,37 @@ def plan_expire(
         plan.notes.append("unreadable backup records: WAL is not expired until they are fixed or removed")
         return plan
     # WAL: older than every kept backup (and every running one that knows its start)
-    anchors = [b for b in done if b.id in keep] + [
-        b for b in cat.records if b.id in plan.running and b.start_lsn is not None and b.timeline is not None
-    ]
-    if not [b for b in done if b.id in keep]:
+    kept_done = [b for b in done if b.id in keep]  # newest first
+    if not kept_done:
         plan.notes.append("no complete backup: archived WAL is kept")
         return plan
+    protected: list[tuple[set[int], int, int]] = []  # (timelines, first segno, last segno)
+    if retention.wal_days is not None:
+        window_start = now - dt.timedelta(days=retention.wal_days)
+        cut = next(
+            (i for i, b in enumerate(kept_done) if b.stop_time is not None and b.stop_time <= window_start),
+            None,
+        )
+        if cut is not None:
+            ranges: list[tuple[set[int], int, int]] | None = []
+            for b in kept_done[cut + 1 :]:  # older than the window's base: their own WAL only
+                first = layout.parse_segment_name(b.wal_start or "")
+                last = layout.parse_segment_name(b.wal_stop or "")
+                if ranges is None or first is None or last is None:
+                    ranges = None  # its WAL range is not recorded: keep all WAL from it on
+                    break
+                ranges.append(({first[0], last[0]}, first[1], last[1]))
+            if ranges is not None:
+                protected = ranges
+                if ranges:
+                    plan.notes.append(
+                        f"WAL kept from backup {kept_done[cut].id} on (the {retention.wal_days:g}-day "
+                        f"recovery window); of {len(ranges)} older backup(s) only their own WAL"
+                    )
+                kept_done = kept_done[: cut + 1]
+    anchors = kept_done + [
+        b for b in cat.records if b.id in plan.running and b.start_lsn is not None and b.timeline is not None
+    ]
     bounds: list[tuple[int, int]] = []
     for b in anchors:
         assert b.timeline is not None
@@ -181,6 +210,8 @@ def plan_expire(
         if seg is None:
             continue
         tli, segno = seg
+        if any(tli in tlis and lo <= segno <= hi for tlis, lo, hi in protected):
+            continue
         if all(tli <= bt and segno < bs for bt, bs in bounds):
             plan.wal.append(prefix + name)
     return plan

@@ -306,8 +306,12 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
                 kept = sched.retention
                 rule = rc.retention
                 if kept.count is not None or kept.days is not None:
-                    rule = RetentionConfig(full_count=kept.count, full_days=kept.days)
-                if rule.full_count is not None or rule.full_days is not None:
+                    rule = RetentionConfig(
+                        full_count=kept.count, full_days=kept.days, wal_days=rc.retention.wal_days
+                    )
+                if kept.wal_days is not None:
+                    rule = rule.model_copy(update={"wal_days": kept.wal_days})
+                if rule.full_count is not None or rule.full_days is not None or rule.wal_days is not None:
                     p = await retention.expire(r, cfg.scope, rule)
                     one["expired_backups"] = [b.id for b in p.backups]
                     one["expired_wal"] = len(p.wal)

@@ -396,6 +396,34 @@ def test_plan_expire_multi_timeline_boundary() -> None:
     assert plan.wal == [f"s/wal/{n}" for n in [seg(1, 2), seg(1, 3), seg(1, 4), seg(1, 5), seg(2, 5)]]
 
 
+def test_plan_expire_wal_window() -> None:
+    """wal_days: all WAL from the newest backup that ended before the window on; of older kept
+    backups only their own start..stop range; without such an older backup, nothing changes."""
+    days = dt.timedelta(days=1)
+
+    def b(bid: str, first: int, last: int, age_days: float) -> BackupRecord:
+        return rec(bid, 1, first * SEG + 0x28, last * SEG + 0x100, T0 - age_days * days,
+                   wal_start=seg(1, first), wal_stop=seg(1, last))  # fmt: skip
+
+    cat = Catalog("r")
+    cat.records = [b("W0", 2, 3, 30), b("W1", 10, 11, 20), b("W2", 20, 20, 9), b("W3", 30, 31, 2)]
+    wal(cat, [seg(1, i) for i in range(1, 36)] + ["00000001.history"])
+    plan = plan_expire(cat, "s", RetentionConfig(full_days=90, wal_days=7), T0)
+    assert plan.backups == [] and plan.kept == ["W3", "W2", "W1", "W0"]
+    # W2 ended 9 days ago, before the 7-day window: everything from its start (20) stays;
+    # W1 and W0 keep 10-11 and 2-3; the rest before 20 goes
+    kept_wal = sorted(set(range(1, 36)) - {int(n[-8:], 16) for n in plan.wal})
+    assert kept_wal == [2, 3, 10, 11, *range(20, 36)]
+    assert any("recovery window" in n for n in plan.notes)
+    # a window older than every backup: as without wal_days (everything from the oldest on)
+    wide = plan_expire(cat, "s", RetentionConfig(full_days=90, wal_days=60), T0)
+    assert wide.wal == [f"s/wal/{seg(1, 1)}"]
+    # an old kept backup without its WAL range recorded: all WAL from it on is kept
+    cat.records[0] = rec("W0", 1, 2 * SEG + 0x28, 3 * SEG + 0x100, T0 - 30 * days)
+    unknown = plan_expire(cat, "s", RetentionConfig(full_days=90, wal_days=7), T0)
+    assert unknown.wal == [f"s/wal/{seg(1, 1)}"]
+
+
 def test_retention_config() -> None:
     cfg = RepositoryConfig.model_validate(
         {"name": "a", "type": "fs", "path": "/x", "retention": {"full_count": 3, "full_days": 7}}
