@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -210,3 +211,18 @@ def postmaster_pid(data_dir: Path) -> int | None:
     if os.path.realpath(cwd) != os.path.realpath(data_dir):
         return None
     return pid
+
+
+def dirs_of_dead_processes(where: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """The directories in ``where`` whose name matches ``pattern`` (group 1: the pid of the
+    process that made it) and whose process is gone: work directories a killed process left."""
+    try:
+        entries = list(where.iterdir())
+    except OSError:
+        return []
+    out = []
+    for d in entries:
+        m = pattern.match(d.name)
+        if m is not None and d.is_dir() and not d.is_symlink() and not pid_alive(int(m.group(1))):
+            out.append(d)
+    return out

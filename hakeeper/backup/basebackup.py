@@ -49,7 +49,7 @@ from hakeeper.fsutil import libc
 from hakeeper.log import get_logger
 from hakeeper.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo
-from hakeeper.proc import RunAs, child_env, pid_alive
+from hakeeper.proc import RunAs, child_env, dirs_of_dead_processes
 
 log = get_logger(__name__)
 
@@ -731,25 +731,15 @@ class _LabelReader:
 
 
 STAGING_PREFIX = "hakeeper-backup-"
-_STAGING_PID = re.compile(r"-p(\d+)-[^-]*$")
+_STAGING_PID = re.compile(r"^hakeeper-backup-.*-p(\d+)-[^-]*$")
 
 
 def remove_stale_staging(where: Path) -> list[Path]:
     """Remove the staging directories of backups whose process is gone (killed: a ``finally``
     never ran), so that they do not pile up in the staging directory.  Returns what it removed."""
-    removed: list[Path] = []
-    try:
-        entries = list(where.iterdir())
-    except OSError:
-        return removed
-    for d in entries:
-        m = _STAGING_PID.search(d.name)
-        if not d.name.startswith(STAGING_PREFIX) or m is None or not d.is_dir() or d.is_symlink():
-            continue
-        if pid_alive(int(m.group(1))):
-            continue
+    removed = dirs_of_dead_processes(where, _STAGING_PID)
+    for d in removed:
         shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
         log.info("backup_stale_staging_removed", path=str(d))
     return removed
 

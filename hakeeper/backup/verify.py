@@ -14,7 +14,8 @@ A drill proves that a base backup restores, and measures how long that takes:
 4. On the running copy: row counts of every table compared with those recorded with the
    backup (equality required when they were exact), ``pg_amcheck --all --heapallindexed``, and
    the newest complete logical dump of the repository restored into a scratch database.
-5. It always stops the copy and removes the scratch directory, also after a failure or Ctrl-C.
+5. It always stops the copy and removes the scratch directory, also after a failure or Ctrl-C;
+   the directory (and server) of a drill whose process was killed is removed by the next drill.
 
 The result (:class:`DrillResult`) goes next to the backup (``<scope>/backup/<id>/verify-<time>.json``)
 and into etcd (``<prefix>/verify/last`` and, for a success, ``<prefix>/verify/last_success``),
@@ -29,6 +30,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,7 +59,7 @@ from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult,
 from hakeeper.config import secret_value
 from hakeeper.log import get_logger
 from hakeeper.pg.conf import build_conninfo
-from hakeeper.proc import RunAs, pid_alive, postmaster_pid, resolve_run_as, run
+from hakeeper.proc import RunAs, dirs_of_dead_processes, pid_alive, postmaster_pid, resolve_run_as, run
 
 if TYPE_CHECKING:
     from hakeeper.config import NodeConfig
@@ -554,6 +556,27 @@ def _port_of(res: RestoreResult) -> int:
     return int(res.settings["port"])
 
 
+SCRATCH_PREFIX = "hakeeper-verify-"
+_SCRATCH_PID = re.compile(r"^hakeeper-verify-p(\d+)-")
+
+
+def remove_stale_scratch(where: Path) -> list[Path]:
+    """Scratch directories of drills whose process is gone (killed: its clean-up never ran):
+    their server, if it still runs, is killed, and the directory removed.  Returns them."""
+    removed = dirs_of_dead_processes(where, _SCRATCH_PID)
+    for d in removed:
+        pid = postmaster_pid(d / "data")  # only a postgres running in that very directory
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("verify_stale_scratch_removed", path=str(d), server_pid=pid)
+    return removed
+
+
 async def run_drill(
     cfg: NodeConfig,
     *,
@@ -660,7 +683,11 @@ async def _run(
     base = vcfg.scratch_dir
     if base is not None:
         await asyncio.to_thread(base.mkdir, parents=True, exist_ok=True)
-    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="hakeeper-verify-", dir=base))
+    where = base if base is not None else Path(tempfile.gettempdir())
+    for stale in await asyncio.to_thread(remove_stale_scratch, where):
+        result.notes.append(f"removed the scratch directory of a drill that was killed: {stale}")
+    prefix = f"{SCRATCH_PREFIX}p{os.getpid()}-"
+    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix, dir=where))
     drill.scratch = scratch
     try:
         drill.run_as = resolve_run_as(scratch / "data", cfg.postgresql.os_user)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 from hakeeper.backup.basebackup import Snapshot, nothing_committed_between
 from hakeeper.backup.catalog import BackupRecord, RowCounts
@@ -247,3 +248,20 @@ def test_report_uses_measured_values() -> None:
     # the last drill failed: said next to the RTO of the last passed one
     inp.last_drill = {**drill, "ok": False, "id": "V2", "error": "restore failed: x: corrupt object"}
     assert "LAST DRILL FAILED" in _row(build_rows(inp), "WAL archive + PITR").source
+
+
+def test_scratch_directories_of_killed_drills_are_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from hakeeper.backup.verify import remove_stale_scratch
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"hakeeper-verify-p{gone.pid}-abc"
+    live = tmp_path / f"hakeeper-verify-p{os.getpid()}-def"
+    for d in (stale, live):
+        (d / "data").mkdir(parents=True)
+        (d / "data" / "postmaster.pid").write_text(f"{gone.pid}\n")  # not a running postgres
+    assert remove_stale_scratch(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
