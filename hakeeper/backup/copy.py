@@ -131,7 +131,10 @@ async def _copy_all(
 
     async def one(n: str) -> None:
         async with sem:
-            res.stored_bytes += await copy_object(src, dst, n)
+            copied = await copy_object(src, dst, n)
+            # not `res.stored_bytes += await ...`: that reads the sum before the await, and the
+            # copies running beside this one would lose their additions
+            res.stored_bytes += copied
             res.objects += 1
             if progress is not None:
                 progress("copy", res.objects, len(names))
