@@ -1,3 +1,3 @@
-from hakeeper.cli.main import main
+from hakeeper.cli.entry import main
 
 main()

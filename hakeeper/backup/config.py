@@ -393,7 +393,6 @@ class BackupConfig(_Strict):
 def make_repository(cfg: RepositoryConfig) -> Repository:
     """The repository ``cfg`` describes (no I/O: connections open on first use)."""
     from hakeeper.backup.repo import FilesystemRepository
-    from hakeeper.backup.s3repo import S3Repository
 
     if cfg.type == "fs":
         assert cfg.path is not None  # checked by the model
@@ -404,6 +403,9 @@ def make_repository(cfg: RepositoryConfig) -> Repository:
             threads=cfg.compression_threads,
             offsite=cfg.offsite,
         )
+    # imported here: botocore costs ~50 ms of every CLI call that only uses filesystem repositories
+    from hakeeper.backup.s3repo import S3Repository
+
     assert cfg.bucket is not None
     verify: bool | str = str(cfg.ca_file) if cfg.ca_file is not None else cfg.verify_tls
     return S3Repository(

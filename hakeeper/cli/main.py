@@ -132,14 +132,22 @@ def _register_optional_commands(args: list[str] | None = None) -> None:
                 raise
 
 
-def main() -> None:
-    args = sys.argv[1:]
+def prepare(args: list[str]) -> list[str]:
+    """Import what the command in ``args`` needs; the arguments to run it with."""
     _register_optional_commands(args)
     if "list" in args:
         from hakeeper.cli.cluster_cmds import expand_watch_default
 
         args = expand_watch_default(args)
+    return args
+
+
+def run(args: list[str]) -> None:
     try:
         app(args=args)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def main() -> None:
+    run(prepare(sys.argv[1:]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,23 @@ def test_every_command_is_found_in_its_module() -> None:
         assert modules == {f"hakeeper.cli.{expected}" if expected else "hakeeper.cli.main"}, group.name
         seen.add(group.name)
     assert "backup" in seen and "restore" in seen and "list" in seen
+
+
+def test_the_entry_point_leaves_the_garbage_collector_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The console script imports with the collector off (start-up speed); whatever the command
+    does, including a usage error, the collector is on again while the command runs."""
+    import gc
+
+    from hakeeper.cli import entry
+
+    seen: list[bool] = []
+    monkeypatch.setattr(sys, "argv", ["hakeeper", "config", "validate", "-c", str(tmp_path / "none.yml")])
+    monkeypatch.setattr("hakeeper.cli.main.load_node_config", lambda p: seen.append(gc.isenabled()) or 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            entry.main()
+    finally:
+        gc.unfreeze()
+    assert seen == [True] and gc.isenabled()
