@@ -169,6 +169,25 @@ def encode_raw(data: bytes, meta: Mapping[str, str]) -> tuple[bytes, Trailer]:
     return RAW_HEAD + data + trailer.to_bytes(), trailer
 
 
+class RawEncoder:
+    """Streaming form of :func:`encode_raw` (same interface as :class:`Encoder`): the content
+    passes as it is and is checksummed on the way; ``finish()`` gives the trailer."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def update(self, chunk: bytes) -> bytes:
+        self._sha.update(chunk)
+        first = self.size == 0 and bool(chunk)
+        self.size += len(chunk)
+        return RAW_HEAD + chunk if first else chunk
+
+    def finish(self, meta: Mapping[str, str]) -> tuple[bytes, Trailer]:
+        trailer = Trailer(size=self.size, sha256=self._sha.hexdigest(), meta=dict(meta), codec=CODEC_NONE)
+        return (b"" if self.size else RAW_HEAD) + trailer.to_bytes(), trailer
+
+
 class Decoder:
     """Streaming decompression and verification of a stored object, trailer included.
 

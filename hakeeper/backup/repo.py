@@ -173,12 +173,20 @@ class Repository(ABC):
         return PutResult(name, trailer.size, len(blob), trailer.sha256)
 
     async def put_stream(
-        self, name: str, chunks: AsyncIterable[bytes], *, meta: Mapping[str, str] | None = None
+        self,
+        name: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        meta: Mapping[str, str] | None = None,
+        as_is: bool = False,
     ) -> PutResult:
-        """Store the concatenated ``chunks`` as ``name`` (replacing), compressing as they come."""
+        """Store the concatenated ``chunks`` as ``name`` (replacing), compressing as they come
+        (``as_is``: already compressed, stored as :meth:`put` with ``as_is`` stores it)."""
         check_name(name)
         m = codec.validate_meta(meta or {})
-        enc = codec.Encoder(self.level, self.threads)
+        enc: codec.Encoder | codec.RawEncoder = (
+            codec.RawEncoder() if as_is else codec.Encoder(self.level, self.threads)
+        )
         done: list[codec.Trailer] = []
 
         async def encoded() -> AsyncGenerator[bytes, None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -111,6 +112,30 @@ def test_raw_objects_round_trip_in_any_chunking(data: bytes, cuts: list[int]) ->
         pos += step
     rest, read_trailer = dec.finish()
     assert bytes(out + rest) == data and read_trailer == trailer
+
+
+@given(data=st.binary(max_size=20_000), cuts=st.lists(st.integers(0, 5000), max_size=8))
+def test_raw_streaming_encoder_writes_what_encode_raw_writes(data: bytes, cuts: list[int]) -> None:
+    """However the content is cut (empty chunks included), the streamed stored form is byte
+    for byte the one-shot one: a part streamed during a backup reads back like a part put whole."""
+    enc = codec.RawEncoder()
+    blob = bytearray()
+    pos = 0
+    for step in [*cuts, len(data)]:
+        blob += enc.update(data[pos : pos + step])
+        pos += step
+    tail, trailer = enc.finish({"part": "1"})
+    blob += tail
+    assert (bytes(blob), trailer) == codec.encode_raw(data, {"part": "1"})
+
+
+async def test_fs_put_stream_as_is_reads_back(fs_repo: FilesystemRepository) -> None:
+    data = os.urandom(3 << 20)
+    r = await fs_repo.put_stream("base/raw", _chunks(data), meta={"part": "0"}, as_is=True)
+    assert (r.size, r.sha256) == (len(data), codec.sha256_hex(data))
+    assert r.stored_size == len(codec.encode_raw(data, {"part": "0"})[0])
+    assert await fs_repo.get("base/raw") == data
+    assert (await fs_repo.stat("base/raw")).meta == {"part": "0"}
 
 
 @given(data=st.binary(min_size=1, max_size=3000), where=st.floats(0, 1), bit=st.integers(0, 7))
@@ -456,3 +481,64 @@ def test_config_repository_names_are_unique() -> None:
                 RepositoryConfig(name="a", type="fs", path=Path("/y")),
             ]
         )
+
+
+# ------------------------------------------------------------- base backup parts, streamed
+
+
+def _run_for(repo: FilesystemRepository) -> object:
+    import datetime as dt
+
+    from hakeeper.backup.basebackup import _Run
+    from hakeeper.backup.catalog import BackupRecord, BackupStatus
+
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rec = BackupRecord(id="b1", label="b1", status=BackupStatus.RUNNING, scope="s", repository=repo.name,
+                       start_time=now, updated_at=now)  # fmt: skip
+    return _Run(repo, "s", rec, None)
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+async def test_streamed_parts_cut_at_the_part_size_and_read_back_in_order(
+    fs_repo: FilesystemRepository, parallel: int
+) -> None:
+    from hakeeper.backup.basebackup import _StreamedParts
+    from hakeeper.backup.catalog import object_key, part_name
+
+    data = os.urandom(10 << 20)
+    parts = _StreamedParts(_run_for(fs_repo), 3 << 20, parallel)  # type: ignore[arg-type]
+    for i in range(0, len(data), 1 << 20):
+        await parts.feed(data[i : i + (1 << 20)])
+        await parts.feed(b"")
+    results = await parts.finish()
+    assert [r.size for r in results] == [3 << 20, 3 << 20, 3 << 20, 1 << 20]
+    back = b"".join([await fs_repo.get(object_key("s", "b1", part_name(i))) for i in range(4)])
+    assert back == data
+    assert [(await fs_repo.stat(r.name)).meta["part"] for r in results] == ["0", "1", "2", "3"]
+
+
+async def test_streamed_parts_of_an_empty_stream_store_one_empty_part(fs_repo: FilesystemRepository) -> None:
+    from hakeeper.backup.basebackup import _StreamedParts
+
+    results = await _StreamedParts(_run_for(fs_repo), 1 << 20, 2).finish()  # type: ignore[arg-type]
+    assert [r.size for r in results] == [0]
+    assert await fs_repo.get(results[0].name) == b""
+
+
+async def test_a_part_that_cannot_be_stored_ends_the_stream(fs_repo: FilesystemRepository) -> None:
+    """The writer of a part fails (the repository's disk is gone): the next feed raises instead
+    of waiting for a reader that is not there, and nothing half-written stays."""
+    from hakeeper.backup.basebackup import _StreamedParts
+
+    async def broken(*a: object, **k: object) -> None:
+        raise RepoUnavailable("local: write: disk gone")
+
+    fs_repo._store_stream = broken  # type: ignore[method-assign,assignment]
+    parts = _StreamedParts(_run_for(fs_repo), 64 << 20, 2)  # type: ignore[arg-type]
+    with pytest.raises(RepoUnavailable):
+        async with asyncio.timeout(10):
+            for _ in range(50):
+                await parts.feed(b"y" * 1000)
+            await parts.finish()
+    await parts.cancel()
+    assert [p for p in fs_repo.root.rglob("*") if p.is_file()] == []
