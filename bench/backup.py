@@ -960,6 +960,7 @@ class Bench:
         hk_on = not a.skip_hakeeper
         pgbr_on = not a.skip_pgbackrest
         if hk_on:
+            compile_hakeeper()
             self.hk_available = hakeeper_commands_available(self.hk_cli)
             if not self.hk_available:
                 self.res.missing.append(
@@ -1154,6 +1155,18 @@ def find_pg_log(data_dir: Path) -> Path | None:
 def hakeeper_cli() -> list[str]:
     exe = Path(sys.executable).parent / "hakeeper"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "hakeeper"]
+
+
+def compile_hakeeper() -> None:
+    """Write hakeeper's bytecode (``__pycache__``) before anything is timed.
+
+    An installed package has it (pip compiles at install time); an editable checkout writes it on
+    first use, unless PYTHONDONTWRITEBYTECODE is set, as in some CI and development shells.  There
+    every CLI call would compile hakeeper's sources again (~0.1 s), which no user pays."""
+    pkg = REPO_ROOT / "hakeeper"
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(pkg)], capture_output=True, check=False, timeout=300
+    )
 
 
 def hakeeper_commands_available(cli: list[str]) -> bool:
