@@ -641,10 +641,7 @@ async def _copy(
             raise BackupError(f"pg_basebackup from {source.address} failed (exit {rc}):\n" + "\n".join(tail))
         results = await parts.finish()
     except BaseException:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            await proc.wait()
+        await _kill(proc)
         err_task.cancel()
         await parts.cancel()
         await asyncio.gather(err_task, return_exceptions=True)
@@ -663,22 +660,16 @@ async def _copy(
         raise BackupError(f"the backup stream has no {e.args[0]}") from e
     except ValueError as e:
         raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
-    man = await run.repo.put(catalog.object_key(run.scope, rec.id, catalog.MANIFEST_NAME), manifest_raw)
-    rec.manifest = _stored(catalog.MANIFEST_NAME, man)
-    rec.parts = [_stored(catalog.part_name(i), r) for i, r in enumerate(results)]
-    rec.size = total
-    rec.stored_size = sum(p.stored_size for p in rec.parts) + man.stored_size
-    rec.files = scanner.regular_files
-    _set_label_fields(rec, label, scanner.files["backup_label"], ranges, facts)
-    await run.save()
-    log.info(
-        "backup_copied",
-        id=rec.id,
-        size=total,
-        parts=len(rec.parts),
-        start_lsn=rec.start_lsn,
-        stop_lsn=rec.stop_lsn,
-        seconds=rec.seconds_copy,
+    await _record_copy(
+        run,
+        results,
+        manifest_raw,
+        total,
+        scanner.regular_files,
+        label,
+        scanner.files["backup_label"],
+        ranges,
+        facts,
     )
 
 
@@ -846,10 +837,7 @@ async def _copy_compressed(
             raise BackupError("pg_basebackup wrote no backup_manifest") from None
         results = await parts.finish()
     except BaseException:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            await proc.wait()
+        await _kill(proc)
         err_task.cancel()
         wait_task.cancel()
         await parts.cancel()
@@ -870,25 +858,62 @@ async def _copy_compressed(
         parsed = catalog.parse_backup_label(label.label.decode())
     except (ValueError, KeyError, TypeError) as e:
         raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
+    size = sum(int(f.get("Size", 0)) for f in files)
+    await _record_copy(
+        run,
+        results,
+        manifest_raw,
+        size,
+        len(files),
+        parsed,
+        label.label,
+        ranges,
+        facts,
+        compressed=offset,
+        compression=spec,
+    )
+
+
+async def _record_copy(
+    run: _Run,
+    results: list[PutResult],
+    manifest_raw: bytes,
+    size: int,
+    files: int,
+    label: catalog.BackupLabel,
+    label_raw: bytes,
+    ranges: list[catalog.WalRange],
+    facts: SourceFacts,
+    **log_extra: Any,
+) -> None:
+    """After either copy: store the manifest and record parts, sizes and label fields."""
+    rec = run.record
     man = await run.repo.put(catalog.object_key(run.scope, rec.id, catalog.MANIFEST_NAME), manifest_raw)
     rec.manifest = _stored(catalog.MANIFEST_NAME, man)
     rec.parts = [_stored(catalog.part_name(i), r) for i, r in enumerate(results)]
-    rec.size = sum(int(f.get("Size", 0)) for f in files)
+    rec.size = size
     rec.stored_size = sum(p.stored_size for p in rec.parts) + man.stored_size
-    rec.files = len(files)
-    _set_label_fields(rec, parsed, label.label, ranges, facts)
+    rec.files = files
+    _set_label_fields(rec, label, label_raw, ranges, facts)
     await run.save()
     log.info(
         "backup_copied",
         id=rec.id,
-        size=rec.size,
-        compressed=offset,
+        size=size,
         parts=len(rec.parts),
         start_lsn=rec.start_lsn,
         stop_lsn=rec.stop_lsn,
         seconds=rec.seconds_copy,
-        compression=spec,
+        **log_extra,
     )
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Stop pg_basebackup (its process group) after a failure, and reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await proc.wait()
 
 
 def _set_label_fields(

@@ -9,14 +9,24 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 if TYPE_CHECKING:
     from hakeeper.backup.repo import Repository
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+
+
+def _check_name(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', not starting with '.' or '-'")
+    return v
+
+
+# a repository's or schedule's name (it becomes part of metric labels and etcd keys)
+Name = Annotated[str, AfterValidator(_check_name)]
 _FS_ONLY = ("path",)
 _S3_ONLY = ("endpoint", "bucket", "access_key", "secret_key", "ca_file")
 
@@ -81,7 +91,7 @@ class VerifyConfig(_Strict):
 
 
 class RepositoryConfig(_Strict):
-    name: str = Field(description="Repository name, unique among the node's repositories.")
+    name: Name = Field(description="Repository name, unique among the node's repositories.")
     type: Literal["fs", "s3"] = Field(description="`fs`: a directory; `s3`: an S3-compatible bucket.")
     path: Path | None = Field(None, description="fs: absolute path of the repository directory.")
     endpoint: str | None = Field(
@@ -119,13 +129,6 @@ class RepositoryConfig(_Strict):
     def storage_type(self) -> str:
         """``storage``, else derived from the type: fs -> disk, s3 -> object."""
         return self.storage or ("disk" if self.type == "fs" else "object")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', not starting with '.' or '-'")
-        return v
 
     @field_validator("endpoint")
     @classmethod
@@ -239,7 +242,7 @@ class ScheduleRetention(_Strict):
 class ScheduleConfig(_Strict):
     """One entry of ``backup.schedules``: a job the leader runs once per cron slot."""
 
-    name: str = Field(description="Schedule name, unique among the node's schedules (its etcd key).")
+    name: Name = Field(description="Schedule name, unique among the node's schedules (its etcd key).")
     kind: ScheduleKind = Field(
         description="`full`: a base backup; `dump`: a logical dump; `verify`: a restore drill."
     )
@@ -275,13 +278,6 @@ class ScheduleConfig(_Strict):
             if f in self.model_fields_set and self.kind != "dump":
                 raise ValueError(f"{f}: only for kind dump (this schedule's kind is {self.kind})")
         return self
-
-    @field_validator("name")
-    @classmethod
-    def _sched_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', not starting with '.' or '-'")
-        return v
 
     @field_validator("cron")
     @classmethod
