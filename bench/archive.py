@@ -49,14 +49,15 @@ from typing import Any
 from bench.failover import machine_facts, make_base_dir, percentile
 from bench.switchover import write_section
 from hakeeper.backup.archiver import Archiver, archive_repository_config
-from hakeeper.backup.config import ArchiveConfig, RepositoryConfig, make_repository
 from hakeeper.backup.repo import Repository
-from hakeeper.config import DynamicConfig, ParamValue, PostgresConfig
-from hakeeper.demo import pg_program
-from hakeeper.lsn import parse_lsn
+from hakeeper.backup.repos import make_repository
+from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig
+from hakeeper.core.config import DynamicConfig, ParamValue, PostgresConfig
+from hakeeper.core.lsn import parse_lsn
+from hakeeper.localcluster import pg_program
 from hakeeper.pg import Postgres, Role
 from hakeeper.pg.postgres import SOCKET_SUBDIR
-from hakeeper.proc import run
+from hakeeper.util.proc import run
 from tests.support.pg import kill_postmaster
 from tests.support.ports import free_ports
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
@@ -474,7 +475,7 @@ async def amain(args: argparse.Namespace) -> list[TargetResult]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from hakeeper.log import setup_logging
+    from hakeeper.util.log import setup_logging
 
     setup_logging("console", "WARNING")
     cmd = "python -m bench.archive " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -6,7 +6,7 @@ of every segment under a pgbench write load.
 Everything runs on 127.0.0.1 under a fresh directory in /tmp, on ports BASE..BASE+61
 (``--base-port``, default 34100):
 
-1. A 1-node hakeeper cluster (:class:`~hakeeper.demo.LocalCluster`: etcd + agent) with a
+1. A 1-node hakeeper cluster (:class:`~hakeeper.localcluster.LocalCluster`: etcd + agent) with a
    filesystem repository ``local`` and the PostgreSQL settings of the baseline measurement
    (``shared_buffers=1GB``, ``max_wal_size=4GB``, ...); ``pgbench -i -s 150 -q``, CHECKPOINT.
    The agent archives the load's WAL into the repository.
@@ -65,8 +65,15 @@ import psycopg
 
 from bench.failover import machine_facts, make_base_dir, percentile
 from bench.switchover import write_section
-from hakeeper.demo import HOST, SUPERUSER, LocalCluster, pg_program, port_is_free, prepare_fs_repository
-from hakeeper.proc import RunAs, child_env, children_of, pid_alive, postmaster_pid, proc_cmdline
+from hakeeper.localcluster import (
+    HOST,
+    SUPERUSER,
+    LocalCluster,
+    pg_program,
+    port_is_free,
+    prepare_fs_repository,
+)
+from hakeeper.util.proc import RunAs, child_env, children_of, pid_alive, postmaster_pid, proc_cmdline
 
 MARK_START = "<!-- bench:backup:start -->"
 MARK_END = "<!-- bench:backup:end -->"

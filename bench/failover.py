@@ -1,6 +1,6 @@
 """Benchmark: automatic failover after a crash of the primary's host (agent + PostgreSQL, kill -9).
 
-One 3-node :class:`~hakeeper.demo.LocalCluster` with default settings serves every trial.  Per trial:
+One 3-node :class:`~hakeeper.localcluster.LocalCluster` with default settings serves every trial.  Per trial:
 
 1. a writer thread inserts one row every 20 ms through the libpq multi-host write DSN
    (``target_session_attrs=read-write``), each row with a new id, and records every attempt;
@@ -48,9 +48,9 @@ from typing import Any, Literal
 
 import psycopg
 
-from hakeeper.config import DynamicConfig
-from hakeeper.demo import LocalCluster, NodeState, etcd_program, pg_program, port_is_free
-from hakeeper.proc import children_of, pid_alive
+from hakeeper.core.config import DynamicConfig
+from hakeeper.localcluster import LocalCluster, NodeState, etcd_program, pg_program, port_is_free
+from hakeeper.util.proc import children_of, pid_alive
 
 Outcome = Literal["ok", "failed", "unknown"]
 
@@ -713,7 +713,7 @@ def render_section(
         f"{settings['loop_wait']} s, keepalive_interval {settings['keepalive_interval']} s, fence_margin "
         f"{settings['fence_margin']} s, candidate_grace {settings['candidate_grace']} s, "
         f"maximum_lag_on_failover {settings['maximum_lag_on_failover']} bytes; asynchronous replication; "
-        "`hakeeper.demo.LocalCluster` node configs (shared_buffers 64MB).  One etcd 3.4 member.",
+        "`hakeeper.localcluster.LocalCluster` node configs (shared_buffers 64MB).  One etcd 3.4 member.",
         "",
         "### Method",
         "",

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.failover import machine_facts, make_base_dir, percentile, pick_base_port
 from bench.switchover import write_section
-from hakeeper.demo import LocalCluster
+from hakeeper.localcluster import LocalCluster
 
 MARK_START = "<!-- bench:health:start -->"
 MARK_END = "<!-- bench:health:end -->"

@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from hakeeper.demo import etcd_program, pg_program, port_is_free
-from hakeeper.proc import children_of, pid_alive, postmaster_pid
+from hakeeper.localcluster import etcd_program, pg_program, port_is_free
+from hakeeper.util.proc import children_of, pid_alive, postmaster_pid
 
 HOST = "127.0.0.1"
 RUN_AS = "postgres"

@@ -1,6 +1,6 @@
 """Benchmark: how long writers cannot write during a planned switchover.
 
-A 3-node cluster (hakeeper's :class:`~hakeeper.demo.LocalCluster` with default settings; with
+A 3-node cluster (hakeeper's :class:`~hakeeper.localcluster.LocalCluster` with default settings; with
 ``--patroni`` also a 3-node Patroni 4 cluster with Patroni's defaults, see
 :mod:`bench.patroni_cluster`) and one HAProxy per cluster built from ``deploy/haproxy.cfg``.
 Per switchover:
@@ -54,8 +54,8 @@ from typing import Any, Protocol
 import psycopg
 
 from bench.failover import DOC_TITLE, machine_facts, make_base_dir, percentile, pick_base_port
-from hakeeper.config import DynamicConfig, load_node_config
-from hakeeper.demo import LocalCluster, port_is_free
+from hakeeper.core.config import DynamicConfig, load_node_config
+from hakeeper.localcluster import LocalCluster, port_is_free
 
 INTERVAL_S = 0.010
 CONNECT_TIMEOUT_S = 1
@@ -421,8 +421,8 @@ class HakeeperManager:
         return self._via_etcd(leader, candidate)
 
     def _via_etcd(self, leader: str, candidate: str) -> tuple[int, str]:
+        from hakeeper.core.keys import Keys
         from hakeeper.dcs.etcd import EtcdClient
-        from hakeeper.ha.model import Keys
         from hakeeper.ha.ops import OperationError, request_switchover, wait_for_new_leader
 
         async def go() -> tuple[int, str]:

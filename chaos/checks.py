@@ -88,7 +88,7 @@ def lost_ids(acked: Iterable[Attempt], present: set[int]) -> list[int]:
 
 def parse_history(text: str) -> dict[int, int]:
     """A timeline history file -> {parent timeline: LSN where it was left}."""
-    from hakeeper.lsn import parse_lsn
+    from hakeeper.core.lsn import parse_lsn
 
     out: dict[int, int] = {}
     for line in text.splitlines():

@@ -1,4 +1,4 @@
-"""The chaos cluster: :class:`hakeeper.demo.LocalCluster` with every host (node or etcd member)
+"""The chaos cluster: :class:`hakeeper.localcluster.LocalCluster` with every host (node or etcd member)
 on its own address -- its own network namespace when :mod:`chaos.net` can make them -- and an
 etcd of one or three members."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.net import HUB_IP, SUBNET, Host, Loopback, Namespaces
-from hakeeper.demo import REPLICATION_USER, SUPERUSER, LocalCluster, LocalClusterError, etcd_argv
+from hakeeper.localcluster import REPLICATION_USER, SUPERUSER, LocalCluster, LocalClusterError, etcd_argv
 
 
 class EtcdMember:

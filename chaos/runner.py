@@ -31,7 +31,7 @@ from chaos.cluster import ChaosCluster
 from chaos.net import Loopback, Namespaces, namespaces_available
 from chaos.scenarios import SCENARIOS, Ctx, Scenario
 from chaos.workload import PROBE_ID_OFFSET, RUN_ID_SPAN, SCHEMA, Recorder, probe, writer
-from hakeeper.config import DynamicConfig
+from hakeeper.core.config import DynamicConfig
 
 CLONE_NEWNET = 0x40000000
 MODES = ("async", "sync", "quorum")

@@ -22,8 +22,8 @@ from typing import Any
 
 from chaos.cluster import ChaosCluster
 from chaos.workload import Recorder
-from hakeeper.demo import API_USER
-from hakeeper.proc import children_of
+from hakeeper.localcluster import API_USER
+from hakeeper.util.proc import children_of
 
 
 @dataclass

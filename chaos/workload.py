@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from hakeeper.lsn import parse_lsn
+from hakeeper.core.lsn import parse_lsn
 
 INSERT = (
     "INSERT INTO chaos_acks (id, src) VALUES (%s, %s) "

@@ -122,10 +122,10 @@ class Metrics:
         self.refresh_verify(agent)
 
     def refresh_verify(self, agent: Agent) -> None:
-        from hakeeper.backup.verify import etcd_last_key, etcd_success_key, metric_values
+        from hakeeper.backup.verify import metric_values
 
         kvs = agent.mirror.kvs
-        last, success = kvs.get(etcd_last_key(agent.cfg.prefix)), kvs.get(etcd_success_key(agent.cfg.prefix))
+        last, success = kvs.get(agent.keys.verify_last), kvs.get(agent.keys.verify_last_success)
         v = metric_values(last.value if last else None, success.value if success else None)
         for gauge, key in (
             (self.verify_last, "last_timestamp"),

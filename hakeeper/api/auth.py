@@ -19,7 +19,7 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 
-from hakeeper.config import ApiConfig
+from hakeeper.core.config import ApiConfig
 
 REALM = 'Basic realm="hakeeper", charset="UTF-8"'
 BEARER_CHALLENGE = 'Bearer realm="hakeeper"'

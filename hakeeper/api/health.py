@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hakeeper.config import Tags
+from hakeeper.core.config import Tags
 
 if TYPE_CHECKING:
     from hakeeper.ha.agent import Agent

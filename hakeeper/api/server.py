@@ -34,9 +34,9 @@ from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.ha import ops
 from hakeeper.ha.ops import OperationError
-from hakeeper.log import get_logger
 from hakeeper.pg.errors import PgError
-from hakeeper.proc import CommandFailed
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import CommandFailed
 
 if TYPE_CHECKING:
     from hakeeper.ha.agent import Agent

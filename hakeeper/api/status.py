@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from hakeeper import __version__
-from hakeeper.ha.model import ClusterView, HistoryEntry, Member, MemberRole, Switchover
-from hakeeper.lsn import format_lsn
+from hakeeper.core.cluster import ClusterView, HistoryEntry, Member, MemberRole, Switchover
+from hakeeper.core.lsn import format_lsn
 
 if TYPE_CHECKING:
     from hakeeper.ha.agent import Agent

@@ -61,14 +61,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from hakeeper.backup import layout
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
-from hakeeper.fsutil import fsync_dir as _fsync_dir
-from hakeeper.log import get_logger
-from hakeeper.lsn import format_lsn
-from hakeeper.proc import RunAs
+from hakeeper.core.lsn import format_lsn
+from hakeeper.util.fsutil import fsync_dir as _fsync_dir
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs
 
 if TYPE_CHECKING:
-    from hakeeper.backup.config import ArchiveConfig, RepositoryConfig
     from hakeeper.backup.repo import Repository
+    from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig
 
 log = get_logger(__name__)
 

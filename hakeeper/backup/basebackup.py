@@ -41,15 +41,15 @@ import zstandard
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
-from hakeeper.backup.config import RowCountConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import PutResult, Repository
-from hakeeper.config import Credentials, secret_value
-from hakeeper.fsutil import libc
-from hakeeper.log import get_logger
-from hakeeper.lsn import format_lsn
+from hakeeper.core.backup_config import RowCountConfig
+from hakeeper.core.config import Credentials, secret_value
+from hakeeper.core.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo
-from hakeeper.proc import RunAs, child_env, dirs_of_dead_processes
+from hakeeper.util.fsutil import libc
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs, child_env, dirs_of_dead_processes
 
 log = get_logger(__name__)
 

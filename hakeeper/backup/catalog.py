@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hakeeper.backup import layout
 from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import ListEntry, Repository
-from hakeeper.lsn import format_lsn, parse_lsn
+from hakeeper.core.lsn import format_lsn, parse_lsn
 
 FORMAT_VERSION = 1
 RECORD_NAME = "backup.json"

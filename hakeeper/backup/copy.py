@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from hakeeper.backup import catalog, codec, dump, layout
-from hakeeper.backup.config import BackupConfig, RepositoryConfig, make_repository
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import Repository
-from hakeeper.log import get_logger
+from hakeeper.backup.repos import make_repository
+from hakeeper.core.backup_config import BackupConfig, RepositoryConfig
+from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -48,12 +48,12 @@ from hakeeper.backup import catalog
 from hakeeper.backup.catalog import SourceInfo, StoredObject
 from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import CHUNK, ListEntry, Repository
-from hakeeper.log import get_logger
-from hakeeper.proc import RunAs, run
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs, run
 
 if TYPE_CHECKING:
     from hakeeper.backup.basebackup import Endpoint
-    from hakeeper.config import NodeConfig
+    from hakeeper.core.config import NodeConfig
 
 log = get_logger(__name__)
 
@@ -514,7 +514,7 @@ def node_conninfo(cfg: NodeConfig, ep: Endpoint) -> str:
 def node_dump_request(cfg: NodeConfig, ep: Endpoint, bin_dir: Path, **fields: Any) -> DumpRequest:
     """A :class:`DumpRequest` for the member ``ep`` with the node config's superuser;
     ``fields`` are the request's others (databases, all_databases, dump_format, schedule, ...)."""
-    from hakeeper.config import secret_value
+    from hakeeper.core.config import secret_value
 
     return DumpRequest(
         conninfo=node_conninfo(cfg, ep),

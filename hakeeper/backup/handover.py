@@ -29,8 +29,8 @@ from hakeeper.backup import layout
 from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import Repository
 from hakeeper.backup.walfetch import HANDOVER_DIR, transient_retry  # the script uses the same dir
-from hakeeper.log import get_logger
-from hakeeper.proc import RunAs
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs
 
 log = get_logger(__name__)
 

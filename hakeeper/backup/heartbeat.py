@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 
 from hakeeper.backup.basebackup import Endpoint, conn_kwargs
-from hakeeper.config import Credentials
-from hakeeper.log import get_logger
+from hakeeper.core.config import Credentials
+from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 

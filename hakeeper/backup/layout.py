@@ -16,7 +16,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from hakeeper.lsn import format_lsn
+from hakeeper.core.lsn import format_lsn
 
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 _SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
@@ -87,7 +87,7 @@ class HistoryEntry:
 
 def parse_history(text: str) -> list[HistoryEntry]:
     """The entries of a timeline history file, oldest first (ValueError if malformed)."""
-    from hakeeper.lsn import parse_lsn
+    from hakeeper.core.lsn import parse_lsn
 
     entries: list[HistoryEntry] = []
     for raw in text.splitlines():

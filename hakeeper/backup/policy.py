@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hakeeper.backup import catalog, dump
-from hakeeper.backup.config import BackupConfig, RepositoryConfig, make_repository
 from hakeeper.backup.errors import RepoError
+from hakeeper.backup.repos import make_repository
+from hakeeper.core.backup_config import BackupConfig, RepositoryConfig
 
 
 @dataclass(frozen=True, slots=True)

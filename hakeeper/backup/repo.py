@@ -35,8 +35,8 @@ from typing import BinaryIO
 
 from hakeeper.backup import codec
 from hakeeper.backup.errors import ContentConflict, CorruptObject, NotFound, RepoError, RepoUnavailable
-from hakeeper.fsutil import fsync_dir as _fsync_dir
-from hakeeper.log import get_logger
+from hakeeper.util.fsutil import fsync_dir as _fsync_dir
+from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 

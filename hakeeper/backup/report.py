@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hakeeper.backup import catalog, layout
-from hakeeper.backup.config import make_repository
 from hakeeper.backup.errors import RepoError
-from hakeeper.log import get_logger
+from hakeeper.backup.repos import make_repository
+from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
-    from hakeeper.config import NodeConfig
+    from hakeeper.core.config import NodeConfig
     from hakeeper.dcs.etcd import EtcdClient
 
 log = get_logger(__name__)
@@ -274,9 +274,10 @@ async def _http_get(url: str, headers: Mapping[str, str], timeout: float = 5.0) 
 async def gather(cfg: NodeConfig, client: EtcdClient, headers: Mapping[str, str]) -> Inputs:
     """Read everything the report needs; what cannot be read becomes a note."""
     from hakeeper.backup.dump import load_dumps
-    from hakeeper.backup.verify import etcd_last_key, etcd_success_key, parse_summary
-    from hakeeper.config import DynamicConfig
-    from hakeeper.ha.model import Keys, MemberRole, build_view
+    from hakeeper.backup.verify import parse_summary
+    from hakeeper.core.cluster import MemberRole, build_view
+    from hakeeper.core.config import DynamicConfig
+    from hakeeper.core.keys import Keys
 
     inp = Inputs(now=catalog.utcnow())
     view = None
@@ -286,8 +287,8 @@ async def gather(cfg: NodeConfig, client: EtcdClient, headers: Mapping[str, str]
         raw = {kv.key: (kv.value, kv.create_revision, kv.mod_revision, kv.lease) for kv in kvs}
         view = build_view(Keys(cfg.prefix), raw, rev, DynamicConfig())
         by_key = {kv.key: kv.value for kv in kvs}
-        inp.last_drill = parse_summary(by_key.get(etcd_last_key(cfg.prefix)))
-        inp.last_success = parse_summary(by_key.get(etcd_success_key(cfg.prefix)))
+        inp.last_drill = parse_summary(by_key.get(Keys(cfg.prefix).verify_last))
+        inp.last_success = parse_summary(by_key.get(Keys(cfg.prefix).verify_last_success))
     except Exception as e:  # etcd down: the repositories still tell something
         inp.notes.append(f"etcd could not be read: {e or type(e).__name__}")
     if view is not None:

@@ -49,19 +49,19 @@ import zstandard
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
 from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, StoredObject, Target
-from hakeeper.backup.config import RepositoryConfig, WalToolConfig
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.handover import serving
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.walfetch import fast_path_script
-from hakeeper.config import Credentials
-from hakeeper.fsutil import BackgroundWriteback
-from hakeeper.fsutil import fsync_dir as _fsync_dir
-from hakeeper.log import get_logger
-from hakeeper.lsn import format_lsn
+from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
+from hakeeper.core.config import Credentials
+from hakeeper.core.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo, quote_conf_value
 from hakeeper.pg.postgres import SOCKET_SUBDIR, _write_atomic
-from hakeeper.proc import RunAs, child_env, postmaster_pid, run
+from hakeeper.util.fsutil import BackgroundWriteback
+from hakeeper.util.fsutil import fsync_dir as _fsync_dir
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs, child_env, postmaster_pid, run
 
 log = get_logger(__name__)
 

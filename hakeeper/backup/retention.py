@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, Catalog
-from hakeeper.backup.config import RetentionConfig
 from hakeeper.backup.repo import Repository
-from hakeeper.log import get_logger
+from hakeeper.core.backup_config import RetentionConfig
+from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from hakeeper.backup import codec
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError, RepoUnavailable
 from hakeeper.backup.repo import CHUNK, ListEntry, Repository, check_name
-from hakeeper.log import get_logger
+from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client

@@ -1,6 +1,6 @@
 """Backup schedules (issue 6, item 2): jobs the leader runs once per cron slot.
 
-Each entry of ``backup.schedules`` (:class:`~hakeeper.backup.config.ScheduleConfig`) has one
+Each entry of ``backup.schedules`` (:class:`~hakeeper.core.backup_config.ScheduleConfig`) has one
 record in etcd, ``<prefix>/schedules/<name>`` (:class:`ScheduleRecord`): when the schedule was
 armed, the runs of its recent slots (slot, attempt, term, leader, start, end, result, error,
 details) and the time of its last success.  The record is the claim: a slot runs only after the
@@ -44,13 +44,14 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from hakeeper.backup.config import RepositoryConfig, ScheduleConfig
+from hakeeper.core.backup_config import RepositoryConfig, ScheduleConfig
+from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, cmp_create, cmp_mod, op_put
-from hakeeper.log import get_logger
+from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
-    from hakeeper.config import NodeConfig
-    from hakeeper.ha.model import ClusterView
+    from hakeeper.core.cluster import ClusterView
+    from hakeeper.core.config import NodeConfig
 
 log = get_logger(__name__)
 
@@ -71,10 +72,6 @@ class Action(StrEnum):
     ARM = "arm"
     RUN = "run"
     INTERRUPTED = "interrupted"
-
-
-def schedule_key(prefix: str, name: str) -> str:
-    return f"{prefix}/schedules/{name}"
 
 
 def iso(epoch: float | None) -> str | None:
@@ -271,10 +268,11 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
     same backup id everywhere for the 3-2-1 check); then each repository's retention."""
     from hakeeper.backup import retention
     from hakeeper.backup.basebackup import BackupError
-    from hakeeper.backup.config import RetentionConfig, make_repository
     from hakeeper.backup.copy import CopyError, copy_item
     from hakeeper.backup.errors import RepoError
+    from hakeeper.backup.repos import make_repository
     from hakeeper.backup.source import backup_node, choose_source
+    from hakeeper.core.backup_config import RetentionConfig
     from hakeeper.pg.bins import find_bin_dir
     from hakeeper.pg.errors import PgError
 
@@ -372,10 +370,10 @@ async def run_dump(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
     (``expire_dumps(..., schedule=name)``: a daily dump's 30 days never expire a monthly
     export's dumps of the same databases, nor dumps taken by hand)."""
     from hakeeper.backup.basebackup import BackupError
-    from hakeeper.backup.config import make_repository
     from hakeeper.backup.copy import CopyError, copy_item
     from hakeeper.backup.dump import DumpError, create_dump, expire_dumps, node_dump_request
     from hakeeper.backup.errors import RepoError
+    from hakeeper.backup.repos import make_repository
     from hakeeper.backup.source import choose_source
     from hakeeper.pg.bins import find_bin_dir
     from hakeeper.pg.errors import PgError
@@ -505,7 +503,7 @@ class ScheduleRunner:
     # ------------------------------------------------------------------ records
 
     def _kv(self, name: str) -> KV | None:
-        key = schedule_key(self.prefix, name)
+        key = Keys(self.prefix).schedule(name)
         kv = self.lookup(key)
         mine = self._written.get(key)
         if mine is not None and (kv is None or kv.mod_revision < mine.mod_revision):
@@ -525,10 +523,10 @@ class ScheduleRunner:
 
     async def _write(self, name: str, rec: ScheduleRecord, mod_revision: int, term: int | None) -> bool:
         """Put ``rec`` if the key is still at ``mod_revision`` (and, with ``term``, we still lead)."""
-        key = schedule_key(self.prefix, name)
+        key = Keys(self.prefix).schedule(name)
         cmps = [cmp_mod(key, "=", mod_revision)]
         if term is not None:
-            cmps.append(cmp_create(f"{self.prefix}/leader", "=", term))
+            cmps.append(cmp_create(Keys(self.prefix).leader, "=", term))
         value = rec.to_json()
         res = await self.client.txn(cmps, [op_put(key, value)])
         if res.succeeded:
@@ -690,7 +688,7 @@ class ScheduleRunner:
         for _ in range(5):
             try:
                 async with asyncio.timeout(10):
-                    kv = await self.client.get(schedule_key(self.prefix, name))
+                    kv = await self.client.get(Keys(self.prefix).schedule(name))
                     if kv is None or not kv.value:
                         return
                     rec = ScheduleRecord.from_json(kv.value)
@@ -777,7 +775,7 @@ def describe(s: ScheduleConfig, rec: ScheduleRecord | None, now: float) -> dict[
 def records_from(kvs: Mapping[str, bytes], prefix: str) -> dict[str, ScheduleRecord]:
     """Schedule records by name from ``{key: value}`` (unreadable ones are left out)."""
     out: dict[str, ScheduleRecord] = {}
-    head = schedule_key(prefix, "")
+    head = Keys(prefix).schedules
     for k, v in kvs.items():
         if k.startswith(head):
             with contextlib.suppress(ValueError, KeyError, TypeError):

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 from hakeeper.backup import catalog
 from hakeeper.backup.basebackup import Endpoint
 from hakeeper.backup.catalog import RestoreRefused, Target
-from hakeeper.backup.config import RepositoryConfig, make_repository
 from hakeeper.backup.handover import serving
+from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import (
     RESTORE_SCRIPT_NAME,
     WAL_CONFIG_NAME,
@@ -43,13 +43,15 @@ from hakeeper.backup.restore import (
     _start_and_wait,
     restore,
 )
-from hakeeper.config import FromBackupConfig, NodeConfig, parse_target_time
-from hakeeper.fsutil import fsync_dir as _fsync_dir
-from hakeeper.log import get_logger
-from hakeeper.lsn import parse_lsn
+from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.core.config import FromBackupConfig, NodeConfig, parse_target_time
+from hakeeper.core.keys import Keys
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.pg.conf import clean_auto_conf, quote_conf_value
 from hakeeper.pg.postgres import _write_atomic
-from hakeeper.proc import RunAs
+from hakeeper.util.fsutil import fsync_dir as _fsync_dir
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs
 
 if TYPE_CHECKING:
     from hakeeper.dcs.etcd import EtcdClient
@@ -198,13 +200,13 @@ async def check_own_scope(cfg: NodeConfig, source_scope: str) -> None:
 async def source_primary(client: EtcdClient, namespace: str, scope: str) -> Endpoint | None:
     """The running primary of the source cluster, if it is registered in this etcd: the WAL
     switch that lets a time or LSN target be proven archived runs there."""
-    prefix = f"{namespace}/{scope}"
+    keys = Keys.of(namespace, scope)
     with contextlib.suppress(Exception):
-        leader = await client.get(f"{prefix}/leader")
+        leader = await client.get(keys.leader)
         if leader is None or not leader.value:
             return None
         name = leader.value.decode()
-        m = await client.get(f"{prefix}/members/{name}")
+        m = await client.get(keys.member(name))
         if m is None:
             return None
         d = json.loads(m.value)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup
-from hakeeper.ha.model import MemberRole, MemberState
+from hakeeper.core.cluster import MemberRole, MemberState
 
 if TYPE_CHECKING:
     from hakeeper.backup.catalog import BackupRecord
     from hakeeper.backup.repo import Repository
-    from hakeeper.config import NodeConfig
-    from hakeeper.ha.model import ClusterView
+    from hakeeper.core.cluster import ClusterView
+    from hakeeper.core.config import NodeConfig
 
 MIN_LAG_BOUND = 16 << 20
 

@@ -52,17 +52,19 @@ from hakeeper.backup.basebackup import (
     count_tables,
 )
 from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
-from hakeeper.backup.config import RepositoryConfig, make_repository
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import ListEntry, Repository
+from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
-from hakeeper.config import secret_value
-from hakeeper.log import get_logger
+from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.core.config import secret_value
+from hakeeper.core.keys import Keys
 from hakeeper.pg.conf import build_conninfo
-from hakeeper.proc import RunAs, dirs_of_dead_processes, pid_alive, postmaster_pid, resolve_run_as, run
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs, dirs_of_dead_processes, pid_alive, postmaster_pid, resolve_run_as, run
 
 if TYPE_CHECKING:
-    from hakeeper.config import NodeConfig
+    from hakeeper.core.config import NodeConfig
     from hakeeper.dcs.etcd import EtcdClient
 
 log = get_logger(__name__)
@@ -189,14 +191,6 @@ class DrillResult(_Model):
 
 def drill_key(scope: str, backup_id: str, drill_id: str) -> str:
     return layout.backup_prefix(scope, backup_id) + f"{VERIFY_PREFIX}{drill_id[1:]}.json"
-
-
-def etcd_last_key(prefix: str) -> str:
-    return f"{prefix}/verify/last"
-
-
-def etcd_success_key(prefix: str) -> str:
-    return f"{prefix}/verify/last_success"
 
 
 def is_drill_object(name: str) -> bool:
@@ -776,11 +770,11 @@ async def _store(result: DrillResult, repo: Repository, cfg: NodeConfig, etcd: E
     doc = json.dumps(result.summary(), separators=(",", ":"))
     try:
         async with asyncio.timeout(10):
-            await etcd.put(etcd_last_key(cfg.prefix), doc)
-            result.stored.append(f"etcd:{etcd_last_key(cfg.prefix)}")
+            await etcd.put(Keys(cfg.prefix).verify_last, doc)
+            result.stored.append(f"etcd:{Keys(cfg.prefix).verify_last}")
             if result.ok:
-                await etcd.put(etcd_success_key(cfg.prefix), doc)
-                result.stored.append(f"etcd:{etcd_success_key(cfg.prefix)}")
+                await etcd.put(Keys(cfg.prefix).verify_last_success, doc)
+                result.stored.append(f"etcd:{Keys(cfg.prefix).verify_last_success}")
     except Exception as e:  # EtcdError, TimeoutError, connection errors: the drill still counts
         result.notes.append(f"the result could not be published in etcd: {e or type(e).__name__}")
 

@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hakeeper.backup.config import RepositoryConfig, WalToolConfig
     from hakeeper.backup.repo import Repository
+    from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -310,7 +310,8 @@ async def _get_any(
 
 async def fetch(conf_path: Path, fname: str, dest: Path) -> tuple[int, str]:
     from hakeeper.backup import layout
-    from hakeeper.backup.config import WalToolConfig, make_repository
+    from hakeeper.backup.repos import make_repository
+    from hakeeper.core.backup_config import WalToolConfig
 
     conf = WalToolConfig.load(conf_path)
     key = layout.wal_key(conf.scope, fname)
@@ -418,7 +419,7 @@ def run_worker(conf_path: Path, pdir: Path, lock_fd: int, idle_exit: float = WOR
     import asyncio
     import fcntl
 
-    from hakeeper.backup.config import WalToolConfig
+    from hakeeper.core.backup_config import WalToolConfig
 
     conf = WalToolConfig.load(conf_path)
     _remove_other_tags(pdir)
@@ -443,7 +444,7 @@ async def _worker_loop(conf: WalToolConfig, pdir: Path, idle_exit: float) -> Non
     import time
 
     from hakeeper.backup import layout
-    from hakeeper.backup.config import make_repository
+    from hakeeper.backup.repos import make_repository
 
     repos = [(rc, make_repository(rc)) for rc in conf.repositories]
     sem = asyncio.Semaphore(conf.prefetch_parallel)

@@ -19,15 +19,16 @@ from pathlib import Path
 
 async def push(conf_path: Path, path: Path, fname: str) -> tuple[int, str]:
     from hakeeper.backup import layout
-    from hakeeper.backup.config import WalToolConfig, make_repository
     from hakeeper.backup.errors import RepoError
+    from hakeeper.backup.repos import make_repository
+    from hakeeper.core.backup_config import WalToolConfig
 
     conf = WalToolConfig.load(conf_path)
     key = layout.wal_key(conf.scope, fname)
     data = await asyncio.to_thread(path.read_bytes)
 
     async def one(rc: object) -> str | None:
-        from hakeeper.backup.config import RepositoryConfig
+        from hakeeper.core.backup_config import RepositoryConfig
 
         assert isinstance(rc, RepositoryConfig)
         repo = make_repository(rc)

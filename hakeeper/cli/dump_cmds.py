@@ -20,7 +20,6 @@ from rich.table import Table
 from hakeeper.backup import catalog
 from hakeeper.backup.basebackup import BackupError, Endpoint
 from hakeeper.backup.catalog import SourceInfo
-from hakeeper.backup.config import make_repository
 from hakeeper.backup.dump import (
     FORMATS,
     DumpError,
@@ -37,6 +36,7 @@ from hakeeper.backup.dump import (
     restore_dump,
 )
 from hakeeper.backup.errors import RepoError
+from hakeeper.backup.repos import make_repository
 from hakeeper.cli.backup_cmds import (
     ConfigReq,
     ProgressFn,
@@ -49,7 +49,7 @@ from hakeeper.cli.backup_cmds import (
 )
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, quiet_logging
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
-from hakeeper.config import NodeConfig, secret_value
+from hakeeper.core.config import NodeConfig, secret_value
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.errors import PgError
 

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from hakeeper.config import ConfigError, NodeConfig, load_node_config
+from hakeeper.core.config import ConfigError, NodeConfig, load_node_config
 
 app = typer.Typer(
     name="hakeeper",

@@ -45,10 +45,10 @@ from hakeeper.cli.cluster_cmds import (
     quiet_logging,
 )
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
-from hakeeper.config import ConfigError, NodeConfig, parse_dynamic_config, parse_user_time
+from hakeeper.core.cluster import ClusterView, Member, MemberRole, MemberState
+from hakeeper.core.config import ConfigError, NodeConfig, parse_dynamic_config, parse_user_time
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
 from hakeeper.ha.decide import switchover_live
-from hakeeper.ha.model import ClusterView, Member, MemberRole, MemberState
 
 TOKEN_ENV = "HAKEEPER_API_TOKEN"
 

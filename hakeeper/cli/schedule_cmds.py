@@ -11,9 +11,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hakeeper.backup.schedule import describe, records_from, schedule_key
+from hakeeper.backup.schedule import describe, records_from
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, etcd_client_for, quiet_logging
 from hakeeper.cli.main import app, fail, load_or_exit, out
+from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdError
 
 schedule_app = typer.Typer(
@@ -55,7 +56,7 @@ def schedule_list(config: ConfigReq, output: OutputOpt = "table") -> None:
         client = etcd_client_for(cfg)
         try:
             async with asyncio.timeout(10):
-                kvs, _ = await client.get_prefix(schedule_key(cfg.prefix, ""))
+                kvs, _ = await client.get_prefix(Keys(cfg.prefix).schedules)
         finally:
             await client.close()
         return {kv.key: kv.value for kv in kvs}

@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiohttp
 
-from hakeeper.log import get_logger
+from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
-    from hakeeper.config import EtcdConfig
+    from hakeeper.core.config import EtcdConfig
 
 log = get_logger(__name__)
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, EtcdUnavailable, WatchCompacted, WatchEvent
-from hakeeper.log import get_logger
+from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 

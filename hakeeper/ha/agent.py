@@ -26,7 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hakeeper import __version__
-from hakeeper.config import DynamicConfig, NodeConfig, secret_value
+from hakeeper.core.cluster import (
+    ClusterView,
+    HistoryEntry,
+    Member,
+    MemberRole,
+    MemberState,
+    Status,
+    build_view,
+    slot_name_for,
+)
+from hakeeper.core.config import DynamicConfig, NodeConfig, secret_value
+from hakeeper.core.keys import Keys
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.dcs.etcd import (
     EtcdClient,
     EtcdError,
@@ -41,25 +53,13 @@ from hakeeper.ha import switchover
 from hakeeper.ha.decide import Action, Decision, LocalFacts, assess, decide, reference_lsn
 from hakeeper.ha.fence import FenceClient
 from hakeeper.ha.lease import LeaseKeeper
-from hakeeper.ha.model import (
-    ClusterView,
-    HistoryEntry,
-    Keys,
-    Member,
-    MemberRole,
-    MemberState,
-    Status,
-    build_view,
-    slot_name_for,
-)
 from hakeeper.ha.ops import OperationError
 from hakeeper.ha.sync import manage_sync, sync_guc
-from hakeeper.log import get_logger, setup_logging
-from hakeeper.lsn import parse_lsn
 from hakeeper.metrics import Metrics
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import LocalState, Postgres, Role, Upstream
-from hakeeper.proc import CommandFailed
+from hakeeper.util.log import get_logger, setup_logging
+from hakeeper.util.proc import CommandFailed
 
 if TYPE_CHECKING:
     from hakeeper.backup.archiver import Archiver
@@ -737,7 +737,7 @@ class Agent:
         if not b.repositories or not b.archive.enabled:
             return None
         from hakeeper.backup.archiver import Archiver, archive_repository_config
-        from hakeeper.backup.config import make_repository
+        from hakeeper.backup.repos import make_repository
 
         data_dir = self.pg.data_dir
         return Archiver(

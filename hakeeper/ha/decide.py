@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from hakeeper.ha.model import (
+from hakeeper.core.cluster import (
     ClusterView,
     Member,
     MemberRole,

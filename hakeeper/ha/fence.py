@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hakeeper.proc import children_of, pid_alive, postmaster_pid
+from hakeeper.util.proc import children_of, pid_alive, postmaster_pid
 
 POLL_INTERVAL = 0.05
 

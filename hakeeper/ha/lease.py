@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from hakeeper.dcs.etcd import EtcdClient, EtcdError, EtcdUnavailable, LeaseNotFound
-from hakeeper.log import get_logger
+from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 

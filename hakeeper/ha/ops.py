@@ -13,17 +13,11 @@ import json
 import time
 from typing import Any
 
-from hakeeper.config import ConfigError, DynamicConfig, parse_dynamic_config
+from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage, build_view
+from hakeeper.core.config import ConfigError, DynamicConfig, parse_dynamic_config
+from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdClient, EtcdError, cmp_create, cmp_mod, op_delete, op_put
 from hakeeper.ha.decide import assess, switchover_live, switchover_target
-from hakeeper.ha.model import (
-    ClusterView,
-    Keys,
-    Switchover,
-    SwitchoverKind,
-    SwitchoverStage,
-    build_view,
-)
 
 
 class OperationError(Exception):

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from hakeeper.config import secret_value
+from hakeeper.core.cluster import ClusterView, Member, SwitchoverStage
+from hakeeper.core.config import secret_value
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.dcs.etcd import cmp_create, cmp_mod, cmp_value, op_delete, op_put
 from hakeeper.ha.decide import Decision, LocalFacts
-from hakeeper.ha.model import ClusterView, Member, SwitchoverStage
-from hakeeper.log import get_logger
-from hakeeper.lsn import parse_lsn
 from hakeeper.pg.conf import build_conninfo
 from hakeeper.pg.errors import PgError
+from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
     from hakeeper.ha.agent import Agent

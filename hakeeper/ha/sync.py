@@ -59,17 +59,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from hakeeper.config import DynamicConfig
+from hakeeper.core.cluster import ClusterView, SyncState
+from hakeeper.core.config import DynamicConfig
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.dcs.etcd import cmp_create, op_delete, op_put
-from hakeeper.ha.model import ClusterView, SyncState
-from hakeeper.lsn import parse_lsn
 from hakeeper.pg.errors import PgError
 
 if TYPE_CHECKING:
     from hakeeper.ha.agent import Agent
     from hakeeper.pg.postgres import LocalState
 
-from hakeeper.log import get_logger
+from hakeeper.util.log import get_logger
 
 log = get_logger("hakeeper.agent")
 

@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from hakeeper.config import AGENT_OWNED_PARAMETERS, ParamValue
+from hakeeper.core.config import AGENT_OWNED_PARAMETERS, ParamValue
 
 HEADER = (
     "# This file is managed by hakeeper, edits are overwritten.\n"

@@ -1,7 +1,7 @@
 """The local PostgreSQL instance: initdb, configuration, start/stop, promotion, probing, slots,
 cloning (pg_basebackup) and rewinding (pg_rewind).
 
-Every PostgreSQL program runs through :func:`hakeeper.proc.run` as ``run_as`` (the unprivileged
+Every PostgreSQL program runs through :func:`hakeeper.util.proc.run` as ``run_as`` (the unprivileged
 OS user when we are root).  SQL goes over TCP to ``postgresql.listen`` as the superuser.
 
 Files the agent owns inside the data directory, rewritten by :meth:`Postgres.write_config` before
@@ -38,16 +38,14 @@ from typing import Any, Literal, NamedTuple
 import psycopg
 from psycopg import sql as pgsql
 
-from hakeeper.config import (
+from hakeeper.core.config import (
     AGENT_OWNED_PARAMETERS,
     AGENT_SET_PARAMETERS,
     ParamValue,
     PostgresConfig,
     secret_value,
 )
-from hakeeper.fsutil import fsync_dir as _fsync_dir
-from hakeeper.log import get_logger
-from hakeeper.lsn import parse_lsn
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.conf import (
     build_conninfo,
@@ -58,7 +56,9 @@ from hakeeper.pg.conf import (
     render_postgresql_conf,
 )
 from hakeeper.pg.errors import PgError
-from hakeeper.proc import Result, RunAs, children_of, pid_alive, postmaster_pid, resolve_run_as, run
+from hakeeper.util.fsutil import fsync_dir as _fsync_dir
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import Result, RunAs, children_of, pid_alive, postmaster_pid, resolve_run_as, run
 
 __all__ = [
     "LocalState",

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from hakeeper.demo import LocalCluster
+from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import sql, wait_for
 from tests.support.cluster import cluster_tmpdir, free_base_port
 

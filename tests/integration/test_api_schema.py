@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from hakeeper.demo import LocalCluster
+from hakeeper.localcluster import LocalCluster
 from tests.support.cluster import cluster_tmpdir, free_base_port
 
 pytestmark = pytest.mark.integration

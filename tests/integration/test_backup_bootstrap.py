@@ -17,9 +17,10 @@ import psycopg
 import pytest
 
 from hakeeper.backup import catalog, layout
-from hakeeper.backup.config import RepositoryConfig, make_repository
-from hakeeper.demo import LocalCluster, prepare_fs_repository
-from hakeeper.proc import resolve_run_as
+from hakeeper.backup.repos import make_repository
+from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.localcluster import LocalCluster, prepare_fs_repository
+from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_backup_restore import hk, ok
 from tests.support.cluster import cluster_tmpdir, free_base_port
 
@@ -301,7 +302,7 @@ def test_seed_settings_replace_the_restore_block(tmp_path: Path) -> None:
     """The restore's block (archive_mode off, its port, ...) goes; only the seed's settings are
     appended; dropping them leaves the source's own ALTER SYSTEM lines."""
     from hakeeper.backup import seed
-    from hakeeper.proc import RunAs
+    from hakeeper.util.proc import RunAs
 
     auto = tmp_path / "postgresql.auto.conf"
     auto.write_text(
@@ -327,7 +328,7 @@ def test_from_backup_config() -> None:
     from pydantic import ValidationError
 
     from hakeeper.backup import seed
-    from hakeeper.config import FromBackupConfig
+    from hakeeper.core.config import FromBackupConfig
 
     assert seed.target_of(FromBackupConfig()).kind == "latest"
     t = seed.target_of(FromBackupConfig(target_time="2026-11-24T07:15:00Z", exclusive=True))

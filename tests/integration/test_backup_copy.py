@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from hakeeper.backup.catalog import Target
-from hakeeper.backup.config import RepositoryConfig, make_repository
-from hakeeper.lsn import parse_lsn
+from hakeeper.backup.repos import make_repository
+from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.core.lsn import parse_lsn
 from tests.integration.test_backup_restore import (
     area,  # noqa: F401  (the fixture)
     backup,
@@ -174,8 +175,8 @@ def test_a_corrupt_source_object_is_never_copied(area: PgArea) -> None:  # noqa:
     blob = bytearray(part.read_bytes())
     blob[len(blob) // 2] ^= 0x40
     part.write_bytes(bytes(blob))
-    from hakeeper.backup.config import BackupConfig
     from hakeeper.backup.copy import CopyError, copy_to
+    from hakeeper.core.backup_config import BackupConfig
 
     cfg = BackupConfig(repositories=[env.repo_cfg, other])
     with pytest.raises(CopyError, match=b.parts[1].name):

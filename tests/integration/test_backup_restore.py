@@ -30,13 +30,14 @@ import yaml
 from hakeeper.backup import walpush
 from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup
 from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target, load_catalog
-from hakeeper.backup.config import RepositoryConfig, WalToolConfig, make_repository
+from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
-from hakeeper.config import Credentials, ParamValue, PostgresConfig
-from hakeeper.lsn import parse_lsn
+from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
+from hakeeper.core.config import Credentials, ParamValue, PostgresConfig
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.pg import Postgres, Role, Upstream
 from hakeeper.pg.bins import find_bin_dir
-from hakeeper.proc import resolve_run_as
+from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_pg_postgres import INITDB_ARGS, PARAMS
 from tests.support.pg import PgArea
 from tests.support.ports import free_ports
@@ -720,7 +721,7 @@ def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
     streaming standby; after a switchover (timeline 2), ``restore --target-time`` stops on
     timeline 1's part of the history and ``restore --latest`` reaches the new primary's last
     commit (the CLI finds the leader in etcd and switches WAL there)."""
-    from hakeeper.demo import prepare_fs_repository
+    from hakeeper.localcluster import prepare_fs_repository
     from tests.support.cluster import cluster_tmpdir, running_cluster
 
     repo_dir = cluster_tmpdir("hk-bk-repo-")

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from hakeeper.backup.config import RepositoryConfig, make_repository
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoUnavailable
+from hakeeper.backup.repos import make_repository
 from hakeeper.backup.s3repo import S3Repository
+from hakeeper.core.backup_config import RepositoryConfig
 from tests.support.repo_checks import (
     SEGMENT,
     check_basic_operations,

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import yaml
 
-from hakeeper.demo import LocalCluster
+from hakeeper.localcluster import LocalCluster
 from tests.support.cluster import running_cluster
 
 pytestmark = pytest.mark.integration

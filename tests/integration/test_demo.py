@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from hakeeper.config import load_node_config
-from hakeeper.demo import LocalCluster, PortInUseError, pg_program
-from hakeeper.proc import pid_alive
+from hakeeper.core.config import load_node_config
+from hakeeper.localcluster import LocalCluster, PortInUseError, pg_program
+from hakeeper.util.proc import pid_alive
 from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
 
 pytestmark = pytest.mark.integration

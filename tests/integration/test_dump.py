@@ -14,8 +14,9 @@ import psycopg
 import pytest
 import yaml
 
-from hakeeper.backup.config import RepositoryConfig, make_repository
 from hakeeper.backup.dump import DumpRecord, dump_prefix, load_dumps, record_key
+from hakeeper.backup.repos import make_repository
+from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.pg import Postgres, Role
 from tests.integration.test_backup_restore import hk, ok
 from tests.integration.test_pg_postgres import INITDB_ARGS, PARAMS

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from hakeeper.config import PostgresConfig
+from hakeeper.core.config import PostgresConfig
 from hakeeper.ha.fence import FenceClient
 from hakeeper.pg.postgres import Postgres, Role
-from hakeeper.proc import pid_alive
+from hakeeper.util.proc import pid_alive
 from tests.support.pg import DEFAULT_PARAMS, PgArea
 
 pytestmark = pytest.mark.integration
@@ -101,7 +101,7 @@ def test_fencer_outlives_a_stopped_agent(area: PgArea) -> None:
     script = f"""
 import time, sys
 from pathlib import Path
-from hakeeper.config import PostgresConfig
+from hakeeper.core.config import PostgresConfig
 from hakeeper.ha.fence import FenceClient
 f = FenceClient(Path({str(runtime)!r}), Path({str(cfg.data_dir)!r}))
 f.start()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 
-from hakeeper.demo import LocalCluster
+from hakeeper.localcluster import LocalCluster
 from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 
 from bench.switchover import Backend, HAProxy, haproxy_config
-from hakeeper.config import DynamicConfig
-from hakeeper.demo import LocalCluster
+from hakeeper.core.config import DynamicConfig
+from hakeeper.localcluster import LocalCluster
 from tests.support.cluster import cluster_tmpdir, running_cluster
 
 pytestmark = pytest.mark.integration
@@ -221,8 +221,8 @@ def _switchover_via_api_or_etcd(cluster: LocalCluster, leader: str, candidate: s
         return
     if "does not offer this operation" not in res.stderr:
         raise AssertionError(f"switchover failed: {res.stdout}{res.stderr}")
+    from hakeeper.core.keys import Keys
     from hakeeper.dcs.etcd import EtcdClient
-    from hakeeper.ha.model import Keys
     from hakeeper.ha.ops import request_switchover
 
     async def go() -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from hakeeper.config import DynamicConfig, ParamValue
+from hakeeper.core.config import DynamicConfig, ParamValue
 from hakeeper.pg import LocalState, PgError, Postgres, Role, Upstream
 from tests.support.pg import DEFAULT_PARAMS, PgArea
 

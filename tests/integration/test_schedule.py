@@ -26,7 +26,7 @@ import pytest
 
 from hakeeper.backup import catalog
 from hakeeper.backup.repo import FilesystemRepository
-from hakeeper.demo import LocalCluster
+from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import sql, wait_for
 from tests.support.cluster import cluster_tmpdir, running_cluster
 

@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdClient
-from hakeeper.demo import LocalCluster
 from hakeeper.ha import ops
-from hakeeper.ha.model import Keys
+from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import sql, wait_for, writable_nodes
 from tests.support.cluster import running_cluster
 

@@ -8,8 +8,8 @@ import time
 import psycopg
 import pytest
 
-from hakeeper.demo import LocalCluster
 from hakeeper.ha import ops
+from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import hk_list, sql, wait_for, writable_nodes
 from tests.integration.test_switchover import history, run_ops
 from tests.support.cluster import running_cluster

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from hakeeper.backup.catalog import read_record, record_key
-from hakeeper.backup.config import make_repository
+from hakeeper.backup.repos import make_repository
 from tests.integration.test_backup_restore import (
     SCOPE,
     area,  # noqa: F401  (fixture)

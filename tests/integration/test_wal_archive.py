@@ -30,17 +30,18 @@ import pytest
 from hakeeper.backup import layout
 from hakeeper.backup.archiver import Archiver
 from hakeeper.backup.catalog import RestoreRefused
-from hakeeper.backup.config import ArchiveConfig, RepositoryConfig, WalToolConfig, make_repository
 from hakeeper.backup.errors import NotFound
 from hakeeper.backup.repo import FilesystemRepository, Repository
+from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import python_command
-from hakeeper.config import DynamicConfig, ParamValue
-from hakeeper.demo import pg_program
+from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig, WalToolConfig
+from hakeeper.core.config import DynamicConfig, ParamValue
+from hakeeper.core.lsn import parse_lsn
 from hakeeper.ha import ops
-from hakeeper.lsn import parse_lsn
+from hakeeper.localcluster import pg_program
 from hakeeper.pg import Postgres, Role
 from hakeeper.pg.postgres import SOCKET_SUBDIR
-from hakeeper.proc import proc_cmdline, run
+from hakeeper.util.proc import proc_cmdline, run
 from tests.integration.test_ha import sql, wait_for
 from tests.integration.test_switchover import run_ops
 from tests.support.cluster import cluster_tmpdir, running_cluster

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hakeeper.demo import MAX_NODES, LocalCluster
+from hakeeper.localcluster import MAX_NODES, LocalCluster
 from tests.support import ports
 
 

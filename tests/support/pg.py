@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hakeeper.config import PostgresConfig
-from hakeeper.proc import children_of, pid_alive
+from hakeeper.core.config import PostgresConfig
+from hakeeper.util.proc import children_of, pid_alive
 from tests.support.ports import free_ports
 
 DEFAULT_PARAMS: dict[str, str | int | float | bool] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from hakeeper.demo import port_is_free
+from hakeeper.localcluster import port_is_free
 
 _handed_out: set[int] = set()
 

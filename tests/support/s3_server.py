@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS ``weed mini`` (see :mod:`hakeeper.s3local`, which the
+"""A real S3 server for tests: SeaweedFS ``weed mini`` (see :mod:`hakeeper.util.s3local`, which the
 demo uses too) on free loopback ports, with a boto3 client for set-up and tampering."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from hakeeper.s3local import COMPONENTS, LocalS3
+from hakeeper.util.s3local import COMPONENTS, LocalS3
 from tests.support.ports import free_ports
 
 ACCESS_KEY = "hakeeper-test"
@@ -25,7 +25,7 @@ def _free_port_pairs() -> dict[str, tuple[int, int]]:
 
 
 class SeaweedS3(LocalS3):
-    """:class:`hakeeper.s3local.LocalS3` on free ports with the test credentials."""
+    """:class:`hakeeper.util.s3local.LocalS3` on free ports with the test credentials."""
 
     def __init__(self, base_dir: Path) -> None:
         super().__init__(base_dir, _free_port_pairs(), ACCESS_KEY, SECRET_KEY)

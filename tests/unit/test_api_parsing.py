@@ -17,7 +17,7 @@ from hakeeper.api.health import (
     parse_size,
 )
 from hakeeper.api.server import ApiError, parse_if_match
-from hakeeper.config import ApiConfig
+from hakeeper.core.config import ApiConfig
 
 
 @pytest.mark.parametrize(

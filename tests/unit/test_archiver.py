@@ -33,7 +33,6 @@ from hakeeper.backup.archiver import (
     plan_queue_drops,
     render_script,
 )
-from hakeeper.backup.config import ArchiveConfig, RepositoryConfig
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.backup.walfetch import (
     _cleanup,
@@ -42,6 +41,7 @@ from hakeeper.backup.walfetch import (
     segno_of_name,
     serve_prefetched,
 )
+from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig
 
 SEG = 1 << 20  # small "segments": the archiver does not care about the size
 

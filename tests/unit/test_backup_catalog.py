@@ -27,11 +27,11 @@ from hakeeper.backup.catalog import (
     record_key,
     required_segments,
 )
-from hakeeper.backup.config import RepositoryConfig, RetentionConfig
 from hakeeper.backup.repo import ListEntry
 from hakeeper.backup.retention import keep_set, plan_expire
 from hakeeper.cli.backup_cmds import UsageError, _wal_ranges, build_target, parse_target_time
-from hakeeper.lsn import format_lsn
+from hakeeper.core.backup_config import RepositoryConfig, RetentionConfig
+from hakeeper.core.lsn import format_lsn
 
 SEG = layout.DEFAULT_SEGMENT_SIZE
 T0 = dt.datetime(2026, 11, 24, 7, 0, tzinfo=dt.UTC)
@@ -495,8 +495,8 @@ def test_wal_ranges_compact_listing() -> None:
 def test_recovery_target_action(kind: str, start: bool, action: str) -> None:
     from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestorePlan, Target
     from hakeeper.backup.restore import RestoreOptions, recovery_settings
-    from hakeeper.config import Credentials
-    from hakeeper.proc import RunAs
+    from hakeeper.core.config import Credentials
+    from hakeeper.util.proc import RunAs
 
     t = Target(kind, time=dt.datetime(2026, 1, 1, tzinfo=dt.UTC) if kind == "time" else None, name="rp")  # type: ignore[arg-type]
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)

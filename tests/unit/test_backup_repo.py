@@ -15,10 +15,11 @@ from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
 from hakeeper.backup import codec
-from hakeeper.backup.config import BackupConfig, RepositoryConfig, make_repository
 from hakeeper.backup.errors import ContentConflict, CorruptObject, NotFound, RepoUnavailable
 from hakeeper.backup.repo import FilesystemRepository, check_name
+from hakeeper.backup.repos import make_repository
 from hakeeper.backup.s3repo import S3Repository
+from hakeeper.core.backup_config import BackupConfig, RepositoryConfig
 from tests.support.ports import free_ports
 from tests.support.repo_checks import (
     SEGMENT,

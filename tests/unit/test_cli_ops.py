@@ -23,7 +23,7 @@ from hakeeper.cli.ops_cmds import (
     resolve_auth,
     set_path,
 )
-from hakeeper.config import NodeConfig
+from hakeeper.core.config import NodeConfig
 from hakeeper.ha.ops import merge_patch
 
 _register_optional_commands()

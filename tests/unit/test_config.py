@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hakeeper.config import ConfigError, DynamicConfig, load_node_config
-from hakeeper.config_docs import render
+from hakeeper.core.config import ConfigError, DynamicConfig, load_node_config
+from hakeeper.core.config_docs import render
 
 GOOD = """
 scope: demo
@@ -119,4 +119,6 @@ def test_cli_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_configuration_reference_is_current() -> None:
     doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-    assert doc.read_text() == render(), "regenerate: python -m hakeeper.config_docs > docs/configuration.md"
+    assert doc.read_text() == render(), (
+        "regenerate: python -m hakeeper.core.config_docs > docs/configuration.md"
+    )

@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hakeeper.config import DynamicConfig
-from hakeeper.ha.decide import Action, LocalFacts, assess, decide, rank
-from hakeeper.ha.model import (
+from hakeeper.core.cluster import (
     ClusterView,
     Leader,
     Member,
@@ -22,6 +20,8 @@ from hakeeper.ha.model import (
     SwitchoverStage,
     SyncState,
 )
+from hakeeper.core.config import DynamicConfig
+from hakeeper.ha.decide import Action, LocalFacts, assess, decide, rank
 
 MB = 1024 * 1024
 SYSID = "7300000000000000001"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hakeeper.config import load_node_config
+from hakeeper.core.config import load_node_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 NODE_FILES = sorted(DEPLOY.glob("node*.yml"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hakeeper.config import DynamicConfig
+from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage
+from hakeeper.core.config import DynamicConfig
 from hakeeper.ha.decide import switchover_live
-from hakeeper.ha.model import ClusterView, Switchover, SwitchoverKind, SwitchoverStage
 from hakeeper.ha.ops import merge_patch
 
 

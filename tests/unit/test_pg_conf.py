@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
-from hakeeper.config import AGENT_OWNED_PARAMETERS, PostgresConfig
+from hakeeper.core.config import AGENT_OWNED_PARAMETERS, PostgresConfig
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.conf import (
     build_conninfo,
@@ -21,7 +21,7 @@ from hakeeper.pg.conf import (
 )
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres, Upstream
-from hakeeper.proc import RunAs
+from hakeeper.util.proc import RunAs
 
 # ---------------------------------------------------------------- a postgresql.conf reader
 # Mirrors PostgreSQL 15's guc-file.l: the STRING token and GUC_scanstr().

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from hakeeper.backup.config import RepositoryConfig
 from hakeeper.backup.policy import Item, RepoFacts, Rule, evaluate
+from hakeeper.core.backup_config import RepositoryConfig
 
 REPOS = {
     "local": RepoFacts("local", "disk", False),

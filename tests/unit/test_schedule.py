@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from hakeeper.backup.basebackup import BackupError
-from hakeeper.backup.config import BackupConfig, ScheduleConfig
 from hakeeper.backup.schedule import (
     MAX_ATTEMPTS,
     Action,
@@ -23,6 +22,7 @@ from hakeeper.backup.schedule import (
     plan,
 )
 from hakeeper.backup.source import NoStandby, choose_source
+from hakeeper.core.backup_config import BackupConfig, ScheduleConfig
 
 T0 = dt.datetime(2024, 3, 4, 0, 0, tzinfo=dt.UTC).timestamp()  # a Monday
 HOUR = 3600.0
@@ -217,7 +217,7 @@ def test_the_classic_schedule_dumps_every_database_daily_and_monthly_each_with_i
 
 
 def test_the_source_is_the_least_lagging_streaming_standby() -> None:
-    from hakeeper.ha.model import ClusterView, Leader, Member, MemberRole, MemberState
+    from hakeeper.core.cluster import ClusterView, Leader, Member, MemberRole, MemberState
 
     def m(name: str, role: MemberRole, state: MemberState, lag: int | None) -> Member:
         return Member(name=name, role=role, state=state, host="127.0.0.1", port=5432, lag=lag)

@@ -8,9 +8,9 @@ import itertools
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from hakeeper.config import DynamicConfig
+from hakeeper.core.cluster import SyncState
+from hakeeper.core.config import DynamicConfig
 from hakeeper.ha.decide import Action, assess, decide
-from hakeeper.ha.model import SyncState
 from hakeeper.ha.sync import Quorum, choose, quorum_step, quorum_transition_safe, sync_guc
 from tests.unit.test_decide import MB, local, primary, replica, view
 
@@ -78,7 +78,7 @@ def test_replicas_detach_from_a_leaderless_primary_before_the_election_in_sync_m
 
 
 def test_switchover_in_sync_mode_goes_to_a_sync_standby_only() -> None:
-    from hakeeper.ha.model import Switchover, SwitchoverKind
+    from hakeeper.core.cluster import Switchover, SwitchoverKind
 
     sync = SyncState("a", ("c",), term=42)
     req = Switchover(SwitchoverKind.SWITCHOVER, "a", "b", requested_at=0.0)

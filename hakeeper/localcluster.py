@@ -17,7 +17,7 @@ Port plan, from ``base_port`` (default 25000; nodes are numbered from 1, at most
 
 Everything listens on 127.0.0.1 only.  Every process is started and stopped by PID; nothing is
 matched by name.  When we run as root, PostgreSQL runs as an unprivileged user (see
-:func:`hakeeper.proc.resolve_run_as`): the node directories are owned by that user and every
+:func:`hakeeper.util.proc.resolve_run_as`): the node directories are owned by that user and every
 directory above them must be traversable by it.
 """
 
@@ -42,7 +42,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from hakeeper.proc import (
+from hakeeper.util.proc import (
     RunAs,
     child_env,
     children_of,
@@ -879,7 +879,7 @@ def prepare_fs_repository(path: Path, run_as: RunAs) -> None:
 
 
 def demo_s3_ports(base_port: int) -> dict[str, tuple[int, int]]:
-    from hakeeper.s3local import COMPONENTS
+    from hakeeper.util.s3local import COMPONENTS
 
     first = base_port + S3_PORT_OFFSET
     return {c: (first + 2 * i, first + 2 * i + 1) for i, c in enumerate(COMPONENTS)}

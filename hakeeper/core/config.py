@@ -31,8 +31,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from hakeeper.backup.config import BackupConfig
-from hakeeper.lsn import parse_lsn
+from hakeeper.core.backup_config import BackupConfig
+from hakeeper.core.lsn import parse_lsn
 
 ENV_PREFIX = "HAKEEPER_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")

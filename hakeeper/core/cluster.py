@@ -1,18 +1,6 @@
-"""The immutable cluster view the HA logic decides on, and its etcd key layout.
-
-Keys under ``<namespace>/<scope>/``:
-
-==================  ==========================================================================
-``initialize``      system identifier of the cluster (created once, ``create_revision == 0``)
-``config``          dynamic settings (JSON, CAS on mod_revision)
-``leader``          leader member name, attached to the leader's lease; create_revision = term
-``members/<name>``  member state (JSON), attached to that member's lease
-``status``          leader LSN and timeline (JSON), written by the leader under its term
-``history``         promotions (JSON list), appended by the new leader under its term
-``switchover``      a pending switchover or manual failover request (JSON, CAS on mod_revision)
-``sync``            the synchronous standbys (JSON), written by the leader under its term
-==================  ==========================================================================
-"""
+"""The immutable cluster model every layer reads: members, the leader, status, history, the
+sync set, switchover requests, and :func:`build_view`, which turns the keys of one etcd read
+into a :class:`ClusterView` (the key layout itself is :mod:`hakeeper.core.keys`)."""
 
 from __future__ import annotations
 
@@ -24,7 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hakeeper.config import DynamicConfig
+from hakeeper.core.config import DynamicConfig
+from hakeeper.core.keys import Keys
 
 
 class MemberRole(StrEnum):
@@ -46,46 +35,6 @@ class MemberState(StrEnum):
     REWINDING = "rewinding"
     PROMOTING = "promoting"
     UNINITIALIZED = "uninitialized"
-
-
-@dataclass(frozen=True, slots=True)
-class Keys:
-    prefix: str
-
-    @property
-    def initialize(self) -> str:
-        return f"{self.prefix}/initialize"
-
-    @property
-    def config(self) -> str:
-        return f"{self.prefix}/config"
-
-    @property
-    def leader(self) -> str:
-        return f"{self.prefix}/leader"
-
-    @property
-    def members(self) -> str:
-        return f"{self.prefix}/members/"
-
-    def member(self, name: str) -> str:
-        return f"{self.prefix}/members/{name}"
-
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}/status"
-
-    @property
-    def history(self) -> str:
-        return f"{self.prefix}/history"
-
-    @property
-    def switchover(self) -> str:
-        return f"{self.prefix}/switchover"
-
-    @property
-    def sync(self) -> str:
-        return f"{self.prefix}/sync"
 
 
 @dataclass(frozen=True, slots=True)

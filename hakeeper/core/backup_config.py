@@ -1,7 +1,6 @@
-"""The ``backup:`` section of a node's YAML: repositories and WAL archiving.
+"""The ``backup:`` section of a node's YAML: repositories, WAL archiving, schedules.
 
-:func:`make_repository` builds a :class:`~hakeeper.backup.repo.Repository` from one entry.  The
-repository code (aiobotocore) is imported only there, so loading a config stays cheap.
+Schemas only: :func:`hakeeper.backup.repos.make_repository` builds a repository from one entry.
 """
 
 from __future__ import annotations
@@ -9,12 +8,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-
-if TYPE_CHECKING:
-    from hakeeper.backup.repo import Repository
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 
@@ -384,40 +380,6 @@ class BackupConfig(_Strict):
         if not self.repositories:
             return []
         return [ScheduleConfig.model_validate(d) for d in DEFAULT_SCHEDULES]
-
-
-def make_repository(cfg: RepositoryConfig) -> Repository:
-    """The repository ``cfg`` describes (no I/O: connections open on first use)."""
-    from hakeeper.backup.repo import FilesystemRepository
-
-    if cfg.type == "fs":
-        assert cfg.path is not None  # checked by the model
-        return FilesystemRepository(
-            cfg.path,
-            name=cfg.name,
-            level=cfg.compression_level,
-            threads=cfg.compression_threads,
-            offsite=cfg.offsite,
-        )
-    # imported here: botocore costs ~50 ms of every CLI call that only uses filesystem repositories
-    from hakeeper.backup.s3repo import S3Repository
-
-    assert cfg.bucket is not None
-    verify: bool | str = str(cfg.ca_file) if cfg.ca_file is not None else cfg.verify_tls
-    return S3Repository(
-        bucket=cfg.bucket,
-        endpoint=cfg.endpoint,
-        prefix=cfg.prefix,
-        region=cfg.region,
-        access_key=cfg.access_key,
-        secret_key=cfg.secret_key.get_secret_value() if cfg.secret_key else None,
-        verify=verify,
-        timeout=cfg.timeout,
-        name=cfg.name,
-        level=cfg.compression_level,
-        threads=cfg.compression_threads,
-        offsite=cfg.offsite,
-    )
 
 
 class WalToolConfig(_Strict):
