@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from hakeeper import __version__
+from hakeeper.core import timefmt
 from hakeeper.core.cluster import ClusterView, HistoryEntry, Member, MemberRole, Switchover
 from hakeeper.core.lsn import format_lsn
 
@@ -15,12 +15,7 @@ if TYPE_CHECKING:
 
 
 def iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    try:
-        return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-    except (OverflowError, OSError, ValueError):
-        return None
+    return timefmt.iso(epoch, timespec="milliseconds", zulu=False)
 
 
 def lsn(value: int | None) -> str | None:

@@ -62,6 +62,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from hakeeper.backup import layout
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
 from hakeeper.core.lsn import format_lsn
+from hakeeper.core.timefmt import iso
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs
@@ -230,10 +231,6 @@ if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
 echo "hakeeper archive_command: $2 not archived within {timeout:g} s (is the agent running and primary?)" >&2
 exit 1
 """
-
-
-def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _reachable_by(path: Path, run_as: RunAs) -> bool:
@@ -998,7 +995,7 @@ class Archiver:
             rs.conflicts += 1
             self.m_conflicts.labels(rs.name).inc()
             self.recent_conflicts.append(
-                {"repo": rs.name, "file": name, "quarantined": e.quarantined, "at": _iso(time.time()) or ""}
+                {"repo": rs.name, "file": name, "quarantined": e.quarantined, "at": iso(time.time()) or ""}
             )
             log.error(
                 "archive_conflict",
@@ -1221,7 +1218,7 @@ class Archiver:
             "reason": reason,
             "repositories": sorted(repos),
             "files": ordered,
-            "recorded_at": _iso(time.time()),
+            "recorded_at": iso(time.time()),
             "detail": detail,
         }
         rec = await asyncio.to_thread(self.gaps.record, doc)
@@ -1459,11 +1456,11 @@ class Archiver:
                     "queued_files": len(self.queue.files_for(name)),
                     "queued_bytes": self.queue.bytes_for(name),
                     "last_archived": rs.last_archived,
-                    "last_success_at": _iso(rs.last_success_at),
+                    "last_success_at": iso(rs.last_success_at),
                     "last_error": rs.last_error,
-                    "last_error_at": _iso(rs.last_error_at),
+                    "last_error_at": iso(rs.last_error_at),
                     "rpo_seconds": None if rs.durable_at is None else round(max(0.0, now - rs.durable_at), 3),
-                    "durable_through": _iso(rs.durable_at),
+                    "durable_through": iso(rs.durable_at),
                 }
             )
         return {
@@ -1475,7 +1472,7 @@ class Archiver:
             "archived_files": self.archived_files,
             "archived_bytes": self.archived_bytes,
             "last_archived": self.last_archived,
-            "last_archived_at": _iso(self.last_archived_at),
+            "last_archived_at": iso(self.last_archived_at),
             "last_error": self.last_error,
             "latency_seconds": self.latency_quantiles(),
             "queue": {

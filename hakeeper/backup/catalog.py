@@ -39,6 +39,7 @@ from hakeeper.backup import layout
 from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.core.lsn import format_lsn, parse_lsn
+from hakeeper.core.timefmt import iso
 
 FORMAT_VERSION = 1
 RECORD_NAME = "backup.json"
@@ -201,10 +202,6 @@ class BackupRecord(_Model):
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def make_backup_id(when: dt.datetime) -> str:

@@ -48,6 +48,7 @@ from hakeeper.backup import catalog
 from hakeeper.backup.catalog import SourceInfo, StoredObject
 from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import CHUNK, ListEntry, Repository
+from hakeeper.core import timefmt
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, run
 
@@ -180,8 +181,8 @@ class DumpRecord(_Model):
             "data_only": self.options.data_only,
             "source": self.source.member if self.source else None,
             "from_standby": self.source.standby if self.source else None,
-            "start_time": catalog.iso(self.start_time),
-            "stop_time": catalog.iso(self.stop_time) if self.stop_time else None,
+            "start_time": timefmt.iso(self.start_time),
+            "stop_time": timefmt.iso(self.stop_time) if self.stop_time else None,
             "size": self.size,
             "stored_size": self.stored_size,
             "error": self.error,
@@ -1137,7 +1138,7 @@ def plan_dump_expire(
         if d.usable():
             reason = why.get(d.id, "retention")
         elif d.abandoned(now):
-            reason = f"abandoned: running, but not updated since {catalog.iso(d.updated_at)}"
+            reason = f"abandoned: running, but not updated since {timefmt.iso(d.updated_at)}"
         else:
             reason = f"failed: {d.error or 'unknown error'}"
         plan.dumps.append(ExpiredDump(d.id, d.effective_status(now), reason, objects_of(d.id), stored(d.id)))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from hakeeper.backup import catalog, dump
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.repos import make_repository
+from hakeeper.core import timefmt
 from hakeeper.core.backup_config import BackupConfig, RepositoryConfig
 
 
@@ -70,7 +71,7 @@ class PolicyRow:
         return {
             "id": self.id,
             "kind": self.kind,
-            "time": catalog.iso(self.time) if self.time else None,
+            "time": timefmt.iso(self.time) if self.time else None,
             "copies": len(self.repositories),
             "repositories": self.repositories,
             "storage_types": self.storage_types,

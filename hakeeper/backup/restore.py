@@ -53,6 +53,7 @@ from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.handover import serving
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.walfetch import fast_path_script
+from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials
 from hakeeper.core.lsn import format_lsn
@@ -276,7 +277,7 @@ async def _plan(repo: Repository, scope: str, opts: RestoreOptions) -> tuple[Cat
         raise RestoreRefused(f"{plan.missing}{hint}")
     if opts.primary is None or not opts.switch_wal:
         last = plan.covered_until or "none"
-        mod = catalog.iso(plan.covered_until_modified) if plan.covered_until_modified else "?"
+        mod = timefmt.iso(plan.covered_until_modified) if plan.covered_until_modified else "?"
         notes.append(
             f"no WAL switch on the primary: recovery ends with the archived WAL ({last}, archived {mod}); "
             "WAL still in the primary's current segment is not restored"
@@ -844,7 +845,7 @@ async def restore(
     socket_dir = _socket_dir(data_dir, opts.port)
     settings = recovery_settings(opts, plan, restore_command, socket_dir)
     header = (
-        f"hakeeper restore of backup {rec.id} from repository {repo.name} at {catalog.iso(catalog.utcnow())}"
+        f"hakeeper restore of backup {rec.id} from repository {repo.name} at {timefmt.iso(catalog.utcnow())}"
     )
     await asyncio.to_thread(_write_atomic, script_path, script, mode=0o700, run_as=opts.run_as)
     await asyncio.to_thread(_write_settings, data_dir, opts.run_as, settings, wal_conf, header)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, Catalog
 from hakeeper.backup.repo import Repository
+from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RetentionConfig
 from hakeeper.util.log import get_logger
 
@@ -144,7 +145,7 @@ def plan_expire(
         elif b.status is BackupStatus.COMPLETE:
             reason = "record incomplete (no start/stop position)"
         elif b.abandoned(now):
-            reason = f"abandoned: running, but not updated since {catalog.iso(b.updated_at)}"
+            reason = f"abandoned: running, but not updated since {timefmt.iso(b.updated_at)}"
         else:
             reason = f"failed: {b.error or 'unknown error'}"
         plan.backups.append(

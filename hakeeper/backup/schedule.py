@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, ScheduleConfig
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, cmp_create, cmp_mod, op_put
@@ -75,9 +76,7 @@ class Action(StrEnum):
 
 
 def iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return timefmt.iso(epoch, timespec="seconds")
 
 
 # ====================================================================== records

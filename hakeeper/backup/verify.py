@@ -56,6 +56,7 @@ from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
+from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.config import secret_value
 from hakeeper.core.keys import Keys
@@ -618,7 +619,7 @@ async def run_drill(
             if rec is None:
                 what = f"no backup {backup_id!r}" if backup_id else "no complete backup"
                 if target_time is not None and not backup_id:
-                    what += f" ending before {catalog.iso(target_time)}"
+                    what += f" ending before {timefmt.iso(target_time)}"
                 refusals.append(
                     f"{rc.name}: {what}" + (f" ({'; '.join(cat.problems)})" if cat.problems else "")
                 )

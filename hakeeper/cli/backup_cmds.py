@@ -44,6 +44,7 @@ from hakeeper.cli.cluster_cmds import (
     quiet_logging,
 )
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
+from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.cluster import ClusterView, MemberRole
 from hakeeper.core.config import NodeConfig
@@ -319,7 +320,7 @@ async def _verified(repos: list[RepositoryConfig], cats: list[catalog.Catalog]) 
                 out[(rc.name, bid)] = {
                     "id": d.id,
                     "ok": d.ok,
-                    "at": catalog.iso(d.finished_at or d.started_at),
+                    "at": timefmt.iso(d.finished_at or d.started_at),
                     "failed_object": d.failed_object,
                     "error": d.error,
                     "rto_seconds": d.rto.total if d.rto else None,
@@ -445,7 +446,7 @@ def backup_info(
         f"timeline   {rec.timeline}"
         + (f" -> {rec.stop_timeline}" if rec.stop_timeline != rec.timeline else ""),
         f"LSN        {rec.start_lsn} .. {rec.stop_lsn}",
-        f"time       {catalog.iso(rec.start_time)} .. {catalog.iso(rec.stop_time) if rec.stop_time else '-'}",
+        f"time       {timefmt.iso(rec.start_time)} .. {timefmt.iso(rec.stop_time) if rec.stop_time else '-'}",
         f"WAL        {rec.wal_start} .. {rec.wal_stop} ({rec.wal_segments} segments): "
         + (
             "unknown"
@@ -850,7 +851,7 @@ def backup_policy(
             t.add_row(
                 r.id,
                 r.kind,
-                catalog.iso(r.time).replace("T", " ").rstrip("Z")[:19] if r.time else "",
+                timefmt.iso(r.time).replace("T", " ").rstrip("Z")[:19] if r.time else "",
                 escape(", ".join(r.repositories)),
                 escape(", ".join(r.storage_types)),
                 escape(", ".join(r.offsite)) or "-",

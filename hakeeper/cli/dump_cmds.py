@@ -49,6 +49,7 @@ from hakeeper.cli.backup_cmds import (
 )
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, quiet_logging
 from hakeeper.cli.main import app, err, fail, load_or_exit, out
+from hakeeper.core import timefmt
 from hakeeper.core.config import NodeConfig, secret_value
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.errors import PgError
@@ -310,7 +311,7 @@ def dump_info(
         if rec.source
         else "source     ?",
         f"postgres   {rec.pg_version}; {rec.pg_dump_version}",
-        f"time       {catalog.iso(rec.start_time)} .. {catalog.iso(rec.stop_time) if rec.stop_time else '-'}",
+        f"time       {timefmt.iso(rec.start_time)} .. {timefmt.iso(rec.stop_time) if rec.stop_time else '-'}",
         f"globals    {'yes' if rec.globals_object else 'no'}",
         f"taken by   {'schedule ' + rec.schedule if rec.schedule else 'hand'}"
         + (f"; label {rec.label}" if rec.label else ""),
