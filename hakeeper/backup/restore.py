@@ -58,8 +58,8 @@ from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials
 from hakeeper.core.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo, quote_conf_value
-from hakeeper.pg.postgres import SOCKET_SUBDIR, _write_atomic
-from hakeeper.util.fsutil import BackgroundWriteback
+from hakeeper.pg.postgres import SOCKET_SUBDIR
+from hakeeper.util.fsutil import BackgroundWriteback, write_atomic
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, child_env, postmaster_pid, run
@@ -556,7 +556,7 @@ def recovery_settings(
 def _write_settings(
     data_dir: Path, ra: RunAs, settings: dict[str, str | int | bool], wal_conf: str, header: str
 ) -> None:
-    _write_atomic(data_dir / WAL_CONFIG_NAME, wal_conf, mode=0o600, run_as=ra)
+    write_atomic(data_dir / WAL_CONFIG_NAME, wal_conf, mode=0o600, run_as=ra)
     auto = data_dir / "postgresql.auto.conf"
     try:
         old = auto.read_text()
@@ -565,14 +565,14 @@ def _write_settings(
     lines = [old.rstrip("\n") + "\n", f"# {header}\n"]
     for k, v in settings.items():
         lines.append(f"{k} = {quote_conf_value(v)}\n")
-    _write_atomic(auto, "".join(lines), mode=0o600, run_as=ra)
+    write_atomic(auto, "".join(lines), mode=0o600, run_as=ra)
     for name in ("standby.signal", "postmaster.opts"):
         with contextlib.suppress(FileNotFoundError):
             (data_dir / name).unlink()
     # The source's server log came with the backup; it is not this server's.
     with contextlib.suppress(FileNotFoundError):
         (data_dir / LOG_REL).unlink()
-    _write_atomic(data_dir / "recovery.signal", "", mode=0o600, run_as=ra)
+    write_atomic(data_dir / "recovery.signal", "", mode=0o600, run_as=ra)
     for d in (data_dir / "log", data_dir / SOCKET_SUBDIR):
         d.mkdir(mode=0o700, exist_ok=True)
         ra.chown(d)
@@ -847,7 +847,7 @@ async def restore(
     header = (
         f"hakeeper restore of backup {rec.id} from repository {repo.name} at {timefmt.iso(catalog.utcnow())}"
     )
-    await asyncio.to_thread(_write_atomic, script_path, script, mode=0o700, run_as=opts.run_as)
+    await asyncio.to_thread(write_atomic, script_path, script, mode=0o700, run_as=opts.run_as)
     await asyncio.to_thread(_write_settings, data_dir, opts.run_as, settings, wal_conf, header)
     result.settings = {k: str(v) for k, v in settings.items()}
     result.start_command = pg_ctl_start_command(opts.bin_dir, data_dir, opts.run_as)

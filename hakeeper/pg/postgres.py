@@ -30,10 +30,8 @@ import signal
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql as pgsql
@@ -46,6 +44,7 @@ from hakeeper.core.config import (
     secret_value,
 )
 from hakeeper.core.lsn import parse_lsn
+from hakeeper.core.pgtypes import LocalState, ReplicaInfo, Role, SlotInfo, Upstream, hostport
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.conf import (
     build_conninfo,
@@ -57,6 +56,7 @@ from hakeeper.pg.conf import (
 )
 from hakeeper.pg.errors import PgError
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
+from hakeeper.util.fsutil import write_atomic
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import Result, RunAs, children_of, pid_alive, postmaster_pid, resolve_run_as, run
 
@@ -85,89 +85,6 @@ _MAX_SOCKET_PATH = 107
 _CLEAN_STATES = ("shut down", "shut down in recovery")
 # Keep C-locale output from pg_controldata & co. (we parse it).
 _C_LOCALE = {"LC_ALL": "C", "LC_MESSAGES": "C", "LANG": "C"}
-
-
-class Role(StrEnum):
-    PRIMARY = "primary"
-    REPLICA = "replica"
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """Whom a replica streams from (or a clone/rewind reads from)."""
-
-    host: str
-    port: int
-    slot_name: str | None
-
-    @property
-    def address(self) -> str:
-        """``host:port`` (``[v6]:port``), in the same form as :attr:`LocalState.streaming_from`."""
-        return _hostport(self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaInfo:
-    """One row of ``pg_stat_replication``."""
-
-    application_name: str
-    state: str | None
-    sync_state: str | None
-    sent_lsn: int | None
-    write_lsn: int | None
-    flush_lsn: int | None
-    replay_lsn: int | None
-    replay_lag: float | None  # seconds
-    client_addr: str | None = None
-    reply_age: float | None = None  # seconds since the standby's last status message
-
-    @property
-    def replay_lag_seconds(self) -> float | None:
-        """``replay_lag``, or 0 for a streaming standby that replayed all that was sent:
-        PostgreSQL shows NULL there once the standby has caught up (after one or two status
-        messages, i.e. within wal_receiver_status_interval)."""
-        if self.replay_lag is not None:
-            return self.replay_lag
-        caught_up = (
-            self.replay_lsn is not None and self.sent_lsn is not None and self.replay_lsn >= self.sent_lsn
-        )
-        return 0.0 if self.state == "streaming" and caught_up else None
-
-
-class SlotInfo(NamedTuple):
-    active: bool
-    restart_lsn: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class LocalState:
-    """What one probe saw.
-
-    ``timeline``: on a primary the timeline WAL is being written on, from
-    ``pg_walfile_name(pg_current_wal_lsn())`` (exact, and current right after promotion, unlike
-    ``pg_control_checkpoint()`` which lags until the next checkpoint).  On a replica, the highest
-    of ``pg_stat_wal_receiver.received_tli`` (while a WAL receiver runs), the newest timeline
-    history file in ``pg_wal`` (the timeline the standby follows, also after its upstream died),
-    and pg_control's restartpoint and minimum-recovery timelines (lower bounds that lag).
-    """
-
-    running: bool
-    in_recovery: bool | None
-    timeline: int | None
-    wal_lsn: int | None
-    received_lsn: int | None
-    replayed_lsn: int | None
-    streaming_from: str | None
-    replication: tuple[ReplicaInfo, ...]
-    error: str | None = None
-
-    @classmethod
-    def down(cls, error: str) -> LocalState:
-        return cls(False, None, None, None, None, None, None, (), error)
 
 
 _PROBE_SQL = """
@@ -204,25 +121,6 @@ def _listen_to_connect_host(host: str) -> str:
     if host == "::":
         return "::1"
     return host
-
-
-def _write_atomic(path: Path, data: str, *, mode: int, run_as: RunAs) -> None:
-    tmp = path.with_name(f".{path.name}.hakeeper-tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        if run_as.uid is not None and run_as.gid is not None:
-            os.fchown(fd, run_as.uid, run_as.gid)
-        view = memoryview(data.encode())
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _remove(path: Path) -> bool:
@@ -466,11 +364,11 @@ class Postgres:
         d = self.data_dir
         ra = self.run_as
         if pgpass is not None:
-            _write_atomic(self.pgpass_file, pgpass, mode=0o600, run_as=ra)
+            write_atomic(self.pgpass_file, pgpass, mode=0o600, run_as=ra)
         else:
             _remove(self.pgpass_file)
-        _write_atomic(d / "postgresql.conf", conf, mode=0o600, run_as=ra)
-        _write_atomic(d / "pg_hba.conf", hba, mode=0o600, run_as=ra)
+        write_atomic(d / "postgresql.conf", conf, mode=0o600, run_as=ra)
+        write_atomic(d / "pg_hba.conf", hba, mode=0o600, run_as=ra)
         auto = d / "postgresql.auto.conf"
         try:
             old = auto.read_text()
@@ -479,13 +377,13 @@ class Postgres:
         if old is not None:
             new = clean_auto_conf(old)
             if new != old:
-                _write_atomic(auto, new, mode=0o600, run_as=ra)
+                write_atomic(auto, new, mode=0o600, run_as=ra)
                 log.info("postgres_auto_conf_cleaned", file=str(auto))
         if not self.socket_dir.is_dir():
             self._mkdir_owned(self.socket_dir)
         _remove(d / "recovery.signal")
         if role is Role.REPLICA:
-            _write_atomic(d / "standby.signal", "", mode=0o600, run_as=ra)
+            write_atomic(d / "standby.signal", "", mode=0o600, run_as=ra)
         else:
             _remove(d / "standby.signal")
         _fsync_dir(d)
@@ -740,7 +638,7 @@ class Postgres:
             if receiver.get("tli"):
                 tlis.append(int(receiver["tli"]))
             if receiver.get("status") == "streaming" and receiver.get("host") is not None:
-                streaming_from = _hostport(str(receiver["host"]), int(receiver["port"] or 0))
+                streaming_from = hostport(str(receiver["host"]), int(receiver["port"] or 0))
         timeline = max(tlis) if tlis else None
         known = [x for x in (received, replayed) if x is not None]
         return LocalState(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hakeeper.util.proc import RunAs
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,3 +80,24 @@ class BackgroundWriteback:
 
     def cancel(self) -> None:
         self._stop.set()
+
+
+def write_atomic(path: Path, data: str, *, mode: int, run_as: RunAs) -> None:
+    """Replace ``path`` with ``data`` (mode ``mode``, owned by ``run_as``) atomically and durably;
+    never follows a symlink at the temporary name."""
+    tmp = path.with_name(f".{path.name}.hakeeper-tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        if run_as.uid is not None and run_as.gid is not None:
+            os.fchown(fd, run_as.uid, run_as.gid)
+        view = memoryview(data.encode())
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
