@@ -11,12 +11,10 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hakeeper.core.config import Tags
-
-if TYPE_CHECKING:
-    from hakeeper.ha.agent import Agent
+from hakeeper.ha.snapshot import NodeSnapshot
 
 
 class QueryError(ValueError):
@@ -110,31 +108,31 @@ class NodeFacts:
     sync_standbys: tuple[str, ...] = ()  # the leader's current synchronous standbys
 
     @classmethod
-    def from_agent(cls, agent: Agent, now: float | None = None) -> NodeFacts:
-        st = agent.state
-        view = agent.last_view
-        me = view.members.get(agent.name)
-        dyn = agent.dyn
+    def from_snapshot(cls, snap: NodeSnapshot, now: float | None = None) -> NodeFacts:
+        st = snap.probe
+        view = snap.view
+        me = view.members.get(snap.name)
+        dyn = view.config
         now = time.monotonic() if now is None else now
         return cls(
-            name=agent.name,
+            name=snap.name,
             pg_running=bool(st is not None and st.running),
             in_recovery=st.in_recovery if st is not None else None,
             streaming=bool(st is not None and st.streaming_from),
-            writable_leader=agent.is_writable_leader(),
-            holds_leader_key=view.leader is not None and view.leader.name == agent.name,
+            writable_leader=snap.writable,
+            holds_leader_key=snap.holds_leader_key,
             lag=me.lag if me is not None else None,
-            tags=agent.cfg.tags.model_dump(),
-            loop_age=max(0.0, now - agent.loop_heartbeat),
+            tags=snap.tags,
+            loop_age=max(0.0, now - snap.loop_heartbeat),
             loop_limit=max(float(dyn.ttl), 10 * dyn.loop_wait),
             maximum_lag_on_failover=dyn.maximum_lag_on_failover,
-            sync_standbys=_sync_standbys(agent),
+            sync_standbys=_sync_standbys(snap),
         )
 
 
-def _sync_standbys(agent: Agent) -> tuple[str, ...]:
-    view = agent.last_view
-    sync = getattr(view, "sync", None)
+def _sync_standbys(snap: NodeSnapshot) -> tuple[str, ...]:
+    view = snap.view
+    sync = view.sync
     if sync is None or view.leader is None or sync.leader != view.leader.name:
         return ()
     return tuple(sync.members)

@@ -19,7 +19,7 @@ import resource
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
@@ -31,15 +31,15 @@ from hakeeper.api import health as h
 from hakeeper.api import status
 from hakeeper.api.auth import Authenticator, server_ssl_context
 from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
-from hakeeper.dcs.etcd import EtcdError
+from hakeeper.core.config import ApiConfig
+from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import ops
 from hakeeper.ha.ops import OperationError
-from hakeeper.pg.errors import PgError
+from hakeeper.ha.ports import NodeOperations
+from hakeeper.ha.snapshot import NodeSnapshot
 from hakeeper.util.log import get_logger
-from hakeeper.util.proc import CommandFailed
-
-if TYPE_CHECKING:
-    from hakeeper.ha.agent import Agent
 
 log = get_logger("hakeeper.api")
 
@@ -202,10 +202,34 @@ def _load_openapi() -> tuple[str, dict[str, Any]]:
     return text, doc
 
 
+# The only place that knows HTTP status codes: what each kind of refusal answers.
+REFUSAL_STATUS: dict[RefusalKind, int] = {
+    RefusalKind.INVALID: 400,
+    RefusalKind.NOT_FOUND: 404,
+    RefusalKind.CONFLICT: 409,
+    RefusalKind.PRECONDITION: 412,
+    RefusalKind.UNAVAILABLE: 503,
+}
+
+
 class ApiServer:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.cfg = agent.cfg.api
+    def __init__(
+        self,
+        cfg: ApiConfig,
+        *,
+        snapshot: Callable[[], NodeSnapshot],
+        store: ClusterStore,
+        operator: NodeOperations,
+        metrics: Callable[[NodeSnapshot], bytes],
+    ) -> None:
+        """``snapshot``: this node now (never the HA loop itself); ``store``: the cluster's keys,
+        for requests that change the cluster; ``operator``: actions on this node; ``metrics``:
+        the Prometheus exposition of a snapshot."""
+        self.cfg = cfg
+        self.snapshot = snapshot
+        self.store = store
+        self.operator = operator
+        self.render_metrics = metrics
         self.auth = Authenticator(self.cfg)
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
@@ -318,6 +342,8 @@ class ApiServer:
             return error_response(e.status, e.message, e.headers, **e.facts)
         except OperationError as e:
             return error_response(e.status, e.message, **e.facts)
+        except Refused as e:
+            return error_response(REFUSAL_STATUS[e.kind], e.message, **e.facts)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -361,9 +387,10 @@ class ApiServer:
                 q = h.parse_query(query, allow_lag=lag)
             except h.QueryError as e:
                 raise ApiError(400, str(e)) from e
-            facts = h.NodeFacts.from_agent(self.agent)
+            snap = self.snapshot()
+            facts = h.NodeFacts.from_snapshot(snap)
             ok, reason = check(facts, q)
-            body = status.node_summary(self.agent)
+            body = status.node_summary(snap)
             body["ok"] = ok
             body["reason"] = reason
             body["loop_age"] = round(facts.loop_age, 3)
@@ -374,17 +401,17 @@ class ApiServer:
     # -- status ----------------------------------------------------------------------------------------
 
     async def node_status(self, _req: web.Request) -> web.StreamResponse:
-        return json_response(status.node_status(self.agent))
+        return json_response(status.node_status(self.snapshot()))
 
     async def cluster(self, _req: web.Request) -> web.StreamResponse:
-        return json_response(status.cluster_status(self.agent))
+        return json_response(status.cluster_status(self.snapshot()))
 
     async def history(self, _req: web.Request) -> web.StreamResponse:
-        return json_response(status.history_doc(self.agent.last_view.history))
+        return json_response(status.history_doc(self.snapshot().view.history))
 
     async def metrics(self, _req: web.Request) -> web.StreamResponse:
         return web.Response(
-            body=self.agent.metrics.render(self.agent), headers={"Content-Type": METRICS_CONTENT_TYPE}
+            body=self.render_metrics(self.snapshot()), headers={"Content-Type": METRICS_CONTENT_TYPE}
         )
 
     async def openapi_json(self, _req: web.Request) -> web.StreamResponse:
@@ -393,8 +420,13 @@ class ApiServer:
     async def openapi_yaml(self, _req: web.Request) -> web.StreamResponse:
         return web.Response(text=self._openapi_yaml, content_type="application/yaml")
 
+    def _etcd(self) -> EtcdClient:
+        client = self.store.client
+        assert isinstance(client, EtcdClient)
+        return client
+
     async def get_config(self, _req: web.Request) -> web.StreamResponse:
-        cfg, rev = await ops.read_config(self.agent.client, self.agent.keys)
+        cfg, rev = await ops.read_config(self._etcd(), self.store.keys)
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
         )
@@ -444,18 +476,15 @@ class ApiServer:
         except ValidationError as e:
             raise ApiError(400, "invalid request body", errors=_validation_errors(e)) from None
 
-    async def _shielded(self, coro: Awaitable[str], what: str) -> str:
+    async def _shielded(self, coro: Awaitable[str]) -> str:
         """Run an operator action to its end even if the client goes away."""
         task: asyncio.Task[str] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        try:
-            return await asyncio.shield(task)
-        except (PgError, CommandFailed) as e:
-            raise ApiError(503, f"{what} failed: {e}") from e
+        return await asyncio.shield(task)
 
     def _wait_budget(self) -> float:
-        return min(self.agent.dyn.switchover_timeout, MAX_OPERATION_WAIT) + 5.0
+        return min(self.snapshot().view.config.switchover_timeout, MAX_OPERATION_WAIT) + 5.0
 
     async def switchover(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, SwitchoverBody)
@@ -465,9 +494,8 @@ class ApiServer:
                 when = body.scheduled_at.timestamp()
             except (OverflowError, OSError, ValueError):
                 raise ApiError(400, "scheduled_at is out of range") from None
-        a = self.agent
         sw = await ops.request_switchover(
-            a.client, a.keys, leader=body.leader, candidate=body.candidate, scheduled_at=when
+            self._etcd(), self.store.keys, leader=body.leader, candidate=body.candidate, scheduled_at=when
         )
         if sw.scheduled_at is not None and sw.scheduled_at > time.time():
             return json_response(
@@ -479,7 +507,7 @@ class ApiServer:
             )
         budget = self._wait_budget()
         new = await ops.wait_for_new_leader(
-            a.client, a.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
+            self._etcd(), self.store.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
         )
         if new is None:
             raise ApiError(
@@ -492,18 +520,19 @@ class ApiServer:
 
     async def cancel_switchover(self, request: web.Request) -> web.StreamResponse:
         await self._body(request, EmptyBody)
-        sw = await ops.cancel_switchover(self.agent.client, self.agent.keys)
+        sw = await ops.cancel_switchover(self._etcd(), self.store.keys)
         return json_response(
             {"message": f"{sw.kind.value} cancelled", "switchover": status.switchover_doc(sw)}
         )
 
     async def failover(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, FailoverBody)
-        a = self.agent
-        sw = await ops.request_failover(a.client, a.keys, candidate=body.candidate, force=body.force)
+        sw = await ops.request_failover(
+            self._etcd(), self.store.keys, candidate=body.candidate, force=body.force
+        )
         budget = self._wait_budget()
         new = await ops.wait_for_new_leader(
-            a.client, a.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
+            self._etcd(), self.store.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
         )
         if new is None:
             raise ApiError(
@@ -516,15 +545,15 @@ class ApiServer:
 
     async def restart(self, request: web.Request) -> web.StreamResponse:
         await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.agent.op_restart(), "restart")})
+        return json_response({"message": await self._shielded(self.operator.restart())})
 
     async def reinitialize(self, request: web.Request) -> web.StreamResponse:
         await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.agent.op_reinitialize(), "reinitialize")})
+        return json_response({"message": await self._shielded(self.operator.reinitialize())})
 
     async def reload(self, request: web.Request) -> web.StreamResponse:
         await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.agent.op_reload(), "reload")})
+        return json_response({"message": await self._shielded(self.operator.reload())})
 
     async def patch_config(self, request: web.Request) -> web.StreamResponse:
         expected = parse_if_match(request.headers.get("If-Match"))
@@ -535,8 +564,7 @@ class ApiServer:
             raise ApiError(400, f"invalid JSON: {e}") from None
         if not isinstance(patch, dict):
             raise ApiError(400, "the patch must be a JSON object (RFC 7386 merge patch)")
-        a = self.agent
-        cfg, rev = await ops.patch_config(a.client, a.keys, patch, expected_revision=expected)
+        cfg, rev = await ops.patch_config(self._etcd(), self.store.keys, patch, expected_revision=expected)
         log.info("config_patched", revision=rev, keys=sorted(patch))
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
@@ -562,6 +590,3 @@ def _validation_errors(e: ValidationError) -> list[dict[str, str]]:
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         out.append({"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": msg})
     return out
-
-
-parse_size = h.parse_size  # the old location

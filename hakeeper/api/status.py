@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hakeeper import __version__
 from hakeeper.core import timefmt
 from hakeeper.core.cluster import ClusterView, HistoryEntry, Member, MemberRole, Switchover
 from hakeeper.core.lsn import format_lsn
-
-if TYPE_CHECKING:
-    from hakeeper.ha.agent import Agent
+from hakeeper.ha.snapshot import NodeSnapshot
 
 
 def iso(epoch: float | None) -> str | None:
@@ -36,41 +34,34 @@ def switchover_doc(sw: Switchover | None) -> dict[str, Any] | None:
     }
 
 
-def local_member(agent: Agent) -> Member:
-    """This node as it would publish itself now (role/state from the last probe; no I/O)."""
-    return agent.current_member()
-
-
 def role_of(m: Member) -> str:
     return m.role.value
 
 
-def node_summary(agent: Agent, me: Member | None = None) -> dict[str, Any]:
+def node_summary(snap: NodeSnapshot) -> dict[str, Any]:
     """The small document every health check answers with."""
-    me = me or local_member(agent)
-    view = agent.last_view
-    published = view.members.get(agent.name)
+    me = snap.member
+    published = snap.view.members.get(snap.name)
     return {
-        "name": agent.name,
+        "name": snap.name,
         "role": role_of(me),
         "state": me.state.value,
-        "writable": agent.is_writable_leader(),
-        "leader": view.leader.name if view.leader else None,
+        "writable": snap.writable,
+        "leader": snap.view.leader.name if snap.view.leader else None,
         "timeline": me.timeline,
         "lag": published.lag if published is not None else None,
     }
 
 
-def node_status(agent: Agent) -> dict[str, Any]:
-    a = agent
-    st = a.state
-    view = a.last_view
-    me = local_member(a)
-    published = view.members.get(a.name)
-    d = a.last_decision
+def node_status(snap: NodeSnapshot) -> dict[str, Any]:
+    st = snap.probe
+    view = snap.view
+    me = snap.member
+    published = view.members.get(snap.name)
+    d = snap.decision
     return {
-        **node_summary(a, me),
-        "scope": a.cfg.scope,
+        **node_summary(snap),
+        "scope": snap.scope,
         "term": view.leader.term if view.leader else None,
         "wal_lsn": lsn(me.wal_lsn),
         "received_lsn": lsn(st.received_lsn if st else None),
@@ -78,34 +69,34 @@ def node_status(agent: Agent) -> dict[str, Any]:
         "streaming_from": me.streaming_from,
         "host": me.host,
         "port": me.port,
-        "api_url": a.cfg.api.url,
-        "lease_remaining": round(a.lease.remaining(), 3),
+        "api_url": me.api_url,
+        "lease_remaining": round(snap.lease_remaining, 3),
         "paused": view.paused,
         "pending_switchover": switchover_doc(view.switchover),
         "last_decision": None if d is None else {"action": d.action.value, "reason": d.why},
         "eligible": published.eligible if published is not None else me.eligible,
         "ineligible_reason": published.ineligible_reason if published is not None else me.ineligible_reason,
         "postgres_error": st.error if st is not None and not st.running else None,
-        "loop_age": round(max(0.0, time.monotonic() - a.loop_heartbeat), 3),
-        "tags": a.cfg.tags.model_dump(),
+        "loop_age": round(max(0.0, time.monotonic() - snap.loop_heartbeat), 3),
+        "tags": dict(snap.tags),
         "version": __version__,
-        "archive": _archive_doc(a),
+        "archive": _archive_doc(snap),
     }
 
 
-def _archive_doc(agent: Agent) -> dict[str, Any] | None:
-    """The archiver's status plus the heartbeat that keeps its RPO measurable (issue 6, 5a)."""
-    if agent.archiver is None:
+def _archive_doc(snap: NodeSnapshot) -> dict[str, Any] | None:
+    """The archiver's status plus the heartbeat that keeps its RPO measurable."""
+    if snap.backup is None:
         return None
-    doc = agent.archiver.status()
-    hb = agent.heartbeat
-    doc["heartbeat"] = None if hb is None else {**hb.status(), "last_beat_at": iso(hb.last_beat_at)}
+    doc = dict(snap.backup["archive"])
+    hb = snap.backup["heartbeat"]
+    doc["heartbeat"] = None if hb is None else {**hb, "last_beat_at": iso(hb["last_beat_at"])}
     return doc
 
 
-def _replay_lag_seconds(agent: Agent) -> dict[str, float] | None:
+def _replay_lag_seconds(snap: NodeSnapshot) -> dict[str, float] | None:
     """Replay lag per replica (application_name = member name), known only on a primary."""
-    st = agent.state
+    st = snap.probe
     if st is None or not st.running or st.in_recovery is not False:
         return None
     return {r.application_name: lag for r in st.replication if (lag := r.replay_lag_seconds) is not None}
@@ -142,12 +133,12 @@ def member_doc(m: Member, view: ClusterView, lag_seconds: dict[str, float] | Non
     }
 
 
-def cluster_status(agent: Agent) -> dict[str, Any]:
-    view = agent.last_view
-    lag_seconds = _replay_lag_seconds(agent)
+def cluster_status(snap: NodeSnapshot) -> dict[str, Any]:
+    view = snap.view
+    lag_seconds = _replay_lag_seconds(snap)
     members = [member_doc(m, view, lag_seconds) for m in sorted(view.members.values(), key=lambda m: m.name)]
     return {
-        "scope": agent.cfg.scope,
+        "scope": snap.scope,
         "leader": view.leader.name if view.leader else None,
         "term": view.leader.term if view.leader else None,
         "timeline": view.status.timeline,
@@ -155,7 +146,7 @@ def cluster_status(agent: Agent) -> dict[str, Any]:
         "pending_switchover": switchover_doc(view.switchover),
         "members": members,
         "revision": view.revision,
-        "seen_by": agent.name,
+        "seen_by": snap.name,
     }
 
 

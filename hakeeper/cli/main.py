@@ -61,14 +61,14 @@ def agent(config: ConfigOpt) -> None:
     import faulthandler
     import signal
 
-    from hakeeper.ha.agent import run_agent
+    from hakeeper.node import run_agent
 
     # `kill -USR1 <agent pid>` writes every thread's stack to the agent's stderr: how a stuck
     # agent is diagnosed without stopping it (the chaos runner does it for runs that hang).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     try:
-        code = asyncio.run(run_agent(cfg, config_path=config))
+        code = asyncio.run(run_agent(cfg))
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)

@@ -26,3 +26,11 @@ class Refused(Exception):
         self.kind = kind
         self.message = message
         self.facts = facts
+
+
+class BootstrapRefused(Exception):
+    """A bootstrap from a backup copied nothing: the backup cannot be used now (retried later)."""
+
+
+class BootstrapFailed(Exception):
+    """A bootstrap from a backup failed while copying; the data directory has been emptied."""

@@ -1,7 +1,7 @@
 """``decide(view, local) -> Decision``: the whole HA policy as a pure function.
 
 No I/O, no clock: everything it needs arrives in the arguments, so it is tested as a truth
-table and with generated views.  The executor (``hakeeper.ha.agent``) carries decisions out;
+table and with generated views.  The executors (``hakeeper.ha.actions``) carry decisions out;
 anything risky it does (taking the leader key, promoting) is re-checked against etcd there.
 
 Invariants kept here (see docs/architecture.md):

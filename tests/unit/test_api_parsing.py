@@ -92,7 +92,7 @@ def test_authenticator() -> None:
 
 
 def test_replay_lag_of_a_caught_up_standby_is_zero_not_unknown() -> None:
-    from hakeeper.pg.postgres import ReplicaInfo
+    from hakeeper.core.pgtypes import ReplicaInfo
 
     def row(**kw: object) -> ReplicaInfo:
         base: dict[str, object] = {

@@ -319,7 +319,7 @@ def test_only_the_lease_holder_is_told_to_run_read_write(
 
 @pytest.mark.parametrize("action", list(Action))
 def test_every_action_has_an_executor(action: Action) -> None:
-    from hakeeper.ha.agent import EXECUTORS
+    from hakeeper.ha.actions.table import STEPS as EXECUTORS
 
     assert action in EXECUTORS
 

@@ -1,21 +1,25 @@
-"""Prometheus metrics of one agent (its own registry, so tests can run several agents)."""
+"""Prometheus metrics of one agent (its own registry, so tests can run several agents).
+
+The HA gauges are set from a :class:`NodeSnapshot` at each scrape; other parts of the node
+register their own metrics on :attr:`HaMetrics.registry` and add a refresher
+(:meth:`HaMetrics.add_refresher`) that runs before each scrape."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-if TYPE_CHECKING:
-    from hakeeper.ha.agent import Agent
+from hakeeper.ha.snapshot import NodeSnapshot
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _PHASE = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60)
 
 
-class Metrics:
+class HaMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._refreshers: list[Callable[[], None]] = []
         self.primary = Gauge("hakeeper_primary", "1 on the lease-holding writable primary", registry=r)
         self.replica = Gauge("hakeeper_replica", "1 on a running replica", registry=r)
         self.postgres_running = Gauge("hakeeper_postgres_running", "1 while PostgreSQL runs", registry=r)
@@ -74,40 +78,22 @@ class Metrics:
             "hakeeper_decisions", "HA decisions taken, by action", ["action"], registry=r
         )
 
-        # restore drills (hakeeper verify): the CLI is short-lived, so every agent exports the
-        # last drill's result from etcd (<prefix>/verify/last and last_success)
-        self.verify_last_success = Gauge(
-            "hakeeper_verify_last_success_timestamp",
-            "End of the last restore drill that passed (Unix time)",
-            registry=r,
-        )
-        self.verify_last = Gauge(
-            "hakeeper_verify_last_timestamp", "End of the last restore drill (Unix time)", registry=r
-        )
-        self.verify_last_ok = Gauge(
-            "hakeeper_verify_last_result", "1 if the last restore drill passed, 0 if it failed", registry=r
-        )
-        self.verify_rto = Gauge(
-            "hakeeper_verify_rto_seconds",
-            "RTO measured by the last restore drill that passed, by phase (plan, fetch, decompress, "
-            "wal_replay, promote, total)",
-            ["phase"],
-            registry=r,
-        )
-
     def etcd_observer(self, path: str, seconds: float, ok: bool) -> None:
         self.etcd_latency.labels(path, "ok" if ok else "error").observe(seconds)
 
-    def refresh(self, agent: Agent) -> None:
-        """Set the gauges from the agent's cached state (no SQL, no etcd)."""
-        st = agent.state
-        view = agent.last_view
-        self.primary.set(1 if agent.is_writable_leader() else 0)
+    def add_refresher(self, refresh: Callable[[], None]) -> None:
+        self._refreshers.append(refresh)
+
+    def refresh(self, snap: NodeSnapshot) -> None:
+        """Set the gauges from the snapshot (no SQL, no etcd)."""
+        st = snap.probe
+        view = snap.view
+        self.primary.set(1 if snap.writable else 0)
         self.replica.set(1 if st is not None and st.running and st.in_recovery else 0)
         self.postgres_running.set(1 if st is not None and st.running else 0)
         self.timeline.set(st.timeline if st is not None and st.timeline else 0)
         self.wal_lsn.set(st.wal_lsn if st is not None and st.wal_lsn else 0)
-        self.lease_remaining.set(agent.lease.remaining())
+        self.lease_remaining.set(snap.lease_remaining)
         self.paused.set(1 if view.paused else 0)
         self.switchover_pending.set(1 if view.switchover is not None else 0)
         self.replica_lag_bytes.clear()
@@ -119,27 +105,9 @@ class Metrics:
             for r in st.replication:
                 if (lag := r.replay_lag_seconds) is not None:
                     self.replica_lag_seconds.labels(r.application_name).set(lag)
-        self.refresh_verify(agent)
+        for refresh in self._refreshers:
+            refresh()
 
-    def refresh_verify(self, agent: Agent) -> None:
-        from hakeeper.backup.verify import metric_values
-
-        kvs = agent.mirror.kvs
-        last, success = kvs.get(agent.keys.verify_last), kvs.get(agent.keys.verify_last_success)
-        v = metric_values(last.value if last else None, success.value if success else None)
-        for gauge, key in (
-            (self.verify_last, "last_timestamp"),
-            (self.verify_last_ok, "last_ok"),
-            (self.verify_last_success, "last_success_timestamp"),
-        ):
-            if v[key] is None:
-                gauge.set(float("nan"))
-            else:
-                gauge.set(v[key])
-        self.verify_rto.clear()
-        for phase, seconds in v["rto"].items():
-            self.verify_rto.labels(phase).set(seconds)
-
-    def render(self, agent: Agent) -> bytes:
-        self.refresh(agent)
+    def render(self, snap: NodeSnapshot) -> bytes:
+        self.refresh(snap)
         return generate_latest(self.registry)

@@ -1,0 +1,98 @@
+"""WriteGuard: the lease and the fence together, and the one answer to "may this node write?".
+
+The etcd lease is a promotion gate, not a fence: the fence deadline (last successful keepalive
+send time + ttl - margin, :mod:`hakeeper.ha.lease`) is when this node must have stopped
+accepting writes.  Two enforcers stop PostgreSQL at that deadline: :meth:`WriteGuard.watch` on
+the agent's event loop, and the fencer *process* (:mod:`hakeeper.ha.fence`) when the loop stalls.
+The answer to "may I write?" is computed live from the lease and the fence on every call (never
+from the last HA cycle), so ``/primary`` turns 503 at the deadline itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from hakeeper.ha.fence import FenceClient
+from hakeeper.ha.lease import LeaseKeeper
+from hakeeper.ha.state import NodeState
+from hakeeper.util.log import get_logger
+
+log = get_logger("hakeeper.guard")
+
+FENCE_POLL = 0.1  # seconds between two looks at the fence deadline
+
+
+class WriteGuard:
+    def __init__(self, name: str, lease: LeaseKeeper, fence: FenceClient, state: NodeState) -> None:
+        self.name = name
+        self.lease = lease
+        self.fence = fence
+        self.state = state
+
+    # -- the fence ----------------------------------------------------------------------------------
+
+    def on_deadline(self, deadline: float) -> None:
+        """The lease moved its deadline: an armed fence follows it."""
+        if self.fence.armed:
+            self.fence.arm(deadline)
+
+    def arm(self) -> None:
+        """Called before anything makes PostgreSQL writable."""
+        self.fence.ensure_running()
+        self.fence.arm(self.lease.deadline)
+
+    def disarm(self) -> None:
+        self.fence.disarm()
+
+    async def confirm_lease(self) -> bool:
+        """A fresh keepalive: never go read-write on a lease we have not just confirmed."""
+        ok = await self.lease.refresh()
+        if not ok:
+            log.warning("read_write_refused", reason="lease could not be confirmed with etcd")
+        return ok
+
+    async def watch(self, on_fired: Callable[[], Awaitable[None]]) -> None:
+        """First-line fence: at the deadline, disarm (the fencer process need not fire too) and
+        let ``on_fired`` stop PostgreSQL."""
+        while True:
+            if self.fence.expired():
+                log.error(
+                    "fence_fired",
+                    reason="leader lease not renewed before the fence deadline",
+                    late_by=round(time.monotonic() - self.fence.state.deadline, 3),
+                )
+                self.fence.disarm()
+                await on_fired()
+            await asyncio.sleep(FENCE_POLL)
+
+    # -- may I write? ----------------------------------------------------------------------------
+
+    def refusal(self) -> str | None:
+        """Why this node may not write now (None: it may): only the running primary that holds
+        the leader key under a valid lease, in its current view, and is not fenced."""
+        probe = self.state.probe
+        if probe is None or not probe.running:
+            return "postgres is not running"
+        if probe.in_recovery is not False:
+            return "not a primary (in recovery)"
+        leader = self.state.view.leader
+        if leader is None:
+            return "no leader key"
+        if leader.name != self.name:
+            return f"the leader key is held by {leader.name}"
+        if leader.lease != self.lease.lease or not self.lease.valid():
+            return "our leader lease is not valid"
+        if self.fence.expired():
+            return "fenced"
+        return None
+
+    def writable_leader(self) -> bool:
+        """Lease-holding writable primary whose fence is armed and not expired (``/primary``)."""
+        return self.refusal() is None and self.fence.armed
+
+    def leader_term(self) -> int | None:
+        """Our term while we may write as the leader, else None."""
+        leader = self.state.view.leader
+        return leader.term if leader is not None and self.refusal() is None else None

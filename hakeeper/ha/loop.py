@@ -1,0 +1,221 @@
+"""HaLoop: one HA cycle reads as its four phases, observe -> publish -> decide -> execute.
+
+The loop wakes on etcd changes that matter (:func:`~hakeeper.ha.policy.observe.routine_only`),
+on ``wake`` (an action or an operator asked for the next cycle now) and every ``loop_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import replace
+
+from hakeeper.core.cluster import ClusterView, Member
+from hakeeper.core.config import DynamicConfig
+from hakeeper.dcs.etcd import EtcdError
+from hakeeper.dcs.mirror import PrefixMirror
+from hakeeper.ha.actions.context import Ctx
+from hakeeper.ha.actions.table import STEPS
+from hakeeper.ha.decide import Action, Decision, LocalFacts, decide
+from hakeeper.ha.policy.observe import Identity, member_record, observe, publish_due, routine_only
+from hakeeper.pg.errors import PgError
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import CommandFailed
+
+log = get_logger("hakeeper.loop")
+
+# What the agent may still do on a stale view while etcd is unreachable: nothing that could make
+# PostgreSQL writable or change etcd.
+SAFE_WITHOUT_ETCD = frozenset({Action.WAIT, Action.START_REPLICA, Action.FOLLOW, Action.DEMOTE})
+
+
+class HaLoop:
+    def __init__(self, ctx: Ctx, mirror: PrefixMirror, identity: Identity, action_lock: asyncio.Lock) -> None:
+        self.ctx = ctx
+        self.mirror = mirror
+        self.identity = identity
+        self.action_lock = action_lock  # the HA cycle and operator actions never interleave
+        self.stopping = asyncio.Event()
+
+    def view(self) -> ClusterView:
+        """The cluster as the etcd mirror holds it now."""
+        return self.ctx.store.view_of(self.mirror.kvs, self.mirror.revision, self.ctx.cfg.bootstrap.dcs)
+
+    # -- running -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        while not self.stopping.is_set():
+            ctx.state.loop_heartbeat = started = time.monotonic()
+            try:
+                async with self.action_lock:
+                    await self.cycle()
+            except (PgError, CommandFailed, EtcdError, OSError) as e:
+                log.error("ha_cycle_failed", error=str(e), error_type=type(e).__name__)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ha_cycle_crashed")
+            ctx.metrics.loop_duration.observe(time.monotonic() - started)
+            ctx.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ctx.state.config.loop_wait):
+                    await self._wait_event()
+
+    async def _wait_event(self) -> None:
+        """Until something in etcd changed that this agent should act on at once, or ``wake``."""
+        wake = self.ctx.wake
+        while True:
+            mirror_changed = asyncio.ensure_future(self.mirror.changed.wait())
+            woke = asyncio.ensure_future(wake.wait())
+            try:
+                await asyncio.wait({mirror_changed, woke}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                mirror_changed.cancel()
+                woke.cancel()
+            self.mirror.changed.clear()
+            if wake.is_set() or not self._routine_only(self.mirror.take_changed()):
+                return
+
+    def _routine_only(self, changed: set[str]) -> bool:
+        kvs = self.mirror.kvs
+        leader = kvs.get(self.ctx.store.keys.leader)
+        return routine_only(
+            changed,
+            present=kvs.keys(),
+            leader_name=None if leader is None else leader.value.decode(errors="replace"),
+            members_prefix=self.ctx.store.keys.members,
+            name=self.ctx.name,
+        )
+
+    # -- one cycle -----------------------------------------------------------------------------------
+
+    async def cycle(self) -> None:
+        stale = not self.mirror.synced
+        view = self.ctx.state.view if stale else self.view()
+        if view.revision == 0:
+            log.info("ha_waiting", reason="no etcd view yet (etcd unreachable?)")
+            return
+        self._take_view(view)
+        facts = await self.observe(view)
+        view = await self.publish(view)
+        decision = decide(view, facts)
+        if stale and decision.action not in SAFE_WITHOUT_ETCD:
+            # etcd is unreachable: act only locally in ways that never make PostgreSQL writable
+            decision = Decision(Action.WAIT, f"etcd unreachable; not acting on '{decision.action}'")
+        self._log_decision(decision, facts)
+        await STEPS[decision.action](self.ctx, view, facts, decision)
+        if decision.action in (Action.LEAD, Action.FOLLOW) and not stale:
+            await self.ctx.pgconf.apply_changes(view.config)
+
+    def _take_view(self, view: ClusterView) -> None:
+        if view.config_error:
+            log.warning("dynamic_config_invalid", error=view.config_error)
+        self.ctx.state.view = view
+        self._apply_timing(view.config)
+
+    def _apply_timing(self, dyn: DynamicConfig) -> None:
+        lease = self.ctx.guard.lease
+        lease.ttl = dyn.ttl
+        lease.interval = dyn.keepalive_interval
+        lease.margin = dyn.fence_margin
+
+    async def observe(self, view: ClusterView) -> LocalFacts:
+        """Probe PostgreSQL and advance this node's clocks: the facts decide() needs."""
+        ctx, st = self.ctx, self.ctx.state
+        now = time.monotonic()
+        probe = await ctx.pg.probe(timeout=2.0)
+        st.probe = probe
+        obs = observe(
+            name=ctx.name,
+            probe=probe,
+            view=view,
+            clocks=st.clocks,
+            activity=st.activity,
+            needs_rewind=st.needs_rewind,
+            now=now,
+        )
+        st.clocks, st.activity, st.needs_rewind = obs.clocks, obs.activity, obs.needs_rewind
+        if obs.rewind_needed is not None:
+            log.warning("rewind_needed", **obs.rewind_needed)
+        if probe.running and probe.in_recovery is False:
+            await ctx.pgconf.wake_checkpointer()
+        guard, tags = ctx.guard, ctx.cfg.tags
+        return LocalFacts(
+            name=ctx.name,
+            data_initialized=ctx.pg.is_initialized(),
+            system_identifier=await self._system_identifier(),
+            pg_running=probe.running,
+            in_recovery=probe.in_recovery,
+            timeline=probe.timeline,
+            wal_lsn=probe.wal_lsn,
+            streaming_from=probe.streaming_from,
+            pg_down_for=0.0 if st.clocks.pg_down_since is None else now - st.clocks.pg_down_since,
+            needs_rewind=st.needs_rewind,
+            lease=guard.lease.lease,
+            lease_valid=guard.lease.valid(now),
+            leaderless_for=0.0 if st.clocks.leaderless_since is None else now - st.clocks.leaderless_since,
+            nofailover=tags.nofailover,
+            failover_priority=tags.failover_priority,
+            now=time.time(),
+        )
+
+    async def _system_identifier(self) -> str | None:
+        st, pg = self.ctx.state, self.ctx.pg
+        if st.system_identifier is None and pg.is_initialized():
+            try:
+                st.system_identifier = await pg.system_identifier()
+            except (PgError, CommandFailed) as e:
+                log.warning("controldata_failed", error=str(e))
+        return st.system_identifier
+
+    async def publish(self, view: ClusterView) -> ClusterView:
+        """Put our member record (throttled); the view with what we published in it, which is
+        also what the API shows (our own put no longer wakes the loop)."""
+        published = await self.publish_member(view)
+        if published is None:
+            return view
+        view = replace(view, members={**view.members, self.ctx.name: published})
+        self.ctx.state.view = view
+        return view
+
+    async def publish_member(self, view: ClusterView) -> Member | None:
+        ctx, st = self.ctx, self.ctx.state
+        lease = ctx.guard.lease.lease
+        if not lease:
+            return None
+        m = member_record(
+            self.identity,
+            probe=st.probe,
+            activity=st.activity,
+            initialized=ctx.pg.is_initialized(),
+            view=view,
+            now_wall=time.time(),
+        )
+        now = time.monotonic()
+        if not publish_due(m, lease, st.published, now, st.config.loop_wait):
+            return m
+        try:
+            await ctx.store.put_member(m, lease)
+        except EtcdError as e:
+            log.warning("member_publish_failed", error=str(e))
+            return None
+        st.published = (replace(m, updated_at=0.0), lease, now)
+        return m
+
+    def _log_decision(self, d: Decision, facts: LocalFacts) -> None:
+        st = self.ctx.state
+        prev, st.decision = st.decision, d
+        self.ctx.metrics.decisions.labels(d.action.value).inc()
+        if prev is not None and prev.action == d.action and prev.why == d.why:
+            return
+        level = log.warning if d.action in (Action.WAIT, Action.DEMOTE, Action.RELEASE) else log.info
+        level(
+            "decision_" + d.action.value,
+            why=d.why,
+            target=d.target,
+            facts=dict(d.facts),
+            timeline=facts.timeline,
+            wal_lsn=facts.wal_lsn,
+        )

@@ -1,0 +1,107 @@
+"""Operator: the actions an operator asks of this node through the API (restart, reinitialize,
+reload).  Each runs under the HA loop's action lock, so it never interleaves with a cycle, and
+refuses with a :class:`~hakeeper.core.errors.Refused` that says why."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from hakeeper.core.cluster import ClusterView, MemberState
+from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.core.pgtypes import Role
+from hakeeper.ha.actions import replica
+from hakeeper.ha.actions.context import Ctx
+from hakeeper.ha.actions.leader import start_as_primary
+from hakeeper.ha.decide import Action, Decision, LocalFacts
+from hakeeper.pg.errors import PgError
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import CommandFailed
+
+log = get_logger("hakeeper.operator")
+
+
+class Operator:
+    def __init__(
+        self,
+        ctx: Ctx,
+        action_lock: asyncio.Lock,
+        observe: Callable[[ClusterView], Awaitable[LocalFacts]],
+    ) -> None:
+        self.ctx = ctx
+        self.action_lock = action_lock
+        self.observe = observe
+
+    async def _run(self, what: str, action: Callable[[], Awaitable[str]]) -> str:
+        async with self.action_lock:
+            try:
+                return await action()
+            except (PgError, CommandFailed) as e:
+                raise Refused(RefusalKind.UNAVAILABLE, f"{what} failed: {e}") from e
+
+    async def restart(self) -> str:
+        """Restart PostgreSQL in its current role (a primary re-confirms its lease first)."""
+        return await self._run("restart", self._restart)
+
+    async def _restart(self) -> str:
+        ctx = self.ctx
+        if not ctx.pg.is_initialized():
+            raise Refused(RefusalKind.CONFLICT, "postgres has no data directory yet")
+        view = ctx.state.view
+        leading = ctx.state.leads(ctx.name)
+        log.info("restart_requested", leader=leading)
+        if ctx.pg.is_running():
+            await ctx.pg.stop("fast", timeout=120)
+        if leading:
+            if not await ctx.guard.confirm_lease():
+                raise Refused(
+                    RefusalKind.UNAVAILABLE, "could not confirm our leader lease; not restarting read-write"
+                )
+            await start_as_primary(ctx, view.config)
+        else:
+            await replica.start_as_replica(ctx, view, view.leader.name if view.leader else None)
+        ctx.state.clocks = replace(ctx.state.clocks, pg_down_since=None)
+        ctx.wake.set()
+        return "postgres restarted"
+
+    async def reinitialize(self) -> str:
+        """Throw this replica's data away and clone it again from the leader."""
+        return await self._run("reinitialize", self._reinitialize)
+
+    async def _reinitialize(self) -> str:
+        ctx = self.ctx
+        view = ctx.state.view
+        if view.leader is None:
+            raise Refused(RefusalKind.UNAVAILABLE, "no leader to clone from")
+        if view.leader.name == ctx.name:
+            raise Refused(RefusalKind.CONFLICT, "this node is the leader; it cannot be reinitialized")
+        lm = view.leader_member
+        if lm is None or lm.state != MemberState.RUNNING:
+            raise Refused(RefusalKind.UNAVAILABLE, f"leader {view.leader.name} is not running")
+        log.warning("reinitialize_requested", leader=view.leader.name)
+        ctx.guard.disarm()
+        if ctx.pg.is_running():
+            await ctx.pg.stop("immediate", timeout=60)
+        await asyncio.to_thread(ctx.pg.remove_data_dir)
+        ctx.state.system_identifier = None
+        ctx.state.needs_rewind = False
+        d = Decision(Action.CLONE, "reinitialize requested", target=view.leader.name)
+        await replica.clone(ctx, view, await self.observe(view), d)
+        ctx.wake.set()
+        return f"reinitialized from {view.leader.name}"
+
+    async def reload(self) -> str:
+        """Rewrite the configuration files from the current dynamic config and reload PostgreSQL."""
+        return await self._run("reload", self._reload)
+
+    async def _reload(self) -> str:
+        ctx = self.ctx
+        if not ctx.pg.is_running():
+            raise Refused(RefusalKind.CONFLICT, "postgres is not running")
+        probe = await ctx.pg.probe()
+        role = Role.REPLICA if probe.in_recovery else Role.PRIMARY
+        await ctx.pgconf.write(ctx.state.config, role, ctx.state.upstream if role == Role.REPLICA else None)
+        await ctx.pg.reload()
+        log.info("reload_done", role=role.value)
+        return "configuration reloaded"

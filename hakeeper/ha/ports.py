@@ -1,0 +1,144 @@
+"""The ports through which the HA agent meets the rest of the node.
+
+``ha`` defines what it needs; other packages provide it structurally (no import of ``ha``):
+:class:`BackupHooks` is implemented by :class:`hakeeper.backup.hooks.AgentBackup`, and the
+composition root (:mod:`hakeeper.node`) plugs it in, or :class:`NoBackup` when the node has no
+backup repository.  mypy checks the match where ``node.py`` assigns one to the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, Protocol
+
+from hakeeper.core.config import ParamValue
+from hakeeper.core.errors import BootstrapFailed, BootstrapRefused
+
+
+class SeededCopy(Protocol):
+    """A data directory restored from a backup for a bootstrap, not yet recovered."""
+
+    @property
+    def backup_id(self) -> str: ...
+
+    @property
+    def repository(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def seconds_replay(self) -> float | None:
+        """How long recovery replayed WAL (known once recovered)."""
+        ...
+
+
+class BackupHooks(Protocol):
+    """What the HA agent asks of backup, recovery and archiving."""
+
+    def pg_parameters(self, params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
+        """Parameters backup adds to ``params`` (archive_mode, archive_command, archive_timeout)."""
+        ...
+
+    async def prepare(self) -> None:
+        """Before PostgreSQL can start (the archive_command script and its directories)."""
+        ...
+
+    def tasks(self) -> Sequence[Coroutine[Any, Any, None]]:
+        """Tasks that run beside the HA loop and end with it (schedules, heartbeat)."""
+        ...
+
+    def lasting_tasks(self) -> Sequence[Coroutine[Any, Any, None]]:
+        """Tasks that outlive PostgreSQL's stop (the archiver answers archive_command until then)."""
+        ...
+
+    def after_promotion(self, timeline: int | None) -> None: ...
+
+    def seeds_replicas(self) -> bool:
+        """Whether new replicas are filled from a backup before they stream (replica_from_backup)."""
+        ...
+
+    async def seed_replica(self, leader: str, system_identifier: str, timeline: int, lsn: int | None) -> bool:
+        """Fill the empty data directory from the newest backup of ``system_identifier`` on the
+        history of ``timeline`` for a replica of ``leader``; False (with the reason logged) means:
+        clone with pg_basebackup instead."""
+        ...
+
+    async def on_streaming(self) -> None:
+        """The replica streams from its leader: drop what seeding it from a backup needed."""
+        ...
+
+    async def bootstrap_restore(self) -> SeededCopy:
+        """Restore ``bootstrap.from_backup`` into the empty data directory.  Raises
+        :class:`~hakeeper.core.errors.BootstrapRefused` or
+        :class:`~hakeeper.core.errors.BootstrapFailed`."""
+        ...
+
+    async def bootstrap_recover(self) -> None:
+        """After the initialize race was won and this node's configuration written: recover the
+        copy restored last to its target, promote, and set this cluster's role passwords."""
+        ...
+
+    def status(self) -> Mapping[str, Any] | None:
+        """The archiver's and heartbeat's status for ``GET /status`` (None without archiving)."""
+        ...
+
+    def refresh_metrics(self) -> None:
+        """Set backup's gauges (called on every scrape of /metrics)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NoBackup:
+    """A node without backup repositories: every hook does nothing."""
+
+    def pg_parameters(self, params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
+        return {}
+
+    async def prepare(self) -> None:
+        return None
+
+    def tasks(self) -> Sequence[Coroutine[Any, Any, None]]:
+        return ()
+
+    def lasting_tasks(self) -> Sequence[Coroutine[Any, Any, None]]:
+        return ()
+
+    def after_promotion(self, timeline: int | None) -> None:
+        return None
+
+    def seeds_replicas(self) -> bool:
+        return False
+
+    async def seed_replica(self, leader: str, system_identifier: str, timeline: int, lsn: int | None) -> bool:
+        return False
+
+    async def on_streaming(self) -> None:
+        return None
+
+    async def bootstrap_restore(self) -> SeededCopy:
+        raise BootstrapRefused("bootstrap.from_backup needs backup.repositories")
+
+    async def bootstrap_recover(self) -> None:
+        raise BootstrapFailed("no backup configured")
+
+    def status(self) -> Mapping[str, Any] | None:
+        return None
+
+    def refresh_metrics(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class NodeOperations(Protocol):
+    """What an operator may ask of this node (the API's ``POST /restart`` etc.); each answers
+    with a sentence saying what was done, or raises :class:`~hakeeper.core.errors.Refused`."""
+
+    async def restart(self) -> str: ...
+
+    async def reinitialize(self) -> str: ...
+
+    async def reload(self) -> str: ...

@@ -1,0 +1,283 @@
+"""The composition root: builds one node's agent from its configuration and runs it.
+
+Tasks running side by side on one event loop:
+
+* ``PrefixMirror.run``  keeps a copy of the cluster's keys (range + watch, resumes itself);
+* ``LeaseKeeper.run``   keeps our lease alive about every second and moves the fence deadline;
+* ``WriteGuard.watch``  first-line fence: stops PostgreSQL itself if the deadline passes;
+* ``HaLoop.run``        the HA loop;
+* backup's tasks (schedules, heartbeat; the archiver outlives PostgreSQL's stop);
+* the HTTP API, which reads :class:`~hakeeper.ha.snapshot.NodeSnapshot` copies.
+
+The fencer *process* (``hakeeper.ha.fence``) is the last line of defence when this loop stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import time
+
+from hakeeper import __version__
+from hakeeper.api.server import ApiServer
+from hakeeper.backup.hooks import AgentBackup
+from hakeeper.core.cluster import ClusterView, MemberState
+from hakeeper.core.config import NodeConfig
+from hakeeper.core.keys import Keys
+from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.dcs.mirror import PrefixMirror
+from hakeeper.dcs.store import ClusterStore
+from hakeeper.ha.actions.context import Ctx
+from hakeeper.ha.actions.leader import release_key
+from hakeeper.ha.fence import FenceClient
+from hakeeper.ha.guard import WriteGuard
+from hakeeper.ha.lease import LeaseKeeper
+from hakeeper.ha.loop import HaLoop
+from hakeeper.ha.metrics import HaMetrics
+from hakeeper.ha.operator import Operator
+from hakeeper.ha.pgconfig import PgConfigurator
+from hakeeper.ha.policy.observe import Identity
+from hakeeper.ha.ports import BackupHooks, NoBackup
+from hakeeper.ha.snapshot import SnapshotSource
+from hakeeper.ha.state import NodeState
+from hakeeper.ha.syncer import SyncManager
+from hakeeper.pg.errors import PgError
+from hakeeper.pg.postgres import Postgres
+from hakeeper.util.log import get_logger, setup_logging
+from hakeeper.util.proc import CommandFailed
+
+log = get_logger("hakeeper.node")
+
+
+def identity_of(cfg: NodeConfig) -> Identity:
+    host, port = cfg.postgresql.connect_host_port
+    tags = cfg.tags
+    return Identity(
+        name=cfg.name,
+        host=host,
+        port=port,
+        api_url=cfg.api.url,
+        nofailover=tags.nofailover,
+        failover_priority=tags.failover_priority,
+        noloadbalance=tags.noloadbalance,
+        nosync=tags.nosync,
+        sync_priority=tags.sync_priority,
+        version=__version__,
+    )
+
+
+class Node:
+    """One node: its components, wired together, and their lifecycle."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        data_dir = cfg.postgresql.data_dir
+        self.runtime_dir = data_dir.parent / f".{data_dir.name}.hakeeper"
+        self.metrics = HaMetrics()
+        self.client = EtcdClient.from_config(cfg.etcd)
+        self.client.on_request = self.metrics.etcd_observer
+        self.store = ClusterStore(self.client, Keys(cfg.prefix))
+        self.mirror = PrefixMirror(self.client, self.store.keys.all)
+        self.pg = Postgres(cfg.postgresql, member_name=cfg.name)
+        self.state = NodeState(view=ClusterView(config=cfg.bootstrap.dcs))
+        self.wake = asyncio.Event()
+        dyn = cfg.bootstrap.dcs
+        self.fence = FenceClient(self.runtime_dir, data_dir)
+        self.lease = LeaseKeeper(
+            self.client,
+            ttl=dyn.ttl,
+            interval=dyn.keepalive_interval,
+            margin=dyn.fence_margin,
+            on_deadline=lambda deadline: self.guard.on_deadline(deadline),
+            on_lost=self.wake.set,
+        )
+        self.guard = WriteGuard(cfg.name, self.lease, self.fence, self.state)
+        self.backup: BackupHooks = self._backup()
+        self.sync = SyncManager(
+            cfg.name,
+            self.store,
+            self.pg,
+            self.state,
+            apply=lambda dyn: self.pgconf.apply_changes(dyn),
+            resync=self.mirror.resync,
+        )
+        self.pgconf = PgConfigurator(
+            cfg, self.pg, self.state, sync_guc=self.sync.guc, extra=self.backup.pg_parameters
+        )
+        identity = identity_of(cfg)
+        self.action_lock = asyncio.Lock()
+        self.loop: HaLoop
+        self.ctx = Ctx(
+            cfg=cfg,
+            store=self.store,
+            pg=self.pg,
+            state=self.state,
+            guard=self.guard,
+            pgconf=self.pgconf,
+            sync=self.sync,
+            backup=self.backup,
+            metrics=self.metrics,
+            wake=self.wake,
+            resync=self.mirror.resync,
+            fresh_view=lambda: self.loop.view(),
+            publish=lambda view: self.loop.publish_member(view),
+        )
+        self.loop = HaLoop(self.ctx, self.mirror, identity, self.action_lock)
+        self.operator = Operator(self.ctx, self.action_lock, observe=self.loop.observe)
+        self.snapshots = SnapshotSource(
+            cfg,
+            identity,
+            self.state,
+            self.guard,
+            initialized=self.pg.is_initialized,
+            backup_status=self.backup.status,
+        )
+        self.metrics.add_refresher(self.backup.refresh_metrics)
+        self._lock_fd: int | None = None
+
+    def _backup(self) -> BackupHooks:
+        b = self.cfg.backup
+        if not b.repositories and not b.effective_schedules():
+            return NoBackup()
+        return AgentBackup(
+            self.cfg,
+            self.client,
+            self.pg,
+            registry=self.metrics.registry,
+            lookup=lambda key: self.mirror.kvs.get(key),  # the mirror replaces its dict on a re-list
+            view=lambda: self.state.view,
+            refusal=self.guard.refusal,
+            term=self.guard.leader_term,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.pg.run_as.chown(self.runtime_dir)
+        fd = os.open(self.runtime_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SystemExit(
+                f"another hakeeper agent already runs for {self.cfg.postgresql.data_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    async def _initial_rewind_state(self) -> None:
+        """Data that last ran as a primary may have diverged if another node leads now."""
+        if self.pg.is_initialized() and not self.pg.is_running():
+            with contextlib.suppress(PgError, CommandFailed):
+                controldata = await self.pg.controldata()
+                state = controldata.get("Database cluster state", "")
+                if state in ("in production", "shut down"):
+                    self.state.needs_rewind = True
+                    log.info("former_primary_data_found", cluster_state=state)
+        elif self.pg.is_running():
+            probe = await self.pg.probe()
+            if probe.running and probe.in_recovery is False:
+                self.state.needs_rewind = True
+
+    async def _fenced(self) -> None:
+        """The fence deadline passed: stop PostgreSQL now."""
+        self.metrics.fence_events.inc()
+        self.state.activity = MemberState.FENCED
+        try:
+            await self.pg.stop("immediate", timeout=10)
+        except PgError as e:
+            log.error("fence_stop_failed", error=str(e))
+        self.state.pg_stopped()
+        self.wake.set()
+
+    async def run(self) -> int:
+        self._take_lock()
+        if self.fence.inherit():
+            log.warning(
+                "fence_inherited",
+                reason="an earlier agent left its primary fenced; keeping its deadline until we re-confirm",
+                deadline_in=round(self.fence.state.deadline - time.monotonic(), 2),
+            )
+        self.fence.start()
+        await self._initial_rewind_state()
+        await self.backup.prepare()
+        api = ApiServer(
+            self.cfg.api,
+            snapshot=self.snapshots.snapshot,
+            store=self.store,
+            operator=self.operator,
+            metrics=self.metrics.render,
+        )
+        await api.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.loop.stopping.set)
+        log.info(
+            "agent_started",
+            name=self.cfg.name,
+            scope=self.cfg.scope,
+            data_dir=str(self.pg.data_dir),
+            api=self.cfg.api.url,
+            version=__version__,
+        )
+        # not in the TaskGroup: the archiver must outlive PostgreSQL's stop
+        lasting = [asyncio.create_task(c, name="archiver") for c in self.backup.lasting_tasks()]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.mirror.run(), name="mirror"),
+                    tg.create_task(self.lease.run(), name="lease"),
+                    tg.create_task(self.guard.watch(self._fenced), name="fence"),
+                    tg.create_task(self.loop.run(), name="loop"),
+                ]
+                tasks += [tg.create_task(c) for c in self.backup.tasks()]
+                await self.loop.stopping.wait()
+                log.info("agent_stopping")
+                for t in tasks:
+                    t.cancel()
+        finally:
+            await self.shutdown()  # the archiver still answers archive_command while PG stops
+            for t in lasting:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await self.backup.close()
+            await api.stop()
+        return 0
+
+    async def shutdown(self) -> None:
+        view = self.loop.view() if self.mirror.synced else self.state.view
+        was_leader = view.leader is not None and view.leader.name == self.cfg.name
+        try:
+            if self.pg.is_running():
+                log.info("postgres_stopping", mode="fast")
+                await self.pg.stop("fast", timeout=60)
+        except (PgError, CommandFailed) as e:
+            log.error("postgres_stop_failed", error=str(e))
+            with contextlib.suppress(Exception):
+                await self.pg.stop("immediate")
+        self.fence.stop()
+        if was_leader:
+            with contextlib.suppress(EtcdError):
+                await release_key(self.ctx, view)
+        with contextlib.suppress(EtcdError):
+            await self.store.delete_member(self.cfg.name)
+        await self.lease.revoke()
+        await self.pg.close()
+        await self.client.close()
+        log.info("agent_stopped")
+
+
+async def run_agent(cfg: NodeConfig) -> int:
+    setup_logging(cfg.log.format, cfg.log.level)
+    node = Node(cfg)
+    try:
+        return await node.run()
+    except SystemExit as e:
+        log.error("agent_refused_to_start", reason=str(e))
+        return 1
