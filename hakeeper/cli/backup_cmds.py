@@ -35,6 +35,7 @@ from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup, que
 from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.repos import make_repository
+from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import (
     OutputOpt,
     check_output,
@@ -43,7 +44,6 @@ from hakeeper.cli.cluster_cmds import (
     fetch_view,
     quiet_logging,
 )
-from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.cluster import ClusterView, MemberRole

@@ -16,7 +16,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from hakeeper.cli.main import app, err, fail, load_or_exit, out
+from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.core.cluster import ClusterView, build_view
 from hakeeper.core.config import DynamicConfig, NodeConfig
 from hakeeper.core.keys import Keys

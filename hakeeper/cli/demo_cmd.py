@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hakeeper.cli.main import app, err, fail, out
+from hakeeper.cli.app import app, err, fail, out
 from hakeeper.localcluster import (
     DEFAULT_BASE_PORT,
     MAX_NODES,

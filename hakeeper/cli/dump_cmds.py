@@ -37,6 +37,7 @@ from hakeeper.backup.dump import (
 )
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.repos import make_repository
+from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.backup_cmds import (
     ConfigReq,
     ProgressFn,
@@ -48,7 +49,6 @@ from hakeeper.cli.backup_cmds import (
     progress_bars,
 )
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, quiet_logging
-from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.core import timefmt
 from hakeeper.core.config import NodeConfig, secret_value
 from hakeeper.pg.bins import find_bin_dir

@@ -32,6 +32,7 @@ import aiohttp
 import typer
 import yaml
 
+from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import (
     ConfigOpt,
     EtcdOpt,
@@ -44,7 +45,6 @@ from hakeeper.cli.cluster_cmds import (
     fetch_view,
     quiet_logging,
 )
-from hakeeper.cli.main import app, err, fail, load_or_exit, out
 from hakeeper.core.cluster import ClusterView, Member, MemberRole, MemberState
 from hakeeper.core.config import ConfigError, NodeConfig, parse_dynamic_config, parse_user_time
 from hakeeper.dcs.etcd import EtcdClient, EtcdError

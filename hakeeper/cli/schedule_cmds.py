@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from hakeeper.backup.schedule import describe, records_from
+from hakeeper.cli.app import app, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, etcd_client_for, quiet_logging
-from hakeeper.cli.main import app, fail, load_or_exit, out
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdError
 

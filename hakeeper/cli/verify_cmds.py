@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from hakeeper.backup.basebackup import BackupError
+from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.backup_cmds import (
     ConfigReq,
     RepoOpt,
@@ -22,7 +23,6 @@ from hakeeper.cli.backup_cmds import (
     progress_bars,
 )
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, etcd_client_for, quiet_logging
-from hakeeper.cli.main import app, err, fail, load_or_exit, out
 
 
 def _fmt_s(v: float | None) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hakeeper.cli.main import _register_optional_commands, app
+from hakeeper.cli.app import app
+from hakeeper.cli.main import _register_optional_commands
 from hakeeper.cli.ops_cmds import (
     ApiAuth,
     UsageError,
@@ -265,7 +266,7 @@ def test_every_command_is_found_in_its_module() -> None:
         name = cmd.name or cmd.callback.__name__.replace("_", "-")
         module = cmd.callback.__module__.removeprefix("hakeeper.cli.")
         assert name in _COMMAND_MODULES, name
-        assert _COMMAND_MODULES[name] == (None if module == "main" else module), name
+        assert _COMMAND_MODULES[name] == (None if module == "app" else module), name
         seen.add(name)
     for group in app.registered_groups:
         assert group.name in _COMMAND_MODULES, group.name
@@ -273,7 +274,7 @@ def test_every_command_is_found_in_its_module() -> None:
         assert sub is not None
         modules = {c.callback.__module__ for c in sub.registered_commands if c.callback is not None}
         expected = _COMMAND_MODULES[group.name]
-        assert modules == {f"hakeeper.cli.{expected}" if expected else "hakeeper.cli.main"}, group.name
+        assert modules == {f"hakeeper.cli.{expected}" if expected else "hakeeper.cli.app"}, group.name
         seen.add(group.name)
     assert "backup" in seen and "restore" in seen and "list" in seen
 
@@ -289,7 +290,7 @@ def test_the_entry_point_leaves_the_garbage_collector_on(
 
     seen: list[bool] = []
     monkeypatch.setattr(sys, "argv", ["hakeeper", "config", "validate", "-c", str(tmp_path / "none.yml")])
-    monkeypatch.setattr("hakeeper.cli.main.load_node_config", lambda p: seen.append(gc.isenabled()) or 1 / 0)
+    monkeypatch.setattr("hakeeper.cli.app.load_node_config", lambda p: seen.append(gc.isenabled()) or 1 / 0)
     try:
         with pytest.raises(ZeroDivisionError):
             entry.main()

@@ -1,0 +1,76 @@
+"""The `hakeeper` command line: the typer application, the consoles, and the commands every
+build has (``config validate``, ``agent``).  The other commands live in modules that register
+themselves on :data:`app` (:mod:`hakeeper.cli.main` imports only the one a call needs).
+
+User mistakes (bad config, unreachable etcd, unknown member) end with a one-line message and a
+non-zero exit code, never a traceback.  Exit codes: 0 ok, 1 operation failed, 2 bad usage/config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from hakeeper.core.config import ConfigError, NodeConfig, load_node_config
+
+app = typer.Typer(
+    name="hakeeper",
+    help="PostgreSQL high availability and recovery manager.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Node configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped or captured output gets no terminal width; rich would squeeze tables to 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Node YAML file.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True)
+    return typer.Exit(code)
+
+
+def load_or_exit(path: Path) -> NodeConfig:
+    try:
+        return load_node_config(path)
+    except ConfigError as e:
+        for field, msg in e.errors:
+            err.print(f"{e.source}: {field}: {msg}", markup=False)
+        raise typer.Exit(2) from None
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOpt) -> None:
+    """Check a node config file; print every error with file and field (exit 2 on error)."""
+    cfg = load_or_exit(config)
+    out.print(f"{config}: OK (scope={cfg.scope}, name={cfg.name})", markup=False)
+
+
+@app.command()
+def agent(config: ConfigOpt) -> None:
+    """Run the HA agent beside this node's PostgreSQL (foreground)."""
+    cfg = load_or_exit(config)
+    import faulthandler
+    import signal
+
+    from hakeeper.node import run_agent
+
+    # `kill -USR1 <agent pid>` writes every thread's stack to the agent's stderr: how a stuck
+    # agent is diagnosed without stopping it (the chaos runner does it for runs that hang).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    try:
+        code = asyncio.run(run_agent(cfg))
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
