@@ -1,9 +1,11 @@
 """Operator requests that change the cluster: switchover, manual failover, pause, config.
 
 The API (and through it the CLI) calls these.  Each validates against a fresh, linearizable
-read of the cluster's keys and writes with compare-and-swap; a refusal raises
-:class:`OperationError` with the HTTP status that fits and a message saying why.  The agents
-carry a written request out (``decide()`` / ``Agent.do_switchover``).
+read of the cluster's keys and writes with compare-and-swap, both through a
+:class:`~hakeeper.dcs.store.ClusterStore`; a refusal raises
+:class:`~hakeeper.core.errors.Refused` with the kind that fits and a message saying why (the API
+turns the kind into an HTTP status).  The agents carry a written request out (``decide()`` /
+``Agent.do_switchover``).
 """
 
 from __future__ import annotations
@@ -13,31 +15,20 @@ import json
 import time
 from typing import Any
 
-from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage, build_view
+from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage
 from hakeeper.core.config import ConfigError, DynamicConfig, parse_dynamic_config
-from hakeeper.core.keys import Keys
-from hakeeper.dcs.etcd import EtcdClient, EtcdError, cmp_create, cmp_mod, op_delete, op_put
+from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.dcs.etcd import EtcdError
+from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.decide import assess, switchover_live, switchover_target
 
 
-class OperationError(Exception):
-    """A request that cannot be carried out; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str, **facts: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.facts = facts
-
-
-async def read_view(client: EtcdClient, keys: Keys, fallback: DynamicConfig | None = None) -> ClusterView:
+async def read_view(store: ClusterStore, fallback: DynamicConfig | None = None) -> ClusterView:
     """A fresh view of the cluster from one range read (linearizable)."""
     try:
-        kvs, rev = await client.get_prefix(keys.prefix + "/")
+        return await store.read_view(fallback)
     except EtcdError as e:
-        raise OperationError(503, f"etcd unavailable: {e}") from e
-    raw = {kv.key: (kv.value, kv.create_revision, kv.mod_revision, kv.lease) for kv in kvs}
-    return build_view(keys, raw, rev, fallback or DynamicConfig())
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
 
 
 def _pending(view: ClusterView, now: float) -> Switchover | None:
@@ -45,21 +36,18 @@ def _pending(view: ClusterView, now: float) -> Switchover | None:
     return sw if sw is not None and switchover_live(sw, view, now) else None
 
 
-async def _write_request(client: EtcdClient, keys: Keys, view: ClusterView, req: Switchover) -> Switchover:
-    cur = view.switchover
-    guard = cmp_mod(keys.switchover, "=", cur.mod_revision) if cur else cmp_create(keys.switchover, "=", 0)
+async def _write_request(store: ClusterStore, view: ClusterView, req: Switchover) -> Switchover:
     try:
-        res = await client.txn([guard], [op_put(keys.switchover, req.to_json())])
+        written = await store.write_request(view.switchover, req)
     except EtcdError as e:
-        raise OperationError(503, f"etcd unavailable: {e}") from e
-    if not res.succeeded:
-        raise OperationError(409, "another switchover or failover request was written concurrently")
-    return Switchover.from_json(req.to_json(), res.revision) or req
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+    if written is None:
+        raise Refused(RefusalKind.CONFLICT, "another switchover or failover request was written concurrently")
+    return written
 
 
 async def request_switchover(
-    client: EtcdClient,
-    keys: Keys,
+    store: ClusterStore,
     *,
     leader: str | None,
     candidate: str | None,
@@ -68,21 +56,25 @@ async def request_switchover(
 ) -> Switchover:
     """Ask the current leader to hand over (now, or at ``scheduled_at``, epoch seconds)."""
     now = time.time() if now is None else now
-    view = await read_view(client, keys)
+    view = await read_view(store)
     if view.leader is None:
-        raise OperationError(412, "switchover is not possible: the cluster has no leader (use failover)")
+        raise Refused(
+            RefusalKind.PRECONDITION, "switchover is not possible: the cluster has no leader (use failover)"
+        )
     current = view.leader.name
     if leader is not None and leader != current:
-        raise OperationError(412, f"switchover is not possible: the leader is {current}, not {leader}")
+        raise Refused(
+            RefusalKind.PRECONDITION, f"switchover is not possible: the leader is {current}, not {leader}"
+        )
     if candidate is not None and candidate == current:
-        raise OperationError(400, f"candidate {candidate} is already the leader")
+        raise Refused(RefusalKind.INVALID, f"candidate {candidate} is already the leader")
     if scheduled_at is not None:
         if scheduled_at < now - 1:
-            raise OperationError(400, "scheduled_at is in the past")
+            raise Refused(RefusalKind.INVALID, "scheduled_at is in the past")
         if view.paused:
-            raise OperationError(400, "cannot schedule a switchover while the cluster is paused")
+            raise Refused(RefusalKind.INVALID, "cannot schedule a switchover while the cluster is paused")
     if _pending(view, now) is not None:
-        raise OperationError(409, "a switchover or failover is already pending (cancel it first)")
+        raise Refused(RefusalKind.CONFLICT, "a switchover or failover is already pending (cancel it first)")
     req = Switchover(
         kind=SwitchoverKind.SWITCHOVER,
         leader=current,
@@ -93,14 +85,16 @@ async def request_switchover(
     if scheduled_at is None or scheduled_at <= now:
         target, refusal = switchover_target(view, req, current)
         if target is None:
-            raise OperationError(412, f"switchover is not possible: {refusal}")
+            raise Refused(RefusalKind.PRECONDITION, f"switchover is not possible: {refusal}")
     elif candidate is not None and candidate not in view.members:
-        raise OperationError(412, f"switchover is not possible: candidate {candidate} is not a member")
-    return await _write_request(client, keys, view, req)
+        raise Refused(
+            RefusalKind.PRECONDITION, f"switchover is not possible: candidate {candidate} is not a member"
+        )
+    return await _write_request(store, view, req)
 
 
 async def request_failover(
-    client: EtcdClient, keys: Keys, *, candidate: str, force: bool = False, now: float | None = None
+    store: ClusterStore, *, candidate: str, force: bool = False, now: float | None = None
 ) -> Switchover:
     """Promote ``candidate``, also when the cluster has no healthy leader.
 
@@ -108,18 +102,20 @@ async def request_failover(
     unless ``force``: data acknowledged by the old primary may then be lost, and the override is
     recorded in the history."""
     now = time.time() if now is None else now
-    view = await read_view(client, keys)
+    view = await read_view(store)
     m = view.members.get(candidate)
     if m is None:
-        raise OperationError(412, f"failover is not possible: candidate {candidate} is not a member")
+        raise Refused(
+            RefusalKind.PRECONDITION, f"failover is not possible: candidate {candidate} is not a member"
+        )
     if view.leader is not None and view.leader.name == candidate:
-        raise OperationError(400, f"candidate {candidate} is already the leader")
+        raise Refused(RefusalKind.INVALID, f"candidate {candidate} is already the leader")
     if _pending(view, now) is not None:
-        raise OperationError(409, "a switchover or failover is already pending (cancel it first)")
+        raise Refused(RefusalKind.CONFLICT, "a switchover or failover is already pending (cancel it first)")
     c = assess(m, view)
     if not c.eligible and not force:
-        raise OperationError(
-            412,
+        raise Refused(
+            RefusalKind.PRECONDITION,
             f"failover to {candidate} refused: {c.reason}; data could be lost (use force to override)",
             reason=c.reason,
         )
@@ -130,35 +126,35 @@ async def request_failover(
         requested_at=now,
         force=force and not c.eligible,
     )
-    return await _write_request(client, keys, view, req)
+    return await _write_request(store, view, req)
 
 
-async def cancel_switchover(client: EtcdClient, keys: Keys) -> Switchover:
-    view = await read_view(client, keys)
+async def cancel_switchover(store: ClusterStore) -> Switchover:
+    view = await read_view(store)
     sw = view.switchover
     if sw is None:
-        raise OperationError(404, "no switchover is pending")
+        raise Refused(RefusalKind.NOT_FOUND, "no switchover is pending")
     if sw.stage == SwitchoverStage.HANDOVER:
-        raise OperationError(409, "the switchover is already handing over; it cannot be cancelled")
+        raise Refused(RefusalKind.CONFLICT, "the switchover is already handing over; it cannot be cancelled")
     try:
-        res = await client.txn([cmp_mod(keys.switchover, "=", sw.mod_revision)], [op_delete(keys.switchover)])
+        cancelled = await store.cancel_request(sw)
     except EtcdError as e:
-        raise OperationError(503, f"etcd unavailable: {e}") from e
-    if not res.succeeded:
-        raise OperationError(409, "the request changed while cancelling it")
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+    if not cancelled:
+        raise Refused(RefusalKind.CONFLICT, "the request changed while cancelling it")
     return sw
 
 
 async def wait_for_new_leader(
-    client: EtcdClient, keys: Keys, *, old_leader: str | None, candidate: str | None, timeout: float
+    store: ClusterStore, *, old_leader: str | None, candidate: str | None, timeout: float
 ) -> str | None:
     """Poll until a leader other than ``old_leader`` (``candidate`` if given) holds the key and
     the request is gone.  Returns the new leader, or None on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            view = await read_view(client, keys)
-        except OperationError:
+            view = await read_view(store)
+        except Refused:
             await asyncio.sleep(0.2)
             continue
         lead = view.leader.name if view.leader else None
@@ -184,50 +180,53 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-async def read_config(client: EtcdClient, keys: Keys) -> tuple[DynamicConfig, int]:
+async def read_config(store: ClusterStore) -> tuple[DynamicConfig, int]:
     try:
-        kv = await client.get(keys.config)
+        stored = await store.read_config()
     except EtcdError as e:
-        raise OperationError(503, f"etcd unavailable: {e}") from e
-    if kv is None:
-        raise OperationError(503, "the cluster has no dynamic configuration yet (not initialized)")
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+    if stored is None:
+        raise Refused(
+            RefusalKind.UNAVAILABLE, "the cluster has no dynamic configuration yet (not initialized)"
+        )
+    raw, mod_revision = stored
     try:
-        return parse_dynamic_config(json.loads(kv.value)), kv.mod_revision
+        return parse_dynamic_config(json.loads(raw)), mod_revision
     except (ValueError, ConfigError) as e:
-        raise OperationError(503, f"the stored configuration is invalid: {e}") from e
+        raise Refused(RefusalKind.UNAVAILABLE, f"the stored configuration is invalid: {e}") from e
 
 
 async def patch_config(
-    client: EtcdClient, keys: Keys, patch: dict[str, Any], *, expected_revision: int | None = None
+    store: ClusterStore, patch: dict[str, Any], *, expected_revision: int | None = None
 ) -> tuple[DynamicConfig, int]:
     """Apply a JSON merge patch to the dynamic config with compare-and-swap.
 
-    ``expected_revision``: the config revision the caller last read (409 if it moved on);
+    ``expected_revision``: the config revision the caller last read (CONFLICT if it moved on);
     without it, the patch applies to whatever is current (retried on a concurrent write)."""
     if not isinstance(patch, dict):
-        raise OperationError(400, "the patch must be a JSON object")
+        raise Refused(RefusalKind.INVALID, "the patch must be a JSON object")
     for _ in range(5):
-        cfg, rev = await read_config(client, keys)
+        cfg, rev = await read_config(store)
         if expected_revision is not None and expected_revision != rev:
-            raise OperationError(409, f"the configuration changed (revision {rev}, not {expected_revision})")
+            raise Refused(
+                RefusalKind.CONFLICT, f"the configuration changed (revision {rev}, not {expected_revision})"
+            )
         merged = merge_patch(cfg.model_dump(mode="json"), patch)
         try:
             new = parse_dynamic_config(merged, source="patched config")
         except ConfigError as e:
-            raise OperationError(400, str(e), errors=e.errors) from e
+            raise Refused(RefusalKind.INVALID, str(e), errors=e.errors) from e
         try:
-            res = await client.txn(
-                [cmp_mod(keys.config, "=", rev)], [op_put(keys.config, new.model_dump_json())]
-            )
+            revision = await store.write_config(new, rev)
         except EtcdError as e:
-            raise OperationError(503, f"etcd unavailable: {e}") from e
-        if res.succeeded:
-            return new, res.revision
+            raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+        if revision is not None:
+            return new, revision
         if expected_revision is not None:
-            raise OperationError(409, "the configuration changed concurrently")
-    raise OperationError(409, "the configuration kept changing; try again")
+            raise Refused(RefusalKind.CONFLICT, "the configuration changed concurrently")
+    raise Refused(RefusalKind.CONFLICT, "the configuration kept changing; try again")
 
 
-async def set_pause(client: EtcdClient, keys: Keys, paused: bool) -> DynamicConfig:
-    cfg, _ = await patch_config(client, keys, {"pause": paused})
+async def set_pause(store: ClusterStore, paused: bool) -> DynamicConfig:
+    cfg, _ = await patch_config(store, {"pause": paused})
     return cfg
