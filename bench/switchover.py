@@ -417,24 +417,25 @@ class HakeeperManager:
                 return int(e.code), e.read().decode(errors="replace")
         # The agent's API does not offer POST /switchover yet: write the same request into etcd
         # with the function the API calls, and wait for the agents to carry it out.
-        self.method = "hakeeper.ha.ops.request_switchover (etcd; the API had no POST /switchover)"
+        self.method = "hakeeper.ha.requests.request_switchover (etcd; the API had no POST /switchover)"
         return self._via_etcd(leader, candidate)
 
     def _via_etcd(self, leader: str, candidate: str) -> tuple[int, str]:
+        from hakeeper.api.server import REFUSAL_STATUS
+        from hakeeper.core.errors import Refused
         from hakeeper.core.keys import Keys
         from hakeeper.dcs.etcd import EtcdClient
-        from hakeeper.ha.ops import OperationError, request_switchover, wait_for_new_leader
+        from hakeeper.dcs.store import ClusterStore
+        from hakeeper.ha.requests import request_switchover, wait_for_new_leader
 
         async def go() -> tuple[int, str]:
             client = EtcdClient([self.c.etcd_url], timeout=2.0)
-            keys = Keys(f"/hakeeper/{self.c.scope}")
+            store = ClusterStore(client, Keys(f"/hakeeper/{self.c.scope}"))
             try:
-                await request_switchover(client, keys, leader=leader, candidate=candidate)
-                new = await wait_for_new_leader(
-                    client, keys, old_leader=leader, candidate=candidate, timeout=30
-                )
-            except OperationError as e:
-                return e.status, e.message
+                await request_switchover(store, leader=leader, candidate=candidate)
+                new = await wait_for_new_leader(store, old_leader=leader, candidate=candidate, timeout=30)
+            except Refused as e:
+                return REFUSAL_STATUS[e.kind], e.message
             finally:
                 await client.close()
             return (200, f"switched over to {new}") if new else (503, "switchover did not complete")

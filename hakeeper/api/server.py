@@ -2,7 +2,9 @@
 
 Health checks and status documents come from state the agent already holds (its last probe,
 its etcd mirror and its lease); none of them runs SQL or calls etcd.  ``GET /config`` and the
-mutating endpoints go to etcd through :mod:`hakeeper.ha.ops`.
+mutating endpoints go to etcd through :mod:`hakeeper.ha.requests`.  A request refused there
+raises :class:`~hakeeper.core.errors.Refused`; this module alone turns its kind into an HTTP
+status (:data:`REFUSAL_STATUS`).
 
 Connection hygiene (see :class:`_Connection`): at most ``api.max_connections`` connections
 (more are answered 503 and closed at once), and a connection must start a request within
@@ -33,10 +35,9 @@ from hakeeper.api.auth import Authenticator, server_ssl_context
 from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
 from hakeeper.core.config import ApiConfig
 from hakeeper.core.errors import RefusalKind, Refused
-from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.store import ClusterStore
-from hakeeper.ha import ops
-from hakeeper.ha.ops import OperationError
+from hakeeper.ha import requests
 from hakeeper.ha.ports import NodeOperations
 from hakeeper.ha.snapshot import NodeSnapshot
 from hakeeper.util.log import get_logger
@@ -52,6 +53,15 @@ MAX_OPERATION_WAIT = 120.0  # cap on waiting for a switchover/failover to comple
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 B = TypeVar("B", bound=BaseModel)
 
+# The HTTP status of each kind of refusal (hakeeper.core.errors): the only place that knows.
+REFUSAL_STATUS: dict[RefusalKind, int] = {
+    RefusalKind.INVALID: 400,
+    RefusalKind.NOT_FOUND: 404,
+    RefusalKind.CONFLICT: 409,
+    RefusalKind.PRECONDITION: 412,
+    RefusalKind.UNAVAILABLE: 503,
+}
+
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b'Connection: close\r\nContent-Length: 35\r\n\r\n{"error": "too many connections"}\r\n'
@@ -65,6 +75,11 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         self.facts = facts
+
+
+def refusal_response(refused: Refused) -> web.Response:
+    """The answer to a refused request: the kind's HTTP status, ``{"error": message, **facts}``."""
+    return error_response(REFUSAL_STATUS[refused.kind], refused.message, **refused.facts)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -202,16 +217,6 @@ def _load_openapi() -> tuple[str, dict[str, Any]]:
     return text, doc
 
 
-# The only place that knows HTTP status codes: what each kind of refusal answers.
-REFUSAL_STATUS: dict[RefusalKind, int] = {
-    RefusalKind.INVALID: 400,
-    RefusalKind.NOT_FOUND: 404,
-    RefusalKind.CONFLICT: 409,
-    RefusalKind.PRECONDITION: 412,
-    RefusalKind.UNAVAILABLE: 503,
-}
-
-
 class ApiServer:
     def __init__(
         self,
@@ -340,10 +345,8 @@ class ApiServer:
             return await handler(request)
         except ApiError as e:
             return error_response(e.status, e.message, e.headers, **e.facts)
-        except OperationError as e:
-            return error_response(e.status, e.message, **e.facts)
         except Refused as e:
-            return error_response(REFUSAL_STATUS[e.kind], e.message, **e.facts)
+            return refusal_response(e)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -420,13 +423,8 @@ class ApiServer:
     async def openapi_yaml(self, _req: web.Request) -> web.StreamResponse:
         return web.Response(text=self._openapi_yaml, content_type="application/yaml")
 
-    def _etcd(self) -> EtcdClient:
-        client = self.store.client
-        assert isinstance(client, EtcdClient)
-        return client
-
     async def get_config(self, _req: web.Request) -> web.StreamResponse:
-        cfg, rev = await ops.read_config(self._etcd(), self.store.keys)
+        cfg, rev = await requests.read_config(self.store)
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
         )
@@ -494,8 +492,9 @@ class ApiServer:
                 when = body.scheduled_at.timestamp()
             except (OverflowError, OSError, ValueError):
                 raise ApiError(400, "scheduled_at is out of range") from None
-        sw = await ops.request_switchover(
-            self._etcd(), self.store.keys, leader=body.leader, candidate=body.candidate, scheduled_at=when
+        store = self.store
+        sw = await requests.request_switchover(
+            store, leader=body.leader, candidate=body.candidate, scheduled_at=when
         )
         if sw.scheduled_at is not None and sw.scheduled_at > time.time():
             return json_response(
@@ -506,8 +505,8 @@ class ApiServer:
                 202,
             )
         budget = self._wait_budget()
-        new = await ops.wait_for_new_leader(
-            self._etcd(), self.store.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
+        new = await requests.wait_for_new_leader(
+            store, old_leader=sw.leader, candidate=body.candidate, timeout=budget
         )
         if new is None:
             raise ApiError(
@@ -520,19 +519,18 @@ class ApiServer:
 
     async def cancel_switchover(self, request: web.Request) -> web.StreamResponse:
         await self._body(request, EmptyBody)
-        sw = await ops.cancel_switchover(self._etcd(), self.store.keys)
+        sw = await requests.cancel_switchover(self.store)
         return json_response(
             {"message": f"{sw.kind.value} cancelled", "switchover": status.switchover_doc(sw)}
         )
 
     async def failover(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, FailoverBody)
-        sw = await ops.request_failover(
-            self._etcd(), self.store.keys, candidate=body.candidate, force=body.force
-        )
+        store = self.store
+        sw = await requests.request_failover(store, candidate=body.candidate, force=body.force)
         budget = self._wait_budget()
-        new = await ops.wait_for_new_leader(
-            self._etcd(), self.store.keys, old_leader=sw.leader, candidate=body.candidate, timeout=budget
+        new = await requests.wait_for_new_leader(
+            store, old_leader=sw.leader, candidate=body.candidate, timeout=budget
         )
         if new is None:
             raise ApiError(
@@ -564,7 +562,7 @@ class ApiServer:
             raise ApiError(400, f"invalid JSON: {e}") from None
         if not isinstance(patch, dict):
             raise ApiError(400, "the patch must be a JSON object (RFC 7386 merge patch)")
-        cfg, rev = await ops.patch_config(self._etcd(), self.store.keys, patch, expected_revision=expected)
+        cfg, rev = await requests.patch_config(self.store, patch, expected_revision=expected)
         log.info("config_patched", revision=rev, keys=sorted(patch))
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}

@@ -25,7 +25,7 @@ from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
     from hakeeper.core.config import NodeConfig
-    from hakeeper.dcs.etcd import EtcdClient
+    from hakeeper.dcs.store import EtcdLike
 
 log = get_logger(__name__)
 
@@ -271,24 +271,25 @@ async def _http_get(url: str, headers: Mapping[str, str], timeout: float = 5.0) 
         return r.status, await r.text(errors="replace")
 
 
-async def gather(cfg: NodeConfig, client: EtcdClient, headers: Mapping[str, str]) -> Inputs:
+async def gather(cfg: NodeConfig, client: EtcdLike, headers: Mapping[str, str]) -> Inputs:
     """Read everything the report needs; what cannot be read becomes a note."""
     from hakeeper.backup.dump import load_dumps
     from hakeeper.backup.verify import parse_summary
-    from hakeeper.core.cluster import MemberRole, build_view
+    from hakeeper.core.cluster import MemberRole
     from hakeeper.core.config import DynamicConfig
     from hakeeper.core.keys import Keys
+    from hakeeper.dcs.store import ClusterStore
 
     inp = Inputs(now=catalog.utcnow())
     view = None
     try:
+        store = ClusterStore(client, Keys(cfg.prefix))
         async with asyncio.timeout(10):
-            kvs, rev = await client.get_prefix(cfg.prefix + "/")
-        raw = {kv.key: (kv.value, kv.create_revision, kv.mod_revision, kv.lease) for kv in kvs}
-        view = build_view(Keys(cfg.prefix), raw, rev, DynamicConfig())
-        by_key = {kv.key: kv.value for kv in kvs}
-        inp.last_drill = parse_summary(by_key.get(Keys(cfg.prefix).verify_last))
-        inp.last_success = parse_summary(by_key.get(Keys(cfg.prefix).verify_last_success))
+            kvs, rev = await store.read_keys()
+        view = store.view_of(kvs, rev, DynamicConfig())
+        drill, success = kvs.get(store.keys.verify_last), kvs.get(store.keys.verify_last_success)
+        inp.last_drill = parse_summary(drill.value if drill is not None else None)
+        inp.last_success = parse_summary(success.value if success is not None else None)
     except Exception as e:  # etcd down: the repositories still tell something
         inp.notes.append(f"etcd could not be read: {e or type(e).__name__}")
     if view is not None:

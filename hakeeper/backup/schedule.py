@@ -47,7 +47,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, ScheduleConfig
 from hakeeper.core.keys import Keys
-from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, cmp_create, cmp_mod, op_put
+from hakeeper.dcs.etcd import KV, EtcdError
+from hakeeper.dcs.store import ClusterStore, EtcdLike
 from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
@@ -450,7 +451,7 @@ class ScheduleRunner:
         *,
         cfg: NodeConfig,
         schedules: list[ScheduleConfig],
-        client: EtcdClient,
+        client: EtcdLike,
         lookup: Callable[[str], KV | None],
         view: Callable[[], ClusterView],
         refusal: Callable[[], str | None],
@@ -460,7 +461,7 @@ class ScheduleRunner:
     ) -> None:
         self.cfg = cfg
         self.schedules = schedules
-        self.client = client
+        self.store = ClusterStore(client, Keys(cfg.prefix))
         self.lookup = lookup
         self.view = view
         self.refusal = refusal
@@ -522,17 +523,14 @@ class ScheduleRunner:
 
     async def _write(self, name: str, rec: ScheduleRecord, mod_revision: int, term: int | None) -> bool:
         """Put ``rec`` if the key is still at ``mod_revision`` (and, with ``term``, we still lead)."""
-        key = Keys(self.prefix).schedule(name)
-        cmps = [cmp_mod(key, "=", mod_revision)]
-        if term is not None:
-            cmps.append(cmp_create(Keys(self.prefix).leader, "=", term))
+        key = self.store.keys.schedule(name)
         value = rec.to_json()
-        res = await self.client.txn(cmps, [op_put(key, value)])
-        if res.succeeded:
-            self._written[key] = KV(key, value.encode(), 0, res.revision, 0, 0)
+        revision = await self.store.write_schedule(name, value, mod_revision, term)
+        if revision is not None:
+            self._written[key] = KV(key, value.encode(), 0, revision, 0, 0)
         else:
             log.info("schedule_write_refused", schedule=name, mod_revision=mod_revision, term=term)
-        return res.succeeded
+        return revision is not None
 
     # ------------------------------------------------------------------ loop
 
@@ -687,7 +685,7 @@ class ScheduleRunner:
         for _ in range(5):
             try:
                 async with asyncio.timeout(10):
-                    kv = await self.client.get(Keys(self.prefix).schedule(name))
+                    kv = await self.store.read_schedule(name)
                     if kv is None or not kv.value:
                         return
                     rec = ScheduleRecord.from_json(kv.value)

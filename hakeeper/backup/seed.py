@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,11 @@ from hakeeper.backup.restore import (
     restore,
 )
 from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.core.cluster import MemberRole
 from hakeeper.core.config import FromBackupConfig, NodeConfig, parse_target_time
 from hakeeper.core.keys import Keys
 from hakeeper.core.lsn import parse_lsn
+from hakeeper.dcs.store import ClusterStore
 from hakeeper.pg.conf import clean_auto_conf, quote_conf_value
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.fsutil import write_atomic
@@ -54,7 +55,7 @@ from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs
 
 if TYPE_CHECKING:
-    from hakeeper.dcs.etcd import EtcdClient
+    from hakeeper.dcs.store import EtcdLike
     from hakeeper.pg.postgres import Postgres
 
 log = get_logger(__name__)
@@ -197,21 +198,13 @@ async def check_own_scope(cfg: NodeConfig, source_scope: str) -> None:
                 )
 
 
-async def source_primary(client: EtcdClient, namespace: str, scope: str) -> Endpoint | None:
+async def source_primary(client: EtcdLike, namespace: str, scope: str) -> Endpoint | None:
     """The running primary of the source cluster, if it is registered in this etcd: the WAL
     switch that lets a time or LSN target be proven archived runs there."""
-    keys = Keys.of(namespace, scope)
     with contextlib.suppress(Exception):
-        leader = await client.get(keys.leader)
-        if leader is None or not leader.value:
-            return None
-        name = leader.value.decode()
-        m = await client.get(keys.member(name))
-        if m is None:
-            return None
-        d = json.loads(m.value)
-        if d.get("role") == "primary" and d.get("host") and d.get("port"):
-            return Endpoint(name, str(d["host"]), int(d["port"]))
+        m = await ClusterStore(client, Keys.of(namespace, scope)).leader_member()
+        if m is not None and m.role == MemberRole.PRIMARY and m.host and m.port:
+            return Endpoint(m.name, str(m.host), int(m.port))
     return None
 
 

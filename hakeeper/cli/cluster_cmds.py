@@ -17,11 +17,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
-from hakeeper.core.cluster import ClusterView, build_view
-from hakeeper.core.config import DynamicConfig, NodeConfig
+from hakeeper.core.cluster import ClusterView
+from hakeeper.core.config import NodeConfig
 from hakeeper.core.keys import Keys
 from hakeeper.core.lsn import format_lsn
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.dcs.store import ClusterStore
 
 ConfigOpt = Annotated[Path | None, typer.Option("-c", "--config", help="Node YAML file.")]
 EtcdOpt = Annotated[list[str] | None, typer.Option("--etcd", help="etcd URL (repeatable); instead of -c.")]
@@ -108,12 +109,11 @@ def _client_and_prefix(
 
 
 async def fetch_view(client: EtcdClient, prefix: str) -> ClusterView:
+    """The cluster under ``prefix`` from one read; closes ``client``."""
     try:
-        kvs, rev = await client.get_prefix(prefix + "/")
+        return await ClusterStore(client, Keys(prefix)).read_view()
     finally:
         await client.close()
-    raw = {kv.key: (kv.value, kv.create_revision, kv.mod_revision, kv.lease) for kv in kvs}
-    return build_view(Keys(prefix), raw, rev, DynamicConfig())
 
 
 def _load(config: Path | None, etcd: list[str] | None, scope: str | None, namespace: str) -> ClusterView:

@@ -861,7 +861,7 @@ def edit_config(
     if not edits and apply is None:
         new = _edit_in_editor(current)
     else:
-        from hakeeper.ha.ops import merge_patch
+        from hakeeper.ha.requests import merge_patch
 
         new = copy.deepcopy(current)
         if patch_doc:

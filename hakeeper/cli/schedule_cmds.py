@@ -16,6 +16,7 @@ from hakeeper.cli.app import app, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, etcd_client_for, quiet_logging
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdError
+from hakeeper.dcs.store import ClusterStore
 
 schedule_app = typer.Typer(
     help="Backup schedules run by the leader (backup.schedules).", no_args_is_help=True
@@ -56,7 +57,7 @@ def schedule_list(config: ConfigReq, output: OutputOpt = "table") -> None:
         client = etcd_client_for(cfg)
         try:
             async with asyncio.timeout(10):
-                kvs, _ = await client.get_prefix(Keys(cfg.prefix).schedules)
+                kvs = await ClusterStore(client, Keys(cfg.prefix)).read_schedules()
         finally:
             await client.close()
         return {kv.key: kv.value for kv in kvs}

@@ -223,13 +223,14 @@ def _switchover_via_api_or_etcd(cluster: LocalCluster, leader: str, candidate: s
         raise AssertionError(f"switchover failed: {res.stdout}{res.stderr}")
     from hakeeper.core.keys import Keys
     from hakeeper.dcs.etcd import EtcdClient
-    from hakeeper.ha.ops import request_switchover
+    from hakeeper.dcs.store import ClusterStore
+    from hakeeper.ha.requests import request_switchover
 
     async def go() -> None:
         client = EtcdClient([cluster.etcd_url], timeout=2.0)
         try:
             await request_switchover(
-                client, Keys(f"/hakeeper/{cluster.scope}"), leader=leader, candidate=candidate
+                ClusterStore(client, Keys(f"/hakeeper/{cluster.scope}")), leader=leader, candidate=candidate
             )
         finally:
             await client.close()

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from hakeeper.ha import ops
+from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.ha import requests
 from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import hk_list, sql, wait_for, writable_nodes
-from tests.integration.test_switchover import Writer, history, run_ops
+from tests.integration.test_switchover import Writer, history, run_request
 from tests.support.cluster import running_cluster
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,7 @@ MB = 1024 * 1024
 
 def quorum_key(c: LocalCluster) -> tuple[tuple[str, ...], int] | None:
     """(voters, quorum) of the current leader's ``sync`` key."""
-    view = run_ops(c, ops.read_view)
+    view = run_request(c, requests.read_view)
     if view.sync is None or view.leader is None or view.sync.term != view.leader.term:
         return None
     return tuple(sorted(view.sync.members)), view.sync.quorum
@@ -89,8 +90,9 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
         wait_for(lambda: quorum_key(c) == (replicas, 1), 120, "the caught-up voter votes again")
 
         # 3. A switchover goes to a voter; the old primary becomes one.
-        run_ops(c, ops.request_switchover, leader=first, candidate=kept)
-        assert run_ops(c, ops.wait_for_new_leader, old_leader=first, candidate=kept, timeout=60) == kept
+        run_request(c, requests.request_switchover, leader=first, candidate=kept)
+        new = run_request(c, requests.wait_for_new_leader, old_leader=first, candidate=kept, timeout=60)
+        assert new == kept
         wait_for(lambda: writable_nodes(c) == [kept], 60, "only the chosen voter is writable")
         old = kept
         replicas = tuple(sorted(n for n in c.names if n != old))
@@ -140,9 +142,9 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
         assert "could lose acknowledged writes" in c.tail_log(other, 300)
 
         # 6. An operator may accept the loss explicitly; the override is recorded.
-        with pytest.raises(ops.OperationError) as e:
-            run_ops(c, ops.request_failover, candidate=other)
-        assert e.value.status == 412
-        run_ops(c, ops.request_failover, candidate=other, force=True)
+        with pytest.raises(Refused) as e:
+            run_request(c, requests.request_failover, candidate=other)
+        assert e.value.kind == RefusalKind.PRECONDITION
+        run_request(c, requests.request_failover, candidate=other, force=True)
         wait_for(lambda: writable_nodes(c) == [other], 60, "forced failover")
         assert history(c)[-1]["reason"].endswith("(forced)")

@@ -1,4 +1,4 @@
-"""Switchover, manual failover and pause on a real cluster, driven through hakeeper.ha.ops."""
+"""Switchover, manual failover and pause on a real cluster, driven through hakeeper.ha.requests."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdClient
-from hakeeper.ha import ops
+from hakeeper.dcs.store import ClusterStore
+from hakeeper.ha import requests
 from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import sql, wait_for, writable_nodes
 from tests.support.cluster import running_cluster
@@ -25,11 +27,13 @@ from tests.support.cluster import running_cluster
 pytestmark = pytest.mark.integration
 
 
-def run_ops(c: LocalCluster, fn: Any, **kw: Any) -> Any:
+def run_request(c: LocalCluster, fn: Any, **kw: Any) -> Any:
+    """Call ``fn`` of hakeeper.ha.requests with a ClusterStore of the cluster ``c``."""
+
     async def go() -> Any:
         client = EtcdClient([c.etcd_url], timeout=2)
         try:
-            return await fn(client, Keys(f"/hakeeper/{c.scope}"), **kw)
+            return await fn(ClusterStore(client, Keys(f"/hakeeper/{c.scope}")), **kw)
         finally:
             await client.close()
 
@@ -104,8 +108,8 @@ def test_switchover_moves_the_primary_with_a_short_window_and_no_loss(cluster: L
     with Writer(c.write_dsn()) as w:
         time.sleep(1)
         t0 = time.monotonic()
-        run_ops(c, ops.request_switchover, leader=old, candidate=cand)
-        new = run_ops(c, ops.wait_for_new_leader, old_leader=old, candidate=cand, timeout=30)
+        run_request(c, requests.request_switchover, leader=old, candidate=cand)
+        new = run_request(c, requests.wait_for_new_leader, old_leader=old, candidate=cand, timeout=30)
         assert new == cand
         wait_for(lambda: writable_nodes(c) == [cand], 30, "only the candidate is writable")
         time.sleep(1)
@@ -124,30 +128,30 @@ def test_switchover_moves_the_primary_with_a_short_window_and_no_loss(cluster: L
 def test_switchover_to_an_unknown_or_current_member_is_refused(cluster: LocalCluster) -> None:
     c = cluster
     leader = c.primary()
-    with pytest.raises(ops.OperationError) as e:
-        run_ops(c, ops.request_switchover, leader=leader, candidate="nosuchnode")
-    assert e.value.status == 412 and "not a member" in e.value.message
-    with pytest.raises(ops.OperationError) as e:
-        run_ops(c, ops.request_switchover, leader=leader, candidate=leader)
-    assert e.value.status == 400
-    with pytest.raises(ops.OperationError) as e:
-        run_ops(c, ops.request_switchover, leader="node9", candidate=None)
-    assert e.value.status == 412 and "the leader is" in e.value.message
+    with pytest.raises(Refused) as e:
+        run_request(c, requests.request_switchover, leader=leader, candidate="nosuchnode")
+    assert e.value.kind == RefusalKind.PRECONDITION and "not a member" in e.value.message
+    with pytest.raises(Refused) as e:
+        run_request(c, requests.request_switchover, leader=leader, candidate=leader)
+    assert e.value.kind == RefusalKind.INVALID
+    with pytest.raises(Refused) as e:
+        run_request(c, requests.request_switchover, leader="node9", candidate=None)
+    assert e.value.kind == RefusalKind.PRECONDITION and "the leader is" in e.value.message
 
 
 def test_scheduled_switchover_happens_at_its_time_and_can_be_cancelled(cluster: LocalCluster) -> None:
     c = cluster
     old = c.primary()
     assert old is not None
-    run_ops(c, ops.request_switchover, leader=old, candidate=None, scheduled_at=time.time() + 3600)
-    with pytest.raises(ops.OperationError) as e:  # one pending request at a time
-        run_ops(c, ops.request_switchover, leader=old, candidate=None)
-    assert e.value.status == 409
-    run_ops(c, ops.cancel_switchover)
-    run_ops(c, ops.request_switchover, leader=old, candidate=None, scheduled_at=time.time() + 4)
+    run_request(c, requests.request_switchover, leader=old, candidate=None, scheduled_at=time.time() + 3600)
+    with pytest.raises(Refused) as e:  # one pending request at a time
+        run_request(c, requests.request_switchover, leader=old, candidate=None)
+    assert e.value.kind == RefusalKind.CONFLICT
+    run_request(c, requests.cancel_switchover)
+    run_request(c, requests.request_switchover, leader=old, candidate=None, scheduled_at=time.time() + 4)
     time.sleep(2)
     assert c.primary() == old, "not before its time"
-    new = run_ops(c, ops.wait_for_new_leader, old_leader=old, candidate=None, timeout=30)
+    new = run_request(c, requests.wait_for_new_leader, old_leader=old, candidate=None, timeout=30)
     assert new is not None and new != old
     wait_for(lambda: writable_nodes(c) == [new], 30, "the new primary is the only writable node")
 
@@ -157,7 +161,7 @@ def test_pause_stops_automatic_failover_and_manual_failover_still_works(cluster:
     wait_for(lambda: len([s for s in c.states().values() if s.role == "replica"]) == 2, 60, "settled")
     old = c.primary()
     assert old is not None
-    run_ops(c, ops.set_pause, paused=True)
+    run_request(c, requests.set_pause, paused=True)
     try:
         c.kill_agent(old)
         c.kill_postgres(old)
@@ -165,12 +169,12 @@ def test_pause_stops_automatic_failover_and_manual_failover_still_works(cluster:
         assert writable_nodes(c) == []
         assert "paused: no automatic failover" in " ".join(c.tail_log(n, 100) for n in c.names if n != old)
         cand = next(n for n in c.names if n != old)
-        run_ops(c, ops.request_failover, candidate=cand)
-        new = run_ops(c, ops.wait_for_new_leader, old_leader=None, candidate=cand, timeout=30)
+        run_request(c, requests.request_failover, candidate=cand)
+        new = run_request(c, requests.wait_for_new_leader, old_leader=None, candidate=cand, timeout=30)
         assert new == cand
         wait_for(lambda: writable_nodes(c) == [cand], 30, "the candidate is writable")
     finally:
-        run_ops(c, ops.set_pause, paused=False)
+        run_request(c, requests.set_pause, paused=False)
     assert history(c)[-1]["new_leader"] == cand
     c.start_agent(old)
     c.wait_ready(120)
@@ -194,15 +198,17 @@ def test_failover_to_a_lagging_candidate_needs_force_and_is_recorded(cluster: Lo
             "CREATE TABLE lagfill AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 30000) g",
         )
         wait_for(
-            lambda: (run_ops(c, ops.read_view).members[lagger].lag or 0) > 1048576, 30, "lag is published"
+            lambda: (run_request(c, requests.read_view).members[lagger].lag or 0) > 1048576,
+            30,
+            "lag is published",
         )
-        with pytest.raises(ops.OperationError) as e:
-            run_ops(c, ops.request_failover, candidate=lagger)
-        assert e.value.status == 412 and "maximum_lag_on_failover" in e.value.message
-        run_ops(c, ops.request_failover, candidate=lagger, force=True)
+        with pytest.raises(Refused) as e:
+            run_request(c, requests.request_failover, candidate=lagger)
+        assert e.value.kind == RefusalKind.PRECONDITION and "maximum_lag_on_failover" in e.value.message
+        run_request(c, requests.request_failover, candidate=lagger, force=True)
     finally:
         os.kill(pid, signal.SIGCONT)
-    new = run_ops(c, ops.wait_for_new_leader, old_leader=old, candidate=lagger, timeout=60)
+    new = run_request(c, requests.wait_for_new_leader, old_leader=old, candidate=lagger, timeout=60)
     assert new == lagger
     assert history(c)[-1]["reason"].endswith("(forced)")
     assert other  # the other replica follows the new leader
@@ -212,15 +218,18 @@ def test_failover_to_a_lagging_candidate_needs_force_and_is_recorded(cluster: Lo
 def test_cluster_wide_parameter_change_is_applied_on_every_node(cluster: LocalCluster) -> None:
     c = cluster
     c.wait_ready(120)
-    _cfg, rev = run_ops(c, ops.read_config)
-    with pytest.raises(ops.OperationError) as e:
-        run_ops(c, ops.patch_config, patch={"ttl": 1}, expected_revision=rev)
-    assert e.value.status == 400  # keepalive_interval + fence_margin must stay below ttl
-    run_ops(
-        c, ops.patch_config, patch={"postgresql": {"parameters": {"work_mem": "7MB"}}}, expected_revision=rev
+    _cfg, rev = run_request(c, requests.read_config)
+    with pytest.raises(Refused) as e:
+        run_request(c, requests.patch_config, patch={"ttl": 1}, expected_revision=rev)
+    assert e.value.kind == RefusalKind.INVALID  # keepalive_interval + fence_margin must stay below ttl
+    run_request(
+        c,
+        requests.patch_config,
+        patch={"postgresql": {"parameters": {"work_mem": "7MB"}}},
+        expected_revision=rev,
     )
-    with pytest.raises(ops.OperationError) as e:
-        run_ops(c, ops.patch_config, patch={"loop_wait": 2}, expected_revision=rev)  # stale revision
-    assert e.value.status == 409
+    with pytest.raises(Refused) as e:
+        run_request(c, requests.patch_config, patch={"loop_wait": 2}, expected_revision=rev)  # stale revision
+    assert e.value.kind == RefusalKind.CONFLICT
     for n in c.names:
         wait_for(lambda n=n: sql(c, n, "SHOW work_mem") == [("7MB",)], 30, f"work_mem applied on {n}")

@@ -8,17 +8,18 @@ import time
 import psycopg
 import pytest
 
-from hakeeper.ha import ops
+from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.ha import requests
 from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import hk_list, sql, wait_for, writable_nodes
-from tests.integration.test_switchover import history, run_ops
+from tests.integration.test_switchover import history, run_request
 from tests.support.cluster import running_cluster
 
 pytestmark = pytest.mark.integration
 
 
 def sync_set(c: LocalCluster) -> tuple[str, ...] | None:
-    view = run_ops(c, ops.read_view)
+    view = run_request(c, requests.read_view)
     if view.sync is None or view.leader is None or view.sync.term != view.leader.term:
         return None
     return tuple(view.sync.members)
@@ -65,10 +66,10 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         assert "could lose acknowledged writes" in c.tail_log(survivor, 300)
 
         # 3. An operator may accept the loss explicitly; the override is recorded.
-        with pytest.raises(ops.OperationError) as e:
-            run_ops(c, ops.request_failover, candidate=survivor)
-        assert e.value.status == 412
-        run_ops(c, ops.request_failover, candidate=survivor, force=True)
+        with pytest.raises(Refused) as e:
+            run_request(c, requests.request_failover, candidate=survivor)
+        assert e.value.kind == RefusalKind.PRECONDITION
+        run_request(c, requests.request_failover, candidate=survivor, force=True)
         wait_for(lambda: writable_nodes(c) == [survivor], 60, "forced failover")
         assert history(c)[-1]["reason"].endswith("(forced)")
 

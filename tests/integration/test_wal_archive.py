@@ -36,14 +36,15 @@ from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import python_command
 from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig, WalToolConfig
 from hakeeper.core.config import DynamicConfig, ParamValue
+from hakeeper.core.errors import Refused
 from hakeeper.core.lsn import parse_lsn
-from hakeeper.ha import ops
+from hakeeper.ha import requests
 from hakeeper.localcluster import pg_program
 from hakeeper.pg import Postgres, Role
 from hakeeper.pg.postgres import SOCKET_SUBDIR
 from hakeeper.util.proc import proc_cmdline, run
 from tests.integration.test_ha import sql, wait_for
-from tests.integration.test_switchover import run_ops
+from tests.integration.test_switchover import run_request
 from tests.support.cluster import cluster_tmpdir, running_cluster
 from tests.support.pg import DEFAULT_PARAMS, PgArea
 from tests.support.ports import free_ports
@@ -541,8 +542,8 @@ def test_cluster_archives_across_a_switchover_and_the_demoted_node_pushes_nothin
 
                 def request() -> bool:  # once the replica's published lag allows it
                     try:
-                        run_ops(c, ops.request_switchover, leader=old, candidate=new)
-                    except ops.OperationError as e:
+                        run_request(c, requests.request_switchover, leader=old, candidate=new)
+                    except Refused as e:
                         if "not eligible" in str(e):
                             return False
                         raise
@@ -559,7 +560,10 @@ def test_cluster_archives_across_a_switchover_and_the_demoted_node_pushes_nothin
                     wait_for(caught_up, 60, "the candidate caught up")
                     time.sleep(1.5)  # its member record shows that
                     wait_for(request, 30, "switchover accepted")
-                    if run_ops(c, ops.wait_for_new_leader, old_leader=old, candidate=new, timeout=30) == new:
+                    led = run_request(
+                        c, requests.wait_for_new_leader, old_leader=old, candidate=new, timeout=30
+                    )
+                    if led == new:
                         break
                 else:
                     raise AssertionError(f"no switchover to {new}")

@@ -25,7 +25,7 @@ from hakeeper.cli.ops_cmds import (
     set_path,
 )
 from hakeeper.core.config import NodeConfig
-from hakeeper.ha.ops import merge_patch
+from hakeeper.ha.requests import merge_patch
 
 _register_optional_commands()
 

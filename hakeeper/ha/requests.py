@@ -1,0 +1,232 @@
+"""Operator requests that change the cluster: switchover, manual failover, pause, config.
+
+The API (and through it the CLI) calls these.  Each validates against a fresh, linearizable
+read of the cluster's keys and writes with compare-and-swap, both through a
+:class:`~hakeeper.dcs.store.ClusterStore`; a refusal raises
+:class:`~hakeeper.core.errors.Refused` with the kind that fits and a message saying why (the API
+turns the kind into an HTTP status).  The agents carry a written request out (``decide()`` /
+``Agent.do_switchover``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage
+from hakeeper.core.config import ConfigError, DynamicConfig, parse_dynamic_config
+from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.dcs.etcd import EtcdError
+from hakeeper.dcs.store import ClusterStore
+from hakeeper.ha.decide import assess, switchover_live, switchover_target
+
+
+async def read_view(store: ClusterStore, fallback: DynamicConfig | None = None) -> ClusterView:
+    """A fresh view of the cluster from one range read (linearizable)."""
+    try:
+        return await store.read_view(fallback)
+    except EtcdError as e:
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+
+
+def _pending(view: ClusterView, now: float) -> Switchover | None:
+    sw = view.switchover
+    return sw if sw is not None and switchover_live(sw, view, now) else None
+
+
+async def _write_request(store: ClusterStore, view: ClusterView, req: Switchover) -> Switchover:
+    try:
+        written = await store.write_request(view.switchover, req)
+    except EtcdError as e:
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+    if written is None:
+        raise Refused(RefusalKind.CONFLICT, "another switchover or failover request was written concurrently")
+    return written
+
+
+async def request_switchover(
+    store: ClusterStore,
+    *,
+    leader: str | None,
+    candidate: str | None,
+    scheduled_at: float | None = None,
+    now: float | None = None,
+) -> Switchover:
+    """Ask the current leader to hand over (now, or at ``scheduled_at``, epoch seconds)."""
+    now = time.time() if now is None else now
+    view = await read_view(store)
+    if view.leader is None:
+        raise Refused(
+            RefusalKind.PRECONDITION, "switchover is not possible: the cluster has no leader (use failover)"
+        )
+    current = view.leader.name
+    if leader is not None and leader != current:
+        raise Refused(
+            RefusalKind.PRECONDITION, f"switchover is not possible: the leader is {current}, not {leader}"
+        )
+    if candidate is not None and candidate == current:
+        raise Refused(RefusalKind.INVALID, f"candidate {candidate} is already the leader")
+    if scheduled_at is not None:
+        if scheduled_at < now - 1:
+            raise Refused(RefusalKind.INVALID, "scheduled_at is in the past")
+        if view.paused:
+            raise Refused(RefusalKind.INVALID, "cannot schedule a switchover while the cluster is paused")
+    if _pending(view, now) is not None:
+        raise Refused(RefusalKind.CONFLICT, "a switchover or failover is already pending (cancel it first)")
+    req = Switchover(
+        kind=SwitchoverKind.SWITCHOVER,
+        leader=current,
+        candidate=candidate,
+        requested_at=now,
+        scheduled_at=scheduled_at,
+    )
+    if scheduled_at is None or scheduled_at <= now:
+        target, refusal = switchover_target(view, req, current)
+        if target is None:
+            raise Refused(RefusalKind.PRECONDITION, f"switchover is not possible: {refusal}")
+    elif candidate is not None and candidate not in view.members:
+        raise Refused(
+            RefusalKind.PRECONDITION, f"switchover is not possible: candidate {candidate} is not a member"
+        )
+    return await _write_request(store, view, req)
+
+
+async def request_failover(
+    store: ClusterStore, *, candidate: str, force: bool = False, now: float | None = None
+) -> Switchover:
+    """Promote ``candidate``, also when the cluster has no healthy leader.
+
+    A candidate that is not eligible (lagging, wrong timeline, not running, nofailover) is refused
+    unless ``force``: data acknowledged by the old primary may then be lost, and the override is
+    recorded in the history."""
+    now = time.time() if now is None else now
+    view = await read_view(store)
+    m = view.members.get(candidate)
+    if m is None:
+        raise Refused(
+            RefusalKind.PRECONDITION, f"failover is not possible: candidate {candidate} is not a member"
+        )
+    if view.leader is not None and view.leader.name == candidate:
+        raise Refused(RefusalKind.INVALID, f"candidate {candidate} is already the leader")
+    if _pending(view, now) is not None:
+        raise Refused(RefusalKind.CONFLICT, "a switchover or failover is already pending (cancel it first)")
+    c = assess(m, view)
+    if not c.eligible and not force:
+        raise Refused(
+            RefusalKind.PRECONDITION,
+            f"failover to {candidate} refused: {c.reason}; data could be lost (use force to override)",
+            reason=c.reason,
+        )
+    req = Switchover(
+        kind=SwitchoverKind.FAILOVER,
+        leader=view.leader.name if view.leader else None,
+        candidate=candidate,
+        requested_at=now,
+        force=force and not c.eligible,
+    )
+    return await _write_request(store, view, req)
+
+
+async def cancel_switchover(store: ClusterStore) -> Switchover:
+    view = await read_view(store)
+    sw = view.switchover
+    if sw is None:
+        raise Refused(RefusalKind.NOT_FOUND, "no switchover is pending")
+    if sw.stage == SwitchoverStage.HANDOVER:
+        raise Refused(RefusalKind.CONFLICT, "the switchover is already handing over; it cannot be cancelled")
+    try:
+        cancelled = await store.cancel_request(sw)
+    except EtcdError as e:
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+    if not cancelled:
+        raise Refused(RefusalKind.CONFLICT, "the request changed while cancelling it")
+    return sw
+
+
+async def wait_for_new_leader(
+    store: ClusterStore, *, old_leader: str | None, candidate: str | None, timeout: float
+) -> str | None:
+    """Poll until a leader other than ``old_leader`` (``candidate`` if given) holds the key and
+    the request is gone.  Returns the new leader, or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            view = await read_view(store)
+        except Refused:
+            await asyncio.sleep(0.2)
+            continue
+        lead = view.leader.name if view.leader else None
+        if lead is not None and lead != old_leader and (candidate is None or lead == candidate):
+            if view.switchover is None or view.switchover.stage == SwitchoverStage.REQUESTED:
+                return lead
+        if view.switchover is None and lead == old_leader:
+            return None  # the leader dropped the request (refused or aborted)
+        await asyncio.sleep(0.05)
+    return None
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge recursively, ``null`` deletes a key."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+async def read_config(store: ClusterStore) -> tuple[DynamicConfig, int]:
+    try:
+        stored = await store.read_config()
+    except EtcdError as e:
+        raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+    if stored is None:
+        raise Refused(
+            RefusalKind.UNAVAILABLE, "the cluster has no dynamic configuration yet (not initialized)"
+        )
+    raw, mod_revision = stored
+    try:
+        return parse_dynamic_config(json.loads(raw)), mod_revision
+    except (ValueError, ConfigError) as e:
+        raise Refused(RefusalKind.UNAVAILABLE, f"the stored configuration is invalid: {e}") from e
+
+
+async def patch_config(
+    store: ClusterStore, patch: dict[str, Any], *, expected_revision: int | None = None
+) -> tuple[DynamicConfig, int]:
+    """Apply a JSON merge patch to the dynamic config with compare-and-swap.
+
+    ``expected_revision``: the config revision the caller last read (CONFLICT if it moved on);
+    without it, the patch applies to whatever is current (retried on a concurrent write)."""
+    if not isinstance(patch, dict):
+        raise Refused(RefusalKind.INVALID, "the patch must be a JSON object")
+    for _ in range(5):
+        cfg, rev = await read_config(store)
+        if expected_revision is not None and expected_revision != rev:
+            raise Refused(
+                RefusalKind.CONFLICT, f"the configuration changed (revision {rev}, not {expected_revision})"
+            )
+        merged = merge_patch(cfg.model_dump(mode="json"), patch)
+        try:
+            new = parse_dynamic_config(merged, source="patched config")
+        except ConfigError as e:
+            raise Refused(RefusalKind.INVALID, str(e), errors=e.errors) from e
+        try:
+            revision = await store.write_config(new, rev)
+        except EtcdError as e:
+            raise Refused(RefusalKind.UNAVAILABLE, f"etcd unavailable: {e}") from e
+        if revision is not None:
+            return new, revision
+        if expected_revision is not None:
+            raise Refused(RefusalKind.CONFLICT, "the configuration changed concurrently")
+    raise Refused(RefusalKind.CONFLICT, "the configuration kept changing; try again")
+
+
+async def set_pause(store: ClusterStore, paused: bool) -> DynamicConfig:
+    cfg, _ = await patch_config(store, {"pause": paused})
+    return cfg
