@@ -62,14 +62,14 @@ KEEP_RUNS = 20  # runs kept in a record
 MISSED_COUNT_CAP = 10_000  # counting missed slots stops here (a seconds cron after a long outage)
 
 
-class Result(StrEnum):
+class RunResult(StrEnum):
     RUNNING = "running"
     OK = "ok"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
 
 
-class Action(StrEnum):
+class ScheduleStep(StrEnum):
     IDLE = "idle"
     ARM = "arm"
     RUN = "run"
@@ -90,7 +90,7 @@ class Run:
     term: int
     leader: str
     started_at: float
-    result: Result = Result.RUNNING
+    result: RunResult = RunResult.RUNNING
     finished_at: float | None = None
     error: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
@@ -120,7 +120,7 @@ class Run:
             term=int(d.get("term", 0)),
             leader=str(d.get("leader", "")),
             started_at=float(d.get("started_at", 0.0)),
-            result=Result(d.get("result", Result.RUNNING)),
+            result=RunResult(d.get("result", RunResult.RUNNING)),
             finished_at=None if d.get("finished_at") is None else float(d["finished_at"]),
             error=d.get("error"),
             details=dict(d.get("details") or {}),
@@ -148,7 +148,7 @@ class ScheduleRecord:
         else:
             runs.append(run)
         ok = self.last_success_at
-        if run.result is Result.OK and run.finished_at is not None:
+        if run.result is RunResult.OK and run.finished_at is not None:
             ok = max(ok or 0.0, run.finished_at)
         return replace(self, runs=tuple(runs[-KEEP_RUNS:]), last_success_at=ok)
 
@@ -203,7 +203,7 @@ def due_slots(expr: str, tz: str, after: float, now: float) -> tuple[float | Non
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    action: Action
+    action: ScheduleStep
     why: str
     slot: float | None = None
     attempt: int = 1
@@ -222,25 +222,25 @@ def plan(
 ) -> Plan:
     """What the leader (``me`` under ``term``) does about one schedule now.  No I/O."""
     if record is None:
-        return Plan(Action.ARM, "first seen: armed; slots count from now on")
+        return Plan(ScheduleStep.ARM, "first seen: armed; slots count from now on")
     last = record.last
-    if last is not None and last.result is Result.RUNNING:
+    if last is not None and last.result is RunResult.RUNNING:
         if last.leader == me and last.term == term:
             if running_here:
-                return Plan(Action.IDLE, "running", last.slot, last.attempt)
+                return Plan(ScheduleStep.IDLE, "running", last.slot, last.attempt)
             why = f"this agent restarted while running it (term {term})"
         else:
             why = f"interrupted by failover (it ran on {last.leader or '?'}, term {last.term})"
-        return Plan(Action.INTERRUPTED, why, last.slot, last.attempt)
+        return Plan(ScheduleStep.INTERRUPTED, why, last.slot, last.attempt)
     base = record.since if last is None else max(record.since, last.slot)
     newest, count = due_slots(expr, tz, base, now)
     if newest is not None:
         missed = count - 1
         why = "slot due" if missed == 0 else f"slot due; {missed} earlier slot(s) missed, run once"
-        return Plan(Action.RUN, why, newest, 1, missed)
-    if last is not None and last.result is Result.INTERRUPTED and last.attempt < MAX_ATTEMPTS:
-        return Plan(Action.RUN, "re-run once: the slot was interrupted", last.slot, last.attempt + 1)
-    return Plan(Action.IDLE, "no slot due")
+        return Plan(ScheduleStep.RUN, why, newest, 1, missed)
+    if last is not None and last.result is RunResult.INTERRUPTED and last.attempt < MAX_ATTEMPTS:
+        return Plan(ScheduleStep.RUN, "re-run once: the slot was interrupted", last.slot, last.attempt + 1)
+    return Plan(ScheduleStep.IDLE, "no slot due")
 
 
 # ====================================================================== jobs
@@ -582,13 +582,13 @@ class ScheduleRunner:
             p = plan(
                 rec, s.cron, s.timezone, now, me=self.node, term=term, running_here=s.name in self.running
             )
-            if p.action is Action.IDLE:
+            if p.action is ScheduleStep.IDLE:
                 continue
             if refusal is not None:
                 self._log_once(s.name, p.slot, refusal, "schedule_refused", action=p.action.value)
                 continue
             mod = kv.mod_revision if kv is not None else 0
-            if p.action is Action.ARM:
+            if p.action is ScheduleStep.ARM:
                 armed = ScheduleRecord(s.name, since=now)
                 if await self._write(s.name, armed, mod, term):
                     log.info(
@@ -597,9 +597,9 @@ class ScheduleRunner:
                         cron=s.cron,
                         next=iso(next_slot(s.cron, s.timezone, now)),
                     )
-            elif p.action is Action.INTERRUPTED:
+            elif p.action is ScheduleStep.INTERRUPTED:
                 assert rec is not None and rec.last is not None
-                last = replace(rec.last, result=Result.INTERRUPTED, error=p.why)
+                last = replace(rec.last, result=RunResult.INTERRUPTED, error=p.why)
                 if await self._write(s.name, rec.with_run(last), mod, term):
                     log.warning(
                         "schedule_run_interrupted",
@@ -608,8 +608,8 @@ class ScheduleRunner:
                         attempt=p.attempt,
                         why=p.why,
                     )
-                    self.m_runs.labels(s.name, Result.INTERRUPTED.value).inc()
-            elif p.action is Action.RUN:
+                    self.m_runs.labels(s.name, RunResult.INTERRUPTED.value).inc()
+            elif p.action is ScheduleStep.RUN:
                 assert rec is not None and p.slot is not None
                 await self._claim_and_start(s, rec, mod, term, p, view)
 
@@ -649,14 +649,14 @@ class ScheduleRunner:
 
     async def _execute(self, s: ScheduleConfig, run: Run, ctx: JobContext) -> None:
         t0 = time.monotonic()
-        result, error, details = Result.FAILED, None, {}
+        result, error, details = RunResult.FAILED, None, {}
         try:
             details = await self.jobs[s.kind](s, ctx)
-            result = Result.OK
+            result = RunResult.OK
         except JobError as e:
             error = str(e)
         except asyncio.CancelledError:
-            result, error = Result.INTERRUPTED, "the agent stopped while it ran"
+            result, error = RunResult.INTERRUPTED, "the agent stopped while it ran"
             raise
         except Exception as e:
             log.exception("schedule_job_crashed", schedule=s.name)
@@ -664,7 +664,7 @@ class ScheduleRunner:
         finally:
             done = replace(run, result=result, error=error, details=details, finished_at=time.time())
             self.m_runs.labels(s.name, result.value).inc()
-            (log.info if result is Result.OK else log.error)(
+            (log.info if result is RunResult.OK else log.error)(
                 "schedule_run_finished",
                 schedule=s.name,
                 slot=iso(run.slot),
@@ -692,7 +692,7 @@ class ScheduleRunner:
                     prior = next(
                         (r for r in rec.runs if r.slot == done.slot and r.attempt == done.attempt), None
                     )
-                    if prior is not None and prior.result is Result.INTERRUPTED:
+                    if prior is not None and prior.result is RunResult.INTERRUPTED:
                         # a new leader gave up on it meanwhile; say both
                         done = replace(
                             done, error=f"{done.error or done.result.value}; marked meanwhile: {prior.error}"
@@ -719,7 +719,7 @@ class ScheduleRunner:
             if rec.last_success_at is not None:
                 self.m_last_success.labels(s.name).set(rec.last_success_at)
             last = rec.last
-            for r in Result:
+            for r in RunResult:
                 self.m_last_result.labels(s.name, r.value).set(
                     1 if last is not None and last.result is r else 0
                 )
@@ -732,7 +732,7 @@ def next_run(s: ScheduleConfig, rec: ScheduleRecord | None, now: float) -> float
     if rec is None:
         return next_slot(s.cron, s.timezone, now)
     p = plan(rec, s.cron, s.timezone, now, me="", term=-1, running_here=False)
-    if p.action is Action.RUN:
+    if p.action is ScheduleStep.RUN:
         return now
     last = rec.last
     base = rec.since if last is None else max(rec.since, last.slot)

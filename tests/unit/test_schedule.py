@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from hakeeper.backup.basebackup import BackupError
 from hakeeper.backup.schedule import (
     MAX_ATTEMPTS,
-    Action,
-    Result,
     Run,
+    RunResult,
     ScheduleRecord,
+    ScheduleStep,
     describe,
     due_slots,
     next_slot,
@@ -33,28 +33,28 @@ def rec(*runs: Run, since: float = T0) -> ScheduleRecord:
     return ScheduleRecord("s", since=since, runs=tuple(runs))
 
 
-def run(slot: float, result: Result, *, leader: str = "n1", term: int = 7, attempt: int = 1) -> Run:
+def run(slot: float, result: RunResult, *, leader: str = "n1", term: int = 7, attempt: int = 1) -> Run:
     return Run(slot=slot, attempt=attempt, term=term, leader=leader, started_at=slot, result=result)
 
 
 def test_a_new_schedule_is_armed_and_never_runs_for_the_past() -> None:
     p = plan(None, "0 * * * *", "UTC", T0 + 5 * HOUR, me="n1", term=7, running_here=False)
-    assert p.action is Action.ARM
+    assert p.action is ScheduleStep.ARM
     p = plan(
         rec(since=T0 + 5 * HOUR), "0 * * * *", "UTC", T0 + 5 * HOUR + 10, me="n1", term=7, running_here=False
     )
-    assert p.action is Action.IDLE
+    assert p.action is ScheduleStep.IDLE
 
 
 def test_slots_missed_during_an_outage_run_once_the_newest() -> None:
     now = T0 + 5 * HOUR + 30
-    p = plan(rec(run(T0, Result.OK)), "0 * * * *", "UTC", now, me="n1", term=7, running_here=False)
-    assert p.action is Action.RUN
+    p = plan(rec(run(T0, RunResult.OK)), "0 * * * *", "UTC", now, me="n1", term=7, running_here=False)
+    assert p.action is ScheduleStep.RUN
     assert p.slot == T0 + 5 * HOUR and p.missed == 4 and p.attempt == 1
 
 
 def test_a_claimed_slot_does_not_run_again() -> None:
-    for result in (Result.OK, Result.FAILED):
+    for result in (RunResult.OK, RunResult.FAILED):
         p = plan(
             rec(run(T0 + HOUR, result)),
             "0 * * * *",
@@ -64,34 +64,35 @@ def test_a_claimed_slot_does_not_run_again() -> None:
             term=7,
             running_here=False,
         )
-        assert p.action is Action.IDLE, result
+        assert p.action is ScheduleStep.IDLE, result
 
 
 def test_a_run_of_a_dead_leader_is_marked_interrupted_then_run_once_more() -> None:
     now = T0 + HOUR + 60
-    r = rec(run(T0 + HOUR, Result.RUNNING, leader="n2", term=3))
+    r = rec(run(T0 + HOUR, RunResult.RUNNING, leader="n2", term=3))
     p = plan(r, "0 * * * *", "UTC", now, me="n1", term=7, running_here=False)
-    assert p.action is Action.INTERRUPTED and "failover" in p.why and "n2" in p.why
-    r2 = r.with_run(run(T0 + HOUR, Result.INTERRUPTED, leader="n2", term=3))
+    assert p.action is ScheduleStep.INTERRUPTED and "failover" in p.why and "n2" in p.why
+    r2 = r.with_run(run(T0 + HOUR, RunResult.INTERRUPTED, leader="n2", term=3))
     p = plan(r2, "0 * * * *", "UTC", now, me="n1", term=7, running_here=False)
-    assert p.action is Action.RUN and p.slot == T0 + HOUR and p.attempt == 2
-    r3 = r2.with_run(run(T0 + HOUR, Result.INTERRUPTED, term=7, attempt=MAX_ATTEMPTS))
-    assert plan(r3, "0 * * * *", "UTC", now, me="n1", term=7, running_here=False).action is Action.IDLE
+    assert p.action is ScheduleStep.RUN and p.slot == T0 + HOUR and p.attempt == 2
+    r3 = r2.with_run(run(T0 + HOUR, RunResult.INTERRUPTED, term=7, attempt=MAX_ATTEMPTS))
+    assert plan(r3, "0 * * * *", "UTC", now, me="n1", term=7, running_here=False).action is ScheduleStep.IDLE
 
 
 def test_an_interrupted_slot_gives_way_to_a_newer_slot() -> None:
-    r = rec(run(T0 + HOUR, Result.INTERRUPTED))
+    r = rec(run(T0 + HOUR, RunResult.INTERRUPTED))
     p = plan(r, "0 * * * *", "UTC", T0 + 2 * HOUR + 1, me="n1", term=7, running_here=False)
-    assert p.action is Action.RUN and p.slot == T0 + 2 * HOUR and p.attempt == 1
+    assert p.action is ScheduleStep.RUN and p.slot == T0 + 2 * HOUR and p.attempt == 1
 
 
 def test_our_own_running_job_is_left_alone_but_a_lost_one_is_interrupted() -> None:
-    r = rec(run(T0 + HOUR, Result.RUNNING, leader="n1", term=7))
+    r = rec(run(T0 + HOUR, RunResult.RUNNING, leader="n1", term=7))
     assert (
-        plan(r, "0 * * * *", "UTC", T0 + HOUR + 5, me="n1", term=7, running_here=True).action is Action.IDLE
+        plan(r, "0 * * * *", "UTC", T0 + HOUR + 5, me="n1", term=7, running_here=True).action
+        is ScheduleStep.IDLE
     )
     p = plan(r, "0 * * * *", "UTC", T0 + HOUR + 5, me="n1", term=7, running_here=False)
-    assert p.action is Action.INTERRUPTED and "restarted" in p.why
+    assert p.action is ScheduleStep.INTERRUPTED and "restarted" in p.why
 
 
 def test_seconds_field_and_time_zone() -> None:
@@ -101,8 +102,8 @@ def test_seconds_field_and_time_zone() -> None:
 
 
 def test_record_json_round_trip_and_last_success() -> None:
-    r = rec(run(T0, Result.RUNNING))
-    done = Run(T0, 1, 7, "n1", T0, Result.OK, T0 + 42, None, {"repositories": {"fs": {"backup": "b1"}}})
+    r = rec(run(T0, RunResult.RUNNING))
+    done = Run(T0, 1, 7, "n1", T0, RunResult.OK, T0 + 42, None, {"repositories": {"fs": {"backup": "b1"}}})
     r = r.with_run(done)
     assert len(r.runs) == 1 and r.last_success_at == T0 + 42
     assert ScheduleRecord.from_json(r.to_json()) == r
@@ -128,32 +129,32 @@ def test_due_slots_is_the_newest_slot_of_the_interval(minute: int, start: float,
 
 @settings(max_examples=200, deadline=None)
 @given(
-    slots_done=st.lists(st.sampled_from(list(Result)), max_size=5),
+    slots_done=st.lists(st.sampled_from(list(RunResult)), max_size=5),
     now_offset=st.floats(0, 10 * HOUR),
     leader=st.sampled_from(["n1", "n2"]),
     term=st.sampled_from([6, 7]),
     running_here=st.booleans(),
 )
 def test_plan_never_runs_a_slot_twice_nor_one_in_the_future(
-    slots_done: list[Result], now_offset: float, leader: str, term: int, running_here: bool
+    slots_done: list[RunResult], now_offset: float, leader: str, term: int, running_here: bool
 ) -> None:
     runs = [run(T0 + i * HOUR, r, leader=leader, term=term) for i, r in enumerate(slots_done)]
     r = rec(*runs)
     now = T0 + now_offset + len(runs) * HOUR
     p = plan(r, "0 * * * *", "UTC", now, me="n1", term=7, running_here=running_here)
-    if p.action is Action.RUN:
+    if p.action is ScheduleStep.RUN:
         assert p.slot is not None and p.slot <= now
         last = r.last
         if last is not None and p.slot == last.slot:  # only a retry of an interrupted slot
-            assert last.result is Result.INTERRUPTED and p.attempt == last.attempt + 1 <= MAX_ATTEMPTS
+            assert last.result is RunResult.INTERRUPTED and p.attempt == last.attempt + 1 <= MAX_ATTEMPTS
         elif last is not None:
             assert p.slot > last.slot
     if (
         r.last is not None
-        and r.last.result is Result.RUNNING
+        and r.last.result is RunResult.RUNNING
         and not (r.last.leader == "n1" and r.last.term == 7 and running_here)
     ):
-        assert p.action is Action.INTERRUPTED
+        assert p.action is ScheduleStep.INTERRUPTED
 
 
 # ---------------------------------------------------------------------------------- config
