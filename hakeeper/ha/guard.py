@@ -71,7 +71,8 @@ class WriteGuard:
 
     def refusal(self) -> str | None:
         """Why this node may not write now (None: it may): only the running primary that holds
-        the leader key under a valid lease, in its current view, and is not fenced."""
+        the leader key under a valid lease, in its current view, whose fence is armed and has not
+        expired."""
         probe = self.state.probe
         if probe is None or not probe.running:
             return "postgres is not running"
@@ -84,13 +85,16 @@ class WriteGuard:
             return f"the leader key is held by {leader.name}"
         if leader.lease != self.lease.lease or not self.lease.valid():
             return "our leader lease is not valid"
+        if not self.fence.armed:
+            return "the fence is not armed yet"
         if self.fence.expired():
             return "fenced"
         return None
 
     def writable_leader(self) -> bool:
-        """Lease-holding writable primary whose fence is armed and not expired (``/primary``)."""
-        return self.refusal() is None and self.fence.armed
+        """Lease-holding writable primary whose fence is armed and not expired (``/primary``,
+        the archiver, the schedules and the heartbeat all ask :meth:`refusal`)."""
+        return self.refusal() is None
 
     def leader_term(self) -> int | None:
         """Our term while we may write as the leader, else None."""
