@@ -18,6 +18,7 @@ from hakeeper.dcs.etcd import (
     LeaseNotFound,
     WatchCompacted,
     _body_error,
+    _watch_result,
     b64,
     b64_key,
     cmp_create,
@@ -143,7 +144,7 @@ def test_put_events_have_no_type() -> None:
 def test_watch_results() -> None:
     compacted = {"result": {"header": {}, "canceled": True, "compact_revision": "2"}}
     with pytest.raises(WatchCompacted) as ei:
-        EtcdClient._watch_result(compacted)
+        _watch_result(compacted)
     assert ei.value.compact_revision == 2
     denied = {
         "result": {
@@ -155,10 +156,10 @@ def test_watch_results() -> None:
         }
     }
     with pytest.raises(AuthError) as ai:
-        EtcdClient._watch_result(denied)
+        _watch_result(denied)
     assert ai.value.code == 16
     created = {"result": {"header": {"revision": "3"}, "created": True}}
-    assert EtcdClient._watch_result(created)["created"] is True
+    assert _watch_result(created)["created"] is True
 
 
 def test_error_mapping() -> None:
