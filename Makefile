@@ -30,7 +30,7 @@ lint:
 	$(BIN)/lint-imports --no-logo
 
 typecheck:
-	$(BIN)/mypy hakeeper chaos
+	$(BIN)/mypy hakeeper chaos tests
 
 unit:
 	$(BIN)/pytest tests/unit || { $(PYTEST_NO_TESTS_OK); }

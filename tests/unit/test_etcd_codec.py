@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -210,7 +211,7 @@ def test_builders() -> None:
     assert op_range("/p/", prefix=True)["request_range"]["range_end"] == b64("/p0")
 
 
-def _stream(messages: list[dict[str, object]]) -> bytes:
+def _stream(messages: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(m).encode() + b"\n" for m in messages)
 
 
