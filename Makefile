@@ -27,9 +27,10 @@ test: setup
 lint:
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
+	$(BIN)/lint-imports --no-logo
 
 typecheck:
-	$(BIN)/mypy hakeeper chaos
+	$(BIN)/mypy hakeeper chaos tests
 
 unit:
 	$(BIN)/pytest tests/unit || { $(PYTEST_NO_TESTS_OK); }
@@ -50,5 +51,5 @@ chaos: setup
 	$(BIN)/python -m chaos summarize chaos/reports/full --write docs/chaos.md; exit $$rc
 
 clean:
-	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -963,28 +963,16 @@ class Bench:
     # ----------------------------------------------------------------- the whole run
 
     def run(self) -> None:
-        a = self.args
-        hk_on = not a.skip_hakeeper
-        pgbr_on = not a.skip_pgbackrest
+        hk_on = not self.args.skip_hakeeper
+        pgbr_on = not self.args.skip_pgbackrest
         if hk_on:
-            compile_hakeeper()
-            self.hk_available = hakeeper_commands_available(self.hk_cli)
-            if not self.hk_available:
-                self.res.missing.append(
-                    "hakeeper's `backup create` / `restore` commands are not available in this checkout: "
-                    "hakeeper rows not measured"
-                )
-                log(self.res.missing[-1])
+            self.check_hakeeper_commands()
         self.create_dataset()
         self.stop_cluster()
         self.copy_data()
         hk_measured = hk_on and self.hk_available
         if hk_measured:
-            log("starting the hakeeper cluster again")
-            self.cluster.start()
-            self.cluster.wait_ready(180)
-            self.wait_archive_idle(self.node.data_dir, "hakeeper (after restart)", 300)
-            self.idle_cpu()
+            self.restart_hakeeper_cluster()
         log("raw reference on the stopped copy: tar | zstd, tar | cat, zstd -d | tar -x")
         self.raw_reference()
         if pgbr_on:
@@ -992,7 +980,30 @@ class Bench:
         tools: list[str] = [t for t, on in (("hk", hk_measured), ("pgbr", pgbr_on)) if on]
         if not tools:
             return
-        runs = range(1, a.runs + 1)
+        self.measure(tools)
+        self.repo_checks(hk_measured, pgbr_on)
+
+    def check_hakeeper_commands(self) -> None:
+        compile_hakeeper()
+        self.hk_available = hakeeper_commands_available(self.hk_cli)
+        if not self.hk_available:
+            self.res.missing.append(
+                "hakeeper's `backup create` / `restore` commands are not available in this checkout: "
+                "hakeeper rows not measured"
+            )
+            log(self.res.missing[-1])
+
+    def restart_hakeeper_cluster(self) -> None:
+        log("starting the hakeeper cluster again")
+        self.cluster.start()
+        self.cluster.wait_ready(180)
+        self.wait_archive_idle(self.node.data_dir, "hakeeper (after restart)", 300)
+        self.idle_cpu()
+
+    def measure(self, tools: list[str]) -> None:
+        """Backups, restores, a write load and PITR restores for each tool in ``tools`` ("hk",
+        "pgbr"), alternating which tool goes first from one run to the next."""
+        runs = range(1, self.args.runs + 1)
 
         def order(i: int) -> list[str]:
             return tools if i % 2 else list(reversed(tools))
@@ -1006,7 +1017,7 @@ class Bench:
             for t in order(i):
                 self.hk_restore(i, "restore") if t == "hk" else self.pgbr_restore(i, "restore")
         targets: dict[str, str] = {}
-        if hk_measured:
+        if "hk" in tools:
             targets["hk"] = self.write_load(
                 "hk",
                 self.ports.hk_pg,
@@ -1014,7 +1025,7 @@ class Bench:
                 self.hk_repo_ctime,
                 self.node.api_url + "/metrics",
             )
-        if pgbr_on:
+        if "pgbr" in tools:
             targets["pgbr"] = self.write_load(
                 "pgbr", self.ports.pgbr_source, self.pgbr_data, self.pgbr_repo_ctime
             )
@@ -1025,7 +1036,6 @@ class Bench:
                     self.hk_restore(i, "pitr", targets["hk"])
                 else:
                     self.pgbr_restore(i, "pitr", targets["pgbr"])
-        self.repo_checks(hk_measured, pgbr_on)
 
     def repo_checks(self, hk_on: bool, pgbr_on: bool) -> None:
         """A restored copy must never archive into the source's repository: no WAL or history

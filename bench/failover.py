@@ -471,6 +471,95 @@ def read_ids(dsn: str, trial: int | None, timeout: float = 30.0) -> set[int]:
             time.sleep(0.2)
 
 
+def wait_first_ack(writer: Writer, t_kill: float, old_port: int, recovery_timeout: float) -> Attempt | None:
+    """The first insert acknowledged by another node than the killed one, or None at the timeout."""
+    deadline = t_kill + recovery_timeout
+    while time.monotonic() < deadline:
+        for a in writer.snapshot():
+            if a.outcome == "ok" and a.start > t_kill and a.port != old_port:
+                return a
+        time.sleep(0.05)
+    return None
+
+
+def count_attempts(trial: Trial, attempts: Sequence[Attempt], t_kill: float, old_port: int) -> None:
+    trial.acked = sum(a.outcome == "ok" for a in attempts)
+    trial.failed = sum(a.outcome == "failed" for a in attempts)
+    trial.unknown = sum(a.outcome == "unknown" for a in attempts)
+    trial.acks_on_old_after_kill = sum(
+        a.outcome == "ok" and a.port == old_port and a.start > t_kill for a in attempts
+    )
+    oks = [a for a in attempts if a.outcome == "ok"]
+    gaps = [b.end - a.end for a, b in itertools.pairwise(oks) if b.end > t_kill]
+    trial.max_gap_s = round(max(gaps), 3) if gaps else None
+    trial.attempts = [asdict(a) for a in attempts]
+
+
+def count_losses(trial: Trial, attempts: Sequence[Attempt], present: set[int]) -> None:
+    """Acknowledged inserts missing on the new primary, and unacknowledged ones that committed."""
+    acked_ids = {a.id for a in attempts if a.outcome == "ok"}
+    lost = sorted(acked_ids - present)
+    trial.lost = len(lost)
+    trial.lost_ids = lost[:50]
+    trial.unknown_committed = sum(a.outcome == "unknown" and a.id in present for a in attempts)
+    trial.failed_committed = sum(a.outcome == "failed" and a.id in present for a in attempts)
+
+
+def note_survivors_refusing(
+    trial: Trial, cluster: LocalCluster, old: str, offsets: dict[str, int], kill_wall: float, until: float
+) -> None:
+    """Survivors that judged themselves no failover candidate between the kill and the first ack."""
+    for name in cluster.nodes:
+        if name == old:
+            continue
+        for obj in _log_lines_since(cluster.nodes[name].log_path, offsets[name]):
+            ts = _parse_ts(obj.get("timestamp"))
+            why = str(obj.get("why", ""))
+            if ts is not None and kill_wall <= ts <= until and why.startswith("not a failover candidate"):
+                trial.ineligible_after_kill.append(f"{name} at +{ts - kill_wall:.2f}s: {why}")
+                trial.notes.append(f"{name} refused to campaign after the kill: {why}")
+                break
+
+
+def rejoin(trial: Trial, cluster: LocalCluster, old: str, rejoin_timeout: float) -> None:
+    """Restart the killed node's agent; it must come back as a replica of the new primary."""
+    t0 = time.monotonic()
+
+    def on_poll(states: dict[str, NodeState]) -> None:
+        text = ", ".join(f"{st.name}: {st.role}" for st in states.values())
+        if not trial.rejoin_progress or not trial.rejoin_progress[-1].endswith(text):
+            trial.rejoin_progress.append(f"+{time.monotonic() - t0:.1f}s {text}")
+
+    old_offset = cluster.nodes[old].log_path.stat().st_size
+    restart_wall = time.time()
+    t0 = time.monotonic()
+    cluster.start_agent(old)
+    try:
+        trial.primary_after_rejoin = cluster.wait_ready(rejoin_timeout, on_poll=on_poll)
+        trial.rejoin_s = round(time.monotonic() - t0, 3)
+    except Exception as e:
+        trial.notes.append(f"rejoin failed: {str(e).splitlines()[0]}")
+    trial.rejoin_rewind_s = event_after(cluster, old, old_offset, restart_wall, "rewind_finished")
+    trial.rejoin_follow_s = event_after(cluster, old, old_offset, restart_wall, "decision_follow")
+    if trial.recovered and trial.primary_after_rejoin not in (None, trial.new_primary):
+        trial.notes.append(
+            f"primary changed during rejoin: {trial.new_primary} -> {trial.primary_after_rejoin}"
+        )
+
+
+def is_anomalous(trial: Trial) -> bool:
+    """Whether the trial deserves a log excerpt in the report."""
+    return (
+        not trial.recovered
+        or trial.lost > 0
+        or trial.failed_committed > 0
+        or trial.acks_on_old_after_kill > 0
+        or trial.rejoin_s is None
+        or (trial.rto_s is not None and trial.rto_s > RTO_TARGET_P95_S)
+        or bool(trial.notes)
+    )
+
+
 def run_trial(
     cluster: LocalCluster,
     number: int,
@@ -507,16 +596,7 @@ def run_trial(
     trial.pre_kill_s = round(t_kill - t_writer, 3)
     trial.kill_wall = dt.datetime.fromtimestamp(kill_wall, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
 
-    first_ack: Attempt | None = None
-    deadline = t_kill + recovery_timeout
-    while time.monotonic() < deadline:
-        for a in writer.snapshot():
-            if a.outcome == "ok" and a.start > t_kill and a.port != old_port:
-                first_ack = a
-                break
-        if first_ack is not None:
-            break
-        time.sleep(0.05)
+    first_ack = wait_first_ack(writer, t_kill, old_port, recovery_timeout)
     if first_ack is not None:
         time.sleep(max(0.0, first_ack.end + POST_ACK_S - time.monotonic()))
     writer.stop_event.set()
@@ -526,17 +606,7 @@ def run_trial(
     attempts = writer.snapshot()
     next_id = writer.next_id
 
-    trial.acked = sum(a.outcome == "ok" for a in attempts)
-    trial.failed = sum(a.outcome == "failed" for a in attempts)
-    trial.unknown = sum(a.outcome == "unknown" for a in attempts)
-    trial.acks_on_old_after_kill = sum(
-        a.outcome == "ok" and a.port == old_port and a.start > t_kill for a in attempts
-    )
-    oks = [a for a in attempts if a.outcome == "ok"]
-    gaps = [b.end - a.end for a, b in itertools.pairwise(oks) if b.end > t_kill]
-    trial.max_gap_s = round(max(gaps), 3) if gaps else None
-    trial.attempts = [asdict(a) for a in attempts]
-
+    count_attempts(trial, attempts, t_kill, old_port)
     if first_ack is not None:
         trial.recovered = True
         trial.rto_s = round(first_ack.end - t_kill, 3)
@@ -545,65 +615,16 @@ def run_trial(
             off = offsets[trial.new_primary]
             trial.leader_after_s = event_after(cluster, trial.new_primary, off, kill_wall, "leader_acquired")
             trial.promoted_after_s = event_after(cluster, trial.new_primary, off, kill_wall, "promoted")
-        present = read_ids(cluster.write_dsn(), number)
-        acked_ids = {a.id for a in oks}
-        lost = sorted(acked_ids - present)
-        trial.lost = len(lost)
-        trial.lost_ids = lost[:50]
-        trial.unknown_committed = sum(a.outcome == "unknown" and a.id in present for a in attempts)
-        trial.failed_committed = sum(a.outcome == "failed" and a.id in present for a in attempts)
+        count_losses(trial, attempts, read_ids(cluster.write_dsn(), number))
     else:
         trial.notes.append(
             f"no acknowledged insert on another node within {recovery_timeout:.0f} s of the kill"
         )
 
-    # Survivors that judged themselves no failover candidate between the kill and the first ack.
     until = kill_wall + (trial.rto_s if trial.rto_s is not None else recovery_timeout)
-    for name in cluster.nodes:
-        if name == old:
-            continue
-        for obj in _log_lines_since(cluster.nodes[name].log_path, offsets[name]):
-            ts = _parse_ts(obj.get("timestamp"))
-            why = str(obj.get("why", ""))
-            if ts is not None and kill_wall <= ts <= until and why.startswith("not a failover candidate"):
-                trial.ineligible_after_kill.append(f"{name} at +{ts - kill_wall:.2f}s: {why}")
-                trial.notes.append(f"{name} refused to campaign after the kill: {why}")
-                break
-
-    # Rejoin: restart the killed node's agent; it must come back as a replica of the new primary.
-    t0 = time.monotonic()
-
-    def on_poll(states: dict[str, NodeState]) -> None:
-        text = ", ".join(f"{st.name}: {st.role}" for st in states.values())
-        if not trial.rejoin_progress or not trial.rejoin_progress[-1].endswith(text):
-            trial.rejoin_progress.append(f"+{time.monotonic() - t0:.1f}s {text}")
-
-    old_offset = cluster.nodes[old].log_path.stat().st_size
-    restart_wall = time.time()
-    t0 = time.monotonic()
-    cluster.start_agent(old)
-    try:
-        trial.primary_after_rejoin = cluster.wait_ready(rejoin_timeout, on_poll=on_poll)
-        trial.rejoin_s = round(time.monotonic() - t0, 3)
-    except Exception as e:
-        trial.notes.append(f"rejoin failed: {str(e).splitlines()[0]}")
-    trial.rejoin_rewind_s = event_after(cluster, old, old_offset, restart_wall, "rewind_finished")
-    trial.rejoin_follow_s = event_after(cluster, old, old_offset, restart_wall, "decision_follow")
-    if trial.recovered and trial.primary_after_rejoin not in (None, trial.new_primary):
-        trial.notes.append(
-            f"primary changed during rejoin: {trial.new_primary} -> {trial.primary_after_rejoin}"
-        )
-
-    anomalous = (
-        not trial.recovered
-        or trial.lost > 0
-        or trial.failed_committed > 0
-        or trial.acks_on_old_after_kill > 0
-        or trial.rejoin_s is None
-        or (trial.rto_s is not None and trial.rto_s > RTO_TARGET_P95_S)
-        or bool(trial.notes)
-    )
-    if anomalous:
+    note_survivors_refusing(trial, cluster, old, offsets, kill_wall, until)
+    rejoin(trial, cluster, old, rejoin_timeout)
+    if is_anomalous(trial):
         wall_to = kill_wall + (trial.rto_s or recovery_timeout) + 1.0
         trial.log_excerpt = log_excerpt(cluster, offsets, kill_wall, kill_wall - 1.5, wall_to)
     return trial, next_id
@@ -897,6 +918,75 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_trials(
+    cluster: LocalCluster,
+    args: argparse.Namespace,
+    trials: list[Trial],
+    seen_pids: list[int],
+    all_acked: set[int],
+) -> str | None:
+    """Runs the trials one after the other, appending each to ``trials`` (and its killed pids and
+    acknowledged ids to the other two) as it ends; returns why it stopped early, or None."""
+    next_id = 1
+    for number, phase in enumerate(_phases(args.trials, args.jitter), start=1):
+        try:
+            trial, next_id = run_trial(
+                cluster, number, next_id, PRE_KILL_S + phase, args.recovery_timeout, args.rejoin_timeout
+            )
+        except Exception as e:
+            aborted = f"trial {number} aborted: {type(e).__name__}: {str(e).splitlines()[0]}"
+            print(aborted, flush=True)
+            return aborted
+        trials.append(trial)
+        seen_pids.extend(trial.killed_pids.values())
+        all_acked.update(a["id"] for a in trial.attempts if a["outcome"] == "ok")
+        print(trial_line(trial), flush=True)
+        for line in trial.log_excerpt:
+            print("    " + line, flush=True)
+        if trial.rejoin_s is None:
+            aborted = f"stopping after trial {number}: the cluster did not become ready again"
+            print(aborted, flush=True)
+            return aborted
+    return None
+
+
+def check_acked_present(cluster: LocalCluster, all_acked: set[int]) -> str:
+    """Whether every insert acknowledged in any trial is on the primary at the end."""
+    try:
+        present = read_ids(cluster.write_dsn(), None)
+    except psycopg.Error as e:
+        return f"could not check: {_err(e)}"
+    missing = sorted(all_acked - present)
+    return f"{len(all_acked) - len(missing)} of {len(all_acked)} present" + (
+        f" — MISSING {len(missing)}: {missing[:20]}" if missing else ""
+    )
+
+
+def write_json(
+    path: Path,
+    facts: dict[str, Any],
+    settings: dict[str, Any],
+    summary: dict[str, Any],
+    final_check: str,
+    leftover: str,
+    trials: Sequence[Trial],
+) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "facts": facts,
+                "settings": settings,
+                "summary": summary,
+                "final_check": final_check,
+                "leftover_processes": leftover,
+                "trials": [asdict(t) for t in trials],
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {path}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m bench.failover " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -930,35 +1020,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         primary = cluster.wait_ready(180)
         print(f"cluster ready in {time.monotonic() - t0:.1f} s, primary {primary}", flush=True)
         _setup_table(cluster.write_dsn())
-        next_id = 1
-        for number, phase in enumerate(_phases(args.trials, args.jitter), start=1):
-            try:
-                trial, next_id = run_trial(
-                    cluster, number, next_id, PRE_KILL_S + phase, args.recovery_timeout, args.rejoin_timeout
-                )
-            except Exception as e:
-                aborted = f"trial {number} aborted: {type(e).__name__}: {str(e).splitlines()[0]}"
-                print(aborted, flush=True)
-                break
-            trials.append(trial)
-            seen_pids.extend(trial.killed_pids.values())
-            all_acked.update(a["id"] for a in trial.attempts if a["outcome"] == "ok")
-            print(trial_line(trial), flush=True)
-            for line in trial.log_excerpt:
-                print("    " + line, flush=True)
-            if trial.rejoin_s is None:
-                aborted = f"stopping after trial {number}: the cluster did not become ready again"
-                print(aborted, flush=True)
-                break
+        aborted = run_trials(cluster, args, trials, seen_pids, all_acked)
         if trials:
-            try:
-                present = read_ids(cluster.write_dsn(), None)
-                missing = sorted(all_acked - present)
-                final_check = f"{len(all_acked) - len(missing)} of {len(all_acked)} present" + (
-                    f" — MISSING {len(missing)}: {missing[:20]}" if missing else ""
-                )
-            except psycopg.Error as e:
-                final_check = f"could not check: {_err(e)}"
+            final_check = check_acked_present(cluster, all_acked)
             print(f"final check: {final_check}", flush=True)
     except KeyboardInterrupt:
         aborted = "interrupted"
@@ -991,20 +1055,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         update_doc(args.out, section)
         print(f"wrote the failover section of {args.out}", flush=True)
     if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "facts": facts,
-                    "settings": settings,
-                    "summary": summary,
-                    "final_check": final_check,
-                    "leftover_processes": leftover,
-                    "trials": [asdict(t) for t in trials],
-                },
-                indent=1,
-            )
-        )
-        print(f"wrote {args.json}", flush=True)
+        write_json(args.json, facts, settings, summary, final_check, leftover, trials)
     if left:
         exit_code = exit_code or 1
     return exit_code if trials else (exit_code or 1)

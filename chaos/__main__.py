@@ -17,6 +17,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    # SIGTERM (and SIGINT, which a shell ignores for background jobs) stop the run cleanly: the
-    # cluster's processes are stopped and the namespaces removed by the runner's finally blocks.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m chaos", description="hakeeper fault-injection suite")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the scenarios")
@@ -75,43 +72,72 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dirs", nargs="+")
     p.add_argument("--write", help="replace the summary section of this markdown file")
     sub.add_parser("cleanup")
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.cmd == "list":
-        for s in SCENARIOS.values():
-            extra = " [netns]" if s.partition else ""
-            extra += " [3 etcd]" if s.etcd_members == 3 else ""
-            print(f"{s.name:26} {s.about}{extra}")
-        return 0
-    if args.cmd == "cleanup":
-        gone = remove_stale_namespaces()
-        print("removed: " + (", ".join(gone) if gone else "nothing"))
-        return 0
-    if args.cmd == "summarize":
-        found: list[dict[str, Any]] = []
-        for d in args.dirs:
-            for f in sorted(Path(d).glob("*.json")):
-                found.append(json.loads(f.read_text()))
-        if args.write:
-            write_summary(Path(args.write), found)
-            print(f"wrote {args.write}")
-        else:
-            print(summarize(found))
-        return 0
+
+def _list_scenarios(args: argparse.Namespace) -> int:
+    for s in SCENARIOS.values():
+        extra = " [netns]" if s.partition else ""
+        extra += " [3 etcd]" if s.etcd_members == 3 else ""
+        print(f"{s.name:26} {s.about}{extra}")
+    return 0
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    gone = remove_stale_namespaces()
+    print("removed: " + (", ".join(gone) if gone else "nothing"))
+    return 0
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    found: list[dict[str, Any]] = []
+    for d in args.dirs:
+        for f in sorted(Path(d).glob("*.json")):
+            found.append(json.loads(f.read_text()))
+    if args.write:
+        write_summary(Path(args.write), found)
+        print(f"wrote {args.write}")
+    else:
+        print(summarize(found))
+    return 0
+
+
+# The commands that run no scenario.
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": _list_scenarios,
+    "cleanup": _cleanup,
+    "summarize": _summarize,
+}
+
+
+def _selection(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], str, list[str]]:
+    """(scenario names, what the report directory is named after, modes) for run, smoke or full."""
+    if args.cmd == "run":
+        names = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+        return names, args.scenario.replace(",", "+"), [args.mode]
+    if args.cmd == "smoke":
+        return SMOKE, "smoke", [args.mode]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode(s): {', '.join(bad)}")
+    return list(SCENARIOS), "full", modes
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (and SIGINT, which a shell ignores for background jobs) stop the run cleanly: the
+    # cluster's processes are stopped and the namespaces removed by the runner's finally blocks.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    command = _COMMANDS.get(args.cmd)
+    if command is not None:
+        return command(args)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
 
-    if args.cmd == "run":
-        names = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
-        what, modes = args.scenario.replace(",", "+"), [args.mode]
-    elif args.cmd == "smoke":
-        names, what, modes = SMOKE, "smoke", [args.mode]
-    else:
-        names, what = list(SCENARIOS), "full"
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        bad = [m for m in modes if m not in MODES]
-        if bad:
-            ap.error(f"unknown mode(s): {', '.join(bad)}")
+    names, what, modes = _selection(ap, args)
     try:
         plans = plans_for(names, args.runs)
     except KeyError as e:

@@ -41,7 +41,7 @@ from hakeeper.ha.operator import Operator
 from hakeeper.ha.pgconfig import PgConfigurator
 from hakeeper.ha.policy.observe import Identity
 from hakeeper.ha.ports import BackupHooks, NoBackup
-from hakeeper.ha.snapshot import SnapshotSource
+from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
 from hakeeper.pg.errors import PgError

@@ -541,6 +541,60 @@ class _Outcome:
     REFUSED = "refused"
 
 
+def _live_targets(
+    repos: Mapping[str, RepoState], f: ReadyFile, any_up: bool, now: float
+) -> list[RepoState] | None:
+    """The repositories to push ``f`` to now; None when every one is down and none may be probed
+    yet (the file is blocked)."""
+    missing = [rs for rs in repos.values() if rs.name not in f.stored | f.queued]
+    if any_up:
+        # Possibly none: every repository that still lacks it is down, so the push queues it (it
+        # is stored somewhere).
+        return [rs for rs in missing if rs.up]
+    targets = [rs for rs in missing if rs.claim_probe(now)]
+    return targets or None
+
+
+# One running push of a file to one repository: (outcome, error).
+_PushTask = asyncio.Task[tuple[str, str | None]]
+
+
+async def _await_puts(
+    f: ReadyFile, puts: dict[_PushTask, RepoState], errors: list[str], queue_slow_after: float
+) -> tuple[set[_PushTask], bool]:
+    """Wait for the pushes of ``f``, recording each outcome on ``f`` (errors in ``errors``);
+    returns the pushes still running (the slow ones) and whether one was refused."""
+    refused = False
+    started = time.monotonic()
+    pending = set(puts)
+    try:
+        while pending:
+            # Once one repository has the file, a slower one does not hold the hand-back up
+            # for more than queue_slow_after: it gets the file through the queue instead.
+            wait = None
+            if f.stored:
+                wait = max(0.0, started + queue_slow_after - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                rs = puts[t]
+                outcome, err = t.result()
+                if outcome == _Outcome.STORED:
+                    f.stored.add(rs.name)
+                elif outcome == _Outcome.CONFLICT:
+                    f.conflicts[rs.name] = err or "conflict"
+                elif outcome == _Outcome.ERROR:
+                    errors.append(f"{rs.name}: {err}")
+                else:
+                    refused = True
+            if not done:
+                break  # the slow ones: queued below, finished in the background
+    except BaseException:
+        for t in pending:
+            t.cancel()
+        raise
+    return pending, refused
+
+
 # ====================================================================== the archiver
 
 
@@ -922,36 +976,8 @@ class Archiver:
         return [rs for rs in self.repos.values() if rs.up]
 
     def _schedule(self, now: float) -> None:
-        slots = self.cfg.parallel - len(self._tasks)
-        drain_waiting = any(self.queue.files_for(r) for r in self.repos)
-        reserve = 1 if drain_waiting and self.cfg.parallel > 1 else 0
-        # History files first: a segment of a new timeline never goes before its history file.
-        history_pending = any(
-            is_history(f.name) and not f.done and not f.conflicts for f in self.files.values()
-        )
-        any_up = bool(self._up_repos())
-        for f in sorted(self.files.values(), key=lambda f: archive_order(f.name)):
-            if slots - reserve <= 0:
-                break
-            if f.done or f.in_flight or f.conflicts or now < f.next_try:
-                continue
-            if history_pending and not is_history(f.name):
-                break
-            missing = [rs for rs in self.repos.values() if rs.name not in f.stored | f.queued]
-            if any_up:
-                targets = [rs for rs in missing if rs.up]
-                if not targets:
-                    # every repository that still lacks it is down: queue it (it is stored somewhere)
-                    targets = []
-            else:
-                targets = [rs for rs in missing if rs.claim_probe(now)]
-                if not targets:
-                    f.blocked = True
-                    continue
-            f.in_flight = True
-            f.blocked = False
-            slots -= 1
-            self._spawn(self._push_live(f, targets), f"archive-{f.name}")
+        self._schedule_live(now)
+        # Queued files to the repositories that lack them; a probe of a repository that is down.
         slots = self.cfg.parallel - len(self._tasks)
         for rs in self.repos.values():
             if slots <= 0:
@@ -979,6 +1005,32 @@ class Archiver:
                 if target is not None and target.up and key not in self._publishing:
                     self._publishing.add(key)
                     self._spawn(self._publish_gap(target, rec), f"gap-{rec.gap_id}-{repo}")
+
+    def _schedule_live(self, now: float) -> None:
+        """Push .ready files to the repositories, oldest first, keeping a slot for the queue."""
+        slots = self.cfg.parallel - len(self._tasks)
+        drain_waiting = any(self.queue.files_for(r) for r in self.repos)
+        reserve = 1 if drain_waiting and self.cfg.parallel > 1 else 0
+        # History files first: a segment of a new timeline never goes before its history file.
+        history_pending = any(
+            is_history(f.name) and not f.done and not f.conflicts for f in self.files.values()
+        )
+        any_up = bool(self._up_repos())
+        for f in sorted(self.files.values(), key=lambda f: archive_order(f.name)):
+            if slots - reserve <= 0:
+                break
+            if f.done or f.in_flight or f.conflicts or now < f.next_try:
+                continue
+            if history_pending and not is_history(f.name):
+                break
+            targets = _live_targets(self.repos, f, any_up, now)
+            if targets is None:
+                f.blocked = True
+                continue
+            f.in_flight = True
+            f.blocked = False
+            slots -= 1
+            self._spawn(self._push_live(f, targets), f"archive-{f.name}")
 
     # ------------------------------------------------------------------ pushing
 
@@ -1045,34 +1097,7 @@ class Archiver:
             return
         puts = {asyncio.ensure_future(self._put(rs, f.name, data)): rs for rs in targets}
         errors: list[str] = []
-        refused = False
-        started = time.monotonic()
-        pending = set(puts)
-        try:
-            while pending:
-                # Once one repository has the file, a slower one does not hold the hand-back up
-                # for more than queue_slow_after: it gets the file through the queue instead.
-                wait = None
-                if f.stored:
-                    wait = max(0.0, started + self.cfg.queue_slow_after - time.monotonic())
-                done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    rs = puts[t]
-                    outcome, err = t.result()
-                    if outcome == _Outcome.STORED:
-                        f.stored.add(rs.name)
-                    elif outcome == _Outcome.CONFLICT:
-                        f.conflicts[rs.name] = err or "conflict"
-                    elif outcome == _Outcome.ERROR:
-                        errors.append(f"{rs.name}: {err}")
-                    else:
-                        refused = True
-                if not done:
-                    break  # the slow ones: queued below, finished in the background
-        except BaseException:
-            for t in pending:
-                t.cancel()
-            raise
+        pending, refused = await _await_puts(f, puts, errors, self.cfg.queue_slow_after)
         slow = [puts[t] for t in pending]
         if refused or self.files.get(f.name) is not f or not self._allowed_now():
             for t in pending:

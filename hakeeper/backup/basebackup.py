@@ -555,6 +555,47 @@ async def _spawn_pg_basebackup(
     )
 
 
+async def _read_stream(stdout: asyncio.StreamReader, wait: float, at_end: bool, total: int) -> bytes:
+    """The next chunk of pg_basebackup's tar stream (empty at its end), or why none came in time."""
+    try:
+        return await asyncio.wait_for(stdout.read(READ_CHUNK), timeout=wait)
+    except TimeoutError as e:
+        if at_end:
+            raise BackupError(
+                f"the server sent the data but then waited more than {wait:.0f}s for the "
+                "archiving of the backup's WAL; is archive_command working?"
+            ) from e
+        raise BackupError(
+            f"pg_basebackup sent nothing for {wait:.0f}s (after {total} bytes): a checkpoint "
+            "that does not finish?"
+        ) from e
+
+
+def _check_exit(rc: int, stderr: str, source: Endpoint) -> None:
+    if rc != 0:
+        tail = stderr.strip().splitlines()[-8:]
+        raise BackupError(f"pg_basebackup from {source.address} failed (exit {rc}):\n" + "\n".join(tail))
+
+
+def _streamed_label_and_manifest(
+    scanner: TarScanner,
+) -> tuple[catalog.BackupLabel, bytes, list[catalog.WalRange]]:
+    """The label, the raw manifest and the WAL ranges it names, from a complete tar stream."""
+    if not scanner.ended:
+        raise BackupError("pg_basebackup's tar stream ended without its end-of-archive marker")
+    if "tablespace_map" in scanner.files and scanner.files["tablespace_map"].strip():
+        raise BackupError("the backup carries a non-empty tablespace_map: tablespaces are not supported")
+    try:
+        label = catalog.parse_backup_label(scanner.files["backup_label"].decode())
+        manifest_raw = scanner.files["backup_manifest"]
+        ranges = catalog.manifest_wal_ranges(json.loads(manifest_raw))
+    except KeyError as e:
+        raise BackupError(f"the backup stream has no {e.args[0]}") from e
+    except ValueError as e:
+        raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
+    return label, manifest_raw, ranges
+
+
 async def _copy(
     run: _Run,
     source: Endpoint,
@@ -593,19 +634,7 @@ async def _copy(
             # while it waits for the archiving of the backup's last segment after pg_control
             # (always the last data file) and before the manifest.
             at_end = "global/pg_control" in scanner.members and scanner.between_members
-            wait = wal_timeout if at_end else idle_timeout
-            try:
-                chunk = await asyncio.wait_for(proc.stdout.read(READ_CHUNK), timeout=wait)
-            except TimeoutError as e:
-                if at_end:
-                    raise BackupError(
-                        f"the server sent the data but then waited more than {wait:.0f}s for the "
-                        "archiving of the backup's WAL; is archive_command working?"
-                    ) from e
-                raise BackupError(
-                    f"pg_basebackup sent nothing for {wait:.0f}s (after {total} bytes): a checkpoint "
-                    "that does not finish?"
-                ) from e
+            chunk = await _read_stream(proc.stdout, wal_timeout if at_end else idle_timeout, at_end, total)
             if not chunk:
                 break
             try:
@@ -636,9 +665,7 @@ async def _copy(
                 "(the server waits for the archiving of the backup's last WAL segment)"
             ) from e
         await err_task
-        if rc != 0:
-            tail = stderr_buf.decode(errors="replace").strip().splitlines()[-8:]
-            raise BackupError(f"pg_basebackup from {source.address} failed (exit {rc}):\n" + "\n".join(tail))
+        _check_exit(rc, stderr_buf.decode(errors="replace"), source)
         results = await parts.finish()
     except BaseException:
         await _kill(proc)
@@ -648,18 +675,7 @@ async def _copy(
         raise
     rec.stop_time = catalog.utcnow()
     rec.seconds_copy = round(time.monotonic() - t0, 3)
-    if not scanner.ended:
-        raise BackupError("pg_basebackup's tar stream ended without its end-of-archive marker")
-    if "tablespace_map" in scanner.files and scanner.files["tablespace_map"].strip():
-        raise BackupError("the backup carries a non-empty tablespace_map: tablespaces are not supported")
-    try:
-        label = catalog.parse_backup_label(scanner.files["backup_label"].decode())
-        manifest_raw = scanner.files["backup_manifest"]
-        ranges = catalog.manifest_wal_ranges(json.loads(manifest_raw))
-    except KeyError as e:
-        raise BackupError(f"the backup stream has no {e.args[0]}") from e
-    except ValueError as e:
-        raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
+    label, manifest_raw, ranges = _streamed_label_and_manifest(scanner)
     await _record_copy(
         run,
         results,
@@ -735,6 +751,96 @@ def remove_stale_staging(where: Path) -> list[Path]:
     return removed
 
 
+def _open_if_present(stream: Path) -> int | None:
+    """A descriptor on the staging file pg_basebackup writes, once it has created it."""
+    try:
+        return os.open(stream, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def _read_staged_manifest(out_dir: Path) -> bytes:
+    """The manifest pg_basebackup wrote next to ``base.tar.zst``, which must be all it wrote."""
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in ("base.tar.zst", "backup_manifest"))
+    if others:
+        names = ", ".join(others)
+        raise BackupError(f"pg_basebackup wrote more than the base archive ({names}): tablespaces?")
+    try:
+        return (out_dir / "backup_manifest").read_bytes()
+    except FileNotFoundError:
+        raise BackupError("pg_basebackup wrote no backup_manifest") from None
+
+
+def _staged_label_and_manifest(
+    label_raw: bytes, manifest_raw: bytes
+) -> tuple[list[dict[str, Any]], list[catalog.WalRange], catalog.BackupLabel]:
+    """The manifest's files, the WAL ranges it names and the parsed label."""
+    try:
+        manifest = json.loads(manifest_raw)
+        files = manifest["Files"]
+        ranges = catalog.manifest_wal_ranges(manifest)
+        parsed = catalog.parse_backup_label(label_raw.decode())
+    except (ValueError, KeyError, TypeError) as e:
+        raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
+    return files, ranges, parsed
+
+
+class _StagedStream:
+    """The growing ``base.tar.zst`` pg_basebackup writes into the staging directory, read as it
+    grows; the blocks of what was read are freed a part at a time (a hole punched)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.offset = 0  # bytes read from the staging file
+        self.freed = 0  # bytes of it whose blocks were released
+        self.can_punch = True
+
+    def _read_some(self) -> bytes:
+        assert self.fd is not None
+        return os.pread(self.fd, READ_CHUNK, self.offset)
+
+    async def read_new(self, run: _Run, parts: _StreamedParts, label: _LabelReader, part_size: int) -> bool:
+        """Hand what was written since the last call to ``label`` (until it has the label) and to
+        ``parts``; whether there was anything."""
+        if self.fd is None:
+            self.fd = _open_if_present(self.path)
+        got_any = False
+        while self.fd is not None:
+            chunk = await asyncio.to_thread(self._read_some)
+            if not chunk:
+                break
+            got_any = True
+            self.offset += len(chunk)
+            if label.label is None:
+                await asyncio.to_thread(label.feed, chunk)
+            await parts.feed(chunk)
+            run.tick("copy", self.offset, None)
+            if self.offset - self.freed >= part_size:
+                # the chunks given to parts are in memory: their blocks here can go
+                if self.can_punch:
+                    self.can_punch = await asyncio.to_thread(
+                        _punch_hole, self.fd, self.freed, self.offset - self.freed
+                    )
+                self.freed = self.offset
+                if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
+                    await run.save()
+        return got_any
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+async def _make_stage(staging_dir: Path | None, backup_id: str) -> Path:
+    """A new staging directory for pg_basebackup's files (in the temporary directory unless
+    configured), after removing those that killed backups left behind."""
+    where = str(staging_dir) if staging_dir else tempfile.gettempdir()
+    await asyncio.to_thread(remove_stale_staging, Path(where))
+    prefix = f"{STAGING_PREFIX}{backup_id}-p{os.getpid()}-"
+    return Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix, dir=where))
+
+
 async def _copy_compressed(
     run: _Run,
     source: Endpoint,
@@ -758,10 +864,7 @@ async def _copy_compressed(
     rec = run.record
     level = max(1, min(run.repo.level, 19))
     spec = f"server-zstd:level={level}" + (f",workers={parallel}" if parallel > 1 else "")
-    where = str(staging_dir) if staging_dir else tempfile.gettempdir()
-    await asyncio.to_thread(remove_stale_staging, Path(where))
-    prefix = f"{STAGING_PREFIX}{rec.id}-p{os.getpid()}-"
-    stage = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix, dir=where))
+    stage = await _make_stage(staging_dir, rec.id)
     out_dir = stage / "pgbb"
     t0 = time.monotonic()
     proc = await _spawn_pg_basebackup(bin_dir, source, replication, str(out_dir), rec, f"--compress={spec}")
@@ -771,43 +874,13 @@ async def _copy_compressed(
     parts = _StreamedParts(run, part_size, parallel)
     label = _LabelReader()
     stream = out_dir / "base.tar.zst"
-    fd: int | None = None
-    offset = 0  # bytes read from the staging file
-    freed = 0  # bytes of it whose blocks were released
-    can_punch = True
+    staged = _StagedStream(stream)
     idle_timeout = max(wal_timeout, 300.0)
     last_growth = time.monotonic()
-
-    def read_some() -> bytes:
-        assert fd is not None
-        return os.pread(fd, READ_CHUNK, offset)
-
     try:
         while True:
             finished = wait_task.done()
-            if fd is None:
-                try:
-                    fd = os.open(stream, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    fd = None
-            got_any = False
-            while fd is not None:
-                chunk = await asyncio.to_thread(read_some)
-                if not chunk:
-                    break
-                got_any = True
-                offset += len(chunk)
-                if label.label is None:
-                    await asyncio.to_thread(label.feed, chunk)
-                await parts.feed(chunk)
-                run.tick("copy", offset, None)
-                if offset - freed >= part_size:
-                    # the chunks given to parts are in memory: their blocks here can go
-                    if can_punch:
-                        can_punch = await asyncio.to_thread(_punch_hole, fd, freed, offset - freed)
-                    freed = offset
-                    if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
-                        await run.save()
+            got_any = await staged.read_new(run, parts, label, part_size)
             if finished:
                 break  # everything written before the exit has been read
             now = time.monotonic()
@@ -815,26 +888,14 @@ async def _copy_compressed(
                 last_growth = now
             elif now - last_growth > idle_timeout:
                 raise BackupError(
-                    f"pg_basebackup wrote nothing for {idle_timeout:.0f}s (after {offset} compressed "
+                    f"pg_basebackup wrote nothing for {idle_timeout:.0f}s (after {staged.offset} compressed "
                     "bytes): a checkpoint that does not finish, or the server waiting for the "
                     "archiving of the backup's last WAL segment (is archive_command working?)"
                 )
             await asyncio.wait([wait_task], timeout=FOLLOW_POLL)
         rc = wait_task.result()
-        stderr = (await err_task).decode(errors="replace")
-        if rc != 0:
-            tail = stderr.strip().splitlines()[-8:]
-            raise BackupError(f"pg_basebackup from {source.address} failed (exit {rc}):\n" + "\n".join(tail))
-        others = sorted(
-            p.name for p in out_dir.iterdir() if p.name not in ("base.tar.zst", "backup_manifest")
-        )
-        if others:
-            names = ", ".join(others)
-            raise BackupError(f"pg_basebackup wrote more than the base archive ({names}): tablespaces?")
-        try:
-            manifest_raw = await asyncio.to_thread((out_dir / "backup_manifest").read_bytes)
-        except FileNotFoundError:
-            raise BackupError("pg_basebackup wrote no backup_manifest") from None
+        _check_exit(rc, (await err_task).decode(errors="replace"), source)
+        manifest_raw = await asyncio.to_thread(_read_staged_manifest, out_dir)
         results = await parts.finish()
     except BaseException:
         await _kill(proc)
@@ -844,20 +905,13 @@ async def _copy_compressed(
         await asyncio.gather(err_task, wait_task, return_exceptions=True)
         raise
     finally:
-        if fd is not None:
-            os.close(fd)
+        staged.close()
         await asyncio.to_thread(shutil.rmtree, stage, True)
     rec.stop_time = catalog.utcnow()
     rec.seconds_copy = round(time.monotonic() - t0, 3)
     if label.label is None:
         raise BackupError("the backup stream has no backup_label")
-    try:
-        manifest = json.loads(manifest_raw)
-        files = manifest["Files"]
-        ranges = catalog.manifest_wal_ranges(manifest)
-        parsed = catalog.parse_backup_label(label.label.decode())
-    except (ValueError, KeyError, TypeError) as e:
-        raise BackupError(f"cannot read the backup's label or manifest: {e}") from e
+    files, ranges, parsed = _staged_label_and_manifest(label.label, manifest_raw)
     size = sum(int(f.get("Size", 0)) for f in files)
     await _record_copy(
         run,
@@ -869,7 +923,7 @@ async def _copy_compressed(
         label.label,
         ranges,
         facts,
-        compressed=offset,
+        compressed=staged.offset,
         compression=spec,
     )
 

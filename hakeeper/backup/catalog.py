@@ -646,7 +646,43 @@ def plan_restore(
 
 def _plan_for(cat: Catalog, b: BackupRecord, target: Target, seg_size: int) -> RestorePlan:
     assert b.timeline is not None and b.stop_time is not None
-    # --- the timeline
+    tli, hist = _timeline_for(cat, b, target)
+    _check_ends_before(cat, b, target, tli, hist)
+    # --- the WAL on the way
+    need = required_segments(b.start_lsn_int, b.stop_lsn_int, tli, hist, seg_size)
+    cov = coverage(cat, b.start_lsn_int, tli, hist, seg_size)
+    have = set(cov.segments)
+    lacking = [s for s in need if s not in have]
+    if lacking:
+        raise RestoreRefused(
+            f"backup {b.id}: WAL segment {lacking[0]} it needs to become consistent is not in "
+            f"the archive of {cat.repository}"
+        )
+    last = cov.segments[-1] if cov.segments else None
+    last_mod = cat.wal[last].modified if last else None
+    plan = RestorePlan(b, tli, list(hist), list(cov.segments), last, last_mod)
+    if cov.gap is not None and cov.after_gap:
+        plan.notes.append(
+            f"the archive has a gap on timeline {tli}'s history: {cov.gap} is missing, "
+            f"{len(cov.after_gap)} later segment(s) ({cov.after_gap[0]} ...) cannot be reached"
+        )
+    if target.kind == "lsn":
+        _prove_lsn_reached(plan, cat, target, cov, seg_size)
+    elif target.kind == "time":
+        _prove_time_reached(plan, cat, target, cov)
+    else:
+        plan.missing = "WAL not yet archived may hold the target (the segment being written is not archived)"
+        if cov.after_gap and target.kind == "latest":
+            raise RestoreRefused(
+                f"restoring the latest state would silently stop at a gap: {plan.notes[-1]}; "
+                "give an explicit target before the gap"
+            )
+    return plan
+
+
+def _timeline_for(cat: Catalog, b: BackupRecord, target: Target) -> tuple[int, list[layout.HistoryEntry]]:
+    """The timeline to recover along (and its history), which must contain backup ``b``."""
+    assert b.timeline is not None
     if target.timeline == "latest":
         tli = latest_timeline_for(b, cat)
         if tli is None:
@@ -667,7 +703,14 @@ def _plan_for(cat: Catalog, b: BackupRecord, target: Target, seg_size: int) -> R
     why = backup_on_path(b, tli, hist)
     if why is not None:
         raise RestoreRefused(why)
-    # --- the backup must end before the target
+    return tli, hist
+
+
+def _check_ends_before(
+    cat: Catalog, b: BackupRecord, target: Target, tli: int, hist: list[layout.HistoryEntry]
+) -> None:
+    """The backup must end before the target (a target LSN also on a branch still archived)."""
+    assert b.stop_time is not None
     if target.kind == "time":
         assert target.time is not None
         if b.stop_time > target.time:
@@ -685,60 +728,45 @@ def _plan_for(cat: Catalog, b: BackupRecord, target: Target, seg_size: int) -> R
         gone = abandonment(tli_at, target.lsn, cat)
         if gone is not None:
             raise RestoreRefused(f"target LSN {format_lsn(target.lsn)}: {gone}")
-    # --- the WAL on the way
-    need = required_segments(b.start_lsn_int, b.stop_lsn_int, tli, hist, seg_size)
-    cov = coverage(cat, b.start_lsn_int, tli, hist, seg_size)
+
+
+def _prove_lsn_reached(plan: RestorePlan, cat: Catalog, target: Target, cov: Coverage, seg_size: int) -> None:
+    """Proven when every segment up to the target LSN is archived; refused when one is missing
+    and the rest lies beyond a gap."""
+    assert target.lsn is not None
+    b = plan.backup
+    through = layout.wal_segments(b.start_lsn_int, target.lsn, plan.timeline, plan.history, seg_size)
     have = set(cov.segments)
-    lacking = [s for s in need if s not in have]
-    if lacking:
-        raise RestoreRefused(
-            f"backup {b.id}: WAL segment {lacking[0]} it needs to become consistent is not in "
-            f"the archive of {cat.repository}"
+    missing = [s for s in through if s not in have]
+    if missing:
+        plan.missing = (
+            f"WAL segment {missing[0]} (needed to reach {format_lsn(target.lsn)} on timeline "
+            f"{plan.timeline}) is not in the archive of {cat.repository}"
         )
-    last = cov.segments[-1] if cov.segments else None
-    last_mod = cat.wal[last].modified if last else None
-    plan = RestorePlan(b, tli, list(hist), list(cov.segments), last, last_mod)
-    if cov.gap is not None and cov.after_gap:
-        plan.notes.append(
-            f"the archive has a gap on timeline {tli}'s history: {cov.gap} is missing, "
-            f"{len(cov.after_gap)} later segment(s) ({cov.after_gap[0]} ...) cannot be reached"
-        )
-    if target.kind == "lsn":
-        assert target.lsn is not None
-        through = layout.wal_segments(b.start_lsn_int, target.lsn, tli, hist, seg_size)
-        missing = [s for s in through if s not in have]
-        if missing:
-            plan.missing = (
-                f"WAL segment {missing[0]} (needed to reach {format_lsn(target.lsn)} on timeline "
-                f"{tli}) is not in the archive of {cat.repository}"
-            )
-            if cov.after_gap:
-                raise RestoreRefused(plan.missing + "; " + plan.notes[-1])
-        else:
-            plan.proven = True
-            plan.segments = through
-    elif target.kind == "time":
-        assert target.time is not None
-        if last_mod is not None and last_mod > target.time:
-            plan.proven = True
-        elif cov.after_gap and _newest(cat, cov.after_gap) > target.time:
-            raise RestoreRefused(
-                f"the WAL written after {iso(target.time)} lies beyond a gap in the archive: {plan.notes[-1]}"
-            )
-        else:
-            plan.missing = (
-                f"the archive of {cat.repository} holds no WAL written after {iso(target.time)} "
-                f"(the newest segment on timeline {tli}'s history, {last}, was archived at "
-                f"{iso(last_mod) if last_mod else '?'})"
-            )
+        if cov.after_gap:
+            raise RestoreRefused(plan.missing + "; " + plan.notes[-1])
     else:
-        plan.missing = "WAL not yet archived may hold the target (the segment being written is not archived)"
-        if cov.after_gap and target.kind == "latest":
-            raise RestoreRefused(
-                f"restoring the latest state would silently stop at a gap: {plan.notes[-1]}; "
-                "give an explicit target before the gap"
-            )
-    return plan
+        plan.proven = True
+        plan.segments = through
+
+
+def _prove_time_reached(plan: RestorePlan, cat: Catalog, target: Target, cov: Coverage) -> None:
+    """Proven when a segment archived after the target time is reachable; refused when the WAL
+    after the target time lies beyond a gap."""
+    assert target.time is not None
+    last_mod = plan.covered_until_modified
+    if last_mod is not None and last_mod > target.time:
+        plan.proven = True
+    elif cov.after_gap and _newest(cat, cov.after_gap) > target.time:
+        raise RestoreRefused(
+            f"the WAL written after {iso(target.time)} lies beyond a gap in the archive: {plan.notes[-1]}"
+        )
+    else:
+        plan.missing = (
+            f"the archive of {cat.repository} holds no WAL written after {iso(target.time)} "
+            f"(the newest segment on timeline {plan.timeline}'s history, {plan.covered_until}, was "
+            f"archived at {iso(last_mod) if last_mod else '?'})"
+        )
 
 
 def _newest(cat: Catalog, names: Sequence[str]) -> dt.datetime:

@@ -865,18 +865,7 @@ async def restore_dump(
 ) -> DumpRestoreResult:
     t0 = time.monotonic()
     check_conninfo(req.conninfo)
-    try:
-        rec = await read_record(repo, scope, dump_id)
-    except NotFound:
-        raise DumpError(f"{repo.name}: no dump {dump_id!r}") from None
-    except ValueError as e:
-        raise DumpError(str(e)) from None
-    if not rec.usable():
-        raise DumpError(
-            f"dump {dump_id} is {rec.effective_status(catalog.utcnow())}"
-            + (f" ({rec.error})" if rec.error else "")
-            + "; only complete dumps can be restored"
-        )
+    rec = await _restorable_record(repo, scope, dump_id)
     db = _pick_database(rec, req.database)
     fmt = rec.dump_format
     if fmt == "plain" and (req.tables or req.jobs > 1):
@@ -890,22 +879,7 @@ async def restore_dump(
     tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="hakeeper-dump-restore-", dir=req.tmp_dir))
     created = False
     try:
-        prefix = dump_prefix(scope, rec.id)
-        sem = asyncio.Semaphore(4)
-        done = 0
-
-        async def get(rel: str, size: int) -> None:
-            nonlocal done
-            async with sem:
-                await _fetch(repo, prefix + rel, tmp / rel)
-            done += size
-            if progress is not None:
-                progress("fetch", done, db.size)
-
-        fetches = [get(f"{db.key}/{o.name}", o.size) for o in db.objects]
-        if req.globals and rec.globals_object is not None:
-            fetches.append(get(GLOBALS_NAME, 0))
-        await all_or_first_error(fetches)
+        await _fetch_dump(repo, dump_prefix(scope, rec.id), rec, db, req, tmp, progress)
         if fmt == "directory":
             archive = tmp / db.key / "dir"
         else:
@@ -913,15 +887,7 @@ async def restore_dump(
         if req.globals:
             notes.extend(await _restore_globals(req, tmp / GLOBALS_NAME))
         if req.create_db:
-            qname = '"' + req.create_db.replace('"', '""') + '"'
-            exists = await sql(
-                req.conninfo,
-                req.password,
-                f"SELECT 1 FROM pg_database WHERE datname = '{req.create_db.replace(chr(39), chr(39) * 2)}'",
-            )
-            if exists:
-                raise DumpError(f"database {req.create_db!r} exists already on {_where(req.conninfo)}")
-            await sql(req.conninfo, req.password, f"CREATE DATABASE {qname} TEMPLATE template0")
+            await _create_database(req, req.create_db)
             created = True
         entries: int | None = None
         if fmt == "plain":
@@ -939,52 +905,7 @@ async def restore_dump(
             ]
             await _tool(psql, req.password, "psql (plain dump)")
         else:
-            argv: list[str | Path] = [
-                req.bin_dir / "pg_restore",
-                "-d",
-                target,
-                "--exit-on-error",
-                "--no-password",
-            ]
-            if req.jobs > 1:
-                argv += ["-j", str(req.jobs)]
-            if req.no_owner:
-                argv.append("--no-owner")
-            toc = parse_toc(await _tool([req.bin_dir / "pg_restore", "-l", archive], None, "pg_restore -l"))
-            entries = len(toc)
-            if req.tables:
-                if req.with_related:
-                    schema_sql = await _tool(
-                        [req.bin_dir / "pg_restore", "-s", "-f", "-", archive], None, "pg_restore -s"
-                    )
-                    chosen = related_entries(toc, schema_sql, req.tables)
-                    listfile = tmp / "restore.list"
-                    listfile.write_text("".join(e.line + "\n" for e in chosen))
-                    argv += ["-L", listfile]
-                    entries = len(chosen)
-                else:
-                    for t in req.tables:
-                        argv += ["-t", split_table(t)[1]]
-                        if split_table(t)[0]:
-                            argv += ["-n", str(split_table(t)[0])]
-                    entries = sum(
-                        1
-                        for e in toc
-                        if e.desc in ("TABLE", "TABLE DATA")
-                        and any(
-                            e.tag == split_table(t)[1] and split_table(t)[0] in (None, e.schema)
-                            for t in req.tables
-                        )
-                    )
-                    notes.append(TABLE_ONLY_NOTE)
-                found = {e.tag for e in toc if e.desc == "TABLE"}
-                absent = [t for t in req.tables if split_table(t)[1] not in found]
-                if absent:
-                    raise DumpError(
-                        f"dump {rec.id} has no table {', '.join(map(repr, absent))} in {db.name!r}"
-                    )
-            argv.append(archive)
-            await _tool(argv, req.password, "pg_restore")
+            entries = await _pg_restore(req, rec, db, archive, target, tmp, notes)
     except BaseException:
         if created and req.create_db:
             notes.append(f"database {req.create_db!r} was created and left as it is")
@@ -1003,6 +924,131 @@ async def restore_dump(
         entries,
         time.monotonic() - t0,
         notes,
+    )
+
+
+async def _restorable_record(repo: Repository, scope: str, dump_id: str) -> DumpRecord:
+    """The record of a complete dump, or why it cannot be restored."""
+    try:
+        rec = await read_record(repo, scope, dump_id)
+    except NotFound:
+        raise DumpError(f"{repo.name}: no dump {dump_id!r}") from None
+    except ValueError as e:
+        raise DumpError(str(e)) from None
+    if not rec.usable():
+        raise DumpError(
+            f"dump {dump_id} is {rec.effective_status(catalog.utcnow())}"
+            + (f" ({rec.error})" if rec.error else "")
+            + "; only complete dumps can be restored"
+        )
+    return rec
+
+
+async def _fetch_dump(
+    repo: Repository,
+    prefix: str,
+    rec: DumpRecord,
+    db: DumpedDatabase,
+    req: RestoreRequest,
+    tmp: Path,
+    progress: ProgressFn | None,
+) -> None:
+    """Download the objects of database ``db`` (and the globals when asked) into ``tmp``, four
+    at a time."""
+    sem = asyncio.Semaphore(4)
+    done = 0
+
+    async def get(rel: str, size: int) -> None:
+        nonlocal done
+        async with sem:
+            await _fetch(repo, prefix + rel, tmp / rel)
+        done += size
+        if progress is not None:
+            progress("fetch", done, db.size)
+
+    fetches = [get(f"{db.key}/{o.name}", o.size) for o in db.objects]
+    if req.globals and rec.globals_object is not None:
+        fetches.append(get(GLOBALS_NAME, 0))
+    await all_or_first_error(fetches)
+
+
+async def _create_database(req: RestoreRequest, name: str) -> None:
+    """``CREATE DATABASE name``, refused when it exists already."""
+    qname = '"' + name.replace('"', '""') + '"'
+    exists = await sql(
+        req.conninfo,
+        req.password,
+        f"SELECT 1 FROM pg_database WHERE datname = '{name.replace(chr(39), chr(39) * 2)}'",
+    )
+    if exists:
+        raise DumpError(f"database {name!r} exists already on {_where(req.conninfo)}")
+    await sql(req.conninfo, req.password, f"CREATE DATABASE {qname} TEMPLATE template0")
+
+
+async def _pg_restore(
+    req: RestoreRequest,
+    rec: DumpRecord,
+    db: DumpedDatabase,
+    archive: Path,
+    target: str,
+    tmp: Path,
+    notes: list[str],
+) -> int:
+    """Restore a custom or directory dump (all of it, or the tables asked for); the number of
+    entries of its table of contents restored."""
+    argv: list[str | Path] = [
+        req.bin_dir / "pg_restore",
+        "-d",
+        target,
+        "--exit-on-error",
+        "--no-password",
+    ]
+    if req.jobs > 1:
+        argv += ["-j", str(req.jobs)]
+    if req.no_owner:
+        argv.append("--no-owner")
+    toc = parse_toc(await _tool([req.bin_dir / "pg_restore", "-l", archive], None, "pg_restore -l"))
+    entries = len(toc)
+    if req.tables:
+        entries = await _select_tables(req, archive, toc, tmp, argv, notes)
+        found = {e.tag for e in toc if e.desc == "TABLE"}
+        absent = [t for t in req.tables if split_table(t)[1] not in found]
+        if absent:
+            raise DumpError(f"dump {rec.id} has no table {', '.join(map(repr, absent))} in {db.name!r}")
+    argv.append(archive)
+    await _tool(argv, req.password, "pg_restore")
+    return entries
+
+
+async def _select_tables(
+    req: RestoreRequest,
+    archive: Path,
+    toc: list[TocEntry],
+    tmp: Path,
+    argv: list[str | Path],
+    notes: list[str],
+) -> int:
+    """Add to pg_restore's ``argv`` what restores only the tables asked for (with what they need
+    when ``with_related``); the number of entries that restores."""
+    if req.with_related:
+        schema_sql = await _tool(
+            [req.bin_dir / "pg_restore", "-s", "-f", "-", archive], None, "pg_restore -s"
+        )
+        chosen = related_entries(toc, schema_sql, req.tables)
+        listfile = tmp / "restore.list"
+        listfile.write_text("".join(e.line + "\n" for e in chosen))
+        argv += ["-L", listfile]
+        return len(chosen)
+    for t in req.tables:
+        argv += ["-t", split_table(t)[1]]
+        if split_table(t)[0]:
+            argv += ["-n", str(split_table(t)[0])]
+    notes.append(TABLE_ONLY_NOTE)
+    return sum(
+        1
+        for e in toc
+        if e.desc in ("TABLE", "TABLE DATA")
+        and any(e.tag == split_table(t)[1] and split_table(t)[0] in (None, e.schema) for t in req.tables)
     )
 
 

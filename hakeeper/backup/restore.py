@@ -394,6 +394,59 @@ def _start_tar(
     )
 
 
+async def _fetch_part(repo: Repository, key: str, size: int) -> bytes:
+    data = await repo.get(key)
+    if len(data) != size:
+        raise CorruptObject(key, "size differs from the record")
+    return data
+
+
+class _TarInput:
+    """The standard input of ``tar -x``, written from a worker thread: the parts as they are, or
+    decompressed here first (a zstd-stream backup when the zstd program is missing)."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        stdin: IO[bytes],
+        errlog: IO[bytes],
+        data_dir: Path,
+        backup_id: str,
+        decompress: bool,
+    ) -> None:
+        self.proc = proc
+        self.stdin = stdin
+        self.errlog = errlog
+        self.data_dir = data_dir
+        self.backup_id = backup_id
+        self.dobj = zstandard.ZstdDecompressor().decompressobj() if decompress else None
+
+    def write(self, data: memoryview) -> None:
+        if self.dobj is None:
+            self.stdin.write(data)
+            return
+        try:
+            for i in range(0, len(data), 1 << 20):
+                self.stdin.write(self.dobj.decompress(data[i : i + (1 << 20)]))
+        except zstandard.ZstdError as e:
+            raise CorruptObject(
+                f"backup {self.backup_id}", f"the compressed stream does not decode: {e}"
+            ) from e
+
+    def check_stream_ended(self) -> None:
+        if self.dobj is not None and not self.dobj.eof:
+            raise CorruptObject(f"backup {self.backup_id}", "the compressed stream ends before its end")
+
+    def failed(self) -> RestoreError:
+        """Why tar stopped (it exited; waits for it)."""
+        self.proc.wait()
+        self.errlog.seek(0)
+        err = self.errlog.read().decode(errors="replace").strip()
+        return RestoreError(
+            f"tar -x into {self.data_dir} failed (exit {self.proc.returncode}): {err[-2000:]}"
+        )
+
+
 async def _extract(
     repo: Repository, scope: str, rec: catalog.BackupRecord, data_dir: Path, opts: RestoreOptions
 ) -> float:
@@ -421,63 +474,43 @@ async def _extract(
     parts = list(rec.parts)
     total = sum(p.size for p in parts) if stream else (rec.size or sum(p.size for p in parts))
     done = 0
-    dobj = zstandard.ZstdDecompressor().decompressobj() if stream and not external else None
+    tar = _TarInput(proc, stdin, errlog, data_dir, rec.id, decompress=stream and not external)
 
-    def write(data: memoryview) -> None:
-        if dobj is None:
-            stdin.write(data)
-            return
-        try:
-            for i in range(0, len(data), 1 << 20):
-                stdin.write(dobj.decompress(data[i : i + (1 << 20)]))
-        except zstandard.ZstdError as e:
-            raise CorruptObject(f"backup {rec.id}", f"the compressed stream does not decode: {e}") from e
-
-    async def fetch(p: StoredObject) -> bytes:
-        data = await repo.get(catalog.object_key(scope, rec.id, p.name))
-        if len(data) != p.size:
-            raise CorruptObject(catalog.object_key(scope, rec.id, p.name), "size differs from the record")
-        return data
-
-    def tar_failed() -> RestoreError:
-        proc.wait()
-        errlog.seek(0)
-        err = errlog.read().decode(errors="replace").strip()
-        return RestoreError(f"tar -x into {data_dir} failed (exit {proc.returncode}): {err[-2000:]}")
+    def fetch(p: StoredObject) -> asyncio.Task[bytes]:
+        return asyncio.create_task(_fetch_part(repo, catalog.object_key(scope, rec.id, p.name), p.size))
 
     nxt = 0
     fetch_wait = 0.0
     try:
         while nxt < len(parts) and len(pending) < window:
-            pending.append(asyncio.create_task(fetch(parts[nxt])))
+            pending.append(fetch(parts[nxt]))
             nxt += 1
         while pending:
             waited = time.monotonic()
             data = await pending.popleft()
             fetch_wait += time.monotonic() - waited
             if nxt < len(parts):
-                pending.append(asyncio.create_task(fetch(parts[nxt])))
+                pending.append(fetch(parts[nxt]))
                 nxt += 1
             view = memoryview(data)
             step = 16 << 20
             for i in range(0, len(view), step):
                 try:
-                    await asyncio.to_thread(write, view[i : i + step])
+                    await asyncio.to_thread(tar.write, view[i : i + step])
                 except BrokenPipeError:
-                    raise await asyncio.to_thread(tar_failed) from None
+                    raise await asyncio.to_thread(tar.failed) from None
                 done += min(step, len(view) - i)
                 if opts.progress:
                     opts.progress("fetch", done, total)
             del data, view
-        if dobj is not None and not dobj.eof:
-            raise CorruptObject(f"backup {rec.id}", "the compressed stream ends before its end")
+        tar.check_stream_ended()
         try:
             await asyncio.to_thread(stdin.close)
         except BrokenPipeError:
-            raise await asyncio.to_thread(tar_failed) from None
+            raise await asyncio.to_thread(tar.failed) from None
         rc = await asyncio.to_thread(proc.wait)
         if rc != 0:
-            raise await asyncio.to_thread(tar_failed)
+            raise await asyncio.to_thread(tar.failed)
         await asyncio.to_thread(writeback.finish)  # the copy is durable
         return fetch_wait
     except BaseException:

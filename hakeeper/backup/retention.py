@@ -124,43 +124,7 @@ def plan_expire(
     done = cat.complete()
     keep, why = keep_set(done, retention, now)
     plan.kept = [b.id for b in done if b.id in keep]
-
-    def objects_of(bid: str) -> list[str]:
-        names = [e.name for e in cat.objects.get(bid, [])]
-        record = catalog.record_key(scope, bid)
-        # the record first: once it is gone the backup is no longer usable
-        return ([record] if record in names else []) + sorted(n for n in names if n != record)
-
-    def stored(bid: str) -> int:
-        return sum(e.stored_size for e in cat.objects.get(bid, []))
-
-    for b in cat.records:
-        if b.id in keep:
-            continue
-        if b.status is BackupStatus.RUNNING and not b.abandoned(now):
-            plan.running.append(b.id)
-            continue
-        if b.usable():
-            reason = why.get(b.id, "retention")
-        elif b.status is BackupStatus.COMPLETE:
-            reason = "record incomplete (no start/stop position)"
-        elif b.abandoned(now):
-            reason = f"abandoned: running, but not updated since {timefmt.iso(b.updated_at)}"
-        else:
-            reason = f"failed: {b.error or 'unknown error'}"
-        plan.backups.append(
-            ExpiredBackup(b.id, b.effective_status(now), reason, objects_of(b.id), stored(b.id))
-        )
-    for bid, entries in sorted(cat.orphans.items()):
-        newest = max(e.modified for e in entries)
-        if now - newest > ORPHAN_AFTER:
-            plan.backups.append(
-                ExpiredBackup(
-                    bid, "orphan", f"objects without a {catalog.RECORD_NAME}", objects_of(bid), stored(bid)
-                )
-            )
-        else:
-            plan.notes.append(f"{bid}: objects without a record, newer than an hour: left alone")
+    _plan_backups(plan, cat, scope, keep, why, now)
     if cat.problems:
         plan.notes.extend(cat.problems)
         plan.notes.append("unreadable backup records: WAL is not expired until they are fixed or removed")
@@ -172,28 +136,7 @@ def plan_expire(
         return plan
     protected: list[tuple[set[int], int, int]] = []  # (timelines, first segno, last segno)
     if retention.wal_days is not None:
-        window_start = now - dt.timedelta(days=retention.wal_days)
-        cut = next(
-            (i for i, b in enumerate(kept_done) if b.stop_time is not None and b.stop_time <= window_start),
-            None,
-        )
-        if cut is not None:
-            ranges: list[tuple[set[int], int, int]] | None = []
-            for b in kept_done[cut + 1 :]:  # older than the window's base: their own WAL only
-                first = layout.parse_segment_name(b.wal_start or "")
-                last = layout.parse_segment_name(b.wal_stop or "")
-                if ranges is None or first is None or last is None:
-                    ranges = None  # its WAL range is not recorded: keep all WAL from it on
-                    break
-                ranges.append(({first[0], last[0]}, first[1], last[1]))
-            if ranges is not None:
-                protected = ranges
-                if ranges:
-                    plan.notes.append(
-                        f"WAL kept from backup {kept_done[cut].id} on (the {retention.wal_days:g}-day "
-                        f"recovery window); of {len(ranges)} older backup(s) only their own WAL"
-                    )
-                kept_done = kept_done[: cut + 1]
+        kept_done, protected = _wal_window(plan, kept_done, retention.wal_days, now)
     anchors = kept_done + [
         b for b in cat.records if b.id in plan.running and b.start_lsn is not None and b.timeline is not None
     ]
@@ -202,6 +145,99 @@ def plan_expire(
         assert b.timeline is not None
         bounds.append((b.timeline, layout.segno_of(b.start_lsn_int)))
     plan.wal_boundary = sorted({(t, layout.segment_name(t, s)) for t, s in bounds})
+    plan.wal = _expired_wal(cat, scope, bounds, protected)
+    return plan
+
+
+def _objects_of(cat: Catalog, scope: str, bid: str) -> list[str]:
+    names = [e.name for e in cat.objects.get(bid, [])]
+    record = catalog.record_key(scope, bid)
+    # the record first: once it is gone the backup is no longer usable
+    return ([record] if record in names else []) + sorted(n for n in names if n != record)
+
+
+def _stored(cat: Catalog, bid: str) -> int:
+    return sum(e.stored_size for e in cat.objects.get(bid, []))
+
+
+def _plan_backups(
+    plan: ExpirePlan, cat: Catalog, scope: str, keep: set[str], why: dict[str, str], now: dt.datetime
+) -> None:
+    """The backups to expire (not kept, failed, abandoned, orphaned objects), and the running ones."""
+    for b in cat.records:
+        if b.id in keep:
+            continue
+        if b.status is BackupStatus.RUNNING and not b.abandoned(now):
+            plan.running.append(b.id)
+            continue
+        plan.backups.append(
+            ExpiredBackup(
+                b.id,
+                b.effective_status(now),
+                _expiry_reason(b, why, now),
+                _objects_of(cat, scope, b.id),
+                _stored(cat, b.id),
+            )
+        )
+    for bid, entries in sorted(cat.orphans.items()):
+        newest = max(e.modified for e in entries)
+        if now - newest > ORPHAN_AFTER:
+            plan.backups.append(
+                ExpiredBackup(
+                    bid,
+                    "orphan",
+                    f"objects without a {catalog.RECORD_NAME}",
+                    _objects_of(cat, scope, bid),
+                    _stored(cat, bid),
+                )
+            )
+        else:
+            plan.notes.append(f"{bid}: objects without a record, newer than an hour: left alone")
+
+
+def _expiry_reason(b: BackupRecord, why: dict[str, str], now: dt.datetime) -> str:
+    if b.usable():
+        return why.get(b.id, "retention")
+    if b.status is BackupStatus.COMPLETE:
+        return "record incomplete (no start/stop position)"
+    if b.abandoned(now):
+        return f"abandoned: running, but not updated since {timefmt.iso(b.updated_at)}"
+    return f"failed: {b.error or 'unknown error'}"
+
+
+def _wal_window(
+    plan: ExpirePlan, kept_done: list[BackupRecord], wal_days: float, now: dt.datetime
+) -> tuple[list[BackupRecord], list[tuple[set[int], int, int]]]:
+    """With a WAL recovery window: all WAL is kept from the newest backup that ends before the
+    window on, and only their own WAL of the older kept backups.  Returns the backups whose WAL
+    is kept from their start on, and the ranges kept of the others."""
+    window_start = now - dt.timedelta(days=wal_days)
+    cut = next(
+        (i for i, b in enumerate(kept_done) if b.stop_time is not None and b.stop_time <= window_start),
+        None,
+    )
+    if cut is None:
+        return kept_done, []
+    ranges: list[tuple[set[int], int, int]] = []
+    for b in kept_done[cut + 1 :]:  # older than the window's base: their own WAL only
+        first = layout.parse_segment_name(b.wal_start or "")
+        last = layout.parse_segment_name(b.wal_stop or "")
+        if first is None or last is None:
+            return kept_done, []  # its WAL range is not recorded: keep all WAL from it on
+        ranges.append(({first[0], last[0]}, first[1], last[1]))
+    if ranges:
+        plan.notes.append(
+            f"WAL kept from backup {kept_done[cut].id} on (the {wal_days:g}-day "
+            f"recovery window); of {len(ranges)} older backup(s) only their own WAL"
+        )
+    return kept_done[: cut + 1], ranges
+
+
+def _expired_wal(
+    cat: Catalog, scope: str, bounds: list[tuple[int, int]], protected: list[tuple[set[int], int, int]]
+) -> list[str]:
+    """The archived segments before every bound (timeline, segno) and outside the protected ranges."""
+    expired: list[str] = []
     prefix = layout.wal_prefix(scope)
     for name in sorted(cat.wal):
         m = _WAL_SEGMENT_PART.match(name)
@@ -214,8 +250,8 @@ def plan_expire(
         if any(tli in tlis and lo <= segno <= hi for tlis, lo, hi in protected):
             continue
         if all(tli <= bt and segno < bs for bt, bs in bounds):
-            plan.wal.append(prefix + name)
-    return plan
+            expired.append(prefix + name)
+    return expired
 
 
 async def expire(

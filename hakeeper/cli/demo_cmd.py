@@ -256,6 +256,56 @@ def default_demo_dir() -> Path:
     return FALLBACK_DIR
 
 
+def _prepare(
+    base_dir: Path, n_nodes: int, port: int, previous: dict[str, Any], *, fresh: bool, s3: bool
+) -> tuple[LocalCluster, Any]:
+    """Stop what an earlier run left, wipe when ``fresh``, start the S3 server when ``s3``, and
+    write the configs: the cluster, ready to start, and the S3 server (or None)."""
+    s3_server = None
+    try:
+        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
+        leftovers = cluster.stop_leftovers()
+        for what in leftovers:
+            err.print(f"stopped leftover process from an earlier run: {what}")
+        _stop_leftover_s3(previous)
+        if fresh:
+            cluster.wipe()
+            shutil.rmtree(base_dir / "backups", ignore_errors=True)
+            shutil.rmtree(base_dir / "s3", ignore_errors=True)
+        cluster.check_ports()
+        if s3:
+            s3_server = _start_s3(base_dir, port)
+        keys = demo_s3_credentials(base_dir) if s3 else None
+        backup = demo_backup_section(base_dir, s3_server.endpoint if s3_server else None, keys)
+        # A new object also after a wipe: passwords of the wiped configs must not be reused.
+        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port, backup=backup)
+        _init_repositories(cluster, backup)
+        cluster.write_configs()
+    except LocalClusterError as e:
+        if s3_server is not None:
+            s3_server.stop()
+        raise fail(str(e), 2) from None
+    return cluster, s3_server
+
+
+def _shut_down(
+    cluster: LocalCluster, s3_server: Any, state_path: Path, old_handlers: dict[signal.Signals, Any]
+) -> None:
+    # Shutting down must not be interrupted half-way by a second signal.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        cluster.stop()
+        if s3_server is not None:
+            s3_server.stop()
+        with contextlib.suppress(OSError):
+            _write_state(state_path, {**cluster.describe(), "s3_pid": None, "demo_pid": None})
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
 @app.command()
 def demo(
     nodes: Annotated[
@@ -314,30 +364,7 @@ def demo(
     n_nodes = nodes or existing or 3
     prev_port = previous.get("base_port") if not fresh else None
     port = base_port or (prev_port if isinstance(prev_port, int) else DEFAULT_BASE_PORT)
-    s3_server = None
-    try:
-        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
-        leftovers = cluster.stop_leftovers()
-        for what in leftovers:
-            err.print(f"stopped leftover process from an earlier run: {what}")
-        _stop_leftover_s3(previous)
-        if fresh:
-            cluster.wipe()
-            shutil.rmtree(base_dir / "backups", ignore_errors=True)
-            shutil.rmtree(base_dir / "s3", ignore_errors=True)
-        cluster.check_ports()
-        if s3:
-            s3_server = _start_s3(base_dir, port)
-        keys = demo_s3_credentials(base_dir) if s3 else None
-        backup = demo_backup_section(base_dir, s3_server.endpoint if s3_server else None, keys)
-        # A new object also after a wipe: passwords of the wiped configs must not be reused.
-        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port, backup=backup)
-        _init_repositories(cluster, backup)
-        cluster.write_configs()
-    except LocalClusterError as e:
-        if s3_server is not None:
-            s3_server.stop()
-        raise fail(str(e), 2) from None
+    cluster, s3_server = _prepare(base_dir, n_nodes, port, previous, fresh=fresh, s3=s3)
 
     if existing and not fresh:
         out.print(f"Reusing the cluster in {base_dir} (use --fresh to start over).")
@@ -367,18 +394,6 @@ def demo(
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         code = 1
     finally:
-        # Shutting down must not be interrupted half-way by a second signal.
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        try:
-            cluster.stop()
-            if s3_server is not None:
-                s3_server.stop()
-            with contextlib.suppress(OSError):
-                _write_state(state_path, {**cluster.describe(), "s3_pid": None, "demo_pid": None})
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+        _shut_down(cluster, s3_server, state_path, old_handlers)
     out.print("Demo cluster stopped." if code == 0 else "Demo cluster stopped after an error.")
     raise typer.Exit(code)

@@ -393,6 +393,60 @@ class _Failure(Exception):
         return self.error
 
 
+def _watch_result(msg: Any) -> dict[str, Any]:
+    if not isinstance(msg, dict):
+        raise ValueError(f"unexpected watch message {msg!r:.200}")
+    if "error" in msg:
+        raise _body_error(msg, 200)
+    result = msg.get("result")
+    if not isinstance(result, dict):
+        raise ValueError(f"unexpected watch message {msg!r:.200}")
+    compact = _int(result.get("compact_revision"))
+    if compact:
+        raise WatchCompacted(compact)
+    if result.get("canceled"):
+        reason = str(result.get("cancel_reason") or "watch canceled")
+        code = -1
+        if "code = " in reason:
+            name = reason.split("code = ", 1)[1].split(" ", 1)[0]
+            code = _GRPC_NAMES.get(name, -1)
+        raise _error_from(code, reason, 200)
+    return cast(dict[str, Any], result)
+
+
+async def _next_watch_chunk(chunks: AsyncIterator[bytes], created: bool, timeout: float) -> bytes | None:
+    """The next chunk of a watch stream (None at its end); until etcd confirmed the stream, it
+    must come within ``timeout``."""
+    try:
+        if created:
+            return await anext(chunks)
+        async with asyncio.timeout(timeout):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+
+
+def _reconnect_reason(e: Exception) -> str:
+    """Why a watch stream is re-opened; raises ``e`` when re-opening cannot help."""
+    if isinstance(e, EtcdRequestError):
+        if e.code != GRPC_UNAVAILABLE:
+            raise e
+        return e.message
+    if isinstance(e, EtcdUnavailable):
+        return str(e)
+    return f"{type(e).__name__}: {e}".rstrip(": ")
+
+
+@dataclass(slots=True)
+class _WatchProgress:
+    """What one :meth:`EtcdClient.watch_prefix` carries from one stream to the next."""
+
+    next_rev: int  # the revision to resume from (0: from now)
+    backoff: float  # before the next reconnect
+    reauthed: bool = False  # a new token was fetched since the last stream was confirmed
+    created: bool = False  # the current stream was confirmed by etcd
+
+
 class EtcdClient:
     """asyncio client for etcd's v3 JSON gateway with endpoint rotation, TLS and auth."""
 
@@ -755,20 +809,18 @@ class EtcdClient:
         :class:`AuthError` when the credentials are rejected.
         """
         create: dict[str, Any] = {"key": b64_key(prefix), "range_end": b64(prefix_range_end(prefix))}
-        next_rev = int(start_revision)
-        backoff = _WATCH_BACKOFF_MIN
-        reauthed = False
+        st = _WatchProgress(next_rev=int(start_revision), backoff=_WATCH_BACKOFF_MIN)
         while True:
             idx = self._idx
-            created = False
+            st.created = False
             error = "stream closed"
             try:
                 if self._username is not None and self._token is None:
                     await self._authenticate(None, self.timeout)
                 session = await self._get_session()
                 req = dict(create)
-                if next_rev > 0:
-                    req["start_revision"] = str(next_rev)
+                if st.next_rev > 0:
+                    req["start_revision"] = str(st.next_rev)
                 token = self._token
                 # No total timeout: the stream stays open for as long as etcd lives. Connecting and
                 # the "created" reply must each happen within the timeout.
@@ -787,88 +839,59 @@ class EtcdClient:
                         raise _http_error(resp.status, await resp.read())
                     parser = JsonStreamParser()
                     chunks = resp.content.iter_any().__aiter__()
-                    while True:
-                        try:
-                            if created:
-                                chunk = await anext(chunks)
-                            else:
-                                async with asyncio.timeout(self.timeout):
-                                    chunk = await anext(chunks)
-                        except StopAsyncIteration:
-                            break
-                        events: list[WatchEvent] = []
-                        for msg in parser.feed(chunk):
-                            result = self._watch_result(msg)
-                            if not created:
-                                created = True
-                                backoff = _WATCH_BACKOFF_MIN
-                                reauthed = False
-                                self._idx = idx
-                                if next_rev <= 0:
-                                    next_rev = header_revision(result) + 1
-                            events.extend(parse_events(result))
+                    while (chunk := await _next_watch_chunk(chunks, st.created, self.timeout)) is not None:
+                        events = self._watch_batch(parser.feed(chunk), idx, st)
                         # etcd never splits one revision's events (one txn) across responses, and
                         # we resume at a revision boundary; skip what was delivered before a
                         # reconnect, compare against the revision this batch started from
-                        floor = next_rev
+                        floor = st.next_rev
                         for ev in events:
                             if ev.kv.mod_revision < floor:
                                 continue
-                            next_rev = max(next_rev, ev.kv.mod_revision + 1)
+                            st.next_rev = max(st.next_rev, ev.kv.mod_revision + 1)
                             yield ev
                 finally:
                     resp.release()
             except AuthError as e:
-                if self._username is None or not _is_token_error(e) or reauthed:
+                if self._username is None or not _is_token_error(e) or st.reauthed:
                     raise
-                reauthed = True
+                st.reauthed = True
                 log.info("etcd_token_expired", endpoint=self._endpoints[idx])
                 try:
                     await self._authenticate(token, self.timeout)
                     continue
                 except EtcdUnavailable as ue:
                     error = str(ue)
-            except EtcdRequestError as e:
-                if e.code != GRPC_UNAVAILABLE:
-                    raise
-                error = e.message
-            except EtcdUnavailable as e:
-                error = str(e)
-            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-                error = f"{type(e).__name__}: {e}".rstrip(": ")
+            except (EtcdRequestError, EtcdUnavailable, TimeoutError, aiohttp.ClientError, ValueError) as e:
+                error = _reconnect_reason(e)
             log.warning(
                 "etcd_watch_reconnecting",
                 endpoint=self._endpoints[idx],
                 prefix=prefix,
-                next_revision=next_rev,
+                next_revision=st.next_rev,
                 error=error,
-                backoff=backoff,
+                backoff=st.backoff,
             )
             self._mark_failed(idx)
-            await asyncio.sleep(backoff)
-            if not created:
-                backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
+            await asyncio.sleep(st.backoff)
+            if not st.created:
+                st.backoff = min(st.backoff * 2, _WATCH_BACKOFF_MAX)
 
-    @staticmethod
-    def _watch_result(msg: Any) -> dict[str, Any]:
-        if not isinstance(msg, dict):
-            raise ValueError(f"unexpected watch message {msg!r:.200}")
-        if "error" in msg:
-            raise _body_error(msg, 200)
-        result = msg.get("result")
-        if not isinstance(result, dict):
-            raise ValueError(f"unexpected watch message {msg!r:.200}")
-        compact = _int(result.get("compact_revision"))
-        if compact:
-            raise WatchCompacted(compact)
-        if result.get("canceled"):
-            reason = str(result.get("cancel_reason") or "watch canceled")
-            code = -1
-            if "code = " in reason:
-                name = reason.split("code = ", 1)[1].split(" ", 1)[0]
-                code = _GRPC_NAMES.get(name, -1)
-            raise _error_from(code, reason, 200)
-        return cast(dict[str, Any], result)
+    def _watch_batch(self, messages: list[Any], idx: int, st: _WatchProgress) -> list[WatchEvent]:
+        """The events of one chunk's messages.  The first message of a stream confirms it: the
+        backoff resets, the endpoint is kept, and a watch from now learns its revision."""
+        events: list[WatchEvent] = []
+        for msg in messages:
+            result = _watch_result(msg)
+            if not st.created:
+                st.created = True
+                st.backoff = _WATCH_BACKOFF_MIN
+                st.reauthed = False
+                self._idx = idx
+                if st.next_rev <= 0:
+                    st.next_rev = header_revision(result) + 1
+            events.extend(parse_events(result))
+        return events
 
 
 _GRPC_NAMES = {

@@ -1,24 +1,17 @@
 """NodeSnapshot: what the API and the metrics see of this node, frozen.
 
-Built on demand from the last cycle's record (:class:`NodeState`) plus live readings of the
-:class:`WriteGuard`: a snapshot taken after the fence deadline says "not writable" even when the
-HA loop has not run since (a stalled loop must not keep ``/primary`` green).
-"""
+Pure data: readers import this module and nothing of the loop.  Snapshots are built by
+:class:`hakeeper.ha.snapshots.SnapshotSource`."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hakeeper.core.cluster import ClusterView, Member, MemberState
-from hakeeper.core.config import NodeConfig
 from hakeeper.core.pgtypes import LocalState
 from hakeeper.ha.decide import Decision
-from hakeeper.ha.guard import WriteGuard
-from hakeeper.ha.policy.observe import Identity, member_record
-from hakeeper.ha.state import NodeState
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,64 +32,3 @@ class NodeSnapshot:
     @property
     def holds_leader_key(self) -> bool:
         return self.view.leader is not None and self.view.leader.name == self.name
-
-
-class SnapshotSource:
-    def __init__(
-        self,
-        cfg: NodeConfig,
-        identity: Identity,
-        state: NodeState,
-        guard: WriteGuard,
-        *,
-        initialized: Callable[[], bool],
-        backup_status: Callable[[], Mapping[str, Any] | None],
-    ) -> None:
-        self.cfg = cfg
-        self.identity = identity
-        self.state = state
-        self.guard = guard
-        self.initialized = initialized
-        self.backup_status = backup_status
-        self._tags = cfg.tags.model_dump()
-        self._member: tuple[LocalState | None, ClusterView, MemberState | None, Member] | None = None
-
-    def member(self) -> Member:
-        """This node's member record, rebuilt only when what it is made of changed (a new probe,
-        another activity, a new view): health checks stay cheap."""
-        st = self.state
-        cached = self._member
-        # Holding the objects themselves (not their ids) keeps their identities unique.
-        if (
-            cached is None
-            or cached[0] is not st.probe
-            or cached[1] is not st.view
-            or cached[2] != st.activity
-        ):
-            record = member_record(
-                self.identity,
-                probe=st.probe,
-                activity=st.activity,
-                initialized=self.initialized(),
-                view=st.view,
-                now_wall=time.time(),
-            )
-            cached = self._member = (st.probe, st.view, st.activity, record)
-        return cached[3]
-
-    def snapshot(self) -> NodeSnapshot:
-        st = self.state
-        return NodeSnapshot(
-            name=self.cfg.name,
-            scope=self.cfg.scope,
-            tags=self._tags,
-            probe=st.probe,
-            view=st.view,
-            member=self.member(),
-            activity=st.activity,
-            decision=st.decision,
-            loop_heartbeat=st.loop_heartbeat,
-            lease_remaining=self.guard.lease.remaining(),
-            writable=self.guard.writable_leader(),
-            backup=self.backup_status(),
-        )

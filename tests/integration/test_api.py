@@ -366,10 +366,10 @@ def test_config_patch_cas_validation_and_pause(cluster: LocalCluster) -> None:
     assert a.headers["ETag"] == f'"{a.json()["revision"]}"'
     try:
         for n in c.nodes.values():
-            wait_for(lambda n=n: call(n.api_url + "/cluster").json()["paused"] is True, 10, "paused")  # type: ignore[misc]
+            wait_for(lambda n=n: call(n.api_url + "/cluster").json()["paused"] is True, 10, "paused")
             wait_for(
                 lambda n=n: "hakeeper_paused 1.0" in call(n.api_url + "/metrics").body.decode(), 10, "metric"
-            )  # type: ignore[misc]
+            )
         assert call(url + "/status").json()["paused"] is True
     finally:
         a = call(url + "/config", "PATCH", {"pause": False}, auth)
@@ -399,7 +399,7 @@ def test_failover_to_a_lagging_candidate_is_refused_without_force(cluster: Local
     prim = api_primary(c)
     lagger = next(n for n in replicas(c, prim) if n != ALLOWLISTED)
     url = c.nodes[lagger].api_url
-    receiver = int(sql(c, lagger, "SELECT pid FROM pg_stat_wal_receiver")[0][0])  # type: ignore[arg-type]
+    receiver = int(sql(c, lagger, "SELECT pid FROM pg_stat_wal_receiver")[0][0])
     os.kill(receiver, signal.SIGSTOP)
     try:
         sql(

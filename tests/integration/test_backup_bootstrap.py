@@ -42,7 +42,7 @@ class FromBackupCluster(LocalCluster):
 
 def q(c: LocalCluster, node: str, query: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(c.dsn(node), autocommit=True, connect_timeout=5) as conn:
-        cur = conn.execute(query)  # type: ignore[arg-type]
+        cur = conn.execute(query)
         return cur.fetchall() if cur.description else []
 
 

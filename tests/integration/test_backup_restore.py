@@ -46,8 +46,8 @@ from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 pytestmark = pytest.mark.integration
 
 SCOPE = "bk"
-SU = Credentials(username="postgres", password="su-secret")  # type: ignore[arg-type]
-REPL = Credentials(username="replicator", password="repl-secret")  # type: ignore[arg-type]
+SU = Credentials(username="postgres", password="su-secret")
+REPL = Credentials(username="replicator", password="repl-secret")
 BIN = find_bin_dir(None)
 PART = 256 << 10  # small parts: every backup has several, fetched and stored in parallel
 
@@ -67,7 +67,7 @@ def sql(
         autocommit=True,
         connect_timeout=5,
     ) as c:
-        cur = c.execute(query, params)  # type: ignore[arg-type]
+        cur = c.execute(query, params)
         return cur.fetchall() if cur.description else []
 
 
@@ -733,7 +733,7 @@ def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
 
             def q(node: str, query: str) -> list[tuple[Any, ...]]:
                 with psycopg.connect(c.dsn(node), autocommit=True, connect_timeout=5) as conn:
-                    cur = conn.execute(query)  # type: ignore[arg-type]
+                    cur = conn.execute(query)
                     return cur.fetchall() if cur.description else []
 
             old = c.primary()

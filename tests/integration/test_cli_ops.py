@@ -101,6 +101,7 @@ def test_list_json_and_yaml(cluster: LocalCluster) -> None:
     )
     doc = listed(cluster)
     primary = cluster.primary()
+    assert primary is not None
     assert doc["leader"] == primary
     assert doc["paused"] is False
     assert doc["switchover"] is None
@@ -155,6 +156,7 @@ def test_history_and_show_config(cluster: LocalCluster) -> None:
 
 def test_dsn_connects(cluster: LocalCluster) -> None:
     primary = cluster.primary()
+    assert primary is not None
     env = {**os.environ, "PGPASSWORD": cluster.superuser_password}
     res = hk(cluster, "dsn")
     assert res.returncode == 0, res.stderr

@@ -155,9 +155,8 @@ def test_stop_also_stops_a_postgres_left_in_a_data_dir(base_dir: Path) -> None:
     cluster.write_configs()
     node = cluster.nodes["node1"]
     run_as = cluster.run_as
-    kw: dict[str, object] = {}
-    if run_as.uid is not None:
-        kw = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+    # As root: as PostgreSQL's OS user (None everywhere else: the defaults, ourselves).
+    extra_groups: list[int] | None = [] if run_as.uid is not None else None
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
     subprocess.run(
         [pg_program("initdb"), "-D", str(node.data_dir), "-A", "trust", "-U", "postgres"],
@@ -166,7 +165,9 @@ def test_stop_also_stops_a_postgres_left_in_a_data_dir(base_dir: Path) -> None:
         env=env,
         cwd="/",
         timeout=120,
-        **kw,  # type: ignore[arg-type]
+        user=run_as.uid,
+        group=run_as.gid,
+        extra_groups=extra_groups,
     )
     opts = f"-c port={node.pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={node.node_dir}"
     subprocess.run(
@@ -189,7 +190,9 @@ def test_stop_also_stops_a_postgres_left_in_a_data_dir(base_dir: Path) -> None:
         cwd="/",
         timeout=90,
         start_new_session=True,
-        **kw,  # type: ignore[arg-type]
+        user=run_as.uid,
+        group=run_as.gid,
+        extra_groups=extra_groups,
     )
     pm = cluster.postmaster_pid("node1")
     assert pm is not None and pid_alive(pm)

@@ -39,7 +39,7 @@ def sql(port: int, query: str, db: str = "postgres") -> list[tuple[Any, ...]]:
         autocommit=True,
         connect_timeout=5,
     ) as c:
-        cur = c.execute(query)  # type: ignore[arg-type]
+        cur = c.execute(query)
         return cur.fetchall() if cur.description else []
 
 

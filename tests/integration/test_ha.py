@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -22,7 +23,14 @@ from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluste
 pytestmark = pytest.mark.integration
 
 
-def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+T = TypeVar("T")
+
+
+def wait_for(pred: Callable[..., T | None], timeout: float, what: str, interval: float = 0.2) -> T:
+    """The first truthy value ``pred()`` returns, polling for up to ``timeout`` seconds.
+
+    ``Callable[...]``: predicates in loops bind the loop variable as a default
+    (``lambda n=n: ...``), a lambda mypy cannot check against ``Callable[[], T]``."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
@@ -36,7 +44,7 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: fl
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def sql(c: LocalCluster, name: str, query: str, timeout: float = 3) -> list[tuple[object, ...]]:
+def sql(c: LocalCluster, name: str, query: str, timeout: float = 3) -> list[tuple[Any, ...]]:
     with psycopg.connect(c.dsn(name), connect_timeout=int(timeout), autocommit=True) as conn:
         conn.execute(f"SET statement_timeout = {int(timeout * 1000)}")
         cur = conn.execute(query)
@@ -51,7 +59,7 @@ def try_write(c: LocalCluster, name: str, value: int) -> bool:
         return False
 
 
-def hk_list(c: LocalCluster) -> dict[str, object]:
+def hk_list(c: LocalCluster) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "hakeeper", "list", "--etcd", c.etcd_url, "--scope", c.scope, "-o", "json"],
         capture_output=True,
@@ -59,11 +67,11 @@ def hk_list(c: LocalCluster) -> dict[str, object]:
         timeout=30,
         check=True,
     )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(out.stdout)
 
 
 def roles(c: LocalCluster) -> dict[str, tuple[str, str]]:
-    return {m["name"]: (m["role"], m["state"]) for m in hk_list(c)["members"]}  # type: ignore[index, union-attr]
+    return {m["name"]: (m["role"], m["state"]) for m in hk_list(c)["members"]}
 
 
 def writable_nodes(c: LocalCluster) -> list[str]:
@@ -111,7 +119,7 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
             30,
             "two active slots",
         )
-        assert sorted(r[0] for r in slots) == sorted(replicas)  # type: ignore[union-attr]
+        assert sorted(r[0] for r in slots) == sorted(replicas)
         apps = sql(c, primary, "SELECT application_name, state FROM pg_stat_replication ORDER BY 1")
         assert apps == [(r, "streaming") for r in sorted(replicas)]
         assert sql(c, primary, "SHOW data_checksums") == [("on",)]
@@ -121,7 +129,7 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
             return r if sorted(v[0] for v in r.values()) == ["primary", "replica", "replica"] else None
 
         listed = wait_for(settled, 30, "list shows 1 primary + 2 replicas")
-        assert listed[primary] == ("primary", "running")  # type: ignore[index]
+        assert listed[primary] == ("primary", "running")
         # An idle cluster writes to etcd about once per loop_wait per agent: agents that woke
         # each other on every member put once made ~285 puts/s (and burnt CPU) here.
         p0, t0 = etcd_puts(c), time.monotonic()
@@ -333,7 +341,7 @@ def _lagging_and_nofailover(c: LocalCluster) -> None:
     c.wait_ready(180)
     old = "node1"
     # freeze node3's WAL receiver so it falls behind
-    pid = int(sql(c, "node3", "SELECT pid FROM pg_stat_wal_receiver")[0][0])  # type: ignore[arg-type]
+    pid = int(sql(c, "node3", "SELECT pid FROM pg_stat_wal_receiver")[0][0])
     os.kill(pid, signal.SIGSTOP)
     try:
         sql(
@@ -342,10 +350,7 @@ def _lagging_and_nofailover(c: LocalCluster) -> None:
             "CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 40000) g",
         )
         wait_for(
-            lambda: any(
-                m["name"] == "node3" and (m["lag"] or 0) > 1048576
-                for m in hk_list(c)["members"]  # type: ignore[union-attr]
-            ),
+            lambda: any(m["name"] == "node3" and (m["lag"] or 0) > 1048576 for m in hk_list(c)["members"]),
             30,
             "node3 lag is published",
         )
@@ -353,7 +358,7 @@ def _lagging_and_nofailover(c: LocalCluster) -> None:
         c.kill_postgres(old)
         time.sleep(15)  # well past ttl + candidate grace
         assert writable_nodes(c) == []
-        members = {m["name"]: m for m in hk_list(c)["members"]}  # type: ignore[union-attr]
+        members = {m["name"]: m for m in hk_list(c)["members"]}
         assert hk_list(c)["leader"] is None
         assert "nofailover" in (members["node2"]["reason"] or "")
         assert "maximum_lag_on_failover" in (members["node3"]["reason"] or "")

@@ -8,6 +8,7 @@ import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -42,7 +43,7 @@ async def nodes(area: PgArea) -> AsyncIterator[list[Postgres]]:
             await pg.close()
 
 
-def make_node(area: PgArea, nodes: list[Postgres], name: str, **overrides: object) -> Postgres:
+def make_node(area: PgArea, nodes: list[Postgres], name: str, **overrides: Any) -> Postgres:
     pg = Postgres(area.node_config(name, **overrides), member_name=name)
     nodes.append(pg)
     return pg
@@ -169,10 +170,11 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
     await n1.execute("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 1000) g")
     target = (await n1.probe()).wal_lsn
     assert target is not None and target > st2.wal_lsn
+    target_lsn: int = target  # the closure below does not see the narrowing
 
     async def n2_caught_up() -> bool:
         s = await n2.probe()
-        return s.replayed_lsn is not None and s.replayed_lsn >= target
+        return s.replayed_lsn is not None and s.replayed_lsn >= target_lsn
 
     await wait_for(n2_caught_up, what="node2 replayed the inserts")
     assert (await n2.execute("SELECT count(*) FROM t")) == [(1000,)]
@@ -247,7 +249,7 @@ async def test_stop_modes_and_probe_when_down(area: PgArea, nodes: list[Postgres
         assert (await pg.probe()).running
         pid = pg.postmaster_pid()
         assert pid is not None
-        await pg.stop(mode, timeout=30)  # type: ignore[arg-type]
+        await pg.stop(mode, timeout=30)
         assert not pg.is_running()
         assert pg.postmaster_pid() is None
         t0 = time.monotonic()
@@ -355,10 +357,10 @@ async def test_config_files_and_auto_conf_cleaning(area: PgArea, nodes: list[Pos
     assert "port" not in auto and "primary_slot_name" not in auto and "work_mem = '8MB'" in auto
     assert not pg.pgpass_file.exists()
     for name in ("postgresql.conf", "pg_hba.conf", "postgresql.auto.conf"):
-        st = (pg.data_dir / name).stat()
-        assert stat.S_IMODE(st.st_mode) == 0o600
+        file_stat = (pg.data_dir / name).stat()
+        assert stat.S_IMODE(file_stat.st_mode) == 0o600
         if pg.run_as.uid is not None:
-            assert st.st_uid == pg.run_as.uid
+            assert file_stat.st_uid == pg.run_as.uid
     hba = (pg.data_dir / "pg_hba.conf").read_text()
     assert hba.index("10.0.0.0/8") < hba.index("replication")
     await pg.start(timeout=60)

@@ -74,7 +74,7 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
 
         # 2. A voter that stops receiving WAL falls behind maximum_lag_on_syncnode and is swapped
         # out while commits go on; once it catches up it votes again.
-        receiver = int(sql(c, down, "SELECT pid FROM pg_stat_wal_receiver")[0][0])  # type: ignore[arg-type]
+        receiver = int(sql(c, down, "SELECT pid FROM pg_stat_wal_receiver")[0][0])
         os.kill(receiver, signal.SIGSTOP)
         try:
             sql(
@@ -131,7 +131,7 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
             c.kill_postgres(name)
 
         def refusal() -> str | None:
-            m = {m["name"]: m for m in hk_list(c)["members"]}.get(other)  # type: ignore[union-attr]
+            m = {m["name"]: m for m in hk_list(c)["members"]}.get(other)
             reason = str((m or {}).get("reason") or "")
             return reason if "quorum voters reachable" in reason else None
 

@@ -48,7 +48,7 @@ def history(c: LocalCluster) -> list[dict[str, Any]]:
         timeout=30,
         check=True,
     )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(out.stdout)
 
 
 class Writer:
@@ -186,7 +186,7 @@ def test_failover_to_a_lagging_candidate_needs_force_and_is_recorded(cluster: Lo
     old = c.primary()
     assert old is not None
     lagger, other = (n for n in c.names if n != old)
-    pid = int(sql(c, lagger, "SELECT pid FROM pg_stat_wal_receiver")[0][0])  # type: ignore[arg-type]
+    pid = int(sql(c, lagger, "SELECT pid FROM pg_stat_wal_receiver")[0][0])
     import os
     import signal
 

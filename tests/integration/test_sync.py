@@ -30,8 +30,8 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         first = c.primary()
         assert first is not None
         members = wait_for(lambda: s if (s := sync_set(c)) else None, 60, "a sync standby")
-        assert len(members) == 1  # type: ignore[arg-type]
-        sync_standby = members[0]  # type: ignore[index]
+        assert len(members) == 1
+        sync_standby = members[0]
         assert sql(c, first, "SHOW synchronous_standby_names") == [(f'FIRST 1 ("{sync_standby}")',)]
         rows = sql(c, first, "SELECT application_name, sync_state FROM pg_stat_replication ORDER BY 1")
         assert (sync_standby, "sync") in rows
@@ -53,7 +53,7 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         c.start_agent(first)
         wait_for(lambda: c.node_state(first).role == "replica", 90, "the old primary rejoins")
         now_sync = wait_for(lambda: s if (s := sync_set(c)) else None, 60, "a sync standby")
-        victim = now_sync[0]  # type: ignore[index]
+        victim = now_sync[0]
         survivor = next(n for n in c.names if n not in (sync_standby, victim))
         c.kill_agent(sync_standby)
         c.kill_postgres(sync_standby)
@@ -61,7 +61,7 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         c.kill_postgres(victim)
         time.sleep(15)  # far past ttl
         assert writable_nodes(c) == []
-        listed = {m["name"]: m for m in hk_list(c)["members"]}  # type: ignore[union-attr]
+        listed = {m["name"]: m for m in hk_list(c)["members"]}
         assert "not a synchronous standby" in (listed[survivor]["reason"] or "")
         assert "could lose acknowledged writes" in c.tail_log(survivor, 300)
 

@@ -41,7 +41,7 @@ def _db_sql(port: int, db: str, query: str) -> None:
     with psycopg.connect(
         host="127.0.0.1", port=port, user="postgres", password="su-secret", dbname=db, autocommit=True
     ) as c:
-        c.execute(query)  # type: ignore[arg-type]
+        c.execute(query)
 
 
 def _postgres_running_in(root: Path) -> list[str]:

@@ -349,7 +349,8 @@ def _s3(endpoint: str, bucket: str, **kw: object) -> S3Repository:
 @pytest.fixture
 async def moto_repo(moto_endpoint: str, request: pytest.FixtureRequest) -> AsyncIterator[S3Repository]:
     bucket = "b-" + request.node.name.replace("_", "-")[:50].lower()
-    async with _s3(moto_endpoint, bucket) as repo:
+    repo = _s3(moto_endpoint, bucket)
+    async with repo:
         await repo.initialize()
         yield repo
 

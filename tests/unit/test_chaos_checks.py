@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -89,8 +90,8 @@ def test_rto_and_gap() -> None:
     assert checks.acks_between(atts, 1.0, 10.0) == atts[1:]
 
 
-def _report(scenario: str, mode: str, **kw: object) -> dict[str, object]:
-    base: dict[str, object] = {
+def _report(scenario: str, mode: str, **kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
         "scenario": scenario,
         "mode": mode,
         "net": "netns",
@@ -140,7 +141,8 @@ def test_selftests_stay_out_of_the_totals() -> None:
 def test_recovery_time_is_the_end_of_the_outage_the_fault_caused() -> None:
     acks = [ok("n1", 1, t / 10, t / 10 + 0.01) for t in range(40)]  # steady until 3.9 s
     acks += [ok("n2", 2, 9.0, 9.2), ok("n2", 2, 9.3, 9.4)]  # old primary fenced, new from 9.2 s
-    assert checks.first_ack_after(acks, 3.0) is not None and checks.first_ack_after(acks, 3.0) < 0.1
+    first = checks.first_ack_after(acks, 3.0)
+    assert first is not None and first < 0.1
     assert abs((checks.recovery_time(acks, 3.0) or 0) - 6.2) < 1e-9
     assert checks.recovery_time(acks, 20.0) is None
 

@@ -242,13 +242,13 @@ def test_confirm(monkeypatch: pytest.MonkeyPatch) -> None:
     from hakeeper.cli import ops_cmds
 
     ops_cmds.confirm("anything?", force=True)  # --force: never asks
-    monkeypatch.setattr(ops_cmds.sys.stdin, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
     with pytest.raises(typer.Exit) as e:
         ops_cmds.confirm("anything?", force=False)
     assert e.value.exit_code == 1
-    monkeypatch.setattr(ops_cmds.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
     answers = iter([True, False])
-    monkeypatch.setattr(ops_cmds.typer, "confirm", lambda *_a, **_k: next(answers))
+    monkeypatch.setattr(typer, "confirm", lambda *_a, **_k: next(answers))
     ops_cmds.confirm("go?", force=False)  # yes
     with pytest.raises(typer.Exit) as e:
         ops_cmds.confirm("go?", force=False)  # no
@@ -290,7 +290,12 @@ def test_the_entry_point_leaves_the_garbage_collector_on(
 
     seen: list[bool] = []
     monkeypatch.setattr(sys, "argv", ["hakeeper", "config", "validate", "-c", str(tmp_path / "none.yml")])
-    monkeypatch.setattr("hakeeper.cli.app.load_node_config", lambda p: seen.append(gc.isenabled()) or 1 / 0)
+
+    def load_and_fail(path: object) -> float:
+        seen.append(gc.isenabled())
+        return 1 / 0
+
+    monkeypatch.setattr("hakeeper.cli.app.load_node_config", load_and_fail)
     try:
         with pytest.raises(ZeroDivisionError):
             entry.main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -18,6 +19,7 @@ from hakeeper.dcs.etcd import (
     LeaseNotFound,
     WatchCompacted,
     _body_error,
+    _watch_result,
     b64,
     b64_key,
     cmp_create,
@@ -143,7 +145,7 @@ def test_put_events_have_no_type() -> None:
 def test_watch_results() -> None:
     compacted = {"result": {"header": {}, "canceled": True, "compact_revision": "2"}}
     with pytest.raises(WatchCompacted) as ei:
-        EtcdClient._watch_result(compacted)
+        _watch_result(compacted)
     assert ei.value.compact_revision == 2
     denied = {
         "result": {
@@ -155,10 +157,10 @@ def test_watch_results() -> None:
         }
     }
     with pytest.raises(AuthError) as ai:
-        EtcdClient._watch_result(denied)
+        _watch_result(denied)
     assert ai.value.code == 16
     created = {"result": {"header": {"revision": "3"}, "created": True}}
-    assert EtcdClient._watch_result(created)["created"] is True
+    assert _watch_result(created)["created"] is True
 
 
 def test_error_mapping() -> None:
@@ -209,7 +211,7 @@ def test_builders() -> None:
     assert op_range("/p/", prefix=True)["request_range"]["range_end"] == b64("/p0")
 
 
-def _stream(messages: list[dict[str, object]]) -> bytes:
+def _stream(messages: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(m).encode() + b"\n" for m in messages)
 
 

@@ -68,7 +68,7 @@ def read_conf(text: str) -> dict[str, str]:
     return out
 
 
-text_no_nul = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+text_no_nul = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))
 
 
 @given(text_no_nul)
@@ -132,7 +132,7 @@ def test_render_postgresql_conf_rejects_bad_names(name: str) -> None:
 
 # ---------------------------------------------------------------- conninfo
 
-conninfo_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+conninfo_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=40)
 
 
 @given(host=conninfo_text, user=conninfo_text, password=conninfo_text, app=conninfo_text)

@@ -258,7 +258,8 @@ def test_the_api_answers_each_refusal_with_its_status_and_the_same_body(
 ) -> None:
     resp = refusal_response(Refused(kind, "why not", reason="lag", errors=[("ttl", "too small")]))
     assert resp.status == status
-    assert resp.body is not None and json.loads(resp.body) == {
+    assert isinstance(resp.body, bytes)
+    assert json.loads(resp.body) == {
         "error": "why not",
         "reason": "lag",
         "errors": [{"field": "ttl", "message": "too small"}],

@@ -173,7 +173,7 @@ def test_promotion_metrics_parsed_and_merged() -> None:
     assert parse_promotion_metrics("garbage {") == {}
 
 
-def _row(rows: list, name: str):  # type: ignore[no-untyped-def]
+def _row(rows: list, name: str):
     return next(r for r in rows if r.scenario == name)
 
 
