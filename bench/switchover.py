@@ -426,7 +426,7 @@ class HakeeperManager:
         from hakeeper.ha.ops import OperationError, request_switchover, wait_for_new_leader
 
         async def go() -> tuple[int, str]:
-            client = EtcdClient([self.c.etcd_url], timeout=2.0)
+            client = EtcdClient([self.c.etcd.url], timeout=2.0)
             keys = Keys(f"/hakeeper/{self.c.scope}")
             try:
                 await request_switchover(client, keys, leader=leader, candidate=candidate)
