@@ -182,7 +182,7 @@ class Bench:
             await self.archiver.close()
         with contextlib.suppress(Exception):
             await self.pg.stop("immediate", timeout=30)
-        await self.pg.close()
+        await self.pg.session.close()
         kill_postmaster(self.pg.data_dir)
 
     # ------------------------------------------------------------------ helpers
@@ -195,7 +195,7 @@ class Bench:
         return [n for n in os.listdir(self.status_dir) if n.endswith(".ready")]
 
     async def lsn(self) -> int:
-        v = parse_lsn(str((await self.pg.execute("SELECT pg_current_wal_lsn()"))[0][0]))
+        v = parse_lsn(str((await self.pg.session.execute("SELECT pg_current_wal_lsn()"))[0][0]))
         assert v is not None
         return v
 
@@ -240,14 +240,14 @@ class Bench:
         self.allowed = False
         await asyncio.sleep(0.3)
         ph = Phase(f"backlog drain ({kind})")
-        await self.pg.execute("SELECT pg_switch_wal()")
+        await self.pg.session.execute("SELECT pg_switch_wal()")
         start_lsn = await self.lsn()
         if kind == "pgbench -i":
             out = await self.pgbench("-i", "-q", "-s", str(self.args.scale), timeout=1800)
             ph.extra["pgbench_init_tail"] = out.strip().splitlines()[-1:] if out.strip() else []
         else:
             await self.bulk_load(min(self.args.seconds, 20))
-        await self.pg.execute("SELECT pg_switch_wal()")
+        await self.pg.session.execute("SELECT pg_switch_wal()")
         end_lsn = await self.lsn()
         await asyncio.sleep(1)
         names = sorted(n[: -len(".ready")] for n in self.ready())
@@ -260,7 +260,7 @@ class Bench:
         n0 = len(self.archiver.latencies)
         t0 = time.monotonic()
         self.allowed = True
-        await self.pg.execute("SELECT pg_reload_conf()")  # wakes PostgreSQL's archiver if it sleeps
+        await self.pg.session.execute("SELECT pg_reload_conf()")  # wakes PostgreSQL's archiver if it sleeps
         while self.archiver.archived_files - before < len(names):
             await asyncio.sleep(0.02)
             if time.monotonic() - t0 > 1800:
@@ -277,7 +277,7 @@ class Bench:
     async def live(self, name: str, load: Any) -> Phase:
         assert self.archiver is not None
         ph = Phase(name)
-        await self.pg.execute("CHECKPOINT")  # steady state: full-page images after a checkpoint
+        await self.pg.session.execute("CHECKPOINT")  # steady state: full-page images after a checkpoint
         n0 = len(self.archiver.latencies)
         stop = asyncio.Event()
         sampler = asyncio.create_task(self.sample_backlog(ph, stop))
@@ -288,7 +288,7 @@ class Bench:
         ph.wal_bytes = await self.lsn() - lsn0
         ph.backlog_at_end = len(self.ready())
         # the segments written during the load: wait until they are handed back too
-        await self.pg.execute("SELECT pg_switch_wal()")
+        await self.pg.session.execute("SELECT pg_switch_wal()")
         t_end = time.monotonic()
         for _ in range(6000):  # at most 300 s
             if not self.ready():
@@ -307,7 +307,7 @@ class Bench:
         return {"tps": tps}
 
     async def bulk_load(self, seconds: float | None = None) -> dict[str, Any]:
-        await self.pg.execute("CREATE TABLE IF NOT EXISTS bulk (id bigint, a text, b text)")
+        await self.pg.session.execute("CREATE TABLE IF NOT EXISTS bulk (id bigint, a text, b text)")
         deadline = time.monotonic() + (seconds or self.args.seconds)
         rows = 0
 

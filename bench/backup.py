@@ -615,16 +615,16 @@ class Bench:
 
     def idle_cpu(self, seconds: float = 15.0) -> None:
         """CPU used by the idle hakeeper cluster (agent, etcd): it runs beside every measurement."""
-        pids = {"agent": self.cluster.agent_pid("node1"), "etcd": self.cluster.etcd_pid}
+        pids = {"agent": self.cluster.agents["node1"].pid, "etcd": self.cluster.etcd.pid}
         if None in pids.values():
             return
         before = {k: proc_cpu_s(p) for k, p in pids.items() if p}
-        puts0 = etcd_puts(self.cluster.etcd_url)
+        puts0 = etcd_puts(self.cluster.etcd.url)
         t0 = time.monotonic()
         time.sleep(seconds)
         el = time.monotonic() - t0
         use = {k: (proc_cpu_s(p) - before[k]) / el for k, p in pids.items() if p}
-        puts1 = etcd_puts(self.cluster.etcd_url)
+        puts1 = etcd_puts(self.cluster.etcd.url)
         self.res.dataset["idle_cpu"] = {k: round(v, 3) for k, v in use.items()}
         rate = (puts1 - puts0) / el if puts0 is not None and puts1 is not None else None
         self.res.dataset["idle_etcd_puts_per_s"] = rate

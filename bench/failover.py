@@ -325,7 +325,7 @@ class Trial:
 def kill_host(cluster: LocalCluster, name: str) -> tuple[float, dict[str, int]]:
     """SIGKILL the agent of ``name`` (and its process group), its postmaster and every child of
     the postmaster, in one burst, like a host crash.  Returns (monotonic time, pids)."""
-    agent = cluster.agent_pid(name)
+    agent = cluster.agents[name].pid
     postmaster = cluster.postmaster_pid(name)
     if agent is None or postmaster is None:
         raise RuntimeError(f"{name}: agent pid {agent}, postmaster pid {postmaster}: cannot kill")
@@ -338,9 +338,9 @@ def kill_host(cluster: LocalCluster, name: str) -> tuple[float, dict[str, int]]:
     for pid in (agent, postmaster, *children):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    # agent_pid() polls (and so reaps) the agent LocalCluster started.
+    # AgentProcess.pid polls (and so reaps) the agent LocalCluster started.
     deadline = time.monotonic() + 10
-    while cluster.agent_pid(name) is not None and time.monotonic() < deadline:
+    while cluster.agents[name].pid is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     return t_kill, pids
 
@@ -533,7 +533,7 @@ def rejoin(trial: Trial, cluster: LocalCluster, old: str, rejoin_timeout: float)
     old_offset = cluster.nodes[old].log_path.stat().st_size
     restart_wall = time.time()
     t0 = time.monotonic()
-    cluster.start_agent(old)
+    cluster.agents[old].start()
     try:
         trial.primary_after_rejoin = cluster.wait_ready(rejoin_timeout, on_poll=on_poll)
         trial.rejoin_s = round(time.monotonic() - t0, 3)

@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cluster.start()
         leader = cluster.wait_ready(180)
-        pid = cluster.agent_pid(leader)
+        pid = cluster.agents[leader].pid
         assert pid is not None
         subjects.append(measure("hakeeper", cluster.nodes[leader].api_url + "/primary", pid, args.reps, log))
     except KeyboardInterrupt:

@@ -429,7 +429,7 @@ class HakeeperManager:
         from hakeeper.ha.requests import request_switchover, wait_for_new_leader
 
         async def go() -> tuple[int, str]:
-            client = EtcdClient([self.c.etcd_url], timeout=2.0)
+            client = EtcdClient([self.c.etcd.url], timeout=2.0)
             store = ClusterStore(client, Keys(f"/hakeeper/{self.c.scope}"))
             try:
                 await request_switchover(store, leader=leader, candidate=candidate)

@@ -101,6 +101,50 @@ class EtcdMember:
         self.proc = None
 
 
+class ChaosEtcd:
+    """An etcd of several members (each on its own host), as the cluster's etcd."""
+
+    def __init__(self, members: list[EtcdMember]) -> None:
+        self.members = members
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
+        for m in members:
+            m.initial_cluster = initial
+
+    @property
+    def url(self) -> str:
+        return self.members[0].url
+
+    @property
+    def pid(self) -> int | None:
+        return next((m.pid for m in self.members if m.pid is not None), None)
+
+    def start(self, timeout: float = 30.0) -> int:
+        for m in self.members:
+            m.start()
+        deadline = time.monotonic() + timeout
+        while not all(m.healthy() for m in self.members):
+            for m in self.members:
+                if m.proc is not None and m.proc.poll() is not None:
+                    raise LocalClusterError(f"{m.name} exited; see {m.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LocalClusterError(f"etcd not healthy after {timeout:.0f}s")
+            time.sleep(0.1)
+        pid = self.pid
+        assert pid is not None
+        return pid
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for m in self.members:
+            m.stop()
+
+    def leftover_pids(self) -> list[int]:
+        return []
+
+    def leader(self) -> EtcdMember | None:
+        return next((m for m in self.members if m.pid is not None and m.is_leader()), None)
+
+
 class ChaosCluster(LocalCluster):
     """3 PostgreSQL nodes + ``etcd_members`` etcd members, each on a host of ``net``."""
 
@@ -115,22 +159,20 @@ class ChaosCluster(LocalCluster):
         super().__init__(base_dir, nodes=3, base_port=base_port, scope="chaos", dynamic=dynamic)
         self.net = net
         self.hosts = {name: net.add(name) for name in self.nodes}
-        self.etcd: list[EtcdMember] = []
+        members = []
         for i in range(1, etcd_members + 1):
             host = net.add(f"etcd{i}")
-            self.etcd.append(
+            members.append(
                 EtcdMember(f"etcd{i}", host, base_port + 30 + 2 * i, base_port + 31 + 2 * i, self.base_dir)
             )
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.etcd)
-        for m in self.etcd:
-            m.initial_cluster = initial
+        self.etcd: ChaosEtcd = ChaosEtcd(members)
 
     # ------------------------------------------------------------------ layout
 
     def port_plan(self) -> list[tuple[int, str]]:
         plan = [(n.pg_port, f"{n.name} PostgreSQL") for n in self.nodes.values()]
         plan += [(n.api_port, f"{n.name} REST API") for n in self.nodes.values()]
-        for m in self.etcd:
+        for m in self.etcd.members:
             plan += [(m.client_port, f"{m.name} client"), (m.peer_port, f"{m.name} peer")]
         return plan
 
@@ -142,7 +184,7 @@ class ChaosCluster(LocalCluster):
         cfg = super().node_config(name)
         ip = self.hosts[name].ip
         n = self.nodes[name]
-        cfg["etcd"] = {"hosts": [m.url for m in self.etcd]}
+        cfg["etcd"] = {"hosts": [m.url for m in self.etcd.members]}
         cfg["api"]["listen"] = f"{ip}:{n.api_port}"
         cfg["postgresql"]["listen"] = f"{ip}:{n.pg_port}"
         net = "127.0.0.1/32" if isinstance(self.net, Loopback) else f"{SUBNET}.0/24"
@@ -182,39 +224,3 @@ class ChaosCluster(LocalCluster):
     @property
     def client_ip(self) -> str:
         return "127.0.0.1" if isinstance(self.net, Loopback) else HUB_IP
-
-    # ------------------------------------------------------------------ etcd
-
-    @property
-    def etcd_url(self) -> str:
-        return self.etcd[0].url
-
-    @property
-    def etcd_pid(self) -> int | None:
-        return next((m.pid for m in self.etcd if m.pid is not None), None)
-
-    def start_etcd(self, timeout: float = 30.0) -> int:
-        for m in self.etcd:
-            m.start()
-        deadline = time.monotonic() + timeout
-        while not all(m.healthy() for m in self.etcd):
-            for m in self.etcd:
-                if m.proc is not None and m.proc.poll() is not None:
-                    raise LocalClusterError(f"{m.name} exited; see {m.log_path}")
-            if time.monotonic() > deadline:
-                self.stop_etcd()
-                raise LocalClusterError(f"etcd not healthy after {timeout:.0f}s")
-            time.sleep(0.1)
-        pid = self.etcd_pid
-        assert pid is not None
-        return pid
-
-    def stop_etcd(self, timeout: float = 15.0) -> None:
-        for m in self.etcd:
-            m.stop()
-
-    def etcd_leftover_pids(self) -> list[int]:
-        return []
-
-    def etcd_leader(self) -> EtcdMember | None:
-        return next((m for m in self.etcd if m.pid is not None and m.is_leader()), None)

@@ -229,8 +229,8 @@ class Runner:
             if ok or loop.time() >= deadline:
                 return ok, detail
             for name in cluster.names:  # an agent that died on its own gets restarted, and noted
-                if cluster.agent_returncode(name) is not None:
-                    detail += f"; {name} agent had exited ({cluster.agent_returncode(name)})"
+                if cluster.agents[name].returncode is not None:
+                    detail += f"; {name} agent had exited ({cluster.agents[name].returncode})"
             await asyncio.sleep(0.5)
 
     async def _one_run(self, cluster: ChaosCluster, sc: Scenario, index: int, run_no: int) -> dict[str, Any]:
@@ -260,7 +260,7 @@ class Runner:
         ctx.mark("fault")
         ctx.mark("heal")
         for name in cluster.names:  # whatever the scenario left down comes back now
-            if name in ctx.killed or cluster.agent_pid(name) is None:
+            if name in ctx.killed or cluster.agents[name].pid is None:
                 await ctx.restart_agent(name)
         ok, detail = await self._wait_settled(cluster, SETTLE_TIMEOUT)
         settled_at = rec.now()
@@ -435,9 +435,9 @@ def _post_mortem(cluster: ChaosCluster) -> str:
     logs (the agent dumps them on SIGUSR1), so a hung agent can be told from a dead one."""
     found = []
     for name in cluster.names:
-        pid = cluster.agent_pid(name)
+        pid = cluster.agents[name].pid
         if pid is None:
-            found.append(f"{name} agent not running (exit {cluster.agent_returncode(name)})")
+            found.append(f"{name} agent not running (exit {cluster.agents[name].returncode})")
             continue
         try:
             os.kill(pid, signal.SIGUSR1)

@@ -22,7 +22,7 @@ from typing import Any
 
 from chaos.cluster import ChaosCluster
 from chaos.workload import Recorder
-from hakeeper.localcluster import API_USER
+from hakeeper.localcluster import API_USER, fencer_pids
 from hakeeper.util.proc import children_of
 
 
@@ -67,7 +67,7 @@ class Ctx:
         self.note(f"{name}: kill -9 postmaster {pm}")
 
     def kill_agent(self, name: str) -> None:
-        pid = self.cluster.agent_pid(name)
+        pid = self.cluster.agents[name].pid
         if pid is None:
             self.note(f"{name}: agent not running")
             return
@@ -78,10 +78,10 @@ class Ctx:
     def kill_node(self, name: str) -> None:
         """The machine dies: agent, fencer, postmaster and its children, all at once."""
         pids = []
-        agent = self.cluster.agent_pid(name)
+        agent = self.cluster.agents[name].pid
         if agent is not None:
             pids.append(agent)
-        pids += self.cluster.fencer_pids(name)
+        pids += fencer_pids(self.cluster.nodes[name].node_dir)
         pm = self.cluster.postmaster_pid(name)
         if pm is not None:
             pids += [pm, *children_of(pm)]
@@ -98,7 +98,7 @@ class Ctx:
         """Start the agent of ``name`` again if it is not running.  An agent we killed is
         waited for first: SIGKILL is asynchronous, and a process inside an fsync can take a
         while to go -- a restart that looked too early once left a node down for a whole run."""
-        proc = self.cluster._agents.get(name)
+        proc = self.cluster.agents[name].proc
         if proc is not None and name in self.killed:
             try:
                 await asyncio.to_thread(proc.wait, 30)
@@ -109,11 +109,11 @@ class Ctx:
             self.note(f"{name}: agent {proc.pid} is running; not restarted")
             return
         self.killed.discard(name)
-        self.cluster.start_agent(name)
+        self.cluster.agents[name].start()
         self.note(f"{name}: agent restarted")
 
     def signal_agent(self, name: str, sig: int) -> None:
-        pid = self.cluster.agent_pid(name)
+        pid = self.cluster.agents[name].pid
         if pid is not None:
             os.kill(pid, sig)
             self.note(f"{name}: {signal.Signals(sig).name} to agent {pid}")
@@ -234,7 +234,7 @@ def partition(targets: str) -> Inject:
         if targets in ("all", "replicas"):
             peers += ctx.replicas
         if targets in ("all", "etcd"):
-            peers += [m.name for m in c.etcd]
+            peers += [m.name for m in c.etcd.members]
         ctx.mark("fault")
         for p in peers:
             c.net.block(ctx.primary, p)
@@ -248,7 +248,7 @@ def partition(targets: str) -> Inject:
 
 
 async def etcd_leader_kill(ctx: Ctx) -> None:
-    leader = ctx.cluster.etcd_leader()
+    leader = ctx.cluster.etcd.leader()
     if leader is None:
         ctx.note("no etcd leader found")
         return
@@ -261,7 +261,7 @@ async def etcd_leader_kill(ctx: Ctx) -> None:
 
 
 async def etcd_quorum_loss(ctx: Ctx) -> None:
-    victims = ctx.cluster.etcd[:2]
+    victims = ctx.cluster.etcd.members[:2]
     ctx.mark("fault")
     for m in victims:
         m.kill()

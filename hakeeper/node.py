@@ -268,7 +268,7 @@ class Node:
         with contextlib.suppress(EtcdError):
             await self.store.delete_member(self.cfg.name)
         await self.lease.revoke()
-        await self.pg.close()
+        await self.pg.session.close()
         await self.client.close()
         log.info("agent_stopped")
 

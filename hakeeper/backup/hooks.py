@@ -158,7 +158,7 @@ class AgentBackup:
         if b.repositories and b.heartbeat_interval > 0:
             self.heartbeat = Heartbeat(
                 node=cfg.name,
-                endpoint=Endpoint(cfg.name, pg.connect_host, pg.port),
+                endpoint=Endpoint(cfg.name, pg.session.host, pg.port),
                 superuser=cfg.postgresql.superuser,
                 interval=b.heartbeat_interval,
                 term=term,

@@ -349,14 +349,14 @@ async def over_socket(pg: Postgres) -> AsyncIterator[None]:
     """Make ``pg``'s SQL connections use its Unix socket (trusted for the superuser) instead of
     TCP with the configured password: a restored cluster still has the source's passwords until
     create_roles has set ours."""
-    await pg.close()
-    saved = pg.connect_host
-    pg.connect_host = str(pg.socket_dir)
+    await pg.session.close()
+    saved = pg.session.host
+    pg.session.host = str(pg.socket_dir)
     try:
         yield
     finally:
-        await pg.close()
-        pg.connect_host = saved
+        await pg.session.close()
+        pg.session.host = saved
 
 
 async def serve_replica_wal(cfg: NodeConfig, pg: Postgres, seeded: Seeded) -> None:

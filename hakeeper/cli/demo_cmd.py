@@ -105,7 +105,7 @@ def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
     out.print("[bold]Always the primary[/] (libpq multi-host, read-write):")
     out.print(f"    psql {shlex.quote(cluster.write_dsn())}", soft_wrap=True, markup=False)
     out.print()
-    out.print(f"etcd: {cluster.etcd_url}   details: {state_path}", soft_wrap=True)
+    out.print(f"etcd: {cluster.etcd.url}   details: {state_path}", soft_wrap=True)
     out.print(f"agent logs: {cluster.base_dir}/node*/agent.log", soft_wrap=True, markup=False)
     first = next(iter(cluster.nodes.values()))
     out.print(f"Try:  curl -s -o /dev/null -w '%{{http_code}}\\n' {first.api_url}/primary", markup=False)
@@ -134,7 +134,7 @@ def _supervise(cluster: LocalCluster, state_path: Path, extra: dict[str, Any]) -
     """Report agent exits/restarts, etcd exits and primary changes until interrupted."""
     running: dict[str, int | None] = {}
     for name in cluster.nodes:
-        running[name] = cluster.agent_pid(name)
+        running[name] = cluster.agents[name].pid
     etcd_up = True
     primary = cluster.primary()
     last_role_check = time.monotonic()
@@ -142,14 +142,14 @@ def _supervise(cluster: LocalCluster, state_path: Path, extra: dict[str, Any]) -
         time.sleep(1.0)
         changed = False
         for name, n in cluster.nodes.items():
-            pid = cluster.agent_pid(name)
+            pid = cluster.agents[name].pid
             if pid is None:
-                pid = next(iter(cluster.external_agent_pids(name)), None)
+                pid = next(iter(cluster.agents[name].external_pids()), None)
             if pid == running[name]:
                 continue
             changed = True
             if pid is None:
-                code = cluster.agent_returncode(name)
+                code = cluster.agents[name].returncode
                 how = f"exited with code {code}" if code is not None else "is gone"
                 err.print(
                     f"{_stamp()} [bold yellow]{name}: agent {how}[/] (log: {n.log_path}). "
@@ -159,7 +159,7 @@ def _supervise(cluster: LocalCluster, state_path: Path, extra: dict[str, Any]) -
             else:
                 out.print(f"{_stamp()} {name}: agent running (pid {pid})")
             running[name] = pid
-        if etcd_up and cluster.etcd_pid is None:
+        if etcd_up and cluster.etcd.pid is None:
             etcd_up = False
             err.print(f"{_stamp()} [bold red]etcd exited[/] (log: {cluster.etcd_log}); leaders cannot renew.")
         if time.monotonic() - last_role_check >= 2.0:
@@ -374,7 +374,7 @@ def demo(
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     code = 0
     try:
-        out.print(f"Starting etcd on {cluster.etcd_url} and {n_nodes} agents under {base_dir} ...")
+        out.print(f"Starting etcd on {cluster.etcd.url} and {n_nodes} agents under {base_dir} ...")
         cluster.start()
         extra = {"s3_pid": s3_server.pid if s3_server else None}
         _write_state(state_path, {**cluster.describe(), **extra, "demo_pid": os.getpid()})

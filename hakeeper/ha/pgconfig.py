@@ -82,7 +82,7 @@ class PgConfigurator:
         await self.pg.reload()
         pending = []
         try:
-            rows = await self.pg.execute("SELECT name FROM pg_settings WHERE pending_restart")
+            rows = await self.pg.session.execute("SELECT name FROM pg_settings WHERE pending_restart")
             pending = [str(r[0]) for r in rows]
         except PgError:
             pass
@@ -98,7 +98,7 @@ class PgConfigurator:
         if pid is None or pid == self.state.checkpointer_woken_for:
             return
         try:
-            await self.pg.execute("SELECT pg_reload_conf()", timeout=2.0)
+            await self.pg.session.execute("SELECT pg_reload_conf()", timeout=2.0)
         except PgError as e:
             log.warning("checkpointer_wake_failed", error=str(e))
             return

@@ -65,7 +65,7 @@ class SyncManager:
 
     async def _current_lsn(self) -> int | None:
         try:
-            rows = await self.pg.execute("SELECT pg_current_wal_lsn()::text")
+            rows = await self.pg.session.execute("SELECT pg_current_wal_lsn()::text")
             return parse_lsn(str(rows[0][0]))
         except (PgError, IndexError):
             return None

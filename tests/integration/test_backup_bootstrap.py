@@ -241,8 +241,8 @@ def test_replica_created_from_backup_then_streams_and_falls_back_when_corrupt() 
             with c:
                 c.check_ports()
                 c.write_configs()
-                c.start_etcd()
-                c.start_agent("node1")
+                c.etcd.start()
+                c.agents["node1"].start()
                 wait(lambda: c.node_state("node1").role == "primary", 90, "node1 primary", c)
                 q(c, "node1", "CREATE TABLE t (id serial, batch text)")
                 q(c, "node1", "INSERT INTO t (batch) SELECT 'a' FROM generate_series(1, 500)")
@@ -259,7 +259,7 @@ def test_replica_created_from_backup_then_streams_and_falls_back_when_corrupt() 
                     got = [r[0] for r in q(c, node, "SELECT DISTINCT batch FROM t ORDER BY 1")]
                     return got == want
 
-                c.start_agent("node2")
+                c.agents["node2"].start()
                 wait(lambda: streaming("node2"), 120, "node2 streams", c)
                 q(c, "node1", "INSERT INTO t (batch) VALUES ('c')")
                 wait(lambda: has_rows("node2", ["a", "b", "c"]), 30, "node2 has every row", c)
@@ -282,7 +282,7 @@ def test_replica_created_from_backup_then_streams_and_falls_back_when_corrupt() 
                 data[mid : mid + 64] = bytes(64)
                 part.write_bytes(bytes(data))
 
-                c.start_agent("node3")
+                c.agents["node3"].start()
                 wait(lambda: streaming("node3"), 120, "node3 streams", c)
                 wait(lambda: has_rows("node3", ["a", "b", "c"]), 30, "node3 has every row", c)
                 ev3 = events(c.nodes["node3"].log_path)

@@ -37,6 +37,7 @@ from hakeeper.core.config import Credentials, ParamValue, PostgresConfig
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.pg import Postgres, Role, Upstream
 from hakeeper.pg.bins import find_bin_dir
+from hakeeper.pg.clone import clone_from
 from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_pg_postgres import INITDB_ARGS, PARAMS
 from tests.support.pg import PgArea
@@ -188,7 +189,7 @@ def start_primary(env: Env, name: str) -> PostgresConfig:
                 replication_password="repl-secret",
             )
         finally:
-            await pg.close()
+            await pg.session.close()
 
     asyncio.run(go())
     env.servers[name] = cfg
@@ -208,13 +209,13 @@ def start_standby(env: Env, name: str, source: str) -> PostgresConfig:
     async def go() -> None:
         pg = Postgres(cfg, member_name=name)
         try:
-            await pg.clone_from(
-                up, replication_user="replicator", replication_password="repl-secret", timeout=120
+            await clone_from(
+                pg, up, replication_user="replicator", replication_password="repl-secret", timeout=120
             )
             await pg.write_config(archive_params(env), Role.REPLICA, up, replication_password="repl-secret")
             await pg.start(timeout=60)
         finally:
-            await pg.close()
+            await pg.session.close()
 
     asyncio.run(go())
     env.servers[name] = cfg

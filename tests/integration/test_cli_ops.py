@@ -117,7 +117,7 @@ def test_list_json_and_yaml(cluster: LocalCluster) -> None:
     assert len(ydoc["members"]) == 3
 
     # The same through --etcd/--scope instead of -c.
-    res = hk(cluster, "list", "-o", "json", "--etcd", cluster.etcd_url, "--scope", cluster.scope)
+    res = hk(cluster, "list", "-o", "json", "--etcd", cluster.etcd.url, "--scope", cluster.scope)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["leader"] == primary
 
@@ -223,7 +223,7 @@ def test_pause_resume_visible_in_list(api: LocalCluster) -> None:
         api,
         "resume",
         "--etcd",
-        api.etcd_url,
+        api.etcd.url,
         "--scope",
         api.scope,
         env={"HAKEEPER_API_TOKEN": token},

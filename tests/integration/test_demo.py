@@ -132,17 +132,17 @@ def test_port_conflict_is_refused_with_a_clear_error(base_dir: Path) -> None:
 def test_etcd_start_and_stop_by_pid(base_dir: Path) -> None:
     cluster = LocalCluster(base_dir, nodes=1, base_port=free_base_port(1))
     with cluster:
-        pid = cluster.start_etcd()
+        pid = cluster.etcd.start()
         assert pid_alive(pid)
-        assert cluster.etcd_pid == pid
-        with urllib.request.urlopen(cluster.etcd_url + "/health", timeout=5) as r:
+        assert cluster.etcd.pid == pid
+        with urllib.request.urlopen(cluster.etcd.url + "/health", timeout=5) as r:
             assert b'"true"' in r.read()
         assert ("etcd", pid) in list(cluster.processes())
-        cluster.stop_etcd()
-        assert cluster.etcd_pid is None
+        cluster.etcd.stop()
+        assert cluster.etcd.pid is None
         assert not pid_alive(pid)
         # Restarting on the same data directory works (a demo restart).
-        pid2 = cluster.start_etcd()
+        pid2 = cluster.etcd.start()
         assert pid2 != pid and pid_alive(pid2)
     assert not pid_alive(pid2), "leaving the context manager stops etcd"
     assert (base_dir / "etcd" / "data").is_dir()
@@ -208,11 +208,11 @@ def test_failover_after_agent_kill_then_stop_leaves_nothing() -> None:
     including the fencer the killed agent left behind.  Needs a working agent."""
     with running_cluster(nodes=3) as cluster:
         old = cluster.wait_ready(180)
-        agent = cluster.agent_pid(old)
+        agent = cluster.agents[old].pid
         assert agent is not None
-        cluster.kill_agent(old)
+        cluster.agents[old].kill()
         assert not pid_alive(agent)
-        assert cluster.agent_pid(old) is None
+        assert cluster.agents[old].pid is None
         deadline = time.monotonic() + 90
         new = None
         while time.monotonic() < deadline:
@@ -314,7 +314,7 @@ def test_demo_end_to_end(base_dir: Path) -> None:
         assert proc.wait(150) == 0, log_path.read_text()[-3000:]
         assert _wait_gone(sorted(pids), 10) == [], "processes left behind"
         assert list(view.processes()) == []
-        assert view.etcd_leftover_pids() == []
+        assert view.etcd.leftover_pids() == []
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -117,7 +117,7 @@ def server(seaweed: SeaweedS3) -> Iterator[Server]:
                     replication_password="repl-secret",
                 )
             finally:
-                await pg.close()
+                await pg.session.close()
 
         asyncio.run(start())
         port = cfg.listen_host_port[1]

@@ -61,7 +61,7 @@ def try_write(c: LocalCluster, name: str, value: int) -> bool:
 
 def hk_list(c: LocalCluster) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "hakeeper", "list", "--etcd", c.etcd_url, "--scope", c.scope, "-o", "json"],
+        [sys.executable, "-m", "hakeeper", "list", "--etcd", c.etcd.url, "--scope", c.scope, "-o", "json"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -97,7 +97,7 @@ def etcd_puts(c: LocalCluster) -> float:
     """etcd's count of put operations so far (its Prometheus metrics)."""
     import urllib.request
 
-    with urllib.request.urlopen(c.etcd_url + "/metrics", timeout=5) as r:
+    with urllib.request.urlopen(c.etcd.url + "/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
             if line.startswith("etcd_mvcc_put_total "):
                 return float(line.split()[1])
@@ -143,7 +143,7 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
                 "-s",
                 "-X",
                 "POST",
-                c.etcd_url + "/v3/kv/range",
+                c.etcd.url + "/v3/kv/range",
                 "-d",
                 json.dumps({"key": "Lw==", "range_end": "MA=="}),
             ],
@@ -162,7 +162,7 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
             assert c.superuser_password not in text and c.replication_password not in text
         # A member gone longer than member_slots_ttl loses its slot; the others keep theirs.
         gone = replicas[0]
-        c.stop_agent(gone)
+        c.agents[gone].stop()
         wait_for(
             lambda: (
                 [r[0] for r in sql(c, primary, "SELECT slot_name FROM pg_replication_slots")] == [replicas[1]]
@@ -180,7 +180,7 @@ def test_failover_after_kill9_then_old_primary_rejoins_with_new_rows() -> None:
         sql(c, old, "INSERT INTO probe SELECT generate_series(1, 100)")
         time.sleep(1.5)  # let the replicas publish their final positions
         t0 = time.monotonic()
-        c.kill_agent(old)
+        c.agents[old].kill()
         c.kill_postgres(old)
         new = new_primary(c, old)
         assert try_write(c, new, 1000)
@@ -191,7 +191,7 @@ def test_failover_after_kill9_then_old_primary_rejoins_with_new_rows() -> None:
             lambda: sql(c, other, "SELECT count(*) FROM probe")[0][0] == 201, 60, "the other replica follows"
         )
         # the old primary comes back by hand, rewinds, and streams from the new primary
-        c.start_agent(old)
+        c.agents[old].start()
         wait_for(
             lambda: roles(c).get(old) == ("replica", "streaming"), 90, "old primary rejoins as a replica"
         )
@@ -205,7 +205,7 @@ def test_failover_after_kill9_then_old_primary_rejoins_with_new_rows() -> None:
                 "hakeeper",
                 "history",
                 "--etcd",
-                c.etcd_url,
+                c.etcd.url,
                 "--scope",
                 c.scope,
                 "-o",
@@ -240,7 +240,7 @@ def test_etcd_outage_longer_than_ttl_demotes_primary_then_recovers_without_loss(
         assert old is not None
         sql(c, old, "CREATE TABLE probe (v int)")
         sql(c, old, "INSERT INTO probe SELECT generate_series(1, 50)")
-        etcd_pid = c.etcd_pid
+        etcd_pid = c.etcd.pid
         assert etcd_pid is not None
         os.kill(etcd_pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -254,7 +254,7 @@ def test_etcd_outage_longer_than_ttl_demotes_primary_then_recovers_without_loss(
         wait_for(
             lambda: sql(c, old, "SELECT count(*) FROM probe WHERE v > 0")[0][0] == 50, 20, "read-only service"
         )
-        c.start_etcd()
+        c.etcd.start()
         new = wait_for(lambda: w[0] if len(w := writable_nodes(c)) == 1 else None, 90, "a primary again")
         got = sql(c, str(new), "SELECT count(*) FROM probe WHERE v > 0")[0][0]
         assert got == 50
@@ -288,7 +288,7 @@ def test_sigstopped_agent_stops_primary_writes_before_a_replica_is_promoted() ->
 
         t = threading.Thread(target=prober, daemon=True)
         t.start()
-        agent_pid = c.agent_pid(old)
+        agent_pid = c.agents[old].pid
         assert agent_pid is not None
         time.sleep(1)
         os.kill(agent_pid, signal.SIGSTOP)
@@ -333,11 +333,11 @@ def _lagging_and_nofailover(c: LocalCluster) -> None:
     # node1 bootstraps alone, so it is the primary; node2 (nofailover) and node3 join after
     c.check_ports()
     c.write_configs()
-    c.start_etcd()
-    c.start_agent("node1")
+    c.etcd.start()
+    c.agents["node1"].start()
     wait_for(lambda: c.primary() == "node1", 120, "node1 primary")
-    c.start_agent("node2")
-    c.start_agent("node3")
+    c.agents["node2"].start()
+    c.agents["node3"].start()
     c.wait_ready(180)
     old = "node1"
     # freeze node3's WAL receiver so it falls behind
@@ -354,7 +354,7 @@ def _lagging_and_nofailover(c: LocalCluster) -> None:
             30,
             "node3 lag is published",
         )
-        c.kill_agent(old)
+        c.agents[old].kill()
         c.kill_postgres(old)
         time.sleep(15)  # well past ttl + candidate grace
         assert writable_nodes(c) == []
@@ -372,11 +372,11 @@ def test_kill9_of_primary_agent_alone_fences_postgres_and_fails_over() -> None:
         old = c.primary()
         assert old is not None
         sql(c, old, "CREATE TABLE probe (v int)")
-        c.kill_agent(old)  # PostgreSQL keeps running: only the fencer can stop it now
+        c.agents[old].kill()  # PostgreSQL keeps running: only the fencer can stop it now
         new = new_primary(c, old)
         assert try_write(c, new, 1)
         assert c.postmaster_pid(old) is None, "the orphaned primary must have been fenced"
         assert writable_nodes(c) == [new]
-        c.start_agent(old)
+        c.agents[old].start()
         wait_for(lambda: roles(c).get(old) == ("replica", "streaming"), 90, "old primary rejoins")
         assert writable_nodes(c) == [new]

@@ -227,7 +227,7 @@ def _switchover_via_api_or_etcd(cluster: LocalCluster, leader: str, candidate: s
     from hakeeper.ha.requests import request_switchover
 
     async def go() -> None:
-        client = EtcdClient([cluster.etcd_url], timeout=2.0)
+        client = EtcdClient([cluster.etcd.url], timeout=2.0)
         try:
             await request_switchover(
                 ClusterStore(client, Keys(f"/hakeeper/{cluster.scope}")), leader=leader, candidate=candidate
@@ -265,7 +265,7 @@ def test_write_port_follows_failover(setup: tuple[LocalCluster, HAProxy]) -> Non
     old_port = cluster.nodes[old].pg_port
     wait_routed_to(hap.write_port, pw, old_port, timeout=10)
     t0 = time.monotonic()
-    cluster.kill_agent(old)
+    cluster.agents[old].kill()
     cluster.kill_postgres(old)
     new_port = None
     deadline = t0 + TTL + CHECK_INTERVAL + SLACK

@@ -14,6 +14,8 @@ import pytest
 
 from hakeeper.core.config import DynamicConfig, ParamValue
 from hakeeper.pg import LocalState, PgError, Postgres, Role, Upstream
+from hakeeper.pg.clone import clone_from
+from hakeeper.pg.rewind import rewind
 from tests.support.pg import DEFAULT_PARAMS, PgArea
 
 pytestmark = pytest.mark.integration
@@ -40,7 +42,7 @@ async def nodes(area: PgArea) -> AsyncIterator[list[Postgres]]:
         yield made
     finally:
         for pg in made:
-            await pg.close()
+            await pg.session.close()
 
 
 def make_node(area: PgArea, nodes: list[Postgres], name: str, **overrides: Any) -> Postgres:
@@ -81,7 +83,8 @@ def upstream_of(pg: Postgres, slot: str | None) -> Upstream:
 
 
 async def make_replica(source: Postgres, replica: Postgres, slot: str) -> None:
-    await replica.clone_from(
+    await clone_from(
+        replica,
         upstream_of(source, slot),
         replication_user=replica.cfg.replication.username,
         replication_password=_pw(replica.cfg.replication.password),
@@ -123,12 +126,12 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
     assert stat.S_IMODE(n1.pgpass_file.stat().st_mode) == 0o600
     sysid = await n1.system_identifier()
     assert sysid and sysid.isdigit()
-    assert (await n1.execute("SHOW data_checksums")) == [("on",)]
+    assert (await n1.session.execute("SHOW data_checksums")) == [("on",)]
     # create_roles is idempotent
     await n1.create_roles(
         superuser_password="su-secret", replication_user="replicator", replication_password="repl-secret"
     )
-    rows = await n1.execute(
+    rows = await n1.session.execute(
         "SELECT rolcanlogin, rolreplication, rolpassword LIKE 'SCRAM-SHA-256$%%' FROM pg_authid"
         " WHERE rolname = %s",
         ("replicator",),
@@ -157,7 +160,7 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
     st2 = await streaming(n2, n1)
     assert st2.in_recovery is True and st2.timeline == 1
     assert st2.wal_lsn is not None
-    assert (await n2.execute("SHOW port")) == [(str(n2.port),)]
+    assert (await n2.session.execute("SHOW port")) == [(str(n2.port),)]
 
     async def n1_sees_n2() -> bool:
         s = await n1.probe()
@@ -166,8 +169,8 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
     await wait_for(n1_sees_n2, what="node1 pg_stat_replication shows node2")
     assert (await n1.list_slots())["node2"].active is True
 
-    await n1.execute("CREATE TABLE t (id int primary key, v text)")
-    await n1.execute("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 1000) g")
+    await n1.session.execute("CREATE TABLE t (id int primary key, v text)")
+    await n1.session.execute("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 1000) g")
     target = (await n1.probe()).wal_lsn
     assert target is not None and target > st2.wal_lsn
     target_lsn: int = target  # the closure below does not see the narrowing
@@ -177,7 +180,7 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
         return s.replayed_lsn is not None and s.replayed_lsn >= target_lsn
 
     await wait_for(n2_caught_up, what="node2 replayed the inserts")
-    assert (await n2.execute("SELECT count(*) FROM t")) == [(1000,)]
+    assert (await n2.session.execute("SELECT count(*) FROM t")) == [(1000,)]
     s1 = await n1.probe()
     (info,) = s1.replication
     assert info.application_name == "node2" and info.sync_state == "async"
@@ -196,13 +199,13 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
     assert not (n2.data_dir / "standby.signal").exists()
     await n2.write_config(PARAMS, Role.PRIMARY, None, replication_password="repl-secret")
     assert not (n2.data_dir / "standby.signal").exists()
-    await n2.execute("INSERT INTO t SELECT g, 'after' FROM generate_series(1001, 1500) g")
+    await n2.session.execute("INSERT INTO t SELECT g, 'after' FROM generate_series(1001, 1500) g")
     assert await n2.ensure_slots({"node1"}) == (["node1"], [])
     # promote is idempotent on a primary
     await n2.promote()
 
     # ---- node1 rejoins: rewind against node2, then stream from it
-    await n1.rewind(upstream_of(n2, None), superuser="postgres", superuser_password="su-secret", timeout=120)
+    await rewind(n1, upstream_of(n2, None), superuser="postgres", superuser_password="su-secret", timeout=120)
     # pg_rewind copied node2's configuration files; write_config puts node1's back
     assert f"port = {n2.port}" in (n1.data_dir / "postgresql.conf").read_text()
     await n1.write_config(PARAMS, Role.REPLICA, upstream_of(n2, "node1"), replication_password="repl-secret")
@@ -210,9 +213,9 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
     await n1.start(timeout=60)
     st1 = await streaming(n1, n2)
     assert st1.in_recovery is True and st1.timeline == 2
-    assert (await n1.execute("SHOW port")) == [(str(n1.port),)]
-    assert (await n1.execute("SHOW primary_slot_name")) == [("node1",)]
-    conninfo = (await n1.execute("SHOW primary_conninfo"))[0][0]
+    assert (await n1.session.execute("SHOW port")) == [(str(n1.port),)]
+    assert (await n1.session.execute("SHOW primary_slot_name")) == [("node1",)]
+    conninfo = (await n1.session.execute("SHOW primary_conninfo"))[0][0]
     assert "application_name=node1" in conninfo and f"port={n2.port}" in conninfo
     assert (await n2.list_slots())["node1"].active is True
 
@@ -224,22 +227,24 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
         return s.replayed_lsn is not None and s.replayed_lsn >= target
 
     await wait_for(n1_caught_up, what="node1 replayed node2's WAL")
-    assert (await n1.execute("SELECT count(*), count(*) FILTER (WHERE v = 'after') FROM t")) == [(1500, 500)]
+    assert (await n1.session.execute("SELECT count(*), count(*) FILTER (WHERE v = 'after') FROM t")) == [
+        (1500, 500)
+    ]
     with pytest.raises(PgError, match="read-only") as ei:
-        await n1.execute("INSERT INTO t VALUES (9999, 'x')")
+        await n1.session.execute("INSERT INTO t VALUES (9999, 'x')")
     assert ei.value.sqlstate == "25006"
 
     # ---- node1 (now a replica) crashes: rewind brings it to a clean state first (single-user
     # crash recovery refuses standby.signal), finds nothing to rewind, and it streams again
     await n1.stop("immediate")
     assert (await n1.controldata())["Database cluster state"] == "in archive recovery"
-    await n1.rewind(upstream_of(n2, None), superuser="postgres", superuser_password="su-secret", timeout=120)
+    await rewind(n1, upstream_of(n2, None), superuser="postgres", superuser_password="su-secret", timeout=120)
     assert (await n1.controldata())["Database cluster state"] in ("shut down", "shut down in recovery")
     await n1.write_config(PARAMS, Role.REPLICA, upstream_of(n2, "node1"), replication_password="repl-secret")
     await n1.start(timeout=60)
     st1 = await streaming(n1, n2)
     assert st1.timeline == 2
-    assert (await n1.execute("SELECT count(*) FROM t")) == [(1500,)]
+    assert (await n1.session.execute("SELECT count(*) FROM t")) == [(1500,)]
 
 
 async def test_stop_modes_and_probe_when_down(area: PgArea, nodes: list[Postgres]) -> None:
@@ -258,7 +263,7 @@ async def test_stop_modes_and_probe_when_down(area: PgArea, nodes: list[Postgres
         assert st.running is False and st.error and st.in_recovery is None and st.replication == ()
         await pg.stop("fast")  # no-op when stopped
         with pytest.raises(PgError):
-            await pg.execute("SELECT 1", timeout=2)
+            await pg.session.execute("SELECT 1", timeout=2)
         await pg.start(timeout=60)
         assert pg.is_running() and pg.postmaster_pid() != pid
     state = (await pg.controldata())["Database cluster state"]
@@ -290,24 +295,24 @@ async def test_probe_connection_is_reused_and_recovers(area: PgArea, nodes: list
     await init_primary(pg)
     await pg.probe()
     (pid1,) = (
-        await pg.execute(
+        await pg.session.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'hakeeper' AND pid <> pg_backend_pid()"
         )
     )[0]
     await pg.probe()
-    rows = await pg.execute(
+    rows = await pg.session.execute(
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'hakeeper' AND pid <> pg_backend_pid()"
     )
     assert rows == [(pid1,)]
-    await pg.execute("SELECT pg_terminate_backend(%s)", (pid1,))
+    await pg.session.execute("SELECT pg_terminate_backend(%s)", (pid1,))
     st = await pg.probe()  # the dead connection may fail this probe once...
     if not st.running:
         st = await pg.probe()  # ...but the next one reconnects
     assert st.running and st.in_recovery is False
     with pytest.raises(PgError, match="statement timeout") as ei:
-        await pg.execute("SELECT pg_sleep(5)", timeout=0.3)
+        await pg.session.execute("SELECT pg_sleep(5)", timeout=0.3)
     assert ei.value.sqlstate == "57014"
-    assert (await pg.execute("SELECT 1")) == [(1,)]
+    assert (await pg.session.execute("SELECT 1")) == [(1,)]
 
 
 async def test_start_failure_reports_the_log(area: PgArea, nodes: list[Postgres]) -> None:
@@ -364,10 +369,10 @@ async def test_config_files_and_auto_conf_cleaning(area: PgArea, nodes: list[Pos
     hba = (pg.data_dir / "pg_hba.conf").read_text()
     assert hba.index("10.0.0.0/8") < hba.index("replication")
     await pg.start(timeout=60)
-    assert (await pg.execute("SELECT current_setting('hakeeper.weird')")) == [(weird,)]
-    assert (await pg.execute("SHOW port")) == [(str(pg.port),)]
-    assert (await pg.execute("SHOW work_mem")) == [("8MB",)]
-    sock = (await pg.execute("SHOW unix_socket_directories"))[0][0]
+    assert (await pg.session.execute("SELECT current_setting('hakeeper.weird')")) == [(weird,)]
+    assert (await pg.session.execute("SHOW port")) == [(str(pg.port),)]
+    assert (await pg.session.execute("SHOW work_mem")) == [("8MB",)]
+    sock = (await pg.session.execute("SHOW unix_socket_directories"))[0][0]
     assert sock == str(pg.data_dir / "pg_stat_tmp")
     assert (pg.data_dir / "pg_stat_tmp" / f".s.PGSQL.{pg.port}").is_socket()
     # a replica without upstream: standby.signal, no primary_conninfo
@@ -384,7 +389,8 @@ async def test_config_files_and_auto_conf_cleaning(area: PgArea, nodes: list[Pos
 async def test_clone_failure_removes_partial_data_dir(area: PgArea, nodes: list[Postgres]) -> None:
     pg = make_node(area, nodes, "orphan")
     with pytest.raises(PgError, match="pg_basebackup"):
-        await pg.clone_from(
+        await clone_from(
+            pg,
             Upstream("127.0.0.1", pg.port, "nope"),
             replication_user="replicator",
             replication_password="x",
@@ -397,11 +403,11 @@ async def test_rewind_and_initdb_refuse_a_running_server(area: PgArea, nodes: li
     pg = make_node(area, nodes, "busy")
     await init_primary(pg)
     with pytest.raises(PgError, match="running"):
-        await pg.rewind(upstream_of(pg, None), superuser="postgres", superuser_password="su-secret")
+        await rewind(pg, upstream_of(pg, None), superuser="postgres", superuser_password="su-secret")
     with pytest.raises(PgError, match="already initialized"):
         await pg.initdb([])
     with pytest.raises(PgError, match="running"):
-        await pg.clone_from(upstream_of(pg, None), replication_user="r", replication_password=None)
+        await clone_from(pg, upstream_of(pg, None), replication_user="r", replication_password=None)
 
 
 def test_area_is_usable_by_the_postgres_user(area: PgArea) -> None:

@@ -64,11 +64,11 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
 
         # 1. One voter's PostgreSQL stops: commits do not wait for it (ANY 1), and it is removed.
         kept, down = replicas
-        c.stop_agent(down)  # stops its PostgreSQL too
+        c.agents[down].stop()  # stops its PostgreSQL too
         assert timed_commits(c, first, 20) < 8
         wait_for(lambda: quorum_key(c) == ((kept,), 1), 60, "the stopped voter is removed")
         wait_for(lambda: guc(c, first) == any1(kept), 30, "the GUC without it")
-        c.start_agent(down)
+        c.agents[down].start()
         wait_for(lambda: quorum_key(c) == (replicas, 1), 120, "it votes again")
         wait_for(lambda: guc(c, first) == any1(*replicas), 30, "ANY 1 over both again")
 
@@ -103,7 +103,7 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
         # voter takes over, with every acknowledged row.
         with Writer(c.write_dsn()) as w:
             time.sleep(2)
-            c.kill_agent(old)
+            c.agents[old].kill()
             c.kill_postgres(old)
 
             def new_leader() -> str | None:
@@ -123,11 +123,11 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
         # together: ANY 1 of 2 voters means a commit may be on the lost voter only, so the last
         # voter must not be promoted automatically, and says why.
         other = next(n for n in replicas if n != new)
-        c.start_agent(old)
+        c.agents[old].start()
         voters = tuple(sorted((old, other)))
         wait_for(lambda: quorum_key(c) == (voters, 1), 150, "the old primary votes")
         for name in (new, old):
-            c.kill_agent(name)
+            c.agents[name].kill()
             c.kill_postgres(name)
 
         def refusal() -> str | None:

@@ -60,7 +60,7 @@ def record(c: LocalCluster, name: str) -> dict[str, Any]:
     from hakeeper.dcs.etcd import EtcdClient
 
     async def go() -> dict[str, Any]:
-        client = EtcdClient([c.etcd_url], timeout=2)
+        client = EtcdClient([c.etcd.url], timeout=2)
         try:
             kv = await client.get(f"/hakeeper/{c.scope}/schedules/{name}")
         finally:
@@ -141,7 +141,7 @@ def test_a_schedule_runs_once_per_slot_on_the_leader_keeps_its_retention_and_mov
                 )
                 running = record(c, "quick")["runs"][-1]
                 killed_at = time.time()
-                c.kill_agent(leader)
+                c.agents[leader].kill()
                 wait_for(lambda: c.primary() == other, 120, "failover to the other node")
 
                 def interrupted() -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ def run_request(c: LocalCluster, fn: Any, **kw: Any) -> Any:
     """Call ``fn`` of hakeeper.ha.requests with a ClusterStore of the cluster ``c``."""
 
     async def go() -> Any:
-        client = EtcdClient([c.etcd_url], timeout=2)
+        client = EtcdClient([c.etcd.url], timeout=2)
         try:
             return await fn(ClusterStore(client, Keys(f"/hakeeper/{c.scope}")), **kw)
         finally:
@@ -42,7 +42,7 @@ def run_request(c: LocalCluster, fn: Any, **kw: Any) -> Any:
 
 def history(c: LocalCluster) -> list[dict[str, Any]]:
     out = subprocess.run(
-        [sys.executable, "-m", "hakeeper", "history", "--etcd", c.etcd_url, "--scope", c.scope, "-o", "json"],
+        [sys.executable, "-m", "hakeeper", "history", "--etcd", c.etcd.url, "--scope", c.scope, "-o", "json"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -163,7 +163,7 @@ def test_pause_stops_automatic_failover_and_manual_failover_still_works(cluster:
     assert old is not None
     run_request(c, requests.set_pause, paused=True)
     try:
-        c.kill_agent(old)
+        c.agents[old].kill()
         c.kill_postgres(old)
         time.sleep(12)  # well past ttl: nobody may take over on their own while paused
         assert writable_nodes(c) == []
@@ -176,7 +176,7 @@ def test_pause_stops_automatic_failover_and_manual_failover_still_works(cluster:
     finally:
         run_request(c, requests.set_pause, paused=False)
     assert history(c)[-1]["new_leader"] == cand
-    c.start_agent(old)
+    c.agents[old].start()
     c.wait_ready(120)
 
 

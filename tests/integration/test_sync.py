@@ -39,7 +39,7 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         sql(c, first, "INSERT INTO acked SELECT generate_series(1, 1000)")
 
         # 1. The primary dies: only the sync standby may take over, and it has every acked row.
-        c.kill_agent(first)
+        c.agents[first].kill()
         c.kill_postgres(first)
         wait_for(lambda: writable_nodes(c) == [sync_standby], 60, "the sync standby is promoted")
         other = next(n for n in c.names if n not in (first, sync_standby))
@@ -50,14 +50,14 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         wait_for(lambda: sync_set(c) == (other,), 60, "the new leader's sync set")
 
         # 2. Primary and sync standby lost together: nobody may be promoted, and it says why.
-        c.start_agent(first)
+        c.agents[first].start()
         wait_for(lambda: c.node_state(first).role == "replica", 90, "the old primary rejoins")
         now_sync = wait_for(lambda: s if (s := sync_set(c)) else None, 60, "a sync standby")
         victim = now_sync[0]
         survivor = next(n for n in c.names if n not in (sync_standby, victim))
-        c.kill_agent(sync_standby)
+        c.agents[sync_standby].kill()
         c.kill_postgres(sync_standby)
-        c.kill_agent(victim)
+        c.agents[victim].kill()
         c.kill_postgres(victim)
         time.sleep(15)  # far past ttl
         assert writable_nodes(c) == []
@@ -82,7 +82,7 @@ def test_strict_mode_blocks_commits_without_a_standby_and_resumes_when_one_retur
         sql(c, primary, "CREATE TABLE strict_t (v int)")
         replicas = [n for n in c.names if n != primary]
         for n in replicas:
-            c.stop_agent(n)  # stops its PostgreSQL too
+            c.agents[n].stop()  # stops its PostgreSQL too
         wait_for(
             lambda: sql(c, primary, "SHOW synchronous_standby_names") == [("*",)], 30, "strict: wait for any"
         )
@@ -97,6 +97,6 @@ def test_strict_mode_blocks_commits_without_a_standby_and_resumes_when_one_retur
         t = threading.Thread(target=insert, daemon=True)
         t.start()
         assert not done.wait(3), "strict mode: a commit must wait while no standby is connected"
-        c.start_agent(replicas[0])
+        c.agents[replicas[0]].start()
         assert done.wait(90), "the commit completes once a standby is back"
         assert sql(c, replicas[0], "SELECT v FROM strict_t WHERE v = 2", timeout=3) == [(2,)]

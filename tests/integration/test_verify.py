@@ -283,7 +283,7 @@ def test_drill_result_in_etcd_metrics_and_the_report_after_a_failover() -> None:
 
                 t = threading.Thread(target=switcher, daemon=True)
                 t.start()
-                c.kill_agent(leader)
+                c.agents[leader].kill()
                 c.kill_postgres(leader)
                 wait_for(lambda: c.primary() == other, 120, "failover to the other node")
                 rows = wait_for(

@@ -125,7 +125,7 @@ class Primary:
         }
         await self.pg.write_config(params, Role.PRIMARY, None, replication_password=None)
         await self.pg.start(timeout=60)
-        await self.pg.execute("CREATE TABLE t (v text)")
+        await self.pg.session.execute("CREATE TABLE t (v text)")
         return a
 
     async def start_archiver(self, repos: list[Repository], **cfg: Any) -> Archiver:
@@ -145,13 +145,13 @@ class Primary:
 
     async def switch(self, rows: int = 2000) -> str:
         """Write a little, switch to a new segment; the name of the segment just completed."""
-        await self.pg.execute(f"INSERT INTO t SELECT md5(g::text) FROM generate_series(1, {rows}) g")
-        rows_ = await self.pg.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
-        await self.pg.execute("SELECT pg_switch_wal()")
+        await self.pg.session.execute(f"INSERT INTO t SELECT md5(g::text) FROM generate_series(1, {rows}) g")
+        rows_ = await self.pg.session.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        await self.pg.session.execute("SELECT pg_switch_wal()")
         return str(rows_[0][0])
 
     async def stat_archiver(self) -> tuple[int, str | None, int]:
-        r = await self.pg.execute(
+        r = await self.pg.session.execute(
             "SELECT archived_count, last_archived_wal, failed_count FROM pg_stat_archiver"
         )
         return int(r[0][0]), r[0][1], int(r[0][2])
@@ -168,7 +168,7 @@ async def primary() -> AsyncIterator[Primary]:
         yield p
     finally:
         await p.stop_archiver()
-        await p.pg.close()
+        await p.pg.session.close()
         area.cleanup()
 
 
@@ -245,8 +245,8 @@ async def test_a_conflicting_object_is_quarantined_never_overwritten_nor_reporte
     good, bad = await fs_repo(primary, "good"), await fs_repo(primary, "bad")
     a = await primary.start([good, bad])
     await primary.switch()
-    await primary.pg.execute("INSERT INTO t VALUES ('x')")  # not on a segment boundary any more
-    upcoming = str((await primary.pg.execute("SELECT pg_walfile_name(pg_current_wal_lsn())"))[0][0])
+    await primary.pg.session.execute("INSERT INTO t VALUES ('x')")  # not on a segment boundary any more
+    upcoming = str((await primary.pg.session.execute("SELECT pg_walfile_name(pg_current_wal_lsn())"))[0][0])
     foreign = os.urandom(SEG)  # "another cluster" wrote this name already
     await bad.put_unique(layout.wal_key(SCOPE, upcoming), foreign)
     assert await primary.switch() == upcoming
@@ -341,7 +341,7 @@ async def test_pg_wal_grows_by_default_and_the_cap_gives_up_with_a_gap_record(pr
     assert sorted(n for g in gaps for n in g["files"]) == stuck[:2]  # the oldest
     # PostgreSQL's archiver sleeps after three failures in a row; a reload wakes it up (a new
     # segment would too, but that would be one more to give up)
-    await primary.pg.execute("SELECT pg_reload_conf()")
+    await primary.pg.session.execute("SELECT pg_reload_conf()")
     await until(lambda: _true(not set(stuck[:2]) & set(primary.ready_files())), 30, "given-up files taken")
     ready_bytes = sum((primary.pg_wal / n).stat().st_size for n in primary.ready_files())
     assert ready_bytes <= 2 * SEG
@@ -386,7 +386,9 @@ async def test_recovery_from_the_archive_takes_prefetched_segments(primary: Prim
     for _ in range(12):
         await primary.switch(rows=30000)
     last = await primary.switch(rows=1)
-    expected = (await primary.pg.execute("SELECT count(*), md5(string_agg(v, ',' ORDER BY v)) FROM t"))[0]
+    expected = (
+        await primary.pg.session.execute("SELECT count(*), md5(string_agg(v, ',' ORDER BY v)) FROM t")
+    )[0]
     await until(lambda: _archived_at_least(primary, last), 60, "everything archived")
 
     for d, _, files in os.walk(repo.root):  # restore_command runs as PostgreSQL's OS user
@@ -416,12 +418,12 @@ async def test_recovery_from_the_archive_takes_prefetched_segments(primary: Prim
 
         async def promoted() -> bool:
             try:
-                return (await pg2.execute("SELECT NOT pg_is_in_recovery()"))[0][0] is True
+                return (await pg2.session.execute("SELECT NOT pg_is_in_recovery()"))[0][0] is True
             except Exception:
                 return False
 
         await until(promoted, 300, "recovery to the end of the archive", 0.5)
-        got = (await pg2.execute("SELECT count(*), md5(string_agg(v, ',' ORDER BY v)) FROM t"))[0]
+        got = (await pg2.session.execute("SELECT count(*), md5(string_agg(v, ',' ORDER BY v)) FROM t"))[0]
         assert got == expected
         hits = [
             ln
@@ -448,7 +450,7 @@ async def test_recovery_from_the_archive_takes_prefetched_segments(primary: Prim
         ]
         assert left == []  # the worker removed what it had fetched ahead
     finally:
-        await pg2.close()
+        await pg2.session.close()
 
 
 async def _walfetch_called_like_recovery(primary: Primary) -> None:

@@ -36,7 +36,7 @@ async def switch_point(ctx: Ctx, timeline: int | None) -> int | None:
     if not timeline or timeline < 2:
         return None
     try:
-        rows = await ctx.pg.execute(
+        rows = await ctx.pg.session.execute(
             "SELECT pg_read_file('pg_wal/' || lpad(upper(to_hex(%s::int)), 8, '0') || '.history')",
             (timeline,),
         )

@@ -12,6 +12,8 @@ from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.decide import Decision, LocalFacts
 from hakeeper.ha.policy.plans import CloneFromBackup, RewindFailure, plan_clone_source, plan_rewind_failure
+from hakeeper.pg import rewind as pg_rewind
+from hakeeper.pg.clone import clone_from
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed
@@ -54,7 +56,8 @@ async def clone(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> 
         seeded = await _seed_from_backup(ctx, view, d)
         if not seeded:
             log.info("clone_started", source=d.target, host=up.host, port=up.port, slot=up.slot_name)
-            await ctx.pg.clone_from(
+            await clone_from(
+                ctx.pg,
                 up,
                 replication_user=pgc.replication.username,
                 replication_password=secret_value(pgc.replication.password),
@@ -120,7 +123,8 @@ async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
             raise PgError("use_pg_rewind is off")
         log.info("rewind_started", source=d.target)
         t0 = time.monotonic()
-        await ctx.pg.rewind(
+        await pg_rewind.rewind(
+            ctx.pg,
             Upstream(lm.host, lm.port, None),
             superuser=pgc.superuser.username,
             superuser_password=secret_value(pgc.superuser.password),

@@ -1,0 +1,174 @@
+"""The files the agent owns inside a PostgreSQL data directory, rewritten by
+:meth:`hakeeper.pg.postgres.Postgres.write_config` before every start and after every clone or
+rewind (both copy the source's files):
+
+* ``postgresql.conf``  - all parameters, agent-owned ones last;
+* ``pg_hba.conf``;
+* ``standby.signal``   - present iff the role is replica;
+* ``hakeeper.pgpass``  - the replication password for ``primary_conninfo`` (mode 0600);
+* ``postgresql.auto.conf`` - kept, minus any line setting an agent-owned parameter.
+
+Also here: the stale ``postmaster.pid`` clean-up and the tail of the server log.  Every function
+takes the paths it works on; the names inside the data directory are decided by ``Postgres``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from hakeeper.core.config import AGENT_OWNED_PARAMETERS, AGENT_SET_PARAMETERS, ParamValue
+from hakeeper.core.pgtypes import Role, Upstream
+from hakeeper.pg.conf import build_conninfo, clean_auto_conf, render_postgresql_conf
+from hakeeper.util.fsutil import fsync_dir, write_atomic
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs, postmaster_pid
+
+# The logger every part of local PostgreSQL control logs under (unchanged by the module split).
+log = get_logger("hakeeper.pg.postgres")
+
+# sun_path is 108 bytes including the NUL.
+MAX_SOCKET_PATH = 107
+
+
+def remove_file(path: Path) -> bool:
+    """Unlink ``path``; False if it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def mkdir_owned(path: Path, run_as: RunAs) -> None:
+    """A 0700 directory owned by PostgreSQL's OS user (created if missing)."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    run_as.chown(path)
+
+
+def remove_stale_pidfile(data_dir: Path, socket_dir: Path) -> None:
+    """Drop postmaster.pid (and the socket lock files) when their postmaster is gone.
+    PostgreSQL itself only asks kill(pid, 0), which succeeds for an unreaped zombie (a killed
+    postmaster whose parent is a non-reaping init) or a reused PID, and then refuses to
+    start.  The socket directory is private to this data dir, so its locks are ours."""
+    if postmaster_pid(data_dir) is not None:
+        return
+    pidfile = data_dir / "postmaster.pid"
+    try:
+        stale = pidfile.read_text().split("\n", 1)[0].strip()
+    except OSError:
+        stale = None
+    if remove_file(pidfile):
+        log.warning("postgres_stale_pidfile_removed", pid=stale)
+    with contextlib.suppress(OSError):
+        for lock in socket_dir.glob(".s.PGSQL.*.lock"):
+            remove_file(lock)
+            remove_file(lock.with_suffix(""))
+
+
+def socket_dir_value(socket_dir: Path, port: int) -> str:
+    """``unix_socket_directories`` for ``socket_dir``: quoted where needed, empty (no socket)
+    where the path cannot be one."""
+    path = str(socket_dir)
+    if len(path) + len(f"/.s.PGSQL.{port}") > MAX_SOCKET_PATH:
+        log.warning("postgres_socket_disabled", reason="data_dir path too long for a Unix socket")
+        return ""
+    if '"' in path:
+        log.warning("postgres_socket_disabled", reason="data_dir path contains a double quote")
+        return ""
+    if any(c in path for c in ", \t"):
+        return f'"{path}"'
+    return path
+
+
+def render_conf(
+    params: Mapping[str, ParamValue],
+    role: Role,
+    upstream: Upstream | None,
+    *,
+    listen_host: str,
+    port: int,
+    socket_dir: Path,
+    replication_user: str,
+    passfile: Path | None,
+    application_name: str,
+) -> str:
+    """postgresql.conf: ``params`` (minus the agent-owned names) and then what the agent sets,
+    including ``primary_conninfo`` for a replica with an upstream."""
+    merged: dict[str, ParamValue] = {}
+    for name in sorted(params):
+        if name.lower() in AGENT_OWNED_PARAMETERS - AGENT_SET_PARAMETERS:
+            log.warning("postgres_param_ignored", param=name, reason="managed by hakeeper")
+            continue
+        merged[name] = params[name]
+    merged["listen_addresses"] = listen_host or "*"
+    merged["port"] = port
+    merged["unix_socket_directories"] = socket_dir_value(socket_dir, port)
+    merged["hot_standby"] = True
+    merged["recovery_target_timeline"] = "latest"
+    if role is Role.REPLICA and upstream is not None:
+        merged["primary_conninfo"] = build_conninfo(
+            host=upstream.host,
+            port=upstream.port,
+            user=replication_user,
+            passfile=str(passfile) if passfile is not None else None,
+            application_name=application_name,
+            gssencmode="disable",
+        )
+        if upstream.slot_name:
+            merged["primary_slot_name"] = upstream.slot_name
+    return render_postgresql_conf(merged)
+
+
+def write_files(
+    data_dir: Path,
+    run_as: RunAs,
+    *,
+    conf: str,
+    hba: str,
+    pgpass: str | None,
+    pgpass_file: Path,
+    socket_dir: Path,
+    role: Role,
+) -> None:
+    """Write the rendered files (see the module docstring) atomically, then fsync the directory."""
+    d = data_dir
+    ra = run_as
+    if pgpass is not None:
+        write_atomic(pgpass_file, pgpass, mode=0o600, run_as=ra)
+    else:
+        remove_file(pgpass_file)
+    write_atomic(d / "postgresql.conf", conf, mode=0o600, run_as=ra)
+    write_atomic(d / "pg_hba.conf", hba, mode=0o600, run_as=ra)
+    auto = d / "postgresql.auto.conf"
+    try:
+        old = auto.read_text()
+    except FileNotFoundError:
+        old = None
+    if old is not None:
+        new = clean_auto_conf(old)
+        if new != old:
+            write_atomic(auto, new, mode=0o600, run_as=ra)
+            log.info("postgres_auto_conf_cleaned", file=str(auto))
+    if not socket_dir.is_dir():
+        mkdir_owned(socket_dir, ra)
+    remove_file(d / "recovery.signal")
+    if role is Role.REPLICA:
+        write_atomic(d / "standby.signal", "", mode=0o600, run_as=ra)
+    else:
+        remove_file(d / "standby.signal")
+    fsync_dir(d)
+
+
+def log_tail(log_file: Path, offset: int, lines: int = 20) -> str:
+    """The last ``lines`` lines the server logged after byte ``offset`` (at most the last 64 KiB)."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            data = f.read()[-64 * 1024 :]
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
