@@ -83,6 +83,7 @@ class World:
 
     def __init__(self) -> None:
         self.servers: dict[str, FakePostgres] = {}
+        self.initdbs: list[str] = []  # members that ran initdb, in order
         self.promotions: list[tuple[str, int]] = []  # (member, new timeline), in order
         self._ids: Iterator[int] = itertools.count(7_300_000_000_000_000_001)
         self._tokens: Iterator[int] = itertools.count(1)
@@ -242,6 +243,7 @@ class FakePostgres:
         self._check("initdb")
         if self.initialized:
             raise PgError(f"{self.data_dir} is already initialized")
+        self.world.initdbs.append(self.member_name)
         self.initialized = True
         self.system_id = self.world.new_system_identifier()
         self.history = (Branch(1, 0, self.world.new_token()),)
