@@ -15,8 +15,11 @@ The event loop's own clock follows too, which is harmless because nothing here s
 
 The etcd mirror is the real :class:`~hakeeper.dcs.mirror.PrefixMirror`, re-listed before each
 cycle (what its watch converges to) and whenever an action asks for a resync; its watch is not
-run.  A node cut off from etcd either loses its mirror (the re-list fails: ``synced`` False), or,
-with ``silent_watch``, keeps its last copy as if synced (a watch silent on an etcd freeze).
+run.  A *lagging* agent's mirror is re-listed at the start of the step instead, so it may act
+on the same view as an agent that already acted in this step (a late watch: the races the
+term-guarded etcd writes exist for).  A node cut off from etcd either loses its mirror (the
+re-list fails: ``synced`` False), or, with ``silent_watch``, keeps its last copy as if synced (a
+watch silent on an etcd freeze).
 """
 
 from __future__ import annotations
@@ -236,9 +239,11 @@ class SimNode:
         facts = await self.facts(view)
         return await self.node.loop.publish(view), facts
 
-    async def cycle(self) -> None:
-        """One HA cycle; the failures HaLoop.run logs and survives are kept, anything else raises."""
-        await self.refresh()
+    async def cycle(self, *, refresh: bool = True) -> None:
+        """One HA cycle; the failures HaLoop.run logs and survives are kept, anything else raises.
+        ``refresh`` False: the mirror stays as it is (the watch has not delivered since)."""
+        if refresh:
+            await self.refresh()
         try:
             await self.node.loop.cycle()
         except (PgError, CommandFailed, EtcdError, OSError) as e:
@@ -347,12 +352,22 @@ class Sim:
             for n in self._turn(order):
                 await n.node.lease.renew()
 
-    async def step(self, seconds: float = 1.0, order: Iterable[str] | None = None) -> None:
+    async def step(
+        self, seconds: float = 1.0, order: Iterable[str] | None = None, lagging: Iterable[str] = ()
+    ) -> None:
         """:meth:`pass_time`, then one HA cycle of every live agent in ``order``, with a client
-        writing to the writable primary after each cycle."""
+        writing to the writable primary after each cycle.  Each mirror is refreshed just before
+        its agent's cycle, except the ``lagging`` agents': theirs is refreshed once at the start of
+        the step, so they act on what etcd held then (a watch that delivers late), possibly on
+        the same view as an agent that acted before them in this step."""
         await self.pass_time(seconds, order)
-        for n in self._turn(order):
-            await n.cycle()
+        late = set(lagging)
+        turn = self._turn(order)
+        for n in turn:
+            if n.name in late:
+                await n.refresh()
+        for n in turn:
+            await n.cycle(refresh=n.name not in late)
             self.check()
             for pg in self.world.servers.values():
                 if pg.writable:
