@@ -72,20 +72,29 @@ def identity_of(cfg: NodeConfig) -> Identity:
 class Node:
     """One node: its components, wired together, and their lifecycle."""
 
-    def __init__(self, cfg: NodeConfig) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        *,
+        client: EtcdClient | None = None,
+        pg: Postgres | None = None,
+        fence: FenceClient | None = None,
+    ) -> None:
+        """``client``, ``pg`` and ``fence`` are built from ``cfg`` unless given: the unit tests
+        run this same wiring over in-memory fakes (tests/support/sim.py)."""
         self.cfg = cfg
         data_dir = cfg.postgresql.data_dir
         self.runtime_dir = data_dir.parent / f".{data_dir.name}.hakeeper"
         self.metrics = HaMetrics()
-        self.client = EtcdClient.from_config(cfg.etcd)
+        self.client = EtcdClient.from_config(cfg.etcd) if client is None else client
         self.client.on_request = self.metrics.etcd_observer
         self.store = ClusterStore(self.client, Keys(cfg.prefix))
         self.mirror = PrefixMirror(self.client, self.store.keys.all)
-        self.pg = Postgres(cfg.postgresql, member_name=cfg.name)
+        self.pg = Postgres(cfg.postgresql, member_name=cfg.name) if pg is None else pg
         self.state = NodeState(view=ClusterView(config=cfg.bootstrap.dcs))
         self.wake = asyncio.Event()
         dyn = cfg.bootstrap.dcs
-        self.fence = FenceClient(self.runtime_dir, data_dir)
+        self.fence = FenceClient(self.runtime_dir, data_dir) if fence is None else fence
         self.lease = LeaseKeeper(
             self.client,
             ttl=dyn.ttl,

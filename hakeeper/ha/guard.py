@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from hakeeper.ha.fence import FenceClient
+from hakeeper.ha.fence import FenceState
 from hakeeper.ha.lease import LeaseKeeper
 from hakeeper.ha.state import NodeState
 from hakeeper.util.log import get_logger
@@ -24,8 +25,26 @@ log = get_logger("hakeeper.guard")
 FENCE_POLL = 0.1  # seconds between two looks at the fence deadline
 
 
+class Fence(Protocol):
+    """What the guard needs of a fence: :class:`~hakeeper.ha.fence.FenceClient` (the handle on
+    the fencer process) has it, and so does the in-memory fake the unit tests run nodes with."""
+
+    state: FenceState
+
+    @property
+    def armed(self) -> bool: ...
+
+    def ensure_running(self) -> None: ...
+
+    def arm(self, deadline: float) -> None: ...
+
+    def disarm(self) -> None: ...
+
+    def expired(self, now: float | None = None) -> bool: ...
+
+
 class WriteGuard:
-    def __init__(self, name: str, lease: LeaseKeeper, fence: FenceClient, state: NodeState) -> None:
+    def __init__(self, name: str, lease: LeaseKeeper, fence: Fence, state: NodeState) -> None:
         self.name = name
         self.lease = lease
         self.fence = fence
@@ -54,18 +73,24 @@ class WriteGuard:
         return ok
 
     async def watch(self, on_fired: Callable[[], Awaitable[None]]) -> None:
-        """First-line fence: at the deadline, disarm (the fencer process need not fire too) and
-        let ``on_fired`` stop PostgreSQL."""
+        """First-line fence: every FENCE_POLL seconds, :meth:`check`."""
         while True:
-            if self.fence.expired():
-                log.error(
-                    "fence_fired",
-                    reason="leader lease not renewed before the fence deadline",
-                    late_by=round(time.monotonic() - self.fence.state.deadline, 3),
-                )
-                self.fence.disarm()
-                await on_fired()
+            await self.check(on_fired)
             await asyncio.sleep(FENCE_POLL)
+
+    async def check(self, on_fired: Callable[[], Awaitable[None]]) -> bool:
+        """One look at the fence: past the deadline, disarm (the fencer process need not fire
+        too) and let ``on_fired`` stop PostgreSQL.  True when it fired."""
+        if not self.fence.expired():
+            return False
+        log.error(
+            "fence_fired",
+            reason="leader lease not renewed before the fence deadline",
+            late_by=round(time.monotonic() - self.fence.state.deadline, 3),
+        )
+        self.fence.disarm()
+        await on_fired()
+        return True
 
     # -- may I write? ----------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from hakeeper.dcs.etcd import EtcdClient, EtcdError, EtcdUnavailable, LeaseNotFound
+from hakeeper.dcs.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
+from hakeeper.dcs.store import EtcdLike
 from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
@@ -22,7 +23,7 @@ log = get_logger(__name__)
 class LeaseKeeper:
     def __init__(
         self,
-        client: EtcdClient,
+        client: EtcdLike,
         *,
         ttl: int,
         interval: float,
@@ -91,18 +92,22 @@ class LeaseKeeper:
             return True
 
     async def run(self) -> None:
-        """Keep the lease alive until cancelled; grant a new one when it is lost."""
+        """Keep the lease alive until cancelled: :meth:`renew` every ``interval``."""
         while True:
             started = time.monotonic()
-            if self.lease == 0:
-                try:
-                    await self.grant()
-                except EtcdError as e:
-                    log.warning("lease_grant_failed", error=str(e))
-            else:
-                # Each keepalive must answer well within the interval, or it is late anyway.
-                await self.refresh(timeout=max(0.2, min(self.interval, self.client_timeout)))
+            await self.renew()
             await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - started)))
+
+    async def renew(self) -> None:
+        """One turn of :meth:`run`: grant a new lease when it is lost, else one keepalive."""
+        if self.lease == 0:
+            try:
+                await self.grant()
+            except EtcdError as e:
+                log.warning("lease_grant_failed", error=str(e))
+        else:
+            # Each keepalive must answer well within the interval, or it is late anyway.
+            await self.refresh(timeout=max(0.2, min(self.interval, self.client_timeout)))
 
     @property
     def client_timeout(self) -> float:
