@@ -130,6 +130,32 @@ class World:
         return standby.lsn > lsn
 
 
+class FakeSession:
+    """The SQL side of a FakePostgres (``Postgres.session``)."""
+
+    def __init__(self, pg: FakePostgres) -> None:
+        self.pg = pg
+        self.host = pg.host
+
+    async def execute(
+        self, sql: Any, params: tuple[object, ...] = (), *, timeout: float = 5.0
+    ) -> list[tuple[Any, ...]]:
+        return await self.pg.execute(sql, params, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.pg.close()
+
+
+async def clone_from(pg: FakePostgres, source: Upstream, **kw: Any) -> None:
+    """:func:`hakeeper.pg.clone.clone_from` in this world."""
+    await pg.clone_from(source, **kw)
+
+
+async def rewind(pg: FakePostgres, source: Upstream, **kw: Any) -> None:
+    """:func:`hakeeper.pg.rewind.rewind` in this world."""
+    await pg.rewind(source, **kw)
+
+
 class FakePostgres:
     """One data directory and its server (see the module doc)."""
 
@@ -138,7 +164,7 @@ class FakePostgres:
         self.member_name = name
         self.host = host
         self.port = port
-        self.connect_host = host
+        self.session = FakeSession(self)
         self.data_dir = Path(f"/nonexistent/hakeeper-fake/{name}/data")
         self.run_as = _RunAs()
         self.failing: set[str] = set()  # operations that raise PgError: "start", "promote", "clone"...

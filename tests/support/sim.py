@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, cast
@@ -42,14 +42,17 @@ from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, EtcdUnavailable, TxnResult
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.actions import handover
+from hakeeper.ha.actions import replica as replica_actions
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.decide import LocalFacts
 from hakeeper.ha.fence import FenceClient, FenceState
 from hakeeper.ha.guard import FENCE_POLL
 from hakeeper.node import Node
+from hakeeper.pg import rewind as pg_rewind
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
 from hakeeper.util.proc import CommandFailed
+from tests.support import fake_pg
 from tests.support.fake_etcd import FakeEtcd
 from tests.support.fake_pg import FakePostgres, World
 
@@ -274,6 +277,9 @@ class Sim:
         self.world = World()
         # a switchover asks the candidate's server directly: in this world, the fake answers
         monkeypatch.setattr(handover, "wait_received", self.world.wait_received)
+        # pg_basebackup and pg_rewind are functions over a Postgres: route them to the fakes
+        monkeypatch.setattr(replica_actions, "clone_from", fake_pg.clone_from)
+        monkeypatch.setattr(pg_rewind, "rewind", fake_pg.rewind)
         self.etcd = FakeEtcd(now=self.clock.monotonic)
         self.nodes: dict[str, SimNode] = {}
         self.invariants: list[Callable[[Sim], None]] = [one_writer]
@@ -407,7 +413,7 @@ def one_writer(sim: Sim) -> None:
     assert len(writable) <= 1, f"two writable primaries at t={sim.clock.t:.1f}: {writable}"
 
 
-def capture_events(monkeypatch: pytest.MonkeyPatch, *modules: ModuleType) -> list[dict[str, Any]]:
+def capture_events(monkeypatch: pytest.MonkeyPatch, *modules: ModuleType) -> list[MutableMapping[str, Any]]:
     """The structured log events the ``modules`` (each with a module-level ``log``) emit from now
     on, for the test's duration.  Their loggers are replaced rather than structlog reconfigured,
     so it works whatever configuration (and logger cache) earlier tests left behind."""
