@@ -4,7 +4,7 @@ real SeaweedFS.
 Two kinds of set-up:
 
 * a standalone primary (``hakeeper.pg.Postgres``) whose ``archive_command`` is the archiver's
-  hand-over script, with the :class:`~hakeeper.backup.archiver.Archiver` running in the test's
+  hand-over script, with the :class:`~hakeeper.backup.archive.archiver.Archiver` running in the test's
   event loop: completeness and byte equality, the duplicate policy through PostgreSQL, one
   repository down (SeaweedFS stopped) while the other goes on, and the pg_wal cap;
 * a 2-node hakeeper cluster (``running_cluster(backup=...)``): the agent's wiring, a switchover
@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from hakeeper.backup import layout
-from hakeeper.backup.archiver import Archiver
+from hakeeper.backup.archive.archiver import Archiver
 from hakeeper.backup.catalog import RestoreRefused
 from hakeeper.backup.errors import NotFound
 from hakeeper.backup.repo import FilesystemRepository, Repository

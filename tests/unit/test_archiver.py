@@ -21,18 +21,11 @@ from typing import Any
 import pytest
 
 from hakeeper.backup import codec
-from hakeeper.backup.archiver import (
-    Archiver,
-    GapBook,
-    ReadyInfo,
-    SpoolQueue,
-    archive_order,
-    archive_repository_config,
-    backoff,
-    plan_give_up,
-    plan_queue_drops,
-    render_script,
-)
+from hakeeper.backup.archive.archiver import Archiver, archive_repository_config
+from hakeeper.backup.archive.command import render_script
+from hakeeper.backup.archive.gaps import GapBook
+from hakeeper.backup.archive.plan import ReadyInfo, archive_order, backoff, plan_give_up, plan_queue_drops
+from hakeeper.backup.archive.spool import SpoolQueue
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.backup.walfetch import (
     _cleanup,
@@ -446,7 +439,7 @@ async def test_nothing_is_pushed_while_refused_and_markers_are_withdrawn(rig2: R
 
 
 async def test_a_marker_postgresql_used_but_did_not_record_is_put_back(rig2: Rig, monkeypatch: Any) -> None:
-    import hakeeper.backup.archiver as archiver_mod
+    import hakeeper.backup.archive.archiver as archiver_mod
 
     monkeypatch.setattr(archiver_mod, "MARKER_REWRITE_AFTER", 0.0)
     rig2.ready(seg(1))

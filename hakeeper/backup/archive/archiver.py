@@ -1,43 +1,5 @@
-"""Continuous WAL archiving on the primary (issue 5, item 2).
-
-The agent runs one :class:`Archiver` task.  It watches ``pg_wal/archive_status/*.ready`` itself
-(a directory scan every ``poll_interval``, 0.1 s by default), reads each file PostgreSQL wants
-archived and stores it in every repository with ``put_unique`` (compressed, checksummed, never
-overwritten), several files at once, timeline history files first.  PostgreSQL's
-``archive_command`` is a tiny POSIX sh script in the spool directory that only *waits*: once
-the file is durable the archiver creates ``<spool>/done/<file>``; the script removes that
-marker and exits 0.  Without a marker within ``timeout`` it exits 1 and PostgreSQL retries
-later.  So there is no Python process per segment, and PostgreSQL removes or recycles a
-segment only after the archiver vouched for it.
-
-A file is handed back (marker written) when it is durable in every repository, or durable in
-at least one and durably queued in the spool for each of the others.  A repository that fails
-(unreachable, or no answer within ``repo_timeout``) is *down*: live files skip it and are queued
-for it, and it is probed again with exponential back-off (1 s .. 30 s), by pushing its oldest
-queued file or, with an empty queue, by a ``stat``.  When it answers again its queue drains
-(history files first, oldest first) while live archiving goes on.
-
-Caps:
-
-* ``max_queue_bytes``: beyond it, the oldest queued files are dropped (for every repository
-  still waiting for them) and the gap is recorded: a JSON record in ``<spool>/gaps/`` (fsynced
-  before anything is dropped) that is published as ``<scope>/wal-gaps/<id>.json`` to every
-  repository as soon as it is reachable.
-* ``max_pg_wal_bytes`` (default None: never): when the ``.ready`` files in pg_wal exceed it, the
-  ones that failed to archive are given up in PostgreSQL's order (history first, then oldest):
-  gap record first, then the marker, so PostgreSQL can recycle them.
-
-``put_unique`` raising :class:`ContentConflict` (an object of that name with other content; the
-repository quarantined our copy) is a hard error for that file: logged, counted, shown in
-:meth:`Archiver.status`, never retried by this process and never reported archived (unless the
-pg_wal cap gives it up, recorded as a gap).
-
-Only a node that is primary and holds the leader key archives: ``may_archive()`` is asked
-before every push and every marker; while it is false nothing is pushed (not even the spool
-queue), every marker is removed and the per-file state is forgotten (re-pushing an identical
-file later is cheap and safe).  At start the markers of an earlier run are removed too: a
-marker must only ever vouch for a file this process stored.
-"""
+"""The :class:`Archiver`: the task that watches pg_wal, pushes each ``.ready`` file to every
+repository and hands it back to PostgreSQL (the package docstring tells the whole story)."""
 
 from __future__ import annotations
 
@@ -45,21 +7,28 @@ import asyncio
 import collections
 import contextlib
 import functools
-import json
 import os
-import secrets
 import shlex
-import stat
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from hakeeper.backup import layout
+from hakeeper.backup.archive.command import DONE_DIR, SCRIPT_NAME, reachable_by, render_script
+from hakeeper.backup.archive.gaps import GAP_FORMAT, GAPS_DIR, GapBook, GapRecord, gap_key
+from hakeeper.backup.archive.plan import (
+    ReadyInfo,
+    archive_order,
+    backoff,
+    is_history,
+    plan_give_up,
+    plan_queue_drops,
+)
+from hakeeper.backup.archive.spool import QUEUE_DIR, SpoolQueue
+from hakeeper.backup.archive.state import PushOutcome, ReadyFile, RepoState
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
 from hakeeper.core.lsn import format_lsn
 from hakeeper.core.timefmt import iso
@@ -73,101 +42,10 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-SCRIPT_NAME = "archive_command.sh"
-DONE_DIR = "done"
-QUEUE_DIR = "queue"
-GAPS_DIR = "gaps"
-INCOMING = ".incoming"
-BACKOFF_MIN = 1.0
-BACKOFF_MAX = 30.0
 MARKER_REWRITE_AFTER = 2.0  # a done file still .ready without its marker: PostgreSQL retried it
 ORPHAN_SWEEP_EVERY = 5.0
-GAP_FORMAT = 1
 _READY = ".ready"
 _LAT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
-
-
-# ====================================================================== pure helpers
-
-
-def is_history(name: str) -> bool:
-    return name.endswith(".history")
-
-
-def archive_order(name: str) -> tuple[int, str]:
-    """PostgreSQL's own archiving order: timeline history files first, then by name (oldest
-    first; a ``.partial`` or ``.backup`` file sorts right after its segment)."""
-    return (0 if is_history(name) else 1, name)
-
-
-def drop_order(name: str) -> tuple[int, str]:
-    """Which queued file goes first when the queue is over its cap: the oldest segment; history
-    files (tiny, and needed to follow a timeline) only when nothing else is left."""
-    return (1 if is_history(name) else 0, name)
-
-
-def plan_queue_drops(sizes: Mapping[str, int], cap: int, busy: Iterable[str] = ()) -> list[str]:
-    """The queued files to drop, in order, until the queue holds at most ``cap`` bytes.  Files in
-    ``busy`` (being pushed right now) count but are not dropped."""
-    skip = set(busy)
-    total = sum(sizes.values())
-    drops: list[str] = []
-    for name in sorted(sizes, key=drop_order):
-        if total <= cap:
-            break
-        if name in skip:
-            continue
-        drops.append(name)
-        total -= sizes[name]
-    return drops
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyInfo:
-    name: str
-    size: int
-    eligible: bool  # may be given up: failed (or blocked), not in flight, not handed back yet
-    done: bool = False  # handed back already (PostgreSQL has not taken it yet)
-
-
-def plan_give_up(ready: Iterable[ReadyInfo], cap: int) -> list[str]:
-    """The ``.ready`` files to give up so that pg_wal stops growing past ``cap`` bytes.
-
-    1. The files not handed back yet, in PostgreSQL's order (history first, then oldest), until
-       those total at most ``cap``.  Files already handed back do not count here: PostgreSQL
-       takes them as soon as its archiver gets to them.
-    2. Unless its archiver cannot get to them: it archives in order, so a file *before* a
-       handed-back one (a history file or segment in conflict) blocks them all.  When every
-       ``.ready`` file together exceeds ``cap``, such blockers are given up too.
-
-    Only a prefix of the files not handed back, in that order, is ever given up: a file that is
-    not eligible (still being tried) stops the plan, so the oldest always go first."""
-    items = sorted(ready, key=lambda r: archive_order(r.name))
-    pending = sum(r.size for r in items if not r.done)
-    out: list[str] = []
-    for r in items:
-        if r.done:
-            continue
-        if pending <= cap or not r.eligible:
-            break
-        out.append(r.name)
-        pending -= r.size
-    last_done = max((i for i, r in enumerate(items) if r.done), default=-1)
-    if last_done > 0 and sum(r.size for r in items if r.name not in out) > cap:
-        for r in items[:last_done]:
-            if r.done or r.name in out:
-                continue
-            if not r.eligible:
-                break
-            out.append(r.name)
-    return sorted(out, key=archive_order)
-
-
-def backoff(attempts: int, lo: float = BACKOFF_MIN, hi: float = BACKOFF_MAX) -> float:
-    """Seconds to wait after ``attempts`` consecutive failures (1, 2, 4, ... up to ``hi``)."""
-    if attempts <= 0:
-        return 0.0
-    return float(min(hi, lo * 2 ** min(attempts - 1, 20)))
 
 
 def _on_path(name: str, segno: int, tli: int, history: list[layout.HistoryEntry], seg_size: int) -> bool:
@@ -190,355 +68,6 @@ def archive_repository_config(rc: RepositoryConfig, cfg: ArchiveConfig) -> Repos
     if cfg.compression_level is None or cfg.compression_level == rc.compression_level:
         return rc
     return rc.model_copy(update={"compression_level": cfg.compression_level})
-
-
-def gap_key(scope: str, gap_id: str) -> str:
-    return f"{scope}/wal-gaps/{gap_id}.json"
-
-
-def render_script(spool: Path, timeout: float) -> str:
-    """The ``archive_command`` script: wait for ``<spool>/done/<%f>``, remove it, exit 0;
-    exit 1 after ``timeout`` seconds.  POSIX sh plus ``sleep`` with fractions (coreutils)."""
-    fast_wait, slow_wait = 0.05, 0.25
-    fast = max(1, min(100, round(timeout / fast_wait)))
-    slow = max(0, round((timeout - fast * fast_wait) / slow_wait))
-    done = shlex.quote(str(spool / DONE_DIR))
-    return f"""#!/bin/sh
-# hakeeper archive_command (written by the agent at every start; edits are overwritten).
-#   archive_command = '<this script> "%p" "%f"'
-# The agent's archiver finds pg_wal/archive_status/%f.ready itself and stores %f in every
-# repository; then it creates the marker done/%f.  This script only waits for that marker.
-# Exit 0: %f is durable (in every repository, or in one and durably queued for the others).
-# Exit 1: no marker within {timeout:g} s (agent down, not allowed to archive, or failing):
-# PostgreSQL keeps the file and retries later.
-case "$2" in
-    '' | .* | */*) echo "hakeeper archive_command: bad file name '$2'" >&2; exit 1 ;;
-esac
-marker={done}/"$2"
-i=0
-while [ "$i" -lt {fast} ]; do
-    if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
-    sleep {fast_wait}
-    i=$((i + 1))
-done
-i=0
-while [ "$i" -lt {slow} ]; do
-    if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
-    sleep {slow_wait}
-    i=$((i + 1))
-done
-if [ -e "$marker" ]; then rm -f "$marker"; exit 0; fi
-echo "hakeeper archive_command: $2 not archived within {timeout:g} s (is the agent running and primary?)" >&2
-exit 1
-"""
-
-
-def _reachable_by(path: Path, run_as: RunAs) -> bool:
-    """Whether ``run_as`` can traverse every directory down to ``path`` (owner/group/other
-    execute bits; supplementary groups not considered, so this may err on the side of no)."""
-    if run_as.uid is None:
-        return True
-    p = path.resolve()
-    for d in [*reversed(p.parents), p]:
-        try:
-            st = d.stat()
-        except OSError:
-            return False
-        if st.st_uid == run_as.uid:
-            ok = st.st_mode & stat.S_IXUSR
-        elif st.st_gid == run_as.gid:
-            ok = st.st_mode & stat.S_IXGRP
-        else:
-            ok = st.st_mode & stat.S_IXOTH
-        if not ok:
-            return False
-    return True
-
-
-# ====================================================================== the local queue
-
-
-@dataclass(slots=True)
-class QueueEntry:
-    size: int
-    repos: set[str] = field(default_factory=set)
-
-
-class SpoolQueue:
-    """WAL waiting for repositories that were down: ``<root>/<repo>/<file>``.
-
-    One copy per file on disk: it is written once (to ``<root>/.incoming``, fsynced) and
-    hard-linked into the directory of every repository that needs it, each directory fsynced
-    before the caller hands the file back to PostgreSQL.  The bytes of the queue are the sum of
-    the distinct files.  Synchronous (called in a worker thread)."""
-
-    def __init__(self, root: Path, repos: Sequence[str]) -> None:
-        self.root = root
-        self.repos = list(repos)
-        self.entries: dict[str, QueueEntry] = {}
-
-    def _dir(self, repo: str) -> Path:
-        return self.root / repo
-
-    def path(self, repo: str, name: str) -> Path:
-        return self._dir(repo) / name
-
-    def load(self) -> list[str]:
-        """Read the queue from disk; returns what was removed (temporary files, directories of
-        repositories no longer configured)."""
-        removed: list[str] = []
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        incoming = self.root / INCOMING
-        incoming.mkdir(mode=0o700, exist_ok=True)
-        for tmp in incoming.iterdir():
-            tmp.unlink(missing_ok=True)
-            removed.append(str(tmp))
-        for d in self.root.iterdir():
-            if d.name == INCOMING or not d.is_dir():
-                continue
-            if d.name not in self.repos:
-                for f in d.iterdir():
-                    f.unlink(missing_ok=True)
-                d.rmdir()
-                removed.append(str(d))
-        self.entries.clear()
-        for repo in self.repos:
-            d = self._dir(repo)
-            d.mkdir(mode=0o700, exist_ok=True)
-            for f in d.iterdir():
-                if not layout.WAL_FILE_RE.match(f.name):
-                    f.unlink(missing_ok=True)
-                    removed.append(str(f))
-                    continue
-                e = self.entries.setdefault(f.name, QueueEntry(f.stat().st_size))
-                e.repos.add(repo)
-        return removed
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.size for e in self.entries.values())
-
-    def files_for(self, repo: str) -> list[str]:
-        return sorted((n for n, e in self.entries.items() if repo in e.repos), key=archive_order)
-
-    def bytes_for(self, repo: str) -> int:
-        return sum(e.size for e in self.entries.values() if repo in e.repos)
-
-    def add(self, name: str, data: bytes, repos: Iterable[str]) -> None:
-        """Queue ``data`` as ``name`` for ``repos``, durably (fsynced file and directories)."""
-        want = [r for r in repos if r not in self.entries.get(name, QueueEntry(0)).repos]
-        if not want:
-            return
-        entry = self.entries.get(name)
-        if entry is not None and entry.repos:
-            src = self.path(next(iter(entry.repos)), name)
-            tmp = None
-        else:
-            tmp = self.root / INCOMING / f"{name}.{secrets.token_hex(4)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            src = tmp
-        try:
-            for repo in want:
-                dst = self.path(repo, name)
-                try:
-                    os.link(src, dst)
-                except FileExistsError:
-                    pass
-                _fsync_dir(dst.parent)
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        e = self.entries.setdefault(name, QueueEntry(len(data)))
-        e.repos.update(want)
-
-    def remove(self, repo: str, name: str) -> None:
-        e = self.entries.get(name)
-        self.path(repo, name).unlink(missing_ok=True)
-        _fsync_dir(self._dir(repo))
-        if e is not None:
-            e.repos.discard(repo)
-            if not e.repos:
-                del self.entries[name]
-
-    def read(self, repo: str, name: str) -> bytes:
-        return self.path(repo, name).read_bytes()
-
-
-# ====================================================================== gap records
-
-
-@dataclass(slots=True)
-class GapRecord:
-    gap_id: str
-    body: bytes  # the JSON document, exactly as published (identical re-push succeeds)
-    pending: set[str]  # repositories it has not been published to yet
-
-
-class GapBook:
-    """Gap records: ``<root>/<id>.json`` (the record, fsynced) and ``<root>/<id>.pending``
-    (repositories it still has to go to).  Synchronous (called in a worker thread)."""
-
-    def __init__(self, root: Path, repos: Sequence[str]) -> None:
-        self.root = root
-        self.repos = list(repos)
-        self.records: dict[str, GapRecord] = {}
-        self.count = 0
-
-    def load(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.records.clear()
-        self.count = 0
-        for f in sorted(self.root.glob("*.json")):
-            self.count += 1
-            pend = f.with_suffix(".pending")
-            if not pend.exists():
-                continue
-            try:
-                names = set(json.loads(pend.read_text())) & set(self.repos)
-            except (OSError, ValueError):
-                names = set(self.repos)
-            if names:
-                self.records[f.stem] = GapRecord(f.stem, f.read_bytes(), names)
-            else:
-                pend.unlink(missing_ok=True)
-
-    def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-
-    def record(self, doc: dict[str, Any]) -> GapRecord:
-        first = doc["files"][0] if doc["files"] else "none"
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        gap_id = f"{stamp}-{first}-{doc['reason']}"
-        body = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-        pending = set(self.repos)
-        self._write(self.root / f"{gap_id}.pending", json.dumps(sorted(pending)).encode())
-        self._write(self.root / f"{gap_id}.json", body)
-        _fsync_dir(self.root)
-        rec = GapRecord(gap_id, body, pending)
-        self.records[gap_id] = rec
-        self.count += 1
-        return rec
-
-    def published(self, gap_id: str, repo: str) -> None:
-        rec = self.records.get(gap_id)
-        if rec is None:
-            return
-        rec.pending.discard(repo)
-        pend = self.root / f"{gap_id}.pending"
-        if rec.pending:
-            self._write(pend, json.dumps(sorted(rec.pending)).encode())
-        else:
-            pend.unlink(missing_ok=True)
-            del self.records[gap_id]
-
-
-# ====================================================================== state
-
-
-@dataclass(slots=True)
-class RepoState:
-    repo: Repository
-    up: bool = True
-    failures_in_row: int = 0
-    next_probe: float = 0.0  # monotonic; when a down repository may be tried again
-    archived: int = 0
-    failures: int = 0
-    conflicts: int = 0
-    last_success_at: float | None = None  # wall clock
-    last_archived: str | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-    probing: bool = False
-    draining: set[str] = field(default_factory=set)
-    background: set[asyncio.Future[tuple[str, str | None]]] = field(default_factory=set)
-    # archive RPO: stored WAL files (name -> when they became .ready) not yet folded into
-    # durable_at, the .ready time of the newest file with every older one stored here too
-    stored_ready: dict[str, float] = field(default_factory=dict)
-    durable_at: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.repo.name
-
-    def claim_probe(self, now: float) -> bool:
-        """A down repository may be tried once its back-off has passed, by one task at a time."""
-        if self.up:
-            return True
-        if self.probing or now < self.next_probe:
-            return False
-        self.probing = True
-        return True
-
-    def ok(self, name: str | None) -> None:
-        if not self.up:
-            log.info("archive_repository_back", repo=self.name, down_failures=self.failures_in_row)
-        self.up = True
-        self.probing = False
-        self.failures_in_row = 0
-        self.last_success_at = time.time()
-        if name is not None:
-            self.archived += 1
-            self.last_archived = name
-
-    def failed(self, error: str, now: float) -> None:
-        was_up = self.up
-        self.up = False
-        self.probing = False
-        self.failures += 1
-        self.failures_in_row += 1
-        self.last_error = error
-        self.last_error_at = time.time()
-        wait = backoff(self.failures_in_row)
-        self.next_probe = now + wait
-        (log.warning if was_up else log.info)(
-            "archive_repository_down" if was_up else "archive_repository_still_down",
-            repo=self.name,
-            error=error,
-            retry_in=wait,
-        )
-
-
-@dataclass(slots=True, eq=False)
-class ReadyFile:
-    name: str
-    ready_at: float  # wall clock: mtime of the .ready file
-    size: int
-    stored: set[str] = field(default_factory=set)
-    queued: set[str] = field(default_factory=set)
-    conflicts: dict[str, str] = field(default_factory=dict)
-    in_flight: bool = False
-    attempts: int = 0  # failed attempts in a row
-    blocked: bool = False  # no repository could be tried (all down)
-    next_try: float = 0.0
-    last_error: str | None = None
-    done: bool = False  # marker written (archived, or given up)
-    given_up: bool = False
-    marker_at: float = 0.0  # monotonic
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.conflicts) or self.attempts > 0 or self.blocked
-
-
-class _Outcome:
-    STORED = "stored"
-    CONFLICT = "conflict"
-    ERROR = "error"
-    REFUSED = "refused"
 
 
 def _live_targets(
@@ -578,11 +107,11 @@ async def _await_puts(
             for t in done:
                 rs = puts[t]
                 outcome, err = t.result()
-                if outcome == _Outcome.STORED:
+                if outcome == PushOutcome.STORED:
                     f.stored.add(rs.name)
-                elif outcome == _Outcome.CONFLICT:
+                elif outcome == PushOutcome.CONFLICT:
                     f.conflicts[rs.name] = err or "conflict"
-                elif outcome == _Outcome.ERROR:
+                elif outcome == PushOutcome.ERROR:
                     errors.append(f"{rs.name}: {err}")
                 else:
                     refused = True
@@ -767,7 +296,7 @@ class Archiver:
         wiped = self._wipe_markers()
         removed = self.queue.load()
         self.gaps.load()
-        if not _reachable_by(self.done_dir, self.run_as):
+        if not reachable_by(self.done_dir, self.run_as):
             log.error(
                 "archive_spool_unreachable",
                 spool=str(sp),
@@ -1037,7 +566,7 @@ class Archiver:
     async def _put(self, rs: RepoState, name: str, data: bytes) -> tuple[str, str | None]:
         if not self._allowed_now():
             rs.probing = False
-            return _Outcome.REFUSED, "archiving not allowed now"
+            return PushOutcome.REFUSED, "archiving not allowed now"
         key = layout.wal_key(self.scope, name)
         now = time.monotonic()
         try:
@@ -1060,25 +589,25 @@ class Archiver:
                 "another cluster with the same scope?): an operator must look",
             )
             rs.ok(None)
-            return _Outcome.CONFLICT, str(e)
+            return PushOutcome.CONFLICT, str(e)
         except TimeoutError:
             err = f"no answer within {self.cfg.repo_timeout:g} s"
             self.m_failures.labels(rs.name).inc()
             rs.failed(err, now)
-            return _Outcome.ERROR, err
+            return PushOutcome.ERROR, err
         except RepoError as e:
             self.m_failures.labels(rs.name).inc()
             rs.failed(str(e), now)
-            return _Outcome.ERROR, str(e)
+            return PushOutcome.ERROR, str(e)
         except OSError as e:
             self.m_failures.labels(rs.name).inc()
             rs.failed(f"{type(e).__name__}: {e}", now)
-            return _Outcome.ERROR, str(e)
+            return PushOutcome.ERROR, str(e)
         rs.ok(name)
         self._note_durable(rs, name)
         self.m_files.labels(rs.name).inc()
         self.m_last_success.labels(rs.name).set(rs.last_success_at or time.time())
-        return _Outcome.STORED, None
+        return PushOutcome.STORED, None
 
     async def _push_live(self, f: ReadyFile, targets: list[RepoState]) -> None:
         try:
@@ -1138,9 +667,9 @@ class Archiver:
             rs.draining.discard(name)
             return
         outcome, err = t.result()
-        if outcome == _Outcome.STORED:
+        if outcome == PushOutcome.STORED:
             self._spawn(self._dequeue(rs, name), f"dequeue-{rs.name}-{name}")
-        elif outcome == _Outcome.CONFLICT:
+        elif outcome == PushOutcome.CONFLICT:
             self._spawn(self._dequeue(rs, name, conflict=err), f"dequeue-{rs.name}-{name}")
         else:
             rs.draining.discard(name)
@@ -1176,12 +705,12 @@ class Archiver:
             except FileNotFoundError:
                 return  # dropped meanwhile
             outcome, err = await self._put(rs, name, data)
-            if outcome == _Outcome.STORED:
+            if outcome == PushOutcome.STORED:
                 await asyncio.to_thread(self.queue.remove, rs.name, name)
                 log.info(
                     "archive_queue_drained", repo=rs.name, file=name, left=len(self.queue.files_for(rs.name))
                 )
-            elif outcome == _Outcome.CONFLICT:
+            elif outcome == PushOutcome.CONFLICT:
                 await self._record_gap([name], [rs.name], "conflict", detail=err)
                 await asyncio.to_thread(self.queue.remove, rs.name, name)
         finally:
