@@ -37,4 +37,19 @@ before every push and every marker; while it is false nothing is pushed (not eve
 queue), every marker is removed and the per-file state is forgotten (re-pushing an identical
 file later is cheap and safe).  At start the markers of an earlier run are removed too: a
 marker must only ever vouch for a file this process stored.
+
+Modules, from the task that drives it all to the pieces it is made of:
+
+* ``archiver``: :class:`~hakeeper.backup.archive.archiver.Archiver`, the task (set-up, the pass
+  every ``poll_interval``, pushes, drains, probes, caps, ``status()``);
+* ``dispatch``: which pushes, drains, probes and gap publications a pass starts;
+* ``plan``: the pure planners (archive order, queue drops, give-ups, back-off);
+* ``state``: per repository (:class:`RepoState`) and per ``.ready`` file (:class:`ReadyFile`);
+* ``pgwal``: the scan of ``archive_status``; ``command``: the script and its markers;
+* ``spool``: the local queue; ``gaps``: gap records; ``rpo``: the archive RPO;
+* ``switch``: the check after a promotion; ``metrics``: Prometheus; ``permission``: may we?
 """
+
+# Every module of the package logs under the name the archiver's log lines always had (log
+# filters and dashboards may select on the ``logger`` field).
+LOG_NAME = "hakeeper.backup.archiver"

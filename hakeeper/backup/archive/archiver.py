@@ -7,32 +7,28 @@ import asyncio
 import collections
 import contextlib
 import functools
-import os
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from hakeeper.backup import layout
-from hakeeper.backup.archive.command import DONE_DIR, SCRIPT_NAME, reachable_by, render_script
+from hakeeper.backup.archive import LOG_NAME, rpo
+from hakeeper.backup.archive.command import DONE_DIR, SCRIPT_NAME, Markers, install_script, reachable_by
+from hakeeper.backup.archive.dispatch import claim_gap_publications, claim_live_pushes, claim_queue_work
 from hakeeper.backup.archive.gaps import GAP_FORMAT, GAPS_DIR, GapBook, GapRecord, gap_key
-from hakeeper.backup.archive.plan import (
-    ReadyInfo,
-    archive_order,
-    backoff,
-    is_history,
-    plan_give_up,
-    plan_queue_drops,
-)
+from hakeeper.backup.archive.metrics import ArchiveMetrics, latency_quantiles
+from hakeeper.backup.archive.permission import Permission
+from hakeeper.backup.archive.pgwal import scan_ready, sync_files
+from hakeeper.backup.archive.plan import ReadyInfo, archive_order, backoff, plan_give_up, plan_queue_drops
 from hakeeper.backup.archive.spool import QUEUE_DIR, SpoolQueue
 from hakeeper.backup.archive.state import PushOutcome, ReadyFile, RepoState
+from hakeeper.backup.archive.switch import SwitchCheck
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
-from hakeeper.core.lsn import format_lsn
 from hakeeper.core.timefmt import iso
-from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs
 
@@ -40,27 +36,9 @@ if TYPE_CHECKING:
     from hakeeper.backup.repo import Repository
     from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig
 
-log = get_logger(__name__)
+log = get_logger(LOG_NAME)
 
-MARKER_REWRITE_AFTER = 2.0  # a done file still .ready without its marker: PostgreSQL retried it
 ORPHAN_SWEEP_EVERY = 5.0
-_READY = ".ready"
-_LAT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
-
-
-def _on_path(name: str, segno: int, tli: int, history: list[layout.HistoryEntry], seg_size: int) -> bool:
-    """Whether segment ``name`` is the one recovery reads for ``segno`` on ``tli``'s history."""
-    end = (segno + 1) * seg_size - 1
-    return layout.segment_name(layout.timeline_of(end, tli, history), segno, seg_size) == name
-
-
-def _segment_size(pg_wal: Path) -> int:
-    """wal_segment_size, from the size of a segment file in pg_wal (16 MiB if there is none)."""
-    with contextlib.suppress(OSError), os.scandir(pg_wal) as it:
-        for e in it:
-            if layout.parse_segment_name(e.name) is not None and e.is_file():
-                return e.stat().st_size
-    return layout.DEFAULT_SEGMENT_SIZE
 
 
 def archive_repository_config(rc: RepositoryConfig, cfg: ArchiveConfig) -> RepositoryConfig:
@@ -68,20 +46,6 @@ def archive_repository_config(rc: RepositoryConfig, cfg: ArchiveConfig) -> Repos
     if cfg.compression_level is None or cfg.compression_level == rc.compression_level:
         return rc
     return rc.model_copy(update={"compression_level": cfg.compression_level})
-
-
-def _live_targets(
-    repos: Mapping[str, RepoState], f: ReadyFile, any_up: bool, now: float
-) -> list[RepoState] | None:
-    """The repositories to push ``f`` to now; None when every one is down and none may be probed
-    yet (the file is blocked)."""
-    missing = [rs for rs in repos.values() if rs.name not in f.stored | f.queued]
-    if any_up:
-        # Possibly none: every repository that still lacks it is down, so the push queues it (it
-        # is stored somewhere).
-        return [rs for rs in missing if rs.up]
-    targets = [rs for rs in missing if rs.claim_probe(now)]
-    return targets or None
 
 
 # One running push of a file to one repository: (outcome, error).
@@ -128,7 +92,7 @@ async def _await_puts(
 
 
 class Archiver:
-    """Archives ``pg_wal`` to ``repositories`` while ``may_archive()`` holds (see the module doc).
+    """Archives ``pg_wal`` to ``repositories`` while ``may_archive()`` holds (see the package doc).
 
     ``prepare()`` (synchronous: directories, the script, markers and queue of an earlier run)
     before PostgreSQL may call the archive_command; then ``run()`` as a task; ``close()`` at the
@@ -155,11 +119,10 @@ class Archiver:
         self.pg_wal = pg_wal
         self.status_dir = pg_wal / "archive_status"
         self.spool = spool_dir
-        self.done_dir = spool_dir / DONE_DIR
         self.script = spool_dir / SCRIPT_NAME
+        self.markers = Markers(spool_dir / DONE_DIR)
         self.cfg = cfg
-        self.may_archive = may_archive
-        self.refusal_reason = refusal_reason
+        self.permission = Permission(may_archive, refusal_reason)
         self.run_as = run_as
         self.node = node
         self.repos: dict[str, RepoState] = {r.name: RepoState(r) for r in repositories}
@@ -179,92 +142,15 @@ class Archiver:
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishing: set[tuple[str, str]] = set()
         self._side: set[asyncio.Task[None]] = set()
-        self.switch_check: dict[str, Any] | None = None
+        self.switch_check = SwitchCheck(
+            scope=scope, pg_wal=pg_wal, repos=self.repos, files=self.files, repo_timeout=cfg.repo_timeout
+        )
         self._wake = asyncio.Event()
         self._last_sweep = 0.0
         self._prepared = False
         self._closed = False
         self._rpo_baselined = False
-        self._init_metrics(registry or CollectorRegistry())
-
-    # ------------------------------------------------------------------ metrics
-
-    def _init_metrics(self, r: CollectorRegistry) -> None:
-        self.m_last_success = Gauge(
-            "hakeeper_archive_last_success_timestamp_seconds",
-            "Unix time of the last WAL file stored in each repository",
-            ["repo"],
-            registry=r,
-        )
-        self.m_pending = Gauge(
-            "hakeeper_archive_pending_files", "WAL files ready in pg_wal and not yet archived", registry=r
-        )
-        self.m_pending_bytes = Gauge(
-            "hakeeper_archive_ready_bytes",
-            "Bytes of the .ready WAL files in pg_wal (handed back or not)",
-            registry=r,
-        )
-        self.m_failures = Counter(
-            "hakeeper_archive_failures", "Failed attempts to store WAL, by repository", ["repo"], registry=r
-        )
-        self.m_files = Counter(
-            "hakeeper_archive_files", "WAL files stored, by repository", ["repo"], registry=r
-        )
-        self.m_conflicts = Counter(
-            "hakeeper_archive_conflicts",
-            "WAL files refused by a repository holding other content under that name (quarantined)",
-            ["repo"],
-            registry=r,
-        )
-        self.m_queue_files = Gauge(
-            "hakeeper_archive_queue_files",
-            "WAL files queued for a repository that was down",
-            ["repo"],
-            registry=r,
-        )
-        self.m_queue_bytes = Gauge(
-            "hakeeper_archive_queue_bytes", "Bytes in the local queue (distinct files)", registry=r
-        )
-        self.m_repo_up = Gauge(
-            "hakeeper_archive_repository_up", "1 while a repository takes WAL", ["repo"], registry=r
-        )
-        self.m_gap_files = Counter(
-            "hakeeper_archive_gap_files",
-            "WAL files recorded as missing from a repository, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.m_active = Gauge(
-            "hakeeper_archive_active",
-            "1 while this node may archive (primary holding the leader key)",
-            registry=r,
-        )
-        self.m_rpo = Gauge(
-            "hakeeper_archive_rpo_seconds",
-            "Archive RPO per repository: age of the newest WAL durable there (now minus the time the "
-            "newest segment stored with every older one became ready); on the archiving primary only",
-            ["repository"],
-            registry=r,
-        )
-        self.m_latency = Histogram(
-            "hakeeper_archive_latency_seconds",
-            "From a WAL file's .ready to its hand-back to PostgreSQL (durable)",
-            buckets=_LAT_BUCKETS,
-            registry=r,
-        )
-
-    def _refresh_metrics(self) -> None:
-        pending = [f for f in self.files.values() if not f.done]
-        self.m_pending.set(len(pending))
-        self.m_pending_bytes.set(sum(f.size for f in self.files.values()))
-        self.m_queue_bytes.set(self.queue.total_bytes)
-        self.m_active.set(1 if self._allowed else 0)
-        for name, rs in self.repos.items():
-            self.m_queue_files.labels(name).set(len(self.queue.files_for(name)))
-            self.m_repo_up.labels(name).set(1 if rs.up else 0)
-            if rs.last_success_at is not None:
-                self.m_last_success.labels(name).set(rs.last_success_at)
-        self._refresh_rpo(time.time())
+        self.metrics = ArchiveMetrics(registry or CollectorRegistry())
 
     # ------------------------------------------------------------------ set-up
 
@@ -276,27 +162,11 @@ class Archiver:
         """Create the spool (the script, ``done/`` owned by PostgreSQL's OS user, the queue and
         gap directories), remove markers of an earlier run, load the queue and gap records."""
         sp = self.spool
-        sp.mkdir(parents=True, exist_ok=True)
-        # PostgreSQL's user must reach the script and done/, but not the queue or gap records.
-        os.chmod(sp, 0o711 if self.run_as.uid is not None else 0o700)
-        self.done_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.done_dir, 0o700)
-        self.run_as.chown(self.done_dir)
-        tmp = sp / f".{SCRIPT_NAME}.tmp"
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o755)
-        try:
-            os.write(fd, render_script(sp, self.cfg.timeout).encode())
-            os.fchmod(fd, 0o755)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.script)
-        _fsync_dir(sp)
-        wiped = self._wipe_markers()
+        install_script(sp, self.cfg.timeout, self.run_as)
+        wiped = self.markers.wipe()
         removed = self.queue.load()
         self.gaps.load()
-        if not reachable_by(self.done_dir, self.run_as):
+        if not reachable_by(self.markers.done_dir, self.run_as):
             log.error(
                 "archive_spool_unreachable",
                 spool=str(sp),
@@ -314,14 +184,6 @@ class Archiver:
             removed=removed or None,
         )
         self._prepared = True
-
-    def _wipe_markers(self) -> int:
-        n = 0
-        with contextlib.suppress(FileNotFoundError):
-            for m in self.done_dir.iterdir():
-                m.unlink(missing_ok=True)
-                n += 1
-        return n
 
     # ------------------------------------------------------------------ main loop
 
@@ -361,21 +223,6 @@ class Archiver:
             with contextlib.suppress(Exception):
                 await rs.repo.close()
 
-    def _allowed_now(self) -> bool:
-        try:
-            return bool(self.may_archive())
-        except Exception:
-            log.exception("archive_predicate_failed")
-            return False
-
-    def _reason(self) -> str | None:
-        if self.refusal_reason is None:
-            return "may_archive() is false"
-        try:
-            return self.refusal_reason()
-        except Exception as e:
-            return f"{type(e).__name__}: {e}"
-
     def _spawn(self, coro: Any, name: str) -> None:
         t: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         self._tasks.add(t)
@@ -390,30 +237,10 @@ class Archiver:
 
         t.add_done_callback(_done)
 
-    def scan(self) -> dict[str, float]:
-        """``.ready`` files in archive_status: WAL file name -> mtime of its ``.ready``."""
-        out: dict[str, float] = {}
-        try:
-            with os.scandir(self.status_dir) as it:
-                for e in it:
-                    n = e.name
-                    if not n.endswith(_READY):
-                        continue
-                    fname = n[: -len(_READY)]
-                    if not layout.WAL_FILE_RE.match(fname):
-                        continue
-                    try:
-                        out[fname] = e.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-        except FileNotFoundError:
-            pass  # no data directory (yet)
-        return out
-
     def tick(self) -> None:
         now = time.monotonic()
-        allowed = self._allowed_now()
-        ready = self.scan()
+        allowed = self.permission.granted()
+        ready = scan_ready(self.status_dir)
         if not allowed:
             self._refuse(ready)
             self._refresh_metrics()
@@ -421,150 +248,65 @@ class Archiver:
         if self._allowed is not True:
             if not self._rpo_baselined:
                 self._rpo_baselined = True
-                self._rpo_baseline()
+                rpo.start_from_done_files(self.status_dir, self.repos, self.queue)
             if self._allowed is False:
                 log.info("archive_resumed", ready=len(ready), queued=len(self.queue.entries))
             self._allowed = True
             self._refusal_logged = False
-        self._sync_files(ready, now)
-        self._fix_markers(ready, now)
+        sync_files(self.files, ready, self.pg_wal)
+        self.markers.put_back(self.files.values(), ready, now)
         self._enforce_pg_wal_cap(now)
         self._schedule(now)
         if now - self._last_sweep > ORPHAN_SWEEP_EVERY:
             self._last_sweep = now
-            self._sweep_orphan_markers(ready)
+            self.markers.sweep_orphans(ready, self.status_dir)
         self._refresh_metrics()
 
     def _refuse(self, ready: Mapping[str, float]) -> None:
         if self._allowed is not False:
             if self._allowed is True:
-                wiped = self._wipe_markers()
-                log.warning("archive_paused", reason=self._reason(), markers_removed=wiped)
+                wiped = self.markers.wipe()
+                log.warning("archive_paused", reason=self.permission.reason(), markers_removed=wiped)
             self._allowed = False
             self.files.clear()  # forget what we knew: re-checked (cheaply) if we archive again
         if not self._refusal_logged and (ready or self.queue.entries):
             self._refusal_logged = True
             log.warning(
                 "archive_refused",
-                reason=self._reason(),
+                reason=self.permission.reason(),
                 ready_files=len(ready),
                 queued_files=len(self.queue.entries),
             )
 
-    def _sync_files(self, ready: Mapping[str, float], now: float) -> None:
-        for name in list(self.files):
-            if name not in ready and not self.files[name].in_flight:
-                del self.files[name]
-        for name, mtime in ready.items():
-            if name in self.files:
-                continue
-            try:
-                size = (self.pg_wal / name).stat().st_size
-            except FileNotFoundError:
-                continue
-            self.files[name] = ReadyFile(name, mtime, size)
-
-    # ------------------------------------------------------------------ markers
-
-    def _write_marker(self, f: ReadyFile) -> None:
-        try:
-            fd = os.open(
-                self.done_dir / f.name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-            )
-            os.close(fd)
-        except FileExistsError:
-            pass
-        f.done = True
-        f.marker_at = time.monotonic()
-
-    def _fix_markers(self, ready: Mapping[str, float], now: float) -> None:
-        """A file we handed back is .ready again or still (PostgreSQL crashed between our
-        marker and its rename to .done, and calls archive_command again): put the marker back."""
-        for f in self.files.values():
-            if f.done and f.name in ready and now - f.marker_at > MARKER_REWRITE_AFTER:
-                if not (self.done_dir / f.name).exists():
-                    self._write_marker(f)
-                else:
-                    f.marker_at = now
-
-    def _sweep_orphan_markers(self, ready: Mapping[str, float]) -> None:
-        try:
-            names = os.listdir(self.done_dir)
-        except FileNotFoundError:
-            return
-        for n in names:
-            if n not in ready and not (self.status_dir / (n + _READY)).exists():
-                with contextlib.suppress(FileNotFoundError):
-                    (self.done_dir / n).unlink()
+    def _refresh_metrics(self) -> None:
+        self.metrics.refresh(self.files.values(), self.repos, self.queue, active=bool(self._allowed))
+        rpo.fold_durable(
+            self.repos, self.files, self.queue, self.metrics.rpo, time.time(), active=bool(self._allowed)
+        )
 
     # ------------------------------------------------------------------ scheduling
 
-    def _up_repos(self) -> list[RepoState]:
-        return [rs for rs in self.repos.values() if rs.up]
-
     def _schedule(self, now: float) -> None:
-        self._schedule_live(now)
-        # Queued files to the repositories that lack them; a probe of a repository that is down.
-        slots = self.cfg.parallel - len(self._tasks)
-        for rs in self.repos.values():
-            if slots <= 0:
-                break
-            names = [n for n in self.queue.files_for(rs.name) if n not in rs.draining]
-            if not names:
-                if not rs.up and not self.queue.files_for(rs.name) and rs.claim_probe(now):
-                    slots -= 1
-                    self._spawn(self._probe(rs), f"probe-{rs.name}")
-                continue
-            if not rs.up:
-                if rs.draining or not rs.claim_probe(now):
-                    continue
-                names = names[:1]  # one file probes a repository that was down
-            for n in names:
-                if slots <= 0:
-                    break
-                rs.draining.add(n)
-                slots -= 1
-                self._spawn(self._drain_one(rs, n), f"drain-{rs.name}-{n}")
-        for rec in list(self.gaps.records.values()):
-            for repo in list(rec.pending):
-                target = self.repos.get(repo)
-                key = (rec.gap_id, repo)
-                if target is not None and target.up and key not in self._publishing:
-                    self._publishing.add(key)
-                    self._spawn(self._publish_gap(target, rec), f"gap-{rec.gap_id}-{repo}")
-
-    def _schedule_live(self, now: float) -> None:
-        """Push .ready files to the repositories, oldest first, keeping a slot for the queue."""
+        """Start what may start now: live pushes (keeping a slot for the queue), then drains of
+        the queue and probes of repositories that are down, then gap records to publish."""
         slots = self.cfg.parallel - len(self._tasks)
         drain_waiting = any(self.queue.files_for(r) for r in self.repos)
         reserve = 1 if drain_waiting and self.cfg.parallel > 1 else 0
-        # History files first: a segment of a new timeline never goes before its history file.
-        history_pending = any(
-            is_history(f.name) and not f.done and not f.conflicts for f in self.files.values()
-        )
-        any_up = bool(self._up_repos())
-        for f in sorted(self.files.values(), key=lambda f: archive_order(f.name)):
-            if slots - reserve <= 0:
-                break
-            if f.done or f.in_flight or f.conflicts or now < f.next_try:
-                continue
-            if history_pending and not is_history(f.name):
-                break
-            targets = _live_targets(self.repos, f, any_up, now)
-            if targets is None:
-                f.blocked = True
-                continue
-            f.in_flight = True
-            f.blocked = False
-            slots -= 1
+        for f, targets in claim_live_pushes(self.files, self.repos, slots, reserve, now):
             self._spawn(self._push_live(f, targets), f"archive-{f.name}")
+        slots = self.cfg.parallel - len(self._tasks)
+        for rs, name in claim_queue_work(self.repos, self.queue, slots, now):
+            if name is None:
+                self._spawn(self._probe(rs), f"probe-{rs.name}")
+            else:
+                self._spawn(self._drain_one(rs, name), f"drain-{rs.name}-{name}")
+        for rs, rec in claim_gap_publications(self.gaps.records.values(), self.repos, self._publishing):
+            self._spawn(self._publish_gap(rs, rec), f"gap-{rec.gap_id}-{rs.name}")
 
     # ------------------------------------------------------------------ pushing
 
     async def _put(self, rs: RepoState, name: str, data: bytes) -> tuple[str, str | None]:
-        if not self._allowed_now():
+        if not self.permission.granted():
             rs.probing = False
             return PushOutcome.REFUSED, "archiving not allowed now"
         key = layout.wal_key(self.scope, name)
@@ -574,7 +316,7 @@ class Archiver:
                 await rs.repo.put_unique(key, data, meta={"node": self.node} if self.node else None)
         except ContentConflict as e:
             rs.conflicts += 1
-            self.m_conflicts.labels(rs.name).inc()
+            self.metrics.conflicts.labels(rs.name).inc()
             self.recent_conflicts.append(
                 {"repo": rs.name, "file": name, "quarantined": e.quarantined, "at": iso(time.time()) or ""}
             )
@@ -592,21 +334,21 @@ class Archiver:
             return PushOutcome.CONFLICT, str(e)
         except TimeoutError:
             err = f"no answer within {self.cfg.repo_timeout:g} s"
-            self.m_failures.labels(rs.name).inc()
+            self.metrics.failures.labels(rs.name).inc()
             rs.failed(err, now)
             return PushOutcome.ERROR, err
         except RepoError as e:
-            self.m_failures.labels(rs.name).inc()
+            self.metrics.failures.labels(rs.name).inc()
             rs.failed(str(e), now)
             return PushOutcome.ERROR, str(e)
         except OSError as e:
-            self.m_failures.labels(rs.name).inc()
+            self.metrics.failures.labels(rs.name).inc()
             rs.failed(f"{type(e).__name__}: {e}", now)
             return PushOutcome.ERROR, str(e)
         rs.ok(name)
-        self._note_durable(rs, name)
-        self.m_files.labels(rs.name).inc()
-        self.m_last_success.labels(rs.name).set(rs.last_success_at or time.time())
+        rpo.note_durable(rs, name, self.files, self.queue)
+        self.metrics.files.labels(rs.name).inc()
+        self.metrics.last_success.labels(rs.name).set(rs.last_success_at or time.time())
         return PushOutcome.STORED, None
 
     async def _push_live(self, f: ReadyFile, targets: list[RepoState]) -> None:
@@ -628,7 +370,7 @@ class Archiver:
         errors: list[str] = []
         pending, refused = await _await_puts(f, puts, errors, self.cfg.queue_slow_after)
         slow = [puts[t] for t in pending]
-        if refused or self.files.get(f.name) is not f or not self._allowed_now():
+        if refused or self.files.get(f.name) is not f or not self.permission.granted():
             for t in pending:
                 t.cancel()
             return  # refused meanwhile: nothing more (the state is forgotten anyway)
@@ -689,9 +431,9 @@ class Archiver:
         await self._enforce_queue_cap()
 
     def _handed_back(self, f: ReadyFile) -> None:
-        self._write_marker(f)
+        self.markers.write(f)
         latency = max(0.0, time.time() - f.ready_at)
-        self.m_latency.observe(latency)
+        self.metrics.latency.observe(latency)
         self.latencies.append((f.name, latency))
         self.archived_files += 1
         self.archived_bytes += f.size
@@ -721,7 +463,7 @@ class Archiver:
         """Is a down repository (with nothing queued for it) back?  A stat of a name that is
         never stored: 'not found' is an answer."""
         try:
-            if not self._allowed_now():
+            if not self.permission.granted():
                 return
             now = time.monotonic()
             try:
@@ -740,7 +482,7 @@ class Archiver:
 
     async def _publish_gap(self, rs: RepoState, rec: GapRecord) -> None:
         try:
-            if not self._allowed_now():
+            if not self.permission.granted():
                 return
             now = time.monotonic()
             try:
@@ -776,7 +518,7 @@ class Archiver:
             "detail": detail,
         }
         rec = await asyncio.to_thread(self.gaps.record, doc)
-        self.m_gap_files.labels(reason).inc(len(files))
+        self.metrics.gap_files.labels(reason).inc(len(files))
         log.error(
             "archive_gap_recorded",
             gap=rec.gap_id,
@@ -834,12 +576,12 @@ class Archiver:
                     "pg_wal_cap",
                     detail=f".ready WAL in pg_wal over max_pg_wal_bytes={self.cfg.max_pg_wal_bytes}",
                 )
-            if not self._allowed_now():
+            if not self.permission.granted():
                 return
             for f in victims:
                 if self.files.get(f.name) is f:
                     f.given_up = True
-                    self._write_marker(f)
+                    self.markers.write(f)
                     self.given_up_files += 1
                     log.error("archive_gave_up", file=f.name, size=f.size, error=f.last_error)
         finally:
@@ -855,143 +597,11 @@ class Archiver:
         old primary never archived is not in any archive, though the new primary streamed it)."""
         if not timeline or timeline < 2:
             return
-        t = asyncio.create_task(self._check_switch(timeline), name=f"archive-switch-check-{timeline}")
+        t = asyncio.create_task(self.switch_check.run(timeline), name=f"archive-switch-check-{timeline}")
         self._side.add(t)
         t.add_done_callback(self._side.discard)
 
-    async def _check_switch(self, tli: int) -> None:
-        hist = layout.history_name(tli)
-        try:
-            history = layout.parse_history(await asyncio.to_thread((self.pg_wal / hist).read_text))
-        except (OSError, ValueError) as e:
-            log.warning("archive_switch_check_skipped", timeline=tli, reason=str(e))
-            return
-        if not history:
-            return
-        switch = history[-1].switch_lsn
-        for _ in range(600):  # until our history file is handed back (at most a minute)
-            f = self.files.get(hist)
-            if (f is not None and f.done) or not (self.status_dir / f"{hist}{_READY}").exists():
-                break
-            await asyncio.sleep(0.1)
-        seg_size = await asyncio.to_thread(_segment_size, self.pg_wal)
-        last = layout.segno_of(switch, seg_size) - 1  # the switch segment itself is on the new timeline
-        results: dict[str, Any] = {}
-        for name, rs in self.repos.items():
-            try:
-                async with asyncio.timeout(self.cfg.repo_timeout):
-                    objs = await rs.repo.list_objects(layout.wal_prefix(self.scope))
-            except (TimeoutError, RepoError, OSError) as e:
-                results[name] = {"checked": False, "error": str(e)}
-                continue
-            have = {o.name.rsplit("/", 1)[1] for o in objs}
-            on_path = [
-                seg[1]
-                for n in have
-                if (seg := layout.parse_segment_name(n, seg_size)) is not None
-                and seg[1] <= last
-                and _on_path(n, seg[1], tli, history, seg_size)
-            ]
-            if last < 0 or not on_path:
-                results[name] = {"checked": True, "missing": 0, "note": "no earlier WAL in this repository"}
-                continue
-            wanted = layout.wal_segments(
-                layout.segment_start_lsn(min(on_path), seg_size),
-                layout.segment_start_lsn(last, seg_size),
-                tli,
-                history,
-                seg_size,
-            )
-            missing = [n for n in wanted if n not in have]
-            results[name] = {"checked": True, "from": wanted[0], "to": wanted[-1], "missing": len(missing)}
-            if missing:
-                results[name]["first_missing"] = missing[0]
-                log.warning(
-                    "archive_gap_before_switch",
-                    repo=name,
-                    timeline=tli,
-                    switch_lsn=format_lsn(switch),
-                    missing=len(missing),
-                    first=missing[0],
-                    last=missing[-1],
-                    hint="the old primary did not archive them; take a new base backup",
-                )
-            else:
-                log.info(
-                    "archive_complete_before_switch",
-                    repo=name,
-                    timeline=tli,
-                    first=wanted[0],
-                    last=wanted[-1],
-                )
-        self.switch_check = {"timeline": tli, "switch_lsn": format_lsn(switch), "repositories": results}
-
-    # ------------------------------------------------------------------ archive RPO (issue 6, 5a)
-
-    def _note_durable(self, rs: RepoState, name: str) -> None:
-        """``name`` is stored in ``rs``: remember when it became .ready (its content is older)."""
-        if is_history(name):
-            return  # says nothing about how far WAL is durable
-        f = self.files.get(name)
-        if f is not None:
-            rs.stored_ready[name] = f.ready_at
-            return
-        with contextlib.suppress(OSError):  # a queued file: its queue copy is as old as .ready or younger
-            rs.stored_ready[name] = self.queue.path(rs.name, name).stat().st_mtime
-            return
-        rs.stored_ready[name] = time.time()
-
-    def _rpo_baseline(self) -> None:
-        """At this process's first activation: WAL PostgreSQL marked ``.done`` was archived before
-        (by an earlier agent: it hands back only durable files); the newest one's mtime (kept by
-        the rename from .ready) starts the RPO of every repository with nothing queued."""
-        newest = 0.0
-        with contextlib.suppress(OSError), os.scandir(self.status_dir) as it:
-            for e in it:
-                if e.name.endswith(".done") and layout.parse_segment_name(e.name[:-5]) is not None:
-                    with contextlib.suppress(OSError):
-                        newest = max(newest, e.stat().st_mtime)
-        if newest:
-            for rs in self.repos.values():
-                if rs.durable_at is None and not self.queue.files_for(rs.name):
-                    rs.durable_at = newest
-
-    def rpo_seconds(self, now: float) -> dict[str, float | None]:
-        return {
-            name: None if rs.durable_at is None else max(0.0, now - rs.durable_at)
-            for name, rs in self.repos.items()
-        }
-
-    def _refresh_rpo(self, now: float) -> None:
-        """Fold stored files into ``durable_at`` up to the oldest WAL file still missing in a
-        repository (live and not stored there, or queued for it): restore replays WAL in order,
-        so nothing after a hole is restorable from that repository."""
-        if not self._allowed:
-            self.m_rpo.clear()  # only the archiving primary knows; after a promotion, start afresh
-            for rs in self.repos.values():
-                rs.durable_at = None
-                rs.stored_ready.clear()
-            return
-        for name, rs in self.repos.items():
-            missing = [f.name for f in self.files.values() if name not in f.stored and not is_history(f.name)]
-            missing += [n for n in self.queue.files_for(name) if not is_history(n)]
-            first_missing = min(missing, default=None)
-            for n, t in list(rs.stored_ready.items()):
-                if first_missing is None or n < first_missing:
-                    rs.durable_at = t if rs.durable_at is None else max(rs.durable_at, t)
-                    del rs.stored_ready[n]
-            if rs.durable_at is not None:
-                self.m_rpo.labels(name).set(max(0.0, now - rs.durable_at))
-
     # ------------------------------------------------------------------ status
-
-    def latency_quantiles(self, qs: Sequence[float] = (0.5, 0.99)) -> dict[str, float | None]:
-        vals = sorted(v for _, v in self.latencies)
-        out: dict[str, float | None] = {}
-        for q in qs:
-            key = f"p{round(q * 100):d}"
-            out[key] = None if not vals else round(vals[min(len(vals) - 1, int(q * len(vals)))], 3)
-        return out
 
     def status(self) -> dict[str, Any]:
         """Counts, last archived file and last error per repository (JSON-able; no I/O)."""
@@ -1019,7 +629,7 @@ class Archiver:
             )
         return {
             "active": bool(self._allowed),
-            "refused_reason": None if self._allowed else self._reason(),
+            "refused_reason": None if self._allowed else self.permission.reason(),
             "pending_files": len(pending),
             "pending_bytes": sum(f.size for f in pending),
             "in_flight": sum(1 for f in self.files.values() if f.in_flight),
@@ -1028,7 +638,7 @@ class Archiver:
             "last_archived": self.last_archived,
             "last_archived_at": iso(self.last_archived_at),
             "last_error": self.last_error,
-            "latency_seconds": self.latency_quantiles(),
+            "latency_seconds": latency_quantiles(self.latencies),
             "queue": {
                 "files": len(self.queue.entries),
                 "bytes": self.queue.total_bytes,
@@ -1038,6 +648,6 @@ class Archiver:
             "given_up_files": self.given_up_files,
             "conflicted_files": conflicted,
             "recent_conflicts": list(self.recent_conflicts),
-            "switch_check": self.switch_check,
+            "switch_check": self.switch_check.report,
             "repositories": repos,
         }

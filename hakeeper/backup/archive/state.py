@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from hakeeper.backup.archive import LOG_NAME
 from hakeeper.backup.archive.plan import backoff
 from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
     from hakeeper.backup.repo import Repository
 
-log = get_logger(__name__)
+log = get_logger(LOG_NAME)
 
 
 @dataclass(slots=True)
