@@ -1,4 +1,4 @@
-"""Benchmark: continuous WAL archiving (hakeeper/backup/archiver.py): throughput and the latency
+"""Benchmark: continuous WAL archiving (hakeeper/backup/archive/): throughput and the latency
 from a segment's ``.ready`` to its hand-back (durable in every repository).
 
 Per repository target (``fs``: a filesystem repository in the bench directory, same disk;
