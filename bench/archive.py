@@ -1,11 +1,11 @@
-"""Benchmark: continuous WAL archiving (hakeeper/backup/archiver.py): throughput and the latency
+"""Benchmark: continuous WAL archiving (hakeeper/backup/archive/): throughput and the latency
 from a segment's ``.ready`` to its hand-back (durable in every repository).
 
 Per repository target (``fs``: a filesystem repository in the bench directory, same disk;
 ``s3``: SeaweedFS ``weed mini`` on loopback, tests/support/s3_server.py; ``fs+s3``: both, every
 segment to each), a fresh standalone PostgreSQL 15 (initdb as its OS user, fsync on,
 ``shared_buffers=256MB``, ``max_wal_size=4GB``, ``archive_mode=on``, ``archive_command`` = the
-archiver's hand-over script) and the :class:`~hakeeper.backup.archiver.Archiver` -- the code the
+archiver's hand-over script) and the :class:`~hakeeper.backup.archive.archiver.Archiver` -- the code the
 agent runs -- in this process (``parallel`` 4 by default):
 
 1. **backlog**: archiving refused (``may_archive`` false) while ``pgbench -i -s SCALE`` loads
@@ -48,7 +48,7 @@ from typing import Any
 
 from bench.failover import machine_facts, make_base_dir, percentile
 from bench.switchover import write_section
-from hakeeper.backup.archiver import Archiver, archive_repository_config
+from hakeeper.backup.archive.archiver import Archiver, archive_repository_config
 from hakeeper.backup.repo import Repository
 from hakeeper.backup.repos import make_repository
 from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig

@@ -3,7 +3,7 @@
 While this node is the lease-holding primary, :class:`Heartbeat` upserts its row in
 ``hakeeper.heartbeat (node text primary key, ts timestamptz, term bigint)`` of the ``postgres``
 database every ``backup.heartbeat_interval`` seconds (creating the schema and table first).  So
-an idle primary still writes WAL, the archive RPO (hakeeper/backup/archiver.py) measures the age
+an idle primary still writes WAL, the archive RPO (hakeeper/backup/archive/rpo.py) measures the age
 of the newest durable *write* rather than of an idle segment, and a restore finds the newest
 restorable time in the table.
 

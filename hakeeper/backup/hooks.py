@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 
 from hakeeper.backup import seed
-from hakeeper.backup.archiver import Archiver, archive_repository_config
+from hakeeper.backup.archive.archiver import Archiver, archive_repository_config
 from hakeeper.backup.basebackup import Endpoint
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.heartbeat import Heartbeat

@@ -5,7 +5,7 @@
 Exit 0 only when the file is durable in every repository (an identical copy already there
 counts); 1 otherwise (PostgreSQL keeps the file and retries).  Different content under the same
 name is never overwritten: it is quarantined and the push fails.  This starts a Python process
-per segment; the agent's asynchronous archiver (:mod:`hakeeper.backup.archiver`) is the fast
+per segment; the agent's asynchronous archiver (:mod:`hakeeper.backup.archive`) is the fast
 path, this is the simple one (tests, tools, a node without an agent).
 """
 

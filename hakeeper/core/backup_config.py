@@ -161,7 +161,7 @@ class RepositoryConfig(_Strict):
 
 
 class ArchiveConfig(_Strict):
-    """Continuous WAL archiving by the agent (:mod:`hakeeper.backup.archiver`)."""
+    """Continuous WAL archiving by the agent (:mod:`hakeeper.backup.archive`)."""
 
     enabled: bool = Field(
         True, description="Archive WAL continuously to every repository (when there is at least one)."

@@ -4,7 +4,7 @@ real SeaweedFS.
 Two kinds of set-up:
 
 * a standalone primary (``hakeeper.pg.Postgres``) whose ``archive_command`` is the archiver's
-  hand-over script, with the :class:`~hakeeper.backup.archiver.Archiver` running in the test's
+  hand-over script, with the :class:`~hakeeper.backup.archive.archiver.Archiver` running in the test's
   event loop: completeness and byte equality, the duplicate policy through PostgreSQL, one
   repository down (SeaweedFS stopped) while the other goes on, and the pg_wal cap;
 * a 2-node hakeeper cluster (``running_cluster(backup=...)``): the agent's wiring, a switchover
@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from hakeeper.backup import layout
-from hakeeper.backup.archiver import Archiver
+from hakeeper.backup.archive.archiver import Archiver
+from hakeeper.backup.archive.metrics import latency_quantiles
 from hakeeper.backup.catalog import RestoreRefused
 from hakeeper.backup.errors import NotFound
 from hakeeper.backup.repo import FilesystemRepository, Repository
@@ -214,7 +215,7 @@ async def test_every_segment_reaches_every_repository_intact(primary: Primary, s
     st = a.status()
     assert st["last_error"] is None and st["pending_files"] == 0
     assert all(r["failures"] == 0 and r["up"] for r in st["repositories"])
-    lat = a.latency_quantiles((0.99,))["p99"]
+    lat = latency_quantiles(a.latencies, (0.99,))["p99"]
     assert lat is not None and lat < 2.0, lat
 
     # identical re-push (as after a crash between the copy and PostgreSQL's bookkeeping): success

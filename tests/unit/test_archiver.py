@@ -21,18 +21,11 @@ from typing import Any
 import pytest
 
 from hakeeper.backup import codec
-from hakeeper.backup.archiver import (
-    Archiver,
-    GapBook,
-    ReadyInfo,
-    SpoolQueue,
-    archive_order,
-    archive_repository_config,
-    backoff,
-    plan_give_up,
-    plan_queue_drops,
-    render_script,
-)
+from hakeeper.backup.archive.archiver import Archiver, archive_repository_config
+from hakeeper.backup.archive.command import render_script
+from hakeeper.backup.archive.gaps import GapBook
+from hakeeper.backup.archive.plan import ReadyInfo, archive_order, backoff, plan_give_up, plan_queue_drops
+from hakeeper.backup.archive.spool import SpoolQueue
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.backup.walfetch import (
     _cleanup,
@@ -446,9 +439,9 @@ async def test_nothing_is_pushed_while_refused_and_markers_are_withdrawn(rig2: R
 
 
 async def test_a_marker_postgresql_used_but_did_not_record_is_put_back(rig2: Rig, monkeypatch: Any) -> None:
-    import hakeeper.backup.archiver as archiver_mod
+    import hakeeper.backup.archive.command as command_mod
 
-    monkeypatch.setattr(archiver_mod, "MARKER_REWRITE_AFTER", 0.0)
+    monkeypatch.setattr(command_mod, "MARKER_REWRITE_AFTER", 0.0)
     rig2.ready(seg(1))
     await rig2.settle()
     (rig2.spool / "done" / seg(1)).unlink()  # script ran, then PostgreSQL crashed before .done
@@ -532,9 +525,9 @@ async def test_after_a_promotion_the_old_timelines_wal_is_checked_up_to_the_swit
     for _ in range(200):
         rig2.arch.tick()
         await asyncio.sleep(0.01)
-        if rig2.arch.switch_check is not None:
+        if rig2.arch.switch_check.report is not None:
             break
-    check = rig2.arch.switch_check
+    check = rig2.arch.switch_check.report
     assert check is not None and check["switch_lsn"] == "0/5000028"
     assert check["repositories"]["a"] == {"checked": True, "from": seg(2), "to": seg(4), "missing": 0}
     assert check["repositories"]["b"] == {
