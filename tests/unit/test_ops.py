@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage
 from hakeeper.core.config import DynamicConfig
-from hakeeper.ha.decide import switchover_live
 from hakeeper.ha.ops import merge_patch
+from hakeeper.ha.policy.switchover import switchover_live
 
 
 def test_merge_patch_merges_objects_and_null_deletes() -> None:

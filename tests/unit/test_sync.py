@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from hakeeper.core.cluster import SyncState
 from hakeeper.core.config import DynamicConfig
-from hakeeper.ha.decide import Action, assess, decide
+from hakeeper.ha.policy.candidates import assess
+from hakeeper.ha.policy.decide import Action, decide
 from hakeeper.ha.sync import Quorum, choose, quorum_step, quorum_transition_safe, sync_guc
-from tests.unit.test_decide import MB, local, primary, replica, view
+from tests.support.builders import MB, local, primary, replica, view
 
 SYNC = DynamicConfig(replication_mode="synchronous")
 

@@ -23,13 +23,14 @@ from typing import Any
 
 from hakeeper.core.cluster import (
     ClusterView,
-    Member,
     MemberRole,
     MemberState,
     Switchover,
     SwitchoverKind,
     SwitchoverStage,
 )
+from hakeeper.ha.policy.candidates import assess, rank
+from hakeeper.ha.policy.switchover import switchover_live, switchover_target
 
 
 class Action(StrEnum):
@@ -85,114 +86,6 @@ class Decision:
     facts: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    name: str
-    eligible: bool
-    reason: str | None
-    timeline: int
-    wal_lsn: int
-    priority: int
-
-
-RUNNING_STATES = frozenset({MemberState.RUNNING, MemberState.STREAMING, MemberState.IN_RECOVERY})
-
-
-def reference_lsn(view: ClusterView) -> int:
-    """The furthest WAL position the cluster is known to have reached on its newest timeline.
-
-    Positions on older timelines do not count: a former primary's WAL past the switch point has
-    diverged and says nothing about how far behind the current timeline's members are.
-    """
-    tl = view.max_timeline
-    lsns = [m.wal_lsn for m in view.members.values() if m.wal_lsn is not None and (m.timeline or 0) >= tl]
-    if view.status.lsn is not None and (view.status.timeline is None or view.status.timeline >= tl):
-        lsns.append(view.status.lsn)
-    return max(lsns, default=0)
-
-
-def assess(member: Member, view: ClusterView) -> Candidate:
-    """Can ``member`` be promoted, and if not, why not."""
-    tl = member.timeline or 0
-    lsn = member.wal_lsn or 0
-    reason: str | None = None
-    cfg = view.config
-    if member.state not in RUNNING_STATES:
-        reason = f"postgres is not running (state {member.state})"
-    elif member.nofailover:
-        reason = "tagged nofailover"
-    elif member.failover_priority <= 0:
-        reason = "failover_priority is 0"
-    elif member.timeline is None or member.wal_lsn is None:
-        reason = "WAL position unknown"
-    elif tl < view.max_timeline:
-        reason = f"timeline {tl} is behind the cluster's timeline {view.max_timeline}"
-    elif (refusal := sync_refusal(member, view)) is not None:
-        reason = refusal
-    else:
-        lag = max(0, reference_lsn(view) - lsn)
-        if lag > cfg.maximum_lag_on_failover:
-            reason = f"lag {lag} bytes exceeds maximum_lag_on_failover {cfg.maximum_lag_on_failover}"
-    return Candidate(member.name, reason is None, reason, tl, lsn, member.failover_priority)
-
-
-def _position(m: Member) -> tuple[int, int]:
-    return (m.timeline or 0, m.wal_lsn or 0)
-
-
-def sync_refusal(member: Member, view: ClusterView) -> str | None:
-    """Synchronous and quorum modes: why promoting ``member`` could lose an acknowledged commit
-    according to the ``sync`` key (``hakeeper/ha/sync.py``), or None."""
-    sync = view.sync
-    if view.config.replication_mode == "async" or sync is None or not sync.members:
-        return None  # an empty key: the leader ran without waiting for anyone
-    if member.name == sync.leader:
-        return None  # the old primary itself has every commit it acknowledged
-    voters = ", ".join(sync.members)
-    if member.name not in sync.members:
-        if sync.is_quorum:
-            return f"not a quorum voter (voters: {voters}); promoting it could lose acknowledged writes"
-        return f"not a synchronous standby (sync set: {voters}); promoting it could lose acknowledged writes"
-    sw = view.switchover
-    handed_over = sw is not None and sw.stage == SwitchoverStage.HANDOVER and sw.candidate == member.name
-    if not sync.is_quorum or view.leader is not None or handed_over:
-        # FIRST: every member has every commit.  A switchover (with a leader) hands over only
-        # once the candidate has received the old primary's last WAL.
-        return None
-    # Quorum, leader gone: every acknowledged commit is on `quorum` voters, so any `need` of them
-    # include one that has it, and the most advanced of those has them all.  Only positions read
-    # after the leader key disappeared count (the old primary had stopped by then).
-    need = len(sync.members) - sync.quorum + 1
-    present = [view.members[n] for n in sync.members if n in view.members]
-    usable = [m for m in present if m.timeline is not None and m.wal_lsn is not None]
-    reached = [m for m in usable if m.leaderless]
-    if len(reached) < need:
-        waiting = sorted(m.name for m in usable if not m.leaderless)
-        if len(reached) + len(waiting) >= need:
-            return f"waiting for quorum voters {', '.join(waiting)} to report their WAL position"
-        names = ", ".join(sorted(m.name for m in reached)) or "none"
-        return (
-            f"only {len(reached)} of {len(sync.members)} quorum voters reachable ({names}); "
-            f"{need} needed (quorum {sync.quorum}); promoting could lose acknowledged writes"
-        )
-    if member.name not in {m.name for m in reached}:
-        return "WAL position not reported since the leader was lost"
-    best = max(reached, key=_position)
-    if _position(member) < _position(best):
-        return (
-            f"quorum voter {best.name} is further ahead (timeline {best.timeline}, lsn {best.wal_lsn}); "
-            "promoting us could lose acknowledged writes"
-        )
-    return None
-
-
-def rank(view: ClusterView) -> list[Candidate]:
-    """Eligible candidates, best first: higher timeline, higher LSN, higher priority, then name."""
-    cands = [c for c in (assess(m, view) for m in view.members.values()) if c.eligible]
-    cands.sort(key=lambda c: (-c.timeline, -c.wal_lsn, -c.priority, c.name))
-    return cands
-
-
 def _manual_candidate(view: ClusterView, local: LocalFacts, sw: Switchover) -> Decision:
     """No leader and a switchover hand-over or manual failover names a candidate: only it may
     campaign (whatever the automatic ranking says); everyone else waits for it."""
@@ -239,45 +132,6 @@ def _campaign_or_wait(view: ClusterView, local: LocalFacts) -> Decision:
         f"{best.name} is a better candidate (timeline {best.timeline}, lsn {best.wal_lsn})",
         facts=facts,
     )
-
-
-def switchover_live(sw: Switchover, view: ClusterView, now: float) -> bool:
-    """False once a request has waited longer than ``switchover_timeout`` since it was due (or
-    since the handover began): it is then abandoned and normal elections resume."""
-    start = sw.handover_at or sw.scheduled_at or sw.requested_at
-    return now - start <= view.config.switchover_timeout
-
-
-def switchover_target(view: ClusterView, sw: Switchover, leader: str) -> tuple[str | None, str | None]:
-    """(candidate, None) or (None, why the request cannot be carried out)."""
-    if sw.candidate is not None:
-        m = view.members.get(sw.candidate)
-        if m is None:
-            return None, f"candidate {sw.candidate} is not a member"
-        if sw.candidate == leader:
-            return None, f"candidate {sw.candidate} is already the leader"
-        c = assess(m, view)
-        if not c.eligible and not sw.force:
-            return None, f"candidate {sw.candidate} is not eligible: {c.reason}"
-        # assess() already keeps non-sync members out once the sync set is non-empty; a planned
-        # switchover in synchronous (quorum) mode also refuses them while the set is forming.
-        mode = view.config.replication_mode
-        if (
-            sw.kind == SwitchoverKind.SWITCHOVER
-            and mode != "async"
-            and view.sync is not None
-            and sw.candidate not in view.sync.members
-            and not sw.force
-        ):
-            what = "quorum voter" if mode == "quorum" else "synchronous standby"
-            return None, f"candidate {sw.candidate} is not a {what}"
-        if m.state != MemberState.STREAMING and not sw.force:
-            return None, f"candidate {sw.candidate} is not streaming (state {m.state})"
-        return sw.candidate, None
-    best = [c for c in rank(view) if c.name != leader and view.members[c.name].state == MemberState.STREAMING]
-    if not best:
-        return None, "no healthy streaming replica within maximum_lag_on_failover"
-    return best[0].name, None
 
 
 def decide(view: ClusterView, local: LocalFacts) -> Decision:
