@@ -1,5 +1,6 @@
-"""Synchronous and quorum replication: GUC rendering, candidate choice, what decide() allows, and
-the quorum safety test and planner against a brute-force definition."""
+"""Synchronous and quorum replication: GUC rendering, candidate choice, and the quorum safety test
+and planner against a brute-force definition.  (What decide() allows in these modes: the CASES of
+tests/unit/ha/test_decide.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ from hypothesis import strategies as st
 
 from hakeeper.core.cluster import SyncState
 from hakeeper.core.config import DynamicConfig
-from hakeeper.ha.policy.candidates import assess
-from hakeeper.ha.policy.decide import Action, decide
 from hakeeper.ha.sync import Quorum, choose, quorum_step, quorum_transition_safe, sync_guc
-from tests.support.builders import MB, local, primary, replica, view
+from tests.support.builders import MB, primary, replica, view
 
 SYNC = DynamicConfig(replication_mode="synchronous")
 
@@ -48,48 +47,6 @@ def test_choose_prefers_sync_priority_then_lag_and_skips_nosync_and_laggards() -
         config=cfg,
     )
     assert choose(v, {"b", "c", "d", "e", "f"}, "a") == ["d", "c", "b"]
-
-
-def test_only_sync_set_members_are_promoted_automatically() -> None:
-    sync = SyncState("a", ("c",), term=42)
-    v = view(replica("b", lsn=100 * MB + 100), replica("c"), config=SYNC, sync=sync)
-    assert "not a synchronous standby" in (assess(v.members["b"], v).reason or "")
-    assert decide(v, local("c", streaming_from=None)).action == Action.CAMPAIGN
-    d = decide(v, local("b", streaming_from=None, leaderless_for=600))
-    assert d.action == Action.WAIT and "could lose acknowledged writes" in d.why
-
-
-def test_primary_and_sync_standby_lost_together_refuses_to_promote() -> None:
-    sync = SyncState("a", ("c",), term=42)
-    v = view(replica("b"), config=SYNC, sync=sync)  # a and c are gone
-    d = decide(v, local("b", streaming_from=None, leaderless_for=3600))
-    assert d.action == Action.WAIT and "not a synchronous standby" in d.why
-
-
-def test_empty_sync_set_means_the_primary_ran_async_so_any_caught_up_replica_may_win() -> None:
-    v = view(replica("b"), replica("c"), config=SYNC, sync=SyncState("a", (), term=42))
-    assert decide(v, local("b", streaming_from=None)).action == Action.CAMPAIGN
-
-
-def test_replicas_detach_from_a_leaderless_primary_before_the_election_in_sync_mode() -> None:
-    v = view(replica("b"), replica("c"), config=SYNC, sync=SyncState("a", ("b",), term=42))
-    assert decide(v, local("b", streaming_from="127.0.0.1:5432")).action == Action.DETACH
-    async_view = view(replica("b"), replica("c"))
-    assert decide(async_view, local("b", streaming_from="127.0.0.1:5432")).action == Action.CAMPAIGN
-
-
-def test_switchover_in_sync_mode_goes_to_a_sync_standby_only() -> None:
-    from hakeeper.core.cluster import Switchover, SwitchoverKind
-
-    sync = SyncState("a", ("c",), term=42)
-    req = Switchover(SwitchoverKind.SWITCHOVER, "a", "b", requested_at=0.0)
-    v = view(primary("a"), replica("b"), replica("c"), leader="a", config=SYNC, sync=sync, switchover=req)
-    d = decide(v, local("a", in_recovery=False, now=1.0))
-    assert d.action == Action.REJECT_SWITCHOVER and "not a synchronous standby" in d.why
-    anyone = Switchover(SwitchoverKind.SWITCHOVER, "a", None, requested_at=0.0)
-    v = view(primary("a"), replica("b"), replica("c"), leader="a", config=SYNC, sync=sync, switchover=anyone)
-    d = decide(v, local("a", in_recovery=False, now=1.0))
-    assert (d.action, d.target) == (Action.SWITCHOVER, "c")
 
 
 # -- quorum mode: the GUC, the safety test, the planner -------------------------------------------------
