@@ -6,7 +6,7 @@ or a manual failover names the one member that may campaign.
 
 from __future__ import annotations
 
-from hakeeper.core.cluster import ClusterView, MemberState, Switchover, SwitchoverKind
+from hakeeper.core.cluster import ClusterView, MemberState, Switchover, SwitchoverKind, SwitchoverStage
 from hakeeper.ha.policy.candidates import assess, rank
 
 
@@ -47,3 +47,17 @@ def switchover_target(view: ClusterView, sw: Switchover, leader: str) -> tuple[s
     if not best:
         return None, "no healthy streaming replica within maximum_lag_on_failover"
     return best[0].name, None
+
+
+def manual_request(view: ClusterView, now: float) -> Switchover | None:
+    """With no leader: the live hand-over or manual failover request that names the one member
+    allowed to campaign (whatever the automatic ranking says), or None."""
+    sw = view.switchover
+    if (
+        sw is not None
+        and sw.candidate is not None
+        and (sw.stage == SwitchoverStage.HANDOVER or sw.kind == SwitchoverKind.FAILOVER)
+        and switchover_live(sw, view, now)
+    ):
+        return sw
+    return None

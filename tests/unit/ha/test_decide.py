@@ -7,6 +7,7 @@ logs (operators and tests grep for those sentences, so a change to one shows up 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import pytest
@@ -26,8 +27,20 @@ from hakeeper.core.cluster import (
 )
 from hakeeper.core.config import DynamicConfig
 from hakeeper.ha.policy.candidates import assess, rank
-from hakeeper.ha.policy.decide import Action, LocalFacts, decide
-from tests.support.builders import MB, local, primary, replica, view
+from hakeeper.ha.policy.decide import (
+    ACTIONS,
+    ELECTION,
+    RULES,
+    STALE_VIEW_WHY,
+    Action,
+    Ctx,
+    Decision,
+    LocalFacts,
+    Rule,
+    decide,
+    first_match,
+)
+from tests.support.builders import MB, SYSID, local, primary, replica, view
 
 NOW = 1_800_000_000.0
 SYNC = DynamicConfig(replication_mode="synchronous")
@@ -60,6 +73,7 @@ class Case:
     why: str  # exactly what the agent logs
     target: str | None = None
     why_has: tuple[str, ...] = ()  # the fragments operators and older tests grep for
+    facts: Mapping[str, object] | None = None  # checked when given
 
 
 # Views shared by several rows.
@@ -131,6 +145,7 @@ CASES = [
         Action.WAIT,
         why="data directory belongs to another cluster; refusing to touch it",
         why_has=("another cluster",),
+        facts={"ours": "999", "cluster": SYSID},
     ),
     # -- we hold the leader key --------------------------------------------------------------------
     Case(
@@ -153,6 +168,7 @@ CASES = [
         local("a", pg_running=False, in_recovery=None, pg_down_for=3),
         Action.START_PRIMARY,
         why="postgres is down on the leader; restarting it in place",
+        facts={"down_for": 3, "primary_start_timeout": 30},
     ),
     Case(
         "leader, postgres down past primary_start_timeout: release the key",
@@ -229,6 +245,7 @@ CASES = [
         local("b"),
         Action.CAMPAIGN,
         why="no leader and we are the best candidate",
+        facts={"position": 0, "best": "b", "timeline": 1, "wal_lsn": 100 * MB},
     ),
     Case(
         "least caught-up replica waits",
@@ -260,6 +277,7 @@ CASES = [
         Action.WAIT,
         why="not a failover candidate: tagged nofailover",
         why_has=("nofailover",),
+        facts={"reason": "tagged nofailover"},
     ),
     Case(
         "nofailover: the next one campaigns",
@@ -728,6 +746,134 @@ CASES = [
         why="switchover requested",
         target="c",
     ),
+    # -- rows no older test reached ----------------------------------------------------------------
+    Case(
+        "no data directory but the leader key names us: give it up",
+        view(primary("b"), leader="a"),
+        local("a", data_initialized=False, pg_running=False),
+        Action.RELEASE,
+        why="we hold the leader key but have no data directory",
+    ),
+    Case(
+        "no data directory, running leader, paused: no clone",
+        view(primary("a"), leader="a", config=_PAUSED),
+        local("b", data_initialized=False, pg_running=False),
+        Action.WAIT,
+        why="paused: not cloning",
+    ),
+    Case(
+        "leader sees a hand-over it did not make: drop it",
+        view(
+            primary("a"),
+            replica("b"),
+            leader="a",
+            switchover=sw(candidate="b", stage=SwitchoverStage.HANDOVER, handover_at=NOW),
+        ),
+        local("a", in_recovery=False, now=NOW),
+        Action.REJECT_SWITCHOVER,
+        why="stale request: we lead and did not hand over",
+    ),
+    Case(
+        "leader sees a request addressed to another leader: drop it",
+        view(primary("a"), replica("b"), leader="a", switchover=sw(candidate="b", leader="c")),
+        local("a", in_recovery=False, now=NOW),
+        Action.REJECT_SWITCHOVER,
+        why="stale request: we lead and did not hand over",
+    ),
+    Case(
+        "rewind needed but the leader does not run yet: wait",
+        view(replace(primary("b", tl=2), state=MemberState.STARTING), leader="b"),
+        local("a", pg_running=False, needs_rewind=True),
+        Action.WAIT,
+        why="need a rewind but leader b is not running yet",
+    ),
+    Case(
+        "nobody leads, postgres down, paused: not started",
+        view(replica("b"), config=_PAUSED),
+        local("a", pg_running=False),
+        Action.WAIT,
+        why="paused: not starting postgres",
+    ),
+    Case(
+        "manual failover to us before our member key is published: wait",
+        view(replica("b"), switchover=sw(kind=SwitchoverKind.FAILOVER, leader=None, candidate="a")),
+        local("a", now=NOW),
+        Action.WAIT,
+        why="our member key is not published yet",
+    ),
+    Case(
+        "no leader and our member key not published yet: wait",
+        view(replica("b")),
+        local("a"),
+        Action.WAIT,
+        why="our member key is not published yet",
+    ),
+    # -- etcd unreachable: decide on the last view, act only where that is safe ---------------------
+    Case(
+        "etcd unreachable: the best candidate does not campaign",
+        _THREE,
+        local("b", etcd_reachable=False),
+        Action.WAIT,
+        why="etcd unreachable; not acting on 'campaign'",
+    ),
+    Case(
+        "etcd unreachable: the leader does not lead on a stale view",
+        view(primary("a"), replica("b"), leader="a"),
+        local("a", in_recovery=False, etcd_reachable=False),
+        Action.WAIT,
+        why="etcd unreachable; not acting on 'lead'",
+    ),
+    Case(
+        "etcd unreachable: no promotion",
+        view(replica("a"), replica("b"), leader="a"),
+        local("a", etcd_reachable=False),
+        Action.WAIT,
+        why="etcd unreachable; not acting on 'promote'",
+    ),
+    Case(
+        "etcd unreachable: no restart of the leader's postgres read-write",
+        view(primary("a"), replica("b"), leader="a"),
+        local("a", pg_running=False, in_recovery=None, pg_down_for=3, etcd_reachable=False),
+        Action.WAIT,
+        why="etcd unreachable; not acting on 'start_primary'",
+    ),
+    Case(
+        "etcd unreachable: no rewind",
+        view(primary("b", tl=2), leader="b"),
+        local("a", pg_running=False, needs_rewind=True, etcd_reachable=False),
+        Action.WAIT,
+        why="etcd unreachable; not acting on 'rewind'",
+    ),
+    Case(
+        "etcd unreachable: the leader without a confirmed lease still goes read-only",
+        _LEASE_UNCONFIRMED,
+        local("a", pg_running=False, lease_valid=False, etcd_reachable=False),
+        Action.START_REPLICA,
+        why="leader lease could not be confirmed; serving read-only until it is",
+    ),
+    Case(
+        "etcd unreachable: a writable node without the key still demotes",
+        view(primary("b", tl=2), replica("a"), leader="b"),
+        local("a", in_recovery=False, etcd_reachable=False),
+        Action.DEMOTE,
+        why="b holds the leader key",
+        target="b",
+    ),
+    Case(
+        "etcd unreachable: a replica keeps following",
+        view(primary("b"), replica("a"), leader="b"),
+        local("a", etcd_reachable=False),
+        Action.FOLLOW,
+        why="following b",
+        target="b",
+    ),
+    Case(
+        "etcd unreachable: a waiting replica keeps its reason",
+        _THREE,
+        local("c", etcd_reachable=False),
+        Action.WAIT,
+        why="b is a better candidate (timeline 1, lsn 104857600)",
+    ),
 ]
 
 
@@ -737,10 +883,70 @@ def test_decide(case: Case) -> None:
     assert (d.action, d.target, d.why) == (case.action, case.target, case.why)
     for fragment in case.why_has:
         assert fragment in d.why
+    if case.facts is not None:
+        assert dict(d.facts) == case.facts
 
 
 def test_case_names_are_unique() -> None:
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+# -- the tables themselves ---------------------------------------------------------------------------
+
+
+def test_every_rule_is_reached_by_a_case() -> None:
+    reached = {first_match(RULES, Ctx(c.view, c.local)).situation for c in CASES}
+    assert [r.situation for r in RULES if r.situation not in reached] == []
+
+
+def test_rule_situations_are_unique_and_the_tables_end_with_a_catch_all() -> None:
+    assert len({r.situation for r in RULES}) == len(RULES)
+    assert RULES[-len(ELECTION) :] == ELECTION
+    anything = Ctx(ClusterView(), local("x"))
+    assert RULES[-1].when(anything) and ELECTION[-1].when(anything)
+
+
+@pytest.mark.parametrize("action", list(Action))
+def test_every_action_has_a_row(action: Action) -> None:
+    assert action in ACTIONS
+    assert ACTIONS[action].doc
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r.situation for r in RULES])
+def test_every_rule_names_a_known_action_and_a_fixed_or_filled_why(rule: Rule) -> None:
+    assert rule.action in Action and rule.action in ACTIONS
+    if rule.fields is None:  # logged as written: no placeholder left unfilled
+        assert "{" not in rule.why and "}" not in rule.why
+
+
+def test_every_action_decide_returns_in_the_table_has_a_row() -> None:
+    returned = {decide(c.view, c.local).action for c in CASES}
+    assert returned <= set(ACTIONS)
+    assert set(Action) - returned == set()  # and the cases reach every action
+
+
+def test_action_flags_are_consistent() -> None:
+    for action, spec in ACTIONS.items():
+        # A stale view never makes PostgreSQL writable ...
+        assert not (spec.makes_writable and spec.safe_without_etcd), action
+        # ... and whatever confirms the lease first is about to go (or stay) read-write.
+        assert spec.makes_writable or not spec.fresh_lease, action
+    writable = {a for a, s in ACTIONS.items() if s.makes_writable}
+    assert writable == {
+        Action.INITIALIZE,
+        Action.CAMPAIGN,
+        Action.PROMOTE,
+        Action.LEAD,
+        Action.TAKEOVER,
+        Action.START_PRIMARY,
+    }
+    assert {a for a, s in ACTIONS.items() if s.fresh_lease} == writable - {Action.LEAD}
+    assert {a for a, s in ACTIONS.items() if s.safe_without_etcd} == {
+        Action.WAIT,
+        Action.START_REPLICA,
+        Action.FOLLOW,
+        Action.DEMOTE,
+    }
 
 
 @pytest.mark.parametrize("action", list(Action))
@@ -893,3 +1099,49 @@ def test_only_the_lease_holder_is_told_to_run_read_write(
         assert d.action == Action.DEMOTE
     if lf.writable and leader is None:
         assert d.action in (Action.CAMPAIGN, Action.DEMOTE)
+
+
+@given(
+    ms=members(),
+    leader=st.one_of(st.none(), st.sampled_from(NAMES)),
+    me=st.sampled_from(NAMES),
+    data_initialized=st.booleans(),
+    running=st.booleans(),
+    in_recovery=st.booleans(),
+    lease_valid=st.booleans(),
+    needs_rewind=st.booleans(),
+    paused=st.booleans(),
+    mode=st.sampled_from(["async", "synchronous", "quorum"]),
+)
+def test_a_stale_view_only_leads_to_actions_safe_without_etcd(
+    ms: list[Member],
+    leader: str | None,
+    me: str,
+    data_initialized: bool,
+    running: bool,
+    in_recovery: bool,
+    lease_valid: bool,
+    needs_rewind: bool,
+    paused: bool,
+    mode: str,
+) -> None:
+    cfg = DynamicConfig(pause=paused, replication_mode=mode)  # type: ignore[arg-type]
+    v = view(*ms, leader=leader, config=cfg)
+    lf = local(
+        me,
+        data_initialized=data_initialized,
+        pg_running=running,
+        in_recovery=in_recovery if running else None,
+        lease_valid=lease_valid,
+        needs_rewind=needs_rewind,
+        streaming_from="127.0.0.1:5432" if running and in_recovery else None,
+    )
+    fresh = decide(v, lf)
+    stale = decide(v, replace(lf, etcd_reachable=False))
+    assert fresh.action in ACTIONS and stale.action in ACTIONS  # whatever decide returns has a row
+    assert ACTIONS[stale.action].safe_without_etcd
+    if ACTIONS[fresh.action].safe_without_etcd:
+        assert stale == fresh
+    else:
+        assert stale == Decision(Action.WAIT, STALE_VIEW_WHY.format(action=fresh.action))
+        assert stale.why == f"etcd unreachable; not acting on '{fresh.action.value}'"
