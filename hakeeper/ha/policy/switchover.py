@@ -1,10 +1,13 @@
 """Switchover and manual failover requests: still live?  to whom?
 
 The leader carries out a planned switchover (``Action.SWITCHOVER``); with no leader, a hand-over
-or a manual failover names the one member that may campaign.
+or a manual failover names the one member that may campaign.  ``plan_handover_result`` is the
+pure twin of the hand-over executor's last choice (``hakeeper/ha/switchover.py``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from hakeeper.core.cluster import ClusterView, MemberState, Switchover, SwitchoverKind, SwitchoverStage
 from hakeeper.ha.policy.candidates import assess, rank
@@ -61,3 +64,29 @@ def manual_request(view: ClusterView, now: float) -> Switchover | None:
     ):
         return sw
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverPlan:
+    """What the old primary does once it has stopped and waited for the candidate."""
+
+    hand_over: bool  # release the leader key to the candidate; else drop the request
+    needs_rewind: bool  # after handing over: our WAL may have diverged, pg_rewind before following
+    abort_reason: str | None = None  # why we do not hand over (logged with switchover_aborted)
+
+
+# The sentence logged when a hand-over is abandoned.
+NOT_CAUGHT_UP = "candidate did not receive our final WAL in time; restarting as primary"
+
+
+def plan_handover_result(caught_up: bool, force: bool) -> HandoverPlan:
+    """After stopping writes: did the candidate receive our shutdown checkpoint (``caught_up``)?
+
+    Not caught up and not forced: abort, so nothing acknowledged can be lost; we still hold the
+    key with PostgreSQL down, so the next cycle restarts it in place.  Otherwise hand over; a
+    forced hand-over to a candidate that missed some of our WAL leaves us diverged, so we rewind
+    before following it.
+    """
+    if not caught_up and not force:
+        return HandoverPlan(hand_over=False, needs_rewind=False, abort_reason=NOT_CAUGHT_UP)
+    return HandoverPlan(hand_over=True, needs_rewind=not caught_up)
