@@ -48,7 +48,7 @@ from hakeeper.cli.cluster_cmds import (
 from hakeeper.core.cluster import ClusterView, Member, MemberRole, MemberState
 from hakeeper.core.config import ConfigError, NodeConfig, parse_dynamic_config, parse_user_time
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
-from hakeeper.ha.decide import switchover_live
+from hakeeper.ha.policy.switchover import switchover_live
 
 TOKEN_ENV = "HAKEEPER_API_TOKEN"
 

@@ -5,7 +5,7 @@ into a :class:`ClusterView` (the key layout itself is :mod:`hakeeper.core.keys`)
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -182,6 +182,12 @@ class SyncState:
             return cls(str(d["leader"]), members, int(d["term"]), quorum, mod_revision)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def guc_quorum(names: Collection[str], quorum: int) -> int:
+    """The k the GUC waits for: ``quorum`` if it is 1..len(names), else all of them (0 = FIRST
+    mode's "every name", which quorum mode reads as ANY len(names), the same rule)."""
+    return quorum if 1 <= quorum <= len(names) else len(names)
 
 
 class SwitchoverKind(StrEnum):

@@ -17,17 +17,14 @@ from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.mirror import PrefixMirror
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.table import STEPS
-from hakeeper.ha.decide import Action, Decision, LocalFacts, decide
+from hakeeper.ha.policy.decide import decide
+from hakeeper.ha.policy.decision import Action, Decision, LocalFacts
 from hakeeper.ha.policy.observe import Identity, member_record, observe, publish_due, routine_only
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed
 
 log = get_logger("hakeeper.loop")
-
-# What the agent may still do on a stale view while etcd is unreachable: nothing that could make
-# PostgreSQL writable or change etcd.
-SAFE_WITHOUT_ETCD = frozenset({Action.WAIT, Action.START_REPLICA, Action.FOLLOW, Action.DEMOTE})
 
 
 class HaLoop:
@@ -98,12 +95,9 @@ class HaLoop:
             log.info("ha_waiting", reason="no etcd view yet (etcd unreachable?)")
             return
         self._take_view(view)
-        facts = await self.observe(view)
+        facts = await self.observe(view, etcd_reachable=not stale)
         view = await self.publish(view)
         decision = decide(view, facts)
-        if stale and decision.action not in SAFE_WITHOUT_ETCD:
-            # etcd is unreachable: act only locally in ways that never make PostgreSQL writable
-            decision = Decision(Action.WAIT, f"etcd unreachable; not acting on '{decision.action}'")
         self._log_decision(decision, facts)
         await STEPS[decision.action](self.ctx, view, facts, decision)
         if decision.action in (Action.LEAD, Action.FOLLOW) and not stale:
@@ -121,8 +115,9 @@ class HaLoop:
         lease.interval = dyn.keepalive_interval
         lease.margin = dyn.fence_margin
 
-    async def observe(self, view: ClusterView) -> LocalFacts:
-        """Probe PostgreSQL and advance this node's clocks: the facts decide() needs."""
+    async def observe(self, view: ClusterView, *, etcd_reachable: bool = True) -> LocalFacts:
+        """Probe PostgreSQL and advance this node's clocks: the facts decide() needs
+        (``etcd_reachable`` False: ``view`` is the last one read before etcd went away)."""
         ctx, st = self.ctx, self.ctx.state
         now = time.monotonic()
         probe = await ctx.pg.probe(timeout=2.0)
@@ -159,6 +154,7 @@ class HaLoop:
             nofailover=tags.nofailover,
             failover_priority=tags.failover_priority,
             now=time.time(),
+            etcd_reachable=etcd_reachable,
         )
 
     async def _system_identifier(self) -> str | None:

@@ -14,7 +14,7 @@ from hakeeper.core.pgtypes import Role
 from hakeeper.ha.actions import replica
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.leader import start_as_primary
-from hakeeper.ha.decide import Action, Decision, LocalFacts
+from hakeeper.ha.policy.decision import Action, Decision, LocalFacts
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed

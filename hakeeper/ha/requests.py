@@ -20,7 +20,8 @@ from hakeeper.core.config import ConfigError, DynamicConfig, parse_dynamic_confi
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.store import ClusterStore
-from hakeeper.ha.decide import assess, switchover_live, switchover_target
+from hakeeper.ha.policy.candidates import assess
+from hakeeper.ha.policy.switchover import switchover_live, switchover_target
 
 
 async def read_view(store: ClusterStore, fallback: DynamicConfig | None = None) -> ClusterView:

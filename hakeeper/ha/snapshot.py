@@ -11,7 +11,7 @@ from typing import Any
 
 from hakeeper.core.cluster import ClusterView, Member, MemberState
 from hakeeper.core.pgtypes import LocalState
-from hakeeper.ha.decide import Decision
+from hakeeper.ha.policy.decision import Decision
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from hakeeper.core.cluster import ClusterView, Member, MemberState
 from hakeeper.core.config import DynamicConfig
 from hakeeper.core.pgtypes import LocalState, Upstream
-from hakeeper.ha.decide import Decision
+from hakeeper.ha.policy.decision import Decision
 from hakeeper.ha.policy.observe import Clocks
 
 

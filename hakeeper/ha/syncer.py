@@ -1,5 +1,5 @@
 """SyncManager: the leader's synchronous replication state and its I/O (etcd ``sync`` key,
-``synchronous_standby_names``).  The rules and their proof are in :mod:`hakeeper.ha.sync`; this
+``synchronous_standby_names``).  The rules and their proof are in :mod:`hakeeper.ha.policy.sync`; this
 class carries them out one step per HA cycle."""
 
 from __future__ import annotations
@@ -12,8 +12,18 @@ from hakeeper.core.config import DynamicConfig
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.core.pgtypes import LocalState
 from hakeeper.dcs.store import ClusterStore
+from hakeeper.ha.policy.sync import (
+    RELOAD_SETTLE,
+    FirstStep,
+    Quorum,
+    choose,
+    first_step,
+    guc_quorum,
+    quorum_step,
+    quorum_target,
+)
 from hakeeper.ha.state import NodeState
-from hakeeper.ha.sync import RELOAD_SETTLE, Quorum, choose, guc_quorum, quorum_step, quorum_target, sync_guc
+from hakeeper.pg.conf import sync_guc
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
 from hakeeper.util.log import get_logger
@@ -72,7 +82,7 @@ class SyncManager:
 
     async def manage(self, view: ClusterView, term: int) -> None:
         """One step towards the sync set this leader's healthy standbys allow (module docstring of
-        hakeeper.ha.sync)."""
+        hakeeper.ha.policy.sync)."""
         dyn = view.config
         if dyn.replication_mode == "async":
             if view.sync is not None:
@@ -105,48 +115,27 @@ class SyncManager:
                 log.info("sync_set_started", term=term)
             key = ()
 
-        # 1. Remove unhealthy members: the key first, then the GUC.
-        bad = tuple(n for n in key if n not in healthy)
-        if bad:
-            keep = tuple(n for n in key if n not in bad)
-            if not await self._write_key(term, keep):
-                return
-            self.names = tuple(n for n in self.names if n not in bad)
-            log.warning("sync_standby_removed", standbys=list(bad), sync_set=list(keep))
-            return  # the GUC follows in apply_changes right after this cycle
-        # A standby in the GUC but not the key that became unhealthy: just drop it from the GUC.
-        stale = tuple(n for n in self.names if n not in key and n not in healthy)
-        if stale:
-            self.names = tuple(n for n in self.names if n not in stale)
-            self.pending = None
-            return
+        step = first_step(key, self.names, self.pending, healthy, st.replication, dyn.synchronous_node_count)
+        await self._carry_out(step, view, term)
 
-        # 2. Add a standby while the set is short: the GUC first, then (once it acks) the key.
-        if len(key) >= dyn.synchronous_node_count:
-            self.names = key
+    async def _carry_out(self, step: FirstStep, view: ClusterView, term: int) -> None:
+        """One FIRST-mode step, in the order :class:`FirstStep` prescribes."""
+        if step.key is not None and not await self._write_key(term, step.key):
             return
-        pending = self.pending
-        if pending is not None and pending[0] in healthy and pending[0] in self.names:
-            name, need = pending
-            row = next((r for r in st.replication if r.application_name == name), None)
-            if row is not None and row.sync_state == "sync" and (row.flush_lsn or 0) >= need:
-                if await self._write_key(term, (*key, name)):
-                    self.pending = None
-                    log.info("sync_standby_added", standby=name, sync_set=[*key, name])
-            return
-        candidates = [n for n in healthy if n not in key]
-        if not candidates:
-            self.names = key
+        if step.names is not None:
+            self.names = step.names
+        if step.clear_pending:
             self.pending = None
-            return
-        name = candidates[0]
-        self.names = (*key, name)
-        await self.apply(view.config)  # reload now, then note where WAL stands
-        lsn = await self._current_lsn()
-        if lsn is None:
-            return
-        self.pending = (name, lsn)
-        log.info("sync_standby_joining", standby=name, must_flush=lsn)
+        facts = dict(step.facts)
+        if step.join is not None:
+            await self.apply(view.config)  # reload now, then note where WAL stands
+            lsn = await self._current_lsn()
+            if lsn is None:
+                return
+            self.pending = (step.join, lsn)
+            facts["must_flush"] = lsn
+        if step.event is not None:
+            (log.warning if step.level == "warning" else log.info)(step.event, **facts)
 
     async def _manage_quorum(self, view: ClusterView, term: int, st: LocalState, healthy: list[str]) -> None:
         """One step of quorum_step per cycle (see the module docstring)."""

@@ -18,7 +18,8 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from hakeeper.core.config import AGENT_OWNED_PARAMETERS, ParamValue
+from hakeeper.core.cluster import guc_quorum
+from hakeeper.core.config import AGENT_OWNED_PARAMETERS, DynamicConfig, ParamValue
 
 HEADER = (
     "# This file is managed by hakeeper, edits are overwritten.\n"
@@ -78,6 +79,24 @@ def render_postgresql_conf(params: Mapping[str, ParamValue]) -> str:
     for name, value in params.items():
         lines.append(f"{check_param_name(name)} = {quote_conf_value(value)}\n")
     return "".join(lines)
+
+
+def sync_guc(dyn: DynamicConfig, names: tuple[str, ...], quorum: int = 0, guard: bool = False) -> str:
+    """``synchronous_standby_names`` for ``names``.  With no names: ``'*'`` (commits wait for any
+    standby) under ``synchronous_strict`` or while a new primary's ``guard`` lasts, else ``''``.
+
+    Synchronous mode: ``FIRST n (all n names)``, every commit waits for every one of them.
+    Quorum mode: ``ANY k (names)`` with k = ``quorum`` clamped to 1..len(names).  Names are
+    double-quoted (a quote doubled), so any application_name is taken literally.
+    """
+    if dyn.replication_mode == "async":
+        return ""
+    if names:
+        quoted = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
+        if dyn.replication_mode == "quorum":
+            return f"ANY {guc_quorum(names, quorum)} ({quoted})"
+        return f"FIRST {len(names)} ({quoted})"
+    return "*" if dyn.synchronous_strict or guard else ""
 
 
 def build_conninfo(**kw: str | int | None) -> str:

@@ -44,9 +44,9 @@ from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.actions import handover
 from hakeeper.ha.actions import replica as replica_actions
 from hakeeper.ha.actions.context import Ctx
-from hakeeper.ha.decide import LocalFacts
 from hakeeper.ha.fence import FenceClient, FenceState
 from hakeeper.ha.guard import FENCE_POLL
+from hakeeper.ha.policy.decision import LocalFacts
 from hakeeper.node import Node
 from hakeeper.pg import rewind as pg_rewind
 from hakeeper.pg.errors import PgError

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
-from hakeeper.core.config import AGENT_OWNED_PARAMETERS, PostgresConfig
+from hakeeper.core.config import AGENT_OWNED_PARAMETERS, DynamicConfig, PostgresConfig
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.conf import (
     build_conninfo,
@@ -18,6 +18,7 @@ from hakeeper.pg.conf import (
     render_pg_hba,
     render_pgpass,
     render_postgresql_conf,
+    sync_guc,
 )
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres, Upstream
@@ -376,3 +377,33 @@ def test_probe_row_from_another_server(tmp_path: Path) -> None:
         port=pg.port,
     )
     assert st.running is False and st.error and "another PostgreSQL" in st.error
+
+
+# ---------------------------------------------------------------- synchronous_standby_names
+
+SYNC = DynamicConfig(replication_mode="synchronous")
+QUORUM = DynamicConfig(replication_mode="quorum", synchronous_node_count=2)
+
+
+def test_guc_lists_exactly_the_sync_set_so_every_member_acknowledges_every_commit() -> None:
+    assert sync_guc(SYNC, ("b", "c")) == 'FIRST 2 ("b", "c")'
+    assert sync_guc(SYNC, ()) == ""
+    assert sync_guc(DynamicConfig(replication_mode="synchronous", synchronous_strict=True), ()) == "*"
+    assert sync_guc(DynamicConfig(), ("b",)) == ""
+    assert sync_guc(SYNC, ('we"ird',)) == 'FIRST 1 ("we""ird")'
+
+
+def test_a_new_primary_waits_for_any_standby_until_its_sync_set_forms() -> None:
+    """The promotion guard: no commit of a new primary is acknowledged by it alone."""
+    assert sync_guc(SYNC, (), guard=True) == "*"
+    assert sync_guc(QUORUM, (), guard=True) == "*"
+    assert sync_guc(SYNC, ("b",), guard=True) == 'FIRST 1 ("b")'  # a formed set replaces it
+    assert sync_guc(DynamicConfig(), (), guard=True) == ""  # async mode never waits
+
+
+def test_quorum_guc_is_any_k_over_the_voters() -> None:
+    assert sync_guc(QUORUM, ("b", "c", "d"), 2) == 'ANY 2 ("b", "c", "d")'
+    assert sync_guc(QUORUM, ("b",), 2) == 'ANY 1 ("b")'  # k never exceeds the voters
+    assert sync_guc(QUORUM, ("b", "c"), 0) == 'ANY 2 ("b", "c")'  # 0: all (as FIRST mode left it)
+    assert sync_guc(QUORUM, ()) == ""
+    assert sync_guc(DynamicConfig(replication_mode="quorum", synchronous_strict=True), ()) == "*"

@@ -26,7 +26,7 @@ from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import requests
-from hakeeper.ha.decide import switchover_live
+from hakeeper.ha.policy.switchover import switchover_live
 from hakeeper.ha.requests import merge_patch
 from tests.support.fake_etcd import FakeEtcd
 

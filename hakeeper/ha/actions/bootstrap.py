@@ -13,7 +13,7 @@ from hakeeper.core.errors import BootstrapFailed, BootstrapRefused
 from hakeeper.core.pgtypes import Role
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.leader import record_history, start_as_primary, switch_point
-from hakeeper.ha.decide import Decision, LocalFacts
+from hakeeper.ha.policy.decision import Decision, LocalFacts
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
 

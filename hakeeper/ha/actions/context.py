@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import NodeConfig
 from hakeeper.dcs.store import ClusterStore
-from hakeeper.ha.decide import Decision, LocalFacts
 from hakeeper.ha.guard import WriteGuard
 from hakeeper.ha.metrics import HaMetrics
 from hakeeper.ha.pgconfig import PgConfigurator
+from hakeeper.ha.policy.decision import Decision, LocalFacts
 from hakeeper.ha.ports import BackupHooks
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager

@@ -18,7 +18,8 @@ from hakeeper.core.config import secret_value
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.replica import start_as_replica
-from hakeeper.ha.decide import Decision, LocalFacts
+from hakeeper.ha.policy.decision import Decision, LocalFacts
+from hakeeper.ha.policy.switchover import plan_handover_result
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.remote import wait_received
 from hakeeper.util.log import get_logger
@@ -61,10 +62,11 @@ async def switchover(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision
         lsn=final_lsn,
         timeout=max(5.0, view.config.ttl),
     )
-    if not caught_up and not sw.force:
+    plan = plan_handover_result(caught_up, sw.force)
+    if not plan.hand_over:
         log.error(
             "switchover_aborted",
-            reason="candidate did not receive our final WAL in time; restarting as primary",
+            reason=plan.abort_reason,
             candidate=d.target,
             final_lsn=ctl.get("Latest checkpoint location"),
         )
@@ -86,7 +88,7 @@ async def switchover(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision
         catch_up_s=round(t_released - t_stopped, 3),
     )
     st = ctx.state
-    st.needs_rewind = not caught_up
+    st.needs_rewind = plan.needs_rewind
     st.clocks = replace(st.clocks, pg_down_since=None)
     await start_as_replica(ctx, view, d.target)
     await ctx.resync()

@@ -13,7 +13,7 @@ from hakeeper.core.config import DynamicConfig
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.core.pgtypes import Role
 from hakeeper.ha.actions.context import Ctx
-from hakeeper.ha.decide import Decision, LocalFacts
+from hakeeper.ha.policy.decision import Decision, LocalFacts
 from hakeeper.ha.policy.plans import plan_promotion
 from hakeeper.ha.state import Promotion
 from hakeeper.pg.errors import PgError

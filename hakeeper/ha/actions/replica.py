@@ -10,7 +10,7 @@ from hakeeper.core.cluster import ClusterView, MemberState, slot_name_for
 from hakeeper.core.config import secret_value
 from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.ha.actions.context import Ctx
-from hakeeper.ha.decide import Decision, LocalFacts
+from hakeeper.ha.policy.decision import Decision, LocalFacts
 from hakeeper.ha.policy.plans import CloneFromBackup, RewindFailure, plan_clone_source, plan_rewind_failure
 from hakeeper.pg import rewind as pg_rewind
 from hakeeper.pg.clone import clone_from

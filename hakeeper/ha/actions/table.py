@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from hakeeper.core.cluster import ClusterView
 from hakeeper.ha.actions import bootstrap, handover, leader, replica
 from hakeeper.ha.actions.context import Ctx, Executor
-from hakeeper.ha.decide import Action, Decision, LocalFacts
+from hakeeper.ha.policy.decision import Action, Decision, LocalFacts
 
 
 async def wait(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from hakeeper.core.cluster import ClusterView, Member, MemberRole, MemberState
 from hakeeper.core.pgtypes import LocalState
-from hakeeper.ha.decide import assess, reference_lsn
+from hakeeper.ha.policy.candidates import assess, reference_lsn
 
 # How long a replica may fail to stream from a leader on a newer timeline before we rewind.
 NOT_STREAMING_REWIND_AFTER = 8.0

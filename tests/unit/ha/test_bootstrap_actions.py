@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from hakeeper.ha.actions import bootstrap
-from hakeeper.ha.decide import Action, Decision, decide
+from hakeeper.ha.policy.decide import decide
+from hakeeper.ha.policy.decision import Action, Decision
 from hakeeper.pg.errors import PgError
 from tests.support.sim import Sim, capture_events
 

@@ -6,7 +6,8 @@ import time
 
 from hakeeper.core.cluster import Switchover, SwitchoverKind, SwitchoverStage
 from hakeeper.ha.actions import handover
-from hakeeper.ha.decide import Action, Decision, decide
+from hakeeper.ha.policy.decide import decide
+from hakeeper.ha.policy.decision import Action, Decision
 from tests.support.sim import Sim
 
 

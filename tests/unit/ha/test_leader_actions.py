@@ -6,7 +6,8 @@ import pytest
 
 from hakeeper.ha import guard as guard_module
 from hakeeper.ha.actions import leader
-from hakeeper.ha.decide import Action, Decision, decide
+from hakeeper.ha.policy.decide import decide
+from hakeeper.ha.policy.decision import Action, Decision
 from tests.support.sim import Sim, capture_events
 
 CAMPAIGN = Decision(Action.CAMPAIGN, "no leader and we are the best candidate")

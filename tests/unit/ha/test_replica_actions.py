@@ -6,7 +6,8 @@ import pytest
 
 from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.ha.actions import replica
-from hakeeper.ha.decide import Action, Decision, decide
+from hakeeper.ha.policy.decide import decide
+from hakeeper.ha.policy.decision import Action, Decision
 from tests.support.sim import Sim
 from tests.unit.ha.conftest import steady_cluster
 

@@ -1,11 +1,13 @@
-"""Synchronous and quorum replication: the leader keeps the ``sync`` key and PostgreSQL's
-``synchronous_standby_names`` in step.
+"""Synchronous and quorum replication, the pure planning: how the leader keeps the ``sync`` key
+and PostgreSQL's ``synchronous_standby_names`` in step (the I/O shell: ``hakeeper/ha/sync.py``;
+the GUC text: ``hakeeper.pg.conf.sync_guc``).
 
 **Synchronous mode** (``FIRST``).  Invariant: **every commit acknowledged to a client is on
 every member of the ``sync`` key.**
 
 * ``synchronous_standby_names`` always lists exactly the sync set, as ``FIRST k (n1, ..., nk)``
   with k = the number of names: a commit waits for *all* of them.
+* :func:`first_step` plans one cycle of it.
 * Adding standby b: the GUC first (b now acknowledges every new commit), then, once b reports
   ``sync`` in ``pg_stat_replication`` and has flushed past the WAL position of that moment (so
   it also holds every earlier commit), the key.
@@ -15,7 +17,7 @@ every member of the ``sync`` key.**
 * With no healthy standby: ``''`` (commits stop waiting; the key is empty, so any caught-up
   replica may be promoted) or, with ``synchronous_strict``, ``'*'``: commits wait for a standby.
 
-Only members of a non-empty sync set are promoted automatically (``decide.assess``).
+Only members of a non-empty sync set are promoted automatically (``candidates.assess``).
 
 **Quorum mode** (``ANY``).  Every healthy standby (streaming, not ``nosync``, ``sync_priority``
 > 0, within ``maximum_lag_on_syncnode``) is a *voter*.
@@ -26,7 +28,7 @@ Only members of a non-empty sync set are promoted automatically (``decide.assess
   claims: every acknowledged commit is on at least k_key members of V_key.  So any
   |V_key| - k_key + 1 voters include one that has it (R + W > N), and the most advanced of
   them has them all.  An empty key claims nothing (the leader ran without waiting).
-* Promotion (``decide.assess``) with the leader gone: R = the voters whose record was published
+* Promotion (``candidates.assess``) with the leader gone: R = the voters whose record was published
   after the leader key disappeared (the old primary had stopped by then: fenced before its
   lease ran out, or released after stopping) and that report a WAL position.  A candidate is
   promoted automatically only if |R| >= |V_key| - k_key + 1, it is in R and no member of R is
@@ -54,35 +56,28 @@ voter; with no leader, replicas stop streaming from the old primary before the e
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
-from hakeeper.core.cluster import ClusterView
-from hakeeper.core.config import DynamicConfig
+from hakeeper.core.cluster import ClusterView, guc_quorum
+
+__all__ = [
+    "RELOAD_SETTLE",
+    "FirstStep",
+    "Quorum",
+    "ReplicationRow",
+    "choose",
+    "first_step",
+    "guc_quorum",
+    "quorum_step",
+    "quorum_target",
+    "quorum_transition_safe",
+]
 
 # PostgreSQL's WAL senders apply a reload within milliseconds; a key change that depends on a new
 # GUC reads its WAL position no sooner than this after the reload (seconds).
 RELOAD_SETTLE = 1.0
-
-
-def guc_quorum(names: Collection[str], quorum: int) -> int:
-    """The k the GUC waits for: ``quorum`` if it is 1..len(names), else all of them (0 = FIRST
-    mode's "every name", which quorum mode reads as ANY len(names), the same rule)."""
-    return quorum if 1 <= quorum <= len(names) else len(names)
-
-
-def sync_guc(dyn: DynamicConfig, names: tuple[str, ...], quorum: int = 0, guard: bool = False) -> str:
-    """``synchronous_standby_names`` for ``names``.  With no names: ``'*'`` (commits wait for any
-    standby) under ``synchronous_strict`` or while a new primary's ``guard`` lasts, else ``''``."""
-    if dyn.replication_mode == "async":
-        return ""
-    if names:
-        quoted = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
-        if dyn.replication_mode == "quorum":
-            return f"ANY {guc_quorum(names, quorum)} ({quoted})"
-        return f"FIRST {len(names)} ({quoted})"
-    return "*" if dyn.synchronous_strict or guard else ""
 
 
 def choose(view: ClusterView, streaming: set[str], leader: str) -> list[str]:
@@ -163,3 +158,102 @@ def quorum_step(guc: Quorum, key: Quorum, target: Quorum) -> tuple[Literal["guc"
     if k < 1:  # unreachable while the GUC covers the key (tested)
         return None
     return "key", Quorum(wide, k)
+
+
+# -- synchronous mode (FIRST): pure planning -----------------------------------------------------------
+
+
+class ReplicationRow(Protocol):
+    """The columns of a ``pg_stat_replication`` row that FIRST mode reads."""
+
+    @property
+    def application_name(self) -> str: ...
+
+    @property
+    def sync_state(self) -> str | None: ...
+
+    @property
+    def flush_lsn(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FirstStep:
+    """One cycle of synchronous (FIRST) mode, for the shell to carry out in this order:
+
+    1. ``key`` set: write the ``sync`` key with these members (guarded by the term).  If the
+       write fails, stop: nothing else changes this cycle.
+    2. ``names`` set: ``synchronous_standby_names`` lists these from now on.
+    3. ``clear_pending``: forget the join in progress.
+    4. ``join`` set: apply the new names (reload) now, then read the current WAL position; if it
+       is unknown, stop; else the join in progress becomes (``join``, that position).
+    5. ``event`` set: log it at ``level`` with ``facts`` (a join adds ``must_flush``).
+
+    ``FirstStep()`` means nothing to do this cycle.
+    """
+
+    key: tuple[str, ...] | None = None
+    names: tuple[str, ...] | None = None
+    clear_pending: bool = False
+    join: str | None = None
+    event: str | None = None
+    level: Literal["info", "warning"] = "info"
+    facts: Mapping[str, object] = field(default_factory=dict)
+
+
+def first_step(
+    key: Sequence[str],
+    names: Sequence[str],
+    pending: tuple[str, int] | None,
+    healthy: Sequence[str],
+    replication: Iterable[ReplicationRow],
+    node_count: int,
+) -> FirstStep:
+    """The next change in synchronous mode, keeping "the key only names standbys that
+    acknowledge every commit": a standby leaves the key before the GUC and joins it after.
+
+    ``key``: the ``sync`` key's members for the current term; ``names``: the standbys the GUC
+    lists now; ``pending``: a join in progress (standby, WAL position it must have flushed);
+    ``healthy``: the healthy candidates, best first (:func:`choose`); ``replication``: the rows
+    of ``pg_stat_replication``; ``node_count``: ``synchronous_node_count``.
+    """
+    # Step 1: remove unhealthy members, the key first, then the GUC.
+    bad = tuple(n for n in key if n not in healthy)
+    if bad:
+        keep = tuple(n for n in key if n not in bad)
+        return FirstStep(
+            key=keep,
+            names=tuple(n for n in names if n not in bad),
+            event="sync_standby_removed",
+            level="warning",
+            facts={"standbys": list(bad), "sync_set": list(keep)},
+        )
+    # A standby in the GUC but not the key that became unhealthy: just drop it from the GUC.
+    stale = tuple(n for n in names if n not in key and n not in healthy)
+    if stale:
+        return FirstStep(names=tuple(n for n in names if n not in stale), clear_pending=True)
+
+    # Step 2: add a standby while the set is short, the GUC first, then (once it acks) the key.
+    if len(key) >= node_count:
+        return FirstStep(names=tuple(key))
+    if pending is not None and pending[0] in healthy and pending[0] in names:
+        name, must_flush = pending
+        row = next((r for r in replication if r.application_name == name), None)
+        if row is not None and row.sync_state == "sync" and (row.flush_lsn or 0) >= must_flush:
+            # It acknowledges every commit since the GUC named it and holds every earlier one.
+            return FirstStep(
+                key=(*key, name),
+                clear_pending=True,
+                event="sync_standby_added",
+                facts={"standby": name, "sync_set": [*key, name]},
+            )
+        return FirstStep()  # still catching up
+    candidates = [n for n in healthy if n not in key]
+    if not candidates:
+        return FirstStep(names=tuple(key), clear_pending=True)
+    name = candidates[0]
+    return FirstStep(
+        names=(*key, name),
+        join=name,
+        event="sync_standby_joining",
+        facts={"standby": name},
+    )
