@@ -24,14 +24,14 @@ import time
 from hakeeper import __version__
 from hakeeper.api.server import ApiServer
 from hakeeper.backup.hooks import AgentBackup
-from hakeeper.core.cluster import ClusterView, MemberState
+from hakeeper.core.cluster import ClusterView
 from hakeeper.core.config import NodeConfig
 from hakeeper.core.keys import Keys
-from hakeeper.dcs.etcd import EtcdClient, EtcdError
+from hakeeper.dcs.etcd import EtcdClient
 from hakeeper.dcs.mirror import PrefixMirror
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.actions.context import Ctx
-from hakeeper.ha.actions.leader import release_key
+from hakeeper.ha.actions.lifecycle import fenced, inspect_data_dir, leave, stop_postgres
 from hakeeper.ha.fence import FenceClient
 from hakeeper.ha.guard import WriteGuard
 from hakeeper.ha.lease import LeaseKeeper
@@ -44,10 +44,8 @@ from hakeeper.ha.ports import BackupHooks, NoBackup
 from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
-from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
 from hakeeper.util.log import get_logger, setup_logging
-from hakeeper.util.proc import CommandFailed
 
 log = get_logger("hakeeper.node")
 
@@ -179,31 +177,6 @@ class Node:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    async def _initial_rewind_state(self) -> None:
-        """Data that last ran as a primary may have diverged if another node leads now."""
-        if self.pg.is_initialized() and not self.pg.is_running():
-            with contextlib.suppress(PgError, CommandFailed):
-                controldata = await self.pg.controldata()
-                state = controldata.get("Database cluster state", "")
-                if state in ("in production", "shut down"):
-                    self.state.needs_rewind = True
-                    log.info("former_primary_data_found", cluster_state=state)
-        elif self.pg.is_running():
-            probe = await self.pg.probe()
-            if probe.running and probe.in_recovery is False:
-                self.state.needs_rewind = True
-
-    async def _fenced(self) -> None:
-        """The fence deadline passed: stop PostgreSQL now."""
-        self.metrics.fence_events.inc()
-        self.state.activity = MemberState.FENCED
-        try:
-            await self.pg.stop("immediate", timeout=10)
-        except PgError as e:
-            log.error("fence_stop_failed", error=str(e))
-        self.state.pg_stopped()
-        self.wake.set()
-
     async def run(self) -> int:
         self._take_lock()
         if self.fence.inherit():
@@ -213,7 +186,7 @@ class Node:
                 deadline_in=round(self.fence.state.deadline - time.monotonic(), 2),
             )
         self.fence.start()
-        await self._initial_rewind_state()
+        await inspect_data_dir(self.ctx)
         await self.backup.prepare()
         api = ApiServer(
             self.cfg.api,
@@ -241,7 +214,7 @@ class Node:
                 tasks = [
                     tg.create_task(self.mirror.run(), name="mirror"),
                     tg.create_task(self.lease.run(), name="lease"),
-                    tg.create_task(self.guard.watch(self._fenced), name="fence"),
+                    tg.create_task(self.guard.watch(lambda: fenced(self.ctx)), name="fence"),
                     tg.create_task(self.loop.run(), name="loop"),
                 ]
                 tasks += [tg.create_task(c) for c in self.backup.tasks()]
@@ -261,21 +234,9 @@ class Node:
 
     async def shutdown(self) -> None:
         view = self.loop.view() if self.mirror.synced else self.state.view
-        was_leader = view.leader is not None and view.leader.name == self.cfg.name
-        try:
-            if self.pg.is_running():
-                log.info("postgres_stopping", mode="fast")
-                await self.pg.stop("fast", timeout=60)
-        except (PgError, CommandFailed) as e:
-            log.error("postgres_stop_failed", error=str(e))
-            with contextlib.suppress(Exception):
-                await self.pg.stop("immediate")
+        await stop_postgres(self.ctx)
         self.fence.stop()
-        if was_leader:
-            with contextlib.suppress(EtcdError):
-                await release_key(self.ctx, view)
-        with contextlib.suppress(EtcdError):
-            await self.store.delete_member(self.cfg.name)
+        await leave(self.ctx, view)
         await self.lease.revoke()
         await self.pg.session.close()
         await self.client.close()

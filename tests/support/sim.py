@@ -44,6 +44,7 @@ from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.actions import handover
 from hakeeper.ha.actions import replica as replica_actions
 from hakeeper.ha.actions.context import Ctx
+from hakeeper.ha.actions.lifecycle import fenced, inspect_data_dir
 from hakeeper.ha.fence import FenceClient, FenceState
 from hakeeper.ha.guard import FENCE_POLL
 from hakeeper.ha.policy.decision import LocalFacts
@@ -254,7 +255,7 @@ class SimNode:
 
     async def fence_check(self) -> bool:
         """WriteGuard.watch's look at the deadline (it stops PostgreSQL as the node does)."""
-        return await self.node.guard.check(self.node._fenced)
+        return await self.node.guard.check(lambda: fenced(self.node.ctx))
 
 
 class Sim:
@@ -329,7 +330,7 @@ class Sim:
             pg=cast(Postgres, old.pg),
             fence=cast(FenceClient, fence),
         )
-        await node._initial_rewind_state()
+        await inspect_data_dir(node.ctx)
         self.nodes[name] = SimNode(name, node, old.pg, old.link, fence)
         return self.nodes[name]
 

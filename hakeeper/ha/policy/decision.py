@@ -45,7 +45,7 @@ class ActionSpec:
     safe_without_etcd: bool = False
 
 
-# One row per action: what its executor does (hakeeper/ha/agent.py) and its guard flags.
+# One row per action: what its executor does (hakeeper/ha/actions/) and its guard flags.
 ACTIONS: Mapping[Action, ActionSpec] = MappingProxyType(
     {
         Action.INITIALIZE: ActionSpec(
