@@ -555,18 +555,28 @@ class ApiServer:
 
     async def patch_config(self, request: web.Request) -> web.StreamResponse:
         expected = parse_if_match(request.headers.get("If-Match"))
-        raw = await self._read(request)
-        try:
-            patch = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"invalid JSON: {e}") from None
-        if not isinstance(patch, dict):
-            raise ApiError(400, "the patch must be a JSON object (RFC 7386 merge patch)")
+        patch = parse_patch(await self._read(request))
         cfg, rev = await requests.patch_config(self.store, patch, expected_revision=expected)
         log.info("config_patched", revision=rev, keys=sorted(patch))
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
         )
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def parse_patch(raw: bytes) -> dict[str, Any]:
+    """A JSON merge patch from a request body: an object of strict JSON (Python's parser accepts
+    ``NaN`` and ``Infinity``, which no setting can take and JSON cannot store back)."""
+    try:
+        patch = json.loads(raw or b"{}", parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"invalid JSON: {e}") from None
+    if not isinstance(patch, dict):
+        raise ApiError(400, "the patch must be a JSON object (RFC 7386 merge patch)")
+    return patch
 
 
 def parse_if_match(value: str | None) -> int | None:

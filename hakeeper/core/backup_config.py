@@ -12,11 +12,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" accepts a trailing newline
 
 
 def _check_name(v: str) -> str:
-    if not _NAME_RE.match(v):
+    if not _NAME_RE.fullmatch(v):
         raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', not starting with '.' or '-'")
     return v
 
@@ -28,7 +28,7 @@ _S3_ONLY = ("endpoint", "bucket", "access_key", "secret_key", "ca_file")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RetentionConfig(_Strict):

@@ -35,7 +35,29 @@ from hakeeper.core.backup_config import BackupConfig
 from hakeeper.core.lsn import parse_lsn
 
 ENV_PREFIX = "HAKEEPER_"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # always fullmatch: "$" accepts a trailing newline
+# A PostgreSQL parameter name: a letter or underscore, then letters, digits, "_", "$" or "."
+# (custom classes such as pg_stat_statements.max).
+_PARAM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$.]{0,62}")
+
+# Parameters that run a command or load a library: never taken from etcd, where whoever can write
+# the cluster's config key would otherwise run code as the postgres user on every node.  Set them
+# in a node file (postgresql.parameters) if at all.
+COMMAND_PARAMETERS = frozenset(
+    {
+        "archive_cleanup_command",
+        "archive_command",
+        "archive_library",
+        "dynamic_library_path",
+        "jit_provider",
+        "local_preload_libraries",
+        "recovery_end_command",
+        "restore_command",
+        "session_preload_libraries",
+        "shared_preload_libraries",
+        "ssl_passphrase_command",
+    }
+)
 
 ParamValue = str | int | float | bool
 
@@ -60,6 +82,17 @@ AGENT_OWNED_PARAMETERS = frozenset(
 AGENT_SET_PARAMETERS = frozenset({"synchronous_standby_names"})
 
 
+def _check_parameters(params: dict[str, ParamValue]) -> None:
+    """Parameter names PostgreSQL could take (no spaces, quotes or newlines that would end up in
+    postgresql.conf), and values without a line break."""
+    bad = sorted(repr(name) for name in params if not _PARAM_RE.fullmatch(name))
+    if bad:
+        raise ValueError(f"not a PostgreSQL parameter name: {', '.join(bad)}")
+    broken = sorted(name for name, value in params.items() if isinstance(value, str) and "\n" in value)
+    if broken:
+        raise ValueError(f"a value may not contain a line break: {', '.join(broken)}")
+
+
 def secret_value(s: SecretStr | None) -> str | None:
     """The plain text of an optional secret (only where it is handed to a program or server)."""
     return None if s is None else s.get_secret_value()
@@ -76,7 +109,8 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinity and NaN are no value any setting can take (and JSON cannot store them back).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _split_hostport(value: str, default_port: int) -> tuple[str, int]:
@@ -241,6 +275,7 @@ class PostgresConfig(_Strict):
     @field_validator("parameters")
     @classmethod
     def _params(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        _check_parameters(params)
         owned = sorted(set(params) & AGENT_OWNED_PARAMETERS)
         if owned:
             raise ValueError(f"managed by hakeeper, set them elsewhere: {', '.join(owned)}")
@@ -274,15 +309,25 @@ class LogConfig(_Strict):
 
 class DynamicPostgres(_Strict):
     parameters: dict[str, ParamValue] = Field(
-        default_factory=dict, description="Cluster-wide PostgreSQL parameters (must match on all nodes)."
+        default_factory=dict,
+        description="Cluster-wide PostgreSQL parameters (must match on all nodes).  Parameters that "
+        "run a command or load a library (restore_command, shared_preload_libraries, ...) are refused "
+        "here: whoever can write etcd would run code on every node; set them in a node file.",
     )
 
     @field_validator("parameters")
     @classmethod
     def _params(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        _check_parameters(params)
         owned = sorted(set(params) & AGENT_OWNED_PARAMETERS)
         if owned:
             raise ValueError(f"managed by hakeeper: {', '.join(owned)}")
+        commands = sorted(name for name in params if name.lower() in COMMAND_PARAMETERS)
+        if commands:
+            raise ValueError(
+                f"runs a command or loads a library, never taken from the cluster-wide config: "
+                f"{', '.join(commands)} (set it in a node file's postgresql.parameters)"
+            )
         return params
 
 
@@ -414,7 +459,7 @@ class FromBackupConfig(_Strict):
     @field_validator("scope")
     @classmethod
     def _scope(cls, v: str | None) -> str | None:
-        if v is not None and not _NAME_RE.match(v):
+        if v is not None and not _NAME_RE.fullmatch(v):
             raise ValueError("use 1-63 letters, digits, '_', '-' or '.'")
         return v
 
@@ -513,7 +558,7 @@ class NodeConfig(BaseSettings):
     @field_validator("scope", "name")
     @classmethod
     def _ident(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not _NAME_RE.fullmatch(v):
             raise ValueError("use 1-63 letters, digits, '_', '-' or '.'")
         return v
 

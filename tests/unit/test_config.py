@@ -122,3 +122,26 @@ def test_configuration_reference_is_current() -> None:
     assert doc.read_text() == render(), (
         "regenerate: python -m hakeeper.core.config_docs > docs/configuration.md"
     )
+
+
+def test_names_are_matched_whole_and_floats_must_be_finite(tmp_path: Path) -> None:
+    """``re.match`` with ``$`` accepts a trailing newline; names are matched in full.  YAML's
+    ``.inf`` is no value any setting can take."""
+    bad = GOOD.replace("name: node1", 'name: "node1\\n"').replace(
+        "superuser:", "parameters: {'bad name': 1}\n  superuser:"
+    )
+    bad += "bootstrap:\n  dcs: {switchover_timeout: .inf}\n"
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, bad))
+    fields = dict(ei.value.errors)
+    assert "name" in fields
+    assert "not a PostgreSQL parameter name" in fields["postgresql.parameters"]
+    assert "finite" in fields["bootstrap.dcs.switchover_timeout"]
+
+
+def test_command_parameters_come_from_node_files_only(tmp_path: Path) -> None:
+    """A node file is the node owner's; the cluster-wide config is whoever can write etcd."""
+    node = GOOD.replace("superuser:", "parameters: {restore_command: 'cp /a %p'}\n  superuser:")
+    assert load_node_config(write(tmp_path, node)).postgresql.parameters["restore_command"] == "cp /a %p"
+    with pytest.raises(ValueError, match="runs a command or loads a library"):
+        DynamicConfig.model_validate({"postgresql": {"parameters": {"Restore_Command": "x"}}})

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hakeeper.api.server import REFUSAL_STATUS, refusal_response
+from hakeeper.api.server import REFUSAL_STATUS, ApiError, parse_patch, refusal_response
 from hakeeper.core.cluster import (
     ClusterView,
     Member,
@@ -224,6 +224,39 @@ async def test_config_patches_and_their_refusals() -> None:
     await etcd.put(KEYS.config, b"{broken")
     e = await refusal(requests.read_config(store))
     assert e.kind == RefusalKind.UNAVAILABLE and e.message.startswith("the stored configuration is invalid")
+
+
+@pytest.mark.parametrize(
+    ("patch", "says"),
+    [
+        ({"switchover_timeout": float("inf")}, "finite"),
+        ({"loop_wait": float("nan")}, "finite"),
+        ({"postgresql": {"parameters": {"bad name": 1}}}, "not a PostgreSQL parameter name"),
+        ({"postgresql": {"parameters": {"port\n": 1}}}, "not a PostgreSQL parameter name"),
+        ({"postgresql": {"parameters": {"work_mem": "4MB\nrestore_command = 'x'"}}}, "line break"),
+        ({"postgresql": {"parameters": {"restore_command": "cp %p /x"}}}, "runs a command"),
+        ({"postgresql": {"parameters": {"shared_preload_libraries": "evil"}}}, "loads a library"),
+    ],
+)
+async def test_a_patch_no_node_could_apply_is_invalid_and_the_stored_config_stays_valid(
+    patch: dict[str, object], says: str
+) -> None:
+    etcd = FakeEtcd()
+    store = await cluster(etcd)
+    before = await etcd.get(KEYS.config)
+    e = await refusal(requests.patch_config(store, patch))
+    assert e.kind == RefusalKind.INVALID and says in str(e.facts["errors"]), e.facts
+    after = await etcd.get(KEYS.config)
+    assert after is not None and before is not None and after.mod_revision == before.mod_revision
+    cfg, _ = await requests.read_config(store)  # still loads
+    assert cfg == DynamicConfig()
+
+
+@pytest.mark.parametrize("body", [b'{"ttl": Infinity}', b'{"ttl": NaN}', b'{"ttl": -Infinity}'])
+def test_the_api_refuses_json_constants_no_setting_can_take(body: bytes) -> None:
+    with pytest.raises(ApiError) as e:
+        parse_patch(body)
+    assert e.value.status == 400 and "is not a JSON number" in e.value.message
 
 
 async def test_an_etcd_outage_is_unavailable() -> None:
