@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import ssl
 import time
@@ -46,6 +47,7 @@ log = get_logger(__name__)
 __all__ = [
     "KV",
     "AuthError",
+    "EtcdBadResponse",
     "EtcdClient",
     "EtcdError",
     "EtcdRequestError",
@@ -54,6 +56,7 @@ __all__ = [
     "TxnResult",
     "WatchCompacted",
     "WatchEvent",
+    "WatchStalled",
     "cmp_create",
     "cmp_lease",
     "cmp_mod",
@@ -76,6 +79,8 @@ GRPC_UNAUTHENTICATED = 16
 _MAX_STALE_RETRIES = 4  # per endpoint; each failed stale connection leaves the pool
 _WATCH_BACKOFF_MIN = 0.05
 _WATCH_BACKOFF_MAX = 1.0
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1  # etcd's int64 fields, and the uint64 ones (lease IDs, member IDs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,6 +113,21 @@ class AuthError(EtcdRequestError):
     """Authentication failed, no credentials were given, or permission was denied."""
 
 
+class EtcdBadResponse(EtcdError):
+    """etcd (or whatever answered in its place) sent a reply this client cannot decode: bad
+    JSON, a wrong type, bad base64, an integer out of range.  Raised instead of the decoder's own
+    exception, so a hostile or broken gateway can only ever cause an :class:`EtcdError`."""
+
+
+class WatchStalled(EtcdError):
+    """A confirmed watch stream sent nothing (no event, no progress notification) for
+    ``seconds``: the connection may be half-open.  The mirror re-lists and watches again."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"watch sent nothing for {seconds:.1f} s")
+        self.seconds = seconds
+
+
 class WatchCompacted(EtcdError):
     """The watch start (or resume) revision has been compacted away; re-list and watch again."""
 
@@ -136,22 +156,31 @@ def _error_from(code: int, message: str, http_status: int) -> EtcdRequestError:
     return EtcdRequestError(code, message, http_status)
 
 
+def _code(value: Any, default: int) -> int:
+    """An error code from an error body; ``default`` when it is not an integer (an error is
+    reported as an error whatever its code field holds)."""
+    try:
+        return _int(value)
+    except EtcdBadResponse:
+        return default
+
+
 def _body_error(body: Mapping[str, Any], http_status: int) -> EtcdRequestError:
     err = body.get("error")
     if isinstance(err, dict):  # streaming endpoints: {"error": {"grpc_code", "http_code", "message"}}
         return _error_from(
-            _int(err.get("grpc_code", err.get("code", -1))),
-            str(err.get("message")),
-            _int(err.get("http_code", http_status)),
+            _code(err.get("grpc_code", err.get("code", -1)), -1),
+            str(err.get("message"))[:1000],
+            _code(err.get("http_code", http_status), http_status),
         )
     message = body.get("message") or err or json.dumps(body)[:200]
-    return _error_from(_int(body.get("code", -1)), str(message), http_status)
+    return _error_from(_code(body.get("code", -1), -1), str(message)[:1000], http_status)
 
 
 def _http_error(http_status: int, raw: bytes) -> EtcdRequestError:
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict):
         return _body_error(body, http_status)
@@ -179,11 +208,20 @@ def b64_key(key: str) -> str:
     return base64.b64encode(key.encode("utf-8", "surrogateescape")).decode("ascii")
 
 
-def unb64(text: str | None) -> bytes:
-    return base64.b64decode(text) if text else b""
+def unb64(text: Any) -> bytes:
+    """The bytes of a base64 field (absent or empty: ``b""``); :class:`EtcdBadResponse` for
+    anything that is not canonical base64 text."""
+    if text is None or text == "":
+        return b""
+    if not isinstance(text, str):
+        raise EtcdBadResponse(f"expected base64 text, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:  # ValueError: non-ASCII characters
+        raise EtcdBadResponse(f"bad base64 {text[:40]!r}: {e}") from None
 
 
-def decode_key(text: str | None) -> str:
+def decode_key(text: Any) -> str:
     return unb64(text).decode("utf-8", "surrogateescape")
 
 
@@ -206,9 +244,36 @@ def prefix_range_end(prefix: bytes | str) -> bytes:
 
 
 def _int(value: Any) -> int:
+    """An int64/uint64 field: the gateway sends them as decimal strings (plain JSON numbers
+    accepted too); absent means 0.  Anything else is :class:`EtcdBadResponse`."""
     if value is None or value == "":
         return 0
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise EtcdBadResponse(f"expected an integer, got {type(value).__name__} {value!r:.40}")
+    if isinstance(value, str) and not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 21):
+        raise EtcdBadResponse(f"expected an integer, got {value!r:.40}")
+    n = int(value)
+    if not _INT64_MIN <= n <= _UINT64_MAX:
+        raise EtcdBadResponse(f"integer {n} out of the 64-bit range")
+    return n
+
+
+def _obj(value: Any, what: str) -> Mapping[str, Any]:
+    """``value`` as a JSON object (absent: empty); :class:`EtcdBadResponse` otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EtcdBadResponse(f"{what}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _arr(value: Any, what: str) -> list[Any]:
+    """``value`` as a JSON array (absent: empty); :class:`EtcdBadResponse` otherwise."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise EtcdBadResponse(f"{what}: expected an array, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +286,8 @@ class KV:
     lease: int
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> KV:
+    def from_json(cls, d: Any) -> KV:
+        d = _obj(d, "kv")
         return cls(
             key=decode_key(d.get("key")),
             value=unb64(d.get("value")),
@@ -245,29 +311,38 @@ class TxnResult:
     ranges: list[list[KV]] = field(default_factory=list)
 
 
-def parse_kvs(body: Mapping[str, Any]) -> list[KV]:
-    return [KV.from_json(kv) for kv in body.get("kvs") or ()]
+# Every decoder below raises EtcdBadResponse, and only that, for a body of the wrong shape
+# (tests/unit/test_etcd_codec.py checks it over arbitrary JSON): a reply is etcd's word on the
+# cluster, so a reply we cannot read is an etcd failure like a timeout, never a crash.
 
 
-def header_revision(body: Mapping[str, Any]) -> int:
-    return _int((body.get("header") or {}).get("revision"))
+def parse_kvs(body: Any) -> list[KV]:
+    return [KV.from_json(kv) for kv in _arr(_obj(body, "range reply").get("kvs"), "kvs")]
 
 
-def parse_txn(body: Mapping[str, Any]) -> TxnResult:
+def header_revision(body: Any) -> int:
+    return _int(_obj(_obj(body, "reply").get("header"), "header").get("revision"))
+
+
+def parse_txn(body: Any) -> TxnResult:
+    body = _obj(body, "txn reply")
     ranges: list[list[KV]] = []
-    for resp in body.get("responses") or ():
+    for resp in _arr(body.get("responses"), "responses"):
+        resp = _obj(resp, "txn response")
         if "response_range" in resp:
-            ranges.append(parse_kvs(resp["response_range"] or {}))
-    return TxnResult(
-        succeeded=bool(body.get("succeeded", False)), revision=header_revision(body), ranges=ranges
-    )
+            ranges.append(parse_kvs(resp["response_range"]))
+    succeeded = body.get("succeeded", False)
+    if not isinstance(succeeded, bool):
+        raise EtcdBadResponse(f"txn reply: succeeded is {type(succeeded).__name__}, not a boolean")
+    return TxnResult(succeeded=succeeded, revision=header_revision(body), ranges=ranges)
 
 
-def parse_events(result: Mapping[str, Any]) -> list[WatchEvent]:
+def parse_events(result: Any) -> list[WatchEvent]:
     out: list[WatchEvent] = []
-    for ev in result.get("events") or ():
+    for ev in _arr(_obj(result, "watch result").get("events"), "events"):
+        ev = _obj(ev, "watch event")
         typ: Literal["PUT", "DELETE"] = "DELETE" if ev.get("type") == "DELETE" else "PUT"
-        out.append(WatchEvent(typ, KV.from_json(ev.get("kv") or {})))
+        out.append(WatchEvent(typ, KV.from_json(ev.get("kv"))))
     return out
 
 
@@ -288,7 +363,11 @@ class JsonStreamParser:
             line = bytes(self._buf[start:nl]).strip()
             start = nl + 1
             if line:
-                out.append(json.loads(line))
+                try:
+                    out.append(json.loads(line))
+                except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+                    del self._buf[:start]
+                    raise EtcdBadResponse(f"bad JSON in a stream: {line[:80]!r}: {e}") from None
         del self._buf[:start]
         return out
 
@@ -395,12 +474,12 @@ class _Failure(Exception):
 
 def _watch_result(msg: Any) -> dict[str, Any]:
     if not isinstance(msg, dict):
-        raise ValueError(f"unexpected watch message {msg!r:.200}")
+        raise EtcdBadResponse(f"unexpected watch message {msg!r:.200}")
     if "error" in msg:
         raise _body_error(msg, 200)
     result = msg.get("result")
     if not isinstance(result, dict):
-        raise ValueError(f"unexpected watch message {msg!r:.200}")
+        raise EtcdBadResponse(f"unexpected watch message {msg!r:.200}")
     compact = _int(result.get("compact_revision"))
     if compact:
         raise WatchCompacted(compact)
@@ -414,14 +493,23 @@ def _watch_result(msg: Any) -> dict[str, Any]:
     return cast(dict[str, Any], result)
 
 
-async def _next_watch_chunk(chunks: AsyncIterator[bytes], created: bool, timeout: float) -> bytes | None:
-    """The next chunk of a watch stream (None at its end); until etcd confirmed the stream, it
-    must come within ``timeout``."""
+async def _next_watch_chunk(
+    chunks: AsyncIterator[bytes], created: bool, timeout: float, stall_timeout: float | None
+) -> bytes | None:
+    """The next chunk of a watch stream (None at its end).  Until etcd confirmed the stream, it
+    must come within ``timeout``; after that within ``stall_timeout`` (None: no limit), else
+    :class:`WatchStalled` -- a half-open connection would otherwise block here forever."""
     try:
-        if created:
+        if not created:
+            async with asyncio.timeout(timeout):
+                return await anext(chunks)
+        if stall_timeout is None:
             return await anext(chunks)
-        async with asyncio.timeout(timeout):
-            return await anext(chunks)
+        try:
+            async with asyncio.timeout(stall_timeout):
+                return await anext(chunks)
+        except TimeoutError:
+            raise WatchStalled(stall_timeout) from None
     except StopAsyncIteration:
         return None
 
@@ -706,7 +794,7 @@ class EtcdClient:
             text = raw.decode()
             # streaming endpoints answer with newline-delimited messages; we send one request
             body = json.loads(text.split("\n", 1)[0] if "\n" in text.strip() else text)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             if status >= 500:
                 raise _Failure(f"HTTP {status}: {raw[:200]!r}", delivered=True) from e
             raise EtcdRequestError(-1, f"bad reply (HTTP {status}): {raw[:200]!r}", status) from e
@@ -801,14 +889,23 @@ class EtcdClient:
 
     # ---- watch -----------------------------------------------------------------------------------
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def watch_prefix(
+        self, prefix: str, start_revision: int, *, stall_timeout: float | None = None
+    ) -> AsyncIterator[WatchEvent]:
         """Events under ``prefix`` from ``start_revision`` on (0: from now), in order, forever.
 
         A dropped stream is re-opened (rotating endpoints, backoff up to 1 s) from the last seen
-        revision + 1. Raises :class:`WatchCompacted` when that revision has been compacted, and
-        :class:`AuthError` when the credentials are rejected.
+        revision + 1. Raises :class:`WatchCompacted` when that revision has been compacted,
+        :class:`AuthError` when the credentials are rejected, :class:`EtcdBadResponse` on a
+        message it cannot decode, and :class:`WatchStalled` when a confirmed stream sent nothing
+        for ``stall_timeout`` seconds (etcd is asked for progress notifications, so a quiet but
+        healthy stream still speaks now and then; the caller re-lists to learn what it missed).
         """
-        create: dict[str, Any] = {"key": b64_key(prefix), "range_end": b64(prefix_range_end(prefix))}
+        create: dict[str, Any] = {
+            "key": b64_key(prefix),
+            "range_end": b64(prefix_range_end(prefix)),
+            "progress_notify": True,
+        }
         st = _WatchProgress(next_rev=int(start_revision), backoff=_WATCH_BACKOFF_MIN)
         while True:
             idx = self._idx
@@ -839,7 +936,9 @@ class EtcdClient:
                         raise _http_error(resp.status, await resp.read())
                     parser = JsonStreamParser()
                     chunks = resp.content.iter_any().__aiter__()
-                    while (chunk := await _next_watch_chunk(chunks, st.created, self.timeout)) is not None:
+                    while (
+                        chunk := await _next_watch_chunk(chunks, st.created, self.timeout, stall_timeout)
+                    ) is not None:
                         events = self._watch_batch(parser.feed(chunk), idx, st)
                         # etcd never splits one revision's events (one txn) across responses, and
                         # we resume at a revision boundary; skip what was delivered before a

@@ -5,13 +5,29 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError, EtcdUnavailable, WatchCompacted, WatchEvent
+from hakeeper.dcs.etcd import (
+    KV,
+    EtcdClient,
+    EtcdError,
+    EtcdUnavailable,
+    WatchCompacted,
+    WatchEvent,
+    WatchStalled,
+)
 from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 1.0
+STALL_TIMEOUT_MIN = 10.0
+
+
+def stall_timeout_for(ttl: float) -> float:
+    """How long a confirmed watch may stay silent before the mirror re-lists: 2 x ttl, at least
+    10 s.  Every agent re-publishes its member record at least once per loop_wait (< ttl), so a
+    healthy watch of a running cluster is never silent that long."""
+    return max(2.0 * ttl, STALL_TIMEOUT_MIN)
 
 
 class PrefixMirror:
@@ -21,11 +37,15 @@ class PrefixMirror:
     list and again after a failed re-list. ``changed`` is set after every applied list or batch of
     events (consumers clear it). Events at or below ``revision`` are ignored, so a :meth:`resync`
     racing the watch never moves the copy backwards.
+
+    ``stall_timeout``: a watch silent for that long (no event, no progress notification) is
+    re-opened after a re-list (``etcd_watch_stalled``); read when each watch starts.
     """
 
-    def __init__(self, client: EtcdClient, prefix: str) -> None:
+    def __init__(self, client: EtcdClient, prefix: str, *, stall_timeout: float | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.stall_timeout = stall_timeout
         self.kvs: dict[str, KV] = {}
         self.changed_keys: set[str] = set()  # since the last take_changed(); "" = re-listed
         self.revision = 0
@@ -115,7 +135,8 @@ class PrefixMirror:
     async def _follow(self) -> None:
         """Apply watch events until the watch raises. Consecutive events that arrive without the
         watch yielding to the loop are one batch: ``changed`` is set once nobody else can run."""
-        async for ev in self.client.watch_prefix(self.prefix, self.revision + 1):
+        watch = self.client.watch_prefix(self.prefix, self.revision + 1, stall_timeout=self.stall_timeout)
+        async for ev in watch:
             if self._apply(ev):
                 self.last_update_monotonic = time.monotonic()
                 self.changed_keys.add(ev.kv.key)
@@ -154,13 +175,20 @@ class PrefixMirror:
                     continue
                 task.result()  # raises what stopped the watch
                 self._set_synced(False)  # the watch never ends on its own; be safe if it does
-            except WatchCompacted as e:
-                log.info(
-                    "mirror_watch_compacted",
-                    prefix=self.prefix,
-                    compact_revision=e.compact_revision,
-                    revision=self.revision,
-                )
+            except (WatchCompacted, WatchStalled) as e:
+                if isinstance(e, WatchStalled):
+                    # Unary requests use other connections and may well work: the re-list tells
+                    # what the silent stream missed.
+                    log.warning(
+                        "etcd_watch_stalled", prefix=self.prefix, silent_for=e.seconds, revision=self.revision
+                    )
+                else:
+                    log.info(
+                        "mirror_watch_compacted",
+                        prefix=self.prefix,
+                        compact_revision=e.compact_revision,
+                        revision=self.revision,
+                    )
                 # re-list at once; stay "synced" with the old copy unless the re-list fails
                 try:
                     await self._list()
@@ -173,3 +201,10 @@ class PrefixMirror:
                 log.warning("mirror_sync_failed", prefix=self.prefix, error=str(e), backoff=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
+            except Exception:
+                # Not expected (the client turns every bad reply into an EtcdError), but this
+                # task ending would end the agent, and the agent's shutdown stops PostgreSQL:
+                # a copy we can no longer vouch for is marked stale and rebuilt instead.
+                self._set_synced(False)
+                log.exception("mirror_crashed", prefix=self.prefix, backoff=_BACKOFF_MAX)
+                await asyncio.sleep(_BACKOFF_MAX)

@@ -95,7 +95,13 @@ class LeaseKeeper:
         """Keep the lease alive until cancelled: :meth:`renew` every ``interval``."""
         while True:
             started = time.monotonic()
-            await self.renew()
+            try:
+                await self.renew()
+            except Exception:
+                # Not expected (every bad etcd reply is an EtcdError, handled in renew), but this
+                # task ending would end the agent and its shutdown would stop PostgreSQL; an
+                # unrenewed lease only lets the deadline run out, which the fence handles.
+                log.exception("lease_task_error", lease=hex(self.lease))
             await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - started)))
 
     async def renew(self) -> None:

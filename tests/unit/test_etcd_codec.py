@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -13,12 +14,15 @@ from hypothesis import strategies as st
 from hakeeper.dcs.etcd import (
     KV,
     AuthError,
+    EtcdBadResponse,
     EtcdClient,
+    EtcdError,
     EtcdRequestError,
     JsonStreamParser,
     LeaseNotFound,
     WatchCompacted,
     _body_error,
+    _http_error,
     _watch_result,
     b64,
     b64_key,
@@ -253,3 +257,107 @@ def test_repr_hides_password() -> None:
     assert "root" in repr(c)
     with pytest.raises(ValueError):
         EtcdClient([])
+
+
+# -- hostile replies: every decoder raises EtcdBadResponse (an EtcdError), nothing else ------------
+
+_FIELDS = (
+    "kvs", "header", "revision", "key", "value", "create_revision", "mod_revision", "version",
+    "lease", "ID", "TTL", "result", "responses", "response_range", "succeeded", "events", "kv",
+    "type", "created", "canceled", "cancel_reason", "compact_revision", "error", "code",
+    "grpc_code", "http_code", "message", "deleted", "token",
+)  # fmt: skip
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63 - 2, max_value=2**70).map(str)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["", "0", "-1", "12", "x", "AP8=", "AP8", "%%%", "é", "1e3", "DELETE", "PUT"])
+)
+_json = st.recursive(
+    _scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(_FIELDS) | st.text(max_size=4), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+_objects = st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=6)
+
+
+@given(_json)
+def test_decoders_raise_only_bad_response(body: Any) -> None:
+    for decode in (parse_kvs, parse_txn, parse_events, header_revision, KV.from_json, _watch_result):
+        try:
+            decode(body)
+        except EtcdError:
+            pass
+    for status in (200, 400, 503):
+        assert isinstance(_http_error(status, json.dumps(body).encode()), EtcdRequestError)
+        if isinstance(body, dict):
+            assert isinstance(_body_error(body, status), EtcdRequestError)
+
+
+@given(st.binary(max_size=60))
+def test_stream_parser_raises_only_bad_response(data: bytes) -> None:
+    parser = JsonStreamParser()
+    try:
+        parser.feed(data + b"\n")
+    except EtcdBadResponse:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("field_value", "reason"),
+    [("A", "bad base64"), ("AP8", "bad base64"), ("é", "bad base64"), (7, "base64 text")],
+)
+def test_bad_base64_is_a_bad_response(field_value: Any, reason: str) -> None:
+    with pytest.raises(EtcdBadResponse, match=reason):
+        parse_kvs({"kvs": [{"key": b64("/k"), "value": field_value}]})
+
+
+def test_bad_integers_are_bad_responses() -> None:
+    with pytest.raises(EtcdBadResponse, match="expected an integer"):
+        KV.from_json({"key": b64("/k"), "mod_revision": "x"})
+    with pytest.raises(EtcdBadResponse, match="64-bit"):
+        KV.from_json({"key": b64("/k"), "lease": str(2**64)})
+    with pytest.raises(EtcdBadResponse, match="expected an object"):
+        parse_kvs({"kvs": ["x"]})
+    with pytest.raises(EtcdBadResponse, match="not a boolean"):
+        parse_txn({"succeeded": "false"})  # a truthy string must never read as success
+    assert KV.from_json({"key": b64("/k"), "mod_revision": 7}).mod_revision == 7
+
+
+@given(_objects)
+def test_client_calls_raise_only_etcd_errors(body: dict[str, Any]) -> None:
+    """Whatever JSON object the gateway answers, a client call returns or raises an EtcdError."""
+
+    async def main() -> None:
+        client = EtcdClient(["http://127.0.0.1:1"])
+
+        async def fake_request(path: str, payload: Any, *, timeout: float | None, idempotent: bool) -> Any:
+            return body
+
+        client._request = fake_request  # type: ignore[method-assign]
+        calls = (
+            client.get("/k"),
+            client.get_prefix("/p/"),
+            client.put("/k", "v"),
+            client.delete("/k"),
+            client.txn([], []),
+            client.lease_grant(5),
+            client.lease_keepalive(1),
+            client.lease_time_to_live(1),
+            client.lease_revoke(1),
+            client.compact(1),
+        )
+        for call in calls:
+            try:
+                await call
+            except EtcdError:
+                pass
+
+    asyncio.run(main())
