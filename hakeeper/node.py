@@ -28,7 +28,7 @@ from hakeeper.core.cluster import ClusterView
 from hakeeper.core.config import NodeConfig
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdClient
-from hakeeper.dcs.mirror import PrefixMirror
+from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.lifecycle import fenced, inspect_data_dir, leave, stop_postgres
@@ -87,7 +87,9 @@ class Node:
         self.client = EtcdClient.from_config(cfg.etcd) if client is None else client
         self.client.on_request = self.metrics.etcd_observer
         self.store = ClusterStore(self.client, Keys(cfg.prefix))
-        self.mirror = PrefixMirror(self.client, self.store.keys.all)
+        self.mirror = PrefixMirror(
+            self.client, self.store.keys.all, stall_timeout=stall_timeout_for(cfg.bootstrap.dcs.ttl)
+        )
         self.pg = Postgres(cfg.postgresql, member_name=cfg.name) if pg is None else pg
         self.state = NodeState(view=ClusterView(config=cfg.bootstrap.dcs))
         self.wake = asyncio.Event()

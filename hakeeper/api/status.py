@@ -147,6 +147,8 @@ def cluster_status(snap: NodeSnapshot) -> dict[str, Any]:
         "members": members,
         "revision": view.revision,
         "seen_by": snap.name,
+        "config_error": view.config_error,
+        "invalid_records": [{"key": p.key, "revision": p.revision, "reason": p.reason} for p in view.invalid],
     }
 
 

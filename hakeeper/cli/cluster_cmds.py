@@ -167,7 +167,21 @@ def list_document(view: ClusterView) -> dict[str, Any]:
             "stage": sw.stage.value,
         },
         "members": members_rows(view),
+        "config_error": view.config_error,
+        "invalid_records": [{"key": p.key, "revision": p.revision, "reason": p.reason} for p in view.invalid],
     }
+
+
+def view_warnings(view: ClusterView) -> list[str]:
+    """What is wrong with the keys in etcd, one line each (printed to stderr by ``list``)."""
+    lines = []
+    if view.config_error:
+        lines.append(f"warning: {view.config_error}")
+    for p in view.invalid:
+        if view.config_error and p.key.endswith("/config"):
+            continue  # said above
+        lines.append(f"warning: {p.key} (revision {p.revision}) is invalid and ignored: {p.reason}")
+    return lines
 
 
 def members_table(view: ClusterView) -> Table:
@@ -208,6 +222,8 @@ def _print_list(view: ClusterView, output: str, watching: bool) -> None:
         if not view.members:
             err.print("no members registered (is the scope right and are the agents running?)")
         out.print(members_table(view))
+        for line in view_warnings(view):
+            err.print(line, markup=False, highlight=False)
     elif watching and output == "json":
         # One compact document per refresh: easy to consume line by line.
         sys.stdout.write(json.dumps(list_document(view)) + "\n")

@@ -1,6 +1,13 @@
 """The immutable cluster model every layer reads: members, the leader, status, history, the
 sync set, switchover requests, and :func:`build_view`, which turns the keys of one etcd read
-into a :class:`ClusterView` (the key layout itself is :mod:`hakeeper.core.keys`)."""
+into a :class:`ClusterView` (the key layout itself is :mod:`hakeeper.core.keys`).
+
+Everything read from etcd is untrusted input: anybody who can write etcd, a newer or buggy
+agent, or a man in the middle can put anything there.  Every record is validated by a strict
+pydantic model (:mod:`hakeeper.core.records`) before it becomes one of the dataclasses below; an
+invalid record is *absent* from the view and listed in :attr:`ClusterView.invalid` (the agent
+logs it once per revision, ``GET /cluster`` and ``hakeeper list`` show it).  What "absent" means
+for safety is decided per key in :func:`build_view`."""
 
 from __future__ import annotations
 
@@ -12,8 +19,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hakeeper.core import records
 from hakeeper.core.config import DynamicConfig
 from hakeeper.core.keys import Keys
+from hakeeper.core.records import InvalidRecord
 
 
 class MemberRole(StrEnum):
@@ -71,24 +80,30 @@ class Member:
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, name: str, raw: bytes, lease: int = 0) -> Member:
+    def parse(cls, name: str, raw: bytes, lease: int = 0) -> Member:
+        """The member record ``raw`` of the key ``members/<name>``; :class:`InvalidRecord` if it
+        (or the name) does not validate.  A role or state this version does not know (a newer
+        agent's) reads as unknown/stopped rather than making the member vanish."""
+        records.check_name(name, "member name")
+        rec = records.parse_model(records.MemberRecord, raw)
+        kw = rec.model_dump()
         try:
-            d = json.loads(raw)
-        except ValueError:
-            return cls(name=name, lease=lease)
-        if not isinstance(d, dict):
-            return cls(name=name, lease=lease)
-        known = {f for f in cls.__dataclass_fields__ if f not in ("name", "lease")}
-        kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
-        try:
-            kw["role"] = MemberRole(kw.get("role", "unknown"))
+            kw["role"] = MemberRole(rec.role)
         except ValueError:
             kw["role"] = MemberRole.UNKNOWN
         try:
-            kw["state"] = MemberState(kw.get("state", "stopped"))
+            kw["state"] = MemberState(rec.state)
         except ValueError:
             kw["state"] = MemberState.STOPPED
         return cls(name=name, lease=lease, **kw)
+
+    @classmethod
+    def from_json(cls, name: str, raw: bytes, lease: int = 0) -> Member | None:
+        """:meth:`parse`, with None for an invalid record."""
+        try:
+            return cls.parse(name, raw, lease)
+        except InvalidRecord:
+            return None
 
     @property
     def conn_address(self) -> str:
@@ -113,11 +128,16 @@ class Status:
         return json.dumps({"lsn": self.lsn, "timeline": self.timeline, "term": self.term}).encode()
 
     @classmethod
+    def parse(cls, raw: bytes) -> Status:
+        rec = records.parse_model(records.StatusRecord, raw)
+        return cls(lsn=rec.lsn, timeline=rec.timeline, term=rec.term)
+
+    @classmethod
     def from_json(cls, raw: bytes) -> Status:
+        """:meth:`parse`; an invalid record reads as no status at all."""
         try:
-            d = json.loads(raw)
-            return cls(lsn=d.get("lsn"), timeline=d.get("timeline"), term=int(d.get("term", 0)))
-        except (ValueError, TypeError, AttributeError):
+            return cls.parse(raw)
+        except InvalidRecord:
             return cls()
 
 
@@ -134,13 +154,20 @@ class HistoryEntry:
         return asdict(self)
 
 
-def parse_history(raw: bytes | None) -> tuple[HistoryEntry, ...]:
+def parse_history_strict(raw: bytes | None) -> tuple[HistoryEntry, ...]:
+    """The ``history`` key's entries (empty for an absent or empty key); :class:`InvalidRecord`
+    if it does not validate."""
     if not raw:
         return ()
+    items = records.parse_history_items(raw)
+    return tuple(HistoryEntry(**item.model_dump()) for item in items)
+
+
+def parse_history(raw: bytes | None) -> tuple[HistoryEntry, ...]:
+    """:func:`parse_history_strict`; an invalid history reads as none."""
     try:
-        items = json.loads(raw)
-        return tuple(HistoryEntry(**item) for item in items)
-    except (ValueError, TypeError):
+        return parse_history_strict(raw)
+    except InvalidRecord:
         return ()
 
 
@@ -174,13 +201,19 @@ class SyncState:
         return json.dumps(d).encode()
 
     @classmethod
+    def parse(cls, raw: bytes, mod_revision: int = 0) -> SyncState:
+        rec = records.parse_model(records.SyncRecord, raw)
+        members = tuple(rec.members)
+        quorum = len(members) if rec.quorum is None else rec.quorum
+        return cls(rec.leader, members, rec.term, quorum, mod_revision)
+
+    @classmethod
     def from_json(cls, raw: bytes, mod_revision: int = 0) -> SyncState | None:
+        """:meth:`parse`, with None for an invalid record (callers that decide who may promote
+        must not read None as "no guarantee": :func:`build_view` flags it, see ``sync_invalid``)."""
         try:
-            d = json.loads(raw)
-            members = tuple(str(m) for m in d["members"])
-            quorum = int(d.get("quorum", len(members)))
-            return cls(str(d["leader"]), members, int(d["term"]), quorum, mod_revision)
-        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls.parse(raw, mod_revision)
+        except InvalidRecord:
             return None
 
 
@@ -220,21 +253,31 @@ class Switchover:
         return json.dumps(d).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, mod_revision: int = 0) -> Switchover | None:
+    def parse(cls, raw: bytes, mod_revision: int = 0) -> Switchover:
+        rec = records.parse_model(records.SwitchoverRecord, raw)
         try:
-            d = json.loads(raw)
-            return cls(
-                kind=SwitchoverKind(d["kind"]),
-                leader=d.get("leader"),
-                candidate=d.get("candidate"),
-                requested_at=float(d["requested_at"]),
-                scheduled_at=None if d.get("scheduled_at") is None else float(d["scheduled_at"]),
-                force=bool(d.get("force", False)),
-                stage=SwitchoverStage(d.get("stage", "requested")),
-                handover_at=None if d.get("handover_at") is None else float(d["handover_at"]),
-                mod_revision=mod_revision,
-            )
-        except (ValueError, KeyError, TypeError):
+            kind = SwitchoverKind(rec.kind)
+            stage = SwitchoverStage(rec.stage)
+        except ValueError as e:
+            raise InvalidRecord(str(e)) from None
+        return cls(
+            kind=kind,
+            leader=rec.leader,
+            candidate=rec.candidate,
+            requested_at=rec.requested_at,
+            scheduled_at=rec.scheduled_at,
+            force=rec.force,
+            stage=stage,
+            handover_at=rec.handover_at,
+            mod_revision=mod_revision,
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes, mod_revision: int = 0) -> Switchover | None:
+        """:meth:`parse`, with None for an invalid request (it is then no request at all)."""
+        try:
+            return cls.parse(raw, mod_revision)
+        except InvalidRecord:
             return None
 
     def due(self, now: float) -> bool:
@@ -242,8 +285,25 @@ class Switchover:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordProblem:
+    """A key whose value did not validate, at the revision it was written (``mod_revision``)."""
+
+    key: str
+    revision: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterView:
-    """A consistent snapshot of the cluster's keys at one etcd revision."""
+    """A consistent snapshot of the cluster's keys at one etcd revision.
+
+    ``config_error``: the ``config`` key did not validate and ``config`` is the fallback
+    :func:`build_view` was given (the agent passes the last valid config it saw).
+    ``config_ignored``: fields of the stored config this version does not know (a newer agent's),
+    ignored.  ``invalid``: every key left out because it did not validate.  ``sync_invalid``:
+    the ``sync`` key exists but did not validate (``sync`` is then None, which must not be read
+    as "no guarantee").
+    """
 
     revision: int = 0
     initialized: str | None = None  # system identifier
@@ -257,6 +317,9 @@ class ClusterView:
     history_revision: int = 0
     switchover: Switchover | None = None
     sync: SyncState | None = None
+    sync_invalid: bool = False
+    config_ignored: tuple[str, ...] = ()
+    invalid: tuple[RecordProblem, ...] = ()
 
     @property
     def paused(self) -> bool:
@@ -278,14 +341,69 @@ class ClusterView:
         return max(tls, default=0)
 
 
+def parse_config(raw: bytes) -> tuple[DynamicConfig, tuple[str, ...]]:
+    """The stored dynamic config and the names of the fields it had that this version does not
+    know.  Forward compatibility (docs/decisions.md): a field written by a newer agent during a
+    rolling upgrade is ignored here, while ``PATCH /config`` still refuses unknown fields; any
+    other problem is :class:`InvalidRecord`."""
+    try:
+        return DynamicConfig.model_validate_json(raw), ()
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if not errors or any(err["type"] != "extra_forbidden" for err in errors):
+            raise InvalidRecord(records.describe(e)) from None
+    doc = records.json_object(raw)  # validate_json read it, so this only repeats the parse
+    ignored = []
+    for err in errors:
+        *path, last = err["loc"]
+        node: Any = doc
+        for part in path:
+            node = node[part]
+        node.pop(last, None)
+        ignored.append(".".join(str(x) for x in err["loc"]))
+    try:
+        return DynamicConfig.model_validate(doc), tuple(ignored)
+    except ValidationError as e:
+        raise InvalidRecord(records.describe(e)) from None
+
+
+def _system_identifier(raw: bytes) -> str:
+    text = raw.decode(errors="replace")
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        raise InvalidRecord(f"system identifier {text[:40]!r} is not a decimal number")
+    return text
+
+
 def build_view(
-    keys: Keys, kvs: Mapping[str, tuple[bytes, int, int, int]], revision: int, fallback: DynamicConfig
+    keys: Keys,
+    kvs: Mapping[str, tuple[bytes, int, int, int]],
+    revision: int,
+    fallback: DynamicConfig,
+    fallback_source: str = "the local bootstrap values",
 ) -> ClusterView:
-    """Build a view from ``{full_key: (value, create_revision, mod_revision, lease)}``."""
+    """Build a view from ``{full_key: (value, create_revision, mod_revision, lease)}``.
+
+    Never raises on what etcd holds.  An invalid record is left out and listed in
+    ``invalid``; per key, what that means for safety:
+
+    * ``members/<name>``: the member is absent -- no candidate, no sync standby, not counted;
+    * ``leader``: the key is *held* whatever its value says (the compare-on-create guards only
+      look at its existence), so nobody campaigns while it exists; the name is kept as decoded;
+    * ``initialize``: kept as read (a value that matches no local system identifier keeps every
+      node from joining: the safe outcome), reported;
+    * ``status``, ``history``, ``switchover``: read as absent (the state before any leader wrote
+      them; the history is only advisory, the timelines members publish still count);
+    * ``sync``: ``sync`` is None but ``sync_invalid`` is set: in synchronous and quorum modes
+      nobody but the old leader is then promotable (``candidates.sync_refusal``), since which
+      standbys have every acknowledged commit is unknown; the leader rewrites the key;
+    * ``config``: ``fallback`` is used (``fallback_source`` says what it is) and
+      ``config_error`` says why.
+    """
     initialized = None
     config = fallback
     config_rev = 0
     config_error = None
+    config_ignored: tuple[str, ...] = ()
     leader = None
     members: dict[str, Member] = {}
     status = Status()
@@ -293,30 +411,41 @@ def build_view(
     history_rev = 0
     switchover: Switchover | None = None
     sync: SyncState | None = None
+    sync_invalid = False
+    invalid: list[RecordProblem] = []
     for key, (value, create_rev, mod_rev, lease) in kvs.items():
-        if key == keys.initialize:
-            initialized = value.decode(errors="replace")
-        elif key == keys.config:
-            config_rev = mod_rev
-            try:
-                config = DynamicConfig.model_validate_json(value)
-            except ValidationError as e:
-                config_error = f"invalid config in etcd, using local bootstrap values: {e.errors()[:3]}"
-        elif key == keys.leader:
-            leader = Leader(value.decode(errors="replace"), create_rev, lease, mod_rev)
-        elif key.startswith(keys.members):
-            name = key[len(keys.members) :]
-            if name:
-                members[name] = Member.from_json(name, value, lease)
-        elif key == keys.status:
-            status = Status.from_json(value)
-        elif key == keys.history:
-            history = parse_history(value)
-            history_rev = mod_rev
-        elif key == keys.switchover:
-            switchover = Switchover.from_json(value, mod_rev)
-        elif key == keys.sync:
-            sync = SyncState.from_json(value, mod_rev)
+        try:
+            if key == keys.initialize:
+                initialized = value.decode(errors="replace")
+                _system_identifier(value)
+            elif key == keys.config:
+                config_rev = mod_rev
+                try:
+                    config, config_ignored = parse_config(value)
+                except InvalidRecord as e:
+                    config_error = (
+                        f"invalid config in etcd (revision {mod_rev}), using {fallback_source}: {e}"
+                    )
+                    raise
+            elif key == keys.leader:
+                leader = Leader(value.decode(errors="replace"), create_rev, lease, mod_rev)
+                records.check_name(leader.name, "leader")
+            elif key.startswith(keys.members):
+                name = key[len(keys.members) :]
+                members[name] = Member.parse(name, value, lease)
+            elif key == keys.status:
+                status = Status.parse(value)
+            elif key == keys.history:
+                history_rev = mod_rev
+                history = parse_history_strict(value)
+            elif key == keys.switchover:
+                switchover = Switchover.parse(value, mod_rev)
+            elif key == keys.sync:
+                sync_invalid = True
+                sync = SyncState.parse(value, mod_rev)
+                sync_invalid = False
+        except InvalidRecord as e:
+            invalid.append(RecordProblem(key, mod_rev, str(e)))
     return ClusterView(
         revision=revision,
         initialized=initialized,
@@ -330,6 +459,9 @@ def build_view(
         history_revision=history_rev,
         switchover=switchover,
         sync=sync,
+        sync_invalid=sync_invalid,
+        config_ignored=config_ignored,
+        invalid=tuple(sorted(invalid, key=lambda p: p.key)),
     )
 
 

@@ -25,15 +25,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from hakeeper.core.cluster import ClusterView, HistoryEntry, Member, Status, Switchover, SyncState, build_view
+from hakeeper.core.cluster import (
+    ClusterView,
+    HistoryEntry,
+    Member,
+    Status,
+    Switchover,
+    SyncState,
+    build_view,
+    parse_history_strict,
+)
 from hakeeper.core.config import DynamicConfig
 from hakeeper.core.keys import Keys
+from hakeeper.core.records import InvalidRecord
 from hakeeper.dcs.etcd import KV, TxnResult, cmp_create, cmp_mod, cmp_value, op_delete, op_put
+from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
     from hakeeper.dcs.etcd import EtcdClient
 
 __all__ = ["ClusterStore", "EtcdLike"]
+
+log = get_logger(__name__)
 
 
 class EtcdLike(Protocol):
@@ -86,12 +99,18 @@ class ClusterStore:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def view_of(self, kvs: Mapping[str, KV], revision: int, fallback: DynamicConfig) -> ClusterView:
+    def view_of(
+        self,
+        kvs: Mapping[str, KV],
+        revision: int,
+        fallback: DynamicConfig,
+        fallback_source: str = "the local bootstrap values",
+    ) -> ClusterView:
         """The view of the cluster's keys ``kvs`` (full key -> KV, e.g. a mirror's dict) read at
-        ``revision``; ``fallback`` is the configuration while the config key is absent or invalid.
-        Pure: no etcd call."""
+        ``revision``; ``fallback`` is the configuration while the config key is absent or invalid
+        (``fallback_source`` names it in ``config_error``).  Pure: no etcd call."""
         raw = {k: (kv.value, kv.create_revision, kv.mod_revision, kv.lease) for k, kv in kvs.items()}
-        return build_view(self.keys, raw, revision, fallback)
+        return build_view(self.keys, raw, revision, fallback, fallback_source)
 
     async def read_keys(self) -> tuple[dict[str, KV], int]:
         """Every key of the cluster and the revision they were read at (one linearizable range
@@ -100,9 +119,13 @@ class ClusterStore:
         return {kv.key: kv for kv in kvs}, revision
 
     async def read_view(self, fallback: DynamicConfig | None = None) -> ClusterView:
-        """A fresh view from one linearizable range read of every key of the cluster."""
+        """A fresh view from one linearizable range read of every key of the cluster (a one-off
+        reader has no last valid config: an invalid one reads as ``fallback`` or the defaults)."""
         kvs, revision = await self.read_keys()
-        return self.view_of(kvs, revision, fallback or DynamicConfig())
+        if fallback is None:
+            source = "the built-in defaults here (the agents keep the last valid config they saw)"
+            return self.view_of(kvs, revision, DynamicConfig(), source)
+        return self.view_of(kvs, revision, fallback, "the given fallback")
 
     async def leader_term(self) -> int | None:
         """The term of the current leader (its key's create revision), None without a leader."""
@@ -115,11 +138,11 @@ class ClusterStore:
         leader = await self.client.get(self.keys.leader)
         if leader is None or not leader.value:
             return None
-        name = leader.value.decode()
+        name = leader.value.decode(errors="replace")
         kv = await self.client.get(self.keys.member(name))
         if kv is None:
             return None
-        return Member.from_json(name, kv.value, kv.lease)
+        return Member.from_json(name, kv.value, kv.lease)  # None for an invalid record
 
     # -- the initialize race ----------------------------------------------------------------------
 
@@ -238,7 +261,13 @@ class ClusterStore:
         k = self.keys
         for _ in range(attempts):
             cur = await self.client.get(k.history)
-            items = json.loads(cur.value) if cur is not None and cur.value else []
+            try:
+                items = [e.to_dict() for e in parse_history_strict(cur.value if cur is not None else None)]
+            except InvalidRecord as e:
+                # Whatever is there cannot be read by anyone: replace it rather than never
+                # recording a promotion again (still compare-and-swap on what was read).
+                log.warning("history_replaced", key=k.history, reason=str(e))
+                items = []
             items.append(entry.to_dict())
             res = await self.client.txn(
                 [cmp_create(k.leader, "=", term), cmp_mod(k.history, "=", cur.mod_revision if cur else 0)],

@@ -14,7 +14,7 @@ from dataclasses import replace
 from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import DynamicConfig
 from hakeeper.dcs.etcd import EtcdError
-from hakeeper.dcs.mirror import PrefixMirror
+from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.table import STEPS
 from hakeeper.ha.policy.decide import decide
@@ -34,10 +34,26 @@ class HaLoop:
         self.identity = identity
         self.action_lock = action_lock  # the HA cycle and operator actions never interleave
         self.stopping = asyncio.Event()
+        self._reported: set[tuple[str, int]] = set()  # invalid records already logged (key, revision)
 
     def view(self) -> ClusterView:
-        """The cluster as the etcd mirror holds it now."""
-        return self.ctx.store.view_of(self.mirror.kvs, self.mirror.revision, self.ctx.cfg.bootstrap.dcs)
+        """The cluster as the etcd mirror holds it now.
+
+        An invalid (or vanished) config key falls back to the last valid config this process
+        saw, never to this node's own bootstrap values: those may differ from node to node, and
+        nodes that disagree on replication_mode or pause would act on different rules.  Only
+        an agent that never saw a valid config since it started uses its bootstrap values."""
+        st = self.ctx.state
+        if st.last_valid_config is None:
+            fallback = self.ctx.cfg.bootstrap.dcs
+            source = "the local bootstrap values (no valid config seen since this agent started)"
+        else:
+            fallback, rev = st.last_valid_config
+            source = f"the last valid config (revision {rev})"
+        view = self.ctx.store.view_of(self.mirror.kvs, self.mirror.revision, fallback, source)
+        if view.config_revision and view.config_error is None:
+            st.last_valid_config = (view.config, view.config_revision)
+        return view
 
     # -- running -------------------------------------------------------------------------------------
 
@@ -104,16 +120,35 @@ class HaLoop:
             await self.ctx.pgconf.apply_changes(view.config)
 
     def _take_view(self, view: ClusterView) -> None:
-        if view.config_error:
-            log.warning("dynamic_config_invalid", error=view.config_error)
+        self._report(view)
         self.ctx.state.view = view
         self._apply_timing(view.config)
+
+    def _report(self, view: ClusterView) -> None:
+        """Log each invalid record once per revision (the view is rebuilt every cycle)."""
+        seen = {(p.key, p.revision) for p in view.invalid}
+        for p in view.invalid:
+            if (p.key, p.revision) not in self._reported:
+                log.warning("etcd_record_invalid", key=p.key, revision=p.revision, reason=p.reason)
+                if p.key == self.ctx.store.keys.config and view.config_error:
+                    log.warning("dynamic_config_invalid", error=view.config_error)
+        if view.config_ignored and ("config-ignored", view.config_revision) not in self._reported:
+            log.warning(
+                "dynamic_config_fields_ignored",
+                revision=view.config_revision,
+                fields=list(view.config_ignored),
+                reason="unknown to this version (written by a newer agent?)",
+            )
+        if view.config_ignored:
+            seen.add(("config-ignored", view.config_revision))
+        self._reported = seen  # forget what was fixed: the set stays as small as the problems
 
     def _apply_timing(self, dyn: DynamicConfig) -> None:
         lease = self.ctx.guard.lease
         lease.ttl = dyn.ttl
         lease.interval = dyn.keepalive_interval
         lease.margin = dyn.fence_margin
+        self.mirror.stall_timeout = stall_timeout_for(dyn.ttl)  # used from the next watch on
 
     async def observe(self, view: ClusterView, *, etcd_reachable: bool = True) -> LocalFacts:
         """Probe PostgreSQL and advance this node's clocks: the facts decide() needs

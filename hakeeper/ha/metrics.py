@@ -74,6 +74,14 @@ class HaMetrics:
             "Times this node stopped its own writes at the fence deadline",
             registry=r,
         )
+        self.config_valid = Gauge(
+            "hakeeper_dcs_config_valid",
+            "0 while the cluster config in etcd does not validate (the last valid one is kept)",
+            registry=r,
+        )
+        self.invalid_records = Gauge(
+            "hakeeper_dcs_invalid_records", "Keys in etcd ignored because they do not validate", registry=r
+        )
         self.decisions = Counter(
             "hakeeper_decisions", "HA decisions taken, by action", ["action"], registry=r
         )
@@ -96,6 +104,8 @@ class HaMetrics:
         self.lease_remaining.set(snap.lease_remaining)
         self.paused.set(1 if view.paused else 0)
         self.switchover_pending.set(1 if view.switchover is not None else 0)
+        self.config_valid.set(0 if view.config_error else 1)
+        self.invalid_records.set(len(view.invalid))
         self.replica_lag_bytes.clear()
         for m in view.members.values():
             if m.lag is not None:

@@ -41,6 +41,8 @@ class NodeState:
     # last member record put: (record without its timestamp, lease, monotonic time)
     published: tuple[Member, int, float] | None = None
     checkpointer_woken_for: int | None = None  # postmaster pid (see PgConfigurator.wake_checkpointer)
+    # the newest config key that validated, and its revision: what an invalid one falls back to
+    last_valid_config: tuple[DynamicConfig, int] | None = None
 
     @property
     def config(self) -> DynamicConfig:

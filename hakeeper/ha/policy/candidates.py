@@ -73,6 +73,10 @@ def sync_refusal(member: Member, view: ClusterView) -> str | None:
     """Synchronous and quorum modes: why promoting ``member`` could lose an acknowledged commit
     according to the ``sync`` key (``hakeeper/ha/sync.py``), or None."""
     sync = view.sync
+    if view.sync_invalid and view.config.replication_mode != "async":
+        # The key exists but does not validate: which standbys have every acknowledged commit
+        # is unknown, and reading it as "no key" would let any replica promote.
+        return "the sync key in etcd is invalid; promoting could lose acknowledged writes"
     if view.config.replication_mode == "async" or sync is None or not sync.members:
         return None  # an empty key: the leader ran without waiting for anyone
     if member.name == sync.leader:
