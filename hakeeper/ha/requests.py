@@ -11,13 +11,13 @@ turns the kind into an HTTP status).  The agents carry a written request out (``
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
-from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage
+from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage, parse_config
 from hakeeper.core.config import ConfigError, DynamicConfig, parse_dynamic_config
 from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.core.records import InvalidRecord
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.policy.candidates import assess
@@ -182,6 +182,13 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 async def read_config(store: ClusterStore) -> tuple[DynamicConfig, int]:
+    cfg, rev, _ = await read_stored_config(store)
+    return cfg, rev
+
+
+async def read_stored_config(store: ClusterStore) -> tuple[DynamicConfig, int, tuple[str, ...]]:
+    """The stored config, its revision, and the fields of it this version does not know (a
+    newer agent's: ignored, as the agents do, docs/decisions.md)."""
     try:
         stored = await store.read_config()
     except EtcdError as e:
@@ -192,9 +199,10 @@ async def read_config(store: ClusterStore) -> tuple[DynamicConfig, int]:
         )
     raw, mod_revision = stored
     try:
-        return parse_dynamic_config(json.loads(raw)), mod_revision
-    except (ValueError, ConfigError) as e:
+        cfg, ignored = parse_config(raw)
+    except InvalidRecord as e:
         raise Refused(RefusalKind.UNAVAILABLE, f"the stored configuration is invalid: {e}") from e
+    return cfg, mod_revision, ignored
 
 
 async def patch_config(
@@ -207,7 +215,14 @@ async def patch_config(
     if not isinstance(patch, dict):
         raise Refused(RefusalKind.INVALID, "the patch must be a JSON object")
     for _ in range(5):
-        cfg, rev = await read_config(store)
+        cfg, rev, ignored = await read_stored_config(store)
+        if ignored:
+            # writing back what this version knows would silently drop a newer agent's settings
+            raise Refused(
+                RefusalKind.PRECONDITION,
+                f"the stored configuration has settings this version does not know "
+                f"({', '.join(ignored)}); change it through an upgraded node",
+            )
         if expected_revision is not None and expected_revision != rev:
             raise Refused(
                 RefusalKind.CONFLICT, f"the configuration changed (revision {rev}, not {expected_revision})"

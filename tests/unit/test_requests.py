@@ -226,6 +226,21 @@ async def test_config_patches_and_their_refusals() -> None:
     assert e.kind == RefusalKind.UNAVAILABLE and e.message.startswith("the stored configuration is invalid")
 
 
+async def test_a_newer_agents_config_field_is_read_but_not_patched_away() -> None:
+    """docs/decisions.md: the stored config ignores fields this version does not know (GET works,
+    as the agents read it), but a PATCH from here would drop them, so it is refused."""
+    etcd = FakeEtcd()
+    store = await cluster(etcd)
+    doc = json.loads(DynamicConfig(ttl=9).model_dump_json())
+    doc["future_knob"] = 1
+    await etcd.put(KEYS.config, json.dumps(doc))
+    cfg, _ = await requests.read_config(store)
+    assert cfg.ttl == 9
+    e = await refusal(requests.patch_config(store, {"loop_wait": 2}))
+    assert e.kind == RefusalKind.PRECONDITION and "future_knob" in e.message
+    assert json.loads((await etcd.get(KEYS.config)).value)["future_knob"] == 1  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("patch", "says"),
     [
