@@ -42,7 +42,10 @@ def conn_kwargs(
         gssencmode="disable",
         # An SQL_ASCII database would otherwise hand every text column back as bytes.
         client_encoding="UTF8",
-        **client_auth_options(),
+        # Over TCP the server must ask for SCRAM.  Not on our own Unix socket: it is in a private
+        # directory of our data directory (nobody can stand in for the server there), and pg_hba
+        # trusts the superuser on it (a restored cluster's roles still have the source's passwords).
+        **({} if host.startswith("/") else client_auth_options()),
     )
     kw: dict[str, Any] = {
         "conninfo": conninfo,

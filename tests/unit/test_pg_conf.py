@@ -418,6 +418,9 @@ def test_agent_connections_require_scram_with_this_psycopg() -> None:
         assert parsed["require_auth"] == "scram-sha-256"
     else:
         assert "require_auth" not in parsed
+    # our own Unix socket (the bootstrap from a backup uses it): pg_hba trusts the superuser there
+    kw = conn_kwargs(_cfg(Path("/x")), "/x/pg_stat_tmp", 5432, statement_timeout_ms=1000, connect_timeout=2)
+    assert "require_auth" not in conninfo_to_dict(kw["conninfo"])
 
 
 # ---------------------------------------------------------------- postgresql.auto.conf
