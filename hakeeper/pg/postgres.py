@@ -8,7 +8,8 @@ The files the agent owns inside the data directory, rewritten by :meth:`Postgres
 before every start and after every clone or rewind, are described in :mod:`hakeeper.pg.files`.
 Cloning (pg_basebackup) is :mod:`hakeeper.pg.clone`, rewinding (pg_rewind) :mod:`hakeeper.pg.rewind`.
 
-The Unix socket is in ``<data_dir>/pg_stat_tmp`` (private; see SOCKET_SUBDIR).
+The Unix socket is in ``<data_dir>/pg_stat_tmp`` (private; see SOCKET_SUBDIR).  The replication
+passfile is in the runtime directory beside the data directory (:attr:`Postgres.pgpass_file`).
 
 The server log (``pg_ctl -l``) is ``<data_dir>/log/postgresql.log``.
 """
