@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.net import HUB_IP, SUBNET, Host, Loopback, Namespaces
-from hakeeper.localcluster import REPLICATION_USER, SUPERUSER, LocalCluster, LocalClusterError, etcd_argv
+from hakeeper.localcluster import SUPERUSER, LocalCluster, LocalClusterError, etcd_argv
 
 
 class EtcdMember:
@@ -188,10 +188,9 @@ class ChaosCluster(LocalCluster):
         cfg["api"]["listen"] = f"{ip}:{n.api_port}"
         cfg["postgresql"]["listen"] = f"{ip}:{n.pg_port}"
         net = "127.0.0.1/32" if isinstance(self.net, Loopback) else f"{SUBNET}.0/24"
-        cfg["postgresql"]["pg_hba"] = [
-            f"host all all {net} scram-sha-256",
-            f"host replication {REPLICATION_USER} {net} scram-sha-256",
-        ]
+        # No replication line: the agents admit replication from the members' published
+        # addresses themselves, which the runs thereby exercise across namespaces.
+        cfg["postgresql"]["pg_hba"] = [f"host all all {net} scram-sha-256"]
         return cfg
 
     def agent_argv(self, name: str) -> list[str]:

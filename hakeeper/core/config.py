@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from hakeeper.core.backup_config import BackupConfig
+from hakeeper.core.hba import hba_line_problem
 from hakeeper.core.lsn import parse_lsn
 
 ENV_PREFIX = "HAKEEPER_"
@@ -76,6 +77,9 @@ AGENT_OWNED_PARAMETERS = frozenset(
         "recovery_target_timeline",
         "hot_standby",
         "synchronous_standby_names",
+        # The socket stays in a directory only the PostgreSQL OS user can enter, which is what
+        # makes the superuser's `local ... trust` lines in pg_hba.conf safe.
+        "unix_socket_directories",
     }
 )
 # Of those, the ones the agent itself hands to the PostgreSQL layer in its parameters.
@@ -233,9 +237,43 @@ class Credentials(_Strict):
     username: str = Field(
         description="Role name (defaults: postgres for superuser, replicator for replication)."
     )
-    password: SecretStr | None = Field(
-        None, description="Password (scram-sha-256). Without one, pg_hba trusts that role: demo use only."
+    password: SecretStr | None = Field(None, description="Password (scram-sha-256).")
+
+
+PASSWORD_HINT = (
+    "generate one (e.g. `openssl rand -base64 24`) and put it in the node file, or in the "
+    "environment as {env}; every node of the cluster needs the same one"
+)
+
+
+class RoleCredentials(Credentials):
+    """A role the agent creates and connects as: a password is required.  Without one pg_hba
+    would have to trust TCP connections; and a password generated on one node would be of no
+    use to the other nodes, which must know it to replicate or rewind."""
+
+    password: SecretStr = Field(
+        description="Password (scram-sha-256), required: the same on every node. Stored in "
+        "PostgreSQL as a SCRAM verifier; the agent hands the replication password to PostgreSQL "
+        "in a 0600 passfile outside the data directory."
     )
+
+    @field_validator("password")
+    @classmethod
+    def _usable(cls, v: SecretStr) -> SecretStr:
+        text = v.get_secret_value()
+        if not text:
+            raise ValueError("must not be empty")
+        if any(c in text for c in "\n\r\x00"):
+            raise ValueError("must not contain a line break or NUL")
+        return v
+
+
+class SuperuserCredentials(RoleCredentials):
+    username: str = Field("postgres", description="Role name.")
+
+
+class ReplicationCredentials(RoleCredentials):
+    username: str = Field("replicator", description="Role name.")
 
 
 class PostgresConfig(_Strict):
@@ -247,13 +285,16 @@ class PostgresConfig(_Strict):
     connect_address: str | None = Field(
         None, description="host:port others use to reach this PostgreSQL (default: listen)."
     )
-    superuser: Credentials = Field(default_factory=lambda: Credentials(username="postgres"))
-    replication: Credentials = Field(default_factory=lambda: Credentials(username="replicator"))
+    # Required: their passwords have no default (see RoleCredentials).
+    superuser: SuperuserCredentials = Field(description="The superuser the agent connects as.")
+    replication: ReplicationCredentials = Field(description="The role replicas stream as.")
     parameters: dict[str, ParamValue] = Field(
         default_factory=dict, description="Node-local PostgreSQL parameters."
     )
     pg_hba: list[str] = Field(
-        default_factory=list, description="Extra pg_hba.conf lines, placed before the agent's own."
+        default_factory=list,
+        description="Extra pg_hba.conf lines, placed before the agent's own. `trust` is refused on "
+        "TCP (host*) lines.",
     )
     os_user: str | None = Field(
         None,
@@ -264,6 +305,15 @@ class PostgresConfig(_Strict):
     remove_data_directory_on_rewind_failure: bool = Field(
         True, description="Re-clone from the leader when pg_rewind fails."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_sections(cls, data: Any) -> Any:
+        """A missing superuser/replication section is an empty one, so that the error names
+        what is really missing: ``postgresql.superuser.password``."""
+        if isinstance(data, dict):
+            data = {"superuser": {}, "replication": {}, **data}
+        return data
 
     @field_validator("listen", "connect_address")
     @classmethod
@@ -280,6 +330,15 @@ class PostgresConfig(_Strict):
         if owned:
             raise ValueError(f"managed by hakeeper, set them elsewhere: {', '.join(owned)}")
         return params
+
+    @field_validator("pg_hba")
+    @classmethod
+    def _hba(cls, lines: list[str]) -> list[str]:
+        for i, line in enumerate(lines):
+            problem = hba_line_problem(line)
+            if problem is not None:
+                raise ValueError(f"line {i + 1} ({line!r}): {problem}")
+        return lines
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -591,6 +650,14 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
+_MISSING_HINTS: dict[tuple[str, ...], str] = {
+    ("postgresql", role, "password"): PASSWORD_HINT.format(
+        env=f"{ENV_PREFIX}POSTGRESQL__{role.upper()}__PASSWORD"
+    )
+    for role in ("superuser", "replication")
+}
+
+
 def format_validation_error(e: ValidationError) -> list[tuple[str, str]]:
     out = []
     for err in e.errors():
@@ -599,6 +666,9 @@ def format_validation_error(e: ValidationError) -> list[tuple[str, str]]:
             msg = "unknown field"
         elif err["type"] == "missing":
             msg = "required field is missing"
+            hint = _MISSING_HINTS.get(tuple(str(p) for p in err["loc"]))
+            if hint is not None:
+                msg = f"{msg}: {hint}"
         out.append((_loc(err["loc"]), msg))
     return out
 

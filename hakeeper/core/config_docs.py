@@ -101,7 +101,9 @@ def render() -> str:
     parts.append(
         "\nManaged by hakeeper and refused in `parameters`: `port`, `listen_addresses`, "
         "`hba_file`, `ident_file`, `data_directory`, `config_file`, `primary_conninfo`, "
-        "`primary_slot_name`, `recovery_target_timeline`, `hot_standby`.  hakeeper rewrites "
+        "`primary_slot_name`, `recovery_target_timeline`, `hot_standby`, "
+        "`synchronous_standby_names`, `unix_socket_directories` (the socket stays in a private "
+        "directory of the data directory: the superuser's `local` lines trust it).  hakeeper rewrites "
         "`postgresql.conf` and `pg_hba.conf` before every start and after every clone or rewind, "
         "and removes these keys from `postgresql.auto.conf` (pg_rewind and pg_basebackup copy the "
         "source's files).\n"

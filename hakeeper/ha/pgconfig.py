@@ -3,7 +3,12 @@
 Parameters come from the dynamic config (etcd), the node file, the synchronous replication
 state (``synchronous_standby_names``) and the backup port (archiving), in that order of
 precedence, lowest first.  Every write of the files goes through :meth:`PgConfigurator.write`,
-so the agent always knows what the files hold (:attr:`written`) and what a change must reload.
+so the agent always knows what the files hold (:attr:`written`, :attr:`written_hosts`) and what a
+change must reload.
+
+pg_hba.conf admits replication only from the members' published hosts (and this node's own
+addresses): the set is taken from the view at every write, and a change of it (a member joined
+or left) rewrites the files and reloads, like a parameter change.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from hakeeper.core.config import DynamicConfig, NodeConfig, ParamValue, secret_value
 from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.ha.state import NodeState
+from hakeeper.pg.conf import replication_addresses
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
 from hakeeper.util.log import get_logger
@@ -38,6 +44,24 @@ class PgConfigurator:
         self.sync_guc = sync_guc
         self.extra = extra
         self.written: dict[str, Any] | None = None  # parameters in the files now (None: unknown)
+        self.written_hosts: tuple[str, ...] | None = None  # member hosts pg_hba.conf admits now
+        self._refused_hosts: frozenset[str] = frozenset()  # logged once per set
+
+    def member_hosts(self) -> tuple[str, ...]:
+        """The hosts the members publish in the current view (sorted, without repeats).  A
+        published host that is no single host (a network, ``all``, ``samenet``...) is left out
+        and logged: member records come from etcd and are not trusted to widen pg_hba.conf."""
+        hosts = {m.host for m in self.state.view.members.values() if m.host}
+        _, refused = replication_addresses(hosts)
+        if frozenset(refused) != self._refused_hosts:
+            self._refused_hosts = frozenset(refused)
+            if refused:
+                log.warning(
+                    "member_hosts_refused",
+                    hosts=refused,
+                    reason="not a single host name or IP address; no replication admitted from it",
+                )
+        return tuple(sorted(hosts - set(refused)))
 
     def params(self, dyn: DynamicConfig) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -49,29 +73,40 @@ class PgConfigurator:
 
     async def write(self, dyn: DynamicConfig, role: Role, upstream: Upstream | None) -> None:
         params = self.params(dyn)
+        hosts = self.member_hosts()
         await self.pg.write_config(
             params,
             role,
             upstream,
             replication_password=secret_value(self.cfg.postgresql.replication.password),
+            replication_hosts=hosts,
         )
         self.written = params
+        self.written_hosts = hosts
 
     def current_role(self) -> Role:
         probe = self.state.probe
         return Role.PRIMARY if probe is not None and probe.in_recovery is False else Role.REPLICA
 
     async def apply_changes(self, dyn: DynamicConfig) -> None:
-        """Cluster-wide parameters changed in etcd (PATCH /config) or the sync state moved:
-        rewrite and reload.
+        """Cluster-wide parameters changed in etcd (PATCH /config), the sync state moved or the
+        members' hosts changed (pg_hba.conf): rewrite and reload.
 
         Parameters that need a restart are reported by PostgreSQL as pending_restart; the agent
         does not restart on its own (POST /restart does)."""
         params = self.params(dyn)
         before = self.written or {}  # None: an agent restarted beside a running server
-        if params == before:
+        hosts, hosts_before = self.member_hosts(), self.written_hosts
+        if params == before and hosts == hosts_before:
             return
         changed = sorted(k for k in params.keys() | before.keys() if params.get(k) != before.get(k))
+        if hosts != hosts_before:
+            old = set(hosts_before or ())
+            log.info(
+                "pg_hba_members_changed",
+                added=sorted(set(hosts) - old),
+                removed=sorted(old - set(hosts)),
+            )
         if before.get("synchronous_standby_names") == "*" and params.get("synchronous_standby_names") == "":
             log.warning(
                 "sync_guard_expired",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import re
 import shutil
 from collections.abc import Mapping
@@ -48,6 +50,29 @@ def find_bin_dir(configured: Path | None) -> Path:
         "PostgreSQL binaries not found: set postgresql.bin_dir "
         f"(looked in {DEFAULT_BIN_DIR}, {_DEBIAN_ROOT}/*/bin and PATH)"
     )
+
+
+@functools.cache
+def tools_libpq_version(bin_dir: Path) -> int:
+    """``PQlibVersion()`` of the libpq the PostgreSQL programs in ``bin_dir`` load (pg_basebackup,
+    pg_rewind, and the server's walreceiver, which reads ``primary_conninfo``); 0 if unknown.
+
+    That is not psycopg's libpq (psycopg-binary bundles its own under another soname): on Debian
+    PostgreSQL 15 uses the system's ``libpq.so.5``, which may be 15 and then knows no
+    ``require_auth``.  A build installed with its own ``lib`` next to ``bin`` (an rpath) is
+    looked at first.  Loaded once per directory, at construction of the agent's Postgres."""
+    for candidate in (bin_dir.parent / "lib" / "libpq.so.5", Path("libpq.so.5")):
+        if candidate.is_absolute() and not candidate.is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(str(candidate))
+            fn = lib.PQlibVersion
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = []
+        return int(fn())
+    return 0
 
 
 async def run_program(

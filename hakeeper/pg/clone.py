@@ -40,6 +40,7 @@ async def clone_from(
         application_name=f"{pg.member_name}-clone",
         connect_timeout=10,
         gssencmode="disable",
+        **pg.tools_auth_options,
     )
     argv = [
         pg.program("pg_basebackup"),

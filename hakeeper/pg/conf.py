@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 
 from hakeeper.core.cluster import guc_quorum
 from hakeeper.core.config import AGENT_OWNED_PARAMETERS, DynamicConfig, ParamValue
+from hakeeper.core.hba import hba_address, hba_line_problem
 
 HEADER = (
     "# This file is managed by hakeeper, edits are overwritten.\n"
@@ -127,35 +128,69 @@ def _hba_name(name: str) -> str:
 
 _LOCAL_NETS = ("127.0.0.1/32", "::1/128")
 _ANY_NETS = ("0.0.0.0/0", "::/0")
+# require_auth is a libpq 16 connection option; an older libpq refuses the whole string.
+REQUIRE_AUTH_LIBPQ = 160000
+
+
+def auth_options(libpq_version: int) -> dict[str, str]:
+    """Connection options that make libpq refuse a server that does not ask for the password
+    by SCRAM (a server, or an address hijacked through etcd, that answers with ``trust`` or
+    plain-text ``password`` would otherwise be handed the password or a session): only for a
+    libpq that knows ``require_auth`` (16+), since an older one fails to connect at all."""
+    if libpq_version >= REQUIRE_AUTH_LIBPQ:
+        return {"require_auth": "scram-sha-256"}
+    return {}
+
+
+def replication_addresses(hosts: Iterable[str]) -> tuple[list[str], list[str]]:
+    """pg_hba.conf addresses for the members' ``hosts`` (deduplicated, sorted), and the hosts
+    refused because they are no single host (see :func:`hakeeper.core.hba.hba_address`)."""
+    addrs: set[str] = set()
+    refused: set[str] = set()
+    for host in hosts:
+        addr = hba_address(host)
+        if addr is None:
+            refused.add(host)
+        elif addr not in _LOCAL_NETS:
+            addrs.add(addr)
+    return sorted(addrs), sorted(refused)
 
 
 def render_pg_hba(
-    *, extra_lines: list[str], superuser: str, replication_user: str, password_auth: bool
+    *, extra_lines: list[str], superuser: str, replication_user: str, replication_hosts: Iterable[str]
 ) -> str:
     """pg_hba.conf: the user's extra lines first, then the agent's.
 
-    The superuser may use the Unix socket without a password: the socket lives in the data
-    directory, which only the PostgreSQL OS user (and root) can enter.
+    * ``local`` (Unix socket): the superuser without a password.  Safe because the socket is
+      in ``<data_dir>/pg_stat_tmp``, a 0700 directory inside the 0700 data directory that the
+      agent re-chmods on every write (and ``unix_socket_directories`` is agent-owned): only the
+      PostgreSQL OS user and root reach the socket, and they can read the data files anyway.
+    * ``host replication``: the replication role from loopback and from ``replication_hosts``
+      only (the members' published addresses plus this node's own), by scram-sha-256.
+    * ``host all all``: any address, by scram-sha-256 (never ``trust`` on a TCP line).
+
+    Raises ValueError for an extra line that would break the file or trust TCP connections.
     """
-    method = "scram-sha-256" if password_auth else "trust"
     su = _hba_name(superuser)
     repl = _hba_name(replication_user)
     out = [HEADER]
     if extra_lines:
         out.append("# From postgresql.pg_hba in the node configuration\n")
         for line in extra_lines:
-            if "\n" in line or "\r" in line:
-                raise ValueError(f"pg_hba line contains a line break: {line!r}")
+            problem = hba_line_problem(line)
+            if problem is not None:
+                raise ValueError(f"pg_hba line {line!r}: {problem}")
             out.append(line.rstrip() + "\n")
     out.append("# hakeeper\n")
     rows: list[tuple[str, str, str, str, str]] = [
         ("local", "all", su, "", "trust"),
         ("local", "replication", su, "", "trust"),
     ]
+    members, _ = replication_addresses(replication_hosts)
+    for net in (*_LOCAL_NETS, *members):
+        rows.append(("host", "replication", repl, net, "scram-sha-256"))
     for net in (*_LOCAL_NETS, *_ANY_NETS):
-        rows.append(("host", "replication", repl, net, method))
-    for net in (*_LOCAL_NETS, *_ANY_NETS):
-        rows.append(("host", "all", "all", net, method))
+        rows.append(("host", "all", "all", net, "scram-sha-256"))
     for kind, db, user, addr, meth in rows:
         out.append(f"{kind:<6} {db:<12} {user:<16} {addr:<14} {meth}\n")
     return "".join(out)

@@ -5,8 +5,12 @@ rewind (both copy the source's files):
 * ``postgresql.conf``  - all parameters, agent-owned ones last;
 * ``pg_hba.conf``;
 * ``standby.signal``   - present iff the role is replica;
-* ``hakeeper.pgpass``  - the replication password for ``primary_conninfo`` (mode 0600);
 * ``postgresql.auto.conf`` - kept, minus any line setting an agent-owned parameter.
+
+The replication password for ``primary_conninfo`` is not in the data directory: every base
+backup and clone copies the data directory, so it lives in the node's runtime directory next to
+it (``.<data dir name>.hakeeper/hakeeper.pgpass``, mode 0600, owned by PostgreSQL's OS user).
+A ``hakeeper.pgpass`` an older version left in the data directory is removed on every write.
 
 Also here: the stale ``postmaster.pid`` clean-up and the tail of the server log.  Every function
 takes the paths it works on; the names inside the data directory are decided by ``Postgres``.
@@ -31,6 +35,13 @@ log = get_logger("hakeeper.pg.postgres")
 
 # sun_path is 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
+PGPASS_NAME = "hakeeper.pgpass"
+
+
+def runtime_dir_for(data_dir: Path) -> Path:
+    """The node's runtime directory, beside (never inside) its data directory: the agent lock,
+    the fencer's state and the replication passfile."""
+    return data_dir.parent / f".{data_dir.name}.hakeeper"
 
 
 def remove_file(path: Path) -> bool:
@@ -95,6 +106,7 @@ def render_conf(
     replication_user: str,
     passfile: Path | None,
     application_name: str,
+    conninfo_options: Mapping[str, str] | None = None,
 ) -> str:
     """postgresql.conf: ``params`` (minus the agent-owned names) and then what the agent sets,
     including ``primary_conninfo`` for a replica with an upstream."""
@@ -117,6 +129,7 @@ def render_conf(
             passfile=str(passfile) if passfile is not None else None,
             application_name=application_name,
             gssencmode="disable",
+            **(conninfo_options or {}),
         )
         if upstream.slot_name:
             merged["primary_slot_name"] = upstream.slot_name
@@ -138,9 +151,14 @@ def write_files(
     d = data_dir
     ra = run_as
     if pgpass is not None:
+        if not pgpass_file.parent.is_dir():
+            mkdir_owned(pgpass_file.parent, ra)
         write_atomic(pgpass_file, pgpass, mode=0o600, run_as=ra)
     else:
         remove_file(pgpass_file)
+    if remove_file(d / PGPASS_NAME):
+        # Left by an older version (or copied from a source that still has one).
+        log.warning("postgres_stale_pgpass_removed", file=str(d / PGPASS_NAME), reason="secret in PGDATA")
     write_atomic(d / "postgresql.conf", conf, mode=0o600, run_as=ra)
     write_atomic(d / "pg_hba.conf", hba, mode=0o600, run_as=ra)
     auto = d / "postgresql.auto.conf"
@@ -153,8 +171,9 @@ def write_files(
         if new != old:
             write_atomic(auto, new, mode=0o600, run_as=ra)
             log.info("postgres_auto_conf_cleaned", file=str(auto))
-    if not socket_dir.is_dir():
-        mkdir_owned(socket_dir, ra)
+    # Always 0700 (pg_basebackup and initdb --allow-group-access make it 0750): the superuser's
+    # socket is trusted in pg_hba.conf, so only PostgreSQL's OS user may reach it.
+    mkdir_owned(socket_dir, ra)
     remove_file(d / "recovery.signal")
     if role is Role.REPLICA:
         write_atomic(d / "standby.signal", "", mode=0o600, run_as=ra)

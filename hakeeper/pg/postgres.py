@@ -8,7 +8,8 @@ The files the agent owns inside the data directory, rewritten by :meth:`Postgres
 before every start and after every clone or rewind, are described in :mod:`hakeeper.pg.files`.
 Cloning (pg_basebackup) is :mod:`hakeeper.pg.clone`, rewinding (pg_rewind) :mod:`hakeeper.pg.rewind`.
 
-The Unix socket is in ``<data_dir>/pg_stat_tmp`` (private; see SOCKET_SUBDIR).
+The Unix socket is in ``<data_dir>/pg_stat_tmp`` (private; see SOCKET_SUBDIR).  The replication
+passfile is in the runtime directory beside the data directory (:attr:`Postgres.pgpass_file`).
 
 The server log (``pg_ctl -l``) is ``<data_dir>/log/postgresql.log``.
 """
@@ -23,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -31,15 +33,17 @@ from psycopg import sql as pgsql
 from hakeeper.core.config import ParamValue, PostgresConfig, secret_value
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.core.pgtypes import LocalState, ReplicaInfo, Role, SlotInfo, Upstream
-from hakeeper.pg.bins import C_LOCALE, find_bin_dir, run_program
-from hakeeper.pg.conf import parse_controldata, render_pg_hba, render_pgpass
+from hakeeper.pg.bins import C_LOCALE, find_bin_dir, run_program, tools_libpq_version
+from hakeeper.pg.conf import auth_options, parse_controldata, render_pg_hba, render_pgpass
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.files import (
+    PGPASS_NAME,
     log_tail,
     mkdir_owned,
     remove_file,
     remove_stale_pidfile,
     render_conf,
+    runtime_dir_for,
     write_files,
 )
 from hakeeper.pg.session import SqlSession
@@ -58,7 +62,6 @@ __all__ = [
 
 log = get_logger(__name__)
 
-PGPASS_NAME = "hakeeper.pgpass"
 LOG_DIR_NAME = "log"
 LOG_FILE_NAME = "postgresql.log"
 # The Unix socket lives in a private directory inside the data dir, but not in the data dir's
@@ -66,6 +69,9 @@ LOG_FILE_NAME = "postgresql.log"
 # contents of pg_stat_tmp are skipped by both pg_rewind and pg_basebackup (documented), the
 # directory exists in every cluster, and it is 0700 like the data dir.
 SOCKET_SUBDIR = "pg_stat_tmp"
+
+
+_WILDCARD_HOSTS = ("", "*", "0.0.0.0", "::")
 
 
 def _listen_to_connect_host(host: str) -> str:
@@ -121,12 +127,29 @@ class Postgres:
         return self.data_dir / LOG_DIR_NAME / LOG_FILE_NAME
 
     @property
+    def runtime_dir(self) -> Path:
+        return runtime_dir_for(self.data_dir)
+
+    @property
     def pgpass_file(self) -> Path:
-        return self.data_dir / PGPASS_NAME
+        """The replication passfile: outside the data directory, which every clone copies."""
+        return self.runtime_dir / PGPASS_NAME
+
+    @property
+    def tools_auth_options(self) -> dict[str, str]:
+        """Extra libpq options for connections made by PostgreSQL's own programs (pg_basebackup,
+        pg_rewind, the walreceiver), which use the libpq the binaries load, not psycopg's."""
+        return auth_options(tools_libpq_version(self.bin_dir))
 
     @property
     def socket_dir(self) -> Path:
         return self.data_dir / SOCKET_SUBDIR
+
+    def own_hosts(self) -> list[str]:
+        """This node's configured addresses (listen and connect; a wildcard is none): a node
+        admits replication from itself even before it has seen any member record."""
+        hosts = (self.cfg.connect_host_port[0], self.listen_host)
+        return [h for h in dict.fromkeys(hosts) if h not in _WILDCARD_HOSTS]
 
     def is_initialized(self) -> bool:
         return (self.data_dir / "PG_VERSION").is_file()
@@ -205,18 +228,17 @@ class Postgres:
         upstream: Upstream | None,
         *,
         replication_password: str | None,
-        password_auth: bool | None = None,
+        replication_hosts: Iterable[str] = (),
     ) -> None:
         """Write every agent-owned file (see the module docstring).
 
         ``params`` is the complete parameter set (cluster, node-local and agent-computed values
-        merged by the caller); agent-owned names in it are ignored.  ``password_auth`` (default:
-        the superuser has a password) selects scram-sha-256 over trust for TCP in pg_hba.conf.
+        merged by the caller); agent-owned names in it are ignored.  Replication connections
+        are admitted from loopback, this node's own listen and connect addresses, and
+        ``replication_hosts`` (the members' published hosts).
         """
         if not self.is_initialized():
             raise PgError(f"cannot write configuration: {self.data_dir} is not initialized")
-        if password_auth is None:
-            password_auth = self.cfg.superuser.password is not None
         try:
             conf = render_conf(
                 params,
@@ -228,12 +250,13 @@ class Postgres:
                 replication_user=self.cfg.replication.username,
                 passfile=self.pgpass_file if replication_password is not None else None,
                 application_name=self.member_name,
+                conninfo_options=self.tools_auth_options,
             )
             hba = render_pg_hba(
                 extra_lines=list(self.cfg.pg_hba),
                 superuser=self.cfg.superuser.username,
                 replication_user=self.cfg.replication.username,
-                password_auth=password_auth,
+                replication_hosts=[*self.own_hosts(), *replication_hosts],
             )
             pgpass = (
                 render_pgpass([("*", "*", "*", self.cfg.replication.username, replication_password)])

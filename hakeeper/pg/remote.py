@@ -9,6 +9,7 @@ import psycopg
 
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.pg.conf import build_conninfo
+from hakeeper.pg.session import client_auth_options
 from hakeeper.util.log import get_logger
 
 log = get_logger("hakeeper.pg")
@@ -30,6 +31,7 @@ async def wait_received(
         dbname="postgres",
         connect_timeout=2,
         application_name="hakeeper-switchover",
+        **client_auth_options(),
     )
     while time.monotonic() < deadline:
         try:

@@ -17,6 +17,7 @@ from hakeeper.pg.conf import build_conninfo
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.files import remove_file, remove_stale_pidfile
 from hakeeper.pg.postgres import Postgres
+from hakeeper.pg.session import client_auth_options
 from hakeeper.util.log import get_logger
 
 # The logger every part of local PostgreSQL control logs under (unchanged by the module split).
@@ -48,6 +49,7 @@ async def rewind(
         application_name=f"{pg.member_name}-rewind",
         connect_timeout=10,
         gssencmode="disable",
+        **pg.tools_auth_options,
     )
     env = dict(C_LOCALE)
     if superuser_password is not None:
@@ -121,6 +123,7 @@ async def checkpoint_source(source: Upstream, superuser: str, password: str | No
             application_name="hakeeper",
             connect_timeout=5,
             gssencmode="disable",
+            **client_auth_options(),
         ),
         "autocommit": True,
     }

@@ -17,9 +17,15 @@ from psycopg import sql as pgsql
 
 from hakeeper.core.config import PostgresConfig, secret_value
 from hakeeper.core.pgtypes import LocalState
-from hakeeper.pg.conf import build_conninfo
+from hakeeper.pg.conf import auth_options, build_conninfo
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.probe import PROBE_SQL, state_from_row
+
+
+def client_auth_options() -> dict[str, str]:
+    """:func:`~hakeeper.pg.conf.auth_options` for psycopg's own libpq (psycopg-binary bundles
+    one, usually newer than the system's)."""
+    return auth_options(psycopg.pq.version())
 
 
 def conn_kwargs(
@@ -36,6 +42,10 @@ def conn_kwargs(
         gssencmode="disable",
         # An SQL_ASCII database would otherwise hand every text column back as bytes.
         client_encoding="UTF8",
+        # Over TCP the server must ask for SCRAM.  Not on our own Unix socket: it is in a private
+        # directory of our data directory (nobody can stand in for the server there), and pg_hba
+        # trusts the superuser on it (a restored cluster's roles still have the source's passwords).
+        **({} if host.startswith("/") else client_auth_options()),
     )
     kw: dict[str, Any] = {
         "conninfo": conninfo,

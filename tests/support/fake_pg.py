@@ -37,7 +37,7 @@ files themselves (``data_dir`` is only a name), archiving, and the fencer *proce
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -184,6 +184,7 @@ class FakePostgres:
         self.roles_created = False
         # the configuration files, and what the running server took from them
         self.params: dict[str, ParamValue] = {}
+        self.hba_hosts: tuple[str, ...] = ()  # replication_hosts of the last write_config
         self.role: Role | None = None
         self.upstream: Upstream | None = None
         self.config_writes = 0
@@ -352,11 +353,12 @@ class FakePostgres:
         upstream: Upstream | None,
         *,
         replication_password: str | None,
-        password_auth: bool | None = None,
+        replication_hosts: Iterable[str] = (),
     ) -> None:
         if not self.initialized:
             raise PgError(f"cannot write configuration: {self.data_dir} is not initialized")
         self.params = dict(params)
+        self.hba_hosts = tuple(replication_hosts)
         self.role = role
         self.upstream = upstream if role == Role.REPLICA else None
         self.config_writes += 1

@@ -192,6 +192,8 @@ def node_config(
             "postgresql": {
                 "data_dir": f"/nonexistent/hakeeper-fake/{name}/data",
                 "listen": f"127.0.0.1:{port}",
+                "superuser": {"password": "sim-su"},
+                "replication": {"password": "sim-repl"},
                 **(postgresql or {}),
             },
             "bootstrap": {"dcs": dcs or {}},

@@ -147,7 +147,16 @@ def test_conninfo_quotes() -> None:
 
 def _node_cfg(api: dict[str, object]) -> NodeConfig:
     return NodeConfig.model_validate(
-        {"scope": "s", "name": "n", "api": api, "postgresql": {"data_dir": "/tmp/x"}}
+        {
+            "scope": "s",
+            "name": "n",
+            "api": api,
+            "postgresql": {
+                "data_dir": "/tmp/x",
+                "superuser": {"password": "su"},
+                "replication": {"password": "repl"},
+            },
+        }
     )
 
 
@@ -179,7 +188,11 @@ def _cfg_file(tmp_path: Path) -> Path:
                 "scope": "s",
                 "name": "n",
                 "etcd": {"hosts": ["http://127.0.0.1:9"]},
-                "postgresql": {"data_dir": str(tmp_path / "d")},
+                "postgresql": {
+                    "data_dir": str(tmp_path / "d"),
+                    "superuser": {"password": "su"},
+                    "replication": {"password": "repl"},
+                },
             }
         )
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ postgresql:
   data_dir: /tmp/x
   listen: 127.0.0.1:6000
   superuser: {username: postgres, password: s3cret}
+  replication: {password: r3plic}
 """
 
 
@@ -145,3 +147,87 @@ def test_command_parameters_come_from_node_files_only(tmp_path: Path) -> None:
     assert load_node_config(write(tmp_path, node)).postgresql.parameters["restore_command"] == "cp /a %p"
     with pytest.raises(ValueError, match="runs a command or loads a library"):
         DynamicConfig.model_validate({"postgresql": {"parameters": {"Restore_Command": "x"}}})
+
+
+NO_PASSWORDS = """
+scope: demo
+name: node1
+postgresql:
+  data_dir: /tmp/x
+  listen: 0.0.0.0:6000
+"""
+
+
+def test_both_passwords_are_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without them pg_hba would have to trust TCP; a password generated on one node would be
+    useless to the others, so the node refuses to start instead."""
+    for key in ("HAKEEPER_POSTGRESQL__SUPERUSER__PASSWORD", "HAKEEPER_POSTGRESQL__REPLICATION__PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    p = write(tmp_path, NO_PASSWORDS)
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(p)
+    fields = dict(ei.value.errors)
+    assert set(fields) == {"postgresql.superuser.password", "postgresql.replication.password"}
+    text = str(ei.value)
+    assert f"{p}: postgresql.superuser.password: required field is missing" in text
+    assert "openssl rand" in text and "HAKEEPER_POSTGRESQL__REPLICATION__PASSWORD" in text
+    # only one of the two missing: that one is named
+    one = NO_PASSWORDS + "  superuser: {password: x}\n"
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, one))
+    assert [f for f, _ in ei.value.errors] == ["postgresql.replication.password"]
+    # the environment may supply them (the role names keep their defaults)
+    monkeypatch.setenv("HAKEEPER_POSTGRESQL__SUPERUSER__PASSWORD", "from-env-su")
+    monkeypatch.setenv("HAKEEPER_POSTGRESQL__REPLICATION__PASSWORD", "from-env-repl")
+    cfg = load_node_config(write(tmp_path, NO_PASSWORDS))
+    assert cfg.postgresql.superuser.username == "postgres"
+    assert cfg.postgresql.replication.username == "replicator"
+    assert cfg.postgresql.replication.password.get_secret_value() == "from-env-repl"
+
+
+@pytest.mark.parametrize(
+    ("section", "error"),
+    [
+        ("  superuser: {password: ''}\n  replication: {password: r}\n", "must not be empty"),
+        ('  superuser: {password: "a\\nb"}\n  replication: {password: r}\n', "line break"),
+    ],
+)
+def test_unusable_passwords_are_refused(tmp_path: Path, section: str, error: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, NO_PASSWORDS + section))
+    assert error in dict(ei.value.errors)["postgresql.superuser.password"]
+
+
+@pytest.mark.parametrize("cmd", [["config", "validate"], ["agent"]])
+def test_cli_without_passwords_exits_2_naming_file_and_field(tmp_path: Path, cmd: list[str]) -> None:
+    p = write(tmp_path, NO_PASSWORDS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "hakeeper", *cmd, "-c", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 2, r.stderr
+    assert f"{p}: postgresql.superuser.password: required field is missing" in r.stderr
+    assert f"{p}: postgresql.replication.password: required field is missing" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_pg_hba_lines_may_not_trust_tcp(tmp_path: Path) -> None:
+    text = GOOD + "  pg_hba:\n    - local all all trust\n    - host all all 10.0.0.0/8 trust\n"
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, text))
+    msg = dict(ei.value.errors)["postgresql.pg_hba"]
+    assert "line 2" in msg and "trust" in msg
+    ok = GOOD + "  pg_hba:\n    - local all all trust\n    - host all all 10.0.0.0/8 scram-sha-256\n"
+    assert len(load_node_config(write(tmp_path, ok)).postgresql.pg_hba) == 2
+
+
+def test_the_socket_directory_is_the_agents(tmp_path: Path) -> None:
+    """The superuser's socket is trusted because it stays in a private directory."""
+    text = GOOD.replace("superuser:", "parameters: {unix_socket_directories: /tmp}\n  superuser:")
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, text))
+    assert "unix_socket_directories" in dict(ei.value.errors)["postgresql.parameters"]

@@ -1,16 +1,23 @@
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
+import stat
 from pathlib import Path
 
+import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
 from hakeeper.core.config import AGENT_OWNED_PARAMETERS, DynamicConfig, PostgresConfig
+from hakeeper.core.hba import hba_address, hba_line_problem
+from hakeeper.core.pgtypes import Role
 from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.conf import (
+    auth_options,
     build_conninfo,
     clean_auto_conf,
     parse_controldata,
@@ -21,8 +28,10 @@ from hakeeper.pg.conf import (
     sync_guc,
 )
 from hakeeper.pg.errors import PgError
+from hakeeper.pg.files import render_conf, write_files
 from hakeeper.pg.postgres import Postgres, Upstream
 from hakeeper.pg.probe import state_from_row
+from hakeeper.pg.session import conn_kwargs
 from hakeeper.util.proc import RunAs
 
 # ---------------------------------------------------------------- a postgresql.conf reader
@@ -174,48 +183,244 @@ def _hba_rows(text: str) -> list[list[str]]:
     return [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def test_pg_hba_password_auth() -> None:
+def _agent_rows(text: str) -> list[list[str]]:
+    """The rows after the agent's own ``# hakeeper`` marker."""
+    return _hba_rows(text.split("\n# hakeeper\n", 1)[1])
+
+
+def _replication_addrs(text: str) -> set[str]:
+    return {r[3] for r in _agent_rows(text) if r[0] == "host" and r[1] == "replication"}
+
+
+def test_pg_hba_scram_everywhere_and_replication_from_members_only() -> None:
     text = render_pg_hba(
         extra_lines=["host all app 10.0.0.0/8 scram-sha-256", "hostssl all all 0.0.0.0/0 cert"],
         superuser="postgres",
         replication_user="replicator",
-        password_auth=True,
+        replication_hosts=["10.0.0.12", "db3.example.com", "fe80::1", "10.0.0.12", "127.0.0.1"],
     )
     assert "managed by hakeeper" in text
     rows = _hba_rows(text)
     assert rows[0] == ["host", "all", "app", "10.0.0.0/8", "scram-sha-256"]
     assert rows[1] == ["hostssl", "all", "all", "0.0.0.0/0", "cert"]
     assert ["local", "all", '"postgres"', "trust"] in rows
+    assert _replication_addrs(text) == {
+        "127.0.0.1/32",
+        "::1/128",
+        "10.0.0.12/32",
+        "db3.example.com",
+        "fe80::1/128",
+    }
+    for r in _agent_rows(text):
+        if r[0] == "host":
+            assert r[-1] == "scram-sha-256", r
+        if r[1] == "replication" and r[0] == "host":
+            assert r[2] == '"replicator"'
     for net in ("127.0.0.1/32", "::1/128", "0.0.0.0/0", "::/0"):
-        assert ["host", "replication", '"replicator"', net, "scram-sha-256"] in rows
         assert ["host", "all", "all", net, "scram-sha-256"] in rows
-    assert not any(r[-1] == "trust" and r[0] == "host" for r in rows)
+    assert not any(r[0] == "host" and r[1] == "replication" and r[3] in ("0.0.0.0/0", "::/0") for r in rows)
 
 
-def test_pg_hba_trust_without_passwords() -> None:
-    rows = _hba_rows(
-        render_pg_hba(extra_lines=[], superuser="admin", replication_user="rep", password_auth=False)
-    )
-    host_rows = [r for r in rows if r[0] == "host"]
-    assert len(host_rows) == 8
-    assert all(r[-1] == "trust" for r in host_rows)
-    assert rows[0][0] == "local"
+def test_pg_hba_without_members_admits_replication_from_loopback_only() -> None:
+    text = render_pg_hba(extra_lines=[], superuser="admin", replication_user="rep", replication_hosts=[])
+    assert _replication_addrs(text) == {"127.0.0.1/32", "::1/128"}
+    assert [r for r in _hba_rows(text) if r[-1] == "trust"] == [
+        ["local", "all", '"admin"', "trust"],
+        ["local", "replication", '"admin"', "trust"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "0.0.0.0/0",  # a network, not a host
+        "10.0.0.0/8",
+        "all",  # pg_hba keywords
+        "samenet",
+        "SameHost",
+        ".example.com",  # a suffix pattern
+        "10.1",  # libc reads these as IPv4 addresses without a mask: the file would not load
+        "1234",
+        "0x7f.1",
+        "fe80::1%eth0",
+        "a b",
+        'x"y',
+        "x#y",
+        "host\nall",
+        "",
+        "a" * 300,
+    ],
+)
+def test_hostile_member_hosts_are_not_admitted(host: str) -> None:
+    assert hba_address(host) is None
+    text = render_pg_hba(extra_lines=[], superuser="p", replication_user="r", replication_hosts=[host, "db1"])
+    assert _replication_addrs(text) == {"127.0.0.1/32", "::1/128", "db1"}
+
+
+def test_hba_address_forms() -> None:
+    assert hba_address("10.0.0.11") == "10.0.0.11/32"
+    assert hba_address("2001:db8::0:1") == "2001:db8::1/128"
+    assert hba_address("localhost") == "localhost"
+    assert hba_address("db-1.prod.example") == "db-1.prod.example"
+    assert hba_address("node1") == "node1"
+
+
+@pytest.mark.parametrize(
+    ("line", "refused"),
+    [
+        ("host all all 0.0.0.0/0 trust", True),
+        ("HOSTSSL all all 10.0.0.0/8 Trust", True),
+        ("hostnossl all all 10.0.0.0 255.0.0.0 trust # legacy", True),
+        ("host all all 0.0.0.0/0 scram-sha-256 \\", True),  # would swallow the next line
+        ("host all all 0.0.0.0/0 md5\nhost all all ::/0 trust", True),
+        ("local all all trust", False),  # the socket directory is private
+        ('host all "trust" 10.0.0.0/8 scram-sha-256', False),  # a role named trust
+        ("host all all 10.0.0.0/8 scram-sha-256 # not trust", False),
+        ("# host all all 0.0.0.0/0 trust", False),
+        ("", False),
+    ],
+)
+def test_hba_line_problem(line: str, refused: bool) -> None:
+    assert (hba_line_problem(line) is not None) == refused
+    if refused:
+        with pytest.raises(ValueError):
+            render_pg_hba(extra_lines=[line], superuser="p", replication_user="r", replication_hosts=[])
+
+
+# An independent reading of pg_hba.conf's tokens (hba.c next_token): quoted strings, bare words,
+# a '#' outside quotes ends the line.
+_TOKEN_RE = re.compile(r'"[^"]*"|#|[^\s,"#]+')
+
+
+def _tcp_trust_lines(text: str) -> list[str]:
+    bad = []
+    for line in text.split("\n"):
+        tokens: list[str] = []
+        for tok in _TOKEN_RE.findall(line):
+            if tok == "#":
+                break
+            tokens.append(tok)
+        if tokens and tokens[0].lower().startswith("host") and "trust" in (t.lower() for t in tokens[1:]):
+            bad.append(line)
+    return bad
+
+
+_ip4 = st.ip_addresses(v=4).map(str)
+_ip6 = st.ip_addresses(v=6).map(str)
+_label = st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True)
+_names = st.lists(_label, min_size=1, max_size=3).map(".".join)
+_junk = st.sampled_from(["0.0.0.0/0", "::/0", "all", "samenet", ".x.org", "10.1", "a b", "x\ny", "", "trust"])
+_hba_word = st.sampled_from(
+    [
+        "host",
+        "hostssl",
+        "local",
+        "all",
+        "trust",
+        '"trust"',
+        "scram-sha-256",
+        "0.0.0.0/0",
+        "#",
+        '"',
+        "\\",
+        "\n",
+        " ",
+        ",",
+    ]
+)
+
+
+@given(
+    members=st.lists(st.one_of(_ip4, _ip6, _names, _junk), max_size=8),
+    extra=st.lists(st.lists(_hba_word, max_size=7).map("".join), max_size=4),
+)
+def test_no_trust_on_any_tcp_line_and_replication_exactly_from_members(
+    members: list[str], extra: list[str]
+) -> None:
+    try:
+        text = render_pg_hba(
+            extra_lines=extra, superuser="postgres", replication_user="replicator", replication_hosts=members
+        )
+    except ValueError:
+        # Only an extra line is ever refused, and only one that hba_line_problem names.
+        assert any(hba_line_problem(line) is not None for line in extra)
+        return
+    assert _tcp_trust_lines(text) == []
+    expected = {"127.0.0.1/32", "::1/128"}
+    for m in members:
+        try:
+            ip = ipaddress.ip_address(m)
+        except ValueError:
+            if (
+                m not in ("all", "samenet", "trust")
+                and re.fullmatch(r"[a-z][a-z0-9.-]*", m)
+                and ".." not in m
+            ):
+                expected.add(m)
+        else:
+            expected.add(f"{ip.compressed}/{ip.max_prefixlen}")
+    assert _replication_addrs(text) == expected
 
 
 @pytest.mark.parametrize("name", ['we"ird', "a\nb", ""])
 def test_pg_hba_rejects_unwritable_names(name: str) -> None:
     with pytest.raises(ValueError):
-        render_pg_hba(extra_lines=[], superuser=name, replication_user="r", password_auth=True)
+        render_pg_hba(extra_lines=[], superuser=name, replication_user="r", replication_hosts=[])
 
 
 def test_pg_hba_rejects_multiline_extra() -> None:
     with pytest.raises(ValueError):
         render_pg_hba(
-            extra_lines=["host all all 0.0.0.0/0 trust\nlocal all all trust"],
+            extra_lines=["host all all 0.0.0.0/0 scram-sha-256\nlocal all all trust"],
             superuser="p",
             replication_user="r",
-            password_auth=True,
+            replication_hosts=[],
         )
+
+
+# ---------------------------------------------------------------- require_auth
+
+
+def test_require_auth_only_for_a_libpq_that_knows_it() -> None:
+    assert auth_options(160000) == {"require_auth": "scram-sha-256"}
+    assert auth_options(180006) == {"require_auth": "scram-sha-256"}
+    assert auth_options(150018) == {}  # PostgreSQL 15's libpq: "invalid connection option"
+    assert auth_options(0) == {}  # unknown
+
+
+def test_primary_conninfo_carries_require_auth_when_supported(tmp_path: Path) -> None:
+    up = Upstream("10.0.0.11", 5432, "node2")
+    for options, expected in (({"require_auth": "scram-sha-256"}, "scram-sha-256"), ({}, None)):
+        conf = render_conf(
+            {},
+            Role.REPLICA,
+            up,
+            listen_host="127.0.0.1",
+            port=5433,
+            socket_dir=tmp_path,
+            replication_user="replicator",
+            passfile=tmp_path / "pgpass",
+            application_name="node2",
+            conninfo_options=options,
+        )
+        (line,) = [ln for ln in conf.splitlines() if ln.startswith("primary_conninfo")]
+        parsed = conninfo_to_dict(scan_conf_string(line.split(" = ", 1)[1]))
+        assert parsed.get("require_auth") == expected
+        assert parsed["passfile"] == str(tmp_path / "pgpass")
+        assert "password" not in parsed
+
+
+def test_agent_connections_require_scram_with_this_psycopg() -> None:
+    """psycopg-binary bundles a libpq >= 16 here; the branch without it is tested above."""
+    kw = conn_kwargs(_cfg(Path("/x")), "127.0.0.1", 5432, statement_timeout_ms=1000, connect_timeout=2)
+    parsed = conninfo_to_dict(kw["conninfo"])
+    if psycopg.pq.version() >= 160000:
+        assert parsed["require_auth"] == "scram-sha-256"
+    else:
+        assert "require_auth" not in parsed
+    # our own Unix socket (the bootstrap from a backup uses it): pg_hba trusts the superuser there
+    kw = conn_kwargs(_cfg(Path("/x")), "/x/pg_stat_tmp", 5432, statement_timeout_ms=1000, connect_timeout=2)
+    assert "require_auth" not in conninfo_to_dict(kw["conninfo"])
 
 
 # ---------------------------------------------------------------- postgresql.auto.conf
@@ -292,12 +497,24 @@ def test_find_bin_dir(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- probe row -> LocalState
 
 
+def _cfg(data_dir: Path, **fields: object) -> PostgresConfig:
+    return PostgresConfig.model_validate(
+        {
+            "data_dir": data_dir,
+            "superuser": {"password": "su-pw"},
+            "replication": {"password": "repl-pw"},
+            **fields,
+        }
+    )
+
+
 def _pg(tmp_path: Path) -> Postgres:
     bins = tmp_path / "bin"
     bins.mkdir()
     (bins / "pg_ctl").write_text("")
-    cfg = PostgresConfig(data_dir=tmp_path / "data", bin_dir=bins, listen="0.0.0.0:6543")
-    return Postgres(cfg, member_name="n1", run_as=RunAs())
+    return Postgres(
+        _cfg(tmp_path / "data", bin_dir=bins, listen="0.0.0.0:6543"), member_name="n1", run_as=RunAs()
+    )
 
 
 def test_probe_row_primary(tmp_path: Path) -> None:
@@ -407,3 +624,37 @@ def test_quorum_guc_is_any_k_over_the_voters() -> None:
     assert sync_guc(QUORUM, ("b", "c"), 0) == 'ANY 2 ("b", "c")'  # 0: all (as FIRST mode left it)
     assert sync_guc(QUORUM, ()) == ""
     assert sync_guc(DynamicConfig(replication_mode="quorum", synchronous_strict=True), ()) == "*"
+
+
+# ---------------------------------------------------------------- files: the passfile and the socket
+
+
+def test_pgpass_lives_outside_the_data_directory(tmp_path: Path) -> None:
+    """Every clone and base backup copies the data directory: the replication password must
+    not be in it.  A passfile an older version left there is removed on the next write."""
+    pg = _pg(tmp_path)
+    d = pg.data_dir
+    (d / "pg_stat_tmp").mkdir(parents=True, mode=0o750)
+    os.chmod(d / "pg_stat_tmp", 0o750)
+    (d / "hakeeper.pgpass").write_text("*:*:*:replicator:old-secret\n")
+    assert pg.pgpass_file == tmp_path / ".data.hakeeper" / "hakeeper.pgpass"
+    assert not pg.pgpass_file.is_relative_to(d)
+    write_files(
+        d,
+        RunAs(),
+        conf="port = 6543\n",
+        hba="# hba\n",
+        pgpass=render_pgpass([("*", "*", "*", "replicator", "repl-pw")]),
+        pgpass_file=pg.pgpass_file,
+        socket_dir=pg.socket_dir,
+        role=Role.REPLICA,
+    )
+    assert pg.pgpass_file.read_text() == "*:*:*:replicator:repl-pw\n"
+    assert stat.S_IMODE(pg.pgpass_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pg.runtime_dir.stat().st_mode) == 0o700
+    assert not (d / "hakeeper.pgpass").exists()
+    for f in d.rglob("*"):
+        if f.is_file():
+            assert b"repl-pw" not in f.read_bytes() and b"old-secret" not in f.read_bytes(), f
+    # the superuser's socket is trusted: its directory is made private again on every write
+    assert stat.S_IMODE(pg.socket_dir.stat().st_mode) == 0o700
