@@ -43,6 +43,7 @@ from hakeeper.pg.files import (
     write_files,
 )
 from hakeeper.pg.session import SqlSession
+from hakeeper.util.fsutil import UnsafePathError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, children_of, pid_alive, postmaster_pid, resolve_run_as
 
@@ -277,7 +278,11 @@ class Postgres:
         if not self.is_initialized():
             raise PgError(f"cannot start: {self.data_dir} is not initialized")
         remove_stale_pidfile(self.data_dir, self.socket_dir)
-        await asyncio.to_thread(mkdir_owned, self.log_file.parent, self.run_as)
+        try:
+            await asyncio.to_thread(mkdir_owned, self.log_file.parent, self.run_as)
+        except UnsafePathError as e:
+            log.error("postgres_start_refused", reason=str(e))
+            raise PgError(f"cannot start: {e}") from None
         try:
             offset = self.log_file.stat().st_size
         except FileNotFoundError:
