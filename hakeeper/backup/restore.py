@@ -902,8 +902,11 @@ async def restore(
     socket_dir = _socket_dir(data_dir, opts.port)
     settings = recovery_settings(opts, plan, restore_command, socket_dir)
     # The repository config (credentials) outlives this process when the operator starts the
-    # server later: PostgreSQL removes it itself once recovery has ended.
-    settings["recovery_end_command"] = f"rm -f {shlex.quote(str(wal_conf_path))}"
+    # server later: PostgreSQL disposes of it itself once recovery has ended.  It owns the file,
+    # so it can always empty it; removing it also needs write access to the parent directory,
+    # which it may lack (root mode).
+    q = shlex.quote(str(wal_conf_path))
+    settings["recovery_end_command"] = f"if [ -f {q} ]; then : > {q}; rm -f {q}; fi"
     header = (
         f"hakeeper restore of backup {rec.id} from repository {repo.name} at {timefmt.iso(catalog.utcnow())}"
     )

@@ -255,6 +255,8 @@ class Archiver:
                 log.info("archive_resumed", ready=len(ready), queued=len(self.queue.entries))
             self._allowed = True
             self._refusal_logged = False
+        if self.unsafe:  # refused as not a regular file: left .ready until the agent restarts
+            ready = {k: v for k, v in ready.items() if k not in self.unsafe}
         sync_files(self.files, ready, self.pg_wal)
         self.markers.put_back(self.files.values(), ready, now)
         self._enforce_pg_wal_cap(now)
