@@ -175,6 +175,11 @@ class Node:
         except UnsafePathError as e:
             log.error("agent_start_refused", reason=str(e))
             raise SystemExit(f"refusing to start: {e}") from None
+        except PermissionError as e:  # e.g. left root-owned by an agent that ran as root
+            log.error("agent_start_refused", runtime_dir=str(self.runtime_dir), reason=str(e))
+            raise SystemExit(
+                f"refusing to start: cannot take the runtime directory {self.runtime_dir}: {e}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
