@@ -45,6 +45,7 @@ from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
 from hakeeper.pg.postgres import Postgres
+from hakeeper.util.fsutil import UnsafePathError, ensure_private_dir, open_nofollow
 from hakeeper.util.log import get_logger, setup_logging
 
 log = get_logger("hakeeper.node")
@@ -165,9 +166,22 @@ class Node:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def _take_lock(self) -> None:
-        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.pg.run_as.chown(self.runtime_dir)
-        fd = os.open(self.runtime_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # The runtime directory holds the fencer's state (fence.json, fencer.pid, fencer.log) and
+        # this lock: it belongs to the agent's own user, never to the PostgreSQL user, who could
+        # otherwise disarm the fence or (as root) plant links the agent writes through.  As root
+        # it is 0711: the PostgreSQL user may reach a file given to it there, but not list or
+        # change the directory.
+        try:
+            ensure_private_dir(self.runtime_dir, mode=0o711 if os.geteuid() == 0 else 0o700)
+            fd = open_nofollow(self.runtime_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except UnsafePathError as e:
+            log.error("agent_start_refused", reason=str(e))
+            raise SystemExit(f"refusing to start: {e}") from None
+        except PermissionError as e:  # e.g. left root-owned by an agent that ran as root
+            log.error("agent_start_refused", runtime_dir=str(self.runtime_dir), reason=str(e))
+            raise SystemExit(
+                f"refusing to start: cannot take the runtime directory {self.runtime_dir}: {e}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

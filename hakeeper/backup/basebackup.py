@@ -316,11 +316,22 @@ class _Run:
             self.progress(phase, done, total)
 
 
-async def _new_id(repo: Repository, scope: str, now: dt.datetime) -> str:
+async def claim_backup_id(
+    repo: Repository, scope: str, now: dt.datetime, make: Callable[[str], BackupRecord]
+) -> BackupRecord:
+    """The record of a new backup under an id no other backup has: the id is claimed by
+    creating its record exclusively (``Repository.create``), so two backups started in the same
+    second (the scheduler and the CLI, two agents) never share an id -- they would overwrite
+    each other's parts, and the failure of one would delete the other's.  The loser takes the
+    next second."""
     for i in range(120):
         bid = catalog.make_backup_id(now + dt.timedelta(seconds=i))
-        if not await repo.list_objects(layout.backup_prefix(scope, bid)):
-            return bid
+        if await repo.list_objects(layout.backup_prefix(scope, bid)):
+            continue
+        record = make(bid)
+        if await repo.create(catalog.record_key(scope, bid), record.to_json()):
+            return record
+        log.info("backup_id_taken", id=bid, reason="claimed by a concurrent backup")
     raise BackupError("cannot find a free backup id")
 
 
@@ -358,22 +369,29 @@ async def create_backup(
     if primary is None:
         primary = source if not facts.in_recovery else facts.upstream
     now = catalog.utcnow()
-    bid = await _new_id(repo, scope, now)
-    record = BackupRecord(
-        id=bid,
-        label=label or f"hakeeper {bid}",
-        status=BackupStatus.RUNNING,
-        scope=scope,
-        repository=repo.name,
-        source=SourceInfo(member=source.name, host=source.host, port=source.port, standby=facts.in_recovery),
-        pg_version=facts.version_num,
-        system_identifier=facts.system_identifier,
-        start_time=now,
-        updated_at=now,
-        manifest_checksums=manifest_checksums,
+    record = await claim_backup_id(
+        repo,
+        scope,
+        now,
+        lambda bid: BackupRecord(
+            id=bid,
+            label=label or f"hakeeper {bid}",
+            status=BackupStatus.RUNNING,
+            scope=scope,
+            repository=repo.name,
+            source=SourceInfo(
+                member=source.name, host=source.host, port=source.port, standby=facts.in_recovery
+            ),
+            pg_version=facts.version_num,
+            system_identifier=facts.system_identifier,
+            start_time=now,
+            updated_at=now,
+            manifest_checksums=manifest_checksums,
+        ),
     )
+    bid = record.id
     run = _Run(repo, scope, record, progress)
-    await run.save()
+    run.last_saved = time.monotonic()
     log.info("backup_started", id=bid, repo=repo.name, source=source.address, standby=facts.in_recovery)
     try:
         nudge = None if facts.in_recovery else asyncio.create_task(_nudge_archive_wait(source, superuser))

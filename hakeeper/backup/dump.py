@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import re
 import shutil
@@ -41,8 +42,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
+from psycopg import sql as psql_sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hakeeper.backup import catalog
 from hakeeper.backup.catalog import SourceInfo, StoredObject
@@ -88,6 +90,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# A record comes from the repository, which a restore must not trust for local paths: the
+# names that become files below the restore's temporary directory are checked when the record is
+# loaded (fullmatch: ``$`` with re.match would accept a trailing newline), before any file is made.
+_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,127}")
+
+
+def _safe_relative(name: str, *, max_parts: int) -> str:
+    """``name`` if it is 1..``max_parts`` plain components (no ``..``, no leading ``.`` or
+    ``/``, no empty part), else ValueError."""
+    parts = name.split("/")
+    if len(parts) > max_parts or not all(_SAFE_COMPONENT.fullmatch(p) for p in parts):
+        raise ValueError(f"unsafe name {name!r} in a dump record")
+    return name
+
+
 class DumpedDatabase(_Model):
     name: str
     key: str  # the database's directory below the dump's prefix: db000, db001, ...
@@ -96,6 +113,18 @@ class DumpedDatabase(_Model):
     size: int = 0
     stored_size: int = 0
     seconds: float | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return _safe_relative(v, max_parts=1)
+
+    @field_validator("objects")
+    @classmethod
+    def _objects(cls, v: list[StoredObject]) -> list[StoredObject]:
+        for o in v:  # archive.dump, dump.sql or dir/<file>
+            _safe_relative(o.name, max_parts=2)
+        return v
 
 
 class DumpOptions(_Model):
@@ -373,7 +402,7 @@ def check_conninfo(conninfo: str) -> str:
 
 
 async def sql(
-    conninfo: str, password: str | None, query: str, timeout: float = 30.0
+    conninfo: str, password: str | None, query: str | psql_sql.Composed, timeout: float = 30.0
 ) -> list[tuple[Any, ...]]:
     kw: dict[str, Any] = {"autocommit": True}
     if password is not None and "password" not in conninfo_to_dict(conninfo):
@@ -381,7 +410,7 @@ async def sql(
     try:
         async with asyncio.timeout(timeout):
             async with await psycopg.AsyncConnection.connect(conninfo, **kw) as conn:
-                cur = await conn.execute(query.encode())
+                cur = await conn.execute(query.encode() if isinstance(query, str) else query)
                 return await cur.fetchall() if cur.description is not None else []
     except (psycopg.Error, OSError) as e:
         raise DumpError(f"{_where(conninfo)}: {str(e).strip()}") from e
@@ -850,14 +879,40 @@ def _pick_database(rec: DumpRecord, name: str | None) -> DumpedDatabase:
     raise DumpError(f"dump {rec.id} has no database {name!r} ({', '.join(d.name for d in rec.databases)})")
 
 
-async def _fetch(repo: Repository, key: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    f = await asyncio.to_thread(open, dest, "wb")
-    try:
+def _local_path(tmp: Path, rel: str) -> Path:
+    """``tmp/rel``, refused (DumpError) unless it stays below ``tmp`` -- the names were checked
+    on load; this is the second line, before anything is created."""
+    dest = Path(os.path.normpath(tmp / rel))
+    if not dest.is_relative_to(tmp) or dest == tmp:
+        raise DumpError(f"refusing to write {rel!r} outside the restore's directory {tmp}")
+    return dest
+
+
+async def _fetch(repo: Repository, key: str, tmp: Path, rel: str, expected: StoredObject | None) -> None:
+    """Download ``key`` to ``tmp/rel`` (a new file: never through a link, never over one) and
+    check it against the SHA-256 and size its record holds (``expected``)."""
+    dest = _local_path(tmp, rel)
+
+    def create() -> int:
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not dest.parent.resolve().is_relative_to(tmp.resolve()):
+            raise DumpError(f"refusing to write {rel!r} outside the restore's directory {tmp}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(dest, flags, 0o600)
+
+    fd = await asyncio.to_thread(create)
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "wb") as f:
         async for chunk in repo.get_stream(key):
+            digest.update(chunk)
+            size += len(chunk)
             await asyncio.to_thread(f.write, chunk)
-    finally:
-        f.close()
+    if expected is not None and (digest.hexdigest() != expected.sha256 or size != expected.size):
+        raise DumpError(
+            f"{key}: the object is not what the dump's record says (sha256 {digest.hexdigest()[:16]}.., "
+            f"size {size}; recorded {expected.sha256[:16]}.., size {expected.size}): refusing to use it"
+        )
 
 
 async def restore_dump(
@@ -958,31 +1013,36 @@ async def _fetch_dump(
     sem = asyncio.Semaphore(4)
     done = 0
 
-    async def get(rel: str, size: int) -> None:
+    async def get(rel: str, o: StoredObject) -> None:
         nonlocal done
         async with sem:
-            await _fetch(repo, prefix + rel, tmp / rel)
-        done += size
+            await _fetch(repo, prefix + rel, tmp, rel, o)
+        done += o.size
         if progress is not None:
             progress("fetch", done, db.size)
 
-    fetches = [get(f"{db.key}/{o.name}", o.size) for o in db.objects]
+    # Every object is checked against its recorded SHA-256 before anything runs it: globals.sql
+    # and a plain dump.sql are replayed by psql, whose meta-commands can run shell commands.
+    fetches = [get(f"{db.key}/{o.name}", o) for o in db.objects]
     if req.globals and rec.globals_object is not None:
-        fetches.append(get(GLOBALS_NAME, 0))
+        fetches.append(get(GLOBALS_NAME, rec.globals_object))
     await all_or_first_error(fetches)
 
 
 async def _create_database(req: RestoreRequest, name: str) -> None:
     """``CREATE DATABASE name``, refused when it exists already."""
-    qname = '"' + name.replace('"', '""') + '"'
     exists = await sql(
         req.conninfo,
         req.password,
-        f"SELECT 1 FROM pg_database WHERE datname = '{name.replace(chr(39), chr(39) * 2)}'",
+        psql_sql.SQL("SELECT 1 FROM pg_database WHERE datname = {}").format(psql_sql.Literal(name)),
     )
     if exists:
         raise DumpError(f"database {name!r} exists already on {_where(req.conninfo)}")
-    await sql(req.conninfo, req.password, f"CREATE DATABASE {qname} TEMPLATE template0")
+    await sql(
+        req.conninfo,
+        req.password,
+        psql_sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(psql_sql.Identifier(name)),
+    )
 
 
 async def _pg_restore(
@@ -1052,8 +1112,27 @@ async def _select_tables(
     )
 
 
+# The only psql meta-commands pg_dumpall --globals-only writes (\restrict/\unrestrict since the
+# 2025 minor releases).  Any other backslash in globals.sql -- \! runs a shell command as the
+# user running the restore, often root -- refuses the file before psql sees it.
+_GLOBALS_META = re.compile(r"\\(?:connect|restrict|unrestrict)(?: [^\\]*)?")
+
+
+def check_globals(text: str) -> None:
+    """DumpError if globals.sql holds a backslash anywhere but in the meta-commands above."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if "\\" in line and not _GLOBALS_META.fullmatch(line):
+            raise DumpError(
+                f"{GLOBALS_NAME} line {n} holds a psql meta-command or a backslash pg_dumpall does "
+                f"not write ({line[:80]!r}): refusing to run it"
+            )
+
+
 async def _restore_globals(req: RestoreRequest, path: Path) -> list[str]:
-    """Apply globals.sql; roles that exist already are errors psql reports and passes over."""
+    """Apply globals.sql; roles that exist already are errors psql reports and passes over
+    (so no ON_ERROR_STOP here: ``CREATE ROLE postgres`` fails on every target).  The file was
+    checked against its recorded SHA-256 when fetched and is checked for meta-commands here."""
+    check_globals(await asyncio.to_thread(path.read_text))
     argv: list[str | Path] = [
         req.bin_dir / "psql",
         "-X",

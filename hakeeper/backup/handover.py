@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from hakeeper.backup import layout
 from hakeeper.backup.errors import NotFound, RepoError
 from hakeeper.backup.repo import Repository
 from hakeeper.backup.walfetch import HANDOVER_DIR, transient_retry  # the script uses the same dir
+from hakeeper.util.fsutil import ensure_dir_fd, write_new
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs
 
@@ -65,14 +65,27 @@ class _Server:
         self.served = 0
         self.ahead: dict[str, asyncio.Task[None]] = {}  # written (or being written) to out/ unasked
         self.taken_ahead = 0
+        self._fds: list[int] = []  # hdir, req, out: opened once, every later step goes through them
 
     def _mkdirs(self) -> None:
-        for d in (self.hdir, self.req, self.out):
-            d.mkdir(mode=0o700, exist_ok=True)
-            self.run_as.chown(d)
-        pid = self.hdir / "pid"
-        pid.write_text(f"{os.getpid()}\n")
-        os.chmod(pid, 0o644)
+        # The directories belong to PostgreSQL's OS user (its restore script writes requests and
+        # takes answers), so as root nothing here may go through a name that user could have
+        # replaced by a link: each directory is opened without following one and every later
+        # create, rename and unlink is relative to those descriptors.
+        hfd = ensure_dir_fd(self.hdir, mode=0o700, owner=self.run_as)
+        self._fds = [hfd]
+        try:
+            for name in ("req", "out"):
+                self._fds.append(ensure_dir_fd(name, mode=0o700, owner=self.run_as, dir_fd=hfd))
+            write_new("pid", f"{os.getpid()}\n".encode(), dir_fd=hfd, mode=0o644)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     async def _get(self, fname: str) -> bytes | None:
         key = layout.wal_key(self.scope, fname)
@@ -92,12 +105,8 @@ class _Server:
         return task
 
     def _write(self, name: str, data: bytes) -> None:
-        tmp = self.out / f".{name}.{secrets.token_hex(4)}.tmp"  # a write ahead may race an answer
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        self.run_as.chown(tmp)
-        os.replace(tmp, self.out / name)
+        # a unique temporary name: a write ahead may race an answer
+        write_new(name, data, dir_fd=self._fds[2], mode=0o600, owner=self.run_as)
 
     async def _answer(self, fname: str) -> None:
         try:
@@ -119,7 +128,7 @@ class _Server:
             else:
                 await asyncio.to_thread(self._write, f"{fname}.{outcome}", b"")
             with contextlib.suppress(FileNotFoundError):
-                (self.req / fname).unlink()
+                os.unlink(fname, dir_fd=self._fds[1])
         finally:
             self.busy.discard(fname)
 
@@ -152,7 +161,7 @@ class _Server:
     def _taken(self, fname: str) -> None:
         """The script took ``fname`` from out/ without asking."""
         with contextlib.suppress(FileNotFoundError):
-            (self.req / f"{fname}{TAKEN}").unlink()
+            os.unlink(f"{fname}{TAKEN}", dir_fd=self._fds[1])
         self.served += 1
         self.taken_ahead += 1
         self.fetches.pop(fname, None)
@@ -163,7 +172,7 @@ class _Server:
         try:
             while True:
                 try:
-                    names = await asyncio.to_thread(os.listdir, self.req)
+                    names = await asyncio.to_thread(os.listdir, self._fds[1])
                 except FileNotFoundError:
                     names = []
                 for name in names:
@@ -196,5 +205,6 @@ async def serving(data_dir: Path, repo: Repository, scope: str, run_as: RunAs) -
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        server.close()
         log.info("wal_handover_done", served=server.served, written_ahead=server.taken_ahead)
         await asyncio.to_thread(shutil.rmtree, server.hdir, True)

@@ -172,6 +172,14 @@ class Repository(ABC):
         await self._store(name, blob, trailer, exclusive=False)
         return PutResult(name, trailer.size, len(blob), trailer.sha256)
 
+    async def create(self, name: str, data: bytes) -> bool:
+        """Store ``data`` as ``name`` only if no object has that name (FS: ``link``; S3:
+        ``If-None-Match: *``); False, with nothing stored, if one has.  A claim: of two
+        concurrent creates of one name, exactly one returns True."""
+        check_name(name)
+        blob, trailer = await self._encode(data, None)
+        return await self._store(name, blob, trailer, exclusive=True)
+
     async def put_stream(
         self,
         name: str,

@@ -36,11 +36,11 @@ from hakeeper.backup.handover import serving
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import (
     RESTORE_SCRIPT_NAME,
-    WAL_CONFIG_NAME,
     RestoreOptions,
     RestoreResult,
     _start_and_wait,
     restore,
+    wal_config_path,
 )
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.cluster import MemberRole
@@ -148,17 +148,18 @@ def set_seed_settings(
 
 
 def has_seed_settings(data_dir: Path) -> bool:
-    """Whether the seed's walfetch config is still there (the block goes with it)."""
-    return (data_dir / WAL_CONFIG_NAME).exists()
+    """Whether the seed's restore script or walfetch config is still there (the block goes
+    with them; recovery_end_command may already have removed the config)."""
+    return (data_dir / RESTORE_SCRIPT_NAME).exists() or wal_config_path(data_dir).exists()
 
 
 def drop_seed_settings(data_dir: Path, ra: RunAs) -> None:
     """Remove the seed's recovery settings and the walfetch config file (it may hold S3
     credentials, and a later backup of this node would copy it)."""
     set_seed_settings(data_dir, ra, {})
-    for name in (WAL_CONFIG_NAME, RESTORE_SCRIPT_NAME):
+    for path in (wal_config_path(data_dir), data_dir / RESTORE_SCRIPT_NAME):
         with contextlib.suppress(FileNotFoundError):
-            (data_dir / name).unlink()
+            path.unlink()
 
 
 def _kept(result: RestoreResult, keys: tuple[str, ...]) -> dict[str, str]:

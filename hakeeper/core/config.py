@@ -303,7 +303,10 @@ class PostgresConfig(_Strict):
     )
     use_pg_rewind: bool = Field(True, description="Rewind a diverged former primary (else re-clone).")
     remove_data_directory_on_rewind_failure: bool = Field(
-        True, description="Re-clone from the leader when pg_rewind fails."
+        False,
+        description="When pg_rewind fails (or use_pg_rewind is off), move the data directory aside "
+        "(<data_dir>.failed-<UTC time>, never deleted) and clone again from the leader.  Off: the "
+        "node stays down, says why in 'hakeeper list', and waits for 'hakeeper reinit'.",
     )
 
     @model_validator(mode="before")

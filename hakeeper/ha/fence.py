@@ -49,7 +49,7 @@ class FenceState:
 
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)  # root mode
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(asdict(self)))
         os.replace(tmp, path)
@@ -94,7 +94,9 @@ def run_fencer(state_path: Path) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _log("fencer_started", state=str(state_path))
     pid_path = state_path.with_name("fencer.pid")
-    pid_path.write_text(str(os.getpid()))
+    fd = os.open(pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)  # root mode
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
     fenced_seq = -1
     missing_since: float | None = None
     while True:
@@ -171,7 +173,9 @@ class FenceClient:
         self.adopted_pid = self._running_fencer()
         if self.adopted_pid is not None:
             return
-        log = open(self.log_path, "ab")
+        log = os.fdopen(
+            os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), "ab"
+        )
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hakeeper.ha.fence", "--state", str(self.path)],

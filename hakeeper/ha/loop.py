@@ -223,6 +223,7 @@ class HaLoop:
             initialized=ctx.pg.is_initialized(),
             view=view,
             now_wall=time.time(),
+            held=st.held,
         )
         now = time.monotonic()
         if not publish_due(m, lease, st.published, now, st.config.loop_wait):

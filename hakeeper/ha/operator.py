@@ -11,6 +11,7 @@ from dataclasses import replace
 from hakeeper.core.cluster import ClusterView, MemberState
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.pgtypes import Role
+from hakeeper.dcs.etcd import EtcdError
 from hakeeper.ha.actions import replica
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.leader import start_as_primary
@@ -38,7 +39,11 @@ class Operator:
             try:
                 return await action()
             except (PgError, CommandFailed) as e:
+                log.warning("operator_request_failed", request=what, reason=str(e))
                 raise Refused(RefusalKind.UNAVAILABLE, f"{what} failed: {e}") from e
+            except Refused as e:
+                log.warning("operator_request_refused", request=what, reason=e.message)
+                raise
 
     async def restart(self) -> str:
         """Restart PostgreSQL in its current role (a primary re-confirms its lease first)."""
@@ -71,14 +76,20 @@ class Operator:
 
     async def _reinitialize(self) -> str:
         ctx = self.ctx
-        view = ctx.state.view
+        # Decided on a fresh linearizable read, not the cached view: right after a promotion the
+        # cached view may still name another leader while this node already is the primary.
+        try:
+            view = await ctx.store.read_view(ctx.state.view.config)
+        except EtcdError as e:
+            raise Refused(RefusalKind.UNAVAILABLE, f"cannot read the cluster from etcd: {e}") from e
         if view.leader is None:
             raise Refused(RefusalKind.UNAVAILABLE, "no leader to clone from")
-        if view.leader.name == ctx.name:
+        if view.leader.name == ctx.name or ctx.state.leads(ctx.name):
             raise Refused(RefusalKind.CONFLICT, "this node is the leader; it cannot be reinitialized")
         lm = view.leader_member
         if lm is None or lm.state != MemberState.RUNNING:
             raise Refused(RefusalKind.UNAVAILABLE, f"leader {view.leader.name} is not running")
+        await self._refuse_if_local_primary()
         log.warning("reinitialize_requested", leader=view.leader.name)
         ctx.guard.disarm()
         if ctx.pg.is_running():
@@ -86,10 +97,27 @@ class Operator:
         await asyncio.to_thread(ctx.pg.remove_data_dir)
         ctx.state.system_identifier = None
         ctx.state.needs_rewind = False
+        ctx.state.held = None
         d = Decision(Action.CLONE, "reinitialize requested", target=view.leader.name)
         await replica.clone(ctx, view, await self.observe(view), d)
         ctx.wake.set()
         return f"reinitialized from {view.leader.name}"
+
+    async def _refuse_if_local_primary(self) -> None:
+        """Ask the local PostgreSQL itself (pg_is_in_recovery) before anything is removed: a
+        running primary, or one whose role cannot be told, is never thrown away."""
+        if not self.ctx.pg.is_running():
+            return
+        probe = await self.ctx.pg.probe()
+        if probe.in_recovery is None:
+            raise Refused(
+                RefusalKind.UNAVAILABLE,
+                f"postgres runs but whether it is a primary cannot be told ({probe.error or 'no answer'})",
+            )
+        if not probe.in_recovery:
+            raise Refused(
+                RefusalKind.CONFLICT, "postgres here is a running primary; it cannot be reinitialized"
+            )
 
     async def reload(self) -> str:
         """Rewrite the configuration files from the current dynamic config and reload PostgreSQL."""

@@ -38,7 +38,9 @@ class SnapshotSource:
         self.initialized = initialized
         self.backup_status = backup_status
         self._tags = cfg.tags.model_dump()
-        self._member: tuple[LocalState | None, ClusterView, MemberState | None, Member] | None = None
+        self._member: tuple[LocalState | None, ClusterView, MemberState | None, Member, str | None] | None = (
+            None
+        )
 
     def member(self) -> Member:
         """This node's member record, rebuilt only when what it is made of changed (a new probe,
@@ -51,6 +53,7 @@ class SnapshotSource:
             or cached[0] is not st.probe
             or cached[1] is not st.view
             or cached[2] != st.activity
+            or cached[4] != st.held
         ):
             record = member_record(
                 self.identity,
@@ -59,8 +62,9 @@ class SnapshotSource:
                 initialized=self.initialized(),
                 view=st.view,
                 now_wall=time.time(),
+                held=st.held,
             )
-            cached = self._member = (st.probe, st.view, st.activity, record)
+            cached = self._member = (st.probe, st.view, st.activity, record, st.held)
         return cached[3]
 
     def snapshot(self) -> NodeSnapshot:

@@ -31,6 +31,10 @@ class NodeState:
     activity: MemberState | None = None  # a long action in progress (cloning, promoting, ...)
     upstream: Upstream | None = None  # what our replica configuration points at
     needs_rewind: bool = False  # our data may have diverged from the leader's
+    # Why this node waits for an operator (pg_rewind failed and the data directory is kept): the
+    # rewind is not retried, the reason is published as the member's ineligible_reason, and
+    # POST /reinitialize (or an agent restart, which tries the rewind once more) clears it.
+    held: str | None = None
     clocks: Clocks = field(default_factory=Clocks)
     system_identifier: str | None = None  # of our data directory, once read
     decision: Decision | None = None  # the last decision taken

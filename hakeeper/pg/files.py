@@ -19,14 +19,13 @@ takes the paths it works on; the names inside the data directory are decided by 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from hakeeper.core.config import AGENT_OWNED_PARAMETERS, AGENT_SET_PARAMETERS, ParamValue
 from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.pg.conf import build_conninfo, clean_auto_conf, render_postgresql_conf
-from hakeeper.util.fsutil import fsync_dir, write_atomic
+from hakeeper.util.fsutil import ensure_dir, fsync_dir, write_atomic
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, postmaster_pid
 
@@ -54,10 +53,10 @@ def remove_file(path: Path) -> bool:
 
 
 def mkdir_owned(path: Path, run_as: RunAs) -> None:
-    """A 0700 directory owned by PostgreSQL's OS user (created if missing)."""
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    run_as.chown(path)
+    """A 0700 directory owned by PostgreSQL's OS user (created if missing).  A symbolic link at
+    ``path`` (``ln -s /etc $PGDATA/log``) is refused: mode and owner are set on a descriptor
+    opened without following it."""
+    ensure_dir(path, mode=0o700, owner=run_as)
 
 
 def remove_stale_pidfile(data_dir: Path, socket_dir: Path) -> None:

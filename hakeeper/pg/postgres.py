@@ -47,6 +47,7 @@ from hakeeper.pg.files import (
     write_files,
 )
 from hakeeper.pg.session import SqlSession
+from hakeeper.util.fsutil import UnsafePathError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, children_of, pid_alive, postmaster_pid, resolve_run_as
 
@@ -300,7 +301,11 @@ class Postgres:
         if not self.is_initialized():
             raise PgError(f"cannot start: {self.data_dir} is not initialized")
         remove_stale_pidfile(self.data_dir, self.socket_dir)
-        await asyncio.to_thread(mkdir_owned, self.log_file.parent, self.run_as)
+        try:
+            await asyncio.to_thread(mkdir_owned, self.log_file.parent, self.run_as)
+        except UnsafePathError as e:
+            log.error("postgres_start_refused", reason=str(e))
+            raise PgError(f"cannot start: {e}") from None
         try:
             offset = self.log_file.stat().st_size
         except FileNotFoundError:
@@ -448,8 +453,11 @@ class Postgres:
         return {name: SlotInfo(bool(active), parse_lsn(lsn)) for name, active, lsn in rows}
 
     async def ensure_slots(
-        self, wanted: set[str], *, keep: set[str] | frozenset[str] = frozenset()
+        self, wanted: set[str], *, droppable: set[str] | frozenset[str] = frozenset()
     ) -> tuple[list[str], list[str]]:
+        """Create the physical slots in ``wanted``; drop the inactive ones in ``droppable`` that
+        are not wanted.  Only the caller knows which slots hakeeper made (one per member it has
+        seen): any other slot -- a user's, another tool's -- is never dropped, whatever its name."""
         have = await self.list_slots()
         created: list[str] = []
         dropped: list[str] = []
@@ -463,7 +471,7 @@ class Postgres:
             created.append(name)
             log.info("slot_created", slot=name)
         for name, info in sorted(have.items()):
-            if name in wanted or name in keep or info.active:
+            if name in wanted or name not in droppable or info.active:
                 continue
             try:
                 await self.session.execute("SELECT pg_drop_replication_slot(%s)", (name,))
@@ -477,6 +485,20 @@ class Postgres:
         return created, dropped
 
     # ------------------------------------------------------------------ data directory
+
+    def move_data_dir_aside(self) -> Path:
+        """Rename the data directory to ``<data_dir>.failed-<UTC time>`` (kept for an operator,
+        never deleted) and return the new path; an OSError (a mount point, a parent we may not
+        write) leaves it where it is."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.data_dir.with_name(f"{self.data_dir.name}.failed-{stamp}")
+        n = 1
+        while os.path.lexists(dest):
+            dest = self.data_dir.with_name(f"{self.data_dir.name}.failed-{stamp}-{n}")
+            n += 1
+        os.rename(self.data_dir, dest)
+        log.warning("postgres_data_dir_moved_aside", data_dir=str(self.data_dir), moved_to=str(dest))
+        return dest
 
     def remove_data_dir(self) -> None:
         """Delete the data directory's contents, then the directory itself if we may."""

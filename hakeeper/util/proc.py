@@ -32,8 +32,10 @@ class RunAs:
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
     def chown(self, path: Path) -> None:
+        """Give ``path`` to this user; a symbolic link is changed itself, never its target (as
+        root, following a link the PostgreSQL user planted would hand it any file)."""
         if self.uid is not None and self.gid is not None:
-            os.chown(path, self.uid, self.gid)
+            os.chown(path, self.uid, self.gid, follow_symlinks=False)
 
 
 def resolve_run_as(data_dir: Path, os_user: str | None = None) -> RunAs:

@@ -311,7 +311,9 @@ def test_seed_settings_replace_the_restore_block(tmp_path: Path) -> None:
         "restore_command = 'fetch %f %p'\narchive_mode = 'off'\nport = '5999'\n"
         "recovery_target_time = '2026-01-01 00:00:00+00:00'\n"
     )
-    (tmp_path / "hakeeper-restore-wal.json").write_text("{}")
+    from hakeeper.backup.restore import wal_config_path
+
+    wal_config_path(tmp_path).write_text("{}")  # beside the data directory, never in it
     seed.set_seed_settings(tmp_path, RunAs(), {"restore_command": "fetch %f %p"}, recovery_signal=True)
     text = auto.read_text()
     assert "archive_mode" not in text and "port" not in text and "recovery_target_time" not in text

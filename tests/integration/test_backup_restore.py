@@ -31,7 +31,7 @@ from hakeeper.backup import walpush
 from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup
 from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target, load_catalog
 from hakeeper.backup.repos import make_repository
-from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
+from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore, wal_config_path
 from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials, ParamValue, PostgresConfig
 from hakeeper.core.lsn import parse_lsn
@@ -633,9 +633,18 @@ def test_cli_backup_and_restore_on_s3(area: PgArea) -> None:
         assert batches(port) == ["a", "b"]
         assert sql(port, "SELECT pg_is_in_recovery()") == [(False,)]
         insert(port, "c", 1)
-        walconf = json.loads((dest / "hakeeper-restore-wal.json").read_text())
-        assert walconf["repositories"][0]["name"] == "s3"
-        assert oct((dest / "hakeeper-restore-wal.json").stat().st_mode & 0o777) == "0o600"
+        # The restore_command's repository config (with the S3 secret) was never in PGDATA: it
+        # lived beside it (0600) and recovery_end_command removed it once recovery had ended.
+        # (This replaces the check that it was in PGDATA: that was issue 12's finding 6.)
+        assert not (dest / "hakeeper-restore-wal.json").exists()
+        # emptied (or removed, where the PostgreSQL user may write the parent) when recovery ended
+        assert not wal_config_path(dest).exists() or wal_config_path(dest).stat().st_size == 0
+        holding = [
+            str(f)
+            for f in dest.rglob("*")
+            if f.is_file() and not f.is_symlink() and SECRET_KEY.encode() in f.read_bytes()
+        ]
+        assert holding == [], f"the S3 secret is in the restored PGDATA: {holding}"
         # a second restore into the same (now non-empty, running) directory is refused
         again = hk("restore", "-c", str(conf), "--data-dir", str(dest), "--latest")
         assert again.returncode == 1 and "postmaster.pid" in again.stderr

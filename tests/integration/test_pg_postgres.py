@@ -151,7 +151,11 @@ async def test_full_lifecycle_clone_promote_rewind(area: PgArea, nodes: list[Pos
     slots = await n1.list_slots()
     assert set(slots) == {"node2", "spare"}
     assert slots["node2"].active is False and slots["node2"].restart_lsn is not None
-    assert await n1.ensure_slots({"node2"}, keep={"other"}) == ([], ["spare"])
+    # a slot hakeeper did not make is never dropped, whatever its name
+    await n1.session.execute("SELECT pg_create_physical_replication_slot('user_tool')")
+    assert await n1.ensure_slots({"node2"}, droppable={"node2", "spare"}) == ([], ["spare"])
+    assert "user_tool" in await n1.list_slots()
+    await n1.session.execute("SELECT pg_drop_replication_slot('user_tool')")
 
     # ---- clone node2 from node1 over the node2 slot
     await make_replica(n1, n2, "node2")

@@ -168,6 +168,7 @@ class FakePostgres:
         self.data_dir = Path(f"/nonexistent/hakeeper-fake/{name}/data")
         self.run_as = _RunAs()
         self.failing: set[str] = set()  # operations that raise PgError: "start", "promote", "clone"...
+        self.moved_aside: list[tuple[Path, str | None]] = []  # (new name, system id) of each move
         self.receiving = True  # False: the WAL receiver cannot reach its upstream (a network cut)
         self._wipe()
 
@@ -289,6 +290,14 @@ class FakePostgres:
 
     async def system_identifier(self) -> str | None:
         return self.system_id if self.initialized else None
+
+    def move_data_dir_aside(self) -> Path:
+        if self.running:
+            raise RuntimeError("fake postgres: data directory moved under a running server")
+        dest = self.data_dir.with_name(f"{self.data_dir.name}.failed-{len(self.moved_aside)}")
+        self.moved_aside.append((dest, self.system_id))
+        self._wipe()
+        return dest
 
     def remove_data_dir(self) -> None:
         if self.running:
@@ -490,12 +499,12 @@ class FakePostgres:
         self.roles_created = True
 
     async def ensure_slots(
-        self, wanted: set[str], *, keep: set[str] | frozenset[str] = frozenset()
+        self, wanted: set[str], *, droppable: set[str] | frozenset[str] = frozenset()
     ) -> tuple[list[str], list[str]]:
         if not self.running:
             raise PgError("connection to server failed: Connection refused")
         active = {r.active_upstream.slot_name for r in self._replicas() if r.active_upstream is not None}
         created = sorted(wanted - self.slots)
-        dropped = sorted(s for s in self.slots if s not in wanted and s not in keep and s not in active)
+        dropped = sorted(s for s in self.slots if s not in wanted and s in droppable and s not in active)
         self.slots = (self.slots | set(created)) - set(dropped)
         return created, dropped

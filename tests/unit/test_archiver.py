@@ -289,6 +289,22 @@ async def test_every_file_goes_to_every_repository_then_the_marker(rig2: Rig) ->
     assert [r["archived"] for r in st["repositories"]] == [4, 4]
 
 
+async def test_a_link_in_pg_wal_is_never_read_nor_archived(rig2: Rig, tmp_path: Path) -> None:
+    """Root mode: pg_wal belongs to the PostgreSQL user; a link there plus a .ready file must not
+    make the archiver (root) upload a file that user cannot read."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root-only secret")
+    victim.chmod(0o600)
+    (rig2.pg_wal / seg(7)).symlink_to(victim)
+    (rig2.pg_wal / "archive_status" / f"{seg(7)}.ready").touch()
+    rig2.ready(seg(8))
+    await rig2.settle()
+    assert rig2.stored("a", seg(7)) is None and rig2.stored("b", seg(7)) is None
+    assert not rig2.marker(seg(7)), "never reported archived"
+    assert rig2.stored("a", seg(8)) == rig2.content[seg(8)], "the others go on"
+    assert victim.read_bytes() == b"root-only secret" and oct(victim.stat().st_mode & 0o777) == "0o600"
+
+
 async def test_history_files_go_before_any_segment(tmp_path: Path) -> None:
     order: list[str] = []
 

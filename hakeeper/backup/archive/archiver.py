@@ -29,6 +29,7 @@ from hakeeper.backup.archive.state import PushOutcome, ReadyFile, RepoState
 from hakeeper.backup.archive.switch import SwitchCheck
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
 from hakeeper.core.timefmt import iso
+from hakeeper.util.fsutil import UnsafePathError, read_regular
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs
 
@@ -129,6 +130,7 @@ class Archiver:
         self.queue = SpoolQueue(spool_dir / QUEUE_DIR, list(self.repos))
         self.gaps = GapBook(spool_dir / GAPS_DIR, list(self.repos))
         self.files: dict[str, ReadyFile] = {}
+        self.unsafe: set[str] = set()  # .ready names refused as not a regular file (logged once)
         self.recent_conflicts: collections.deque[dict[str, str]] = collections.deque(maxlen=20)
         self.latencies: collections.deque[tuple[str, float]] = collections.deque(maxlen=20000)
         self.archived_files = 0
@@ -253,6 +255,8 @@ class Archiver:
                 log.info("archive_resumed", ready=len(ready), queued=len(self.queue.entries))
             self._allowed = True
             self._refusal_logged = False
+        if self.unsafe:  # refused as not a regular file: left .ready until the agent restarts
+            ready = {k: v for k, v in ready.items() if k not in self.unsafe}
         sync_files(self.files, ready, self.pg_wal)
         self.markers.put_back(self.files.values(), ready, now)
         self._enforce_pg_wal_cap(now)
@@ -361,9 +365,17 @@ class Archiver:
 
     async def _push_live_inner(self, f: ReadyFile, targets: list[RepoState]) -> None:
         try:
-            data = await asyncio.to_thread((self.pg_wal / f.name).read_bytes)
+            # Never through a link: as root, a link at pg_wal/<name> plus a .ready file would
+            # upload any file root can read into the repository.
+            data = await asyncio.to_thread(read_regular, self.pg_wal / f.name)
         except FileNotFoundError:
             log.warning("archive_file_vanished", file=f.name)
+            self.files.pop(f.name, None)
+            return
+        except UnsafePathError as e:
+            if f.name not in self.unsafe:
+                self.unsafe.add(f.name)
+                log.error("archive_file_refused", file=f.name, reason=str(e))
             self.files.pop(f.name, None)
             return
         puts = {asyncio.ensure_future(self._put(rs, f.name, data)): rs for rs in targets}

@@ -15,6 +15,7 @@ from hakeeper.backup.archive.pgwal import READY, segment_size
 from hakeeper.backup.archive.state import ReadyFile, RepoState
 from hakeeper.backup.errors import RepoError
 from hakeeper.core.lsn import format_lsn
+from hakeeper.util.fsutil import read_regular
 from hakeeper.util.log import get_logger
 
 log = get_logger(LOG_NAME)
@@ -52,7 +53,8 @@ class SwitchCheck:
     async def run(self, tli: int) -> None:
         hist = layout.history_name(tli)
         try:
-            history = layout.parse_history(await asyncio.to_thread((self.pg_wal / hist).read_text))
+            raw = await asyncio.to_thread(read_regular, self.pg_wal / hist)  # never through a link
+            history = layout.parse_history(raw.decode())
         except (OSError, ValueError) as e:
             log.warning("archive_switch_check_skipped", timeline=tli, reason=str(e))
             return

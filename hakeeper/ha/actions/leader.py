@@ -169,7 +169,11 @@ async def _lead(ctx: Ctx, view: ClusterView, term: int) -> None:
 
 
 async def _manage_slots(ctx: Ctx, view: ClusterView) -> None:
-    """A physical slot per member, kept member_slots_ttl after the member was last seen."""
+    """A physical slot per member, kept member_slots_ttl after the member was last seen.
+
+    Only slots of members this agent has seen (``slot_seen``: the slots it creates) may be
+    dropped; a physical slot hakeeper did not make -- a user's, another tool's, or one whose
+    member left before this agent started -- is left alone (docs/decisions.md)."""
     now = time.monotonic()
     seen = ctx.state.slot_seen
     for name in view.members:
@@ -177,7 +181,7 @@ async def _manage_slots(ctx: Ctx, view: ClusterView) -> None:
             seen[slot_name_for(name)] = now
     ttl = view.config.member_slots_ttl
     wanted = {s for s in seen if now - seen[s] <= ttl}
-    created, dropped = await ctx.pg.ensure_slots(wanted)
+    created, dropped = await ctx.pg.ensure_slots(wanted, droppable=set(seen))
     if created or dropped:
         log.info("slots_changed", created=created, dropped=dropped)
     for s in dropped:

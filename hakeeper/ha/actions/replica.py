@@ -110,10 +110,10 @@ async def follow(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
 async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
     ctx.guard.disarm()
     lm = view.members.get(d.target or "")
-    if lm is None:
-        return
-    pgc = ctx.cfg.postgresql
     st = ctx.state
+    if lm is None or st.held is not None:
+        return  # held: a rewind failed and the data directory is kept for an operator
+    pgc = ctx.cfg.postgresql
     st.activity = MemberState.REWINDING
     await ctx.publish(view)
     try:
@@ -133,11 +133,21 @@ async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
     except (PgError, CommandFailed) as e:
         plan = plan_rewind_failure(pgc.remove_data_directory_on_rewind_failure)
         if plan is RewindFailure.WAIT_FOR_OPERATOR:
-            log.error("rewind_failed", source=d.target, error=str(e), action=plan.value)
+            _hold(ctx, f"pg_rewind from {d.target} failed: {e}", plan)
             return
-        log.warning("rewind_failed", source=d.target, error=str(e), action=plan.value)
         await ctx.pg.stop("immediate")
-        await asyncio.to_thread(ctx.pg.remove_data_dir)
+        try:
+            # Moved aside, never deleted: in asynchronous mode the old primary may hold the only
+            # copy of commits the new one never received.
+            moved = await asyncio.to_thread(ctx.pg.move_data_dir_aside)
+        except OSError as oe:
+            _hold(
+                ctx,
+                f"pg_rewind from {d.target} failed: {e}; could not move the data directory aside: {oe}",
+                plan,
+            )
+            return
+        log.warning("rewind_failed", source=d.target, error=str(e), action=plan.value, moved_to=str(moved))
         st.system_identifier = None
         st.needs_rewind = False
         return
@@ -145,6 +155,18 @@ async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
         st.activity = None
     st.needs_rewind = False
     await start_as_replica(ctx, view, d.target)
+
+
+def _hold(ctx: Ctx, reason: str, plan: RewindFailure) -> None:
+    """Stay down with the data directory as it is until an operator acts; ``hakeeper list``
+    shows ``reason`` (the member's ineligible_reason)."""
+    ctx.state.held = f"{reason}; waiting for 'hakeeper reinit {ctx.name}'"
+    log.error(
+        "rewind_failed",
+        reason=ctx.state.held,
+        action=RewindFailure.WAIT_FOR_OPERATOR.value,
+        configured=plan.value,
+    )
 
 
 async def detach(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:

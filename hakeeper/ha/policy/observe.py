@@ -124,6 +124,7 @@ def member_record(
     initialized: bool,
     view: ClusterView,
     now_wall: float,
+    held: str | None = None,
 ) -> Member:
     """This node's member record as it would be published now: role and state from the probe
     and the activity in progress, its lag behind the leader's reference position, and whether
@@ -166,6 +167,8 @@ def member_record(
     if role == MemberRole.PRIMARY:
         lag = 0
     cand = assess(replace(m, lag=lag), replace(view, members={**view.members, me.name: m}))
+    if held is not None:  # waiting for an operator: say why where 'hakeeper list' shows it
+        return replace(m, lag=lag, eligible=False, ineligible_reason=held)
     return replace(m, lag=lag, eligible=cand.eligible, ineligible_reason=cand.reason)
 
 

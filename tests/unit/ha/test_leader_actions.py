@@ -176,3 +176,17 @@ async def test_start_primary_refuses_without_a_fresh_lease(cluster: Sim) -> None
     await leader.start_primary(a.ctx, view, facts, Decision(Action.START_PRIMARY, "down on the leader"))
 
     assert a.pg.writable and a.fence.armed
+
+
+async def test_lead_never_drops_a_slot_hakeeper_did_not_make(cluster: Sim) -> None:
+    a = cluster["a"]
+    a.pg.slots.add("user_tool")  # e.g. made by a user for an external WAL receiver
+    a.node.state.slot_seen["gone"] = -1e9  # a member a saw long ago: its slot expired
+    a.pg.slots.add("gone")
+    view, facts = await a.observe()
+
+    await leader.lead(a.ctx, view, facts, Decision(Action.LEAD, "we hold the leader key"))
+
+    assert "user_tool" in a.pg.slots, "not ours: never dropped"
+    assert "gone" not in a.pg.slots, "ours, past member_slots_ttl: dropped"
+    assert {"b", "c"} <= a.pg.slots

@@ -99,9 +99,22 @@ async def test_rewind_failure_keeps_the_data_directory_unless_configured_to_remo
     if remove:
         assert not a.pg.is_initialized() and a.node.state.system_identifier is None
         assert not a.node.state.needs_rewind, "the next cycle clones afresh"
+        assert [sid for _, sid in a.pg.moved_aside] == [system_id], "moved aside, not deleted"
+        assert a.node.state.held is None
     else:
         assert a.pg.is_initialized() and a.pg.system_id == system_id
         assert a.node.state.needs_rewind, "still diverged: never started as it is"
+        assert a.pg.moved_aside == []
+        held = a.node.state.held
+        assert held is not None and "pg_rewind from b failed" in held and "hakeeper reinit a" in held
+        # not retried every cycle: the node stays down until an operator acts
+        a.pg.failing.discard("rewind")
+        view, facts = await a.observe()
+        await replica.rewind(a.ctx, view, facts, Decision(Action.REWIND, "diverged", target="b"))
+        assert not a.pg.running and a.pg.system_id == system_id and a.node.state.held == held
+        # and 'hakeeper list' shows why (the published member's ineligible_reason)
+        record = await a.node.loop.publish_member(view)
+        assert record is not None and not record.eligible and record.ineligible_reason == held
 
 
 async def test_clone_retries_until_the_leader_has_our_slot(monkeypatch: pytest.MonkeyPatch) -> None:
