@@ -19,7 +19,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import time
 
 from hakeeper import __version__
 from hakeeper.api.server import ApiServer
@@ -45,6 +44,7 @@ from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
 from hakeeper.pg.postgres import Postgres
+from hakeeper.util import clock
 from hakeeper.util.log import get_logger, setup_logging
 
 log = get_logger("hakeeper.node")
@@ -183,7 +183,7 @@ class Node:
             log.warning(
                 "fence_inherited",
                 reason="an earlier agent left its primary fenced; keeping its deadline until we re-confirm",
-                deadline_in=round(self.fence.state.deadline - time.monotonic(), 2),
+                deadline_in=round(self.fence.state.deadline - clock.boottime(), 2),
             )
         self.fence.start()
         await inspect_data_dir(self.ctx)

@@ -2,7 +2,8 @@
 
 One lease per agent carries both its member key and, while it leads, the leader key.  Every
 successful keepalive moves the write deadline forward:
-``deadline = monotonic time the keepalive was *sent* + TTL - fence_margin``.
+``deadline = boottime when the keepalive was *sent* + TTL - fence_margin`` (CLOCK_BOOTTIME, which
+runs on while the host is suspended, as etcd's TTL does: :mod:`hakeeper.util.clock`).
 The send time is used, not the answer time: etcd restarts its TTL count when it *receives* the
 keepalive, which is after we sent it, so the deadline is always before the real expiry.
 """
@@ -13,8 +14,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from hakeeper.core.fencing import keepalive_timeout
 from hakeeper.dcs.etcd import EtcdError, EtcdUnavailable, LeaseNotFound
 from hakeeper.dcs.store import EtcdLike
+from hakeeper.util import clock
 from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
@@ -38,19 +41,20 @@ class LeaseKeeper:
         self.on_deadline = on_deadline
         self.on_lost = on_lost
         self.lease = 0
-        self.deadline = 0.0  # monotonic; writes are safe only before this
-        self.last_ok = 0.0  # monotonic time of the last successful keepalive (send time)
+        self.deadline = 0.0  # boottime; writes are safe only before this
+        self.last_ok = 0.0  # boottime of the last successful keepalive (send time)
         self._lock = asyncio.Lock()
 
     def valid(self, now: float | None = None) -> bool:
-        return self.lease != 0 and (now if now is not None else time.monotonic()) < self.deadline
+        """``now``: a :func:`~hakeeper.util.clock.boottime` reading (default: the clock now)."""
+        return self.lease != 0 and (now if now is not None else clock.boottime()) < self.deadline
 
     def remaining(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
+        return max(0.0, self.deadline - clock.boottime())
 
     async def grant(self) -> int:
         async with self._lock:
-            sent = time.monotonic()
+            sent = clock.boottime()
             self.lease = await self.client.lease_grant(self.ttl)
             self._advance(sent, self.ttl)
             log.info("lease_granted", lease=hex(self.lease), ttl=self.ttl)
@@ -62,11 +66,14 @@ class LeaseKeeper:
         self.on_deadline(self.deadline)
 
     async def refresh(self, timeout: float | None = None) -> bool:
-        """One keepalive now.  True when the lease is alive and the deadline moved forward."""
+        """One keepalive now.  True when the lease is alive and the deadline moved forward.
+        ``timeout`` (default: :attr:`keepalive_timeout`) is capped at the keepalive timeout the
+        fence margin covers."""
+        timeout = self.keepalive_timeout if timeout is None else min(timeout, self.keepalive_timeout)
         async with self._lock:
             if self.lease == 0:
                 return False
-            sent = time.monotonic()
+            sent = clock.boottime()
             try:
                 ttl = await self.client.lease_keepalive(self.lease, timeout=timeout)
             except LeaseNotFound:
@@ -80,7 +87,7 @@ class LeaseKeeper:
                     "lease_keepalive_failed",
                     lease=hex(self.lease),
                     error=str(e),
-                    deadline_in=round(self.deadline - time.monotonic(), 2),
+                    deadline_in=round(self.deadline - clock.boottime(), 2),
                 )
                 return False
             if ttl <= 0:
@@ -106,12 +113,17 @@ class LeaseKeeper:
             except EtcdError as e:
                 log.warning("lease_grant_failed", error=str(e))
         else:
-            # Each keepalive must answer well within the interval, or it is late anyway.
-            await self.refresh(timeout=max(0.2, min(self.interval, self.client_timeout)))
+            await self.refresh()
 
     @property
     def client_timeout(self) -> float:
         return getattr(self.client, "timeout", 1.0)
+
+    @property
+    def keepalive_timeout(self) -> float:
+        """Each keepalive must answer within the interval (or it is late anyway) and within what
+        the fence margin leaves after the fencer's poll and grace (:mod:`hakeeper.core.fencing`)."""
+        return keepalive_timeout(self.margin, self.interval, self.client_timeout)
 
     async def revoke(self) -> None:
         if self.lease:

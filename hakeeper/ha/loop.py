@@ -149,7 +149,7 @@ class HaLoop:
             pg_down_for=0.0 if st.clocks.pg_down_since is None else now - st.clocks.pg_down_since,
             needs_rewind=st.needs_rewind,
             lease=guard.lease.lease,
-            lease_valid=guard.lease.valid(now),
+            lease_valid=guard.lease.valid(),  # on the fence clock (boottime), not `now`
             leaderless_for=0.0 if st.clocks.leaderless_since is None else now - st.clocks.leaderless_since,
             nofailover=tags.nofailover,
             failover_priority=tags.failover_priority,

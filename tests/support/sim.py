@@ -8,9 +8,10 @@ LeaseKeeper, SyncManager, PgConfigurator and Ctx are wired exactly as in product
 Nothing runs in the background: :meth:`Sim.step` moves the virtual clock and runs, in a fixed
 order, what the node's tasks would have done meanwhile (fence checks, keepalives, one HA cycle).
 
-Virtual time is ``time.monotonic`` and ``time.time`` patched (pytest's monkeypatch) for the
-test: the agent reads the clock in a dozen modules, and patching the two functions moves every
-reader at once (and any added later) without a clock parameter threaded through production code.
+Virtual time is ``time.monotonic``, ``time.time`` and the fence clock
+(:func:`hakeeper.util.clock.boottime`) patched (pytest's monkeypatch) for the test: the agent
+reads the clock in a dozen modules, and patching the three functions moves every reader at once
+(and any added later) without a clock parameter threaded through production code.
 The event loop's own clock follows too, which is harmless because nothing here sleeps.
 
 The etcd mirror is the real :class:`~hakeeper.dcs.mirror.PrefixMirror`, re-listed before each
@@ -52,6 +53,7 @@ from hakeeper.node import Node
 from hakeeper.pg import rewind as pg_rewind
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
+from hakeeper.util import clock
 from hakeeper.util.proc import CommandFailed
 from tests.support import fake_pg
 from tests.support.fake_etcd import FakeEtcd
@@ -81,6 +83,8 @@ class VirtualClock:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(time, "monotonic", self.monotonic)
         monkeypatch.setattr(time, "time", self.time)
+        # the fence and lease deadlines run on CLOCK_BOOTTIME, read through this one function
+        monkeypatch.setattr(clock, "boottime", self.monotonic)
 
 
 class FakeFence:
@@ -107,7 +111,7 @@ class FakeFence:
         self.state.armed = False
 
     def expired(self, now: float | None = None) -> bool:
-        return self.state.armed and (now if now is not None else time.monotonic()) >= self.state.deadline
+        return self.state.armed and (now if now is not None else clock.boottime()) >= self.state.deadline
 
     def inherit(self) -> bool:
         return False

@@ -195,9 +195,10 @@ async def start_primary(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decis
 
 
 async def release(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
-    ctx.guard.disarm()
     if ctx.pg.is_running():
         await ctx.pg.stop("immediate")
+    # Disarmed only once PostgreSQL has stopped: if the stop fails (raises), the fence still fires.
+    ctx.guard.disarm()
     await release_key(ctx, view)
 
 

@@ -108,7 +108,6 @@ async def follow(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
 
 
 async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
-    ctx.guard.disarm()
     lm = view.members.get(d.target or "")
     if lm is None:
         return
@@ -119,6 +118,8 @@ async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
     try:
         if ctx.pg.is_running():
             await ctx.pg.stop("fast", timeout=60)
+        # Only now: an armed fence must still fire if PostgreSQL did not stop (the stop raised).
+        ctx.guard.disarm()
         if not pgc.use_pg_rewind:
             raise PgError("use_pg_rewind is off")
         log.info("rewind_started", source=d.target)
@@ -137,6 +138,7 @@ async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
             return
         log.warning("rewind_failed", source=d.target, error=str(e), action=plan.value)
         await ctx.pg.stop("immediate")
+        ctx.guard.disarm()
         await asyncio.to_thread(ctx.pg.remove_data_dir)
         st.system_identifier = None
         st.needs_rewind = False
