@@ -1208,3 +1208,48 @@ def test_a_stale_view_only_leads_to_actions_safe_without_etcd(
     else:
         assert stale == Decision(Action.WAIT, STALE_VIEW_WHY.format(action=fresh.action))
         assert stale.why == f"etcd unreachable; not acting on '{fresh.action.value}'"
+
+
+@given(
+    ms=members(),
+    leader=st.one_of(st.none(), st.sampled_from(NAMES)),
+    me=st.sampled_from(NAMES),
+    data_initialized=st.booleans(),
+    running=st.booleans(),
+    in_recovery=st.booleans(),
+    same_lease=st.booleans(),
+    owner=st.sampled_from(list(LeaseOwner)),
+    conflict=st.booleans(),
+)
+def test_under_a_name_another_agent_holds_nothing_goes_read_write_or_takes_a_key(
+    ms: list[Member],
+    leader: str | None,
+    me: str,
+    data_initialized: bool,
+    running: bool,
+    in_recovery: bool,
+    same_lease: bool,
+    owner: LeaseOwner,
+    conflict: bool,
+) -> None:
+    v = view(*ms, leader=leader, lease=7)
+    lf = local(
+        me,
+        data_initialized=data_initialized,
+        pg_running=running,
+        in_recovery=in_recovery if running else None,
+        lease=7 if same_lease else 8,
+        leader_lease_owner=owner,
+        name_conflict=conflict,
+    )
+    d = decide(v, lf)
+    foreign_key = leader == me and not same_lease and owner in (LeaseOwner.FOREIGN, LeaseOwner.UNKNOWN)
+    if conflict or foreign_key:
+        assert not ACTIONS[d.action].makes_writable, d
+        assert d.action in (Action.WAIT, Action.DEMOTE, Action.RELEASE), d
+        if lf.writable:
+            assert d.action in (Action.DEMOTE, Action.RELEASE), d
+        if d.action == Action.RELEASE:
+            assert conflict and leader == me and same_lease, "only our own key on our own lease is given up"
+    if d.action == Action.TAKEOVER:
+        assert owner in (LeaseOwner.OURS, LeaseOwner.EXPIRED) and not conflict
