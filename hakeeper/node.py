@@ -19,7 +19,7 @@ import contextlib
 import fcntl
 import os
 import signal
-import time
+import sys
 
 from hakeeper import __version__
 from hakeeper.api.server import ApiServer
@@ -27,14 +27,15 @@ from hakeeper.backup.hooks import AgentBackup
 from hakeeper.core.cluster import ClusterView
 from hakeeper.core.config import NodeConfig
 from hakeeper.core.keys import Keys
-from hakeeper.dcs.etcd import EtcdClient
+from hakeeper.dcs.etcd import EtcdClient, EtcdError
 from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.lifecycle import fenced, inspect_data_dir, leave, stop_postgres
 from hakeeper.ha.fence import FenceClient
 from hakeeper.ha.guard import WriteGuard
-from hakeeper.ha.lease import LeaseKeeper
+from hakeeper.ha.identity import refusal_at_start
+from hakeeper.ha.lease import LeaseFile, LeaseKeeper, LeaseRecord
 from hakeeper.ha.loop import HaLoop
 from hakeeper.ha.metrics import HaMetrics
 from hakeeper.ha.operator import Operator
@@ -45,6 +46,7 @@ from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
 from hakeeper.pg.postgres import Postgres
+from hakeeper.util import clock
 from hakeeper.util.fsutil import UnsafePathError, ensure_private_dir, open_nofollow
 from hakeeper.util.log import get_logger, setup_logging
 
@@ -78,9 +80,10 @@ class Node:
         client: EtcdClient | None = None,
         pg: Postgres | None = None,
         fence: FenceClient | None = None,
+        lease_record: LeaseRecord | None = None,
     ) -> None:
-        """``client``, ``pg`` and ``fence`` are built from ``cfg`` unless given: the unit tests
-        run this same wiring over in-memory fakes (tests/support/sim.py)."""
+        """``client``, ``pg``, ``fence`` and ``lease_record`` are built from ``cfg`` unless given:
+        the unit tests run this same wiring over in-memory fakes (tests/support/sim.py)."""
         self.cfg = cfg
         data_dir = cfg.postgresql.data_dir
         self.runtime_dir = data_dir.parent / f".{data_dir.name}.hakeeper"
@@ -103,6 +106,7 @@ class Node:
             margin=dyn.fence_margin,
             on_deadline=lambda deadline: self.guard.on_deadline(deadline),
             on_lost=self.wake.set,
+            record=LeaseFile(self.runtime_dir / "lease") if lease_record is None else lease_record,
         )
         self.guard = WriteGuard(cfg.name, self.lease, self.fence, self.state)
         self.backup: BackupHooks = self._backup()
@@ -199,9 +203,15 @@ class Node:
             log.warning(
                 "fence_inherited",
                 reason="an earlier agent left its primary fenced; keeping its deadline until we re-confirm",
-                deadline_in=round(self.fence.state.deadline - time.monotonic(), 2),
+                deadline_in=round(self.fence.state.deadline - clock.boottime(), 2),
             )
         self.fence.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.loop.stopping.set)
+        if not await self._check_identity():
+            await self.client.close()
+            return 0
         await inspect_data_dir(self.ctx)
         await self.backup.prepare()
         api = ApiServer(
@@ -212,9 +222,6 @@ class Node:
             metrics=self.metrics.render,
         )
         await api.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.loop.stopping.set)
         log.info(
             "agent_started",
             name=self.cfg.name,
@@ -248,6 +255,30 @@ class Node:
             await api.stop()
         return 0
 
+    async def _check_identity(self) -> bool:
+        """Before PostgreSQL is started or anything is written under our name: refuse to start
+        (SystemExit) while a key of our name lives on another agent's live lease.  Retried
+        until etcd answers; False when asked to stop meanwhile."""
+        while not self.loop.stopping.is_set():
+            try:
+                reason = await refusal_at_start(self.store, self.lease, self.cfg.name)
+            except EtcdError as e:
+                log.warning("identity_check_failed", error=str(e), reason="etcd did not answer; retrying")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self.loop.stopping.wait()
+                continue
+            if reason is not None:
+                # The fencer is left alone: armed (an earlier agent's primary here), it still
+                # fires; unarmed, it exits once this process is gone.
+                await self.client.close()
+                log.error("member_name_in_use", name=self.cfg.name, reason=reason)
+                raise SystemExit(reason)
+            if self.lease.previous:
+                log.info("identity_checked", name=self.cfg.name, previous_lease=hex(self.lease.previous))
+            return True
+        return False
+
     async def shutdown(self) -> None:
         view = self.loop.view() if self.mirror.synced else self.state.view
         await stop_postgres(self.ctx)
@@ -266,4 +297,7 @@ async def run_agent(cfg: NodeConfig) -> int:
         return await node.run()
     except SystemExit as e:
         log.error("agent_refused_to_start", reason=str(e))
+        # Also in plain words on stderr, whatever the log format: whoever started the agent by
+        # hand or reads the unit's journal sees why it exited.
+        print(f"hakeeper: refusing to start: {e}", file=sys.stderr, flush=True)
         return 1

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,6 +33,7 @@ from pydantic_settings import (
 )
 
 from hakeeper.core.backup_config import BackupConfig
+from hakeeper.core.fencing import FENCER_KILL_GRACE, FENCER_POLL, MIN_KEEPALIVE_TIMEOUT, min_fence_margin
 from hakeeper.core.hba import hba_line_problem
 from hakeeper.core.lsn import parse_lsn
 
@@ -421,9 +423,10 @@ class DynamicConfig(_Strict):
         1.0, gt=0, le=60, description="How often the lease is kept alive (s), on its own task."
     )
     fence_margin: float = Field(
-        1.5,
+        2.5,
         ge=0.2,
-        description="The primary fences itself this long before its lease could expire (s).",
+        description="The primary fences itself this long before its lease could expire (s); at "
+        "least the fencer's poll + kill grace + etcd.request_timeout.",
     )
     maximum_lag_on_failover: int = Field(
         1048576, ge=0, description="A replica further behind (bytes) is never promoted."
@@ -478,6 +481,19 @@ class DynamicConfig(_Strict):
             raise ValueError(
                 f"keepalive_interval ({self.keepalive_interval}) + fence_margin ({self.fence_margin}) "
                 f"must be below ttl ({self.ttl})"
+            )
+        # Cluster-wide, the etcd request timeout of each node is unknown: the shortest keepalive
+        # timeout the agent ever uses stands in for it (each node caps its keepalive's timeout
+        # so that it fits; a node file's own check uses its etcd.request_timeout).
+        floor = round(FENCER_POLL + FENCER_KILL_GRACE + MIN_KEEPALIVE_TIMEOUT, 6)
+        if self.fence_margin < floor:
+            raise _field_error(
+                self,
+                ("fence_margin",),
+                self.fence_margin,
+                f"{self.fence_margin} s is too small: the fencer needs up to {FENCER_POLL} s (poll) + "
+                f"{FENCER_KILL_GRACE} s (SIGQUIT->SIGKILL grace) + {MIN_KEEPALIVE_TIMEOUT} s (the "
+                f"shortest keepalive timeout) = {floor} s after the fence deadline",
             )
         return self
 
@@ -644,9 +660,38 @@ class NodeConfig(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_path))
         return tuple(sources)
 
+    @model_validator(mode="after")
+    def _fence_margin_fits_the_fencer(self) -> NodeConfig:
+        # The fencer stops PostgreSQL at most poll + grace after the deadline, and the deadline
+        # came from a keepalive that may have taken up to the request timeout: the margin before
+        # the lease can expire must cover all three, or an old primary may still write when
+        # another node is promoted.
+        margin, timeout = self.bootstrap.dcs.fence_margin, self.etcd.request_timeout
+        need = min_fence_margin(timeout)
+        if margin < need:
+            raise _field_error(
+                self,
+                ("bootstrap", "dcs", "fence_margin"),
+                margin,
+                f"{margin} s is too small: the fencer needs up to {FENCER_POLL} s (poll) + "
+                f"{FENCER_KILL_GRACE} s (SIGQUIT->SIGKILL grace) + {timeout} s (etcd.request_timeout, "
+                f"the keepalive's timeout) = {need} s after the fence deadline to stop PostgreSQL; "
+                f"raise fence_margin (and ttl) or lower etcd.request_timeout",
+            )
+        return self
+
     @property
     def prefix(self) -> str:
         return f"{self.namespace}/{self.scope}"
+
+
+def _field_error(model: BaseModel, loc: tuple[str, ...], value: object, message: str) -> ValidationError:
+    """A validation error located at ``loc`` (a cross-field check is reported at the field the
+    user must change, not at the top level)."""
+    detail = InitErrorDetails(
+        type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=loc, input=value
+    )
+    return ValidationError.from_exception_data(type(model).__name__, [detail])
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

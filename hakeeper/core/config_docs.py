@@ -14,6 +14,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from hakeeper.core.config import DEFAULT_CLUSTER_PARAMETERS, ENV_PREFIX, DynamicConfig, NodeConfig
+from hakeeper.core.fencing import FENCER_KILL_GRACE, FENCER_POLL, MIN_KEEPALIVE_TIMEOUT, min_fence_margin
 
 INTRO = """# Configuration reference
 
@@ -88,7 +89,11 @@ def render() -> str:
     parts.append(
         "\nRule: `keepalive_interval + fence_margin` must be below `ttl`.  The primary stops "
         "accepting writes at `last successful keepalive (send time) + ttl - fence_margin`, before "
-        "its lease can expire in etcd.\n"
+        f"its lease can expire in etcd.  `fence_margin` must be at least the fencer's poll "
+        f"({FENCER_POLL} s) + its SIGQUIT->SIGKILL grace ({FENCER_KILL_GRACE} s) + the node's "
+        f"`etcd.request_timeout` (checked in each node file for `bootstrap.dcs.fence_margin`; in "
+        f"etcd, at least {min_fence_margin(MIN_KEEPALIVE_TIMEOUT)} s, and each node caps its "
+        f"keepalive's timeout to what the margin leaves).\n"
     )
     parts.append("## PostgreSQL parameters hakeeper sets by default\n")
     parts.append(

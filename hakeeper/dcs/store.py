@@ -38,7 +38,7 @@ from hakeeper.core.cluster import (
 from hakeeper.core.config import DynamicConfig
 from hakeeper.core.keys import Keys
 from hakeeper.core.records import InvalidRecord
-from hakeeper.dcs.etcd import KV, TxnResult, cmp_create, cmp_mod, cmp_value, op_delete, op_put
+from hakeeper.dcs.etcd import KV, TxnResult, cmp_create, cmp_lease, cmp_mod, cmp_value, op_delete, op_put
 from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
@@ -144,6 +144,19 @@ class ClusterStore:
             return None
         return Member.from_json(name, kv.value, kv.lease)  # None for an invalid record
 
+    async def name_leases(self, name: str) -> tuple[int | None, int | None]:
+        """The leases ``name`` is held under now: its member key's and, when the leader key names
+        it, the leader key's (None: no such key).  Used to tell whether another agent runs under
+        ``name`` (:mod:`hakeeper.ha.identity`)."""
+        member = await self.client.get(self.keys.member(name))
+        leader = await self.client.get(self.keys.leader)
+        named = leader is not None and leader.value == name.encode()
+        return (member.lease if member is not None else None, leader.lease if named and leader else None)
+
+    async def lease_ttl(self, lease: int, *, timeout: float | None = None) -> int:
+        """Seconds ``lease`` has left (etcd truncates; -1: expired, revoked or never granted)."""
+        return await self.client.lease_time_to_live(lease, timeout=timeout)
+
     # -- the initialize race ----------------------------------------------------------------------
 
     async def initialize(
@@ -192,6 +205,21 @@ class ClusterStore:
         k = self.keys
         res = await self.client.txn(
             [cmp_value(k.leader, "=", name), cmp_create(k.leader, "=", term)],
+            [op_put(k.leader, name, lease=lease)],
+        )
+        return res.succeeded
+
+    async def take_over_leader(self, name: str, term: int, old_lease: int, lease: int) -> bool:
+        """:meth:`reattach_leader`, and only from ``old_lease``: the key is taken over from the
+        lease the decision was taken on (ours from before a restart, or an expired one), never
+        from one another agent of our name put it under meanwhile (a put keeps the term)."""
+        k = self.keys
+        res = await self.client.txn(
+            [
+                cmp_value(k.leader, "=", name),
+                cmp_create(k.leader, "=", term),
+                cmp_lease(k.leader, "=", old_lease),
+            ],
             [op_put(k.leader, name, lease=lease)],
         )
         return res.succeeded

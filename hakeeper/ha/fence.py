@@ -1,11 +1,14 @@
 """The fence: stop a primary's writes before its leader lease can expire, even if the agent stalls.
 
 The etcd lease is only a promotion gate.  What stops an old primary from writing is this: the
-agent computes ``deadline = monotonic time the last successful keepalive was sent + TTL - margin``
-and hands it to a small **separate process** (the fencer) through a state file.  The fencer polls
-``CLOCK_MONOTONIC`` (system-wide, shared by every process) every 50 ms and, once the deadline has
-passed while armed, shuts PostgreSQL down in immediate mode (SIGQUIT to the postmaster: every
-backend exits at once, open sessions included; SIGKILL if that does not finish in time).
+agent computes ``deadline = CLOCK_BOOTTIME time the last successful keepalive was sent + TTL -
+margin`` and hands it to a small **separate process** (the fencer) through a state file.  The
+fencer polls ``CLOCK_BOOTTIME`` (system-wide, shared by every process, and unlike
+``CLOCK_MONOTONIC`` still running while the host is suspended, as etcd's TTL does:
+:mod:`hakeeper.util.clock`) every 50 ms and, once the deadline has passed while armed, shuts
+PostgreSQL down in immediate mode (SIGQUIT to the postmaster: every backend exits at once, open
+sessions included; SIGKILL if that does not finish in time).  ``fence_margin`` must cover that
+poll and that grace (:mod:`hakeeper.core.fencing`).
 
 A thread would not do: it stops with the agent under SIGSTOP or swap.  The fencer has no etcd,
 no asyncio and almost no code, so there is little that can make it late.
@@ -26,15 +29,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hakeeper.core.fencing import FENCER_KILL_GRACE, FENCER_POLL
+from hakeeper.util import clock
 from hakeeper.util.proc import children_of, pid_alive, postmaster_pid
 
-POLL_INTERVAL = 0.05
+POLL_INTERVAL = FENCER_POLL
 
 
 @dataclass(slots=True)
 class FenceState:
     armed: bool = False
-    deadline: float = 0.0  # CLOCK_MONOTONIC seconds
+    deadline: float = 0.0  # CLOCK_BOOTTIME seconds (hakeeper.util.clock.boottime)
     agent_pid: int = 0
     data_dir: str = ""
     seq: int = 0
@@ -65,7 +70,7 @@ def _log(event: str, **facts: object) -> None:
         pass
 
 
-def fence_postgres(data_dir: Path, grace: float = 1.0) -> str:
+def fence_postgres(data_dir: Path, grace: float = FENCER_KILL_GRACE) -> str:
     """Stop the postmaster of ``data_dir`` at once, open sessions included.  Returns what happened."""
     pid = postmaster_pid(data_dir)
     if pid is None:
@@ -100,7 +105,7 @@ def run_fencer(state_path: Path) -> int:
     fenced_seq = -1
     missing_since: float | None = None
     while True:
-        now = time.monotonic()
+        now = clock.boottime()
         st = FenceState.read(state_path)
         if st is None:
             # The agent writes the file before starting us and replaces it atomically; a missing
@@ -199,7 +204,7 @@ class FenceClient:
         return self.state.armed
 
     def arm(self, deadline: float) -> None:
-        """Allow writes until ``deadline`` (monotonic); called on every successful keepalive."""
+        """Allow writes until ``deadline`` (boottime); called on every successful keepalive."""
         changed = not self.state.armed or deadline != self.state.deadline
         self.state.armed = True
         self.state.deadline = deadline
@@ -214,7 +219,7 @@ class FenceClient:
             self.state.write(self.path)
 
     def expired(self, now: float | None = None) -> bool:
-        return self.state.armed and (now if now is not None else time.monotonic()) >= self.state.deadline
+        return self.state.armed and (now if now is not None else clock.boottime()) >= self.state.deadline
 
     def stop(self) -> None:
         self.state.armed = False

@@ -11,13 +11,13 @@ from the last HA cycle), so ``/primary`` turns 503 at the deadline itself.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from hakeeper.ha.fence import FenceState
 from hakeeper.ha.lease import LeaseKeeper
 from hakeeper.ha.state import NodeState
+from hakeeper.util import clock
 from hakeeper.util.log import get_logger
 
 log = get_logger("hakeeper.guard")
@@ -86,7 +86,7 @@ class WriteGuard:
         log.error(
             "fence_fired",
             reason="leader lease not renewed before the fence deadline",
-            late_by=round(time.monotonic() - self.fence.state.deadline, 3),
+            late_by=round(clock.boottime() - self.fence.state.deadline, 3),
         )
         self.fence.disarm()
         await on_fired()

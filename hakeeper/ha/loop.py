@@ -17,8 +17,9 @@ from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.table import STEPS
+from hakeeper.ha.identity import leader_lease_owner, member_conflict, owner_of
 from hakeeper.ha.policy.decide import decide
-from hakeeper.ha.policy.decision import Action, Decision, LocalFacts
+from hakeeper.ha.policy.decision import Action, Decision, LeaseOwner, LocalFacts
 from hakeeper.ha.policy.observe import Identity, member_record, observe, publish_due, routine_only
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
@@ -35,6 +36,7 @@ class HaLoop:
         self.action_lock = action_lock  # the HA cycle and operator actions never interleave
         self.stopping = asyncio.Event()
         self._reported: set[tuple[str, int]] = set()  # invalid records already logged (key, revision)
+        self._conflict_lease: int | None = None  # the foreign lease last reported on our member key
 
     def view(self) -> ClusterView:
         """The cluster as the etcd mirror holds it now.
@@ -172,6 +174,7 @@ class HaLoop:
         if probe.running and probe.in_recovery is False:
             await ctx.pgconf.wake_checkpointer()
         guard, tags = ctx.guard, ctx.cfg.tags
+        owner, conflict = await self._identity(view, etcd_reachable)
         return LocalFacts(
             name=ctx.name,
             data_initialized=ctx.pg.is_initialized(),
@@ -184,13 +187,47 @@ class HaLoop:
             pg_down_for=0.0 if st.clocks.pg_down_since is None else now - st.clocks.pg_down_since,
             needs_rewind=st.needs_rewind,
             lease=guard.lease.lease,
-            lease_valid=guard.lease.valid(now),
+            lease_valid=guard.lease.valid(),  # on the fence clock (boottime), not `now`
             leaderless_for=0.0 if st.clocks.leaderless_since is None else now - st.clocks.leaderless_since,
             nofailover=tags.nofailover,
             failover_priority=tags.failover_priority,
             now=time.time(),
             etcd_reachable=etcd_reachable,
+            leader_lease_owner=owner,
+            name_conflict=conflict,
         )
+
+    async def _identity(self, view: ClusterView, etcd_reachable: bool) -> tuple[LeaseOwner, bool]:
+        """Whose lease the leader key naming us is under, and whether another agent keeps our
+        member key alive (:mod:`hakeeper.ha.identity`; no etcd request while both keys are on
+        leases of ours).  With etcd unreachable nothing can be checked: UNKNOWN, no conflict."""
+        ctx, keeper = self.ctx, self.ctx.guard.lease
+        if not etcd_reachable:
+            leader = view.leader
+            mine = leader is None or leader.name != ctx.name or keeper.is_own(leader.lease)
+            return (LeaseOwner.OURS if mine else LeaseOwner.UNKNOWN), False
+        owner = await leader_lease_owner(ctx.store, keeper, ctx.name, view)
+        conflict = await member_conflict(ctx.store, keeper, ctx.name, view)
+        earlier = self._conflict_lease
+        if conflict is None and earlier is not None:
+            # Sticky until the other agent's lease is gone: our own put may hide it from the
+            # next view, and a conflict that came and went every cycle would let us act
+            # (campaign, promote) in between.  Unknown counts as alive (fail closed).
+            if await owner_of(ctx.store, keeper, earlier) != LeaseOwner.EXPIRED:
+                conflict = earlier
+        if conflict != earlier:
+            self._conflict_lease = conflict
+            if conflict is not None:
+                log.error(
+                    "member_name_conflict",
+                    reason="our member key was re-written under a live lease this node never held: "
+                    "another agent runs under our name; not writing until it is gone",
+                    foreign_lease=hex(conflict),
+                    our_lease=hex(keeper.lease),
+                )
+            else:
+                log.warning("member_name_conflict_ended", reason="the other agent's lease expired")
+        return owner, conflict is not None
 
     async def _system_identifier(self) -> str | None:
         st, pg = self.ctx.state, self.ctx.pg

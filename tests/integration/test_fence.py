@@ -16,6 +16,7 @@ import pytest
 from hakeeper.core.config import PostgresConfig
 from hakeeper.ha.fence import FenceClient
 from hakeeper.pg.postgres import Postgres, Role
+from hakeeper.util import clock
 from hakeeper.util.proc import pid_alive
 from tests.support.pg import DEFAULT_PARAMS, PgArea
 
@@ -59,7 +60,7 @@ def test_fencer_stops_writes_at_deadline_including_open_sessions(area: PgArea) -
     try:
         session = psycopg.connect(dsn(cfg), autocommit=True)
         session.execute("CREATE TABLE t (v int)")
-        deadline = time.monotonic() + 1.0
+        deadline = clock.boottime() + 1.0
         fence.arm(deadline)
         # Freeze the agent's side entirely: only the separate fencer process can act now.
         session.execute("INSERT INTO t VALUES (1)")
@@ -82,7 +83,7 @@ def test_fencer_does_nothing_while_the_deadline_keeps_moving(area: PgArea) -> No
     fence.start()
     try:
         for _ in range(15):
-            fence.arm(time.monotonic() + 0.5)
+            fence.arm(clock.boottime() + 0.5)
             time.sleep(0.1)
         fence.disarm()
         time.sleep(1.0)
@@ -103,9 +104,10 @@ import time, sys
 from pathlib import Path
 from hakeeper.core.config import PostgresConfig
 from hakeeper.ha.fence import FenceClient
+from hakeeper.util import clock
 f = FenceClient(Path({str(runtime)!r}), Path({str(cfg.data_dir)!r}))
 f.start()
-f.arm(time.monotonic() + 1.0)
+f.arm(clock.boottime() + 1.0)
 print("armed", flush=True)
 time.sleep(60)
 """
@@ -140,7 +142,7 @@ def test_restarted_agent_inherits_an_armed_fence(area: PgArea) -> None:
     old = FenceClient(runtime, cfg.data_dir)
     old.start()
     try:
-        old.arm(time.monotonic() + 1.0)
+        old.arm(clock.boottime() + 1.0)
         new = FenceClient(runtime, cfg.data_dir)  # the "restarted agent"
         assert new.inherit()
         new.start()  # adopts the running fencer, keeps the old deadline

@@ -526,6 +526,42 @@ async def reattach_moves_the_leader_key_to_a_new_lease_under_the_same_term(b: Ba
     assert await s.leader_term() == term, "the old lease no longer holds the key"
 
 
+@case("take_over_leader")
+async def take_over_moves_the_key_only_from_the_lease_it_was_decided_on(b: Backend) -> None:
+    s = b.store()
+    term, old = await _leader(b, s, "n1")
+    other = await b.client.lease_grant(LONG_TTL)
+    mine = await b.client.lease_grant(LONG_TTL)
+    assert not await s.take_over_leader("n1", term, other, mine), "the key is not on that lease"
+    assert not await s.take_over_leader("n1", term - 1, old, mine), "stale term"
+    assert not await s.take_over_leader("n2", term, old, mine), "not n2's key"
+    # another agent of the same name re-puts the key on its lease: the term stays the same
+    assert await s.reattach_leader("n1", term, other)
+    assert not await s.take_over_leader("n1", term, old, mine), "moved meanwhile: never taken from it"
+    view = await s.read_view()
+    assert view.leader is not None and view.leader.lease == other
+    assert await s.take_over_leader("n1", term, other, mine)
+    view = await s.read_view()
+    assert view.leader is not None
+    assert (view.leader.name, view.leader.term, view.leader.lease) == ("n1", term, mine)
+
+
+@case("name_leases", "lease_ttl")
+async def the_leases_a_name_is_held_under_and_their_time_to_live(b: Backend) -> None:
+    s = b.store()
+    assert await s.name_leases("n1") == (None, None)
+    lease = await b.client.lease_grant(LONG_TTL)
+    await s.put_member(_member("n1"), lease)
+    assert await s.name_leases("n1") == (lease, None)
+    _term, leader_lease = await _leader(b, s, "n1")
+    assert await s.name_leases("n1") == (lease, leader_lease)
+    assert await s.name_leases("n2") == (None, None), "the leader key names n1, not n2"
+    assert 0 < await s.lease_ttl(lease) <= LONG_TTL
+    await b.client.lease_revoke(lease)
+    assert await s.lease_ttl(lease) == -1, "revoked: gone"
+    assert await s.name_leases("n1") == (None, leader_lease), "the member key went with its lease"
+
+
 @case("hand_over", "write_request")
 async def hand_over_releases_the_key_and_marks_the_request_in_one_step(b: Backend) -> None:
     s = b.store()

@@ -8,9 +8,10 @@ LeaseKeeper, SyncManager, PgConfigurator and Ctx are wired exactly as in product
 Nothing runs in the background: :meth:`Sim.step` moves the virtual clock and runs, in a fixed
 order, what the node's tasks would have done meanwhile (fence checks, keepalives, one HA cycle).
 
-Virtual time is ``time.monotonic`` and ``time.time`` patched (pytest's monkeypatch) for the
-test: the agent reads the clock in a dozen modules, and patching the two functions moves every
-reader at once (and any added later) without a clock parameter threaded through production code.
+Virtual time is ``time.monotonic``, ``time.time`` and the fence clock
+(:func:`hakeeper.util.clock.boottime`) patched (pytest's monkeypatch) for the test: the agent
+reads the clock in a dozen modules, and patching the three functions moves every reader at once
+(and any added later) without a clock parameter threaded through production code.
 The event loop's own clock follows too, which is harmless because nothing here sleeps.
 
 The etcd mirror is the real :class:`~hakeeper.dcs.mirror.PrefixMirror`, re-listed before each
@@ -52,12 +53,22 @@ from hakeeper.node import Node
 from hakeeper.pg import rewind as pg_rewind
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
+from hakeeper.util import clock
 from hakeeper.util.proc import CommandFailed
 from tests.support import fake_pg
 from tests.support.fake_etcd import FakeEtcd
 from tests.support.fake_pg import FakePostgres, World
 
-__all__ = ["EtcdLink", "FakeFence", "Sim", "SimNode", "VirtualClock", "capture_events", "node_config"]
+__all__ = [
+    "EtcdLink",
+    "FakeFence",
+    "MemoryLeaseRecord",
+    "Sim",
+    "SimNode",
+    "VirtualClock",
+    "capture_events",
+    "node_config",
+]
 
 WALL_CLOCK_OFFSET = 1_700_000_000.0  # time.time() = monotonic + this
 KEEPALIVE_EVERY = 1.0  # s, the keepalive_interval of the default dynamic configuration
@@ -81,6 +92,8 @@ class VirtualClock:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(time, "monotonic", self.monotonic)
         monkeypatch.setattr(time, "time", self.time)
+        # the fence and lease deadlines run on CLOCK_BOOTTIME, read through this one function
+        monkeypatch.setattr(clock, "boottime", self.monotonic)
 
 
 class FakeFence:
@@ -107,7 +120,7 @@ class FakeFence:
         self.state.armed = False
 
     def expired(self, now: float | None = None) -> bool:
-        return self.state.armed and (now if now is not None else time.monotonic()) >= self.state.deadline
+        return self.state.armed and (now if now is not None else clock.boottime()) >= self.state.deadline
 
     def inherit(self) -> bool:
         return False
@@ -118,6 +131,20 @@ class FakeFence:
     def stop(self) -> None:
         self.state.armed = False
         self.started = False
+
+
+class MemoryLeaseRecord:
+    """:class:`~hakeeper.ha.lease.LeaseFile` in memory: what a node's agent persists of its
+    lease, handed to the agent that replaces it on a restart (:meth:`Sim.restart_agent`)."""
+
+    def __init__(self) -> None:
+        self.lease = 0
+
+    def load(self) -> int:
+        return self.lease
+
+    def save(self, lease: int) -> None:
+        self.lease = lease
 
 
 class EtcdLink:
@@ -211,6 +238,7 @@ class SimNode:
     pg: FakePostgres
     link: EtcdLink
     fence: FakeFence
+    record: MemoryLeaseRecord = field(default_factory=MemoryLeaseRecord)
     agent_alive: bool = True  # False: the agent process is gone (no keepalives, no cycles)
     silent_watch: bool = False  # see the module doc
     cycle_errors: list[BaseException] = field(default_factory=list)
@@ -293,13 +321,15 @@ class Sim:
             pg = self.world.add(name, "127.0.0.1", port)
             link = EtcdLink(self.etcd)
             fence = FakeFence()
+            record = MemoryLeaseRecord()
             node = Node(
                 cfg,
                 client=cast(EtcdClient, link),
                 pg=cast(Postgres, pg),
                 fence=cast(FenceClient, fence),
+                lease_record=record,
             )
-            self.nodes[name] = SimNode(name, node, pg, link, fence)
+            self.nodes[name] = SimNode(name, node, pg, link, fence, record)
 
     def __getitem__(self, name: str) -> SimNode:
         return self.nodes[name]
@@ -321,19 +351,23 @@ class Sim:
         """What etcd holds now (not any node's mirror)."""
         return await ClusterStore(self.etcd, self.keys).read_view()
 
-    async def restart_agent(self, name: str) -> SimNode:
+    async def restart_agent(self, name: str, *, lease_record: MemoryLeaseRecord | None = None) -> SimNode:
         """The agent process restarts (its PostgreSQL keeps running): a new Node, with no lease
-        and a new fence, that first looks at its data directory as ``Node.run`` does."""
+        and a new fence, that first looks at its data directory as ``Node.run`` does.  It finds
+        the lease id its predecessor persisted, unless ``lease_record`` replaces that record (an
+        empty one: another agent of the same name, or a lost runtime directory)."""
         old = self.nodes[name]
         fence = FakeFence()
+        record = old.record if lease_record is None else lease_record
         node = Node(
             old.node.cfg,
             client=cast(EtcdClient, old.link),
             pg=cast(Postgres, old.pg),
             fence=cast(FenceClient, fence),
+            lease_record=record,
         )
         await inspect_data_dir(node.ctx)
-        self.nodes[name] = SimNode(name, node, old.pg, old.link, fence)
+        self.nodes[name] = SimNode(name, node, old.pg, old.link, fence, record)
         return self.nodes[name]
 
     def kill(self, name: str) -> None:

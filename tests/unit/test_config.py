@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hakeeper.core.config import ConfigError, DynamicConfig, load_node_config
+from hakeeper.core.config import ConfigError, DynamicConfig, load_node_config, parse_dynamic_config
 from hakeeper.core.config_docs import render
+from hakeeper.core.fencing import FENCER_KILL_GRACE, FENCER_POLL, min_fence_margin
 
 GOOD = """
 scope: demo
@@ -85,6 +86,32 @@ def test_secrets_are_masked_in_dumps(tmp_path: Path) -> None:
 def test_fence_timing_must_fit_in_ttl() -> None:
     with pytest.raises(ValueError, match="must be below ttl"):
         DynamicConfig(ttl=2, keepalive_interval=1, fence_margin=1.5)
+
+
+def test_default_fence_margin_covers_the_fencer_and_the_default_request_timeout(tmp_path: Path) -> None:
+    cfg = load_node_config(write(tmp_path, GOOD))
+    assert cfg.bootstrap.dcs.fence_margin >= min_fence_margin(cfg.etcd.request_timeout)
+    assert min_fence_margin(1.0) == FENCER_POLL + FENCER_KILL_GRACE + 1.0
+
+
+def test_a_fence_margin_below_poll_grace_and_request_timeout_is_refused_at_its_field(tmp_path: Path) -> None:
+    text = GOOD.replace("  hosts:", "  request_timeout: 2.0\n  hosts:")
+    text += "bootstrap:\n  dcs:\n    fence_margin: 3.0\n"
+    with pytest.raises(ConfigError) as ei:
+        load_node_config(write(tmp_path, text))
+    (field, reason), *more = ei.value.errors
+    assert not more and field == "bootstrap.dcs.fence_margin"
+    assert "3.0 s is too small" in reason and "= 3.05 s" in reason and "etcd.request_timeout" in reason
+    assert ei.value.source == str(tmp_path / "node.yml")
+    ok = text.replace("fence_margin: 3.0", "fence_margin: 3.05")
+    assert load_node_config(write(tmp_path, ok)).bootstrap.dcs.fence_margin == 3.05
+
+
+def test_a_cluster_wide_fence_margin_must_cover_the_fencer() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_dynamic_config({"fence_margin": 1.0})
+    assert ei.value.errors[0][0] == "fence_margin" and "1.0 s is too small" in ei.value.errors[0][1]
+    assert parse_dynamic_config({"fence_margin": 1.25}).fence_margin == 1.25
 
 
 def test_cli_validate_exits_2_with_file_and_field(tmp_path: Path) -> None:

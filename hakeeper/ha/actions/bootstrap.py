@@ -168,9 +168,10 @@ async def _undo_bootstrap(ctx: Ctx, term: int | None, error: BaseException) -> N
         error=str(error) or type(error).__name__,
         action="data directory removed" + (", initialize and leader keys deleted" if term else ""),
     )
-    ctx.guard.disarm()
     with contextlib.suppress(Exception):
         await ctx.pg.stop("immediate")
+    if not ctx.pg.is_running():  # an armed fence stays armed for a PostgreSQL that did not stop
+        ctx.guard.disarm()
     with contextlib.suppress(Exception):
         await asyncio.to_thread(ctx.pg.remove_data_dir)
     if term is not None:

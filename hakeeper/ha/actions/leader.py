@@ -137,13 +137,26 @@ async def _arm_sync_guard(ctx: Ctx, dyn: DynamicConfig) -> None:
 
 
 async def takeover(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
-    assert view.leader is not None
+    """The key names us under an earlier lease of ours or an expired one (decide() never picks
+    this for a live lease another agent holds): move it onto our lease, same term, and only from
+    the lease the decision was taken on."""
+    leader = view.leader
+    assert leader is not None
     if not await ctx.guard.confirm_lease():
         return
-    if await ctx.store.reattach_leader(ctx.name, view.leader.term, ctx.guard.lease.lease):
-        log.info("leader_key_reattached", term=view.leader.term, old_lease=hex(view.leader.lease))
+    if await ctx.store.take_over_leader(ctx.name, leader.term, leader.lease, ctx.guard.lease.lease):
+        log.info(
+            "leader_key_reattached",
+            term=leader.term,
+            old_lease=hex(leader.lease),
+            old_lease_was=facts.leader_lease_owner.value,
+        )
         if facts.writable:
             ctx.guard.arm()
+    else:
+        log.warning(
+            "leader_takeover_refused", reason="the leader key changed (holder, term or lease) since decided"
+        )
     await ctx.resync()
 
 
@@ -199,9 +212,10 @@ async def start_primary(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decis
 
 
 async def release(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
-    ctx.guard.disarm()
     if ctx.pg.is_running():
         await ctx.pg.stop("immediate")
+    # Disarmed only once PostgreSQL has stopped: if the stop fails (raises), the fence still fires.
+    ctx.guard.disarm()
     await release_key(ctx, view)
 
 

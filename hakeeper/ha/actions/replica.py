@@ -108,7 +108,6 @@ async def follow(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
 
 
 async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
-    ctx.guard.disarm()
     lm = view.members.get(d.target or "")
     st = ctx.state
     if lm is None or st.held is not None:
@@ -119,6 +118,8 @@ async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
     try:
         if ctx.pg.is_running():
             await ctx.pg.stop("fast", timeout=60)
+        # Only now: an armed fence must still fire if PostgreSQL did not stop (the stop raised).
+        ctx.guard.disarm()
         if not pgc.use_pg_rewind:
             raise PgError("use_pg_rewind is off")
         log.info("rewind_started", source=d.target)
@@ -136,6 +137,7 @@ async def rewind(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) ->
             _hold(ctx, f"pg_rewind from {d.target} failed: {e}", plan)
             return
         await ctx.pg.stop("immediate")
+        ctx.guard.disarm()  # PostgreSQL has stopped
         try:
             # Moved aside, never deleted: in asynchronous mode the old primary may hold the only
             # copy of commits the new one never received.

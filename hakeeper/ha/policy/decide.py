@@ -20,6 +20,9 @@ Invariants kept here (see docs/architecture.md):
   (``LEAD``, ``PROMOTE``, ``START_PRIMARY``); a writable node without the key is told to
   ``DEMOTE`` unless it is itself the best candidate and may ``CAMPAIGN`` for the key.  With etcd
   unreachable, nothing that could make PostgreSQL writable or change etcd is done at all.
+* I1b: a key that names us under a live lease this node never held means another agent runs
+  under our name: nothing is written (``DEMOTE``/``WAIT``, ``RELEASE`` of a key we hold), and the
+  key is taken over only when it is under a lease of ours or one whose time-to-live ran out.
 * I4: eligible candidates are ranked by (timeline, WAL LSN, failover_priority, name), the same
   order on every node; only the best campaigns, the k-th only after ``k * candidate_grace``
   seconds without a leader.  A node that does not campaign says why.
@@ -31,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hakeeper.core.cluster import ClusterView, SwitchoverStage
-from hakeeper.ha.policy.decision import ACTIONS, STALE_VIEW_WHY, Action, Decision, LocalFacts
+from hakeeper.ha.policy.decision import ACTIONS, STALE_VIEW_WHY, Action, Decision, LeaseOwner, LocalFacts
 from hakeeper.ha.policy.election import ELECTION, election_decision
 from hakeeper.ha.policy.rules import Ctx, Rule, first_match
 from hakeeper.ha.policy.switchover import switchover_live, switchover_target
@@ -60,7 +63,56 @@ def _due(c: Ctx) -> bool:
     return sw is not None and sw.due(c.local.now)
 
 
+_IMPOSTOR_WHY = "{evidence}: another agent runs under our name"
+
+
+def _impostor_fields(c: Ctx) -> Mapping[str, Any]:
+    return {"evidence": c.impostor}
+
+
 RULES: tuple[Rule, ...] = (
+    # -- another agent under our name (a copied node file, a cloned VM) ------------------------------
+    # Two agents of one name would trade the leader key while both accept writes: whatever else
+    # holds, neither writes, takes a key or touches the other's; the operator must stop one.
+    Rule(
+        "another agent keeps our member key alive, we hold the leader key",
+        lambda c: (
+            c.local.name_conflict
+            and c.we_lead
+            and c.leader is not None
+            and c.leader.lease == c.local.lease
+            and c.local.lease != 0
+        ),
+        Action.RELEASE,
+        _IMPOSTOR_WHY,
+        fields=_impostor_fields,
+    ),
+    Rule(
+        "another agent runs under our name, we are writable",
+        lambda c: c.impostor is not None and c.local.writable,
+        Action.DEMOTE,
+        _IMPOSTOR_WHY,
+        fields=_impostor_fields,
+    ),
+    Rule(
+        "another agent runs under our name",
+        lambda c: c.impostor is not None,
+        Action.WAIT,
+        _IMPOSTOR_WHY,
+        fields=_impostor_fields,
+    ),
+    Rule(
+        "the leader key names us under another lease we could not check, we are writable",
+        lambda c: c.key_lease_owner == LeaseOwner.UNKNOWN and c.local.writable,
+        Action.DEMOTE,
+        "leader key names us under a lease we could not check: not writing under it",
+    ),
+    Rule(
+        "the leader key names us under another lease we could not check",
+        lambda c: c.key_lease_owner == LeaseOwner.UNKNOWN,
+        Action.WAIT,
+        "leader key names us under a lease we could not check: not taking it over",
+    ),
     # -- no data directory yet ------------------------------------------------------------------------
     Rule(
         "no data directory, but the leader key names us",
@@ -102,10 +154,16 @@ RULES: tuple[Rule, ...] = (
     ),
     # -- we hold the leader key ---------------------------------------------------------------------
     Rule(
-        "the leader key names us under an earlier lease (agent restarted)",
-        lambda c: c.we_lead and c.leader is not None and c.leader.lease != c.local.lease,
+        "the leader key names us under an earlier lease of ours (agent restarted)",
+        lambda c: c.key_lease_owner == LeaseOwner.OURS,
         Action.TAKEOVER,
         "leader key names us under an earlier lease",
+    ),
+    Rule(
+        "the leader key names us under an expired lease",
+        lambda c: c.key_lease_owner == LeaseOwner.EXPIRED,
+        Action.TAKEOVER,
+        "leader key names us under an expired lease",
     ),
     # The keepalive is failing; the fence will stop writes.  Never (re)start read-write.
     Rule(

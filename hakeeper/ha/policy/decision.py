@@ -89,7 +89,8 @@ ACTIONS: Mapping[Action, ActionSpec] = MappingProxyType(
             makes_writable=True,
         ),
         Action.TAKEOVER: ActionSpec(
-            "the key names us under an old lease (agent restarted): re-attach it to our lease (same term)",
+            "the key names us under an earlier lease of ours (agent restarted) or an expired one: "
+            "re-attach it to our lease (same term; txn compares name, term and that old lease)",
             makes_writable=True,
             fresh_lease=True,
         ),
@@ -117,6 +118,17 @@ ACTIONS: Mapping[Action, ActionSpec] = MappingProxyType(
     }
 )
 
+
+class LeaseOwner(StrEnum):
+    """Whose lease a key that names us is under, when it is not our current lease (the observe
+    step asks etcd for the lease's time-to-live; the policy only reads the answer)."""
+
+    OURS = "ours"  # one this node's agent held: earlier in this run, or persisted before a restart
+    EXPIRED = "expired"  # etcd says its time-to-live has run out: nobody keeps it alive
+    FOREIGN = "foreign"  # alive and never ours: another agent runs under our name
+    UNKNOWN = "unknown"  # not checked (etcd did not answer)
+
+
 # What an action that is not safe without etcd becomes while etcd is unreachable (the view is
 # then the last one we had).
 STALE_VIEW_WHY = "etcd unreachable; not acting on '{action}'"
@@ -143,6 +155,12 @@ class LocalFacts:
     failover_priority: int = 1
     now: float = 0.0  # wall clock (epoch s), for scheduled and stale switchover requests
     etcd_reachable: bool = True  # False: the view is the last one read before etcd went away
+    # Whose lease the leader key is under when it names us under a lease other than ``lease``
+    # (only asked then; fail-closed default).
+    leader_lease_owner: LeaseOwner = LeaseOwner.UNKNOWN
+    # Our member key is kept alive by a live lease this node never held: another agent runs
+    # under our name (it started despite the check at start, e.g. both at once).
+    name_conflict: bool = False
 
     @property
     def writable(self) -> bool:

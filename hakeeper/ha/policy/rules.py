@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hakeeper.core.cluster import ClusterView, Leader, Member, MemberRole, MemberState, Switchover
-from hakeeper.ha.policy.decision import Action, Decision, LocalFacts
+from hakeeper.ha.policy.decision import Action, Decision, LeaseOwner, LocalFacts
 
 # -- the situation, as the rules read it -----------------------------------------------------------
 
@@ -41,6 +41,25 @@ class Ctx:
     @property
     def nobody_leads(self) -> bool:
         return self.view.leader is None
+
+    @property
+    def key_under_other_lease(self) -> bool:
+        """The leader key names us, under a lease that is not our current one."""
+        return self.we_lead and self.view.leader is not None and self.view.leader.lease != self.local.lease
+
+    @property
+    def key_lease_owner(self) -> LeaseOwner | None:
+        """Whose lease the leader key naming us is under, when it is not ours now (else None)."""
+        return self.local.leader_lease_owner if self.key_under_other_lease else None
+
+    @property
+    def impostor(self) -> str | None:
+        """What shows that another agent runs under our name (None: nothing does)."""
+        if self.key_lease_owner == LeaseOwner.FOREIGN:
+            return "the leader key names us under a live lease that is not ours"
+        if self.local.name_conflict:
+            return "our member key is kept alive by a lease that is not ours"
+        return None
 
     @property
     def leader_running(self) -> bool:

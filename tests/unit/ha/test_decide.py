@@ -29,7 +29,7 @@ from hakeeper.core.cluster import (
 from hakeeper.core.config import DynamicConfig
 from hakeeper.ha.policy.candidates import assess, rank
 from hakeeper.ha.policy.decide import RULES, decide
-from hakeeper.ha.policy.decision import ACTIONS, STALE_VIEW_WHY, Action, Decision, LocalFacts
+from hakeeper.ha.policy.decision import ACTIONS, STALE_VIEW_WHY, Action, Decision, LeaseOwner, LocalFacts
 from hakeeper.ha.policy.election import ELECTION
 from hakeeper.ha.policy.rules import Ctx, Rule, first_match
 from tests.support.builders import MB, SYSID, local, primary, replica, view
@@ -193,9 +193,80 @@ CASES = [
     Case(
         "restarted agent takes its leader key over",
         view(primary("a"), leader="a", lease=5),
-        local("a", in_recovery=False, lease=9),
+        local("a", in_recovery=False, lease=9, leader_lease_owner=LeaseOwner.OURS),
         Action.TAKEOVER,
         why="leader key names us under an earlier lease",
+    ),
+    Case(
+        "the leader key under an expired lease is taken over",
+        view(primary("a"), leader="a", lease=5),
+        local("a", in_recovery=False, lease=9, leader_lease_owner=LeaseOwner.EXPIRED),
+        Action.TAKEOVER,
+        why="leader key names us under an expired lease",
+    ),
+    # -- another agent under our name ---------------------------------------------------------------
+    Case(
+        "the leader key under another agent's live lease: a writable node demotes, never takes it",
+        view(primary("a"), leader="a", lease=5),
+        local("a", in_recovery=False, lease=9, leader_lease_owner=LeaseOwner.FOREIGN),
+        Action.DEMOTE,
+        why="the leader key names us under a live lease that is not ours: another agent runs under our name",
+    ),
+    Case(
+        "the leader key under another agent's live lease: a replica waits",
+        view(primary("a"), leader="a", lease=5),
+        local("a", lease=9, leader_lease_owner=LeaseOwner.FOREIGN),
+        Action.WAIT,
+        why="the leader key names us under a live lease that is not ours: another agent runs under our name",
+    ),
+    Case(
+        "a copy with no data never releases the key another agent of its name holds",
+        view(primary("a"), leader="a", lease=5),
+        local(
+            "a",
+            data_initialized=False,
+            pg_running=False,
+            in_recovery=None,
+            lease=9,
+            leader_lease_owner=LeaseOwner.FOREIGN,
+        ),
+        Action.WAIT,
+        why="the leader key names us under a live lease that is not ours: another agent runs under our name",
+    ),
+    Case(
+        "our member key under another agent's live lease while we hold the key: give it up",
+        view(primary("a"), leader="a"),
+        local("a", in_recovery=False, name_conflict=True),
+        Action.RELEASE,
+        why="our member key is kept alive by a lease that is not ours: another agent runs under our name",
+    ),
+    Case(
+        "our member key under another agent's live lease, writable without the key: demote",
+        view(primary("a"), leader="a", lease=5),
+        local("a", in_recovery=False, lease=9, leader_lease_owner=LeaseOwner.OURS, name_conflict=True),
+        Action.DEMOTE,
+        why="our member key is kept alive by a lease that is not ours: another agent runs under our name",
+    ),
+    Case(
+        "our member key under another agent's live lease, no leader: no campaign",
+        view(replica("a"), replica("b", lsn=10 * MB)),
+        local("a", name_conflict=True),
+        Action.WAIT,
+        why="our member key is kept alive by a lease that is not ours: another agent runs under our name",
+    ),
+    Case(
+        "the leader key's other lease could not be checked, writable: demote",
+        view(primary("a"), leader="a", lease=5),
+        local("a", in_recovery=False, lease=9),
+        Action.DEMOTE,
+        why="leader key names us under a lease we could not check: not writing under it",
+    ),
+    Case(
+        "the leader key's other lease could not be checked: wait",
+        view(primary("a"), leader="a", lease=5),
+        local("a", pg_running=False, in_recovery=None, lease=9),
+        Action.WAIT,
+        why="leader key names us under a lease we could not check: not taking it over",
     ),
     # -- another node leads ------------------------------------------------------------------------
     Case(
@@ -1137,3 +1208,48 @@ def test_a_stale_view_only_leads_to_actions_safe_without_etcd(
     else:
         assert stale == Decision(Action.WAIT, STALE_VIEW_WHY.format(action=fresh.action))
         assert stale.why == f"etcd unreachable; not acting on '{fresh.action.value}'"
+
+
+@given(
+    ms=members(),
+    leader=st.one_of(st.none(), st.sampled_from(NAMES)),
+    me=st.sampled_from(NAMES),
+    data_initialized=st.booleans(),
+    running=st.booleans(),
+    in_recovery=st.booleans(),
+    same_lease=st.booleans(),
+    owner=st.sampled_from(list(LeaseOwner)),
+    conflict=st.booleans(),
+)
+def test_under_a_name_another_agent_holds_nothing_goes_read_write_or_takes_a_key(
+    ms: list[Member],
+    leader: str | None,
+    me: str,
+    data_initialized: bool,
+    running: bool,
+    in_recovery: bool,
+    same_lease: bool,
+    owner: LeaseOwner,
+    conflict: bool,
+) -> None:
+    v = view(*ms, leader=leader, lease=7)
+    lf = local(
+        me,
+        data_initialized=data_initialized,
+        pg_running=running,
+        in_recovery=in_recovery if running else None,
+        lease=7 if same_lease else 8,
+        leader_lease_owner=owner,
+        name_conflict=conflict,
+    )
+    d = decide(v, lf)
+    foreign_key = leader == me and not same_lease and owner in (LeaseOwner.FOREIGN, LeaseOwner.UNKNOWN)
+    if conflict or foreign_key:
+        assert not ACTIONS[d.action].makes_writable, d
+        assert d.action in (Action.WAIT, Action.DEMOTE, Action.RELEASE), d
+        if lf.writable:
+            assert d.action in (Action.DEMOTE, Action.RELEASE), d
+        if d.action == Action.RELEASE:
+            assert conflict and leader == me and same_lease, "only our own key on our own lease is given up"
+    if d.action == Action.TAKEOVER:
+        assert owner in (LeaseOwner.OURS, LeaseOwner.EXPIRED) and not conflict

@@ -8,7 +8,9 @@ from hakeeper.ha import guard as guard_module
 from hakeeper.ha.actions import leader
 from hakeeper.ha.policy.decide import decide
 from hakeeper.ha.policy.decision import Action, Decision
+from hakeeper.pg.errors import PgError
 from tests.support.sim import Sim, capture_events
+from tests.unit.ha.test_replica_actions import record_disarms
 
 CAMPAIGN = Decision(Action.CAMPAIGN, "no leader and we are the best candidate")
 
@@ -190,3 +192,33 @@ async def test_lead_never_drops_a_slot_hakeeper_did_not_make(cluster: Sim) -> No
     assert "user_tool" in a.pg.slots, "not ours: never dropped"
     assert "gone" not in a.pg.slots, "ours, past member_slots_ttl: dropped"
     assert {"b", "c"} <= a.pg.slots
+
+
+async def test_release_disarms_the_fence_only_after_postgres_stopped(
+    cluster: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = cluster["a"]
+    assert a.pg.writable and a.fence.armed
+    running_at_disarm = record_disarms(monkeypatch, a)
+    view, facts = await a.observe()
+
+    await leader.release(a.ctx, view, facts, Decision(Action.RELEASE, "cannot run a primary"))
+
+    assert running_at_disarm == [False], "disarmed while postgres still ran"
+
+
+async def test_release_keeps_the_fence_armed_and_the_key_when_postgres_does_not_stop(
+    cluster: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = cluster["a"]
+    view, facts = await a.observe()
+
+    async def stuck(*args: object, **kw: object) -> None:
+        raise PgError("pg_ctl stop timed out")
+
+    monkeypatch.setattr(a.pg, "stop", stuck)
+    with pytest.raises(PgError):
+        await leader.release(a.ctx, view, facts, Decision(Action.RELEASE, "cannot run a primary"))
+
+    assert a.pg.writable and a.fence.armed, "the fence must still stop a primary that did not stop"
+    assert await cluster.leader() == "a", "nobody may be elected while we still accept writes"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.ha.actions import replica
 from hakeeper.ha.policy.decide import decide
 from hakeeper.ha.policy.decision import Action, Decision
-from tests.support.sim import Sim
+from hakeeper.pg.errors import PgError
+from tests.support.sim import Sim, SimNode
 from tests.unit.ha.conftest import steady_cluster
 
 
@@ -133,3 +136,51 @@ async def test_clone_retries_until_the_leader_has_our_slot(monkeypatch: pytest.M
     await sim.step()
     assert c.pg.upstream_primary() is sim["a"].pg
     assert c.pg.system_id == sim["a"].pg.system_id
+
+
+def record_disarms(monkeypatch: pytest.MonkeyPatch, node: SimNode) -> list[bool]:
+    """Whether PostgreSQL still ran at each disarm of ``node``'s fence."""
+    running_at_disarm: list[bool] = []
+    disarm = node.fence.disarm
+
+    def recording() -> None:
+        running_at_disarm.append(node.pg.running)
+        disarm()
+
+    monkeypatch.setattr(node.fence, "disarm", recording)
+    return running_at_disarm
+
+
+async def test_rewind_disarms_the_fence_only_after_postgres_stopped(
+    cluster: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = cluster["a"]
+    await move_leadership_to_b(cluster)  # a still runs read-write, its fence armed
+    assert a.pg.writable and a.fence.armed
+    running_at_disarm = record_disarms(monkeypatch, a)
+    view, facts = await a.observe()
+
+    await replica.rewind(a.ctx, view, facts, Decision(Action.REWIND, "diverged", target="b"))
+
+    assert running_at_disarm and not any(running_at_disarm), "disarmed while postgres still ran"
+    assert a.pg.running and a.pg.in_recovery and not a.fence.armed
+
+
+async def test_rewind_keeps_the_fence_armed_when_postgres_does_not_stop(
+    cluster: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = cluster["a"]
+    await move_leadership_to_b(cluster)
+    view, facts = await a.observe()
+
+    async def stuck(*args: object, **kw: object) -> None:
+        raise PgError("pg_ctl stop timed out")
+
+    monkeypatch.setattr(a.pg, "stop", stuck)
+    # a failed stop counts as a failed rewind; whether that raises depends on
+    # remove_data_directory_on_rewind_failure (its immediate stop fails too): not the point here
+    with contextlib.suppress(PgError):
+        await replica.rewind(a.ctx, view, facts, Decision(Action.REWIND, "diverged", target="b"))
+
+    assert a.pg.writable and a.fence.armed, "the fence must still stop a primary that did not stop"
+    assert a.pg.is_initialized()
