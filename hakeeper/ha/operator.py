@@ -91,9 +91,9 @@ class Operator:
             raise Refused(RefusalKind.UNAVAILABLE, f"leader {view.leader.name} is not running")
         await self._refuse_if_local_primary()
         log.warning("reinitialize_requested", leader=view.leader.name)
-        ctx.guard.disarm()
         if ctx.pg.is_running():
             await ctx.pg.stop("immediate", timeout=60)
+        ctx.guard.disarm()  # only now: a fence that is armed must still fire if the stop failed
         await asyncio.to_thread(ctx.pg.remove_data_dir)
         ctx.state.system_identifier = None
         ctx.state.needs_rewind = False
