@@ -1,25 +1,101 @@
 """structlog set-up: one JSON or console line per event, stdlib records included.
 
 Events are named ``noun_verb`` and carry their facts as key-value pairs.  Secrets never reach a
-log: values under sensitive keys are masked here as a last line of defence.
+log, even on error paths:
+
+* tracebacks carry **no frame locals** (structlog's dict tracebacks and rich tracebacks show
+  them by default, and locals are where passwords, conninfos and ``PGPASSWORD`` environments
+  live): JSON logs use ``ExceptionDictTransformer(show_locals=False)``, console logs the plain
+  standard-library traceback;
+* values under sensitive keys (``password``, ``token``, ``secret``, ...) are masked, at any depth;
+* every string logged, nested in dicts and lists and the exception text included, goes through
+  :func:`redact`, which masks the password of URLs (``postgresql://user:pw@``), ``key=value`` and
+  ``"key": "value"`` pairs whose key names a secret (conninfo ``password=``, ``PGPASSWORD=``,
+  repr of an environment dict) and ``Authorization`` credentials.
+
+Masking errs on the side of hiding too much: an unquoted value runs to the next whitespace.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.types import EventDict, Processor
 
-_SENSITIVE = ("password", "token", "secret", "passwd")
+MASK = "***"
+_SENSITIVE = ("password", "passwd", "token", "secret", "private_key", "api_key", "apikey")
+_MAX_DEPTH = 20  # nested structures deeper than this are replaced, not walked
+
+# scheme://user:password@ -- the password runs to the *last* '@' before whitespace, so an
+# unencoded '@' or '/' in it is still hidden (over-masking a path is the price).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):[^\s]*@")
+# key=value / key: value / "key": "value" / 'KEY': 'value' where the key names a secret.
+# Values: single- or double-quoted with backslash escapes (an unterminated quote hides the rest),
+# or unquoted up to whitespace (libpq's rule; a backslash escapes the next character).
+_KEY_VALUE = re.compile(
+    r"""(?ix)
+    (["']?[\w.\-]*(?:password|passwd|token|secret|private_key|api_key|apikey)[\w.\-]*["']?\s*[:=]\s*)
+    (?: '(?:\\[\s\S]|[^'\\])*'?
+      | "(?:\\[\s\S]|[^"\\])*"?
+      | (?:\\[\s\S]|[^\s\\])+\\?
+    )
+    """
+)
+# Authorization: Bearer <token> / Basic <base64>
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s,;]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with every password, token and secret it may carry replaced by ``***``."""
+    if not text:
+        return text
+    text = _URL_USERINFO.sub(rf"\1:{MASK}@", text)
+    text = _KEY_VALUE.sub(rf"\1{MASK}", text)
+    return _AUTH_SCHEME.sub(rf"\1\2{MASK}", text)
+
+
+def _sensitive(key: object) -> bool:
+    return isinstance(key, str) and any(s in key.lower() for s in _SENSITIVE)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if depth >= _MAX_DEPTH:
+        return "<nested too deep>"
+    if isinstance(value, Mapping):
+        return {k: MASK if _sensitive(k) else _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return redact(bytes(value).decode("utf-8", "backslashreplace"))
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # Anything else is rendered with repr()/str() later: render it now, masked.
+    return redact(repr(value))
 
 
 def _mask_secrets(_logger: Any, _name: str, event: EventDict) -> EventDict:
+    """Mask values under sensitive keys (top level, before any other processing)."""
     for key in list(event):
-        if any(s in key.lower() for s in _SENSITIVE):
-            event[key] = "***"
+        if _sensitive(key):
+            event[key] = MASK
+    return event
+
+
+def _redact_values(_logger: Any, _name: str, event: EventDict) -> EventDict:
+    """Value-based masking of every string in the event, after the exception is rendered to
+    text or dicts (so the exception message and notes are masked too)."""
+    for key, value in list(event.items()):
+        if key in ("exc_info", "stack_info") and not isinstance(value, str):
+            continue  # not rendered (a formatter upstream turned them into text already)
+        event[key] = MASK if _sensitive(key) else _scrub(value)
     return event
 
 
@@ -38,17 +114,26 @@ def setup_logging(fmt: str = "console", level: str = "INFO", stream: Any = None)
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    renderer: Processor
+    final: list[Processor]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
-        final: list[Processor] = [
+        final = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.dict_tracebacks,
-            renderer,
+            # Frames without their locals (structlog shows them by default).
+            structlog.processors.ExceptionRenderer(
+                ExceptionDictTransformer(show_locals=False, use_rich=False)
+            ),
+            _redact_values,
+            structlog.processors.JSONRenderer(),
         ]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
-        final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]
+        final = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            # The plain standard-library traceback (no locals), as text that _redact_values masks
+            # before the renderer prints it (the renderer's own rich traceback shows locals).
+            structlog.processors.format_exc_info,
+            _redact_values,
+            structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
+        ]
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final))
     root = logging.getLogger()
