@@ -13,6 +13,10 @@ and take every node out of the load balancer.  So:
   ``api.health_reserve_allowlist`` when one is set): it must send its request head within
   :data:`HEALTH_GRACE` seconds, may only ``GET``/``HEAD`` a health endpoint, and is closed
   after its one answer;
+* when the reserve is full, its oldest connection that has not sent a request yet makes way for
+  the new one: a health check sends its request at once, a slow client does not, so a flood of
+  slow connections from many addresses must outpace every check's round trip to starve it
+  (``api.health_reserve_allowlist`` closes the reserve to all but the load balancers);
 * anything else is answered 503 and closed at once.
 
 This works with a load balancer's default check (HAProxy connects to the API port itself): no
@@ -69,6 +73,11 @@ class Admission:
         self.clients: dict[Pool, dict[str, int]] = {Pool.GENERAL: {}, Pool.RESERVE: {}}
         self.refused: dict[str, int] = {}
         self.timed_out = 0
+        self.evicted = 0
+        # Reserve connections that have not sent a request yet, oldest first: when the reserve
+        # is full, the oldest of them makes way (a health check sends its request at once, a
+        # slow client does not; a flood must then outpace the round trip of every check).
+        self.waiting: dict[Connection, None] = {}
 
     @property
     def open_connections(self) -> int:
@@ -76,12 +85,23 @@ class Admission:
 
     def accept(self) -> Pool | None:
         """At accept time (the client's address not known yet): the pool that takes it."""
-        for pool in (Pool.GENERAL, Pool.RESERVE):
-            if self.open[pool] < self.limit[pool]:
-                self.open[pool] += 1
-                return pool
+        if self.open[Pool.GENERAL] < self.limit[Pool.GENERAL]:
+            self.open[Pool.GENERAL] += 1
+            return Pool.GENERAL
+        if self._reserve_room():
+            self.open[Pool.RESERVE] += 1
+            return Pool.RESERVE
         self.note_refused("max_connections and health_reserve full", None)
         return None
+
+    def _reserve_room(self) -> bool:
+        if self.open[Pool.RESERVE] < self.limit[Pool.RESERVE]:
+            return True
+        if self.waiting:
+            oldest = next(iter(self.waiting))
+            self.evicted += 1
+            oldest.evict()  # releases its place now
+        return self.open[Pool.RESERVE] < self.limit[Pool.RESERVE]
 
     def place(self, pool: Pool, remote: str | None) -> tuple[Pool, str] | None:
         """Once the address is known: the pool and client key the connection now counts under,
@@ -90,7 +110,7 @@ class Admission:
         if pool is Pool.GENERAL and self.clients[pool].get(key, 0) >= self.per_client[pool]:
             # This client has its share: the connection may still carry a health check.
             self.open[pool] -= 1
-            if self.open[Pool.RESERVE] >= self.limit[Pool.RESERVE]:
+            if not self._reserve_room():
                 self.note_refused("max_connections_per_client, health_reserve full", remote)
                 return None
             pool = Pool.RESERVE
@@ -99,7 +119,7 @@ class Admission:
             why = None
             if self.reserve_sources and not address_in(remote, self.reserve_sources):
                 why = "client not in health_reserve_allowlist"
-            elif self.clients[pool].get(key, 0) >= self.per_client[pool]:
+            elif self.clients[pool].get(key, 0) >= self.per_client[pool] and not self._evict_own(key):
                 why = "client holds its share of health_reserve"
             if why is not None:
                 self.open[pool] -= 1
@@ -107,6 +127,16 @@ class Admission:
                 return None
         self.clients[pool][key] = self.clients[pool].get(key, 0) + 1
         return pool, key
+
+    def _evict_own(self, key: str) -> bool:
+        """Make way in a client's full share of the reserve by closing its own oldest connection
+        that has not sent a request (its slow connections must not lock out its health checks)."""
+        for conn in self.waiting:
+            if conn.key == key:
+                self.evicted += 1
+                conn.evict()
+                return True
+        return False
 
     def release(self, pool: Pool, key: str | None) -> None:
         self.open[pool] -= 1
@@ -173,6 +203,7 @@ class Connection(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
 
     def started(self) -> None:
+        self.host.admission.waiting.pop(self, None)
         self.busy += 1
         if self.timer is not None:
             self.timer.cancel()
@@ -183,7 +214,14 @@ class Connection(asyncio.Protocol):
         if self.busy == 0 and not self.released:
             self.arm(KEEPALIVE_IDLE + self.host.request_timeout)
 
+    def evict(self) -> None:
+        """Make way for another reserve connection (this one has not sent a request)."""
+        self._release()
+        if self.transport is not None:
+            self.transport.abort()
+
     def _release(self) -> None:
+        self.host.admission.waiting.pop(self, None)
         if not self.released:
             self.released = True
             self.host.admission.release(self.pool, self.key)
@@ -228,6 +266,8 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         self.inner = inner
         self.host.connections[inner] = self
+        if self.pool is Pool.RESERVE:
+            self.host.admission.waiting[self] = None
         inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
