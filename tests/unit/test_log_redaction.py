@@ -122,3 +122,56 @@ def test_redact_never_leaks_a_url_password(pw: str, user: str, scheme: str, enco
     shown = quote(pw, safe="") if encode else pw
     out = redact(f"error from {scheme}://{user}:{shown}@db.example:5432/app?sslmode=require: refused")
     assert out == f"error from {scheme}://{user}:{MASK}@db.example:5432/app?sslmode=require: refused"
+
+
+class _Cursor:
+    async def fetchone(self) -> tuple[str, str]:
+        return ("zz", "0/0")  # not an LSN: parse_lsn raises inside wait_received
+
+
+class _Conn:
+    async def __aenter__(self) -> _Conn:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def execute(self, _sql: str) -> _Cursor:
+        return _Cursor()
+
+
+async def test_an_unexpected_error_in_wait_received_logs_no_password(
+    capture: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's example: wait_received holds a conninfo with password= in a local; an
+    unexpected error there, logged with log.exception, used to print it."""
+    import psycopg
+
+    from hakeeper.pg.remote import wait_received
+
+    seen: list[str] = []
+
+    async def connect(conninfo: str, **_kw: object) -> _Conn:
+        seen.append(conninfo)
+        return _Conn()
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", connect)
+    setup_logging("json", "INFO", capture)
+    with pytest.raises(ValueError):
+        try:
+            await wait_received(
+                name="n2",
+                host="10.0.0.2",
+                port=5432,
+                user="postgres",
+                password=SUPERUSER_PW,
+                lsn=1,
+                timeout=5,
+            )
+        except ValueError:
+            get_logger("hakeeper.test").exception("switchover_failed")
+            raise
+    assert SUPERUSER_PW in seen[0]  # the secret was really in a local of the failing frame
+    out = capture.getvalue()
+    assert "switchover_failed" in out and "not an LSN" in out and "wait_received" in out
+    assert SUPERUSER_PW not in out
