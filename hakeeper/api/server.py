@@ -47,7 +47,7 @@ from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import requests
 from hakeeper.ha.ports import NodeOperations
 from hakeeper.ha.snapshot import NodeSnapshot
-from hakeeper.util.log import get_logger
+from hakeeper.util.log import get_logger, redact_values
 
 log = get_logger("hakeeper.api")
 
@@ -354,11 +354,13 @@ class ApiServer:
 
     # -- status ----------------------------------------------------------------------------------------
 
+    # Status documents are open to anyone: error texts in them (PostgreSQL's, the archiver's)
+    # go out with any password or URL credentials masked, as in the logs.
     async def node_status(self, _req: web.Request) -> web.StreamResponse:
-        return json_response(status.node_status(self.snapshot()))
+        return json_response(redact_values(status.node_status(self.snapshot())))
 
     async def cluster(self, _req: web.Request) -> web.StreamResponse:
-        return json_response(status.cluster_status(self.snapshot()))
+        return json_response(redact_values(status.cluster_status(self.snapshot())))
 
     async def history(self, _req: web.Request) -> web.StreamResponse:
         return json_response(status.history_doc(self.snapshot().view.history))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -35,18 +35,15 @@ _MAX_DEPTH = 20  # nested structures deeper than this are replaced, not walked
 # scheme://user:password@ -- the password runs to the *last* '@' before whitespace, so an
 # unencoded '@' or '/' in it is still hidden (over-masking a path is the price).
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):[^\s]*@")
-# key=value / key: value / "key": "value" / 'KEY': 'value' where the key names a secret.
-# Values: single- or double-quoted with backslash escapes (an unterminated quote hides the rest),
-# or unquoted up to whitespace (libpq's rule; a backslash escapes the next character).
-_KEY_VALUE = re.compile(
-    r"""(?ix)
-    (["']?[\w.\-]*(?:password|passwd|token|secret|private_key|api_key|apikey)[\w.\-]*["']?\s*[:=]\s*)
-    (?: '(?:\\[\s\S]|[^'\\])*'?
-      | "(?:\\[\s\S]|[^"\\])*"?
-      | (?:\\[\s\S]|[^\s\\])+\\?
-    )
-    """
-)
+# A key that names a secret, optionally quoted: PGPASSWORD, "password", 'sslpassword', api_token...
+_KEY = r"""["']?[\w.\-]*(?:password|passwd|token|secret|private_key|api_key|apikey)[\w.\-]*["']?"""
+_QUOTED = r"""'(?:\\[\s\S]|[^'\\])*'?|"(?:\\[\s\S]|[^"\\])*"?"""
+# key=value (conninfo, environment, kwargs): libpq ends an unquoted value at whitespace only, and
+# a quote is an ordinary character inside one, so whatever is glued to a quoted part belongs to
+# the value too ('"0"0' is one password).  An unterminated quote hides the rest of the text.
+_KEY_EQUALS = re.compile(rf"(?i)({_KEY}\s*=\s*)(?:(?:{_QUOTED})\S*|(?:\\[\s\S]|[^\s\\])+\\?)")
+# key: value (JSON, repr of a dict, YAML, headers): a quoted value ends at its closing quote.
+_KEY_COLON = re.compile(rf"(?i)({_KEY}\s*:\s*)(?:{_QUOTED}|(?:\\[\s\S]|[^\s\\])+\\?)")
 # Authorization: Bearer <token> / Basic <base64>
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s,;]+")
 
@@ -56,7 +53,8 @@ def redact(text: str) -> str:
     if not text:
         return text
     text = _URL_USERINFO.sub(rf"\1:{MASK}@", text)
-    text = _KEY_VALUE.sub(rf"\1{MASK}", text)
+    text = _KEY_EQUALS.sub(rf"\1{MASK}", text)
+    text = _KEY_COLON.sub(rf"\1{MASK}", text)
     return _AUTH_SCHEME.sub(rf"\1\2{MASK}", text)
 
 
@@ -64,21 +62,27 @@ def _sensitive(key: object) -> bool:
     return isinstance(key, str) and any(s in key.lower() for s in _SENSITIVE)
 
 
-def _scrub(value: Any, depth: int = 0) -> Any:
+def _scrub(value: Any, depth: int = 0, render: Callable[[object], str] = repr) -> Any:
     if isinstance(value, str):
         return redact(value)
     if depth >= _MAX_DEPTH:
         return "<nested too deep>"
     if isinstance(value, Mapping):
-        return {k: MASK if _sensitive(k) else _scrub(v, depth + 1) for k, v in value.items()}
+        return {k: MASK if _sensitive(k) else _scrub(v, depth + 1, render) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_scrub(v, depth + 1) for v in value]
+        return [_scrub(v, depth + 1, render) for v in value]
     if isinstance(value, bytes | bytearray):
         return redact(bytes(value).decode("utf-8", "backslashreplace"))
     if value is None or isinstance(value, bool | int | float):
         return value
-    # Anything else is rendered with repr()/str() later: render it now, masked.
-    return redact(repr(value))
+    # Anything else would be rendered as text later (repr() in logs): render it now, masked.
+    return redact(render(value))
+
+
+def redact_values(value: Any) -> Any:
+    """``value`` (JSON-like) with every string redacted and values under secret keys masked;
+    other objects as their ``str()``, redacted."""
+    return _scrub(value, render=str)
 
 
 def _mask_secrets(_logger: Any, _name: str, event: EventDict) -> EventDict:

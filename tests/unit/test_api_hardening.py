@@ -52,11 +52,15 @@ class Operator:
         return "reloaded"
 
 
+ARCHIVE_ERROR = "PUT failed: https://AKIAKEY:S3-Secret-1@s3.example/bucket/wal: 403"
+
+
 def snapshot() -> NodeSnapshot:
+    backup = {"archive": {"last_error": ARCHIVE_ERROR}, "heartbeat": None}
     return NodeSnapshot(
         name="n1", scope="s", tags={}, probe=None, view=ClusterView(), member=Member(name="n1"),
         activity=None, decision=None, loop_heartbeat=time.monotonic(), lease_remaining=0.0,
-        writable=False, backup=None,
+        writable=False, backup=backup,
     )  # fmt: skip
 
 
@@ -430,3 +434,10 @@ async def test_reserve_places_per_client_are_bounded(api: ApiServer) -> None:
     finally:
         for s in socks:
             s.close()
+
+
+async def test_status_documents_mask_credentials_in_error_texts(api: ApiServer) -> None:
+    ans = await raw_request(port_of(api), b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    doc = body_of(ans)
+    assert doc["archive"]["last_error"] == "PUT failed: https://AKIAKEY:***@s3.example/bucket/wal: 403"
+    assert b"S3-Secret-1" not in ans
