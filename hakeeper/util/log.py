@@ -11,7 +11,8 @@ log, even on error paths:
 * every string logged, nested in dicts and lists and the exception text included, goes through
   :func:`redact`, which masks the password of URLs (``postgresql://user:pw@``), ``key=value`` and
   ``"key": "value"`` pairs whose key names a secret (conninfo ``password=``, ``PGPASSWORD=``,
-  repr of an environment dict) and ``Authorization`` credentials.
+  repr of an environment dict), ``Authorization`` credentials, and the values of the node's
+  configured secrets wherever they appear (:func:`register_secrets`).
 
 Masking errs on the side of hiding too much: an unquoted value runs to the next whitespace.
 """
@@ -21,10 +22,12 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import structlog
+from pydantic import BaseModel, SecretStr
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.types import EventDict, Processor
 
@@ -48,6 +51,37 @@ _KEY_COLON = re.compile(rf"(?i)({_KEY}\s*:\s*)(?:{_QUOTED}|(?:\\[\s\S]|[^\s\\])+
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s,;]+")
 
 
+MIN_KNOWN_SECRET = 6  # shorter known secrets are left to the patterns (masking "pw" everywhere
+# would garble every log line)
+_known: tuple[str, ...] = ()  # the configured secrets' values, longest first
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Mask these values wherever they appear in a log line from now on (the node's configured
+    passwords, tokens and keys: a last line of defence for texts no pattern recognises)."""
+    global _known
+    found = {v for v in values if v and len(v) >= MIN_KNOWN_SECRET}
+    found |= {quote(v, safe="") for v in found}  # as they appear in URLs
+    _known = tuple(sorted(found | set(_known), key=len, reverse=True))
+
+
+def secrets_of(model: BaseModel) -> list[str]:
+    """Every ``SecretStr`` value in a (nested) pydantic model."""
+    out: list[str] = []
+    stack: list[Any] = [model]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, SecretStr):
+            out.append(item.get_secret_value())
+        elif isinstance(item, BaseModel):
+            stack.extend(getattr(item, name) for name in type(item).model_fields)
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return out
+
+
 def redact(text: str) -> str:
     """``text`` with every password, token and secret it may carry replaced by ``***``."""
     if not text:
@@ -55,7 +89,11 @@ def redact(text: str) -> str:
     text = _URL_USERINFO.sub(rf"\1:{MASK}@", text)
     text = _KEY_EQUALS.sub(rf"\1{MASK}", text)
     text = _KEY_COLON.sub(rf"\1{MASK}", text)
-    return _AUTH_SCHEME.sub(rf"\1\2{MASK}", text)
+    text = _AUTH_SCHEME.sub(rf"\1\2{MASK}", text)
+    for secret in _known:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
 
 
 def _sensitive(key: object) -> bool:
