@@ -688,6 +688,9 @@ def test_hostile_requests_to_mutating_endpoints(cluster: LocalCluster) -> None:
     assert _raw(node.api_port, _post("/reload", token, json_type), "127.0.0.78").startswith(b"HTTP/1.1 200")
     assert c.tail_log("node1", 400).count("api_auth_throttled") == 1
     assert "api_handler_crashed" not in c.tail_log("node1", 400)
+    agent_log = node.log_path.read_text(errors="replace")
+    for secret in (c.api_token, c.api_password, c.superuser_password):
+        assert secret not in agent_log
 
 
 # -- TLS --------------------------------------------------------------------------------------------------
