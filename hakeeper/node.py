@@ -48,7 +48,7 @@ from hakeeper.ha.syncer import SyncManager
 from hakeeper.pg.postgres import Postgres
 from hakeeper.util import clock
 from hakeeper.util.fsutil import UnsafePathError, ensure_private_dir, open_nofollow
-from hakeeper.util.log import get_logger, setup_logging
+from hakeeper.util.log import get_logger, register_secrets, secrets_of, setup_logging
 
 log = get_logger("hakeeper.node")
 
@@ -292,6 +292,7 @@ class Node:
 
 async def run_agent(cfg: NodeConfig) -> int:
     setup_logging(cfg.log.format, cfg.log.level)
+    register_secrets(secrets_of(cfg))  # no configured secret in any log line, whatever the text
     node = Node(cfg)
     try:
         return await node.run()

@@ -9,15 +9,23 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Member names are at most 63 characters (core/config.py); anything longer cannot name one.
+NAME_MAX = 63
+
+
 class SwitchoverBody(_Body):
-    leader: str | None = Field(None, min_length=1, description="Expected current leader (checked).")
-    candidate: str | None = Field(None, min_length=1, description="Member to hand over to.")
+    leader: str | None = Field(
+        None, min_length=1, max_length=NAME_MAX, description="Expected current leader (checked)."
+    )
+    candidate: str | None = Field(
+        None, min_length=1, max_length=NAME_MAX, description="Member to hand over to."
+    )
     # ISO 8601 strings are accepted even in strict mode when parsed from JSON.
     scheduled_at: AwareDatetime | None = Field(None, description="When (ISO 8601 with a timezone).")
 
 
 class FailoverBody(_Body):
-    candidate: str = Field(min_length=1, description="Member to promote.")
+    candidate: str = Field(min_length=1, max_length=NAME_MAX, description="Member to promote.")
     force: StrictBool = Field(False, description="Promote even an ineligible candidate (may lose data).")
 
 

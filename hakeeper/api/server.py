@@ -6,10 +6,16 @@ mutating endpoints go to etcd through :mod:`hakeeper.ha.requests`.  A request re
 raises :class:`~hakeeper.core.errors.Refused`; this module alone turns its kind into an HTTP
 status (:data:`REFUSAL_STATUS`).
 
-Connection hygiene (see :class:`_Connection`): at most ``api.max_connections`` connections
-(more are answered 503 and closed at once), and a connection must start a request within
-``api.request_timeout`` of opening (or of its previous response plus an idle keep-alive
-allowance); request bodies must arrive within the same time.  TLS handshakes are bounded too.
+Connection hygiene (see :mod:`hakeeper.api.connections`): at most ``api.max_connections``
+connections, ``api.max_connections_per_client`` from one client, and a reserve beyond both that
+only health checks may use; a connection must start a request within ``api.request_timeout`` of
+opening (or of its previous response plus an idle keep-alive allowance); request bodies must
+arrive within the same time.  TLS handshakes are bounded too.
+
+Mutating endpoints need credentials (:mod:`hakeeper.api.auth`, failures throttled per client)
+and ``Content-Type: application/json``, also with an empty body: a browser holding cached
+Basic credentials cannot send that type cross-site without a CORS preflight, which we never
+answer, so a hostile page cannot make it ``POST /restart``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from hakeeper import __version__
 from hakeeper.api import health as h
 from hakeeper.api import status
 from hakeeper.api.auth import Authenticator, server_ssl_context
+from hakeeper.api.connections import KEEPALIVE_IDLE, Admission, Connection, Refuse
 from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
 from hakeeper.core.config import ApiConfig
 from hakeeper.core.errors import RefusalKind, Refused
@@ -40,13 +47,12 @@ from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import requests
 from hakeeper.ha.ports import NodeOperations
 from hakeeper.ha.snapshot import NodeSnapshot
-from hakeeper.util.log import get_logger
+from hakeeper.util.log import get_logger, redact_values
 
 log = get_logger("hakeeper.api")
 
 JSON = "application/json"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-KEEPALIVE_IDLE = 30.0  # an idle keep-alive connection is closed after this long
 MAX_BODY = 64 * 1024
 MAX_OPERATION_WAIT = 120.0  # cap on waiting for a switchover/failover to complete (s)
 
@@ -61,11 +67,6 @@ REFUSAL_STATUS: dict[RefusalKind, int] = {
     RefusalKind.PRECONDITION: 412,
     RefusalKind.UNAVAILABLE: 503,
 }
-
-_REFUSED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b'Connection: close\r\nContent-Length: 35\r\n\r\n{"error": "too many connections"}\r\n'
-)
 
 
 class ApiError(Exception):
@@ -91,9 +92,30 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
+# What an error text may say about where etcd is: nothing (unauthenticated GETs answer with
+# these texts, and endpoint URLs may carry credentials).
+_URL_IN_TEXT = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s;,]+")
+_HOST_IN_TEXT = re.compile(
+    r"(?i)(?<![\w.:])(?:(?:[0-9]{1,3}\.){3}[0-9]{1,3}|\[[0-9a-f:.%]+\])(?::[0-9]{1,5})?(?![\w.])"
+    r"|\bhost\s+\S+"
+)
+
+
+def public_message(text: str) -> str:
+    """``text`` without endpoint URLs, addresses and credentials, for an error body."""
+
+    def url(m: re.Match[str]) -> str:
+        return "<endpoint>:" if m.group(0).endswith(":") else "<endpoint>"
+
+    text = _URL_IN_TEXT.sub(url, text)
+    return _HOST_IN_TEXT.sub(lambda m: "host <endpoint>" if m.group(0)[:1] in "hH" else "<endpoint>", text)
+
+
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None, **facts: Any
 ) -> web.Response:
+    if status >= 500:
+        message = public_message(message)
     body: dict[str, Any] = {"error": message}
     for k, v in facts.items():
         if k == "errors" and isinstance(v, list):
@@ -103,100 +125,6 @@ def error_response(
             ]
         body.setdefault(k, v)
     return json_response(body, status, headers)
-
-
-class _Refuse(asyncio.Protocol):
-    """Protocol of a connection beyond ``max_connections``: a 503 and close."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_REFUSED)
-        transport.close()
-
-
-class _Connection(asyncio.Protocol):
-    """Wraps aiohttp's per-connection protocol to count connections and enforce deadlines.
-
-    Created at accept time (so TLS handshakes in progress count against the limit); the inner
-    aiohttp handler is created once the connection (and its TLS handshake) is made."""
-
-    def __init__(self, api: ApiServer) -> None:
-        self.api = api
-        self.inner: RequestHandler | None = None
-        self.transport: asyncio.Transport | None = None
-        self.busy = 0
-        self.released = False
-        api.open_connections += 1
-        self.timer: asyncio.TimerHandle | None = None
-        self.arm(api.cfg.request_timeout)
-
-    def arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
-
-    def started(self) -> None:
-        self.busy += 1
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def finished(self) -> None:
-        self.busy -= 1
-        if self.busy == 0 and not self.released:
-            self.arm(KEEPALIVE_IDLE + self.api.cfg.request_timeout)
-
-    def _release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.api.open_connections -= 1
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _expire(self) -> None:
-        self.timer = None
-        if self.transport is None:
-            self._release()  # the TLS handshake never completed (asyncio then never tells us)
-            return
-        if self.busy == 0:
-            self.api.timed_out += 1
-            self.transport.abort()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        if self.released or self.api.runner is None or self.api.runner.server is None:
-            transport.abort()
-            return
-        self.transport = transport
-        inner = self.api.runner.server()
-        self.inner = inner
-        self.api.connections[inner] = self
-        inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        if self.inner is not None:
-            self.inner.eof_received()
-        return None
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._release()
-        inner = self.inner
-        if inner is not None:
-            self.api.connections.pop(inner, None)
-            inner.connection_lost(exc)
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -238,10 +166,9 @@ class ApiServer:
         self.auth = Authenticator(self.cfg)
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
-        self.connections: dict[RequestHandler, _Connection] = {}
-        self.open_connections = 0
-        self.refused = 0
-        self.timed_out = 0
+        self.connections: dict[RequestHandler, Connection] = {}
+        self.admission = Admission(cfg)
+        self.health_paths: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi_yaml, self._openapi = _load_openapi()
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
@@ -250,6 +177,7 @@ class ApiServer:
         def health(*paths: str, fn: Handler) -> None:
             for p in paths:
                 r.add_get(p, fn)  # GET also answers HEAD, without a body
+                self.health_paths.add(p)
 
         health("/primary", "/leader", "/read-write", fn=self._check(h.check_primary, lag=False))
         health("/replica", fn=self._check(h.check_replica))
@@ -282,9 +210,15 @@ class ApiServer:
     async def start(self) -> None:
         cfg = self.cfg
         host, port = cfg.listen_host_port
-        limit = raise_fd_limit(cfg.max_connections + 512)
-        if limit < cfg.max_connections + 64:
-            log.warning("api_fd_limit_low", nofile=limit, max_connections=cfg.max_connections)
+        wanted = cfg.max_connections + cfg.health_reserve
+        limit = raise_fd_limit(wanted + 512)
+        if limit < wanted + 64:
+            log.warning(
+                "api_fd_limit_low",
+                nofile=limit,
+                max_connections=cfg.max_connections,
+                health_reserve=cfg.health_reserve,
+            )
         self.runner = web.AppRunner(
             self.app, access_log=None, handler_cancellation=True, keepalive_timeout=KEEPALIVE_IDLE
         )
@@ -310,12 +244,18 @@ class ApiServer:
         )
 
     def _protocol(self) -> asyncio.Protocol:
-        if self.open_connections >= self.cfg.max_connections:
-            self.refused += 1
-            if self.refused == 1 or self.refused % 1000 == 0:
-                log.warning("api_connection_refused", reason="max_connections", refused=self.refused)
-            return _Refuse()
-        return _Connection(self)
+        pool = self.admission.accept()
+        return Refuse() if pool is None else Connection(self, pool)
+
+    @property
+    def request_timeout(self) -> float:
+        return self.cfg.request_timeout
+
+    def new_handler(self) -> RequestHandler | None:
+        """aiohttp's protocol for a new connection (None once the server is stopping)."""
+        if self.runner is None or self.runner.server is None:
+            return None
+        return self.runner.server()
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -342,6 +282,11 @@ class ApiServer:
         if conn is not None:
             conn.started()
         try:
+            if conn is not None and conn.health_only:
+                # A connection of the health reserve: one health check, then closed.
+                resp = await self._reserved(request, handler)
+                resp.force_close()
+                return resp
             return await handler(request)
         except ApiError as e:
             return error_response(e.status, e.message, e.headers, **e.facts)
@@ -356,7 +301,7 @@ class ApiServer:
             )
             return error_response(e.status, msg, headers)
         except EtcdError as e:
-            return error_response(503, f"etcd unavailable: {e}")
+            return error_response(503, f"etcd unavailable: {e}")  # endpoints masked there
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -365,6 +310,12 @@ class ApiServer:
         finally:
             if conn is not None:
                 conn.finished()
+
+    async def _reserved(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method in ("GET", "HEAD") and request.path in self.health_paths:
+            return await handler(request)
+        self.admission.note_refused("not a health check in the health reserve", request.remote)
+        return error_response(503, "too many connections")
 
     @staticmethod
     async def _headers(_req: web.Request, resp: web.StreamResponse) -> None:
@@ -403,11 +354,13 @@ class ApiServer:
 
     # -- status ----------------------------------------------------------------------------------------
 
+    # Status documents are open to anyone: error texts in them (PostgreSQL's, the archiver's)
+    # go out with any password or URL credentials masked, as in the logs.
     async def node_status(self, _req: web.Request) -> web.StreamResponse:
-        return json_response(status.node_status(self.snapshot()))
+        return json_response(redact_values(status.node_status(self.snapshot())))
 
     async def cluster(self, _req: web.Request) -> web.StreamResponse:
-        return json_response(status.cluster_status(self.snapshot()))
+        return json_response(redact_values(status.cluster_status(self.snapshot())))
 
     async def history(self, _req: web.Request) -> web.StreamResponse:
         return json_response(status.history_doc(self.snapshot().view.history))
@@ -444,15 +397,26 @@ class ApiServer:
                 headers = {}
                 if denied.challenge:
                     headers["WWW-Authenticate"] = ", ".join(self.auth.challenges)
-                log.info(
-                    "api_request_denied",
-                    method=request.method,
-                    path=request.path,
-                    remote=request.remote,
-                    status=denied.status,
-                    reason=denied.message,
-                )
+                if denied.retry_after is not None:
+                    headers["Retry-After"] = str(denied.retry_after)
+                else:  # a throttled client is logged once, when its block starts, not per request
+                    log.info(
+                        "api_request_denied",
+                        method=request.method,
+                        path=request.path,
+                        remote=request.remote,
+                        status=denied.status,
+                        reason=denied.message,
+                    )
+                if denied.throttle_started:
+                    log.warning(
+                        "api_auth_throttled",
+                        remote=request.remote,
+                        reason="too many failed authentication attempts",
+                        seconds=self.auth.throttle.block,
+                    )
                 raise ApiError(denied.status, denied.message, headers)
+            require_json(request.headers.get("Content-Type"))
             log.info("api_request", method=request.method, path=request.path, remote=request.remote)
             return await fn(request)
 
@@ -563,6 +527,33 @@ class ApiServer:
         )
 
 
+def require_json(content_type: str | None) -> None:
+    """Mutating requests must say ``Content-Type: application/json`` (parameters such as
+    ``charset`` allowed), even with an empty body: a browser sends that type cross-site only
+    after a CORS preflight, which this API never grants."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != JSON:
+        raise ApiError(
+            415,
+            "mutating requests need the header Content-Type: application/json (also with an empty body)",
+        )
+
+
+MAX_JSON_DEPTH = 32  # no setting nests deeper; deeper input only costs stack (RecursionError)
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply ``value`` nests (iteratively: the point is not to recurse)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON number")
 
@@ -574,8 +565,12 @@ def parse_patch(raw: bytes) -> dict[str, Any]:
         patch = json.loads(raw or b"{}", parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(patch, dict):
         raise ApiError(400, "the patch must be a JSON object (RFC 7386 merge patch)")
+    if _json_depth(patch) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     return patch
 
 

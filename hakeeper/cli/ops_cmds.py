@@ -335,6 +335,9 @@ async def _http(
     timeout: float,
 ) -> ApiAnswer:
     headers = {**auth.headers(), **(extra_headers or {})}
+    if method not in ("GET", "HEAD"):
+        # The agents take mutating requests only as JSON, even without a body (no CSRF).
+        headers.setdefault("Content-Type", "application/json")
     to = aiohttp.ClientTimeout(total=timeout, sock_connect=min(CONNECT_TIMEOUT_S, timeout))
     try:
         async with (

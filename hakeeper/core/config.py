@@ -189,7 +189,31 @@ class ApiConfig(_Strict):
         "endpoints); required (every connection). optional/required need cafile and certfile.",
     )
     max_connections: int = Field(
-        2000, ge=1, le=100000, description="Concurrent connections; more are closed at once."
+        2000,
+        ge=1,
+        le=100000,
+        description="Concurrent connections; more are closed at once (health checks excepted: "
+        "see health_reserve).",
+    )
+    max_connections_per_client: int = Field(
+        100,
+        ge=1,
+        le=100000,
+        description="Concurrent connections from one client address (an IPv6 /64); more are "
+        "closed at once, health checks excepted (see health_reserve).",
+    )
+    health_reserve: int = Field(
+        64,
+        ge=0,
+        le=10000,
+        description="Connections beyond max_connections / max_connections_per_client kept for "
+        "health checks: such a connection must send its request within 2 s and may only ask a "
+        "health endpoint (GET/HEAD), answered then closed. 0: none.",
+    )
+    health_reserve_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Client addresses or CIDRs that may use health_reserve (your load balancers; "
+        "empty: any).",
     )
     request_timeout: float = Field(
         5.0, gt=0, le=300, description="A request's headers and body must arrive within this long (s)."
@@ -202,7 +226,7 @@ class ApiConfig(_Strict):
             _split_hostport(v, 8008)
         return v
 
-    @field_validator("allowlist")
+    @field_validator("allowlist", "health_reserve_allowlist")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
         for item in v:

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -54,8 +55,8 @@ def call(
 ) -> Answer:
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     hdrs = dict(headers or {})
-    if data is not None:
-        hdrs.setdefault("Content-Type", "application/json")
+    if data is not None or method not in ("GET", "HEAD"):
+        hdrs.setdefault("Content-Type", "application/json")  # what mutating endpoints require
     req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
@@ -466,13 +467,17 @@ def test_a_thousand_idle_and_partial_connections_do_not_block_health_checks(clus
         print(f"slowest health check with 1000 idle connections: {worst * 1000:.1f} ms")
         # Slowloris protection: connections that never complete a request are closed after
         # api.request_timeout (5 s by default).
+        # Connections beyond api.max_connections_per_client (100) were answered 503 and closed
+        # at once: read to the end of each.
         deadline = time.monotonic() + 15
         closed = 0
         for s in socks:
-            s.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                if s.recv(1) == b"":
-                    closed += 1
+                while True:
+                    s.settimeout(max(0.01, deadline - time.monotonic()))
+                    if s.recv(4096) == b"":
+                        closed += 1
+                        break
             except TimeoutError:
                 pass
             except OSError:  # reset: closed too
@@ -482,6 +487,210 @@ def test_a_thousand_idle_and_partial_connections_do_not_block_health_checks(clus
         for s in socks:
             s.close()
     assert call(c.nodes[prim].api_url + "/primary").status == 200
+
+
+def _partial(port: int, source: str) -> socket.socket:
+    """A connection from ``source`` (any 127/8 address is loopback) that starts a request and
+    never finishes it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+    s.setblocking(False)
+    return s
+
+
+def _answered_then_closed(s: socket.socket, timeout: float) -> bytes | None:
+    """What the server sent before closing ``s`` (None: still open after ``timeout``)."""
+    s.setblocking(True)
+    got = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = s.recv(4096)
+            if not chunk:
+                return got
+            got += chunk
+    except TimeoutError:
+        return None
+    except OSError:
+        return got
+
+
+def test_one_client_gets_its_share_of_connections_and_no_more(cluster: LocalCluster) -> None:
+    c = cluster
+    node = c.nodes["node1"]
+    _raise_nofile(1024)
+    socks = [_partial(node.api_port, "127.0.0.2") for _ in range(150)]  # share: 100
+    try:
+        # Beyond its share, a connection may only carry a health check: these partial requests
+        # are closed within HEALTH_GRACE (2 s), well before request_timeout (5 s).
+        time.sleep(3)
+        closed = sum(1 for s in socks if _answered_then_closed(s, 0.001) is not None)
+        assert closed == 50
+        # Others are not affected; the client itself still gets its health checks.
+        assert call(node.api_url + "/status").status == 200
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", node.api_port), 5, ("127.0.0.2", 0)) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            ans = _answered_then_closed(s, 2)
+        assert ans is not None and ans.startswith(b"HTTP/1.1 200") and time.monotonic() - t0 < 0.5
+        with socket.create_connection(("127.0.0.1", node.api_port), 5, ("127.0.0.2", 0)) as s:
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            ans = _answered_then_closed(s, 2)
+        assert ans is not None and ans.startswith(b"HTTP/1.1 503")
+    finally:
+        for s in socks:
+            s.close()
+
+
+class SlowClients:
+    """``per_source`` slow partial requests from each of ``sources``; a connection the agent
+    closes (request_timeout) is opened again at once, so the places stay taken."""
+
+    def __init__(self, port: int, sources: list[str], per_source: int) -> None:
+        self.port = port
+        self.sources = sources
+        self.per_source = per_source
+        self.sel = selectors.DefaultSelector()
+        self.reopened = 0
+        self.fill()
+
+    def _open(self, source: str) -> None:
+        try:
+            s = _partial(self.port, source)
+        except OSError:
+            return  # refused at accept: tried again by the next fill()
+        self.sel.register(s, selectors.EVENT_READ, source)
+
+    def fill(self) -> None:
+        held = {source: 0 for source in self.sources}
+        for key in self.sel.get_map().values():
+            held[key.data] += 1
+        for source, n in held.items():
+            for _ in range(self.per_source - n):
+                self._open(source)
+
+    def _dead(self, s: socket.socket) -> bool:
+        try:
+            return s.recv(4096) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def pump(self, seconds: float) -> None:
+        """Reopen what the agent closed, for ``seconds``."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            for key, _ in self.sel.select(timeout=min(left, 0.05)):
+                s = cast(socket.socket, key.fileobj)
+                if self._dead(s):
+                    self.sel.unregister(s)
+                    s.close()
+                    self.reopened += 1
+            self.fill()
+
+    def close(self) -> None:
+        for key in list(self.sel.get_map().values()):
+            cast(socket.socket, key.fileobj).close()
+        self.sel.close()
+
+
+def test_health_checks_answer_while_slow_clients_keep_the_pool_full(cluster: LocalCluster) -> None:
+    """20 clients cycle slow partial requests to keep all 2,000 places (max_connections) taken,
+    for longer than request_timeout (5 s): every health check still answers, within 1 s (half of
+    HAProxy's default check interval) even while 2,000 connections expire and come back at once
+    on a shared 2-core machine, and typically within 0.1 s."""
+    c = cluster
+    node = c.nodes["node2"]
+    _raise_nofile(8192)
+    statuses: list[int] = []
+    took: list[float] = []
+    status_refused = 0
+    slow = SlowClients(node.api_port, [f"127.0.1.{i}" for i in range(1, 21)], 100)
+    try:
+        end = time.monotonic() + 13
+        while time.monotonic() < end:
+            slow.pump(0.25)
+            for path in ("/health", "/primary", "/replica"):
+                status, seconds = _timed(node.api_url + path)
+                statuses.append(status)
+                took.append(seconds)
+            status_refused += call(node.api_url + "/status", timeout=5).status == 503
+    finally:
+        slow.close()
+    took.sort()
+    worst, median = took[-1], took[len(took) // 2]
+    print(
+        f"{len(statuses)} health checks under a full pool: median {median * 1000:.1f} ms, slowest "
+        f"{worst * 1000:.1f} ms; {slow.reopened} slow connections cycled, /status refused "
+        f"{status_refused} times"
+    )
+    assert slow.reopened >= 1500  # the slow clients did cycle (request_timeout 5 s, 13 s of it)
+    assert status_refused > 0  # the pool was indeed full
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= len(statuses) // 3
+    assert worst < 1.0, f"slowest health check took {worst:.3f}s"
+    assert median < 0.1, f"median health check took {median:.3f}s"
+    wait_for(lambda: call(node.api_url + "/status").status == 200, 15, "slots free again")
+
+
+def _raw(port: int, request: bytes, source: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), 5, (source, 0)) as s:
+        s.sendall(request)
+        ans = _answered_then_closed(s, 5)
+    assert ans is not None
+    return ans
+
+
+def _post(path: str, *headers: bytes, body: bytes = b"{}") -> bytes:
+    head = [
+        f"POST {path} HTTP/1.1".encode(),
+        b"Host: x",
+        b"Connection: close",
+        b"Content-Length: %d" % len(body),
+    ]
+    return b"\r\n".join([*head, *headers]) + b"\r\n\r\n" + body
+
+
+def test_hostile_requests_to_mutating_endpoints(cluster: LocalCluster) -> None:
+    c = cluster
+    node = c.nodes["node1"]
+    url = node.api_url
+    auth = bearer(c)
+    json_type = b"Content-Type: application/json"
+    # Non-UTF-8 credentials: 401, not 500 (both schemes).
+    for raw in (b"Bearer \xff\xfe\x80" + c.api_token.encode(), b"Basic \xc3\x28\xa0\xa1=="):
+        ans = _raw(node.api_port, _post("/reload", b"Authorization: " + raw, json_type))
+        assert ans.startswith(b"HTTP/1.1 401"), ans
+    # Without Content-Type: application/json, nothing happens (a cross-site form cannot send it).
+    pid = c.postmaster_pid("node1")
+    token = f"Authorization: Bearer {c.api_token}".encode()
+    for ctype in (b"", b"Content-Type: text/plain", b"Content-Type: application/x-www-form-urlencoded"):
+        ans = _raw(node.api_port, _post("/restart", token, *([ctype] if ctype else []), body=b""))
+        assert ans.startswith(b"HTTP/1.1 415") and b"application/json" in ans, ans
+    assert c.postmaster_pid("node1") == pid
+    # Deeply nested JSON and over-long names are 400s.
+    deep = b'{"postgresql": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    a = call(url + "/config", "PATCH", headers=auth, raw=deep)
+    assert a.status == 400 and "nested" in a.json()["error"], a.body
+    a = call(url + "/failover", "POST", {"candidate": "x" * 10_000}, auth)
+    assert a.status == 400 and a.json()["errors"][0]["field"] == "candidate"
+    # Failed authentication from one address: 429 with Retry-After after 10 failures, even with
+    # the right token; other addresses unaffected.
+    wrong = b"Authorization: Bearer wrong"
+    for _ in range(10):
+        assert _raw(node.api_port, _post("/reload", wrong, json_type), "127.0.0.77").startswith(
+            b"HTTP/1.1 401"
+        )
+    for header in (wrong, token):
+        ans = _raw(node.api_port, _post("/reload", header, json_type), "127.0.0.77")
+        assert ans.startswith(b"HTTP/1.1 429") and b"Retry-After: " in ans, ans
+    assert _raw(node.api_port, _post("/reload", token, json_type), "127.0.0.78").startswith(b"HTTP/1.1 200")
+    assert c.tail_log("node1", 400).count("api_auth_throttled") == 1
+    assert "api_handler_crashed" not in c.tail_log("node1", 400)
+    agent_log = node.log_path.read_text(errors="replace")
+    for secret in (c.api_token, c.api_password, c.superuser_password):
+        assert secret not in agent_log
 
 
 # -- TLS --------------------------------------------------------------------------------------------------
@@ -540,7 +749,8 @@ def test_tls_with_required_client_certificates_and_connection_limit() -> None:
             a = call(url + "/reload", "POST", {}, bearer(c), context=client)
             assert a.status == 200, a.body
 
-            # Connection limit: 20 idle connections fill it; the next one is refused at once.
+            # Connection limit: 20 idle connections fill it; the next one is refused at once
+            # unless it is a health check (the health reserve answers those, over TLS too).
             # (First let the connections above finish: failed handshakes count until they time out.)
             time.sleep(2.5)
             socks = [socket.create_connection(("127.0.0.1", c.nodes["node1"].api_port)) for _ in range(20)]
@@ -548,14 +758,18 @@ def test_tls_with_required_client_certificates_and_connection_limit() -> None:
                 time.sleep(0.3)
                 t0 = time.monotonic()
                 try:
-                    refused = call(url + "/health", context=client, timeout=5).status
+                    refused = call(url + "/status", context=client, timeout=5).status
                 except (urllib.error.URLError, ssl.SSLError, ConnectionError, http_errors()):
                     refused = 0  # closed before an answer
                 assert refused in (0, 503), c.tail_log("node1", 40)
                 assert time.monotonic() - t0 < 2
+                t0 = time.monotonic()
+                a = call(url + "/health", context=client, timeout=5)
+                assert a.status == 200 and a.headers["Connection"] == "close", a
+                assert time.monotonic() - t0 < 1
                 # Idle connections time out after request_timeout (2 s), freeing the slots.
                 wait_for(
-                    lambda: call(url + "/health", context=client, timeout=5).status == 200, 10, "slots free"
+                    lambda: call(url + "/status", context=client, timeout=5).status == 200, 10, "slots free"
                 )
             finally:
                 for s in socks:
