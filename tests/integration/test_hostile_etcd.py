@@ -230,8 +230,14 @@ def test_hostile_records_and_an_invalid_config_are_survived_and_reported() -> No
         c.agents[old].kill()
         c.kill_postgres(old)
         new = new_primary(c, old)
-        status, doc = get_json(c.nodes[new].api_url + "/cluster")
-        assert status == 200 and doc["leader"] == new
+
+        # /cluster answers from the node's last HA cycle: it may trail the promotion by a cycle
+        def leads() -> dict[str, Any] | None:
+            status, doc = get_json(c.nodes[new].api_url + "/cluster")
+            assert status == 200, doc
+            return doc if doc["leader"] == new else None
+
+        wait_for(leads, 10, f"/cluster on {new} names it the leader")
         survivors = [n for n in c.names if n != old]
         for n in survivors:
             assert c.agents[n].returncode is None, f"agent {n} exited: {c.tail_log(n)}"
