@@ -520,7 +520,9 @@ class ApiServer:
     async def patch_config(self, request: web.Request) -> web.StreamResponse:
         expected = parse_if_match(request.headers.get("If-Match"))
         patch = parse_patch(await self._read(request))
-        cfg, rev = await requests.patch_config(self.store, patch, expected_revision=expected)
+        cfg, rev = await requests.patch_config(
+            self.store, patch, expected_revision=expected, last_valid=self.snapshot().last_valid_config
+        )
         log.info("config_patched", revision=rev, keys=sorted(patch))
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}

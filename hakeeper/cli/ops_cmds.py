@@ -846,19 +846,11 @@ def edit_config(
         edits += [parse_pg(p) for p in pg or []]
     except UsageError as e:
         raise fail(str(e), 2) from None
-    patch_doc: Any = None
-    if apply is not None:
-        try:
-            text = sys.stdin.read() if apply == "-" else Path(apply).read_text()
-        except OSError as e:
-            raise fail(f"cannot read {apply}: {e.strerror or e}", 2) from None
-        try:
-            patch_doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise fail(f"{apply}: not valid YAML: {str(e).splitlines()[0]}", 2) from None
-        if patch_doc is not None and not isinstance(patch_doc, dict):
-            raise fail(f"{apply}: the patch must be a YAML mapping", 2)
+    patch_doc = _read_patch_file(apply) if apply is not None else None
     view = read_view(ctx)
+    if view.config_error and view.config_revision and (edits or patch_doc):
+        _repair_config(ctx, view, edits, patch_doc, force, output)
+        return
     current = _current_config(view)
     revision = view.config_revision
     if not edits and apply is None:
@@ -908,6 +900,60 @@ def edit_config(
         output,
         {"changed": True, "revision": new_rev, "patch": patch, "diff": diff},
         f"configuration updated (revision {new_rev})" if new_rev else "configuration updated",
+    )
+
+
+def _read_patch_file(apply: str) -> Any:
+    """The YAML merge patch in ``apply`` (``-``: stdin); exit 2 when it cannot be one."""
+    try:
+        text = sys.stdin.read() if apply == "-" else Path(apply).read_text()
+    except OSError as e:
+        raise fail(f"cannot read {apply}: {e.strerror or e}", 2) from None
+    try:
+        patch_doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise fail(f"{apply}: not valid YAML: {str(e).splitlines()[0]}", 2) from None
+    if patch_doc is not None and not isinstance(patch_doc, dict):
+        raise fail(f"{apply}: the patch must be a YAML mapping", 2)
+    return patch_doc
+
+
+def _repair_config(
+    ctx: Context,
+    view: ClusterView,
+    edits: list[tuple[list[str], Any]],
+    patch_doc: Any,
+    force: bool,
+    output: str,
+) -> None:
+    """The stored config is invalid (someone wrote etcd directly): send just the edits; the agent
+    applies them to the last valid config it runs on, comparing against the invalid record's
+    revision, and refuses if it has none (docs/api.md, PATCH /config)."""
+    patch: dict[str, Any] = dict(patch_doc or {})
+    for path, value in edits:
+        node = patch
+        for part in path[:-1]:
+            child = node.get(part)
+            node = node.setdefault(part, {}) if not isinstance(child, dict) else child
+        node[path[-1]] = value  # None stays: null deletes in a merge patch
+    err.print(f"warning: {view.config_error}", markup=False)
+    err.print("the change applies to the last valid configuration the agents run on", markup=False)
+    confirm("Apply these changes?", force)
+    ans = call_any(
+        view,
+        "PATCH",
+        "/config",
+        ctx.auth,
+        body=patch,
+        headers={"If-Match": str(view.config_revision)},
+        what="edit-config",
+    )
+    data = check_answer(ans, "edit-config", ctx.auth)
+    new_rev = data.get("revision")
+    _print_result(
+        output,
+        {"changed": True, "revision": new_rev, "patch": patch, "repaired": True},
+        f"configuration repaired (revision {new_rev})",
     )
 
 

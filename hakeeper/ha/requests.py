@@ -22,6 +22,9 @@ from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.policy.candidates import assess
 from hakeeper.ha.policy.switchover import switchover_live, switchover_target
+from hakeeper.util.log import get_logger
+
+log = get_logger("hakeeper.requests")
 
 
 async def read_view(store: ClusterStore, fallback: DynamicConfig | None = None) -> ClusterView:
@@ -182,13 +185,20 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 async def read_config(store: ClusterStore) -> tuple[DynamicConfig, int]:
-    cfg, rev, _ = await read_stored_config(store)
+    cfg, rev, _ = await read_stored_config(store, repairing=False)
     return cfg, rev
 
 
-async def read_stored_config(store: ClusterStore) -> tuple[DynamicConfig, int, tuple[str, ...]]:
+async def read_stored_config(
+    store: ClusterStore, *, last_valid: tuple[DynamicConfig, int] | None = None, repairing: bool = True
+) -> tuple[DynamicConfig, int, tuple[str, ...]]:
     """The stored config, its revision, and the fields of it this version does not know (a
-    newer agent's: ignored, as the agents do, docs/decisions.md)."""
+    newer agent's: ignored, as the agents do, docs/decisions.md).
+
+    ``last_valid``: the last valid config this agent saw (and its revision).  Given, an invalid
+    stored config reads as that one under the invalid record's revision, so that a patch repairs
+    it from what the agents actually run on (they keep the last valid config, never their own
+    bootstrap values); without it, an invalid stored config is UNAVAILABLE."""
     try:
         stored = await store.read_config()
     except EtcdError as e:
@@ -201,21 +211,45 @@ async def read_stored_config(store: ClusterStore) -> tuple[DynamicConfig, int, t
     try:
         cfg, ignored = parse_config(raw)
     except InvalidRecord as e:
-        raise Refused(RefusalKind.UNAVAILABLE, f"the stored configuration is invalid: {e}") from e
+        if not repairing:
+            raise Refused(
+                RefusalKind.UNAVAILABLE,
+                f"the stored configuration (revision {mod_revision}) is invalid: {e}; the agents keep "
+                f"running on the last valid one, and PATCH /config (hakeeper edit-config) repairs it",
+            ) from e
+        if last_valid is None:
+            raise Refused(
+                RefusalKind.UNAVAILABLE,
+                f"the stored configuration (revision {mod_revision}) is invalid: {e}; this agent has "
+                f"seen no valid one since it started, so it cannot repair it (ask another member, "
+                f"or rewrite the key with etcdctl)",
+            ) from e
+        log.warning(
+            "config_invalid_patched_from_last_valid",
+            invalid_revision=mod_revision,
+            last_valid_revision=last_valid[1],
+            error=str(e),
+        )
+        return last_valid[0], mod_revision, ()
     return cfg, mod_revision, ignored
 
 
 async def patch_config(
-    store: ClusterStore, patch: dict[str, Any], *, expected_revision: int | None = None
+    store: ClusterStore,
+    patch: dict[str, Any],
+    *,
+    expected_revision: int | None = None,
+    last_valid: tuple[DynamicConfig, int] | None = None,
 ) -> tuple[DynamicConfig, int]:
     """Apply a JSON merge patch to the dynamic config with compare-and-swap.
 
     ``expected_revision``: the config revision the caller last read (CONFLICT if it moved on);
-    without it, the patch applies to whatever is current (retried on a concurrent write)."""
+    without it, the patch applies to whatever is current (retried on a concurrent write).
+    ``last_valid``: see :func:`read_stored_config` (an invalid stored config is repaired from it)."""
     if not isinstance(patch, dict):
         raise Refused(RefusalKind.INVALID, "the patch must be a JSON object")
     for _ in range(5):
-        cfg, rev, ignored = await read_stored_config(store)
+        cfg, rev, ignored = await read_stored_config(store, last_valid=last_valid)
         if ignored:
             # writing back what this version knows would silently drop a newer agent's settings
             raise Refused(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hakeeper.core.cluster import ClusterView, Member, MemberState
+from hakeeper.core.config import DynamicConfig
 from hakeeper.core.pgtypes import LocalState
 from hakeeper.ha.policy.decision import Decision
 
@@ -28,6 +29,9 @@ class NodeSnapshot:
     lease_remaining: float  # seconds to the fence deadline
     writable: bool  # the lease-holding, fenced-in writable primary (computed live)
     backup: Mapping[str, Any] | None  # the archiver's and heartbeat's status
+    # the last valid dynamic config this agent saw and its revision (None: none yet); a PATCH
+    # /config repairs an invalid stored config from it
+    last_valid_config: tuple[DynamicConfig, int] | None = None
 
     @property
     def holds_leader_key(self) -> bool:

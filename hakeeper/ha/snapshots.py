@@ -82,4 +82,5 @@ class SnapshotSource:
             lease_remaining=self.guard.lease.remaining(),
             writable=self.guard.writable_leader(),
             backup=self.backup_status(),
+            last_valid_config=st.last_valid_config,
         )

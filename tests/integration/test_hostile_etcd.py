@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -243,3 +245,23 @@ def test_hostile_records_and_an_invalid_config_are_survived_and_reported() -> No
             assert c.agents[n].returncode is None, f"agent {n} exited: {c.tail_log(n)}"
         other = next(n for n in survivors if n != new)
         assert c.postmaster_pid(other) is not None
+        # the operator repairs the config with the CLI: the edit applies to the last valid config
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "hakeeper", "edit-config", "-c", str(c.nodes[new].config_path)),
+                *("--set", "loop_wait=1", "--force", "-o", "json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["repaired"] is True and "last valid" in out.stderr
+
+        def repaired() -> dict[str, Any] | None:
+            _, doc = get_json(c.nodes[new].api_url + "/cluster")
+            return doc if doc["config_error"] is None else None
+
+        wait_for(repaired, 10, "the repaired config in /cluster")
+        status, cfg = get_json(c.nodes[new].api_url + "/config")
+        assert status == 200 and cfg["config"]["pause"] is stored.pause and cfg["config"]["loop_wait"] == 1

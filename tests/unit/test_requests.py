@@ -223,7 +223,8 @@ async def test_config_patches_and_their_refusals() -> None:
     assert (await store.read_view()).paused
     await etcd.put(KEYS.config, b"{broken")
     e = await refusal(requests.read_config(store))
-    assert e.kind == RefusalKind.UNAVAILABLE and e.message.startswith("the stored configuration is invalid")
+    assert e.kind == RefusalKind.UNAVAILABLE and e.message.startswith("the stored configuration (revision ")
+    assert "is invalid" in e.message
 
 
 async def test_a_newer_agents_config_field_is_read_but_not_patched_away() -> None:
@@ -239,6 +240,32 @@ async def test_a_newer_agents_config_field_is_read_but_not_patched_away() -> Non
     e = await refusal(requests.patch_config(store, {"loop_wait": 2}))
     assert e.kind == RefusalKind.PRECONDITION and "future_knob" in e.message
     assert json.loads((await etcd.get(KEYS.config)).value)["future_knob"] == 1  # type: ignore[union-attr]
+
+
+async def test_an_invalid_stored_config_is_repaired_from_the_agents_last_valid_one() -> None:
+    """An invalid config written to etcd by someone else: GET says so (503), a PATCH through an
+    agent that knows the last valid config applies to that one -- what the agents run on -- and
+    compares against the invalid record's revision; an agent that has seen no valid config
+    since it started refuses rather than patch its own bootstrap values."""
+    etcd = FakeEtcd()
+    store = await cluster(etcd)
+    last_valid = (DynamicConfig(ttl=9, pause=True), 7)
+    broken = await etcd.put(KEYS.config, '{"ttl": Infinity, "pause": "yes"}')
+    e = await refusal(requests.read_config(store))
+    assert e.kind == RefusalKind.UNAVAILABLE and "repairs it" in e.message
+    e = await refusal(requests.patch_config(store, {"loop_wait": 2}))
+    assert e.kind == RefusalKind.UNAVAILABLE and "cannot repair" in e.message
+    e = await refusal(
+        requests.patch_config(store, {"loop_wait": 2}, expected_revision=broken - 1, last_valid=last_valid)
+    )
+    assert e.kind == RefusalKind.CONFLICT  # If-Match still compares with the stored (invalid) record
+
+    cfg, rev = await requests.patch_config(
+        store, {"loop_wait": 2}, expected_revision=broken, last_valid=last_valid
+    )
+
+    assert rev > broken and cfg == DynamicConfig(ttl=9, pause=True, loop_wait=2)
+    assert await requests.read_config(store) == (cfg, rev)
 
 
 @pytest.mark.parametrize(
