@@ -20,6 +20,8 @@ import fcntl
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from hakeeper import __version__
 from hakeeper.api.server import ApiServer
@@ -240,7 +242,7 @@ class Node:
                     tg.create_task(self.guard.watch(lambda: fenced(self.ctx)), name="fence"),
                     tg.create_task(self.loop.run(), name="loop"),
                 ]
-                tasks += [tg.create_task(c) for c in self.backup.tasks()]
+                tasks += [tg.create_task(_contained(c)) for c in self.backup.tasks()]
                 await self.loop.stopping.wait()
                 log.info("agent_stopping")
                 for t in tasks:
@@ -302,3 +304,13 @@ async def run_agent(cfg: NodeConfig) -> int:
         # hand or reads the unit's journal sees why it exited.
         print(f"hakeeper: refusing to start: {e}", file=sys.stderr, flush=True)
         return 1
+
+
+async def _contained(work: Coroutine[Any, Any, None]) -> None:
+    """A backup task (scheduler, heartbeat) that fails ends alone, logged: in the TaskGroup its
+    exception would end the agent, whose shutdown stops PostgreSQL -- a backup bug must never
+    cost the cluster its primary."""
+    try:
+        await work
+    except Exception:
+        log.exception("backup_task_crashed", task=getattr(work, "__qualname__", repr(work)))
