@@ -56,6 +56,8 @@ def test_etcd_argv_with_security_requires_client_certificates(tmp_path: Path) ->
     for flag in ("--cert-file", "--key-file", "--client-cert-auth", "--trusted-ca-file"):
         assert flag in argv
     assert argv[argv.index("--trusted-ca-file") + 1] == str(tmp_path / "ca.crt")
+    # A cheap password hash: the CLI logs in on every call (the passwords are 192 random bits).
+    assert argv[argv.index("--bcrypt-cost") + 1] == "4"
     assert "pw-hk" not in repr(sec) and "pw-root" not in repr(sec)
     plain = etcd_argv("e1", tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", "e1=x", "t")
     assert "--client-cert-auth" not in plain
