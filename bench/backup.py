@@ -619,12 +619,12 @@ class Bench:
         if None in pids.values():
             return
         before = {k: proc_cpu_s(p) for k, p in pids.items() if p}
-        puts0 = etcd_puts(self.cluster.etcd.url)
+        puts0 = etcd_puts(self.cluster)
         t0 = time.monotonic()
         time.sleep(seconds)
         el = time.monotonic() - t0
         use = {k: (proc_cpu_s(p) - before[k]) / el for k, p in pids.items() if p}
-        puts1 = etcd_puts(self.cluster.etcd.url)
+        puts1 = etcd_puts(self.cluster)
         self.res.dataset["idle_cpu"] = {k: round(v, 3) for k, v in use.items()}
         rate = (puts1 - puts0) / el if puts0 is not None and puts1 is not None else None
         self.res.dataset["idle_etcd_puts_per_s"] = rate
@@ -1070,9 +1070,12 @@ class Bench:
         return sorted(set(left))
 
 
-def etcd_puts(url: str) -> float | None:
+def etcd_puts(cluster: LocalCluster) -> float | None:
+    # The cluster's etcd wants its client certificate (LocalCluster runs etcd over TLS).
+    sec = cluster.etcd_security
+    ctx = sec.ssl_context() if sec is not None else None
     try:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        with urllib.request.urlopen(cluster.etcd.url + "/metrics", timeout=5, context=ctx) as r:
             text = r.read().decode()
     except OSError:
         return None

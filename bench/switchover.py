@@ -424,12 +424,11 @@ class HakeeperManager:
         from hakeeper.api.server import REFUSAL_STATUS
         from hakeeper.core.errors import Refused
         from hakeeper.core.keys import Keys
-        from hakeeper.dcs.etcd import EtcdClient
         from hakeeper.dcs.store import ClusterStore
         from hakeeper.ha.requests import request_switchover, wait_for_new_leader
 
         async def go() -> tuple[int, str]:
-            client = EtcdClient([self.c.etcd.url], timeout=2.0)
+            client = self.c.etcd_client(timeout=2.0)
             store = ClusterStore(client, Keys(f"/hakeeper/{self.c.scope}"))
             try:
                 await request_switchover(store, leader=leader, candidate=candidate)

@@ -156,7 +156,11 @@ class ChaosCluster(LocalCluster):
         etcd_members: int = 1,
         dynamic: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(base_dir, nodes=3, base_port=base_port, scope="chaos", dynamic=dynamic)
+        # Chaos runs its own etcd members (plain HTTP, one per network namespace) in place of
+        # LocalCluster's: no certificates or etcd users to make for it.
+        super().__init__(
+            base_dir, nodes=3, base_port=base_port, scope="chaos", dynamic=dynamic, secure_etcd=False
+        )
         self.net = net
         self.hosts = {name: net.add(name) for name in self.nodes}
         members = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -13,12 +14,13 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.core.cluster import ClusterView
-from hakeeper.core.config import NodeConfig
+from hakeeper.core.config import EtcdConfig, NodeConfig, format_validation_error
 from hakeeper.core.keys import Keys
 from hakeeper.core.lsn import format_lsn
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
@@ -87,6 +89,39 @@ def etcd_client_for(cfg: NodeConfig) -> EtcdClient:
     return EtcdClient.from_config(cfg.etcd, min_timeout=2.0)
 
 
+ETCD_ENV = "HAKEEPER_ETCD__"  # the same variables a node config's etcd section takes
+ETCD_ENV_FIELDS = ("cacert", "cert", "key", "username", "password")
+
+
+def etcd_config_for_urls(urls: list[str]) -> EtcdConfig:
+    """The etcd settings of ``--etcd URL``: the URLs, plus CA, client certificate and key, user
+    and password from ``HAKEEPER_ETCD__CACERT``/``CERT``/``KEY``/``USERNAME``/``PASSWORD`` (not
+    options: a password on the command line is visible to every local user in ``ps``).
+    Exit 2 with the variable and the reason when they do not make a valid etcd section."""
+    raw: dict[str, Any] = {"hosts": urls}
+    for field in ETCD_ENV_FIELDS:
+        value = os.environ.get(ETCD_ENV + field.upper())
+        if value:
+            raw[field] = value
+    if "cacert" not in raw and any(u.startswith("https://") for u in urls):
+        err.print(
+            f"note: https:// etcd: its CA, a client certificate and user come from {ETCD_ENV}CACERT, "
+            f"{ETCD_ENV}CERT, {ETCD_ENV}KEY, {ETCD_ENV}USERNAME, {ETCD_ENV}PASSWORD (or use -c NODE.yml)",
+            markup=False,
+        )
+    try:
+        return EtcdConfig.model_validate(raw)
+    except ValidationError as e:
+        for field, msg in format_validation_error(e):
+            where = f"{ETCD_ENV}{field.upper()}" if field in ETCD_ENV_FIELDS else f"--etcd ({field})"
+            err.print(f"{where}: {msg}", markup=False)
+        raise typer.Exit(2) from None
+
+
+def etcd_client_for_urls(urls: list[str]) -> EtcdClient:
+    return EtcdClient.from_config(etcd_config_for_urls(urls), min_timeout=2.0)
+
+
 def quiet_logging() -> None:
     """Library log lines (e.g. one etcd endpoint of several failing) go to stderr, and only at
     ERROR: stdout carries the command's output (JSON for scripts) and nothing else."""
@@ -104,8 +139,7 @@ def _client_and_prefix(
         return etcd_client_for(cfg), cfg.prefix
     if not etcd or not scope:
         raise fail("give -c NODE.yml, or both --etcd URL and --scope NAME", 2)
-    hosts = [h if "://" in h else "http://" + h for h in etcd]
-    return EtcdClient(hosts, timeout=2.0), "/" + namespace.strip("/") + "/" + scope
+    return etcd_client_for_urls(etcd), "/" + namespace.strip("/") + "/" + scope
 
 
 async def fetch_view(client: EtcdClient, prefix: str) -> ClusterView:

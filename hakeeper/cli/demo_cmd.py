@@ -106,6 +106,15 @@ def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
     out.print(f"    psql {shlex.quote(cluster.write_dsn())}", soft_wrap=True, markup=False)
     out.print()
     out.print(f"etcd: {cluster.etcd.url}   details: {state_path}", soft_wrap=True)
+    if cluster.etcd_security is not None:
+        # Paths only: the etcd password stays in the node configs (mode 0600).
+        tls = cluster.etcd_security.tls
+        out.print(
+            f"      TLS with client certificates (CA {tls.ca_cert}) and authentication "
+            f"(user hakeeper, its password in the node configs)",
+            soft_wrap=True,
+            markup=False,
+        )
     out.print(f"agent logs: {cluster.base_dir}/node*/agent.log", soft_wrap=True, markup=False)
     first = next(iter(cluster.nodes.values()))
     out.print(f"Try:  curl -s -o /dev/null -w '%{{http_code}}\\n' {first.api_url}/primary", markup=False)

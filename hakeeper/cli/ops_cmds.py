@@ -3,7 +3,9 @@
 Reads (who leads, which members exist, the current configuration) come straight from etcd;
 every change goes through a member's HTTP API (the leader's ``api_url`` from its member key; for
 a failover without a leader, the candidate's), authenticated with the ``api:`` credentials of the
-node YAML, ``--token``/``--user``/``--password`` or ``HAKEEPER_API_TOKEN``.
+node YAML, ``--token``/``--user``/``--password`` or ``HAKEEPER_API_TOKEN``.  An ``api_url`` from
+etcd is used only when it matches what the node file (or ``--api-url``) says, or is https://
+verified against the pinned CA (:mod:`hakeeper.cli.api_trust`).
 
 Exit codes: 0 done, 1 the operation failed or was refused (the API's ``error`` is printed),
 2 usage or configuration error.  User errors never print a traceback.
@@ -20,18 +22,21 @@ import difflib
 import json
 import os
 import shlex
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import aiohttp
 import typer
 import yaml
+from pydantic import ValidationError
 
+from hakeeper.cli.api_trust import ApiTrust
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import (
     ConfigOpt,
@@ -42,11 +47,19 @@ from hakeeper.cli.cluster_cmds import (
     check_output,
     emit_data,
     etcd_client_for,
+    etcd_client_for_urls,
     fetch_view,
     quiet_logging,
 )
 from hakeeper.core.cluster import ClusterView, Member, MemberRole, MemberState
-from hakeeper.core.config import ConfigError, NodeConfig, parse_dynamic_config, parse_user_time
+from hakeeper.core.config import (
+    ApiClientConfig,
+    ConfigError,
+    NodeConfig,
+    format_validation_error,
+    parse_dynamic_config,
+    parse_user_time,
+)
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
 from hakeeper.ha.policy.switchover import switchover_live
 
@@ -60,6 +73,15 @@ UserOpt = Annotated[str | None, typer.Option("--user", help="API basic-auth user
 PasswordOpt = Annotated[
     str | None, typer.Option("--password", help="API basic-auth password (default: api.password).")
 ]
+ApiUrlOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--api-url",
+        help="A member API URL to trust besides those of the node file (repeatable); the CLI sends "
+        "requests and credentials only to trusted URLs.",
+    ),
+]
+API_CLIENT_ENV = "HAKEEPER_API__CLIENT__"  # with --etcd: CAFILE, CERTFILE, KEYFILE
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Do not ask for confirmation.")]
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the API's answer.", min=0.5, max=3600)
@@ -231,11 +253,13 @@ class Context:
     etcd_hosts: tuple[str, ...]
     prefix: str
     auth: ApiAuth
+    trust: ApiTrust = field(default_factory=ApiTrust)
+    tls: ssl.SSLContext | None = None  # None: the system's CAs, no client certificate
 
     def client(self) -> EtcdClient:
         if self.cfg is not None:
             return etcd_client_for(self.cfg)
-        return EtcdClient(list(self.etcd_hosts), timeout=2.0)
+        return etcd_client_for_urls(list(self.etcd_hosts))
 
 
 def resolve_auth(
@@ -260,6 +284,47 @@ def resolve_auth(
     return ApiAuth()
 
 
+def api_client_settings(cfg: NodeConfig | None) -> ApiClientConfig:
+    """``api.client`` of the node file; with ``--etcd``, the same from ``HAKEEPER_API__CLIENT__*``."""
+    if cfg is not None:
+        return cfg.api.client
+    raw = {
+        k: os.environ[API_CLIENT_ENV + k.upper()]
+        for k in ("cafile", "certfile", "keyfile")
+        if os.environ.get(API_CLIENT_ENV + k.upper())
+    }
+    try:
+        return ApiClientConfig.model_validate(raw)
+    except ValidationError as e:
+        for field, msg in format_validation_error(e):
+            err.print(f"{API_CLIENT_ENV}{field.upper()}: {msg}", markup=False)
+        raise typer.Exit(2) from None
+
+
+def api_tls_context(client: ApiClientConfig) -> ssl.SSLContext | None:
+    """The TLS context for members' APIs: the pinned CA and the client certificate, if any."""
+    if client.cafile is None and client.certfile is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(client.cafile) if client.cafile else None)
+        if client.certfile is not None:
+            ctx.load_cert_chain(str(client.certfile), str(client.keyfile) if client.keyfile else None)
+    except (OSError, ssl.SSLError) as e:
+        raise fail(f"api.client: cannot load the CA or client certificate: {e}", 2) from None
+    return ctx
+
+
+def api_trust(cfg: NodeConfig | None, config: Path | None, api_urls: list[str] | None) -> ApiTrust:
+    client = api_client_settings(cfg)
+    return ApiTrust.make(
+        own_name=cfg.name if cfg else None,
+        own_url=cfg.api.url if cfg else None,
+        urls=[*client.urls, *(api_urls or [])],
+        ca_pinned=client.cafile is not None,
+        source=str(config) if config is not None else None,
+    )
+
+
 def make_context(
     config: Path | None,
     etcd: list[str] | None,
@@ -268,6 +333,7 @@ def make_context(
     token: str | None = None,
     user: str | None = None,
     password: str | None = None,
+    api_urls: list[str] | None = None,
 ) -> Context:
     quiet_logging()
     cfg = None
@@ -280,7 +346,9 @@ def make_context(
             raise fail("give -c NODE.yml, or both --etcd URL and --scope NAME", 2)
         hosts = tuple(h if "://" in h else "http://" + h for h in etcd)
         prefix = "/" + namespace.strip("/") + "/" + scope
-    return Context(cfg, hosts, prefix, resolve_auth(cfg, token, user, password))
+    auth = resolve_auth(cfg, token, user, password)
+    trust = api_trust(cfg, config, api_urls)
+    return Context(cfg, hosts, prefix, auth, trust, api_tls_context(api_client_settings(cfg)))
 
 
 def read_view(ctx: Context) -> ClusterView:
@@ -333,6 +401,7 @@ async def _http(
     body: Any,
     extra_headers: dict[str, str] | None,
     timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> ApiAnswer:
     headers = {**auth.headers(), **(extra_headers or {})}
     if method not in ("GET", "HEAD"):
@@ -342,7 +411,7 @@ async def _http(
     try:
         async with (
             aiohttp.ClientSession(timeout=to) as session,
-            session.request(method, url, json=body, headers=headers) as resp,
+            session.request(method, url, json=body, headers=headers, ssl=tls or True) as resp,
         ):
             text = await resp.text(errors="replace")
             status = resp.status
@@ -361,18 +430,22 @@ def call_api(
     member: Member,
     method: str,
     path: str,
-    auth: ApiAuth,
+    ctx: Context,
     *,
     body: Any = None,
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> ApiAnswer:
-    """One request to ``member``'s API; exit 1 with a one-line message when it cannot be reached."""
+    """One request to ``member``'s API; exit 1 with a one-line message when it cannot be reached
+    or its address is not trusted."""
     if not member.api_url:
         raise fail(f"{member.name} has not published an API address (is its agent running?)")
+    refused = ctx.trust.refusal(member.name, member.api_url)
+    if refused is not None:
+        raise fail(refused)
     url = member.api_url.rstrip("/") + path
     try:
-        return asyncio.run(_http(method, url, auth, body, headers, timeout))
+        return asyncio.run(_http(method, url, ctx.auth, body, headers, timeout, ctx.tls))
     except Unreachable as e:
         raise fail(f"cannot reach the API of {member.name} at {member.api_url}: {e}") from None
 
@@ -424,21 +497,28 @@ def api_targets(view: ClusterView) -> list[Member]:
     return sorted(ms, key=lambda m: (m.name != lead, m.name))
 
 
-def call_any(view: ClusterView, method: str, path: str, auth: ApiAuth, *, what: str, **kw: Any) -> ApiAnswer:
-    """Send a cluster-wide request to the leader's API, else to the first member that answers."""
+def call_any(view: ClusterView, method: str, path: str, ctx: Context, *, what: str, **kw: Any) -> ApiAnswer:
+    """Send a cluster-wide request to the leader's API, else to the first trusted member that
+    answers.  Members whose address is not trusted are skipped (and named if none answers)."""
     targets = api_targets(view)
     if not targets:
         raise fail(f"{what}: no member has published an API address (are the agents running?)")
     errors = []
     for m in targets:
+        refused = ctx.trust.refusal(m.name, m.api_url)
+        if refused is not None:
+            errors.append(refused)
+            continue
         url = m.api_url.rstrip("/") + path
         try:
             return asyncio.run(
-                _http(method, url, auth, kw.get("body"), kw.get("headers"), kw.get("timeout", 30))
+                _http(
+                    method, url, ctx.auth, kw.get("body"), kw.get("headers"), kw.get("timeout", 30), ctx.tls
+                )
             )
         except Unreachable as e:
             errors.append(f"{m.name} ({m.api_url}): {e}")
-    raise fail(f"{what}: no member's API could be reached: " + "; ".join(errors))
+    raise fail(f"{what}: no member's API could be used: " + "; ".join(errors))
 
 
 def _print_result(output: str, data: dict[str, Any], text: str) -> None:
@@ -481,6 +561,7 @@ def switchover(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Planned handover: the healthy leader stops writes and hands over to a caught-up replica."""
@@ -488,11 +569,11 @@ def switchover(
     if cancel:
         if leader or candidate or scheduled:
             raise fail("--cancel takes no --leader, --candidate or --scheduled", 2)
-        ctx = make_context(config, etcd, scope, namespace, token, user, password)
+        ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
         view = read_view(ctx)
         if view.switchover is None:
             raise fail("no switchover or failover is pending")
-        ans = call_any(view, "DELETE", "/switchover", ctx.auth, what="cancel", timeout=timeout)
+        ans = call_any(view, "DELETE", "/switchover", ctx, what="cancel", timeout=timeout)
         data = check_answer(ans, "cancel", ctx.auth)
         _print_result(output, data, str(data.get("message") or "cancelled"))
         return
@@ -500,7 +581,7 @@ def switchover(
         when = parse_when(scheduled)
     except UsageError as e:
         raise fail(str(e), 2) from None
-    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
     view = read_view(ctx)
     cur = leader_or_exit(view, "switchover is not possible")
     if leader is not None and leader != cur.name:
@@ -526,7 +607,7 @@ def switchover(
         body["candidate"] = candidate
     if when is not None:
         body["scheduled_at"] = when.isoformat()
-    ans = call_api(cur, "POST", "/switchover", ctx.auth, body=body, timeout=timeout)
+    ans = call_api(cur, "POST", "/switchover", ctx, body=body, timeout=timeout)
     data = check_answer(ans, "switchover", ctx.auth)
     msg = data.get("message") or (
         f"switchover scheduled for {when.isoformat()}" if ans.status == 202 and when else "switchover done"
@@ -554,6 +635,7 @@ def failover(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Promote CANDIDATE, also when the cluster has no (healthy) leader.
@@ -561,7 +643,7 @@ def failover(
     Without --force an ineligible candidate is refused by the agents; --force overrides that
     check and accepts the loss of writes the candidate has not received (recorded in history)."""
     check_output(output)
-    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
     view = read_view(ctx)
     cand = member_or_exit(view, candidate, "candidate")
     if view.leader is not None and view.leader.name == candidate:
@@ -593,13 +675,17 @@ def failover(
         if not m.api_url:
             errors.append(f"{m.name}: no API address")
             continue
+        refused = ctx.trust.refusal(m.name, m.api_url)
+        if refused is not None:
+            errors.append(refused)
+            continue
         try:
-            ans = asyncio.run(_http("POST", url, ctx.auth, body, None, timeout))
+            ans = asyncio.run(_http("POST", url, ctx.auth, body, None, timeout, ctx.tls))
             break
         except Unreachable as e:
             errors.append(f"{m.name} ({m.api_url}): {e}")
     if ans is None:
-        raise fail("failover: cannot reach the API of " + "; ".join(errors))
+        raise fail("failover: cannot use the API of " + "; ".join(errors))
     data = check_answer(ans, "failover", ctx.auth)
     _print_result(output, {"status": ans.status, **data}, str(data.get("message") or "failover done"))
 
@@ -616,7 +702,7 @@ def _set_pause(ctx: Context, paused: bool, output: str) -> None:
         )
         return
     ans = call_any(
-        view, "PATCH", "/config", ctx.auth, body={"pause": paused}, what="pause" if paused else "resume"
+        view, "PATCH", "/config", ctx, body={"pause": paused}, what="pause" if paused else "resume"
     )
     check_answer(ans, "pause" if paused else "resume", ctx.auth)
     text = (
@@ -637,10 +723,11 @@ def pause(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
 ) -> None:
     """Maintenance mode: no automatic failover or restarts until `resume`."""
     check_output(output)
-    _set_pause(make_context(config, etcd, scope, namespace, token, user, password), True, output)
+    _set_pause(make_context(config, etcd, scope, namespace, token, user, password, api_url), True, output)
 
 
 @app.command("resume")
@@ -653,10 +740,11 @@ def resume(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
 ) -> None:
     """Leave maintenance mode."""
     check_output(output)
-    _set_pause(make_context(config, etcd, scope, namespace, token, user, password), False, output)
+    _set_pause(make_context(config, etcd, scope, namespace, token, user, password, api_url), False, output)
 
 
 def _member_action(
@@ -675,7 +763,7 @@ def _member_action(
         if output == "table":
             out.print(f"{what}: {_describe(m)}", markup=False)
         confirm(question.format(name=m.name), force)
-    ans = call_api(m, "POST", path, ctx.auth, body={}, timeout=timeout)
+    ans = call_api(m, "POST", path, ctx, body={}, timeout=timeout)
     data = check_answer(ans, what, ctx.auth)
     _print_result(
         output, {"member": m.name, "status": ans.status, **data}, str(data.get("message") or f"{what}: done")
@@ -697,11 +785,12 @@ def restart(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
     timeout: TimeoutOpt = 120.0,
 ) -> None:
     """Restart PostgreSQL on MEMBER (in place; a leader keeps its role)."""
     check_output(output)
-    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
     _member_action(
         ctx, member, "/restart", "restart", "Restart PostgreSQL on {name}?", force, output, timeout
     )
@@ -719,11 +808,12 @@ def reinit(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
     """Rebuild replica MEMBER from scratch: its data directory is removed and cloned again."""
     check_output(output)
-    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
     _member_action(
         ctx,
         member,
@@ -747,11 +837,12 @@ def reload(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
     """Make MEMBER's agent re-read its YAML and reload PostgreSQL's configuration."""
     check_output(output)
-    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
     _member_action(ctx, member, "/reload", "reload", None, True, output, timeout)
 
 
@@ -834,12 +925,13 @@ def edit_config(
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
+    api_url: ApiUrlOpt = None,
 ) -> None:
     """Change the cluster-wide configuration: show a diff, confirm, write with compare-and-swap.
 
     With none of --set/--pg/--apply, $EDITOR opens the configuration as YAML."""
     check_output(output)
-    ctx = make_context(config, etcd, scope, namespace, token, user, password)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
     edits: list[tuple[list[str], Any]] = []
     try:
         edits += [parse_set(s) for s in set_ or []]
@@ -884,7 +976,7 @@ def edit_config(
         view,
         "PATCH",
         "/config",
-        ctx.auth,
+        ctx,
         body=patch,
         headers={"If-Match": str(revision)},
         what="edit-config",
@@ -943,7 +1035,7 @@ def _repair_config(
         view,
         "PATCH",
         "/config",
-        ctx.auth,
+        ctx,
         body=patch,
         headers={"If-Match": str(view.config_revision)},
         what="edit-config",

@@ -143,9 +143,11 @@ def report_cmd(config: ConfigReq, output: OutputOpt = "table") -> None:
     cfg = load_or_exit(config)
     quiet_logging()
     from hakeeper.backup.report import Inputs, build_rows, gather
-    from hakeeper.cli.ops_cmds import resolve_auth
 
-    headers = resolve_auth(cfg, None, None, None).headers()
+    # No credentials: the report only GETs /metrics and /status, which need none, from API
+    # addresses the members publish in etcd -- where anyone who can write etcd could point
+    # them to collect a token (issue 12, finding 3).
+    headers: dict[str, str] = {}
 
     async def go() -> Inputs:
         client = etcd_client_for(cfg)

@@ -156,6 +156,13 @@ class EtcdConfig(_Strict):
                 h = "http://" + h
             if not h.startswith(("http://", "https://")):
                 raise ValueError(f"etcd host {h!r} must use http:// or https://")
+            # Refused rather than masked: a URL is logged and shown in errors in many places,
+            # and one forgotten place would print the password.
+            if "@" in h.split("://", 1)[1].split("/", 1)[0]:
+                raise ValueError(
+                    "etcd host URLs must not carry credentials (user:password@host); "
+                    "use etcd.username and etcd.password"
+                )
             out.append(h.rstrip("/"))
         return out
 
@@ -165,6 +172,42 @@ class EtcdConfig(_Strict):
             raise ValueError("cert and key must be given together")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password must be given together")
+        return self
+
+
+class ApiClientConfig(_Strict):
+    """How the CLI calls members' APIs.  It sends the API credentials only to a member URL it
+    can trust: this node's own API, a URL listed in ``urls``, or an https:// URL whose
+    certificate verifies against ``cafile`` (host name checked), never merely because etcd
+    says so."""
+
+    urls: list[str] = Field(
+        default_factory=list,
+        description="API URLs of this cluster's other members that the CLI may send requests and "
+        "credentials to (besides this node's own API).",
+    )
+    cafile: Path | None = Field(
+        None,
+        description="CA bundle the CLI verifies members' https:// API certificates against; with it, "
+        "any https:// member URL whose certificate verifies (host name included) is trusted.",
+    )
+    certfile: Path | None = Field(
+        None, description="Client certificate (PEM) the CLI presents to the members' APIs."
+    )
+    keyfile: Path | None = Field(None, description="Its private key (PEM; default: in certfile).")
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")) or "@" in url.split("://", 1)[1].split("/")[0]:
+                raise ValueError(f"{url!r}: want http(s)://host:port without user:password@")
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> ApiClientConfig:
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("keyfile needs certfile")
         return self
 
 
@@ -217,6 +260,10 @@ class ApiConfig(_Strict):
     )
     request_timeout: float = Field(
         5.0, gt=0, le=300, description="A request's headers and body must arrive within this long (s)."
+    )
+    client: ApiClientConfig = Field(
+        default_factory=ApiClientConfig,
+        description="How the CLI calls members' APIs: which URLs it trusts, CA and client certificate.",
     )
 
     @field_validator("listen", "connect_address")

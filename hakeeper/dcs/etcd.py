@@ -535,6 +535,24 @@ class _WatchProgress:
     created: bool = False  # the current stream was confirmed by etcd
 
 
+_plain_password_warned: set[str] = set()
+
+
+def _warn_password_over_http(endpoints: list[str], username: str) -> None:
+    """Password authentication over plain http:// sends the password (and then the token)
+    readable to anyone on the path: say so, once per endpoint and process."""
+    plain = [e for e in endpoints if e.startswith("http://") and e not in _plain_password_warned]
+    if plain:
+        _plain_password_warned.update(plain)
+        log.warning(
+            "etcd_password_unencrypted",
+            endpoints=plain,
+            user=username,
+            reason="etcd password authentication over http:// sends the password and token in clear "
+            "text; use https:// endpoints (etcd.cacert, etcd.cert, etcd.key)",
+        )
+
+
 class EtcdClient:
     """asyncio client for etcd's v3 JSON gateway with endpoint rotation, TLS and auth."""
 
@@ -560,6 +578,8 @@ class EtcdClient:
         self._username = username
         self._password = password
         self._token: str | None = None
+        if username is not None:
+            _warn_password_over_http(self._endpoints, username)
         self._auth_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._session_lock = asyncio.Lock()

@@ -20,8 +20,18 @@ from typing import Any
 import psycopg
 import yaml
 
+from hakeeper.core.config import EtcdConfig
+from hakeeper.dcs.etcd import EtcdClient
 from hakeeper.localcluster.agent import AgentProcess
-from hakeeper.localcluster.etcd import EtcdService, LocalEtcd
+from hakeeper.localcluster.certs import TlsFiles
+from hakeeper.localcluster.etcd import (
+    ETCD_USER,
+    EtcdSecurity,
+    EtcdService,
+    LocalEtcd,
+    read_secret,
+    write_secret,
+)
 from hakeeper.localcluster.layout import (
     API_USER,
     DEFAULT_BASE_PORT,
@@ -103,6 +113,21 @@ def load_or_make_api_credentials(config_paths: Iterable[Path]) -> tuple[str, str
     return secrets.token_urlsafe(24), secrets.token_urlsafe(18)
 
 
+def load_or_make_etcd_password(config_paths: Iterable[Path]) -> str:
+    """The ``hakeeper`` etcd user's password of the first node config that has one, else new."""
+    for path in config_paths:
+        if not path.exists():
+            continue
+        try:
+            etcd = yaml.safe_load(path.read_text()).get("etcd") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        password = etcd.get("password") if isinstance(etcd, dict) else None
+        if isinstance(password, str) and password:
+            return password
+    return secrets.token_urlsafe(24)
+
+
 def prepare_dirs(base_dir: Path, run_as: RunAs, etcd_dir: Path, node_dirs: Iterable[Path]) -> None:
     """Create ``base_dir`` (reachable by PostgreSQL's OS user), etcd's directory and the node
     directories (owned by that user)."""
@@ -131,6 +156,11 @@ class LocalCluster:
     its tags (e.g. ``{"node3": {"nofailover": True}}``).  Configs already in ``base_dir`` keep
     their passwords (a restart reuses the data); :meth:`wipe` removes everything we created.
 
+    ``secure_etcd`` (the default): etcd serves HTTPS only, wants a client certificate of the
+    cluster's own CA and has authentication on (see :mod:`hakeeper.localcluster.etcd`); the node
+    configs carry the CA, the client certificate and key, and the etcd user and password.
+    :meth:`etcd_client` and :meth:`etcd_env` give tests and tools the same access.
+
     Use as a context manager to guarantee :meth:`stop`; entering does not start anything::
 
         with LocalCluster(tmp) as c:
@@ -147,6 +177,7 @@ class LocalCluster:
         dynamic: dict[str, Any] | None = None,
         tags: dict[str, dict[str, Any]] | None = None,
         backup: dict[str, Any] | None = None,
+        secure_etcd: bool = True,
     ) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise LocalClusterError(f"nodes must be between 1 and {MAX_NODES}, not {nodes}")
@@ -187,6 +218,16 @@ class LocalCluster:
         # As root: the owner of an existing node dir, else of base_dir if not root, else "postgres"
         # -- the same rule the agent applies to its data directory.
         self.run_as = resolve_run_as(self.base_dir / "node1" / "data")
+        self.etcd_security: EtcdSecurity | None = None
+        if secure_etcd:
+            self.etcd_security = EtcdSecurity(
+                tls=TlsFiles(self.etcd_dir / "tls"),
+                prefix=f"/hakeeper/{scope}",
+                password=load_or_make_etcd_password(config_paths),
+                # Written with the configs (a file in etcd/), not here: a LocalCluster object
+                # made only to stop leftovers or wipe must not create files.
+                root_password=read_secret(self.etcd_dir / "root.password") or secrets.token_urlsafe(24),
+            )
         self.etcd: EtcdService = LocalEtcd(
             etcd_dir=self.etcd_dir,
             data_dir=self.etcd_data_dir,
@@ -194,6 +235,7 @@ class LocalCluster:
             client_port=self.etcd_client_port,
             peer_port=self.etcd_peer_port,
             token=f"hakeeper-{scope}",
+            security=self.etcd_security,
         )
         self.agents = {
             name: AgentProcess(n, cwd=self.base_dir, argv=functools.partial(self.agent_argv, name))
@@ -214,6 +256,42 @@ class LocalCluster:
             plan.append((n.api_port, f"{n.name} REST API"))
         return plan
 
+    @property
+    def etcd_root_password_file(self) -> Path:
+        return self.etcd_dir / "root.password"
+
+    def etcd_section(self) -> dict[str, Any]:
+        """The ``etcd:`` section of the node configs: URL, and with ``secure_etcd`` the CA, the
+        client certificate and key, user and password."""
+        section: dict[str, Any] = {"hosts": [self.etcd.url]}
+        sec = self.etcd_security
+        if sec is not None:
+            section |= {
+                "cacert": str(sec.tls.ca_cert),
+                "cert": str(sec.tls.client_cert),
+                "key": str(sec.tls.client_key),
+                "username": ETCD_USER,
+                "password": sec.password,
+            }
+        return section
+
+    def etcd_client(self, timeout: float = 2.0) -> EtcdClient:
+        """An etcd client with the agents' access (TLS, user) to this cluster's etcd."""
+        return EtcdClient.from_config(EtcdConfig.model_validate(self.etcd_section()), min_timeout=timeout)
+
+    def etcd_env(self) -> dict[str, str]:
+        """Environment for ``hakeeper ... --etcd URL --scope NAME`` against this cluster's etcd
+        (the CLI reads TLS files and the etcd user from ``HAKEEPER_ETCD__*``)."""
+        sec = self.etcd_section()
+        names = {
+            "cacert": "CACERT",
+            "cert": "CERT",
+            "key": "KEY",
+            "username": "USERNAME",
+            "password": "PASSWORD",
+        }
+        return {f"HAKEEPER_ETCD__{env}": str(sec[k]) for k, env in names.items() if k in sec}
+
     def node_config(self, name: str) -> dict[str, Any]:
         """The YAML document of one node, as a dict."""
         n = self.nodes[name]
@@ -223,12 +301,14 @@ class LocalCluster:
         cfg: dict[str, Any] = {
             "scope": self.scope,
             "name": n.name,
-            "etcd": {"hosts": [self.etcd.url]},
+            "etcd": self.etcd_section(),
             "api": {
                 "listen": f"{HOST}:{n.api_port}",
                 "username": API_USER,
                 "password": self.api_password,
                 "token": self.api_token,
+                # The CLI run with this file may call every member's API (and only those).
+                "client": {"urls": [m.api_url for m in self.nodes.values()]},
             },
             "postgresql": {
                 "data_dir": str(n.data_dir),
@@ -254,6 +334,10 @@ class LocalCluster:
     def write_configs(self) -> None:
         """Create the directories and write every node's YAML (mode 0600)."""
         prepare_dirs(self.base_dir, self.run_as, self.etcd_dir, (n.node_dir for n in self.nodes.values()))
+        if self.etcd_security is not None:
+            # Kept beside etcd's data (0700 directory, 0600 file): a restarted cluster finds
+            # authentication on and needs root to bring the hakeeper user up to date.
+            write_secret(self.etcd_root_password_file, self.etcd_security.root_password)
         for name, n in self.nodes.items():
             text = f"# hakeeper demo node {name} (generated; local demo passwords)\n" + yaml.safe_dump(
                 self.node_config(name), sort_keys=False
@@ -450,6 +534,7 @@ class LocalCluster:
             "scope": self.scope,
             "base_port": self.base_port,
             "etcd": [self.etcd.url],
+            **self._describe_etcd_access(),
             "etcd_pid": self.etcd.pid,
             "write_dsn": self.write_dsn(),
             "nodes": [
@@ -464,6 +549,21 @@ class LocalCluster:
                 }
                 for n in self.nodes.values()
             ],
+        }
+
+    def _describe_etcd_access(self) -> dict[str, Any]:
+        """What a client of the etcd needs, by path (no password: it is in the node configs)."""
+        sec = self.etcd_security
+        if sec is None:
+            return {}
+        return {
+            "etcd_tls": {
+                "cacert": str(sec.tls.ca_cert),
+                "cert": str(sec.tls.client_cert),
+                "key": str(sec.tls.client_key),
+            },
+            "etcd_user": ETCD_USER,
+            "etcd_password_in": str(next(iter(self.nodes.values())).config_path) + " (etcd.password)",
         }
 
     def tail_log(self, name: str, lines: int = 15) -> str:

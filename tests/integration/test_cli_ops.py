@@ -40,6 +40,8 @@ def hk(
     if "--etcd" not in args:
         argv += ["-c", str(c.nodes[node].config_path)]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")}
+    if "--etcd" in args:
+        full_env.update(c.etcd_env())  # the etcd's CA, client certificate and user
     full_env.update(env or {})
     return subprocess.run(
         argv,
@@ -219,15 +221,14 @@ def test_pause_resume_visible_in_list(api: LocalCluster) -> None:
     assert res.returncode == 0 and json.loads(res.stdout)["changed"] is False
     # Credentials from the environment instead of the YAML file.
     token = yaml.safe_load(api.nodes["node1"].config_path.read_text())["api"]["token"]
-    res = hk(
-        api,
-        "resume",
-        "--etcd",
-        api.etcd.url,
-        "--scope",
-        api.scope,
-        env={"HAKEEPER_API_TOKEN": token},
-    )
+    etcd_args = ["--etcd", api.etcd.url, "--scope", api.scope]
+    # Without a node file no member API URL from etcd is trusted: refused, nothing sent.
+    res = hk(api, "resume", *etcd_args, env={"HAKEEPER_API_TOKEN": token})
+    assert_clean_error(res, 1, "--api-url")
+    assert listed(api)["paused"] is True
+    # The members' API URLs given explicitly.
+    urls = [f"--api-url={n.api_url}" for n in api.nodes.values()]
+    res = hk(api, "resume", *etcd_args, *urls, env={"HAKEEPER_API_TOKEN": token})
     assert res.returncode == 0, res.stderr
     assert listed(api)["paused"] is False
 

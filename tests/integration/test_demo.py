@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from hakeeper.core.config import load_node_config
 from hakeeper.localcluster import LocalCluster, PortInUseError, pg_program
 from hakeeper.util.proc import pid_alive
-from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
+from tests.support.cluster import cluster_tmpdir, etcd_gateway, free_base_port, running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,14 @@ def test_configs_ports_and_permissions(base_dir: Path) -> None:
         assert cfg.scope == "demo" and cfg.name == name
         assert cfg.postgresql.listen_host_port == ("127.0.0.1", cluster.base_port + 10 + i)
         assert cfg.api.listen_host_port == ("127.0.0.1", cluster.base_port + 20 + i)
-        assert cfg.etcd.hosts == [f"http://127.0.0.1:{cluster.base_port}"]
+        # etcd over TLS with a client certificate and a user (issue 12, finding 3).
+        assert cfg.etcd.hosts == [f"https://127.0.0.1:{cluster.base_port}"]
+        assert cfg.etcd.cacert == base_dir / "etcd" / "tls" / "ca.crt"
+        assert cfg.etcd.cert == base_dir / "etcd" / "tls" / "client.crt"
+        assert cfg.etcd.key == base_dir / "etcd" / "tls" / "client.key"
+        assert cfg.etcd.username == "hakeeper" and cfg.etcd.password is not None
+        # The CLI run with this file trusts exactly the members' API URLs.
+        assert cfg.api.client.urls == [n.api_url for n in cluster.nodes.values()]
         assert cfg.log.format == "json"
         assert cfg.bootstrap.dcs.ttl == 10
         assert cfg.tags.nofailover is (name == "node3")
@@ -92,6 +100,11 @@ def test_configs_ports_and_permissions(base_dir: Path) -> None:
     again = LocalCluster(base_dir, nodes=3, base_port=cluster.base_port)
     assert again.superuser_password == cluster.superuser_password
     assert again.replication_password == cluster.replication_password
+    assert again.etcd_security is not None and cluster.etcd_security is not None
+    assert again.etcd_security.password == cluster.etcd_security.password
+    assert again.etcd_security.root_password == cluster.etcd_security.root_password
+    root_file = base_dir / "etcd" / "root.password"
+    assert stat.S_IMODE(root_file.stat().st_mode) == 0o600
 
 
 def test_port_conflict_is_refused_with_a_clear_error(base_dir: Path) -> None:
@@ -135,7 +148,9 @@ def test_etcd_start_and_stop_by_pid(base_dir: Path) -> None:
         pid = cluster.etcd.start()
         assert pid_alive(pid)
         assert cluster.etcd.pid == pid
-        with urllib.request.urlopen(cluster.etcd.url + "/health", timeout=5) as r:
+        assert cluster.etcd_security is not None
+        ctx = cluster.etcd_security.ssl_context()
+        with urllib.request.urlopen(cluster.etcd.url + "/health", timeout=5, context=ctx) as r:
             assert b'"true"' in r.read()
         assert ("etcd", pid) in list(cluster.processes())
         cluster.etcd.stop()
@@ -144,6 +159,12 @@ def test_etcd_start_and_stop_by_pid(base_dir: Path) -> None:
         # Restarting on the same data directory works (a demo restart).
         pid2 = cluster.etcd.start()
         assert pid2 != pid and pid_alive(pid2)
+        # Authentication is on from the first start; the restart found it on and kept it.
+        raw = etcd_gateway(cluster, "/v3/kv/range", {"key": "Lw==", "range_end": "MA=="}, user="root")
+        assert "kvs" not in raw
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            etcd_gateway(cluster, "/v3/kv/range", {"key": "Lw=="}, user=None)
+        assert exc.value.code == 403
     assert not pid_alive(pid2), "leaving the context manager stops etcd"
     assert (base_dir / "etcd" / "data").is_dir()
 
@@ -272,7 +293,11 @@ def test_demo_end_to_end(base_dir: Path) -> None:
         view = LocalCluster(demo_dir, nodes=3, base_port=base)
         assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
         assert state["scope"] == "demo"
-        assert state["etcd"] == [f"http://127.0.0.1:{base}"]
+        assert state["etcd"] == [f"https://127.0.0.1:{base}"]
+        tls = state["etcd_tls"]
+        assert set(tls) == {"cacert", "cert", "key"} and all(Path(p).is_file() for p in tls.values())
+        assert stat.S_IMODE(Path(tls["key"]).stat().st_mode) == 0o600
+        assert state["etcd_user"] == "hakeeper"
         assert "target_session_attrs=read-write" in state["write_dsn"]
         assert [n["name"] for n in state["nodes"]] == ["node1", "node2", "node3"]
         for n in state["nodes"]:
@@ -309,6 +334,28 @@ def test_demo_end_to_end(base_dir: Path) -> None:
         while "read-write" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "target_session_attrs=read-write" in log_path.read_text()
+
+        # What the README tells a user to run against the demo works on the secure etcd ...
+        cli_env = {k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")}
+        node1 = str(demo_dir / "node1" / "node.yml")
+        for args in (["list", "-o", "json"], ["history"], ["pause"], ["resume"]):
+            res = subprocess.run(
+                [sys.executable, "-m", "hakeeper", *args, "-c", node1],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=cli_env,
+                stdin=subprocess.DEVNULL,
+            )
+            assert res.returncode == 0, (args, res.stdout, res.stderr)
+        # ... while a request without the client certificate and credentials gets no keys.
+        with pytest.raises(OSError):
+            urllib.request.urlopen(state["etcd"][0].replace("https:", "http:") + "/v3/kv/range", b"{}", 5)
+        # No etcd password in the demo's output or etcd's log.
+        assert view.etcd_security is not None
+        for secret in (view.etcd_security.password, view.etcd_security.root_password):
+            assert secret not in log_path.read_text()
+            assert secret not in view.etcd_log.read_text()
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(150) == 0, log_path.read_text()[-3000:]

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from hakeeper.localcluster import LocalCluster
-from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
+from tests.support.cluster import cluster_tmpdir, etcd_gateway, free_base_port, running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +66,7 @@ def hk_list(c: LocalCluster) -> dict[str, Any]:
         text=True,
         timeout=30,
         check=True,
+        env={**os.environ, **c.etcd_env()},
     )
     return json.loads(out.stdout)
 
@@ -97,7 +98,8 @@ def etcd_puts(c: LocalCluster) -> float:
     """etcd's count of put operations so far (its Prometheus metrics)."""
     import urllib.request
 
-    with urllib.request.urlopen(c.etcd.url + "/metrics", timeout=5) as r:
+    ctx = c.etcd_security.ssl_context() if c.etcd_security is not None else None
+    with urllib.request.urlopen(c.etcd.url + "/metrics", timeout=5, context=ctx) as r:
         for line in r.read().decode().splitlines():
             if line.startswith("etcd_mvcc_put_total "):
                 return float(line.split()[1])
@@ -136,25 +138,11 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
         time.sleep(5)
         rate = (etcd_puts(c) - p0) / (time.monotonic() - t0)
         assert rate < 20, f"{rate:.0f} etcd puts/s on an idle cluster"
-        # No password reaches etcd.
-        raw = subprocess.run(
-            [
-                "curl",
-                "-s",
-                "-X",
-                "POST",
-                c.etcd.url + "/v3/kv/range",
-                "-d",
-                json.dumps({"key": "Lw==", "range_end": "MA=="}),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
+        # No password reaches etcd (every key, read as etcd's root).
+        raw = etcd_gateway(c, "/v3/kv/range", {"key": "Lw==", "range_end": "MA=="}, user="root")
         import base64
 
-        values = " ".join(base64.b64decode(kv["value"]).decode() for kv in json.loads(raw)["kvs"])
+        values = " ".join(base64.b64decode(kv["value"]).decode() for kv in raw["kvs"])
         assert c.superuser_password not in values and c.replication_password not in values
         # ... nor any log line.
         for n in c.names:
@@ -215,6 +203,7 @@ def test_failover_after_kill9_then_old_primary_rejoins_with_new_rows() -> None:
             text=True,
             timeout=30,
             check=True,
+            env={**os.environ, **c.etcd_env()},
         )
         entries = json.loads(hist.stdout)
         assert entries[-1]["new_leader"] == new and entries[-1]["timeline"] == 2

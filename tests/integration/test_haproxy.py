@@ -222,12 +222,11 @@ def _switchover_via_api_or_etcd(cluster: LocalCluster, leader: str, candidate: s
     if "does not offer this operation" not in res.stderr:
         raise AssertionError(f"switchover failed: {res.stdout}{res.stderr}")
     from hakeeper.core.keys import Keys
-    from hakeeper.dcs.etcd import EtcdClient
     from hakeeper.dcs.store import ClusterStore
     from hakeeper.ha.requests import request_switchover
 
     async def go() -> None:
-        client = EtcdClient([cluster.etcd.url], timeout=2.0)
+        client = cluster.etcd_client(timeout=2.0)
         try:
             await request_switchover(
                 ClusterStore(client, Keys(f"/hakeeper/{cluster.scope}")), leader=leader, candidate=candidate

@@ -57,10 +57,9 @@ def schedules(c: LocalCluster, node: str) -> dict[str, dict[str, Any]]:
 
 def record(c: LocalCluster, name: str) -> dict[str, Any]:
     """The raw etcd record of a schedule."""
-    from hakeeper.dcs.etcd import EtcdClient
 
     async def go() -> dict[str, Any]:
-        client = EtcdClient([c.etcd.url], timeout=2)
+        client = c.etcd_client(timeout=2)
         try:
             kv = await client.get(f"/hakeeper/{c.scope}/schedules/{name}")
         finally:

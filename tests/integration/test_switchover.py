@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -17,7 +18,6 @@ import pytest
 
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.keys import Keys
-from hakeeper.dcs.etcd import EtcdClient
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import requests
 from hakeeper.localcluster import LocalCluster
@@ -31,7 +31,7 @@ def run_request(c: LocalCluster, fn: Any, **kw: Any) -> Any:
     """Call ``fn`` of hakeeper.ha.requests with a ClusterStore of the cluster ``c``."""
 
     async def go() -> Any:
-        client = EtcdClient([c.etcd.url], timeout=2)
+        client = c.etcd_client(timeout=2)
         try:
             return await fn(ClusterStore(client, Keys(f"/hakeeper/{c.scope}")), **kw)
         finally:
@@ -47,6 +47,7 @@ def history(c: LocalCluster) -> list[dict[str, Any]]:
         text=True,
         timeout=30,
         check=True,
+        env={**os.environ, **c.etcd_env()},
     )
     return json.loads(out.stdout)
 

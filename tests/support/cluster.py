@@ -3,10 +3,13 @@ can reach, a free block of ports, and a fixture with a started, ready cluster.""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import ssl
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +53,33 @@ def free_base_port(nodes: int = 3, lo: int = 20000, hi: int = 32000) -> int:
             ports._handed_out.update(wanted)
             return base
     raise RuntimeError("no free block of ports for a local cluster")
+
+
+def etcd_gateway(
+    c: LocalCluster, path: str, body: dict[str, Any], user: str | None = "hakeeper", timeout: float = 5.0
+) -> dict[str, Any]:
+    """POST ``body`` to ``path`` of the cluster's etcd JSON gateway: over TLS with the client
+    certificate, authenticated as ``user`` ("hakeeper" or "root"; None: no token) when the
+    cluster's etcd is secure.  Raises ``urllib.error.HTTPError`` on a 4xx/5xx answer."""
+    sec = c.etcd_security
+    ctx = sec.ssl_context() if sec is not None else None
+    headers = {"Content-Type": "application/json"}
+    if sec is not None and user is not None:
+        password = sec.root_password if user == "root" else sec.password
+        token = _post(
+            c.etcd.url + "/v3/auth/authenticate", {"name": user, "password": password}, {}, ctx, timeout
+        )
+        headers["Authorization"] = str(token["token"])
+    return _post(c.etcd.url + path, body, headers, ctx, timeout)
+
+
+def _post(
+    url: str, body: dict[str, Any], headers: dict[str, str], ctx: ssl.SSLContext | None, timeout: float
+) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
+        data: dict[str, Any] = json.loads(r.read())
+    return data
 
 
 @contextmanager

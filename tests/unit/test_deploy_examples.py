@@ -61,3 +61,32 @@ def test_systemd_unit_runs_the_agent_as_postgres() -> None:
     assert service["ExecStart"].split()[1:3] == ["agent", "-c"]
     assert service["KillMode"] in {"mixed", "process"}
     assert service["Restart"] == "on-failure"
+
+
+@pytest.mark.parametrize("path", NODE_FILES, ids=lambda p: p.name)
+def test_node_examples_use_etcd_over_tls_with_a_user(path: Path) -> None:
+    cfg = load_node_config(path)
+    assert all(h.startswith("https://") for h in cfg.etcd.hosts)
+    assert cfg.etcd.cacert is not None and cfg.etcd.cert is not None and cfg.etcd.key is not None
+    assert cfg.etcd.username == "hakeeper" and cfg.etcd.password is not None
+    # The CLI trusts exactly the three members' API addresses.
+    assert sorted(cfg.api.client.urls) == sorted(
+        f"http://{load_node_config(p).api.connect_address}" for p in NODE_FILES
+    )
+
+
+def test_etcd_example_wants_tls_client_certificates_everywhere() -> None:
+    conf = yaml.safe_load((DEPLOY / "etcd.conf.yml").read_text())
+    for key in (
+        "listen-client-urls",
+        "advertise-client-urls",
+        "listen-peer-urls",
+        "initial-advertise-peer-urls",
+    ):
+        assert all(u.startswith("https://") for u in conf[key].split(",")), key
+    assert all(m.split("=", 1)[1].startswith("https://") for m in conf["initial-cluster"].split(","))
+    for section in ("client-transport-security", "peer-transport-security"):
+        sec = conf[section]
+        assert sec["client-cert-auth"] is True
+        assert {"cert-file", "key-file", "trusted-ca-file"} <= set(sec)
+    assert conf["enable-grpc-gateway"] is True  # hakeeper's only way in
