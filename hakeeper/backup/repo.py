@@ -517,7 +517,7 @@ class FilesystemRepository(Repository):
         if os.geteuid() != 0:
             return None
         st = os.stat(self.root)
-        return None if st.st_uid == 0 and st.st_gid == 0 else (st.st_uid, st.st_gid)
+        return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)

@@ -109,6 +109,10 @@ class EncryptionConfig(_Strict):
             raise ValueError("give exactly one of key_file and key_env")
         if self.key_file is not None and not self.key_file.is_absolute():
             raise ValueError(f"key_file {str(self.key_file)!r} must be absolute")
+        if self.key_env is not None and self.key_env.upper().startswith(("HAKEEPER_", "PG")):
+            # HAKEEPER_* are configuration overrides and, like PG*, never reach the programs
+            # the agent starts, so restore_command (walfetch) would not find the key
+            raise ValueError(f"key_env {self.key_env}: names starting with HAKEEPER_ or PG are not passed on")
         return self
 
 

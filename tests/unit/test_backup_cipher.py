@@ -528,6 +528,7 @@ def test_config_loads_a_good_key_and_names_file_and_field_for_a_bad_one(
         ({}, "exactly one of key_file and key_env"),
         ({"key_file": "rel/key"}, "must be absolute"),
         ({"key_env": "BAD NAME"}, "should match pattern"),
+        ({"key_env": "HAKEEPER_KEY"}, "names starting with HAKEEPER_ or PG are not passed on"),
         ({"key": "abc"}, "unknown field"),
     ):
         code, err = _load(_node_yaml(tmp_path, bad), capsys)
