@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.lsn import parse_lsn
+from hakeeper.localcluster import LocalCluster, prepare_fs_repository
 from hakeeper.util.keyfile import new_key_text
 from hakeeper.util.proc import resolve_run_as
+from tests.integration.test_backup_bootstrap import names, q, tail, wait
 from tests.integration.test_backup_restore import (
     SCOPE,
     Env,
@@ -40,6 +43,7 @@ from tests.integration.test_backup_restore import (
     sql,
     start_primary,
 )
+from tests.support.cluster import cluster_tmpdir, free_base_port
 from tests.support.pg import PgArea
 from tests.support.ports import free_ports
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
@@ -326,3 +330,61 @@ def test_encrypted_s3_repository_backup_and_restore_through_the_cli(area: PgArea
                 assert "hk-sha256" not in obj.get("Metadata", {}), k
     finally:
         server.stop()
+
+
+def test_agents_archive_into_an_encrypted_repository_and_seed_a_replica_from_it() -> None:
+    """The agent's archiver, ``backup create`` and a replica created from the backup
+    (``replica_from_backup``: its restore and ``restore_command``), all on an encrypted
+    repository whose key file belongs to PostgreSQL's OS user; nothing readable stored."""
+    repo_dir = cluster_tmpdir("hk-enc-repo-")
+    base = cluster_tmpdir()
+    try:
+        ra = resolve_run_as(repo_dir / "x")
+        prepare_fs_repository(repo_dir / "repo", ra)
+        key = repo_dir / "repo.key"
+        key.write_text(new_key_text() + "\n")
+        key.chmod(0o600)
+        ra.chown(key)  # restore_command runs as PostgreSQL's user and must read it
+        doc: dict[str, Any] = {"name": "fs", "type": "fs", "path": str(repo_dir / "repo")}
+        doc["encryption"] = {"key_file": str(key)}
+        c = LocalCluster(
+            base,
+            nodes=2,
+            base_port=free_base_port(2),
+            scope="enc",
+            backup={"repositories": [doc], "replica_from_backup": True},
+        )
+        with c:
+            c.check_ports()
+            c.write_configs()
+            c.etcd.start()
+            c.agents["node1"].start()
+            wait(lambda: c.node_state("node1").role == "primary", 90, "node1 primary", c)
+            q(c, "node1", "CREATE TABLE secrets (id int PRIMARY KEY, note text)")
+            q(c, "node1", f"INSERT INTO secrets SELECT g, '{CANARY}-' || g FROM generate_series(1, 5000) g")
+            conf = str(c.nodes["node1"].config_path)
+            bk = ok(hk("backup", "create", "-c", conf, "--part-size", "8", "-o", "json"))
+            assert bk["status"] == "complete"
+            q(c, "node1", "INSERT INTO secrets VALUES (0, 'after the backup')")
+            c.agents["node2"].start()
+
+            def replica_rows() -> bool:
+                return q(c, "node2", "SELECT count(*) FROM secrets") == [(5001,)]
+
+            wait(replica_rows, 120, "node2 has every row", c)
+            ev2 = names(c.nodes["node2"].log_path)
+            assert "clone_from_backup_finished" in ev2, tail(c.nodes["node2"].log_path)
+            seg = str(q(c, "node1", "SELECT pg_walfile_name(pg_switch_wal())")[0][0])
+            wal = repo_dir / "repo" / "enc" / "wal" / seg
+            wait(wal.exists, 60, f"{seg} archived by the agent", c)
+        files = _files(repo_dir / "repo")
+        assert len([f for f in files if f.parent.name == "wal"]) >= 3, files
+        for f in files:
+            blob = f.read_bytes()
+            assert CANARY.encode() not in blob, f
+            assert f.name == MARKER or blob.startswith(cipher.MAGIC), f
+            st = f.stat()
+            assert (st.st_mode & 0o077, st.st_uid) == (0, ra.uid if ra.uid is not None else os.geteuid()), f
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(repo_dir, ignore_errors=True)
