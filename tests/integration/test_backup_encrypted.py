@@ -114,7 +114,7 @@ def test_encrypted_repository_backup_pitr_verify_copy_expire(area: PgArea) -> No
         env,
         area.root / "node.yml",
         [fs1, fs2],
-        verify={"scratch_dir": str(scratch), "timeout": 120, "dump_check": False},
+        verify={"scratch_dir": str(scratch), "timeout": 120},
     )
     b1 = ok(hk("backup", "create", "-c", str(conf), "--from", "local", "--part-size", "1", "-o", "json"))
     assert b1["status"] == "complete" and b1["repository"] == "fs1"
@@ -125,6 +125,10 @@ def test_encrypted_repository_backup_pitr_verify_copy_expire(area: PgArea) -> No
     time.sleep(1.0)  # one backup id per second
     b2 = ok(hk("backup", "create", "-c", str(conf), "--from", "local", "--part-size", "1", "-o", "json"))
     insert(p, "d", 100)
+
+    # a logical dump (custom format, with the globals) into the same repository
+    dumped = ok(hk("dump", "create", "-c", str(conf), "--db", "postgres", "--from", "local", "-o", "json"))
+    assert dumped["status"] == "complete", dumped
 
     # nothing of the rows (nor of anything else) is readable in the repository files
     root1 = Path(str(fs1.path))
@@ -160,6 +164,8 @@ def test_encrypted_repository_backup_pitr_verify_copy_expire(area: PgArea) -> No
     drill = ok(res)
     assert drill["ok"] is True and drill["backup_id"] == b2["id"], drill
     assert drill["row_counts"]["compared"] is True and drill["row_counts"]["differences"] == []
+    assert drill["checks"]["dump_restore"]["ok"] is True, drill["checks"]  # the dump, restored
+    assert [d["name"] for d in drill["dump"]["databases"]] == ["postgres"], drill["dump"]
 
     # a copy into a repository with another key: decrypted, sealed again, restorable from there
     copied = ok(hk("backup", "copy", b1["id"], "-c", str(conf), "--to", "fs2", "-o", "json"))
