@@ -36,7 +36,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hakeeper.backup import layout
-from hakeeper.backup.errors import NotFound, RepoError
+from hakeeper.backup.errors import EncryptionMismatch, NotFound, RepoError, WrongKey
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.core.lsn import format_lsn, parse_lsn
 from hakeeper.core.timefmt import iso
@@ -366,8 +366,10 @@ async def load_catalog(repo: Repository, scope: str, *, wal: bool = True, histor
             cat.records.append(await read_record(repo, scope, bid))
         except NotFound:
             cat.orphans[bid] = by_id[bid]  # deleted meanwhile
+        except (WrongKey, EncryptionMismatch):
+            raise  # the configuration, not this record: no backup of the repository is readable
         except (ValueError, RepoError) as e:
-            cat.problems.append(str(e))
+            cat.problems.append(str(e))  # this record, damaged or tampered with: refused
 
     await asyncio.gather(*(one(bid) for bid in sorted(by_id)))
     cat.records.sort(key=lambda r: r.id)

@@ -1,12 +1,13 @@
 """Copies of base backups and dumps between repositories (``hakeeper backup copy``), for the
 3-2-1 rule (see :mod:`hakeeper.backup.policy`).
 
-An object is copied in its stored form (:meth:`~hakeeper.backup.repo.Repository.get_stored` ->
+An object is copied in its codec form (:meth:`~hakeeper.backup.repo.Repository.get_stored` ->
 :meth:`~hakeeper.backup.repo.Repository.put_stored`): no decompression and recompression, the
-copy is the same bytes.  On the way the source's content is decoded and checked against its
-SHA-256 trailer (a corrupt source object is never copied; the write is abandoned before it is
-committed), and afterwards the copy is read back and its stored bytes compared with the
-source's by SHA-256 and size.
+copy is the same bytes (an encrypted repository decrypts what it gives and seals what it takes,
+with its own key: the comparisons below are of the codec form).  On the way the source's
+content is decoded and checked against its SHA-256 trailer (a corrupt source object is never
+copied; the write is abandoned before it is committed), and afterwards the copy is read back
+and its bytes compared with the source's by SHA-256 and size.
 
 A base backup is useless without the WAL from its start to its end: the segments it needs (and
 every timeline history file) that the target lacks are copied too; segments already in the

@@ -54,3 +54,31 @@ class ContentConflict(RepoError):
             f"{repo}: {name} exists with other content (sha256 {existing_sha256 or 'unreadable'}, "
             f"new {new_sha256}); kept the existing object, stored the new content as {quarantined}"
         )
+
+
+class WrongKey(RepoError):
+    """An object was sealed with another key than the repository's configured one."""
+
+    def __init__(self, repo: str, name: str, found: str, configured: str) -> None:
+        self.repo = repo
+        self.name = name
+        self.found = found
+        self.configured = configured
+        super().__init__(
+            f"repository {repo}: object {name} was encrypted with another key (fingerprint {found}; "
+            f"the configured key's fingerprint is {configured})"
+        )
+
+
+class EncryptionMismatch(RepoError):
+    """An encrypted object (or repository) read without a key, or a plain one where the
+    configuration says the repository is encrypted: a configuration error, not damage."""
+
+
+class AuthenticationFailed(CorruptObject):
+    """An encrypted object failed authentication: it was altered, truncated, reordered or
+    stored under another name than the one it was sealed for."""
+
+    def __init__(self, repo: str, name: str, detail: str) -> None:
+        self.repo = repo
+        super().__init__(name, f"authentication failed in repository {repo}: {detail}")

@@ -15,17 +15,27 @@ Object names are relative paths of ``/``-separated components made of letters, d
 ``put_unique`` is the duplicate policy WAL archiving needs: a re-push of identical content
 succeeds, different content for an existing name is never overwritten but stored under
 ``quarantine/<name>.<UTC timestamp>`` and reported as :class:`ContentConflict`.
+
+Encryption (``key``): every object's stored form is sealed by :mod:`hakeeper.backup.cipher`
+between the public operations and the storage primitives, so that every caller (archiver,
+backups, dumps, records, restore, verify, copy, expire) reads and writes plaintext unchanged.
+Comparisons of content (``put_unique``, copies) use the SHA-256 in the authenticated codec
+trailer, so identical content is recognised although its sealed bytes differ every time.
+An encrypted repository holds :data:`MARKER` (in the clear: the cipher and key fingerprint,
+never the key); a repository instance checks it before its first write and refuses to mix plain
+and encrypted objects or two keys in one repository.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import os
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,8 +43,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from hakeeper.backup import codec
-from hakeeper.backup.errors import ContentConflict, CorruptObject, NotFound, RepoError, RepoUnavailable
+from hakeeper.backup import cipher, codec
+from hakeeper.backup.errors import (
+    ContentConflict,
+    CorruptObject,
+    EncryptionMismatch,
+    NotFound,
+    RepoError,
+    RepoUnavailable,
+)
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.log import get_logger
 
@@ -44,6 +61,11 @@ CHUNK = 1 << 20  # read and compress in 1 MiB steps
 _INLINE_LIMIT = 256 * 1024  # smaller payloads are encoded on the loop; larger ones in a thread
 _NAME_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]*$")
 QUARANTINE = "quarantine"
+MARKER = "hakeeper-repository.json"  # an encrypted repository's cipher and key fingerprint
+# a sealed object's tail that stat may read: footer + the final record (the codec trailer, or
+# at most one chunk for objects that are not codec objects); bounds what a forged footer asks
+_MAX_SEALED_TAIL = cipher.FOOTER_LEN + 5 + cipher.CHUNK + cipher.TAG_BYTES
+KeySource = bytes | Callable[[], bytes] | None
 
 
 def check_name(name: str) -> str:
@@ -101,12 +123,28 @@ class Repository(ABC):
     kind: str = ""
 
     def __init__(
-        self, name: str, *, level: int = codec.DEFAULT_LEVEL, threads: int = 0, offsite: bool = False
+        self,
+        name: str,
+        *,
+        level: int = codec.DEFAULT_LEVEL,
+        threads: int = 0,
+        offsite: bool = False,
+        key: KeySource = None,
     ) -> None:
         self.name = name
         self.level = level
         self.threads = threads
         self.offsite = offsite
+        # the key is loaded on first use: a key file the process cannot read is then a
+        # RepoError of this repository (reported like any other), not a crash at construction
+        self._key_source = key
+        self._cipher_key: cipher.Key | None = None
+        self._marker_checked = False
+        self._marker_lock = asyncio.Lock()
+
+    @property
+    def encrypted(self) -> bool:
+        return self._key_source is not None
 
     # ------------------------------------------------------------------ storage primitives
     @abstractmethod
@@ -169,8 +207,8 @@ class Repository(ABC):
         the data is already compressed; store it without compressing it again."""
         check_name(name)
         blob, trailer = await self._encode(data, meta, as_is=as_is)
-        await self._store(name, blob, trailer, exclusive=False)
-        return PutResult(name, trailer.size, len(blob), trailer.sha256)
+        _, stored = await self._write(name, blob, trailer, exclusive=False)
+        return PutResult(name, trailer.size, stored, trailer.sha256)
 
     async def create(self, name: str, data: bytes) -> bool:
         """Store ``data`` as ``name`` only if no object has that name (FS: ``link``; S3:
@@ -207,7 +245,7 @@ class Repository(ABC):
             yield tail
 
         async with aclosing(encoded()) as stream:
-            stored = await self._store_stream(name, stream)
+            stored = await self._write_stream(name, stream)
         trailer = done[0]
         return PutResult(name, trailer.size, stored, trailer.sha256)
 
@@ -224,15 +262,16 @@ class Repository(ABC):
             try:
                 existing: str | None = (await self.stat(name)).sha256
             except NotFound:
-                if await self._store(name, blob, trailer, exclusive=True):
-                    return PutResult(name, trailer.size, len(blob), trailer.sha256)
+                created, stored = await self._write(name, blob, trailer, exclusive=True)
+                if created:
+                    return PutResult(name, trailer.size, stored, trailer.sha256)
                 continue  # created by someone else meanwhile: compare with theirs
             except CorruptObject:
                 existing = None
             if existing == trailer.sha256:
                 return PutResult(name, trailer.size, len(blob), trailer.sha256, Outcome.ALREADY_PRESENT)
             quarantined = quarantine_name(name)
-            await self._store(quarantined, blob, trailer, exclusive=False)
+            await self._write(quarantined, blob, trailer, exclusive=False)
             log.error(
                 "object_conflict_quarantined",
                 repo=self.name,
@@ -248,7 +287,7 @@ class Repository(ABC):
         """The verified content of ``name`` (whole in memory; see :meth:`get_stream`)."""
         check_name(name)
         parts: list[bytes] = []
-        async with aclosing(self._load_stream(name)) as raw:
+        async with aclosing(self._read_stream(name)) as raw:
             async for chunk in raw:
                 parts.append(chunk)
         blob = b"".join(parts)
@@ -262,7 +301,7 @@ class Repository(ABC):
         must discard it on any error."""
         check_name(name)
         dec = codec.Decoder(name)
-        async with aclosing(self._load_stream(name)) as raw:
+        async with aclosing(self._read_stream(name)) as raw:
             async for chunk in raw:
                 out = await asyncio.to_thread(dec.feed, chunk)
                 if out:
@@ -274,26 +313,25 @@ class Repository(ABC):
     async def stat(self, name: str) -> ObjectStat:
         """Size, checksum and metadata of ``name``, read from its trailer (without the content)."""
         check_name(name)
-        tail, stored, modified = await self._load_tail(name, 4096)
-        need = codec.trailer_length(tail)
-        if need is not None and need > len(tail) and stored > len(tail):
-            tail, stored, modified = await self._load_tail(name, min(need, codec.MAX_TRAILER))
+        tail, stored, modified = await self._read_tail(name)
         _, trailer = codec.parse_trailer(tail, name)
         return ObjectStat(name, trailer.size, stored, trailer.sha256, dict(trailer.meta), modified)
 
     # ------------------------------------------------------------------ stored bytes (copies)
     async def get_stored(self, name: str) -> AsyncIterator[bytes]:
-        """The stored form of ``name`` (compressed content and trailer) in chunks, unverified:
-        for copying an object to another repository byte for byte (``hakeeper backup copy``)."""
+        """The codec form of ``name`` (compressed content and trailer) in chunks, its checksum
+        unverified: for copying an object to another repository without recompressing it
+        (``hakeeper backup copy``).  From an encrypted repository it comes decrypted (and
+        authenticated), so that the target seals it with its own key, or stores it plain."""
         check_name(name)
-        async with aclosing(self._load_stream(name)) as raw:
+        async with aclosing(self._read_stream(name)) as raw:
             async for chunk in raw:
                 yield chunk
 
     async def put_stored(self, name: str, chunks: AsyncIterable[bytes]) -> int:
-        """Store ``chunks``, the stored form of an object read with :meth:`get_stored`, as
-        ``name`` (replacing; atomically as every write); return the stored size.  An error
-        raised by ``chunks`` before its end stores nothing."""
+        """Store ``chunks``, the codec form of an object read with :meth:`get_stored`, as
+        ``name`` (replacing; atomically as every write; sealed if this repository is encrypted);
+        return the stored size.  An error raised by ``chunks`` before its end stores nothing."""
         check_name(name)
 
         async def it() -> AsyncGenerator[bytes, None]:
@@ -301,14 +339,173 @@ class Repository(ABC):
                 yield c
 
         async with aclosing(it()) as stream:
+            return await self._write_stream(name, stream)
+
+    # ------------------------------------------------------------------ encryption layer
+    def _cipher(self) -> cipher.Key | None:
+        if self._cipher_key is None and self._key_source is not None:
+            src = self._key_source
+            try:
+                self._cipher_key = cipher.Key.from_bytes(src() if callable(src) else src)
+            except ValueError as e:
+                raise RepoError(f"repository {self.name}: encryption key: {e}") from None
+        return self._cipher_key
+
+    async def _write(
+        self, name: str, blob: bytes, trailer: codec.Trailer, *, exclusive: bool
+    ) -> tuple[bool, int]:
+        """:meth:`_store` of the codec form ``blob``, sealed if encrypted: (stored?, stored size)."""
+        await self.check_marker()
+        key = self._cipher()
+        if key is not None:
+            if len(blob) <= _INLINE_LIMIT:
+                blob = cipher.seal(key, name, blob)
+            else:
+                blob = await asyncio.to_thread(cipher.seal, key, name, blob)
+        return await self._store(name, blob, trailer, exclusive=exclusive), len(blob)
+
+    async def _write_stream(self, name: str, chunks: AsyncIterator[bytes]) -> int:
+        """:meth:`_store_stream` of the codec form in ``chunks``, sealed if encrypted."""
+        await self.check_marker()
+        key = self._cipher()
+        if key is None:
+            return await self._store_stream(name, chunks)
+        sealer = cipher.Sealer(key, name)
+
+        async def sealed() -> AsyncGenerator[bytes, None]:
+            async for chunk in chunks:
+                out = await asyncio.to_thread(sealer.update, chunk)
+                if out:
+                    yield out
+            yield await asyncio.to_thread(sealer.finish)
+
+        async with aclosing(sealed()) as stream:
             return await self._store_stream(name, stream)
+
+    async def _read_stream(self, name: str) -> AsyncGenerator[bytes, None]:
+        """The codec form of ``name`` in chunks: decrypted and authenticated chunk by chunk if
+        encrypted (truncation shows at the end, as the codec's checksum does)."""
+        key = self._cipher()
+        async with aclosing(self._load_stream(name)) as raw:
+            if key is None:
+                first = True
+                async for chunk in raw:
+                    if first and cipher.is_sealed_head(chunk):
+                        raise sealed_without_key(self.name, name, chunk[8:24].hex())
+                    first = first and not chunk
+                    yield chunk
+                return
+            opener = cipher.Opener(key, name, self.name)
+            async for chunk in raw:
+                if len(chunk) <= _INLINE_LIMIT:
+                    out = opener.feed(chunk)
+                else:
+                    out = await asyncio.to_thread(opener.feed, chunk)
+                if out:
+                    yield out
+            rest = opener.finish()
+            if rest:
+                yield rest
+
+    async def _read_tail(self, name: str) -> tuple[bytes, int, datetime]:
+        """The last bytes of the codec form of ``name`` (its trailer at the end), the stored
+        size and modification time; for a sealed object the authenticated final record."""
+        tail, stored, modified = await self._load_tail(name, 4096)
+        key = self._cipher()
+        if key is None:
+            fingerprint = cipher.sealed_tail_fingerprint(tail)
+            if fingerprint is not None:
+                raise sealed_without_key(self.name, name, fingerprint)
+            need = codec.trailer_length(tail)
+            if need is not None and need > len(tail) and stored > len(tail):
+                tail, stored, modified = await self._load_tail(name, min(need, codec.MAX_TRAILER))
+            return tail, stored, modified
+        need = cipher.tail_needed(tail)
+        if need is not None and need > len(tail) and stored > len(tail):
+            tail, stored, modified = await self._load_tail(name, min(need, _MAX_SEALED_TAIL))
+        return cipher.open_tail(key, name, self.name, tail), stored, modified
+
+    async def check_marker(self) -> None:
+        """Refuse a repository whose :data:`MARKER` disagrees with the configuration (an
+        encrypted one configured without a key or with another key; a plain one configured
+        with a key), once per instance, before the first write; an encrypted repository
+        without a marker gets one.  Plain repositories are not given one: they stay as they
+        were, and a plain object met later with a key configured is refused on its own."""
+        if self._marker_checked:
+            return
+        async with self._marker_lock:
+            if not self._marker_checked:
+                await self._check_marker()
+                self._marker_checked = True
+
+    async def _check_marker(self) -> None:
+        key = self._cipher()
+        for _ in range(3):
+            try:
+                parts = [c async for c in self._load_stream(MARKER)]
+            except NotFound:
+                if key is None:
+                    return
+                doc = {"format": 1, "encryption": cipher.CIPHER, "key_fingerprint": key.fingerprint_hex}
+                blob, trailer = codec.encode(json.dumps(doc, sort_keys=True).encode() + b"\n", {})
+                if await self._store(MARKER, blob, trailer, exclusive=True):
+                    log.info("repository_marker_written", repo=self.name, key_fingerprint=key.fingerprint_hex)
+                    return
+                continue  # written by another process meanwhile: check theirs
+            try:
+                found = json.loads(codec.decode(b"".join(parts), MARKER)[0])
+                encryption, fingerprint = str(found["encryption"]), str(found.get("key_fingerprint"))
+            except (CorruptObject, ValueError, KeyError, TypeError) as e:
+                raise EncryptionMismatch(
+                    f"repository {self.name}: {MARKER} is unreadable ({e}); refusing to write until it "
+                    "is repaired (it records whether and with which key the repository is encrypted)"
+                ) from None
+            compare_marker(self.name, key, encryption, fingerprint)
+            return
+        raise RepoUnavailable(f"{self.name}: {MARKER}: appears and disappears; giving up")
+
+
+def sealed_without_key(repo: str, name: str, fingerprint: str | None) -> EncryptionMismatch:
+    return EncryptionMismatch(
+        f"repository {repo}: object {name} is encrypted (key fingerprint {fingerprint or '?'}), "
+        "but no encryption key is configured for the repository"
+    )
+
+
+def compare_marker(repo: str, key: cipher.Key | None, encryption: str, fingerprint: str) -> None:
+    """Refuse (EncryptionMismatch) a configured key that disagrees with what the marker records."""
+    problem = None
+    if key is None and encryption != "none":
+        problem = f"is encrypted ({encryption}, key fingerprint {fingerprint}) but no key is configured"
+    elif key is not None and encryption != cipher.CIPHER:
+        problem = f"is not encrypted ({encryption}) but a key is configured; use a new repository"
+    elif key is not None and fingerprint != key.fingerprint_hex:
+        problem = (
+            f"is encrypted with another key (fingerprint {fingerprint}; the configured key's "
+            f"fingerprint is {key.fingerprint_hex})"
+        )
+    if problem is not None:
+        log.error("repository_encryption_refused", repo=repo, reason=problem)
+        raise EncryptionMismatch(f"repository {repo} {problem} (according to its {MARKER})")
 
 
 # ====================================================================== filesystem
 
 
+TMP_MAX_AGE = 3600.0  # a temporary file this old is a crash's leftover (listings remove it)
+
+
 class FilesystemRepository(Repository):
-    """Objects are files below ``path``; writes are atomic and durable (see the module doc)."""
+    """Objects are files below ``path``; writes are atomic and durable (see the module doc).
+
+    Files are created 0600 and directories 0700: the objects are the whole database.  Who must
+    read them besides the writer is PostgreSQL's OS user (``restore_command`` fetches WAL
+    itself on a replica seeded from a backup), so when this process runs as root, what it
+    creates is given the owner and group of the repository's root directory (by descriptor, or
+    without following links): make the root belong to PostgreSQL's OS user and everything in it
+    does.  Leftover temporary files of a crashed writer are removed by listings once they are
+    :data:`TMP_MAX_AGE` old (no writer keeps one open that long without writing).
+    """
 
     kind = "fs"
 
@@ -320,9 +517,18 @@ class FilesystemRepository(Repository):
         level: int = codec.DEFAULT_LEVEL,
         threads: int = 0,
         offsite: bool = False,
+        key: KeySource = None,
     ) -> None:
-        super().__init__(name, level=level, threads=threads, offsite=offsite)
+        super().__init__(name, level=level, threads=threads, offsite=offsite, key=key)
         self.root = Path(path)
+
+    def _owner(self) -> tuple[int, int] | None:
+        """The (uid, gid) new files and directories are given: the root directory's, when this
+        process runs as root and it belongs to someone else; None: keep our own."""
+        if os.geteuid() != 0:
+            return None
+        st = os.stat(self.root)
+        return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -345,18 +551,30 @@ class FilesystemRepository(Repository):
         while not d.is_dir():
             missing.append(d)
             d = d.parent
+        owner = self._owner() if missing else None
         for m in reversed(missing):
             try:
-                m.mkdir()
+                m.mkdir(0o700)
             except FileExistsError:
                 pass
+            else:
+                if owner is not None:
+                    os.chown(m, *owner, follow_symlinks=False)
             _fsync_dir(m.parent)
 
     def _open_temp(self, final: Path) -> tuple[Path, BinaryIO]:
         self._check_root()
         self._make_parents(final.parent)
         tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            owner = self._owner()
+            if owner is not None:
+                os.fchown(fd, *owner)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp, os.fdopen(fd, "wb")
 
     @staticmethod
@@ -452,10 +670,13 @@ class FilesystemRepository(Repository):
         self._check_root()
         start = self.root / prefix.rpartition("/")[0]
         out: list[ListEntry] = []
+        stale = datetime.now(UTC).timestamp() - TMP_MAX_AGE
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for fn in filenames:
                 if fn.startswith("."):
+                    if fn.endswith(".tmp"):
+                        self._remove_stale(Path(dirpath) / fn, stale)
                     continue
                 p = Path(dirpath) / fn
                 rel = p.relative_to(self.root).as_posix()
@@ -467,6 +688,14 @@ class FilesystemRepository(Repository):
                     continue  # deleted while listing
                 out.append(ListEntry(rel, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
         return sorted(out, key=lambda e: e.name)
+
+    def _remove_stale(self, tmp: Path, before: float) -> None:
+        try:
+            if tmp.lstat().st_mtime < before:
+                tmp.unlink()
+                log.warning("repository_tmp_removed", repo=self.name, file=str(tmp), reason="1 h old")
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove: the next listing tries again
 
     async def list_objects(self, prefix: str = "") -> list[ListEntry]:
         try:
@@ -490,4 +719,4 @@ class FilesystemRepository(Repository):
             raise self._error(e, "delete", name) from e
 
     async def initialize(self) -> None:
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.root.mkdir, 0o700, parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from hakeeper.backup import codec
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError, RepoUnavailable
-from hakeeper.backup.repo import CHUNK, ListEntry, Repository, check_name
+from hakeeper.backup.repo import CHUNK, KeySource, ListEntry, Repository, check_name
 from hakeeper.util.log import get_logger
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ class S3Repository(Repository):
     meet it, and that has identical content.
 
     Besides the trailer inside the body, objects written in one piece carry their checksum and
-    size as user metadata (``x-amz-meta-hk-sha256``, ``-hk-size``) for other tools; streamed
+    size as user metadata (``x-amz-meta-hk-sha256``, ``-hk-size``) for other tools (not when
+    encrypted: they would tell about the plaintext); streamed
     (multipart) objects cannot, as the checksum is known only at the end.  The trailer is what
     :meth:`stat` and every read rely on.  botocore's own transfer checksums are off
     (``when_required``): several S3-compatible servers mishandle the streaming variant, and
@@ -65,8 +66,9 @@ class S3Repository(Repository):
         level: int = codec.DEFAULT_LEVEL,
         threads: int = 0,
         offsite: bool = False,
+        key: KeySource = None,
     ) -> None:
-        super().__init__(name, level=level, threads=threads, offsite=offsite)
+        super().__init__(name, level=level, threads=threads, offsite=offsite, key=key)
         if part_size < 5 << 20:
             raise ValueError("part_size must be at least 5 MiB (S3's minimum)")
         self.bucket = bucket
@@ -135,9 +137,10 @@ class S3Repository(Repository):
             "Bucket": self.bucket,
             "Key": self._key(name),
             "Body": blob,
-            "ContentType": "application/zstd",
-            "Metadata": {"hk-sha256": trailer.sha256, "hk-size": str(trailer.size)},
+            "ContentType": "application/octet-stream" if self.encrypted else "application/zstd",
         }
+        if not self.encrypted:  # the content's checksum and size would tell about the plaintext
+            args["Metadata"] = {"hk-sha256": trailer.sha256, "hk-size": str(trailer.size)}
         if exclusive:
             args["IfNoneMatch"] = "*"
         try:
@@ -155,6 +158,7 @@ class S3Repository(Repository):
 
     async def _store_stream(self, name: str, chunks: AsyncIterator[bytes]) -> int:
         key = self._key(name)
+        ctype = "application/octet-stream" if self.encrypted else "application/zstd"
         buf = bytearray()
         size = 0
         upload_id: str | None = None
@@ -166,9 +170,7 @@ class S3Repository(Repository):
                 nonlocal upload_id
                 if upload_id is None:
                     async with asyncio.timeout(self.timeout):
-                        r = await s3.create_multipart_upload(
-                            Bucket=self.bucket, Key=key, ContentType="application/zstd"
-                        )
+                        r = await s3.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=ctype)
                     upload_id = r["UploadId"]
                 number = len(parts) + 1
                 async with asyncio.timeout(self.timeout):
@@ -185,9 +187,7 @@ class S3Repository(Repository):
                     await flush_part()
             async with asyncio.timeout(self.timeout):
                 if upload_id is None:
-                    await s3.put_object(
-                        Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType="application/zstd"
-                    )
+                    await s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType=ctype)
                 else:
                     if buf:
                         await flush_part()

@@ -42,7 +42,17 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def load_or_exit(path: Path) -> NodeConfig:
     try:
-        return load_node_config(path)
+        cfg = load_node_config(path)
+        # encryption keys are part of the configuration; core cannot read them (it is below
+        # the backup layer that knows the key formats), so they are checked here -- importing
+        # the backup layer (and the cipher library) only when a repository is encrypted
+        if any(r.encryption is not None for r in cfg.backup.repositories):
+            from hakeeper.backup.repos import key_errors
+
+            bad_keys = key_errors(cfg.backup.repositories)
+            if bad_keys:
+                raise ConfigError(str(path), bad_keys)
+        return cfg
     except ConfigError as e:
         for field, msg in e.errors:
             err.print(f"{e.source}: {field}: {msg}", markup=False)

@@ -784,8 +784,9 @@ def backup_copy(
     ] = None,
     output: OutputOpt = "table",
 ) -> None:
-    """Copy a base backup (with the WAL it needs) or a dump to another repository, byte for byte
-    (no recompression), and verify the copy."""
+    """Copy a base backup (with the WAL it needs) or a dump to another repository without
+    recompressing it (decrypted and sealed again with the target's key where encrypted), and
+    verify the copy."""
     check_output(output)
     cfg = load_or_exit(config)
     quiet_logging()
@@ -869,3 +870,33 @@ def backup_policy(
             err.print(escape(f"note: {n}"))
     if not report.ok:
         raise typer.Exit(1)
+
+
+@backup_app.command("keygen")
+def backup_keygen(
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the key to this new file (mode 0600) instead of stdout."),
+    ] = None,
+) -> None:
+    """Make a random key for an encrypted repository (32 bytes, printed as base64): for
+    `encryption: {key_file: ...}` or an environment variable named by `key_env`.  Keep a copy
+    away from the repository: without it no backup in the repository can be read."""
+    from hakeeper.util.keyfile import new_key_text
+
+    text = new_key_text() + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    import os
+
+    try:
+        # O_EXCL: never replace a key (the backups made with it would become unreadable)
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise fail(f"{output}: {e.strerror or e}", 2) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    err.print(f"wrote a new key to {output} (mode 0600)", markup=False)

@@ -86,6 +86,36 @@ class VerifyConfig(_Strict):
     )
 
 
+class EncryptionConfig(_Strict):
+    """Client-side encryption of everything a repository stores (AES-256-GCM, docs/backup.md).
+    Exactly one key source.  The key never goes into the repository or etcd; lose it and the
+    repository's backups cannot be read."""
+
+    key_file: Path | None = Field(
+        None,
+        description="Absolute path of the key file: 32 random bytes, as base64 text (`hakeeper backup "
+        "keygen`) or raw; it must not be accessible by group or others (mode 0600), and "
+        "`restore_command` (PostgreSQL's OS user) must be able to read it.",
+    )
+    key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",  # Rust regex: $ is only the very end
+        description="Name of an environment variable holding the key as base64 text.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncryptionConfig:
+        if (self.key_file is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key_file and key_env")
+        if self.key_file is not None and not self.key_file.is_absolute():
+            raise ValueError(f"key_file {str(self.key_file)!r} must be absolute")
+        if self.key_env is not None and self.key_env.upper().startswith(("HAKEEPER_", "PG")):
+            # HAKEEPER_* are configuration overrides and, like PG*, never reach the programs
+            # the agent starts, so restore_command (walfetch) would not find the key
+            raise ValueError(f"key_env {self.key_env}: names starting with HAKEEPER_ or PG are not passed on")
+        return self
+
+
 class RepositoryConfig(_Strict):
     name: Name = Field(description="Repository name, unique among the node's repositories.")
     type: Literal["fs", "s3"] = Field(description="`fs`: a directory; `s3`: an S3-compatible bucket.")
@@ -109,6 +139,11 @@ class RepositoryConfig(_Strict):
         description="Storage type for the 3-2-1 policy check (`hakeeper backup policy`): copies on "
         "repositories of different types count as different media (default: `disk` for fs, `object` "
         "for s3; name others yourself, e.g. `nfs`, `tape`).",
+    )
+    encryption: EncryptionConfig | None = Field(
+        None,
+        description="Encrypt every stored object with a key from `key_file` or `key_env` (default: "
+        "stored unencrypted).  A repository is encrypted or not from its first write on.",
     )
     compression_level: int = Field(3, ge=1, le=19, description="zstd level of stored objects.")
     compression_threads: int = Field(

@@ -16,12 +16,13 @@ S3_PORT_OFFSET = 30  # SeaweedFS: P+30 .. P+39 (an HTTP and a gRPC port per comp
 
 def prepare_fs_repository(path: Path, run_as: RunAs) -> None:
     """The demo's filesystem repository: written by the agents (root when the demo runs as
-    root), read by PostgreSQL's OS user when a restored server fetches WAL, so the directory is
-    group-owned by that user's group and setgid (new files inherit the group; objects are 0640)."""
+    root), read by PostgreSQL's OS user when a restored server fetches WAL, so the directory
+    belongs to that user: objects are 0600 and directories 0700, and a repository written by
+    root gives what it creates the owner of its root directory (see FilesystemRepository)."""
     path.mkdir(parents=True, exist_ok=True)
-    if run_as.gid is not None:
-        os.chown(path, -1, run_as.gid)
-        os.chmod(path, 0o2750)
+    if run_as.uid is not None and run_as.gid is not None:
+        os.chown(path, run_as.uid, run_as.gid)
+    os.chmod(path, 0o700)
 
 
 def demo_s3_ports(base_port: int) -> dict[str, tuple[int, int]]:
