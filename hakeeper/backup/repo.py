@@ -216,7 +216,8 @@ class Repository(ABC):
         concurrent creates of one name, exactly one returns True."""
         check_name(name)
         blob, trailer = await self._encode(data, None)
-        return await self._store(name, blob, trailer, exclusive=True)
+        stored, _ = await self._write(name, blob, trailer, exclusive=True)  # sealed, marker checked
+        return stored
 
     async def put_stream(
         self,

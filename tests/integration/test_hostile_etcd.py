@@ -184,7 +184,7 @@ def test_hostile_records_and_an_invalid_config_are_survived_and_reported() -> No
         assert all(pids.values())
 
         async def write_hostile() -> DynamicConfig:
-            async with EtcdClient([c.etcd.url]) as e:
+            async with c.etcd_client() as e:
                 kv = await e.get(keys.config)
                 assert kv is not None
                 stored = DynamicConfig.model_validate_json(kv.value)

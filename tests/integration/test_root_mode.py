@@ -157,7 +157,12 @@ async def test_the_runtime_dir_is_taken_back_from_the_postgresql_user(area: PgAr
         {
             "scope": "rm",
             "name": "a",
-            "postgresql": {"data_dir": str(data), "listen": "127.0.0.1:1"},
+            "postgresql": {
+                "data_dir": str(data),
+                "listen": "127.0.0.1:1",
+                "superuser": {"password": "su-secret"},
+                "replication": {"password": "repl-secret"},
+            },
         }
     )
     node = Node(cfg)

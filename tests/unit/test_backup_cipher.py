@@ -306,6 +306,13 @@ async def test_wrong_key_missing_key_and_plain_repositories_are_told_apart(tmp_p
     with pytest.raises(EncryptionMismatch, match="no key is configured"):
         await plain.put("other", b"y")
     assert not (root / "other").exists()
+    # an exclusive create (how backup ids are claimed) is sealed and refused the same way
+    for repo, says in ((wrong, "encrypted with another key"), (plain, "no key is configured")):
+        with pytest.raises(EncryptionMismatch, match=says):
+            await repo.create("claimed", b"{}")
+    assert not (root / "claimed").exists()
+    assert await enc.create("claimed", b"{}") and not await enc.create("claimed", b"[]")
+    assert cipher.is_sealed_head((root / "claimed").read_bytes()) and await enc.get("claimed") == b"{}"
     # and the other way round: a plain object read with a key
     proot = tmp_path / "plain"
     p = FilesystemRepository(proot, name="plain")
