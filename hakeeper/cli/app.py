@@ -52,6 +52,14 @@ def load_or_exit(path: Path) -> NodeConfig:
             bad_keys = key_errors(cfg.backup.repositories)
             if bad_keys:
                 raise ConfigError(str(path), bad_keys)
+        # Likewise PostgreSQL's TLS files: core does no I/O, so they are checked here, before
+        # the agent starts a PostgreSQL that would fail on them (or serve a key others can read).
+        if cfg.postgresql.tls is not None:
+            from hakeeper.pg.files import tls_file_errors
+
+            bad_tls = tls_file_errors(cfg.postgresql.tls)
+            if bad_tls:
+                raise ConfigError(str(path), bad_tls)
         return cfg
     except ConfigError as e:
         for field, msg in e.errors:

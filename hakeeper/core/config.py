@@ -82,6 +82,11 @@ AGENT_OWNED_PARAMETERS = frozenset(
         # The socket stays in a directory only the PostgreSQL OS user can enter, which is what
         # makes the superuser's `local ... trust` lines in pg_hba.conf safe.
         "unix_socket_directories",
+        # Written from postgresql.tls, pointing at the agent's private copies of the files.
+        "ssl",
+        "ssl_cert_file",
+        "ssl_key_file",
+        "ssl_ca_file",
     }
 )
 # Of those, the ones the agent itself hands to the PostgreSQL layer in its parameters.
@@ -349,6 +354,23 @@ class ReplicationCredentials(RoleCredentials):
     username: str = Field("replicator", description="Role name.")
 
 
+class PostgresTls(_Strict):
+    """TLS for PostgreSQL.  The files are checked when the configuration is loaded (exist,
+    readable, the key not accessible to group or others) and copied by the agent into the
+    node's runtime directory, owned by PostgreSQL's OS user with mode 0600, before every start."""
+
+    certfile: Path = Field(
+        description="This node's server certificate (PEM; may include intermediates). It must "
+        "name the host other members connect to (connect_address) in its subjectAltName "
+        "(IP address or DNS name): members connect with sslmode=verify-full."
+    )
+    keyfile: Path = Field(description="Its private key (PEM, unencrypted, mode 0600 or stricter).")
+    cafile: Path = Field(
+        description="CA certificate(s) (PEM) that signed every member's certificate: the agent, "
+        "pg_basebackup, pg_rewind and the walreceiver verify the server they connect to against it."
+    )
+
+
 class PostgresConfig(_Strict):
     data_dir: Path = Field(description="PGDATA of this node.")
     bin_dir: Path | None = Field(
@@ -373,6 +395,13 @@ class PostgresConfig(_Strict):
         None,
         description="OS user PostgreSQL runs as when the agent runs as root "
         "(default: owner of data_dir, else 'postgres').",
+    )
+    tls: PostgresTls | None = Field(
+        None,
+        description="TLS: the server offers it (ssl = on), members replicate only over TLS "
+        "(hostssl lines for their addresses), and every agent connection to another member uses "
+        "sslmode=verify-full and channel_binding=require.  Off: plain TCP (SCRAM still protects "
+        "the password, not the data).",
     )
     use_pg_rewind: bool = Field(True, description="Rewind a diverged former primary (else re-clone).")
     remove_data_directory_on_rewind_failure: bool = Field(

@@ -33,6 +33,7 @@ async def clone_from(
         raise PgError(f"cannot clone: {pg.data_dir} is not empty")
     pg.data_dir.parent.mkdir(parents=True, exist_ok=True)
     mkdir_owned(pg.data_dir, pg.run_as)
+    await pg.install_tls()  # pg_basebackup verifies the source against the CA copy
     conninfo = build_conninfo(
         host=source.host,
         port=source.port,

@@ -142,6 +142,29 @@ def auth_options(libpq_version: int) -> dict[str, str]:
     return {}
 
 
+# channel_binding is a libpq 13 connection option (sslmode=verify-full is much older).
+CHANNEL_BINDING_LIBPQ = 130000
+
+
+def tls_options(cafile: str | None, libpq_version: int) -> dict[str, str]:
+    """Connection options for a connection to another member when TLS is configured (``cafile``
+    is the CA that signed the members' certificates; None: no TLS, no options).
+
+    ``sslmode=verify-full``: the server must present a certificate from that CA naming the host
+    we dialled, so an address planted in etcd (or a hijacked one) cannot pose as a member.
+    ``channel_binding=require``: SCRAM is bound to that TLS session (SCRAM-SHA-256-PLUS), so a
+    man in the middle holding some other valid certificate cannot relay the authentication.
+    ``sslrootcert`` names the file explicitly: libpq would otherwise look in ~/.postgresql."""
+    if cafile is None:
+        return {}
+    opts = {"sslmode": "verify-full", "sslrootcert": cafile}
+    # Unknown (0) counts as supported: every libpq of a PostgreSQL still maintained has it, and
+    # one without it fails to connect (loudly) rather than connecting without the binding.
+    if libpq_version == 0 or libpq_version >= CHANNEL_BINDING_LIBPQ:
+        opts["channel_binding"] = "require"
+    return opts
+
+
 def replication_addresses(hosts: Iterable[str]) -> tuple[list[str], list[str]]:
     """pg_hba.conf addresses for the members' ``hosts`` (deduplicated, sorted), and the hosts
     refused because they are no single host (see :func:`hakeeper.core.hba.hba_address`)."""
@@ -157,7 +180,12 @@ def replication_addresses(hosts: Iterable[str]) -> tuple[list[str], list[str]]:
 
 
 def render_pg_hba(
-    *, extra_lines: list[str], superuser: str, replication_user: str, replication_hosts: Iterable[str]
+    *,
+    extra_lines: list[str],
+    superuser: str,
+    replication_user: str,
+    replication_hosts: Iterable[str],
+    tls: bool = False,
 ) -> str:
     """pg_hba.conf: the user's extra lines first, then the agent's.
 
@@ -166,7 +194,9 @@ def render_pg_hba(
       agent re-chmods on every write (and ``unix_socket_directories`` is agent-owned): only the
       PostgreSQL OS user and root reach the socket, and they can read the data files anyway.
     * ``host replication``: the replication role from loopback and from ``replication_hosts``
-      only (the members' published addresses plus this node's own), by scram-sha-256.
+      only (the members' published addresses plus this node's own), by scram-sha-256.  With
+      ``tls`` the members' lines are ``hostssl``: a member replicates only over TLS (loopback
+      stays ``host``: it never leaves the machine).
     * ``host all all``: any address, by scram-sha-256 (never ``trust`` on a TCP line).
 
     Raises ValueError for an extra line that would break the file or trust TCP connections.
@@ -187,12 +217,14 @@ def render_pg_hba(
         ("local", "replication", su, "", "trust"),
     ]
     members, _ = replication_addresses(replication_hosts)
-    for net in (*_LOCAL_NETS, *members):
+    for net in _LOCAL_NETS:
         rows.append(("host", "replication", repl, net, "scram-sha-256"))
+    for net in members:
+        rows.append(("hostssl" if tls else "host", "replication", repl, net, "scram-sha-256"))
     for net in (*_LOCAL_NETS, *_ANY_NETS):
         rows.append(("host", "all", "all", net, "scram-sha-256"))
     for kind, db, user, addr, meth in rows:
-        out.append(f"{kind:<6} {db:<12} {user:<16} {addr:<14} {meth}\n")
+        out.append(f"{kind:<7} {db:<12} {user:<16} {addr:<14} {meth}\n")
     return "".join(out)
 
 

@@ -12,6 +12,12 @@ backup and clone copies the data directory, so it lives in the node's runtime di
 it (``.<data dir name>.hakeeper/hakeeper.pgpass``, mode 0600, owned by PostgreSQL's OS user).
 A ``hakeeper.pgpass`` an older version left in the data directory is removed on every write.
 
+With ``postgresql.tls`` the certificate, key and CA files are copied into the same runtime
+directory (``tls-server.crt``, ``tls-server.key``, ``tls-ca.crt``, mode 0600, owned by
+PostgreSQL's OS user) before every start, clone and rewind: PostgreSQL refuses a key another
+user may read, and as root the agent may read a key the PostgreSQL user cannot.  The server's
+``ssl_*_file`` parameters and the tools' ``sslrootcert`` point at these copies.
+
 Also here: the stale ``postmaster.pid`` clean-up and the tail of the server log.  Every function
 takes the paths it works on; the names inside the data directory are decided by ``Postgres``.
 """
@@ -19,10 +25,12 @@ takes the paths it works on; the names inside the data directory are decided by 
 from __future__ import annotations
 
 import contextlib
+import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from hakeeper.core.config import AGENT_OWNED_PARAMETERS, AGENT_SET_PARAMETERS, ParamValue
+from hakeeper.core.config import AGENT_OWNED_PARAMETERS, AGENT_SET_PARAMETERS, ParamValue, PostgresTls
 from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.pg.conf import build_conninfo, clean_auto_conf, render_postgresql_conf
 from hakeeper.util.fsutil import ensure_dir, fsync_dir, write_atomic
@@ -35,6 +43,71 @@ log = get_logger("hakeeper.pg.postgres")
 # sun_path is 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
 PGPASS_NAME = "hakeeper.pgpass"
+TLS_CERT_NAME = "tls-server.crt"
+TLS_KEY_NAME = "tls-server.key"
+TLS_CA_NAME = "tls-ca.crt"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPaths:
+    """Where PostgreSQL and its tools find the agent's copies of the TLS files."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+
+    @classmethod
+    def in_dir(cls, directory: Path) -> TlsPaths:
+        return cls(directory / TLS_CERT_NAME, directory / TLS_KEY_NAME, directory / TLS_CA_NAME)
+
+
+_PEM_CERT = "-----BEGIN CERTIFICATE-----"
+_PEM_KEY_END = "PRIVATE KEY-----"
+
+
+def tls_file_errors(tls: PostgresTls) -> list[tuple[str, str]]:
+    """Problems with the files of ``postgresql.tls``, as (field, message): each must be a
+    readable PEM file, the key unencrypted and not accessible to group or others (PostgreSQL
+    itself refuses such a key; a key others can read is no secret)."""
+    errors: list[tuple[str, str]] = []
+    for field, path in (("certfile", tls.certfile), ("keyfile", tls.keyfile), ("cafile", tls.cafile)):
+        name = f"postgresql.tls.{field}"
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                errors.append((name, f"{path} is not a regular file"))
+                continue
+            text = path.read_text(encoding="ascii", errors="replace")
+        except OSError as e:
+            errors.append((name, f"cannot read {path}: {e.strerror or e}"))
+            continue
+        if field == "keyfile":
+            if st.st_mode & 0o077:
+                errors.append(
+                    (
+                        name,
+                        f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: group or others may access "
+                        "the private key (chmod 600 it)",
+                    )
+                )
+            if _PEM_KEY_END not in text:
+                errors.append((name, f"{path} holds no PEM private key"))
+            elif "ENCRYPTED PRIVATE KEY" in text or "Proc-Type: 4,ENCRYPTED" in text:
+                errors.append((name, f"{path} is encrypted: PostgreSQL would ask for a passphrase"))
+        elif _PEM_CERT not in text:
+            errors.append((name, f"{path} holds no PEM certificate"))
+    return errors
+
+
+def install_tls_files(tls: PostgresTls, dest: TlsPaths, run_as: RunAs) -> None:
+    """Copy the configured TLS files to ``dest`` (0600, owned by ``run_as``; the directory is
+    created 0700 if missing).  Read by the agent, which may be root, written for PostgreSQL."""
+    pairs = ((tls.certfile, dest.certfile), (tls.keyfile, dest.keyfile), (tls.cafile, dest.cafile))
+    texts = [(src.read_text(encoding="ascii"), target) for src, target in pairs]
+    if not dest.certfile.parent.is_dir():
+        mkdir_owned(dest.certfile.parent, run_as)
+    for text, target in texts:
+        write_atomic(target, text, mode=0o600, run_as=run_as)
 
 
 def runtime_dir_for(data_dir: Path) -> Path:
@@ -106,9 +179,11 @@ def render_conf(
     passfile: Path | None,
     application_name: str,
     conninfo_options: Mapping[str, str] | None = None,
+    tls: TlsPaths | None = None,
 ) -> str:
     """postgresql.conf: ``params`` (minus the agent-owned names) and then what the agent sets,
-    including ``primary_conninfo`` for a replica with an upstream."""
+    including ``primary_conninfo`` for a replica with an upstream and, with ``tls``, the
+    server's certificate, key and CA files."""
     merged: dict[str, ParamValue] = {}
     for name in sorted(params):
         if name.lower() in AGENT_OWNED_PARAMETERS - AGENT_SET_PARAMETERS:
@@ -120,6 +195,11 @@ def render_conf(
     merged["unix_socket_directories"] = socket_dir_value(socket_dir, port)
     merged["hot_standby"] = True
     merged["recovery_target_timeline"] = "latest"
+    if tls is not None:
+        merged["ssl"] = True
+        merged["ssl_cert_file"] = str(tls.certfile)
+        merged["ssl_key_file"] = str(tls.keyfile)
+        merged["ssl_ca_file"] = str(tls.cafile)
     if role is Role.REPLICA and upstream is not None:
         merged["primary_conninfo"] = build_conninfo(
             host=upstream.host,

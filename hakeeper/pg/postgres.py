@@ -34,10 +34,15 @@ from hakeeper.core.config import ParamValue, PostgresConfig, secret_value
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.core.pgtypes import LocalState, ReplicaInfo, Role, SlotInfo, Upstream
 from hakeeper.pg.bins import C_LOCALE, find_bin_dir, run_program, tools_libpq_version
-from hakeeper.pg.conf import auth_options, parse_controldata, render_pg_hba, render_pgpass
+from hakeeper.pg.conf import auth_options, parse_controldata, render_pg_hba, render_pgpass, tls_options
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.files import (
     PGPASS_NAME,
+    TLS_CA_NAME,
+    TLS_CERT_NAME,
+    TLS_KEY_NAME,
+    TlsPaths,
+    install_tls_files,
     log_tail,
     mkdir_owned,
     remove_file,
@@ -137,10 +142,33 @@ class Postgres:
         return self.runtime_dir / PGPASS_NAME
 
     @property
+    def tls_paths(self) -> TlsPaths | None:
+        """The agent's copies of the TLS files (PostgreSQL and its tools read these), or None
+        without ``postgresql.tls``."""
+        return TlsPaths.in_dir(self.runtime_dir) if self.cfg.tls is not None else None
+
+    @property
     def tools_auth_options(self) -> dict[str, str]:
         """Extra libpq options for connections made by PostgreSQL's own programs (pg_basebackup,
-        pg_rewind, the walreceiver), which use the libpq the binaries load, not psycopg's."""
-        return auth_options(tools_libpq_version(self.bin_dir))
+        pg_rewind, the walreceiver) to another member, which use the libpq the binaries load,
+        not psycopg's: SCRAM required, and with TLS verify-full plus channel binding."""
+        version = tools_libpq_version(self.bin_dir)
+        tls = self.tls_paths
+        return {**auth_options(version), **tls_options(str(tls.cafile) if tls else None, version)}
+
+    async def install_tls(self) -> None:
+        """Copy the TLS files for PostgreSQL and its tools (see :mod:`hakeeper.pg.files`); a
+        no-op without ``postgresql.tls`` but for removing copies left from when it was set.
+        Raises PgError when a file cannot be read."""
+        tls, dest = self.cfg.tls, self.tls_paths
+        if tls is None or dest is None:
+            for name in (TLS_CERT_NAME, TLS_KEY_NAME, TLS_CA_NAME):
+                remove_file(self.runtime_dir / name)
+            return
+        try:
+            await asyncio.to_thread(install_tls_files, tls, dest, self.run_as)
+        except (OSError, ValueError) as e:
+            raise PgError(f"cannot install the TLS files of postgresql.tls: {e}") from e
 
     @property
     def socket_dir(self) -> Path:
@@ -252,12 +280,14 @@ class Postgres:
                 passfile=self.pgpass_file if replication_password is not None else None,
                 application_name=self.member_name,
                 conninfo_options=self.tools_auth_options,
+                tls=self.tls_paths,
             )
             hba = render_pg_hba(
                 extra_lines=list(self.cfg.pg_hba),
                 superuser=self.cfg.superuser.username,
                 replication_user=self.cfg.replication.username,
                 replication_hosts=[*self.own_hosts(), *replication_hosts],
+                tls=self.cfg.tls is not None,
             )
             pgpass = (
                 render_pgpass([("*", "*", "*", self.cfg.replication.username, replication_password)])
@@ -266,6 +296,7 @@ class Postgres:
             )
         except ValueError as e:
             raise PgError(f"cannot render configuration: {e}") from e
+        await self.install_tls()
         await asyncio.to_thread(
             write_files,
             self.data_dir,

@@ -7,6 +7,7 @@ import time
 
 import psycopg
 
+from hakeeper.core.config import PostgresTls
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.pg.conf import build_conninfo
 from hakeeper.pg.session import client_auth_options
@@ -16,7 +17,15 @@ log = get_logger("hakeeper.pg")
 
 
 async def wait_received(
-    *, name: str, host: str, port: int, user: str, password: str | None, lsn: int | None, timeout: float
+    *,
+    name: str,
+    host: str,
+    port: int,
+    user: str,
+    password: str | None,
+    lsn: int | None,
+    timeout: float,
+    tls: PostgresTls | None = None,
 ) -> bool:
     """Poll the standby ``name`` directly until it has received (or replayed) WAL past ``lsn``;
     False when ``lsn`` is unknown or ``timeout`` seconds passed."""
@@ -31,7 +40,7 @@ async def wait_received(
         dbname="postgres",
         connect_timeout=2,
         application_name="hakeeper-switchover",
-        **client_auth_options(),
+        **client_auth_options(tls),
     )
     while time.monotonic() < deadline:
         try:

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from hakeeper.core.config import PostgresTls
 from hakeeper.core.pgtypes import Upstream
 from hakeeper.pg.bins import C_LOCALE, run_program
 from hakeeper.pg.conf import build_conninfo
@@ -40,7 +41,8 @@ async def rewind(
     if state not in _CLEAN_STATES:
         log.info("postgres_not_shut_down_cleanly", state=state)
         await crash_recover(pg)
-    await checkpoint_source(source, superuser, superuser_password)
+    await checkpoint_source(source, superuser, superuser_password, tls=pg.cfg.tls)
+    await pg.install_tls()  # pg_rewind verifies the source against the CA copy
     conninfo = build_conninfo(
         host=source.host,
         port=source.port,
@@ -111,7 +113,9 @@ async def crash_recover(pg: Postgres) -> None:
     log.info("postgres_crash_recovery_done")
 
 
-async def checkpoint_source(source: Upstream, superuser: str, password: str | None) -> None:
+async def checkpoint_source(
+    source: Upstream, superuser: str, password: str | None, *, tls: PostgresTls | None = None
+) -> None:
     """A just-promoted source's pg_control still shows the old timeline until its first
     checkpoint, and pg_rewind would then see nothing to rewind.  Best effort."""
     kw: dict[str, Any] = {
@@ -123,7 +127,7 @@ async def checkpoint_source(source: Upstream, superuser: str, password: str | No
             application_name="hakeeper",
             connect_timeout=5,
             gssencmode="disable",
-            **client_auth_options(),
+            **client_auth_options(tls),
         ),
         "autocommit": True,
     }

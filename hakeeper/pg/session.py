@@ -15,17 +15,20 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from hakeeper.core.config import PostgresConfig, secret_value
+from hakeeper.core.config import PostgresConfig, PostgresTls, secret_value
 from hakeeper.core.pgtypes import LocalState
-from hakeeper.pg.conf import auth_options, build_conninfo
+from hakeeper.pg.conf import auth_options, build_conninfo, tls_options
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.probe import PROBE_SQL, state_from_row
 
 
-def client_auth_options() -> dict[str, str]:
+def client_auth_options(tls: PostgresTls | None = None) -> dict[str, str]:
     """:func:`~hakeeper.pg.conf.auth_options` for psycopg's own libpq (psycopg-binary bundles
-    one, usually newer than the system's)."""
-    return auth_options(psycopg.pq.version())
+    one, usually newer than the system's); with ``tls`` (a connection to another member) also
+    :func:`~hakeeper.pg.conf.tls_options` against its CA file, which the agent reads itself."""
+    version = psycopg.pq.version()
+    cafile = str(tls.cafile) if tls is not None else None
+    return {**auth_options(version), **tls_options(cafile, version)}
 
 
 def conn_kwargs(
@@ -45,6 +48,8 @@ def conn_kwargs(
         # Over TCP the server must ask for SCRAM.  Not on our own Unix socket: it is in a private
         # directory of our data directory (nobody can stand in for the server there), and pg_hba
         # trusts the superuser on it (a restored cluster's roles still have the source's passwords).
+        # No verify-full here even with TLS: this is the node's own server, reached on its listen
+        # address (127.0.0.1 for a wildcard), which its certificate need not name.
         **({} if host.startswith("/") else client_auth_options()),
     )
     kw: dict[str, Any] = {

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hakeeper.core.config import ParamValue
+from hakeeper.core.config import ParamValue, PostgresTls
 from hakeeper.core.lsn import format_lsn
 from hakeeper.core.pgtypes import LocalState, ReplicaInfo, Role, Upstream, hostport
 from hakeeper.pg.errors import PgError
@@ -120,8 +120,9 @@ class World:
         password: str | None,
         lsn: int | None,
         timeout: float,
+        tls: PostgresTls | None = None,
     ) -> bool:
-        """:func:`hakeeper.pg.remote.wait_received` in this world: whether the standby has
+        """:func:`hakeeper.pg.remote.wait_received` in this world (no TLS in it): whether the standby has
         received WAL past ``lsn``.  It answers at once: nothing ships while nobody looks."""
         standby = self.at(host, port)
         if lsn is None or standby is None or not standby.running:

@@ -61,6 +61,7 @@ async def switchover(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision
         password=secret_value(pgc.superuser.password),
         lsn=final_lsn,
         timeout=max(5.0, view.config.ttl),
+        tls=pgc.tls,
     )
     plan = plan_handover_result(caught_up, sw.force)
     if not plan.hand_over:
