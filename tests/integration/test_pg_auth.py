@@ -30,15 +30,6 @@ REPL_PW = "repl-Secret-0815"
 FOREIGN_SOURCE = "127.0.0.2"
 
 
-@pytest.fixture
-async def area() -> AsyncIterator[PgArea]:
-    a = PgArea()
-    try:
-        yield a
-    finally:
-        a.cleanup()
-
-
 def node(area: PgArea, name: str) -> Postgres:
     (port,) = free_ports(1)
     cfg = area.node_config(

@@ -25,15 +25,6 @@ PARAMS: dict[str, ParamValue] = {**DynamicConfig().cluster_parameters(), **DEFAU
 
 
 @pytest.fixture
-async def area() -> AsyncIterator[PgArea]:
-    a = PgArea()
-    try:
-        yield a
-    finally:
-        a.cleanup()
-
-
-@pytest.fixture
 async def nodes(area: PgArea) -> AsyncIterator[list[Postgres]]:
     """Postgres objects created by a test; their connections are closed afterwards (the
     postmasters are killed by PID in the ``area`` cleanup)."""

@@ -9,7 +9,6 @@ by 127.0.0.2 through a forwarder that binds that source address (libpq cannot ch
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
@@ -32,15 +31,6 @@ PARAMS: dict[str, ParamValue] = {**DynamicConfig().cluster_parameters(), **DEFAU
 SU_PW = "su-Secret-4711"
 REPL_PW = "repl-Secret-0815"
 MEMBER_SOURCE = "127.0.0.2"
-
-
-@pytest.fixture
-async def area() -> AsyncIterator[PgArea]:
-    a = PgArea()
-    try:
-        yield a
-    finally:
-        a.cleanup()
 
 
 def certificates(area: PgArea) -> TlsFiles:

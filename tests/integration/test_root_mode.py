@@ -12,7 +12,6 @@ import asyncio
 import os
 import stat
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -60,15 +59,6 @@ class Victims:
 
     def unchanged(self) -> bool:
         return self._facts() == self.before
-
-
-@pytest.fixture
-async def area() -> AsyncIterator[PgArea]:
-    a = PgArea()
-    try:
-        yield a
-    finally:
-        a.cleanup()
 
 
 def as_postgres(ra: RunAs, *argv: str) -> None:
