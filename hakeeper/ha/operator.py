@@ -110,9 +110,12 @@ class Operator:
             return
         probe = await self.ctx.pg.probe()
         if probe.in_recovery is None:
+            # The node's state, not a fault of the agent (e.g. PostgreSQL still starting up after
+            # a previous reinitialize): a conflict the caller may retry once the server answers.
             raise Refused(
-                RefusalKind.UNAVAILABLE,
-                f"postgres runs but whether it is a primary cannot be told ({probe.error or 'no answer'})",
+                RefusalKind.CONFLICT,
+                f"postgres runs but whether it is a primary cannot be told ({probe.error or 'no answer'}); "
+                "nothing was removed: try again once it answers",
             )
         if not probe.in_recovery:
             raise Refused(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hakeeper.core.errors import RefusalKind, Refused
+from hakeeper.core.pgtypes import LocalState
 from tests.support.sim import Sim
 from tests.unit.ha.test_replica_actions import move_leadership_to_b
 
@@ -49,3 +50,22 @@ async def test_reinitialize_clones_a_replica_again_and_clears_a_hold(cluster: Si
     assert answer == "reinitialized from a"
     assert c.node.state.held is None and c.pg.system_id == old == cluster["a"].pg.system_id
     assert c.pg.upstream_primary() is cluster["a"].pg
+
+
+async def test_reinitialize_refuses_while_the_local_server_cannot_say_what_it_is(
+    cluster: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running but not answering (e.g. still starting up after a previous reinitialize): nothing
+    is removed, and the answer is a conflict the caller may retry, not a server error."""
+    c = cluster["c"]
+    system_id = c.pg.system_id
+
+    async def starting_up(*, timeout: float = 2.0) -> LocalState:
+        return LocalState(True, None, None, None, None, None, None, (), "the database system is starting up")
+
+    monkeypatch.setattr(c.pg, "probe", starting_up)
+    with pytest.raises(Refused) as e:
+        await c.node.operator.reinitialize()
+
+    assert e.value.kind is RefusalKind.CONFLICT and "starting up" in e.value.message
+    assert c.pg.running and c.pg.is_initialized() and c.pg.system_id == system_id
