@@ -195,6 +195,11 @@ class ChaosCluster(LocalCluster):
         # No replication line: the agents admit replication from the members' published
         # addresses themselves, which the runs thereby exercise across namespaces.
         cfg["postgresql"]["pg_hba"] = [f"host all all {net} scram-sha-256"]
+        # The runs check that every node comes back on its own.  Since the default became
+        # false (Patroni's: a failed rewind waits for an operator), a former primary whose WAL
+        # went past the fork point (e.g. SIGSTOPped for 3 x ttl) would wait for 'hakeeper
+        # reinit'; here its directory is moved aside and it is cloned again.
+        cfg["postgresql"]["remove_data_directory_on_rewind_failure"] = True
         return cfg
 
     def agent_argv(self, name: str) -> list[str]:
