@@ -20,14 +20,16 @@ import fcntl
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from hakeeper import __version__
 from hakeeper.api.server import ApiServer
 from hakeeper.backup.hooks import AgentBackup
 from hakeeper.core.cluster import ClusterView
-from hakeeper.core.config import NodeConfig
+from hakeeper.core.config import ConfigError, NodeConfig
+from hakeeper.core.config_diff import POLICY, ConfigDiff, Rule, diff
+from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import EtcdClient, EtcdError
 from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
@@ -83,10 +85,14 @@ class Node:
         pg: Postgres | None = None,
         fence: FenceClient | None = None,
         lease_record: LeaseRecord | None = None,
+        reread: Callable[[], NodeConfig] | None = None,
     ) -> None:
         """``client``, ``pg``, ``fence`` and ``lease_record`` are built from ``cfg`` unless given:
-        the unit tests run this same wiring over in-memory fakes (tests/support/sim.py)."""
+        the unit tests run this same wiring over in-memory fakes (tests/support/sim.py).
+        ``reread``: load the node file again with every check (raises ConfigError), for reload
+        and SIGHUP; None: the agent has no file to re-read."""
         self.cfg = cfg
+        self.reread = reread
         data_dir = cfg.postgresql.data_dir
         self.runtime_dir = data_dir.parent / f".{data_dir.name}.hakeeper"
         self.metrics = HaMetrics()
@@ -142,7 +148,9 @@ class Node:
             publish=lambda view: self.loop.publish_member(view),
         )
         self.loop = HaLoop(self.ctx, self.mirror, identity, self.action_lock)
-        self.operator = Operator(self.ctx, self.action_lock, observe=self.loop.observe)
+        self.operator = Operator(
+            self.ctx, self.action_lock, observe=self.loop.observe, reconfigure=self.reconfigure
+        )
         self.snapshots = SnapshotSource(
             cfg,
             identity,
@@ -153,6 +161,11 @@ class Node:
         )
         self.metrics.add_refresher(self.backup.refresh_metrics)
         self._lock_fd: int | None = None
+        self.api: ApiServer | None = None
+        self._tg: asyncio.TaskGroup | None = None  # while the agent runs: backup tasks a reload starts
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = asyncio.Event()
+        self._signal_tasks: set[asyncio.Task[None]] = set()
 
     def _backup(self) -> BackupHooks:
         b = self.cfg.backup
@@ -211,12 +224,15 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.loop.stopping.set)
+        # `systemctl reload` (ExecReload) and `kill -HUP`: the same reload as POST /reload
+        # (SIGHUP's default action would end the agent)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         if not await self._check_identity():
             await self.client.close()
             return 0
         await inspect_data_dir(self.ctx)
         await self.backup.prepare()
-        api = ApiServer(
+        self.api = api = ApiServer(
             self.cfg.api,
             snapshot=self.snapshots.snapshot,
             store=self.store,
@@ -236,16 +252,19 @@ class Node:
         lasting = [asyncio.create_task(c, name="archiver") for c in self.backup.lasting_tasks()]
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [
+                self._tg = tg
+                self._tasks = [
                     tg.create_task(self.mirror.run(), name="mirror"),
                     tg.create_task(self.lease.run(), name="lease"),
                     tg.create_task(self.guard.watch(lambda: fenced(self.ctx)), name="fence"),
                     tg.create_task(self.loop.run(), name="loop"),
                 ]
-                tasks += [tg.create_task(_contained(c)) for c in self.backup.tasks()]
+                self._start_backup_tasks(self.backup.tasks())
+                self._running.set()
                 await self.loop.stopping.wait()
                 log.info("agent_stopping")
-                for t in tasks:
+                self._tg = None
+                for t in [*self._tasks, *self._signal_tasks]:
                     t.cancel()
         finally:
             await self.shutdown()  # the archiver still answers archive_command while PG stops
@@ -256,6 +275,76 @@ class Node:
             await self.backup.close()
             await api.stop()
         return 0
+
+    def _start_backup_tasks(self, work: Sequence[Coroutine[Any, Any, None]]) -> None:
+        if self._tg is None:  # stopping: nothing new starts
+            for c in work:
+                c.close()
+            return
+        self._tasks += [self._tg.create_task(_contained(c)) for c in work]
+
+    # -- reload (POST /reload, SIGHUP) ---------------------------------------------------------------
+
+    def _sighup(self) -> None:
+        log.info("reload_signalled", signal="SIGHUP")
+        task = asyncio.create_task(self._reload_on_signal(), name="sighup-reload")
+        self._signal_tasks.add(task)
+        task.add_done_callback(self._signal_tasks.discard)
+
+    async def _reload_on_signal(self) -> None:
+        await self._running.wait()  # a SIGHUP while the agent starts is applied once it runs
+        try:
+            await self.operator.reload()  # logs reload_done, or reload_refused with the reason
+        except Refused:
+            pass
+
+    async def reconfigure(self) -> ConfigDiff:
+        """Re-read the node file and apply what may change at run time (the operator calls this
+        under the action lock).  An invalid file, or one that changes a field only a restart can
+        (:mod:`hakeeper.core.config_diff`), raises :class:`Refused` and nothing is applied."""
+        if self.reread is None:
+            return ConfigDiff(())
+        try:
+            new = await asyncio.to_thread(self.reread)
+        except ConfigError as e:
+            raise Refused(
+                RefusalKind.INVALID,
+                f"{e.source} is invalid; nothing was changed: "
+                + "; ".join(f"{field}: {msg}" for field, msg in e.errors),
+                errors=[{"field": field, "message": msg} for field, msg in e.errors],
+            ) from None
+        d = diff(self.cfg, new)
+        if d.refused:
+            raise Refused(
+                RefusalKind.CONFLICT,
+                f"nothing was changed: {d.refusal()} (restart the agent to apply the file)",
+                errors=[
+                    {"field": c.field, "message": f"cannot change at run time: {c.why}"} for c in d.refused
+                ],
+            )
+        if d.changes:
+            self._apply(new, d)
+        return d
+
+    def _apply(self, new: NodeConfig, d: ConfigDiff) -> None:
+        """Take the changed run-time fields of ``new`` into the one NodeConfig every component
+        holds (Ctx, PgConfigurator, Postgres, ApiServer, AgentBackup read it where they use it),
+        then refresh what was derived from them at start."""
+        register_secrets(secrets_of(new))
+        for path, decision in POLICY.items():
+            if decision.rule == Rule.RUNTIME and d.touches(path):
+                _take(self.cfg, new, path)
+        if d.touches("log"):
+            setup_logging(self.cfg.log.format, self.cfg.log.level)
+        if d.touches("tags"):
+            identity = identity_of(self.cfg)
+            self.loop.identity = identity
+            self.snapshots.retag(identity)
+        if d.touches("api") and self.api is not None:
+            self.api.reauthenticate()
+        if d.touches("backup"):
+            self._start_backup_tasks(self.backup.reconfigure())
+        log.info("config_reloaded", changes=[c.describe() for c in d.changes])
 
     async def _check_identity(self) -> bool:
         """Before PostgreSQL is started or anything is written under our name: refuse to start
@@ -292,10 +381,10 @@ class Node:
         log.info("agent_stopped")
 
 
-async def run_agent(cfg: NodeConfig) -> int:
+async def run_agent(cfg: NodeConfig, reread: Callable[[], NodeConfig] | None = None) -> int:
     setup_logging(cfg.log.format, cfg.log.level)
     register_secrets(secrets_of(cfg))  # no configured secret in any log line, whatever the text
-    node = Node(cfg)
+    node = Node(cfg, reread=reread)
     try:
         return await node.run()
     except SystemExit as e:
@@ -314,3 +403,18 @@ async def _contained(work: Coroutine[Any, Any, None]) -> None:
         await work
     except Exception:
         log.exception("backup_task_crashed", task=getattr(work, "__qualname__", repr(work)))
+
+
+def _take(cfg: NodeConfig, new: NodeConfig, path: str) -> None:
+    """Set the field at ``path`` (dotted) of ``cfg`` to ``new``'s value, in the model object
+    that already holds it (components keep references to the sections).  Written past
+    pydantic's assignment check on purpose: ``new`` was validated as a whole, and checking
+    field by field would judge mixtures of old and new (a username without its password)."""
+    *parents, field = path.split(".")
+    _walk(cfg, parents).__dict__[field] = getattr(_walk(new, parents), field)
+
+
+def _walk(model: Any, parts: list[str]) -> Any:
+    for part in parts:
+        model = getattr(model, part)
+    return model

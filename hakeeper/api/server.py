@@ -205,6 +205,12 @@ class ApiServer:
         app.on_response_prepare.append(self._headers)
         self.app = app
 
+    def reauthenticate(self) -> None:
+        """A reload changed the credentials or the allowlist in ``cfg``: the next request is
+        checked against them (failure counts are kept: a reload is no way around a block)."""
+        self.auth = Authenticator(self.cfg, throttle=self.auth.throttle)
+        log.info("api_credentials_reloaded", mutating_api="enabled" if self.auth.configured else "disabled")
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:

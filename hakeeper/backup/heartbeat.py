@@ -68,7 +68,7 @@ class Heartbeat:
     async def run(self) -> None:
         log.info("heartbeat_started", interval=self.interval, table="hakeeper.heartbeat")
         try:
-            while True:
+            while self.interval > 0:  # a reload that turns the heartbeat off sets 0
                 try:
                     term = self.term()
                     if term is not None:

@@ -142,27 +142,57 @@ class AgentBackup:
                 registry=registry,
                 node=cfg.name,
             )
+        self._registry, self._view, self._refusal, self._term = registry, view, refusal, term
         schedules = b.effective_schedules()
-        self.scheduler: ScheduleRunner | None = None
-        if schedules:
-            self.scheduler = ScheduleRunner(
-                cfg=cfg,
-                schedules=schedules,
-                client=client,
-                lookup=lookup,
-                view=view,
-                refusal=refusal,
-                registry=registry,
-            )
-        self.heartbeat: Heartbeat | None = None
-        if b.repositories and b.heartbeat_interval > 0:
-            self.heartbeat = Heartbeat(
-                node=cfg.name,
-                endpoint=Endpoint(cfg.name, pg.session.host, pg.port),
-                superuser=cfg.postgresql.superuser,
-                interval=b.heartbeat_interval,
-                term=term,
-            )
+        self.scheduler: ScheduleRunner | None = self._scheduler() if schedules else None
+        self.heartbeat: Heartbeat | None = self._heartbeat()
+
+    def _scheduler(self) -> ScheduleRunner:
+        return ScheduleRunner(
+            cfg=self.cfg,
+            schedules=self.cfg.backup.effective_schedules(),
+            client=self.client,
+            lookup=self.lookup,
+            view=self._view,
+            refusal=self._refusal,
+            registry=self._registry,
+        )
+
+    def _heartbeat(self) -> Heartbeat | None:
+        b, cfg, pg = self.cfg.backup, self.cfg, self.pg
+        if not b.repositories or b.heartbeat_interval <= 0:
+            return None
+        return Heartbeat(
+            node=cfg.name,
+            endpoint=Endpoint(cfg.name, pg.session.host, pg.port),
+            superuser=cfg.postgresql.superuser,
+            interval=b.heartbeat_interval,
+            term=self._term,
+        )
+
+    def reconfigure(self) -> Sequence[Coroutine[Any, Any, None]]:
+        """``cfg.backup`` was replaced by a reload (repositories and archive settings unchanged:
+        a reload refuses to change those).  The scheduler plans from the new schedules (a job
+        that runs goes on); the heartbeat follows the new interval.  Returns tasks to start."""
+        start: list[Coroutine[Any, Any, None]] = []
+        schedules = self.cfg.backup.effective_schedules()
+        if self.scheduler is not None:
+            self.scheduler.schedules = schedules
+        elif schedules:
+            # the first schedules of this agent: its gauges are registered for the first time
+            self.scheduler = self._scheduler()
+            start.append(self.scheduler.run())
+        interval = self.cfg.backup.heartbeat_interval
+        if self.heartbeat is not None and interval > 0:
+            self.heartbeat.interval = interval
+        elif self.heartbeat is not None:
+            self.heartbeat.interval = 0  # its loop ends after the current sleep
+            self.heartbeat = None
+        else:
+            self.heartbeat = self._heartbeat()
+            if self.heartbeat is not None:
+                start.append(self.heartbeat.run())
+        return start
 
     # -- archiving --------------------------------------------------------------------------------
 

@@ -42,29 +42,35 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def load_or_exit(path: Path) -> NodeConfig:
     try:
-        cfg = load_node_config(path)
-        # encryption keys are part of the configuration; core cannot read them (it is below
-        # the backup layer that knows the key formats), so they are checked here -- importing
-        # the backup layer (and the cipher library) only when a repository is encrypted
-        if any(r.encryption is not None for r in cfg.backup.repositories):
-            from hakeeper.backup.repos import key_errors
-
-            bad_keys = key_errors(cfg.backup.repositories)
-            if bad_keys:
-                raise ConfigError(str(path), bad_keys)
-        # Likewise PostgreSQL's TLS files: core does no I/O, so they are checked here, before
-        # the agent starts a PostgreSQL that would fail on them (or serve a key others can read).
-        if cfg.postgresql.tls is not None:
-            from hakeeper.pg.files import tls_file_errors
-
-            bad_tls = tls_file_errors(cfg.postgresql.tls)
-            if bad_tls:
-                raise ConfigError(str(path), bad_tls)
-        return cfg
+        return load_checked(path)
     except ConfigError as e:
         for field, msg in e.errors:
             err.print(f"{e.source}: {field}: {msg}", markup=False)
         raise typer.Exit(2) from None
+
+
+def load_checked(path: Path) -> NodeConfig:
+    """The node file with every check the agent starts with (raises :class:`ConfigError`): also
+    what a running agent re-reads on `hakeeper reload` and SIGHUP."""
+    cfg = load_node_config(path)
+    # encryption keys are part of the configuration; core cannot read them (it is below
+    # the backup layer that knows the key formats), so they are checked here -- importing
+    # the backup layer (and the cipher library) only when a repository is encrypted
+    if any(r.encryption is not None for r in cfg.backup.repositories):
+        from hakeeper.backup.repos import key_errors
+
+        bad_keys = key_errors(cfg.backup.repositories)
+        if bad_keys:
+            raise ConfigError(str(path), bad_keys)
+    # Likewise PostgreSQL's TLS files: core does no I/O, so they are checked here, before
+    # the agent starts a PostgreSQL that would fail on them (or serve a key others can read).
+    if cfg.postgresql.tls is not None:
+        from hakeeper.pg.files import tls_file_errors
+
+        bad_tls = tls_file_errors(cfg.postgresql.tls)
+        if bad_tls:
+            raise ConfigError(str(path), bad_tls)
+    return cfg
 
 
 @config_app.command("validate")
@@ -88,7 +94,8 @@ def agent(config: ConfigOpt) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     try:
-        code = asyncio.run(run_agent(cfg))
+        # reload and SIGHUP re-read the file with the same checks as here
+        code = asyncio.run(run_agent(cfg, reread=lambda: load_checked(config)))
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)

@@ -1,6 +1,6 @@
 """Operator: the actions an operator asks of this node through the API (restart, reinitialize,
-reload).  Each runs under the HA loop's action lock, so it never interleaves with a cycle, and
-refuses with a :class:`~hakeeper.core.errors.Refused` that says why."""
+reload; reload also on SIGHUP).  Each runs under the HA loop's action lock, so it never
+interleaves with a cycle, and refuses with a :class:`~hakeeper.core.errors.Refused` that says why."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from hakeeper.core.cluster import ClusterView, MemberState
+from hakeeper.core.config_diff import ConfigDiff
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.pgtypes import Role
 from hakeeper.dcs.etcd import EtcdError
@@ -29,10 +30,14 @@ class Operator:
         ctx: Ctx,
         action_lock: asyncio.Lock,
         observe: Callable[[ClusterView], Awaitable[LocalFacts]],
+        reconfigure: Callable[[], Awaitable[ConfigDiff]],
     ) -> None:
+        """``reconfigure``: re-read the node file and apply what may change at run time, or
+        raise :class:`Refused` having applied nothing (the composition root's, hakeeper/node.py)."""
         self.ctx = ctx
         self.action_lock = action_lock
         self.observe = observe
+        self.reconfigure = reconfigure
 
     async def _run(self, what: str, action: Callable[[], Awaitable[str]]) -> str:
         async with self.action_lock:
@@ -123,16 +128,41 @@ class Operator:
             )
 
     async def reload(self) -> str:
-        """Rewrite the configuration files from the current dynamic config and reload PostgreSQL."""
+        """Re-read the node file and apply what may change at run time (all or nothing), then
+        rewrite PostgreSQL's files and reload it.  The API's POST /reload and SIGHUP both come
+        here, under the action lock."""
         return await self._run("reload", self._reload)
 
     async def _reload(self) -> str:
         ctx = self.ctx
-        if not ctx.pg.is_running():
-            raise Refused(RefusalKind.CONFLICT, "postgres is not running")
-        probe = await ctx.pg.probe()
-        role = Role.REPLICA if probe.in_recovery else Role.PRIMARY
-        await ctx.pgconf.write(ctx.state.config, role, ctx.state.upstream if role == Role.REPLICA else None)
-        await ctx.pg.reload()
-        log.info("reload_done", role=role.value)
-        return "configuration reloaded"
+        try:
+            d = await self.reconfigure()
+        except Refused as e:
+            # the agent goes on with the configuration it has; nothing of the file was applied
+            log.warning("reload_refused", reason=e.message, errors=e.facts.get("errors"))
+            raise
+        said = f"reloaded: {d.summary()}" if d.changes else "no change in the node file"
+        if d.touches("tags"):
+            await ctx.publish(ctx.state.view)  # the member record shows the new tags at once
+        if ctx.pg.is_running():
+            probe = await ctx.pg.probe()
+            role = Role.REPLICA if probe.in_recovery else Role.PRIMARY
+            await ctx.pgconf.write(
+                ctx.state.config, role, ctx.state.upstream if role == Role.REPLICA else None
+            )
+            await ctx.pg.reload()
+            pending = await ctx.pgconf.pending_restart()
+            pg_said = "PostgreSQL reloaded" + (
+                f" (pending restart: {', '.join(pending)}; `hakeeper restart` applies it)" if pending else ""
+            )
+        else:
+            role, pending = None, []
+            pg_said = "PostgreSQL is not running: its files are written when it starts"
+        ctx.wake.set()  # the next cycle decides with the new tags
+        log.info(
+            "reload_done",
+            changes=[c.describe() for c in d.changes],
+            role=None if role is None else role.value,
+            pending_restart=pending,
+        )
+        return f"{said}. {pg_said}."

@@ -115,13 +115,16 @@ class PgConfigurator:
         role = self.current_role()
         await self.write(dyn, role, self.state.upstream if role == Role.REPLICA else None)
         await self.pg.reload()
-        pending = []
+        log.info("parameters_applied", changed=changed, pending_restart=await self.pending_restart())
+
+    async def pending_restart(self) -> list[str]:
+        """Parameters PostgreSQL has read but applies only at its next start (empty when it
+        cannot be asked)."""
         try:
             rows = await self.pg.session.execute("SELECT name FROM pg_settings WHERE pending_restart")
-            pending = [str(r[0]) for r in rows]
         except PgError:
-            pass
-        log.info("parameters_applied", changed=changed, pending_restart=pending)
+            return []
+        return sorted(str(r[0]) for r in rows)
 
     async def wake_checkpointer(self) -> None:
         """Once per postmaster, when it is first seen out of recovery: pg_reload_conf().  Since

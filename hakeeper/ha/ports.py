@@ -52,6 +52,11 @@ class BackupHooks(Protocol):
         """Tasks that outlive PostgreSQL's stop (the archiver answers archive_command until then)."""
         ...
 
+    def reconfigure(self) -> Sequence[Coroutine[Any, Any, None]]:
+        """The node file's backup section was reloaded: follow it; returns new tasks to start
+        beside the HA loop (a reload never changes repositories or archiving)."""
+        ...
+
     def after_promotion(self, timeline: int | None) -> None: ...
 
     def seeds_replicas(self) -> bool:
@@ -103,6 +108,9 @@ class NoBackup:
         return ()
 
     def lasting_tasks(self) -> Sequence[Coroutine[Any, Any, None]]:
+        return ()
+
+    def reconfigure(self) -> Sequence[Coroutine[Any, Any, None]]:
         return ()
 
     def after_promotion(self, timeline: int | None) -> None:

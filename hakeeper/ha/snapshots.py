@@ -42,6 +42,12 @@ class SnapshotSource:
             None
         )
 
+    def retag(self, identity: Identity) -> None:
+        """A reload changed this node's tags: the next snapshot and member record show them."""
+        self.identity = identity
+        self._tags = self.cfg.tags.model_dump()
+        self._member = None
+
     def member(self) -> Member:
         """This node's member record, rebuilt only when what it is made of changed (a new probe,
         another activity, a new view): health checks stay cheap."""

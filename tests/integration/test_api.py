@@ -390,7 +390,8 @@ def test_restart_and_reload_on_a_replica(cluster: LocalCluster) -> None:
     assert c.postmaster_pid(rep) != pid
     wait_for(lambda: call(url + "/replica").status == 200, 30, "replica again")
     a = call(url + "/reload", "POST", {}, basic("hakeeper", c.api_password))
-    assert a.status == 200 and a.json()["message"]
+    # the node file was re-read (unchanged) and PostgreSQL reloaded
+    assert a.status == 200 and a.json() == {"message": "no change in the node file. PostgreSQL reloaded."}
     a = call(c.nodes[prim].api_url + "/reinitialize", "POST", {}, bearer(c))
     assert a.status == 409 and "leader" in a.json()["error"]
 

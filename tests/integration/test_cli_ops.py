@@ -332,6 +332,7 @@ def test_reload_and_restart_a_replica(api: LocalCluster) -> None:
     replica = next(n for n in api.names if n != leader)
     res = hk(api, "reload", replica)
     assert res.returncode == 0, res.stderr
+    assert "no change in the node file. PostgreSQL reloaded." in res.stdout  # re-read, unchanged
     res = hk(api, "restart", replica, "--force")
     assert res.returncode == 0, res.stderr
     api.wait_ready(120)
