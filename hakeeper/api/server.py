@@ -39,7 +39,7 @@ from hakeeper.api import health as h
 from hakeeper.api import status
 from hakeeper.api.auth import Authenticator, server_ssl_context
 from hakeeper.api.connections import KEEPALIVE_IDLE, Admission, Connection, Refuse
-from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
+from hakeeper.api.models import EmptyBody, FailoverBody, MemberBody, SwitchoverBody
 from hakeeper.core.config import ApiConfig
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.dcs.etcd import EtcdError
@@ -58,6 +58,7 @@ MAX_OPERATION_WAIT = 120.0  # cap on waiting for a switchover/failover to comple
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 B = TypeVar("B", bound=BaseModel)
+T = TypeVar("T")
 
 # The HTTP status of each kind of refusal (hakeeper.core.errors): the only place that knows.
 REFUSAL_STATUS: dict[RefusalKind, int] = {
@@ -201,6 +202,8 @@ class ApiServer:
         r.add_post("/failover", self._mutating(self.failover))
         r.add_post("/restart", self._mutating(self.restart))
         r.add_post("/reinitialize", self._mutating(self.reinitialize))
+        r.add_get("/reinitialize", self.reinit_status)
+        r.add_get("/reinitialize/{id}", self.reinit_status)
         r.add_post("/reload", self._mutating(self.reload))
         app.on_response_prepare.append(self._headers)
         self.app = app
@@ -438,9 +441,9 @@ class ApiServer:
         except ValidationError as e:
             raise ApiError(400, "invalid request body", errors=_validation_errors(e)) from None
 
-    async def _shielded(self, coro: Awaitable[str]) -> str:
+    async def _shielded(self, coro: Awaitable[T]) -> T:
         """Run an operator action to its end even if the client goes away."""
-        task: asyncio.Task[str] = asyncio.ensure_future(coro)
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
@@ -491,7 +494,9 @@ class ApiServer:
     async def failover(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, FailoverBody)
         store = self.store
-        sw = await requests.request_failover(store, candidate=body.candidate, force=body.force)
+        sw = await requests.request_failover(
+            store, candidate=body.candidate, allow_data_loss=body.allow_data_loss
+        )
         budget = self._wait_budget()
         new = await requests.wait_for_new_leader(
             store, old_leader=sw.leader, candidate=body.candidate, timeout=budget
@@ -506,15 +511,27 @@ class ApiServer:
         return json_response({"message": f"failed over to {new}", "leader": new})
 
     async def restart(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
+        check_target(await self._body(request, MemberBody), self.snapshot().name, request)
         return json_response({"message": await self._shielded(self.operator.restart())})
 
     async def reinitialize(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.operator.reinitialize())})
+        check_target(await self._body(request, MemberBody), self.snapshot().name, request)
+        job = await self._shielded(self.operator.reinitialize())
+        doc = {"message": f"reinitialize of {job.member} from {job.source} started", **job.doc()}
+        return json_response(doc, 202, headers={"Location": f"/reinitialize/{job.id}"})
+
+    async def reinit_status(self, request: web.Request) -> web.StreamResponse:
+        """The running or last reinitialize (``/reinitialize/<id>``: that one, if it is it)."""
+        job = self.operator.reinit_status()
+        wanted = request.match_info.get("id")
+        if job is None or (wanted is not None and wanted != job.id):
+            what = "no reinitialize has run" if wanted is None else f"no reinitialize {wanted} is known"
+            raise ApiError(404, f"{what} on this agent since it started (it keeps the last one only)")
+        # error texts (pg_basebackup's) go out masked, as in /status
+        return json_response(redact_values(job.doc()))
 
     async def reload(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
+        check_target(await self._body(request, MemberBody), self.snapshot().name, request)
         return json_response({"message": await self._shielded(self.operator.reload())})
 
     async def patch_config(self, request: web.Request) -> web.StreamResponse:
@@ -527,6 +544,18 @@ class ApiServer:
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
         )
+
+
+def check_target(body: MemberBody, me: str, request: web.Request) -> None:
+    """A per-member action is refused (421, logged) unless its body names this member ``me``:
+    the client meant another agent and reached this one (e.g. through a loopback ``api_url``)."""
+    if body.member == me:
+        return
+    reason = f"misdirected: this is {me}, not {body.member}; nothing was done"
+    log.warning(
+        "api_request_misdirected", path=request.path, remote=request.remote, meant=body.member, reason=reason
+    )
+    raise ApiError(421, reason, member=me)
 
 
 def require_json(content_type: str | None) -> None:
