@@ -371,6 +371,7 @@ class Node:
         return False
 
     async def shutdown(self) -> None:
+        await self.operator.close()  # a reinitialize in the background ends before PG stops
         view = self.loop.view() if self.mirror.synced else self.state.view
         await stop_postgres(self.ctx)
         self.fence.stop()

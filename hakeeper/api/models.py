@@ -26,8 +26,18 @@ class SwitchoverBody(_Body):
 
 class FailoverBody(_Body):
     candidate: str = Field(min_length=1, max_length=NAME_MAX, description="Member to promote.")
-    force: StrictBool = Field(False, description="Promote even an ineligible candidate (may lose data).")
+    allow_data_loss: StrictBool = Field(
+        False, description="Promote even an ineligible candidate: writes it has not received are lost."
+    )
+
+
+class MemberBody(_Body):
+    """POST /restart, /reinitialize, /reload: the member the request is meant for.  Required: an
+    agent acts only on a request that names it (a request that reached the wrong agent, e.g.
+    through a loopback ``api_url``, must not act there)."""
+
+    member: str = Field(min_length=1, max_length=NAME_MAX, description="The member meant (checked).")
 
 
 class EmptyBody(_Body):
-    """POST /restart, /reinitialize, /reload take no parameters (an empty body or ``{}``)."""
+    """DELETE /switchover takes no parameters (an empty body or ``{}``)."""

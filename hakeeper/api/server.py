@@ -39,7 +39,9 @@ from hakeeper.api import health as h
 from hakeeper.api import status
 from hakeeper.api.auth import Authenticator, server_ssl_context
 from hakeeper.api.connections import KEEPALIVE_IDLE, Admission, Connection, Refuse
+from hakeeper.api.member_routes import MemberRoutes
 from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
+from hakeeper.api.responses import JSON, ApiError, json_response
 from hakeeper.core.config import ApiConfig
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.dcs.etcd import EtcdError
@@ -51,13 +53,13 @@ from hakeeper.util.log import get_logger, redact_values
 
 log = get_logger("hakeeper.api")
 
-JSON = "application/json"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_BODY = 64 * 1024
 MAX_OPERATION_WAIT = 120.0  # cap on waiting for a switchover/failover to complete (s)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 B = TypeVar("B", bound=BaseModel)
+T = TypeVar("T")
 
 # The HTTP status of each kind of refusal (hakeeper.core.errors): the only place that knows.
 REFUSAL_STATUS: dict[RefusalKind, int] = {
@@ -69,27 +71,9 @@ REFUSAL_STATUS: dict[RefusalKind, int] = {
 }
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **facts: Any):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-        self.facts = facts
-
-
 def refusal_response(refused: Refused) -> web.Response:
     """The answer to a refused request: the kind's HTTP status, ``{"error": message, **facts}``."""
     return error_response(REFUSAL_STATUS[refused.kind], refused.message, **refused.facts)
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=json.dumps(body, separators=(",", ":"), default=str).encode(),
-        status=status,
-        content_type=JSON,
-        headers=headers,
-    )
 
 
 # What an error text may say about where etcd is: nothing (unauthenticated GETs answer with
@@ -199,9 +183,12 @@ class ApiServer:
         r.add_post("/switchover", self._mutating(self.switchover))
         r.add_delete("/switchover", self._mutating(self.cancel_switchover))
         r.add_post("/failover", self._mutating(self.failover))
-        r.add_post("/restart", self._mutating(self.restart))
-        r.add_post("/reinitialize", self._mutating(self.reinitialize))
-        r.add_post("/reload", self._mutating(self.reload))
+        self.member_routes = MemberRoutes(self)
+        r.add_post("/restart", self._mutating(self.member_routes.restart))
+        r.add_post("/reinitialize", self._mutating(self.member_routes.reinitialize))
+        r.add_get("/reinitialize", self.member_routes.reinit_status)
+        r.add_get("/reinitialize/{id}", self.member_routes.reinit_status)
+        r.add_post("/reload", self._mutating(self.member_routes.reload))
         app.on_response_prepare.append(self._headers)
         self.app = app
 
@@ -435,7 +422,7 @@ class ApiServer:
         except TimeoutError:
             raise ApiError(408, f"request body not received within {self.cfg.request_timeout}s") from None
 
-    async def _body(self, request: web.Request, model: type[B]) -> B:
+    async def body(self, request: web.Request, model: type[B]) -> B:
         raw = await self._read(request)
         if not raw.strip():
             raw = b"{}"
@@ -444,9 +431,9 @@ class ApiServer:
         except ValidationError as e:
             raise ApiError(400, "invalid request body", errors=_validation_errors(e)) from None
 
-    async def _shielded(self, coro: Awaitable[str]) -> str:
+    async def shielded(self, coro: Awaitable[T]) -> T:
         """Run an operator action to its end even if the client goes away."""
-        task: asyncio.Task[str] = asyncio.ensure_future(coro)
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
@@ -455,7 +442,7 @@ class ApiServer:
         return min(self.snapshot().view.config.switchover_timeout, MAX_OPERATION_WAIT) + 5.0
 
     async def switchover(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request, SwitchoverBody)
+        body = await self.body(request, SwitchoverBody)
         when: float | None = None
         if body.scheduled_at is not None:
             try:
@@ -488,16 +475,18 @@ class ApiServer:
         return json_response({"message": f"switched over to {new}", "leader": new})
 
     async def cancel_switchover(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
+        await self.body(request, EmptyBody)
         sw = await requests.cancel_switchover(self.store)
         return json_response(
             {"message": f"{sw.kind.value} cancelled", "switchover": status.switchover_doc(sw)}
         )
 
     async def failover(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request, FailoverBody)
+        body = await self.body(request, FailoverBody)
         store = self.store
-        sw = await requests.request_failover(store, candidate=body.candidate, force=body.force)
+        sw = await requests.request_failover(
+            store, candidate=body.candidate, allow_data_loss=body.allow_data_loss
+        )
         budget = self._wait_budget()
         new = await requests.wait_for_new_leader(
             store, old_leader=sw.leader, candidate=body.candidate, timeout=budget
@@ -510,18 +499,6 @@ class ApiServer:
                 candidate=body.candidate,
             )
         return json_response({"message": f"failed over to {new}", "leader": new})
-
-    async def restart(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.operator.restart())})
-
-    async def reinitialize(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.operator.reinitialize())})
-
-    async def reload(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.operator.reload())})
 
     async def patch_config(self, request: web.Request) -> web.StreamResponse:
         expected = parse_if_match(request.headers.get("If-Match"))

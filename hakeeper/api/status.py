@@ -29,7 +29,7 @@ def switchover_doc(sw: Switchover | None) -> dict[str, Any] | None:
         "candidate": sw.candidate,
         "requested_at": iso(sw.requested_at),
         "scheduled_at": iso(sw.scheduled_at),
-        "force": sw.force,
+        "allow_data_loss": sw.force,
         "stage": sw.stage.value,
     }
 

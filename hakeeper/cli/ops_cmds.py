@@ -622,13 +622,13 @@ def failover(
     etcd: EtcdOpt = None,
     scope: ScopeOpt = None,
     namespace: NamespaceOpt = "/hakeeper",
-    force: Annotated[
+    force: ForceOpt = False,
+    allow_data_loss: Annotated[
         bool,
         typer.Option(
-            "--force",
-            "-f",
+            "--allow-data-loss",
             help="Promote even a candidate that is not eligible (lagging, wrong timeline, "
-            "nofailover): acknowledged writes may be LOST.  Also skips the confirmation.",
+            "nofailover): acknowledged writes it has not received are LOST.  Recorded in history.",
         ),
     ] = False,
     output: OutputOpt = "table",
@@ -640,8 +640,9 @@ def failover(
 ) -> None:
     """Promote CANDIDATE, also when the cluster has no (healthy) leader.
 
-    Without --force an ineligible candidate is refused by the agents; --force overrides that
-    check and accepts the loss of writes the candidate has not received (recorded in history)."""
+    An ineligible candidate is refused by the agents unless --allow-data-loss, which accepts the
+    loss of writes the candidate has not received (recorded in history).  --force only skips the
+    confirmation."""
     check_output(output)
     ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
     view = read_view(ctx)
@@ -655,14 +656,17 @@ def failover(
             err.print(
                 f"warning: {candidate} is not eligible ({cand.ineligible_reason})"
                 + (
-                    "; --force: writes it has not received will be lost"
-                    if force
-                    else "; the agents will refuse without --force"
+                    "; --allow-data-loss: writes it has not received will be lost"
+                    if allow_data_loss
+                    else "; the agents will refuse without --allow-data-loss"
                 ),
                 markup=False,
             )
-    confirm(f"Promote {candidate}{' (the current leader ' + lead + ' is demoted)' if lead else ''}?", force)
-    body = {"candidate": candidate, "force": force}
+    loss = " and accept the loss of writes it has not received" if allow_data_loss else ""
+    confirm(
+        f"Promote {candidate}{loss}{' (the current leader ' + lead + ' is demoted)' if lead else ''}?", force
+    )
+    body = failover_body(candidate, allow_data_loss)
     targets: list[Member] = []
     lead_m = view.leader_member
     if lead_m is not None and lead_m.api_url:
@@ -686,6 +690,8 @@ def failover(
             errors.append(f"{m.name} ({m.api_url}): {e}")
     if ans is None:
         raise fail("failover: cannot use the API of " + "; ".join(errors))
+    if ans.status == 412 and not allow_data_loss and isinstance(ans.data, dict) and ans.data.get("reason"):
+        raise fail(f"failover failed (HTTP 412): {answer_error(ans)}; add --allow-data-loss to accept that")
     data = check_answer(ans, "failover", ctx.auth)
     _print_result(output, {"status": ans.status, **data}, str(data.get("message") or "failover done"))
 
@@ -747,6 +753,18 @@ def resume(
     _set_pause(make_context(config, etcd, scope, namespace, token, user, password, api_url), False, output)
 
 
+def member_body(member: str, **fields: Any) -> dict[str, Any]:
+    """The body of every per-member request (restart, reinitialize, reload): it names the member
+    meant, and the agent refuses (421) a request that reached another one."""
+    return {"member": member, **fields}
+
+
+def failover_body(candidate: str, allow_data_loss: bool) -> dict[str, Any]:
+    """POST /failover: ``allow_data_loss`` only when asked (the agents then accept an ineligible
+    candidate); skipping the prompt (--force) is the CLI's business and is never sent."""
+    return {"candidate": candidate, "allow_data_loss": allow_data_loss}
+
+
 def _member_action(
     ctx: Context,
     member: str,
@@ -756,18 +774,19 @@ def _member_action(
     force: bool,
     output: str,
     timeout: float,
-) -> None:
+) -> dict[str, Any]:
     view = read_view(ctx)
     m = member_or_exit(view, member)
     if question is not None:
         if output == "table":
             out.print(f"{what}: {_describe(m)}", markup=False)
         confirm(question.format(name=m.name), force)
-    ans = call_api(m, "POST", path, ctx, body={}, timeout=timeout)
+    ans = call_api(m, "POST", path, ctx, body=member_body(m.name), timeout=timeout)
     data = check_answer(ans, what, ctx.auth)
     _print_result(
         output, {"member": m.name, "status": ans.status, **data}, str(data.get("message") or f"{what}: done")
     )
+    return data
 
 
 MemberArg = Annotated[str, typer.Argument(help="Member name (see `hakeeper list`).")]
@@ -804,6 +823,18 @@ def reinit(
     scope: ScopeOpt = None,
     namespace: NamespaceOpt = "/hakeeper",
     force: ForceOpt = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Show its progress until the replica streams again (exit 0) or it fails."
+        ),
+    ] = False,
+    status: Annotated[
+        bool,
+        typer.Option(
+            "--status", help="Start nothing: show the running or last reinit (with --wait: follow it)."
+        ),
+    ] = False,
     output: OutputOpt = "table",
     token: TokenOpt = None,
     user: UserOpt = None,
@@ -811,19 +842,120 @@ def reinit(
     api_url: ApiUrlOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
-    """Rebuild replica MEMBER from scratch: its data directory is removed and cloned again."""
+    """Rebuild replica MEMBER from scratch: its data directory is removed and cloned again.
+
+    The agent runs it in the background: the command returns once it has started (--wait
+    follows it to the end; --status shows how it goes)."""
     check_output(output)
     ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
-    _member_action(
-        ctx,
-        member,
-        "/reinitialize",
-        "reinit",
-        "Remove the data directory of {name} and clone it again from the leader?",
-        force,
-        output,
-        timeout,
-    )
+    if status:
+        m = member_or_exit(read_view(ctx), member)
+        job = _reinit_get(ctx, m, "", timeout)
+        if not wait or job.get("state") != "running":
+            _print_result(output, job, reinit_line(job))
+            raise typer.Exit(0 if job.get("state") != "failed" else 1)
+    else:
+        job = _member_action(
+            ctx,
+            member,
+            "/reinitialize",
+            "reinit",
+            "Remove the data directory of {name} and clone it again from the leader?",
+            force,
+            output,
+            timeout,
+        )
+        if not wait:
+            if output == "table":
+                out.print(
+                    f"it runs in the background on {member}; follow it with: hakeeper reinit {member} "
+                    "--status --wait (or GET /reinitialize)",
+                    markup=False,
+                )
+            return
+        m = member_or_exit(read_view(ctx), member)
+    _follow_reinit(ctx, m, str(job.get("id") or ""), output, timeout)
+
+
+REINIT_POLL_S = 1.0
+REINIT_QUIET_S = 15.0  # print a line at least this often while nothing changes
+REINIT_UNREACHABLE_S = 60.0  # give up following after the agent did not answer this long
+
+
+def reinit_line(job: dict[str, Any]) -> str:
+    """One line about a reinitialize, from its API document."""
+    state = job.get("state")
+    copied = job.get("bytes_copied")
+    size = f", {format_bytes(int(copied))} copied" if isinstance(copied, int) and copied else ""
+    head = f"reinit {job.get('id')} of {job.get('member')}"
+    if state == "running":
+        return f"{head} from {job.get('source')}: {job.get('phase')}{size}"
+    if state == "succeeded":
+        return f"{head}: succeeded, streaming from {job.get('source')}{size}"
+    return f"{head}: failed during {job.get('phase')}: {job.get('error')}"
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def _reinit_get(ctx: Context, m: Member, job_id: str, timeout: float) -> dict[str, Any]:
+    path = "/reinitialize" + (f"/{job_id}" if job_id else "")
+    ans = call_api(m, "GET", path, ctx, timeout=timeout)
+    if ans.status == 404:
+        raise fail(f"reinit: {answer_error(ans)}")
+    return check_answer(ans, "reinit", ctx.auth)
+
+
+def _follow_reinit(ctx: Context, m: Member, job_id: str, output: str, timeout: float) -> None:
+    """Poll the job until it ends: exit 0 when it succeeded, 1 when it failed.  Ctrl-C stops
+    watching, not the job."""
+    refused = ctx.trust.refusal(m.name, m.api_url)
+    if refused is not None:
+        raise fail(refused)
+    url = m.api_url.rstrip("/") + "/reinitialize" + (f"/{job_id}" if job_id else "")
+    last_line, last_print, unreachable_since = "", 0.0, None
+    try:
+        while True:
+            try:
+                ans = asyncio.run(_http("GET", url, ctx.auth, None, None, min(timeout, 10.0), ctx.tls))
+            except Unreachable as e:
+                # the agent restarting or busy: keep asking for a while before giving up
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > REINIT_UNREACHABLE_S:
+                    raise fail(
+                        f"reinit: {m.name}'s API did not answer for {REINIT_UNREACHABLE_S:.0f} s: {e}"
+                    ) from None
+                time.sleep(REINIT_POLL_S)
+                continue
+            unreachable_since = None
+            if ans.status == 404:
+                raise fail(
+                    f"reinit: {answer_error(ans)} (the agent restarted? see `hakeeper list` and its log)"
+                )
+            job = check_answer(ans, "reinit", ctx.auth)
+            line = reinit_line(job)
+            now = time.monotonic()
+            if output == "table" and (line != last_line or now - last_print >= REINIT_QUIET_S):
+                out.print(line, markup=False)
+                last_line, last_print = line, now
+            if job.get("state") != "running":
+                if output != "table":
+                    emit_data(output, job)
+                raise typer.Exit(0 if job.get("state") == "succeeded" else 1)
+            time.sleep(REINIT_POLL_S)
+    except KeyboardInterrupt:
+        err.print(
+            f"stopped watching; the reinit goes on on {m.name} (hakeeper reinit {m.name} --status)",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
 
 
 @app.command("reload")

@@ -242,7 +242,9 @@ class Switchover:
     candidate: str | None  # None: the best eligible replica, chosen by the leader
     requested_at: float
     scheduled_at: float | None = None
-    force: bool = False  # accept data loss / an ineligible candidate (recorded in history)
+    # The operator accepted data loss for an ineligible candidate (API allow_data_loss, CLI
+    # --allow-data-loss; recorded in history).  Stored as "force" for agents of earlier versions.
+    force: bool = False
     stage: SwitchoverStage = SwitchoverStage.REQUESTED
     handover_at: float | None = None
     mod_revision: int = 0  # filled from the key

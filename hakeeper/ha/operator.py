@@ -1,12 +1,18 @@
 """Operator: the actions an operator asks of this node through the API (restart, reinitialize,
 reload; reload also on SIGHUP).  Each runs under the HA loop's action lock, so it never
-interleaves with a cycle, and refuses with a :class:`~hakeeper.core.errors.Refused` that says why."""
+interleaves with a cycle, and refuses with a :class:`~hakeeper.core.errors.Refused` that says why.
+A reinitialize runs in the background (:mod:`hakeeper.ha.reinit`): the request returns its handle
+once it has started."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 from hakeeper.core.cluster import ClusterView, MemberState
 from hakeeper.core.config_diff import ConfigDiff
@@ -17,11 +23,21 @@ from hakeeper.ha.actions import replica
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.leader import start_as_primary
 from hakeeper.ha.policy.decision import Action, Decision, LocalFacts
+from hakeeper.ha.reinit import (
+    STREAMING_TIMEOUT,
+    ReinitPhase,
+    ReinitState,
+    ReinitStatus,
+    dir_size,
+)
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed
 
 log = get_logger("hakeeper.operator")
+
+PROGRESS_EVERY = 2.0  # s between two measures of the bytes cloned so far
+STREAMING_POLL = 1.0  # s between two probes while waiting for the new copy to stream
 
 
 class Operator:
@@ -38,8 +54,16 @@ class Operator:
         self.action_lock = action_lock
         self.observe = observe
         self.reconfigure = reconfigure
+        self._reinit: ReinitStatus | None = None  # the running or the last reinitialize
+        self._starting = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _run(self, what: str, action: Callable[[], Awaitable[str]]) -> str:
+        if self._reinit is not None and self._reinit.running:
+            # It holds the action lock for as long as the clone takes: refuse, not wait for it.
+            reason = f"a reinitialize ({self._reinit.id}) is running, phase {self._reinit.phase}"
+            log.warning("operator_request_refused", request=what, reason=reason)
+            raise Refused(RefusalKind.CONFLICT, reason)
         async with self.action_lock:
             try:
                 return await action()
@@ -75,14 +99,84 @@ class Operator:
         ctx.wake.set()
         return "postgres restarted"
 
-    async def reinitialize(self) -> str:
-        """Throw this replica's data away and clone it again from the leader."""
-        return await self._run("reinitialize", self._reinitialize)
+    # -- reinitialize: in the background, with a handle ------------------------------------------
 
-    async def _reinitialize(self) -> str:
+    def reinit_status(self) -> ReinitStatus | None:
+        """The running reinitialize, else the last one since the agent started (None: none)."""
+        return self._reinit
+
+    async def reinitialize(self) -> ReinitStatus:
+        """Throw this replica's data away and clone it again from the leader, in the background.
+
+        Returns once the request is checked and the job holds the action lock (its handle, state
+        running); raises Refused when it may not run, or while another one runs."""
+        async with self._starting:  # two requests at once: the second sees the first's job
+            cur = self._reinit
+            if cur is not None and cur.running:
+                reason = f"a reinitialize of {cur.member} ({cur.id}) is already running, phase {cur.phase}"
+                log.warning("operator_request_refused", request="reinitialize", reason=reason)
+                raise Refused(RefusalKind.CONFLICT, reason, reinitialize=cur.doc())
+            accepted: asyncio.Future[ReinitStatus] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._reinit_job(accepted), name="reinitialize")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return await accepted
+
+    async def close(self) -> None:
+        """The agent stops: a reinitialize still running ends here (reported failed)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _reinit_job(self, accepted: asyncio.Future[ReinitStatus]) -> None:
         ctx = self.ctx
-        # Decided on a fresh linearizable read, not the cached view: right after a promotion the
-        # cached view may still name another leader while this node already is the primary.
+        try:
+            async with self.action_lock:
+                try:
+                    view = await self._check_reinit()
+                except (PgError, CommandFailed) as e:
+                    log.warning("operator_request_failed", request="reinitialize", reason=str(e))
+                    accepted.set_exception(Refused(RefusalKind.UNAVAILABLE, f"reinitialize failed: {e}"))
+                    return
+                except Refused as e:
+                    log.warning("operator_request_refused", request="reinitialize", reason=e.message)
+                    accepted.set_exception(e)
+                    return
+                leader = view.leader.name if view.leader else ""
+                self._reinit = ReinitStatus(
+                    id=uuid.uuid4().hex[:12],
+                    member=ctx.name,
+                    source=leader,
+                    state=ReinitState.RUNNING,
+                    phase=ReinitPhase.STOPPING,
+                    started_at=time.time(),
+                )
+                log.warning("reinitialize_started", id=self._reinit.id, leader=leader)
+                accepted.set_result(self._reinit)
+                await self._rebuild(view, leader)
+            # The action lock is free again: the HA loop follows the leader (or a new one) while
+            # we watch for the WAL receiver.
+            self._update(phase=ReinitPhase.STREAMING)
+            await self._await_streaming()
+        except (PgError, CommandFailed, OSError, Refused) as e:
+            reason = e.message if isinstance(e, Refused) else str(e)
+            self._finish(reason, accepted)
+        except asyncio.CancelledError:
+            self._finish("cancelled: the agent is stopping", accepted)
+            raise
+        except Exception as e:  # a bug: end the job and say so rather than leave it "running"
+            log.exception("reinitialize_crashed")
+            self._finish(f"internal error: {type(e).__name__}: {e}", accepted)
+        finally:
+            ctx.wake.set()
+
+    async def _check_reinit(self) -> ClusterView:
+        """The refusals: decided on a fresh linearizable read, not the cached view (right after a
+        promotion the cached view may still name another leader while this node already is the
+        primary), and on the local server's own answer."""
+        ctx = self.ctx
         try:
             view = await ctx.store.read_view(ctx.state.view.config)
         except EtcdError as e:
@@ -95,18 +189,82 @@ class Operator:
         if lm is None or lm.state != MemberState.RUNNING:
             raise Refused(RefusalKind.UNAVAILABLE, f"leader {view.leader.name} is not running")
         await self._refuse_if_local_primary()
-        log.warning("reinitialize_requested", leader=view.leader.name)
+        return view
+
+    async def _rebuild(self, view: ClusterView, leader: str) -> None:
+        """Under the action lock: stop, remove, clone, start as a replica."""
+        ctx = self.ctx
         if ctx.pg.is_running():
             await ctx.pg.stop("immediate", timeout=60)
         ctx.guard.disarm()  # only now: a fence that is armed must still fire if the stop failed
+        self._update(phase=ReinitPhase.REMOVING)
         await asyncio.to_thread(ctx.pg.remove_data_dir)
         ctx.state.system_identifier = None
         ctx.state.needs_rewind = False
         ctx.state.held = None
-        d = Decision(Action.CLONE, "reinitialize requested", target=view.leader.name)
-        await replica.clone(ctx, view, await self.observe(view), d)
-        ctx.wake.set()
-        return f"reinitialized from {view.leader.name}"
+        self._update(phase=ReinitPhase.CLONING, bytes_copied=0)
+        d = Decision(Action.CLONE, "reinitialize requested", target=leader)
+        sampler = asyncio.create_task(self._sample_bytes(), name="reinitialize-progress")
+        try:
+            cloned = await replica.fill_data_dir(ctx, view, d)
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        if not cloned:
+            raise Refused(RefusalKind.UNAVAILABLE, f"leader {leader} has published no address to clone from")
+        self._update(bytes_copied=await asyncio.to_thread(dir_size, ctx.pg.data_dir))
+        self._update(phase=ReinitPhase.STARTING)
+        await replica.start_as_replica(ctx, view, leader)
+
+    async def _sample_bytes(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            self._update(bytes_copied=await asyncio.to_thread(dir_size, self.ctx.pg.data_dir))
+
+    async def _await_streaming(self) -> None:
+        """Succeeded once the local WAL receiver streams from the upstream the HA loop points us
+        at (the leader's address, :attr:`NodeState.upstream`), the signal ``hakeeper list``
+        shows as ``streaming``; failed after STREAMING_TIMEOUT."""
+        ctx = self.ctx
+        deadline = time.monotonic() + STREAMING_TIMEOUT
+        while True:
+            probe = await ctx.pg.probe(timeout=2.0)
+            up = ctx.state.upstream
+            if probe.in_recovery and up is not None and probe.streaming_from == up.address:
+                self._finish(None)
+                return
+            if time.monotonic() >= deadline:
+                raise Refused(
+                    RefusalKind.UNAVAILABLE,
+                    f"the new copy did not stream from the leader within {STREAMING_TIMEOUT:.0f} s "
+                    f"({probe.error or 'no WAL receiver streaming'}); the agent keeps trying, see its log",
+                )
+            await asyncio.sleep(STREAMING_POLL)
+
+    def _update(self, **changes: Any) -> None:
+        if self._reinit is not None:
+            self._reinit = replace(self._reinit, **changes)
+
+    def _finish(self, error: str | None, accepted: asyncio.Future[ReinitStatus] | None = None) -> None:
+        """End the job: succeeded (``error`` None) or failed with ``error`` (logged).  Failed
+        before it was accepted: the request that started it is refused with ``error``."""
+        if accepted is not None and not accepted.done():
+            log.warning("operator_request_failed", request="reinitialize", reason=error)
+            accepted.set_exception(Refused(RefusalKind.UNAVAILABLE, f"reinitialize failed: {error}"))
+            return
+        job = self._reinit
+        if job is None or not job.running:
+            return
+        state = ReinitState.FAILED if error else ReinitState.SUCCEEDED
+        self._update(state=state, error=error, finished_at=time.time())
+        seconds = round(time.time() - job.started_at, 1)
+        if error:
+            log.warning(
+                "reinitialize_failed", id=job.id, phase=job.phase.value, reason=error, seconds=seconds
+            )
+        else:
+            log.info("reinitialize_succeeded", id=job.id, source=job.source, seconds=seconds)
 
     async def _refuse_if_local_primary(self) -> None:
         """Ask the local PostgreSQL itself (pg_is_in_recovery) before anything is removed: a

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from hakeeper.core.config import ParamValue
 from hakeeper.core.errors import BootstrapFailed, BootstrapRefused
+from hakeeper.ha.reinit import ReinitStatus
 
 
 class SeededCopy(Protocol):
@@ -143,10 +144,15 @@ class NoBackup:
 
 class NodeOperations(Protocol):
     """What an operator may ask of this node (the API's ``POST /restart`` etc.); each answers
-    with a sentence saying what was done, or raises :class:`~hakeeper.core.errors.Refused`."""
+    with a sentence saying what was done, or raises :class:`~hakeeper.core.errors.Refused`.
+    A reinitialize answers with its handle once it has started, and runs on in the background."""
 
     async def restart(self) -> str: ...
 
-    async def reinitialize(self) -> str: ...
+    async def reinitialize(self) -> ReinitStatus: ...
+
+    def reinit_status(self) -> ReinitStatus | None:
+        """The running reinitialize, else the last one (None: none since the agent started)."""
+        ...
 
     async def reload(self) -> str: ...

@@ -98,13 +98,14 @@ async def request_switchover(
 
 
 async def request_failover(
-    store: ClusterStore, *, candidate: str, force: bool = False, now: float | None = None
+    store: ClusterStore, *, candidate: str, allow_data_loss: bool = False, now: float | None = None
 ) -> Switchover:
     """Promote ``candidate``, also when the cluster has no healthy leader.
 
     A candidate that is not eligible (lagging, wrong timeline, not running, nofailover) is refused
-    unless ``force``: data acknowledged by the old primary may then be lost, and the override is
-    recorded in the history."""
+    unless ``allow_data_loss``: data acknowledged by the old primary may then be lost, and the
+    override is recorded in the history ("(data loss accepted)").  For an eligible candidate
+    the flag changes nothing (and is not recorded)."""
     now = time.time() if now is None else now
     view = await read_view(store)
     m = view.members.get(candidate)
@@ -117,10 +118,10 @@ async def request_failover(
     if _pending(view, now) is not None:
         raise Refused(RefusalKind.CONFLICT, "a switchover or failover is already pending (cancel it first)")
     c = assess(m, view)
-    if not c.eligible and not force:
+    if not c.eligible and not allow_data_loss:
         raise Refused(
             RefusalKind.PRECONDITION,
-            f"failover to {candidate} refused: {c.reason}; data could be lost (use force to override)",
+            f"failover to {candidate} refused: {c.reason}; data could be lost (allow_data_loss accepts that)",
             reason=c.reason,
         )
     req = Switchover(
@@ -128,7 +129,7 @@ async def request_failover(
         leader=view.leader.name if view.leader else None,
         candidate=candidate,
         requested_at=now,
-        force=force and not c.eligible,
+        force=allow_data_loss and not c.eligible,
     )
     return await _write_request(store, view, req)
 

@@ -298,8 +298,14 @@ def test_mutating_endpoints_need_valid_credentials(cluster: LocalCluster) -> Non
     a = call(url + "/switchover", "POST", {"scheduled_at": "2030-01-01T00:00:00"}, auth)  # no timezone
     assert a.status == 400 and a.json()["errors"][0]["field"] == "scheduled_at"
     assert call(url + "/failover", "POST", {}, auth).status == 400  # candidate is required
-    assert call(url + "/failover", "POST", {"candidate": "x", "force": "yes"}, auth).status == 400
-    assert call(url + "/reload", "POST", {"now": True}, auth).status == 400
+    assert call(url + "/failover", "POST", {"candidate": "x", "allow_data_loss": "yes"}, auth).status == 400
+    # The old field is refused, not read as something else (it accepted data loss before).
+    a = call(url + "/failover", "POST", {"candidate": "x", "force": True}, auth)
+    assert a.status == 400 and a.json()["errors"][0] == {"field": "force", "message": "unknown field"}
+    assert call(url + "/reload", "POST", {"member": "node1", "now": True}, auth).status == 400
+    for path in ("/restart", "/reinitialize", "/reload"):  # the member meant is required
+        a = call(url + path, "POST", {}, auth)
+        assert a.status == 400 and a.json()["errors"][0]["field"] == "member", (path, a.body)
     a = call(url + "/failover", "POST", {"candidate": "nobody"}, auth)
     assert a.status == 412 and "not a member" in a.json()["error"]
     a = call(url + "/switchover", "POST", headers=auth, raw=b"{" + b" " * 70000 + b"}")
@@ -385,14 +391,21 @@ def test_restart_and_reload_on_a_replica(cluster: LocalCluster) -> None:
     rep = next(n for n in replicas(c, prim) if n != ALLOWLISTED)
     url = c.nodes[rep].api_url
     pid = c.postmaster_pid(rep)
-    a = call(url + "/restart", "POST", None, bearer(c))
+    # Meant for another member: refused by this agent, nothing done.
+    a = call(url + "/restart", "POST", {"member": prim}, bearer(c))
+    assert a.status == 421 and a.json() == {
+        "error": f"misdirected: this is {rep}, not {prim}; nothing was done",
+        "member": rep,
+    }
+    assert c.postmaster_pid(rep) == pid and "api_request_misdirected" in c.tail_log(rep, 200)
+    a = call(url + "/restart", "POST", {"member": rep}, bearer(c))
     assert a.status == 200 and a.json() == {"message": "postgres restarted"}
     assert c.postmaster_pid(rep) != pid
     wait_for(lambda: call(url + "/replica").status == 200, 30, "replica again")
-    a = call(url + "/reload", "POST", {}, basic("hakeeper", c.api_password))
+    a = call(url + "/reload", "POST", {"member": rep}, basic("hakeeper", c.api_password))
     # the node file was re-read (unchanged) and PostgreSQL reloaded
     assert a.status == 200 and a.json() == {"message": "no change in the node file. PostgreSQL reloaded."}
-    a = call(c.nodes[prim].api_url + "/reinitialize", "POST", {}, bearer(c))
+    a = call(c.nodes[prim].api_url + "/reinitialize", "POST", {"member": prim}, bearer(c))
     assert a.status == 409 and "leader" in a.json()["error"]
 
 
@@ -643,7 +656,7 @@ def _raw(port: int, request: bytes, source: str = "127.0.0.1") -> bytes:
     return ans
 
 
-def _post(path: str, *headers: bytes, body: bytes = b"{}") -> bytes:
+def _post(path: str, *headers: bytes, body: bytes = b'{"member": "node1"}') -> bytes:
     head = [
         f"POST {path} HTTP/1.1".encode(),
         b"Host: x",
@@ -747,7 +760,7 @@ def test_tls_with_required_client_certificates_and_connection_limit() -> None:
             with pytest.raises((urllib.error.URLError, ConnectionError, http_errors())):
                 call(c.nodes["node1"].api_url + "/primary")  # plain HTTP on the TLS port
             assert call(url + "/switchover", "POST", {}, context=client).status == 401
-            a = call(url + "/reload", "POST", {}, bearer(c), context=client)
+            a = call(url + "/reload", "POST", {"member": "node1"}, bearer(c), context=client)
             assert a.status == 200, a.body
 
             # Connection limit: 20 idle connections fill it; the next one is refused at once

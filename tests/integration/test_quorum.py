@@ -145,6 +145,6 @@ def test_quorum_commit_fails_over_to_a_voter_and_refuses_with_too_few_voters() -
         with pytest.raises(Refused) as e:
             run_request(c, requests.request_failover, candidate=other)
         assert e.value.kind == RefusalKind.PRECONDITION
-        run_request(c, requests.request_failover, candidate=other, force=True)
+        run_request(c, requests.request_failover, candidate=other, allow_data_loss=True)
         wait_for(lambda: writable_nodes(c) == [other], 60, "forced failover")
-        assert history(c)[-1]["reason"].endswith("(forced)")
+        assert history(c)[-1]["reason"].endswith("(data loss accepted)")

@@ -181,7 +181,7 @@ def test_pause_stops_automatic_failover_and_manual_failover_still_works(cluster:
     c.wait_ready(120)
 
 
-def test_failover_to_a_lagging_candidate_needs_force_and_is_recorded(cluster: LocalCluster) -> None:
+def test_failover_to_a_lagging_candidate_needs_allow_data_loss_and_is_recorded(cluster: LocalCluster) -> None:
     c = cluster
     c.wait_ready(120)
     old = c.primary()
@@ -206,12 +206,12 @@ def test_failover_to_a_lagging_candidate_needs_force_and_is_recorded(cluster: Lo
         with pytest.raises(Refused) as e:
             run_request(c, requests.request_failover, candidate=lagger)
         assert e.value.kind == RefusalKind.PRECONDITION and "maximum_lag_on_failover" in e.value.message
-        run_request(c, requests.request_failover, candidate=lagger, force=True)
+        run_request(c, requests.request_failover, candidate=lagger, allow_data_loss=True)
     finally:
         os.kill(pid, signal.SIGCONT)
     new = run_request(c, requests.wait_for_new_leader, old_leader=old, candidate=lagger, timeout=60)
     assert new == lagger
-    assert history(c)[-1]["reason"].endswith("(forced)")
+    assert history(c)[-1]["reason"].endswith("(data loss accepted)")
     assert other  # the other replica follows the new leader
     wait_for(lambda: c.node_state(other).role == "replica", 90, "other replica follows")
 

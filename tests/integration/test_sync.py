@@ -69,9 +69,9 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         with pytest.raises(Refused) as e:
             run_request(c, requests.request_failover, candidate=survivor)
         assert e.value.kind == RefusalKind.PRECONDITION
-        run_request(c, requests.request_failover, candidate=survivor, force=True)
+        run_request(c, requests.request_failover, candidate=survivor, allow_data_loss=True)
         wait_for(lambda: writable_nodes(c) == [survivor], 60, "forced failover")
-        assert history(c)[-1]["reason"].endswith("(forced)")
+        assert history(c)[-1]["reason"].endswith("(data loss accepted)")
 
 
 def test_strict_mode_blocks_commits_without_a_standby_and_resumes_when_one_returns() -> None:

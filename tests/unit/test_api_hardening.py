@@ -22,6 +22,7 @@ from hakeeper.api.server import ApiError, ApiServer, parse_patch, public_message
 from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import ApiConfig
 from hakeeper.dcs.store import ClusterStore
+from hakeeper.ha.reinit import ReinitPhase, ReinitState, ReinitStatus
 from hakeeper.ha.snapshot import NodeSnapshot
 from hakeeper.util.log import setup_logging
 from tests.support.ports import free_ports
@@ -40,13 +41,20 @@ class FakeClock:
 class Operator:
     def __init__(self) -> None:
         self.restarts = 0
+        self.job: ReinitStatus | None = None
 
     async def restart(self) -> str:
         self.restarts += 1
         return "postgres restarted"
 
-    async def reinitialize(self) -> str:
-        return "reinitialized"
+    async def reinitialize(self) -> ReinitStatus:
+        self.job = ReinitStatus(
+            "j1", "n1", "n0", ReinitState.RUNNING, ReinitPhase.STOPPING, started_at=1_700_000_000.0
+        )
+        return self.job
+
+    def reinit_status(self) -> ReinitStatus | None:
+        return self.job
 
     async def reload(self) -> str:
         return "reloaded"
@@ -283,7 +291,10 @@ def port_of(api: ApiServer) -> int:
     return api.cfg.listen_host_port[1]
 
 
-def post(path: str, headers: dict[str, str] | None = None, body: bytes = b"{}") -> bytes:
+FOR_N1 = b'{"member": "n1"}'  # per-member actions name the member meant (n1 is this agent)
+
+
+def post(path: str, headers: dict[str, str] | None = None, body: bytes = FOR_N1) -> bytes:
     lines = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -317,12 +328,57 @@ async def test_mutating_requests_need_json_content_type(api: ApiServer) -> None:
         assert status_of(ans) == 415, ans
         assert "Content-Type: application/json" in body_of(ans)["error"]
     assert op.restarts == 0  # nothing was done
-    for body in (b"", b"{}"):
-        ans = await raw_request(
-            port_of(api), post("/restart", {**auth, "Content-Type": "application/json"}, body)
-        )
-        assert status_of(ans) == 200 and body_of(ans) == {"message": "postgres restarted"}
-    assert op.restarts == 2
+    ans = await raw_request(
+        port_of(api), post("/restart", {**auth, "Content-Type": "application/json"}, FOR_N1)
+    )
+    assert status_of(ans) == 200 and body_of(ans) == {"message": "postgres restarted"}
+    assert op.restarts == 1
+
+
+async def test_per_member_actions_must_name_this_member(
+    api: ApiServer, logs: Callable[[], list[dict[str, Any]]]
+) -> None:
+    """A request meant for another member (reached through a wrong or loopback api_url) does
+    nothing here: 421 with the reason; one without a member is a 400."""
+    op = cast(Operator, api.operator)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    for path in ("/restart", "/reinitialize", "/reload"):
+        for body in (b"", b"{}", b'{"member": ""}', b'{"member": 3}'):
+            ans = await raw_request(port_of(api), post(path, headers, body))
+            assert status_of(ans) == 400, (path, body, ans)
+            assert [e["field"] for e in body_of(ans)["errors"]] == ["member"]
+        ans = await raw_request(port_of(api), post(path, headers, b'{"member": "n3"}'))
+        assert status_of(ans) == 421, ans
+        assert body_of(ans) == {"error": "misdirected: this is n1, not n3; nothing was done", "member": "n1"}
+    assert op.restarts == 0 and op.job is None  # nothing was done
+    misdirected = [e for e in logs() if e["event"] == "api_request_misdirected"]
+    assert [e["path"] for e in misdirected] == ["/restart", "/reinitialize", "/reload"]
+    assert all(e["meant"] == "n3" and "this is n1" in e["reason"] for e in misdirected)
+
+
+async def test_reinitialize_answers_202_with_its_handle_and_get_shows_it(api: ApiServer) -> None:
+    port = port_of(api)
+    get = b"GET /reinitialize HTTP/1.1\r\nHost: x\r\n\r\n"
+    ans = await raw_request(port, get)
+    assert status_of(ans) == 404 and "no reinitialize has run" in body_of(ans)["error"]
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    ans = await raw_request(port, post("/reinitialize", headers))
+    assert status_of(ans) == 202 and b"Location: /reinitialize/j1" in ans
+    doc = body_of(ans)
+    assert doc["message"] == "reinitialize of n1 from n0 started"
+    assert {k: doc[k] for k in ("id", "member", "source", "state", "phase", "finished_at", "error")} == {
+        "id": "j1", "member": "n1", "source": "n0", "state": "running", "phase": "stopping",
+        "finished_at": None, "error": None,
+    }  # fmt: skip
+    assert doc["started_at"].startswith("2023-11-14T22:13:20")
+    for path in (b"/reinitialize", b"/reinitialize/j1"):
+        ans = await raw_request(port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(ans) == 200 and body_of(ans)["id"] == "j1" and body_of(ans)["state"] == "running"
+    ans = await raw_request(port, b"GET /reinitialize/other HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(ans) == 404 and "no reinitialize other" in body_of(ans)["error"]
+
+
+async def test_mutating_requests_without_credentials_get_401_first(api: ApiServer) -> None:
     # Without credentials, 401 comes first (a client learns nothing more without them).
     assert status_of(await raw_request(port_of(api), post("/restart", {}, b""))) == 401
 

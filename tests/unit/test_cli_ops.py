@@ -5,14 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from hakeeper.cli import ops_cmds
 from hakeeper.cli.app import app
 from hakeeper.cli.main import _register_optional_commands
 from hakeeper.cli.ops_cmds import (
+    ApiAnswer,
     ApiAuth,
     UsageError,
     config_diff,
@@ -24,6 +28,7 @@ from hakeeper.cli.ops_cmds import (
     resolve_auth,
     set_path,
 )
+from hakeeper.core.cluster import ClusterView, Leader, Member, MemberRole, MemberState
 from hakeeper.core.config import NodeConfig
 from hakeeper.ha.requests import merge_patch
 
@@ -315,3 +320,132 @@ def test_the_entry_point_leaves_the_garbage_collector_on(
     finally:
         gc.unfreeze()
     assert seen == [True] and gc.isenabled()
+
+
+# -- per-member bodies, failover flags and reinit --wait, against a fake API --------------------
+
+API_N2 = "http://127.0.0.2:8008"
+
+
+class FakeApi:
+    """Records what the CLI sends; answers from ``answers`` (path -> list of (status, body))."""
+
+    def __init__(self, answers: dict[str, list[tuple[int, Any]]]) -> None:
+        self.answers = answers
+        self.sent: list[tuple[str, str, Any]] = []
+
+    async def __call__(self, method: str, url: str, auth: Any, body: Any, *rest: Any) -> ApiAnswer:
+        path = url.removeprefix(API_N2)
+        self.sent.append((method, path, body))
+        queue = self.answers[path]
+        status, data = queue.pop(0) if len(queue) > 1 else queue[0]
+        return ApiAnswer(status, data, url)
+
+
+def _two_members(monkeypatch: pytest.MonkeyPatch, api: FakeApi) -> None:
+    n1 = Member("n1", MemberRole.PRIMARY, MemberState.RUNNING, api_url="http://127.0.0.1:8008")
+    n2 = Member("n2", MemberRole.REPLICA, MemberState.STREAMING, api_url=API_N2)
+    view = ClusterView(members={"n1": n1, "n2": n2}, leader=Leader("n1", 1, 1, 1))
+    monkeypatch.setattr(ops_cmds, "read_view", lambda ctx: view)
+    monkeypatch.setattr(ops_cmds, "_http", api)
+    monkeypatch.setattr(ops_cmds, "REINIT_POLL_S", 0.0)
+
+
+def _run(tmp_path: Path, *args: str) -> Any:
+    return CliRunner().invoke(app, [*args, "-c", str(_cfg_file(tmp_path)), "--api-url", API_N2])
+
+
+def test_failover_force_only_skips_the_prompt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    api = FakeApi({"/failover": [(200, {"message": "failed over to n2", "leader": "n2"})]})
+    _two_members(monkeypatch, api)
+    # Leader first, then the candidate: only n2's address is trusted here.
+    res = _run(tmp_path, "failover", "--candidate", "n2", "--force")
+    assert res.exit_code == 0, res.output
+    assert api.sent == [("POST", "/failover", {"candidate": "n2", "allow_data_loss": False})]
+    # --allow-data-loss does not skip the prompt (no terminal: refused, nothing sent) ...
+    res = _run(tmp_path, "failover", "--candidate", "n2", "--allow-data-loss")
+    assert res.exit_code == 1 and "not confirmed" in res.output and len(api.sent) == 1
+    # ... and is sent only when given.
+    res = _run(tmp_path, "failover", "--candidate", "n2", "--allow-data-loss", "--force")
+    assert res.exit_code == 0, res.output
+    assert api.sent[-1] == ("POST", "/failover", {"candidate": "n2", "allow_data_loss": True})
+
+
+def test_per_member_commands_name_their_member(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    api = FakeApi(
+        {
+            "/restart": [(200, {"message": "postgres restarted"})],
+            "/reload": [(200, {"message": "configuration reloaded"})],
+            "/reinitialize": [(202, {"id": "j1", "member": "n2", "state": "running", "message": "started"})],
+        }
+    )
+    _two_members(monkeypatch, api)
+    for args in (["restart", "n2", "--force"], ["reload", "n2"], ["reinit", "n2", "--force"]):
+        res = _run(tmp_path, *args)
+        assert res.exit_code == 0, res.output
+    assert api.sent == [
+        ("POST", "/restart", {"member": "n2"}),
+        ("POST", "/reload", {"member": "n2"}),
+        ("POST", "/reinitialize", {"member": "n2"}),
+    ]
+    assert "hakeeper reinit n2 --status --wait" in res.output  # how to follow it
+
+
+def _job(state: str, phase: str, **kw: Any) -> dict[str, Any]:
+    return {"id": "j1", "member": "n2", "source": "n1", "state": state, "phase": phase, **kw}
+
+
+def test_reinit_wait_follows_the_job_to_its_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    api = FakeApi(
+        {
+            "/reinitialize": [(202, _job("running", "stopping"))],
+            "/reinitialize/j1": [
+                (200, _job("running", "cloning", bytes_copied=3 << 20)),
+                (200, _job("running", "streaming")),
+                (200, _job("succeeded", "streaming", bytes_copied=5 << 20)),
+            ],
+        }
+    )
+    _two_members(monkeypatch, api)
+    res = _run(tmp_path, "reinit", "n2", "--force", "--wait")
+    assert res.exit_code == 0, res.output
+    assert "j1 of n2 from n1: cloning, 3.0 MB copied" in res.output
+    assert "j1 of n2: succeeded, streaming from n1, 5.0 MB copied" in res.output
+    assert [p for _, p, _ in api.sent] == ["/reinitialize"] + ["/reinitialize/j1"] * 3
+
+
+def test_reinit_wait_exits_1_with_the_error_when_it_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    api = FakeApi(
+        {
+            "/reinitialize": [(202, _job("running", "stopping"))],
+            "/reinitialize/j1": [(200, _job("failed", "cloning", error="pg_basebackup failed (exit 1)"))],
+        }
+    )
+    _two_members(monkeypatch, api)
+    res = _run(tmp_path, "reinit", "n2", "--force", "--wait")
+    assert res.exit_code == 1
+    assert "failed during cloning: pg_basebackup failed (exit 1)" in res.output
+
+
+def test_reinit_wait_on_ctrl_c_stops_watching_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    api = FakeApi(
+        {
+            "/reinitialize": [(200, _job("running", "cloning"))],
+            "/reinitialize/j1": [(200, _job("running", "cloning"))],
+        }
+    )
+    _two_members(monkeypatch, api)
+
+    def interrupted(_s: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", interrupted)
+    res = _run(tmp_path, "reinit", "n2", "--status", "--wait")
+    assert res.exit_code == 130 and "Traceback" not in res.output
+    assert "stopped watching; the reinit goes on on n2" in res.output
+    # --status starts nothing; --wait then follows the job it found
+    assert api.sent == [("GET", "/reinitialize", None), ("GET", "/reinitialize/j1", None)]

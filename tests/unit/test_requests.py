@@ -26,6 +26,7 @@ from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import requests
+from hakeeper.ha.policy.plans import plan_promotion
 from hakeeper.ha.policy.switchover import switchover_live
 from hakeeper.ha.requests import merge_patch
 from tests.support.fake_etcd import FakeEtcd
@@ -188,17 +189,26 @@ async def test_a_request_written_concurrently_is_a_conflict() -> None:
     assert e.message == "another switchover or failover request was written concurrently"
 
 
-async def test_a_failover_to_a_lagging_candidate_needs_force() -> None:
+async def test_a_failover_to_a_lagging_candidate_needs_allow_data_loss() -> None:
     store = await cluster(FakeEtcd(), lagging=True)
     e = await refusal(requests.request_failover(store, candidate="n2"))
     assert e.kind == RefusalKind.PRECONDITION and "maximum_lag_on_failover" in e.message
+    assert "allow_data_loss" in e.message
     assert e.facts["reason"] and "maximum_lag_on_failover" in e.facts["reason"]
     e = await refusal(requests.request_failover(store, candidate="n9"))
     assert e.kind == RefusalKind.PRECONDITION and "candidate n9 is not a member" in e.message
     e = await refusal(requests.request_failover(store, candidate="n1"))
     assert e.kind == RefusalKind.INVALID
-    sw = await requests.request_failover(store, candidate="n2", force=True)
+    sw = await requests.request_failover(store, candidate="n2", allow_data_loss=True)
     assert sw.kind == SwitchoverKind.FAILOVER and sw.force and sw.leader == "n1"
+    # written with the key agents of earlier versions read
+    assert json.loads(sw.to_json())["force"] is True
+
+
+async def test_allow_data_loss_is_not_recorded_for_an_eligible_candidate() -> None:
+    store = await cluster(FakeEtcd())
+    sw = await requests.request_failover(store, candidate="n2", allow_data_loss=True)
+    assert sw.kind == SwitchoverKind.FAILOVER and not sw.force
 
 
 async def test_config_patches_and_their_refusals() -> None:
@@ -340,3 +350,14 @@ def test_the_api_answers_each_refusal_with_its_status_and_the_same_body(
         "errors": [{"field": "ttl", "message": "too small"}],
     }
     assert set(REFUSAL_STATUS) == set(RefusalKind)
+
+
+@pytest.mark.parametrize(
+    ("force", "reason"),
+    [(False, "failover from n1"), (True, "failover from n1 (data loss accepted)")],
+    ids=["eligible", "data loss accepted"],
+)
+def test_the_history_reason_says_whether_data_loss_was_accepted(force: bool, reason: str) -> None:
+    sw = Switchover(kind=SwitchoverKind.FAILOVER, leader="n1", candidate="n2", requested_at=1.0, force=force)
+    plan = plan_promotion(ClusterView(switchover=sw), "n2", "unused")
+    assert plan.reason == reason and plan.request == sw

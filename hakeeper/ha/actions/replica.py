@@ -44,9 +44,22 @@ async def start_as_replica(ctx: Ctx, view: ClusterView, leader: str | None) -> N
 
 
 async def clone(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
+    try:
+        cloned = await fill_data_dir(ctx, view, d)
+    except (PgError, CommandFailed) as e:
+        log.warning("clone_failed", source=d.target, error=str(e), retry_in=view.config.loop_wait)
+        return
+    if cloned:
+        await start_as_replica(ctx, view, d.target)
+
+
+async def fill_data_dir(ctx: Ctx, view: ClusterView, d: Decision) -> bool:
+    """Fill the empty data directory from the leader ``d.target`` (from a backup, or with
+    pg_basebackup); False when the leader has published no address to clone from.  Raises
+    PgError or CommandFailed when the copy failed (the partial copy is removed)."""
     up = upstream_for(ctx, view, d.target)
     if up is None:
-        return
+        return False
     st = ctx.state
     st.activity = MemberState.CLONING
     await ctx.publish(view)
@@ -62,15 +75,12 @@ async def clone(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> 
                 replication_user=pgc.replication.username,
                 replication_password=secret_value(pgc.replication.password),
             )
-    except (PgError, CommandFailed) as e:
-        log.warning("clone_failed", source=d.target, error=str(e), retry_in=view.config.loop_wait)
-        return
     finally:
         st.activity = None
     st.system_identifier = None
     log.info("clone_finished", source=d.target, seconds=round(time.monotonic() - t0, 2))
     st.needs_rewind = False
-    await start_as_replica(ctx, view, d.target)
+    return True
 
 
 async def _seed_from_backup(ctx: Ctx, view: ClusterView, d: Decision) -> bool:

@@ -55,10 +55,10 @@ class PromotionPlan:
 
 def plan_promotion(view: ClusterView, name: str, why: str) -> PromotionPlan:
     """What the leader key we just took means: a requested switchover or failover to us (recorded
-    with its requester and whether it was forced), or an automatic failover."""
+    with its requester and whether the operator accepted data loss), or an automatic failover."""
     old = view.history[-1].new_leader if view.history else None
     sw = view.switchover
     if sw is not None and sw.candidate == name:
-        reason = f"{sw.kind.value} from {sw.leader or old}" + (" (forced)" if sw.force else "")
+        reason = f"{sw.kind.value} from {sw.leader or old}" + (" (data loss accepted)" if sw.force else "")
         return PromotionPlan(sw.kind.value, reason, sw)
     return PromotionPlan("failover", f"failover: {why}", None)
