@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # -h as well as --help, on every command (click hands it down to the subcommands)
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 config_app = typer.Typer(help="Node configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -71,6 +73,29 @@ def load_checked(path: Path) -> NodeConfig:
         if bad_tls:
             raise ConfigError(str(path), bad_tls)
     return cfg
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from hakeeper import __version__
+
+        out.print(f"hakeeper {__version__} (Python {sys.version.split()[0]})", markup=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print hakeeper's version and exit (`hakeeper version` says more).",
+        ),
+    ] = False,
+) -> None:
+    """PostgreSQL high availability and recovery manager."""
 
 
 @config_app.command("validate")

@@ -34,6 +34,7 @@ _COMMAND_MODULES = {
         ),
         "ops_cmds",
     ),
+    **dict.fromkeys(("remove", "query", "version"), "admin_cmds"),
     "agent": None,
     "config": None,
 }
@@ -45,6 +46,7 @@ _ALL_MODULES = (
     "schedule_cmds",
     "dump_cmds",
     "verify_cmds",
+    "admin_cmds",
 )
 
 

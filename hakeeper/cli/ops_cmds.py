@@ -51,6 +51,7 @@ from hakeeper.cli.cluster_cmds import (
     fetch_view,
     quiet_logging,
 )
+from hakeeper.cli.pause_wait import wait_for_pause_state
 from hakeeper.core.cluster import ClusterView, Member, MemberRole, MemberState
 from hakeeper.core.config import (
     ApiClientConfig,
@@ -696,27 +697,52 @@ def failover(
     _print_result(output, {"status": ans.status, **data}, str(data.get("message") or "failover done"))
 
 
-def _set_pause(ctx: Context, paused: bool, output: str) -> None:
+def _set_pause(ctx: Context, paused: bool, output: str, wait: float | None = None) -> None:
     view = read_view(ctx)
     if view.config_revision == 0:
         raise fail("the cluster has no dynamic configuration in etcd yet (not initialized)")
     if view.paused == paused:
-        _print_result(
-            output,
-            {"paused": paused, "changed": False},
-            f"the cluster is already {'paused' if paused else 'not paused'}",
+        text, changed = f"the cluster is already {'paused' if paused else 'not paused'}", False
+    else:
+        ans = call_any(
+            view, "PATCH", "/config", ctx, body={"pause": paused}, what="pause" if paused else "resume"
         )
-        return
-    ans = call_any(
-        view, "PATCH", "/config", ctx, body={"pause": paused}, what="pause" if paused else "resume"
-    )
-    check_answer(ans, "pause" if paused else "resume", ctx.auth)
-    text = (
-        "cluster paused: maintenance mode, no automatic failover"
-        if paused
-        else "cluster resumed: automatic failover is on again"
-    )
-    _print_result(output, {"paused": paused, "changed": True}, text)
+        check_answer(ans, "pause" if paused else "resume", ctx.auth)
+        changed = True
+        text = (
+            "cluster paused: maintenance mode, no automatic failover"
+            if paused
+            else "cluster resumed: automatic failover is on again"
+        )
+    doc: dict[str, Any] = {"paused": paused, "changed": changed}
+    if wait is not None:
+        doc["acknowledged_by"] = _wait_for_members(ctx, paused, wait, text)
+        text += "; every member follows: " + ", ".join(doc["acknowledged_by"])
+    _print_result(output, doc, text)
+
+
+def _wait_for_members(ctx: Context, paused: bool, timeout: float, done: str) -> list[str]:
+    """``--wait``: the members once all report ``paused``; exit 1 naming those that do not."""
+    try:
+        view, laggards = asyncio.run(wait_for_pause_state(ctx.client, ctx.prefix, paused, timeout))
+    except EtcdError as e:
+        raise fail(f"{done}, but the members could not be read from etcd: {e}") from None
+    if not view.members:
+        raise fail(f"{done}, but no member is registered to follow it (are the agents running?)")
+    if laggards:
+        raise fail(
+            f"{done}, but not every member follows after {timeout:g} s: "
+            + "; ".join(f"{name}: {why}" for name, why in laggards.items())
+        )
+    return sorted(view.members)
+
+
+WaitPauseOpt = Annotated[
+    bool, typer.Option("--wait", help="Wait until every member reports the new state (exit 1 if not).")
+]
+WaitTimeoutOpt = Annotated[
+    float, typer.Option("--wait-timeout", help="Seconds --wait waits at most.", min=1, max=3600)
+]
 
 
 @app.command("pause")
@@ -730,10 +756,13 @@ def pause(
     user: UserOpt = None,
     password: PasswordOpt = None,
     api_url: ApiUrlOpt = None,
+    wait: WaitPauseOpt = False,
+    wait_timeout: WaitTimeoutOpt = 60.0,
 ) -> None:
     """Maintenance mode: no automatic failover or restarts until `resume`."""
     check_output(output)
-    _set_pause(make_context(config, etcd, scope, namespace, token, user, password, api_url), True, output)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
+    _set_pause(ctx, True, output, wait_timeout if wait else None)
 
 
 @app.command("resume")
@@ -747,10 +776,13 @@ def resume(
     user: UserOpt = None,
     password: PasswordOpt = None,
     api_url: ApiUrlOpt = None,
+    wait: WaitPauseOpt = False,
+    wait_timeout: WaitTimeoutOpt = 60.0,
 ) -> None:
     """Leave maintenance mode."""
     check_output(output)
-    _set_pause(make_context(config, etcd, scope, namespace, token, user, password, api_url), False, output)
+    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
+    _set_pause(ctx, False, output, wait_timeout if wait else None)
 
 
 def member_body(member: str, **fields: Any) -> dict[str, Any]:

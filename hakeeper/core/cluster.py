@@ -72,6 +72,9 @@ class Member:
     leaderless: bool = False
     updated_at: float = 0.0  # wall clock, for display only
     version: str = ""
+    # Whether the agent's last cycle saw the cluster paused: its acknowledgement of pause and
+    # resume (`pause --wait` waits on it).  None: an agent too old to say.
+    paused: bool | None = None
     lease: int = 0  # filled from the key, not the value
 
     def to_json(self) -> bytes:

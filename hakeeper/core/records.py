@@ -95,6 +95,7 @@ class MemberRecord(_Record):
     leaderless: bool = False
     updated_at: Epoch = 0.0
     version: Word = ""
+    paused: bool | None = None
 
 
 class StatusRecord(_Record):

@@ -382,20 +382,27 @@ CmpOp = Literal["=", "!=", "<", ">"]
 _RESULTS: dict[str, str] = {"=": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
 
 
-def _compare(key: str, op: str, target: str, field_name: str, value: str) -> dict[str, Any]:
+def _compare(
+    key: str, op: str, target: str, field_name: str, value: str, prefix: bool = False
+) -> dict[str, Any]:
     try:
         result = _RESULTS[op]
     except KeyError:
         raise ValueError(f"bad compare operator {op!r}") from None
-    return {"key": b64_key(key), "result": result, "target": target, field_name: value}
+    cmp = {"key": b64_key(key), "result": result, "target": target, field_name: value}
+    if prefix:
+        # etcd (3.3+) then compares every key under the prefix: true only if all of them pass;
+        # with no key there, it compares one absent key (revisions 0).
+        cmp["range_end"] = b64(prefix_range_end(key))
+    return cmp
 
 
-def cmp_create(key: str, op: CmpOp, revision: int) -> dict[str, Any]:
-    return _compare(key, op, "CREATE", "create_revision", str(int(revision)))
+def cmp_create(key: str, op: CmpOp, revision: int, *, prefix: bool = False) -> dict[str, Any]:
+    return _compare(key, op, "CREATE", "create_revision", str(int(revision)), prefix)
 
 
-def cmp_mod(key: str, op: CmpOp, revision: int) -> dict[str, Any]:
-    return _compare(key, op, "MOD", "mod_revision", str(int(revision)))
+def cmp_mod(key: str, op: CmpOp, revision: int, *, prefix: bool = False) -> dict[str, Any]:
+    return _compare(key, op, "MOD", "mod_revision", str(int(revision)), prefix)
 
 
 def cmp_version(key: str, op: CmpOp, version: int) -> dict[str, Any]:

@@ -379,3 +379,32 @@ class ClusterStore:
             cmps.append(cmp_create(self.keys.leader, "=", term))
         res = await self.client.txn(cmps, [op_put(key, record)])
         return res.revision if res.succeeded else None
+
+    # -- removing the cluster ---------------------------------------------------------------------
+
+    async def remove_cluster(self, revision: int, *, while_running: bool = False) -> bool:
+        """Delete every key of the cluster (``hakeeper remove``), in one transaction guarded so
+        that it deletes exactly what the operator was shown: no key under the prefix may have
+        been written after ``revision`` (the read the confirmation was given on; a key created or
+        updated since fails the compare, one expired since does not matter).  Unless
+        ``while_running``, also only while no leader key and no member key exists: both live on
+        the leases of running agents, and wiping the keys under them takes the leader key from a
+        serving primary (a new election follows) and drops the history and the dynamic
+        configuration the agents run on.  False: refused, nothing was deleted."""
+        k = self.keys
+        compare = [cmp_mod(k.all, "<", revision + 1, prefix=True)]
+        if not while_running:
+            compare += [cmp_create(k.leader, "=", 0), cmp_create(k.members, "=", 0, prefix=True)]
+        res = await self.client.txn(compare, [op_delete(k.all, prefix=True)])
+        if res.succeeded:
+            log.warning(
+                "cluster_keys_removed", prefix=k.all, revision=res.revision, while_running=while_running
+            )
+        else:
+            log.warning(
+                "cluster_removal_refused",
+                prefix=k.all,
+                reason="a key changed after the read the removal was confirmed on"
+                + ("" if while_running else ", or an agent holds a leader or member key"),
+            )
+        return res.succeeded

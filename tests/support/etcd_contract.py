@@ -214,7 +214,7 @@ async def compares_on_every_field_and_operator(b: Backend) -> None:
         await c.put(k, "m", lease=lease)
         kv = await c.get(k)
         assert kv is not None and kv.version == 2 and kv.lease == lease
-        numeric = {
+        numeric: dict[Callable[[str, CmpOp, int], dict[str, Any]], int] = {
             cmp_create: kv.create_revision,
             cmp_mod: kv.mod_revision,
             cmp_version: kv.version,
@@ -250,6 +250,28 @@ async def compares_on_an_absent_key(b: Backend) -> None:
         assert not await _check(c, cmp_value(k, op, "x")), f"value {op} 'x' on an absent key"
     await c.put(k, "")
     assert await _check(c, cmp_value(k, "=", "")), "an empty value exists"
+
+
+@case()
+async def compares_over_a_prefix_hold_only_if_every_key_passes(b: Backend) -> None:
+    c, p = b.client, b.prefix + "/rc/"
+    # an empty range compares as one absent key
+    assert await _check(c, cmp_create(p, "=", 0, prefix=True))
+    assert await _check(c, cmp_mod(p, "<", 1, prefix=True))
+    assert not await _check(c, cmp_create(p, ">", 0, prefix=True))
+    await c.put(p + "a", "1")
+    first = await _revision(b)
+    await c.put(p + "b", "2")
+    await c.put(b.prefix + "/rc", "beside the prefix")  # not under "<prefix>/rc/"
+    await c.put(b.prefix + "/rcx", "a longer name")
+    second = await _revision(b)
+    assert not await _check(c, cmp_create(p, "=", 0, prefix=True)), "keys exist"
+    assert await _check(c, cmp_mod(p, "<", second + 1, prefix=True))
+    assert not await _check(c, cmp_mod(p, "<", first + 1, prefix=True)), "b is newer than first"
+    assert await _check(c, cmp_mod(p, ">", 0, prefix=True)), "every key passes"
+    assert not await _check(c, cmp_mod(p + "a", "=", second, prefix=True)), "only a range"
+    await c.delete(p + "b")
+    assert await _check(c, cmp_mod(p, "<", first + 1, prefix=True)), "a deleted key is not compared"
 
 
 @case()
@@ -760,3 +782,36 @@ async def read_view_round_trips_every_key(b: Backend) -> None:
     assert view.switchover == req
     await b.client.delete(s.keys.config)
     assert (await s.read_view(DynamicConfig(ttl=99))).config.ttl == 99, "the fallback without a config key"
+
+
+@case("remove_cluster")
+async def removing_a_cluster_deletes_what_was_read_and_only_while_no_agent_runs(b: Backend) -> None:
+    s, other = b.store(), b.store("c1x")  # a scope whose name extends ours
+    lease = await b.client.lease_grant(LONG_TTL)
+    term = await s.initialize(system_identifier="7001", leader="n1", lease=lease, config=DynamicConfig())
+    assert term is not None
+    await s.put_member(_member("n1", MemberRole.PRIMARY), lease)
+    await s.append_history(term, HistoryEntry(1, None, 1.0, "bootstrap", None, "n1"))
+    await other.put_member(_member("o1"), 0)
+    _, rev = await s.read_keys()
+    assert not await s.remove_cluster(rev), "a leader and a member key are held"
+    assert await s.release_leader("n1", term)
+    _, rev = await s.read_keys()
+    assert not await s.remove_cluster(rev), "a member key is still held"
+    await s.delete_member("n1")
+    _, rev = await s.read_keys()
+    stored = await s.read_config()
+    assert stored is not None
+    assert await s.write_config(DynamicConfig(ttl=20), stored[1]) is not None
+    assert not await s.remove_cluster(rev), "the config changed after the read"
+    kvs, rev = await s.read_keys()
+    assert set(kvs) == {s.keys.initialize, s.keys.config, s.keys.history}
+    assert await s.remove_cluster(rev)
+    assert await s.read_keys() == ({}, await _revision(b))
+    assert list((await other.read_view()).members) == ["o1"], "another scope is untouched"
+    # while_running: the operator accepted that agents hold keys (still only what was read)
+    await s.put_member(_member("n2"), lease)
+    _, rev = await s.read_keys()
+    assert await s.remove_cluster(rev, while_running=True)
+    assert (await s.read_keys())[0] == {}
+    await b.client.lease_revoke(lease)

@@ -11,6 +11,9 @@
 * txn compares on value, create_revision, mod_revision, version and lease with ``=``, ``!=``,
   ``<``, ``>``; an absent key compares as create/mod/version/lease 0, and a *value* compare on
   an absent key is always false (etcd cannot tell a missing value from an empty one);
+* compares over a key range (``range_end``, as ``cmp_create``/``cmp_mod`` with ``prefix=True``
+  build them): true when every key in the range passes; an empty range compares as one absent
+  key (a value compare on it fails);
 * txn success and failure branches of put, delete (prefix too) and range, a range seeing the
   earlier writes of its own txn; a branch naming one key twice is rejected like etcd does;
 * leases on an injectable clock (``now``): expiry deletes the keys attached to a lease;
@@ -18,7 +21,7 @@
   raises :class:`LeaseNotFound`;
 * ``fail = True``: every call raises :class:`EtcdUnavailable` (an etcd outage).
 
-Not modelled: watches, compaction, auth, nested txns, compares with a range_end, etcd's
+Not modelled: watches, compaction, auth, nested txns, etcd's
 minimum lease TTL.  ``tests/support/etcd_contract.py`` runs the same cases against this fake and
 against a real etcd, so what is modelled cannot drift.
 """
@@ -182,9 +185,15 @@ class FakeEtcd:
         return TxnResult(succeeded=succeeded, revision=self.revision, ranges=ranges)
 
     def _compare(self, c: dict[str, Any]) -> bool:
-        if "range_end" in c:
-            raise ValueError("fake etcd: compares with a range_end are not modelled")
-        kv = self._kvs.get(_decode_key(c["key"]))
+        if c.get("range_end"):
+            start, end = _range_of(c)
+            in_range = _in_range(self._kvs, start, end)
+            if in_range:
+                return all(self._compare_kv(c, kv) for kv in in_range)
+            return self._compare_kv(c, None)  # etcd: an empty range compares as an absent key
+        return self._compare_kv(c, self._kvs.get(_decode_key(c["key"])))
+
+    def _compare_kv(self, c: dict[str, Any], kv: KV | None) -> bool:
         target = c["target"]
         if target == "VALUE":
             if kv is None:

@@ -162,6 +162,7 @@ def member_record(
         leaderless=view.leader is None,
         updated_at=now_wall,
         version=me.version,
+        paused=view.paused,  # what this cycle decided under: the acknowledgement of a pause
     )
     lag = None if m.wal_lsn is None else max(0, reference_lsn(view) - m.wal_lsn)
     if role == MemberRole.PRIMARY:
