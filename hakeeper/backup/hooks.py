@@ -141,6 +141,7 @@ class AgentBackup:
                 run_as=pg.run_as,
                 registry=registry,
                 node=cfg.name,
+                system_identifier=pg.system_identifier,
             )
         schedules = b.effective_schedules()
         self.scheduler: ScheduleRunner | None = None
