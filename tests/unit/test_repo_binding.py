@@ -8,12 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-import structlog
 
+import hakeeper.backup.archive.archiver as archiver_module
+import hakeeper.backup.binding as binding_module
 from hakeeper.backup.archive.plan import auto_pg_wal_cap, cap_level
 from hakeeper.backup.binding import BindingMismatch, bind, binding_key, read_binding
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.core.backup_config import ArchiveConfig
+from tests.support.sim import capture_events
 from tests.unit.test_archiver import SEG, Rig, seg
 
 
@@ -49,7 +51,9 @@ async def test_archiver_binds_an_unbound_repository_on_first_use(tmp_path: Path)
     await rig.arch.close()
 
 
-async def test_archiver_refuses_a_repository_of_an_earlier_cluster_with_the_reason(tmp_path: Path) -> None:
+async def test_archiver_refuses_a_repository_of_an_earlier_cluster_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The re-created cluster: the repository holds segment 1 of the old cluster.  Without the
     binding this is a ContentConflict on every segment; with it, the repository is refused
     (down, with the reason in /status and a metric) and nothing is pushed or quarantined there,
@@ -64,8 +68,8 @@ async def test_archiver_refuses_a_repository_of_an_earlier_cluster_with_the_reas
 
     rig.arch.system_identifier = sysid
     rig.ready(seg(1))
-    with structlog.testing.capture_logs() as logs:
-        await rig.settle()
+    logs = capture_events(monkeypatch, binding_module)
+    await rig.settle()
     st = rig.arch.status()
     by_name = {r["name"]: r for r in st["repositories"]}
     assert not by_name["old"]["up"]
@@ -95,19 +99,21 @@ def test_cap_levels() -> None:
     assert cap_level(10**12, None) == 0
 
 
-async def test_auto_cap_is_read_from_pg_wal_filesystem_and_warns_at_50_and_80(tmp_path: Path) -> None:
+async def test_auto_cap_is_read_from_pg_wal_filesystem_and_warns_at_50_and_80(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rig = Rig(tmp_path, ["a"])
     rig.arch.tick()
     assert rig.arch.pg_wal_cap is not None and rig.arch.pg_wal_cap > 0  # auto: resolved from statvfs
     rig.arch.pg_wal_cap = 10 * SEG  # as if the filesystem were small
     rig.down("a")
     events: list[tuple[str, object]] = []
-    with structlog.testing.capture_logs() as logs:
-        for n in range(1, 10):
-            rig.ready(seg(n))
-            await rig.settle()
-            events += [(e["event"], e.get("percent")) for e in logs if e["event"].startswith("pg_wal_cap")]
-            logs.clear()
+    logs = capture_events(monkeypatch, archiver_module)
+    for n in range(1, 10):
+        rig.ready(seg(n))
+        await rig.settle()
+        events += [(e["event"], e.get("percent")) for e in logs if e["event"].startswith("pg_wal_cap")]
+        logs.clear()
     assert events == [("pg_wal_cap_approaching", 50), ("pg_wal_cap_approaching", 80)]
     st = rig.arch.status()["pg_wal_cap"]
     assert (st["max_bytes"], st["pending_bytes"], st["warning_level"], st["setting"]) == (
@@ -118,3 +124,25 @@ async def test_auto_cap_is_read_from_pg_wal_filesystem_and_warns_at_50_and_80(tm
     )
     assert rig.arch.metrics.pg_wal_cap_ratio._value.get() == pytest.approx(0.9)
     await rig.arch.close()
+
+
+def _segment_head(sysid: int) -> bytes:
+    """The first bytes of a WAL segment: a long page header (PostgreSQL 15's magic)."""
+    import struct
+
+    return struct.pack("<HHIQIIQII", 0xD110, 0x0002, 1, 0, 0, 0, sysid, 16 << 20, 8192) + bytes(64)
+
+
+async def test_an_unbound_repository_holding_another_clusters_wal_is_not_bound(tmp_path: Path) -> None:
+    """Repositories from before bindings: the newest archived segment's page header tells whose
+    WAL it is; binding it to the re-created cluster would only move the jam to every segment."""
+    repo = FilesystemRepository(tmp_path, name="r")
+    await repo.put_unique(f"sc/wal/{seg(1)}", _segment_head(6999))
+    await repo.put_unique(f"sc/wal/{seg(2)}", _segment_head(6999))
+    with pytest.raises(BindingMismatch) as ei:
+        await bind(repo, "sc", "7001", "archiver n1", 0.0)
+    assert f"6999 (from the newest archived segment {seg(2)})" in str(ei.value)
+    assert await read_binding(repo, "sc") is None
+    # the same cluster's WAL: bound
+    b, created = await bind(repo, "sc", "6999", "repo create", 0.0)
+    assert created and b.system_identifier == "6999"
