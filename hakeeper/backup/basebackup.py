@@ -40,6 +40,7 @@ import psycopg
 import zstandard
 
 from hakeeper.backup import catalog, layout
+from hakeeper.backup.binding import BindingMismatch, bind
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import PutResult, Repository
@@ -368,6 +369,10 @@ async def create_backup(
         )
     if primary is None:
         primary = source if not facts.in_recovery else facts.upstream
+    try:  # a repository of an earlier cluster of this scope is refused before anything is copied
+        await bind(repo, scope, facts.system_identifier, f"backup create {source.name}", time.time())
+    except BindingMismatch as e:
+        raise BackupError(str(e)) from None
     now = catalog.utcnow()
     record = await claim_backup_id(
         repo,

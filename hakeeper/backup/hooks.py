@@ -141,6 +141,7 @@ class AgentBackup:
                 run_as=pg.run_as,
                 registry=registry,
                 node=cfg.name,
+                system_identifier=pg.system_identifier,
             )
         self._registry, self._view, self._refusal, self._term = registry, view, refusal, term
         schedules = b.effective_schedules()

@@ -439,6 +439,17 @@ class Repository(ABC):
                 await self._check_marker()
                 self._marker_checked = True
 
+    async def ensure_marker(self) -> bool:
+        """:meth:`check_marker`, and a marker for a plain repository too (``hakeeper repo
+        create``): a key configured later is then refused before its first write rather than at
+        the first plain object it meets.  True if this call wrote a plain marker."""
+        await self.check_marker()
+        if self.encrypted:
+            return False
+        doc = {"format": 1, "encryption": "none", "key_fingerprint": None}
+        blob, trailer = codec.encode(json.dumps(doc, sort_keys=True).encode() + b"\n", {})
+        return await self._store(MARKER, blob, trailer, exclusive=True)  # False: check_marker read it
+
     async def _check_marker(self) -> None:
         key = self._cipher()
         for _ in range(3):

@@ -73,6 +73,13 @@ class Inputs:
     # (kind, phase) -> durations of promotions, from every agent's /metrics (sum, count)
     promotions: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    etcd_read: bool = False  # the cluster's keys were read
+    repositories_read: int = 0  # repositories that answered
+
+    @property
+    def read_nothing(self) -> bool:
+        """Neither etcd nor any repository could be read: the report is all "unknown"."""
+        return not self.etcd_read and self.repositories_read == 0
 
 
 def human_seconds(s: float) -> str:
@@ -271,6 +278,16 @@ async def _http_get(url: str, headers: Mapping[str, str], timeout: float = 5.0) 
         return r.status, await r.text(errors="replace")
 
 
+def _note_pg_wal_cap(inp: Inputs, leader: str, cap: Mapping[str, Any]) -> None:
+    """A note once the WAL waiting for archiving on the leader reaches half the pg_wal cap."""
+    if (cap.get("percent") or 0) >= 50:
+        inp.notes.append(
+            f"pg_wal on the leader {leader}: {cap['percent']}% of max_pg_wal_bytes "
+            f"({cap.get('pending_bytes')} of {cap.get('max_bytes')} bytes) waits for archiving; "
+            "at 100% the oldest is given up (a gap in the archive)"
+        )
+
+
 async def gather(cfg: NodeConfig, client: EtcdLike, headers: Mapping[str, str]) -> Inputs:
     """Read everything the report needs; what cannot be read becomes a note."""
     from hakeeper.backup.dump import load_dumps
@@ -287,6 +304,7 @@ async def gather(cfg: NodeConfig, client: EtcdLike, headers: Mapping[str, str]) 
         async with asyncio.timeout(10):
             kvs, rev = await store.read_keys()
         view = store.view_of(kvs, rev, DynamicConfig())
+        inp.etcd_read = True
         drill, success = kvs.get(store.keys.verify_last), kvs.get(store.keys.verify_last_success)
         inp.last_drill = parse_summary(drill.value if drill is not None else None)
         inp.last_success = parse_summary(success.value if success is not None else None)
@@ -312,6 +330,7 @@ async def gather(cfg: NodeConfig, client: EtcdLike, headers: Mapping[str, str]) 
                 doc = json.loads(text) if status == 200 else {}
                 arch = doc.get("archive") or {}
                 repos = arch.get("repositories") or []
+                _note_pg_wal_cap(inp, leader.name, arch.get("pg_wal_cap") or {})
                 if repos and any("rpo_seconds" in r for r in repos):
                     inp.archive_rpo = {str(r.get("name")): r.get("rpo_seconds") for r in repos}
                     inp.archive_source = f"hakeeper_archive_rpo_seconds of the leader {leader.name}"
@@ -334,6 +353,7 @@ async def gather(cfg: NodeConfig, client: EtcdLike, headers: Mapping[str, str]) 
                     inp.newest_wal_age[rc.name] = max(0.0, (inp.now - max(times)).total_seconds())
             if inp.last_success is None or inp.last_drill is None:
                 await _drills_from_repo(r, cfg.scope, inp)
+            inp.repositories_read += 1
         except RepoError as e:
             inp.notes.append(f"repository {rc.name} could not be read: {e}")
         finally:

@@ -330,22 +330,48 @@ async def _verified(repos: list[RepositoryConfig], cats: list[catalog.Catalog]) 
     return out
 
 
+async def _readable_catalogs(
+    cfg: NodeConfig, repos: list[RepositoryConfig]
+) -> tuple[list[RepositoryConfig], list[catalog.Catalog], dict[str, str]]:
+    """The catalogs of the repositories that could be read, and why each other one could not:
+    one repository down does not hide the backups of the others."""
+
+    async def one(rc: RepositoryConfig) -> catalog.Catalog | str:
+        r = make_repository(rc)
+        try:
+            return await catalog.load_catalog(r, cfg.scope, wal=False)
+        except (RepoError, OSError) as e:
+            return str(e) or type(e).__name__
+        finally:
+            await r.close()
+
+    got = await asyncio.gather(*(one(rc) for rc in repos))
+    ok = [(rc, c) for rc, c in zip(repos, got, strict=True) if isinstance(c, catalog.Catalog)]
+    failed = {rc.name: c for rc, c in zip(repos, got, strict=True) if isinstance(c, str)}
+    return [rc for rc, _ in ok], [c for _, c in ok], failed
+
+
 @backup_app.command("list")
 def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "table") -> None:
-    """Backups of every repository (or --repo), oldest first."""
+    """Backups of every repository (or --repo), oldest first.  A repository that cannot be read
+    is reported (exit 1) after the backups of the others."""
     check_output(output)
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
 
-    async def load() -> tuple[list[catalog.Catalog], dict[tuple[str, str], Any]]:
-        cats = await _catalogs(cfg, repos, wal=False)
-        return cats, await _verified(repos, cats)
+    async def load() -> tuple[list[catalog.Catalog], dict[tuple[str, str], Any], dict[str, str]]:
+        readable, cats, failed = await _readable_catalogs(cfg, repos)
+        try:
+            verified = await _verified(readable, cats)
+        except RepoError as e:  # the drill records are extra information: the list stands without
+            err.print(escape(f"warning: restore drill results not read: {e}"))
+            verified = {}
+        return cats, verified, failed
 
-    try:
-        cats, verified = asyncio.run(load())
-    except RepoError as e:
-        raise fail(str(e)) from None
+    cats, verified, failed = asyncio.run(load())
+    for name, why in failed.items():
+        err.print(escape(f"error: repository {name} could not be read: {why}"))
     now = catalog.utcnow()
     for c in cats:
         for p in c.problems:
@@ -355,6 +381,8 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
     ]
     if output != "table":
         emit_data(output, rows)
+        if failed:
+            raise typer.Exit(1)
         return
     t = Table(title=f"backups of {cfg.scope}")
     for col in (
@@ -389,9 +417,13 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             human_bytes(int(str(row["stored_size"]))),
             _verified_cell(row["verified"]),
         )
+    for name, why in failed.items():
+        t.add_row("-", escape(name), "[bold red]ERROR[/]", escape(why), *([""] * 7))
     if not rows:
         err.print("no backups")
     out.print(t)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _verified_cell(v: Any) -> str:

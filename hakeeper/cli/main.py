@@ -16,6 +16,7 @@ _COMMAND_MODULES = {
     "schedule": "schedule_cmds",
     "verify": "verify_cmds",
     "report": "verify_cmds",
+    **dict.fromkeys(("repo", "check", "info"), "repo_cmds"),
     "demo": "demo_cmd",
     "list": "cluster_cmds",
     "history": "cluster_cmds",
@@ -47,6 +48,7 @@ _ALL_MODULES = (
     "dump_cmds",
     "verify_cmds",
     "admin_cmds",
+    "repo_cmds",
 )
 
 

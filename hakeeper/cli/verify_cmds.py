@@ -1,6 +1,8 @@
 """``hakeeper verify`` (restore drills) and ``hakeeper report`` (this cluster's RPO/RTO table).
 
 docs/verify.md.  Exit codes: 0 the drill passed, 1 it failed (or could not run), 2 usage.
+``report``: 1 when neither etcd nor any repository could be read.  The checksum scan that
+pgBackRest calls verify is ``hakeeper repo verify`` (:mod:`hakeeper.cli.repo_cmds`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def verify_cmd(
 ) -> None:
     """Restore drill: restore a backup into a scratch directory on a free port, check it
     (pg_verifybackup, row counts, pg_amcheck --heapallindexed, a logical dump restored), measure
-    the RTO by phase, clean up, and record the result with the backup and in etcd.
+    the RTO by phase, clean up, and record the result with the backup and in etcd.  (The
+    checksum scan of every object, pgBackRest's verify, is `hakeeper repo verify`.)
 
     Exit 0 when the drill passed, 1 when it failed."""
     check_output(output)
@@ -138,7 +141,8 @@ def _print_drill(res: Any) -> None:
 def report_cmd(config: ConfigReq, output: OutputOpt = "table") -> None:
     """This cluster's RPO/RTO table: daily dump, WAL archive + PITR, synchronous replication and
     failover, with the values measured here (restore drills, the archive's lag now, the agents'
-    failover timings) and where each comes from; "not measured yet" where there is no data."""
+    failover timings) and where each comes from; "not measured yet" where there is no data.
+    Exit 1 when neither etcd nor any repository could be read (the table is then all unknown)."""
     check_output(output)
     cfg = load_or_exit(config)
     quiet_logging()
@@ -168,6 +172,7 @@ def report_cmd(config: ConfigReq, output: OutputOpt = "table") -> None:
                 "notes": inp.notes,
             },
         )
+        _exit_if_blind(inp)
         return
     from rich.table import Table
 
@@ -179,3 +184,10 @@ def report_cmd(config: ConfigReq, output: OutputOpt = "table") -> None:
     out.print(t)
     for n in inp.notes:
         err.print(escape(f"note: {n}"))
+    _exit_if_blind(inp)
+
+
+def _exit_if_blind(inp: Any) -> None:
+    if inp.read_nothing:
+        err.print("error: neither etcd nor any backup repository could be read; nothing above is measured")
+        raise typer.Exit(1)

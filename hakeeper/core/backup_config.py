@@ -213,13 +213,14 @@ class ArchiveConfig(_Strict):
         description="Cap of that local queue; beyond it the oldest queued WAL of a repository that "
         "stays down is dropped for that repository and the gap recorded (the others stay complete).",
     )
-    max_pg_wal_bytes: int | None = Field(
-        None,
-        ge=0,
-        description="If set: when the WAL files waiting for archiving in pg_wal (`.ready`) exceed "
-        "this, the oldest that failed to archive are given up (logged, recorded as a gap under "
-        "`<scope>/wal-gaps/`) so the primary's disk does not fill. Default: never give up (pg_wal "
-        "grows until archiving works again).",
+    max_pg_wal_bytes: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="When the WAL files waiting for archiving in pg_wal (`.ready`) exceed this, the "
+        "oldest that failed to archive are given up (logged, recorded as a gap under "
+        "`<scope>/wal-gaps/`) so the primary's disk does not fill.  `auto` (default): 25% of the size "
+        "of the filesystem holding pg_wal, read when the archiver starts; a number: bytes; null: never "
+        "give up (pg_wal grows until archiving works again or the disk is full).  Warnings at 50% "
+        "and 80% of the cap (docs/backup.md).",
     )
     parallel: int = Field(4, ge=1, le=32, description="WAL files compressed and uploaded at once.")
     compression_level: int | None = Field(

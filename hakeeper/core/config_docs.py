@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ mode 0600 (the demo writes them so).
 
 def _type_name(info: FieldInfo) -> str:
     ann = info.annotation
+    if typing.get_origin(ann) is typing.Union:  # with a Literal member: `int or "auto" or None`
+        return " or ".join(_member_name(a) for a in typing.get_args(ann))
     text = getattr(ann, "__name__", None) or str(ann)
     return (
         text.replace("typing.", "")
@@ -48,6 +51,14 @@ def _type_name(info: FieldInfo) -> str:
         .replace("NoneType", "None")
         .replace(" | ", " or ")
     )
+
+
+def _member_name(ann: Any) -> str:
+    if typing.get_origin(ann) is typing.Literal:
+        return " or ".join(json.dumps(a) for a in typing.get_args(ann))
+    if typing.get_origin(ann) is typing.Annotated:
+        return _member_name(typing.get_args(ann)[0])
+    return "None" if ann is type(None) else str(getattr(ann, "__name__", ann))
 
 
 def _default(info: FieldInfo) -> str:

@@ -328,7 +328,8 @@ async def test_pg_wal_grows_by_default_and_the_cap_gives_up_with_a_gap_record(pr
     repo.root.rename(away)  # the repository is gone (an unmounted disk)
     stuck = [await primary.switch() for _ in range(4)]
     await asyncio.sleep(3)
-    # default (max_pg_wal_bytes None): nothing is given up, PostgreSQL keeps every segment
+    # default (max_pg_wal_bytes auto: 25% of the filesystem, far above 4 segments): nothing is
+    # given up, PostgreSQL keeps every segment
     assert primary.ready_files() == stuck
     assert a.status()["given_up_files"] == 0 and a.status()["pending_files"] == 4
     assert not list((primary.spool / "gaps").glob("*.json"))

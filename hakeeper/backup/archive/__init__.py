@@ -23,9 +23,10 @@ Caps:
   still waiting for them) and the gap is recorded: a JSON record in ``<spool>/gaps/`` (fsynced
   before anything is dropped) that is published as ``<scope>/wal-gaps/<id>.json`` to every
   repository as soon as it is reachable.
-* ``max_pg_wal_bytes`` (default None: never): when the ``.ready`` files in pg_wal exceed it, the
-  ones that failed to archive are given up in PostgreSQL's order (history first, then oldest):
-  gap record first, then the marker, so PostgreSQL can recycle them.
+* ``max_pg_wal_bytes`` (default ``auto``: 25% of pg_wal's filesystem; None: never): when the
+  ``.ready`` files in pg_wal exceed it, the ones that failed to archive are given up in
+  PostgreSQL's order (history first, then oldest): gap record first, then the marker, so
+  PostgreSQL can recycle them.  Warnings at 50% and 80% of it.
 
 ``put_unique`` raising :class:`ContentConflict` (an object of that name with other content; the
 repository quarantined our copy) is a hard error for that file: logged, counted, shown in

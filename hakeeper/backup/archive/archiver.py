@@ -7,9 +7,10 @@ import asyncio
 import collections
 import contextlib
 import functools
+import os
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,19 @@ from hakeeper.backup.archive.gaps import GAP_FORMAT, GAPS_DIR, GapBook, GapRecor
 from hakeeper.backup.archive.metrics import ArchiveMetrics, latency_quantiles
 from hakeeper.backup.archive.permission import Permission
 from hakeeper.backup.archive.pgwal import scan_ready, sync_files
-from hakeeper.backup.archive.plan import ReadyInfo, archive_order, backoff, plan_give_up, plan_queue_drops
+from hakeeper.backup.archive.plan import (
+    ReadyInfo,
+    archive_order,
+    auto_pg_wal_cap,
+    backoff,
+    cap_level,
+    plan_give_up,
+    plan_queue_drops,
+)
 from hakeeper.backup.archive.spool import QUEUE_DIR, SpoolQueue
 from hakeeper.backup.archive.state import PushOutcome, ReadyFile, RepoState
 from hakeeper.backup.archive.switch import SwitchCheck
+from hakeeper.backup.binding import BindingMismatch, bind
 from hakeeper.backup.errors import ContentConflict, NotFound, RepoError
 from hakeeper.core.timefmt import iso
 from hakeeper.util.fsutil import UnsafePathError, read_regular
@@ -113,7 +123,10 @@ class Archiver:
         run_as: RunAs = RunAs(),
         registry: CollectorRegistry | None = None,
         node: str = "",
+        system_identifier: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
+        """``system_identifier``: the local cluster's (pg_control); with it, every repository's
+        binding (:mod:`hakeeper.backup.binding`) is checked before the first write to it."""
         if not repositories:
             raise ValueError("the archiver needs at least one repository")
         self.scope = scope
@@ -126,6 +139,10 @@ class Archiver:
         self.permission = Permission(may_archive, refusal_reason)
         self.run_as = run_as
         self.node = node
+        self.system_identifier = system_identifier
+        self.pg_wal_cap: int | None = None if cfg.max_pg_wal_bytes == "auto" else cfg.max_pg_wal_bytes
+        self._cap_resolved = cfg.max_pg_wal_bytes != "auto"
+        self._cap_level = 0
         self.repos: dict[str, RepoState] = {r.name: RepoState(r) for r in repositories}
         self.queue = SpoolQueue(spool_dir / QUEUE_DIR, list(self.repos))
         self.gaps = GapBook(spool_dir / GAPS_DIR, list(self.repos))
@@ -260,6 +277,7 @@ class Archiver:
         sync_files(self.files, ready, self.pg_wal)
         self.markers.put_back(self.files.values(), ready, now)
         self._enforce_pg_wal_cap(now)
+        self._watch_pg_wal_cap()
         self._schedule(now)
         if now - self._last_sweep > ORPHAN_SWEEP_EVERY:
             self._last_sweep = now
@@ -317,6 +335,7 @@ class Archiver:
         now = time.monotonic()
         try:
             async with asyncio.timeout(self.cfg.repo_timeout):
+                await self._ensure_bound(rs)
                 await rs.repo.put_unique(key, data, meta={"node": self.node} if self.node else None)
         except ContentConflict as e:
             rs.conflicts += 1
@@ -480,6 +499,7 @@ class Archiver:
             now = time.monotonic()
             try:
                 async with asyncio.timeout(self.cfg.repo_timeout):
+                    await self._ensure_bound(rs)  # a refused repository stays down
                     await rs.repo.stat(f"{self.scope}/wal-gaps/probe")
             except NotFound:
                 rs.ok(None)
@@ -499,6 +519,7 @@ class Archiver:
             now = time.monotonic()
             try:
                 async with asyncio.timeout(self.cfg.repo_timeout):
+                    await self._ensure_bound(rs)
                     await rs.repo.put_unique(gap_key(self.scope, rec.gap_id), rec.body)
             except ContentConflict as e:
                 log.error("archive_gap_record_conflict", repo=rs.name, gap=rec.gap_id, error=str(e))
@@ -561,7 +582,7 @@ class Archiver:
                 await asyncio.to_thread(self.queue.remove, repo, n)
 
     def _enforce_pg_wal_cap(self, now: float) -> None:
-        cap = self.cfg.max_pg_wal_bytes
+        cap = self._resolve_pg_wal_cap()
         if cap is None:
             return
         infos = [
@@ -586,7 +607,7 @@ class Archiver:
                     names,
                     list(lacking),
                     "pg_wal_cap",
-                    detail=f".ready WAL in pg_wal over max_pg_wal_bytes={self.cfg.max_pg_wal_bytes}",
+                    detail=f".ready WAL in pg_wal over max_pg_wal_bytes={self.pg_wal_cap}",
                 )
             if not self.permission.granted():
                 return
@@ -599,6 +620,67 @@ class Archiver:
         finally:
             for f in victims:
                 f.in_flight = False
+
+    def _resolve_pg_wal_cap(self) -> int | None:
+        """The pg_wal cap in bytes (``auto``: from pg_wal's filesystem, once it exists)."""
+        if not self._cap_resolved:
+            try:
+                st = os.statvfs(self.pg_wal)
+            except OSError:
+                return None  # no pg_wal yet (before initdb): nothing to cap
+            self.pg_wal_cap = auto_pg_wal_cap(st.f_blocks * st.f_frsize)
+            self._cap_resolved = True
+            log.info(
+                "pg_wal_cap_resolved",
+                max_pg_wal_bytes=self.pg_wal_cap,
+                setting="auto",
+                pg_wal=str(self.pg_wal),
+            )
+        return self.pg_wal_cap
+
+    def pending_bytes(self) -> int:
+        """Bytes of the ``.ready`` files not handed back: what the pg_wal cap counts."""
+        return sum(f.size for f in self.files.values() if not f.done)
+
+    def _watch_pg_wal_cap(self) -> None:
+        """Warn long before the cap gives WAL up: at 50% and 80% of it (once per level
+        reached), and say when the WAL waiting fell back under 50%."""
+        cap, pending = self.pg_wal_cap, self.pending_bytes()
+        level = cap_level(pending, cap)
+        self.metrics.pg_wal_cap.set(float("nan") if cap is None else cap)
+        self.metrics.pg_wal_cap_ratio.set(float("nan") if not cap else pending / cap)
+        if level > self._cap_level:
+            log.warning(
+                "pg_wal_cap_approaching",
+                percent=level,
+                pending_bytes=pending,
+                max_pg_wal_bytes=cap,
+                reason="WAL is not being archived; at the cap the oldest unarchived WAL is given up "
+                "(a gap in the archive: no PITR across it)",
+                last_error=self.last_error,
+            )
+        elif level == 0 and self._cap_level > 0:
+            log.info("pg_wal_cap_relieved", pending_bytes=pending, max_pg_wal_bytes=cap)
+        self._cap_level = level
+
+    async def _ensure_bound(self, rs: RepoState) -> None:
+        """Before the first write to a repository: its ``<scope>/`` must belong to this
+        cluster (bound on first use if it has no binding yet); :class:`BindingMismatch`
+        otherwise, which makes the repository down with that reason (a probe checks again)."""
+        if rs.bound or self.system_identifier is None:
+            return
+        sysid = await self.system_identifier()
+        if sysid is None:
+            return  # not known yet (no pg_control): checked at the next write
+        try:
+            await bind(rs.repo, self.scope, sysid, f"archiver {self.node}".strip(), time.time())
+        except BindingMismatch as e:
+            rs.binding_error = str(e)
+            self.metrics.binding_refused.labels(rs.name).set(1)
+            raise
+        rs.bound = True
+        rs.binding_error = None
+        self.metrics.binding_refused.labels(rs.name).set(0)
 
     # ------------------------------------------------------------------ after a promotion
 
@@ -637,6 +719,7 @@ class Archiver:
                     "last_error_at": iso(rs.last_error_at),
                     "rpo_seconds": None if rs.durable_at is None else round(max(0.0, now - rs.durable_at), 3),
                     "durable_through": iso(rs.durable_at),
+                    "binding_error": rs.binding_error,
                 }
             )
         return {
@@ -658,6 +741,15 @@ class Archiver:
             },
             "gaps": {"recorded": self.gaps.count, "unpublished": len(self.gaps.records)},
             "given_up_files": self.given_up_files,
+            "pg_wal_cap": {
+                "max_bytes": self.pg_wal_cap,
+                "setting": self.cfg.max_pg_wal_bytes,
+                "pending_bytes": self.pending_bytes(),
+                "percent": None
+                if not self.pg_wal_cap
+                else round(100.0 * self.pending_bytes() / self.pg_wal_cap, 1),
+                "warning_level": self._cap_level,
+            },
             "conflicted_files": conflicted,
             "recent_conflicts": list(self.recent_conflicts),
             "switch_check": self.switch_check.report,

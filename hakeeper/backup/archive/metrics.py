@@ -73,6 +73,22 @@ class ArchiveMetrics:
             ["repository"],
             registry=r,
         )
+        self.pg_wal_cap = Gauge(
+            "hakeeper_archive_pg_wal_cap_bytes",
+            "max_pg_wal_bytes in effect (NaN: no cap): beyond it unarchived WAL is given up",
+            registry=r,
+        )
+        self.pg_wal_cap_ratio = Gauge(
+            "hakeeper_archive_pg_wal_cap_ratio",
+            "Bytes of .ready WAL not handed back, as a share of max_pg_wal_bytes (1: WAL is given up)",
+            registry=r,
+        )
+        self.binding_refused = Gauge(
+            "hakeeper_archive_repository_refused",
+            "1 while a repository is refused because it belongs to another system identifier",
+            ["repo"],
+            registry=r,
+        )
         self.latency = Histogram(
             "hakeeper_archive_latency_seconds",
             "From a WAL file's .ready to its hand-back to PostgreSQL (durable)",

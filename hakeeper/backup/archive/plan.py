@@ -89,3 +89,25 @@ def backoff(attempts: int, lo: float = BACKOFF_MIN, hi: float = BACKOFF_MAX) -> 
     if attempts <= 0:
         return 0.0
     return float(min(hi, lo * 2 ** min(attempts - 1, 20)))
+
+
+AUTO_PG_WAL_FRACTION = 0.25  # max_pg_wal_bytes "auto": this share of pg_wal's filesystem
+CAP_WARN_LEVELS = (50, 80)  # percent of the pg_wal cap at which the archiver warns
+
+
+def auto_pg_wal_cap(filesystem_bytes: int) -> int:
+    """The pg_wal cap ``auto`` stands for on a filesystem of ``filesystem_bytes`` (decisions.md:
+    a quarter leaves the rest of the disk to the data and to WAL PostgreSQL keeps anyway --
+    max_wal_size, wal_keep_size, slots -- while hours of WAL at ordinary rates fit below it)."""
+    return int(filesystem_bytes * AUTO_PG_WAL_FRACTION)
+
+
+def cap_level(pending_bytes: int, cap: int | None) -> int:
+    """The highest warning level (percent of ``cap``: 0, 50, 80 or 100) that ``pending_bytes``
+    (the ``.ready`` bytes not handed back) has reached; 0 without a cap."""
+    if cap is None or cap <= 0:
+        return 0 if cap is None else 100 if pending_bytes > 0 else 0
+    pct = 100.0 * pending_bytes / cap
+    if pct >= 100:
+        return 100
+    return max((lvl for lvl in CAP_WARN_LEVELS if pct >= lvl), default=0)

@@ -38,6 +38,8 @@ class RepoState:
     # durable_at, the .ready time of the newest file with every older one stored here too
     stored_ready: dict[str, float] = field(default_factory=dict)
     durable_at: float | None = None
+    bound: bool = False  # the repository's binding was checked (or written) by this process
+    binding_error: str | None = None  # why it refuses this cluster (BindingMismatch)
 
     @property
     def name(self) -> str:
