@@ -115,8 +115,8 @@ AGENT_OWNED_PARAMETERS = frozenset(
         "recovery_target_timeline",
         "hot_standby",
         "synchronous_standby_names",
-        # The socket stays in a directory only the PostgreSQL OS user can enter, which is what
-        # makes the superuser's `local ... trust` lines in pg_hba.conf safe.
+        # The agent's own socket stays in a directory only the PostgreSQL OS user can enter; a
+        # node file may add directories of its own (see SOCKET_DIRS_PARAMETER), never etcd.
         "unix_socket_directories",
         # Written from postgresql.tls, pointing at the agent's private copies of the files.
         "ssl",
@@ -127,6 +127,25 @@ AGENT_OWNED_PARAMETERS = frozenset(
 )
 # Of those, the ones the agent itself hands to the PostgreSQL layer in its parameters.
 AGENT_SET_PARAMETERS = frozenset({"synchronous_standby_names"})
+# Of those, the one a node file may set: its directories are added after the agent's own
+# private one (``sudo -u postgres psql`` finds the socket where Debian's tools look), and the
+# superuser's local lines in pg_hba.conf then use peer authentication instead of trust.
+SOCKET_DIRS_PARAMETER = "unix_socket_directories"
+
+
+def socket_directories(value: ParamValue) -> list[str]:
+    """The directories of a node file's ``unix_socket_directories`` (comma-separated absolute
+    paths; empty entries dropped).  Raises ValueError for a value PostgreSQL or the agent could
+    not use."""
+    if not isinstance(value, str):
+        raise ValueError(f"{SOCKET_DIRS_PARAMETER}: want comma-separated absolute directories")
+    dirs = [d.strip() for d in value.split(",") if d.strip()]
+    for d in dirs:
+        # Quotes and control characters would need PostgreSQL's list quoting; no real
+        # socket directory has them.
+        if not d.startswith("/") or any(c in d for c in "\"'") or not d.isprintable():
+            raise ValueError(f"{SOCKET_DIRS_PARAMETER}: {d!r} is not an absolute directory path")
+    return dirs
 
 
 def _check_parameters(params: dict[str, ParamValue]) -> None:
@@ -511,7 +530,15 @@ class PostgresConfig(_Strict):
         problem = _managed_problem(params)
         if problem is not None:
             raise ValueError(problem)
+        if SOCKET_DIRS_PARAMETER in params:
+            socket_directories(params[SOCKET_DIRS_PARAMETER])
         return params
+
+    @property
+    def socket_dirs(self) -> list[str]:
+        """The node file's own Unix socket directories (besides the agent's private one)."""
+        value = self.parameters.get(SOCKET_DIRS_PARAMETER)
+        return [] if value is None else socket_directories(value)
 
     @field_validator("pg_hba")
     @classmethod
@@ -532,7 +559,7 @@ class PostgresConfig(_Strict):
 
 
 def _managed_problem(params: dict[str, Any]) -> str | None:
-    owned = sorted(set(params) & AGENT_OWNED_PARAMETERS)
+    owned = sorted(set(params) & (AGENT_OWNED_PARAMETERS - {SOCKET_DIRS_PARAMETER}))
     return f"managed by hakeeper, set them elsewhere: {', '.join(owned)}" if owned else None
 
 
