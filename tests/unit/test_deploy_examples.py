@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,38 @@ def test_etcd_example_wants_tls_client_certificates_everywhere() -> None:
         assert sec["client-cert-auth"] is True
         assert {"cert-file", "key-file", "trusted-ca-file"} <= set(sec)
     assert conf["enable-grpc-gateway"] is True  # hakeeper's only way in
+
+
+@pytest.mark.parametrize("path", NODE_FILES, ids=lambda p: p.name)
+def test_node_examples_archive_and_keep_debians_socket(path: Path) -> None:
+    """The guide's cluster archives WAL (a repository in every node file), and the socket is
+    also where Debian's psql looks."""
+    cfg = load_node_config(path)
+    assert [(r.name, r.type, str(r.path)) for r in cfg.backup.repositories] == [
+        ("main", "fs", "/srv/pg-backup")
+    ]
+    assert cfg.postgresql.socket_dirs == ["/var/run/postgresql"]
+
+
+DOCS = DEPLOY.parent / "docs"
+
+
+def _fenced_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def test_deployment_guide_haproxy_snippet_is_the_tested_file() -> None:
+    """docs/deployment.md shows deploy/haproxy.cfg's services verbatim (the file is what
+    tests/integration/test_haproxy.py runs against a real cluster)."""
+    (snippet,) = _fenced_blocks((DOCS / "deployment.md").read_text(), "haproxy")
+    cfg = (DEPLOY / "haproxy.cfg").read_text()
+    assert snippet.startswith("listen postgres_write\n")
+    assert cfg.endswith(snippet), "the snippet must be the file's tail, from `listen postgres_write` on"
+    assert "listen postgres_read\n" in snippet and "GET /replica?lag=16MB" in snippet
+
+
+def test_deployment_guide_uses_runuser_not_sudo() -> None:
+    text = (DOCS / "deployment.md").read_text()
+    commands = "\n".join(_fenced_blocks(text, "sh")) + "\n".join(re.findall(r"`([^`]+)`", text))
+    assert "sudo -u" not in commands
+    assert "runuser -u postgres -- hakeeper config validate" in text
