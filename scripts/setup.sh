@@ -10,7 +10,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(postgresql-15 etcd-server haproxy python3-venv make zstd)
+# curl and iproute2 (ip): the integration tests and chaos partitions; etcd-client: the etcdctl of
+# docs/deployment.md (etcd-server only Suggests it).
+PACKAGES=(postgresql-15 etcd-server etcd-client haproxy python3-venv make zstd curl iproute2)
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.hakeeper-setup-stamp"

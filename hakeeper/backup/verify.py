@@ -60,7 +60,7 @@ from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.config import secret_value
 from hakeeper.core.keys import Keys
-from hakeeper.pg.conf import build_conninfo
+from hakeeper.pg.conf import build_conninfo, first_socket_dir
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, dirs_of_dead_processes, pid_alive, postmaster_pid, resolve_run_as, run
 
@@ -334,7 +334,7 @@ class _Drill:
             self.check("pg_verifybackup", False, f"exit {r.returncode}: {r.tail(12)}", t0)
 
     def conninfo(self, res: RestoreResult, dbname: str = "postgres") -> str:
-        host = res.settings.get("unix_socket_directories") or "127.0.0.1"
+        host = first_socket_dir(res.settings.get("unix_socket_directories", "")) or "127.0.0.1"
         ci = build_conninfo(
             host=host,
             port=_port_of(res),
@@ -430,7 +430,7 @@ class _Drill:
             "--install-missing",
             "--no-password",  # PGPASSWORD, when there is one
             "-h",
-            res.settings.get("unix_socket_directories") or "127.0.0.1",
+            first_socket_dir(res.settings.get("unix_socket_directories", "")) or "127.0.0.1",
             "-p",
             str(_port_of(res)),
             "-U",

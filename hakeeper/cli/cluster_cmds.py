@@ -114,6 +114,9 @@ def etcd_config_for_urls(urls: list[str]) -> EtcdConfig:
     except ValidationError as e:
         for field, msg in format_validation_error(e):
             where = f"{ETCD_ENV}{field.upper()}" if field in ETCD_ENV_FIELDS else f"--etcd ({field})"
+            index = field.removeprefix("hosts.")
+            if index.isdigit() and int(index) < len(urls):  # the URL itself, not its list position
+                where = f"--etcd {urls[int(index)]}"
             err.print(f"{where}: {msg}", markup=False)
         raise typer.Exit(2) from None
 

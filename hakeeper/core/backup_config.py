@@ -8,9 +8,20 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+
+from hakeeper.core.validation import Loc, raw_list, raw_names, validate_collecting
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # fullmatch: "$" accepts a trailing newline
 
@@ -376,6 +387,13 @@ class BackupConfig(_Strict):
         "often (s), so WAL flows and the archive RPO is measurable; 0: off.  Only with a repository.",
     )
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _all_errors(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Repeated names and schedules naming an unknown repository are reported together with
+        # a field error elsewhere in the section, not after it is fixed.
+        return validate_collecting(cls.__name__, data, handler, _raw_backup_problems)
+
     @model_validator(mode="after")
     def _unique(self) -> BackupConfig:
         counts = Counter(r.name for r in self.repositories)
@@ -416,6 +434,31 @@ class BackupConfig(_Strict):
         if not self.repositories:
             return []
         return [ScheduleConfig.model_validate(d) for d in DEFAULT_SCHEDULES]
+
+
+def _repeated(names: list[str]) -> list[str]:
+    return sorted(n for n, c in Counter(names).items() if c > 1)
+
+
+def _raw_backup_problems(data: Any) -> list[tuple[Loc, str]]:
+    """BackupConfig's cross-field checks on the raw section (see validate_collecting)."""
+    out: list[tuple[Loc, str]] = []
+    repos = raw_list(data, "repositories")
+    known = set(raw_names(repos))
+    dup = _repeated(raw_names(repos))
+    if dup:
+        out.append(((), f"repository names must be unique; repeated: {', '.join(dup)}"))
+    scheds = raw_list(data, "schedules")
+    dup = _repeated(raw_names(scheds))
+    if dup:
+        out.append(((), f"schedules: names must be unique; repeated: {', '.join(dup)}"))
+    for i, s in enumerate(scheds):
+        wanted = s.get("repositories") if isinstance(s, dict) else None
+        if isinstance(wanted, list) and repos:
+            unknown = sorted({r for r in wanted if isinstance(r, str)} - known)
+            if unknown:
+                out.append(((), f"schedules.{i}.repositories: unknown repository {', '.join(unknown)}"))
+    return out
 
 
 class WalToolConfig(_Strict):

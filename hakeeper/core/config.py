@@ -9,33 +9,42 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
+    SettingsError,
 )
 
 from hakeeper.core.backup_config import BackupConfig
 from hakeeper.core.fencing import FENCER_KILL_GRACE, FENCER_POLL, MIN_KEEPALIVE_TIMEOUT, min_fence_margin
 from hakeeper.core.hba import hba_line_problem
 from hakeeper.core.lsn import parse_lsn
+from hakeeper.core.validation import Loc, validate_collecting
 
 ENV_PREFIX = "HAKEEPER_"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # always fullmatch: "$" accepts a trailing newline
@@ -64,6 +73,33 @@ COMMAND_PARAMETERS = frozenset(
 
 ParamValue = str | int | float | bool
 
+
+def _scalar(value: object) -> object:
+    # Checked before the union, so `shared_buffers: [1GB]` is one error, not one per member
+    # of str | int | float | bool.
+    if value is None or isinstance(value, list | dict):
+        kind = "nothing" if value is None else f"a {'list' if isinstance(value, list) else 'mapping'}"
+        raise ValueError(f"must be a string, number or boolean, not {kind}")
+    return value
+
+
+# A parameter's value as a field type (ParamValue stays the plain union for type hints).
+_ParamField = Annotated[ParamValue, BeforeValidator(_scalar)]
+
+# Passwords of the examples in deploy/ and the docs: a node file still carrying one was copied
+# without being filled in, and every node would share a password anyone can read on the web.
+_PLACEHOLDER_RE = re.compile(r"change[-_ ]?me", re.IGNORECASE)
+
+
+def _not_placeholder(v: SecretStr | None) -> SecretStr | None:
+    if v is not None and _PLACEHOLDER_RE.match(v.get_secret_value()):
+        raise ValueError(
+            "still the example's placeholder (CHANGE-ME...): generate a secret, e.g. "
+            "`openssl rand -base64 24`"
+        )
+    return v
+
+
 # Parameters the agent owns: users may not set them in `parameters`, because the agent writes
 # them itself (per role) and a mismatch would silently break replication or fencing.
 AGENT_OWNED_PARAMETERS = frozenset(
@@ -79,8 +115,8 @@ AGENT_OWNED_PARAMETERS = frozenset(
         "recovery_target_timeline",
         "hot_standby",
         "synchronous_standby_names",
-        # The socket stays in a directory only the PostgreSQL OS user can enter, which is what
-        # makes the superuser's `local ... trust` lines in pg_hba.conf safe.
+        # The agent's own socket stays in a directory only the PostgreSQL OS user can enter; a
+        # node file may add directories of its own (see SOCKET_DIRS_PARAMETER), never etcd.
         "unix_socket_directories",
         # Written from postgresql.tls, pointing at the agent's private copies of the files.
         "ssl",
@@ -91,6 +127,25 @@ AGENT_OWNED_PARAMETERS = frozenset(
 )
 # Of those, the ones the agent itself hands to the PostgreSQL layer in its parameters.
 AGENT_SET_PARAMETERS = frozenset({"synchronous_standby_names"})
+# Of those, the one a node file may set: its directories are added after the agent's own
+# private one (``sudo -u postgres psql`` finds the socket where Debian's tools look), and the
+# superuser's local lines in pg_hba.conf then use peer authentication instead of trust.
+SOCKET_DIRS_PARAMETER = "unix_socket_directories"
+
+
+def socket_directories(value: ParamValue) -> list[str]:
+    """The directories of a node file's ``unix_socket_directories`` (comma-separated absolute
+    paths; empty entries dropped).  Raises ValueError for a value PostgreSQL or the agent could
+    not use."""
+    if not isinstance(value, str):
+        raise ValueError(f"{SOCKET_DIRS_PARAMETER}: want comma-separated absolute directories")
+    dirs = [d.strip() for d in value.split(",") if d.strip()]
+    for d in dirs:
+        # Quotes and control characters would need PostgreSQL's list quoting; no real
+        # socket directory has them.
+        if not d.startswith("/") or any(c in d for c in "\"'") or not d.isprintable():
+            raise ValueError(f"{SOCKET_DIRS_PARAMETER}: {d!r} is not an absolute directory path")
+    return dirs
 
 
 def _check_parameters(params: dict[str, ParamValue]) -> None:
@@ -139,8 +194,38 @@ def _split_hostport(value: str, default_port: int) -> tuple[str, int]:
     return host, port_no
 
 
+def _etcd_url(h: str) -> str:
+    """One etcd client URL, checked here rather than at the first request (an aiohttp error
+    at run time, or a port that can never connect)."""
+    if "," in h:
+        raise ValueError(f"{h!r}: one URL per list entry, not several joined by commas")
+    if not h or any(c.isspace() for c in h):
+        raise ValueError(f"{h!r}: a URL may not be empty or contain spaces")
+    if "://" not in h:
+        h = "http://" + h
+    if not h.startswith(("http://", "https://")):
+        raise ValueError(f"etcd host {h!r} must use http:// or https://")
+    # Refused rather than masked: a URL is logged and shown in errors in many places,
+    # and one forgotten place would print the password.
+    if "@" in h.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(
+            "etcd host URLs must not carry credentials (user:password@host); "
+            "use etcd.username and etcd.password"
+        )
+    parts = urlsplit(h)
+    if not parts.hostname:
+        raise ValueError(f"{h!r} names no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"invalid port in {h!r} (want 1-65535)") from None
+    if port == 0:
+        raise ValueError(f"invalid port in {h!r} (want 1-65535)")
+    return h.rstrip("/")
+
+
 class EtcdConfig(_Strict):
-    hosts: list[str] = Field(
+    hosts: list[Annotated[str, AfterValidator(_etcd_url)]] = Field(
         default_factory=lambda: ["http://127.0.0.1:2379"],
         description="etcd client URLs (http:// or https://); the client rotates through them.",
         min_length=1,
@@ -152,24 +237,7 @@ class EtcdConfig(_Strict):
     username: str | None = Field(None, description="etcd user (etcd authentication).")
     password: SecretStr | None = Field(None, description="etcd password.")
 
-    @field_validator("hosts")
-    @classmethod
-    def _urls(cls, hosts: list[str]) -> list[str]:
-        out = []
-        for h in hosts:
-            if "://" not in h:
-                h = "http://" + h
-            if not h.startswith(("http://", "https://")):
-                raise ValueError(f"etcd host {h!r} must use http:// or https://")
-            # Refused rather than masked: a URL is logged and shown in errors in many places,
-            # and one forgotten place would print the password.
-            if "@" in h.split("://", 1)[1].split("/", 1)[0]:
-                raise ValueError(
-                    "etcd host URLs must not carry credentials (user:password@host); "
-                    "use etcd.username and etcd.password"
-                )
-            out.append(h.rstrip("/"))
-        return out
+    _placeholder = field_validator("password")(_not_placeholder)
 
     @model_validator(mode="after")
     def _pairs(self) -> EtcdConfig:
@@ -278,6 +346,8 @@ class ApiConfig(_Strict):
             _split_hostport(v, 8008)
         return v
 
+    _placeholder = field_validator("password", "token")(_not_placeholder)
+
     @field_validator("allowlist", "health_reserve_allowlist")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
@@ -343,6 +413,7 @@ class RoleCredentials(Credentials):
             raise ValueError("must not be empty")
         if any(c in text for c in "\n\r\x00"):
             raise ValueError("must not contain a line break or NUL")
+        _not_placeholder(v)
         return v
 
 
@@ -383,7 +454,7 @@ class PostgresConfig(_Strict):
     # Required: their passwords have no default (see RoleCredentials).
     superuser: SuperuserCredentials = Field(description="The superuser the agent connects as.")
     replication: ReplicationCredentials = Field(description="The role replicas stream as.")
-    parameters: dict[str, ParamValue] = Field(
+    parameters: dict[str, _ParamField] = Field(
         default_factory=dict, description="Node-local PostgreSQL parameters."
     )
     pg_hba: list[str] = Field(
@@ -411,6 +482,31 @@ class PostgresConfig(_Strict):
         "node stays down, says why in 'hakeeper list', and waits for 'hakeeper reinit'.",
     )
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _all_errors(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # A managed parameter is reported together with a bad value of another parameter.
+        return validate_collecting(cls.__name__, data, handler, _raw_postgres_problems)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_given(cls, v: Any) -> Any:
+        # An empty HAKEEPER_POSTGRESQL__DATA_DIR would otherwise become Path("."), the agent's
+        # working directory.
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(
+                f"{str(v)!r} must be an absolute path (a relative one would depend on the agent's "
+                "working directory: / under systemd)"
+            )
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _role_sections(cls, data: Any) -> Any:
@@ -431,10 +527,18 @@ class PostgresConfig(_Strict):
     @classmethod
     def _params(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
         _check_parameters(params)
-        owned = sorted(set(params) & AGENT_OWNED_PARAMETERS)
-        if owned:
-            raise ValueError(f"managed by hakeeper, set them elsewhere: {', '.join(owned)}")
+        problem = _managed_problem(params)
+        if problem is not None:
+            raise ValueError(problem)
+        if SOCKET_DIRS_PARAMETER in params:
+            socket_directories(params[SOCKET_DIRS_PARAMETER])
         return params
+
+    @property
+    def socket_dirs(self) -> list[str]:
+        """The node file's own Unix socket directories (besides the agent's private one)."""
+        value = self.parameters.get(SOCKET_DIRS_PARAMETER)
+        return [] if value is None else socket_directories(value)
 
     @field_validator("pg_hba")
     @classmethod
@@ -452,6 +556,18 @@ class PostgresConfig(_Strict):
     @property
     def connect_host_port(self) -> tuple[str, int]:
         return _split_hostport(self.connect_address or self.listen, 5432)
+
+
+def _managed_problem(params: dict[str, Any]) -> str | None:
+    owned = sorted(set(params) & (AGENT_OWNED_PARAMETERS - {SOCKET_DIRS_PARAMETER}))
+    return f"managed by hakeeper, set them elsewhere: {', '.join(owned)}" if owned else None
+
+
+def _raw_postgres_problems(data: Any) -> list[tuple[Loc, str]]:
+    """PostgresConfig's parameter-name check on the raw section (see validate_collecting)."""
+    params = data.get("parameters") if isinstance(data, dict) else None
+    problem = _managed_problem(params) if isinstance(params, dict) else None
+    return [(("parameters",), problem)] if problem is not None else []
 
 
 class Tags(_Strict):
@@ -472,7 +588,7 @@ class LogConfig(_Strict):
 
 
 class DynamicPostgres(_Strict):
-    parameters: dict[str, ParamValue] = Field(
+    parameters: dict[str, _ParamField] = Field(
         default_factory=dict,
         description="Cluster-wide PostgreSQL parameters (must match on all nodes).  Parameters that "
         "run a command or load a library (restore_command, shared_preload_libraries, ...) are refused "
@@ -718,7 +834,8 @@ class NodeConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_assignment=True
     )
-    _yaml_path: ClassVar[Path | None] = None
+    # The node file's content, already parsed (load_node_config): below the environment.
+    _file_data: ClassVar[dict[str, Any] | None] = None
 
     scope: str = Field(description="Cluster name; every node of one cluster uses the same.")
     namespace: str = Field("/hakeeper", description="etcd key prefix above the scope.")
@@ -756,8 +873,8 @@ class NodeConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._yaml_path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_path))
+        if cls._file_data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=cls._file_data))
         return tuple(sources)
 
     @model_validator(mode="after")
@@ -806,10 +923,14 @@ _MISSING_HINTS: dict[tuple[str, ...], str] = {
 }
 
 
+# pydantic's prefix of a ValueError raised by a validator: noise in front of our own message.
+_VALUE_ERROR_PREFIX = "Value error, "
+
+
 def format_validation_error(e: ValidationError) -> list[tuple[str, str]]:
     out = []
     for err in e.errors():
-        msg = err["msg"]
+        msg = err["msg"].removeprefix(_VALUE_ERROR_PREFIX)
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif err["type"] == "missing":
@@ -821,6 +942,117 @@ def format_validation_error(e: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
+def _decode(raw: bytes, src: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            src, [(f"line {line}", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})")]
+        ) from None
+
+
+def _key_path(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _duplicate_keys(node: yaml.Node, path: tuple[str | int, ...], seen: set[int]) -> list[tuple[str, str]]:
+    """Keys given twice in one mapping, anywhere in the document: YAML keeps the last one
+    silently (a second ``postgresql:`` would drop the first, passwords included)."""
+    if id(node) in seen:  # an alias of a node already walked
+        return []
+    seen.add(id(node))
+    out: list[tuple[str, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key_node.start_mark.line + 1
+            if key in first:
+                out.append(
+                    (
+                        _key_path((*path, key)),
+                        f"duplicate key {key!r} at lines {first[key]} and {line} (YAML would keep "
+                        "only the last one, silently)",
+                    )
+                )
+            else:
+                first[key] = line
+            out += _duplicate_keys(value_node, (*path, key), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicate_keys(item, (*path, i), seen)
+    return out
+
+
+def parse_yaml_strict(text: str, src: str) -> Any:
+    """The YAML document in ``text``; ConfigError for a syntax error or a key given twice."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        dups = [] if node is None else _duplicate_keys(node, (), set())
+        if dups:
+            raise ConfigError(src, dups)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise ConfigError(src, [(where, f"invalid YAML: {getattr(e, 'problem', e)}")]) from None
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The members of an annotation (``X | None`` -> [X, None], ``Annotated[X, ...]`` -> [X])."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _unwrap(a)]
+    return [annotation]
+
+
+def _env_field(var: str) -> tuple[str, bool] | None:
+    """For ``HAKEEPER_ETCD__HOSTS``: ("etcd.hosts", True when the value must be JSON), or None
+    when the variable names no field."""
+    model: Any = NodeConfig
+    names: list[str] = []
+    annotation: Any = None
+    for part in var.removeprefix(ENV_PREFIX).lower().split("__"):
+        fields = getattr(model, "model_fields", None) if model is not None else None
+        if not fields or part not in fields:
+            return None
+        names.append(part)
+        annotation = fields[part].annotation
+        models = [m for m in _unwrap(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+        model = models[0] if models else None
+    members = _unwrap(annotation)
+    as_json = any(
+        typing.get_origin(m) in (list, dict, set, tuple) or (isinstance(m, type) and issubclass(m, BaseModel))
+        for m in members
+    )
+    return ".".join(names), as_json
+
+
+def _env_errors(cause: BaseException | None) -> list[tuple[str, str]]:
+    """Which HAKEEPER_* variables pydantic-settings could not parse (it names only the section)."""
+    out = []
+    for var in sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX)):
+        found = _env_field(var.upper())
+        if found is None or not found[1]:
+            continue
+        try:
+            json.loads(os.environ[var])
+        except ValueError as e:
+            out.append(
+                (
+                    f"env {var}",
+                    f"not valid JSON ({found[0]} is a list or section: give it as JSON, e.g. "
+                    f'["https://10.0.0.1:2379"] or {{"key": "value"}}): {e}',
+                )
+            )
+    return out or [("(environment)", f"{cause or 'an override could not be parsed'}")]
+
+
 def load_node_config(path: str | Path) -> NodeConfig:
     """Load and validate a node YAML file plus HAKEEPER_* env overrides.
 
@@ -829,22 +1061,19 @@ def load_node_config(path: str | Path) -> NodeConfig:
     p = Path(path)
     src = str(p)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(src, [("(file)", e.strerror or str(e))]) from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise ConfigError(src, [(where, f"invalid YAML: {getattr(e, 'problem', e)}")]) from e
+    data = parse_yaml_strict(_decode(raw, src), src)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(src, [("(top level)", "must be a mapping of keys to values")])
-    NodeConfig._yaml_path = p
+    NodeConfig._file_data = data
     try:
         return NodeConfig()
+    except SettingsError as e:
+        raise ConfigError(src, _env_errors(e.__cause__)) from None
     except ValidationError as e:
         errors = format_validation_error(e)
         env_keys = {k for k in os.environ if k.startswith(ENV_PREFIX)}
@@ -852,7 +1081,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
             errors.append(("(environment)", f"overrides in effect: {', '.join(sorted(env_keys))}"))
         raise ConfigError(src, errors) from e
     finally:
-        NodeConfig._yaml_path = None
+        NodeConfig._file_data = None
 
 
 def parse_dynamic_config(data: Any, source: str = "etcd config") -> DynamicConfig:

@@ -127,6 +127,8 @@ def _hba_name(name: str) -> str:
 
 
 _LOCAL_NETS = ("127.0.0.1/32", "::1/128")
+# The pg_ident.conf map of the OS users that may be the superuser over a Unix socket.
+IDENT_MAP = "hakeeper"
 _ANY_NETS = ("0.0.0.0/0", "::/0")
 # require_auth is a libpq 16 connection option; an older libpq refuses the whole string.
 REQUIRE_AUTH_LIBPQ = 160000
@@ -186,13 +188,18 @@ def render_pg_hba(
     replication_user: str,
     replication_hosts: Iterable[str],
     tls: bool = False,
+    shared_sockets: bool = False,
 ) -> str:
     """pg_hba.conf: the user's extra lines first, then the agent's.
 
     * ``local`` (Unix socket): the superuser without a password.  Safe because the socket is
       in ``<data_dir>/pg_stat_tmp``, a 0700 directory inside the 0700 data directory that the
-      agent re-chmods on every write (and ``unix_socket_directories`` is agent-owned): only the
-      PostgreSQL OS user and root reach the socket, and they can read the data files anyway.
+      agent re-chmods on every write: only the PostgreSQL OS user and root reach the socket,
+      and they can read the data files anyway.  With ``shared_sockets`` (the node file adds
+      socket directories of its own, which other OS users may enter) ``trust`` would admit
+      them too -- pg_hba cannot tell which directory a local connection came through -- so
+      these lines use ``peer map=hakeeper`` instead: only the OS users of
+      :func:`render_pg_ident` are the superuser, by the kernel's word on who connected.
     * ``host replication``: the replication role from loopback and from ``replication_hosts``
       only (the members' published addresses plus this node's own), by scram-sha-256.  With
       ``tls`` the members' lines are ``hostssl``: a member replicates only over TLS (loopback
@@ -212,9 +219,10 @@ def render_pg_hba(
                 raise ValueError(f"pg_hba line {line!r}: {problem}")
             out.append(line.rstrip() + "\n")
     out.append("# hakeeper\n")
+    local_auth = f"peer map={IDENT_MAP}" if shared_sockets else "trust"
     rows: list[tuple[str, str, str, str, str]] = [
-        ("local", "all", su, "", "trust"),
-        ("local", "replication", su, "", "trust"),
+        ("local", "all", su, "", local_auth),
+        ("local", "replication", su, "", local_auth),
     ]
     members, _ = replication_addresses(replication_hosts)
     for net in _LOCAL_NETS:
@@ -226,6 +234,24 @@ def render_pg_hba(
     for kind, db, user, addr, meth in rows:
         out.append(f"{kind:<7} {db:<12} {user:<16} {addr:<14} {meth}\n")
     return "".join(out)
+
+
+def render_pg_ident(*, superuser: str, os_users: Iterable[str]) -> str:
+    """pg_ident.conf: map :data:`IDENT_MAP` lets each of ``os_users`` (PostgreSQL's OS user and
+    the agent's) be ``superuser`` over a Unix socket (used by pg_hba's peer lines; pg_hba is
+    first-match, so an OS user missing here is refused, not passed to the next line)."""
+    su = _hba_name(superuser)
+    out = [HEADER]
+    for user in dict.fromkeys(os_users):
+        out.append(f"{IDENT_MAP:<12} {_hba_name(user):<16} {su}\n")
+    return "".join(out)
+
+
+def first_socket_dir(value: str) -> str:
+    """The first directory of a ``unix_socket_directories`` value (where a client connects:
+    the agent's own directory comes first), without PostgreSQL's list quotes."""
+    first = value.split(",", 1)[0].strip()
+    return first[1:-1] if len(first) > 1 and first[0] == first[-1] == '"' else first
 
 
 def clean_auto_conf(text: str, owned: Iterable[str] = AGENT_OWNED_PARAMETERS) -> str:

@@ -3,7 +3,7 @@
 rewind (both copy the source's files):
 
 * ``postgresql.conf``  - all parameters, agent-owned ones last;
-* ``pg_hba.conf``;
+* ``pg_hba.conf`` and ``pg_ident.conf`` (the superuser's peer map);
 * ``standby.signal``   - present iff the role is replica;
 * ``postgresql.auto.conf`` - kept, minus any line setting an agent-owned parameter.
 
@@ -26,11 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hakeeper.core.config import AGENT_OWNED_PARAMETERS, AGENT_SET_PARAMETERS, ParamValue, PostgresTls
+from hakeeper.core.config import (
+    AGENT_OWNED_PARAMETERS,
+    AGENT_SET_PARAMETERS,
+    SOCKET_DIRS_PARAMETER,
+    ParamValue,
+    PostgresTls,
+)
 from hakeeper.core.pgtypes import Role, Upstream
 from hakeeper.pg.conf import build_conninfo, clean_auto_conf, render_postgresql_conf
 from hakeeper.util.fsutil import ensure_dir, fsync_dir, write_atomic
@@ -152,19 +158,20 @@ def remove_stale_pidfile(data_dir: Path, socket_dir: Path) -> None:
             remove_file(lock.with_suffix(""))
 
 
-def socket_dir_value(socket_dir: Path, port: int) -> str:
-    """``unix_socket_directories`` for ``socket_dir``: quoted where needed, empty (no socket)
-    where the path cannot be one."""
-    path = str(socket_dir)
-    if len(path) + len(f"/.s.PGSQL.{port}") > MAX_SOCKET_PATH:
-        log.warning("postgres_socket_disabled", reason="data_dir path too long for a Unix socket")
-        return ""
-    if '"' in path:
-        log.warning("postgres_socket_disabled", reason="data_dir path contains a double quote")
-        return ""
-    if any(c in path for c in ", \t"):
-        return f'"{path}"'
-    return path
+def socket_dir_value(socket_dir: Path, port: int, extra_dirs: Sequence[str] = ()) -> str:
+    """``unix_socket_directories`` for ``socket_dir`` (the agent's own, first: the agent and
+    its tools connect to the first entry) and then ``extra_dirs`` (the node file's): quoted
+    where needed; a path that cannot be a socket directory is left out, with a warning."""
+    out = []
+    for i, path in enumerate([str(socket_dir), *extra_dirs]):
+        what = "data_dir" if i == 0 else f"unix_socket_directories entry {path}"
+        if len(path) + len(f"/.s.PGSQL.{port}") > MAX_SOCKET_PATH:
+            log.warning("postgres_socket_disabled", reason=f"{what}: path too long for a Unix socket")
+        elif '"' in path:
+            log.warning("postgres_socket_disabled", reason=f"{what}: path contains a double quote")
+        else:
+            out.append(f'"{path}"' if any(c in path for c in ", \t") else path)
+    return ",".join(out)
 
 
 def render_conf(
@@ -180,19 +187,23 @@ def render_conf(
     application_name: str,
     conninfo_options: Mapping[str, str] | None = None,
     tls: TlsPaths | None = None,
+    extra_socket_dirs: Sequence[str] = (),
 ) -> str:
     """postgresql.conf: ``params`` (minus the agent-owned names) and then what the agent sets,
     including ``primary_conninfo`` for a replica with an upstream and, with ``tls``, the
-    server's certificate, key and CA files."""
+    server's certificate, key and CA files.  ``extra_socket_dirs`` (the node file's
+    ``unix_socket_directories``) come after the agent's own socket directory."""
     merged: dict[str, ParamValue] = {}
     for name in sorted(params):
+        if name.lower() == SOCKET_DIRS_PARAMETER:
+            continue  # given as extra_socket_dirs
         if name.lower() in AGENT_OWNED_PARAMETERS - AGENT_SET_PARAMETERS:
             log.warning("postgres_param_ignored", param=name, reason="managed by hakeeper")
             continue
         merged[name] = params[name]
     merged["listen_addresses"] = listen_host or "*"
     merged["port"] = port
-    merged["unix_socket_directories"] = socket_dir_value(socket_dir, port)
+    merged["unix_socket_directories"] = socket_dir_value(socket_dir, port, extra_socket_dirs)
     merged["hot_standby"] = True
     merged["recovery_target_timeline"] = "latest"
     if tls is not None:
@@ -221,6 +232,7 @@ def write_files(
     *,
     conf: str,
     hba: str,
+    ident: str,
     pgpass: str | None,
     pgpass_file: Path,
     socket_dir: Path,
@@ -240,6 +252,7 @@ def write_files(
         log.warning("postgres_stale_pgpass_removed", file=str(d / PGPASS_NAME), reason="secret in PGDATA")
     write_atomic(d / "postgresql.conf", conf, mode=0o600, run_as=ra)
     write_atomic(d / "pg_hba.conf", hba, mode=0o600, run_as=ra)
+    write_atomic(d / "pg_ident.conf", ident, mode=0o600, run_as=ra)
     auto = d / "postgresql.auto.conf"
     try:
         old = auto.read_text()

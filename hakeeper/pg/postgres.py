@@ -8,7 +8,8 @@ The files the agent owns inside the data directory, rewritten by :meth:`Postgres
 before every start and after every clone or rewind, are described in :mod:`hakeeper.pg.files`.
 Cloning (pg_basebackup) is :mod:`hakeeper.pg.clone`, rewinding (pg_rewind) :mod:`hakeeper.pg.rewind`.
 
-The Unix socket is in ``<data_dir>/pg_stat_tmp`` (private; see SOCKET_SUBDIR).  The replication
+The agent's Unix socket is in ``<data_dir>/pg_stat_tmp`` (private; see SOCKET_SUBDIR), listed
+first in ``unix_socket_directories``; a node file's own directories follow it.  The replication
 passfile is in the runtime directory beside the data directory (:attr:`Postgres.pgpass_file`).
 
 The server log (``pg_ctl -l``) is ``<data_dir>/log/postgresql.log``.
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import math
 import os
+import pwd
 import shutil
 import signal
 import tempfile
@@ -34,7 +36,14 @@ from hakeeper.core.config import ParamValue, PostgresConfig, secret_value
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.core.pgtypes import LocalState, ReplicaInfo, Role, SlotInfo, Upstream
 from hakeeper.pg.bins import C_LOCALE, find_bin_dir, run_program, tools_libpq_version
-from hakeeper.pg.conf import auth_options, parse_controldata, render_pg_hba, render_pgpass, tls_options
+from hakeeper.pg.conf import (
+    auth_options,
+    parse_controldata,
+    render_pg_hba,
+    render_pg_ident,
+    render_pgpass,
+    tls_options,
+)
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.files import (
     PGPASS_NAME,
@@ -116,6 +125,11 @@ class Postgres:
         self.data_dir = Path(os.path.abspath(cfg.data_dir))
         self.bin_dir = find_bin_dir(cfg.bin_dir)
         self.run_as = run_as if run_as is not None else resolve_run_as(self.data_dir, cfg.os_user)
+        # Looked up once (a passwd lookup may go to a directory service: not on the event loop).
+        try:
+            self._agent_os_user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a uid without a passwd entry (a container): peer compares names
+            self._agent_os_user = str(os.geteuid())
         listen_host, self.port = cfg.listen_host_port
         self.listen_host = listen_host
         self.session = SqlSession(
@@ -173,6 +187,13 @@ class Postgres:
     @property
     def socket_dir(self) -> Path:
         return self.data_dir / SOCKET_SUBDIR
+
+    def superuser_os_users(self) -> list[str]:
+        """The OS users that may connect as the superuser through a Unix socket (pg_ident.conf's
+        map): PostgreSQL's OS user (``runuser -u postgres -- psql``) and the agent's own (root
+        when it runs PostgreSQL as another user), which connects there during a bootstrap
+        from a backup."""
+        return [self.run_as.name or self._agent_os_user, self._agent_os_user]
 
     def own_hosts(self) -> list[str]:
         """This node's configured addresses (listen and connect; a wildcard is none): a node
@@ -281,6 +302,7 @@ class Postgres:
                 application_name=self.member_name,
                 conninfo_options=self.tools_auth_options,
                 tls=self.tls_paths,
+                extra_socket_dirs=self.cfg.socket_dirs,
             )
             hba = render_pg_hba(
                 extra_lines=list(self.cfg.pg_hba),
@@ -288,7 +310,9 @@ class Postgres:
                 replication_user=self.cfg.replication.username,
                 replication_hosts=[*self.own_hosts(), *replication_hosts],
                 tls=self.cfg.tls is not None,
+                shared_sockets=bool(self.cfg.socket_dirs),
             )
+            ident = render_pg_ident(superuser=self.cfg.superuser.username, os_users=self.superuser_os_users())
             pgpass = (
                 render_pgpass([("*", "*", "*", self.cfg.replication.username, replication_password)])
                 if replication_password is not None
@@ -303,6 +327,7 @@ class Postgres:
             self.run_as,
             conf=conf,
             hba=hba,
+            ident=ident,
             pgpass=pgpass,
             pgpass_file=self.pgpass_file,
             socket_dir=self.socket_dir,

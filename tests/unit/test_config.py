@@ -252,9 +252,20 @@ def test_pg_hba_lines_may_not_trust_tcp(tmp_path: Path) -> None:
     assert len(load_node_config(write(tmp_path, ok)).postgresql.pg_hba) == 2
 
 
-def test_the_socket_directory_is_the_agents(tmp_path: Path) -> None:
-    """The superuser's socket is trusted because it stays in a private directory."""
-    text = GOOD.replace("superuser:", "parameters: {unix_socket_directories: /tmp}\n  superuser:")
+def test_a_node_file_may_add_socket_directories(tmp_path: Path) -> None:
+    """Issue 13: the node file's unix_socket_directories are honoured (added after the
+    agent's own private directory); they must be absolute, and etcd may not set them."""
+    text = GOOD.replace(
+        "superuser:", "parameters: {unix_socket_directories: '/var/run/postgresql, /tmp'}\n  superuser:"
+    )
+    cfg = load_node_config(write(tmp_path, text))
+    assert cfg.postgresql.socket_dirs == ["/var/run/postgresql", "/tmp"]
+    assert load_node_config(write(tmp_path, GOOD)).postgresql.socket_dirs == []
+    for bad in ("run/postgresql", "'\"/a b\"'", "7"):
+        text = GOOD.replace("superuser:", f"parameters: {{unix_socket_directories: {bad}}}\n  superuser:")
+        with pytest.raises(ConfigError) as ei:
+            load_node_config(write(tmp_path, text))
+        assert "unix_socket_directories" in dict(ei.value.errors)["postgresql.parameters"], bad
     with pytest.raises(ConfigError) as ei:
-        load_node_config(write(tmp_path, text))
+        parse_dynamic_config({"postgresql": {"parameters": {"unix_socket_directories": "/tmp"}}})
     assert "unix_socket_directories" in dict(ei.value.errors)["postgresql.parameters"]

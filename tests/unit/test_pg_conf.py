@@ -644,6 +644,7 @@ def test_pgpass_lives_outside_the_data_directory(tmp_path: Path) -> None:
         RunAs(),
         conf="port = 6543\n",
         hba="# hba\n",
+        ident="# ident\n",
         pgpass=render_pgpass([("*", "*", "*", "replicator", "repl-pw")]),
         pgpass_file=pg.pgpass_file,
         socket_dir=pg.socket_dir,

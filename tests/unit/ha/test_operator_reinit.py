@@ -98,11 +98,11 @@ async def test_a_second_reinitialize_while_one_runs_is_refused_with_its_handle(
 
     monkeypatch.setattr(c.pg, "clone_from", slow_clone)
     first = await c.node.operator.reinitialize()
-    for _ in range(500):  # until the job is inside the clone (bounded: fails below if never)
+    for _ in range(2000):  # until the job is inside the clone (bounded: fails below if never)
         running = c.node.operator.reinit_status()
         if clones and running is not None and running.phase is ReinitPhase.CLONING:
             break
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0)
     running = c.node.operator.reinit_status()
     assert running is not None and running.phase is ReinitPhase.CLONING and clones == 1
 
