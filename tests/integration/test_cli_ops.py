@@ -170,14 +170,23 @@ def test_list_watch_refreshes_and_ctrl_c_exits_0(cluster: LocalCluster) -> None:
 
 
 def test_history_and_show_config(cluster: LocalCluster) -> None:
-    # A freshly bootstrapped cluster (timeline 1) has had no promotion, so its history is
-    # empty; test_switchover_moves_the_primary checks the entry a promotion adds.
+    # A freshly bootstrapped cluster (timeline 1) has had no promotion: its history is the one
+    # bootstrap entry naming the primary; test_switchover_moves_the_primary checks the entry a
+    # promotion adds.
     res = hk(cluster, "history", "-o", "json")
     assert res.returncode == 0, res.stderr
     primary = cluster.primary()
     assert primary is not None
     assert sql_one(cluster, primary, "SELECT timeline_id FROM pg_control_checkpoint()") == 1
-    assert json.loads(res.stdout) == []
+    (entry,) = json.loads(res.stdout)
+    assert (entry["timeline"], entry["reason"], entry["old_leader"], entry["new_leader"], entry["lsn"]) == (
+        1,
+        "bootstrap",
+        None,
+        primary,
+        None,
+    )
+    assert time.time() - 3600 < entry["time"] <= time.time()
     res = hk(cluster, "show-config")
     assert res.returncode == 0, res.stderr
     assert yaml.safe_load(res.stdout)["ttl"] == 5
