@@ -7,7 +7,9 @@
     python -m chaos summarize DIR... [--write docs/chaos.md]
     python -m chaos cleanup               # namespaces left by a runner that was killed
 
-Exit status: 0 when every run passed, 1 when one failed, 2 for a usage error.
+Exit status: 0 when every run passed, 1 when one failed or a selected scenario was skipped
+(e.g. a partition scenario without network namespaces; --allow-skips accepts that), 2 for a
+usage error.
 """
 
 from __future__ import annotations
@@ -39,12 +41,27 @@ def _log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _finish(reports: list[dict[str, Any]], out: Path) -> int:
+def _finish(reports: list[dict[str, Any]], out: Path, allow_skips: bool = False) -> int:
+    """Print the summary; the exit status.  A skipped scenario fails the run unless
+    ``allow_skips``: a smoke run that silently left out the split-brain partition scenario (no
+    network namespaces, no iproute2) would otherwise go green having tested less."""
     ran = [r for r in reports if r.get("passed") is not None]
     failed = [r for r in ran if not r["passed"]]
+    skipped = [r for r in reports if r.get("passed") is None]
     print()
     print(summarize(reports))
-    print(f"\nreports: {out}/  ({len(ran)} runs, {len(failed)} failed, {len(reports) - len(ran)} skipped)")
+    print(f"\nreports: {out}/  ({len(ran)} runs, {len(failed)} failed, {len(skipped)} skipped)")
+    for r in skipped:
+        print(
+            f"skipped: {r['scenario']} ({r['mode']}): {r.get('skipped', 'no reason given')}", file=sys.stderr
+        )
+    if skipped and not allow_skips:
+        print(
+            f"chaos: {len(skipped)} selected scenario(s) did not run; fix the host (run as root with "
+            "iproute2) or pass --allow-skips to accept a partial run",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if failed or not ran else 0
 
 
@@ -68,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--net", choices=("auto", "netns", "loopback"), default="auto")
         p.add_argument("--out", help="report directory (default chaos/reports/<time>-<what>)")
         p.add_argument("--keep", action="store_true", help="keep cluster directories (logs) after runs")
+        p.add_argument(
+            "--allow-skips",
+            action="store_true",
+            help="exit 0 even when a selected scenario was skipped (default: a skip fails the run)",
+        )
     p = sub.add_parser("summarize")
     p.add_argument("dirs", nargs="+")
     p.add_argument("--write", help="replace the summary section of this markdown file")
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chaos: interrupted", file=sys.stderr)
         return 130
-    return _finish(reports, out)
+    return _finish(reports, out, allow_skips=args.allow_skips)
 
 
 if __name__ == "__main__":

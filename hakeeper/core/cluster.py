@@ -12,7 +12,7 @@ for safety is decided per key in :func:`build_view`."""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -474,3 +474,13 @@ def slot_name_for(member: str) -> str:
     """Physical slot name of a member: lower case, [a-z0-9_] only, at most 63 bytes."""
     out = "".join(c if c.isalnum() and c.isascii() else "_" for c in member.lower())
     return out[:63] or "_"
+
+
+def slot_name_clash(name: str, others: Iterable[str]) -> str | None:
+    """The first (sorted) other member name whose physical slot name is ``name``'s, or None.
+
+    The mapping is not one-to-one (``db-1``, ``db.1`` and ``DB_1`` all give ``db_1``): two such
+    members would share one replication slot, so the second replica's walreceiver is refused
+    ("slot is active") and the leader's slot bookkeeping drops a slot still in use."""
+    mine = slot_name_for(name)
+    return next((o for o in sorted(others) if o != name and slot_name_for(o) == mine), None)

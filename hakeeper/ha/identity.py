@@ -12,14 +12,16 @@ it over".  So a lease that a key naming us is under is classified before anythin
 
 At start (:func:`refusal_at_start`), before PostgreSQL is started or anything is written to etcd
 under our name, a member or leader key of our name under a foreign live lease makes the agent
-refuse to start.  While running, the observe step classifies the leader key's lease when it
-names us under another lease (the policy takes it over only if ours or expired) and notices our
-member key re-written under a foreign lease (:func:`member_conflict`).
+refuse to start; so does a live member of another name whose replication slot name is ours
+(``db-1`` and ``db.1`` both map to slot ``db_1``: they would share one slot).  While running,
+the observe step classifies the leader key's lease when it names us under another lease (the
+policy takes it over only if ours or expired) and notices our member key re-written under a
+foreign lease (:func:`member_conflict`).
 """
 
 from __future__ import annotations
 
-from hakeeper.core.cluster import ClusterView
+from hakeeper.core.cluster import ClusterView, slot_name_clash, slot_name_for
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.lease import LeaseKeeper
@@ -69,7 +71,8 @@ async def member_conflict(
 
 async def refusal_at_start(store: ClusterStore, keeper: LeaseKeeper, name: str) -> str | None:
     """Why this agent must not start (None: it may): a key of our name -- the member key, or the
-    leader key naming us -- lives on a lease that is alive and was never this node's.  Raises
+    leader key naming us -- lives on a lease that is alive and was never this node's; or a live
+    member of another name has our replication slot name.  Raises
     :class:`~hakeeper.dcs.etcd.EtcdError` when etcd cannot tell (the caller retries: starting
     without knowing is what this check exists to prevent)."""
     member_lease, leader_lease = await store.name_leases(name)
@@ -84,4 +87,15 @@ async def refusal_at_start(store: ClusterStore, keeper: LeaseKeeper, name: str) 
                 f"(a copied node file or a cloned host?); give this node a unique name, or stop "
                 f"the other agent (if it is gone, its lease expires within {ttl + 1} s)"
             )
+    # Member keys live on their agents' leases, so every member in the view is alive.  (Two
+    # such agents started at the same moment can both pass; the names are an operator's
+    # choice, so the check at start is where the mistake is caught.)
+    view = await store.read_view()
+    clash = slot_name_clash(name, view.members)
+    if clash is not None:
+        return (
+            f"member name {name!r} maps to replication slot {slot_name_for(name)!r}, the slot of "
+            f"live member {clash!r} (slot names keep only lower-case letters, digits and '_'), "
+            f"so the two would share one slot; give this node a name whose slot differs"
+        )
     return None

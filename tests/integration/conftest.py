@@ -1,6 +1,7 @@
 """Fixtures shared by the integration test modules."""
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +17,25 @@ async def area() -> AsyncIterator[PgArea]:
         yield a
     finally:
         a.cleanup()
+
+
+_HERE = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fail the run when a test under tests/integration lacks the ``integration`` marker.
+
+    ``make integration`` selects ``-m integration``: an unmarked test (a new module that forgot
+    ``pytestmark``) would be deselected without a word and never run in CI.  tryfirst: this
+    must see the items before ``-m`` deselects them."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(_HERE) and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "integration tests without the `integration` marker (add "
+            "`pytestmark = pytest.mark.integration` to the module): " + ", ".join(unmarked)
+        )

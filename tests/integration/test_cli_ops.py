@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -93,6 +94,22 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.3)
 
 
+def table_row(table: str, first_cell: str) -> str:
+    """The line of a rendered table whose first cell is ``first_cell`` (AssertionError if none)."""
+    for line in table.splitlines():
+        cells = [c.strip() for c in re.split(r"[\u2502|]", line.strip().strip("\u2502|"))]
+        if cells and cells[0] == first_cell:
+            return line
+    raise AssertionError(f"no row for {first_cell!r} in:\n{table}")
+
+
+def sql_one(c: LocalCluster, name: str, query: str) -> Any:
+    with psycopg.connect(c.dsn(name), connect_timeout=3, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def test_list_json_and_yaml(cluster: LocalCluster) -> None:
     # Members publish their state once per loop_wait at most: give the records a moment after
     # the cluster became ready (SQL-visible) to say so too.
@@ -123,8 +140,16 @@ def test_list_json_and_yaml(cluster: LocalCluster) -> None:
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["leader"] == primary
 
+    # The table: the primary's own row (not the title, which names the leader too) gives its
+    # role and the leader note; each replica's row says replica.
     res = hk(cluster, "list")
-    assert res.returncode == 0 and primary in res.stdout and "leader" in res.stdout
+    assert res.returncode == 0, res.stderr
+    for name in cluster.names:
+        row = table_row(res.stdout, name)
+        if name == primary:
+            assert "primary" in row and "leader" in row, row
+        else:
+            assert "replica" in row and "leader" not in row, row
 
 
 def test_list_watch_refreshes_and_ctrl_c_exits_0(cluster: LocalCluster) -> None:
@@ -145,9 +170,23 @@ def test_list_watch_refreshes_and_ctrl_c_exits_0(cluster: LocalCluster) -> None:
 
 
 def test_history_and_show_config(cluster: LocalCluster) -> None:
+    # A freshly bootstrapped cluster (timeline 1) has had no promotion: its history is the one
+    # bootstrap entry naming the primary; test_switchover_moves_the_primary checks the entry a
+    # promotion adds.
     res = hk(cluster, "history", "-o", "json")
     assert res.returncode == 0, res.stderr
-    assert isinstance(json.loads(res.stdout), list)
+    primary = cluster.primary()
+    assert primary is not None
+    assert sql_one(cluster, primary, "SELECT timeline_id FROM pg_control_checkpoint()") == 1
+    (entry,) = json.loads(res.stdout)
+    assert (entry["timeline"], entry["reason"], entry["old_leader"], entry["new_leader"], entry["lsn"]) == (
+        1,
+        "bootstrap",
+        None,
+        primary,
+        None,
+    )
+    assert time.time() - 3600 < entry["time"] <= time.time()
     res = hk(cluster, "show-config")
     assert res.returncode == 0, res.stderr
     assert yaml.safe_load(res.stdout)["ttl"] == 5
@@ -311,6 +350,10 @@ def test_switchover_moves_the_primary(api: LocalCluster) -> None:
     wait_for(lambda: api.primary() == new, 30, "the new leader's PostgreSQL is not writable")
     hist = json.loads(hk(api, "history", "-o", "json").stdout)
     assert hist and hist[-1]["new_leader"] == new
+    assert hist[-1]["old_leader"] == old and hist[-1]["reason"] == f"switchover from {old}"
+    assert hist[-1]["timeline"] == sql_one(api, new, "SELECT timeline_id FROM pg_control_checkpoint()")
+    table = hk(api, "history").stdout
+    assert f"switchover from {old}" in table and table_row(table, str(hist[-1]["timeline"]))
     # --leader that is not the leader: refused.
     assert_clean_error(hk(api, "switchover", "--leader", old, "--force"), 1, f"the leader is {new}")
 

@@ -21,8 +21,9 @@ from hakeeper.core.keys import Keys
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import requests
 from hakeeper.localcluster import LocalCluster
-from tests.integration.test_ha import sql, wait_for, writable_nodes
+from tests.integration.test_ha import sql, wait_for
 from tests.support.cluster import running_cluster
+from tests.support.probe import streams_from, writable_nodes, writable_throughout
 
 pytestmark = pytest.mark.integration
 
@@ -166,8 +167,9 @@ def test_pause_stops_automatic_failover_and_manual_failover_still_works(cluster:
     try:
         c.agents[old].kill()
         c.kill_postgres(old)
-        time.sleep(12)  # well past ttl: nobody may take over on their own while paused
-        assert writable_nodes(c) == []
+        # Nobody may take over on their own while paused: no node writable at any moment until
+        # well past ttl.
+        writable_throughout(c, [], 12)
         assert "paused: no automatic failover" in " ".join(c.tail_log(n, 100) for n in c.names if n != old)
         cand = next(n for n in c.names if n != old)
         run_request(c, requests.request_failover, candidate=cand)
@@ -212,8 +214,11 @@ def test_failover_to_a_lagging_candidate_needs_allow_data_loss_and_is_recorded(c
     new = run_request(c, requests.wait_for_new_leader, old_leader=old, candidate=lagger, timeout=60)
     assert new == lagger
     assert history(c)[-1]["reason"].endswith("(data loss accepted)")
-    assert other  # the other replica follows the new leader
-    wait_for(lambda: c.node_state(other).role == "replica", 90, "other replica follows")
+    # The old primary stopped being writable (no dual primary, at any moment for a while), and
+    # the other replica streams from the new leader -- not merely "is a replica", which it was.
+    wait_for(lambda: writable_nodes(c) == [lagger], 60, f"{lagger} alone writable, {old} not")
+    writable_throughout(c, [lagger], 3)
+    wait_for(lambda: streams_from(c, other, lagger), 90, f"{other} streams from {lagger}")
 
 
 def test_cluster_wide_parameter_change_is_applied_on_every_node(cluster: LocalCluster) -> None:

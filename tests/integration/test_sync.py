@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg
 import pytest
@@ -11,9 +10,10 @@ import pytest
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.ha import requests
 from hakeeper.localcluster import LocalCluster
-from tests.integration.test_ha import hk_list, sql, wait_for, writable_nodes
+from tests.integration.test_ha import hk_list, sql, wait_for
 from tests.integration.test_switchover import history, run_request
 from tests.support.cluster import running_cluster
+from tests.support.probe import writable_nodes, writable_throughout
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +59,7 @@ def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fa
         c.kill_postgres(sync_standby)
         c.agents[victim].kill()
         c.kill_postgres(victim)
-        time.sleep(15)  # far past ttl
-        assert writable_nodes(c) == []
+        writable_throughout(c, [], 15)  # at every moment until far past ttl
         listed = {m["name"]: m for m in hk_list(c)["members"]}
         assert "not a synchronous standby" in (listed[survivor]["reason"] or "")
         assert "could lose acknowledged writes" in c.tail_log(survivor, 300)

@@ -18,7 +18,8 @@ import pytest
 from hakeeper.api.auth import Authenticator, FailureThrottle, client_key
 from hakeeper.api.connections import Admission, Pool
 from hakeeper.api.models import FailoverBody, SwitchoverBody
-from hakeeper.api.server import ApiError, ApiServer, parse_patch, public_message, require_json
+from hakeeper.api.responses import ApiError
+from hakeeper.api.server import ApiServer, parse_patch, public_message, require_json
 from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import ApiConfig
 from hakeeper.dcs.store import ClusterStore

@@ -16,7 +16,8 @@ from hakeeper.api.health import (
     parse_query,
     parse_size,
 )
-from hakeeper.api.server import ApiError, parse_if_match
+from hakeeper.api.responses import ApiError
+from hakeeper.api.server import parse_if_match
 from hakeeper.core.config import ApiConfig
 
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hakeeper.api.server import REFUSAL_STATUS, ApiError, parse_patch, refusal_response
+from hakeeper.api.responses import ApiError
+from hakeeper.api.server import REFUSAL_STATUS, parse_patch, refusal_response
 from hakeeper.core.cluster import (
     ClusterView,
     Member,
