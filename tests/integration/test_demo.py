@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -334,6 +335,9 @@ def test_demo_end_to_end(base_dir: Path) -> None:
         while "read-write" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "target_session_attrs=read-write" in log_path.read_text()
+        ready_state = json.loads(state_path.read_text())
+        assert state["ready"] is False  # the first demo.json, written while starting
+        assert ready_state["ready"] is True and ready_state["missing"] == []
 
         # What the README tells a user to run against the demo works on the secure etcd ...
         cli_env = {k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")}
@@ -372,6 +376,95 @@ def test_demo_end_to_end(base_dir: Path) -> None:
                 proc.wait()
         if view is not None:
             view.stop_leftovers()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """demo.json as last written (it is replaced atomically, so a read never sees half a file)."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+@pytest.mark.timeout(480)
+def test_demo_survives_a_node_killed_during_start_up(base_dir: Path) -> None:
+    """kill -9 of one agent before the demo is ready: the demo reports it (node, exit code), the
+    other nodes and etcd keep running, demo.json turns `"ready": true` with the node listed as
+    missing, and SIGTERM still stops everything cleanly (issue 13, item 6)."""
+    base = free_base_port(3)
+    log_path = base_dir / "demo.out"
+    demo_dir = base_dir / "demo"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hakeeper", "demo", "--dir", str(demo_dir), "--base-port", str(base)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    pids: set[int] = set()
+    view: LocalCluster | None = None
+    try:
+        state_path = demo_dir / "demo.json"
+        deadline = time.monotonic() + 60
+        while not state_path.exists():
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, "demo.json was not written"
+            time.sleep(0.1)
+        first = _read_json(state_path)
+        assert first["ready"] is False, first
+        agents = {n["name"]: n["agent_pid"] for n in first["nodes"]}
+        assert all(isinstance(p, int) and pid_alive(p) for p in agents.values()), agents
+        os.kill(agents["node3"], signal.SIGKILL)
+        assert _read_json(state_path)["ready"] is False
+        pids.update(agents.values())
+        pids.add(first["etcd_pid"])
+        view = LocalCluster(demo_dir, nodes=3, base_port=base)
+
+        deadline = time.monotonic() + 300
+        state = first
+        while not state.get("ready"):
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"never ready:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.2)
+            state = _read_json(state_path)
+        out = log_path.read_text()
+        assert "node3: agent exited with code -9 during start-up" in out, out[-3000:]
+        assert "Demo cluster stopped" not in out
+        assert state["missing"] == ["node3"]
+        by_name = {n["name"]: n for n in state["nodes"]}
+        assert by_name["node3"]["agent_pid"] is None
+        for name in ("node1", "node2"):
+            assert by_name[name]["agent_pid"] == agents[name] and pid_alive(agents[name])
+        assert pid_alive(state["etcd_pid"])
+        # Ready means what it says: a primary and the other running node streaming from it.
+        roles = {name: view.node_state(name).role for name in ("node1", "node2")}
+        assert sorted(roles.values()) == ["primary", "replica"], roles
+        assert "is ready" in out and "2 of 3 nodes" in out, out[-3000:]
+        for name in view.names:
+            pm = view.postmaster_pid(name)
+            if pm is not None:
+                pids.add(pm)
+                pids.update(_children(pm))
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(150) == 0, log_path.read_text()[-3000:]
+        assert _wait_gone(sorted(pids), 10) == [], "processes left behind"
+        assert list(view.processes()) == []
+        assert _read_json(state_path)["ready"] is False
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if view is None:
+            view = LocalCluster(demo_dir, nodes=3, base_port=base)
+        view.stop_leftovers()
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
