@@ -55,7 +55,8 @@ from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.errors import PgError
 
 backup_app = typer.Typer(
-    help="Physical base backups in the configured repositories: create, list, info, expire.",
+    help="Physical base backups in the configured repositories: create, list, info, expire, "
+    "copy (to another repository), policy (the 3-2-1 check), keygen (an encryption key).",
     no_args_is_help=True,
 )
 app.add_typer(backup_app, name="backup")

@@ -27,8 +27,10 @@ from hakeeper.localcluster import (
     demo_s3_ports,
     port_is_free,
     prepare_fs_repository,
+    ready_primary,
     user_can,
 )
+from hakeeper.localcluster.cluster import not_ready_error
 from hakeeper.util.proc import pid_alive, resolve_run_as
 
 STATE_FILE = "demo.json"
@@ -88,17 +90,86 @@ def _summary(states: dict[str, NodeState]) -> str:
     return ", ".join(f"{s.name}: {s.role}" for s in states.values())
 
 
+def _agent_pid(cluster: LocalCluster, name: str) -> int | None:
+    """The running agent of ``name``: ours, or one started by hand for its config."""
+    agent = cluster.agents[name]
+    pid = agent.pid
+    return pid if pid is not None else next(iter(agent.external_pids()), None)
+
+
+def _missing(cluster: LocalCluster) -> list[str]:
+    """Nodes whose agent is not running (exited, killed, or stopped)."""
+    return [name for name in cluster.nodes if _agent_pid(cluster, name) is None]
+
+
+def _save(state_path: Path, cluster: LocalCluster, extra: dict[str, Any], *, ready: bool) -> None:
+    """demo.json, replaced atomically: ``ready`` false until a primary serves and every running
+    node streams from it; ``missing`` names the nodes without a running agent."""
+    doc = {**cluster.describe(), **extra, "demo_pid": os.getpid(), "ready": ready}
+    _write_state(state_path, {**doc, "missing": _missing(cluster)})
+
+
+def _report_exit(cluster: LocalCluster, name: str, when: str) -> None:
+    n = cluster.nodes[name]
+    code = cluster.agents[name].returncode
+    how = f"exited with code {code}" if code is not None else "is gone"
+    err.print(
+        f"{_stamp()} [bold yellow]{name}: agent {how}{when}[/] (log: {n.log_path}); the other "
+        f"nodes keep running. Restart it with: hakeeper agent -c {n.config_path}",
+        soft_wrap=True,
+    )
+
+
+def _wait_ready(cluster: LocalCluster, timeout: float, state_path: Path, extra: dict[str, Any]) -> str:
+    """Wait until a primary serves and every node whose agent runs streams from it; returns the
+    primary.  A node whose agent exits meanwhile is reported and left out, as after start-up (the
+    others keep running; restarted by hand, it counts again).  Past ``timeout`` with every agent
+    running, the start failed; with a node missing, the demo says so and keeps waiting."""
+    deadline = time.monotonic() + timeout
+    lost: set[str] = set()
+    late = False
+    with out.status("waiting for a primary and streaming replicas ...") as status:
+        while True:
+            missing = _missing(cluster)
+            if set(missing) != lost:
+                for name in sorted(set(missing) - lost):
+                    _report_exit(cluster, name, " during start-up")
+                for name in sorted(lost - set(missing)):
+                    out.print(f"{_stamp()} {name}: agent running (pid {_agent_pid(cluster, name)})")
+                lost = set(missing)
+                _save(state_path, cluster, extra, ready=False)
+            states = cluster.states()
+            status.update(f"waiting for a primary and streaming replicas ({_summary(states)})")
+            primary = ready_primary(states, missing)
+            if primary is not None:
+                return primary
+            if time.monotonic() >= deadline and not late:
+                if not lost:
+                    raise not_ready_error(cluster.nodes.values(), states, timeout)
+                late = True
+                err.print(
+                    f"{_stamp()} not ready after {timeout:.0f}s ({_summary(states)}); missing: "
+                    f"{', '.join(sorted(lost))} -- still waiting (restart it, or Ctrl-C)",
+                    soft_wrap=True,
+                )
+            time.sleep(0.5)
+
+
 def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
     states = cluster.states()
+    missing = _missing(cluster)
+    running = len(cluster.nodes) - len(missing)
     out.print()
     out.print(
         f"[bold green]hakeeper demo cluster {cluster.scope!r} is ready[/] "
-        f"({len(cluster.nodes)} nodes, primary: [bold]{primary}[/])"
+        f"({running} of {len(cluster.nodes)} nodes, primary: [bold]{primary}[/])"
     )
     out.print("[yellow]Local demo only: the connection strings below include the generated passwords.[/]")
     out.print()
     for name, n in cluster.nodes.items():
         role = states[name].role if name in states else "?"
+        if name in missing:
+            role += ", agent not running"
         out.print(f"[bold]{name}[/] ({role})  API {n.api_url}  config {n.config_path}", soft_wrap=True)
         out.print(f"    psql {shlex.quote(cluster.dsn(name))}", soft_wrap=True, markup=False)
     out.print()
@@ -143,28 +214,20 @@ def _supervise(cluster: LocalCluster, state_path: Path, extra: dict[str, Any]) -
     """Report agent exits/restarts, etcd exits and primary changes until interrupted."""
     running: dict[str, int | None] = {}
     for name in cluster.nodes:
-        running[name] = cluster.agents[name].pid
+        running[name] = _agent_pid(cluster, name)
     etcd_up = True
     primary = cluster.primary()
     last_role_check = time.monotonic()
     while True:
         time.sleep(1.0)
         changed = False
-        for name, n in cluster.nodes.items():
-            pid = cluster.agents[name].pid
-            if pid is None:
-                pid = next(iter(cluster.agents[name].external_pids()), None)
+        for name in cluster.nodes:
+            pid = _agent_pid(cluster, name)
             if pid == running[name]:
                 continue
             changed = True
             if pid is None:
-                code = cluster.agents[name].returncode
-                how = f"exited with code {code}" if code is not None else "is gone"
-                err.print(
-                    f"{_stamp()} [bold yellow]{name}: agent {how}[/] (log: {n.log_path}). "
-                    f"Restart it with: hakeeper agent -c {n.config_path}",
-                    soft_wrap=True,
-                )
+                _report_exit(cluster, name, "")
             else:
                 out.print(f"{_stamp()} {name}: agent running (pid {pid})")
             running[name] = pid
@@ -181,7 +244,7 @@ def _supervise(cluster: LocalCluster, state_path: Path, extra: dict[str, Any]) -
                     out.print(f"{_stamp()} [bold]primary is now {now}[/]")
                 primary = now
         if changed:
-            _write_state(state_path, {**cluster.describe(), **extra, "demo_pid": os.getpid()})
+            _save(state_path, cluster, extra, ready=True)
 
 
 def _stop_leftover_s3(previous: dict[str, Any]) -> None:
@@ -308,7 +371,7 @@ def _shut_down(
         if s3_server is not None:
             s3_server.stop()
         with contextlib.suppress(OSError):
-            _write_state(state_path, {**cluster.describe(), "s3_pid": None, "demo_pid": None})
+            _write_state(state_path, {**cluster.describe(), "s3_pid": None, "demo_pid": None, "ready": False})
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for s, h in old_handlers.items():
@@ -386,13 +449,10 @@ def demo(
         out.print(f"Starting etcd on {cluster.etcd.url} and {n_nodes} agents under {base_dir} ...")
         cluster.start()
         extra = {"s3_pid": s3_server.pid if s3_server else None}
-        _write_state(state_path, {**cluster.describe(), **extra, "demo_pid": os.getpid()})
-        with out.status("waiting for a primary and streaming replicas ...") as status:
-
-            def show(states: dict[str, NodeState]) -> None:
-                status.update(f"waiting for a primary and streaming replicas ({_summary(states)})")
-
-            primary = cluster.wait_ready(timeout, on_poll=show)
+        _save(state_path, cluster, extra, ready=False)
+        primary = _wait_ready(cluster, timeout, state_path, extra)
+        # Only now: a script polling demo.json for "ready" acts on a working cluster.
+        _save(state_path, cluster, extra, ready=True)
         _print_ready(cluster, primary, state_path)
         _supervise(cluster, state_path, extra)
     except KeyboardInterrupt:

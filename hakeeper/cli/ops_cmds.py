@@ -35,6 +35,8 @@ import aiohttp
 import typer
 import yaml
 from pydantic import ValidationError
+from rich.markup import escape
+from rich.table import Table
 
 from hakeeper.cli.api_trust import ApiTrust
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
@@ -1024,17 +1026,38 @@ def show_config(
     etcd: EtcdOpt = None,
     scope: ScopeOpt = None,
     namespace: NamespaceOpt = "/hakeeper",
-    output: Annotated[str, typer.Option("-o", "--output", help="yaml (default) or json.")] = "yaml",
+    output: Annotated[
+        str, typer.Option("-o", "--output", help="yaml (default), json, or table (one row per key).")
+    ] = "yaml",
 ) -> None:
     """Print the cluster-wide (dynamic) configuration stored in etcd."""
-    if output not in ("yaml", "json"):
-        raise fail(f"unknown output format {output!r}; use yaml or json", 2)
+    check_output(output)
     view = read_view(make_context(config, etcd, scope, namespace))
     current = _current_config(view)
     if output == "json":
         emit_data("json", {"config": current, "revision": view.config_revision})
+    elif output == "table":
+        t = Table(title=f"dynamic configuration (etcd revision {view.config_revision})")
+        t.add_column("Key")
+        t.add_column("Value")
+        for key, value in _flatten(current):
+            t.add_row(escape(key), escape(value))
+        out.print(t)
     else:
         sys.stdout.write(dump_yaml(current))
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) for every leaf, sorted: ``postgresql.parameters.work_mem``; lists and
+    empty maps as JSON, so the table says exactly what the YAML says."""
+    rows: list[tuple[str, str]] = []
+    for key in sorted(doc):
+        value = doc[key]
+        if isinstance(value, dict) and value:
+            rows.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value if isinstance(value, str) else json.dumps(value)))
+    return rows
 
 
 def _edit_in_editor(current: dict[str, Any]) -> dict[str, Any]:

@@ -583,8 +583,13 @@ class Tags(_Strict):
 
 
 class LogConfig(_Strict):
-    format: Literal["json", "console"] = "console"
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = Field(
+        "console",
+        description="json: one JSON object per line (for journald and log shippers); console: for humans.",
+    )
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level logged (DEBUG adds etcd re-lists and token refreshes)."
+    )
 
 
 class DynamicPostgres(_Strict):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,15 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from hakeeper.core.config import DEFAULT_CLUSTER_PARAMETERS, ENV_PREFIX, DynamicConfig, NodeConfig
+from hakeeper.core.config import (
+    AGENT_OWNED_PARAMETERS,
+    COMMAND_PARAMETERS,
+    DEFAULT_CLUSTER_PARAMETERS,
+    ENV_PREFIX,
+    SOCKET_DIRS_PARAMETER,
+    DynamicConfig,
+    NodeConfig,
+)
 from hakeeper.core.fencing import FENCER_KILL_GRACE, FENCER_POLL, MIN_KEEPALIVE_TIMEOUT, min_fence_margin
 
 INTRO = """# Configuration reference
@@ -39,10 +48,22 @@ mode 0600 (the demo writes them so).
 
 
 def _type_name(info: FieldInfo) -> str:
-    ann = info.annotation
-    if typing.get_origin(ann) is typing.Union:  # with a Literal member: `int or "auto" or None`
-        return " or ".join(_member_name(a) for a in typing.get_args(ann))
-    text = getattr(ann, "__name__", None) or str(ann)
+    return _annotation_name(info.annotation)
+
+
+def _annotation_name(ann: Any) -> str:
+    """A type as a reader wants it: ``int or None``, ``"fs" or "s3"``, ``list[str]``."""
+    origin = typing.get_origin(ann)
+    if origin is typing.Annotated:  # validators are not part of what a reader writes
+        return _annotation_name(typing.get_args(ann)[0])
+    if origin in (list, dict, set, frozenset, tuple):
+        return f"{origin.__name__}[{', '.join(_annotation_name(a) for a in typing.get_args(ann))}]"
+    if origin is typing.Literal:
+        return " or ".join(f"`{json.dumps(v)}`" for v in typing.get_args(ann))
+    if origin is typing.Union or isinstance(ann, types.UnionType):
+        return " or ".join(_annotation_name(a) for a in typing.get_args(ann))
+    text = getattr(ann, "__name__", None) if origin is None else None
+    text = text or str(ann)
     return (
         text.replace("typing.", "")
         .replace("pathlib.", "")
@@ -75,18 +96,51 @@ def _default(info: FieldInfo) -> str:
     return "`" + json.dumps(value, default=str) + "`"
 
 
+def _nested(ann: Any) -> tuple[type[BaseModel], str] | None:
+    """The model a field holds and how: ``section`` (a model), ``optional section`` (model or
+    None), ``list`` (a list of models, optional or not); None for a plain value."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, "section"
+    if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union:
+        inner = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(inner) == 1:
+            found = _nested(inner[0])
+            if found is not None:
+                return found[0], "optional section" if found[1] == "section" else found[1]
+        return None
+    if typing.get_origin(ann) is list:
+        (item,) = typing.get_args(ann) or (None,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item, "list"
+    return None
+
+
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    """One row per key; a section's keys follow it, a list of sections documents the keys of
+    one entry as ``key[].field`` (every entry has the same keys)."""
     rows: list[str] = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.append(f"| `{key}` | section | | {info.description or ''} |")
-            rows.extend(_rows(ann, key + "."))
-            continue
         desc = (info.description or "").replace("|", "\\|")
-        rows.append(f"| `{key}` | {_type_name(info)} | {_default(info)} | {desc} |")
+        nested = _nested(info.annotation)
+        if nested is None:
+            rows.append(f"| `{key}` | {_type_name(info)} | {_default(info)} | {desc} |")
+            continue
+        sub, kind = nested
+        if kind == "section":
+            rows.append(f"| `{key}` | section | | {desc} |")
+            rows.extend(_rows(sub, key + "."))
+        elif kind == "optional section":
+            rows.append(f"| `{key}` | section or None | {_default(info)} | {desc} |")
+            rows.extend(_rows(sub, key + "."))
+        else:
+            rows.append(f"| `{key}` | list of sections | {_default(info)} | {desc} |")
+            rows.extend(_rows(sub, key + "[]."))
     return rows
+
+
+def _names(params: frozenset[str]) -> str:
+    return ", ".join(f"`{p}`" for p in sorted(params))
 
 
 def render() -> str:
@@ -115,11 +169,10 @@ def render() -> str:
     for k, v in DEFAULT_CLUSTER_PARAMETERS.items():
         parts.append(f"| `{k}` | `{v}` |")
     parts.append(
-        "\nManaged by hakeeper and refused in `parameters`: `port`, `listen_addresses`, "
-        "`hba_file`, `ident_file`, `data_directory`, `config_file`, `primary_conninfo`, "
-        "`primary_slot_name`, `recovery_target_timeline`, `hot_standby`, "
-        "`synchronous_standby_names`, `ssl`, `ssl_cert_file`, `ssl_key_file`, `ssl_ca_file` "
-        "(from `postgresql.tls`).  `unix_socket_directories` is the agent's own private directory "
+        f"\nManaged by hakeeper and refused in `parameters` (the agent writes them itself, per role "
+        f"and from the node file, e.g. `postgresql.listen` and `postgresql.tls`): "
+        f"{_names(AGENT_OWNED_PARAMETERS - {SOCKET_DIRS_PARAMETER})}.  "
+        "`unix_socket_directories` is the agent's own private directory "
         "(`<data_dir>/pg_stat_tmp`, where the superuser's `local` lines trust it) followed by the "
         "directories a node file gives (e.g. `/var/run/postgresql`); with such a directory the "
         "superuser's `local` lines use `peer` with the map `hakeeper` in `pg_ident.conf` (PostgreSQL's "
@@ -128,6 +181,12 @@ def render() -> str:
         "after every clone or rewind, "
         "and removes these keys from `postgresql.auto.conf` (pg_rewind and pg_basebackup copy the "
         "source's files).\n"
+    )
+    parts.append(
+        "Refused in the dynamic settings (etcd), accepted only in a node file's "
+        "`postgresql.parameters`, because they run a command or load a library and whoever can "
+        f"write the cluster's config key would otherwise run code on every node: "
+        f"{_names(COMMAND_PARAMETERS)}.\n"
     )
     return "\n".join(parts)
 

@@ -26,7 +26,7 @@ PID), :mod:`.etcd` (the etcd member), :mod:`.agent` (one node's agent process),
 """
 
 from hakeeper.localcluster.agent import AgentProcess
-from hakeeper.localcluster.cluster import LocalCluster, NodeState
+from hakeeper.localcluster.cluster import LocalCluster, NodeState, ready_primary
 from hakeeper.localcluster.demo import (
     DEMO_BUCKET,
     S3_PORT_OFFSET,
@@ -76,5 +76,6 @@ __all__ = [
     "pg_program",
     "port_is_free",
     "prepare_fs_repository",
+    "ready_primary",
     "user_can",
 ]

@@ -80,6 +80,28 @@ def one_primary_all_streaming(states: dict[str, NodeState]) -> bool:
     return roles.count("primary") == 1 and roles.count("replica") == len(roles) - 1
 
 
+def ready_primary(states: dict[str, NodeState], missing: Iterable[str] = ()) -> str | None:
+    """The primary when the cluster is ready without the ``missing`` nodes (their agents are
+    gone): exactly one primary, a node with a running agent, and every other node with a running
+    agent a streaming replica.  A missing node's PostgreSQL may still run (a killed agent leaves
+    it behind); it does not count, except that a second primary never makes a cluster ready."""
+    gone = set(missing)
+    primaries = [s.name for s in states.values() if s.role == "primary"]
+    if len(primaries) != 1 or primaries[0] in gone:
+        return None
+    live = [s for s in states.values() if s.name not in gone and s.name != primaries[0]]
+    return primaries[0] if all(s.role == "replica" for s in live) else None
+
+
+def not_ready_error(
+    nodes: Iterable[NodeSpec], states: dict[str, NodeState], timeout: float
+) -> LocalClusterError:
+    """The error for a cluster not ready in time: every node's role and its log's last lines."""
+    summary = ", ".join(f"{s.name}: {s.role}" + (f" ({s.error})" if s.error else "") for s in states.values())
+    logs = "\n".join(f"--- {n.log_path} (last lines):\n{tail_file(n.log_path, 5)}" for n in nodes)
+    return LocalClusterError(f"cluster not ready after {timeout:.0f}s: {summary}\n{logs}")
+
+
 def load_or_make_passwords(config_paths: Iterable[Path]) -> tuple[str, str]:
     """The PostgreSQL superuser and replication passwords of the first existing node config
     (a restart reuses the data), else new ones."""
@@ -452,13 +474,7 @@ class LocalCluster:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
-        summary = ", ".join(
-            f"{s.name}: {s.role}" + (f" ({s.error})" if s.error else "") for s in states.values()
-        )
-        logs = "\n".join(
-            f"--- {n.log_path} (last lines):\n{tail_file(n.log_path, 5)}" for n in self.nodes.values()
-        )
-        raise LocalClusterError(f"cluster not ready after {timeout:.0f}s: {summary}\n{logs}")
+        raise not_ready_error(self.nodes.values(), states, timeout)
 
     # ----------------------------------------------------------------- whole cluster
 

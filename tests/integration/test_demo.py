@@ -15,12 +15,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from hakeeper.core.config import load_node_config
-from hakeeper.localcluster import LocalCluster, PortInUseError, pg_program
+from hakeeper.localcluster import REPLICATION_USER, LocalCluster, PortInUseError, pg_program
 from hakeeper.util.proc import pid_alive
+from tests.integration.test_ha import wait_for
 from tests.support.cluster import cluster_tmpdir, etcd_gateway, free_base_port, running_cluster
 
 pytestmark = pytest.mark.integration
@@ -334,6 +337,9 @@ def test_demo_end_to_end(base_dir: Path) -> None:
         while "read-write" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "target_session_attrs=read-write" in log_path.read_text()
+        ready_state = json.loads(state_path.read_text())
+        assert state["ready"] is False  # the first demo.json, written while starting
+        assert ready_state["ready"] is True and ready_state["missing"] == []
 
         # What the README tells a user to run against the demo works on the secure etcd ...
         cli_env = {k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")}
@@ -375,3 +381,205 @@ def test_demo_end_to_end(base_dir: Path) -> None:
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """demo.json as last written (it is replaced atomically, so a read never sees half a file)."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+@pytest.mark.timeout(480)
+def test_demo_survives_a_node_killed_during_start_up(base_dir: Path) -> None:
+    """kill -9 of one agent before the demo is ready: the demo reports it (node, exit code), the
+    other nodes and etcd keep running, demo.json turns `"ready": true` with the node listed as
+    missing, and SIGTERM still stops everything cleanly (issue 13, item 6)."""
+    base = free_base_port(3)
+    log_path = base_dir / "demo.out"
+    demo_dir = base_dir / "demo"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hakeeper", "demo", "--dir", str(demo_dir), "--base-port", str(base)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    pids: set[int] = set()
+    view: LocalCluster | None = None
+    try:
+        state_path = demo_dir / "demo.json"
+        deadline = time.monotonic() + 60
+        while not state_path.exists():
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, "demo.json was not written"
+            time.sleep(0.1)
+        first = _read_json(state_path)
+        assert first["ready"] is False, first
+        agents = {n["name"]: n["agent_pid"] for n in first["nodes"]}
+        assert all(isinstance(p, int) and pid_alive(p) for p in agents.values()), agents
+        os.kill(agents["node3"], signal.SIGKILL)
+        assert _read_json(state_path)["ready"] is False
+        pids.update(agents.values())
+        pids.add(first["etcd_pid"])
+        view = LocalCluster(demo_dir, nodes=3, base_port=base)
+
+        deadline = time.monotonic() + 300
+        state = first
+        while not state.get("ready"):
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"never ready:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.2)
+            state = _read_json(state_path)
+        out = log_path.read_text()
+        assert "node3: agent exited with code -9 during start-up" in out, out[-3000:]
+        assert "Demo cluster stopped" not in out
+        assert state["missing"] == ["node3"]
+        by_name = {n["name"]: n for n in state["nodes"]}
+        assert by_name["node3"]["agent_pid"] is None
+        for name in ("node1", "node2"):
+            assert by_name[name]["agent_pid"] == agents[name] and pid_alive(agents[name])
+        assert pid_alive(state["etcd_pid"])
+        # Ready means what it says: a primary and the other running node streaming from it.
+        roles = {name: view.node_state(name).role for name in ("node1", "node2")}
+        assert sorted(roles.values()) == ["primary", "replica"], roles
+        assert "is ready" in out and "2 of 3 nodes" in out, out[-3000:]
+        for name in view.names:
+            pm = view.postmaster_pid(name)
+            if pm is not None:
+                pids.add(pm)
+                pids.update(_children(pm))
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(150) == 0, log_path.read_text()[-3000:]
+        assert _wait_gone(sorted(pids), 10) == [], "processes left behind"
+        assert list(view.processes()) == []
+        assert _read_json(state_path)["ready"] is False
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if view is None:
+            view = LocalCluster(demo_dir, nodes=3, base_port=base)
+        view.stop_leftovers()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _bootstrapped(view: LocalCluster, name: str) -> bool:
+    """``name`` runs the primary and its bootstrap created the replication role."""
+    try:
+        with psycopg.connect(view.dsn(name), connect_timeout=1, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT NOT pg_is_in_recovery() AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s)",
+                (REPLICATION_USER,),
+            ).fetchone()
+    except psycopg.Error:
+        return False
+    return bool(row and row[0])
+
+
+@pytest.mark.timeout(600)
+def test_demo_names_a_missing_bootstrap_node_and_counts_it_again_once_restarted(base_dir: Path) -> None:
+    """kill -9 of the agent that bootstrapped the cluster (its PostgreSQL has just become primary):
+    the other agents may have nothing to clone from, so the demo may not become ready; past its
+    --timeout it says which node is missing and keeps running.  Restarted by hand (as the demo
+    says), the node counts again and the demo is ready with every node (issue 13, item 6)."""
+    base = free_base_port(3)
+    log_path = base_dir / "demo.out"
+    demo_dir = base_dir / "demo"
+    argv = [sys.executable, "-m", "hakeeper", "demo", "--dir", str(demo_dir), "--base-port", str(base)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*argv, "--timeout", "20"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    state_path = demo_dir / "demo.json"
+    # Only a view, made once the demo has written the configs (it reads their passwords).
+    view = LocalCluster(demo_dir, nodes=3, base_port=base)
+    hand: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: proc.poll() is None and state_path.exists(), 60, "demo.json")
+        view = LocalCluster(demo_dir, nodes=3, base_port=base)
+        deadline = time.monotonic() + 240
+        victim = None
+        while victim is None:
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, "no PostgreSQL started"
+            # The bootstrap's winner once its server is primary and has the replication role.
+            # Not earlier: an agent killed during initdb leaves a data directory of its own
+            # (refused by the restarted agent as another cluster's), and one killed between the
+            # superuser's password and the replication role leaves a cluster nobody can clone
+            # from; both are bootstrap gaps outside the demo (reported in issue 13's work).
+            victim = next((n for n in view.names if _bootstrapped(view, n)), None)
+            time.sleep(0.05)
+        state = _read_json(state_path)
+        assert state["ready"] is False
+        agent_pid = next(n["agent_pid"] for n in state["nodes"] if n["name"] == victim)
+        os.kill(agent_pid, signal.SIGKILL)
+
+        def reported() -> bool:
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            text = log_path.read_text()
+            return f"{victim}: agent exited with code -9 during start-up" in text and (
+                f"missing: {victim} -- still waiting" in text or _read_json(state_path)["ready"] is True
+            )
+
+        wait_for(reported, 120, "the demo names the missing node (or is ready without it)")
+        assert _read_json(state_path)["missing"] == [victim]
+        assert "Demo cluster stopped" not in log_path.read_text()
+        print(f"killed {victim}'s agent; ready without it: {_read_json(state_path)['ready']}")
+
+        # Restarted by hand, with the command the demo printed.
+        cfg = str(demo_dir / victim / "node.yml")
+        assert f"Restart it with: hakeeper agent -c {cfg}" in log_path.read_text().replace("\n", "")
+        hand = subprocess.Popen(
+            [sys.executable, "-m", "hakeeper", "agent", "-c", cfg],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+        def all_back() -> bool:
+            assert proc.poll() is None, f"demo exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            s = _read_json(state_path)
+            return s["ready"] is True and s["missing"] == []
+
+        wait_for(all_back, 240, "ready with every node", interval=0.5)
+        # "missing" is about agents; the restarted node then rejoins (or is cloned) as a replica.
+        wait_for(
+            lambda: sorted(view.node_state(n).role for n in view.names) == ["primary", "replica", "replica"],
+            240,
+            "the restarted node streams again",
+            interval=0.5,
+        )
+        assert f"{victim}: agent running (pid {hand.pid})" in log_path.read_text()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(150) == 0, log_path.read_text()[-3000:]
+        assert hand.wait(30) is not None, "the demo's stop ends an agent started by hand too"
+        assert list(view.processes()) == []
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if hand is not None and hand.poll() is None:
+            hand.kill()
+            hand.wait()
+        view.stop_leftovers()

@@ -213,7 +213,7 @@ def _cfg_file(tmp_path: Path) -> Path:
         ["edit-config", "--set", "nokey"],
         ["edit-config", "--pg", "=1"],
         ["dsn", "--role", "leader"],
-        ["show-config", "-o", "table"],
+        ["show-config", "-o", "xml"],  # "table" works since issue 13 (item 15)
         ["pause"],  # neither -c nor --etcd/--scope
     ],
 )
