@@ -282,6 +282,7 @@ class Node:
         return False
 
     async def shutdown(self) -> None:
+        await self.operator.close()  # a scheduled restart must not start PostgreSQL again
         view = self.loop.view() if self.mirror.synced else self.state.view
         await stop_postgres(self.ctx)
         self.fence.stop()

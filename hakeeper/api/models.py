@@ -29,5 +29,24 @@ class FailoverBody(_Body):
     force: StrictBool = Field(False, description="Promote even an ineligible candidate (may lose data).")
 
 
+class RestartBody(_Body):
+    member: str | None = Field(
+        None, min_length=1, max_length=NAME_MAX, description="The member meant (checked against this node)."
+    )
+    scheduled_at: AwareDatetime | None = Field(
+        None, description="Restart at this time (ISO 8601 with a timezone) instead of now."
+    )
+    pending: StrictBool = Field(
+        False,
+        description="Only if PostgreSQL has parameter changes pending a restart (checked when it runs).",
+    )
+
+
+class MemberBody(_Body):
+    member: str | None = Field(
+        None, min_length=1, max_length=NAME_MAX, description="The member meant (checked against this node)."
+    )
+
+
 class EmptyBody(_Body):
-    """POST /restart, /reinitialize, /reload take no parameters (an empty body or ``{}``)."""
+    """POST /reinitialize, /reload take no parameters (an empty body or ``{}``)."""

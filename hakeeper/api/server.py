@@ -39,7 +39,7 @@ from hakeeper.api import health as h
 from hakeeper.api import status
 from hakeeper.api.auth import Authenticator, server_ssl_context
 from hakeeper.api.connections import KEEPALIVE_IDLE, Admission, Connection, Refuse
-from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
+from hakeeper.api.models import EmptyBody, FailoverBody, MemberBody, RestartBody, SwitchoverBody
 from hakeeper.core.config import ApiConfig
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.dcs.etcd import EtcdError
@@ -67,6 +67,7 @@ REFUSAL_STATUS: dict[RefusalKind, int] = {
     RefusalKind.PRECONDITION: 412,
     RefusalKind.UNAVAILABLE: 503,
 }
+MAX_SCHEDULE_AHEAD_S = 366 * 86400  # a scheduled restart further ahead is surely a typo
 
 
 class ApiError(Exception):
@@ -200,6 +201,7 @@ class ApiServer:
         r.add_delete("/switchover", self._mutating(self.cancel_switchover))
         r.add_post("/failover", self._mutating(self.failover))
         r.add_post("/restart", self._mutating(self.restart))
+        r.add_delete("/restart", self._mutating(self.cancel_restart))
         r.add_post("/reinitialize", self._mutating(self.reinitialize))
         r.add_post("/reload", self._mutating(self.reload))
         app.on_response_prepare.append(self._headers)
@@ -506,8 +508,25 @@ class ApiServer:
         return json_response({"message": f"failed over to {new}", "leader": new})
 
     async def restart(self, request: web.Request) -> web.StreamResponse:
-        await self._body(request, EmptyBody)
-        return json_response({"message": await self._shielded(self.operator.restart())})
+        body = await self._body(request, RestartBody)
+        check_member(body.member, self.snapshot().name)
+        if body.scheduled_at is not None:
+            try:
+                when = body.scheduled_at.timestamp()
+            except (OverflowError, OSError, ValueError):
+                raise ApiError(400, "scheduled_at is out of range") from None
+            if when > time.time() + MAX_SCHEDULE_AHEAD_S:
+                raise ApiError(400, "scheduled_at is more than a year ahead")
+            if when > time.time():
+                message = await self.operator.schedule_restart(when, pending_only=body.pending)
+                return json_response({"message": message, "scheduled_at": status.iso(when)}, 202)
+        restart = self.operator.restart(pending_only=body.pending)
+        return json_response({"message": await self._shielded(restart)})
+
+    async def cancel_restart(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, MemberBody)
+        check_member(body.member, self.snapshot().name)
+        return json_response({"message": self.operator.cancel_scheduled_restart()})
 
     async def reinitialize(self, request: web.Request) -> web.StreamResponse:
         await self._body(request, EmptyBody)
@@ -527,6 +546,13 @@ class ApiServer:
         return json_response(
             {"config": cfg.model_dump(mode="json"), "revision": rev}, headers={"ETag": f'"{rev}"'}
         )
+
+
+def check_member(member: str | None, me: str) -> None:
+    """A request that names its member is refused by any other member's agent."""
+    if member is not None and member != me:
+        log.warning("api_request_refused", reason=f"meant for member {member!r}, this is {me!r}")
+        raise ApiError(409, f"this is member {me!r}, not {member!r}; nothing was done", member=me)
 
 
 def require_json(content_type: str | None) -> None:

@@ -1,13 +1,20 @@
 """Operator: the actions an operator asks of this node through the API (restart, reinitialize,
 reload).  Each runs under the HA loop's action lock, so it never interleaves with a cycle, and
-refuses with a :class:`~hakeeper.core.errors.Refused` that says why."""
+refuses with a :class:`~hakeeper.core.errors.Refused` that says why.
+
+A restart can also be scheduled (``POST /restart`` with ``scheduled_at``): one per node, kept in
+this process (an agent restart forgets it), published in the member record so ``hakeeper list
+-e`` shows it, and cancelled by ``DELETE /restart`` (``hakeeper flush restart``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
+from hakeeper.core import timefmt
 from hakeeper.core.cluster import ClusterView, MemberState
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.pgtypes import Role
@@ -33,6 +40,7 @@ class Operator:
         self.ctx = ctx
         self.action_lock = action_lock
         self.observe = observe
+        self._scheduled: asyncio.Task[None] | None = None  # the scheduled restart, waiting
 
     async def _run(self, what: str, action: Callable[[], Awaitable[str]]) -> str:
         async with self.action_lock:
@@ -45,14 +53,74 @@ class Operator:
                 log.warning("operator_request_refused", request=what, reason=e.message)
                 raise
 
-    async def restart(self) -> str:
-        """Restart PostgreSQL in its current role (a primary re-confirms its lease first)."""
-        return await self._run("restart", self._restart)
+    async def restart(self, *, pending_only: bool = False) -> str:
+        """Restart PostgreSQL in its current role (a primary re-confirms its lease first).
+        ``pending_only``: only if PostgreSQL has parameter changes waiting for a restart."""
+        return await self._run("restart", lambda: self._restart(pending_only))
 
-    async def _restart(self) -> str:
+    # -- scheduled restart ---------------------------------------------------------------------------
+
+    async def schedule_restart(self, at: float, *, pending_only: bool = False) -> str:
+        """Restart at wall-clock time ``at`` (in the background); refused while one is scheduled."""
+        st = self.ctx.state
+        if self._scheduled is not None and not self._scheduled.done():
+            raise Refused(
+                RefusalKind.CONFLICT,
+                f"a restart is already scheduled for {_utc(st.scheduled_restart)}; cancel it first "
+                "(DELETE /restart, `hakeeper flush MEMBER restart`)",
+            )
+        st.scheduled_restart = at
+        self._scheduled = asyncio.create_task(self._restart_at(at, pending_only))
+        log.info("restart_scheduled", at=_utc(at), pending_only=pending_only)
+        self.ctx.wake.set()  # publish it in the member record now
+        return f"restart scheduled for {_utc(at)}"
+
+    def cancel_scheduled_restart(self) -> str:
+        """Cancel the scheduled restart; refused when there is none (or it has started)."""
+        task, at = self._scheduled, self.ctx.state.scheduled_restart
+        if task is None or task.done() or at is None:
+            raise Refused(RefusalKind.CONFLICT, "no restart is scheduled on this node")
+        if at <= time.time():
+            raise Refused(RefusalKind.CONFLICT, "the scheduled restart has already started")
+        task.cancel()
+        self._scheduled = None
+        self.ctx.state.scheduled_restart = None
+        log.info("restart_schedule_cancelled", at=_utc(at))
+        self.ctx.wake.set()
+        return f"scheduled restart ({_utc(at)}) cancelled"
+
+    async def _restart_at(self, at: float, pending_only: bool) -> None:
+        try:
+            await asyncio.sleep(max(0.0, at - time.time()))
+            log.info("scheduled_restart_starting", at=_utc(at))
+            message = await self.restart(pending_only=pending_only)
+            log.info("scheduled_restart_done", result=message)
+        except Refused as e:  # already logged by _run, with its reason
+            log.warning("scheduled_restart_not_done", reason=e.message)
+        finally:
+            if self.ctx.state.scheduled_restart == at:
+                self.ctx.state.scheduled_restart = None
+                self.ctx.wake.set()
+
+    async def close(self) -> None:
+        """At shutdown: a scheduled restart that has not started is dropped."""
+        task, self._scheduled = self._scheduled, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _restart(self, pending_only: bool = False) -> str:
         ctx = self.ctx
         if not ctx.pg.is_initialized():
             raise Refused(RefusalKind.CONFLICT, "postgres has no data directory yet")
+        if pending_only:
+            # asked now, not from the last cycle's probe: a change may have been applied since
+            probe = await ctx.pg.probe()
+            if not probe.running:
+                raise Refused(RefusalKind.CONFLICT, "postgres is not running; nothing is pending a restart")
+            if not probe.pending_restart:
+                raise Refused(RefusalKind.CONFLICT, "no parameter change is pending a restart")
         view = ctx.state.view
         leading = ctx.state.leads(ctx.name)
         log.info("restart_requested", leader=leading)
@@ -136,3 +204,7 @@ class Operator:
         await ctx.pg.reload()
         log.info("reload_done", role=role.value)
         return "configuration reloaded"
+
+
+def _utc(epoch: float | None) -> str:
+    return timefmt.iso(epoch, timespec="seconds") or "-"

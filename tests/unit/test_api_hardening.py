@@ -41,9 +41,15 @@ class Operator:
     def __init__(self) -> None:
         self.restarts = 0
 
-    async def restart(self) -> str:
+    async def restart(self, *, pending_only: bool = False) -> str:
         self.restarts += 1
         return "postgres restarted"
+
+    async def schedule_restart(self, at: float, *, pending_only: bool = False) -> str:
+        return "restart scheduled"
+
+    def cancel_scheduled_restart(self) -> str:
+        return "cancelled"
 
     async def reinitialize(self) -> str:
         return "reinitialized"
