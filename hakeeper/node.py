@@ -371,7 +371,9 @@ class Node:
         return False
 
     async def shutdown(self) -> None:
-        await self.operator.close()  # a reinitialize in the background ends before PG stops
+        # a scheduled restart must not start PostgreSQL again; a reinitialize in the background
+        # ends before PostgreSQL stops
+        await self.operator.close()
         view = self.loop.view() if self.mirror.synced else self.state.view
         await stop_postgres(self.ctx)
         self.fence.stop()

@@ -1,4 +1,5 @@
-"""The per-member operator routes: restart, reinitialize (and its status) and reload.
+"""The per-member operator routes: restart (now or scheduled; DELETE cancels a scheduled one),
+reinitialize (and its status) and reload.
 
 Each acts on the agent that receives it, so its body names the member meant (:func:`check_target`).
 They live apart from :class:`~hakeeper.api.server.ApiServer` so that class keeps one job
@@ -8,13 +9,15 @@ through the small :class:`RouteHost` protocol.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from hakeeper.api.models import MemberBody
+from hakeeper.api import status
+from hakeeper.api.models import MemberBody, RestartBody
 from hakeeper.api.responses import ApiError, json_response
 from hakeeper.ha.ports import NodeOperations
 from hakeeper.ha.snapshot import NodeSnapshot
@@ -23,6 +26,7 @@ from hakeeper.util.log import get_logger, redact_values
 log = get_logger("hakeeper.api")
 
 B = TypeVar("B", bound=BaseModel)
+MAX_SCHEDULE_AHEAD_S = 366 * 86400  # a scheduled restart further ahead is surely a typo
 T = TypeVar("T")
 
 
@@ -42,8 +46,24 @@ class MemberRoutes:
         self.server = server
 
     async def restart(self, request: web.Request) -> web.StreamResponse:
+        body = await self.server.body(request, RestartBody)
+        check_target(body, self.server.snapshot().name, request)
+        if body.scheduled_at is not None:
+            try:
+                when = body.scheduled_at.timestamp()
+            except (OverflowError, OSError, ValueError):
+                raise ApiError(400, "scheduled_at is out of range") from None
+            if when > time.time() + MAX_SCHEDULE_AHEAD_S:
+                raise ApiError(400, "scheduled_at is more than a year ahead")
+            if when > time.time():
+                message = await self.server.operator.schedule_restart(when, pending_only=body.pending)
+                return json_response({"message": message, "scheduled_at": status.iso(when)}, 202)
+        restart = self.server.operator.restart(pending_only=body.pending)
+        return json_response({"message": await self.server.shielded(restart)})
+
+    async def cancel_restart(self, request: web.Request) -> web.StreamResponse:
         check_target(await self.server.body(request, MemberBody), self.server.snapshot().name, request)
-        return json_response({"message": await self.server.shielded(self.server.operator.restart())})
+        return json_response({"message": self.server.operator.cancel_scheduled_restart()})
 
     async def reinitialize(self, request: web.Request) -> web.StreamResponse:
         check_target(await self.server.body(request, MemberBody), self.server.snapshot().name, request)

@@ -39,5 +39,17 @@ class MemberBody(_Body):
     member: str = Field(min_length=1, max_length=NAME_MAX, description="The member meant (checked).")
 
 
+class RestartBody(MemberBody):
+    """POST /restart: now, at ``scheduled_at``, and/or only when a restart is pending."""
+
+    scheduled_at: AwareDatetime | None = Field(
+        None, description="Restart at this time (ISO 8601 with a timezone) instead of now."
+    )
+    pending: StrictBool = Field(
+        False,
+        description="Only if PostgreSQL has parameter changes pending a restart (checked when it runs).",
+    )
+
+
 class EmptyBody(_Body):
     """DELETE /switchover takes no parameters (an empty body or ``{}``)."""

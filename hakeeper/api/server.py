@@ -185,6 +185,7 @@ class ApiServer:
         r.add_post("/failover", self._mutating(self.failover))
         self.member_routes = MemberRoutes(self)
         r.add_post("/restart", self._mutating(self.member_routes.restart))
+        r.add_delete("/restart", self._mutating(self.member_routes.cancel_restart))
         r.add_post("/reinitialize", self._mutating(self.member_routes.reinitialize))
         r.add_get("/reinitialize", self.member_routes.reinit_status)
         r.add_get("/reinitialize/{id}", self.member_routes.reinit_status)

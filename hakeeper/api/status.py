@@ -77,6 +77,9 @@ def node_status(snap: NodeSnapshot) -> dict[str, Any]:
         "eligible": published.eligible if published is not None else me.eligible,
         "ineligible_reason": published.ineligible_reason if published is not None else me.ineligible_reason,
         "postgres_error": st.error if st is not None and not st.running else None,
+        "pending_restart": me.pending_restart,
+        "pending_restart_reasons": list(me.pending_restart_reasons),
+        "scheduled_restart": iso(me.scheduled_restart),
         "loop_age": round(max(0.0, time.monotonic() - snap.loop_heartbeat), 3),
         "tags": dict(snap.tags),
         "version": __version__,
@@ -130,6 +133,9 @@ def member_doc(m: Member, view: ClusterView, lag_seconds: dict[str, float] | Non
         "ineligible_reason": m.ineligible_reason,
         "version": m.version,
         "updated_at": iso(m.updated_at) if m.updated_at else None,
+        "pending_restart": m.pending_restart,
+        "pending_restart_reasons": list(m.pending_restart_reasons),
+        "scheduled_restart": iso(m.scheduled_restart),
     }
 
 

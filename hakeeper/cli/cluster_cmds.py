@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
-from hakeeper.core.cluster import ClusterView
+from hakeeper.core import timefmt
+from hakeeper.core.cluster import ClusterView, Member, MemberRole
 from hakeeper.core.config import EtcdConfig, NodeConfig, format_validation_error
 from hakeeper.core.keys import Keys
 from hakeeper.core.lsn import format_lsn
@@ -139,7 +140,9 @@ def _client_and_prefix(
     quiet_logging()
     if config is not None:
         cfg = load_or_exit(config)
-        return etcd_client_for(cfg), cfg.prefix
+        # another cluster on the same etcd (`hakeeper list -c node.yml other`): the node file's
+        # namespace with the scope asked for
+        return etcd_client_for(cfg), cfg.prefix if scope is None else f"{cfg.namespace}/{scope}"
     if not etcd or not scope:
         raise fail("give -c NODE.yml, or both --etcd URL and --scope NAME", 2)
     return etcd_client_for_urls(etcd), "/" + namespace.strip("/") + "/" + scope
@@ -161,6 +164,42 @@ def _load(config: Path | None, etcd: list[str] | None, scope: str | None, namesp
         raise fail(f"cannot read the cluster from etcd: {e}") from None
 
 
+_UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes the way PostgreSQL's pg_size_pretty counts (1024-based): ``0 B``, ``16 MB``,
+    ``1.2 GB`` -- one decimal below 10 of a unit, none above."""
+    value = float(n)
+    unit = 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{n} B"
+    text = f"{value:.1f}" if abs(value) < 9.95 else f"{value:.0f}"
+    return f"{text} {_UNITS[unit]}"
+
+
+def standby_kind(view: ClusterView, m: Member) -> str | None:
+    """``sync`` or ``quorum`` for a member the current leader's ``sync`` key lists (it has every
+    commit, or is one of the quorum that does), None otherwise."""
+    sync = view.sync
+    if sync is None or view.leader is None or sync.leader != view.leader.name or m.name == sync.leader:
+        return None
+    if m.name not in sync.members:
+        return None
+    return "quorum" if sync.is_quorum else "sync"
+
+
+def role_label(view: ClusterView, m: Member) -> str:
+    """The role as ``list`` shows it: ``sync standby`` / ``quorum standby`` set apart from
+    ``replica`` (the published role stays in ``-o json``'s ``role``)."""
+    if m.role == MemberRole.REPLICA and (kind := standby_kind(view, m)) is not None:
+        return f"{kind} standby"
+    return m.role.value
+
+
 def members_rows(view: ClusterView) -> list[dict[str, Any]]:
     rows = []
     for m in sorted(view.members.values(), key=lambda m: m.name):
@@ -170,27 +209,43 @@ def members_rows(view: ClusterView) -> list[dict[str, Any]]:
                 "name": m.name,
                 "host": m.conn_address,
                 "role": m.role.value,
+                "display_role": role_label(view, m),
+                "standby": standby_kind(view, m),
                 "state": m.state.value,
                 "timeline": m.timeline,
-                "lag": m.lag,
+                "lag": m.lag,  # bytes
+                "lag_pretty": None if m.lag is None else human_bytes(m.lag),
                 "leader": is_leader,
                 "eligible": m.eligible,
                 "reason": m.ineligible_reason,
                 "wal_lsn": format_lsn(m.wal_lsn) if m.wal_lsn is not None else None,
+                "pending_restart": m.pending_restart,
+                "pending_restart_reasons": list(m.pending_restart_reasons),
+                "scheduled_restart": timefmt.iso(m.scheduled_restart, timespec="seconds"),
+                "api_url": m.api_url,
+                "updated_at": timefmt.iso(m.updated_at, timespec="seconds") if m.updated_at else None,
                 "tags": {
                     "nofailover": m.nofailover,
                     "failover_priority": m.failover_priority,
                     "noloadbalance": m.noloadbalance,
+                    "nosync": m.nosync,
                 },
             }
         )
     return rows
 
 
-def list_document(view: ClusterView) -> dict[str, Any]:
+def scope_of(prefix: str) -> str:
+    """The scope of the key prefix ``/namespace/scope``."""
+    return prefix.rstrip("/").rsplit("/", 1)[-1]
+
+
+def list_document(view: ClusterView, scope: str | None = None) -> dict[str, Any]:
     """What ``list -o json|yaml`` prints."""
     sw = view.switchover
     return {
+        "scope": scope,
+        "system_identifier": view.initialized,
         "leader": view.leader.name if view.leader else None,
         "term": view.leader.term if view.leader else None,
         "paused": view.paused,
@@ -221,8 +276,38 @@ def view_warnings(view: ClusterView) -> list[str]:
     return lines
 
 
-def members_table(view: ClusterView) -> Table:
-    title = f"cluster (leader: {view.leader.name if view.leader else 'none'})"
+def _ago(epoch: float, now: float) -> str:
+    """How long ago ``epoch`` was, short: ``3s``, ``2m``, ``5h``."""
+    age = max(0.0, now - epoch)
+    if age < 120:
+        return f"{age:.0f}s ago"
+    if age < 7200:
+        return f"{age / 60:.0f}m ago"
+    return f"{age / 3600:.0f}h ago"
+
+
+def _tags_text(m: Member) -> str:
+    tags = []
+    if m.nofailover:
+        tags.append("nofailover")
+    if m.failover_priority != 1:
+        tags.append(f"failover_priority={m.failover_priority}")
+    if m.noloadbalance:
+        tags.append("noloadbalance")
+    if m.nosync:
+        tags.append("nosync")
+    if m.sync_priority != 1:
+        tags.append(f"sync_priority={m.sync_priority}")
+    return ",".join(tags)
+
+
+def members_table(
+    view: ClusterView, scope: str | None = None, *, extended: bool = False, now: float | None = None
+) -> Table:
+    """The table of ``list``: like patronictl's, the scope and system identifier in the title,
+    lag in human units (raw bytes in ``-o json``), ``*`` for a pending restart; ``extended``
+    adds the LSN, tags, API URL, what a restart would apply, a scheduled restart, last seen."""
+    title = f"cluster {scope or '?'} (system {view.initialized or 'not initialized'})"
     if view.paused:
         title += " [maintenance mode: paused]"
     sw = view.switchover
@@ -234,57 +319,104 @@ def members_table(view: ClusterView) -> Table:
         )
         title += f" [{sw.kind.value} {sw.leader or '-'} -> {sw.candidate or 'best replica'}, {when}]"
     t = Table(title=escape(title))
-    for col in ("Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Notes"):
-        t.add_column(col, justify="right" if col in ("TL", "Lag (bytes)") else "left")
+    cols = ["Member", "Host", "Role", "State", "TL", "Lag", "Pending restart"]
+    if extended:
+        cols += ["LSN", "Tags", "API", "Restart for", "Scheduled restart", "Last seen"]
+    cols.append("Notes")
+    for col in cols:
+        t.add_column(col, justify="right" if col in ("TL", "Lag") else "left")
+    now = time.time() if now is None else now
     for r in members_rows(view):
+        m = view.members[r["name"]]
         notes = []
         if r["leader"]:
             notes.append("leader")
         if r["reason"] and r["role"] != "primary":
             notes.append(r["reason"])
-        t.add_row(
+        row = [
             r["name"],
             r["host"],
-            r["role"],
+            r["display_role"],
             r["state"],
             "" if r["timeline"] is None else str(r["timeline"]),
-            "" if r["lag"] is None else str(r["lag"]),
-            escape("; ".join(notes)),
-        )
+            r["lag_pretty"] or "",
+            "*" if r["pending_restart"] else "",
+        ]
+        if extended:
+            row += [
+                r["wal_lsn"] or "",
+                _tags_text(m),
+                m.api_url,
+                ",".join(r["pending_restart_reasons"]),
+                r["scheduled_restart"] or "",
+                _ago(m.updated_at, now) if m.updated_at else "",
+            ]
+        row.append("; ".join(notes))
+        t.add_row(*(escape(c) for c in row))
     return t
 
 
-def _print_list(view: ClusterView, output: str, watching: bool) -> None:
+def _print_list(view: ClusterView, output: str, watching: bool, scope: str, extended: bool) -> None:
     if output == "table":
         if not view.members:
             err.print("no members registered (is the scope right and are the agents running?)")
-        out.print(members_table(view))
+        out.print(members_table(view, scope, extended=extended))
         for line in view_warnings(view):
             err.print(line, markup=False, highlight=False)
     elif watching and output == "json":
         # One compact document per refresh: easy to consume line by line.
-        sys.stdout.write(json.dumps(list_document(view)) + "\n")
+        sys.stdout.write(json.dumps(list_document(view, scope)) + "\n")
         sys.stdout.flush()
     else:
-        emit_data(output, list_document(view))
+        emit_data(output, list_document(view, scope))
+
+
+ScopeArg = Annotated[
+    str | None,
+    typer.Argument(metavar="[SCOPE]", help="Cluster name (like --scope; with -c: another cluster)."),
+]
+ExtendedOpt = Annotated[
+    bool,
+    typer.Option(
+        "-e",
+        "--extended",
+        help="Add LSN, tags, API URL, pending-restart parameters, scheduled restart, last seen.",
+    ),
+]
+
+
+def scope_argument(scope_arg: str | None, scope: str | None) -> str | None:
+    """The scope from ``list SCOPE`` or ``--scope`` (the same one if both are given)."""
+    if scope_arg is not None and scope is not None and scope_arg != scope:
+        raise fail(f"two scopes given: {scope_arg!r} and --scope {scope!r}", 2)
+    return scope_arg if scope_arg is not None else scope
 
 
 @app.command("list")
 def list_members(
+    scope_arg: ScopeArg = None,
     config: ConfigOpt = None,
     etcd: EtcdOpt = None,
     scope: ScopeOpt = None,
     namespace: NamespaceOpt = "/hakeeper",
     output: OutputOpt = "table",
     watch: WatchOpt = None,
+    extended: ExtendedOpt = False,
 ) -> None:
-    """One row per member: name, host:port, role, state, timeline, lag in bytes.
+    """One row per member: name, host:port, role (sync/quorum standby set apart), state,
+    timeline, lag, '*' when a restart is pending.
 
-    With --watch [SECONDS] the list refreshes until Ctrl-C (exit 0); -o json then prints one
-    compact JSON document per line."""
+    The title names the scope and system identifier.  With --watch [SECONDS] the list refreshes
+    until Ctrl-C (exit 0); -o json then prints one compact JSON document per line (lag in bytes)."""
     check_output(output)
+    scope = scope_argument(scope_arg, scope)
     if watch is None:
-        _print_list(_load(config, etcd, scope, namespace), output, watching=False)
+        client, prefix = _client_and_prefix(config, etcd, scope, namespace)
+        try:
+            view = asyncio.run(fetch_view(client, prefix))
+        except EtcdError as e:
+            raise fail(f"cannot read the cluster from etcd: {e}") from None
+        _print_list(view, output, watching=False, scope=scope_of(prefix), extended=extended)
         return
     try:
         interval = float(watch)
@@ -292,7 +424,7 @@ def list_members(
         raise fail(f"--watch wants a number of seconds, not {watch!r}", 2) from None
     if not 0.1 <= interval <= 3600:
         raise fail("--watch interval must be between 0.1 and 3600 seconds", 2)
-    asyncio.run(_watch(config, etcd, scope, namespace, output, interval))
+    asyncio.run(_watch(config, etcd, scope, namespace, output, interval, extended))
     raise typer.Exit(0)
 
 
@@ -303,6 +435,7 @@ async def _watch(
     namespace: str,
     output: str,
     interval: float,
+    extended: bool = False,
 ) -> None:
     """Refresh until SIGINT (Ctrl-C) or SIGTERM.  The signals only set an event: a signal that
     cancelled an etcd request half-way (asyncio.run's own SIGINT handling) could be swallowed on
@@ -331,7 +464,7 @@ async def _watch(
                 if out.is_terminal:
                     out.clear()
                 out.print(time.strftime("%Y-%m-%d %H:%M:%S"), markup=False)
-            _print_list(view, output, watching=True)
+            _print_list(view, output, watching=True, scope=scope_of(prefix), extended=extended)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
 

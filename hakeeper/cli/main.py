@@ -26,7 +26,6 @@ _COMMAND_MODULES = {
             "failover",
             "pause",
             "resume",
-            "restart",
             "reinit",
             "reload",
             "show-config",
@@ -36,12 +35,14 @@ _COMMAND_MODULES = {
         "ops_cmds",
     ),
     **dict.fromkeys(("remove", "query", "version"), "admin_cmds"),
+    **dict.fromkeys(("restart", "flush"), "restart_cmds"),
     "agent": None,
     "config": None,
 }
 _ALL_MODULES = (
     "cluster_cmds",
     "ops_cmds",
+    "restart_cmds",
     "demo_cmd",
     "backup_cmds",
     "schedule_cmds",

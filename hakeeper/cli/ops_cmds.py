@@ -826,29 +826,6 @@ def _member_action(
 MemberArg = Annotated[str, typer.Argument(help="Member name (see `hakeeper list`).")]
 
 
-@app.command("restart")
-def restart(
-    member: MemberArg,
-    config: ConfigOpt = None,
-    etcd: EtcdOpt = None,
-    scope: ScopeOpt = None,
-    namespace: NamespaceOpt = "/hakeeper",
-    force: ForceOpt = False,
-    output: OutputOpt = "table",
-    token: TokenOpt = None,
-    user: UserOpt = None,
-    password: PasswordOpt = None,
-    api_url: ApiUrlOpt = None,
-    timeout: TimeoutOpt = 120.0,
-) -> None:
-    """Restart PostgreSQL on MEMBER (in place; a leader keeps its role)."""
-    check_output(output)
-    ctx = make_context(config, etcd, scope, namespace, token, user, password, api_url)
-    _member_action(
-        ctx, member, "/restart", "restart", "Restart PostgreSQL on {name}?", force, output, timeout
-    )
-
-
 @app.command("reinit")
 def reinit(
     member: MemberArg,

@@ -75,6 +75,11 @@ class Member:
     # Whether the agent's last cycle saw the cluster paused: its acknowledgement of pause and
     # resume (`pause --wait` waits on it).  None: an agent too old to say.
     paused: bool | None = None
+    # PostgreSQL has parameter changes only a restart applies (pg_settings.pending_restart), and
+    # which ones (sorted, at most MAX_PENDING_NAMES): `hakeeper list` marks the member with '*'
+    pending_restart: bool = False
+    pending_restart_reasons: tuple[str, ...] = ()
+    scheduled_restart: float | None = None  # wall clock of a restart the agent will do (POST /restart)
     lease: int = 0  # filled from the key, not the value
 
     def to_json(self) -> bytes:
@@ -98,6 +103,7 @@ class Member:
             kw["state"] = MemberState(rec.state)
         except ValueError:
             kw["state"] = MemberState.STOPPED
+        kw["pending_restart_reasons"] = tuple(rec.pending_restart_reasons)
         return cls(name=name, lease=lease, **kw)
 
     @classmethod

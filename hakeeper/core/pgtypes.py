@@ -85,6 +85,8 @@ class LocalState:
     streaming_from: str | None
     replication: tuple[ReplicaInfo, ...]
     error: str | None = None
+    # parameters whose new value waits for a restart (pg_settings.pending_restart), sorted
+    pending_restart: tuple[str, ...] = ()
 
     @classmethod
     def down(cls, error: str) -> LocalState:

@@ -53,6 +53,7 @@ TIMELINE_MAX = 2**32 - 1  # PostgreSQL's TimeLineID is a uint32
 PRIORITY_MAX = 2**31 - 1
 MAX_NAMES = 1000  # members of one cluster, far beyond any real one
 MAX_HISTORY = 100_000
+MAX_PENDING_REASONS = 64  # parameter names in a member record (the agent publishes at most 32)
 
 Text = Annotated[str, StringConstraints(max_length=1024)]
 Word = Annotated[str, StringConstraints(max_length=64)]
@@ -96,6 +97,10 @@ class MemberRecord(_Record):
     updated_at: Epoch = 0.0
     version: Word = ""
     paused: bool | None = None
+    # absent in records of agents older than these fields: nothing pending, nothing scheduled
+    pending_restart: bool = False
+    pending_restart_reasons: Annotated[list[Word], Field(max_length=MAX_PENDING_REASONS)] = []
+    scheduled_restart: Epoch | None = None
 
 
 class StatusRecord(_Record):

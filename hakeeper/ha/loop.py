@@ -261,6 +261,7 @@ class HaLoop:
             view=view,
             now_wall=time.time(),
             held=st.held,
+            scheduled_restart=st.scheduled_restart,
         )
         now = time.monotonic()
         if not publish_due(m, lease, st.published, now, st.config.loop_wait):

@@ -23,6 +23,11 @@ class HaMetrics:
         self.primary = Gauge("hakeeper_primary", "1 on the lease-holding writable primary", registry=r)
         self.replica = Gauge("hakeeper_replica", "1 on a running replica", registry=r)
         self.postgres_running = Gauge("hakeeper_postgres_running", "1 while PostgreSQL runs", registry=r)
+        self.pending_restart = Gauge(
+            "hakeeper_postgres_pending_restart",
+            "1 while PostgreSQL has parameter changes only a restart applies (pg_settings.pending_restart)",
+            registry=r,
+        )
         self.timeline = Gauge("hakeeper_timeline", "PostgreSQL timeline", registry=r)
         self.wal_lsn = Gauge("hakeeper_wal_lsn_bytes", "WAL position (current or received)", registry=r)
         self.replica_lag_bytes = Gauge(
@@ -99,6 +104,7 @@ class HaMetrics:
         self.primary.set(1 if snap.writable else 0)
         self.replica.set(1 if st is not None and st.running and st.in_recovery else 0)
         self.postgres_running.set(1 if st is not None and st.running else 0)
+        self.pending_restart.set(1 if snap.member.pending_restart else 0)
         self.timeline.set(st.timeline if st is not None and st.timeline else 0)
         self.wal_lsn.set(st.wal_lsn if st is not None and st.wal_lsn else 0)
         self.lease_remaining.set(snap.lease_remaining)

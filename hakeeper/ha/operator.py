@@ -2,7 +2,11 @@
 reload; reload also on SIGHUP).  Each runs under the HA loop's action lock, so it never
 interleaves with a cycle, and refuses with a :class:`~hakeeper.core.errors.Refused` that says why.
 A reinitialize runs in the background (:mod:`hakeeper.ha.reinit`): the request returns its handle
-once it has started."""
+once it has started.
+
+A restart can also be scheduled (``POST /restart`` with ``scheduled_at``): one per node, kept in
+this process (an agent restart forgets it), published in the member record so ``hakeeper list
+-e`` shows it, and cancelled by ``DELETE /restart`` (``hakeeper flush restart``)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+from hakeeper.core import timefmt
 from hakeeper.core.cluster import ClusterView, MemberState
 from hakeeper.core.config_diff import ConfigDiff
 from hakeeper.core.errors import RefusalKind, Refused
@@ -57,6 +62,7 @@ class Operator:
         self._reinit: ReinitStatus | None = None  # the running or the last reinitialize
         self._starting = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduled: asyncio.Task[None] | None = None  # the scheduled restart, waiting
 
     async def _run(self, what: str, action: Callable[[], Awaitable[str]]) -> str:
         if self._reinit is not None and self._reinit.running:
@@ -74,14 +80,66 @@ class Operator:
                 log.warning("operator_request_refused", request=what, reason=e.message)
                 raise
 
-    async def restart(self) -> str:
-        """Restart PostgreSQL in its current role (a primary re-confirms its lease first)."""
-        return await self._run("restart", self._restart)
+    async def restart(self, *, pending_only: bool = False) -> str:
+        """Restart PostgreSQL in its current role (a primary re-confirms its lease first).
+        ``pending_only``: only if PostgreSQL has parameter changes waiting for a restart."""
+        return await self._run("restart", lambda: self._restart(pending_only))
 
-    async def _restart(self) -> str:
+    # -- scheduled restart ---------------------------------------------------------------------------
+
+    async def schedule_restart(self, at: float, *, pending_only: bool = False) -> str:
+        """Restart at wall-clock time ``at`` (in the background); refused while one is scheduled."""
+        st = self.ctx.state
+        if self._scheduled is not None and not self._scheduled.done():
+            raise Refused(
+                RefusalKind.CONFLICT,
+                f"a restart is already scheduled for {_utc(st.scheduled_restart)}; cancel it first "
+                "(DELETE /restart, `hakeeper flush MEMBER restart`)",
+            )
+        st.scheduled_restart = at
+        self._scheduled = asyncio.create_task(self._restart_at(at, pending_only))
+        log.info("restart_scheduled", at=_utc(at), pending_only=pending_only)
+        self.ctx.wake.set()  # publish it in the member record now
+        return f"restart scheduled for {_utc(at)}"
+
+    def cancel_scheduled_restart(self) -> str:
+        """Cancel the scheduled restart; refused when there is none (or it has started)."""
+        task, at = self._scheduled, self.ctx.state.scheduled_restart
+        if task is None or task.done() or at is None:
+            raise Refused(RefusalKind.CONFLICT, "no restart is scheduled on this node")
+        if at <= time.time():
+            raise Refused(RefusalKind.CONFLICT, "the scheduled restart has already started")
+        task.cancel()
+        self._scheduled = None
+        self.ctx.state.scheduled_restart = None
+        log.info("restart_schedule_cancelled", at=_utc(at))
+        self.ctx.wake.set()
+        return f"scheduled restart ({_utc(at)}) cancelled"
+
+    async def _restart_at(self, at: float, pending_only: bool) -> None:
+        try:
+            await asyncio.sleep(max(0.0, at - time.time()))
+            log.info("scheduled_restart_starting", at=_utc(at))
+            message = await self.restart(pending_only=pending_only)
+            log.info("scheduled_restart_done", result=message)
+        except Refused as e:  # already logged by _run, with its reason
+            log.warning("scheduled_restart_not_done", reason=e.message)
+        finally:
+            if self.ctx.state.scheduled_restart == at:
+                self.ctx.state.scheduled_restart = None
+                self.ctx.wake.set()
+
+    async def _restart(self, pending_only: bool = False) -> str:
         ctx = self.ctx
         if not ctx.pg.is_initialized():
             raise Refused(RefusalKind.CONFLICT, "postgres has no data directory yet")
+        if pending_only:
+            # asked now, not from the last cycle's probe: a change may have been applied since
+            probe = await ctx.pg.probe()
+            if not probe.running:
+                raise Refused(RefusalKind.CONFLICT, "postgres is not running; nothing is pending a restart")
+            if not probe.pending_restart:
+                raise Refused(RefusalKind.CONFLICT, "no parameter change is pending a restart")
         view = ctx.state.view
         leading = ctx.state.leads(ctx.name)
         log.info("restart_requested", leader=leading)
@@ -123,7 +181,13 @@ class Operator:
             return await accepted
 
     async def close(self) -> None:
-        """The agent stops: a reinitialize still running ends here (reported failed)."""
+        """The agent stops: a scheduled restart that has not started is dropped (it must not
+        start PostgreSQL again), and a reinitialize still running ends here (reported failed)."""
+        scheduled, self._scheduled = self._scheduled, None
+        if scheduled is not None and not scheduled.done():
+            scheduled.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduled
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -324,3 +388,7 @@ class Operator:
             pending_restart=pending,
         )
         return f"{said}. {pg_said}."
+
+
+def _utc(epoch: float | None) -> str:
+    return timefmt.iso(epoch, timespec="seconds") or "-"

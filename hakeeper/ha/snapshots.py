@@ -38,9 +38,9 @@ class SnapshotSource:
         self.initialized = initialized
         self.backup_status = backup_status
         self._tags = cfg.tags.model_dump()
-        self._member: tuple[LocalState | None, ClusterView, MemberState | None, Member, str | None] | None = (
-            None
-        )
+        self._member: (
+            tuple[LocalState | None, ClusterView, MemberState | None, Member, str | None, float | None] | None
+        ) = None
 
     def retag(self, identity: Identity) -> None:
         """A reload changed this node's tags: the next snapshot and member record show them."""
@@ -60,6 +60,7 @@ class SnapshotSource:
             or cached[1] is not st.view
             or cached[2] != st.activity
             or cached[4] != st.held
+            or cached[5] != st.scheduled_restart
         ):
             record = member_record(
                 self.identity,
@@ -69,8 +70,9 @@ class SnapshotSource:
                 view=st.view,
                 now_wall=time.time(),
                 held=st.held,
+                scheduled_restart=st.scheduled_restart,
             )
-            cached = self._member = (st.probe, st.view, st.activity, record, st.held)
+            cached = self._member = (st.probe, st.view, st.activity, record, st.held, st.scheduled_restart)
         return cached[3]
 
     def snapshot(self) -> NodeSnapshot:

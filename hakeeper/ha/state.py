@@ -47,6 +47,9 @@ class NodeState:
     checkpointer_woken_for: int | None = None  # postmaster pid (see PgConfigurator.wake_checkpointer)
     # the newest config key that validated, and its revision: what an invalid one falls back to
     last_valid_config: tuple[DynamicConfig, int] | None = None
+    # wall-clock time of a restart an operator scheduled (POST /restart with scheduled_at); kept
+    # in this process only: an agent restart forgets it (docs/cli.md says so)
+    scheduled_restart: float | None = None
 
     @property
     def config(self) -> DynamicConfig:

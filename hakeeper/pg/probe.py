@@ -33,8 +33,13 @@ SELECT
             'reply_age', extract(epoch FROM now() - reply_time))
           ORDER BY application_name), '[]'::json)
      FROM pg_stat_replication),
-  current_setting('data_directory')
+  current_setting('data_directory'),
+  (SELECT coalesce(array_agg(name::text ORDER BY name), '{}') FROM pg_settings WHERE pending_restart)
 """
+
+# Names of pending-restart parameters kept in a state (and published in the member record):
+# enough to say what a restart would apply; a longer list is cut (the flag stays exact).
+MAX_PENDING_NAMES = 32
 
 
 def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalState:
@@ -52,9 +57,12 @@ def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalS
         receiver,
         repl,
         served_dir,
+        pending,
     ) = row
     if os.path.realpath(str(served_dir)) != os.path.realpath(data_dir):
         return LocalState.down(f"port {port} is served by another PostgreSQL (data_directory={served_dir})")
+    # parameters changed in the files that only a restart applies (pg_settings.pending_restart)
+    pending_restart = tuple(str(n) for n in (pending or ())[:MAX_PENDING_NAMES])
     if not in_recovery:
         replicas = tuple(
             ReplicaInfo(
@@ -80,6 +88,7 @@ def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalS
             replayed_lsn=None,
             streaming_from=None,
             replication=replicas,
+            pending_restart=pending_restart,
         )
     received = parse_lsn(recv)
     replayed = parse_lsn(replay)
@@ -106,4 +115,5 @@ def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalS
         replayed_lsn=replayed,
         streaming_from=streaming_from,
         replication=(),
+        pending_restart=pending_restart,
     )

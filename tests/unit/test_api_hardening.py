@@ -44,7 +44,7 @@ class Operator:
         self.restarts = 0
         self.job: ReinitStatus | None = None
 
-    async def restart(self) -> str:
+    async def restart(self, *, pending_only: bool = False) -> str:
         self.restarts += 1
         return "postgres restarted"
 
@@ -56,6 +56,12 @@ class Operator:
 
     def reinit_status(self) -> ReinitStatus | None:
         return self.job
+
+    async def schedule_restart(self, at: float, *, pending_only: bool = False) -> str:
+        return "restart scheduled"
+
+    def cancel_scheduled_restart(self) -> str:
+        return "cancelled"
 
     async def reload(self) -> str:
         return "reloaded"

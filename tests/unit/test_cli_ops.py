@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from hakeeper.cli import ops_cmds
+from hakeeper.cli import ops_cmds, restart_cmds
 from hakeeper.cli.app import app
 from hakeeper.cli.main import _register_optional_commands
 from hakeeper.cli.ops_cmds import (
@@ -346,8 +346,9 @@ def _two_members(monkeypatch: pytest.MonkeyPatch, api: FakeApi) -> None:
     n1 = Member("n1", MemberRole.PRIMARY, MemberState.RUNNING, api_url="http://127.0.0.1:8008")
     n2 = Member("n2", MemberRole.REPLICA, MemberState.STREAMING, api_url=API_N2)
     view = ClusterView(members={"n1": n1, "n2": n2}, leader=Leader("n1", 1, 1, 1))
-    monkeypatch.setattr(ops_cmds, "read_view", lambda ctx: view)
-    monkeypatch.setattr(ops_cmds, "_http", api)
+    for module in (ops_cmds, restart_cmds):  # restart lives in restart_cmds
+        monkeypatch.setattr(module, "read_view", lambda ctx: view)
+        monkeypatch.setattr(module, "_http", api)
     monkeypatch.setattr(ops_cmds, "REINIT_POLL_S", 0.0)
 
 

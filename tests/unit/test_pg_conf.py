@@ -545,8 +545,10 @@ def test_probe_row_primary(tmp_path: Path) -> None:
         None,
         repl,
         str(tmp_path / "data"),
+        ["max_connections", "shared_buffers"],
     )
     st = state_from_row(row, data_dir=pg.data_dir, port=pg.port)
+    assert st.pending_restart == ("max_connections", "shared_buffers")
     assert st.running and st.in_recovery is False and st.error is None
     assert st.timeline == 3  # from the WAL file name, not the (older) checkpoint timeline
     assert st.wal_lsn == 0x3000100
@@ -562,26 +564,30 @@ def test_probe_row_replica(tmp_path: Path) -> None:
     dd = str(tmp_path / "data")
     receiver = {"status": "streaming", "tli": 4, "host": "10.0.0.1", "port": 5432}
     st = state_from_row(
-        (True, None, None, "0/5000000", "0/4FFFF00", 3, 3, 3, receiver, [], dd),
+        (True, None, None, "0/5000000", "0/4FFFF00", 3, 3, 3, receiver, [], dd, ["wal_level"]),
         data_dir=pg.data_dir,
         port=pg.port,
     )
     assert st.in_recovery is True and st.timeline == 4
+    assert st.pending_restart == ("wal_level",)
     assert st.received_lsn == 0x5000000 and st.replayed_lsn == 0x4FFFF00 and st.wal_lsn == 0x5000000
     assert st.streaming_from == Upstream("10.0.0.1", 5432, "x").address == "10.0.0.1:5432"
     # not streaming: pg_control's timelines are lower bounds, received may be NULL
     st = state_from_row(
-        (True, None, None, None, "0/4FFFF00", 2, 3, None, None, [], dd), data_dir=pg.data_dir, port=pg.port
+        (True, None, None, None, "0/4FFFF00", 2, 3, None, None, [], dd, []),
+        data_dir=pg.data_dir,
+        port=pg.port,
     )
     assert st.timeline == 3 and st.wal_lsn == 0x4FFFF00 and st.streaming_from is None
+    assert st.pending_restart == ()
     # upstream gone right after a timeline switch: the newest history file in pg_wal wins
     st = state_from_row(
-        (True, None, None, None, "0/4FFFF00", 1, 1, 2, None, [], dd), data_dir=pg.data_dir, port=pg.port
+        (True, None, None, None, "0/4FFFF00", 1, 1, 2, None, [], dd, []), data_dir=pg.data_dir, port=pg.port
     )
     assert st.timeline == 2
     v6 = {"status": "streaming", "tli": 1, "host": "::1", "port": 5433}
     st = state_from_row(
-        (True, None, None, "0/1", "0/1", 1, 0, None, v6, [], dd), data_dir=pg.data_dir, port=pg.port
+        (True, None, None, "0/1", "0/1", 1, 0, None, v6, [], dd, []), data_dir=pg.data_dir, port=pg.port
     )
     assert st.streaming_from == "[::1]:5433" == Upstream("::1", 5433, None).address
 
@@ -589,7 +595,7 @@ def test_probe_row_replica(tmp_path: Path) -> None:
 def test_probe_row_from_another_server(tmp_path: Path) -> None:
     pg = _pg(tmp_path)
     st = state_from_row(
-        (False, "0/1", "000000010000000000000001", None, None, 1, 0, None, None, [], "/somewhere/else"),
+        (False, "0/1", "000000010000000000000001", None, None, 1, 0, None, None, [], "/somewhere/else", []),
         data_dir=pg.data_dir,
         port=pg.port,
     )

@@ -125,6 +125,7 @@ def member_record(
     view: ClusterView,
     now_wall: float,
     held: str | None = None,
+    scheduled_restart: float | None = None,
 ) -> Member:
     """This node's member record as it would be published now: role and state from the probe
     and the activity in progress, its lag behind the leader's reference position, and whether
@@ -163,6 +164,9 @@ def member_record(
         updated_at=now_wall,
         version=me.version,
         paused=view.paused,  # what this cycle decided under: the acknowledgement of a pause
+        pending_restart=bool(probe.pending_restart) if probe is not None and probe.running else False,
+        pending_restart_reasons=probe.pending_restart if probe is not None and probe.running else (),
+        scheduled_restart=scheduled_restart,
     )
     lag = None if m.wal_lsn is None else max(0, reference_lsn(view) - m.wal_lsn)
     if role == MemberRole.PRIMARY:
