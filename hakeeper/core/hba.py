@@ -13,6 +13,8 @@ import re
 
 # Connection types that accept TCP connections (hba.c); `local` is the Unix socket.
 _TCP_TYPES = frozenset({"host", "hostssl", "hostnossl", "hostgssenc", "hostnogssenc"})
+# The other records a line may hold: the Unix socket, and the inclusion directives of PostgreSQL 16+.
+_OTHER_RECORDS = frozenset({"local", "include", "include_if_exists", "include_dir"})
 # Words pg_hba.conf reads as something other than a host name in the address column, and the
 # method names (harmless in that column, but a line that reads "... trust scram-sha-256" should
 # not even look like a trust line to whoever audits the file).
@@ -65,12 +67,34 @@ def hba_line_problem(line: str) -> str | None:
         return "contains a line break"
     if line.rstrip().endswith("\\"):
         return "ends with a backslash (pg_hba.conf would continue it onto the next line)"
+    if _unterminated_quote(line):
+        # PostgreSQL would refuse the whole file (and keep, or at start lack, the old one); and
+        # what the line means is not what it looks like (`host"trust` is one token to it)
+        return "has an unterminated double quote"
+    # PostgreSQL compares the connection type and the method without regard to quoting
+    # (hba.c parse_hba_line: `"host" ... "trust"` is a host line with trust), so neither do we.
     tokens = hba_tokens(line)
-    if not tokens or tokens[0][1] or tokens[0][0].lower() not in _TCP_TYPES:
+    if not tokens:
         return None
-    if any(text.lower() == "trust" and not quoted for text, quoted in tokens[1:]):
+    kind = tokens[0][0].lower()
+    if kind not in _TCP_TYPES | _OTHER_RECORDS:
+        # PostgreSQL would refuse the whole file (at start: not start)
+        return f"unknown connection type {tokens[0][0]!r} (local, host, hostssl, hostnossl, ...)"
+    if kind not in _TCP_TYPES:
+        return None
+    if any(text.lower() == "trust" for text, _quoted in tokens[1:]):
         return "trust on a TCP line lets anyone who reaches the port in without a password; use scram-sha-256"
     return None
+
+
+def _unterminated_quote(line: str) -> bool:
+    in_quotes = False
+    for ch in line:
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch == "#" and not in_quotes:
+            break
+    return in_quotes
 
 
 def hba_address(host: str) -> str | None:

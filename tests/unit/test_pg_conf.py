@@ -274,7 +274,17 @@ def test_hba_address_forms() -> None:
         ("host all all 0.0.0.0/0 scram-sha-256 \\", True),  # would swallow the next line
         ("host all all 0.0.0.0/0 md5\nhost all all ::/0 trust", True),
         ("local all all trust", False),  # the socket directory is private
-        ('host all "trust" 10.0.0.0/8 scram-sha-256', False),  # a role named trust
+        # quoting hides nothing: PostgreSQL compares the type and the method unquoted (hba.c)
+        ('host all all 0.0.0.0/0 "trust"', True),
+        ('"host" all all 0.0.0.0/0 trust', True),
+        ('host all all 0.0.0.0/0 tr"us"t', True),
+        ('host all all 0.0.0.0/0 "trust', True),  # unterminated: PostgreSQL would refuse the file
+        ('host"trust', True),
+        ("hosthost all all 0.0.0.0/0 scram-sha-256", True),  # PostgreSQL would refuse the file
+        ("include_dir conf.d", False),
+        # a role named trust on a TCP line is refused too: the method column is not parsed exactly
+        ('host all "trust" 10.0.0.0/8 scram-sha-256', True),
+        ('local all "trust" peer', False),
         ("host all all 10.0.0.0/8 scram-sha-256 # not trust", False),
         ("# host all all 0.0.0.0/0 trust", False),
         ("", False),
@@ -287,20 +297,35 @@ def test_hba_line_problem(line: str, refused: bool) -> None:
             render_pg_hba(extra_lines=[line], superuser="p", replication_user="r", replication_hosts=[])
 
 
-# An independent reading of pg_hba.conf's tokens (hba.c next_token): quoted strings, bare words,
-# a '#' outside quotes ends the line.
-_TOKEN_RE = re.compile(r'"[^"]*"|#|[^\s,"#]+')
+def _pg_tokens(line: str) -> list[str]:
+    """pg_hba.conf's fields as PostgreSQL's tokenizer reads them: split at blanks and commas
+    outside double quotes, the quotes dropped (``"tr"ust`` is ``trust``), ``#`` outside quotes
+    ends the line."""
+    tokens: list[str] = []
+    cur, in_quotes, seen = "", False, False
+    for ch in line:
+        if ch == '"':
+            in_quotes, seen = not in_quotes, True
+        elif not in_quotes and ch == "#":
+            break
+        elif not in_quotes and ch in " \t,":
+            if cur or seen:
+                tokens.append(cur)
+            cur, seen = "", False
+        else:
+            cur += ch
+    if cur or seen:
+        tokens.append(cur)
+    return tokens
 
 
 def _tcp_trust_lines(text: str) -> list[str]:
+    # the connection type and the method are compared without regard to quoting (hba.c)
     bad = []
     for line in text.split("\n"):
-        tokens: list[str] = []
-        for tok in _TOKEN_RE.findall(line):
-            if tok == "#":
-                break
-            tokens.append(tok)
-        if tokens and tokens[0].lower().startswith("host") and "trust" in (t.lower() for t in tokens[1:]):
+        tokens = _pg_tokens(line)
+        tcp = ("host", "hostssl", "hostnossl", "hostgssenc", "hostnogssenc")
+        if tokens and tokens[0].lower() in tcp and "trust" in (t.lower() for t in tokens[1:]):
             bad.append(line)
     return bad
 
