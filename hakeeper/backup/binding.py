@@ -155,6 +155,9 @@ async def bind(
     """Bind ``scope`` in ``repo`` to ``system_identifier`` unless it is bound already: the
     binding and whether this call wrote it.  :class:`BindingMismatch` if it is bound to another
     system identifier (logged with the reason)."""
+    # The key first: with the wrong key the binding object cannot be read, and the marker's
+    # refusal says what is wrong ("encrypted with another key") where the object's would not.
+    await repo.check_marker()
     for _ in range(3):
         found = await read_binding(repo, scope)
         if found is None:
