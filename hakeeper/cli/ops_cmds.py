@@ -441,16 +441,38 @@ def call_api(
 ) -> ApiAnswer:
     """One request to ``member``'s API; exit 1 with a one-line message when it cannot be reached
     or its address is not trusted."""
+    try:
+        return send_api(member, method, path, ctx, body=body, headers=headers, timeout=timeout)
+    except NotSent as e:
+        raise fail(str(e)) from None
+
+
+class NotSent(Exception):
+    """A request that could not be sent or answered: the reason, one line."""
+
+
+def send_api(
+    member: Member,
+    method: str,
+    path: str,
+    ctx: Context,
+    *,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> ApiAnswer:
+    """One request to ``member``'s API (:class:`NotSent` when it has no address, its address is
+    not trusted, or it cannot be reached)."""
     if not member.api_url:
-        raise fail(f"{member.name} has not published an API address (is its agent running?)")
+        raise NotSent(f"{member.name} has not published an API address (is its agent running?)")
     refused = ctx.trust.refusal(member.name, member.api_url)
     if refused is not None:
-        raise fail(refused)
+        raise NotSent(refused)
     url = member.api_url.rstrip("/") + path
     try:
         return asyncio.run(_http(method, url, ctx.auth, body, headers, timeout, ctx.tls))
     except Unreachable as e:
-        raise fail(f"cannot reach the API of {member.name} at {member.api_url}: {e}") from None
+        raise NotSent(f"cannot reach the API of {member.name} at {member.api_url}: {e}") from None
 
 
 def answer_error(ans: ApiAnswer) -> str:

@@ -12,7 +12,6 @@ without ordering between members (each agent restarts when its time comes).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,12 +34,11 @@ from hakeeper.cli.ops_cmds import (
     ApiUrlOpt,
     Context,
     ForceOpt,
+    NotSent,
     PasswordOpt,
     TokenOpt,
-    Unreachable,
     UsageError,
     UserOpt,
-    _http,
     answer_error,
     call_any,
     check_answer,
@@ -49,6 +47,7 @@ from hakeeper.cli.ops_cmds import (
     member_or_exit,
     parse_when,
     read_view,
+    send_api,
 )
 from hakeeper.core.cluster import ClusterView, Member, MemberRole, MemberState
 from hakeeper.core.timefmt import iso
@@ -143,16 +142,10 @@ def _request(
     ctx: Context, m: Member, method: str, path: str, body: dict[str, Any], timeout: float
 ) -> ApiAnswer:
     """One request to ``m``'s API; :class:`StepFailed` with the reason when it cannot be sent."""
-    if not m.api_url:
-        raise StepFailed(f"{m.name} has not published an API address (is its agent running?)")
-    refused = ctx.trust.refusal(m.name, m.api_url)
-    if refused is not None:
-        raise StepFailed(refused)
-    url = m.api_url.rstrip("/") + path
     try:
-        return asyncio.run(_http(method, url, ctx.auth, body, None, timeout, ctx.tls))
-    except Unreachable as e:
-        raise StepFailed(f"cannot reach the API of {m.name} at {m.api_url}: {e}") from None
+        return send_api(m, method, path, ctx, body=body, timeout=timeout)
+    except NotSent as e:
+        raise StepFailed(str(e)) from None
 
 
 def _restart_one(ctx: Context, m: Member, body: dict[str, Any], timeout: float) -> ApiAnswer:

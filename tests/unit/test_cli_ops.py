@@ -348,7 +348,7 @@ def _two_members(monkeypatch: pytest.MonkeyPatch, api: FakeApi) -> None:
     view = ClusterView(members={"n1": n1, "n2": n2}, leader=Leader("n1", 1, 1, 1))
     for module in (ops_cmds, restart_cmds):  # restart lives in restart_cmds
         monkeypatch.setattr(module, "read_view", lambda ctx: view)
-        monkeypatch.setattr(module, "_http", api)
+    monkeypatch.setattr(ops_cmds, "_http", api)  # every command's requests go through ops_cmds
     monkeypatch.setattr(ops_cmds, "REINIT_POLL_S", 0.0)
 
 
