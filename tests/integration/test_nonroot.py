@@ -37,29 +37,59 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 
 
-def interpreter_for(run_as: RunAs) -> tuple[str, str]:
+def _importable(run_as: RunAs, python: str, paths: list[str]) -> bool:
+    assert run_as.name is not None
+    res = subprocess.run(
+        ["runuser", "-u", run_as.name, "--", python, "-c", "import hakeeper, psycopg, aiohttp, pydantic"],
+        env={**os.environ, "PYTHONPATH": ":".join(paths)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return res.returncode == 0
+
+
+def _mirror(base: Path) -> list[str]:
+    """A copy of this checkout's hakeeper package and of the virtualenv's site-packages under
+    ``base`` (world-traversable): for a checkout the user cannot reach, such as a fresh clone in
+    root's 0700 temporary directory.  Hard links where the filesystem allows (instant), copies
+    otherwise."""
+    base.mkdir(mode=0o755)
+    base.chmod(0o755)
+    shutil.copytree(REPO / "hakeeper", base / "src" / "hakeeper")
+    paths = [str(base / "src")]
+    for i, sp in enumerate(site.getsitepackages()):
+        dst = base / f"site{i}"
+        try:
+            subprocess.run(["cp", "-al", sp, str(dst)], check=True, capture_output=True, timeout=300)
+        except subprocess.CalledProcessError:
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(sp, dst, symlinks=True)
+        paths.append(str(dst))
+    for d in (base / "src", *(Path(p) for p in paths[1:])):
+        d.chmod(0o755)
+    return paths
+
+
+def interpreter_for(run_as: RunAs, scratch: Path) -> tuple[str, str]:
     """(python, PYTHONPATH) with which ``run_as`` imports this checkout's hakeeper and its
     dependencies.  This interpreter, if that user may execute it; else (e.g. a pyenv build under
     root's 0700 home) the system's python of the same version with our site-packages, which the
-    same C ABI loads."""
+    same C ABI loads; and if the checkout itself is out of that user's reach, the same with a
+    copy of both under ``scratch``."""
     paths = [str(REPO), *site.getsitepackages()]
     candidates = [sys.executable, f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"]
-    assert run_as.name is not None
+    candidates = [p for p in candidates if os.path.exists(p)]
     for python in candidates:
-        if not os.path.exists(python):
-            continue
-        res = subprocess.run(
-            ["runuser", "-u", run_as.name, "--", python, "-c", "import hakeeper, psycopg, aiohttp, pydantic"],
-            env={**os.environ, "PYTHONPATH": ":".join(paths)},
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if res.returncode == 0:
+        if _importable(run_as, python, paths):
             return python, ":".join(paths)
+    mirrored = _mirror(scratch)
+    for python in candidates:
+        if _importable(run_as, python, mirrored):
+            return python, ":".join(mirrored)
     raise AssertionError(
         f"no python interpreter that OS user {run_as.name!r} can run and import hakeeper with "
-        f"(tried {candidates}); make the checkout and its virtualenv readable by that user"
+        f"(tried {candidates}, also with a copy under {scratch})"
     )
 
 
@@ -96,8 +126,12 @@ class NonRootCluster(LocalCluster):
                 ra.chown(tls)
             ra.chown(n.config_path)  # 0600, the agent's user's, as /etc/hakeeper/node.yml would be
 
+    interpreter: tuple[str, str] | None = None
+
     def agent_argv(self, name: str) -> list[str]:
-        python, pythonpath = interpreter_for(self.run_as)
+        if self.interpreter is None:
+            self.interpreter = interpreter_for(self.run_as, self.base_dir / "py")
+        python, pythonpath = self.interpreter
         assert self.run_as.name is not None
         return [
             "runuser",
