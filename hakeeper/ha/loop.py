@@ -15,6 +15,7 @@ from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import DynamicConfig
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
+from hakeeper.ha.actions.bootstrap import bootstrap_left
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.table import STEPS
 from hakeeper.ha.identity import leader_lease_owner, member_conflict, owner_of
@@ -195,6 +196,7 @@ class HaLoop:
             etcd_reachable=etcd_reachable,
             leader_lease_owner=owner,
             name_conflict=conflict,
+            bootstrap_left=await bootstrap_left(ctx),
         )
 
     async def _identity(self, view: ClusterView, etcd_reachable: bool) -> tuple[LeaseOwner, bool]:
