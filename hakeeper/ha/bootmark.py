@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
@@ -39,6 +40,11 @@ from hakeeper.util.proc import RunAs, pid_alive, proc_cmdline
 log = get_logger("hakeeper.bootmark")
 
 MARKER_NAME = "bootstrap.json"
+
+# A directory made by the initdb a marker without a system identifier names has its PG_VERSION
+# written this many seconds around the marker's start (initdb's own timeout is 300 s; the
+# margin before allows for a small step of the wall clock).
+INITDB_WINDOW = (-60.0, 900.0)
 
 
 class Phase(StrEnum):
@@ -142,6 +148,19 @@ def leftover(record: BootstrapRecord, data_dir: Path) -> BootstrapLeft | None:
     if mark is None or mark.data_dir != str(data_dir):
         return None
     return mark.left()
+
+
+def made_during(data_dir: Path, started_at: float) -> bool:
+    """Whether ``data_dir``'s PG_VERSION (a regular file, not followed if a link) was written
+    while the initdb begun at ``started_at`` could have run: the proof a marker without a system
+    identifier has that the directory is that initdb's, not one put there later (a restored
+    backup).  Reads the file system: call it in a thread."""
+    try:
+        st = os.lstat(data_dir / "PG_VERSION")
+    except OSError:
+        return False
+    lo, hi = INITDB_WINDOW
+    return stat.S_ISREG(st.st_mode) and started_at + lo <= st.st_mtime <= started_at + hi
 
 
 def initdb_running(data_dir: Path) -> int | None:

@@ -122,16 +122,36 @@ async def _initdb_left_running(ctx: Ctx, event: str) -> bool:
 # -- a bootstrap the agent was killed in the middle of -----------------------------------------------
 
 
-async def bootstrap_left(ctx: Ctx) -> BootstrapLeft | None:
-    """The observe step's fact.  A marker whose data directory is gone has nothing left to
-    prove (the directory was removed, or never made): it is removed, so that it can never
-    vouch for a directory made later by other means (a clone)."""
+async def bootstrap_left(
+    ctx: Ctx, system_identifier: str | None, cluster: str | None
+) -> BootstrapLeft | None:
+    """The observe step's fact (``system_identifier``: our data directory's; ``cluster``: the
+    initialize key's).  A marker that can no longer be about our data directory is removed, so
+    that it never vouches for a directory made later by other means:
+
+    * the directory is gone (removed, or never made);
+    * the directory is a copy of the cluster's (a clone) that the marker did not record;
+    * a marker without a system identifier, and the directory's PG_VERSION was not written
+      while that initdb ran."""
+    mark = ctx.bootstrap.current
     left = bootmark.leftover(ctx.bootstrap, ctx.pg.data_dir)
-    if left is None or ctx.pg.is_initialized():
+    if mark is None or left is None:
+        return None
+    data_dir = ctx.pg.data_dir
+    stale = None
+    if not ctx.pg.is_initialized():
+        if await asyncio.to_thread(initdb_running, data_dir) is not None:
+            return None  # initdb has not written PG_VERSION yet: the marker still has a job
+        stale = "its data directory does not exist (any more)"
+    elif system_identifier is not None and system_identifier == cluster != left.system_identifier:
+        stale = "the data directory is the cluster's, not the one the marker recorded"
+    elif left.system_identifier is None and not await asyncio.to_thread(
+        bootmark.made_during, data_dir, mark.started_at
+    ):
+        stale = "the data directory was not made by the initdb the marker recorded"
+    if stale is None:
         return left
-    if await asyncio.to_thread(initdb_running, ctx.pg.data_dir) is not None:
-        return None  # initdb has not written PG_VERSION yet: the marker still has a job
-    log.info("bootstrap_marker_removed", reason="its data directory does not exist (any more)")
+    log.info("bootstrap_marker_removed", reason=stale, phase=mark.phase.value)
     await asyncio.to_thread(ctx.bootstrap.clear)
     return None
 
@@ -154,6 +174,10 @@ async def discard_bootstrap(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: D
         refusal = "the bootstrap marker no longer says so"
     elif mark.system_identifier is not None and mark.system_identifier != sysid:
         refusal = "the data directory's system identifier is not the one the marker recorded"
+    elif mark.system_identifier is None and not await asyncio.to_thread(
+        bootmark.made_during, pg.data_dir, mark.started_at
+    ):
+        refusal = "the data directory was not made by the initdb the marker recorded"
     elif sysid is not None and sysid == cluster:
         refusal = "the initialize key holds this data directory's system identifier"
     elif pg.is_running():

@@ -3,6 +3,7 @@ agent; an unreadable one proves nothing; a leftover initdb is found by its data 
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 from hakeeper.ha import bootmark
-from hakeeper.ha.bootmark import BootstrapFile, BootstrapMark, Phase, initdb_running
+from hakeeper.ha.bootmark import BootstrapFile, BootstrapMark, Phase, initdb_running, made_during
 from hakeeper.ha.policy.decision import BootstrapLeft
 
 
@@ -66,3 +67,22 @@ def test_an_initdb_left_running_is_found_by_its_data_directory(tmp_path: Path) -
         proc.kill()
         proc.wait()
     assert initdb_running(data_dir) is None
+
+
+def test_a_directory_is_that_initdb_s_only_if_its_pg_version_dates_from_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    started = time.time()
+    assert not made_during(data_dir, started), "no PG_VERSION"
+    version = data_dir / "PG_VERSION"
+    version.write_text("15\n")
+    assert made_during(data_dir, started)
+    assert made_during(data_dir, started + 30), "a small step of the wall clock"
+    os.utime(version, (started + 3 * 3600, started + 3 * 3600))  # put there hours later
+    assert not made_during(data_dir, started)
+    os.utime(version, (started - 86400, started - 86400))  # a restored backup's old file
+    assert not made_during(data_dir, started)
+    version.unlink()
+    (tmp_path / "elsewhere").write_text("15\n")
+    version.symlink_to(tmp_path / "elsewhere")
+    assert not made_during(data_dir, started), "a link is not followed"

@@ -13,13 +13,23 @@ from typing import Any
 
 import pytest
 
+from hakeeper.ha import bootmark
 from hakeeper.ha.actions import bootstrap
-from hakeeper.ha.bootmark import Phase
+from hakeeper.ha.bootmark import BootstrapMark, Phase
 from hakeeper.ha.policy.decide import decide
 from hakeeper.ha.policy.decision import Action, Decision
 from tests.support.sim import Sim, SimNode, capture_events
 
 INITIALIZE = Decision(Action.INITIALIZE, "cluster not initialized")
+
+
+@pytest.fixture(autouse=True)
+def made_by_that_initdb(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """FakePostgres has no files: whether a directory's PG_VERSION dates from the marker's initdb
+    (bootmark.made_during, tested on real files in test_bootmark.py) is what this list says."""
+    answer = [True]
+    monkeypatch.setattr(bootmark, "made_during", lambda data_dir, started_at: answer[0])
+    return answer
 
 
 class Killed(BaseException):
@@ -215,3 +225,34 @@ async def test_a_bootstrap_that_finished_leaves_no_marker(monkeypatch: pytest.Mo
     assert [m.phase for m in marks] == [Phase.INITDB, Phase.RACE, Phase.WON]
     assert marks[1].system_identifier == marks[2].system_identifier == sim[leader].pg.system_id
     assert all(sim[n].marker.current is None for n in sim.nodes)
+
+
+@pytest.mark.parametrize("made_then", [True, False], ids=["made by that initdb", "made later"])
+async def test_a_marker_without_a_system_identifier_vouches_only_for_its_initdb_s_directory(
+    monkeypatch: pytest.MonkeyPatch, made_by_that_initdb: list[bool], made_then: bool
+) -> None:
+    """Killed after initdb ended, before the marker recorded the identifier.  That marker proves
+    the directory is ours only if its PG_VERSION was written while that initdb ran; one put
+    there later (a restored backup) is refused as before, and the stale marker removed."""
+    sim = Sim(monkeypatch)
+    await sim.pass_time(1)
+    await kill_in_initialize(sim, "a", "race")
+    mark = sim["a"].marker.mark
+    assert mark is not None
+    sim["a"].marker.mark = BootstrapMark(Phase.INITDB, mark.data_dir, mark.started_at)
+    ours = sim["a"].pg.system_id
+    await others_form_the_cluster(sim)
+    made_by_that_initdb[0] = made_then
+
+    events = capture_events(monkeypatch, bootstrap)
+    a = await sim.restart_agent("a")
+    await sim.run(6)
+
+    discarded = any(e["event"] == "bootstrap_abandoned" for e in events)
+    assert discarded == made_then
+    if made_then:
+        assert a.pg.system_id == (await sim.read_view()).initialized
+    else:
+        assert a.pg.system_id == ours and a.marker.current is None
+        assert a.node.state.decision is not None
+        assert a.node.state.decision.why == "data directory belongs to another cluster; refusing to touch it"
