@@ -150,6 +150,16 @@ async def bootstrap_left(
     ):
         stale = "the data directory was not made by the initdb the marker recorded"
     if stale is None:
+        if (
+            mark.phase == Phase.RACE
+            and left.system_identifier is not None
+            and left.system_identifier == cluster
+        ):
+            # Killed between the race and its record: we won.  Recorded now, so that the
+            # directory is never taken for an abandoned one, whatever the initialize key says later.
+            mark = await asyncio.to_thread(bootmark.advance, ctx.bootstrap, mark, Phase.WON, cluster)
+            log.info("bootstrap_marker_updated", phase=mark.phase.value, reason="the initialize key is ours")
+            return mark.left()
         return left
     log.info("bootstrap_marker_removed", reason=stale, phase=mark.phase.value)
     await asyncio.to_thread(ctx.bootstrap.clear)

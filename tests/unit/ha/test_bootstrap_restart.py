@@ -8,7 +8,7 @@ agent is gone.  ``restart_agent`` then starts a new agent on what is left."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,7 +38,8 @@ class Killed(BaseException):
 
 async def kill_in_initialize(sim: Sim, name: str, at: str) -> None:
     """Run ``name``'s initialize until it calls ``at`` (``initdb``: half-way through it; ``race``:
-    the initialize transaction, before etcd got it; ``create_roles``), then leave everything as
+    the initialize transaction, before etcd got it; ``won``: the marker's record of the race
+    won, after etcd's; ``create_roles``), then leave everything as
     a SIGKILL there would: the agent dead, its PostgreSQL as it was (running, if started), the
     disk and the marker as they were."""
     n = sim[name]
@@ -61,16 +62,29 @@ async def kill_in_initialize(sim: Sim, name: str, at: str) -> None:
         snapshot(at)
         raise Killed
 
+    real_advance = bootmark.advance
+
+    def advance_until_won(record: Any, mark: BootstrapMark, phase: Phase, sysid: str) -> BootstrapMark:
+        if phase == Phase.WON:  # etcd holds our initialize key; the marker does not say so yet
+            snapshot(at)
+            raise Killed
+        return real_advance(record, mark, phase, sysid)
+
     # the race is the first etcd transaction of initialize: the one that creates the keys
-    target: object = n.link if at == "race" else pg
-    attribute = "txn" if at == "race" else at
-    replacement: Callable[..., Awaitable[None]] = half_initdb if at == "initdb" else killed
+    target: object = {"race": n.link, "won": bootmark}.get(at, pg)
+    attribute = {"race": "txn", "won": "advance"}.get(at, at)
+    replacements: dict[str, Callable[..., Any]] = {"initdb": half_initdb, "won": advance_until_won}
+    replacement = replacements.get(at, killed)
+    original = vars(target).get(attribute)
     setattr(target, attribute, replacement)
     try:
         with pytest.raises(Killed):
             await bootstrap.initialize(n.ctx, view, facts, INITIALIZE)
     finally:
-        delattr(target, attribute)
+        if original is not None:
+            setattr(target, attribute, original)
+        else:
+            delattr(target, attribute)
     vars(pg).update(left["pg"])  # nothing the except/finally of the executor did happened
     n.marker.mark = left["mark"]
     n.agent_alive = False
@@ -256,3 +270,29 @@ async def test_a_marker_without_a_system_identifier_vouches_only_for_its_initdb_
         assert a.pg.system_id == ours and a.marker.current is None
         assert a.node.state.decision is not None
         assert a.node.state.decision.why == "data directory belongs to another cluster; refusing to touch it"
+
+
+async def test_killed_between_winning_the_race_and_its_record_the_node_finishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The initialize key holds our identifier, the marker still says "race": the restarted
+    agent records that it won (so the directory can never be taken for an abandoned one), starts
+    PostgreSQL as the leader and finishes the bootstrap."""
+    sim = Sim(monkeypatch)
+    await sim.pass_time(1)
+    await kill_in_initialize(sim, "a", "won")
+    a_pg = sim["a"].pg
+    mark = sim["a"].marker.current
+    assert mark is not None and mark.phase == Phase.RACE and not a_pg.running
+    assert (await sim.read_view()).initialized == mark.system_identifier == a_pg.system_id
+
+    events = capture_events(monkeypatch, bootstrap)
+    a = await sim.restart_agent("a")
+    await steps_until(sim, lambda: sim.converged("a"))
+
+    assert Phase.WON in [m.phase for m in a.marker.saves[-2:]]
+    assert [e["event"] for e in events if e["event"].startswith("bootstrap_")] == [
+        "bootstrap_marker_updated",
+        "bootstrap_completed_after_restart",
+    ]
+    assert a_pg.roles_created and a.marker.current is None
