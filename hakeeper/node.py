@@ -218,6 +218,8 @@ class Node:
 
     async def run(self) -> int:
         self._take_lock()
+        # A bootstrap marker its predecessor left: read once, now that the runtime dir is ours.
+        self.ctx.bootstrap.current  # noqa: B018
         if self.fence.inherit():
             log.warning(
                 "fence_inherited",

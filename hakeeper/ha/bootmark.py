@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hakeeper.ha.policy.decision import BootstrapLeft
-from hakeeper.util.fsutil import fsync_dir, read_regular, write_atomic
+from hakeeper.util.fsutil import fsync_dir, open_regular, write_atomic
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, pid_alive, proc_cmdline
 
@@ -94,31 +94,49 @@ class BootstrapRecord(Protocol):
 
 
 class BootstrapFile:
-    """The marker in ``path`` (JSON, mode 0600)."""
+    """The marker in ``path`` (JSON, mode 0600).  Read on first use, which is after the agent
+    took its runtime directory (``Node._take_lock``): by then nobody but the agent's user can
+    have written there, and a marker that user does not own proves nothing."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._current = self._load()
+        self._loaded = False
+        self._current: BootstrapMark | None = None
 
     def _load(self) -> BootstrapMark | None:
         try:
-            return BootstrapMark.from_json(read_regular(self.path).decode())
+            fd = open_regular(self.path)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            log.warning("bootstrap_marker_unreadable", path=str(self.path), error=str(e))
+            return None
+        try:
+            if os.fstat(fd).st_uid != os.geteuid():
+                log.warning(
+                    "bootstrap_marker_ignored", path=str(self.path), reason="not owned by the agent's user"
+                )
+                return None
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return BootstrapMark.from_json(f.read().decode())
         except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
             # An unreadable marker proves nothing: the data directory is then treated as any
             # other (the refusal to touch a foreign one stays).
             log.warning("bootstrap_marker_unreadable", path=str(self.path), error=str(e))
             return None
+        finally:
+            os.close(fd)
 
     @property
     def current(self) -> BootstrapMark | None:
+        if not self._loaded:
+            self._current, self._loaded = self._load(), True
         return self._current
 
     def save(self, mark: BootstrapMark) -> None:
         write_atomic(self.path, mark.to_json(), mode=0o600, run_as=RunAs())
         fsync_dir(self.path.parent)  # the rename too: the marker must outlive a power cut
-        self._current = mark
+        self._current, self._loaded = mark, True
 
     def clear(self) -> None:
         try:
@@ -126,7 +144,7 @@ class BootstrapFile:
         except FileNotFoundError:
             pass
         fsync_dir(self.path.parent)
-        self._current = None
+        self._current, self._loaded = None, True
 
 
 def begin(record: BootstrapRecord, data_dir: Path) -> BootstrapMark:

@@ -36,6 +36,17 @@ def test_the_marker_is_private_and_read_back_by_the_next_agent(tmp_path: Path) -
     again.clear()  # nothing to remove: no error
 
 
+def test_a_marker_is_read_when_first_asked_for_and_only_if_the_agent_s_user_owns_it(tmp_path: Path) -> None:
+    path = tmp_path / bootmark.MARKER_NAME
+    record = BootstrapFile(path)  # made before the agent took its runtime directory
+    mark = BootstrapMark(Phase.RACE, "/d", 1.0, "7300000000000000001")
+    path.write_text(mark.to_json())
+    assert record.current == mark
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)  # nobody's: someone else wrote it
+        assert BootstrapFile(path).current is None
+
+
 def test_an_unreadable_marker_proves_nothing(tmp_path: Path) -> None:
     path = tmp_path / bootmark.MARKER_NAME
     path.write_text('{"phase": "initdb"')
