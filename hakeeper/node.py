@@ -36,6 +36,7 @@ from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.lifecycle import fenced, inspect_data_dir, leave, stop_postgres
+from hakeeper.ha.bootmark import MARKER_NAME, BootstrapFile, BootstrapRecord
 from hakeeper.ha.fence import FenceClient
 from hakeeper.ha.guard import WriteGuard
 from hakeeper.ha.identity import refusal_at_start
@@ -85,10 +86,12 @@ class Node:
         pg: Postgres | None = None,
         fence: FenceClient | None = None,
         lease_record: LeaseRecord | None = None,
+        bootstrap_record: BootstrapRecord | None = None,
         reread: Callable[[], NodeConfig] | None = None,
     ) -> None:
-        """``client``, ``pg``, ``fence`` and ``lease_record`` are built from ``cfg`` unless given:
-        the unit tests run this same wiring over in-memory fakes (tests/support/sim.py).
+        """``client``, ``pg``, ``fence``, ``lease_record`` and ``bootstrap_record`` are built from
+        ``cfg`` unless given: the unit tests run this same wiring over in-memory fakes
+        (tests/support/sim.py).
         ``reread``: load the node file again with every check (raises ConfigError), for reload
         and SIGHUP; None: the agent has no file to re-read."""
         self.cfg = cfg
@@ -146,6 +149,7 @@ class Node:
             resync=self.mirror.resync,
             fresh_view=lambda: self.loop.view(),
             publish=lambda view: self.loop.publish_member(view),
+            bootstrap=bootstrap_record or BootstrapFile(self.runtime_dir / MARKER_NAME),
         )
         self.loop = HaLoop(self.ctx, self.mirror, identity, self.action_lock)
         self.operator = Operator(
@@ -214,6 +218,8 @@ class Node:
 
     async def run(self) -> int:
         self._take_lock()
+        # A bootstrap marker its predecessor left: read once, now that the runtime dir is ours.
+        self.ctx.bootstrap.current  # noqa: B018
         if self.fence.inherit():
             log.warning(
                 "fence_inherited",

@@ -15,6 +15,7 @@ from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import DynamicConfig
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.mirror import PrefixMirror, stall_timeout_for
+from hakeeper.ha.actions.bootstrap import bootstrap_left
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.table import STEPS
 from hakeeper.ha.identity import leader_lease_owner, member_conflict, owner_of
@@ -175,10 +176,11 @@ class HaLoop:
             await ctx.pgconf.wake_checkpointer()
         guard, tags = ctx.guard, ctx.cfg.tags
         owner, conflict = await self._identity(view, etcd_reachable)
+        sysid = await self._system_identifier()
         return LocalFacts(
             name=ctx.name,
             data_initialized=ctx.pg.is_initialized(),
-            system_identifier=await self._system_identifier(),
+            system_identifier=sysid,
             pg_running=probe.running,
             in_recovery=probe.in_recovery,
             timeline=probe.timeline,
@@ -195,6 +197,7 @@ class HaLoop:
             etcd_reachable=etcd_reachable,
             leader_lease_owner=owner,
             name_conflict=conflict,
+            bootstrap_left=await bootstrap_left(ctx, sysid, view.initialized),
         )
 
     async def _identity(self, view: ClusterView, etcd_reachable: bool) -> tuple[LeaseOwner, bool]:

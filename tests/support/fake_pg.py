@@ -24,9 +24,10 @@ What it models:
 * a clean stop of a primary writes a shutdown checkpoint and ships it to the replicas streaming
   from it (walsenders do so before they exit); an immediate stop leaves the cluster state "in
   production" (crashed), which is what the agent reads to decide a rewind;
-* clone (needs the slot on a running source), rewind (follows the source's history from the fork
-  point), slots, the handful of SQL statements the agent runs (others raise
-  ``NotImplementedError`` so a test notices), and failures on demand (``failing``).
+* clone (needs the slot on a running source whose bootstrap created the roles), rewind
+  (follows the source's history from the fork point), slots, the handful of SQL statements the
+  agent runs (others raise ``NotImplementedError`` so a test notices), and failures on demand
+  (``failing``).
 
 Not modelled: time (a start, promote or clone finishes at once), replication lag (WAL ships when
 looked at, or not at all), cascading replication, synchronous replication acknowledgements
@@ -323,7 +324,10 @@ class FakePostgres:
             raise PgError(f"pg_basebackup from {source.address} failed: connection refused")
         if source.slot_name is not None and source.slot_name not in src.slots:
             raise PgError(f'pg_basebackup: replication slot "{source.slot_name}" does not exist')
+        if not src.roles_created:  # the replication role is made by the bootstrap, after initdb
+            raise PgError(f'pg_basebackup: password authentication failed for user "{replication_user}"')
         self.initialized = True
+        self.roles_created = True  # the roles are in the catalog the clone copies
         self.system_id = src.system_id
         self.history, self.lsn = src.history, src.lsn
         self.checkpoint_lsn = src.lsn

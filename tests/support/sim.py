@@ -46,6 +46,7 @@ from hakeeper.ha.actions import handover
 from hakeeper.ha.actions import replica as replica_actions
 from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.lifecycle import fenced, inspect_data_dir
+from hakeeper.ha.bootmark import BootstrapMark
 from hakeeper.ha.fence import FenceClient, FenceState
 from hakeeper.ha.guard import FENCE_POLL
 from hakeeper.ha.policy.decision import LocalFacts
@@ -62,6 +63,7 @@ from tests.support.fake_pg import FakePostgres, World
 __all__ = [
     "EtcdLink",
     "FakeFence",
+    "MemoryBootstrapRecord",
     "MemoryLeaseRecord",
     "Sim",
     "SimNode",
@@ -145,6 +147,26 @@ class MemoryLeaseRecord:
 
     def save(self, lease: int) -> None:
         self.lease = lease
+
+
+class MemoryBootstrapRecord:
+    """:class:`~hakeeper.ha.bootmark.BootstrapFile` in memory: the bootstrap marker, which a
+    restarted agent finds as its killed predecessor left it (``saves``: every mark saved)."""
+
+    def __init__(self) -> None:
+        self.mark: BootstrapMark | None = None
+        self.saves: list[BootstrapMark] = []
+
+    @property
+    def current(self) -> BootstrapMark | None:
+        return self.mark
+
+    def save(self, mark: BootstrapMark) -> None:
+        self.mark = mark
+        self.saves.append(mark)
+
+    def clear(self) -> None:
+        self.mark = None
 
 
 class EtcdLink:
@@ -239,6 +261,7 @@ class SimNode:
     link: EtcdLink
     fence: FakeFence
     record: MemoryLeaseRecord = field(default_factory=MemoryLeaseRecord)
+    marker: MemoryBootstrapRecord = field(default_factory=MemoryBootstrapRecord)
     agent_alive: bool = True  # False: the agent process is gone (no keepalives, no cycles)
     silent_watch: bool = False  # see the module doc
     cycle_errors: list[BaseException] = field(default_factory=list)
@@ -322,14 +345,16 @@ class Sim:
             link = EtcdLink(self.etcd)
             fence = FakeFence()
             record = MemoryLeaseRecord()
+            marker = MemoryBootstrapRecord()
             node = Node(
                 cfg,
                 client=cast(EtcdClient, link),
                 pg=cast(Postgres, pg),
                 fence=cast(FenceClient, fence),
                 lease_record=record,
+                bootstrap_record=marker,
             )
-            self.nodes[name] = SimNode(name, node, pg, link, fence, record)
+            self.nodes[name] = SimNode(name, node, pg, link, fence, record, marker)
 
     def __getitem__(self, name: str) -> SimNode:
         return self.nodes[name]
@@ -365,9 +390,10 @@ class Sim:
             pg=cast(Postgres, old.pg),
             fence=cast(FenceClient, fence),
             lease_record=record,
+            bootstrap_record=old.marker,
         )
         await inspect_data_dir(node.ctx)
-        self.nodes[name] = SimNode(name, node, old.pg, old.link, fence, record)
+        self.nodes[name] = SimNode(name, node, old.pg, old.link, fence, record, old.marker)
         return self.nodes[name]
 
     def kill(self, name: str) -> None:

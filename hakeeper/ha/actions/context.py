@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import NodeConfig
 from hakeeper.dcs.store import ClusterStore
+from hakeeper.ha.bootmark import BootstrapRecord
 from hakeeper.ha.guard import WriteGuard
 from hakeeper.ha.metrics import HaMetrics
 from hakeeper.ha.pgconfig import PgConfigurator
@@ -34,6 +35,7 @@ class Ctx:
     resync: Callable[[], Awaitable[None]]  # re-read etcd now (after a write the loop must see)
     fresh_view: Callable[[], ClusterView]  # the view as the etcd mirror holds it now
     publish: Callable[[ClusterView], Awaitable[Member | None]]  # put our member record now
+    bootstrap: BootstrapRecord  # the marker of a bootstrap in progress (ha/bootmark.py)
 
     @property
     def name(self) -> str:

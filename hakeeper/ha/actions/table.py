@@ -31,4 +31,6 @@ STEPS: Mapping[Action, Executor] = {
     Action.DETACH: replica.detach,
     Action.SWITCHOVER: handover.switchover,
     Action.REJECT_SWITCHOVER: handover.reject_switchover,
+    Action.DISCARD_BOOTSTRAP: bootstrap.discard_bootstrap,
+    Action.FINISH_BOOTSTRAP: bootstrap.finish_bootstrap,
 }

@@ -63,6 +63,14 @@ def _due(c: Ctx) -> bool:
     return sw is not None and sw.due(c.local.now)
 
 
+def _abandoned_reason(c: Ctx) -> str:
+    if c.local.system_identifier is None:
+        return "no readable pg_control"
+    if c.view.initialized is None:
+        return "the cluster is not initialized: racing again"
+    return "another member initialized the cluster"
+
+
 _IMPOSTOR_WHY = "{evidence}: another agent runs under our name"
 
 
@@ -145,6 +153,22 @@ RULES: tuple[Rule, ...] = (
         Action.WAIT,
         "empty data directory and no running leader to clone from",
     ),
+    # -- what our own interrupted bootstrap left (docs/decisions.md) ----------------------------------
+    # Only with the marker's proof: without it the refusal below protects real data.
+    Rule(
+        "our data directory is our abandoned bootstrap, paused",
+        lambda c: c.abandoned_bootstrap and c.paused,
+        Action.WAIT,
+        "paused: not discarding the data directory our interrupted bootstrap left",
+    ),
+    Rule(
+        "our data directory is our abandoned bootstrap",
+        lambda c: c.abandoned_bootstrap,
+        Action.DISCARD_BOOTSTRAP,
+        "data directory left by our interrupted bootstrap ({reason})",
+        fields=lambda c: {"reason": _abandoned_reason(c)},
+        facts=lambda c: {"ours": c.local.system_identifier, "cluster": c.view.initialized},
+    ),
     Rule(
         "our data directory belongs to another cluster",
         lambda c: c.foreign_data,
@@ -209,6 +233,12 @@ RULES: tuple[Rule, ...] = (
         lambda c: c.we_lead and bool(c.local.in_recovery),
         Action.PROMOTE,
         "we hold the leader key and postgres is in recovery",
+    ),
+    Rule(
+        "we lead and run read-write, our bootstrap did not finish (agent restarted)",
+        lambda c: c.we_lead and c.local.writable and c.unfinished_bootstrap,
+        Action.FINISH_BOOTSTRAP,
+        "we initialized the cluster but the bootstrap did not finish; finishing it",
     ),
     Rule(
         "we lead, a request we did not hand over (or for another leader)",

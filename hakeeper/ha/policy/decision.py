@@ -29,6 +29,8 @@ class Action(StrEnum):
     DETACH = "detach"
     SWITCHOVER = "switchover"
     REJECT_SWITCHOVER = "reject_switchover"
+    DISCARD_BOOTSTRAP = "discard_bootstrap"
+    FINISH_BOOTSTRAP = "finish_bootstrap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,16 @@ ACTIONS: Mapping[Action, ActionSpec] = MappingProxyType(
         Action.REJECT_SWITCHOVER: ActionSpec(
             "leader: drop an impossible or stale request (the reason is logged)",
         ),
+        Action.DISCARD_BOOTSTRAP: ActionSpec(
+            "remove the data directory our interrupted bootstrap left (its marker proves it never "
+            "became the cluster's), then start over (race again or clone)",
+        ),
+        Action.FINISH_BOOTSTRAP: ActionSpec(
+            "we won the race before the agent was killed: create the roles (superuser password, "
+            "replication role) and record the bootstrap history entry now",
+            makes_writable=True,
+            fresh_lease=True,
+        ),
     }
 )
 
@@ -132,6 +144,15 @@ class LeaseOwner(StrEnum):
 # What an action that is not safe without etcd becomes while etcd is unreachable (the view is
 # then the last one we had).
 STALE_VIEW_WHY = "etcd unreachable; not acting on '{action}'"
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapLeft:
+    """What the bootstrap marker of this node's agent says (:mod:`hakeeper.ha.bootmark`): a
+    bootstrap of our data directory started and did not finish."""
+
+    system_identifier: str | None  # what initdb made (None: killed before it was read)
+    won: bool  # the initialize race was won: the data directory is the cluster's
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +182,8 @@ class LocalFacts:
     # Our member key is kept alive by a live lease this node never held: another agent runs
     # under our name (it started despite the check at start, e.g. both at once).
     name_conflict: bool = False
+    # Our bootstrap marker, when it names our data directory: a bootstrap that did not finish.
+    bootstrap_left: BootstrapLeft | None = None
 
     @property
     def writable(self) -> bool:

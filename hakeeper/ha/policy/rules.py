@@ -85,6 +85,33 @@ class Ctx:
         )
 
     @property
+    def abandoned_bootstrap(self) -> bool:
+        """Our data directory is what our own interrupted bootstrap left, and never became the
+        cluster's: the marker names it, before the race was won, with no system identifier or
+        the directory's own, and the initialize key is not that identifier.  A running
+        PostgreSQL is never discarded (nothing runs on such a directory)."""
+        left, ours = self.local.bootstrap_left, self.local.system_identifier
+        return (
+            left is not None
+            and not left.won
+            and self.local.data_initialized
+            and not self.local.pg_running
+            and (left.system_identifier is None or left.system_identifier == ours)
+            and (ours is None or ours != self.view.initialized)
+        )
+
+    @property
+    def unfinished_bootstrap(self) -> bool:
+        """We won the initialize race with this data directory, and the bootstrap after it (the
+        roles, the history entry) did not finish."""
+        left, ours = self.local.bootstrap_left, self.local.system_identifier
+        return (
+            left is not None
+            and left.system_identifier is not None
+            and left.system_identifier == ours == self.view.initialized
+        )
+
+    @property
     def lease_unconfirmed(self) -> bool:
         return not self.local.lease_valid
 

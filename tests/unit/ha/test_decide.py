@@ -29,7 +29,15 @@ from hakeeper.core.cluster import (
 from hakeeper.core.config import DynamicConfig
 from hakeeper.ha.policy.candidates import assess, rank
 from hakeeper.ha.policy.decide import RULES, decide
-from hakeeper.ha.policy.decision import ACTIONS, STALE_VIEW_WHY, Action, Decision, LeaseOwner, LocalFacts
+from hakeeper.ha.policy.decision import (
+    ACTIONS,
+    STALE_VIEW_WHY,
+    Action,
+    BootstrapLeft,
+    Decision,
+    LeaseOwner,
+    LocalFacts,
+)
 from hakeeper.ha.policy.election import ELECTION
 from hakeeper.ha.policy.rules import Ctx, Rule, first_match
 from tests.support.builders import MB, SYSID, local, primary, replica, view
@@ -106,6 +114,10 @@ _QUORUM_MEMBERS = (primary("a"), replica("b"), replica("c"), replica("d"))
 _SYNC_C = SyncState("a", ("c",), term=42)
 _SYNC_ONLY_C = view(replica("b", lsn=100 * MB + 100), replica("c"), config=SYNC, sync=_SYNC_C)
 
+_LEFT_999 = BootstrapLeft("999", won=False)  # killed after initdb made "999", before the race
+_LEFT_INITDB = BootstrapLeft(None, won=False)  # killed in initdb
+_WON_999 = BootstrapLeft("999", won=True)
+
 CASES = [
     # -- bootstrap ---------------------------------------------------------------------------------
     Case(
@@ -138,6 +150,84 @@ CASES = [
         why="data directory belongs to another cluster; refusing to touch it",
         why_has=("another cluster",),
         facts={"ours": "999", "cluster": SYSID},
+    ),
+    # -- what our interrupted bootstrap left (its marker: BootstrapLeft) -------------------------
+    Case(
+        "our abandoned bootstrap, another member initialized the cluster: discard it",
+        view(primary("a"), leader="a"),
+        local("b", system_identifier="999", pg_running=False, in_recovery=None, bootstrap_left=_LEFT_999),
+        Action.DISCARD_BOOTSTRAP,
+        why="data directory left by our interrupted bootstrap (another member initialized the cluster)",
+        facts={"ours": "999", "cluster": SYSID},
+    ),
+    Case(
+        "our abandoned bootstrap, killed in initdb (no pg_control): discard it",
+        view(primary("a"), leader="a"),
+        local("b", system_identifier=None, pg_running=False, in_recovery=None, bootstrap_left=_LEFT_INITDB),
+        Action.DISCARD_BOOTSTRAP,
+        why="data directory left by our interrupted bootstrap (no readable pg_control)",
+    ),
+    Case(
+        "our abandoned bootstrap, cluster still not initialized: discard it and race again",
+        ClusterView(),
+        local("a", system_identifier="999", pg_running=False, in_recovery=None, bootstrap_left=_LEFT_INITDB),
+        Action.DISCARD_BOOTSTRAP,
+        why="data directory left by our interrupted bootstrap (the cluster is not initialized: racing again)",
+    ),
+    Case(
+        "our abandoned bootstrap, paused: leave it",
+        view(primary("a"), leader="a", config=_PAUSED),
+        local("b", system_identifier="999", pg_running=False, in_recovery=None, bootstrap_left=_LEFT_999),
+        Action.WAIT,
+        why="paused: not discarding the data directory our interrupted bootstrap left",
+    ),
+    Case(
+        "a marker of a won race is no proof: the foreign data directory is not touched",
+        view(primary("a"), leader="a"),
+        local("b", system_identifier="999", pg_running=False, in_recovery=None, bootstrap_left=_WON_999),
+        Action.WAIT,
+        why="data directory belongs to another cluster; refusing to touch it",
+    ),
+    Case(
+        "a marker of another system identifier is no proof: the foreign data directory is not touched",
+        view(primary("a"), leader="a"),
+        local(
+            "b",
+            system_identifier="999",
+            pg_running=False,
+            in_recovery=None,
+            bootstrap_left=BootstrapLeft("888", won=False),
+        ),
+        Action.WAIT,
+        why="data directory belongs to another cluster; refusing to touch it",
+    ),
+    Case(
+        "a marker is no proof for a running PostgreSQL: the foreign data directory is not touched",
+        view(primary("a"), leader="a"),
+        local("b", system_identifier="999", bootstrap_left=_LEFT_999),
+        Action.WAIT,
+        why="data directory belongs to another cluster; refusing to touch it",
+    ),
+    Case(
+        "leader, our bootstrap was killed before the roles existed: finish it",
+        view(primary("a"), leader="a"),
+        local("a", in_recovery=False, bootstrap_left=BootstrapLeft(SYSID, won=True)),
+        Action.FINISH_BOOTSTRAP,
+        why="we initialized the cluster but the bootstrap did not finish; finishing it",
+    ),
+    Case(
+        "leader, killed right after winning the race (marker still says race): finish it",
+        view(primary("a"), leader="a"),
+        local("a", in_recovery=False, bootstrap_left=BootstrapLeft(SYSID, won=False)),
+        Action.FINISH_BOOTSTRAP,
+        why="we initialized the cluster but the bootstrap did not finish; finishing it",
+    ),
+    Case(
+        "leader with an unfinished bootstrap in recovery: promote first",
+        view(replica("a"), leader="a"),
+        local("a", bootstrap_left=BootstrapLeft(SYSID, won=True)),
+        Action.PROMOTE,
+        why="we hold the leader key and postgres is in recovery",
     ),
     # -- we hold the leader key --------------------------------------------------------------------
     Case(
@@ -996,6 +1086,7 @@ def test_action_flags_are_consistent() -> None:
         assert spec.makes_writable or not spec.fresh_lease, action
     writable = {a for a, s in ACTIONS.items() if s.makes_writable}
     assert writable == {
+        Action.FINISH_BOOTSTRAP,
         Action.INITIALIZE,
         Action.CAMPAIGN,
         Action.PROMOTE,
