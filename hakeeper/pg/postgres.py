@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+INITDB_PWFILE_PREFIX = "initdb-pw-"  # initdb --pwfile, in the runtime dir for its run only
 
 LOG_DIR_NAME = "log"
 LOG_FILE_NAME = "postgresql.log"
@@ -234,7 +235,13 @@ class Postgres:
         password = secret_value(su.password)
         try:
             if password is not None:
-                fd, pwfile = tempfile.mkstemp(prefix="hakeeper-pw-")
+                # In the agent's private runtime dir, not /tmp: a kill during initdb leaves the
+                # file behind (removed at the next initdb), and it holds the superuser password.
+                rt = self.runtime_dir if self.runtime_dir.is_dir() else None
+                if rt is not None:
+                    for old in rt.glob(f"{INITDB_PWFILE_PREFIX}*"):
+                        remove_file(old)
+                fd, pwfile = tempfile.mkstemp(prefix=INITDB_PWFILE_PREFIX, dir=rt)
                 try:
                     os.fchmod(fd, 0o600)
                     if self.run_as.uid is not None and self.run_as.gid is not None:
