@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -88,8 +89,16 @@ def test_wrong_password_is_refused(cluster: LocalCluster) -> None:
 
 def test_hakeeper_user_reaches_only_its_cluster_prefix(cluster: LocalCluster) -> None:
     prefix = f"/hakeeper/{cluster.scope}/"
-    mine = etcd_gateway(cluster, "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0")})
-    keys = {_unb64(kv["key"]) for kv in mine["kvs"]}
+    # The new primary publishes its member record right after bootstrap (not a loop_wait of 10 s
+    # later: a CI run once read the keys in that gap); 5 s is ample for one more HA cycle.
+    deadline = time.monotonic() + 5
+    while True:
+        body = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0")}
+        mine = etcd_gateway(cluster, "/v3/kv/range", body)
+        keys = {_unb64(kv["key"]) for kv in mine["kvs"]}
+        if f"{prefix}members/node1" in keys or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert f"{prefix}leader" in keys and f"{prefix}members/node1" in keys
     for body in (
         ALL_KEYS,  # everything

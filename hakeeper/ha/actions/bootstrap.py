@@ -39,6 +39,8 @@ async def initialize(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision
             await _initialize_from_backup(ctx)
             if st.system_identifier is None:  # refused or failed: not again every loop_wait
                 st.bootstrap_retry_at = time.monotonic() + BOOTSTRAP_RETRY_AFTER
+            else:
+                ctx.wake.set()  # publish the new primary's member record now
         return
     if await _initdb_left_running(ctx, "initialize_refused"):
         return
@@ -60,6 +62,9 @@ async def initialize(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision
         await _create_roles(ctx)
         if await _record_bootstrap(ctx, term):
             await asyncio.to_thread(ctx.bootstrap.clear)
+        # The member record was last published (if at all) before the lease existed: publish the
+        # new primary's now, not a loop_wait later (`list` would show a leader without members).
+        ctx.wake.set()
     except BaseException:
         if st.system_identifier is None and ctx.pg.is_initialized():
             with contextlib.suppress(Exception):
