@@ -22,7 +22,8 @@ directory above them must be traversable by it.
 
 The pieces: :mod:`.layout` (names, ports, errors), :mod:`.procs` (programs and processes by
 PID), :mod:`.etcd` (the etcd member), :mod:`.agent` (one node's agent process),
-:mod:`.cluster` (:class:`LocalCluster`), :mod:`.demo` (the demo's backup repositories).
+:mod:`.cluster` (:class:`LocalCluster`), :mod:`.demo` (the demo's backup repositories),
+:mod:`.pgbuilds` (which PostgreSQL major runs, and where its binaries are).
 """
 
 from hakeeper.localcluster.agent import AgentProcess
@@ -48,7 +49,8 @@ from hakeeper.localcluster.layout import (
     PortInUseError,
     port_is_free,
 )
-from hakeeper.localcluster.procs import etcd_program, fencer_pids, pg_program, user_can
+from hakeeper.localcluster.pgbuilds import SUPPORTED_MAJORS, default_major, pg_program
+from hakeeper.localcluster.procs import etcd_program, fencer_pids, user_can
 
 __all__ = [
     "API_USER",
@@ -59,6 +61,7 @@ __all__ = [
     "REPLICATION_USER",
     "S3_PORT_OFFSET",
     "SUPERUSER",
+    "SUPPORTED_MAJORS",
     "AgentProcess",
     "EtcdService",
     "LocalCluster",
@@ -67,6 +70,7 @@ __all__ = [
     "NodeSpec",
     "NodeState",
     "PortInUseError",
+    "default_major",
     "demo_backup_section",
     "demo_s3_credentials",
     "demo_s3_ports",

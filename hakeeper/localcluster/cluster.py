@@ -22,6 +22,7 @@ import yaml
 
 from hakeeper.core.config import EtcdConfig
 from hakeeper.dcs.etcd import EtcdClient
+from hakeeper.localcluster import pgbuilds
 from hakeeper.localcluster.agent import AgentProcess
 from hakeeper.localcluster.certs import TlsFiles
 from hakeeper.localcluster.etcd import (
@@ -200,6 +201,7 @@ class LocalCluster:
         tags: dict[str, dict[str, Any]] | None = None,
         backup: dict[str, Any] | None = None,
         secure_etcd: bool = True,
+        pg_version: int | None = None,
     ) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise LocalClusterError(f"nodes must be between 1 and {MAX_NODES}, not {nodes}")
@@ -240,6 +242,10 @@ class LocalCluster:
         # As root: the owner of an existing node dir, else of base_dir if not root, else "postgres"
         # -- the same rule the agent applies to its data directory.
         self.run_as = resolve_run_as(self.base_dir / "node1" / "data")
+        # The PostgreSQL major (default: $TEST_PG_VERSION, else 15); its binaries: bin_dir.
+        self.pg_version = pgbuilds.check_major(
+            pg_version if pg_version is not None else pgbuilds.default_major()
+        )
         self.etcd_security: EtcdSecurity | None = None
         if secure_etcd:
             self.etcd_security = EtcdSecurity(
@@ -265,6 +271,12 @@ class LocalCluster:
         }
 
     # ----------------------------------------------------------------- layout and configs
+
+    @functools.cached_property
+    def bin_dir(self) -> Path:
+        """The binaries of :attr:`pg_version` that PostgreSQL's OS user can run (looked up when
+        first needed: an object made only to stop or wipe a cluster needs none)."""
+        return pgbuilds.reachable_bin_dir(self.pg_version, self.run_as)
 
     @property
     def names(self) -> list[str]:
@@ -334,6 +346,7 @@ class LocalCluster:
             },
             "postgresql": {
                 "data_dir": str(n.data_dir),
+                "bin_dir": str(self.bin_dir),
                 "listen": f"{HOST}:{n.pg_port}",
                 "superuser": {"username": SUPERUSER, "password": self.superuser_password},
                 "replication": {"username": REPLICATION_USER, "password": self.replication_password},

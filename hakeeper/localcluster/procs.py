@@ -27,11 +27,6 @@ def find_program(name: str, *candidates: str) -> str:
     return found
 
 
-def pg_program(name: str) -> str:
-    """Path of a PostgreSQL program (Debian's PostgreSQL 15 first, then PATH)."""
-    return find_program(name, f"/usr/lib/postgresql/15/bin/{name}")
-
-
 def etcd_program() -> str:
     return find_program("etcd", "/usr/bin/etcd", "/usr/local/bin/etcd")
 
@@ -117,24 +112,14 @@ def stop_fencers(node_dir: Path) -> list[int]:
 
 
 def stop_postmaster(data_dir: Path, run_as: RunAs, timeout: float = 30.0) -> None:
-    """Stop the PostgreSQL running from ``data_dir``, if any: ``pg_ctl stop -m fast``, then
-    SIGKILL for it and its children."""
+    """Stop the PostgreSQL running from ``data_dir``, if any: a fast shutdown (SIGINT, what
+    ``pg_ctl stop -m fast`` sends, with no need for the binaries of the data directory's
+    major), then SIGKILL for it and its children."""
     pid = postmaster_pid(data_dir)
     if pid is None:
         return
-    with contextlib.suppress(subprocess.TimeoutExpired, OSError, LocalClusterError):
-        argv = [
-            pg_program("pg_ctl"),
-            "stop",
-            "-D",
-            str(data_dir),
-            "-m",
-            "fast",
-            "-w",
-            "-t",
-            str(int(timeout)),
-        ]
-        run_quiet(argv, run_as, timeout=timeout + 5)
+    send_signal(pid, signal.SIGINT)
+    wait_dead(pid, timeout)
     if wait_dead(pid, 2.0):
         return
     children = children_of(pid)
