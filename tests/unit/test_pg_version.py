@@ -18,6 +18,7 @@ from rich.console import Console
 
 from hakeeper.api.status import cluster_status, node_status
 from hakeeper.cli.cluster_cmds import list_document, members_table
+from hakeeper.cli.demo_cmd import _choose_major, _existing_major
 from hakeeper.core.cluster import ClusterView, Member
 from hakeeper.core.config import PostgresConfig
 from hakeeper.core.pgtypes import LocalState
@@ -359,3 +360,54 @@ def test_status_cluster_and_metric_carry_the_running_server_s_version() -> None:
     down = _snapshot("18.6", running=False)
     assert down.member.server_version is None and node_status(down)["server_version"] is None
     assert b"hakeeper_postgres_version_num 0.0" in metrics.render(down)
+
+
+# -- the demo's major ---------------------------------------------------------------------------------
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAKEEPER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "hakeeper", "demo", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_demo_refuses_a_directory_of_another_major_before_touching_it(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo"
+    (demo_dir / "node1" / "data").mkdir(parents=True)
+    (demo_dir / "node1" / "data" / "PG_VERSION").write_text("15\n")
+    before = sorted(p.relative_to(demo_dir) for p in demo_dir.rglob("*"))
+    res = _demo("--dir", str(demo_dir), "--pg-version", "18", "--base-port", "1")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    text = " ".join(res.stderr.split())  # rich may wrap
+    assert (
+        f"{demo_dir} holds a PostgreSQL 15 demo cluster; run it with --pg-version 15, or add --fresh "
+        "to wipe it and start over on PostgreSQL 18" in text
+    )
+    assert sorted(p.relative_to(demo_dir) for p in demo_dir.rglob("*")) == before
+
+
+def test_demo_refuses_a_major_it_has_no_build_of(tmp_path: Path) -> None:
+    res = _demo("--dir", str(tmp_path / "d"), "--pg-version", "16")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--pg-version 16: the demo runs PostgreSQL 15, 17, 18" in " ".join(res.stderr.split())
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_major_of_an_existing_directory(tmp_path: Path) -> None:
+    assert _existing_major(tmp_path, {}) is None
+    assert _existing_major(tmp_path, {"pg_version": 17}) == 17  # data dirs not created yet
+    assert _existing_major(tmp_path, {"pg_version": True}) is None
+    (tmp_path / "node2" / "data").mkdir(parents=True)
+    (tmp_path / "node2" / "data" / "PG_VERSION").write_text("18\n")
+    assert _existing_major(tmp_path, {"pg_version": 17}) == 18  # the data directory is the truth
+    assert _choose_major(tmp_path, None, 18) == 18  # a restart without the flag keeps the major
+    assert _choose_major(tmp_path, None, None) == 15
+    assert _choose_major(tmp_path, 17, None) == 17
