@@ -511,7 +511,8 @@ def demo(
     code = 0
     try:
         out.print(
-            f"Starting etcd on {cluster.etcd.url} and {_release(cluster)} on {n_nodes} nodes "
+            f"Starting etcd on {cluster.etcd.url} and {_release(cluster)} on {n_nodes} "
+            f"node{'s' if n_nodes != 1 else ''} "
             f"under {base_dir} ...",
             markup=False,
         )
