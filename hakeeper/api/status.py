@@ -83,6 +83,7 @@ def node_status(snap: NodeSnapshot) -> dict[str, Any]:
         "loop_age": round(max(0.0, time.monotonic() - snap.loop_heartbeat), 3),
         "tags": dict(snap.tags),
         "version": __version__,
+        "server_version": me.server_version,
         "archive": _archive_doc(snap),
     }
 
@@ -132,6 +133,7 @@ def member_doc(m: Member, view: ClusterView, lag_seconds: dict[str, float] | Non
         "eligible": m.eligible,
         "ineligible_reason": m.ineligible_reason,
         "version": m.version,
+        "server_version": m.server_version,
         "updated_at": iso(m.updated_at) if m.updated_at else None,
         "pending_restart": m.pending_restart,
         "pending_restart_reasons": list(m.pending_restart_reasons),

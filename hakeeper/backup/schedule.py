@@ -278,7 +278,7 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
         choice = choose_source(ctx.view, sched.source)
     except (PgError, BackupError) as e:
         raise JobError(str(e)) from None
@@ -380,7 +380,7 @@ async def run_dump(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
         primary = choose_source(ctx.view, "primary").source
     except (PgError, BackupError) as e:
         raise JobError(str(e)) from None

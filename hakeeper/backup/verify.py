@@ -600,7 +600,7 @@ async def run_drill(
             f"no repository {repository!r}" if repository else "no backup repositories configured"
         )
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
     except PgError as e:
         raise DrillError(str(e)) from None
     chosen: tuple[RepositoryConfig, Repository, catalog.Catalog, BackupRecord] | None = None

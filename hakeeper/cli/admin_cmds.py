@@ -521,7 +521,7 @@ def local_server_version(cfg: NodeConfig) -> tuple[str | None, str]:
     else:
         why = "no answer"
     try:
-        postgres = find_bin_dir(cfg.postgresql.bin_dir) / "postgres"
+        postgres = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir) / "postgres"
         res = subprocess.run(
             [str(postgres), "--version"], capture_output=True, text=True, timeout=10, check=False
         )

@@ -75,6 +75,29 @@ def load_checked(path: Path) -> NodeConfig:
     return cfg
 
 
+def check_versions_or_exit(path: Path, cfg: NodeConfig) -> None:
+    """Before the agent starts anything: binaries of a supported major, and of the major the
+    data directory holds (PostgreSQL would refuse the files, and the agent would retry the
+    start forever).  A mismatch is a configuration error: exit 2 naming the file and field."""
+    from hakeeper.pg.bins import find_bin_dir
+    from hakeeper.pg.errors import PgError
+    from hakeeper.pg.version import version_errors
+    from hakeeper.util.log import get_logger, setup_logging
+
+    try:
+        errors = version_errors(cfg.postgresql, find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir))
+    except PgError as e:
+        errors = [("postgresql.bin_dir", str(e))]
+    if not errors:
+        return
+    # in the agent's log too (where its operator looks when the service does not come up)
+    setup_logging(cfg.log.format, cfg.log.level)
+    for field, msg in errors:
+        get_logger("hakeeper.node").error("agent_start_refused", file=str(path), field=field, reason=msg)
+        err.print(f"{path}: {field}: {msg}", markup=False)
+    raise typer.Exit(2)
+
+
 def _print_version(value: bool) -> None:
     if value:
         from hakeeper import __version__
@@ -109,6 +132,7 @@ def config_validate(config: ConfigOpt) -> None:
 def agent(config: ConfigOpt) -> None:
     """Run the HA agent beside this node's PostgreSQL (foreground)."""
     cfg = load_or_exit(config)
+    check_versions_or_exit(config, cfg)
     import faulthandler
     import signal
 

@@ -230,7 +230,7 @@ def backup_create(
     quiet_logging()
     rc = _repo_configs(cfg, repo)[0]
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
     except PgError as e:
         raise fail(str(e), 2) from None
 
@@ -726,7 +726,7 @@ def restore_cmd(
     from hakeeper.util.proc import resolve_run_as
 
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir)
+        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
         run_as = resolve_run_as(data_dir.absolute(), cfg.postgresql.os_user)
     except (PgError, RuntimeError) as e:
         raise fail(str(e), 2) from None

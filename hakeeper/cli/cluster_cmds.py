@@ -219,6 +219,7 @@ def members_rows(view: ClusterView) -> list[dict[str, Any]]:
                 "eligible": m.eligible,
                 "reason": m.ineligible_reason,
                 "wal_lsn": format_lsn(m.wal_lsn) if m.wal_lsn is not None else None,
+                "server_version": m.server_version,
                 "pending_restart": m.pending_restart,
                 "pending_restart_reasons": list(m.pending_restart_reasons),
                 "scheduled_restart": timefmt.iso(m.scheduled_restart, timespec="seconds"),
@@ -301,13 +302,23 @@ def _tags_text(m: Member) -> str:
     return ",".join(tags)
 
 
+def server_versions(view: ClusterView) -> list[str]:
+    """The PostgreSQL releases the running members report, in version order."""
+    found = {m.server_version for m in view.members.values() if m.server_version}
+    return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
 def members_table(
     view: ClusterView, scope: str | None = None, *, extended: bool = False, now: float | None = None
 ) -> Table:
     """The table of ``list``: like patronictl's, the scope and system identifier in the title,
     lag in human units (raw bytes in ``-o json``), ``*`` for a pending restart; ``extended``
     adds the LSN, tags, API URL, what a restart would apply, a scheduled restart, last seen."""
-    title = f"cluster {scope or '?'} (system {view.initialized or 'not initialized'})"
+    # One PostgreSQL release for all (the usual case): in the title; during a rolling minor or
+    # a mixed-up major upgrade: a column, so the odd member stands out.
+    versions = server_versions(view)
+    release = f", PostgreSQL {versions[0]}" if len(versions) == 1 else ""
+    title = f"cluster {scope or '?'} (system {view.initialized or 'not initialized'}{release})"
     if view.paused:
         title += " [maintenance mode: paused]"
     sw = view.switchover
@@ -320,6 +331,8 @@ def members_table(
         title += f" [{sw.kind.value} {sw.leader or '-'} -> {sw.candidate or 'best replica'}, {when}]"
     t = Table(title=escape(title))
     cols = ["Member", "Host", "Role", "State", "TL", "Lag", "Pending restart"]
+    if len(versions) > 1:
+        cols.insert(4, "PostgreSQL")
     if extended:
         cols += ["LSN", "Tags", "API", "Restart for", "Scheduled restart", "Last seen"]
     cols.append("Notes")
@@ -338,6 +351,7 @@ def members_table(
             r["host"],
             r["display_role"],
             r["state"],
+            *([r["server_version"] or ""] if len(versions) > 1 else []),
             "" if r["timeline"] is None else str(r["timeline"]),
             r["lag_pretty"] or "",
             "*" if r["pending_restart"] else "",

@@ -25,6 +25,7 @@ from hakeeper.localcluster import (
     demo_backup_section,
     demo_s3_credentials,
     demo_s3_ports,
+    pgbuilds,
     port_is_free,
     prepare_fs_repository,
     ready_primary,
@@ -80,6 +81,52 @@ def _existing_node_count(base_dir: Path, state: dict[str, Any]) -> int | None:
     while (base_dir / f"node{count + 1}" / "node.yml").exists():
         count += 1
     return count or None
+
+
+def _existing_major(base_dir: Path, state: dict[str, Any]) -> int | None:
+    """The PostgreSQL major of the cluster in ``base_dir``: its data directories' PG_VERSION,
+    else what demo.json says (data directories not created yet), None for no cluster."""
+    for node_dir in sorted(base_dir.glob("node*")):
+        try:
+            text = (node_dir / "data" / "PG_VERSION").read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    recorded = state.get("pg_version")
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
+
+
+def _choose_major(base_dir: Path, requested: int | None, existing: int | None) -> int:
+    """``--pg-version``, else the major of the cluster already in ``base_dir``, else 15.  A
+    cluster of another major is refused: its data directories cannot be run by these binaries
+    (the agents would refuse to start), and wiping them is for --fresh to say."""
+    if requested is not None and requested not in pgbuilds.SUPPORTED_MAJORS:
+        raise fail(
+            f"--pg-version {requested}: the demo runs PostgreSQL "
+            f"{', '.join(map(str, pgbuilds.SUPPORTED_MAJORS))}",
+            2,
+        )
+    if requested is None:
+        return existing if existing in pgbuilds.SUPPORTED_MAJORS else pgbuilds.DEFAULT_MAJOR
+    if existing is not None and existing != requested:
+        raise fail(
+            f"{base_dir} holds a PostgreSQL {existing} demo cluster; run it with --pg-version "
+            f"{existing}, or add --fresh to wipe it and start over on PostgreSQL {requested}",
+            2,
+        )
+    return requested
+
+
+def _release(cluster: LocalCluster) -> str:
+    """``PostgreSQL 18.6``: the release the demo's binaries are (the major if unreadable)."""
+    from hakeeper.pg.errors import PgError
+    from hakeeper.pg.version import binaries_version
+
+    try:
+        return f"PostgreSQL {binaries_version(cluster.bin_dir).text}"
+    except (PgError, LocalClusterError):
+        return f"PostgreSQL {cluster.pg_version}"
 
 
 def _stamp() -> str:
@@ -161,7 +208,7 @@ def _print_ready(cluster: LocalCluster, primary: str, state_path: Path) -> None:
     running = len(cluster.nodes) - len(missing)
     out.print()
     out.print(
-        f"[bold green]hakeeper demo cluster {cluster.scope!r} is ready[/] "
+        f"[bold green]hakeeper demo cluster {cluster.scope!r} is ready[/]: {_release(cluster)} "
         f"({running} of {len(cluster.nodes)} nodes, primary: [bold]{primary}[/])"
     )
     out.print("[yellow]Local demo only: the connection strings below include the generated passwords.[/]")
@@ -329,13 +376,20 @@ def default_demo_dir() -> Path:
 
 
 def _prepare(
-    base_dir: Path, n_nodes: int, port: int, previous: dict[str, Any], *, fresh: bool, s3: bool
+    base_dir: Path,
+    n_nodes: int,
+    port: int,
+    previous: dict[str, Any],
+    *,
+    fresh: bool,
+    s3: bool,
+    pg_version: int,
 ) -> tuple[LocalCluster, Any]:
     """Stop what an earlier run left, wipe when ``fresh``, start the S3 server when ``s3``, and
     write the configs: the cluster, ready to start, and the S3 server (or None)."""
     s3_server = None
     try:
-        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port)
+        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port, pg_version=pg_version)
         leftovers = cluster.stop_leftovers()
         for what in leftovers:
             err.print(f"stopped leftover process from an earlier run: {what}")
@@ -350,7 +404,7 @@ def _prepare(
         keys = demo_s3_credentials(base_dir) if s3 else None
         backup = demo_backup_section(base_dir, s3_server.endpoint if s3_server else None, keys)
         # A new object also after a wipe: passwords of the wiped configs must not be reused.
-        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port, backup=backup)
+        cluster = LocalCluster(base_dir, nodes=n_nodes, base_port=port, backup=backup, pg_version=pg_version)
         _init_repositories(cluster, backup)
         cluster.write_configs()
     except LocalClusterError as e:
@@ -417,6 +471,15 @@ def demo(
             help="Also run a local S3 server (SeaweedFS, ports P+30..P+39) as a second backup repository.",
         ),
     ] = False,
+    pg_version: Annotated[
+        int | None,
+        typer.Option(
+            "--pg-version",
+            metavar="15|17|18",
+            help="PostgreSQL major (default: the directory's, else 15). 15 is Debian's; 17 and 18 "
+            "come from the pinned builds `make setup` installs (docs/versions.md).",
+        ),
+    ] = None,
 ) -> None:
     """Run a local cluster (etcd + NODES agents with their PostgreSQL) until Ctrl-C.
 
@@ -433,10 +496,11 @@ def demo(
         raise fail(f"{base_dir} is not a directory", 2)
 
     existing = None if fresh else _existing_node_count(base_dir, previous)
+    major = _choose_major(base_dir, pg_version, None if fresh else _existing_major(base_dir, previous))
     n_nodes = nodes or existing or 3
     prev_port = previous.get("base_port") if not fresh else None
     port = base_port or (prev_port if isinstance(prev_port, int) else DEFAULT_BASE_PORT)
-    cluster, s3_server = _prepare(base_dir, n_nodes, port, previous, fresh=fresh, s3=s3)
+    cluster, s3_server = _prepare(base_dir, n_nodes, port, previous, fresh=fresh, s3=s3, pg_version=major)
 
     if existing and not fresh:
         out.print(f"Reusing the cluster in {base_dir} (use --fresh to start over).")
@@ -446,7 +510,12 @@ def demo(
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     code = 0
     try:
-        out.print(f"Starting etcd on {cluster.etcd.url} and {n_nodes} agents under {base_dir} ...")
+        out.print(
+            f"Starting etcd on {cluster.etcd.url} and {_release(cluster)} on {n_nodes} "
+            f"node{'s' if n_nodes != 1 else ''} "
+            f"under {base_dir} ...",
+            markup=False,
+        )
         cluster.start()
         extra = {"s3_pid": s3_server.pid if s3_server else None}
         _save(state_path, cluster, extra, ready=False)

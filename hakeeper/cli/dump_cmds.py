@@ -85,7 +85,7 @@ def _dsn_source(dsn: str) -> SourceInfo:
 
 def _bin_dir(cfg: NodeConfig) -> Path:
     try:
-        return find_bin_dir(cfg.postgresql.bin_dir)
+        return find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
     except PgError as e:
         raise fail(str(e), 2) from None
 

@@ -80,6 +80,7 @@ class Member:
     pending_restart: bool = False
     pending_restart_reasons: tuple[str, ...] = ()
     scheduled_restart: float | None = None  # wall clock of a restart the agent will do (POST /restart)
+    server_version: str | None = None  # the running PostgreSQL's release ("17.10"); None: not running
     lease: int = 0  # filled from the key, not the value
 
     def to_json(self) -> bytes:

@@ -445,7 +445,9 @@ class PostgresTls(_Strict):
 class PostgresConfig(_Strict):
     data_dir: Path = Field(description="PGDATA of this node.")
     bin_dir: Path | None = Field(
-        None, description="Directory with initdb, pg_ctl, ... (default: PostgreSQL 15 on Debian)."
+        None,
+        description="Directory with initdb, pg_ctl, ... of the data directory's major (default: "
+        "/usr/lib/postgresql/N/bin for the major N in data_dir/PG_VERSION, else PostgreSQL 15 on Debian).",
     )
     listen: str = Field("127.0.0.1:5432", description="host:port PostgreSQL listens on.")
     connect_address: str | None = Field(

@@ -87,6 +87,8 @@ class LocalState:
     error: str | None = None
     # parameters whose new value waits for a restart (pg_settings.pending_restart), sorted
     pending_restart: tuple[str, ...] = ()
+    # the server's release, "17.10" (from server_version_num, which libpq reports at connect)
+    server_version: str | None = None
 
     @classmethod
     def down(cls, error: str) -> LocalState:

@@ -61,6 +61,7 @@ Timeline = Annotated[int, Field(ge=1, le=TIMELINE_MAX)]
 Lsn = Annotated[int, Field(ge=0, le=U64_MAX)]
 Epoch = Annotated[float, Field(ge=0, le=1e11)]  # seconds; year ~5100 at most
 # pydantic's (Rust) regex engine: "$" is the end of the text, no trailing newline accepted
+ServerVersion = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,3}\.[0-9]{1,4}$")]
 Name = Annotated[str, StringConstraints(pattern="^" + _NAME_RE.pattern + "$")]
 
 
@@ -101,6 +102,9 @@ class MemberRecord(_Record):
     pending_restart: bool = False
     pending_restart_reasons: Annotated[list[Word], Field(max_length=MAX_PENDING_REASONS)] = []
     scheduled_restart: Epoch | None = None
+    # the running server's release (server_version_num as "17.10"); absent in older agents'
+    # records and while PostgreSQL is not running
+    server_version: ServerVersion | None = None
 
 
 class StatusRecord(_Record):

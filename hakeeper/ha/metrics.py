@@ -28,6 +28,11 @@ class HaMetrics:
             "1 while PostgreSQL has parameter changes only a restart applies (pg_settings.pending_restart)",
             registry=r,
         )
+        self.version_num = Gauge(
+            "hakeeper_postgres_version_num",
+            "server_version_num of the running PostgreSQL (170010 for 17.10); 0 while it is not running",
+            registry=r,
+        )
         self.timeline = Gauge("hakeeper_timeline", "PostgreSQL timeline", registry=r)
         self.wal_lsn = Gauge("hakeeper_wal_lsn_bytes", "WAL position (current or received)", registry=r)
         self.replica_lag_bytes = Gauge(
@@ -106,6 +111,7 @@ class HaMetrics:
         self.postgres_running.set(1 if st is not None and st.running else 0)
         self.pending_restart.set(1 if snap.member.pending_restart else 0)
         self.timeline.set(st.timeline if st is not None and st.timeline else 0)
+        self.version_num.set(_version_num(st.server_version if st is not None and st.running else None))
         self.wal_lsn.set(st.wal_lsn if st is not None and st.wal_lsn else 0)
         self.lease_remaining.set(snap.lease_remaining)
         self.paused.set(1 if view.paused else 0)
@@ -127,3 +133,11 @@ class HaMetrics:
     def render(self, snap: NodeSnapshot) -> bytes:
         self.refresh(snap)
         return generate_latest(self.registry)
+
+
+def _version_num(text: str | None) -> int:
+    """``17.10`` as server_version_num's 170010 (what alert rules compare); 0 for None."""
+    if not text:
+        return 0
+    major, _, minor = text.partition(".")
+    return int(major) * 10000 + int(minor or 0)

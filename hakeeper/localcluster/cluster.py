@@ -562,6 +562,7 @@ class LocalCluster:
         return {
             "scope": self.scope,
             "base_port": self.base_port,
+            "pg_version": self.pg_version,
             "etcd": [self.etcd.url],
             **self._describe_etcd_access(),
             "etcd_pid": self.etcd.pid,

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hakeeper.pg.errors import PgError
+from hakeeper.pg.version import data_dir_major
 from hakeeper.util.proc import Result, RunAs, run
 
 DEFAULT_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
@@ -26,13 +27,31 @@ def _version_key(p: Path) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", p.name)) or (0,)
 
 
-def find_bin_dir(configured: Path | None) -> Path:
-    """The configured directory (which must hold pg_ctl), else PostgreSQL 15 on Debian, else the
-    highest ``/usr/lib/postgresql/<version>/bin``, else the directory of ``pg_ctl`` on PATH."""
+def _data_dir_major(data_dir: Path | None) -> int | None:
+    """The major ``data_dir`` holds, None if unknown (a garbled PG_VERSION is the agent's start
+    check to report, with the field to fix, not this lookup's)."""
+    if data_dir is None:
+        return None
+    try:
+        return data_dir_major(data_dir)
+    except PgError:
+        return None
+
+
+def find_bin_dir(configured: Path | None, data_dir: Path | None = None) -> Path:
+    """The configured directory (which must hold pg_ctl), else the Debian directory of the major
+    ``data_dir`` holds (its PG_VERSION), else PostgreSQL 15 on Debian, else the highest
+    ``/usr/lib/postgresql/<version>/bin``, else the directory of ``pg_ctl`` on PATH.
+
+    The data directory's major comes first: a node upgraded to 17 with both packages installed
+    must not start (or back up, or dump with) 15's binaries because nobody set bin_dir."""
     if configured is not None:
         if not _has_pg_ctl(configured):
             raise PgError(f"postgresql.bin_dir {str(configured)!r} does not contain pg_ctl")
         return configured
+    major = _data_dir_major(data_dir)
+    if major is not None and _has_pg_ctl(same := _DEBIAN_ROOT / str(major) / "bin"):
+        return same
     if _has_pg_ctl(DEFAULT_BIN_DIR):
         return DEFAULT_BIN_DIR
     if _DEBIAN_ROOT.is_dir():

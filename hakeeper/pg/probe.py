@@ -9,6 +9,7 @@ from typing import Any
 
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.core.pgtypes import LocalState, ReplicaInfo, hostport
+from hakeeper.pg.version import server_version_text
 
 PROBE_SQL = """
 SELECT
@@ -42,9 +43,12 @@ SELECT
 MAX_PENDING_NAMES = 32
 
 
-def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalState:
+def state_from_row(
+    row: tuple[Any, ...], *, data_dir: Path, port: int, server_version_num: int | None = None
+) -> LocalState:
     """The state of the server whose data directory is ``data_dir``, from its answer to
-    :data:`PROBE_SQL` on ``port`` ("down" when another server answered there)."""
+    :data:`PROBE_SQL` on ``port`` ("down" when another server answered there);
+    ``server_version_num``: what the server reported at connect (``170010``)."""
     (
         in_recovery,
         cur_lsn,
@@ -63,6 +67,7 @@ def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalS
         return LocalState.down(f"port {port} is served by another PostgreSQL (data_directory={served_dir})")
     # parameters changed in the files that only a restart applies (pg_settings.pending_restart)
     pending_restart = tuple(str(n) for n in (pending or ())[:MAX_PENDING_NAMES])
+    version = server_version_text(server_version_num) if server_version_num else None
     if not in_recovery:
         replicas = tuple(
             ReplicaInfo(
@@ -89,6 +94,7 @@ def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalS
             streaming_from=None,
             replication=replicas,
             pending_restart=pending_restart,
+            server_version=version,
         )
     received = parse_lsn(recv)
     replayed = parse_lsn(replay)
@@ -116,4 +122,5 @@ def state_from_row(row: tuple[Any, ...], *, data_dir: Path, port: int) -> LocalS
         streaming_from=streaming_from,
         replication=(),
         pending_restart=pending_restart,
+        server_version=version,
     )

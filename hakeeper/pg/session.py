@@ -122,6 +122,8 @@ class SqlSession:
                     assert self._probe_conn is not None
                     cur = await self._probe_conn.execute(PROBE_SQL)
                     row = await cur.fetchone()
+                    # sent by the server at connect (no query): 170010 for 17.10
+                    version_num = self._probe_conn.info.server_version
             except TimeoutError:
                 await self._drop_probe_conn_locked()
                 return LocalState.down(f"probe timed out after {timeout}s")
@@ -133,7 +135,7 @@ class SqlSession:
                 await self._drop_probe_conn_locked()
                 return LocalState.down(f"{type(e).__name__}: {e}")
         assert row is not None
-        return state_from_row(row, data_dir=self.data_dir, port=self.port)
+        return state_from_row(row, data_dir=self.data_dir, port=self.port, server_version_num=version_num)
 
     async def drop_probe_conn(self) -> None:
         """Close the probe connection (the server is gone; the next probe reconnects)."""

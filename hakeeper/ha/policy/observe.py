@@ -167,6 +167,7 @@ def member_record(
         pending_restart=bool(probe.pending_restart) if probe is not None and probe.running else False,
         pending_restart_reasons=probe.pending_restart if probe is not None and probe.running else (),
         scheduled_restart=scheduled_restart,
+        server_version=probe.server_version if probe is not None and probe.running else None,
     )
     lag = None if m.wal_lsn is None else max(0, reference_lsn(view) - m.wal_lsn)
     if role == MemberRole.PRIMARY:
