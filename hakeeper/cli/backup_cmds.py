@@ -185,6 +185,14 @@ def backup_create(
         ),
     ] = "auto",
     label: Annotated[str | None, typer.Option("--label", help="Backup label.")] = None,
+    backup_type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="full; incremental (PostgreSQL 17+): only what changed since the newest backup "
+            "(a full when no backup can be its parent; the reason is shown).",
+        ),
+    ] = "full",
     wal_timeout: Annotated[
         float,
         typer.Option("--wal-timeout", help="Seconds to wait for the backup's WAL to be archived.", min=1),
@@ -215,11 +223,13 @@ def backup_create(
     ] = None,
     output: OutputOpt = "table",
 ) -> None:
-    """Take a full base backup into one repository (default: the first configured).
+    """Take a base backup, full or incremental, into one repository (default: the first configured).
 
     The backup is complete only once every WAL segment it needs is in that repository's
     archive; otherwise it is marked failed and its data removed."""
     check_output(output)
+    if backup_type not in ("full", "incremental"):
+        raise fail(f"--type must be full or incremental, not {backup_type!r}", 2)
     if source not in ("auto", "primary", "standby", "local"):
         raise fail(f"--from must be auto, primary, standby or local, not {source!r}", 2)
     if compress_on not in ("server", "client"):
@@ -256,6 +266,7 @@ def backup_create(
                 compress_on=compress_on,
                 staging_dir=staging_dir,
                 row_counts=cfg.backup.row_counts,
+                backup_type=backup_type,
             )
         finally:
             await r.close()
@@ -271,8 +282,11 @@ def backup_create(
         return
     src = rec.source
     ratio = f", {rec.size / rec.stored_size:.1f}x" if rec.stored_size else ""
+    kind = rec.kind if rec.parent is None else f"{rec.kind} against {rec.parent} (chain {rec.root})"
     lines = [
         f"backup {rec.id} complete in repository {rec.repository}",
+        f"  type     {kind}",
+        f"  note     asked for incremental, taken as full: {rec.became_full}" if rec.became_full else "",
         f"  source   {src.member} ({'standby' if src.standby else 'primary'}) {src.host}:{src.port}"
         if src
         else "",
@@ -390,6 +404,8 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
         "ID",
         "Repo",
         "Status",
+        "Type",
+        "Parent",
         "Source",
         "TL",
         "Start LSN",
@@ -409,6 +425,8 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             str(row["id"]),
             str(row["repository"]),
             str(row["status"]),
+            str(row["type"]),
+            str(row["parent"] or "-"),
             escape(str(src)),
             "" if row["timeline"] is None else str(row["timeline"]),
             str(row["start_lsn"] or ""),
@@ -419,7 +437,7 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             _verified_cell(row["verified"]),
         )
     for name, why in failed.items():
-        t.add_row("-", escape(name), "[bold red]ERROR[/]", escape(why), *([""] * 7))
+        t.add_row("-", escape(name), "[bold red]ERROR[/]", "", "", escape(why), *([""] * 7))
     if not rows:
         err.print("no backups")
     out.print(t)
