@@ -7,6 +7,7 @@ keeps or removes whole chains.  On 15, ``--type incremental`` is refused with th
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -117,6 +118,11 @@ def test_incremental_chain_restore_pitr_promotion_expire(
         assert res["chain"] == [full["id"], inc1["id"], inc2["id"]]
         assert res["combine_mode"] == ("link" if version >= 18 else "copy-file-range")
         assert counts(port, c.superuser_password) == {b: 100 for b in "abcde"}
+        # a restore drill of the chain: pg_verifybackup of the combined copy, rows as recorded
+        drill_run = hk("verify", "-c", conf, "--latest", "-o", "json")
+        drill = json.loads(drill_run.stdout)
+        assert drill_run.returncode == 0 and drill["ok"] is True, drill
+        assert drill["backup_id"] == inc2["id"] and drill["checks"]["pg_verifybackup"]["ok"] is True
         # a time between the two incrementals: the first one's chain, replayed to the time
         res, port = restore(conf, area, "mid", "--target-time", t_mid.isoformat())
         assert res["backup"] == inc1["id"] and res["chain"] == [full["id"], inc1["id"]]
