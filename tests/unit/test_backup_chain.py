@@ -4,14 +4,28 @@ planning, and retention that keeps or removes whole chains."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
 from hakeeper.backup import layout
-from hakeeper.backup.catalog import BackupRecord, BrokenChain, Catalog, RestoreRefused, Target, plan_restore
+from hakeeper.backup.catalog import (
+    BackupRecord,
+    BrokenChain,
+    Catalog,
+    RestoreRefused,
+    Target,
+    load_catalog,
+    object_key,
+    plan_restore,
+    record_key,
+    required_segments,
+)
 from hakeeper.backup.chain import ancestors, chain_groups, chain_of, choose_parent
-from hakeeper.backup.repo import ListEntry
+from hakeeper.backup.copy import CopyError, copy_item
+from hakeeper.backup.repo import FilesystemRepository, ListEntry
 from hakeeper.backup.retention import plan_expire
 from hakeeper.core.backup_config import RetentionConfig
 from hakeeper.core.lsn import format_lsn
@@ -177,3 +191,45 @@ def test_expire_removes_broken_incrementals_and_protects_a_running_ones_chain() 
     p = plan_expire(_catalog([*recs, running]), "s", RetentionConfig(full_count=1), now)
     assert {b.id for b in p.backups} == {"X"} and p.running == ["R"]
     assert sorted(p.kept) == ["A", "B", "F"]
+
+
+# ============================================================================ backup copy
+
+
+async def _stock(repo: FilesystemRepository, recs: list[BackupRecord]) -> None:
+    for r in recs:
+        for name in ("base.tar.00000", "backup_manifest"):
+            await repo.put(object_key("s", r.id, name), f"{r.id} {name}".encode())
+        assert r.timeline is not None
+        for seg in required_segments(r.start_lsn_int, r.stop_lsn_int, r.timeline, []):
+            await repo.put(layout.wal_key("s", seg), seg.encode())
+        await repo.put(record_key("s", r.id), r.to_json())
+
+
+def test_copy_of_an_incremental_copies_its_chain_parents_first(tmp_path: Path) -> None:
+    parts = {"parts": [{**MANIFEST, "name": "base.tar.00000"}]}
+    recs = [rec("A", 1, **parts), rec("B", 2, "A", "A", **parts), rec("C", 3, "B", "A", **parts)]
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+
+    async def go() -> None:
+        src = FilesystemRepository(tmp_path / "src", name="src")
+        dst = FilesystemRepository(tmp_path / "dst", name="dst")
+        await _stock(src, recs)
+        res = await copy_item(src, dst, "s", "B")
+        assert "chain copied parents first: A -> B" in res.notes and res.objects == 4
+        got = await load_catalog(dst, "s")
+        assert [r.id for r in got.records] == ["A", "B"] and all(r.repository == "dst" for r in got.records)
+        assert (await dst.get(object_key("s", "A", "base.tar.00000"))) == b"A base.tar.00000"
+        # again, one link further: A and B are there already
+        res = await copy_item(src, dst, "s", "C")
+        assert res.objects == 2 and not res.already_there
+        # a broken chain is refused before anything is copied
+        broken = rec("E", 5, "D", "D", **parts)
+        await _stock(src, [rec("D", 4, status="failed", **parts), broken])
+        with pytest.raises(CopyError, match="chain of backup E is broken"):
+            await copy_item(src, dst, "s", "E")
+        assert (await load_catalog(dst, "s")).get("E") is None
+
+    asyncio.run(go())
