@@ -34,6 +34,7 @@ SEG = layout.DEFAULT_SEGMENT_SIZE
 T0 = dt.datetime(2026, 11, 24, 7, 0, tzinfo=dt.UTC)
 SYSID = "7300000000000000001"
 MANIFEST = {"name": "backup_manifest", "size": 10, "stored_size": 10, "sha256": "0" * 64}
+PARTS = [{**MANIFEST, "name": "base.tar.00000"}]
 
 
 def rec(
@@ -207,8 +208,7 @@ async def _stock(repo: FilesystemRepository, recs: list[BackupRecord]) -> None:
 
 
 def test_copy_of_an_incremental_copies_its_chain_parents_first(tmp_path: Path) -> None:
-    parts = {"parts": [{**MANIFEST, "name": "base.tar.00000"}]}
-    recs = [rec("A", 1, **parts), rec("B", 2, "A", "A", **parts), rec("C", 3, "B", "A", **parts)]
+    recs = [rec("A", 1, parts=PARTS), rec("B", 2, "A", "A", parts=PARTS), rec("C", 3, "B", "A", parts=PARTS)]
 
     (tmp_path / "src").mkdir()
     (tmp_path / "dst").mkdir()
@@ -226,8 +226,8 @@ def test_copy_of_an_incremental_copies_its_chain_parents_first(tmp_path: Path) -
         res = await copy_item(src, dst, "s", "C")
         assert res.objects == 2 and not res.already_there
         # a broken chain is refused before anything is copied
-        broken = rec("E", 5, "D", "D", **parts)
-        await _stock(src, [rec("D", 4, status="failed", **parts), broken])
+        broken = rec("E", 5, "D", "D", parts=PARTS)
+        await _stock(src, [rec("D", 4, status="failed", parts=PARTS), broken])
         with pytest.raises(CopyError, match="chain of backup E is broken"):
             await copy_item(src, dst, "s", "E")
         assert (await load_catalog(dst, "s")).get("E") is None
