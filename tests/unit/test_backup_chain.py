@@ -25,8 +25,10 @@ from hakeeper.backup.catalog import (
 )
 from hakeeper.backup.chain import ancestors, chain_groups, chain_of, choose_parent
 from hakeeper.backup.copy import CopyError, copy_item
+from hakeeper.backup.info import summarize
 from hakeeper.backup.repo import FilesystemRepository, ListEntry
 from hakeeper.backup.retention import plan_expire
+from hakeeper.backup.scan import scan_repository
 from hakeeper.core.backup_config import RetentionConfig
 from hakeeper.core.lsn import format_lsn
 
@@ -231,5 +233,34 @@ def test_copy_of_an_incremental_copies_its_chain_parents_first(tmp_path: Path) -
         with pytest.raises(CopyError, match="chain of backup E is broken"):
             await copy_item(src, dst, "s", "E")
         assert (await load_catalog(dst, "s")).get("E") is None
+
+    asyncio.run(go())
+
+
+# ============================================================================ repo info / repo verify
+
+
+def test_repo_info_and_scan_report_a_broken_chain(tmp_path: Path) -> None:
+    recs = [rec("A", 1, parts=PARTS), rec("B", 2, "A", "A", parts=PARTS), rec("C", 3, parts=PARTS)]
+    (tmp_path / "r").mkdir()
+
+    async def go() -> None:
+        repo = FilesystemRepository(tmp_path / "r", name="r")
+        await _stock(repo, recs)
+        cat = await load_catalog(repo, "s")
+        info = summarize("r", "s", await repo.list_objects("s/"), cat)
+        assert (info.chains, info.problems) == (2, [])
+        assert info.to_dict()["newest_backup"]["type"] == "full"
+        # (the stocked objects are not what the records' checksums say: only chains matter here)
+        assert [p for p in (await scan_repository(repo, "s")).problems if p.kind == "broken-chain"] == []
+        # the full backup of B's chain disappears: B cannot be restored, both say so
+        for e in await repo.list_objects("s/backup/A/"):
+            await repo.delete(e.name)
+        cat = await load_catalog(repo, "s")
+        info = summarize("r", "s", await repo.list_objects("s/"), cat)
+        assert any("chain of backup B is broken" in p for p in info.problems), info.problems
+        scan = await scan_repository(repo, "s")
+        broken = [(p.kind, p.object) for p in scan.problems if p.kind == "broken-chain"]
+        assert broken == [("broken-chain", record_key("s", "B"))]
 
     asyncio.run(go())
