@@ -1025,7 +1025,7 @@ async def restore(
         raise
     result.seconds_fetch = time.monotonic() - t1
     result.seconds_fetch_wait = fetch_wait
-    result.seconds_decompress = max(0.0, result.seconds_fetch - fetch_wait)
+    result.seconds_decompress = max(0.0, result.seconds_fetch - fetch_wait - (result.seconds_combine or 0.0))
     if opts.after_copy is not None:
         await opts.after_copy(rec, data_dir)
     wal_conf_path = wal_config_path(data_dir)

@@ -15,7 +15,7 @@ import datetime as dt
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -67,6 +67,9 @@ ConfigReq = Annotated[
 RepoOpt = Annotated[str | None, typer.Option("--repo", help="Repository name (default: see each command).")]
 
 ProgressFn = Callable[[str, int, int | None], None]
+
+if TYPE_CHECKING:
+    from hakeeper.backup.restore import RestoreResult
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -673,6 +676,39 @@ def build_target(
     return Target("latest", timeline=tl)
 
 
+def _restore_lines(res: RestoreResult) -> list[str]:
+    """What ``restore`` prints on a terminal."""
+    secs = [
+        f"plan {res.seconds_plan:.1f}",
+        f"fetch+decompress {res.seconds_fetch:.1f}{rate(res.size, res.seconds_fetch)}",
+    ]
+    if res.seconds_fetch_wait is not None and res.seconds_decompress is not None:
+        secs[-1] += (
+            f" [waiting for the repository {res.seconds_fetch_wait:.1f}, untar {res.seconds_decompress:.1f}]"
+        )
+    if res.seconds_combine is not None:
+        secs.append(f"pg_combinebackup --{res.combine_mode} and pg_verifybackup {res.seconds_combine:.1f}")
+    if res.seconds_replay is not None:
+        secs.append(f"WAL replay {res.seconds_replay:.1f}")
+    if res.seconds_promote is not None:
+        secs.append(f"promote {res.seconds_promote:.1f}")
+    secs.append(f"total {res.seconds_total:.1f}")
+    lines = [
+        f"restored backup {res.backup_id} (repository {res.repository}) into {res.data_dir}",
+        f"  target    {res.target} on timeline {res.timeline}",
+        f"  size      {human_bytes(res.size)} in {res.parts} parts",
+        f"  chain     {' -> '.join(res.chain)} (full backup first)" if len(res.chain) > 1 else "",
+        f"  seconds   {', '.join(secs)}",
+    ]
+    lines.extend(f"  note      {n}" for n in res.notes)
+    if res.started:
+        lines.append(f"  promoted  new timeline {res.new_timeline}; writable")
+        lines.append(f"  connect   {res.dsn}")
+    else:
+        lines.append(f"  start it  {res.start_command}")
+    return lines
+
+
 @app.command("restore")
 def restore_cmd(
     config: ConfigReq,
@@ -740,7 +776,7 @@ def restore_cmd(
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
-    from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, check_data_dir, restore
+    from hakeeper.backup.restore import RestoreError, RestoreOptions, check_data_dir, restore
     from hakeeper.util.proc import resolve_run_as
 
     try:
@@ -792,32 +828,8 @@ def restore_cmd(
     if output != "table":
         emit_data(output, res.to_dict())
         return
-    secs = [
-        f"plan {res.seconds_plan:.1f}",
-        f"fetch+decompress {res.seconds_fetch:.1f}{rate(res.size, res.seconds_fetch)}",
-    ]
-    if res.seconds_fetch_wait is not None and res.seconds_decompress is not None:
-        secs[-1] += (
-            f" [waiting for the repository {res.seconds_fetch_wait:.1f}, untar {res.seconds_decompress:.1f}]"
-        )
-    if res.seconds_replay is not None:
-        secs.append(f"WAL replay {res.seconds_replay:.1f}")
-    if res.seconds_promote is not None:
-        secs.append(f"promote {res.seconds_promote:.1f}")
-    secs.append(f"total {res.seconds_total:.1f}")
-    lines = [
-        f"restored backup {res.backup_id} (repository {res.repository}) into {res.data_dir}",
-        f"  target    {res.target} on timeline {res.timeline}",
-        f"  size      {human_bytes(res.size)} in {res.parts} parts",
-        f"  seconds   {', '.join(secs)}",
-    ]
-    lines.extend(f"  note      {n}" for n in res.notes)
-    if res.started:
-        lines.append(f"  promoted  new timeline {res.new_timeline}; writable")
-        lines.append(f"  connect   {res.dsn}")
-    else:
-        lines.append(f"  start it  {res.start_command}")
-    out.print(escape("\n".join(lines)))
+    lines = _restore_lines(res)
+    out.print(escape("\n".join(ln for ln in lines if ln)))
     sys.stdout.flush()
 
 
