@@ -612,24 +612,34 @@ async def _extract_chain(
     result: RestoreResult,
 ) -> float:
     """An incremental backup: every link of its chain unpacked into a directory of its own
-    (with its manifest), ``pg_combinebackup`` of them into ``data_dir``, and ``pg_verifybackup``
-    of the result against the manifest pg_combinebackup wrote.  The links are removed after."""
+    (with its manifest; all links at once), ``pg_combinebackup`` of them into ``data_dir``, and
+    ``pg_verifybackup`` of the result against the manifest pg_combinebackup wrote.  The links
+    are removed after."""
     stage = chain_stage_path(data_dir)
     await asyncio.to_thread(shutil.rmtree, stage, True)
     await asyncio.to_thread(_mkdir_owned, stage, opts.run_as)
-    fetch_wait = 0.0
+    dirs = [stage / link.id for link in links]
+
+    async def unpack(link: catalog.BackupRecord, d: Path) -> float:
+        await asyncio.to_thread(_mkdir_owned, d, opts.run_as)
+        waited = await _extract(repo, scope, link, d, opts)
+        if link.manifest is not None:  # a zstd-stream backup's tar has no manifest
+            raw = await repo.get(catalog.object_key(scope, link.id, link.manifest.name))
+            await asyncio.to_thread(
+                write_atomic, d / catalog.MANIFEST_NAME, raw.decode(), mode=0o600, run_as=opts.run_as
+            )
+        return waited
+
     try:
-        dirs: list[Path] = []
-        for link in links:
-            d = stage / link.id
-            await asyncio.to_thread(_mkdir_owned, d, opts.run_as)
-            fetch_wait += await _extract(repo, scope, link, d, opts)
-            if link.manifest is not None:  # a zstd-stream backup's tar has no manifest
-                raw = await repo.get(catalog.object_key(scope, link.id, link.manifest.name))
-                await asyncio.to_thread(
-                    write_atomic, d / catalog.MANIFEST_NAME, raw.decode(), mode=0o600, run_as=opts.run_as
-                )
-            dirs.append(d)
+        # the links are independent until pg_combinebackup: unpacked side by side (each tar and
+        # zstd a process of their own), so a chain restores in about the time of its largest link
+        unpacked = await asyncio.gather(
+            *(unpack(link, d) for link, d in zip(links, dirs, strict=True)), return_exceptions=True
+        )
+        for u in unpacked:
+            if isinstance(u, BaseException):
+                raise u
+        fetch_wait = max(float(u) for u in unpacked if not isinstance(u, BaseException))
         major = (links[-1].pg_version or 170000) // 10000
         mode = await asyncio.to_thread(combine_mode, major, stage, data_dir)
         t0 = time.monotonic()
