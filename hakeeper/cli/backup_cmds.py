@@ -492,6 +492,10 @@ def backup_info(
     lines = [
         f"backup     {rec.id} ({rec.kind}), repository {rec.repository}",
         f"status     {doc['effective_status']}" + (f": {rec.error}" if rec.error else ""),
+        f"parent     {rec.parent} (chain {rec.root}; restored with every link from {rec.root} on)"
+        if rec.parent
+        else "",
+        f"note       asked for incremental, taken as full: {rec.became_full}" if rec.became_full else "",
         f"label      {rec.label}",
         f"source     {src.member} ({'standby' if src.standby else 'primary'}) {src.host}:{src.port}"
         if src
@@ -513,7 +517,7 @@ def backup_info(
         f"{human_bytes(rec.stored_size)} stored, {rec.files} files",
         f"seconds    {rec.seconds_copy} copy, {rec.seconds_wal_wait} waiting for WAL",
     ]
-    out.print(escape("\n".join(lines)))
+    out.print(escape("\n".join(ln for ln in lines if ln)))
 
 
 # --------------------------------------------------------------------------------- backup expire

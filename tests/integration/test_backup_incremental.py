@@ -112,6 +112,8 @@ def test_incremental_chain_restore_pitr_promotion_expire(
         ]
         table = ok(hk("backup", "list", "-c", conf))
         assert "incremental" in table and "Parent" in table
+        info = ok(hk("backup", "info", inc2["id"], "-c", conf))
+        assert f"parent     {inc1['id']} (chain {full['id']}" in info and "all in the archive" in info
 
         # the last incremental, up to the end of the archive: all five batches
         res, port = restore(conf, area, "latest", "--latest")
