@@ -70,7 +70,7 @@ from hakeeper.util.fsutil import (
 )
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.log import get_logger
-from hakeeper.util.proc import RunAs, child_env, postmaster_pid, run
+from hakeeper.util.proc import RunAs, child_env, dirs_of_dead_processes, postmaster_pid, run
 
 log = get_logger(__name__)
 
@@ -562,6 +562,17 @@ def chain_stage_path(data_dir: Path) -> Path:
     return data_dir.parent / f".{data_dir.name}.{CHAIN_STAGE}-{os.getpid()}"
 
 
+_STAGE_PID = re.compile(rf"^\..*\.{CHAIN_STAGE}-(\d+)$")
+
+
+def _remove_stale_stages(where: Path) -> None:
+    """The link directories of chain restores whose process was killed (a ``finally`` never
+    ran): decrypted backup data that would otherwise stay beside the data directory."""
+    for d in dirs_of_dead_processes(where, _STAGE_PID):
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("restore_stale_chain_stage_removed", path=str(d))
+
+
 def _same_fs(a: Path, b: Path) -> bool:
     try:
         return a.stat().st_dev == b.stat().st_dev
@@ -616,6 +627,7 @@ async def _extract_chain(
     ``pg_verifybackup`` of the result against the manifest pg_combinebackup wrote.  The links
     are removed after."""
     stage = chain_stage_path(data_dir)
+    await asyncio.to_thread(_remove_stale_stages, data_dir.parent)
     await asyncio.to_thread(shutil.rmtree, stage, True)
     await asyncio.to_thread(_mkdir_owned, stage, opts.run_as)
     dirs = [stage / link.id for link in links]

@@ -264,3 +264,15 @@ def test_repo_info_and_scan_report_a_broken_chain(tmp_path: Path) -> None:
         assert broken == [("broken-chain", record_key("s", "B"))]
 
     asyncio.run(go())
+
+
+def test_a_killed_chain_restore_leaves_nothing_the_next_one_keeps(tmp_path: Path) -> None:
+    from hakeeper.backup.restore import _remove_stale_stages, chain_stage_path
+
+    mine = chain_stage_path(tmp_path / "data")  # this process: alive
+    dead = tmp_path / ".data.hakeeper-chain-999999999"  # no such pid
+    other = tmp_path / "data2"
+    for d in (mine, dead, other):
+        d.mkdir()
+    _remove_stale_stages(tmp_path)
+    assert (mine.exists(), dead.exists(), other.exists()) == (True, False, True)
