@@ -39,7 +39,7 @@ from typing import Any
 import psycopg
 import zstandard
 
-from hakeeper.backup import catalog, layout
+from hakeeper.backup import catalog, chain, layout
 from hakeeper.backup.binding import BindingMismatch, bind
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
@@ -264,6 +264,19 @@ class SourceFacts:
     extra_tablespaces: list[str]
     estimated_size: int
     upstream: Endpoint | None  # a standby's WAL sender (pg_stat_wal_receiver)
+    timeline: int | None = None  # the timeline the server writes (a standby: receives/replays)
+    summarize_wal: bool = False  # PostgreSQL 17+: WAL summaries, which incremental backups need
+    zstd: bool = True  # the server was built with zstd (server-side compression)
+
+
+# A primary's timeline is that of the WAL it inserts (pg_control's checkpoint timeline lags
+# behind a promotion until the next checkpoint); a standby's, the one it receives.
+_TIMELINE_SQL = (
+    "CASE WHEN pg_is_in_recovery() THEN coalesce("
+    "(SELECT received_tli FROM pg_stat_wal_receiver WHERE received_tli > 0),"
+    " (SELECT timeline_id FROM pg_control_checkpoint()))"
+    " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int END"
+)
 
 
 async def source_facts(ep: Endpoint, creds: Credentials) -> SourceFacts:
@@ -276,13 +289,28 @@ async def source_facts(ep: Endpoint, creds: Credentials) -> SourceFacts:
         "       WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1),"
         " (SELECT sum(pg_database_size(oid))::bigint FROM pg_database),"
         " (SELECT sender_host FROM pg_stat_wal_receiver WHERE status = 'streaming'),"
-        " (SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+        " (SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'),"
+        f" {_TIMELINE_SQL},"
+        # missing_ok: PostgreSQL 15 has no such setting (NULL)
+        " coalesce(current_setting('summarize_wal', true), 'off'),"
+        # some builds lack zstd (the PostgreSQL 18 test build): the server cannot compress then
+        " coalesce((SELECT setting LIKE '%with-zstd%' FROM pg_config WHERE name = 'CONFIGURE'), true)",
     )
-    rec, ver, sysid, spaces, size, s_host, s_port = rows[0]
+    rec, ver, sysid, spaces, size, s_host, s_port, tli, summarize, zstd = rows[0]
     upstream = None
     if rec and s_host and s_port and not str(s_host).startswith("/"):
         upstream = Endpoint(f"upstream of {ep.name}", str(s_host), int(s_port))
-    return SourceFacts(bool(rec), int(ver), str(sysid), list(spaces or []), int(size or 0), upstream)
+    return SourceFacts(
+        bool(rec),
+        int(ver),
+        str(sysid),
+        list(spaces or []),
+        int(size or 0),
+        upstream,
+        None if tli is None else int(tli),
+        str(summarize) == "on",
+        bool(zstd),
+    )
 
 
 async def switch_wal(primary: Endpoint, creds: Credentials) -> str | None:
@@ -354,8 +382,15 @@ async def create_backup(
     compress_on: str = "server",
     staging_dir: Path | None = None,
     row_counts: RowCountConfig | None = None,
+    backup_type: str = "full",
 ) -> BackupRecord:
     """Back ``source`` up into ``repo`` and return the complete record (BackupError otherwise).
+
+    ``backup_type`` ``incremental`` (PostgreSQL 17+; BackupError before anything is copied on
+    an older server): ``pg_basebackup --incremental`` against the newest complete backup when
+    that can be the parent (:func:`hakeeper.backup.chain.choose_parent`), else a full backup
+    with the reason in the record's ``became_full`` (also when the incremental copy fails,
+    e.g. WAL summaries that do not reach back to the parent's start).
 
     ``primary`` is where ``pg_switch_wal()`` runs when the source is a standby (default: the
     standby's upstream, if that is a primary).  With ``row_counts`` (enabled), the row counts
@@ -367,12 +402,28 @@ async def create_backup(
             f"{source.name} has tablespaces besides pg_default/pg_global "
             f"({', '.join(facts.extra_tablespaces)}): not supported by hakeeper backups yet"
         )
+    if backup_type not in ("full", "incremental"):
+        raise BackupError(f"unknown backup type {backup_type!r} (full or incremental)")
+    if backup_type == "incremental" and facts.version_num < INCREMENTAL_MIN_VERSION:
+        why = (
+            f"incremental backups need PostgreSQL 17 or later; {source.name} runs "
+            f"{facts.version_num // 10000} (take a full backup: --type full)"
+        )
+        log.warning("backup_refused", source=source.address, reason=why)
+        raise BackupError(why)
     if primary is None:
         primary = source if not facts.in_recovery else facts.upstream
     try:  # a repository of an earlier cluster of this scope is refused before anything is copied
         await bind(repo, scope, facts.system_identifier, f"backup create {source.name}", time.time())
     except BindingMismatch as e:
         raise BackupError(str(e)) from None
+    parent = None
+    became_full = None
+    if backup_type == "incremental":
+        choice = await _choose_parent(repo, scope, source, facts)
+        parent, became_full = choice.parent, choice.reason
+        if became_full is not None:
+            log.warning("backup_incremental_became_full", source=source.address, reason=became_full)
     now = catalog.utcnow()
     record = await claim_backup_id(
         repo,
@@ -392,17 +443,28 @@ async def create_backup(
             start_time=now,
             updated_at=now,
             manifest_checksums=manifest_checksums,
+            kind="incremental" if parent is not None else "full",
+            parent=None if parent is None else parent.id,
+            chain_root=None if parent is None else parent.root,
+            became_full=became_full,
         ),
     )
     bid = record.id
     run = _Run(repo, scope, record, progress)
     run.last_saved = time.monotonic()
-    log.info("backup_started", id=bid, repo=repo.name, source=source.address, standby=facts.in_recovery)
+    log.info(
+        "backup_started",
+        id=bid,
+        repo=repo.name,
+        source=source.address,
+        standby=facts.in_recovery,
+        type=record.kind,
+        parent=record.parent,
+    )
     try:
         nudge = None if facts.in_recovery else asyncio.create_task(_nudge_archive_wait(source, superuser))
         try:
-            await _copy_either(
-                run,
+            copy = _CopyArgs(
                 compress_on,
                 source,
                 replication,
@@ -413,6 +475,7 @@ async def create_backup(
                 facts,
                 staging_dir,
             )
+            await _copy_against(run, copy, parent)
         finally:
             if nudge is not None:
                 nudge.cancel()
@@ -467,9 +530,7 @@ async def _fail(run: _Run, msg: str) -> None:
     # The parts are useless without a complete record: remove them now; the record stays so
     # that `backup list` shows the failure (`backup expire` removes it).
     with contextlib.suppress(RepoError):
-        for e in await run.repo.list_objects(layout.backup_prefix(run.scope, rec.id)):
-            if not e.name.endswith("/" + catalog.RECORD_NAME):
-                await run.repo.delete(e.name)
+        await _remove_parts(run)
     rec.parts = []
     rec.manifest = None
     rec.stored_size = 0
@@ -481,26 +542,133 @@ def _stored(name: str, r: PutResult) -> StoredObject:
     return StoredObject(name=name, size=r.size, stored_size=r.stored_size, sha256=r.sha256)
 
 
-async def _copy_either(
-    run: _Run,
-    compress_on: str,
-    source: Endpoint,
-    replication: Credentials,
-    bin_dir: Path,
-    part_size: int,
-    parallel: int,
-    wal_timeout: float,
-    facts: SourceFacts,
-    staging_dir: Path | None,
-) -> None:
-    """The copy: compressed by the server (PostgreSQL 15+) unless asked otherwise."""
-    if compress_on == "server" and facts.version_num >= 150000:
+@dataclass(frozen=True, slots=True)
+class _CopyArgs:
+    compress_on: str
+    source: Endpoint
+    replication: Credentials
+    bin_dir: Path
+    part_size: int
+    parallel: int
+    wal_timeout: float
+    facts: SourceFacts
+    staging_dir: Path | None
+
+
+async def _copy_either(run: _Run, a: _CopyArgs, extra: tuple[str, ...] = ()) -> None:
+    """The copy: compressed by the server (PostgreSQL 15+, built with zstd) unless asked otherwise."""
+    if a.compress_on == "server" and not a.facts.zstd:
+        log.warning(
+            "backup_server_compression_unavailable",
+            id=run.record.id,
+            reason=f"{a.source.name}'s PostgreSQL was built without zstd: compressing here instead",
+        )
+    if a.compress_on == "server" and a.facts.version_num >= 150000 and a.facts.zstd:
         run.record.layout = catalog.LAYOUT_STREAM
         await _copy_compressed(
-            run, source, replication, bin_dir, part_size, parallel, wal_timeout, facts, staging_dir
+            run,
+            a.source,
+            a.replication,
+            a.bin_dir,
+            a.part_size,
+            a.parallel,
+            a.wal_timeout,
+            a.facts,
+            a.staging_dir,
+            extra,
         )
     else:
-        await _copy(run, source, replication, bin_dir, part_size, parallel, wal_timeout, facts)
+        run.record.layout = catalog.LAYOUT_PARTS
+        await _copy(
+            run, a.source, a.replication, a.bin_dir, a.part_size, a.parallel, a.wal_timeout, a.facts, extra
+        )
+
+
+# ------------------------------------------------------------ incremental backups
+
+
+INCREMENTAL_MIN_VERSION = 170000
+
+
+async def _choose_parent(
+    repo: Repository, scope: str, source: Endpoint, facts: SourceFacts
+) -> chain.ParentChoice:
+    """The parent of an incremental backup of ``source``, or why it is taken as a full."""
+    if not facts.summarize_wal:
+        return chain.ParentChoice(
+            None,
+            f"summarize_wal is off on {source.name}: no WAL summaries to take an incremental backup from",
+        )
+    cat = await catalog.load_catalog(repo, scope, wal=False)
+    return chain.choose_parent(
+        cat.records,
+        system_identifier=facts.system_identifier,
+        timeline=facts.timeline,
+        version_num=facts.version_num,
+    )
+
+
+async def _copy_against(run: _Run, a: _CopyArgs, parent: BackupRecord | None) -> None:
+    """The copy of a full backup, or of an incremental one against ``parent``'s manifest
+    (fetched from the repository, decrypted, into a private temporary directory).  When the
+    incremental copy fails, or turns out to start on another timeline than its parent ended
+    on (a promotion in between), its parts are removed and a full backup is taken instead,
+    the reason logged and recorded in ``became_full``."""
+    if parent is None:
+        await _copy_either(run, a)
+        return
+    assert parent.manifest is not None
+    rec = run.record
+    key = catalog.object_key(run.scope, parent.id, parent.manifest.name)
+    try:
+        manifest = await run.repo.get(key)
+    except RepoError as e:
+        reason: str | None = f"the manifest of the parent {parent.id} cannot be read: {e}"
+    else:
+        where = Path(
+            await asyncio.to_thread(
+                tempfile.mkdtemp,
+                prefix=f"hakeeper-incr-{rec.id}-",
+                dir=str(a.staging_dir or tempfile.gettempdir()),
+            )
+        )
+        try:
+            path = where / catalog.MANIFEST_NAME
+            await asyncio.to_thread(path.write_bytes, manifest)
+            try:
+                await _copy_either(run, a, (f"--incremental={path}",))
+                reason = None
+            except BackupError as e:
+                reason = f"pg_basebackup --incremental against {parent.id} failed: {e}"
+        finally:
+            await asyncio.to_thread(shutil.rmtree, where, True)
+        parent_tli = parent.stop_timeline or parent.timeline
+        if reason is None and rec.timeline != parent_tli:
+            reason = (
+                f"the backup started on timeline {rec.timeline}, its parent {parent.id} ended on timeline "
+                f"{parent_tli} (a promotion meanwhile): a chain never crosses a timeline switch"
+            )
+        if reason is None:
+            return
+    log.warning("backup_incremental_became_full", id=rec.id, parent=parent.id, reason=reason)
+    await _remove_parts(run)
+    rec.kind, rec.parent, rec.chain_root, rec.became_full = "full", None, None, reason
+    rec.timeline = rec.stop_timeline = None
+    rec.start_lsn = rec.stop_lsn = None
+    rec.backup_label = None
+    await run.save()
+    await _copy_either(run, a)
+
+
+async def _remove_parts(run: _Run) -> None:
+    """Every object of the backup but its record."""
+    for e in await run.repo.list_objects(layout.backup_prefix(run.scope, run.record.id)):
+        if not e.name.endswith("/" + catalog.RECORD_NAME):
+            await run.repo.delete(e.name)
+    run.record.parts = []
+    run.record.manifest = None
+    run.record.stored_size = 0
+    run.record.size = 0
 
 
 async def _nudge_archive_wait(source: Endpoint, superuser: Credentials) -> None:
@@ -628,10 +796,11 @@ async def _copy(
     parallel: int,
     wal_timeout: float,
     facts: SourceFacts,
+    extra: tuple[str, ...] = (),
 ) -> None:
     rec = run.record
     t0 = time.monotonic()
-    proc = await _spawn_pg_basebackup(bin_dir, source, replication, "-", rec)
+    proc = await _spawn_pg_basebackup(bin_dir, source, replication, "-", rec, *extra)
     assert proc.stdout is not None and proc.stderr is not None
     grow_pipe(proc, 1)
     stderr_buf = bytearray()
@@ -874,6 +1043,7 @@ async def _copy_compressed(
     wal_timeout: float,
     facts: SourceFacts,
     staging_dir: Path | None,
+    extra: tuple[str, ...] = (),
 ) -> None:
     """The server compresses (``--compress=server-zstd``, ``parallel`` worker threads on the
     server); pg_basebackup writes ``base.tar.zst`` and ``backup_manifest`` into a staging
@@ -890,7 +1060,9 @@ async def _copy_compressed(
     stage = await _make_stage(staging_dir, rec.id)
     out_dir = stage / "pgbb"
     t0 = time.monotonic()
-    proc = await _spawn_pg_basebackup(bin_dir, source, replication, str(out_dir), rec, f"--compress={spec}")
+    proc = await _spawn_pg_basebackup(
+        bin_dir, source, replication, str(out_dir), rec, f"--compress={spec}", *extra
+    )
     assert proc.stderr is not None
     err_task = asyncio.create_task(proc.stderr.read())
     wait_task = asyncio.create_task(proc.wait())

@@ -111,7 +111,14 @@ class BackupRecord(_Model):
     format: int = FORMAT_VERSION
     id: str
     label: str
-    kind: Literal["full"] = "full"
+    # full: the whole data directory; incremental: pg_basebackup --incremental against the
+    # manifest of ``parent`` (PostgreSQL 17+), restored by pg_combinebackup of its chain.
+    # Records written before incremental backups existed have neither field: full.
+    kind: Literal["full", "incremental"] = "full"
+    parent: str | None = None  # incremental: the backup it was taken against
+    chain_root: str | None = None  # incremental: the full backup its chain starts with
+    # --type incremental was asked for but a full was taken: why (a timeline switch, ...)
+    became_full: str | None = None
     layout: Literal["zstd-parts", "zstd-stream"] = LAYOUT_PARTS
     status: BackupStatus
     error: str | None = None
@@ -158,6 +165,11 @@ class BackupRecord(_Model):
             raise ValueError(f"backup {self.id} has no stop LSN")
         return v
 
+    @property
+    def root(self) -> str:
+        """The id of the full backup this backup's chain starts with (its own for a full)."""
+        return (self.chain_root or self.id) if self.kind == "incremental" else self.id
+
     def usable(self) -> bool:
         return (
             self.status is BackupStatus.COMPLETE
@@ -185,6 +197,9 @@ class BackupRecord(_Model):
             "repository": self.repository,
             "status": self.effective_status(now),
             "kind": self.kind,
+            "type": self.kind,
+            "parent": self.parent,
+            "chain": self.root,
             "source": self.source.member if self.source else None,
             "from_standby": self.source.standby if self.source else None,
             "timeline": self.timeline,
@@ -198,6 +213,55 @@ class BackupRecord(_Model):
             "stored_size": self.stored_size,
             "error": self.error,
         }
+
+
+# ============================================================================ chains (incremental backups)
+
+MAX_LINKS = 1000  # a guard against a parent cycle in tampered records
+
+
+class BrokenChain(ValueError):
+    """A link of a backup's chain is missing, incomplete or of another cluster."""
+
+
+def chain_of(rec: BackupRecord, records: Mapping[str, BackupRecord]) -> list[BackupRecord]:
+    """``rec``'s chain, its full backup first and ``rec`` last (``[rec]`` for a full).
+    Raises :class:`BrokenChain` naming the first link that cannot be used."""
+    out = [rec]
+    cur = rec
+    while cur.kind == "incremental":
+        if cur.parent is None:
+            raise BrokenChain(f"incremental backup {cur.id} names no parent")
+        parent = records.get(cur.parent)
+        if parent is None:
+            raise BrokenChain(
+                f"the chain of backup {rec.id} is broken: its link {cur.parent} (parent of {cur.id}) "
+                "is missing"
+            )
+        if not parent.usable():
+            raise BrokenChain(
+                f"the chain of backup {rec.id} is broken: its link {parent.id} (parent of {cur.id}) "
+                f"is {parent.status}, not complete"
+            )
+        if parent.system_identifier != cur.system_identifier:
+            raise BrokenChain(
+                f"backup {cur.id}'s parent {parent.id} is of another cluster (system identifier)"
+            )
+        if len(out) > MAX_LINKS:
+            raise BrokenChain(f"the chain of backup {rec.id} has more than {MAX_LINKS} links (a cycle?)")
+        out.append(parent)
+        cur = parent
+    out.reverse()
+    return out
+
+
+def chain_problem(rec: BackupRecord, records: Mapping[str, BackupRecord]) -> str | None:
+    """Why ``rec``'s chain cannot be restored (None: it can, or ``rec`` is a full)."""
+    try:
+        chain_of(rec, records)
+    except BrokenChain as e:
+        return str(e)
+    return None
 
 
 def utcnow() -> dt.datetime:
@@ -648,6 +712,9 @@ def plan_restore(
 
 def _plan_for(cat: Catalog, b: BackupRecord, target: Target, seg_size: int) -> RestorePlan:
     assert b.timeline is not None and b.stop_time is not None
+    broken = chain_problem(b, {r.id: r for r in cat.records})
+    if broken is not None:
+        raise RestoreRefused(broken)
     tli, hist = _timeline_for(cat, b, target)
     _check_ends_before(cat, b, target, tli, hist)
     # --- the WAL on the way

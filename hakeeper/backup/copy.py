@@ -11,7 +11,9 @@ and its bytes compared with the source's by SHA-256 and size.
 
 A base backup is useless without the WAL from its start to its end: the segments it needs (and
 every timeline history file) that the target lacks are copied too; segments already in the
-target are checked to have the same content.  WAL written after the backup reaches the target
+target are checked to have the same content.  An incremental backup is copied with its chain
+(its full backup and every incremental between, parents first): the target can restore it
+alone.  WAL written after the backup reaches the target
 through archiving (the archiver pushes to every repository).
 
 The record (``backup.json`` / ``dump.json``) is written last, with ``repository`` set to the
@@ -218,6 +220,39 @@ async def copy_backup(
     return res
 
 
+async def copy_chain(
+    src: Repository, dst: Repository, scope: str, backup_id: str, progress: ProgressFn | None = None
+) -> CopyResult:
+    """Copy a backup with the whole chain it needs (an incremental backup: its full backup and
+    every incremental between, parents first, each with its WAL), so that the target can
+    restore it on its own.  A link the target holds already is left as it is."""
+    rec = await _usable(catalog.read_record(src, scope, backup_id), src, "backup", backup_id)
+    links = [rec]
+    while links[0].kind == "incremental":
+        parent_id = links[0].parent
+        if parent_id is None:
+            raise CopyError(f"{src.name}: incremental backup {links[0].id} names no parent")
+        try:
+            parent = await _usable(catalog.read_record(src, scope, parent_id), src, "backup", parent_id)
+        except CopyError as e:
+            raise CopyError(f"{src.name}: the chain of backup {backup_id} is broken: {e}") from None
+        if len(links) > catalog.MAX_LINKS:
+            raise CopyError(f"{src.name}: the chain of backup {backup_id} is too long (a cycle?)")
+        links.insert(0, parent)
+    total = CopyResult(backup_id, "backup", src.name, dst.name, already_there=True)
+    for link in links:
+        one = await copy_backup(src, dst, scope, link.id, progress)
+        total.objects += one.objects
+        total.stored_bytes += one.stored_bytes
+        total.wal_copied += one.wal_copied
+        total.wal_present += one.wal_present
+        total.already_there = total.already_there and one.already_there
+        total.notes.extend(one.notes)
+    if len(links) > 1:
+        total.notes.append(f"chain copied parents first: {' -> '.join(link.id for link in links)}")
+    return total
+
+
 async def copy_dump(
     src: Repository, dst: Repository, scope: str, dump_id: str, progress: ProgressFn | None = None
 ) -> CopyResult:
@@ -255,7 +290,7 @@ async def copy_item(
         if dump.is_dump_id(item_id):
             res = await copy_dump(src, dst, scope, item_id, progress)
         else:
-            res = await copy_backup(src, dst, scope, item_id, progress)
+            res = await copy_chain(src, dst, scope, item_id, progress)
     except CorruptObject as e:
         raise CopyError(f"{src.name}: {e}; nothing was recorded in {dst.name}") from e
     except RepoError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -36,6 +37,14 @@ from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed
 
 log = get_logger("hakeeper.backup")
+
+
+def server_major(data_dir: Path) -> int | None:
+    """The major version of the data directory (its ``PG_VERSION``; None before initdb)."""
+    try:
+        return int((data_dir / "PG_VERSION").read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 class BootstrapCopy:
@@ -215,6 +224,11 @@ class AgentBackup:
                 )
         if "archive_timeout" not in params:
             ours["archive_timeout"] = "60s"
+        # Incremental base backups (PostgreSQL 17+) need the WAL summaries of every server a
+        # backup may be taken from; reloadable, so no restart.  Never on 15 (no such setting:
+        # the server would not start).  A value the user set wins.
+        if "summarize_wal" not in params and (server_major(self.cfg.postgresql.data_dir) or 0) >= 17:
+            ours["summarize_wal"] = "on"
         return ours
 
     async def prepare(self) -> None:

@@ -73,6 +73,7 @@ class RepoInfo:
     last_archived_at: dt.datetime | None = None
     backups: int = 0
     complete_backups: int = 0
+    chains: int = 0  # full backups with their incrementals
     newest_backup: dict[str, Any] | None = None
     objects: int = 0
     stored_bytes: int = 0
@@ -90,6 +91,7 @@ class RepoInfo:
             "last_archived_at": iso(self.last_archived_at.timestamp()) if self.last_archived_at else None,
             "backups": self.backups,
             "complete_backups": self.complete_backups,
+            "chains": self.chains,
             "newest_backup": self.newest_backup,
             "objects": self.objects,
             "stored_bytes": self.stored_bytes,
@@ -123,8 +125,17 @@ def summarize(repository: str, scope: str, listing: Sequence[ListEntry], cat: ca
             "size": b.size,
             "stored_size": b.stored_size,
             "wal_stop": b.wal_stop,
+            "type": b.kind,
+            "parent": b.parent,
+            "chain": b.root,
         }
     info.problems = list(cat.problems)
+    by_id = {r.id: r for r in cat.records}
+    info.chains = len({b.root for b in done})
+    for b in done:  # an incremental without its whole chain cannot be restored
+        broken = catalog.chain_problem(b, by_id)
+        if broken is not None:
+            info.problems.append(broken)
     return info
 
 

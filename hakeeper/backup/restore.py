@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import grp
 import os
 import pwd
@@ -69,7 +70,7 @@ from hakeeper.util.fsutil import (
 )
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.log import get_logger
-from hakeeper.util.proc import RunAs, child_env, postmaster_pid, run
+from hakeeper.util.proc import RunAs, child_env, dirs_of_dead_processes, postmaster_pid, run
 
 log = get_logger(__name__)
 
@@ -135,6 +136,9 @@ class RestoreResult:
     notes: list[str] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
     start_command: str | None = None
+    chain: list[str] = field(default_factory=list)  # the backups restored, full first
+    combine_mode: str | None = None  # pg_combinebackup's copy mode (an incremental backup)
+    seconds_combine: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,11 +152,14 @@ class RestoreResult:
             "parts": self.parts,
             "started": self.started,
             "dsn": self.dsn,
+            "chain": self.chain,
+            "combine_mode": self.combine_mode,
             "seconds": {
                 "plan": round(self.seconds_plan, 3),
                 "fetch_decompress": round(self.seconds_fetch, 3),
                 "fetch": None if self.seconds_fetch_wait is None else round(self.seconds_fetch_wait, 3),
                 "decompress": None if self.seconds_decompress is None else round(self.seconds_decompress, 3),
+                "combine": None if self.seconds_combine is None else round(self.seconds_combine, 3),
                 "wal_replay": None if self.seconds_replay is None else round(self.seconds_replay, 3),
                 "promote": None if self.seconds_promote is None else round(self.seconds_promote, 3),
                 "total": round(self.seconds_total, 3),
@@ -543,6 +550,149 @@ async def _extract(
         errlog.close()
 
 
+# ============================================================================ chains
+
+
+CHAIN_STAGE = "hakeeper-chain"
+
+
+def chain_stage_path(data_dir: Path) -> Path:
+    """Where the links of a chain are unpacked: beside the data directory, on its filesystem
+    (so that pg_combinebackup can hard-link or clone instead of copying)."""
+    return data_dir.parent / f".{data_dir.name}.{CHAIN_STAGE}-{os.getpid()}"
+
+
+_STAGE_PID = re.compile(rf"^\..*\.{CHAIN_STAGE}-(\d+)$")
+
+
+def _remove_stale_stages(where: Path) -> None:
+    """The link directories of chain restores whose process was killed (a ``finally`` never
+    ran): decrypted backup data that would otherwise stay beside the data directory."""
+    for d in dirs_of_dead_processes(where, _STAGE_PID):
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("restore_stale_chain_stage_removed", path=str(d))
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_dev == b.stat().st_dev
+    except OSError:
+        return False
+
+
+def _can_clone(where: Path) -> bool:
+    """Whether the filesystem of ``where`` clones files (FICLONE: btrfs, XFS with reflink)."""
+    ficlone = 0x40049409
+    src = where / ".clone-probe-src"
+    dst = where / ".clone-probe-dst"
+    try:
+        src.write_bytes(b"x" * 4096)
+        with open(src, "rb") as fs, open(dst, "wb") as fd:
+            fcntl.ioctl(fd.fileno(), ficlone, fs.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        for p in (src, dst):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def combine_mode(version_major: int, stage: Path, data_dir: Path) -> str:
+    """pg_combinebackup's way of producing the output from the unpacked links (docs/decisions.md):
+    ``--link`` (PostgreSQL 18+, one filesystem): the output shares the unchanged files with the
+    links, which are temporary copies removed right after -- nothing is copied at all;
+    ``--clone`` where the filesystem clones (btrfs, XFS); ``--copy-file-range`` on one
+    filesystem (the kernel copies, no round trip through user space); else ``--copy``."""
+    same = _same_fs(stage, data_dir)
+    if same and version_major >= 18:
+        return "--link"
+    if same and _can_clone(stage):
+        return "--clone"
+    if same:
+        return "--copy-file-range"
+    return "--copy"
+
+
+async def _extract_chain(
+    repo: Repository,
+    scope: str,
+    links: list[catalog.BackupRecord],
+    data_dir: Path,
+    opts: RestoreOptions,
+    result: RestoreResult,
+) -> float:
+    """An incremental backup: every link of its chain unpacked into a directory of its own
+    (with its manifest; all links at once), ``pg_combinebackup`` of them into ``data_dir``, and
+    ``pg_verifybackup`` of the result against the manifest pg_combinebackup wrote.  The links
+    are removed after."""
+    stage = chain_stage_path(data_dir)
+    await asyncio.to_thread(_remove_stale_stages, data_dir.parent)
+    await asyncio.to_thread(shutil.rmtree, stage, True)
+    await asyncio.to_thread(_mkdir_owned, stage, opts.run_as)
+    dirs = [stage / link.id for link in links]
+
+    async def unpack(link: catalog.BackupRecord, d: Path) -> float:
+        await asyncio.to_thread(_mkdir_owned, d, opts.run_as)
+        waited = await _extract(repo, scope, link, d, opts)
+        if link.manifest is not None:  # a zstd-stream backup's tar has no manifest
+            raw = await repo.get(catalog.object_key(scope, link.id, link.manifest.name))
+            await asyncio.to_thread(
+                write_atomic, d / catalog.MANIFEST_NAME, raw.decode(), mode=0o600, run_as=opts.run_as
+            )
+        return waited
+
+    try:
+        # the links are independent until pg_combinebackup: unpacked side by side (each tar and
+        # zstd a process of their own), so a chain restores in about the time of its largest link
+        unpacked = await asyncio.gather(
+            *(unpack(link, d) for link, d in zip(links, dirs, strict=True)), return_exceptions=True
+        )
+        for u in unpacked:
+            if isinstance(u, BaseException):
+                raise u
+        fetch_wait = max(float(u) for u in unpacked if not isinstance(u, BaseException))
+        major = (links[-1].pg_version or 170000) // 10000
+        mode = await asyncio.to_thread(combine_mode, major, stage, data_dir)
+        t0 = time.monotonic()
+        r = await run(
+            [str(opts.bin_dir / "pg_combinebackup"), "-o", str(data_dir), mode, *map(str, dirs)],
+            run_as=opts.run_as,
+            env={"LC_ALL": "C", "LC_MESSAGES": "C"},
+            timeout=opts.start_timeout,
+            check=False,
+        )
+        if not r.ok:
+            raise RestoreError(
+                f"pg_combinebackup {mode} of {', '.join(links_ids(links))} failed: {r.tail(12)}"
+            )
+        result.combine_mode = mode.removeprefix("--")
+        result.seconds_combine = time.monotonic() - t0
+        v = await run(
+            [str(opts.bin_dir / "pg_verifybackup"), "--no-parse-wal", "--quiet", str(data_dir)],
+            run_as=opts.run_as,
+            env={"LC_ALL": "C", "LC_MESSAGES": "C"},
+            timeout=opts.start_timeout,
+            check=False,
+        )
+        if not v.ok:
+            raise RestoreError(f"pg_verifybackup of the combined backup failed: {v.tail(12)}")
+        log.info(
+            "restore_chain_combined",
+            backup=links[-1].id,
+            chain=links_ids(links),
+            mode=result.combine_mode,
+            seconds=round(result.seconds_combine, 3),
+        )
+    finally:
+        await asyncio.to_thread(shutil.rmtree, stage, True)
+    return fetch_wait
+
+
+def links_ids(links: list[catalog.BackupRecord]) -> list[str]:
+    return [link.id for link in links]
+
+
 # ============================================================================ recovery settings
 
 
@@ -851,7 +1001,9 @@ async def restore(
         # the script's last resort fails loudly (exit 200) instead of ending recovery early.
         restore_command_base = f"echo {shlex.quote(f'hakeeper: {e}')} >&2; exit 200; :"
         notes.append("WAL is served to the recovering server by this process (its OS user cannot run it)")
-    await _verify_parts(repo, scope, rec)
+    links = catalog.chain_of(rec, {r.id: r for r in _cat.records})  # planning checked it is whole
+    for link in links:
+        await _verify_parts(repo, scope, link)
     check_data_dir(data_dir)  # again: planning may have taken a while
     result = RestoreResult(
         backup_id=rec.id,
@@ -860,9 +1012,10 @@ async def restore(
         timeline=plan.timeline,
         data_dir=str(data_dir),
         size=rec.size,
-        parts=len(rec.parts),
+        parts=sum(len(link.parts) for link in links),
         started=False,
         notes=[*plan.notes, *notes],
+        chain=[link.id for link in links],
     )
     result.seconds_plan = time.monotonic() - t0
     log.info(
@@ -878,7 +1031,10 @@ async def restore(
         raise RestoreRefused(str(e)) from None
     t1 = time.monotonic()
     try:
-        fetch_wait = await _extract(repo, scope, rec, data_dir, opts)
+        if len(links) == 1:
+            fetch_wait = await _extract(repo, scope, rec, data_dir, opts)
+        else:
+            fetch_wait = await _extract_chain(repo, scope, links, data_dir, opts, result)
     except BaseException as e:
         await asyncio.to_thread(_empty_dir, data_dir)
         if created:
@@ -891,7 +1047,7 @@ async def restore(
         raise
     result.seconds_fetch = time.monotonic() - t1
     result.seconds_fetch_wait = fetch_wait
-    result.seconds_decompress = max(0.0, result.seconds_fetch - fetch_wait)
+    result.seconds_decompress = max(0.0, result.seconds_fetch - fetch_wait - (result.seconds_combine or 0.0))
     if opts.after_copy is not None:
         await opts.after_copy(rec, data_dir)
     wal_conf_path = wal_config_path(data_dir)

@@ -6,6 +6,9 @@ Per repository (``retention`` in its configuration):
   backup that ended within D days plus the newest one that ended before (so every moment of the
   window stays restorable).  With both, a backup either rule keeps is kept; with neither, no
   complete backup is expired.
+* Incremental backups (PostgreSQL 17+): whole chains only (:func:`keep_chains`): a full backup
+  and every incremental taken against it are kept or expired together; ``full_count`` counts
+  full backups; an incremental whose chain is broken is expired.
 * Never expired: a backup in progress (a ``running`` record refreshed within
   :data:`~hakeeper.backup.catalog.STALE_AFTER`), or the newest complete backup.
 * Always expired: failed backups, abandoned ``running`` ones, and backup prefixes without a
@@ -116,13 +119,65 @@ def keep_set(
     return keep, why
 
 
+def keep_chains(
+    cat: Catalog, retention: RetentionConfig, now: dt.datetime
+) -> tuple[set[str], dict[str, str]]:
+    """:func:`keep_set` for a repository with incremental backups: retention keeps or removes
+    whole chains (a full backup and the incrementals taken against it), never the parent of a
+    backup it keeps.  ``full_count`` counts full backups (chains); ``full_days`` keeps the chain
+    of every backup that ended within the window and of the newest one that ended before it;
+    the chain of the newest backup, and of a backup still running, is always kept.  An
+    incremental whose chain is broken (a link missing or failed) cannot be restored: it goes."""
+    by_id = {r.id: r for r in cat.records}
+    done = cat.complete()  # newest first
+    why: dict[str, str] = {}
+    whole: list[BackupRecord] = []
+    for b in done:
+        broken = catalog.chain_problem(b, by_id)
+        if broken is None:
+            whole.append(b)
+        else:
+            why[b.id] = broken
+    fulls = [b for b in whole if b.kind == "full"]
+    if not whole:
+        return set(), why
+    if retention.full_count is None and retention.full_days is None:
+        return {b.id for b in whole}, why
+    roots: set[str] = {whole[0].root}  # never the newest (so never the only one)
+    roots |= {r.root for r in cat.records if r.status is BackupStatus.RUNNING and not r.abandoned(now)}
+    if retention.full_count is not None:
+        roots |= {b.id for b in fulls[: retention.full_count]}
+    if retention.full_days is not None:
+        cutoff = now - dt.timedelta(days=retention.full_days)
+        roots |= {b.root for b in whole if b.stop_time is not None and b.stop_time >= cutoff}
+        older = [b for b in whole if b.stop_time is not None and b.stop_time < cutoff]
+        if older:
+            roots.add(older[0].root)  # the window's start must stay restorable
+    keep = {b.id for b in whole if b.root in roots}
+    numbers = {b.id: i + 1 for i, b in enumerate(fulls)}
+    for b in whole:
+        if b.id in keep:
+            continue
+        parts = []
+        if retention.full_count is not None:
+            n = numbers.get(b.root)
+            where = f"number {n}" if n is not None else "its full backup is gone"
+            parts.append(f"chain {b.root} not among the newest {retention.full_count} full backups ({where})")
+        if retention.full_days is not None:
+            parts.append(
+                f"chain {b.root} older than {retention.full_days:g} days and not needed to cover them"
+            )
+        why[b.id] = "; ".join(parts)
+    return keep, why
+
+
 def plan_expire(
     cat: Catalog, scope: str, retention: RetentionConfig, now: dt.datetime | None = None
 ) -> ExpirePlan:
     now = now or catalog.utcnow()
     plan = ExpirePlan(cat.repository)
     done = cat.complete()
-    keep, why = keep_set(done, retention, now)
+    keep, why = keep_chains(cat, retention, now)
     plan.kept = [b.id for b in done if b.id in keep]
     _plan_backups(plan, cat, scope, keep, why, now)
     if cat.problems:
@@ -198,6 +253,8 @@ def _plan_backups(
 def _expiry_reason(b: BackupRecord, why: dict[str, str], now: dt.datetime) -> str:
     if b.usable():
         return why.get(b.id, "retention")
+    if b.id in why:
+        return why[b.id]
     if b.status is BackupStatus.COMPLETE:
         return "record incomplete (no start/stop position)"
     if b.abandoned(now):

@@ -8,7 +8,9 @@ Every object below ``<scope>/`` is read in full and checked:
 * a backup's parts and manifest against the size and SHA-256 its ``backup.json`` recorded --
   another object under that name is a *mismatch*;
 * what is recorded but absent: a complete backup's parts and manifest, and the WAL segments it
-  needs to be consistent -- *missing*.
+  needs to be consistent -- *missing*;
+* an incremental backup whose chain lacks a link (its parent, or a parent's parent, missing or
+  not complete) -- *broken-chain*: it cannot be restored.
 
 Archived WAL has no checksum besides the trailer; the trailer covers every byte of it.
 Reading is bounded (``parallel`` objects at once), streamed (no object whole in memory).
@@ -32,7 +34,7 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    kind: str  # missing | corrupt | mismatch | unreadable
+    kind: str  # missing | corrupt | mismatch | unreadable | broken-chain
     object: str
     detail: str
 
@@ -118,6 +120,11 @@ async def scan_repository(repo: Repository, scope: str, parallel: int = 4) -> Sc
     for name, (bid, _so) in sorted(expected.items()):
         if name not in present:
             rep.problems.append(Problem("missing", name, f"part of backup {bid} (recorded, not stored)"))
+    by_id = {r.id: r for r in cat.records}
+    for rec in cat.records:  # an incremental without its whole chain cannot be restored
+        broken = catalog.chain_problem(rec, by_id) if rec.usable() else None
+        if broken is not None:
+            rep.problems.append(Problem("broken-chain", catalog.record_key(scope, rec.id), broken))
     for seg, bid in _missing_wal(cat):
         rep.problems.append(
             Problem("missing", layout.wal_key(scope, seg), f"WAL backup {bid} needs to be consistent")

@@ -292,10 +292,20 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
             async with make_repository(rc) as r:
                 if taken is None:
                     rec = await backup_node(
-                        r, cfg, choice, bin_dir=bin_dir, label=f"schedule {sched.name} {iso(ctx.slot)}"
+                        r,
+                        cfg,
+                        choice,
+                        bin_dir=bin_dir,
+                        label=f"schedule {sched.name} {iso(ctx.slot)}",
+                        backup_type=sched.type,
                     )
                     taken = (rec.id, rc)
                     one["backup"] = rec.id
+                    one["type"] = rec.kind
+                    if rec.parent is not None:
+                        one["parent"] = rec.parent
+                    if rec.became_full is not None:
+                        one["became_full"] = rec.became_full
                 else:
                     async with make_repository(taken[1]) as src:
                         await copy_item(src, r, cfg.scope, taken[0])
@@ -750,6 +760,7 @@ def describe(s: ScheduleConfig, rec: ScheduleRecord | None, now: float) -> dict[
         "timezone": s.timezone,
         "repositories": s.repositories,
         "retention": s.retention.model_dump(),
+        "type": s.type if s.kind == "full" else None,
         "databases": s.databases if s.kind == "dump" else None,
         "format": s.format if s.kind == "dump" else None,
         "available": why_not is None,

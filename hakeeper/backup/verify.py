@@ -9,7 +9,9 @@ A drill proves that a base backup restores, and measures how long that takes:
 2. It restores into a scratch data directory below ``backup.verify.scratch_dir`` with
    :func:`hakeeper.backup.restore.restore` (archiving off, a free port, the WAL served by this
    process), and, once the copy is complete and before PostgreSQL starts, runs
-   ``pg_verifybackup --no-parse-wal`` against the backup's manifest (recovery verifies the WAL).
+   ``pg_verifybackup --no-parse-wal`` against the backup's manifest (recovery verifies the WAL);
+   an incremental backup is restored by pg_combinebackup of its chain and verified against the
+   manifest pg_combinebackup wrote.
 3. It starts the copy and waits until it has left recovery (paused at the target, promoted).
 4. On the running copy: row counts of every table compared with those recorded with the
    backup (equality required when they were exact), ``pg_amcheck --all --heapallindexed``, and
@@ -310,17 +312,23 @@ class _Drill:
             return
         assert self.scratch is not None
         self.step("pg_verifybackup")
-        key = catalog.object_key(self.cfg.scope, rec.id, rec.manifest.name)
-        path = self.scratch / catalog.MANIFEST_NAME
-        try:
-            data = await repo.get(key)
-        except RepoError as e:
-            self.check(
-                "pg_verifybackup", False, f"the manifest cannot be read: {e}", t0, _corrupt_name(e) or key
-            )
-            return
-        await asyncio.to_thread(path.write_bytes, data)
-        await asyncio.to_thread(self.run_as.chown, path)
+        if rec.kind == "incremental":
+            # pg_combinebackup rebuilt the chain into the data directory with a manifest of
+            # its own, written from the links' manifests: the backup's manifest describes
+            # only the changed blocks
+            path = data_dir / catalog.MANIFEST_NAME
+        else:
+            key = catalog.object_key(self.cfg.scope, rec.id, rec.manifest.name)
+            path = self.scratch / catalog.MANIFEST_NAME
+            try:
+                data = await repo.get(key)
+            except RepoError as e:
+                self.check(
+                    "pg_verifybackup", False, f"the manifest cannot be read: {e}", t0, _corrupt_name(e) or key
+                )
+                return
+            await asyncio.to_thread(path.write_bytes, data)
+            await asyncio.to_thread(self.run_as.chown, path)
         r = await run(
             [self.bin_dir / "pg_verifybackup", "--no-parse-wal", "-m", path, data_dir],
             run_as=self.run_as,

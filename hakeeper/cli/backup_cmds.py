@@ -15,7 +15,7 @@ import datetime as dt
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -67,6 +67,9 @@ ConfigReq = Annotated[
 RepoOpt = Annotated[str | None, typer.Option("--repo", help="Repository name (default: see each command).")]
 
 ProgressFn = Callable[[str, int, int | None], None]
+
+if TYPE_CHECKING:
+    from hakeeper.backup.restore import RestoreResult
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -185,6 +188,14 @@ def backup_create(
         ),
     ] = "auto",
     label: Annotated[str | None, typer.Option("--label", help="Backup label.")] = None,
+    backup_type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="full; incremental (PostgreSQL 17+): only what changed since the newest backup "
+            "(a full when no backup can be its parent; the reason is shown).",
+        ),
+    ] = "full",
     wal_timeout: Annotated[
         float,
         typer.Option("--wal-timeout", help="Seconds to wait for the backup's WAL to be archived.", min=1),
@@ -215,11 +226,13 @@ def backup_create(
     ] = None,
     output: OutputOpt = "table",
 ) -> None:
-    """Take a full base backup into one repository (default: the first configured).
+    """Take a base backup, full or incremental, into one repository (default: the first configured).
 
     The backup is complete only once every WAL segment it needs is in that repository's
     archive; otherwise it is marked failed and its data removed."""
     check_output(output)
+    if backup_type not in ("full", "incremental"):
+        raise fail(f"--type must be full or incremental, not {backup_type!r}", 2)
     if source not in ("auto", "primary", "standby", "local"):
         raise fail(f"--from must be auto, primary, standby or local, not {source!r}", 2)
     if compress_on not in ("server", "client"):
@@ -256,6 +269,7 @@ def backup_create(
                 compress_on=compress_on,
                 staging_dir=staging_dir,
                 row_counts=cfg.backup.row_counts,
+                backup_type=backup_type,
             )
         finally:
             await r.close()
@@ -271,8 +285,11 @@ def backup_create(
         return
     src = rec.source
     ratio = f", {rec.size / rec.stored_size:.1f}x" if rec.stored_size else ""
+    kind = rec.kind if rec.parent is None else f"{rec.kind} against {rec.parent} (chain {rec.root})"
     lines = [
         f"backup {rec.id} complete in repository {rec.repository}",
+        f"  type     {kind}",
+        f"  note     asked for incremental, taken as full: {rec.became_full}" if rec.became_full else "",
         f"  source   {src.member} ({'standby' if src.standby else 'primary'}) {src.host}:{src.port}"
         if src
         else "",
@@ -390,6 +407,8 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
         "ID",
         "Repo",
         "Status",
+        "Type",
+        "Parent",
         "Source",
         "TL",
         "Start LSN",
@@ -409,6 +428,8 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             str(row["id"]),
             str(row["repository"]),
             str(row["status"]),
+            str(row["type"]),
+            str(row["parent"] or "-"),
             escape(str(src)),
             "" if row["timeline"] is None else str(row["timeline"]),
             str(row["start_lsn"] or ""),
@@ -419,7 +440,7 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             _verified_cell(row["verified"]),
         )
     for name, why in failed.items():
-        t.add_row("-", escape(name), "[bold red]ERROR[/]", escape(why), *([""] * 7))
+        t.add_row("-", escape(name), "[bold red]ERROR[/]", "", "", escape(why), *([""] * 7))
     if not rows:
         err.print("no backups")
     out.print(t)
@@ -471,6 +492,10 @@ def backup_info(
     lines = [
         f"backup     {rec.id} ({rec.kind}), repository {rec.repository}",
         f"status     {doc['effective_status']}" + (f": {rec.error}" if rec.error else ""),
+        f"parent     {rec.parent} (chain {rec.root}; restored with every link from {rec.root} on)"
+        if rec.parent
+        else "",
+        f"note       asked for incremental, taken as full: {rec.became_full}" if rec.became_full else "",
         f"label      {rec.label}",
         f"source     {src.member} ({'standby' if src.standby else 'primary'}) {src.host}:{src.port}"
         if src
@@ -492,7 +517,7 @@ def backup_info(
         f"{human_bytes(rec.stored_size)} stored, {rec.files} files",
         f"seconds    {rec.seconds_copy} copy, {rec.seconds_wal_wait} waiting for WAL",
     ]
-    out.print(escape("\n".join(lines)))
+    out.print(escape("\n".join(ln for ln in lines if ln)))
 
 
 # --------------------------------------------------------------------------------- backup expire
@@ -655,6 +680,39 @@ def build_target(
     return Target("latest", timeline=tl)
 
 
+def _restore_lines(res: RestoreResult) -> list[str]:
+    """What ``restore`` prints on a terminal."""
+    secs = [
+        f"plan {res.seconds_plan:.1f}",
+        f"fetch+decompress {res.seconds_fetch:.1f}{rate(res.size, res.seconds_fetch)}",
+    ]
+    if res.seconds_fetch_wait is not None and res.seconds_decompress is not None:
+        secs[-1] += (
+            f" [waiting for the repository {res.seconds_fetch_wait:.1f}, untar {res.seconds_decompress:.1f}]"
+        )
+    if res.seconds_combine is not None:
+        secs.append(f"pg_combinebackup --{res.combine_mode} and pg_verifybackup {res.seconds_combine:.1f}")
+    if res.seconds_replay is not None:
+        secs.append(f"WAL replay {res.seconds_replay:.1f}")
+    if res.seconds_promote is not None:
+        secs.append(f"promote {res.seconds_promote:.1f}")
+    secs.append(f"total {res.seconds_total:.1f}")
+    lines = [
+        f"restored backup {res.backup_id} (repository {res.repository}) into {res.data_dir}",
+        f"  target    {res.target} on timeline {res.timeline}",
+        f"  size      {human_bytes(res.size)} in {res.parts} parts",
+        f"  chain     {' -> '.join(res.chain)} (full backup first)" if len(res.chain) > 1 else "",
+        f"  seconds   {', '.join(secs)}",
+    ]
+    lines.extend(f"  note      {n}" for n in res.notes)
+    if res.started:
+        lines.append(f"  promoted  new timeline {res.new_timeline}; writable")
+        lines.append(f"  connect   {res.dsn}")
+    else:
+        lines.append(f"  start it  {res.start_command}")
+    return lines
+
+
 @app.command("restore")
 def restore_cmd(
     config: ConfigReq,
@@ -722,7 +780,7 @@ def restore_cmd(
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
-    from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, check_data_dir, restore
+    from hakeeper.backup.restore import RestoreError, RestoreOptions, check_data_dir, restore
     from hakeeper.util.proc import resolve_run_as
 
     try:
@@ -774,32 +832,8 @@ def restore_cmd(
     if output != "table":
         emit_data(output, res.to_dict())
         return
-    secs = [
-        f"plan {res.seconds_plan:.1f}",
-        f"fetch+decompress {res.seconds_fetch:.1f}{rate(res.size, res.seconds_fetch)}",
-    ]
-    if res.seconds_fetch_wait is not None and res.seconds_decompress is not None:
-        secs[-1] += (
-            f" [waiting for the repository {res.seconds_fetch_wait:.1f}, untar {res.seconds_decompress:.1f}]"
-        )
-    if res.seconds_replay is not None:
-        secs.append(f"WAL replay {res.seconds_replay:.1f}")
-    if res.seconds_promote is not None:
-        secs.append(f"promote {res.seconds_promote:.1f}")
-    secs.append(f"total {res.seconds_total:.1f}")
-    lines = [
-        f"restored backup {res.backup_id} (repository {res.repository}) into {res.data_dir}",
-        f"  target    {res.target} on timeline {res.timeline}",
-        f"  size      {human_bytes(res.size)} in {res.parts} parts",
-        f"  seconds   {', '.join(secs)}",
-    ]
-    lines.extend(f"  note      {n}" for n in res.notes)
-    if res.started:
-        lines.append(f"  promoted  new timeline {res.new_timeline}; writable")
-        lines.append(f"  connect   {res.dsn}")
-    else:
-        lines.append(f"  start it  {res.start_command}")
-    out.print(escape("\n".join(lines)))
+    lines = _restore_lines(res)
+    out.print(escape("\n".join(ln for ln in lines if ln)))
     sys.stdout.flush()
 
 

@@ -285,8 +285,8 @@ def info_cmd(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "table
                 r.system_identifier or "(unbound)",
                 wal or "-",
                 f"{r.last_archived}\n{d['last_archived_at']}" if r.last_archived else "-",
-                f"{r.complete_backups} of {r.backups}",
-                f"{newest['id']}\n{newest['stop_time']}" if newest else "-",
+                f"{r.complete_backups} of {r.backups}" + (f"\n{r.chains} chains" if r.chains else ""),
+                f"{newest['id']} ({newest['type']})\n{newest['stop_time']}" if newest else "-",
                 human_bytes(r.stored_bytes),
             )
         out.print(t)

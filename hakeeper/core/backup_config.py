@@ -300,6 +300,13 @@ class ScheduleConfig(_Strict):
     source: Literal["auto", "standby", "primary"] = Field(
         "auto", description="full: what to back up (auto: a streaming standby, else the primary)."
     )
+    type: Literal["full", "incremental"] = Field(
+        "full",
+        description="full: the base backup's type (`hakeeper backup create --type`): `incremental` "
+        "(PostgreSQL 17+) backs up what changed since the newest backup, or takes a full one when "
+        "no backup can be its parent (after a promotion, say).  Mix kinds with two schedules: a "
+        "weekly `full` and a daily `incremental`.",
+    )
     retention: ScheduleRetention = Field(
         default_factory=ScheduleRetention,
         description="Applied per repository after each successful run (full: the repository's "
@@ -320,6 +327,8 @@ class ScheduleConfig(_Strict):
         for f in ("databases", "format"):
             if f in self.model_fields_set and self.kind != "dump":
                 raise ValueError(f"{f}: only for kind dump (this schedule's kind is {self.kind})")
+        if "type" in self.model_fields_set and self.kind != "full":
+            raise ValueError(f"type: only for kind full (this schedule's kind is {self.kind})")
         return self
 
     @field_validator("cron")

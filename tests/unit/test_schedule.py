@@ -179,6 +179,8 @@ def test_default_schedules_only_with_a_repository_and_empty_list_disables() -> N
         ({"name": "a", "kind": "verify", "cron": "0 * * * *", "format": "plain"}, "format"),
         ({"name": "a", "kind": "dump", "cron": "0 * * * *", "format": "tar"}, "format"),
         ({"name": "a", "kind": "dump", "cron": "0 * * * *", "databases": []}, "databases"),
+        ({"name": "a", "kind": "full", "cron": "0 * * * *", "type": "differential"}, "type"),
+        ({"name": "a", "kind": "dump", "cron": "0 * * * *", "type": "incremental"}, "type"),
     ],
 )
 def test_schedule_config_errors_name_the_field(entry: dict[str, object], field: str) -> None:
@@ -194,6 +196,17 @@ def test_two_full_schedules_may_not_both_set_a_repositorys_retention() -> None:
     ]
     with pytest.raises(ValidationError, match="both set the retention"):
         BackupConfig.model_validate({"repositories": [REPO], "schedules": entries})
+
+
+def test_weekly_full_and_daily_incremental_schedules_mix_kinds() -> None:
+    entries = [
+        {"name": "weekly-full", "kind": "full", "cron": "0 1 * * 0", "retention": {"count": 4}},
+        {"name": "daily-incr", "kind": "full", "type": "incremental", "cron": "0 1 * * 1-6"},
+    ]
+    got = BackupConfig.model_validate({"repositories": [REPO], "schedules": entries}).effective_schedules()
+    assert [(s.name, s.type) for s in got] == [("weekly-full", "full"), ("daily-incr", "incremental")]
+    assert describe(got[1], None, T0)["type"] == "incremental"
+    assert describe(ScheduleConfig(name="d", kind="dump", cron="0 2 * * *"), None, T0)["type"] is None
 
 
 def test_every_kind_is_available_and_a_dump_schedule_shows_what_it_dumps() -> None:
