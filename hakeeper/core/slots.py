@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from hakeeper.core.lsn import format_lsn
 from hakeeper.core.records import InvalidRecord, json_object
 
 
@@ -79,3 +80,53 @@ def parse_managed_slots(raw: bytes) -> frozenset[str]:
     if not all(isinstance(n, str) and _SLOT_RE.fullmatch(n) for n in managed):
         raise InvalidRecord("managed: every entry must be a slot name ([a-z0-9_]{1,63})")
     return frozenset(managed)
+
+
+def slot_summary(report: SlotReport | None, leader: SlotReport | None, *, is_leader: bool) -> str:
+    """One line for ``hakeeper list``: on the leader, its logical slots and whether they survive
+    a failover; on a replica, how many of the leader's failover slots it has synced."""
+    if is_leader:
+        if report is None:
+            return ""
+        logical = [s for s in report.items if s.type == "logical"]
+        if not logical:
+            return ""
+        if not report.failover_capable:
+            return f"{len(logical)} logical, not failover-safe (PG {report.major})"
+        unsafe = [s for s in logical if not s.failover]
+        text = f"{len(logical) - len(unsafe)} failover"
+        return text + (f", {len(unsafe)} not failover-safe" if unsafe else "")
+    needed = failover_slots(leader)
+    if not needed:
+        return ""
+    synced = sum(
+        1 for s in needed if report is not None and (c := report.get(s.name)) is not None and c.synced
+    )
+    return f"slots {synced}/{len(needed)} synced"
+
+
+def report_doc(report: SlotReport | None, summary: str) -> dict[str, Any] | None:
+    """A member's slots for ``GET /cluster``."""
+    if report is None:
+        return None
+    return {
+        "pg_major": report.major,
+        "failover_capable": report.failover_capable,
+        "summary": summary,
+        "items": [
+            {
+                "name": s.name,
+                "type": s.type,
+                "failover": s.failover,
+                "synced": s.synced,
+                "active": s.active,
+                "database": s.database,
+                "plugin": s.plugin,
+                "restart_lsn": format_lsn(s.restart_lsn) if s.restart_lsn is not None else None,
+                "confirmed_flush_lsn": (
+                    format_lsn(s.confirmed_flush_lsn) if s.confirmed_flush_lsn is not None else None
+                ),
+            }
+            for s in report.items
+        ],
+    }

@@ -104,6 +104,30 @@ class SlotKeeper:
         self.report = SlotReport(self.major, tuple(shown))
         if probe.in_recovery is False:
             self._warn_unsafe(shown)
+        elif self.major >= FAILOVER_MAJOR:
+            await self._drop_stale_copies(slots, view)
+
+    async def _drop_stale_copies(self, slots: list[SlotState], view: ClusterView) -> None:
+        """A 17+ replica's own (not synced) logical slot named like a permanent one is a leftover
+        of its time as primary (a rewound old primary keeps its slots): the slot sync worker
+        refuses to overwrite a slot it did not create, so the permanent slot would never be
+        synced here.  Dropped, so that the next sync copies the primary's."""
+        for s in slots:
+            if s.type != "logical" or s.synced is not False or s.active or s.name not in view.config.slots:
+                continue
+            try:
+                await sql.drop_slot(self.session, s.name)
+            except PgError as e:
+                self._once("stale_slot_drop_failed", s.name, reason=str(e))
+                continue
+            self.existing.pop(s.name, None)
+            log.warning(
+                "stale_slot_dropped",
+                slot=s.name,
+                confirmed_flush_lsn=s.confirmed_flush_lsn,
+                reason="a copy this replica kept from its time as primary; the slot sync worker "
+                "replaces it with the primary's",
+            )
 
     def _warn_unsafe(self, slots: list[SlotState]) -> None:
         major = self.major or 0
