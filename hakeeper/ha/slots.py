@@ -104,8 +104,10 @@ class SlotKeeper:
         self.report = SlotReport(self.major, tuple(shown))
         if probe.in_recovery is False:
             self._warn_unsafe(shown)
-        elif self.major >= FAILOVER_MAJOR:
-            await self._drop_stale_copies(slots, view)
+        else:
+            self.standby_slots = ()  # a primary's list, recomputed from scratch after a promotion
+            if self.major >= FAILOVER_MAJOR:
+                await self._drop_stale_copies(slots, view)
 
     async def _drop_stale_copies(self, slots: list[SlotState], view: ClusterView) -> None:
         """A 17+ replica's own (not synced) logical slot named like a permanent one is a leftover

@@ -206,9 +206,19 @@ def test_switchover_refused_while_a_failover_slot_is_not_synced(pg_version: int)
         assert row[3] is False  # a primary now, the slot is there to consume from
         assert consume(c.write_dsn()) == []
 
+        # the old leader's own copy (not synced) is replaced by a synced one, once the consumer
+        # moves the slot past the old leader's restart point (the first sync, docs/slots.md)
+        def old_leader_synced() -> bool:
+            sql(c, cand, "SELECT pg_log_standby_snapshot()")
+            assert consume(c.write_dsn()) == []
+            return (members(c)[leader].get("slots") or {}).get("summary") == "slots 1/1 synced"
+
+        wait_for(old_leader_synced, 75, "the slot synced on the old leader", interval=1.0)
+        assert "stale_slot_dropped" in c.nodes[leader].log_path.read_text()
+
 
 def test_on_15_a_logical_slot_is_created_without_failover_and_marked_unsafe() -> None:
-    with running_cluster(nodes=1, pg_version=15, dynamic=DYNAMIC) as c:
+    with running_cluster(nodes=2, pg_version=15, dynamic=DYNAMIC) as c:
         p = c.primary()
         assert p is not None
         wait_for(
@@ -223,3 +233,16 @@ def test_on_15_a_logical_slot_is_created_without_failover_and_marked_unsafe() ->
         log = c.nodes[p].log_path.read_text()
         assert log.count("slot_not_failover_safe") == 1, log
         assert "no failover slots" in log
+        other = next(n for n in c.names if n != p)
+        assert not sql(c, other, "SELECT 1 FROM pg_replication_slots WHERE slot_type = 'logical'")
+        # after a failover the new primary re-creates it at its own position, and says so
+        time.sleep(1.5)  # the replica publishes its final position
+        crash_host(c, p)
+        wait_for(lambda: writable_nodes(c) == [other], 60, "the replica takes over")
+        wait_for(
+            lambda: sql(c, other, f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{SLOT}'"),
+            30,
+            "the slot re-created on the new primary",
+        )
+        log = c.nodes[other].log_path.read_text()
+        assert "permanent_slot_recreated" in log and "are not delivered to its consumer" in log, log[-3000:]
