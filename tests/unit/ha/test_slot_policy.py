@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from hakeeper.cli.cluster_cmds import members_rows
 from hakeeper.core.cluster import ClusterView, Leader, Member, MemberRole, MemberState, SyncState
 from hakeeper.core.config import ConfigError, DynamicConfig, PermanentSlot, parse_dynamic_config
 from hakeeper.core.records import InvalidRecord
@@ -196,3 +197,25 @@ def test_list_summary() -> None:
     lead15 = SlotReport(15, (logical("cdc", failover=None, synced=None),))
     assert slot_summary(lead15, None, is_leader=True) == "1 logical, not failover-safe (PG 15)"
     assert slot_summary(SlotReport(15, ()), lead15, is_leader=False) == ""
+
+
+def test_list_rows_and_cluster_doc_carry_the_summary() -> None:
+    lead = Member(
+        "a", role=MemberRole.PRIMARY, state=MemberState.RUNNING, slots=SlotReport(17, (logical("cdc"),))
+    )
+    rep = member("b", slots=SlotReport(17, (logical("cdc", synced=True),)))
+    rows = {r["name"]: r for r in members_rows(view_of(lead, rep))}
+    assert rows["a"]["slots"]["summary"] == "1 failover"
+    assert rows["b"]["slots"]["summary"] == "slots 1/1 synced"
+    assert rows["b"]["slots"]["items"][0] == {
+        "name": "cdc",
+        "type": "logical",
+        "failover": True,
+        "synced": True,
+        "active": False,
+        "database": "app",
+        "plugin": "pgoutput",
+        "restart_lsn": None,
+        "confirmed_flush_lsn": None,
+    }
+    assert members_rows(view_of(member("a")))[0]["slots"] is None  # an older agent's record
