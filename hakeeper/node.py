@@ -47,6 +47,7 @@ from hakeeper.ha.operator import Operator
 from hakeeper.ha.pgconfig import PgConfigurator
 from hakeeper.ha.policy.observe import Identity
 from hakeeper.ha.ports import BackupHooks, NoBackup
+from hakeeper.ha.slots import SlotKeeper
 from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
@@ -129,8 +130,14 @@ class Node:
             apply=lambda dyn: self.pgconf.apply_changes(dyn),
             resync=self.mirror.resync,
         )
+        self.slots = SlotKeeper(cfg.name, self.store, self.pg.session, self.pg.data_dir)
         self.pgconf = PgConfigurator(
-            cfg, self.pg, self.state, sync_guc=self.sync.guc, extra=self.backup.pg_parameters
+            cfg,
+            self.pg,
+            self.state,
+            sync_guc=self.sync.guc,
+            extra=self.backup.pg_parameters,
+            slot_params=self.slots.params,
         )
         identity = identity_of(cfg)
         self.action_lock = asyncio.Lock()
@@ -150,6 +157,7 @@ class Node:
             fresh_view=lambda: self.loop.view(),
             publish=lambda view: self.loop.publish_member(view),
             bootstrap=bootstrap_record or BootstrapFile(self.runtime_dir / MARKER_NAME),
+            slots=self.slots,
         )
         self.loop = HaLoop(self.ctx, self.mirror, identity, self.action_lock)
         self.operator = Operator(

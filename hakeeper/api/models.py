@@ -22,12 +22,22 @@ class SwitchoverBody(_Body):
     )
     # ISO 8601 strings are accepted even in strict mode when parsed from JSON.
     scheduled_at: AwareDatetime | None = Field(None, description="When (ISO 8601 with a timezone).")
+    allow_unsynced_slots: StrictBool = Field(
+        False,
+        description="Hand over even to a candidate without a synced copy of every failover slot: "
+        "the logical consumers of the slots it lacks lose their position.",
+    )
 
 
 class FailoverBody(_Body):
     candidate: str = Field(min_length=1, max_length=NAME_MAX, description="Member to promote.")
     allow_data_loss: StrictBool = Field(
         False, description="Promote even an ineligible candidate: writes it has not received are lost."
+    )
+    allow_unsynced_slots: StrictBool = Field(
+        False,
+        description="With a leader: promote even a candidate without a synced copy of every "
+        "failover slot (its logical consumers lose their position).",
     )
 
 

@@ -452,7 +452,11 @@ class ApiServer:
                 raise ApiError(400, "scheduled_at is out of range") from None
         store = self.store
         sw = await requests.request_switchover(
-            store, leader=body.leader, candidate=body.candidate, scheduled_at=when
+            store,
+            leader=body.leader,
+            candidate=body.candidate,
+            scheduled_at=when,
+            allow_unsynced_slots=body.allow_unsynced_slots,
         )
         if sw.scheduled_at is not None and sw.scheduled_at > time.time():
             return json_response(
@@ -486,7 +490,10 @@ class ApiServer:
         body = await self.body(request, FailoverBody)
         store = self.store
         sw = await requests.request_failover(
-            store, candidate=body.candidate, allow_data_loss=body.allow_data_loss
+            store,
+            candidate=body.candidate,
+            allow_data_loss=body.allow_data_loss,
+            allow_unsynced_slots=body.allow_unsynced_slots,
         )
         budget = self._wait_budget()
         new = await requests.wait_for_new_leader(

@@ -9,6 +9,7 @@ from hakeeper import __version__
 from hakeeper.core import timefmt
 from hakeeper.core.cluster import ClusterView, HistoryEntry, Member, MemberRole, Switchover
 from hakeeper.core.lsn import format_lsn
+from hakeeper.core.slots import report_doc, slot_summary
 from hakeeper.ha.snapshot import NodeSnapshot
 
 
@@ -138,7 +139,15 @@ def member_doc(m: Member, view: ClusterView, lag_seconds: dict[str, float] | Non
         "pending_restart": m.pending_restart,
         "pending_restart_reasons": list(m.pending_restart_reasons),
         "scheduled_restart": iso(m.scheduled_restart),
+        "slots": member_slots_doc(m, view),
     }
+
+
+def member_slots_doc(m: Member, view: ClusterView) -> dict[str, Any] | None:
+    leader = view.leader_member
+    is_leader = leader is not None and leader.name == m.name
+    summary = slot_summary(m.slots, leader.slots if leader else None, is_leader=is_leader)
+    return report_doc(m.slots, summary)
 
 
 def cluster_status(snap: NodeSnapshot) -> dict[str, Any]:

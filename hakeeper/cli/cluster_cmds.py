@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
+from hakeeper.api.status import member_slots_doc
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.core import timefmt
 from hakeeper.core.cluster import ClusterView, Member, MemberRole
@@ -222,6 +223,7 @@ def members_rows(view: ClusterView) -> list[dict[str, Any]]:
                 "server_version": m.server_version,
                 "pending_restart": m.pending_restart,
                 "pending_restart_reasons": list(m.pending_restart_reasons),
+                "slots": member_slots_doc(m, view),
                 "scheduled_restart": timefmt.iso(m.scheduled_restart, timespec="seconds"),
                 "api_url": m.api_url,
                 "updated_at": timefmt.iso(m.updated_at, timespec="seconds") if m.updated_at else None,
@@ -346,6 +348,8 @@ def members_table(
             notes.append("leader")
         if r["reason"] and r["role"] != "primary":
             notes.append(r["reason"])
+        if r["slots"] and r["slots"]["summary"]:
+            notes.append(r["slots"]["summary"])
         row = [
             r["name"],
             r["host"],

@@ -86,6 +86,16 @@ ApiUrlOpt = Annotated[
 ]
 API_CLIENT_ENV = "HAKEEPER_API__CLIENT__"  # with --etcd: CAFILE, CERTFILE, KEYFILE
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Do not ask for confirmation.")]
+# Not --force, which only skips the prompt (and scripts pass it routinely): losing a logical
+# consumer's position takes its own flag (docs/slots.md).
+UnsyncedSlotsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unsynced-slots",
+        help="Hand over even to a candidate without a synced copy of every failover slot: the "
+        "logical consumers of the slots it lacks lose their position.",
+    ),
+]
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the API's answer.", min=0.5, max=3600)
 ]
@@ -582,6 +592,7 @@ def switchover(
         bool, typer.Option("--cancel", help="Cancel a pending (e.g. scheduled) switchover or failover.")
     ] = False,
     force: ForceOpt = False,
+    allow_unsynced_slots: UnsyncedSlotsOpt = False,
     output: OutputOpt = "table",
     token: TokenOpt = None,
     user: UserOpt = None,
@@ -632,6 +643,8 @@ def switchover(
         body["candidate"] = candidate
     if when is not None:
         body["scheduled_at"] = when.isoformat()
+    if allow_unsynced_slots:
+        body["allow_unsynced_slots"] = True
     ans = call_api(cur, "POST", "/switchover", ctx, body=body, timeout=timeout)
     data = check_answer(ans, "switchover", ctx.auth)
     msg = data.get("message") or (
@@ -656,6 +669,7 @@ def failover(
             "nofailover): acknowledged writes it has not received are LOST.  Recorded in history.",
         ),
     ] = False,
+    allow_unsynced_slots: UnsyncedSlotsOpt = False,
     output: OutputOpt = "table",
     token: TokenOpt = None,
     user: UserOpt = None,
@@ -692,6 +706,8 @@ def failover(
         f"Promote {candidate}{loss}{' (the current leader ' + lead + ' is demoted)' if lead else ''}?", force
     )
     body = failover_body(candidate, allow_data_loss)
+    if allow_unsynced_slots:
+        body["allow_unsynced_slots"] = True
     targets: list[Member] = []
     lead_m = view.leader_member
     if lead_m is not None and lead_m.api_url:

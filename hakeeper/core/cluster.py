@@ -23,6 +23,7 @@ from hakeeper.core import records
 from hakeeper.core.config import DynamicConfig
 from hakeeper.core.keys import Keys
 from hakeeper.core.records import InvalidRecord
+from hakeeper.core.slots import SlotReport
 
 
 class MemberRole(StrEnum):
@@ -81,6 +82,7 @@ class Member:
     pending_restart_reasons: tuple[str, ...] = ()
     scheduled_restart: float | None = None  # wall clock of a restart the agent will do (POST /restart)
     server_version: str | None = None  # the running PostgreSQL's release ("17.10"); None: not running
+    slots: SlotReport | None = None  # its replication slots (core/slots.py); None: not known
     lease: int = 0  # filled from the key, not the value
 
     def to_json(self) -> bytes:
@@ -105,6 +107,7 @@ class Member:
         except ValueError:
             kw["state"] = MemberState.STOPPED
         kw["pending_restart_reasons"] = tuple(rec.pending_restart_reasons)
+        kw["slots"] = SlotReport.from_dict(kw["slots"]) if kw["slots"] is not None else None
         return cls(name=name, lease=lease, **kw)
 
     @classmethod

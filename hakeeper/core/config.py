@@ -115,6 +115,9 @@ AGENT_OWNED_PARAMETERS = frozenset(
         "recovery_target_timeline",
         "hot_standby",
         "synchronous_standby_names",
+        # Logical slot failover (PostgreSQL 17+, docs/slots.md): set per role and major.
+        "sync_replication_slots",
+        "synchronized_standby_slots",
         # The agent's own socket stays in a directory only the PostgreSQL OS user can enter; a
         # node file may add directories of its own (see SOCKET_DIRS_PARAMETER), never etcd.
         "unix_socket_directories",
@@ -126,7 +129,9 @@ AGENT_OWNED_PARAMETERS = frozenset(
     }
 )
 # Of those, the ones the agent itself hands to the PostgreSQL layer in its parameters.
-AGENT_SET_PARAMETERS = frozenset({"synchronous_standby_names"})
+AGENT_SET_PARAMETERS = frozenset(
+    {"synchronous_standby_names", "sync_replication_slots", "synchronized_standby_slots"}
+)
 # Of those, the one a node file may set: its directories are added after the agent's own
 # private one (``sudo -u postgres psql`` finds the socket where Debian's tools look), and the
 # superuser's local lines in pg_hba.conf then use peer authentication instead of trust.
@@ -637,6 +642,42 @@ DEFAULT_CLUSTER_PARAMETERS: dict[str, ParamValue] = {
 }
 
 
+# A permanent slot's name: what PostgreSQL accepts for a slot, lower case only (a member's own
+# slot comes from slot_name_for, which maps to the same alphabet).
+SLOT_NAME_RE = re.compile(r"[a-z0-9_]{1,63}")
+_IDENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_$.-]{0,62}")
+
+
+class PermanentSlot(_Strict):
+    """A replication slot the primary keeps, whoever the primary is (docs/slots.md)."""
+
+    type: Literal["logical", "physical"] = Field(
+        description="logical: for a logical consumer (created with failover on PostgreSQL 17+); "
+        "physical: for an external standby or WAL receiver (reserves WAL from its creation)."
+    )
+    database: str | None = Field(None, description="logical: the database the slot decodes.")
+    plugin: str | None = Field(None, description="logical: the output plugin (pgoutput, test_decoding...).")
+
+    @field_validator("database", "plugin")
+    @classmethod
+    def _ident(cls, v: str | None) -> str | None:
+        if v is not None and not _IDENT_RE.fullmatch(v):
+            raise ValueError("use 1-63 letters, digits, '_', '$', '.' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _kind(self) -> PermanentSlot:
+        if self.type == "logical":
+            for name in ("database", "plugin"):
+                if getattr(self, name) is None:
+                    raise _field_error(self, (name,), None, "a logical slot needs a database and a plugin")
+        else:
+            for name in ("database", "plugin"):
+                if getattr(self, name) is not None:
+                    raise _field_error(self, (name,), getattr(self, name), "only for a logical slot")
+        return self
+
+
 class DynamicConfig(_Strict):
     """Cluster-wide settings stored in etcd (``<prefix>/config``)."""
 
@@ -697,6 +738,37 @@ class DynamicConfig(_Strict):
         "(fencing and demotion of a second writable node stay on).",
     )
     postgresql: DynamicPostgres = Field(default_factory=DynamicPostgres)
+    slots: dict[str, PermanentSlot] = Field(
+        default_factory=dict,
+        description="Permanent replication slots the primary keeps (and, on PostgreSQL 17+, its "
+        "failover candidates keep in sync): name -> {type: logical, database, plugin} or "
+        "{type: physical}.  Dropped only when removed from here (docs/slots.md).",
+    )
+
+    @field_validator("slots")
+    @classmethod
+    def _slot_names(cls, slots: dict[str, PermanentSlot]) -> dict[str, PermanentSlot]:
+        bad = sorted(n for n in slots if not SLOT_NAME_RE.fullmatch(n))
+        if bad:
+            raise ValueError(
+                f"slot name {bad[0][:80]!r}: use 1-63 lower-case letters, digits and '_' "
+                "(PostgreSQL's slot names)"
+            )
+        return slots
+
+    @model_validator(mode="after")
+    def _logical_needs_wal_level(self) -> DynamicConfig:
+        logical = sorted(n for n, s in self.slots.items() if s.type == "logical")
+        level = str(self.cluster_parameters().get("wal_level", "")).lower()
+        if logical and level != "logical":
+            raise _field_error(
+                self,
+                ("slots", logical[0]),
+                self.slots[logical[0]].type,
+                f"a logical slot needs postgresql.parameters.wal_level: logical (now {level or 'unset'}); "
+                "set both in one change, then restart every member (wal_level applies at a restart)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _timing(self) -> DynamicConfig:

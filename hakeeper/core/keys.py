@@ -11,6 +11,7 @@ Keys under ``<namespace>/<scope>/`` (the cluster's *prefix*):
 ``history``            promotions (JSON list), appended by the new leader under its term
 ``switchover``         a pending switchover or manual failover request (JSON, CAS on mod_revision)
 ``sync``               the synchronous standbys (JSON), written by the leader under its term
+``slots``              the permanent slots hakeeper manages (JSON), written by the leader under its term
 ``schedules/<name>``   the last run of a backup schedule (JSON), claimed by the leader under its term
 ``verify/last``        the summary of the newest restore drill (JSON)
 ``verify/last_success``  the summary of the newest restore drill that passed (JSON)
@@ -69,6 +70,10 @@ class Keys:
     @property
     def sync(self) -> str:
         return f"{self.prefix}/sync"
+
+    @property
+    def slots(self) -> str:
+        return f"{self.prefix}/slots"
 
     @property
     def schedules(self) -> str:

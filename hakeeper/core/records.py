@@ -21,7 +21,7 @@ writer who knows the schema (docs/deployment.md).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -54,6 +54,7 @@ PRIORITY_MAX = 2**31 - 1
 MAX_NAMES = 1000  # members of one cluster, far beyond any real one
 MAX_HISTORY = 100_000
 MAX_PENDING_REASONS = 64  # parameter names in a member record (the agent publishes at most 32)
+MAX_REPORTED_SLOTS = 64  # slots in a member record (the agent publishes at most this many)
 
 Text = Annotated[str, StringConstraints(max_length=1024)]
 Word = Annotated[str, StringConstraints(max_length=64)]
@@ -71,6 +72,25 @@ class InvalidRecord(ValueError):
 
 class _Record(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+
+class SlotRecord(_Record):
+    """One replication slot of a member (:class:`hakeeper.core.slots.SlotState`)."""
+
+    name: Annotated[str, StringConstraints(pattern="^[A-Za-z0-9_]{1,63}$")]
+    type: Literal["logical", "physical"]
+    failover: bool | None = None
+    synced: bool | None = None
+    active: bool = False
+    restart_lsn: Lsn | None = None
+    confirmed_flush_lsn: Lsn | None = None
+    database: Word | None = None
+    plugin: Word | None = None
+
+
+class SlotReportRecord(_Record):
+    major: Annotated[int, Field(ge=9, le=1000)]
+    items: Annotated[list[SlotRecord], Field(max_length=MAX_REPORTED_SLOTS)] = []
 
 
 class MemberRecord(_Record):
@@ -105,6 +125,7 @@ class MemberRecord(_Record):
     # the running server's release (server_version_num as "17.10"); absent in older agents'
     # records and while PostgreSQL is not running
     server_version: ServerVersion | None = None
+    slots: SlotReportRecord | None = None  # absent: an agent older than slot reports
 
 
 class StatusRecord(_Record):

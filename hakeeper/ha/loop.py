@@ -174,6 +174,7 @@ class HaLoop:
             log.warning("rewind_needed", **obs.rewind_needed)
         if probe.running and probe.in_recovery is False:
             await ctx.pgconf.wake_checkpointer()
+        await ctx.slots.refresh(probe, view)
         guard, tags = ctx.guard, ctx.cfg.tags
         owner, conflict = await self._identity(view, etcd_reachable)
         sysid = await self._system_identifier()
@@ -266,6 +267,7 @@ class HaLoop:
             held=st.held,
             scheduled_restart=st.scheduled_restart,
         )
+        m = replace(m, slots=ctx.slots.report)
         now = time.monotonic()
         if not publish_due(m, lease, st.published, now, st.config.loop_wait):
             return m

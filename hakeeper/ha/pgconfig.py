@@ -37,12 +37,14 @@ class PgConfigurator:
         *,
         sync_guc: Callable[[DynamicConfig], str],
         extra: Callable[[Mapping[str, ParamValue]], dict[str, ParamValue]],
+        slot_params: Callable[[Role], dict[str, ParamValue]] = lambda role: {},
     ) -> None:
         self.cfg = cfg
         self.pg = pg
         self.state = state
         self.sync_guc = sync_guc
         self.extra = extra
+        self.slot_params = slot_params  # slot failover's parameters per role (ha/slots.py)
         self.written: dict[str, Any] | None = None  # parameters in the files now (None: unknown)
         self.written_hosts: tuple[str, ...] | None = None  # member hosts pg_hba.conf admits now
         self._refused_hosts: frozenset[str] = frozenset()  # logged once per set
@@ -63,16 +65,17 @@ class PgConfigurator:
                 )
         return tuple(sorted(hosts - set(refused)))
 
-    def params(self, dyn: DynamicConfig) -> dict[str, Any]:
+    def params(self, dyn: DynamicConfig, role: Role) -> dict[str, Any]:
         params: dict[str, Any] = {
             **dyn.cluster_parameters(),
             **self.cfg.postgresql.parameters,
             "synchronous_standby_names": self.sync_guc(dyn),
+            **self.slot_params(role),
         }
         return {**params, **self.extra(params)}
 
     async def write(self, dyn: DynamicConfig, role: Role, upstream: Upstream | None) -> None:
-        params = self.params(dyn)
+        params = self.params(dyn, role)
         hosts = self.member_hosts()
         await self.pg.write_config(
             params,
@@ -94,7 +97,8 @@ class PgConfigurator:
 
         Parameters that need a restart are reported by PostgreSQL as pending_restart; the agent
         does not restart on its own (POST /restart does)."""
-        params = self.params(dyn)
+        role = self.current_role()
+        params = self.params(dyn, role)
         before = self.written or {}  # None: an agent restarted beside a running server
         hosts, hosts_before = self.member_hosts(), self.written_hosts
         if params == before and hosts == hosts_before:
@@ -112,7 +116,6 @@ class PgConfigurator:
                 "sync_guard_expired",
                 reason="no synchronous standby joined in time; commits stop waiting (not strict)",
             )
-        role = self.current_role()
         await self.write(dyn, role, self.state.upstream if role == Role.REPLICA else None)
         await self.pg.reload()
         log.info("parameters_applied", changed=changed, pending_restart=await self.pending_restart())

@@ -14,13 +14,21 @@ import asyncio
 import time
 from typing import Any
 
-from hakeeper.core.cluster import ClusterView, Switchover, SwitchoverKind, SwitchoverStage, parse_config
+from hakeeper.core.cluster import (
+    ClusterView,
+    Switchover,
+    SwitchoverKind,
+    SwitchoverStage,
+    parse_config,
+    slot_name_for,
+)
 from hakeeper.core.config import ConfigError, DynamicConfig, parse_dynamic_config
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.records import InvalidRecord
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha.policy.candidates import assess
+from hakeeper.ha.policy.slots import slot_refusal
 from hakeeper.ha.policy.switchover import switchover_live, switchover_target
 from hakeeper.util.log import get_logger
 
@@ -57,8 +65,12 @@ async def request_switchover(
     candidate: str | None,
     scheduled_at: float | None = None,
     now: float | None = None,
+    allow_unsynced_slots: bool = False,
 ) -> Switchover:
-    """Ask the current leader to hand over (now, or at ``scheduled_at``, epoch seconds)."""
+    """Ask the current leader to hand over (now, or at ``scheduled_at``, epoch seconds).
+
+    A switchover now to a candidate without a synced copy of every failover slot of the leader
+    is refused unless ``allow_unsynced_slots`` (:func:`~hakeeper.ha.policy.slots.slot_refusal`)."""
     now = time.time() if now is None else now
     view = await read_view(store)
     if view.leader is None:
@@ -90,6 +102,7 @@ async def request_switchover(
         target, refusal = switchover_target(view, req, current)
         if target is None:
             raise Refused(RefusalKind.PRECONDITION, f"switchover is not possible: {refusal}")
+        _check_slots(view, target, allow_unsynced_slots, "switchover")
     elif candidate is not None and candidate not in view.members:
         raise Refused(
             RefusalKind.PRECONDITION, f"switchover is not possible: candidate {candidate} is not a member"
@@ -98,7 +111,12 @@ async def request_switchover(
 
 
 async def request_failover(
-    store: ClusterStore, *, candidate: str, allow_data_loss: bool = False, now: float | None = None
+    store: ClusterStore,
+    *,
+    candidate: str,
+    allow_data_loss: bool = False,
+    now: float | None = None,
+    allow_unsynced_slots: bool = False,
 ) -> Switchover:
     """Promote ``candidate``, also when the cluster has no healthy leader.
 
@@ -124,6 +142,10 @@ async def request_failover(
             f"failover to {candidate} refused: {c.reason}; data could be lost (allow_data_loss accepts that)",
             reason=c.reason,
         )
+    if view.leader is not None:
+        # With a leader to hand over from, the same slot guard as a switchover; without one
+        # there is nothing to compare with (and no better choice than the candidate).
+        _check_slots(view, candidate, allow_unsynced_slots, "failover")
     req = Switchover(
         kind=SwitchoverKind.FAILOVER,
         leader=view.leader.name if view.leader else None,
@@ -132,6 +154,17 @@ async def request_failover(
         force=allow_data_loss and not c.eligible,
     )
     return await _write_request(store, view, req)
+
+
+def _check_slots(view: ClusterView, candidate: str, allow: bool, what: str) -> None:
+    refusal = slot_refusal(view, candidate)
+    if refusal is None:
+        return
+    if allow:
+        log.warning(f"{what}_slot_guard_overridden", candidate=candidate, reason=refusal)
+        return
+    log.warning(f"{what}_refused", candidate=candidate, reason=refusal)
+    raise Refused(RefusalKind.PRECONDITION, f"{what} to {candidate} refused: {refusal}", reason=refusal)
 
 
 async def cancel_switchover(store: ClusterStore) -> Switchover:
@@ -267,6 +300,8 @@ async def patch_config(
             new = parse_dynamic_config(merged, source="patched config")
         except ConfigError as e:
             raise Refused(RefusalKind.INVALID, str(e), errors=e.errors) from e
+        if new.slots:
+            _check_slot_names(new, await read_view(store))
         try:
             revision = await store.write_config(new, rev)
         except EtcdError as e:
@@ -276,6 +311,16 @@ async def patch_config(
         if expected_revision is not None:
             raise Refused(RefusalKind.CONFLICT, "the configuration changed concurrently")
     raise Refused(RefusalKind.CONFLICT, "the configuration kept changing; try again")
+
+
+def _check_slot_names(cfg: DynamicConfig, view: ClusterView) -> None:
+    """A permanent slot may not take a member's physical slot name (the member slots are kept,
+    and dropped, by their own rule)."""
+    for name in sorted(cfg.slots):
+        member = next((m for m in sorted(view.members) if slot_name_for(m) == name), None)
+        if member is not None:
+            msg = f"slots.{name}: is the replication slot of member {member}; choose another name"
+            raise Refused(RefusalKind.INVALID, f"patched config: {msg}", errors=[(f"slots.{name}", msg)])
 
 
 async def set_pause(store: ClusterStore, paused: bool) -> DynamicConfig:

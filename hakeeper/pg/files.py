@@ -218,6 +218,9 @@ def render_conf(
             user=replication_user,
             passfile=str(passfile) if passfile is not None else None,
             application_name=application_name,
+            # PostgreSQL 17+'s slot sync worker connects to this database to read the primary's
+            # failover slots; physical streaming ignores it (every major), so it is always set.
+            dbname="postgres",
             gssencmode="disable",
             **(conninfo_options or {}),
         )

@@ -46,6 +46,7 @@ from typing import Any, Literal
 from hakeeper.core.config import ParamValue, PostgresTls
 from hakeeper.core.lsn import format_lsn
 from hakeeper.core.pgtypes import LocalState, ReplicaInfo, Role, Upstream, hostport
+from hakeeper.pg import slots as slotsql
 from hakeeper.pg.errors import PgError
 
 __all__ = ["Branch", "FakePostgres", "World"]
@@ -56,6 +57,8 @@ SHUTDOWN_CHECKPOINT_BYTES = 0x78  # the record a clean shutdown writes
 _CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn()::text"
 _PENDING_RESTART_SQL = "SELECT name FROM pg_settings WHERE pending_restart"
 _RELOAD_SQL = "SELECT pg_reload_conf()"
+_MAJOR_SQL = "SELECT current_setting('server_version_num')::int / 10000"
+FAKE_MAJOR = 15  # the fake server has no failover slots
 _HISTORY_FILE_SQL = "SELECT pg_read_file('pg_wal/'"  # the start of ha.actions.leader.switch_point's query
 
 
@@ -478,6 +481,10 @@ class FakePostgres:
             return [(True,)]
         if text.startswith(_HISTORY_FILE_SQL):
             return [(self._history_file(int(str(params[0]))),)]
+        if text == _MAJOR_SQL:
+            return [(FAKE_MAJOR,)]
+        if text == slotsql.LIST_SQL_OLD:  # physical member slots only; no logical decoding here
+            return [(s, "physical", None, None, False, None, None, None, None) for s in sorted(self.slots)]
         raise NotImplementedError(f"fake postgres: SQL not modelled: {text}")
 
     def _history_file(self, timeline: int) -> str:

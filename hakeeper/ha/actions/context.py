@@ -15,6 +15,7 @@ from hakeeper.ha.metrics import HaMetrics
 from hakeeper.ha.pgconfig import PgConfigurator
 from hakeeper.ha.policy.decision import Decision, LocalFacts
 from hakeeper.ha.ports import BackupHooks
+from hakeeper.ha.slots import SlotKeeper
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
 from hakeeper.pg.postgres import Postgres
@@ -36,6 +37,7 @@ class Ctx:
     fresh_view: Callable[[], ClusterView]  # the view as the etcd mirror holds it now
     publish: Callable[[ClusterView], Awaitable[Member | None]]  # put our member record now
     bootstrap: BootstrapRecord  # the marker of a bootstrap in progress (ha/bootmark.py)
+    slots: SlotKeeper  # permanent slots and slot failover (ha/slots.py)
 
     @property
     def name(self) -> str:

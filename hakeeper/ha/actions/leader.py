@@ -179,6 +179,7 @@ async def _lead(ctx: Ctx, view: ClusterView, term: int) -> None:
             await ctx.store.write_status(term, status)
     await _manage_slots(ctx, view)
     await ctx.sync.manage(view, term)
+    await ctx.slots.manage(view, term, st.probe)
 
 
 async def _manage_slots(ctx: Ctx, view: ClusterView) -> None:
