@@ -36,11 +36,10 @@ from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials, ParamValue, PostgresConfig
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.pg import Postgres, Role, Upstream
-from hakeeper.pg.bins import find_bin_dir
 from hakeeper.pg.clone import clone_from
 from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_pg_postgres import INITDB_ARGS, PARAMS
-from tests.support.pg import PgArea
+from tests.support.pg import PgArea, test_bin_dir
 from tests.support.ports import free_ports
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
@@ -49,7 +48,7 @@ pytestmark = pytest.mark.integration
 SCOPE = "bk"
 SU = Credentials(username="postgres", password="su-secret")
 REPL = Credentials(username="replicator", password="repl-secret")
-BIN = find_bin_dir(None)
+BIN = test_bin_dir()  # the major under test (TEST_PG_VERSION)
 PART = 256 << 10  # small parts: every backup has several, fetched and stored in parallel
 
 
@@ -318,6 +317,7 @@ def area() -> Iterator[PgArea]:
 # --------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.matrix  # also run on PostgreSQL 17 and 18 (`make integration`, docs/testing.md)
 def test_pitr_to_every_target_kind(area: PgArea) -> None:
     """Two backups; restores to a time, an LSN, an xid, a restore point and the latest state,
     each choosing the right backup, with the rows before the target and none after it."""
@@ -411,7 +411,7 @@ def test_standby_backup_timeline_switch_and_abandoned_branch(area: PgArea) -> No
     insert(p, "z1")
     lz = lsn(p)
     assert lz > fork
-    closed = sql(p, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    closed = sql(p, "SELECT pg_walfile_name(pg_switch_wal() - 1)")[0][0]  # basebackup.switch_wal says why
     wait(lambda: (repo_wal / closed).exists(), 60, "old primary archived its timeline-1 segment")
     b4 = backup(env, "p")  # on the abandoned branch of timeline 1
     assert b4.timeline == 1
@@ -524,6 +524,7 @@ def node_yaml(env: Env, name: str, path: Path, retention: dict[str, Any] | None 
             "listen": cfg.listen,
             "superuser": {"username": "postgres", "password": "su-secret"},
             "replication": {"username": "replicator", "password": "repl-secret"},
+            "bin_dir": str(cfg.bin_dir),
         },
         "backup": {"repositories": [repo]},
     }
