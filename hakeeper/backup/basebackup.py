@@ -287,11 +287,18 @@ async def source_facts(ep: Endpoint, creds: Credentials) -> SourceFacts:
 
 async def switch_wal(primary: Endpoint, creds: Credentials) -> str | None:
     """``pg_switch_wal()`` on the primary; the name of the segment that closes (None when the
-    server turned out to be in recovery)."""
+    server turned out to be in recovery).
+
+    With no WAL written since the last switch, pg_switch_wal() does not switch and returns the
+    start of the current segment, a segment boundary.  At a boundary pg_walfile_name() names the
+    previous segment on PostgreSQL 15 but the current (still open) one from 17 on, and a caller
+    waiting for that segment in the archive would wait for ever.  One byte before the returned
+    position is in the segment that closed on every major: the last one written in full when
+    nothing was switched, else the one the switch record ends."""
     rows = await query(
         primary,
         creds,
-        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_switch_wal()) END",
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_switch_wal() - 1) END",
     )
     return None if rows[0][0] is None else str(rows[0][0])
 
