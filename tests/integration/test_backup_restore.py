@@ -39,7 +39,7 @@ from hakeeper.pg import Postgres, Role, Upstream
 from hakeeper.pg.clone import clone_from
 from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_pg_postgres import INITDB_ARGS, PARAMS
-from tests.support.pg import PgArea, test_bin_dir
+from tests.support.pg import PgArea, bin_dir_under_test
 from tests.support.ports import free_ports
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
@@ -48,7 +48,7 @@ pytestmark = pytest.mark.integration
 SCOPE = "bk"
 SU = Credentials(username="postgres", password="su-secret")
 REPL = Credentials(username="replicator", password="repl-secret")
-BIN = test_bin_dir()  # the major under test (TEST_PG_VERSION)
+BIN = bin_dir_under_test()  # the major under test (TEST_PG_VERSION)
 PART = 256 << 10  # small parts: every backup has several, fetched and stored in parallel
 
 

@@ -71,7 +71,7 @@ def kill_postmaster(data_dir: Path) -> int | None:
 
 
 @functools.cache
-def test_bin_dir() -> Path:
+def bin_dir_under_test() -> Path:
     """The binaries of the major under test (``$TEST_PG_VERSION``, else 15) that PostgreSQL's OS
     user can run: the tests that start servers without LocalCluster use it, so that the matrix
     runs of `make integration` (17, 18) test those majors and not Debian's 15."""
@@ -102,7 +102,7 @@ class PgArea:
             "listen": f"127.0.0.1:{port}",
             "superuser": {"username": "postgres", "password": "su-secret"},
             "replication": {"username": "replicator", "password": "repl-secret"},
-            "bin_dir": test_bin_dir(),
+            "bin_dir": bin_dir_under_test(),
         }
         fields.update(overrides)
         return PostgresConfig.model_validate(fields)
