@@ -9,7 +9,14 @@ LINT_DIRS := $(wildcard hakeeper tests bench chaos)
 # pytest exits 5 when it collected no tests: not a failure here.
 PYTEST_NO_TESTS_OK := rc=$$?; if [ $$rc -eq 5 ]; then echo "(no tests collected)"; rc=0; fi; exit $$rc
 
-.PHONY: setup demo test unit integration chaos-smoke chaos lint typecheck clean
+.PHONY: setup demo test unit integration integration-15 integration-17 integration-18 chaos-smoke chaos \
+	lint typecheck clean
+
+# The version matrix (docs/testing.md): the whole integration suite and chaos smoke run on 15
+# (Debian's), the tests marked `matrix` and two chaos scenarios also on each of these majors.
+MATRIX_MAJORS := 17 18
+MATRIX_CHAOS := kill-both,partition-all
+PYTEST_MATRIX := $(BIN)/pytest -p no:cacheprovider tests/integration -m "integration and matrix"
 
 setup:
 	scripts/setup.sh
@@ -37,12 +44,35 @@ unit:
 
 # Every test under tests/integration must carry the marker (tests/integration/conftest.py fails the
 # run otherwise), and "no tests collected" (exit 5) is a failure here: nothing may be skipped silently.
+# The 17 and 18 subsets run even when an earlier run failed (CI shows every failure at once);
+# the target fails if any of them failed.
 integration:
-	$(BIN)/pytest tests/integration -m integration
+	@rc=0; \
+	echo "== PostgreSQL 15: the whole integration suite =="; \
+	TEST_PG_VERSION=15 $(BIN)/pytest tests/integration -m integration || rc=1; \
+	for v in $(MATRIX_MAJORS); do \
+		echo "== PostgreSQL $$v matrix subset (-m 'integration and matrix') =="; \
+		TEST_PG_VERSION=$$v $(PYTEST_MATRIX) || { echo "== PostgreSQL $$v matrix subset FAILED =="; rc=1; }; \
+	done; \
+	exit $$rc
 
-# A handful of fault scenarios, one run each, in sync mode (a few minutes; part of `make test`).
+# One major's matrix subset (what `make integration` runs after the 15 suite).
+integration-15 integration-17 integration-18: integration-%:
+	@echo "== PostgreSQL $* matrix subset (-m 'integration and matrix') =="
+	TEST_PG_VERSION=$* $(PYTEST_MATRIX)
+
+# A handful of fault scenarios, one run each, in sync mode (a few minutes; part of `make test`):
+# all of them on 15, then kill-both and partition-all on each major of the matrix.
 chaos-smoke:
-	$(BIN)/python -m chaos smoke --out chaos/reports/smoke-$$(date -u +%Y%m%dT%H%M%SZ)
+	@rc=0; stamp=$$(date -u +%Y%m%dT%H%M%SZ); \
+	echo "== PostgreSQL 15: chaos smoke =="; \
+	$(BIN)/python -m chaos smoke --pg-version 15 --out chaos/reports/smoke-$$stamp || rc=1; \
+	for v in $(MATRIX_MAJORS); do \
+		echo "== PostgreSQL $$v: chaos smoke subset ($(MATRIX_CHAOS)) =="; \
+		$(BIN)/python -m chaos smoke --pg-version $$v --scenarios $(MATRIX_CHAOS) \
+			--out chaos/reports/smoke-$$stamp-pg$$v || { echo "== PostgreSQL $$v chaos subset FAILED =="; rc=1; }; \
+	done; \
+	exit $$rc
 
 # Every scenario in every replication mode, CHAOS_RUNS runs each (about an hour with 3), then
 # the summary in docs/chaos.md is rewritten from the reports.

@@ -3,9 +3,14 @@
     python -m chaos list
     python -m chaos run SCENARIO[,SCENARIO...]|all [--runs N] [--mode async|sync|quorum]
     python -m chaos smoke                 # what `make chaos-smoke` (part of `make test`) runs
+    python -m chaos smoke --pg-version 17 --scenarios kill-both,partition-all
     python -m chaos full [--runs N]       # every scenario in every mode (`make chaos`)
     python -m chaos summarize DIR... [--write docs/chaos.md]
     python -m chaos cleanup               # namespaces left by a runner that was killed
+
+--pg-version 15|17|18 picks the PostgreSQL major of every cluster (default: $TEST_PG_VERSION,
+else 15); `make chaos-smoke` runs the whole smoke on 15, then kill-both and partition-all on 17
+and 18.
 
 Exit status: 0 when every run passed, 1 when one failed or a selected scenario was skipped
 (e.g. a partition scenario without network namespaces; --allow-skips accepts that), 2 for a
@@ -27,6 +32,7 @@ from chaos.net import remove_stale_namespaces
 from chaos.report import summarize, write_summary
 from chaos.runner import MODES, Runner, plans_for
 from chaos.scenarios import SCENARIOS, SMOKE
+from hakeeper.localcluster import LocalClusterError, pgbuilds
 
 REPORTS = Path("chaos/reports")
 
@@ -50,7 +56,9 @@ def _finish(reports: list[dict[str, Any]], out: Path, allow_skips: bool = False)
     skipped = [r for r in reports if r.get("passed") is None]
     print()
     print(summarize(reports))
-    print(f"\nreports: {out}/  ({len(ran)} runs, {len(failed)} failed, {len(skipped)} skipped)")
+    majors = sorted({int(r["pg_version"]) for r in reports if r.get("pg_version") is not None})
+    on = f" on PostgreSQL {', '.join(map(str, majors))}" if majors else ""
+    print(f"\nreports: {out}/  ({len(ran)} runs{on}, {len(failed)} failed, {len(skipped)} skipped)")
     for r in skipped:
         print(
             f"skipped: {r['scenario']} ({r['mode']}): {r.get('skipped', 'no reason given')}", file=sys.stderr
@@ -82,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--mode", choices=MODES, default="sync", help="replication mode (default sync)")
         else:
             p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+        if name == "smoke":
+            p.add_argument(
+                "--scenarios",
+                help="only these smoke scenarios, joined by commas (default: every one of the smoke)",
+            )
+        p.add_argument(
+            "--pg-version",
+            type=int,
+            choices=pgbuilds.SUPPORTED_MAJORS,
+            help=f"PostgreSQL major of the clusters (default: ${pgbuilds.ENV_VAR}, "
+            f"else {pgbuilds.DEFAULT_MAJOR})",
+        )
         p.add_argument("--net", choices=("auto", "netns", "loopback"), default="auto")
         p.add_argument("--out", help="report directory (default chaos/reports/<time>-<what>)")
         p.add_argument("--keep", action="store_true", help="keep cluster directories (logs) after runs")
@@ -138,7 +158,17 @@ def _selection(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[l
         names = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
         return names, args.scenario.replace(",", "+"), [args.mode]
     if args.cmd == "smoke":
-        return SMOKE, "smoke", [args.mode]
+        if not args.scenarios:
+            return SMOKE, "smoke", [args.mode]
+        names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+        # Only the smoke's own scenarios: `run` is there for any other choice.
+        outside = [n for n in names if n not in SMOKE]
+        if outside or not names:
+            ap.error(
+                f"--scenarios {args.scenarios!r}: not in the smoke: {', '.join(outside) or '(none given)'}; "
+                f"the smoke's scenarios are {', '.join(SMOKE)}"
+            )
+        return names, "smoke", [args.mode]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -167,9 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     out = _out_dir(args, what)
     reports: list[dict[str, Any]] = []
     try:
+        major = pgbuilds.check_major(
+            args.pg_version if args.pg_version is not None else pgbuilds.default_major()
+        )
+        _log(f"PostgreSQL {major}: {', '.join(names)} in {', '.join(modes)} mode")
         for mode in modes:
-            runner = Runner(mode, out, net_kind=args.net, log=_log, keep=args.keep)
+            runner = Runner(mode, out, net_kind=args.net, log=_log, keep=args.keep, pg_version=major)
             reports += runner.execute(plans)
+    except LocalClusterError as e:
+        print(f"chaos: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"chaos: {e}", file=sys.stderr)
         return 1

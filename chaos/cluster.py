@@ -155,11 +155,18 @@ class ChaosCluster(LocalCluster):
         base_port: int,
         etcd_members: int = 1,
         dynamic: dict[str, Any] | None = None,
+        pg_version: int | None = None,
     ) -> None:
         # Chaos runs its own etcd members (plain HTTP, one per network namespace) in place of
         # LocalCluster's: no certificates or etcd users to make for it.
         super().__init__(
-            base_dir, nodes=3, base_port=base_port, scope="chaos", dynamic=dynamic, secure_etcd=False
+            base_dir,
+            nodes=3,
+            base_port=base_port,
+            scope="chaos",
+            dynamic=dynamic,
+            secure_etcd=False,
+            pg_version=pg_version,
         )
         self.net = net
         self.hosts = {name: net.add(name) for name in self.nodes}

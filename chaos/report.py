@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.checks import OUTAGE
+from hakeeper.localcluster import LocalClusterError, pgbuilds
 
 BEGIN = "<!-- chaos-summary:begin -->"
 END = "<!-- chaos-summary:end -->"
@@ -85,7 +86,7 @@ def summarize(reports: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine_facts() -> str:
+def machine_facts(pg_majors: Iterable[int] = (15,)) -> str:
     """One line about this machine and the versions the runs used."""
     import os
     import platform
@@ -102,7 +103,11 @@ def machine_facts() -> str:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f", {kb / 2**20:.0f} GiB RAM"
     versions = []
-    for argv in (["/usr/lib/postgresql/15/bin/postgres", "--version"], ["etcd", "--version"]):
+    programs = []
+    for major in sorted(set(pg_majors)):
+        with contextlib.suppress(LocalClusterError):
+            programs.append([pgbuilds.pg_program("postgres", major), "--version"])
+    for argv in (*programs, ["etcd", "--version"]):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.splitlines()
             if out:
@@ -115,7 +120,9 @@ def write_summary(path: Path, reports: Iterable[dict[str, Any]]) -> None:
     reports = list(reports)
     stamps = sorted(str(r["started_at"]) for r in reports if r.get("started_at"))
     when = f"{stamps[0]} to {stamps[-1]}" if stamps else "unknown dates"
-    block = f"{BEGIN}\nRuns from {when} on {machine_facts()}.\n\n{summarize(reports)}\n{END}"
+    # reports written before the runner recorded the major ran on 15
+    majors = {int(r.get("pg_version") or 15) for r in reports}
+    block = f"{BEGIN}\nRuns from {when} on {machine_facts(majors)}.\n\n{summarize(reports)}\n{END}"
     text = path.read_text() if path.exists() else ""
     if BEGIN in text and END in text:
         text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)

@@ -32,6 +32,7 @@ from chaos.net import Loopback, Namespaces, namespaces_available
 from chaos.scenarios import SCENARIOS, Ctx, Scenario
 from chaos.workload import PROBE_ID_OFFSET, RUN_ID_SPAN, SCHEMA, Recorder, probe, writer
 from hakeeper.core.config import DynamicConfig
+from hakeeper.localcluster import pgbuilds
 
 CLONE_NEWNET = 0x40000000
 MODES = ("async", "sync", "quorum")
@@ -99,9 +100,15 @@ class Runner:
         net_kind: str = "auto",
         log: Callable[[str], None] = print,
         keep: bool = False,
+        pg_version: int | None = None,
     ) -> None:
         mode_config(mode)
         self.mode = mode
+        # The major every cluster of this runner runs (`make chaos-smoke` runs some scenarios on
+        # 17 and 18 too); None: $TEST_PG_VERSION, else 15, as LocalCluster decides.
+        self.pg_version = pgbuilds.check_major(
+            pg_version if pg_version is not None else pgbuilds.default_major()
+        )
         self.out_dir = out_dir
         self.log = log
         self.keep = keep
@@ -121,7 +128,14 @@ class Runner:
         parent = "/tmp" if os.geteuid() == 0 else None
         base = Path(tempfile.mkdtemp(prefix="hakeeper-chaos-", dir=parent))
         base.chmod(0o755)
-        cluster = ChaosCluster(base, net, _free_base_port(), etcd_members, dynamic=mode_config(self.mode))
+        cluster = ChaosCluster(
+            base,
+            net,
+            _free_base_port(),
+            etcd_members,
+            dynamic=mode_config(self.mode),
+            pg_version=self.pg_version,
+        )
         return cluster, net, base
 
     def execute(self, plans: list[Plan]) -> list[dict[str, Any]]:
@@ -144,6 +158,7 @@ class Runner:
         rep = {
             "scenario": sc.name,
             "mode": self.mode,
+            "pg_version": self.pg_version,
             "skipped": f"needs network namespaces ({self.why_no_netns})",
             "passed": None,
         }
@@ -180,8 +195,8 @@ class Runner:
     ) -> list[tuple[Scenario, int]]:
         """Run ``todo`` on ``cluster``; returns what is left if the cluster had to be given up."""
         self.log(
-            f"starting a {self.mode} cluster ({'netns' if self.use_netns else 'loopback'}) "
-            f"in {cluster.base_dir}"
+            f"starting a {self.mode} cluster of PostgreSQL {self.pg_version} "
+            f"({'netns' if self.use_netns else 'loopback'}) in {cluster.base_dir}"
         )
         await asyncio.to_thread(cluster.start)
         await asyncio.to_thread(cluster.wait_ready, 240.0)
@@ -376,6 +391,7 @@ class Runner:
             "scenario": sc.name,
             "about": sc.about,
             "mode": self.mode,
+            "pg_version": self.pg_version,
             "run": index,
             "net": "netns" if self.use_netns else "loopback",
             "etcd_members": sc.etcd_members,

@@ -315,11 +315,18 @@ async def source_facts(ep: Endpoint, creds: Credentials) -> SourceFacts:
 
 async def switch_wal(primary: Endpoint, creds: Credentials) -> str | None:
     """``pg_switch_wal()`` on the primary; the name of the segment that closes (None when the
-    server turned out to be in recovery)."""
+    server turned out to be in recovery).
+
+    With no WAL written since the last switch, pg_switch_wal() does not switch and returns the
+    start of the current segment, a segment boundary.  At a boundary pg_walfile_name() names the
+    previous segment on PostgreSQL 15 but the current (still open) one from 17 on, and a caller
+    waiting for that segment in the archive would wait for ever.  One byte before the returned
+    position is in the segment that closed on every major: the last one written in full when
+    nothing was switched, else the one the switch record ends."""
     rows = await query(
         primary,
         creds,
-        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_switch_wal()) END",
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_switch_wal() - 1) END",
     )
     return None if rows[0][0] is None else str(rows[0][0])
 
@@ -557,13 +564,13 @@ class _CopyArgs:
 
 async def _copy_either(run: _Run, a: _CopyArgs, extra: tuple[str, ...] = ()) -> None:
     """The copy: compressed by the server (PostgreSQL 15+, built with zstd) unless asked otherwise."""
-    if a.compress_on == "server" and not a.facts.zstd:
+    if a.compress_on == "server" and not server_compression_possible(a.facts):
         log.warning(
             "backup_server_compression_unavailable",
             id=run.record.id,
             reason=f"{a.source.name}'s PostgreSQL was built without zstd: compressing here instead",
         )
-    if a.compress_on == "server" and a.facts.version_num >= 150000 and a.facts.zstd:
+    if a.compress_on == "server" and server_compression_possible(a.facts):
         run.record.layout = catalog.LAYOUT_STREAM
         await _copy_compressed(
             run,
@@ -669,6 +676,11 @@ async def _remove_parts(run: _Run) -> None:
     run.record.manifest = None
     run.record.stored_size = 0
     run.record.size = 0
+
+
+def server_compression_possible(facts: SourceFacts) -> bool:
+    """pg_basebackup --compress=server-zstd needs PostgreSQL 15+ and a server built with zstd."""
+    return facts.version_num >= 150000 and facts.zstd
 
 
 async def _nudge_archive_wait(source: Endpoint, superuser: Credentials) -> None:

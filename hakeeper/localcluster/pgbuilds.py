@@ -51,7 +51,7 @@ def default_major() -> int:
         return DEFAULT_MAJOR
     try:
         return check_major(int(raw))
-    except ValueError:
+    except (ValueError, LocalClusterError):  # name the variable the bad major came from
         raise LocalClusterError(
             f"{ENV_VAR}={raw!r}: expected one of {', '.join(map(str, SUPPORTED_MAJORS))}"
         ) from None

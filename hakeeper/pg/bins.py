@@ -6,6 +6,7 @@ import ctypes
 import functools
 import re
 import shutil
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,9 +79,11 @@ def tools_libpq_version(bin_dir: Path) -> int:
 
     That is not psycopg's libpq (psycopg-binary bundles its own under another soname): on Debian
     PostgreSQL 15 uses the system's ``libpq.so.5``, which may be 15 and then knows no
-    ``require_auth``.  A build installed with its own ``lib`` next to ``bin`` (an rpath) is
-    looked at first.  Loaded once per directory, at construction of the agent's Postgres."""
-    for candidate in (bin_dir.parent / "lib" / "libpq.so.5", Path("libpq.so.5")):
+    ``require_auth``.  The libpq that pg_basebackup names in its ELF header (found through its
+    own rpath, as the loader would: a wheel's build loads a renamed ``libpq-<hash>.so.5.18`` from
+    a sibling directory) comes first, then a ``lib`` next to ``bin``, then the system's.  Loaded
+    once per directory, at construction of the agent's Postgres."""
+    for candidate in (*linked_libpq(bin_dir), bin_dir.parent / "lib" / "libpq.so.5", Path("libpq.so.5")):
         if candidate.is_absolute() and not candidate.is_file():
             continue
         try:
@@ -92,6 +95,65 @@ def tools_libpq_version(bin_dir: Path) -> int:
         fn.argtypes = []
         return int(fn())
     return 0
+
+
+def linked_libpq(bin_dir: Path) -> list[Path]:
+    """The libpq files ``bin_dir/pg_basebackup`` links to by its rpath/runpath (``$ORIGIN``
+    expanded) that exist; [] when it has none (it then uses the system's) or is no ELF file we
+    can read."""
+    try:
+        needed, paths = elf_needed_and_paths((bin_dir / "pg_basebackup").read_bytes())
+    except (OSError, ValueError, struct.error):
+        return []
+    found = []
+    for name in needed:
+        if not name.startswith("libpq"):
+            continue
+        for d in paths:
+            d = d.replace("${ORIGIN}", str(bin_dir)).replace("$ORIGIN", str(bin_dir))
+            if (Path(d) / name).is_file():
+                found.append(Path(d) / name)
+    return found
+
+
+_DT_NEEDED, _DT_RPATH, _DT_RUNPATH, _SHT_DYNAMIC = 1, 15, 29, 6
+
+
+def elf_needed_and_paths(data: bytes) -> tuple[list[str], list[str]]:
+    """(DT_NEEDED names, DT_RUNPATH then DT_RPATH directories) of a 64-bit little-endian ELF
+    file's dynamic section; ValueError for anything else."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int, int]:  # type, offset, size, link
+        base = shoff + i * shentsize
+        (kind,) = struct.unpack_from("<I", data, base + 4)
+        offset, size = struct.unpack_from("<QQ", data, base + 0x18)
+        (link,) = struct.unpack_from("<I", data, base + 0x28)
+        return kind, offset, size, link
+
+    dynamic = [section(i) for i in range(shnum) if section(i)[0] == _SHT_DYNAMIC]
+    if not dynamic:
+        raise ValueError("no dynamic section")
+    _kind, offset, size, link = dynamic[0]
+    strtab = section(link)[1]
+    needed: list[str] = []
+    runpath: list[str] = []
+    rpath: list[str] = []
+    for at in range(offset, offset + size, 16):
+        tag, val = struct.unpack_from("<qQ", data, at)
+        if tag == 0:
+            break
+        if tag not in (_DT_NEEDED, _DT_RPATH, _DT_RUNPATH):
+            continue  # other tags hold addresses and sizes, not strings
+        value = data[strtab + val : data.index(b"\0", strtab + val)].decode()
+        if tag == _DT_NEEDED:
+            needed.append(value)
+        elif tag in (_DT_RPATH, _DT_RUNPATH):
+            (runpath if tag == _DT_RUNPATH else rpath).extend(p for p in value.split(":") if p)
+    return needed, runpath + rpath
 
 
 async def run_program(

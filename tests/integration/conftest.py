@@ -1,10 +1,12 @@
 """Fixtures shared by the integration test modules."""
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from hakeeper.localcluster import LocalClusterError, pgbuilds
 from tests.support.pg import PgArea
 from tests.support.s3_server import seaweed  # noqa: F401  (a module-scoped SeaweedFS)
 
@@ -20,6 +22,18 @@ async def area() -> AsyncIterator[PgArea]:
 
 
 _HERE = Path(__file__).parent
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which PostgreSQL major this session's clusters and servers run: `make integration` runs
+    the suite on 15 and the ``matrix`` subset on 17 and 18, and its log must say which is which."""
+    try:
+        major = pgbuilds.default_major()
+        where = str(pgbuilds.bin_dir(major))
+    except LocalClusterError as e:
+        return f"PostgreSQL: not usable ({e})"
+    source = f"{pgbuilds.ENV_VAR}" if pgbuilds.ENV_VAR in os.environ else "the default"
+    return f"PostgreSQL {major} (from {source}): {where}"
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -97,7 +97,7 @@ def wal_of(rc: RepositoryConfig, scope: str) -> dict[str, Any]:
 
 
 def switch_and_wait_archived(c: LocalCluster, node: str, rc: RepositoryConfig, scope: str) -> str:
-    seg = str(q(c, node, "SELECT pg_walfile_name(pg_switch_wal())")[0][0])
+    seg = str(q(c, node, "SELECT pg_walfile_name(pg_switch_wal() - 1)")[0][0])  # as switch_wal: every major
     wait(lambda: seg in wal_of(rc, scope), 60, f"{seg} archived under {scope}", c)
     return seg
 

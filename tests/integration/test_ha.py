@@ -96,6 +96,7 @@ def etcd_puts(c: LocalCluster) -> float:
     raise AssertionError("etcd_mvcc_put_total not in etcd's metrics")
 
 
+@pytest.mark.matrix  # also run on PostgreSQL 17 and 18 (`make integration`, docs/testing.md)
 def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None:
     with running_cluster(dynamic={"member_slots_ttl": 3}) as c:
         primary = c.primary()
@@ -150,6 +151,7 @@ def test_bootstrap_gives_one_primary_and_streaming_replicas_with_slots() -> None
         )
 
 
+@pytest.mark.matrix  # also run on PostgreSQL 17 and 18 (`make integration`, docs/testing.md)
 def test_failover_after_kill9_then_old_primary_rejoins_with_new_rows() -> None:
     with running_cluster() as c:
         old = c.primary()

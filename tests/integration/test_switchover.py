@@ -102,6 +102,7 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
 
 
+@pytest.mark.matrix  # also run on PostgreSQL 17 and 18 (`make integration`, docs/testing.md)
 def test_switchover_moves_the_primary_with_a_short_window_and_no_loss(cluster: LocalCluster) -> None:
     c = cluster
     old = c.primary()

@@ -25,6 +25,7 @@ def sync_set(c: LocalCluster) -> tuple[str, ...] | None:
     return tuple(view.sync.members)
 
 
+@pytest.mark.matrix  # also run on PostgreSQL 17 and 18 (`make integration`, docs/testing.md)
 def test_synchronous_mode_promotes_only_the_sync_standby_and_refuses_a_double_fault() -> None:
     with running_cluster(dynamic={"replication_mode": "synchronous"}) as c:
         first = c.primary()

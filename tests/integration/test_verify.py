@@ -65,6 +65,7 @@ def _verify(conf: Path) -> tuple[int, dict[str, Any]]:
     return res.returncode, json.loads(res.stdout)
 
 
+@pytest.mark.matrix  # also run on PostgreSQL 17 and 18 (`make integration`, docs/testing.md)
 def test_drill_passes_on_a_good_backup_and_names_a_corrupted_object(area: PgArea) -> None:  # noqa: F811
     env = fs_env(area)
     start_primary(env, "p")

@@ -15,6 +15,7 @@ every postmaster whose data directory lives in it, then removes the directory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hakeeper.core.config import PostgresConfig
-from hakeeper.util.proc import children_of, pid_alive
+from hakeeper.localcluster import pgbuilds
+from hakeeper.util.proc import children_of, pid_alive, resolve_run_as
 from tests.support.ports import free_ports
 
 DEFAULT_PARAMS: dict[str, str | int | float | bool] = {
@@ -68,6 +70,15 @@ def kill_postmaster(data_dir: Path) -> int | None:
     return pid
 
 
+@functools.cache
+def bin_dir_under_test() -> Path:
+    """The binaries of the major under test (``$TEST_PG_VERSION``, else 15) that PostgreSQL's OS
+    user can run: the tests that start servers without LocalCluster use it, so that the matrix
+    runs of `make integration` (17, 18) test those majors and not Debian's 15."""
+    probe = Path(tempfile.gettempdir()) / "hk-pg-probe"  # a root-owned parent: the default OS user
+    return pgbuilds.reachable_bin_dir(pgbuilds.default_major(), resolve_run_as(probe))
+
+
 class PgArea:
     """A scratch directory (``/tmp/hk-pg-*``, mode 0755) for PostgreSQL data dirs."""
 
@@ -91,6 +102,7 @@ class PgArea:
             "listen": f"127.0.0.1:{port}",
             "superuser": {"username": "postgres", "password": "su-secret"},
             "replication": {"username": "replicator", "password": "repl-secret"},
+            "bin_dir": bin_dir_under_test(),
         }
         fields.update(overrides)
         return PostgresConfig.model_validate(fields)

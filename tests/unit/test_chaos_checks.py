@@ -150,3 +150,11 @@ def test_recovery_time_is_the_end_of_the_outage_the_fault_caused() -> None:
 def test_no_outage_means_rto_is_the_first_ack() -> None:
     acks = [ok("n1", 1, t / 10, t / 10 + 0.01) for t in range(60)]  # never interrupted
     assert abs((checks.recovery_time(acks, 3.05) or 0) - 0.06) < 1e-9
+
+
+def test_the_written_summary_names_the_postgresql_of_the_runs(tmp_path: Path) -> None:
+    doc = tmp_path / "chaos.md"
+    write_summary(doc, [{**_report("kill-both", "sync"), "pg_version": 17}, _report("kill-both", "sync")])
+    out = doc.read_text()
+    # the 17 run's server and, for the report without a major (written before it was recorded), 15's
+    assert "PostgreSQL) 17." in out and "PostgreSQL) 15." in out and "PostgreSQL) 18." not in out

@@ -65,3 +65,65 @@ def test_the_smoke_set_holds_a_partition_scenario_and_accepts_the_flag() -> None
     with pytest.raises(SystemExit) as e:
         main(["smoke", "--allow-skips", "--runs", "0"])
     assert e.value.code == 2  # parsed the flag, then refused --runs 0 as a usage error
+
+
+class _FakeRunner:
+    """Stands in for chaos.runner.Runner: records what main() asked for, runs nothing."""
+
+    made: list[tuple[str, int | None]] = []
+    planned: list[list[str]] = []
+
+    def __init__(self, mode: str, out: Path, **kw: Any) -> None:
+        self.mode = mode
+        self.pg_version = kw["pg_version"]
+        _FakeRunner.made.append((mode, kw["pg_version"]))
+
+    def execute(self, plans: list[Any]) -> list[dict[str, Any]]:
+        _FakeRunner.planned.append([p.scenario.name for p in plans])
+        return [{**rep(p.scenario.name, True), "pg_version": self.pg_version} for p in plans]
+
+
+def test_smoke_runs_only_the_given_scenarios_on_the_given_major(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("chaos.__main__.Runner", _FakeRunner)
+    _FakeRunner.made, _FakeRunner.planned = [], []
+    argv = ["smoke", "--pg-version", "17", "--scenarios", "kill-both,partition-all", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert _FakeRunner.made == [("sync", 17)]
+    assert _FakeRunner.planned == [["kill-both", "partition-all"]]
+    assert "2 runs on PostgreSQL 17, 0 failed" in capsys.readouterr().out
+    # without --pg-version: $TEST_PG_VERSION, else 15
+    monkeypatch.setenv("TEST_PG_VERSION", "18")
+    assert main(["smoke", "--scenarios", "kill-both", "--out", str(tmp_path)]) == 0
+    monkeypatch.delenv("TEST_PG_VERSION")
+    assert main(["smoke", "--scenarios", "kill-both", "--out", str(tmp_path)]) == 0
+    assert [v for _, v in _FakeRunner.made[1:]] == [18, 15]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["smoke", "--scenarios", "kill-both,no-such-scenario"],
+        ["smoke", "--scenarios", "kill-postgres"],  # a scenario, but not one of the smoke
+        ["smoke", "--scenarios", ","],
+        ["smoke", "--pg-version", "16"],
+        ["run", "kill-both", "--pg-version", "14"],
+    ],
+)
+def test_a_scenario_outside_the_smoke_or_an_unsupported_major_is_a_usage_error(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("chaos.__main__.Runner", _FakeRunner)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+
+
+def test_an_unsupported_test_pg_version_is_refused_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("chaos.__main__.Runner", _FakeRunner)
+    monkeypatch.setenv("TEST_PG_VERSION", "16")
+    assert main(["smoke", "--scenarios", "kill-both", "--out", str(tmp_path)]) == 2
+    assert "TEST_PG_VERSION='16'" in capsys.readouterr().err
