@@ -141,6 +141,13 @@ RULES: tuple[Rule, ...] = (
         "paused: not cloning",
     ),
     Rule(
+        "no data directory, a running leader of another PostgreSQL major",
+        lambda c: c.no_data and c.leader_running and c.other_major is not None,
+        Action.WAIT,
+        "clone refused: {refusal}",
+        fields=lambda c: {"refusal": c.other_major},
+    ),
+    Rule(
         "no data directory, a running leader",
         lambda c: c.no_data and c.leader_running,
         Action.CLONE,
@@ -281,6 +288,14 @@ RULES: tuple[Rule, ...] = (
         "{leader} holds the leader key",
         fields=lambda c: {"leader": c.leader_name},
         target=lambda c: c.leader_name,
+    ),
+    # Neither a rewind nor streaming works across majors: wait (read-only, if running) and say why.
+    Rule(
+        "another node leads and runs another PostgreSQL major",
+        lambda c: c.other_leads and c.other_major is not None,
+        Action.WAIT,
+        "not following {leader}: {refusal}",
+        fields=lambda c: {"leader": c.leader_name, "refusal": c.other_major},
     ),
     Rule(
         "another node leads, paused, postgres down or our data may have diverged",

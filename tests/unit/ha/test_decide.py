@@ -55,6 +55,11 @@ def sw(**kw: object) -> Switchover:
     return Switchover(**base)  # type: ignore[arg-type]
 
 
+def on_major(m: Member, release: str) -> Member:
+    """``m`` running PostgreSQL ``release`` (its member record's ``server_version``)."""
+    return replace(m, server_version=release)
+
+
 def voter(name: str, lsn: int = 100 * MB, **kw: Any) -> Member:
     """A replica whose record was published after the leader key disappeared."""
     return replica(name, lsn=lsn, leaderless=True, **kw)
@@ -388,6 +393,59 @@ CASES = [
         view(primary("b"), replica("a"), leader="b"),
         local("a"),
         Action.FOLLOW,
+        why="following b",
+        target="b",
+    ),
+    # -- a leader of another PostgreSQL major (issue 14): never cloned from, rewound from, followed -
+    Case(
+        "empty data directory, the running leader is of another major: wait",
+        view(on_major(primary("a"), "18.6"), leader="a"),
+        local("b", data_initialized=False, pg_running=False, binaries_major=17),
+        Action.WAIT,
+        why="clone refused: the leader a runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17",
+    ),
+    Case(
+        "empty data directory, the running leader is of our major: clone from it",
+        view(on_major(primary("a"), "17.10"), leader="a"),
+        local("b", data_initialized=False, pg_running=False, binaries_major=17),
+        Action.CLONE,
+        why="empty data directory",
+        target="a",
+    ),
+    Case(
+        "former primary, the leader is of another major: no rewind",
+        view(on_major(primary("b", tl=2), "18.6"), leader="b"),
+        local("a", pg_running=False, needs_rewind=True, binaries_major=17),
+        Action.WAIT,
+        why="not following b: the leader b runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17",
+    ),
+    Case(
+        "stopped replica, the leader is of another major: not started to follow it",
+        view(on_major(primary("b"), "18.6"), leader="b"),
+        local("a", pg_running=False, binaries_major=17),
+        Action.WAIT,
+        why="not following b: the leader b runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17",
+    ),
+    Case(
+        "running replica, the leader is of another major: not re-pointed at it",
+        view(on_major(primary("b"), "15.18"), replica("a"), leader="b"),
+        local("a", binaries_major=17),
+        Action.WAIT,
+        why="not following b: the leader b runs PostgreSQL 15.18, this node's binaries are PostgreSQL 17",
+    ),
+    Case(
+        "writable, another node of another major leads: demoted all the same",
+        view(on_major(primary("b"), "18.6"), leader="b"),
+        local("a", in_recovery=False, binaries_major=17),
+        Action.DEMOTE,
+        why="b holds the leader key",
+        target="b",
+    ),
+    Case(
+        "stopped replica, the leader publishes no release (an older agent): follows as before",
+        view(primary("b"), leader="b"),
+        local("a", pg_running=False, binaries_major=17),
+        Action.START_REPLICA,
         why="following b",
         target="b",
     ),
