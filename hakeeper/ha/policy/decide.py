@@ -37,6 +37,7 @@ from hakeeper.core.cluster import ClusterView, SwitchoverStage
 from hakeeper.ha.policy.decision import ACTIONS, STALE_VIEW_WHY, Action, Decision, LeaseOwner, LocalFacts
 from hakeeper.ha.policy.election import ELECTION, election_decision
 from hakeeper.ha.policy.rules import Ctx, Rule, first_match
+from hakeeper.ha.policy.slots import slot_refusal
 from hakeeper.ha.policy.switchover import switchover_live, switchover_target
 
 # -- every situation ------------------------------------------------------------------------------------
@@ -55,7 +56,14 @@ def _stale_request(c: Ctx) -> bool:
 
 
 def _handover_target(c: Ctx) -> tuple[str | None, str | None]:
-    return switchover_target(c.view, c.request, c.local.name)
+    """Whom a due request hands over to, or why it cannot be carried out.  The slot guard is
+    checked here too: a scheduled request was not checked when it was written (the slots may
+    sync by then), and any request is checked against the slots as they are now."""
+    target, refusal = switchover_target(c.view, c.request, c.local.name)
+    if target is None or c.request.allow_unsynced_slots:
+        return target, refusal
+    unsynced = slot_refusal(c.view, target)
+    return (None, unsynced) if unsynced is not None else (target, None)
 
 
 def _due(c: Ctx) -> bool:

@@ -27,6 +27,7 @@ from hakeeper.core.cluster import (
     SyncState,
 )
 from hakeeper.core.config import DynamicConfig
+from hakeeper.core.slots import SlotReport, SlotState
 from hakeeper.ha.policy.candidates import assess, rank
 from hakeeper.ha.policy.decide import RULES, decide
 from hakeeper.ha.policy.decision import (
@@ -96,6 +97,20 @@ _GRACE = view(
 )
 _LEASE_UNCONFIRMED = view(primary("a"), leader="a")
 _SCHEDULED = view(primary("a"), replica("b"), leader="a", switchover=sw(candidate="b", scheduled_at=NOW + 60))
+
+
+def _SLOTS_SCHEDULED(*, synced: bool, allow: bool = False) -> ClusterView:
+    """Leader a with failover slot cdc, replica b with a copy (``synced`` or not), and a
+    switchover to b scheduled for NOW + 60."""
+    cdc = SlotState("cdc", "logical", True, False, False, database="app", plugin="pgoutput")
+    return view(
+        replace(primary("a"), slots=SlotReport(17, (cdc,))),
+        replica("b", slots=SlotReport(17, (replace(cdc, synced=synced),))),
+        leader="a",
+        switchover=sw(candidate="b", scheduled_at=NOW + 60, allow_unsynced_slots=allow),
+    )
+
+
 _HANDOVER = view(
     # b is ahead of c by a little: automatic ranking would pick b, the hand-over picks c
     replica("a"),
@@ -618,6 +633,40 @@ CASES = [
         Action.SWITCHOVER,
         why="switchover requested",
         target="b",
+    ),
+    Case(
+        "scheduled switchover once due: the candidate's copy of a failover slot is not synced",
+        _SLOTS_SCHEDULED(synced=False),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.REJECT_SWITCHOVER,
+        why="switchover refused: candidate b has no synced copy of failover slot(s) cdc: its logical "
+        "consumers would lose their position (wait for the slot sync worker, or override with "
+        "allow_unsynced_slots)",
+    ),
+    Case(
+        "scheduled switchover once due: the candidate's copy is synced",
+        _SLOTS_SCHEDULED(synced=True),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.SWITCHOVER,
+        why="switchover requested",
+        target="b",
+    ),
+    Case(
+        "scheduled switchover once due, not synced, the guard overridden when it was requested",
+        _SLOTS_SCHEDULED(synced=False, allow=True),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.SWITCHOVER,
+        why="switchover requested",
+        target="b",
+    ),
+    Case(
+        "switchover without a candidate once due: the replica the leader picks is checked",
+        replace(_SLOTS_SCHEDULED(synced=False), switchover=sw(scheduled_at=NOW + 60)),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.REJECT_SWITCHOVER,
+        why="switchover refused: candidate b has no synced copy of failover slot(s) cdc: its logical "
+        "consumers would lose their position (wait for the slot sync worker, or override with "
+        "allow_unsynced_slots)",
     ),
     Case(
         "stale switchover request is dropped",
