@@ -4,7 +4,6 @@ before it first starts).  Real etcd, real PostgreSQL 17 and 18."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from hakeeper.localcluster import LocalCluster, pgbuilds
 from tests.integration.test_ha import hk_list, wait_for
+from tests.integration.test_slot_failover import events
 from tests.support.cluster import cluster_tmpdir, free_base_port
 
 pytestmark = pytest.mark.integration
@@ -26,16 +26,6 @@ class NodeTwoOn18(LocalCluster):
         if name == "node2":
             cfg["postgresql"]["bin_dir"] = str(pgbuilds.reachable_bin_dir(18, self.run_as))
         return cfg
-
-
-def events(c: LocalCluster, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in c.nodes[name].log_path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def test_a_node_of_another_major_does_not_clone_and_says_why() -> None:

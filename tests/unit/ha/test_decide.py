@@ -97,6 +97,10 @@ _GRACE = view(
 )
 _LEASE_UNCONFIRMED = view(primary("a"), leader="a")
 _SCHEDULED = view(primary("a"), replica("b"), leader="a", switchover=sw(candidate="b", scheduled_at=NOW + 60))
+_B_ON_18 = view(on_major(primary("b"), "18.6"), leader="b")
+_NOT_FOLLOWING_18 = (
+    "not following b: the leader b runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17"
+)
 
 
 def _SLOTS_SCHEDULED(*, synced: bool, allow: bool = False) -> ClusterView:
@@ -432,14 +436,14 @@ CASES = [
         view(on_major(primary("b", tl=2), "18.6"), leader="b"),
         local("a", pg_running=False, needs_rewind=True, binaries_major=17),
         Action.WAIT,
-        why="not following b: the leader b runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17",
+        why=_NOT_FOLLOWING_18,
     ),
     Case(
         "stopped replica, the leader is of another major: not started to follow it",
-        view(on_major(primary("b"), "18.6"), leader="b"),
+        _B_ON_18,
         local("a", pg_running=False, binaries_major=17),
         Action.WAIT,
-        why="not following b: the leader b runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17",
+        why=_NOT_FOLLOWING_18,
     ),
     Case(
         "running replica, the leader is of another major: not re-pointed at it",
@@ -450,7 +454,7 @@ CASES = [
     ),
     Case(
         "writable, another node of another major leads: demoted all the same",
-        view(on_major(primary("b"), "18.6"), leader="b"),
+        _B_ON_18,
         local("a", in_recovery=False, binaries_major=17),
         Action.DEMOTE,
         why="b holds the leader key",
