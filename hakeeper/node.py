@@ -51,7 +51,9 @@ from hakeeper.ha.slots import SlotKeeper
 from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
+from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
+from hakeeper.pg.version import binaries_version
 from hakeeper.util import clock
 from hakeeper.util.fsutil import UnsafePathError, ensure_private_dir, open_nofollow
 from hakeeper.util.log import get_logger, register_secrets, secrets_of, setup_logging
@@ -130,7 +132,7 @@ class Node:
             apply=lambda dyn: self.pgconf.apply_changes(dyn),
             resync=self.mirror.resync,
         )
-        self.slots = SlotKeeper(cfg.name, self.store, self.pg.session, self.pg.data_dir)
+        self.slots = SlotKeeper(cfg.name, self.store, self.pg.session, lambda: self.state.binaries_major)
         self.pgconf = PgConfigurator(
             cfg,
             self.pg,
@@ -244,6 +246,7 @@ class Node:
         if not await self._check_identity():
             await self.client.close()
             return 0
+        self.state.binaries_major = await self._binaries_major()
         await inspect_data_dir(self.ctx)
         await self.backup.prepare()
         self.api = api = ApiServer(
@@ -383,6 +386,15 @@ class Node:
                 log.info("identity_checked", name=self.cfg.name, previous_lease=hex(self.lease.previous))
             return True
         return False
+
+    async def _binaries_major(self) -> int | None:
+        """The major of our binaries: already read (and cached) by the check before the agent
+        started; in a thread all the same, as it may run `postgres --version`."""
+        try:
+            return (await asyncio.to_thread(binaries_version, self.pg.bin_dir)).major
+        except PgError as e:
+            log.warning("binaries_version_unknown", bin_dir=str(self.pg.bin_dir), error=str(e))
+            return None
 
     async def shutdown(self) -> None:
         # a scheduled restart must not start PostgreSQL again; a reinitialize in the background

@@ -260,6 +260,10 @@ class Switchover:
     force: bool = False
     stage: SwitchoverStage = SwitchoverStage.REQUESTED
     handover_at: float | None = None
+    # The operator overrode the slot switchover guard (API allow_unsynced_slots): checked again
+    # when the request becomes due, so a scheduled one needs it recorded.  Agents of earlier
+    # versions ignore the field.
+    allow_unsynced_slots: bool = False
     mod_revision: int = 0  # filled from the key
 
     def to_json(self) -> bytes:
@@ -284,6 +288,7 @@ class Switchover:
             force=rec.force,
             stage=stage,
             handover_at=rec.handover_at,
+            allow_unsynced_slots=rec.allow_unsynced_slots,
             mod_revision=mod_revision,
         )
 

@@ -13,6 +13,17 @@ class Role(StrEnum):
     REPLICA = "replica"
 
 
+def release_major(release: str | None) -> int | None:
+    """The major of a release as members publish it (``server_version``: ``"17.10"`` -> 17,
+    ``"9.6"`` -> 9); None for None or a text that is not one.  The one reader of that text: the
+    probe writes it (:func:`hakeeper.pg.version.server_version_text`), the slot keeper and the
+    policy's major check read it back here."""
+    if release is None:
+        return None
+    head = release.partition(".")[0]
+    return int(head) if head.isdigit() else None
+
+
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -89,6 +100,11 @@ class LocalState:
     pending_restart: tuple[str, ...] = ()
     # the server's release, "17.10" (from server_version_num, which libpq reports at connect)
     server_version: str | None = None
+
+    @property
+    def server_major(self) -> int | None:
+        """The running server's major (17), None when unknown (not running)."""
+        return release_major(self.server_version)
 
     @classmethod
     def down(cls, error: str) -> LocalState:

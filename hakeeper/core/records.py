@@ -175,6 +175,7 @@ class SwitchoverRecord(_Record):
     force: bool = False
     stage: Word = "requested"
     handover_at: Epoch | None = None
+    allow_unsynced_slots: bool = False
 
 
 _HISTORY = TypeAdapter(Annotated[list[HistoryItem], Field(max_length=MAX_HISTORY)])

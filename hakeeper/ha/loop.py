@@ -22,6 +22,7 @@ from hakeeper.ha.identity import leader_lease_owner, member_conflict, owner_of
 from hakeeper.ha.policy.decide import decide
 from hakeeper.ha.policy.decision import Action, Decision, LeaseOwner, LocalFacts
 from hakeeper.ha.policy.observe import Identity, member_record, observe, publish_due, routine_only
+from hakeeper.ha.policy.versions import leader_major_refusal
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed
@@ -199,6 +200,7 @@ class HaLoop:
             leader_lease_owner=owner,
             name_conflict=conflict,
             bootstrap_left=await bootstrap_left(ctx, sysid, view.initialized),
+            binaries_major=st.binaries_major,
         )
 
     async def _identity(self, view: ClusterView, etcd_reachable: bool) -> tuple[LeaseOwner, bool]:
@@ -264,7 +266,8 @@ class HaLoop:
             initialized=ctx.pg.is_initialized(),
             view=view,
             now_wall=time.time(),
-            held=st.held,
+            # an operator's hold first; else a leader of another major we cannot follow
+            held=st.held or leader_major_refusal(view, ctx.name, st.binaries_major),
             scheduled_restart=st.scheduled_restart,
         )
         m = replace(m, slots=ctx.slots.report)

@@ -70,7 +70,8 @@ async def request_switchover(
     """Ask the current leader to hand over (now, or at ``scheduled_at``, epoch seconds).
 
     A switchover now to a candidate without a synced copy of every failover slot of the leader
-    is refused unless ``allow_unsynced_slots`` (:func:`~hakeeper.ha.policy.slots.slot_refusal`)."""
+    is refused unless ``allow_unsynced_slots`` (:func:`~hakeeper.ha.policy.slots.slot_refusal`);
+    a scheduled one is checked by the leader when it becomes due (the flag is recorded)."""
     now = time.time() if now is None else now
     view = await read_view(store)
     if view.leader is None:
@@ -97,6 +98,7 @@ async def request_switchover(
         candidate=candidate,
         requested_at=now,
         scheduled_at=scheduled_at,
+        allow_unsynced_slots=allow_unsynced_slots,
     )
     if scheduled_at is None or scheduled_at <= now:
         target, refusal = switchover_target(view, req, current)
@@ -152,6 +154,7 @@ async def request_failover(
         candidate=candidate,
         requested_at=now,
         force=allow_data_loss and not c.eligible,
+        allow_unsynced_slots=allow_unsynced_slots,
     )
     return await _write_request(store, view, req)
 

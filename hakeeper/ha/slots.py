@@ -11,7 +11,7 @@ The rules live in the pure module; this class carries them out and remembers wha
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 from hakeeper.core.cluster import ClusterView
 from hakeeper.core.config import ParamValue
@@ -42,13 +42,21 @@ NOT_FAILOVER_SAFE_17 = (
 
 
 class SlotKeeper:
-    def __init__(self, name: str, store: ClusterStore, session: SqlSession, data_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        store: ClusterStore,
+        session: SqlSession,
+        binaries_major: Callable[[], int | None],
+    ) -> None:
         self.name = name
         self.store = store
         self.session = session
-        self.data_dir = data_dir
-        self.major: int | None = None  # of the running server, once read
-        self._data_major: int | None = None  # of the data directory (PG_VERSION), once read
+        # The major of this node's binaries (hakeeper.pg.version, read once at the agent's start,
+        # which also refused a data directory of another major): what the parameters are
+        # written for before the server runs.
+        self._binaries_major = binaries_major
+        self.major: int | None = None  # of the running server (its probe's server_version), once seen
         self.report: SlotReport | None = None  # what the member record publishes
         self.existing: dict[str, SlotState] = {}  # every non-temporary slot, by name
         self.standby_slots: tuple[str, ...] = ()  # the primary's synchronized_standby_slots
@@ -59,13 +67,9 @@ class SlotKeeper:
     # -- parameters --------------------------------------------------------------------------------
 
     def server_major(self) -> int | None:
-        """The major the parameters are written for: the running server's, else the data
-        directory's (read once: the files are written before the server starts)."""
-        if self.major is not None:
-            return self.major
-        if self._data_major is None:
-            self._data_major = sql.data_dir_major(self.data_dir)
-        return self._data_major
+        """The major the parameters are written for: the running server's, else the binaries'
+        (the same, as the agent's start checked the data directory's PG_VERSION against them)."""
+        return self.major if self.major is not None else self._binaries_major()
 
     def params(self, role: Role) -> dict[str, ParamValue]:
         """What slot failover needs, per role, on 17+ (none before: the parameters do not exist
@@ -91,22 +95,25 @@ class SlotKeeper:
             self.report = None
             self.existing = {}
             return
+        major = probe.server_major or self.server_major()
+        if major is None:
+            log.debug("slots_read_failed", error="the server's major is not known yet")
+            return
+        self.major = major
         try:
-            if self.major is None:
-                self.major = await sql.server_major(self.session)
-            slots = await sql.list_slots(self.session, self.major)
+            slots = await sql.list_slots(self.session, major)
         except PgError as e:
             log.debug("slots_read_failed", error=str(e))
             return
         self.existing = {s.name: s for s in slots}
         wanted = view.config.slots
         shown = [s for s in slots if s.type == "logical" or s.name in wanted][:MAX_REPORTED_SLOTS]
-        self.report = SlotReport(self.major, tuple(shown))
+        self.report = SlotReport(major, tuple(shown))
         if probe.in_recovery is False:
             self._warn_unsafe(shown)
         else:
             self.standby_slots = ()  # a primary's list, recomputed from scratch after a promotion
-            if self.major >= FAILOVER_MAJOR:
+            if major >= FAILOVER_MAJOR:
                 await self._drop_stale_copies(slots, view)
 
     async def _drop_stale_copies(self, slots: list[SlotState], view: ClusterView) -> None:

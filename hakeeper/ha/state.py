@@ -50,6 +50,9 @@ class NodeState:
     # wall-clock time of a restart an operator scheduled (POST /restart with scheduled_at); kept
     # in this process only: an agent restart forgets it (docs/cli.md says so)
     scheduled_restart: float | None = None
+    # the major of this node's binaries (postgres --version of postgresql.bin_dir), read once at
+    # the agent's start; None: not known (the decision then checks no leader's major)
+    binaries_major: int | None = None
 
     @property
     def config(self) -> DynamicConfig:

@@ -1,6 +1,7 @@
 """SQL about replication slots beyond the members' own physical ones (those are
 :meth:`Postgres.ensure_slots`): list every slot with its failover state, create and drop the
-permanent slots of the dynamic config, and the server's major version.
+permanent slots of the dynamic config.  Which major runs is not asked here: the probe's
+``server_version`` and :mod:`hakeeper.pg.version` say it.
 
 A logical slot belongs to one database: it is created on a connection to that database (the
 agent's own connections go to ``postgres``)."""
@@ -8,7 +9,6 @@ agent's own connections go to ``postgres``)."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,20 +26,6 @@ LIST_SQL_17 = f"SELECT {_COLUMNS}, failover, synced FROM pg_replication_slots WH
 LIST_SQL_OLD = (
     f"SELECT {_COLUMNS}, NULL::bool, NULL::bool FROM pg_replication_slots WHERE NOT temporary ORDER BY 1"
 )
-
-
-def data_dir_major(data_dir: Path) -> int | None:
-    """The major version of the data directory (its PG_VERSION file), None if unreadable."""
-    try:
-        text = (data_dir / "PG_VERSION").read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-async def server_major(session: Session) -> int:
-    rows = await session.execute("SELECT current_setting('server_version_num')::int / 10000")
-    return int(rows[0][0])
 
 
 def _lsn(v: object) -> int | None:

@@ -3,6 +3,7 @@ instead (docs/slots.md).  Real etcd, real PostgreSQL of each major."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -76,6 +77,17 @@ def crash_host(c: LocalCluster, name: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def events(c: LocalCluster, name: str) -> list[dict[str, Any]]:
+    """The agent's log (JSON lines) of ``name``."""
+    out = []
+    for line in c.nodes[name].log_path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def slotsync_pid(c: LocalCluster, name: str) -> int | None:
@@ -246,3 +258,51 @@ def test_on_15_a_logical_slot_is_created_without_failover_and_marked_unsafe() ->
         )
         log = c.nodes[other].log_path.read_text()
         assert "permanent_slot_recreated" in log and "are not delivered to its consumer" in log, log[-3000:]
+
+
+def test_a_slot_removed_from_the_config_is_dropped_a_users_own_never() -> None:
+    """Two permanent slots; one is removed with PATCH /config (what edit-config sends): the
+    primary drops it within a few cycles, the replica's synced copy goes with it, and the other
+    permanent slot and a user's own failover slot (created by SQL) stay everywhere."""
+    dynamic = {**DYNAMIC, "slots": {SLOT: LOGICAL, "gone": LOGICAL}}
+    with running_cluster(nodes=2, pg_version=17, dynamic=dynamic) as c:
+        p = c.primary()
+        assert p is not None
+        r = next(n for n in c.names if n != p)
+        slots = [SLOT, "gone", "mine"]
+
+        def names(node: str, where: str = "") -> set[str]:
+            q = f"SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical' {where}"
+            return {str(row[0]) for row in sql(c, node, q)}
+
+        wait_for(lambda: {SLOT, "gone"} <= names(p), 30, "both permanent slots on the primary")
+        # a user's own failover slot, which hakeeper never managed
+        sql(c, p, "SELECT pg_create_logical_replication_slot('mine', 'test_decoding', false, false, true)")
+
+        # the replica syncs a slot once it moves past the replica's restart point (docs/slots.md,
+        # "the first sync"): a consumer of each slot that keeps confirming does that
+        def all_synced() -> bool:
+            sql(c, p, "SELECT pg_log_standby_snapshot()")
+            for s in slots:
+                consume(c.write_dsn(), s)
+            return names(r, "AND synced AND NOT temporary") == set(slots)
+
+        wait_for(all_synced, 90, "every slot synced on the replica", interval=1.0)
+
+        t0 = time.monotonic()
+        cfg, _ = run_request(c, requests.patch_config, patch={"slots": {"gone": None}})
+        assert set(cfg.slots) == {SLOT}
+        wait_for(lambda: "gone" not in names(p), 30, "the removed slot dropped on the primary")
+        print(f"dropped on the primary {time.monotonic() - t0:.1f}s after the config change")
+        assert names(p) == {SLOT, "mine"}
+        dropped = [e.get("slot") for e in events(c, p) if e.get("event") == "permanent_slot_dropped"]
+        assert dropped == ["gone"], dropped
+        # PostgreSQL's slot sync worker drops a synced copy whose slot is gone on the primary
+        # (it naps up to 30 s when idle)
+        wait_for(lambda: "gone" not in names(r), 75, "the synced copy dropped on the replica")
+        print(f"dropped on the replica {time.monotonic() - t0:.1f}s after the config change")
+        assert names(r, "AND synced") == {SLOT, "mine"}
+        # and a few cycles later nothing else went: the user's slot is never hakeeper's to drop
+        time.sleep(3)
+        assert names(p) == {SLOT, "mine"}
+        assert not [e for e in events(c, p) if e.get("slot") == "mine"]

@@ -72,10 +72,15 @@ def test_switchover_request_round_trips_through_json() -> None:
         force=True,
         stage=SwitchoverStage.HANDOVER,
         handover_at=2.5,
+        allow_unsynced_slots=True,
     )
     back = Switchover.from_json(sw.to_json(), mod_revision=7)
     assert back is not None and back.mod_revision == 7
     assert back.to_json() == sw.to_json()
+    assert back.allow_unsynced_slots is True
+    # a request written by an earlier agent (no such field) reads as not overridden
+    old = Switchover.from_json(b'{"kind": "switchover", "leader": "n1", "requested_at": 1}', 1)
+    assert old is not None and old.allow_unsynced_slots is False
     assert Switchover.from_json(b"{not json", 1) is None
     assert Switchover.from_json(b'{"kind": "bogus", "requested_at": 1}', 1) is None
 
@@ -161,6 +166,12 @@ async def test_switchover_requests_and_their_refusals() -> None:
         requests.request_switchover(store, leader=None, candidate=None, scheduled_at=1.0, now=100.0)
     )
     assert e.kind == RefusalKind.INVALID and e.message == "scheduled_at is in the past"
+    # the slot guard's override is recorded: a scheduled request is checked when it becomes due
+    later = await requests.request_switchover(
+        store, leader="n1", candidate="n2", scheduled_at=5000.0, now=1000.0, allow_unsynced_slots=True
+    )
+    assert later.allow_unsynced_slots and (await store.read_view()).switchover == later
+    await requests.cancel_switchover(store)
 
     view = await store.read_view()
     assert view.leader is not None and await store.release_leader("n1", view.leader.term)

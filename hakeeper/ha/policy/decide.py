@@ -37,6 +37,7 @@ from hakeeper.core.cluster import ClusterView, SwitchoverStage
 from hakeeper.ha.policy.decision import ACTIONS, STALE_VIEW_WHY, Action, Decision, LeaseOwner, LocalFacts
 from hakeeper.ha.policy.election import ELECTION, election_decision
 from hakeeper.ha.policy.rules import Ctx, Rule, first_match
+from hakeeper.ha.policy.slots import slot_refusal
 from hakeeper.ha.policy.switchover import switchover_live, switchover_target
 
 # -- every situation ------------------------------------------------------------------------------------
@@ -55,7 +56,14 @@ def _stale_request(c: Ctx) -> bool:
 
 
 def _handover_target(c: Ctx) -> tuple[str | None, str | None]:
-    return switchover_target(c.view, c.request, c.local.name)
+    """Whom a due request hands over to, or why it cannot be carried out.  The slot guard is
+    checked here too: a scheduled request was not checked when it was written (the slots may
+    sync by then), and any request is checked against the slots as they are now."""
+    target, refusal = switchover_target(c.view, c.request, c.local.name)
+    if target is None or c.request.allow_unsynced_slots:
+        return target, refusal
+    unsynced = slot_refusal(c.view, target)
+    return (None, unsynced) if unsynced is not None else (target, None)
 
 
 def _due(c: Ctx) -> bool:
@@ -139,6 +147,13 @@ RULES: tuple[Rule, ...] = (
         lambda c: c.no_data and c.leader_running and c.paused,
         Action.WAIT,
         "paused: not cloning",
+    ),
+    Rule(
+        "no data directory, a running leader of another PostgreSQL major",
+        lambda c: c.no_data and c.leader_running and c.other_major is not None,
+        Action.WAIT,
+        "clone refused: {refusal}",
+        fields=lambda c: {"refusal": c.other_major},
     ),
     Rule(
         "no data directory, a running leader",
@@ -281,6 +296,14 @@ RULES: tuple[Rule, ...] = (
         "{leader} holds the leader key",
         fields=lambda c: {"leader": c.leader_name},
         target=lambda c: c.leader_name,
+    ),
+    # Neither a rewind nor streaming works across majors: wait (read-only, if running) and say why.
+    Rule(
+        "another node leads and runs another PostgreSQL major",
+        lambda c: c.other_leads and c.other_major is not None,
+        Action.WAIT,
+        "not following {leader}: {refusal}",
+        fields=lambda c: {"leader": c.leader_name, "refusal": c.other_major},
     ),
     Rule(
         "another node leads, paused, postgres down or our data may have diverged",

@@ -184,6 +184,8 @@ class LocalFacts:
     name_conflict: bool = False
     # Our bootstrap marker, when it names our data directory: a bootstrap that did not finish.
     bootstrap_left: BootstrapLeft | None = None
+    # The major of this node's PostgreSQL binaries (None: unknown, no leader's major is checked).
+    binaries_major: int | None = None
 
     @property
     def writable(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 from hakeeper.core.cluster import ClusterView, Leader, Member, MemberRole, MemberState, Switchover
 from hakeeper.ha.policy.decision import Action, Decision, LeaseOwner, LocalFacts
+from hakeeper.ha.policy.versions import leader_major_refusal
 
 # -- the situation, as the rules read it -----------------------------------------------------------
 
@@ -66,6 +67,12 @@ class Ctx:
         """The leader key's holder publishes itself as a running primary."""
         lm = self.view.leader_member
         return lm is not None and lm.role == MemberRole.PRIMARY and lm.state == MemberState.RUNNING
+
+    @property
+    def other_major(self) -> str | None:
+        """Why we must not clone from or follow the leader: it runs another major than our
+        binaries (None: it does not, or either major is unknown)."""
+        return leader_major_refusal(self.view, self.local.name, self.local.binaries_major)
 
     @property
     def paused(self) -> bool:

@@ -27,6 +27,7 @@ from hakeeper.core.cluster import (
     SyncState,
 )
 from hakeeper.core.config import DynamicConfig
+from hakeeper.core.slots import SlotReport, SlotState
 from hakeeper.ha.policy.candidates import assess, rank
 from hakeeper.ha.policy.decide import RULES, decide
 from hakeeper.ha.policy.decision import (
@@ -53,6 +54,11 @@ def sw(**kw: object) -> Switchover:
     )
     base.update(kw)
     return Switchover(**base)  # type: ignore[arg-type]
+
+
+def on_major(m: Member, release: str) -> Member:
+    """``m`` running PostgreSQL ``release`` (its member record's ``server_version``)."""
+    return replace(m, server_version=release)
 
 
 def voter(name: str, lsn: int = 100 * MB, **kw: Any) -> Member:
@@ -91,6 +97,24 @@ _GRACE = view(
 )
 _LEASE_UNCONFIRMED = view(primary("a"), leader="a")
 _SCHEDULED = view(primary("a"), replica("b"), leader="a", switchover=sw(candidate="b", scheduled_at=NOW + 60))
+_B_ON_18 = view(on_major(primary("b"), "18.6"), leader="b")
+_NOT_FOLLOWING_18 = (
+    "not following b: the leader b runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17"
+)
+
+
+def _SLOTS_SCHEDULED(*, synced: bool, allow: bool = False) -> ClusterView:
+    """Leader a with failover slot cdc, replica b with a copy (``synced`` or not), and a
+    switchover to b scheduled for NOW + 60."""
+    cdc = SlotState("cdc", "logical", True, False, False, database="app", plugin="pgoutput")
+    return view(
+        replace(primary("a"), slots=SlotReport(17, (cdc,))),
+        replica("b", slots=SlotReport(17, (replace(cdc, synced=synced),))),
+        leader="a",
+        switchover=sw(candidate="b", scheduled_at=NOW + 60, allow_unsynced_slots=allow),
+    )
+
+
 _HANDOVER = view(
     # b is ahead of c by a little: automatic ranking would pick b, the hand-over picks c
     replica("a"),
@@ -391,6 +415,59 @@ CASES = [
         why="following b",
         target="b",
     ),
+    # -- a leader of another PostgreSQL major (issue 14): never cloned from, rewound from, followed -
+    Case(
+        "empty data directory, the running leader is of another major: wait",
+        view(on_major(primary("a"), "18.6"), leader="a"),
+        local("b", data_initialized=False, pg_running=False, binaries_major=17),
+        Action.WAIT,
+        why="clone refused: the leader a runs PostgreSQL 18.6, this node's binaries are PostgreSQL 17",
+    ),
+    Case(
+        "empty data directory, the running leader is of our major: clone from it",
+        view(on_major(primary("a"), "17.10"), leader="a"),
+        local("b", data_initialized=False, pg_running=False, binaries_major=17),
+        Action.CLONE,
+        why="empty data directory",
+        target="a",
+    ),
+    Case(
+        "former primary, the leader is of another major: no rewind",
+        view(on_major(primary("b", tl=2), "18.6"), leader="b"),
+        local("a", pg_running=False, needs_rewind=True, binaries_major=17),
+        Action.WAIT,
+        why=_NOT_FOLLOWING_18,
+    ),
+    Case(
+        "stopped replica, the leader is of another major: not started to follow it",
+        _B_ON_18,
+        local("a", pg_running=False, binaries_major=17),
+        Action.WAIT,
+        why=_NOT_FOLLOWING_18,
+    ),
+    Case(
+        "running replica, the leader is of another major: not re-pointed at it",
+        view(on_major(primary("b"), "15.18"), replica("a"), leader="b"),
+        local("a", binaries_major=17),
+        Action.WAIT,
+        why="not following b: the leader b runs PostgreSQL 15.18, this node's binaries are PostgreSQL 17",
+    ),
+    Case(
+        "writable, another node of another major leads: demoted all the same",
+        _B_ON_18,
+        local("a", in_recovery=False, binaries_major=17),
+        Action.DEMOTE,
+        why="b holds the leader key",
+        target="b",
+    ),
+    Case(
+        "stopped replica, the leader publishes no release (an older agent): follows as before",
+        view(primary("b"), leader="b"),
+        local("a", pg_running=False, binaries_major=17),
+        Action.START_REPLICA,
+        why="following b",
+        target="b",
+    ),
     # -- elections ---------------------------------------------------------------------------------
     Case(
         "most caught-up replica campaigns",
@@ -560,6 +637,40 @@ CASES = [
         Action.SWITCHOVER,
         why="switchover requested",
         target="b",
+    ),
+    Case(
+        "scheduled switchover once due: the candidate's copy of a failover slot is not synced",
+        _SLOTS_SCHEDULED(synced=False),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.REJECT_SWITCHOVER,
+        why="switchover refused: candidate b has no synced copy of failover slot(s) cdc: its logical "
+        "consumers would lose their position (wait for the slot sync worker, or override with "
+        "allow_unsynced_slots)",
+    ),
+    Case(
+        "scheduled switchover once due: the candidate's copy is synced",
+        _SLOTS_SCHEDULED(synced=True),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.SWITCHOVER,
+        why="switchover requested",
+        target="b",
+    ),
+    Case(
+        "scheduled switchover once due, not synced, the guard overridden when it was requested",
+        _SLOTS_SCHEDULED(synced=False, allow=True),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.SWITCHOVER,
+        why="switchover requested",
+        target="b",
+    ),
+    Case(
+        "switchover without a candidate once due: the replica the leader picks is checked",
+        replace(_SLOTS_SCHEDULED(synced=False), switchover=sw(scheduled_at=NOW + 60)),
+        local("a", in_recovery=False, now=NOW + 61),
+        Action.REJECT_SWITCHOVER,
+        why="switchover refused: candidate b has no synced copy of failover slot(s) cdc: its logical "
+        "consumers would lose their position (wait for the slot sync worker, or override with "
+        "allow_unsynced_slots)",
     ),
     Case(
         "stale switchover request is dropped",
