@@ -170,8 +170,9 @@ class PgbrSide:
             mkdir_for(self.base / sub, ra)
         mkdir_for(self.restore_dir, ra, 0o755)
         pwfile = self.base / "pwfile"
-        pwfile.write_text(self.password + "\n")
-        pwfile.chmod(0o600)
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+        with os.fdopen(fd, "w") as f:
+            f.write(self.password + "\n")
         ra.chown(pwfile)
         log(f"PostgreSQL {PGBR_MAJOR} for pgBackRest in {self.data}")
         run_cmd(
@@ -189,8 +190,6 @@ class PgbrSide:
         with open(self.data / "postgresql.auto.conf", "a") as f:
             f.writelines(f"{k} = '{v}'\n" for k, v in PGBR_SOURCE_PARAMETERS.items())
             f.write(pgbr.source_settings(self.conf, STANZA, self.port, self.sock, "bench/incremental.py"))
-        with open(self.data / "pg_hba.conf", "a") as f:
-            f.write(f"host all all {HOST}/32 scram-sha-256\n")
         self.started.append(self.data)
         run_cmd(
             [self.pg("pg_ctl"), "start", "-D", self.data, "-l", self.base / "source.log", "-w", "-t", "120"],
