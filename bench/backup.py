@@ -63,6 +63,7 @@ from typing import Any
 
 import psycopg
 
+from bench import pgbr
 from bench.failover import machine_facts, make_base_dir, percentile
 from bench.switchover import write_section
 from hakeeper.localcluster import (
@@ -200,7 +201,7 @@ def run_cmd(
     """Run a program to completion (as ``run_as`` if given), output captured."""
     ra = run_as or RunAs()
     args = [str(a) for a in argv]
-    r = subprocess.run(
+    r: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
         args,
         env=child_env(ra, env),
         cwd="/",
@@ -209,7 +210,7 @@ def run_cmd(
         text=True,
         timeout=timeout,
         check=False,
-        **ra.kwargs(),  # type: ignore[arg-type]
+        **ra.kwargs(),  # user/group/extra_groups (dict[str, object] for mypy)
     )
     if check and r.returncode != 0:
         out = (r.stdout + "\n" + r.stderr).strip().splitlines()
@@ -228,14 +229,17 @@ def mkdir_for(path: Path, run_as: RunAs, mode: int = 0o700) -> Path:
     return path
 
 
-def stop_pg(data_dir: Path, run_as: RunAs, mode: str = "fast", timeout: float = 60) -> None:
-    """Stop the postmaster running in ``data_dir`` (pg_ctl, then SIGKILL by PID)."""
+def stop_pg(
+    data_dir: Path, run_as: RunAs, mode: str = "fast", timeout: float = 60, major: int | None = None
+) -> None:
+    """Stop the postmaster running in ``data_dir`` (pg_ctl of PostgreSQL ``major``, then SIGKILL
+    by PID)."""
     pid = postmaster_pid(data_dir)
     if pid is None:
         return
     with contextlib.suppress(subprocess.TimeoutExpired, BenchError):
         run_cmd(
-            [pg_program("pg_ctl"), "stop", "-D", data_dir, "-m", mode, "-w", "-t", str(int(timeout))],
+            [pg_program("pg_ctl", major), "stop", "-D", data_dir, "-m", mode, "-w", "-t", str(int(timeout))],
             run_as,
             timeout=timeout + 10,
             check=False,
@@ -249,12 +253,31 @@ def stop_pg(data_dir: Path, run_as: RunAs, mode: str = "fast", timeout: float = 
                 os.kill(p, signal.SIGKILL)
 
 
-def start_pg(data_dir: Path, run_as: RunAs, port: int, sock: Path, logfile: Path, *, wait: bool) -> None:
-    """``pg_ctl start`` of a standalone copy on ``port``, never archiving (a restored copy must not
-    push WAL into the source's repository)."""
+def start_pg(
+    data_dir: Path,
+    run_as: RunAs,
+    port: int,
+    sock: Path,
+    logfile: Path,
+    *,
+    wait: bool,
+    major: int | None = None,
+) -> None:
+    """``pg_ctl start`` (of PostgreSQL ``major``) of a standalone copy on ``port``, never
+    archiving (a restored copy must not push WAL into the source's repository)."""
     opts = f"-p {port} -c listen_addresses={HOST} -c unix_socket_directories={sock} -c archive_mode=off"
     run_cmd(
-        [pg_program("pg_ctl"), "start", "-D", data_dir, "-l", logfile, "-w" if wait else "-W", "-o", opts],
+        [
+            pg_program("pg_ctl", major),
+            "start",
+            "-D",
+            data_dir,
+            "-l",
+            logfile,
+            "-w" if wait else "-W",
+            "-o",
+            opts,
+        ],
         run_as,
         timeout=120,
     )
@@ -674,48 +697,31 @@ class Bench:
 
     def setup_pgbackrest(self) -> None:
         ra = self.run_as
-        for sub in ("repo", "spool", "lock", "log", "sock"):
+        for sub in pgbr.SUBDIRS:
             mkdir_for(self.pgbr_dir / sub, ra)
         self.pgbr_conf.write_text(
-            "\n".join(
-                [
-                    "[global]",
-                    f"repo1-path={self.pgbr_repo}",
-                    "repo1-retention-full=100",
-                    f"process-max={PARALLEL}",
-                    "compress-type=zst",
-                    f"compress-level={ZSTD_LEVEL}",
-                    "start-fast=y",
-                    "archive-async=n",
-                    f"spool-path={self.pgbr_dir / 'spool'}",
-                    f"lock-path={self.pgbr_dir / 'lock'}",
-                    f"log-path={self.pgbr_dir / 'log'}",
-                    "log-level-console=warn",
-                    "log-level-file=info",
-                    "",
-                    f"[{STANZA}]",
-                    f"pg1-path={self.pgbr_data}",
-                    f"pg1-port={self.ports.pgbr_source}",
-                    f"pg1-socket-path={self.pgbr_sock}",
-                    f"pg1-user={SUPERUSER}",
-                    "",
-                ]
+            pgbr.conf_text(
+                self.pgbr_dir,
+                STANZA,
+                self.pgbr_data,
+                self.ports.pgbr_source,
+                process_max=PARALLEL,
+                compress_level=ZSTD_LEVEL,
             )
         )
         self.pgbr_conf.chmod(0o644)
         d = self.pgbr_data
-        for f in ("standby.signal", "recovery.signal", "postmaster.pid"):
-            (d / f).unlink(missing_ok=True)
-        archive_cmd = f"pgbackrest --config={self.pgbr_conf} --stanza={STANZA} archive-push %p"
+        for name in ("standby.signal", "recovery.signal", "postmaster.pid"):
+            (d / name).unlink(missing_ok=True)
         with open(d / "postgresql.auto.conf", "a") as f:
             f.write(
-                "# bench/backup.py: this copy is pgBackRest's source\n"
-                f"port = {self.ports.pgbr_source}\n"
-                f"listen_addresses = '{HOST}'\n"
-                f"unix_socket_directories = '{self.pgbr_sock}'\n"
-                "archive_mode = on\n"
-                "archive_library = ''\n"
-                f"archive_command = '{archive_cmd}'\n"
+                pgbr.source_settings(
+                    self.pgbr_conf,
+                    STANZA,
+                    self.ports.pgbr_source,
+                    self.pgbr_sock,
+                    "bench/backup.py: this copy is pgBackRest's source",
+                )
             )
         self.tracker.add_pgdata(d)
         run_cmd(
