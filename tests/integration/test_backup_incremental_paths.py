@@ -8,8 +8,8 @@ real hakeeper clusters:
   restored to its end with exactly its rows;
 * the primary's WAL summaries removed: ``--type incremental`` becomes a full, with pg_basebackup's
   reason printed and recorded; the next incremental chains on that full;
-* schedules: a ``full`` and an ``incremental`` schedule on the same cluster fire and the
-  incremental one chains on the full one's backup.
+* schedules: a ``full`` and an ``incremental`` schedule on the same cluster fire (both back the
+  standby up) and the incremental one chains on the full one's backup.
 
 Not tested here: ``bootstrap.from_backup`` of an incremental (it goes through the same
 ``restore()`` as the replica seed, which this module proves; test_backup_bootstrap.py covers
@@ -55,13 +55,17 @@ def batches(dsn_port: int, password: str) -> dict[str, int]:
     return {str(b): int(n) for b, n in rows}
 
 
-def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_encrypted_repository() -> None:
+@pytest.mark.parametrize("version", [17, 18])  # 18: pg_combinebackup --link for the seed
+def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_encrypted_repository(
+    version: int,
+) -> None:
     repo_dir = cluster_tmpdir("hk-incrp-repo-")
     base = cluster_tmpdir()
     area = PgArea()
     try:
         ra = resolve_run_as(repo_dir / "x")
         prepare_fs_repository(repo_dir / "repo", ra)
+        prepare_fs_repository(repo_dir / "plain", ra)
         key = repo_dir / "repo.key"
         key.write_text(new_key_text() + "\n")
         key.chmod(0o600)
@@ -72,9 +76,12 @@ def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_e
             base,
             nodes=2,
             base_port=free_base_port(2),
-            scope="incrp",
-            backup={"repositories": [doc], "replica_from_backup": True},
-            pg_version=VERSION,
+            scope=f"incrp{version}",
+            backup={
+                "repositories": [doc, {"name": "plain", "type": "fs", "path": str(repo_dir / "plain")}],
+                "replica_from_backup": True,
+            },
+            pg_version=version,
         )
         with c:
             c.check_ports()
@@ -155,6 +162,38 @@ def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_e
                 )
             )
             assert res["chain"] == [full["id"], inc1["id"], inc2["id"]], res
+            assert res["combine_mode"] == ("link" if version >= 18 else "copy-file-range"), res
+            assert batches(port, c.superuser_password) == {b: 100 for b in "abcd"}
+            # copied into the unencrypted repository: the whole chain, restorable from there
+            ok(hk("backup", "copy", inc2["id"], "-c", conf, "--to", "plain", "-o", "json"))
+            copied = ok(hk("backup", "list", "-c", conf, "--repo", "plain", "-o", "json"))
+            assert [(b["id"], b["parent"]) for b in copied] == [
+                (full["id"], None),
+                (inc1["id"], full["id"]),
+                (inc2["id"], inc1["id"]),
+            ], copied
+            (port,) = free_ports(1)
+            res = ok(
+                hk(
+                    "restore",
+                    "-c",
+                    conf,
+                    "-D",
+                    str(area.data_dir("copied-incr")),
+                    "--repo",
+                    "plain",
+                    "--backup",
+                    inc2["id"],
+                    "--target-lsn",
+                    inc2["stop_lsn"],
+                    "--start",
+                    "--port",
+                    str(port),
+                    "-o",
+                    "json",
+                )
+            )
+            assert res["chain"] == [full["id"], inc1["id"], inc2["id"]] and res["repository"] == "plain", res
             assert batches(port, c.superuser_password) == {b: 100 for b in "abcd"}
 
             # the primary's WAL summaries are gone: the incremental cannot reach its parent
@@ -188,7 +227,7 @@ def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_e
                 f"asked for incremental, taken as full: pg_basebackup --incremental against {inc2['id']}"
                 in (run.stdout)
             ), run.stdout
-            listed = ok(hk("backup", "list", "-c", conf, "-o", "json"))
+            listed = ok(hk("backup", "list", "-c", conf, "--repo", "fs", "-o", "json"))
             became = ok(hk("backup", "info", listed[-1]["id"], "-c", conf, "-o", "json"))
             assert (became["kind"], became["parent"]) == ("full", None), became
             assert "WAL summar" in became["became_full"], became["became_full"]
@@ -224,8 +263,11 @@ def test_a_full_and_an_incremental_schedule_make_a_chain() -> None:
                 {"name": "daily", "kind": "full", "type": "incremental", "cron": "* * * * * 10,20,40,50"},
             ],
         }
-        with running_cluster(nodes=1, backup=backup, scope="incrs", pg_version=VERSION) as c:
-            node = next(iter(c.nodes))
+        # two nodes: the schedules' source `auto` backs the standby up, with nothing written
+        # between two runs (the case where a standby's restartpoint is still the parent's start)
+        with running_cluster(nodes=2, backup=backup, scope="incrs", pg_version=VERSION) as c:
+            node = c.primary()
+            assert node is not None
             q(c, node, "CREATE TABLE t (id serial, batch text)")
             q(c, node, "INSERT INTO t (batch) SELECT 'a' FROM generate_series(1, 1000)")
 
@@ -239,6 +281,7 @@ def test_a_full_and_an_incremental_schedule_make_a_chain() -> None:
 
             parent, child = wait(chained, 150, "an incremental of the daily schedule on the weekly full", c)
             assert child.label.startswith("schedule daily") and parent.kind == "full"
+            assert child.source is not None and child.source.standby, child.source
             assert child.chain_root == parent.id
             runs = [r for r in record(c, "daily").get("runs", []) if r["result"] == "ok"]
             detail = [r["details"]["repositories"]["fs"] for r in runs if "details" in r]
