@@ -1,19 +1,17 @@
-"""Incremental base backups (PostgreSQL 17) on the paths the chain test does not take, against
-real hakeeper clusters:
+"""Incremental base backups (PostgreSQL 17; the first test also on 18) on the paths the chain
+test does not take, against real hakeeper clusters:
 
 * an encrypted repository: a full and an incremental through the CLI (the parent's manifest is
   fetched and decrypted); a new member is seeded from the newest backup, which is an incremental
   (``replica_from_backup``: the chain is combined), and then streams;
 * an incremental taken from that standby (``--from standby``: summarize_wal runs there too),
-  restored to its end with exactly its rows;
+  restored to its end with exactly its rows; its chain copied (``backup copy``) into an
+  unencrypted repository and restored from there;
 * the primary's WAL summaries removed: ``--type incremental`` becomes a full, with pg_basebackup's
   reason printed and recorded; the next incremental chains on that full;
 * schedules: a ``full`` and an ``incremental`` schedule on the same cluster fire (both back the
-  standby up) and the incremental one chains on the full one's backup.
-
-Not tested here: ``bootstrap.from_backup`` of an incremental (it goes through the same
-``restore()`` as the replica seed, which this module proves; test_backup_bootstrap.py covers
-that path with a full backup)."""
+  standby up) and the incremental one chains on the full one's backup;
+* a new cluster bootstrapped (``bootstrap.from_backup``) from the schedule's incremental."""
 
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.localcluster import LocalCluster, prepare_fs_repository
 from hakeeper.util.keyfile import new_key_text
 from hakeeper.util.proc import resolve_run_as
-from tests.integration.test_backup_bootstrap import events, names, q, tail, wait
+from tests.integration.test_backup_bootstrap import FromBackupCluster, events, names, q, tail, wait
 from tests.integration.test_backup_restore import hk, ok
 from tests.integration.test_schedule import record
 from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
@@ -286,5 +284,33 @@ def test_a_full_and_an_incremental_schedule_make_a_chain() -> None:
             runs = [r for r in record(c, "daily").get("runs", []) if r["result"] == "ok"]
             detail = [r["details"]["repositories"]["fs"] for r in runs if "details" in r]
             assert {"backup": child.id, "type": "incremental", "parent": parent.id} in detail, runs
+
+            # a new cluster bootstrapped from that incremental (bootstrap.from_backup): its chain
+            # combined, recovered to the incremental's end, promoted
+            base_b = cluster_tmpdir()
+            try:
+                b = FromBackupCluster(
+                    base_b,
+                    nodes=1,
+                    base_port=free_base_port(1),
+                    scope="incrb",
+                    backup={"repositories": backup["repositories"]},
+                    from_backup={"scope": c.scope, "backup": child.id, "target_lsn": child.stop_lsn},
+                    pg_version=VERSION,
+                )
+                with b:
+                    b.start()
+                    b.wait_ready(180)
+                    log_b = b.nodes["node1"].log_path
+                    wait(lambda: "bootstrap_from_backup_done" in names(log_b), 30, "bootstrap done", b)
+                    ev = events(log_b)
+                    done = next(e for e in ev if e.get("event") == "bootstrap_from_backup_done")
+                    assert done["backup"] == child.id, done
+                    combined = [e for e in ev if e.get("event") == "restore_chain_combined"]
+                    assert combined and combined[0]["chain"] == [parent.id, child.id], combined
+                    assert q(b, "node1", "SELECT batch, count(*) FROM t GROUP BY 1") == [("a", 1000)]
+                    assert q(b, "node1", "SELECT pg_is_in_recovery()") == [(False,)]
+            finally:
+                shutil.rmtree(base_b, ignore_errors=True)
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
