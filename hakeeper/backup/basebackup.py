@@ -427,10 +427,9 @@ async def create_backup(
     parent = None
     became_full = None
     if backup_type == "incremental":
-        choice = await _choose_parent(repo, scope, source, facts)
-        parent, became_full = choice.parent, choice.reason
-        if became_full is not None:
-            log.warning("backup_incremental_became_full", source=source.address, reason=became_full)
+        parent, became_full = await _prepare_incremental(
+            repo, scope, source, facts, primary, superuser, wal_timeout
+        )
     now = catalog.utcnow()
     record = await claim_backup_id(
         repo,
@@ -613,6 +612,76 @@ async def _choose_parent(
         timeline=facts.timeline,
         version_num=facts.version_num,
     )
+
+
+async def _prepare_incremental(
+    repo: Repository,
+    scope: str,
+    source: Endpoint,
+    facts: SourceFacts,
+    primary: Endpoint | None,
+    superuser: Credentials,
+    wal_timeout: float,
+) -> tuple[BackupRecord | None, str | None]:
+    """The parent of an incremental backup, or None and why the backup is taken as a full."""
+    choice = await _choose_parent(repo, scope, source, facts)
+    if choice.reason is not None:
+        log.warning("backup_incremental_became_full", source=source.address, reason=choice.reason)
+    elif choice.parent is not None and facts.in_recovery:
+        await _standby_past_parent(source, primary, superuser, choice.parent, min(wal_timeout, 60.0))
+    return choice.parent, choice.reason
+
+
+_LSN_SQL = "({}) - '0/0'::pg_lsn"  # a pg_lsn as a number of bytes (numeric)
+
+
+async def _standby_past_parent(
+    source: Endpoint, primary: Endpoint | None, superuser: Credentials, parent: BackupRecord, timeout: float
+) -> None:
+    """Let an incremental backup of a standby start after its parent's end.
+
+    A backup of a standby starts at the redo point of the last checkpoint record the standby
+    replayed (the restartpoint pg_backup_start forces), not at a new checkpoint as on a
+    primary.  With little written since the parent, that is still the checkpoint the parent
+    itself started at, and PostgreSQL refuses the incremental ("manifest requires WAL from
+    final timeline ... ending at X, but this backup starts at Y").  So when the standby's last
+    restartpoint is not past the parent's end, a CHECKPOINT runs on the primary and we wait
+    until the standby has replayed it.  Never fatal: if it does not work out, the incremental
+    fails and the backup is taken as a full, with that reason."""
+    try:
+        rows = await query(
+            source, superuser, f"SELECT {_LSN_SQL.format('SELECT redo_lsn FROM pg_control_checkpoint()')}"
+        )
+        if int(rows[0][0]) > parent.stop_lsn_int:
+            return  # the restartpoint is past the parent already: nothing to do
+        if primary is None:
+            raise BackupError("no primary known to run a CHECKPOINT on")
+        await query(primary, superuser, "CHECKPOINT", timeout=timeout)
+        rows = await query(
+            primary,
+            superuser,
+            f"SELECT {_LSN_SQL.format('SELECT checkpoint_lsn FROM pg_control_checkpoint()')}",
+        )
+        checkpoint = int(rows[0][0])
+        replayed = f"SELECT {_LSN_SQL.format('SELECT pg_last_wal_replay_lsn()')}"
+        deadline = time.monotonic() + timeout
+        while int((await query(source, superuser, replayed))[0][0] or 0) <= checkpoint:
+            if time.monotonic() > deadline:
+                raise BackupError(
+                    f"{source.name} did not replay the primary's checkpoint at {format_lsn(checkpoint)} "
+                    f"within {timeout:.0f}s"
+                )
+            await asyncio.sleep(0.1)
+        log.info(
+            "backup_standby_checkpoint_replayed",
+            source=source.address,
+            primary=primary.address,
+            checkpoint=format_lsn(checkpoint),
+            parent=parent.id,
+            reason="the standby's last restartpoint was not past the parent's end",
+        )
+    except (BackupError, ValueError, TypeError) as e:
+        log.warning("backup_standby_checkpoint_failed", source=source.address, parent=parent.id, error=str(e))
 
 
 async def _copy_against(run: _Run, a: _CopyArgs, parent: BackupRecord | None) -> None:

@@ -305,6 +305,7 @@ class AgentBackup:
         log.info(
             "clone_from_backup_finished",
             backup=res.backup_id,
+            chain=res.chain or None,  # an incremental: its chain was combined, full first
             repository=res.repository,
             seconds=round(time.monotonic() - t0, 2),
             note="replays archived WAL, then streams from the leader",
