@@ -129,7 +129,17 @@ def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_e
             assert "clone_started" not in names(c.nodes["node2"].log_path)  # no pg_basebackup clone
             assert q(c, "node2", "SHOW summarize_wal") == [("on",)]  # the agent sets it on standbys too
 
-            # an incremental from the standby, against the primary's incremental
+            # an incremental from the standby, against the primary's incremental: `--from standby`
+            # picks from the member records in etcd, which show node2 streaming (with its lag) up to
+            # a loop_wait after pg_stat_replication does -- wait for what the command reads
+            def listed_streaming() -> bool:
+                doc = ok(hk("list", "-c", conf, "-o", "json"))
+                return any(
+                    m["name"] == "node2" and m["state"] == "streaming" and m["lag"] is not None
+                    for m in doc["members"]
+                )
+
+            wait(listed_streaming, 60, "node2 listed as a streaming standby", c)
             inc2 = create("incremental", "standby")
             assert inc2["source"]["member"] == "node2" and inc2["source"]["standby"] is True
             assert (inc2["kind"], inc2["parent"], inc2["chain_root"]) == (
