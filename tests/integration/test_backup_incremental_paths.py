@@ -283,7 +283,15 @@ def test_a_full_and_an_incremental_schedule_make_a_chain() -> None:
                 recs = {r.id: r for r in complete_records(repo_dir, c.scope)}
                 for r in recs.values():
                     p = recs.get(r.parent or "")
-                    if r.kind == "incremental" and p is not None and p.label.startswith("schedule weekly"):
+                    # from the standby: a run in the first loop_wait after start may still take the
+                    # primary (`auto` reads the member records, which list the standby a cycle late)
+                    from_standby = r.source is not None and r.source.standby
+                    if (
+                        r.kind == "incremental"
+                        and from_standby
+                        and p is not None
+                        and p.label.startswith("schedule weekly")
+                    ):
                         return [p, r]
                 return None
 
