@@ -37,7 +37,7 @@ class PgConfigurator:
         *,
         sync_guc: Callable[[DynamicConfig], str],
         extra: Callable[[Mapping[str, ParamValue]], dict[str, ParamValue]],
-        slot_params: Callable[[Role], dict[str, ParamValue]] = lambda role: {},
+        slot_params: Callable[[Role, str], dict[str, ParamValue]] = lambda role, wal_level: {},
     ) -> None:
         self.cfg = cfg
         self.pg = pg
@@ -66,11 +66,12 @@ class PgConfigurator:
         return tuple(sorted(hosts - set(refused)))
 
     def params(self, dyn: DynamicConfig, role: Role) -> dict[str, Any]:
+        base: dict[str, Any] = {**dyn.cluster_parameters(), **self.cfg.postgresql.parameters}
+        wal_level = str(base.get("wal_level", "replica")).lower()
         params: dict[str, Any] = {
-            **dyn.cluster_parameters(),
-            **self.cfg.postgresql.parameters,
+            **base,
             "synchronous_standby_names": self.sync_guc(dyn),
-            **self.slot_params(role),
+            **self.slot_params(role, wal_level),
         }
         return {**params, **self.extra(params)}
 

@@ -71,16 +71,20 @@ class SlotKeeper:
         (the same, as the agent's start checked the data directory's PG_VERSION against them)."""
         return self.major if self.major is not None else self._binaries_major()
 
-    def params(self, role: Role) -> dict[str, ParamValue]:
+    def params(self, role: Role, wal_level: str) -> dict[str, ParamValue]:
         """What slot failover needs, per role, on 17+ (none before: the parameters do not exist
-        there and PostgreSQL would refuse to start).  Always on 17+ rather than only while
-        permanent logical slots exist: a slot added later (or a user's own failover slot) is
-        synced without rewriting every replica's configuration, and an idle slot sync worker
-        costs one query per cycle of its own."""
+        there and PostgreSQL would refuse to start).  On 17+ whenever ``wal_level`` is logical,
+        rather than only while permanent logical slots exist: a slot added later (or a user's
+        own failover slot) is synced without rewriting every replica's configuration, and an
+        idle slot sync worker costs one query per cycle of its own.  Not below logical: there
+        can be no logical slot to sync, and the postmaster would retry (and log) starting a
+        sync worker that refuses to run several times a second."""
         major = self.server_major()
         if major is None or major < FAILOVER_MAJOR:
             return {}
         if role is Role.REPLICA:
+            if wal_level != "logical":
+                return {}
             # The slot sync worker refuses to run without hot_standby_feedback (the primary must
             # not remove rows the synced slots' catalog_xmin still needs).
             return {"sync_replication_slots": True, "hot_standby_feedback": True}

@@ -176,6 +176,15 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
+def parent_pid(pid: int) -> int | None:
+    """The process's parent PID, read from /proc (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def proc_comm(pid: int) -> str:
     """The process's command name ('' when it is gone)."""
     try:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from hakeeper.core.config import DynamicConfig, ParamValue
+from hakeeper.localcluster import pgbuilds
 from hakeeper.pg import LocalState, PgError, Postgres, Role, Upstream
 from hakeeper.pg.clone import clone_from
 from hakeeper.pg.rewind import rewind
@@ -442,3 +443,50 @@ async def test_replica_keeps_reporting_the_new_timeline_after_its_upstream_dies(
     await wait_for(receiver_gone, what="tl_c's WAL receiver gone")
     after = await c.probe()
     assert after.timeline == 2, after
+
+
+@pytest.mark.matrix
+async def test_promotion_does_not_wait_for_an_idle_wal_summarizer(
+    area: PgArea, nodes: list[Postgres]
+) -> None:
+    """17+ with summarize_wal and WAL archiving: the end of recovery waits for the WAL summarizer,
+    which sleeps longer the longer the WAL is idle (10 s of waiting after 15 s idle on 18.6,
+    24 s after 40 s).  Postgres.promote wakes it, so the promotion takes what it takes on 15."""
+    if pgbuilds.default_major() < 17:
+        pytest.skip("WAL summarization exists on 17+")
+    params: dict[str, ParamValue] = {
+        **PARAMS,
+        "summarize_wal": True,
+        "archive_mode": "on",
+        "archive_command": "/bin/true",
+    }
+    a = make_node(area, nodes, "sum_a")
+    b = make_node(area, nodes, "sum_b")
+    await a.initdb(INITDB_ARGS)
+    await a.write_config(params, Role.PRIMARY, None, replication_password=_pw(a.cfg.replication.password))
+    await a.start(timeout=60)
+    await a.create_roles(
+        superuser_password=_pw(a.cfg.superuser.password),
+        replication_user=a.cfg.replication.username,
+        replication_password=_pw(a.cfg.replication.password),
+    )
+    await a.ensure_slots({"sum_b"})
+    await clone_from(
+        b,
+        upstream_of(a, "sum_b"),
+        replication_user=b.cfg.replication.username,
+        replication_password=_pw(b.cfg.replication.password),
+        timeout=120,
+    )
+    await b.write_config(
+        params, Role.REPLICA, upstream_of(a, "sum_b"), replication_password=_pw(b.cfg.replication.password)
+    )
+    await b.start(timeout=60)
+    await streaming(b, a)
+    await asyncio.sleep(15)  # idle: the summarizer's naps grow
+    await a.stop("immediate")
+    t0 = time.monotonic()
+    await b.promote(timeout=60)
+    took = time.monotonic() - t0
+    assert (await b.probe()).in_recovery is False
+    assert took < 3.0, f"the promotion took {took:.1f}s"
