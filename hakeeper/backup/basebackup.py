@@ -901,6 +901,7 @@ async def _copy(
     pending: list[bytes] = []  # chunks of the part being filled (joined once: one copy)
     pending_size = 0
     idle_timeout = max(wal_timeout, 300.0)
+    marks: dict[str, float] = {}  # seconds since the start: where a copy's time goes (logged)
     try:
         while True:
             # The server sends nothing during its checkpoint at the start and, from a primary,
@@ -910,6 +911,9 @@ async def _copy(
             chunk = await _read_stream(proc.stdout, wal_timeout if at_end else idle_timeout, at_end, total)
             if not chunk:
                 break
+            marks.setdefault("first_byte", time.monotonic() - t0)
+            if at_end:
+                marks.setdefault("pg_control", time.monotonic() - t0)
             try:
                 scanner.feed(chunk)
             except TarFormatError as e:
@@ -926,6 +930,7 @@ async def _copy(
                 if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
                     rec.size = total
                     await run.save()
+        marks["stream_end"] = time.monotonic() - t0
         if pending or not parts.tasks:
             await parts.submit(b"".join(pending))
             pending.clear()
@@ -939,7 +944,9 @@ async def _copy(
             ) from e
         await err_task
         _check_exit(rc, stderr_buf.decode(errors="replace"), source)
+        marks["pg_basebackup_exit"] = time.monotonic() - t0
         results = await parts.finish()
+        marks["parts_stored"] = time.monotonic() - t0
     except BaseException:
         await _kill(proc)
         err_task.cancel()
@@ -948,6 +955,7 @@ async def _copy(
         raise
     rec.stop_time = catalog.utcnow()
     rec.seconds_copy = round(time.monotonic() - t0, 3)
+    log.info("backup_copy_timing", id=rec.id, **{k: round(v, 3) for k, v in marks.items()})
     label, manifest_raw, ranges = _streamed_label_and_manifest(scanner)
     await _record_copy(
         run,

@@ -54,9 +54,9 @@ async def wait_for(
     raise AssertionError(f"timed out waiting for {what or check}")
 
 
-async def init_primary(pg: Postgres) -> None:
+async def init_primary(pg: Postgres, params: dict[str, ParamValue] = PARAMS) -> None:
     await pg.initdb(INITDB_ARGS)
-    await pg.write_config(PARAMS, Role.PRIMARY, None, replication_password=_pw(pg.cfg.replication.password))
+    await pg.write_config(params, Role.PRIMARY, None, replication_password=_pw(pg.cfg.replication.password))
     await pg.start(timeout=60)
     await pg.create_roles(
         superuser_password=_pw(pg.cfg.superuser.password),
@@ -74,7 +74,9 @@ def upstream_of(pg: Postgres, slot: str | None) -> Upstream:
     return Upstream(host=host, port=port, slot_name=slot)
 
 
-async def make_replica(source: Postgres, replica: Postgres, slot: str) -> None:
+async def make_replica(
+    source: Postgres, replica: Postgres, slot: str, params: dict[str, ParamValue] = PARAMS
+) -> None:
     await clone_from(
         replica,
         upstream_of(source, slot),
@@ -83,7 +85,7 @@ async def make_replica(source: Postgres, replica: Postgres, slot: str) -> None:
         timeout=120,
     )
     await replica.write_config(
-        PARAMS,
+        params,
         Role.REPLICA,
         upstream_of(source, slot),
         replication_password=_pw(replica.cfg.replication.password),
@@ -462,26 +464,9 @@ async def test_promotion_does_not_wait_for_an_idle_wal_summarizer(
     }
     a = make_node(area, nodes, "sum_a")
     b = make_node(area, nodes, "sum_b")
-    await a.initdb(INITDB_ARGS)
-    await a.write_config(params, Role.PRIMARY, None, replication_password=_pw(a.cfg.replication.password))
-    await a.start(timeout=60)
-    await a.create_roles(
-        superuser_password=_pw(a.cfg.superuser.password),
-        replication_user=a.cfg.replication.username,
-        replication_password=_pw(a.cfg.replication.password),
-    )
+    await init_primary(a, params)
     await a.ensure_slots({"sum_b"})
-    await clone_from(
-        b,
-        upstream_of(a, "sum_b"),
-        replication_user=b.cfg.replication.username,
-        replication_password=_pw(b.cfg.replication.password),
-        timeout=120,
-    )
-    await b.write_config(
-        params, Role.REPLICA, upstream_of(a, "sum_b"), replication_password=_pw(b.cfg.replication.password)
-    )
-    await b.start(timeout=60)
+    await make_replica(a, b, "sum_b", params)
     await streaming(b, a)
     await asyncio.sleep(15)  # idle: the summarizer's naps grow
     await a.stop("immediate")
