@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,15 +18,6 @@ from tests.support.pg import PgArea
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def area() -> Iterator[PgArea]:
-    a = PgArea()
-    try:
-        yield a
-    finally:
-        a.cleanup()
 
 
 def test_incremental_chain_on_s3(seaweed: SeaweedS3, area: PgArea) -> None:
