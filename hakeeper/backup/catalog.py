@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ RECORD_NAME = "backup.json"
 MANIFEST_NAME = "backup_manifest"
 PART_PREFIX = "base.tar."
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
+# What a backup id read from a repository may be (make_backup_id writes 20261207T094946Z).
+# Records come from the repository, which may have been tampered with, and an id names
+# directories (a chain's staging directories) and object keys: "..", "/etc" or a name with a
+# slash is refused when a record is read (read_record).
+BACKUP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # How the tar stream is stored in the parts.  zstd-parts: every part a zstd frame of its own
 # (hakeeper compressed the stream).  zstd-stream: the server compressed the whole stream
 # (pg_basebackup --compress=server-zstd); the parts are consecutive slices of that one zstd
@@ -408,9 +414,19 @@ def _ids_from_listing(scope: str, entries: Iterable[ListEntry]) -> dict[str, lis
 async def read_record(repo: Repository, scope: str, backup_id: str) -> BackupRecord:
     raw = await repo.get(record_key(scope, backup_id))
     try:
-        return BackupRecord.model_validate_json(raw)
+        rec = BackupRecord.model_validate_json(raw)
     except ValidationError as e:
         raise ValueError(f"{repo.name}: backup {backup_id}: unreadable {RECORD_NAME}: {e}") from e
+    if rec.id != backup_id:
+        raise ValueError(
+            f"{repo.name}: backup {backup_id}: its {RECORD_NAME} names another backup ({rec.id!r})"
+        )
+    for what, value in (("id", rec.id), ("parent", rec.parent), ("chain_root", rec.chain_root)):
+        if value is not None and not BACKUP_ID_RE.fullmatch(value):
+            raise ValueError(
+                f"{repo.name}: backup {backup_id}: {RECORD_NAME} has an invalid {what} {value!r}"
+            )
+    return rec
 
 
 async def load_catalog(repo: Repository, scope: str, *, wal: bool = True, histories: bool = True) -> Catalog:

@@ -119,6 +119,26 @@ def keep_set(
     return keep, why
 
 
+def _whole_chains(
+    cat: Catalog, by_id: dict[str, BackupRecord]
+) -> tuple[list[BackupRecord], set[str], dict[str, str]]:
+    """The complete backups whose chains are whole (newest first); those with a broken chain
+    kept all the same because some record could not be read (the missing link may be that
+    record); why each other broken one goes."""
+    why: dict[str, str] = {}
+    whole: list[BackupRecord] = []
+    unsure: set[str] = set()
+    for b in cat.complete():
+        broken = catalog.chain_problem(b, by_id)
+        if broken is None:
+            whole.append(b)
+        elif cat.problems:
+            unsure.add(b.id)
+        else:
+            why[b.id] = broken
+    return whole, unsure, why
+
+
 def keep_chains(
     cat: Catalog, retention: RetentionConfig, now: dt.datetime
 ) -> tuple[set[str], dict[str, str]]:
@@ -127,45 +147,47 @@ def keep_chains(
     backup it keeps.  ``full_count`` counts full backups (chains); ``full_days`` keeps the chain
     of every backup that ended within the window and of the newest one that ended before it;
     the chain of the newest backup, and of a backup still running, is always kept.  An
-    incremental whose chain is broken (a link missing or failed) cannot be restored: it goes."""
+    incremental whose chain is broken (a link missing or failed) cannot be restored: it goes --
+    unless some record could not be read (``cat.problems``): the missing link may be that
+    record, so nothing with a broken chain is removed then."""
     by_id = {r.id: r for r in cat.records}
-    done = cat.complete()  # newest first
-    why: dict[str, str] = {}
-    whole: list[BackupRecord] = []
-    for b in done:
-        broken = catalog.chain_problem(b, by_id)
-        if broken is None:
-            whole.append(b)
-        else:
-            why[b.id] = broken
+    whole, unsure, why = _whole_chains(cat, by_id)
+    # the root as the parents lead to it, not the record's own chain_root (a record's word)
+    root = {b.id: catalog.chain_of(b, by_id)[0].id for b in whole}
     fulls = [b for b in whole if b.kind == "full"]
     if not whole:
-        return set(), why
+        return unsure, why
     if retention.full_count is None and retention.full_days is None:
-        return {b.id for b in whole}, why
-    roots: set[str] = {whole[0].root}  # never the newest (so never the only one)
-    roots |= {r.root for r in cat.records if r.status is BackupStatus.RUNNING and not r.abandoned(now)}
+        return {b.id for b in whole} | unsure, why
+    roots: set[str] = {root[whole[0].id]}  # never the newest (so never the only one)
+    for r in cat.records:
+        if r.status is BackupStatus.RUNNING and not r.abandoned(now):
+            roots.add(r.root)
+            if r.parent is not None and r.parent in root:
+                roots.add(root[r.parent])  # the chain its parent really belongs to
     if retention.full_count is not None:
         roots |= {b.id for b in fulls[: retention.full_count]}
     if retention.full_days is not None:
         cutoff = now - dt.timedelta(days=retention.full_days)
-        roots |= {b.root for b in whole if b.stop_time is not None and b.stop_time >= cutoff}
+        roots |= {root[b.id] for b in whole if b.stop_time is not None and b.stop_time >= cutoff}
         older = [b for b in whole if b.stop_time is not None and b.stop_time < cutoff]
         if older:
-            roots.add(older[0].root)  # the window's start must stay restorable
-    keep = {b.id for b in whole if b.root in roots}
+            roots.add(root[older[0].id])  # the window's start must stay restorable
+    keep = {b.id for b in whole if root[b.id] in roots} | unsure
     numbers = {b.id: i + 1 for i, b in enumerate(fulls)}
     for b in whole:
         if b.id in keep:
             continue
         parts = []
         if retention.full_count is not None:
-            n = numbers.get(b.root)
+            n = numbers.get(root[b.id])
             where = f"number {n}" if n is not None else "its full backup is gone"
-            parts.append(f"chain {b.root} not among the newest {retention.full_count} full backups ({where})")
+            parts.append(
+                f"chain {root[b.id]} not among the newest {retention.full_count} full backups ({where})"
+            )
         if retention.full_days is not None:
             parts.append(
-                f"chain {b.root} older than {retention.full_days:g} days and not needed to cover them"
+                f"chain {root[b.id]} older than {retention.full_days:g} days and not needed to cover them"
             )
         why[b.id] = "; ".join(parts)
     return keep, why

@@ -196,6 +196,29 @@ def test_expire_removes_broken_incrementals_and_protects_a_running_ones_chain() 
     assert sorted(p.kept) == ["A", "B", "F"]
 
 
+def test_expire_never_removes_a_chain_whose_missing_link_may_be_an_unreadable_record() -> None:
+    """A full's record could not be read (a transient error, a damaged file): its incrementals
+    look broken, but the missing link may be that record -- nothing of them is removed."""
+    recs = [rec("B", 2, "A", "A"), rec("C", 3, "B", "A"), rec("F", 4)]
+    now = T0 + dt.timedelta(hours=5)
+    cat = _catalog(recs)
+    cat.problems.append("r: backup A: unreadable backup.json: ...")
+    for retention in (RetentionConfig(full_count=1), RetentionConfig()):
+        p = plan_expire(cat, "s", retention, now)
+        assert p.backups == [] and sorted(p.kept) == ["B", "C", "F"], retention
+    # once the catalog reads cleanly, the broken chain goes as before
+    p = plan_expire(_catalog(recs), "s", RetentionConfig(full_count=1), now)
+    assert {b.id for b in p.backups} == {"B", "C"}
+
+
+def test_expire_follows_the_parents_not_a_records_chain_root() -> None:
+    """C, the newest, claims chain_root F (a tampered or buggy record) but its parents lead to A:
+    keeping C keeps A and B (read as F's chain, they were removed and C left unrestorable)."""
+    recs = [rec("A", 1), rec("B", 2, "A", "A"), rec("F", 3), rec("C", 4, "B", "F")]
+    p = plan_expire(_catalog(recs), "s", RetentionConfig(full_count=1), T0 + dt.timedelta(hours=5))
+    assert p.backups == [] and sorted(p.kept) == ["A", "B", "C", "F"]
+
+
 # ============================================================================ backup copy
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
@@ -235,3 +236,27 @@ def test_report_exits_1_when_it_could_read_neither_etcd_nor_a_repository(
         assert res.exit_code == 0, res.output
     else:
         assert res.exit_code == 1 and "neither etcd nor any backup repository could be read" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("id", "../../etc", "names another backup"),
+        ("id", "B2", "names another backup"),
+        ("parent", "/etc", "invalid parent"),
+        ("chain_root", "..", "invalid chain_root"),
+    ],
+)
+async def test_a_record_naming_a_path_is_refused(tmp_path: Path, field: str, value: str, why: str) -> None:
+    """Ids from a repository name directories (a chain's staging directories): a tampered record
+    is refused when read, listed as a problem, and its backup is not in the catalog."""
+    repo = FilesystemRepository(tmp_path / "r", name="r")
+    await repo.initialize()
+    rec = await _backup(repo)
+    doc = json.loads(rec.to_json())
+    doc[field] = value
+    await repo.put(catalog.record_key(SCOPE, "B1"), json.dumps(doc).encode())
+    with pytest.raises(ValueError, match=why):
+        await catalog.read_record(repo, SCOPE, "B1")
+    cat = await catalog.load_catalog(repo, SCOPE)
+    assert cat.records == [] and len(cat.problems) == 1 and why in cat.problems[0]
