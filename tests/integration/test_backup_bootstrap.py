@@ -22,7 +22,7 @@ from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.localcluster import LocalCluster, prepare_fs_repository
 from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_backup_restore import hk, ok
-from tests.support.cluster import cluster_tmpdir, free_base_port
+from tests.support.cluster import cluster_tmpdir, free_base_port, start_first_member
 
 pytestmark = pytest.mark.integration
 
@@ -239,11 +239,7 @@ def test_replica_created_from_backup_then_streams_and_falls_back_when_corrupt() 
         try:
             c = LocalCluster(base, nodes=3, base_port=free_base_port(3), scope="rfb", backup=backup_cfg)
             with c:
-                c.check_ports()
-                c.write_configs()
-                c.etcd.start()
-                c.agents["node1"].start()
-                wait(lambda: c.node_state("node1").role == "primary", 90, "node1 primary", c)
+                start_first_member(c)
                 q(c, "node1", "CREATE TABLE t (id serial, batch text)")
                 q(c, "node1", "INSERT INTO t (batch) SELECT 'a' FROM generate_series(1, 500)")
                 conf = str(c.nodes["node1"].config_path)

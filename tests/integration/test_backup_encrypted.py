@@ -25,7 +25,7 @@ from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError, wal_config_path
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.lsn import parse_lsn
-from hakeeper.localcluster import LocalCluster, prepare_fs_repository
+from hakeeper.localcluster import LocalCluster
 from hakeeper.util.keyfile import new_key_text
 from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_backup_bootstrap import names, q, tail, wait
@@ -43,7 +43,7 @@ from tests.integration.test_backup_restore import (
     sql,
     start_primary,
 )
-from tests.support.cluster import cluster_tmpdir, free_base_port
+from tests.support.cluster import cluster_tmpdir, encrypted_fs_repository, free_base_port, start_first_member
 from tests.support.pg import PgArea
 from tests.support.ports import free_ports
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
@@ -354,13 +354,7 @@ def test_agents_archive_into_an_encrypted_repository_and_seed_a_replica_from_it(
     base = cluster_tmpdir()
     try:
         ra = resolve_run_as(repo_dir / "x")
-        prepare_fs_repository(repo_dir / "repo", ra)
-        key = repo_dir / "repo.key"
-        key.write_text(new_key_text() + "\n")
-        key.chmod(0o600)
-        ra.chown(key)  # restore_command runs as PostgreSQL's user and must read it
-        doc: dict[str, Any] = {"name": "fs", "type": "fs", "path": str(repo_dir / "repo")}
-        doc["encryption"] = {"key_file": str(key)}
+        doc = encrypted_fs_repository(repo_dir, ra)
         c = LocalCluster(
             base,
             nodes=2,
@@ -369,11 +363,7 @@ def test_agents_archive_into_an_encrypted_repository_and_seed_a_replica_from_it(
             backup={"repositories": [doc], "replica_from_backup": True},
         )
         with c:
-            c.check_ports()
-            c.write_configs()
-            c.etcd.start()
-            c.agents["node1"].start()
-            wait(lambda: c.node_state("node1").role == "primary", 90, "node1 primary", c)
+            start_first_member(c)
             q(c, "node1", "CREATE TABLE secrets (id int PRIMARY KEY, note text)")
             q(c, "node1", f"INSERT INTO secrets SELECT g, '{CANARY}-' || g FROM generate_series(1, 5000) g")
             conf = str(c.nodes["node1"].config_path)

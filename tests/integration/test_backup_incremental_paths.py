@@ -26,12 +26,17 @@ import pytest
 from hakeeper.backup import catalog
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.localcluster import LocalCluster, prepare_fs_repository
-from hakeeper.util.keyfile import new_key_text
 from hakeeper.util.proc import resolve_run_as
 from tests.integration.test_backup_bootstrap import FromBackupCluster, events, names, q, tail, wait
 from tests.integration.test_backup_restore import hk, ok
 from tests.integration.test_schedule import record
-from tests.support.cluster import cluster_tmpdir, free_base_port, running_cluster
+from tests.support.cluster import (
+    cluster_tmpdir,
+    encrypted_fs_repository,
+    free_base_port,
+    running_cluster,
+    start_first_member,
+)
 from tests.support.pg import PgArea
 from tests.support.ports import free_ports
 
@@ -62,14 +67,8 @@ def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_e
     area = PgArea()
     try:
         ra = resolve_run_as(repo_dir / "x")
-        prepare_fs_repository(repo_dir / "repo", ra)
+        doc = encrypted_fs_repository(repo_dir, ra)
         prepare_fs_repository(repo_dir / "plain", ra)
-        key = repo_dir / "repo.key"
-        key.write_text(new_key_text() + "\n")
-        key.chmod(0o600)
-        ra.chown(key)  # restore_command runs as PostgreSQL's user and must read it
-        doc: dict[str, Any] = {"name": "fs", "type": "fs", "path": str(repo_dir / "repo")}
-        doc["encryption"] = {"key_file": str(key)}
         c = LocalCluster(
             base,
             nodes=2,
@@ -82,11 +81,7 @@ def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_e
             pg_version=version,
         )
         with c:
-            c.check_ports()
-            c.write_configs()
-            c.etcd.start()
-            c.agents["node1"].start()
-            wait(lambda: c.node_state("node1").role == "primary", 90, "node1 primary", c)
+            start_first_member(c)
             conf = str(c.nodes["node1"].config_path)
 
             def insert(batch: str) -> None:

@@ -9,6 +9,7 @@ import random
 import shutil
 import ssl
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from hakeeper.localcluster import MAX_NODES, LocalCluster
+from hakeeper.localcluster import MAX_NODES, LocalCluster, prepare_fs_repository
+from hakeeper.util.keyfile import new_key_text
+from hakeeper.util.proc import RunAs
 from tests.support import ports
 
 
@@ -94,6 +97,31 @@ def running_cluster(nodes: int = 3, ready_timeout: float = 180.0, **kwargs: Any)
             yield cluster
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def start_first_member(c: LocalCluster, name: str = "node1", timeout: float = 90.0) -> None:
+    """etcd and one member's agent of a cluster not started yet, until that member is the
+    primary (the other agents are the test's to start)."""
+    c.check_ports()
+    c.write_configs()
+    c.etcd.start()
+    c.agents[name].start()
+    deadline = time.monotonic() + timeout
+    while c.node_state(name).role != "primary":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} not primary after {timeout:.0f}s:\n{c.tail_log(name)}")
+        time.sleep(0.3)
+
+
+def encrypted_fs_repository(repo_dir: Path, run_as: RunAs, name: str = "fs") -> dict[str, Any]:
+    """The config of a filesystem repository at ``repo_dir/repo``, encrypted with a new key in
+    ``repo_dir/repo.key`` that PostgreSQL's OS user can read (its restore_command decrypts)."""
+    prepare_fs_repository(repo_dir / "repo", run_as)
+    key = repo_dir / "repo.key"
+    key.write_text(new_key_text() + "\n")
+    key.chmod(0o600)
+    run_as.chown(key)
+    return {"name": name, "type": "fs", "path": str(repo_dir / "repo"), "encryption": {"key_file": str(key)}}
 
 
 @pytest.fixture
