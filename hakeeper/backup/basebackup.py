@@ -504,6 +504,8 @@ async def create_backup(
             if counting is not None and not counting.done():
                 counting.cancel()
                 await asyncio.gather(counting, return_exceptions=True)
+        if record.parent is not None:
+            await _check_chain_still_there(repo, scope, record)
     except BaseException as e:
         msg = str(e) if isinstance(e, BackupError | RepoError) else f"{type(e).__name__}: {e}"
         if isinstance(e, asyncio.CancelledError | KeyboardInterrupt):
@@ -734,6 +736,27 @@ async def _copy_against(run: _Run, a: _CopyArgs, parent: BackupRecord | None) ->
     rec.backup_label = None
     await run.save()
     await _copy_either(run, a)
+
+
+async def _check_chain_still_there(repo: Repository, scope: str, record: BackupRecord) -> None:
+    """Before an incremental is marked complete: every link of its chain is still in the
+    repository and complete.  The parent was chosen before this backup's record existed, so an
+    ``expire`` meanwhile (another process) may have removed its chain; complete, this backup
+    would be listed and could not be restored."""
+    seen: set[str] = set()
+    link: str | None = record.parent
+    while link is not None and link not in seen:
+        seen.add(link)
+        try:
+            rec = await catalog.read_record(repo, scope, link)
+        except (NotFound, ValueError) as e:
+            raise BackupError(
+                f"the chain of this incremental lost backup {link} while it ran ({e}); "
+                "it could not be restored: take a full backup"
+            ) from None
+        if rec.status is not BackupStatus.COMPLETE:
+            raise BackupError(f"backup {link} of this incremental's chain is {rec.status.value}")
+        link = rec.parent if rec.kind == "incremental" else None
 
 
 async def _remove_parts(run: _Run) -> None:

@@ -21,7 +21,12 @@ from hakeeper.pg.session import SqlSession as Session
 from hakeeper.pg.session import close_quietly, conn_kwargs
 
 _COLUMNS = "slot_name, slot_type, database, plugin, active, restart_lsn::text, confirmed_flush_lsn::text"
-LIST_SQL_17 = f"SELECT {_COLUMNS}, failover, synced FROM pg_replication_slots WHERE NOT temporary ORDER BY 1"
+# An invalidated copy (WAL removed, a conflict with recovery...) is of no use after a promotion:
+# it reads as not synced, so `list` says so and a switchover to that member is refused.
+LIST_SQL_17 = (
+    f"SELECT {_COLUMNS}, failover, synced AND invalidation_reason IS NULL"
+    " FROM pg_replication_slots WHERE NOT temporary ORDER BY 1"
+)
 # Before 17 there are no failover slots: both columns read as NULL (unknown, not false).
 LIST_SQL_OLD = (
     f"SELECT {_COLUMNS}, NULL::bool, NULL::bool FROM pg_replication_slots WHERE NOT temporary ORDER BY 1"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hakeeper.backup import layout
+from hakeeper.backup.basebackup import BackupError, _check_chain_still_there
 from hakeeper.backup.catalog import (
     BackupRecord,
     BrokenChain,
@@ -299,3 +300,23 @@ def test_a_killed_chain_restore_leaves_nothing_the_next_one_keeps(tmp_path: Path
         d.mkdir()
     _remove_stale_stages(tmp_path)
     assert (mine.exists(), dead.exists(), other.exists()) == (True, False, True)
+
+
+def test_an_incremental_whose_chain_was_expired_meanwhile_is_not_completed(tmp_path: Path) -> None:
+    """The parent is chosen before the new backup's record exists: an expire in between may
+    remove the chain.  The check before `complete` names the lost link."""
+    (tmp_path / "r").mkdir()
+
+    async def go() -> None:
+        repo = FilesystemRepository(tmp_path / "r", name="r")
+        await _stock(repo, [rec("A", 1), rec("B", 2, "A", "A")])
+        new = rec("C", 3, "B", "A", status="running")
+        await _check_chain_still_there(repo, "s", new)  # whole: no error
+        await repo.delete(record_key("s", "A"))
+        with pytest.raises(BackupError, match="lost backup A"):
+            await _check_chain_still_there(repo, "s", new)
+        await _stock(repo, [rec("A", 1, status="failed")])
+        with pytest.raises(BackupError, match="backup A of this incremental's chain is failed"):
+            await _check_chain_still_there(repo, "s", new)
+
+    asyncio.run(go())
