@@ -11,6 +11,7 @@ The rules live in the pure module; this class carries them out and remembers wha
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from hakeeper.core.cluster import ClusterView
@@ -29,6 +30,7 @@ from hakeeper.util.log import get_logger
 log = get_logger("hakeeper.slots")
 
 FAILOVER_MAJOR = 17  # the first major with failover slots and the slot sync worker
+CREATE_RETRY_S = 30.0  # a permanent slot whose creation failed is tried again after this
 
 NOT_FAILOVER_SAFE_15 = (
     "PostgreSQL {major} has no failover slots: the slot exists on the primary only; after a "
@@ -63,6 +65,10 @@ class SlotKeeper:
         self.managed: frozenset[str] | None = None  # the `slots` key, as last read or written
         self.managed_term: int | None = None  # the term it was read under
         self._warned: set[tuple[str, str]] = set()  # (slot, reason) logged once
+        # slot -> monotonic time before which a failed creation is not tried again: creating a
+        # logical slot waits (up to its 10 s timeout) for the transactions running then, and
+        # the HA cycle that tries it waits with it; not every cycle while one stays open
+        self._create_after: dict[str, float] = {}
 
     # -- parameters --------------------------------------------------------------------------------
 
@@ -202,6 +208,8 @@ class SlotKeeper:
         if plan.record != before and not await self._record(term, plan.record):
             return
         for name in plan.create:
+            if time.monotonic() < self._create_after.get(name, 0.0):
+                continue
             await self._create(view, name, was_managed=before is not None and name in before)
         dropped: set[str] = set()
         for name in plan.drop:
@@ -242,7 +250,9 @@ class SlotKeeper:
             if e.sqlstate == "42710":  # duplicate_object: created concurrently
                 return
             self._once("permanent_slot_create_failed", name, reason=str(e), sqlstate=e.sqlstate)
+            self._create_after[name] = time.monotonic() + CREATE_RETRY_S
             return
+        self._create_after.pop(name, None)
         log.info(
             "permanent_slot_created",
             slot=name,
