@@ -179,6 +179,32 @@ def test_logical_consumer_resumes_on_the_new_primary_after_a_host_crash(pg_versi
         sql(c, new, "INSERT INTO t VALUES (21)")
         assert consume(c.write_dsn()) == [21]
 
+        # synchronized_standby_slots at work: while the remaining candidate receives nothing
+        # (its WAL receiver stopped), the consumer gets nothing of what it has not flushed
+        other = next(n for n in replicas if n != new)
+        wait_for(
+            lambda: sql(c, new, "SHOW synchronized_standby_slots")[0][0] == other.replace("-", "_"),
+            60,
+            f"the new primary waits for {other}'s slot",
+        )
+        receiver = wait_for(
+            lambda: sql(c, other, "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'"),
+            60,
+            f"{other} streams from {new}",
+        )[0][0]
+        os.kill(receiver, signal.SIGSTOP)
+        try:
+            sql(c, new, "INSERT INTO t VALUES (22)")
+            with (
+                psycopg.connect(c.write_dsn(), autocommit=True, connect_timeout=3) as conn,
+                pytest.raises(psycopg.errors.QueryCanceled),
+            ):
+                conn.execute("SET statement_timeout = '3s'")
+                conn.execute("SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL)", (SLOT,))
+        finally:
+            os.kill(receiver, signal.SIGCONT)
+        assert wait_for(lambda: consume(c.write_dsn()), 30, "the change once the standby has it") == [22]
+
 
 @pytest.mark.parametrize("pg_version", [17, 18])
 def test_switchover_refused_while_a_failover_slot_is_not_synced(pg_version: int) -> None:
