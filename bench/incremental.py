@@ -12,7 +12,7 @@ Everything runs on 127.0.0.1 under a fresh directory in /tmp, on ports BASE..BAS
    as the last incremental.  Wall time of each command and its data / stored size.
 3. ``hakeeper restore --backup <incremental> --target-lsn <its stop LSN> --start`` of the chain
    of 3 links (full + 2 incrementals, the target's) and of the longest one (full + links;
-   pg_combinebackup, pg_verifybackup) against the same of the last full backup,
+   applied in place, restore's default) against the same of the last full backup,
    each to a writable server (the command returns once pg_is_in_recovery() is false).
 4. pg_combinebackup's modes on plain-format copies (``pg_basebackup -Fp``, full + one
    incremental after another update round): ``--copy``, ``--copy-file-range``, ``--clone``,
@@ -519,7 +519,7 @@ def hakeeper_lines(res: dict[str, Any]) -> list[str]:
     first = res["backups"][0] if res["backups"] else {}
     lines = [
         f"### hakeeper (PostgreSQL {res.get('pg_version', '?')}, pg_basebackup --incremental, "
-        "pg_combinebackup at restore)",
+        "the chain applied in place at restore)",
         "",
         "| backup | type | wall s | time / 1st full | copy s | data | stored | stored / 1st full |",
         "|---|---|---|---|---|---|---|---|",
@@ -532,7 +532,7 @@ def hakeeper_lines(res: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "| restore (to a writable server) | wall s | pg_combinebackup | phases |",
+        "| restore (to a writable server) | wall s | chain rebuilt | phases |",
         "|---|---|---|---|",
     ]
     for r in res["restores"]:
@@ -638,9 +638,9 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "pgBackRest ran against PostgreSQL 15 (Debian's), in the same run and on the same machine, "
         f"because Debian 12's pgBackRest 2.45 supports PostgreSQL only up to 16, not {args.pg_version}. "
         "The sizes differ by granularity: hakeeper's incrementals are page-level (PostgreSQL's WAL "
-        "summaries, `pg_basebackup --incremental`, `pg_combinebackup` at restore), pgBackRest 2.45's are "
-        "file-level (no block incremental, which came in 2.46): every 1 GB segment file of "
-        "`pgbench_accounts` with a changed page is stored whole."
+        "summaries, `pg_basebackup --incremental`, the chain applied in place at restore), "
+        "pgBackRest 2.45's are file-level (no block incremental, which came in 2.46): every 1 GB "
+        "segment file of `pgbench_accounts` with a changed page is stored whole."
         + ("" if p else " (This run did not measure pgBackRest: `--skip-pgbackrest`.)"),
         "",
         "| pg_combinebackup mode (full + 1 incremental, plain copies) | s | result |",

@@ -52,6 +52,7 @@ from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
 from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, StoredObject, Target
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.handover import serving
+from hakeeper.backup.incremental_apply import ApplyError, apply_chain
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.walfetch import fast_path_script
 from hakeeper.core import timefmt
@@ -80,6 +81,9 @@ RESTORE_SCRIPT_NAME = "hakeeper-restore-command.sh"  # restore_command: walfetch
 LOG_REL = Path("log") / "postgresql.log"
 WALFETCH_MODULE = "hakeeper.backup.walfetch"
 _MAX_SOCKET_PATH = 107
+COMBINE_IN_PLACE = "in-place"
+COMBINE_TOOL = "pg_combinebackup"
+COMBINE_MODES = (COMBINE_IN_PLACE, COMBINE_TOOL)
 ProgressFn = Callable[[str, int, int | None], None]
 # Called with the record and the data directory once the copy is complete, before the recovery
 # settings are written and before anything starts (a restore drill runs pg_verifybackup there).
@@ -111,6 +115,11 @@ class RestoreOptions:
     progress: ProgressFn | None = None
     serve_wal: bool = False  # the caller serves WAL while the server recovers (handover.serving)
     after_copy: AfterCopyFn | None = None
+    # How a chain of incremental backups is rebuilt (docs/decisions.md): "in-place" (the full
+    # unpacked into the data directory, the links applied to it: backup/incremental_apply.py)
+    # or "pg_combinebackup" (every link unpacked, combined by PostgreSQL's tool, the result
+    # checked with pg_verifybackup; what restore drills use).
+    combine: str = COMBINE_IN_PLACE
 
 
 @dataclass
@@ -138,7 +147,7 @@ class RestoreResult:
     settings: dict[str, str] = field(default_factory=dict)
     start_command: str | None = None
     chain: list[str] = field(default_factory=list)  # the backups restored, full first
-    combine_mode: str | None = None  # pg_combinebackup's copy mode (an incremental backup)
+    combine_mode: str | None = None  # "in-place", or pg_combinebackup's copy mode (a chain)
     seconds_combine: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -723,6 +732,83 @@ async def _extract_chain(
     return fetch_wait
 
 
+async def _apply_chain_in_place(
+    repo: Repository,
+    scope: str,
+    links: list[catalog.BackupRecord],
+    data_dir: Path,
+    opts: RestoreOptions,
+    result: RestoreResult,
+) -> float:
+    """An incremental backup restored in place (backup/incremental_apply.py): the chain's full
+    unpacked straight into ``data_dir`` as a full restore does (written back while it is
+    unpacked), every later link into a directory of its own beside it (not flushed), all at
+    once; then the links applied to the data directory, oldest first -- the files they carry
+    whole are renamed into it, the relation files they carry as changed blocks rebuilt there --
+    and the data directory flushed once more.  Unlike pg_combinebackup, which writes a new copy
+    of every relation file any link changed, this writes only the changed blocks: a chain
+    costs the disk its full backup plus its links."""
+    stage = chain_stage_path(data_dir)
+    await asyncio.to_thread(_remove_stale_stages, data_dir.parent)
+    await asyncio.to_thread(shutil.rmtree, stage, True)
+    await asyncio.to_thread(_mkdir_owned, stage, opts.run_as)
+    dirs = [data_dir, *(stage / link.id for link in links[1:])]
+
+    async def unpack(link: catalog.BackupRecord, d: Path) -> float:
+        full = d == data_dir
+        if not full:
+            await asyncio.to_thread(_mkdir_owned, d, opts.run_as)
+        waited = await _extract(repo, scope, link, d, opts, durable=full)
+        if link.manifest is not None:  # a zstd-stream backup's tar has no manifest
+            raw = await repo.get(catalog.object_key(scope, link.id, link.manifest.name))
+            await asyncio.to_thread(
+                write_atomic, d / catalog.MANIFEST_NAME, raw.decode(), mode=0o600, run_as=opts.run_as
+            )
+        return waited
+
+    marks: dict[str, float] = {}
+    t_unpack = time.monotonic()
+    try:
+        unpacked = await asyncio.gather(
+            *(unpack(link, d) for link, d in zip(links, dirs, strict=True)), return_exceptions=True
+        )
+        for u in unpacked:
+            if isinstance(u, BaseException):
+                raise u
+        fetch_wait = max(float(u) for u in unpacked if not isinstance(u, BaseException))
+        marks["unpack"] = time.monotonic() - t_unpack
+        t0 = time.monotonic()
+        try:
+            stats = await asyncio.to_thread(apply_chain, data_dir, dirs[1:], opts.run_as)
+        except ApplyError as e:
+            log.error("restore_chain_refused", backup=links[-1].id, chain=links_ids(links), reason=str(e))
+            raise RestoreError(f"applying the chain {', '.join(links_ids(links))} failed: {e}") from None
+        result.combine_mode = COMBINE_IN_PLACE
+        result.seconds_combine = time.monotonic() - t0
+        marks["apply"] = result.seconds_combine
+        t1 = time.monotonic()
+        await asyncio.to_thread(shutil.rmtree, stage, True)  # what was not moved: not needed
+        marks["remove_links"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        await asyncio.to_thread(_flush, data_dir)
+        marks["flush"] = time.monotonic() - t2
+        log.info(
+            "restore_chain_applied",
+            backup=links[-1].id,
+            chain=links_ids(links),
+            mode=COMBINE_IN_PLACE,
+            files_rebuilt=stats.files_rebuilt,
+            files_moved=stats.files_moved,
+            files_removed=stats.files_removed,
+            blocks_written=stats.blocks_written,
+            checksums_compared=stats.checksums_compared,
+            **{k: round(secs, 3) for k, secs in marks.items()},
+        )
+    finally:
+        await asyncio.to_thread(shutil.rmtree, stage, True)
+    return fetch_wait
+
+
 def _flush(data_dir: Path) -> None:
     """Everything written to ``data_dir``'s filesystem made durable (blocking)."""
     if not syncfs(data_dir):
@@ -1019,6 +1105,23 @@ async def _start_and_wait(
 # ============================================================================ the restore
 
 
+async def _copy_backup(
+    repo: Repository,
+    scope: str,
+    links: list[catalog.BackupRecord],
+    data_dir: Path,
+    opts: RestoreOptions,
+    result: RestoreResult,
+) -> float:
+    """The backup (a full one, or the chain of an incremental one) into ``data_dir``; returns
+    the seconds the copy waited for the repository."""
+    if len(links) == 1:
+        return await _extract(repo, scope, links[0], data_dir, opts)
+    if opts.combine == COMBINE_IN_PLACE:
+        return await _apply_chain_in_place(repo, scope, links, data_dir, opts, result)
+    return await _extract_chain(repo, scope, links, data_dir, opts, result)
+
+
 async def restore(
     repo: Repository, repo_cfg: RepositoryConfig, scope: str, opts: RestoreOptions
 ) -> RestoreResult:
@@ -1029,6 +1132,8 @@ async def restore(
     check_data_dir(data_dir)
     if opts.start and opts.port is None:
         raise RestoreRefused("starting the restored server needs a port")
+    if opts.combine not in COMBINE_MODES:
+        raise RestoreRefused(f"combine: {opts.combine!r} is not one of {', '.join(COMBINE_MODES)}")
     _cat, plan, notes = await _plan(repo, scope, opts)
     rec = plan.backup
     try:
@@ -1071,10 +1176,7 @@ async def restore(
         raise RestoreRefused(str(e)) from None
     t1 = time.monotonic()
     try:
-        if len(links) == 1:
-            fetch_wait = await _extract(repo, scope, rec, data_dir, opts)
-        else:
-            fetch_wait = await _extract_chain(repo, scope, links, data_dir, opts, result)
+        fetch_wait = await _copy_backup(repo, scope, links, data_dir, opts, result)
     except BaseException as e:
         await asyncio.to_thread(_empty_dir, data_dir)
         if created:

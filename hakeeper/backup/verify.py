@@ -57,7 +57,7 @@ from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.backup.repos import make_repository
-from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
+from hakeeper.backup.restore import COMBINE_TOOL, RestoreError, RestoreOptions, RestoreResult, restore
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.config import secret_value
@@ -722,6 +722,9 @@ async def _run(
         progress=progress,
         serve_wal=True,
         after_copy=after_copy,
+        # A drill checks PostgreSQL's own tools end to end: a chain is rebuilt by
+        # pg_combinebackup and checked by pg_verifybackup (a restore applies it in place).
+        combine=COMBINE_TOOL,
     )
     t0 = time.monotonic()
     try:

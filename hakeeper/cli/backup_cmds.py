@@ -690,7 +690,9 @@ def _restore_lines(res: RestoreResult) -> list[str]:
         secs[-1] += (
             f" [waiting for the repository {res.seconds_fetch_wait:.1f}, untar {res.seconds_decompress:.1f}]"
         )
-    if res.seconds_combine is not None:
+    if res.seconds_combine is not None and res.combine_mode == "in-place":
+        secs.append(f"chain applied in place {res.seconds_combine:.1f}")
+    elif res.seconds_combine is not None:
         secs.append(f"pg_combinebackup --{res.combine_mode} and pg_verifybackup {res.seconds_combine:.1f}")
     if res.seconds_replay is not None:
         secs.append(f"WAL replay {res.seconds_replay:.1f}")
@@ -760,6 +762,15 @@ def restore_cmd(
     parallel: Annotated[
         int, typer.Option("--parallel", help="Parts fetched and decompressed at once.", min=1)
     ] = 3,
+    combine: Annotated[
+        str,
+        typer.Option(
+            "--combine",
+            help="How an incremental backup's chain is rebuilt: in-place (the full unpacked into the "
+            "directory, the changes of the later backups applied to it); pg_combinebackup "
+            "(PostgreSQL's tool, then pg_verifybackup: slower, the result written twice).",
+        ),
+    ] = "in-place",
     output: OutputOpt = "table",
 ) -> None:
     """Restore a base backup into an empty directory and recover to a target.
@@ -777,6 +788,8 @@ def restore_cmd(
         raise fail(str(e), 2) from None
     if start and port is None:
         raise fail("--start needs --port (the restored server must not take the source's port)", 2)
+    if combine not in ("in-place", "pg_combinebackup"):
+        raise fail(f"--combine: {combine!r} is not one of in-place, pg_combinebackup", 2)
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
@@ -813,6 +826,7 @@ def restore_cmd(
                 start_timeout=timeout,
                 parallel=parallel,
                 progress=progress,
+                combine=combine,
             )
             try:
                 return await restore(r, rc, cfg.scope, opts)

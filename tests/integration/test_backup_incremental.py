@@ -1,7 +1,7 @@
 """Incremental base backups (PostgreSQL 17 and 18) against real hakeeper clusters.
 
 A chain full -> incremental -> incremental through the CLI; ``restore --latest`` and a
-point-in-time restore rebuild it with pg_combinebackup and hold exactly the rows expected;
+point-in-time restore rebuild it (in place, and with pg_combinebackup) and hold exactly the rows expected;
 after a switchover (a new timeline) an incremental is taken as a full, with the reason; expire
 keeps or removes whole chains.  On 15, ``--type incremental`` is refused with the reason."""
 
@@ -118,7 +118,7 @@ def test_incremental_chain_restore_pitr_promotion_expire(
         # the last incremental, up to the end of the archive: all five batches
         res, port = restore(conf, area, "latest", "--latest")
         assert res["chain"] == [full["id"], inc1["id"], inc2["id"]]
-        assert res["combine_mode"] == ("link" if version >= 18 else "copy-file-range")
+        assert res["combine_mode"] == "in-place"  # the default: the links applied to the full
         assert counts(port, c.superuser_password) == {b: 100 for b in "abcde"}
         # a restore drill of the chain: pg_verifybackup of the combined copy, rows as recorded
         drill_run = hk("verify", "-c", conf, "--latest", "-o", "json")
@@ -126,8 +126,12 @@ def test_incremental_chain_restore_pitr_promotion_expire(
         assert drill_run.returncode == 0 and drill["ok"] is True, drill
         assert drill["backup_id"] == inc2["id"] and drill["checks"]["pg_verifybackup"]["ok"] is True
         # a time between the two incrementals: the first one's chain, replayed to the time
-        res, port = restore(conf, area, "mid", "--target-time", t_mid.isoformat())
+        # (rebuilt by pg_combinebackup, on request)
+        res, port = restore(
+            conf, area, "mid", "--target-time", t_mid.isoformat(), "--combine", "pg_combinebackup"
+        )
         assert res["backup"] == inc1["id"] and res["chain"] == [full["id"], inc1["id"]]
+        assert res["combine_mode"] == ("link" if version >= 18 else "copy-file-range")
         assert counts(port, c.superuser_password) == {b: 100 for b in "abc"}
 
         # a switchover: timeline 2; the next incremental cannot continue the chain

@@ -3,7 +3,7 @@ test does not take, against real hakeeper clusters:
 
 * an encrypted repository: a full and an incremental through the CLI (the parent's manifest is
   fetched and decrypted); a new member is seeded from the newest backup, which is an incremental
-  (``replica_from_backup``: the chain is combined), and then streams;
+  (``replica_from_backup``: the chain is applied in place), and then streams;
 * an incremental taken from that standby (``--from standby``: summarize_wal runs there too),
   restored to its end with exactly its rows; its chain copied (``backup copy``) into an
   unencrypted repository and restored from there;
@@ -58,7 +58,7 @@ def batches(dsn_port: int, password: str) -> dict[str, int]:
     return {str(b): int(n) for b, n in rows}
 
 
-@pytest.mark.parametrize("version", [17, 18])  # 18: pg_combinebackup --link for the seed
+@pytest.mark.parametrize("version", [17, 18])
 def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_encrypted_repository(
     version: int,
 ) -> None:
@@ -165,7 +165,7 @@ def test_seed_from_an_incremental_standby_incremental_and_lost_summaries_on_an_e
                 )
             )
             assert res["chain"] == [full["id"], inc1["id"], inc2["id"]], res
-            assert res["combine_mode"] == ("link" if version >= 18 else "copy-file-range"), res
+            assert res["combine_mode"] == "in-place", res
             assert batches(port, c.superuser_password) == {b: 100 for b in "abcd"}
             # copied into the unencrypted repository: the whole chain, restorable from there
             ok(hk("backup", "copy", inc2["id"], "-c", conf, "--to", "plain", "-o", "json"))
@@ -319,8 +319,9 @@ def test_a_full_and_an_incremental_schedule_make_a_chain() -> None:
                     ev = events(log_b)
                     done = next(e for e in ev if e.get("event") == "bootstrap_from_backup_done")
                     assert done["backup"] == child.id, done
-                    combined = [e for e in ev if e.get("event") == "restore_chain_combined"]
+                    combined = [e for e in ev if e.get("event") == "restore_chain_applied"]
                     assert combined and combined[0]["chain"] == [parent.id, child.id], combined
+                    assert combined[0]["mode"] == "in-place" and combined[0]["files_rebuilt"] > 0, combined
                     assert q(b, "node1", "SELECT batch, count(*) FROM t GROUP BY 1") == [("a", 1000)]
                     assert q(b, "node1", "SELECT pg_is_in_recovery()") == [(False,)]
             finally:
