@@ -60,7 +60,9 @@ from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials
 from hakeeper.core.lsn import format_lsn
 from hakeeper.pg.conf import build_conninfo, quote_conf_value
+from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import SOCKET_SUBDIR
+from hakeeper.pg.version import binaries_version
 from hakeeper.util.fsutil import (
     BackgroundWriteback,
     UnsafePathError,
@@ -679,14 +681,14 @@ async def _extract_chain(
                 raise u
         fetch_wait = max(float(u) for u in unpacked if not isinstance(u, BaseException))
         marks["unpack"] = time.monotonic() - t_unpack
-        major = (links[-1].pg_version or 170000) // 10000
+        major = (links[-1].pg_version or 170000) // 10000  # the binaries' (_check_binaries_for)
         mode = await asyncio.to_thread(combine_mode, major, stage, data_dir)
         t0 = time.monotonic()
         r = await run(
             [str(opts.bin_dir / "pg_combinebackup"), "--no-sync", "-o", str(data_dir), mode, *map(str, dirs)],
             run_as=opts.run_as,
             env={"LC_ALL": "C", "LC_MESSAGES": "C"},
-            timeout=opts.start_timeout,
+            timeout=None,  # as long as the copy takes (start_timeout is the recovery's)
             check=False,
         )
         if not r.ok:
@@ -711,7 +713,7 @@ async def _extract_chain(
                 [str(opts.bin_dir / "pg_verifybackup"), "--no-parse-wal", "--quiet", str(data_dir)],
                 run_as=opts.run_as,
                 env={"LC_ALL": "C", "LC_MESSAGES": "C"},
-                timeout=opts.start_timeout,
+                timeout=None,
                 check=False,
             )
             marks["verify"] = time.monotonic() - t2
@@ -1105,6 +1107,29 @@ async def _start_and_wait(
 # ============================================================================ the restore
 
 
+def _check_binaries_for(links: list[catalog.BackupRecord], opts: RestoreOptions) -> None:
+    """When the restore runs PostgreSQL's programs (``start``, or a chain combined by
+    pg_combinebackup): the binaries in ``opts.bin_dir`` are of the backup's major (PostgreSQL
+    would refuse the data directory after the whole copy otherwise) and have the tools
+    (RestoreRefused before anything is copied; blocking).  A copy alone needs none."""
+    tool = len(links) > 1 and opts.combine == COMBINE_TOOL
+    if not (opts.start or tool):
+        return
+    backup_major = (links[-1].pg_version or 0) // 10000
+    try:
+        binaries = binaries_version(opts.bin_dir)
+    except PgError as e:
+        raise RestoreRefused(f"the PostgreSQL binaries in {opts.bin_dir} cannot be used: {e}") from None
+    if backup_major and binaries.major != backup_major:
+        raise RestoreRefused(
+            f"backup {links[-1].id} is of PostgreSQL {backup_major}, the binaries in {opts.bin_dir} "
+            f"are {binaries.text}: restore it with PostgreSQL {backup_major}'s (postgresql.bin_dir)"
+        )
+    for program in (COMBINE_TOOL, "pg_verifybackup") if tool else ():
+        if not (opts.bin_dir / program).is_file():
+            raise RestoreRefused(f"{program} is not in {opts.bin_dir} (PostgreSQL 17+ has it)")
+
+
 async def _copy_backup(
     repo: Repository,
     scope: str,
@@ -1147,6 +1172,7 @@ async def restore(
         restore_command_base = f"echo {shlex.quote(f'hakeeper: {e}')} >&2; exit 200; :"
         notes.append("WAL is served to the recovering server by this process (its OS user cannot run it)")
     links = catalog.chain_of(rec, {r.id: r for r in _cat.records})  # planning checked it is whole
+    await asyncio.to_thread(_check_binaries_for, links, opts)
     for link in links:
         await _verify_parts(repo, scope, link)
     check_data_dir(data_dir)  # again: planning may have taken a while
