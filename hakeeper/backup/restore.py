@@ -636,6 +636,39 @@ def combine_mode(version_major: int, stage: Path, data_dir: Path) -> str:
     return "--copy"
 
 
+async def _fresh_stage(data_dir: Path, opts: RestoreOptions) -> Path:
+    """An empty directory for a chain's links beside ``data_dir`` (stale ones of killed
+    restores removed first)."""
+    stage = chain_stage_path(data_dir)
+    await asyncio.to_thread(_remove_stale_stages, data_dir.parent)
+    await asyncio.to_thread(shutil.rmtree, stage, True)
+    await asyncio.to_thread(_mkdir_owned, stage, opts.run_as)
+    return stage
+
+
+async def _unpack_link(
+    repo: Repository,
+    scope: str,
+    link: catalog.BackupRecord,
+    d: Path,
+    opts: RestoreOptions,
+    *,
+    into_data_dir: bool,
+) -> float:
+    """One link of a chain unpacked into ``d`` with its manifest: the data directory itself
+    (written back as it is unpacked) or a link directory of the stage (not flushed: read once,
+    then removed).  Returns the seconds it waited for the repository."""
+    if not into_data_dir:
+        await asyncio.to_thread(_mkdir_owned, d, opts.run_as)
+    waited = await _extract(repo, scope, link, d, opts, durable=into_data_dir)
+    if link.manifest is not None:  # a zstd-stream backup's tar has no manifest
+        raw = await repo.get(catalog.object_key(scope, link.id, link.manifest.name))
+        await asyncio.to_thread(
+            write_atomic, d / catalog.MANIFEST_NAME, raw.decode(), mode=0o600, run_as=opts.run_as
+        )
+    return waited
+
+
 async def _extract_chain(
     repo: Repository,
     scope: str,
@@ -653,21 +686,11 @@ async def _extract_chain(
     files the result does not share (the relation files rebuilt from several links) are
     dropped unwritten; then the result is flushed (syncfs) while pg_verifybackup reads it.  A
     chain thus costs the disk what its full backup alone costs."""
-    stage = chain_stage_path(data_dir)
-    await asyncio.to_thread(_remove_stale_stages, data_dir.parent)
-    await asyncio.to_thread(shutil.rmtree, stage, True)
-    await asyncio.to_thread(_mkdir_owned, stage, opts.run_as)
+    stage = await _fresh_stage(data_dir, opts)
     dirs = [stage / link.id for link in links]
 
     async def unpack(link: catalog.BackupRecord, d: Path) -> float:
-        await asyncio.to_thread(_mkdir_owned, d, opts.run_as)
-        waited = await _extract(repo, scope, link, d, opts, durable=False)
-        if link.manifest is not None:  # a zstd-stream backup's tar has no manifest
-            raw = await repo.get(catalog.object_key(scope, link.id, link.manifest.name))
-            await asyncio.to_thread(
-                write_atomic, d / catalog.MANIFEST_NAME, raw.decode(), mode=0o600, run_as=opts.run_as
-            )
-        return waited
+        return await _unpack_link(repo, scope, link, d, opts, into_data_dir=False)
 
     marks: dict[str, float] = {}  # seconds of each step (logged)
     t_unpack = time.monotonic()
@@ -752,23 +775,11 @@ async def _apply_chain_in_place(
     Unlike pg_combinebackup, which writes a new copy of every relation file any link changed,
     this writes only the changed blocks: a chain costs the disk its full backup plus its
     links."""
-    stage = chain_stage_path(data_dir)
-    await asyncio.to_thread(_remove_stale_stages, data_dir.parent)
-    await asyncio.to_thread(shutil.rmtree, stage, True)
-    await asyncio.to_thread(_mkdir_owned, stage, opts.run_as)
+    stage = await _fresh_stage(data_dir, opts)
     dirs = [data_dir, *(stage / link.id for link in links[1:])]
 
     async def unpack(link: catalog.BackupRecord, d: Path) -> float:
-        full = d == data_dir
-        if not full:
-            await asyncio.to_thread(_mkdir_owned, d, opts.run_as)
-        waited = await _extract(repo, scope, link, d, opts, durable=full)
-        if link.manifest is not None:  # a zstd-stream backup's tar has no manifest
-            raw = await repo.get(catalog.object_key(scope, link.id, link.manifest.name))
-            await asyncio.to_thread(
-                write_atomic, d / catalog.MANIFEST_NAME, raw.decode(), mode=0o600, run_as=opts.run_as
-            )
-        return waited
+        return await _unpack_link(repo, scope, link, d, opts, into_data_dir=d == data_dir)
 
     marks: dict[str, float] = {}
     t_unpack = time.monotonic()
