@@ -47,6 +47,11 @@ RECORD_NAME = "backup.json"
 MANIFEST_NAME = "backup_manifest"
 PART_PREFIX = "base.tar."
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
+# How a restore rebuilds an incremental backup's chain (restore.py, docs/backup.md): in place
+# (the default) or with PostgreSQL's pg_combinebackup (what restore drills use).
+COMBINE_IN_PLACE = "in-place"
+COMBINE_TOOL = "pg_combinebackup"
+COMBINE_MODES = (COMBINE_IN_PLACE, COMBINE_TOOL)
 # What a backup id read from a repository may be (make_backup_id writes 20261207T094946Z).
 # Records come from the repository, which may have been tampered with, and an id names
 # directories (a chain's staging directories) and object keys: "..", "/etc" or a name with a

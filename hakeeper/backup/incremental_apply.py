@@ -441,9 +441,9 @@ def apply_chain(
     data = _Dirs(data_dir)
     stages = [_Dirs(link.root) for link in links]
     try:
-        _check_listing(newest)
+        newest_files, want_dirs = _walk(newest.root)
+        _check_listing(newest, newest_files)
         have_files, have_dirs = _walk(data_dir)
-        _, want_dirs = _walk(newest.root)
         _remove_obsolete(links[0], newest, have_files, data, counts)
         _create_dirs(newest, want_dirs, have_dirs, data, stages[-1], run_as, counts)
         for plain in sorted(newest.files):
@@ -478,12 +478,11 @@ def apply_chain(
     return stats
 
 
-def _check_listing(newest: _Link) -> None:
-    """The newest link's directory holds what its manifest lists, and nothing else but the
-    manifest and WAL in pg_wal/ (``pg_basebackup -X fetch`` writes WAL the manifest covers by
-    its WAL-Ranges, not by file: such files are taken as they are, as pg_combinebackup does).
-    Anything else means a damaged unpack."""
-    files, _ = _walk(newest.root)
+def _check_listing(newest: _Link, files: set[str]) -> None:
+    """The newest link's directory (``files``, its listing) holds what its manifest lists, and
+    nothing else but the manifest and WAL in pg_wal/ (``pg_basebackup -X fetch`` writes WAL the
+    manifest covers by its WAL-Ranges, not by file: such files are taken as they are, as
+    pg_combinebackup does).  Anything else means a damaged unpack."""
     wal = {f for f in files - set(newest.manifest) if f.startswith(WAL_DIR)}
     extra = sorted(files - set(newest.manifest) - {MANIFEST} - wal)
     missing = sorted(set(newest.manifest) - files)

@@ -49,7 +49,16 @@ import zstandard
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
-from hakeeper.backup.catalog import Catalog, RestorePlan, RestoreRefused, StoredObject, Target
+from hakeeper.backup.catalog import (
+    COMBINE_IN_PLACE,
+    COMBINE_MODES,
+    COMBINE_TOOL,
+    Catalog,
+    RestorePlan,
+    RestoreRefused,
+    StoredObject,
+    Target,
+)
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.handover import serving
 from hakeeper.backup.incremental_apply import ApplyError, apply_chain
@@ -83,9 +92,6 @@ RESTORE_SCRIPT_NAME = "hakeeper-restore-command.sh"  # restore_command: walfetch
 LOG_REL = Path("log") / "postgresql.log"
 WALFETCH_MODULE = "hakeeper.backup.walfetch"
 _MAX_SOCKET_PATH = 107
-COMBINE_IN_PLACE = "in-place"
-COMBINE_TOOL = "pg_combinebackup"
-COMBINE_MODES = (COMBINE_IN_PLACE, COMBINE_TOOL)
 ProgressFn = Callable[[str, int, int | None], None]
 # Called with the record and the data directory once the copy is complete, before the recovery
 # settings are written and before anything starts (a restore drill runs pg_verifybackup there).

@@ -53,11 +53,11 @@ from hakeeper.backup.basebackup import (
     Endpoint,
     count_tables,
 )
-from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
+from hakeeper.backup.catalog import COMBINE_TOOL, BackupRecord, RestoreRefused, Target
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.backup.repos import make_repository
-from hakeeper.backup.restore import COMBINE_TOOL, RestoreError, RestoreOptions, RestoreResult, restore
+from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.config import secret_value

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup, query
-from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
+from hakeeper.backup.catalog import COMBINE_IN_PLACE, COMBINE_MODES, BackupRecord, RestoreRefused, Target
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.repos import make_repository
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
@@ -690,7 +690,7 @@ def _restore_lines(res: RestoreResult) -> list[str]:
         secs[-1] += (
             f" [waiting for the repository {res.seconds_fetch_wait:.1f}, untar {res.seconds_decompress:.1f}]"
         )
-    if res.seconds_combine is not None and res.combine_mode == "in-place":
+    if res.seconds_combine is not None and res.combine_mode == COMBINE_IN_PLACE:
         secs.append(f"chain applied in place {res.seconds_combine:.1f}")
     elif res.seconds_combine is not None:
         secs.append(f"pg_combinebackup --{res.combine_mode} and pg_verifybackup {res.seconds_combine:.1f}")
@@ -770,7 +770,7 @@ def restore_cmd(
             "directory, the changes of the later backups applied to it); pg_combinebackup "
             "(PostgreSQL's tool, then pg_verifybackup: slower, the result written twice).",
         ),
-    ] = "in-place",
+    ] = COMBINE_IN_PLACE,
     output: OutputOpt = "table",
 ) -> None:
     """Restore a base backup into an empty directory and recover to a target.
@@ -788,8 +788,8 @@ def restore_cmd(
         raise fail(str(e), 2) from None
     if start and port is None:
         raise fail("--start needs --port (the restored server must not take the source's port)", 2)
-    if combine not in ("in-place", "pg_combinebackup"):
-        raise fail(f"--combine: {combine!r} is not one of in-place, pg_combinebackup", 2)
+    if combine not in COMBINE_MODES:
+        raise fail(f"--combine: {combine!r} is not one of {', '.join(COMBINE_MODES)}", 2)
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)

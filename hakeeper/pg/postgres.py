@@ -617,10 +617,8 @@ async def nudge_wal_summarizer(data_dir: Path, pid: int, every: float = 0.05) ->
     """Wake the WAL summarizer (SIGUSR1 sets its latch, as PostgreSQL's own wakeup does)
     every ``every`` seconds while a promotion waits for it.  Only while ``pid`` is still a
     child of this data directory's postmaster: never a signal to a recycled PID."""
-    while True:
-        pm = postmaster_pid(data_dir)
-        if pm is None or parent_pid(pid) != pm:
-            return
+    pm = postmaster_pid(data_dir)
+    while pm is not None and parent_pid(pid) == pm:
         try:
             os.kill(pid, signal.SIGUSR1)
         except (ProcessLookupError, PermissionError) as e:

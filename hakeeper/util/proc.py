@@ -162,18 +162,7 @@ def pid_alive(pid: int) -> bool:
 
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid``, read from /proc."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(pid):
-            kids.append(int(entry))
-    return kids
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and parent_pid(int(e)) == pid]
 
 
 def parent_pid(pid: int) -> int | None:

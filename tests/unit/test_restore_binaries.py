@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestoreRefused, Target
-from hakeeper.backup.restore import COMBINE_IN_PLACE, COMBINE_TOOL, RestoreOptions, _check_binaries_for
+from hakeeper.backup.catalog import (
+    COMBINE_IN_PLACE,
+    COMBINE_TOOL,
+    BackupRecord,
+    BackupStatus,
+    RestoreRefused,
+    Target,
+)
+from hakeeper.backup.restore import RestoreOptions, _check_binaries_for
 from hakeeper.core.config import Credentials
 from hakeeper.util.proc import RunAs
 
