@@ -9,7 +9,14 @@ import pytest
 from hakeeper.core.config import DynamicConfig, ParamValue
 from hakeeper.localcluster import pgbuilds
 from hakeeper.pg import Postgres, Role
-from hakeeper.pg.upgrade import Method, check_upgrade, init_new_cluster, inspect_cluster, run_upgrade
+from hakeeper.pg.upgrade import (
+    Method,
+    check_upgrade,
+    init_new_cluster,
+    inspect_cluster,
+    new_cluster_started,
+    run_upgrade,
+)
 from hakeeper.util.proc import resolve_run_as
 from tests.support.pg import DEFAULT_PARAMS, PgArea
 
@@ -92,8 +99,10 @@ async def test_link_upgrade_17_to_18(area: PgArea) -> None:
         assert (old.data_dir / "global" / "pg_control.old").exists()
         assert result.system_identifier != old_sysid
 
+        assert not new_cluster_started(new_dir)  # only pg_upgrade's own (-b) starts so far
         new = node(area, "old", 36303, 18, data_dir=new_dir)
         await start(new)
+        assert new_cluster_started(new_dir)
         assert (await new.session.execute("SELECT current_setting('server_version_num')::int / 10000")) == [
             (18,)
         ]
