@@ -273,12 +273,12 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
     from hakeeper.backup.repos import make_repository
     from hakeeper.backup.source import backup_node, choose_source
     from hakeeper.core.backup_config import RetentionConfig
-    from hakeeper.pg.bins import find_bin_dir
+    from hakeeper.pg.bins import node_bin_dir
     from hakeeper.pg.errors import PgError
 
     cfg = ctx.cfg
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
+        bin_dir = node_bin_dir(cfg.postgresql)
         choice = choose_source(ctx.view, sched.source)
     except (PgError, BackupError) as e:
         raise JobError(str(e)) from None
@@ -385,12 +385,12 @@ async def run_dump(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
     from hakeeper.backup.errors import RepoError
     from hakeeper.backup.repos import make_repository
     from hakeeper.backup.source import choose_source
-    from hakeeper.pg.bins import find_bin_dir
+    from hakeeper.pg.bins import node_bin_dir
     from hakeeper.pg.errors import PgError
 
     cfg = ctx.cfg
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
+        bin_dir = node_bin_dir(cfg.postgresql)
         primary = choose_source(ctx.view, "primary").source
     except (PgError, BackupError) as e:
         raise JobError(str(e)) from None

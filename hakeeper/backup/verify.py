@@ -596,7 +596,7 @@ async def run_drill(
     whether it passed.  ``primary``: where ``pg_switch_wal()`` runs so that the target is
     archived.  ``etcd``: where the result is published (None: not published).  DrillError:
     nothing to drill (no repository, no such backup, no PostgreSQL binaries)."""
-    from hakeeper.pg.bins import find_bin_dir
+    from hakeeper.pg.bins import node_bin_dir
     from hakeeper.pg.errors import PgError
 
     now = catalog.utcnow()
@@ -608,7 +608,7 @@ async def run_drill(
             f"no repository {repository!r}" if repository else "no backup repositories configured"
         )
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
+        bin_dir = node_bin_dir(cfg.postgresql)
     except PgError as e:
         raise DrillError(str(e)) from None
     chosen: tuple[RepositoryConfig, Repository, catalog.Catalog, BackupRecord] | None = None

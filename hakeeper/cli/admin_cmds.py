@@ -46,7 +46,7 @@ from hakeeper.core.config import NodeConfig, secret_value
 from hakeeper.core.keys import Keys
 from hakeeper.dcs.etcd import KV, EtcdClient, EtcdError
 from hakeeper.dcs.store import ClusterStore
-from hakeeper.pg.bins import find_bin_dir
+from hakeeper.pg.bins import node_bin_dir
 from hakeeper.pg.conf import build_conninfo
 from hakeeper.pg.session import client_auth_options, conn_kwargs
 
@@ -521,7 +521,7 @@ def local_server_version(cfg: NodeConfig) -> tuple[str | None, str]:
     else:
         why = "no answer"
     try:
-        postgres = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir) / "postgres"
+        postgres = node_bin_dir(cfg.postgresql) / "postgres"
         res = subprocess.run(
             [str(postgres), "--version"], capture_output=True, text=True, timeout=10, check=False
         )

@@ -79,13 +79,13 @@ def check_versions_or_exit(path: Path, cfg: NodeConfig) -> None:
     """Before the agent starts anything: binaries of a supported major, and of the major the
     data directory holds (PostgreSQL would refuse the files, and the agent would retry the
     start forever).  A mismatch is a configuration error: exit 2 naming the file and field."""
-    from hakeeper.pg.bins import find_bin_dir
+    from hakeeper.pg.bins import node_bin_dir
     from hakeeper.pg.errors import PgError
     from hakeeper.pg.version import version_errors
     from hakeeper.util.log import get_logger, setup_logging
 
     try:
-        errors = version_errors(cfg.postgresql, find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir))
+        errors = version_errors(cfg.postgresql, node_bin_dir(cfg.postgresql))
     except PgError as e:
         errors = [("postgresql.bin_dir", str(e))]
     if not errors:

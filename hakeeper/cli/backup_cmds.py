@@ -51,7 +51,7 @@ from hakeeper.core.config import NodeConfig
 from hakeeper.core.config import parse_target_time as config_time
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.dcs.etcd import EtcdError
-from hakeeper.pg.bins import find_bin_dir
+from hakeeper.pg.bins import node_bin_dir
 from hakeeper.pg.errors import PgError
 
 backup_app = typer.Typer(
@@ -243,7 +243,7 @@ def backup_create(
     quiet_logging()
     rc = _repo_configs(cfg, repo)[0]
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
+        bin_dir = node_bin_dir(cfg.postgresql)
     except PgError as e:
         raise fail(str(e), 2) from None
 
@@ -797,7 +797,7 @@ def restore_cmd(
     from hakeeper.util.proc import resolve_run_as
 
     try:
-        bin_dir = find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
+        bin_dir = node_bin_dir(cfg.postgresql)
         run_as = resolve_run_as(data_dir.absolute(), cfg.postgresql.os_user)
     except (PgError, RuntimeError) as e:
         raise fail(str(e), 2) from None

@@ -51,7 +51,7 @@ from hakeeper.cli.backup_cmds import (
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, quiet_logging
 from hakeeper.core import timefmt
 from hakeeper.core.config import NodeConfig, secret_value
-from hakeeper.pg.bins import find_bin_dir
+from hakeeper.pg.bins import node_bin_dir
 from hakeeper.pg.errors import PgError
 
 dump_app = typer.Typer(
@@ -85,7 +85,7 @@ def _dsn_source(dsn: str) -> SourceInfo:
 
 def _bin_dir(cfg: NodeConfig) -> Path:
     try:
-        return find_bin_dir(cfg.postgresql.bin_dir, cfg.postgresql.data_dir)
+        return node_bin_dir(cfg.postgresql)
     except PgError as e:
         raise fail(str(e), 2) from None
 

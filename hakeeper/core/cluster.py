@@ -162,9 +162,16 @@ class HistoryEntry:
     reason: str
     old_leader: str | None
     new_leader: str
+    # a major upgrade's entry: from_major, to_major, method, downtime_s, phases, system identifiers
+    upgrade: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["upgrade"] is None:
+            del d["upgrade"]  # as before upgrades existed: older agents read it unchanged
+        else:
+            d["upgrade"] = dict(d["upgrade"])
+        return d
 
 
 def parse_history_strict(raw: bytes | None) -> tuple[HistoryEntry, ...]:
@@ -174,6 +181,30 @@ def parse_history_strict(raw: bytes | None) -> tuple[HistoryEntry, ...]:
         return ()
     items = records.parse_history_items(raw)
     return tuple(HistoryEntry(**item.model_dump()) for item in items)
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """The ``upgrade`` key: a major upgrade in progress (:class:`records.UpgradeRecord`)."""
+
+    id: str
+    from_major: int
+    to_major: int
+    method: str
+    started_at: float
+    by: str = ""
+    phase: str = "requested"
+    mod_revision: int = 0
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d.pop("mod_revision")
+        return json.dumps(d).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes, mod_revision: int = 0) -> Upgrade:
+        rec = records.parse_model(records.UpgradeRecord, raw)
+        return cls(**rec.model_dump(), mod_revision=mod_revision)
 
 
 def parse_history(raw: bytes | None) -> tuple[HistoryEntry, ...]:
@@ -340,10 +371,19 @@ class ClusterView:
     sync_invalid: bool = False
     config_ignored: tuple[str, ...] = ()
     invalid: tuple[RecordProblem, ...] = ()
+    # a major upgrade in progress (``hakeeper upgrade``); an unreadable key counts as one
+    upgrade: Upgrade | None = None
+    upgrade_invalid: bool = False
+
+    @property
+    def upgrading(self) -> bool:
+        return self.upgrade is not None or self.upgrade_invalid
 
     @property
     def paused(self) -> bool:
-        return self.config.pause
+        """No automatic start, stop or failover: paused by the operator, or a major upgrade
+        drives PostgreSQL."""
+        return self.config.pause or self.upgrading
 
     @property
     def leader_member(self) -> Member | None:
@@ -432,6 +472,8 @@ def build_view(
     switchover: Switchover | None = None
     sync: SyncState | None = None
     sync_invalid = False
+    upgrade: Upgrade | None = None
+    upgrade_invalid = False
     invalid: list[RecordProblem] = []
     for key, (value, create_rev, mod_rev, lease) in kvs.items():
         try:
@@ -460,6 +502,10 @@ def build_view(
                 history = parse_history_strict(value)
             elif key == keys.switchover:
                 switchover = Switchover.parse(value, mod_rev)
+            elif key == keys.upgrade:
+                upgrade_invalid = True
+                upgrade = Upgrade.parse(value, mod_rev)
+                upgrade_invalid = False
             elif key == keys.sync:
                 sync_invalid = True
                 sync = SyncState.parse(value, mod_rev)
@@ -480,6 +526,8 @@ def build_view(
         switchover=switchover,
         sync=sync,
         sync_invalid=sync_invalid,
+        upgrade=upgrade,
+        upgrade_invalid=upgrade_invalid,
         config_ignored=config_ignored,
         invalid=tuple(sorted(invalid, key=lambda p: p.key)),
     )

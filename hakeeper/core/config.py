@@ -454,6 +454,13 @@ class PostgresConfig(_Strict):
         description="Directory with initdb, pg_ctl, ... of the data directory's major (default: "
         "/usr/lib/postgresql/N/bin for the major N in data_dir/PG_VERSION, else PostgreSQL 15 on Debian).",
     )
+    bin_dirs: dict[Annotated[int, Field(ge=15, le=99)], Path] = Field(
+        default_factory=dict,
+        description="Binaries of each PostgreSQL major, by major (`{17: /opt/pg17/bin, 18: /opt/pg18/bin}`): "
+        "the data directory's major picks its entry before bin_dir (after a major upgrade the node "
+        "runs the new major's without an edit), and `hakeeper upgrade --to-version N` uses N's "
+        "(default for a major not listed: /usr/lib/postgresql/N/bin).",
+    )
     listen: str = Field("127.0.0.1:5432", description="host:port PostgreSQL listens on.")
     connect_address: str | None = Field(
         None, description="host:port others use to reach this PostgreSQL (default: listen)."
@@ -502,6 +509,14 @@ class PostgresConfig(_Strict):
         # working directory.
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("bin_dirs")
+    @classmethod
+    def _bin_dirs_absolute(cls, v: dict[int, Path]) -> dict[int, Path]:
+        relative = [f"{major}: {str(p)!r}" for major, p in v.items() if not p.is_absolute()]
+        if relative:
+            raise ValueError(f"must be absolute paths ({', '.join(relative)})")
         return v
 
     @field_validator("data_dir")

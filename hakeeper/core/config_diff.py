@@ -91,6 +91,7 @@ POLICY: dict[str, Decision] = {
     "api.client": _rt("read by the CLI only"),
     "postgresql.data_dir": _restart(_PG_IDENTITY),
     "postgresql.bin_dir": _restart("the PostgreSQL programs the agent runs are found at start"),
+    "postgresql.bin_dirs": _restart("the binaries of each major are looked up at start (and by an upgrade)"),
     "postgresql.listen": _restart(_PG_IDENTITY),
     "postgresql.connect_address": _restart(_PG_IDENTITY + " (other members connect there)"),
     "postgresql.superuser": _restart(_ROLE),

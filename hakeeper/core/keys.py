@@ -13,6 +13,7 @@ Keys under ``<namespace>/<scope>/`` (the cluster's *prefix*):
 ``sync``               the synchronous standbys (JSON), written by the leader under its term
 ``slots``              the permanent slots hakeeper manages (JSON), written by the leader under its term
 ``schedules/<name>``   the last run of a backup schedule (JSON), claimed by the leader under its term
+``upgrade``            a major upgrade in progress (JSON): the cluster counts as paused while it exists
 ``verify/last``        the summary of the newest restore drill (JSON)
 ``verify/last_success``  the summary of the newest restore drill that passed (JSON)
 =====================  ======================================================================
@@ -66,6 +67,10 @@ class Keys:
     @property
     def switchover(self) -> str:
         return f"{self.prefix}/switchover"
+
+    @property
+    def upgrade(self) -> str:
+        return f"{self.prefix}/upgrade"
 
     @property
     def sync(self) -> str:

@@ -136,6 +136,36 @@ class StatusRecord(_Record):
     term: Annotated[int, Field(ge=0, le=U64_MAX)] = 0
 
 
+Major = Annotated[int, Field(ge=9, le=99)]
+Seconds = Annotated[float, Field(ge=0, le=1e7)]
+SystemId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")]
+
+
+class UpgradeSummary(_Record):
+    """What a history entry says of a major upgrade (``hakeeper upgrade``)."""
+
+    from_major: Major
+    to_major: Major
+    method: Word
+    downtime_s: Seconds | None = None  # writes refused: the old primary's stop to the new one's start
+    phases: Annotated[dict[Word, Seconds], Field(max_length=32)] = {}
+    old_system_identifier: SystemId | None = None
+    system_identifier: SystemId | None = None
+
+
+class UpgradeRecord(_Record):
+    """``upgrade``: a major upgrade in progress; while it exists no agent starts, stops or fails
+    over PostgreSQL on its own (the cluster counts as paused)."""
+
+    id: Word
+    from_major: Major
+    to_major: Major
+    method: Word
+    started_at: Epoch
+    by: Text = ""
+    phase: Word = "requested"
+
+
 class HistoryItem(_Record):
     """One entry of ``history``."""
 
@@ -145,6 +175,7 @@ class HistoryItem(_Record):
     reason: Text
     old_leader: Text | None
     new_leader: Text
+    upgrade: UpgradeSummary | None = None  # set on the entry of a major upgrade
 
 
 class SyncRecord(_Record):

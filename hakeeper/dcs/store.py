@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hakeeper.core.cluster import (
@@ -32,6 +32,7 @@ from hakeeper.core.cluster import (
     Status,
     Switchover,
     SyncState,
+    Upgrade,
     build_view,
     parse_history_strict,
 )
@@ -305,6 +306,13 @@ class ClusterStore:
                 return True
         return False
 
+    # -- a major upgrade --------------------------------------------------------------------------
+
+    @property
+    def upgrades(self) -> UpgradeKeys:
+        """The ``upgrade`` key and the system identifier's replacement (``hakeeper upgrade``)."""
+        return UpgradeKeys(self.client, self.keys)
+
     # -- members ----------------------------------------------------------------------------------
 
     async def put_member(self, member: Member, lease: int) -> None:
@@ -407,4 +415,49 @@ class ClusterStore:
                 reason="a key changed after the read the removal was confirmed on"
                 + ("" if while_running else ", or an agent holds a leader or member key"),
             )
+        return res.succeeded
+
+
+class UpgradeKeys:
+    """What a major upgrade writes: the ``upgrade`` key (the cluster counts as paused while it
+    exists) and the ``initialize`` key's new system identifier."""
+
+    def __init__(self, client: EtcdLike, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    async def write(self, current: Upgrade | None, record: Upgrade) -> Upgrade | None:
+        """Create the ``upgrade`` key (``current`` None: only if there is none) or replace
+        ``current`` (only if unchanged since read): the record as stored, None when another
+        write came first."""
+        k = self.keys
+        guard = cmp_mod(k.upgrade, "=", current.mod_revision) if current else cmp_create(k.upgrade, "=", 0)
+        res = await self.client.txn([guard], [op_put(k.upgrade, record.to_json())])
+        if not res.succeeded:
+            return None
+        return replace(record, mod_revision=res.revision)
+
+    async def delete(self, upgrade_id: str) -> bool:
+        """Delete the ``upgrade`` key if it is the upgrade ``upgrade_id`` (the cluster resumes)."""
+        k = self.keys
+        cur = await self.client.get(k.upgrade)
+        if cur is None:
+            return True
+        try:
+            found = Upgrade.parse(cur.value, cur.mod_revision)
+        except InvalidRecord:
+            found = None
+        if found is not None and found.id != upgrade_id:
+            return False
+        res = await self.client.txn([cmp_mod(k.upgrade, "=", cur.mod_revision)], [op_delete(k.upgrade)])
+        return res.succeeded
+
+    async def replace_initialize(self, old: str, new: str, *, term: int) -> bool:
+        """The cluster's system identifier becomes ``new`` (a major upgrade made a new cluster of
+        the old one's data): only while it is ``old`` and the leader key is still of ``term``."""
+        k = self.keys
+        res = await self.client.txn(
+            [cmp_value(k.initialize, "=", old), cmp_create(k.leader, "=", term)],
+            [op_put(k.initialize, new)],
+        )
         return res.succeeded

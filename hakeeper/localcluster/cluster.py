@@ -172,6 +172,21 @@ def prepare_dirs(base_dir: Path, run_as: RunAs, etcd_dir: Path, node_dirs: Itera
         run_as.chown(node_dir)
 
 
+def newer_bin_dirs(major: int, run_as: RunAs) -> dict[int, str]:
+    """The binaries of every major newer than ``major`` installed here (``postgresql.bin_dirs``):
+    what ``hakeeper upgrade --to-version N`` runs, and what a node runs once its data directory
+    is of that major."""
+    found: dict[int, str] = {}
+    for newer in pgbuilds.SUPPORTED_MAJORS:
+        if newer <= major:
+            continue
+        try:
+            found[newer] = str(pgbuilds.reachable_bin_dir(newer, run_as))
+        except LocalClusterError:
+            continue  # not installed: no upgrade to it here
+    return found
+
+
 class LocalCluster:
     """etcd + ``nodes`` hakeeper agents on 127.0.0.1, laid out under ``base_dir``.
 
@@ -332,6 +347,7 @@ class LocalCluster:
         # Small enough for several nodes on one machine.  The agent keeps each node's Unix socket
         # in its data directory, so nodes never share a socket directory.
         parameters: dict[str, Any] = {"shared_buffers": "64MB"}
+        newer = newer_bin_dirs(self.pg_version, self.run_as)  # what `hakeeper upgrade` may move to
         cfg: dict[str, Any] = {
             "scope": self.scope,
             "name": n.name,
@@ -347,6 +363,7 @@ class LocalCluster:
             "postgresql": {
                 "data_dir": str(n.data_dir),
                 "bin_dir": str(self.bin_dir),
+                "bin_dirs": {self.pg_version: str(self.bin_dir), **newer},
                 "listen": f"{HOST}:{n.pg_port}",
                 "superuser": {"username": SUPERUSER, "password": self.superuser_password},
                 "replication": {"username": REPLICATION_USER, "password": self.replication_password},

@@ -10,8 +10,9 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+from hakeeper.core.config import PostgresConfig
 from hakeeper.pg.errors import PgError
-from hakeeper.pg.version import data_dir_major
+from hakeeper.pg.version import binaries_version, data_dir_major
 from hakeeper.util.proc import Result, RunAs, run
 
 DEFAULT_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
@@ -39,18 +40,26 @@ def _data_dir_major(data_dir: Path | None) -> int | None:
         return None
 
 
-def find_bin_dir(configured: Path | None, data_dir: Path | None = None) -> Path:
-    """The configured directory (which must hold pg_ctl), else the Debian directory of the major
-    ``data_dir`` holds (its PG_VERSION), else PostgreSQL 15 on Debian, else the highest
-    ``/usr/lib/postgresql/<version>/bin``, else the directory of ``pg_ctl`` on PATH.
+def find_bin_dir(
+    configured: Path | None, data_dir: Path | None = None, by_major: Mapping[int, Path] | None = None
+) -> Path:
+    """``by_major``'s entry (``postgresql.bin_dirs``) for the major ``data_dir`` holds, else the
+    configured directory (which must hold pg_ctl), else the Debian directory of that major, else
+    PostgreSQL 15 on Debian, else the highest ``/usr/lib/postgresql/<version>/bin``, else the
+    directory of ``pg_ctl`` on PATH.
 
     The data directory's major comes first: a node upgraded to 17 with both packages installed
     must not start (or back up, or dump with) 15's binaries because nobody set bin_dir."""
+    major = _data_dir_major(data_dir)
+    if major is not None and by_major and major in by_major:
+        chosen = by_major[major]
+        if not _has_pg_ctl(chosen):
+            raise PgError(f"postgresql.bin_dirs.{major} {str(chosen)!r} does not contain pg_ctl")
+        return chosen
     if configured is not None:
         if not _has_pg_ctl(configured):
             raise PgError(f"postgresql.bin_dir {str(configured)!r} does not contain pg_ctl")
         return configured
-    major = _data_dir_major(data_dir)
     if major is not None and _has_pg_ctl(same := _DEBIAN_ROOT / str(major) / "bin"):
         return same
     if _has_pg_ctl(DEFAULT_BIN_DIR):
@@ -70,6 +79,36 @@ def find_bin_dir(configured: Path | None, data_dir: Path | None = None) -> Path:
         "PostgreSQL binaries not found: set postgresql.bin_dir "
         f"(looked in {DEFAULT_BIN_DIR}, {_DEBIAN_ROOT}/*/bin and PATH)"
     )
+
+
+def node_bin_dir(cfg: PostgresConfig) -> Path:
+    """The binaries this node's data directory runs with (:func:`find_bin_dir` of its config)."""
+    return find_bin_dir(cfg.bin_dir, cfg.data_dir, cfg.bin_dirs)
+
+
+def bin_dir_for_major(
+    major: int, configured: Path | None, by_major: Mapping[int, Path] | None = None
+) -> tuple[Path | None, str]:
+    """The binaries of ``major`` on this node (an upgrade's target): ``postgresql.bin_dirs``'s
+    entry, else ``bin_dir`` if it is that major, else ``/usr/lib/postgresql/<major>/bin``; and
+    where it looked (for the message when none holds them).  Blocking (``postgres --version``)."""
+    looked: list[str] = []
+    candidates: list[Path] = []
+    if by_major and major in by_major:
+        candidates.append(by_major[major])
+    if configured is not None:
+        candidates.append(configured)
+    candidates.append(_DEBIAN_ROOT / str(major) / "bin")
+    for d in candidates:
+        looked.append(str(d))
+        if not _has_pg_ctl(d):
+            continue
+        try:
+            if binaries_version(d).major == major:
+                return d, ", ".join(looked)
+        except PgError:
+            continue
+    return None, ", ".join(looked)
 
 
 @functools.cache

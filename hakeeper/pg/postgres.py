@@ -124,7 +124,7 @@ class Postgres:
         self.cfg = cfg
         self.member_name = member_name
         self.data_dir = Path(os.path.abspath(cfg.data_dir))
-        self.bin_dir = find_bin_dir(cfg.bin_dir, self.data_dir)
+        self.bin_dir = find_bin_dir(cfg.bin_dir, self.data_dir, cfg.bin_dirs)
         self.run_as = run_as if run_as is not None else resolve_run_as(self.data_dir, cfg.os_user)
         # Looked up once (a passwd lookup may go to a directory service: not on the event loop).
         try:

@@ -32,6 +32,7 @@ from hakeeper.core.cluster import (
     SwitchoverKind,
     SwitchoverStage,
     SyncState,
+    Upgrade,
 )
 from hakeeper.core.config import DynamicConfig
 from hakeeper.core.keys import Keys
@@ -658,6 +659,41 @@ async def history_is_appended_under_the_term_without_losing_entries(b: Backend) 
     assert raw is not None and json.loads(raw.value)[0] == first.to_dict()
     assert view.history_revision == raw.mod_revision
     assert not await s.append_history(term, first, attempts=0), "no attempt, no write"
+
+
+@case()  # UpgradeKeys (store.upgrades): the same calls on both sides
+async def the_upgrade_key_is_compare_and_swap_and_pauses_the_cluster(b: Backend) -> None:
+    s = b.store()
+    assert not (await s.read_view()).paused
+    rec = Upgrade("u1", 17, 18, "link", 5.0, by="test")
+    first = await s.upgrades.write(None, rec)
+    assert first is not None and first.mod_revision > 0
+    view = await s.read_view()
+    assert view.upgrade == first and view.paused, "an upgrade in progress counts as paused"
+    assert await s.upgrades.write(None, replace(rec, id="u2")) is None, "one upgrade at a time"
+    assert await s.upgrades.write(replace(first, mod_revision=first.mod_revision - 1), rec) is None
+    moved = await s.upgrades.write(first, replace(first, phase="primary"))
+    assert moved is not None and (await s.read_view()).upgrade == moved
+    assert not await s.upgrades.delete("u2"), "another upgrade's key stays"
+    assert await s.upgrades.delete("u1")
+    assert (await s.read_view()).upgrade is None and await s.upgrades.delete("u1"), "gone: nothing to do"
+    await b.client.put(s.keys.upgrade, b"{not json")
+    view = await s.read_view()
+    assert view.upgrade is None and view.upgrading and view.paused, "an unreadable key still pauses"
+    assert await s.upgrades.delete("anything"), "an unreadable key is removed by any upgrade"
+
+
+@case()  # UpgradeKeys.replace_initialize
+async def the_system_identifier_is_replaced_only_from_the_old_one_under_the_term(b: Backend) -> None:
+    s = b.store()
+    lease = await b.client.lease_grant(LONG_TTL)
+    term = await s.initialize(system_identifier="111", leader="n1", lease=lease, config=DynamicConfig())
+    assert term is not None
+    assert not await s.upgrades.replace_initialize("999", "222", term=term), "not the current identifier"
+    assert not await s.upgrades.replace_initialize("111", "222", term=term + 1), "not the leader's term"
+    assert (await s.read_view()).initialized == "111"
+    assert await s.upgrades.replace_initialize("111", "222", term=term)
+    assert (await s.read_view()).initialized == "222"
 
 
 @case("put_member", "delete_member")

@@ -187,6 +187,28 @@ def test_find_bin_dir_prefers_the_data_dirs_major(tmp_path: Path, monkeypatch: p
     assert bins.find_bin_dir(None, d17) == b15
 
 
+def test_bin_dirs_pick_by_the_data_dirs_major_and_name_upgrade_targets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "usr-lib-postgresql"
+    monkeypatch.setattr(bins, "_DEBIAN_ROOT", root)
+    b17 = fake_bin_dir(tmp_path / "opt17", "postgres (PostgreSQL) 17.10")
+    b18 = fake_bin_dir(tmp_path / "opt18", "postgres (PostgreSQL) 18.6")
+    d18 = data_dir(tmp_path, 18)
+    # after an upgrade the node file still names 17 in bin_dir: the data directory's major decides
+    assert bins.find_bin_dir(b17, d18, {17: b17, 18: b18}) == b18
+    assert bins.find_bin_dir(b17, d18, {17: b17}) == b17  # not listed: bin_dir (the start check judges it)
+    with pytest.raises(PgError, match=r"postgresql.bin_dirs.18 .* does not contain pg_ctl"):
+        bins.find_bin_dir(b17, d18, {18: tmp_path / "nothing"})
+    assert bins.bin_dir_for_major(18, b17, {18: b18})[0] == b18
+    assert bins.bin_dir_for_major(17, b17, {18: b18})[0] == b17  # bin_dir is of that major
+    found, looked = bins.bin_dir_for_major(18, b17, {})
+    assert found is None and str(b17) in looked and str(root / "18" / "bin") in looked
+    debian18 = fake_bin_dir(root / "18", "postgres (PostgreSQL) 18.6")
+    assert bins.bin_dir_for_major(18, b17, {})[0] == debian18
+    assert bins.bin_dir_for_major(18, b17, {18: b17})[0] == debian18  # a wrong entry is skipped
+
+
 def _node_file(tmp_path: Path, data: Path, bin_dir: Path) -> Path:
     p = tmp_path / "node.yml"
     p.write_text(
