@@ -51,6 +51,7 @@ __all__ = [
     "UpgradeResult",
     "UpgradeState",
     "check_upgrade",
+    "continue_timeline",
     "init_new_cluster",
     "initdb_args",
     "inspect_cluster",
@@ -596,6 +597,36 @@ async def run_upgrade(
     )
     log.info("upgrade_done", seconds=round(result.seconds, 2), system_identifier=result.system_identifier)
     return result
+
+
+async def continue_timeline(new_bin_dir: Path, new_data_dir: Path, timeline: int, run_as: RunAs) -> str:
+    """Start the upgraded cluster's WAL on ``timeline`` (the old cluster's + 1) instead of 1.
+
+    pg_upgrade resets the WAL to timeline 1 at the segment of the old cluster's last REDO point,
+    so the new cluster's first WAL file can carry the very name of one the old cluster archived
+    (and the repository keeps names unique), and its members' timelines would read as behind
+    the cluster's history.  ``pg_resetwal -l`` with a higher timeline (pg_upgrade itself uses
+    it to place the WAL) keeps every new name apart from the old ones and the timelines going
+    up.  Run on the cleanly shut down new cluster before its first start.  Returns the first
+    WAL file's name."""
+    control = await _controldata(new_bin_dir, new_data_dir, run_as)
+    current = control.get("Latest checkpoint's REDO WAL file", "")
+    if not re.fullmatch(r"[0-9A-F]{24}", current):
+        raise PgError(f"pg_controldata of {new_data_dir} names no REDO WAL file ({current!r})")
+    if control.get("Database cluster state") != "shut down":
+        raise PgError(f"{new_data_dir} is not cleanly shut down: not resetting its WAL")
+    name = f"{timeline:08X}{current[8:]}"
+    r = await run_program(
+        [str(new_bin_dir / "pg_resetwal"), "-l", name, "-D", str(new_data_dir)],
+        run_as=run_as,
+        timeout=120,
+        env=C_LOCALE,
+        what="pg_resetwal",
+    )
+    if not r.ok:
+        raise PgError(f"pg_resetwal -l {name} of {new_data_dir} failed (exit {r.returncode}): {r.tail(5)}")
+    log.info("upgrade_timeline_continued", first_wal_file=name, timeline=timeline)
+    return name
 
 
 # ---------------------------------------------------------------- what can be undone

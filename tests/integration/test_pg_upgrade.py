@@ -12,6 +12,7 @@ from hakeeper.pg import Postgres, Role
 from hakeeper.pg.upgrade import (
     Method,
     check_upgrade,
+    continue_timeline,
     init_new_cluster,
     inspect_cluster,
     new_cluster_started,
@@ -100,6 +101,9 @@ async def test_link_upgrade_17_to_18(area: PgArea) -> None:
         assert result.system_identifier != old_sysid
 
         assert not new_cluster_started(new_dir)  # only pg_upgrade's own (-b) starts so far
+        first = await continue_timeline(bin_dir(18), new_dir, 2, old.run_as)
+        assert first.startswith("00000002") and not (old.data_dir / "pg_wal" / first).exists()
+        assert not new_cluster_started(new_dir)  # pg_resetwal does not start it either
         new = node(area, "old", 36303, 18, data_dir=new_dir)
         await start(new)
         assert new_cluster_started(new_dir)
@@ -109,6 +113,11 @@ async def test_link_upgrade_17_to_18(area: PgArea) -> None:
         assert (await new.session.execute("SHOW data_checksums")) == [("off",)]
         assert await new.session.execute(CHECKSUM_SQL) == before
         assert await sysid(new) == result.system_identifier
+        # the WAL goes on from the new timeline, and the server writes there
+        assert await new.session.execute("SELECT timeline_id FROM pg_control_checkpoint()") == [(2,)]
+        await new.session.execute("INSERT INTO t VALUES (0, 'after')")
+        (walfile,) = (await new.session.execute("SELECT pg_walfile_name(pg_current_wal_lsn())"))[0]
+        assert str(walfile).startswith("00000002") and str(walfile)[8:] >= first[8:]
     finally:
         if new is not None:
             await new.stop("immediate")
