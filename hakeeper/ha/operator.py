@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from hakeeper.core import timefmt
@@ -163,8 +164,10 @@ class Operator:
         """The running reinitialize, else the last one since the agent started (None: none)."""
         return self._reinit
 
-    async def reinitialize(self) -> ReinitStatus:
+    async def reinitialize(self, *, binaries: tuple[Path, int] | None = None) -> ReinitStatus:
         """Throw this replica's data away and clone it again from the leader, in the background.
+        ``binaries``: the clone and everything after it run with these (bin_dir, major): a
+        replica's part of a major upgrade.
 
         Returns once the request is checked and the job holds the action lock (its handle, state
         running); raises Refused when it may not run, or while another one runs."""
@@ -175,7 +178,7 @@ class Operator:
                 log.warning("operator_request_refused", request="reinitialize", reason=reason)
                 raise Refused(RefusalKind.CONFLICT, reason, reinitialize=cur.doc())
             accepted: asyncio.Future[ReinitStatus] = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._reinit_job(accepted), name="reinitialize")
+            task = asyncio.create_task(self._reinit_job(accepted, binaries), name="reinitialize")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return await accepted
@@ -194,7 +197,9 @@ class Operator:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _reinit_job(self, accepted: asyncio.Future[ReinitStatus]) -> None:
+    async def _reinit_job(
+        self, accepted: asyncio.Future[ReinitStatus], binaries: tuple[Path, int] | None = None
+    ) -> None:
         ctx = self.ctx
         try:
             async with self.action_lock:
@@ -219,7 +224,7 @@ class Operator:
                 )
                 log.warning("reinitialize_started", id=self._reinit.id, leader=leader)
                 accepted.set_result(self._reinit)
-                await self._rebuild(view, leader)
+                await self._rebuild(view, leader, binaries)
             # The action lock is free again: the HA loop follows the leader (or a new one) while
             # we watch for the WAL receiver.
             self._update(phase=ReinitPhase.STREAMING)
@@ -255,14 +260,18 @@ class Operator:
         await self._refuse_if_local_primary()
         return view
 
-    async def _rebuild(self, view: ClusterView, leader: str) -> None:
-        """Under the action lock: stop, remove, clone, start as a replica."""
+    async def _rebuild(self, view: ClusterView, leader: str, binaries: tuple[Path, int] | None) -> None:
+        """Under the action lock: stop, remove, clone (with ``binaries`` if given), start as a
+        replica."""
         ctx = self.ctx
         if ctx.pg.is_running():
             await ctx.pg.stop("immediate", timeout=60)
         ctx.guard.disarm()  # only now: a fence that is armed must still fire if the stop failed
         self._update(phase=ReinitPhase.REMOVING)
         await asyncio.to_thread(ctx.pg.remove_data_dir)
+        if binaries is not None:
+            ctx.pg.bin_dir, ctx.state.binaries_major = binaries
+            log.warning("reinitialize_binaries_switched", bin_dir=str(binaries[0]), major=binaries[1])
         ctx.state.system_identifier = None
         ctx.state.needs_rewind = False
         ctx.state.held = None

@@ -85,6 +85,18 @@ class BackupHooks(Protocol):
         copy restored last to its target, promote, and set this cluster's role passwords."""
         ...
 
+    async def rebind_after_upgrade(
+        self, old_system_identifier: str, system_identifier: str, old_major: int, major: int, old_end_lsn: int | None
+    ) -> list[str]:
+        """A major upgrade made a new cluster of this one's data: every repository is told (its
+        old backups stay, of the old system identifier); the problems, one per repository."""
+        ...
+
+    async def backup_after_upgrade(self) -> dict[str, Any]:
+        """A full backup of the freshly upgraded primary (this node) into every repository:
+        what was taken where, or why not."""
+        ...
+
     def status(self) -> Mapping[str, Any] | None:
         """The archiver's and heartbeat's status for ``GET /status`` (None without archiving)."""
         ...
@@ -131,6 +143,14 @@ class NoBackup:
 
     async def bootstrap_recover(self) -> None:
         raise BootstrapFailed("no backup configured")
+
+    async def rebind_after_upgrade(
+        self, old_system_identifier: str, system_identifier: str, old_major: int, major: int, old_end_lsn: int | None
+    ) -> list[str]:
+        return []
+
+    async def backup_after_upgrade(self) -> dict[str, Any]:
+        return {"skipped": "no backup repository is configured"}
 
     def status(self) -> Mapping[str, Any] | None:
         return None
