@@ -51,6 +51,7 @@ from hakeeper.ha.slots import SlotKeeper
 from hakeeper.ha.snapshots import SnapshotSource
 from hakeeper.ha.state import NodeState
 from hakeeper.ha.syncer import SyncManager
+from hakeeper.ha.upgrade import Upgrader
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import Postgres
 from hakeeper.pg.version import binaries_version
@@ -165,6 +166,13 @@ class Node:
         self.operator = Operator(
             self.ctx, self.action_lock, observe=self.loop.observe, reconfigure=self.reconfigure
         )
+        self.upgrader = Upgrader(
+            self.ctx,
+            self.action_lock,
+            self.operator,
+            backup_after=self.backup.backup_after_upgrade,
+            rebind=self.backup.rebind_after_upgrade,
+        )
         self.snapshots = SnapshotSource(
             cfg,
             identity,
@@ -255,6 +263,7 @@ class Node:
             store=self.store,
             operator=self.operator,
             metrics=self.metrics.render,
+            upgrader=self.upgrader,
         )
         await api.start()
         log.info(
@@ -399,6 +408,7 @@ class Node:
     async def shutdown(self) -> None:
         # a scheduled restart must not start PostgreSQL again; a reinitialize in the background
         # ends before PostgreSQL stops
+        await self.upgrader.close()
         await self.operator.close()
         view = self.loop.view() if self.mirror.synced else self.state.view
         await stop_postgres(self.ctx)

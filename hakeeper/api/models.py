@@ -63,3 +63,37 @@ class RestartBody(MemberBody):
 
 class EmptyBody(_Body):
     """DELETE /switchover takes no parameters (an empty body or ``{}``)."""
+
+
+UPGRADE_ID = r"^[A-Za-z0-9_-]{1,64}$"
+MAJOR = Field(ge=15, le=99, description="The PostgreSQL major to upgrade to.")
+
+
+class UpgradeCheckBody(MemberBody):
+    """POST /upgrade/check: what would keep this member from an upgrade (changes nothing)."""
+
+    to_version: int = MAJOR
+    method: str = Field("link", pattern="^(link|copy|clone|swap)$", description="pg_upgrade's method.")
+
+
+class UpgradePrimaryBody(UpgradeCheckBody):
+    """POST /upgrade/primary: the leader's part of the upgrade named in etcd's ``upgrade`` key."""
+
+    id: str = Field(pattern=UPGRADE_ID, description="The upgrade (etcd's upgrade key names it).")
+
+
+class UpgradeStopBody(MemberBody):
+    """POST /upgrade/stop: a replica waits until it has replayed ``lsn``, then stops."""
+
+    id: str = Field(pattern=UPGRADE_ID, description="The upgrade (etcd's upgrade key names it).")
+    lsn: str = Field(
+        pattern=r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", description="The old primary's last LSN."
+    )
+    timeout: float = Field(120.0, gt=0, le=3600, description="Seconds to wait for the replay.")
+
+
+class UpgradeRejoinBody(MemberBody):
+    """POST /upgrade/rejoin: a replica is cloned again from the upgraded leader."""
+
+    id: str = Field(pattern=UPGRADE_ID, description="The upgrade (etcd's upgrade key names it).")
+    to_version: int = MAJOR

@@ -42,12 +42,13 @@ from hakeeper.api.connections import KEEPALIVE_IDLE, Admission, Connection, Refu
 from hakeeper.api.member_routes import MemberRoutes
 from hakeeper.api.models import EmptyBody, FailoverBody, SwitchoverBody
 from hakeeper.api.responses import JSON, ApiError, json_response
+from hakeeper.api.upgrade_routes import UpgradeRoutes
 from hakeeper.core.config import ApiConfig
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.dcs.etcd import EtcdError
 from hakeeper.dcs.store import ClusterStore
 from hakeeper.ha import requests
-from hakeeper.ha.ports import NodeOperations
+from hakeeper.ha.ports import NodeOperations, UpgradeOperations
 from hakeeper.ha.snapshot import NodeSnapshot
 from hakeeper.util.log import get_logger, redact_values
 
@@ -138,6 +139,7 @@ class ApiServer:
         store: ClusterStore,
         operator: NodeOperations,
         metrics: Callable[[NodeSnapshot], bytes],
+        upgrader: UpgradeOperations | None = None,
     ) -> None:
         """``snapshot``: this node now (never the HA loop itself); ``store``: the cluster's keys,
         for requests that change the cluster; ``operator``: actions on this node; ``metrics``:
@@ -190,6 +192,12 @@ class ApiServer:
         r.add_get("/reinitialize", self.member_routes.reinit_status)
         r.add_get("/reinitialize/{id}", self.member_routes.reinit_status)
         r.add_post("/reload", self._mutating(self.member_routes.reload))
+        up = UpgradeRoutes(self, upgrader)
+        r.add_post("/upgrade/check", self._mutating(up.check))
+        r.add_post("/upgrade/primary", self._mutating(up.primary))
+        r.add_post("/upgrade/stop", self._mutating(up.stop))
+        r.add_post("/upgrade/rejoin", self._mutating(up.rejoin))
+        r.add_get("/upgrade", up.status)
         app.on_response_prepare.append(self._headers)
         self.app = app
 

@@ -11,9 +11,16 @@ that says what to do, instead of jamming.
 
 The object is written by ``hakeeper repo create`` (an exclusive create: of two concurrent
 writers exactly one wins), or, for a repository that has none (made before bindings existed, or
-never set up), by the first primary that archives into it: *bind on first use*.  It is never
-overwritten: rebinding is an operator's decision (move or delete ``<scope>/`` and run
-``repo create`` again).
+never set up), by the first primary that archives into it: *bind on first use*.  It is not
+overwritten by a re-created cluster: rebinding to an unrelated cluster is an operator's decision
+(move or delete ``<scope>/`` and run ``repo create`` again).
+
+The one exception is a major-version upgrade (``hakeeper upgrade``): ``pg_upgrade`` makes a new
+cluster (a new system identifier) of the old one's data, and :func:`rebind_after_upgrade` moves
+the binding to it, the old cluster appended to the binding's ``history`` (its system identifier,
+major, end time and final checkpoint LSN).  The old cluster's backups stay in ``<scope>/`` and
+restorable up to that end (:mod:`hakeeper.backup.lineage`); both clusters' WAL share
+``<scope>/wal/`` (the new cluster starts on the old final timeline + 1, so no name collides).
 
 A ``<scope>/`` without a binding that already holds WAL or backups (a repository from before
 bindings existed) is bound only if what it holds is this cluster's: the system identifier in the
@@ -23,9 +30,11 @@ long page header of its newest archived segment, and those of its backup records
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import struct
+from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -33,14 +42,20 @@ from typing import Any
 from hakeeper.backup import layout
 from hakeeper.backup.catalog import load_catalog
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.lineage import BINDING_NAME, ClusterEra, Lineage, LineageError, parse_binding_doc
 from hakeeper.backup.repo import FilesystemRepository, Repository
+from hakeeper.backup.repos import make_repository
+from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.core.lsn import format_lsn
 from hakeeper.core.timefmt import iso
 from hakeeper.util.log import get_logger
 
 log = get_logger(__name__)
 
+# Format 1 still: ``history`` is an added key, which readers of the first version ignore (they
+# read system_identifier only), and an object without it is a binding without upgrades.
 BINDING_FORMAT = 1
-BINDING_NAME = "hakeeper-cluster.json"
+__all__ = ["BINDING_FORMAT", "BINDING_NAME", "Binding", "BindingMismatch", "ClusterEra"]
 
 
 def binding_key(scope: str) -> str:
@@ -68,7 +83,11 @@ class Binding:
     scope: str
     system_identifier: str
     created_at: str
-    created_by: str  # "repo create" or "archiver <node>": who bound it
+    created_by: str  # "repo create", "archiver <node>", or "upgrade <node>": who bound it
+    history: tuple[ClusterEra, ...] = ()  # earlier clusters of the scope, oldest first
+
+    def lineage(self) -> Lineage:
+        return Lineage(self.system_identifier, self.history)
 
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {
@@ -78,19 +97,23 @@ class Binding:
             "created_at": self.created_at,
             "created_by": self.created_by,
         }
+        if self.history:
+            doc["history"] = [e.to_doc() for e in self.history]
         return json.dumps(doc, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def parse(cls, raw: bytes, repo: str, scope: str) -> Binding:
+        """The binding object (from a repository: untrusted); CorruptObject naming what is wrong."""
         try:
-            doc = json.loads(raw)
+            doc, current, history = parse_binding_doc(raw)
             return cls(
                 scope=str(doc["scope"]),
-                system_identifier=str(doc["system_identifier"]),
+                system_identifier=current,
                 created_at=str(doc.get("created_at") or ""),
                 created_by=str(doc.get("created_by") or ""),
+                history=history,
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (LineageError, KeyError, TypeError) as e:
             raise CorruptObject(f"{repo}: {binding_key(scope)}", f"unreadable binding: {e}") from None
 
 
@@ -143,7 +166,9 @@ async def found_system_identifier(repo: Repository, scope: str) -> tuple[str, st
         found = wal_system_identifier(head)
         if found is not None:
             return found, f"the newest archived segment {name.rpartition('/')[2]}"
-    records = [r for r in (await load_catalog(repo, scope, wal=False)).records if r.system_identifier]
+    records = [
+        r for r in (await load_catalog(repo, scope, wal=False, lineage=False)).records if r.system_identifier
+    ]
     if records:
         return str(records[-1].system_identifier), f"backup {records[-1].id}"
     return None
@@ -185,7 +210,14 @@ async def bind(
                 return new, True
             continue  # written by someone else meanwhile: compare with theirs
         if found.system_identifier != system_identifier:
-            e = BindingMismatch(repo.name, scope, found.system_identifier, system_identifier)
+            era = found.lineage().era_of(system_identifier)
+            evidence = (
+                f" (the cluster {system_identifier} was upgraded to PostgreSQL {era.upgraded_to_major} "
+                f"at {era.end_text()}; its old-major server must not run any more)"
+                if era is not None
+                else ""
+            )
+            e = BindingMismatch(repo.name, scope, found.system_identifier, system_identifier, evidence)
             log.error(
                 "repository_binding_refused",
                 repo=repo.name,
@@ -197,6 +229,191 @@ async def bind(
             raise e
         return found, False
     raise RepoError(f"{repo.name}: {binding_key(scope)}: appears and disappears; giving up")
+
+
+async def _last_timeline(repo: Repository, scope: str) -> int | None:
+    """The newest timeline archived in ``<scope>/wal/`` (a segment or a history file)."""
+    tlis: set[int] = set()
+    for e in await repo.list_objects(layout.wal_prefix(scope)):
+        name = e.name.rpartition("/")[2]
+        seg = layout.parse_segment_name(name[:24]) if len(name) >= 24 else None
+        tli = seg[0] if seg is not None else layout.parse_history_name(name)
+        if tli is not None:
+            tlis.add(tli)
+    return max(tlis, default=None)
+
+
+def _refuse_rebind(repo: Repository, scope: str, bound: str, new: str, old: str, evidence: str = "") -> None:
+    e = BindingMismatch(repo.name, scope, bound, new, evidence)
+    log.error(
+        "repository_rebind_refused",
+        repo=repo.name,
+        scope=scope,
+        bound_to=bound,
+        old_system_identifier=old,
+        new_system_identifier=new,
+        reason=f"{scope}/ belongs neither to the upgraded cluster {old} nor to its successor {new}: {e}",
+    )
+    raise e
+
+
+async def rebind_after_upgrade(
+    repo: Repository,
+    scope: str,
+    *,
+    old_system_identifier: str,
+    new_system_identifier: str,
+    old_major: int,
+    new_major: int,
+    upgraded_at: float,
+    old_end_lsn: int | None,
+    by: str,
+    old_timeline: int | None = None,
+) -> Binding:
+    """Move ``scope``'s binding in ``repo`` from the cluster ``pg_upgrade`` replaced to the one
+    it made, the old one appended to the binding's history (its end: ``upgraded_at`` and
+    ``old_end_lsn``, its final checkpoint; ``old_timeline``: its last timeline, read from the
+    archive when not given -- the new cluster has archived nothing yet).
+
+    Idempotent: bound to the new cluster with that history entry already, the binding is
+    returned as it is.  Bound to the old cluster: rewritten.  Unbound: bound to the new cluster
+    (with the history entry) unless ``<scope>/`` holds another cluster's WAL or backups.  Bound
+    to any other cluster: :class:`BindingMismatch` (logged with the reason)."""
+    old, new = old_system_identifier, new_system_identifier
+    if old == new:
+        raise ValueError(f"old and new system identifier are the same ({old}): pg_upgrade makes a new one")
+    await repo.check_marker()  # the key first, as bind() does
+    for _ in range(3):
+        found = await read_binding(repo, scope)
+        if found is not None and found.system_identifier == new and found.lineage().era_of(old) is not None:
+            return found  # done before (a retried upgrade step)
+        if found is None:
+            prior = await found_system_identifier(repo, scope)
+            if prior is not None and prior[0] not in (old, new):
+                _refuse_rebind(repo, scope, prior[0], new, old, f" (from {prior[1]})")
+        elif found.system_identifier not in (old, new):
+            _refuse_rebind(repo, scope, found.system_identifier, new, old)
+        tli = old_timeline if old_timeline is not None else await _last_timeline(repo, scope)
+        era = ClusterEra(
+            system_identifier=old,
+            pg_major=old_major,
+            until=dt.datetime.fromtimestamp(upgraded_at, dt.UTC),
+            until_lsn=old_end_lsn,
+            upgraded_to_major=new_major,
+            until_timeline=tli,
+        )
+        earlier = tuple(e for e in (found.history if found else ()) if e.system_identifier != new)
+        binding = Binding(scope, new, iso(upgraded_at) or "", by, (*earlier, era))
+        key = binding_key(scope)
+        if found is None:
+            # Nobody else may bind it meanwhile: an exclusive create, compared again if it lost.
+            if not await repo.create(key, binding.to_json()):
+                continue
+        else:
+            # No compare-and-swap in the repository API: an atomic overwrite (a rename on a
+            # filesystem, one PUT on S3), then read back.  Nothing else writes a bound
+            # binding: the old cluster is stopped, and bind() never overwrites.
+            await repo.put(key, binding.to_json())
+            back = await read_binding(repo, scope)
+            if back is None or back.system_identifier != new or back.lineage().era_of(old) is None:
+                continue
+        log.info(
+            "repository_rebound",
+            repo=repo.name,
+            scope=scope,
+            old_system_identifier=old,
+            new_system_identifier=new,
+            old_major=old_major,
+            new_major=new_major,
+            until=iso(upgraded_at),
+            until_lsn=None if old_end_lsn is None else format_lsn(old_end_lsn),
+            until_timeline=tli,
+            was_bound=found is not None,
+            by=by,
+        )
+        return binding
+    raise RepoError(f"{repo.name}: {binding_key(scope)}: changes while it is rebound; giving up")
+
+
+@dataclass(frozen=True, slots=True)
+class Rebound:
+    """What :func:`rebind_all` did to one repository."""
+
+    repository: str
+    ok: bool
+    binding: Binding | None
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "repository": self.repository,
+            "ok": self.ok,
+            "system_identifier": self.binding.system_identifier if self.binding else None,
+            "history": [e.to_doc() for e in self.binding.history] if self.binding else [],
+            "error": self.error,
+        }
+
+
+async def rebind_all(
+    repos: Sequence[Repository],
+    scope: str,
+    *,
+    old_system_identifier: str,
+    new_system_identifier: str,
+    old_major: int,
+    new_major: int,
+    upgraded_at: float,
+    old_end_lsn: int | None,
+    by: str,
+    old_timeline: int | None = None,
+) -> list[Rebound]:
+    """:func:`rebind_after_upgrade` on every repository at once; one result per repository (in
+    the order given), a failure of one (down, foreign, wrong key) never stops the others."""
+
+    async def one(repo: Repository) -> Rebound:
+        try:
+            b = await rebind_after_upgrade(
+                repo,
+                scope,
+                old_system_identifier=old_system_identifier,
+                new_system_identifier=new_system_identifier,
+                old_major=old_major,
+                new_major=new_major,
+                upgraded_at=upgraded_at,
+                old_end_lsn=old_end_lsn,
+                by=by,
+                old_timeline=old_timeline,
+            )
+        except Exception as e:
+            text = str(e) or type(e).__name__
+            log.error("repository_rebind_failed", repo=repo.name, scope=scope, reason=text)
+            return Rebound(repo.name, False, None, text)
+        return Rebound(repo.name, True, b, None)
+
+    return list(await asyncio.gather(*(one(r) for r in repos)))
+
+
+async def rebind_configured(
+    configs: Sequence[RepositoryConfig],
+    scope: str,
+    **kwargs: Any,
+) -> list[Rebound]:
+    """:func:`rebind_all` over repository configurations (opened and closed here); the keyword
+    arguments are :func:`rebind_after_upgrade`'s."""
+    repos: list[Repository] = []
+    out: list[Rebound] = []
+    try:
+        for rc in configs:
+            try:
+                repos.append(make_repository(rc))
+            except Exception as e:
+                out.append(Rebound(rc.name, False, None, str(e) or type(e).__name__))
+        out.extend(await rebind_all(repos, scope, **kwargs))
+    finally:
+        for r in repos:
+            await r.close()
+    order = {rc.name: i for i, rc in enumerate(configs)}
+    return sorted(out, key=lambda r: order.get(r.repository, len(order)))
 
 
 @dataclass(frozen=True, slots=True)

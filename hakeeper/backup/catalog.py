@@ -38,6 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hakeeper.backup import layout
 from hakeeper.backup.errors import EncryptionMismatch, NotFound, RepoError, WrongKey
+from hakeeper.backup.lineage import (
+    BINDING_NAME,
+    ClusterEra,
+    Lineage,
+    LineageError,
+    era_timeline_allowed,
+    lineage_from_binding,
+)
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.core.lsn import format_lsn, parse_lsn
 from hakeeper.core.timefmt import iso
@@ -223,6 +231,9 @@ class BackupRecord(_Model):
             "size": self.size,
             "stored_size": self.stored_size,
             "error": self.error,
+            "pg_version": self.pg_version,
+            "pg_major": self.pg_version // 10000 if self.pg_version else None,
+            "system_identifier": self.system_identifier,
         }
 
 
@@ -392,6 +403,10 @@ class Catalog:
     problems: list[str] = field(default_factory=list)
     wal: dict[str, ListEntry] = field(default_factory=dict)  # file name -> entry
     histories: dict[int, list[layout.HistoryEntry]] = field(default_factory=dict)
+    # The scope's clusters as the binding says (the current one and those a major upgrade
+    # replaced); lineage_problem: why the binding could not be read (then nothing is known).
+    lineage: Lineage = field(default_factory=Lineage)
+    lineage_problem: str | None = None
 
     def get(self, backup_id: str) -> BackupRecord | None:
         for r in self.records:
@@ -403,6 +418,19 @@ class Catalog:
         """Usable backups, newest first."""
         done = [r for r in self.records if r.usable()]
         return sorted(done, key=lambda r: (r.stop_time, r.id), reverse=True)
+
+    def cluster_of(self, rec: BackupRecord) -> str:
+        """``current``, or ``before upgrade to N`` for a backup of a cluster a major upgrade
+        replaced (``backup list``'s column)."""
+        return self.lineage.cluster_label(rec.system_identifier)
+
+    def history_of(self, tli: int) -> list[layout.HistoryEntry] | None:
+        """:func:`history_of`, where the first timeline of a cluster made by an upgrade has no
+        ancestors (its history file is not needed)."""
+        hist = history_of(tli, self.histories)
+        if hist is None and tli in self.lineage.first_timelines():
+            return []
+        return hist
 
 
 def _ids_from_listing(scope: str, entries: Iterable[ListEntry]) -> dict[str, list[ListEntry]]:
@@ -434,9 +462,11 @@ async def read_record(repo: Repository, scope: str, backup_id: str) -> BackupRec
     return rec
 
 
-async def load_catalog(repo: Repository, scope: str, *, wal: bool = True, histories: bool = True) -> Catalog:
-    """Read every backup record of ``scope`` (and, unless told otherwise, the WAL listing and
-    every timeline history file)."""
+async def load_catalog(
+    repo: Repository, scope: str, *, wal: bool = True, histories: bool = True, lineage: bool = True
+) -> Catalog:
+    """Read every backup record of ``scope`` (and, unless told otherwise, the WAL listing,
+    every timeline history file and the binding's clusters)."""
     cat = Catalog(repo.name)
     listing = await repo.list_objects(layout.backup_prefix(scope))
     by_id = _ids_from_listing(scope, listing)
@@ -464,7 +494,24 @@ async def load_catalog(repo: Repository, scope: str, *, wal: bool = True, histor
             cat.wal[e.name[len(prefix) :]] = e
     if histories and wal:
         cat.histories = await load_histories(repo, scope, [n for n in cat.wal if n.endswith(".history")])
+    if lineage:
+        await _load_lineage(repo, scope, cat)
     return cat
+
+
+async def _load_lineage(repo: Repository, scope: str, cat: Catalog) -> None:
+    """The binding's clusters into ``cat`` (binding.py writes the object; it is read here so
+    that every catalog knows which backups are of an earlier cluster)."""
+    try:
+        cat.lineage = lineage_from_binding(await repo.get(f"{scope}/{BINDING_NAME}"))
+    except NotFound:
+        pass  # unbound: every backup counts as the current cluster's
+    except (WrongKey, EncryptionMismatch):
+        raise
+    except (LineageError, RepoError) as e:
+        # Not a refusal of the catalog: the backups are readable without it; the planning and
+        # `backup list` say the clusters are not known.
+        cat.lineage_problem = f"{repo.name}: {scope}/{BINDING_NAME}: unreadable binding: {e}"
 
 
 async def load_histories(
@@ -531,6 +578,9 @@ class RestorePlan:
     # reaches the target (an LSN inside the covered run, a time older than archived WAL).
     proven: bool = False
     missing: str | None = None  # why it is not proven (for the refusal when nothing helps)
+    # The backup is of a cluster a major upgrade replaced: recovery ends at that cluster's end
+    # at the latest (its WAL ends there), and a WAL switch on today's primary adds nothing.
+    era: ClusterEra | None = None
 
 
 def history_of(
@@ -596,10 +646,14 @@ def archived_timelines(cat: Catalog) -> list[int]:
 
 
 def latest_timeline_for(b: BackupRecord, cat: Catalog) -> int | None:
-    """The newest archived timeline whose history contains the backup (None if none does)."""
+    """The newest archived timeline whose history contains the backup (None if none does); for
+    a backup of a cluster a major upgrade replaced, the newest of that cluster's timelines."""
+    era = cat.lineage.era_of(b.system_identifier)
     for tli in archived_timelines(cat):
-        hist = history_of(tli, cat.histories)
+        hist = cat.history_of(tli)
         if hist is None:
+            continue
+        if era is not None and not era_timeline_allowed(era, tli, [(e.tli, e.switch_lsn) for e in hist]):
             continue
         if backup_on_path(b, tli, hist) is None:
             return tli
@@ -709,6 +763,16 @@ def plan_restore(
     reasons: list[str] = []
     fits: list[RestorePlan] = []
     for b in cands:
+        era = cat.lineage.era_of(b.system_identifier)
+        if backup_id is None and era is not None and target.kind in ("latest", "xid", "name"):
+            # Chosen automatically, an old-cluster backup would restore the data of before the
+            # upgrade on the old major: only when the operator names it (--backup).
+            reasons.append(
+                f"backup {b.id} is of the cluster upgraded to PostgreSQL {era.upgraded_to_major} at "
+                f"{era.end_text()}: not chosen for {target.describe()} (name it with --backup to "
+                "restore that cluster as it was at its end, with its own major's binaries)"
+            )
+            continue
         try:
             fits.append(_plan_for(cat, b, target, seg_size))
         except RestoreRefused as e:
@@ -718,7 +782,9 @@ def plan_restore(
             return fits[-1]
     if fits:
         plan = fits[0]
-        if backup_id is None and target.timeline == "latest":
+        if plan.era is not None:
+            pass  # its own note says where it ends
+        elif backup_id is None and target.timeline == "latest":
             plan.notes.append(
                 f"no backup reaches the target on timeline {newest} (the newest in the archive); "
                 f"restoring along timeline {plan.timeline}"
@@ -736,6 +802,9 @@ def _plan_for(cat: Catalog, b: BackupRecord, target: Target, seg_size: int) -> R
     broken = chain_problem(b, {r.id: r for r in cat.records})
     if broken is not None:
         raise RestoreRefused(broken)
+    era = cat.lineage.era_of(b.system_identifier)
+    if era is not None:
+        _check_within_era(b, era, target)
     tli, hist = _timeline_for(cat, b, target)
     _check_ends_before(cat, b, target, tli, hist)
     # --- the WAL on the way
@@ -750,7 +819,7 @@ def _plan_for(cat: Catalog, b: BackupRecord, target: Target, seg_size: int) -> R
         )
     last = cov.segments[-1] if cov.segments else None
     last_mod = cat.wal[last].modified if last else None
-    plan = RestorePlan(b, tli, list(hist), list(cov.segments), last, last_mod)
+    plan = RestorePlan(b, tli, list(hist), list(cov.segments), last, last_mod, era=era)
     if cov.gap is not None and cov.after_gap:
         plan.notes.append(
             f"the archive has a gap on timeline {tli}'s history: {cov.gap} is missing, "
@@ -767,7 +836,58 @@ def _plan_for(cat: Catalog, b: BackupRecord, target: Target, seg_size: int) -> R
                 f"restoring the latest state would silently stop at a gap: {plan.notes[-1]}; "
                 "give an explicit target before the gap"
             )
+    if era is not None:
+        _era_reached(plan, era, cov, seg_size)
     return plan
+
+
+def _check_within_era(b: BackupRecord, era: ClusterEra, target: Target) -> None:
+    """A backup of a cluster a major upgrade replaced reaches that cluster's end, never past
+    it: the later WAL is the new cluster's (another system identifier, another major)."""
+    past = None
+    if target.kind == "time" and target.time is not None and target.time > era.until:
+        past = f"the target time {iso(target.time)} is after"
+    elif target.kind == "lsn" and target.lsn is not None and era.until_lsn is not None:
+        if target.lsn > era.until_lsn:
+            past = f"the target LSN {format_lsn(target.lsn)} is after"
+    if past is None:
+        return
+    to = f"PostgreSQL {era.upgraded_to_major}" if era.upgraded_to_major else "a new major"
+    raise RestoreRefused(
+        f"backup {b.id} is of the cluster {era.system_identifier} (PostgreSQL {era.pg_major or '?'}), "
+        f"which was upgraded to {to} at {iso(era.until)}; {past} the upgrade: point-in-time "
+        f"recovery across a major-version upgrade is impossible (the WAL after it is the new "
+        f"cluster's). The newest point of the old cluster that can be reached is its end, "
+        f"{era.end_text()}; for a later target restore a backup of the new cluster instead "
+        "(`hakeeper backup list`: cluster current)"
+    )
+
+
+def _era_reached(plan: RestorePlan, era: ClusterEra, cov: Coverage, seg_size: int) -> None:
+    """An old cluster's WAL ends at its end: once the archive holds it up to there, nothing a
+    WAL switch could add is missing (the primary of today is the new cluster's)."""
+    b = plan.backup
+    if plan.proven or era.until_lsn is None:
+        if plan.missing is not None and not plan.proven:
+            plan.notes.append(f"the end of the old cluster's WAL is not recorded: {plan.missing}")
+        plan.proven = True
+    else:
+        last = layout.wal_segments(era.until_lsn, era.until_lsn, plan.timeline, plan.history, seg_size)
+        have = set(cov.segments)
+        lacking = [x for x in last if x not in have]
+        if lacking:
+            plan.missing = (
+                f"WAL segment {lacking[0]}, which holds the end of the cluster {era.system_identifier} "
+                f"({era.end_text()}), is not in the archive"
+            )
+            plan.notes.append(plan.missing + ": recovery stops before that cluster's end")
+        plan.proven = True
+    plan.notes.append(
+        f"backup {b.id} is of the cluster {era.system_identifier} (PostgreSQL {era.pg_major or '?'}), "
+        f"upgraded to PostgreSQL {era.upgraded_to_major or '?'} at {iso(era.until)}: recovery goes "
+        f"along timeline {plan.timeline} to that cluster's end ({era.end_text()}) at the latest, "
+        f"and needs PostgreSQL {era.pg_major or '?'}'s binaries"
+    )
 
 
 def _timeline_for(cat: Catalog, b: BackupRecord, target: Target) -> tuple[int, list[layout.HistoryEntry]]:
@@ -784,7 +904,7 @@ def _timeline_for(cat: Catalog, b: BackupRecord, target: Target) -> tuple[int, l
         tli = b.stop_timeline or b.timeline
     else:
         tli = target.timeline
-    hist = history_of(tli, cat.histories)
+    hist = cat.history_of(tli)
     if hist is None:
         raise RestoreRefused(
             f"timeline {tli}: its history file {layout.history_name(tli)} is not in the archive "
@@ -793,6 +913,12 @@ def _timeline_for(cat: Catalog, b: BackupRecord, target: Target) -> tuple[int, l
     why = backup_on_path(b, tli, hist)
     if why is not None:
         raise RestoreRefused(why)
+    era = cat.lineage.era_of(b.system_identifier)
+    if era is not None and not era_timeline_allowed(era, tli, [(e.tli, e.switch_lsn) for e in hist]):
+        raise RestoreRefused(
+            f"backup {b.id} is of the cluster {era.system_identifier}, upgraded at {iso(era.until)}: "
+            f"timeline {tli} is the new cluster's; that cluster's WAL ends at {era.end_text()}"
+        )
     return tli, hist
 
 

@@ -19,13 +19,17 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from hakeeper.backup import seed
 from hakeeper.backup.archive.archiver import Archiver, archive_repository_config
-from hakeeper.backup.basebackup import Endpoint
+from hakeeper.backup.basebackup import BackupError, Endpoint
+from hakeeper.backup.binding import rebind_configured
+from hakeeper.backup.copy import CopyError, copy_item
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.heartbeat import Heartbeat
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError
 from hakeeper.backup.schedule import ScheduleRunner
+from hakeeper.backup.source import SourceChoice, backup_node
 from hakeeper.backup.verify import metric_values
+from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.cluster import ClusterView
 from hakeeper.core.config import NodeConfig, ParamValue, secret_value
 from hakeeper.core.errors import BootstrapFailed, BootstrapRefused
@@ -250,6 +254,73 @@ class AgentBackup:
     def after_promotion(self, timeline: int | None) -> None:
         if self.archiver is not None:  # is the old timeline's WAL in the archive up to the switch?
             self.archiver.after_promotion(timeline)
+
+    # -- a major upgrade --------------------------------------------------------------------------
+
+    async def rebind_after_upgrade(
+        self,
+        *,
+        old_system_identifier: str,
+        system_identifier: str,
+        old_major: int,
+        major: int,
+        old_end_lsn: int | None,
+        old_timeline: int | None,
+    ) -> list[str]:
+        """Every repository now belongs to the upgraded cluster, the old one in its history
+        (:func:`~hakeeper.backup.binding.rebind_configured`); one problem per repository that
+        refused.  The archiver checks the binding again for the new system identifier."""
+        results = await rebind_configured(
+            self.cfg.backup.repositories,
+            self.cfg.scope,
+            old_system_identifier=old_system_identifier,
+            new_system_identifier=system_identifier,
+            old_major=old_major,
+            new_major=major,
+            upgraded_at=time.time(),
+            old_end_lsn=old_end_lsn,
+            old_timeline=old_timeline,
+            by=f"upgrade {self.cfg.name}",
+        )
+        if self.archiver is not None:  # check the bindings again before the next write
+            for rs in self.archiver.repos.values():
+                rs.bound = False
+        return [f"{r.repository}: {r.error}" for r in results if not r.ok]
+
+    async def backup_after_upgrade(self) -> dict[str, Any]:
+        """A full backup of this node (the new primary) into the first repository that takes
+        it, copied into the others (as a schedule's full backup does)."""
+        repos = self.cfg.backup.repositories
+        if not repos:
+            return {"skipped": "no backup repository is configured"}
+        me = Endpoint(self.cfg.name, self.pg.session.host, self.pg.port)
+        choice = SourceChoice(me, me, f"the primary {self.cfg.name} after its major upgrade")
+        out: dict[str, Any] = {"repositories": {}}
+        taken: tuple[str, RepositoryConfig] | None = None
+        for rc in repos:
+            one: dict[str, Any] = {}
+            out["repositories"][rc.name] = one
+            try:
+                async with make_repository(rc) as r:
+                    if taken is None:
+                        rec = await backup_node(
+                            r,
+                            self.cfg,
+                            choice,
+                            bin_dir=self.pg.bin_dir,
+                            label="after major upgrade",
+                            backup_type="full",
+                        )
+                        taken = (rec.id, rc)
+                        one["backup"] = rec.id
+                    else:
+                        async with make_repository(taken[1]) as src:
+                            await copy_item(src, r, self.cfg.scope, taken[0])
+                        one["backup"], one["copied_from"] = taken[0], taken[1].name
+            except (BackupError, CopyError, RepoError, PgError, OSError) as e:
+                log.warning("upgrade_backup_failed", repository=rc.name, reason=str(e))
+                one["error"] = str(e)
+        return out
 
     def status(self) -> Mapping[str, Any] | None:
         if self.archiver is None:

@@ -140,7 +140,7 @@ async def _holdings(rc: RepositoryConfig, scope: str) -> tuple[list[Item], list[
         dcat = await dump.load_dumps(repo, scope)
     items = []
     for b in cat.complete():
-        hist = catalog.history_of(b.stop_timeline or b.timeline or 1, cat.histories)
+        hist = cat.history_of(b.stop_timeline or b.timeline or 1)
         need = catalog.required_segments(b.start_lsn_int, b.stop_lsn_int, b.stop_timeline or 1, hist or [])
         lacking = [s for s in need if s not in cat.wal]
         if hist is None or lacking:

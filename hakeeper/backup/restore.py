@@ -288,8 +288,26 @@ def _check_repo_readable(repo: Repository, scope: str, plan: RestorePlan, ra: Ru
 
 async def _plan(repo: Repository, scope: str, opts: RestoreOptions) -> tuple[Catalog, RestorePlan, list[str]]:
     cat = await catalog.load_catalog(repo, scope)
-    plan = catalog.plan_restore(cat, opts.target, opts.backup_id)
     notes: list[str] = []
+    if cat.lineage_problem is not None:
+        # Without the binding nothing tells an upgraded cluster's backups apart: said, not refused
+        # (a restore is what one needs when things are broken).
+        log.warning("restore_binding_unreadable", repo=repo.name, reason=cat.lineage_problem)
+        notes.append(f"{cat.lineage_problem}: backups of a cluster before a major upgrade are not recognised")
+    plan = catalog.plan_restore(cat, opts.target, opts.backup_id)
+    if plan.era is not None:
+        # An upgraded cluster's WAL ends at its end; the primary of today is the new cluster's,
+        # so a WAL switch there adds nothing this backup can use.
+        log.info(
+            "restore_of_upgraded_cluster",
+            backup=plan.backup.id,
+            system_identifier=plan.era.system_identifier,
+            pg_major=plan.era.pg_major,
+            upgraded_to_major=plan.era.upgraded_to_major,
+            ends_at=plan.era.end_text(),
+            target=opts.target.describe(),
+        )
+        return cat, plan, notes
     if plan.proven:
         return cat, plan, notes
     if opts.switch_wal and opts.primary is not None:
@@ -1147,7 +1165,9 @@ def _check_binaries_for(links: list[catalog.BackupRecord], opts: RestoreOptions)
     if backup_major and binaries.major != backup_major:
         raise RestoreRefused(
             f"backup {links[-1].id} is of PostgreSQL {backup_major}, the binaries in {opts.bin_dir} "
-            f"are {binaries.text}: restore it with PostgreSQL {backup_major}'s (postgresql.bin_dir)"
+            f"are {binaries.text}: restore it with PostgreSQL {backup_major}'s binaries (--bin-dir, "
+            f"or postgresql.bin_dir: the bin directory of a PostgreSQL {backup_major} installation; "
+            "a backup taken before a major upgrade needs the old major's)"
         )
     for program in (COMBINE_TOOL, "pg_verifybackup") if tool else ():
         if not (opts.bin_dir / program).is_file():

@@ -96,7 +96,7 @@ def _missing_wal(cat: catalog.Catalog) -> list[tuple[str, str]]:
     for rec in cat.records:
         if not rec.usable():
             continue
-        hist = catalog.history_of(rec.stop_timeline or rec.timeline or 1, cat.histories) or []
+        hist = cat.history_of(rec.stop_timeline or rec.timeline or 1) or []
         need = catalog.required_segments(rec.start_lsn_int, rec.stop_lsn_int, rec.stop_timeline or 1, hist)
         out.extend((s, rec.id) for s in need if s not in cat.wal)
     return out

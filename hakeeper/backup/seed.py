@@ -286,7 +286,7 @@ async def restore_for_replica(
         repo = make_repository(rc)
         try:
             cat = await catalog.load_catalog(repo, cfg.scope)
-            hist = catalog.history_of(leader_tli, cat.histories)
+            hist = cat.history_of(leader_tli)
             if hist is None:
                 refusals.append(
                     f"{rc.name}: the history of the leader's timeline {leader_tli} is not archived"

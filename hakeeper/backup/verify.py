@@ -249,6 +249,10 @@ def _pick_backup(
     if backup_id is not None:
         return cat.get(backup_id)
     for rec in cat.complete():
+        # A backup of a cluster a major upgrade replaced needs the old major's binaries and
+        # proves nothing about today's cluster: drilled only when named (--backup).
+        if not cat.lineage.is_current(rec.system_identifier):
+            continue
         if target_time is None or (rec.stop_time is not None and rec.stop_time <= target_time):
             return rec
     return None

@@ -51,7 +51,7 @@ from hakeeper.core.config import NodeConfig
 from hakeeper.core.config import parse_target_time as config_time
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.dcs.etcd import EtcdError
-from hakeeper.pg.bins import node_bin_dir
+from hakeeper.pg.bins import find_bin_dir, node_bin_dir
 from hakeeper.pg.errors import PgError
 
 backup_app = typer.Typer(
@@ -394,8 +394,17 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
     for c in cats:
         for p in c.problems:
             err.print(escape(f"warning: {p}"))
+        if c.lineage_problem is not None:
+            err.print(escape(f"warning: {c.lineage_problem} (the cluster column is not known)"))
     rows = [
-        {**r.summary(now), "verified": verified.get((c.repository, r.id))} for c in cats for r in c.records
+        {
+            **r.summary(now),
+            # "current", or "before upgrade to 18": a backup of the cluster a major upgrade replaced
+            "cluster": c.cluster_of(r) if c.lineage_problem is None else None,
+            "verified": verified.get((c.repository, r.id)),
+        }
+        for c in cats
+        for r in c.records
     ]
     if output != "table":
         emit_data(output, rows)
@@ -410,6 +419,8 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
         "Type",
         "Parent",
         "Source",
+        "PG",
+        "Cluster",
         "TL",
         "Start LSN",
         "Stop LSN",
@@ -431,6 +442,8 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             str(row["type"]),
             str(row["parent"] or "-"),
             escape(str(src)),
+            "" if row["pg_major"] is None else str(row["pg_major"]),
+            escape(str(row["cluster"] or "?")),
             "" if row["timeline"] is None else str(row["timeline"]),
             str(row["start_lsn"] or ""),
             str(row["stop_lsn"] or ""),
@@ -440,7 +453,7 @@ def backup_list(config: ConfigReq, repo: RepoOpt = None, output: OutputOpt = "ta
             _verified_cell(row["verified"]),
         )
     for name, why in failed.items():
-        t.add_row("-", escape(name), "[bold red]ERROR[/]", "", "", escape(why), *([""] * 7))
+        t.add_row("-", escape(name), "[bold red]ERROR[/]", "", "", escape(why), *([""] * 9))
     if not rows:
         err.print("no backups")
     out.print(t)
@@ -479,12 +492,13 @@ def backup_info(
     assert rec is not None
     missing: list[str] | None = None
     if rec.usable():
-        hist = catalog.history_of(rec.stop_timeline or rec.timeline or 1, c.histories) or []
+        hist = c.history_of(rec.stop_timeline or rec.timeline or 1) or []
         need = catalog.required_segments(rec.start_lsn_int, rec.stop_lsn_int, rec.stop_timeline or 1, hist)
         missing = [s for s in need if s not in c.wal]
     doc: dict[str, Any] = rec.model_dump(mode="json")
     doc["effective_status"] = rec.effective_status(catalog.utcnow())
     doc["wal_missing"] = missing
+    doc["cluster"] = c.cluster_of(rec) if c.lineage_problem is None else None
     if output != "table":
         emit_data(output, doc)
         return
@@ -500,7 +514,8 @@ def backup_info(
         f"source     {src.member} ({'standby' if src.standby else 'primary'}) {src.host}:{src.port}"
         if src
         else "source     ?",
-        f"postgres   {rec.pg_version}, system identifier {rec.system_identifier}",
+        f"postgres   {rec.pg_version}, system identifier {rec.system_identifier}"
+        + (f" ({doc['cluster']})" if doc["cluster"] else ""),
         f"timeline   {rec.timeline}"
         + (f" -> {rec.stop_timeline}" if rec.stop_timeline != rec.timeline else ""),
         f"LSN        {rec.start_lsn} .. {rec.stop_lsn}",
@@ -771,6 +786,14 @@ def restore_cmd(
             "(PostgreSQL's tool, then pg_verifybackup: slower, the result written twice).",
         ),
     ] = COMBINE_IN_PLACE,
+    bin_dir_opt: Annotated[
+        Path | None,
+        typer.Option(
+            "--bin-dir",
+            help="PostgreSQL binaries to start/combine with (default: postgresql.bin_dir); a backup "
+            "taken before a major upgrade needs its own major's.",
+        ),
+    ] = None,
     output: OutputOpt = "table",
 ) -> None:
     """Restore a base backup into an empty directory and recover to a target.
@@ -797,7 +820,10 @@ def restore_cmd(
     from hakeeper.util.proc import resolve_run_as
 
     try:
-        bin_dir = node_bin_dir(cfg.postgresql)
+        if bin_dir_opt is not None:
+            bin_dir = find_bin_dir(bin_dir_opt.absolute())
+        else:
+            bin_dir = node_bin_dir(cfg.postgresql)
         run_as = resolve_run_as(data_dir.absolute(), cfg.postgresql.os_user)
     except (PgError, RuntimeError) as e:
         raise fail(str(e), 2) from None

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from hakeeper.core.config import ParamValue
 from hakeeper.core.errors import BootstrapFailed, BootstrapRefused
 from hakeeper.ha.reinit import ReinitStatus
+from hakeeper.ha.upgradejob import UpgradeJob
 
 
 class SeededCopy(Protocol):
@@ -86,7 +87,14 @@ class BackupHooks(Protocol):
         ...
 
     async def rebind_after_upgrade(
-        self, old_system_identifier: str, system_identifier: str, old_major: int, major: int, old_end_lsn: int | None
+        self,
+        *,
+        old_system_identifier: str,
+        system_identifier: str,
+        old_major: int,
+        major: int,
+        old_end_lsn: int | None,
+        old_timeline: int | None,
     ) -> list[str]:
         """A major upgrade made a new cluster of this one's data: every repository is told (its
         old backups stay, of the old system identifier); the problems, one per repository."""
@@ -145,7 +153,14 @@ class NoBackup:
         raise BootstrapFailed("no backup configured")
 
     async def rebind_after_upgrade(
-        self, old_system_identifier: str, system_identifier: str, old_major: int, major: int, old_end_lsn: int | None
+        self,
+        *,
+        old_system_identifier: str,
+        system_identifier: str,
+        old_major: int,
+        major: int,
+        old_end_lsn: int | None,
+        old_timeline: int | None,
     ) -> list[str]:
         return []
 
@@ -180,3 +195,18 @@ class NodeOperations(Protocol):
         ...
 
     async def reload(self) -> str: ...
+
+
+class UpgradeOperations(Protocol):
+    """A member's part of a major upgrade (:class:`~hakeeper.ha.upgrade.Upgrader`); each raises
+    :class:`~hakeeper.core.errors.Refused` with the reason when it may not act."""
+
+    def status(self) -> UpgradeJob | None: ...
+
+    async def check(self, to_major: int, method: str) -> dict[str, Any]: ...
+
+    async def upgrade_primary(self, upgrade_id: str, to_major: int, method: str) -> UpgradeJob: ...
+
+    async def stop_replica(self, upgrade_id: str, lsn: int, timeout: float = ...) -> dict[str, Any]: ...
+
+    async def rejoin(self, upgrade_id: str, to_major: int) -> ReinitStatus: ...

@@ -27,15 +27,12 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hakeeper.core import timefmt
 from hakeeper.core.cluster import ClusterView, Upgrade
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.lsn import format_lsn, parse_lsn
@@ -44,10 +41,11 @@ from hakeeper.ha.actions.context import Ctx
 from hakeeper.ha.actions.leader import start_as_primary
 from hakeeper.ha.operator import Operator
 from hakeeper.ha.reinit import ReinitStatus, dir_size
+from hakeeper.ha.upgrade_check import free_port, inspect, member_problems
+from hakeeper.ha.upgradejob import JobState, UpgradeJob
 from hakeeper.pg import upgrade as pgu
 from hakeeper.pg.bins import bin_dir_for_major, run_program
 from hakeeper.pg.errors import PgError
-from hakeeper.pg.version import data_dir_major
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed
 
@@ -55,71 +53,6 @@ log = get_logger("hakeeper.upgrade")
 
 REPLAY_TIMEOUT = 120.0  # s a replica may take to replay the old primary's last WAL
 WRITABLE_TIMEOUT = 120.0  # s the new primary may take to accept writes after its start
-
-
-class JobState(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class UpgradeJob:
-    """The primary's part of one upgrade, as the API shows it (``GET /upgrade``).
-
-    ``phases``: seconds of each finished phase, in order; ``downtime_s``: from the fast
-    shutdown of the old primary to the new one accepting writes; ``rolled_back``: the upgrade
-    failed and the old cluster runs again as before; ``state_after``: on a failure that could
-    not be undone, the cluster's state and what to do."""
-
-    id: str
-    member: str
-    from_major: int
-    to_major: int
-    method: str
-    state: JobState
-    phase: str
-    started_at: float
-    phases: dict[str, float] = field(default_factory=dict)
-    finished_at: float | None = None
-    error: str | None = None
-    stop_lsn: int | None = None
-    downtime_s: float | None = None
-    data_bytes: int | None = None
-    old_system_identifier: str | None = None
-    system_identifier: str | None = None
-    rolled_back: bool = False
-    state_after: str | None = None
-    backup: dict[str, Any] | None = None  # the full backup taken after the upgrade
-    steps: list[dict[str, Any]] = field(default_factory=list)  # pg_upgrade's own, timed
-
-    @property
-    def running(self) -> bool:
-        return self.state is JobState.RUNNING
-
-    def doc(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "member": self.member,
-            "from_major": self.from_major,
-            "to_major": self.to_major,
-            "method": self.method,
-            "state": self.state.value,
-            "phase": self.phase,
-            "phases": {k: round(v, 3) for k, v in self.phases.items()},
-            "started_at": timefmt.iso(self.started_at, timespec="milliseconds", zulu=False),
-            "finished_at": timefmt.iso(self.finished_at, timespec="milliseconds", zulu=False),
-            "error": self.error,
-            "stop_lsn": None if self.stop_lsn is None else format_lsn(self.stop_lsn),
-            "downtime_s": None if self.downtime_s is None else round(self.downtime_s, 3),
-            "data_bytes": self.data_bytes,
-            "old_system_identifier": self.old_system_identifier,
-            "system_identifier": self.system_identifier,
-            "rolled_back": self.rolled_back,
-            "state_after": self.state_after,
-            "backup": self.backup,
-            "pg_upgrade_steps": self.steps,
-        }
 
 
 @dataclass(slots=True)
@@ -134,14 +67,6 @@ class _Undo:
     started: bool = False  # the new primary was started: from here nothing is undone
 
 
-def _free_port() -> int:
-    """A port number for pg_upgrade's own servers (they listen on a Unix socket only, in a
-    directory of their own: the number names the socket)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Upgrader:
     def __init__(
         self,
@@ -149,11 +74,11 @@ class Upgrader:
         action_lock: asyncio.Lock,
         operator: Operator,
         backup_after: Callable[[], Awaitable[dict[str, Any]]],
-        rebind: Callable[[str, str, int, int, int | None], Awaitable[list[str]]],
+        rebind: Callable[..., Awaitable[list[str]]],
     ) -> None:
         """``backup_after``: a full backup of the new cluster into every repository;
-        ``rebind``: tell the repositories the cluster's new identity (old and new system
-        identifier, old and new major, the old cluster's last LSN): the problems, if any."""
+        ``rebind``: tell the repositories the cluster's new identity
+        (:meth:`~hakeeper.ha.ports.BackupHooks.rebind_after_upgrade`): the problems, if any."""
         self.ctx = ctx
         self.action_lock = action_lock
         self.operator = operator
@@ -172,7 +97,7 @@ class Upgrader:
         """This member's problems for an upgrade to ``to_major`` with ``method`` (none: go)."""
         m = self._method(method)
         async with self._checking:
-            problems, facts = await self._check(to_major, m)
+            problems, facts = await member_problems(self.ctx, to_major, m)
         for p in problems:
             log.warning("upgrade_check_problem", check=p["check"], text=p["text"], fix=p.get("fix"))
         return {"member": self.ctx.name, **facts, "problems": problems}
@@ -256,102 +181,6 @@ class Upgrader:
         except ValueError:
             choices = ", ".join(m.value for m in pgu.Method)
             raise Refused(RefusalKind.INVALID, f"unknown method {method!r} (one of {choices})") from None
-
-    async def _check(self, to_major: int, method: pgu.Method) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        ctx = self.ctx
-        pg, pgc = ctx.pg, ctx.cfg.postgresql
-        problems: list[dict[str, Any]] = []
-        major = data_dir_major(pg.data_dir)
-        facts: dict[str, Any] = {"major": major, "to_major": to_major, "bin_dir": None}
-        new_bin, looked = await asyncio.to_thread(bin_dir_for_major, to_major, pgc.bin_dir, pgc.bin_dirs)
-        if new_bin is None:
-            problems.append(
-                _problem(
-                    "binaries",
-                    f"no PostgreSQL {to_major} binaries on {ctx.name} (looked in {looked})",
-                    f"install PostgreSQL {to_major} there, or set postgresql.bin_dirs.{to_major} "
-                    "in its node file",
-                )
-            )
-        else:
-            facts["bin_dir"] = str(new_bin)
-        if major is None:
-            problems.append(
-                _problem("data directory", f"{pg.data_dir} holds no cluster", "let it clone first")
-            )
-            return problems, facts
-        if major >= to_major:
-            problems.append(
-                _problem("version", f"{ctx.name} already runs PostgreSQL {major}", "nothing to upgrade here")
-            )
-            return problems, facts
-        probe = await pg.probe()
-        facts["role"] = "primary" if probe.in_recovery is False else "replica"
-        facts["data_bytes"] = await asyncio.to_thread(dir_size, pg.data_dir)
-        if not probe.running:
-            problems.append(
-                _problem("running", f"PostgreSQL is not running on {ctx.name}", "start it (hakeeper restart)")
-            )
-            return problems, facts
-        if probe.in_recovery:
-            up = ctx.state.upstream
-            if up is None or probe.streaming_from != up.address:
-                problems.append(
-                    _problem(
-                        "replication",
-                        f"{ctx.name} does not stream from the leader "
-                        f"({probe.error or 'no WAL receiver streaming'})",
-                        "fix its replication first (hakeeper list shows why; hakeeper reinit rebuilds it)",
-                    )
-                )
-            need = int(facts["data_bytes"])
-            free = (await asyncio.to_thread(shutil.disk_usage, pg.data_dir.parent)).free
-            if free + need < need * 1.1:  # the clone replaces the old copy: room for ~one copy
-                problems.append(
-                    _problem("disk space", f"{free >> 20} MiB free for a {need >> 20} MiB clone", None)
-                )
-            return problems, facts
-        if new_bin is not None:
-            problems += await self._check_primary(new_bin, to_major, method)
-        return problems, facts
-
-    async def _check_primary(self, new_bin: Path, to_major: int, method: pgu.Method) -> list[dict[str, Any]]:
-        """pg_upgrade --check (and our own checks) against the live primary, with a throwaway
-        new cluster initdb'ed beside it."""
-        pg = self.ctx.pg
-        try:
-            facts = await self._inspect()
-            scratch = pg.data_dir.with_name(f"{pg.data_dir.name}.upgrade-check-{to_major}")
-            await asyncio.to_thread(shutil.rmtree, scratch, True)
-            try:
-                await pgu.init_new_cluster(facts, new_bin, pg.run_as, scratch)
-                found = await pgu.check_upgrade(
-                    facts,
-                    new_bin,
-                    scratch,
-                    method=method,
-                    run_as=pg.run_as,
-                    old_port=pg.port,
-                    new_port=_free_port(),
-                    socket_dir=pg.socket_dir,
-                    new_preload=None,
-                )
-            finally:
-                await asyncio.to_thread(shutil.rmtree, scratch, True)
-        except (PgError, CommandFailed, OSError) as e:
-            return [_problem("pg_upgrade --check", str(e), None)]
-        return [_problem(p.check, p.text, p.fix, p.log_file) for p in found]
-
-    async def _inspect(self) -> pgu.ClusterFacts:
-        pg = self.ctx.pg
-        return await pgu.inspect_cluster(
-            pg.data_dir,
-            pg.bin_dir,
-            pg.run_as,
-            host=str(pg.socket_dir),
-            port=pg.port,
-            user=self.ctx.cfg.postgresql.superuser.username,
-        )
 
     async def _require_upgrade(self, upgrade_id: str, to_major: int | None) -> Upgrade:
         """The etcd ``upgrade`` key, read now, must name this upgrade: no agent upgrades
@@ -475,7 +304,7 @@ class Upgrader:
                 RefusalKind.PRECONDITION, f"no PostgreSQL {to_major} binaries here (looked in {looked})"
             )
         try:
-            facts = await self._inspect()
+            facts = await inspect(self.ctx)
         except PgError as e:
             raise Refused(RefusalKind.UNAVAILABLE, f"cannot inspect the running cluster: {e}") from e
         if facts.major >= to_major:
@@ -524,7 +353,7 @@ class Upgrader:
         self._phase("pg_upgrade")
         t = time.monotonic()
         undo.upgraded = True
-        port = _free_port()
+        port = free_port()
         result = await pgu.run_upgrade(
             facts, new_bin, new_dir, method=method, run_as=pg.run_as, old_port=port, new_port=port + 1
         )
@@ -555,7 +384,14 @@ class Upgrader:
                 "initialize key changed): not starting the new cluster",
             )
         undo.identity = (old_sysid, new_sysid, term)
-        problems = await self.rebind(old_sysid, new_sysid, facts.major, to_major, stop_lsn)
+        problems = await self.rebind(
+            old_system_identifier=old_sysid,
+            system_identifier=new_sysid,
+            old_major=facts.major,
+            major=to_major,
+            old_end_lsn=stop_lsn,
+            old_timeline=old_tli,
+        )
         for p in problems:
             log.warning("upgrade_repository_not_rebound", problem=p)
         self._timed("switch", t)
@@ -707,7 +543,3 @@ class Upgrader:
             phase="failed" if error else "done",
         )
         log.info("upgrade_finished", id=job.id, error=error, seconds=round(time.time() - job.started_at, 1))
-
-
-def _problem(check: str, text: str, fix: str | None, log_file: Path | None = None) -> dict[str, Any]:
-    return {"check": check, "text": text, "fix": fix, "log_file": None if log_file is None else str(log_file)}

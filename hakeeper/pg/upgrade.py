@@ -625,8 +625,28 @@ async def continue_timeline(new_bin_dir: Path, new_data_dir: Path, timeline: int
     )
     if not r.ok:
         raise PgError(f"pg_resetwal -l {name} of {new_data_dir} failed (exit {r.returncode}): {r.tail(5)}")
+    await asyncio.to_thread(_write_first_history, new_data_dir, timeline, run_as)
     log.info("upgrade_timeline_continued", first_wal_file=name, timeline=timeline)
     return name
+
+
+def _write_first_history(data_dir: Path, timeline: int, run_as: RunAs) -> None:
+    """``<timeline>.history`` with no parent (comment lines only): a standby's walreceiver asks
+    its primary for the history of every timeline but 1 it lacks, and a primary without the
+    file answers with an error, so a replica could never stream.  The ``.ready`` file has
+    PostgreSQL archive it like a history file of its own."""
+    name = f"{timeline:08X}.history"
+    text = (
+        f"# hakeeper: timeline {timeline} starts the cluster pg_upgrade made (no parent timeline:\n"
+        "# the WAL before it belongs to the old major's cluster, another system identifier)\n"
+    )
+    path = data_dir / "pg_wal" / name
+    path.write_text(text)
+    ready = data_dir / "pg_wal" / "archive_status" / f"{name}.ready"
+    ready.write_text("")
+    for p in (path, ready):
+        run_as.chown(p)
+        p.chmod(0o600)
 
 
 # ---------------------------------------------------------------- what can be undone

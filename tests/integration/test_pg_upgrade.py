@@ -104,6 +104,7 @@ async def test_link_upgrade_17_to_18(area: PgArea) -> None:
         first = await continue_timeline(bin_dir(18), new_dir, 2, old.run_as)
         assert first.startswith("00000002") and not (old.data_dir / "pg_wal" / first).exists()
         assert not new_cluster_started(new_dir)  # pg_resetwal does not start it either
+        assert (new_dir / "pg_wal" / "00000002.history").read_text().startswith("# hakeeper")
         new = node(area, "old", 36303, 18, data_dir=new_dir)
         await start(new)
         assert new_cluster_started(new_dir)
@@ -118,6 +119,9 @@ async def test_link_upgrade_17_to_18(area: PgArea) -> None:
         await new.session.execute("INSERT INTO t VALUES (0, 'after')")
         (walfile,) = (await new.session.execute("SELECT pg_walfile_name(pg_current_wal_lsn())"))[0]
         assert str(walfile).startswith("00000002") and str(walfile)[8:] >= first[8:]
+        # the history file reads as a timeline without parent (a standby fetches it from here)
+        rows = await new.session.execute("SELECT pg_read_file('pg_wal/00000002.history')")
+        assert "hakeeper" in str(rows[0][0])
     finally:
         if new is not None:
             await new.stop("immediate")
