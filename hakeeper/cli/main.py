@@ -36,6 +36,7 @@ _COMMAND_MODULES = {
     ),
     **dict.fromkeys(("remove", "query", "version"), "admin_cmds"),
     **dict.fromkeys(("restart", "flush"), "restart_cmds"),
+    "upgrade": "upgrade_cmds",
     "agent": None,
     "config": None,
 }
@@ -50,6 +51,7 @@ _ALL_MODULES = (
     "verify_cmds",
     "admin_cmds",
     "repo_cmds",
+    "upgrade_cmds",
 )
 
 

@@ -52,6 +52,7 @@ from hakeeper.util.proc import CommandFailed
 log = get_logger("hakeeper.upgrade")
 
 REPLAY_TIMEOUT = 120.0  # s a replica may take to replay the old primary's last WAL
+ARCHIVE_WAIT = 30.0  # s the old primary's last complete segment may take to be archived
 WRITABLE_TIMEOUT = 120.0  # s the new primary may take to accept writes after its start
 
 
@@ -337,6 +338,7 @@ class Upgrader:
         self._phase("checkpoint")
         t = time.monotonic()
         await pg.checkpoint()
+        archived_end = await self._archive_the_end()
         self._timed("checkpoint", t)
 
         self._phase("stopping")
@@ -389,7 +391,7 @@ class Upgrader:
             system_identifier=new_sysid,
             old_major=facts.major,
             major=to_major,
-            old_end_lsn=stop_lsn,
+            old_end_lsn=archived_end,
             old_timeline=old_tli,
         )
         for p in problems:
@@ -415,6 +417,35 @@ class Upgrader:
             downtime_s=round(up - down, 3),
             system_identifier=new_sysid,
         )
+
+    async def _archive_the_end(self) -> int | None:
+        """Close the current WAL segment and wait (up to ARCHIVE_WAIT) until it is archived: the
+        old cluster's archive then reaches this point (what PITR of its backups can reach).
+        The old server pg_upgrade starts archives nothing, and the last segment before the stop
+        is never complete: commits in the instant between this switch and the stop are in the
+        new cluster, not in the old one's archive.  None: archiving is off or did not catch up."""
+        pg = self.ctx.pg
+        try:
+            rows = await pg.session.execute(
+                "SELECT current_setting('archive_mode') <> 'off', pg_walfile_name(lsn), lsn::text "
+                "FROM pg_switch_wal() AS lsn"
+            )
+            archiving, walfile, lsn = rows[0]
+            if not archiving:
+                return None
+            deadline = time.monotonic() + ARCHIVE_WAIT
+            while time.monotonic() < deadline:
+                done = await pg.session.execute(
+                    "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver"
+                )
+                if str(done[0][0]) >= str(walfile):
+                    return parse_lsn(str(lsn))
+                await asyncio.sleep(0.05)
+        except PgError as e:
+            log.warning("upgrade_archive_end_unknown", reason=str(e))
+            return None
+        log.warning("upgrade_archive_behind", waited_s=ARCHIVE_WAIT, segment=str(walfile))
+        return None
 
     async def _clear_leftover(self, new_dir: Path) -> None:
         """A new directory left by an earlier attempt that never ran as a server is ours to drop."""
@@ -507,6 +538,9 @@ class Upgrader:
                 with contextlib.suppress(PgError):  # nothing to undo when pg_upgrade stopped early
                     pgu.rollback_link_upgrade(pg.data_dir, new_data_dir=self._new_dir(self._job_to()))
             if undo.new_dir is not None:
+                kept = await asyncio.to_thread(_keep_logs, self._new_dir(self._job_to()))
+                if kept is not None:
+                    reason = f"{reason} (pg_upgrade's logs: {kept})"
                 await asyncio.to_thread(shutil.rmtree, self._new_dir(self._job_to()), True)
             if not await ctx.guard.confirm_lease():
                 raise PgError("could not confirm our leader lease: the old primary stays down")
@@ -543,3 +577,14 @@ class Upgrader:
             phase="failed" if error else "done",
         )
         log.info("upgrade_finished", id=job.id, error=error, seconds=round(time.time() - job.started_at, 1))
+
+
+def _keep_logs(new_dir: Path) -> Path | None:
+    """pg_upgrade writes its logs into the new data directory, which a rollback removes: move
+    them beside it first (``<new_dir>-logs-<UTC time>``), where its error message can point."""
+    logs = new_dir / "pg_upgrade_output.d"
+    if not logs.is_dir():
+        return None
+    dest = new_dir.with_name(f"{new_dir.name}-logs-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.rename(logs, dest)
+    return dest

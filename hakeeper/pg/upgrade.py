@@ -553,10 +553,13 @@ async def run_upgrade(
     old_port: int,
     new_port: int,
     work_dir: Path | None = None,
+    old_options: str = "-c archive_mode=off",
 ) -> UpgradeResult:
     """pg_upgrade of the cleanly stopped old cluster into ``new_data_dir`` (from
-    :func:`init_new_cluster`).  Raises :class:`PgError` with pg_upgrade's problems on failure;
-    what can then be undone is :func:`rollback_plan`'s (``UpgradeState.FAILED``)."""
+    :func:`init_new_cluster`).  ``old_options``: for the old server pg_upgrade starts; by
+    default it does not archive (its archive_command may answer only to a primary the agent
+    runs, and its shutdown would wait for that forever).  Raises :class:`PgError` with
+    pg_upgrade's problems on failure; what can then be undone is :func:`rollback_plan`'s (``UpgradeState.FAILED``)."""
     control = await _controldata(facts.bin_dir, facts.data_dir, run_as)
     state = control.get("Database cluster state", "")
     if state != "shut down":
@@ -572,6 +575,8 @@ async def run_upgrade(
         Path(tempfile.gettempdir()), "hk-upg-", run_as
     )  # short: a socket path is <108 bytes
     argv = [*_pg_upgrade_argv(facts, new_bin_dir, new_data_dir, sockets, (old_port, new_port)), f"--{method}"]
+    if old_options:
+        argv.append(f"--old-options={old_options}")
     log.info("upgrade_start", old=str(facts.data_dir), new=str(new_data_dir), method=str(method))
     started = time.monotonic()
     try:

@@ -18,7 +18,7 @@ from hakeeper.ha import requests
 from hakeeper.localcluster import LocalCluster
 from tests.integration.test_ha import hk_list, sql, wait_for
 from tests.integration.test_switchover import run_request
-from tests.support.cluster import running_cluster
+from tests.support.cluster import crash_host, running_cluster
 from tests.support.probe import writable_nodes
 
 pytestmark = pytest.mark.integration
@@ -64,19 +64,6 @@ def synced_at_least(c: LocalCluster, name: str, lsn: str, slot: str = SLOT) -> b
 
 def members(c: LocalCluster) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in hk_list(c)["members"]}
-
-
-def crash_host(c: LocalCluster, name: str) -> None:
-    """kill -9 of the agent and every PostgreSQL process of ``name`` at once (a host crash)."""
-    pm = c.postmaster_pid(name)
-    c.agents[name].kill()
-    if pm is not None:
-        children = [int(p) for p in open(f"/proc/{pm}/task/{pm}/children").read().split()]
-        for pid in (pm, *children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def events(c: LocalCluster, name: str) -> list[dict[str, Any]]:

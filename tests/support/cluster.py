@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import ssl
 import tempfile
 import time
@@ -111,6 +112,19 @@ def start_first_member(c: LocalCluster, name: str = "node1", timeout: float = 90
         if time.monotonic() > deadline:
             raise AssertionError(f"{name} not primary after {timeout:.0f}s:\n{c.tail_log(name)}")
         time.sleep(0.3)
+
+
+def crash_host(c: LocalCluster, name: str) -> None:
+    """kill -9 of the agent and every PostgreSQL process of ``name`` at once (a host crash)."""
+    pm = c.postmaster_pid(name)
+    c.agents[name].kill()
+    if pm is not None:
+        children = [int(p) for p in open(f"/proc/{pm}/task/{pm}/children").read().split()]
+        for pid in (pm, *children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def encrypted_fs_repository(repo_dir: Path, run_as: RunAs, name: str = "fs") -> dict[str, Any]:
