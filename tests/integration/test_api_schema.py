@@ -66,7 +66,17 @@ MAX_EXAMPLES = {"GET": 12, "HEAD": 6, "POST": 8, "PATCH": 12, "DELETE": 4}
 ORDER = {"GET": 0, "HEAD": 0, "PATCH": 1, "DELETE": 2, "POST": 3}
 LAST = ("/reinitialize", "/failover", "/switchover")
 # Per-member actions: a body naming another member is refused (421) before anything is done.
-PER_MEMBER = ("/restart", "/reinitialize", "/reload")
+# The upgrade routes other than /upgrade/check then refuse with 412 (no upgrade in etcd): that
+# answer is checked against the document too.
+PER_MEMBER = (
+    "/restart",
+    "/reinitialize",
+    "/reload",
+    "/upgrade/check",
+    "/upgrade/primary",
+    "/upgrade/stop",
+    "/upgrade/rejoin",
+)
 
 
 @pytest.fixture(scope="module")
