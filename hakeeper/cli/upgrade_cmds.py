@@ -33,6 +33,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from hakeeper.cli.app import app, fail, out
 from hakeeper.cli.cluster_cmds import (
@@ -294,7 +295,9 @@ def _print_problems(problems: list[dict[str, Any]], output: str, check_only: boo
     for col in ("member", "check", "problem", "fix"):
         t.add_column(col, overflow="fold")
     for p in problems:
-        t.add_row(str(p.get("member")), str(p.get("check")), str(p.get("text")), str(p.get("fix") or "-"))
+        # Text, not markup: pg_upgrade's texts hold brackets ("[could not load library ...]")
+        cells = (p.get("member"), p.get("check"), p.get("text"), p.get("fix") or "-")
+        t.add_row(*(Text(str(x)) for x in cells))
     out.print(t)
 
 
@@ -545,7 +548,7 @@ class Runner:
         t.add_column("")
         t.add_column("", overflow="fold")
         for k, v in report_rows({**job, "phases": rounded}, self.replicas):
-            t.add_row(k, v)
+            t.add_row(Text(k), Text(v))
         out.print(t)
         if not recorded:
             out.print("note: the history entry could not be written (the leader changed meanwhile)")

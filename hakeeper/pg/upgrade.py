@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psycopg
@@ -392,6 +392,17 @@ async def _stream(argv: list[str], *, run_as: RunAs, cwd: Path, timeout: float) 
     return _Run(proc.returncode or 0, lines[1:] if lines[0][1] == "" else lines, err.decode(errors="replace"))
 
 
+def _named_file(path: Path | None, limit: int = 1500) -> str:
+    """The first ``limit`` characters of a file pg_upgrade names for a problem, as one line."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(errors="replace")[:limit]
+    except OSError:
+        return ""
+    return "[" + " | ".join(ln.strip() for ln in text.splitlines() if ln.strip()) + "]"
+
+
 def _private_dir(parent: Path, prefix: str, run_as: RunAs) -> Path:
     d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     mkdir_owned(d, run_as)
@@ -533,7 +544,9 @@ async def check_upgrade(
     steps, found = parse_pg_upgrade_output(r.lines)
     if r.returncode != 0 and not found:
         found = [Problem("pg_upgrade --check", f"exit {r.returncode}: {r.stderr.strip()[-500:]}")]
-    problems.extend(found)
+    # the file a problem names (which libraries, which tables, ...) is in a directory the caller
+    # removes: its lines go into the problem itself
+    problems.extend(replace(p, text=f"{p.text} {_named_file(p.log_file)}".strip()) for p in found)
     log.info("upgrade_check_done", problems=len(problems), steps=len(steps), exit=r.returncode)
     for p in problems:
         log.warning("upgrade_check_problem", check=p.check, text=p.text, log_file=str(p.log_file), fix=p.fix)
@@ -559,7 +572,8 @@ async def run_upgrade(
     :func:`init_new_cluster`).  ``old_options``: for the old server pg_upgrade starts; by
     default it does not archive (its archive_command may answer only to a primary the agent
     runs, and its shutdown would wait for that forever).  Raises :class:`PgError` with
-    pg_upgrade's problems on failure; what can then be undone is :func:`rollback_plan`'s (``UpgradeState.FAILED``)."""
+    pg_upgrade's problems on failure; what can then be undone is :func:`rollback_plan`'s
+    (``UpgradeState.FAILED``)."""
     control = await _controldata(facts.bin_dir, facts.data_dir, run_as)
     state = control.get("Database cluster state", "")
     if state != "shut down":

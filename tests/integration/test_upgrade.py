@@ -7,6 +7,7 @@ failover works, a new base backup of the new major exists, and ``history`` recor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,7 +20,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from hakeeper.core.cluster import Upgrade
+from hakeeper.core.keys import Keys
+from hakeeper.dcs.store import ClusterStore
 from hakeeper.localcluster import LocalCluster
+from hakeeper.localcluster.layout import REPLICATION_USER
 from hakeeper.util.proc import resolve_run_as
 from tests.support.cluster import cluster_tmpdir, crash_host, encrypted_fs_repository, running_cluster
 
@@ -160,3 +165,88 @@ def upgrade_under_load(c: LocalCluster, old: int, new: int) -> None:
     p = c.primary()
     assert p is not None
     sql(c, p, "INSERT INTO t VALUES (-1)")
+
+
+def upgrade_key(c: LocalCluster) -> Any:
+    async def read() -> Any:
+        client = c.etcd_client()
+        try:
+            return (await ClusterStore(client, Keys(f"/hakeeper/{c.scope}")).read_view()).upgrade
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def test_check_lists_an_unreplicated_replica_and_missing_binaries_and_changes_nothing() -> None:
+    with running_cluster(nodes=3, pg_version=17) as c:
+        primary = c.primary()
+        assert primary is not None
+        replica = next(n for n in c.names if n != primary)
+        # no PostgreSQL 16 anywhere: every member says so, with the fix
+        res = hk(c, "upgrade", "--to-version", "16", "--check", "-o", "json")
+        assert res.returncode == 1, res.stdout + res.stderr
+        found = json.loads(res.stdout)["problems"]
+        missing = {p["member"] for p in found if p["check"] == "binaries"}
+        assert missing == set(c.names), found
+        assert all("postgresql.bin_dirs.16" in (p["fix"] or "") for p in found if p["check"] == "binaries")
+
+        # a replica that cannot stream: its walsender ended, its password no longer valid
+        sql(c, primary, f"ALTER ROLE {REPLICATION_USER} PASSWORD 'not-the-one-they-have'")
+        try:
+            sql(
+                c,
+                primary,
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = '{replica}'",
+            )
+
+            def not_streaming() -> bool:
+                res = hk(c, "list", "-o", "json")
+                ms = {m["name"]: m for m in json.loads(res.stdout)["members"]}
+                return ms[replica]["state"] != "streaming"
+
+            wait_for(not_streaming, 60, f"{replica} not streaming", c)
+            res = hk(c, "upgrade", "--to-version", "18", "--check")
+            assert res.returncode == 1, res.stdout + res.stderr
+            assert replica in res.stdout and "does not stream" in res.stdout, res.stdout
+            assert "nothing was changed" in res.stdout
+            assert majors(c) == dict.fromkeys(c.names, 17) and upgrade_key(c) is None
+        finally:
+            sql(c, primary, f"ALTER ROLE {REPLICATION_USER} PASSWORD '{c.replication_password}'")
+        c.wait_ready(120)
+
+
+def test_a_failing_pg_upgrade_leaves_the_old_cluster_running_and_writable() -> None:
+    """pgcrypto is in 17's build and not in 18's: pg_upgrade stops at its library check.  The
+    preflight finds it; an interrupted upgrade continued (its key already in etcd, so no
+    preflight) runs into it: the agent rolls back, the old primary takes writes again, the
+    replicas follow it, nothing is lost."""
+    with running_cluster(nodes=3, pg_version=17) as c:
+        primary = c.primary()
+        assert primary is not None
+        sql(c, primary, "CREATE EXTENSION pgcrypto; CREATE TABLE t (id int PRIMARY KEY)")
+        sql(c, primary, "INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+        res = hk(c, "upgrade", "--to-version", "18", "--check")
+        assert res.returncode == 1 and "pgcrypto" in res.stdout, res.stdout + res.stderr
+
+        async def interrupted() -> None:
+            client = c.etcd_client()
+            try:
+                rec = Upgrade("interrupted1", 17, 18, "link", time.time(), by="test")
+                assert await ClusterStore(client, Keys(f"/hakeeper/{c.scope}")).upgrades.write(None, rec)
+            finally:
+                await client.close()
+
+        asyncio.run(interrupted())
+        res = hk(c, "upgrade", "--to-version", "18", "--force")
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "rolled back" in res.stderr and "pg_upgrade" in res.stderr, res.stderr
+        assert upgrade_key(c) is None
+        assert c.wait_ready(120) == primary  # the same primary, every replica streaming again
+        assert majors(c) == dict.fromkeys(c.names, 17)
+        sql(c, primary, "INSERT INTO t VALUES (0)")
+        want = sql(c, primary, CHECKSUM_SQL)
+        assert want[0][0] == 1001
+        wait_for(lambda: all(sql(c, n, CHECKSUM_SQL) == want for n in c.names), 60, "equal tables", c)
+        left = [p.name for p in c.nodes[primary].data_dir.parent.iterdir() if ".upgrade-18" in p.name]
+        assert left and all("-logs-" in n for n in left), left  # pg_upgrade's logs kept, nothing else
