@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -510,8 +511,18 @@ def history(
             str(e.timeline),
             format_lsn(e.lsn) if e.lsn is not None else "",
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time)),
-            e.reason,
+            e.reason + upgrade_note(e.upgrade),
             e.old_leader or "",
             e.new_leader,
         )
     out.print(t)
+
+
+def upgrade_note(upgrade: Mapping[str, Any] | None) -> str:
+    """What the reason column adds for a major upgrade: its write downtime and phases."""
+    if not upgrade:
+        return ""
+    down = upgrade.get("downtime_s")
+    phases = ", ".join(f"{k} {float(v):.1f} s" for k, v in (upgrade.get("phases") or {}).items())
+    head = f"; write downtime {float(down):.2f} s" if isinstance(down, int | float) else ""
+    return head + (f" ({phases})" if phases else "")
