@@ -130,7 +130,9 @@ def report_rows(job: dict[str, Any], replicas: dict[str, dict[str, Any]]) -> lis
         ("upgrade", f"PostgreSQL {job.get('from_major')} -> {job.get('to_major')} ({job.get('method')})"),
         ("write downtime", _secs(job.get("downtime_s"))),
     ]
-    rows += [(f"primary: {name}", _secs(s)) for name, s in (job.get("phases") or {}).items()]
+    for name, s in (job.get("phases") or {}).items():
+        label = "replicas: clone to streaming" if name == "replicas" else f"primary: {name}"
+        rows.append((label, _secs(s)))
     for name, r in sorted(replicas.items()):
         rows.append((f"replica {name}", r.get("summary", "-")))
     size = job.get("data_bytes")
