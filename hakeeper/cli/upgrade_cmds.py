@@ -72,7 +72,7 @@ CHECK_TIMEOUT = 1800.0  # pg_upgrade --check dumps every database's schema
 POLL_S = 0.5
 PAUSE_TIMEOUT = 60.0
 REJOIN_TIMEOUT = 6 * 3600.0
-RUNNING = (MemberState.RUNNING, MemberState.STREAMING)
+RUNNING = (MemberState.RUNNING, MemberState.STREAMING, MemberState.IN_RECOVERY)
 
 
 # --------------------------------------------------------------------------------- pure parts

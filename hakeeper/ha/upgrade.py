@@ -127,8 +127,12 @@ class Upgrader:
                 raise Refused(RefusalKind.CONFLICT, "this node leads: the primary's part stops it")
             replayed = await self._wait_replay(lsn, timeout)
             reached = replayed is not None and replayed >= lsn
-            if ctx.pg.is_running():
-                await ctx.pg.stop("fast", timeout=60)
+            try:
+                if ctx.pg.is_running():
+                    await ctx.pg.stop("fast", timeout=60)
+            except (PgError, CommandFailed) as e:
+                log.warning("upgrade_replica_stop_failed", reason=str(e))
+                raise Refused(RefusalKind.UNAVAILABLE, f"could not stop PostgreSQL here: {e}") from e
             ctx.state.pg_stopped()
             ctx.wake.set()
         log.info(

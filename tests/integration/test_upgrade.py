@@ -197,7 +197,8 @@ def test_check_lists_an_unreplicated_replica_and_missing_binaries_and_changes_no
             sql(
                 c,
                 primary,
-                f"SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = '{replica}'",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_replication "
+                f"WHERE application_name = '{replica}'",
             )
 
             def not_streaming() -> bool:
