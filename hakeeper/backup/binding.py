@@ -46,6 +46,7 @@ from hakeeper.backup.lineage import BINDING_NAME, ClusterEra, Lineage, LineageEr
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.repos import make_repository
 from hakeeper.core.backup_config import RepositoryConfig
+from hakeeper.core.cluster import Succession
 from hakeeper.core.lsn import format_lsn
 from hakeeper.core.timefmt import iso
 from hakeeper.util.log import get_logger
@@ -260,15 +261,9 @@ def _refuse_rebind(repo: Repository, scope: str, bound: str, new: str, old: str,
 async def rebind_after_upgrade(
     repo: Repository,
     scope: str,
+    succession: Succession,
     *,
-    old_system_identifier: str,
-    new_system_identifier: str,
-    old_major: int,
-    new_major: int,
-    upgraded_at: float,
-    old_end_lsn: int | None,
     by: str,
-    old_timeline: int | None = None,
 ) -> Binding:
     """Move ``scope``'s binding in ``repo`` from the cluster ``pg_upgrade`` replaced to the one
     it made, the old one appended to the binding's history (its end: ``upgraded_at`` and
@@ -279,7 +274,13 @@ async def rebind_after_upgrade(
     returned as it is.  Bound to the old cluster: rewritten.  Unbound: bound to the new cluster
     (with the history entry) unless ``<scope>/`` holds another cluster's WAL or backups.  Bound
     to any other cluster: :class:`BindingMismatch` (logged with the reason)."""
-    old, new = old_system_identifier, new_system_identifier
+    old, new = succession.old_system_identifier, succession.new_system_identifier
+    old_major, new_major = succession.old_major, succession.new_major
+    upgraded_at, old_end_lsn, old_timeline = (
+        succession.upgraded_at,
+        succession.old_end_lsn,
+        succession.old_timeline,
+    )
     if old == new:
         raise ValueError(f"old and new system identifier are the same ({old}): pg_upgrade makes a new one")
     await repo.check_marker()  # the key first, as bind() does
@@ -357,33 +358,16 @@ class Rebound:
 async def rebind_all(
     repos: Sequence[Repository],
     scope: str,
+    succession: Succession,
     *,
-    old_system_identifier: str,
-    new_system_identifier: str,
-    old_major: int,
-    new_major: int,
-    upgraded_at: float,
-    old_end_lsn: int | None,
     by: str,
-    old_timeline: int | None = None,
 ) -> list[Rebound]:
     """:func:`rebind_after_upgrade` on every repository at once; one result per repository (in
     the order given), a failure of one (down, foreign, wrong key) never stops the others."""
 
     async def one(repo: Repository) -> Rebound:
         try:
-            b = await rebind_after_upgrade(
-                repo,
-                scope,
-                old_system_identifier=old_system_identifier,
-                new_system_identifier=new_system_identifier,
-                old_major=old_major,
-                new_major=new_major,
-                upgraded_at=upgraded_at,
-                old_end_lsn=old_end_lsn,
-                by=by,
-                old_timeline=old_timeline,
-            )
+            b = await rebind_after_upgrade(repo, scope, succession, by=by)
         except Exception as e:
             text = str(e) or type(e).__name__
             log.error("repository_rebind_failed", repo=repo.name, scope=scope, reason=text)
@@ -396,10 +380,11 @@ async def rebind_all(
 async def rebind_configured(
     configs: Sequence[RepositoryConfig],
     scope: str,
-    **kwargs: Any,
+    succession: Succession,
+    *,
+    by: str,
 ) -> list[Rebound]:
-    """:func:`rebind_all` over repository configurations (opened and closed here); the keyword
-    arguments are :func:`rebind_after_upgrade`'s."""
+    """:func:`rebind_all` over repository configurations (opened and closed here)."""
     repos: list[Repository] = []
     out: list[Rebound] = []
     try:
@@ -408,7 +393,7 @@ async def rebind_configured(
                 repos.append(make_repository(rc))
             except Exception as e:
                 out.append(Rebound(rc.name, False, None, str(e) or type(e).__name__))
-        out.extend(await rebind_all(repos, scope, **kwargs))
+        out.extend(await rebind_all(repos, scope, succession, by=by))
     finally:
         for r in repos:
             await r.close()

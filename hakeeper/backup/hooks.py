@@ -30,7 +30,7 @@ from hakeeper.backup.schedule import ScheduleRunner
 from hakeeper.backup.source import SourceChoice, backup_node
 from hakeeper.backup.verify import metric_values
 from hakeeper.core.backup_config import RepositoryConfig
-from hakeeper.core.cluster import ClusterView
+from hakeeper.core.cluster import ClusterView, Succession
 from hakeeper.core.config import NodeConfig, ParamValue, secret_value
 from hakeeper.core.errors import BootstrapFailed, BootstrapRefused
 from hakeeper.core.keys import Keys
@@ -257,30 +257,12 @@ class AgentBackup:
 
     # -- a major upgrade --------------------------------------------------------------------------
 
-    async def rebind_after_upgrade(
-        self,
-        *,
-        old_system_identifier: str,
-        system_identifier: str,
-        old_major: int,
-        major: int,
-        old_end_lsn: int | None,
-        old_timeline: int | None,
-    ) -> list[str]:
+    async def rebind_after_upgrade(self, succession: Succession) -> list[str]:
         """Every repository now belongs to the upgraded cluster, the old one in its history
         (:func:`~hakeeper.backup.binding.rebind_configured`); one problem per repository that
         refused.  The archiver checks the binding again for the new system identifier."""
         results = await rebind_configured(
-            self.cfg.backup.repositories,
-            self.cfg.scope,
-            old_system_identifier=old_system_identifier,
-            new_system_identifier=system_identifier,
-            old_major=old_major,
-            new_major=major,
-            upgraded_at=time.time(),
-            old_end_lsn=old_end_lsn,
-            old_timeline=old_timeline,
-            by=f"upgrade {self.cfg.name}",
+            self.cfg.backup.repositories, self.cfg.scope, succession, by=f"upgrade {self.cfg.name}"
         )
         if self.archiver is not None:  # check the bindings again before the next write
             for rs in self.archiver.repos.values():

@@ -184,6 +184,21 @@ def parse_history_strict(raw: bytes | None) -> tuple[HistoryEntry, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Succession:
+    """A major upgrade made a new cluster of the old one's data (``hakeeper upgrade``): what
+    the backup repositories record of it.  ``old_end_lsn``: the end of the old cluster's
+    archive (None: not known); ``old_timeline``: its last timeline (None: read the archive)."""
+
+    old_system_identifier: str
+    new_system_identifier: str
+    old_major: int
+    new_major: int
+    upgraded_at: float
+    old_end_lsn: int | None
+    old_timeline: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Upgrade:
     """The ``upgrade`` key: a major upgrade in progress (:class:`records.UpgradeRecord`)."""
 

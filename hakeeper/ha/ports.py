@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
+from hakeeper.core.cluster import Succession
 from hakeeper.core.config import ParamValue
 from hakeeper.core.errors import BootstrapFailed, BootstrapRefused
 from hakeeper.ha.reinit import ReinitStatus
@@ -86,16 +87,7 @@ class BackupHooks(Protocol):
         copy restored last to its target, promote, and set this cluster's role passwords."""
         ...
 
-    async def rebind_after_upgrade(
-        self,
-        *,
-        old_system_identifier: str,
-        system_identifier: str,
-        old_major: int,
-        major: int,
-        old_end_lsn: int | None,
-        old_timeline: int | None,
-    ) -> list[str]:
+    async def rebind_after_upgrade(self, succession: Succession) -> list[str]:
         """A major upgrade made a new cluster of this one's data: every repository is told (its
         old backups stay, of the old system identifier); the problems, one per repository."""
         ...
@@ -152,16 +144,7 @@ class NoBackup:
     async def bootstrap_recover(self) -> None:
         raise BootstrapFailed("no backup configured")
 
-    async def rebind_after_upgrade(
-        self,
-        *,
-        old_system_identifier: str,
-        system_identifier: str,
-        old_major: int,
-        major: int,
-        old_end_lsn: int | None,
-        old_timeline: int | None,
-    ) -> list[str]:
+    async def rebind_after_upgrade(self, succession: Succession) -> list[str]:
         return []
 
     async def backup_after_upgrade(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hakeeper.core.cluster import ClusterView, Upgrade
+from hakeeper.core.cluster import ClusterView, Succession, Upgrade
 from hakeeper.core.errors import RefusalKind, Refused
 from hakeeper.core.lsn import format_lsn, parse_lsn
 from hakeeper.dcs.etcd import EtcdError
@@ -75,7 +75,7 @@ class Upgrader:
         action_lock: asyncio.Lock,
         operator: Operator,
         backup_after: Callable[[], Awaitable[dict[str, Any]]],
-        rebind: Callable[..., Awaitable[list[str]]],
+        rebind: Callable[[Succession], Awaitable[list[str]]],
     ) -> None:
         """``backup_after``: a full backup of the new cluster into every repository;
         ``rebind``: tell the repositories the cluster's new identity
@@ -391,12 +391,7 @@ class Upgrader:
             )
         undo.identity = (old_sysid, new_sysid, term)
         problems = await self.rebind(
-            old_system_identifier=old_sysid,
-            system_identifier=new_sysid,
-            old_major=facts.major,
-            major=to_major,
-            old_end_lsn=archived_end,
-            old_timeline=old_tli,
+            Succession(old_sysid, new_sysid, facts.major, to_major, time.time(), archived_end, old_tli)
         )
         for p in problems:
             log.warning("upgrade_repository_not_rebound", problem=p)

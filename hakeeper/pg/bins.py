@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hakeeper.core.config import PostgresConfig
+from hakeeper.pg.conf import parse_controldata
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.version import binaries_version, data_dir_major
 from hakeeper.util.proc import Result, RunAs, run
@@ -79,6 +80,20 @@ def find_bin_dir(
         "PostgreSQL binaries not found: set postgresql.bin_dir "
         f"(looked in {DEFAULT_BIN_DIR}, {_DEBIAN_ROOT}/*/bin and PATH)"
     )
+
+
+async def read_controldata(bin_dir: Path, data_dir: Path, run_as: RunAs) -> dict[str, str]:
+    """``pg_controldata`` of ``data_dir`` (with ``bin_dir``'s), parsed; PgError if it fails."""
+    r = await run_program(
+        [str(bin_dir / "pg_controldata"), "-D", str(data_dir)],
+        run_as=run_as,
+        timeout=30,
+        env=C_LOCALE,
+        what="pg_controldata",
+    )
+    if not r.ok:
+        raise PgError(f"pg_controldata -D {data_dir} failed (exit {r.returncode}): {r.tail(5)}")
+    return parse_controldata(r.stdout)
 
 
 def node_bin_dir(cfg: PostgresConfig) -> Path:

@@ -35,10 +35,9 @@ from psycopg import sql as pgsql
 from hakeeper.core.config import ParamValue, PostgresConfig, secret_value
 from hakeeper.core.lsn import parse_lsn
 from hakeeper.core.pgtypes import LocalState, ReplicaInfo, Role, SlotInfo, Upstream
-from hakeeper.pg.bins import C_LOCALE, find_bin_dir, run_program, tools_libpq_version
+from hakeeper.pg.bins import C_LOCALE, find_bin_dir, read_controldata, run_program, tools_libpq_version
 from hakeeper.pg.conf import (
     auth_options,
-    parse_controldata,
     render_pg_hba,
     render_pg_ident,
     render_pgpass,
@@ -260,16 +259,7 @@ class Postgres:
         log.info("postgres_initdb_done", data_dir=str(self.data_dir))
 
     async def controldata(self) -> dict[str, str]:
-        r = await run_program(
-            [self.program("pg_controldata"), "-D", str(self.data_dir)],
-            run_as=self.run_as,
-            timeout=30,
-            env=C_LOCALE,
-            what="pg_controldata",
-        )
-        if not r.ok:
-            raise PgError(f"pg_controldata failed (exit {r.returncode}): {r.tail(5)}")
-        return parse_controldata(r.stdout)
+        return await read_controldata(self.bin_dir, self.data_dir, self.run_as)
 
     async def system_identifier(self) -> str | None:
         if not self.is_initialized():

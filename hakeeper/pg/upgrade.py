@@ -35,8 +35,7 @@ from pathlib import Path
 import psycopg
 import structlog
 
-from hakeeper.pg.bins import C_LOCALE, run_program
-from hakeeper.pg.conf import parse_controldata
+from hakeeper.pg.bins import C_LOCALE, read_controldata, run_program
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.files import mkdir_owned
 from hakeeper.pg.version import binaries_version, data_dir_major
@@ -211,19 +210,6 @@ def parse_pg_upgrade_output(lines: Sequence[tuple[float, str]]) -> tuple[list[St
 # ---------------------------------------------------------------- 1. the old cluster
 
 
-async def _controldata(bin_dir: Path, data_dir: Path, run_as: RunAs) -> dict[str, str]:
-    r = await run_program(
-        [str(bin_dir / "pg_controldata"), "-D", str(data_dir)],
-        run_as=run_as,
-        timeout=30,
-        env=C_LOCALE,
-        what="pg_controldata",
-    )
-    if not r.ok:
-        raise PgError(f"pg_controldata -D {data_dir} failed (exit {r.returncode}): {r.tail(5)}")
-    return parse_controldata(r.stdout)
-
-
 async def inspect_cluster(
     data_dir: Path,
     bin_dir: Path,
@@ -242,7 +228,7 @@ async def inspect_cluster(
         raise PgError(f"{data_dir} holds no PostgreSQL cluster (no PG_VERSION)")
     if binaries_version(bin_dir).major != major:
         raise PgError(f"{bin_dir} is not PostgreSQL {major}, the major of {data_dir}")
-    control = await _controldata(bin_dir, data_dir, run_as)
+    control = await read_controldata(bin_dir, data_dir, run_as)
     locale_col = "datlocale" if major >= 17 else "daticulocale"
     async with await psycopg.AsyncConnection.connect(
         host=host,
@@ -574,7 +560,7 @@ async def run_upgrade(
     runs, and its shutdown would wait for that forever).  Raises :class:`PgError` with
     pg_upgrade's problems on failure; what can then be undone is :func:`rollback_plan`'s
     (``UpgradeState.FAILED``)."""
-    control = await _controldata(facts.bin_dir, facts.data_dir, run_as)
+    control = await read_controldata(facts.bin_dir, facts.data_dir, run_as)
     state = control.get("Database cluster state", "")
     if state != "shut down":
         log.warning("upgrade_refused", data_dir=str(facts.data_dir), reason=f"cluster state {state!r}")
@@ -602,7 +588,7 @@ async def run_upgrade(
         why = "; ".join(f"{p.check}: {p.text} ({p.log_file})" for p in problems) or r.stderr.strip()[-500:]
         log.error("upgrade_failed", exit=r.returncode, reason=why)
         raise PgError(f"pg_upgrade --{method} failed (exit {r.returncode}): {why}")
-    new_control = await _controldata(new_bin_dir, new_data_dir, run_as)
+    new_control = await read_controldata(new_bin_dir, new_data_dir, run_as)
     leftovers = tuple(
         p for name in ("delete_old_cluster.sh", "update_extensions.sql") if (p := work / name).exists()
     )
@@ -628,7 +614,7 @@ async def continue_timeline(new_bin_dir: Path, new_data_dir: Path, timeline: int
     it to place the WAL) keeps every new name apart from the old ones and the timelines going
     up.  Run on the cleanly shut down new cluster before its first start.  Returns the first
     WAL file's name."""
-    control = await _controldata(new_bin_dir, new_data_dir, run_as)
+    control = await read_controldata(new_bin_dir, new_data_dir, run_as)
     current = control.get("Latest checkpoint's REDO WAL file", "")
     if not re.fullmatch(r"[0-9A-F]{24}", current):
         raise PgError(f"pg_controldata of {new_data_dir} names no REDO WAL file ({current!r})")

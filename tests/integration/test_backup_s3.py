@@ -23,24 +23,13 @@ from tests.support.repo_checks import (
     check_streaming,
     wal_like,
 )
-from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
+from tests.support.s3_server import SeaweedS3, s3_repository_config
 
 pytestmark = pytest.mark.integration
 
 
 def _config(endpoint: str, bucket: str) -> RepositoryConfig:
-    return RepositoryConfig.model_validate(
-        {
-            "name": "seaweed",
-            "type": "s3",
-            "endpoint": endpoint,
-            "bucket": bucket,
-            "prefix": "cluster1",
-            "access_key": ACCESS_KEY,
-            "secret_key": SECRET_KEY,
-            "timeout": 10,
-        }
-    )
+    return s3_repository_config(endpoint, bucket)
 
 
 @pytest.fixture

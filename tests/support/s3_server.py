@@ -11,6 +11,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.util.s3local import COMPONENTS, LocalS3
 from tests.support.ports import free_ports
 
@@ -72,3 +73,21 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.stop()
+
+
+def s3_repository_config(
+    endpoint: str, bucket: str, name: str = "seaweed", prefix: str = "cluster1"
+) -> RepositoryConfig:
+    """A RepositoryConfig of ``bucket`` on this test server (timeouts short: a test waits)."""
+    return RepositoryConfig.model_validate(
+        {
+            "name": name,
+            "type": "s3",
+            "endpoint": endpoint,
+            "bucket": bucket,
+            "prefix": prefix,
+            "access_key": ACCESS_KEY,
+            "secret_key": SECRET_KEY,
+            "timeout": 10,
+        }
+    )

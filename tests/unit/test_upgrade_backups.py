@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -34,6 +36,7 @@ from hakeeper.backup.retention import plan_expire
 from hakeeper.backup.verify import _pick_backup
 from hakeeper.cli.app import app
 from hakeeper.core.backup_config import RetentionConfig
+from hakeeper.core.cluster import Succession
 from hakeeper.core.lsn import format_lsn
 from hakeeper.core.timefmt import iso
 from tests.support.sim import capture_events
@@ -45,18 +48,10 @@ UPGRADED = T0 + dt.timedelta(hours=2)
 END_LSN = 8 * SEG + 0x28  # the old cluster's final checkpoint, in segment 8 of timeline 1
 
 
-def rebind_kwargs(**over: object) -> dict[str, object]:
-    kw: dict[str, object] = {
-        "old_system_identifier": OLD,
-        "new_system_identifier": NEW,
-        "old_major": 17,
-        "new_major": 18,
-        "upgraded_at": UPGRADED.timestamp(),
-        "old_end_lsn": END_LSN,
-        "by": "upgrade n1",
-    }
-    kw.update(over)
-    return kw
+def rebind_kwargs(**over: Any) -> dict[str, Any]:
+    """``succession`` and ``by`` for the rebind functions; ``over`` changes the succession."""
+    s = Succession(OLD, NEW, 17, 18, UPGRADED.timestamp(), END_LSN)
+    return {"succession": replace(s, **over), "by": "upgrade n1"}
 
 
 # ============================================================================ the binding
@@ -70,7 +65,7 @@ async def test_rebind_moves_the_binding_keeps_history_and_is_idempotent(
     await bind(repo, "sc", OLD, "repo create", 0.0)
     await repo.put_unique(f"sc/wal/{seg(1, 3)}", b"old wal")  # the archive says: timeline 1
     logs = capture_events(monkeypatch, binding_module)
-    b = await rebind_after_upgrade(repo, "sc", **rebind_kwargs())  # type: ignore[arg-type]
+    b = await rebind_after_upgrade(repo, "sc", **rebind_kwargs())
     assert b.system_identifier == NEW and b.created_by == "upgrade n1"
     (era,) = b.history
     assert (era.system_identifier, era.pg_major, era.upgraded_to_major) == (OLD, 17, 18)
@@ -89,7 +84,7 @@ async def test_rebind_moves_the_binding_keeps_history_and_is_idempotent(
         }
     ]
     # again (a retried upgrade step): nothing written, the same binding
-    again = await rebind_after_upgrade(repo, "sc", **rebind_kwargs(upgraded_at=UPGRADED.timestamp() + 60))  # type: ignore[arg-type]
+    again = await rebind_after_upgrade(repo, "sc", **rebind_kwargs(upgraded_at=UPGRADED.timestamp() + 60))
     assert again == b and [e["event"] for e in logs].count("repository_rebound") == 1
     # the new cluster's archiver binds without change; the old one is refused, saying why
     assert (await bind(repo, "sc", NEW, "archiver n2", 5.0)) == (b, False)
@@ -102,7 +97,7 @@ async def test_rebind_binds_an_unbound_repository_and_refuses_a_foreign_one(
 ) -> None:
     fresh = FilesystemRepository(tmp_path / "fresh", name="fresh")
     await fresh.initialize()
-    b = await rebind_after_upgrade(fresh, "sc", **rebind_kwargs(old_timeline=4))  # type: ignore[arg-type]
+    b = await rebind_after_upgrade(fresh, "sc", **rebind_kwargs(old_timeline=4))
     assert b.system_identifier == NEW and b.history[0].until_timeline == 4
     assert await read_binding(fresh, "sc") == b
 
@@ -111,7 +106,7 @@ async def test_rebind_binds_an_unbound_repository_and_refuses_a_foreign_one(
     await bind(foreign, "sc", "6999", "repo create", 0.0)
     logs = capture_events(monkeypatch, binding_module)
     with pytest.raises(BindingMismatch, match="6999"):
-        await rebind_after_upgrade(foreign, "sc", **rebind_kwargs())  # type: ignore[arg-type]
+        await rebind_after_upgrade(foreign, "sc", **rebind_kwargs())
     refused = [e for e in logs if e["event"] == "repository_rebind_refused"]
     assert refused and "neither" in str(refused[0]["reason"])
     assert (await read_binding(foreign, "sc")).system_identifier == "6999"  # type: ignore[union-attr]
@@ -125,7 +120,7 @@ async def test_rebind_all_reports_per_repository_and_goes_on(tmp_path: Path) -> 
     await bind(a, "sc", OLD, "repo create", 0.0)
     await bind(f, "sc", "6999", "repo create", 0.0)
     gone = FilesystemRepository(tmp_path / "missing", name="gone")  # never initialized: no root
-    out = await rebind_all([f, gone, a], "sc", **rebind_kwargs())  # type: ignore[arg-type]
+    out = await rebind_all([f, gone, a], "sc", **rebind_kwargs())
     assert [o.repository for o in out] == ["f", "gone", "a"]
     assert [o.ok for o in out] == [False, False, True]
     assert "6999" in str(out[0].error) and out[1].error
@@ -315,7 +310,7 @@ def test_backup_list_shows_major_and_cluster(tmp_path: Path) -> None:
         old.pg_version = 170004
         await repo.put(catalog.record_key(SCOPE, "B1"), old.to_json())
         await bind(repo, SCOPE, OLD, "repo create", 0.0)
-        await rebind_after_upgrade(repo, SCOPE, **rebind_kwargs())  # type: ignore[arg-type]
+        await rebind_after_upgrade(repo, SCOPE, **rebind_kwargs())
         new = old.model_copy(update={"id": "B2", "system_identifier": NEW, "pg_version": 180001})
         await repo.put(catalog.record_key(SCOPE, "B2"), new.to_json())
 
