@@ -335,6 +335,7 @@ class Upgrader:
         await self._clear_leftover(new_dir)
         self._update(data_bytes=await asyncio.to_thread(dir_size, pg.data_dir))
         undo.new_dir = await pgu.init_new_cluster(facts, new_bin, pg.run_as, new_dir)
+        await pgu.continue_timeline(new_bin, new_dir, facts.timeline + 1, pg.run_as)
         old_sysid = await pg.system_identifier()
         self._update(old_system_identifier=old_sysid)
         self._timed("prepare", t)
@@ -368,7 +369,6 @@ class Upgrader:
                 {"step": s.label, "status": s.status, "seconds": round(s.seconds, 3)} for s in result.steps
             ]
         )
-        await pgu.continue_timeline(new_bin, new_dir, old_tli + 1, pg.run_as)
         self._timed("pg_upgrade", t)
 
         self._phase("switching")

@@ -67,6 +67,9 @@ PG_UPGRADE_TIMEOUT = 6 * 3600.0  # a --copy of a large cluster; --link takes sec
 CHECK_TIMEOUT = 1800.0  # --check dumps every database's schema
 LINK_SPACE_FRACTION = 0.05  # --link needs the new catalogs plus some slack, not a copy
 NEW_CLUSTER_SLACK = 64 * 1024 * 1024  # an empty new cluster, its WAL and pg_upgrade's logs
+# what pg_upgrade compares between the clusters for logical slots (17+ sources), and what an old
+# cluster with more connections than initdb's default needs in the new one during the upgrade
+CARRIED_SETTINGS = ("max_connections", "max_replication_slots", "max_wal_senders", "wal_level")
 
 
 class Method(enum.StrEnum):
@@ -105,6 +108,10 @@ class ClusterFacts:
     shared_preload_libraries: tuple[str, ...]
     prepared_xacts: tuple[str, ...]
     logical_slots: tuple[str, ...]
+    # settings the new cluster must have for pg_upgrade to carry logical slots over (its checks
+    # compare wal_level and max_replication_slots): (name, value) as the old server runs them
+    carried: tuple[tuple[str, str], ...] = ()
+    timeline: int = 1  # the old cluster's (a running primary's does not change)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +261,15 @@ async def inspect_cluster(
                 await conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'")
             ).fetchall()
         ]
+        carried = [
+            (str(n), str(v))
+            for n, v in await (
+                await conn.execute(
+                    "SELECT name, setting FROM pg_settings WHERE name = ANY(%s) ORDER BY name",
+                    (list(CARRIED_SETTINGS),),
+                )
+            ).fetchall()
+        ]
     encoding, provider, collate, ctype, prov_locale, superuser, preload = row
     return ClusterFacts(
         data_dir=data_dir,
@@ -270,6 +286,8 @@ async def inspect_cluster(
         shared_preload_libraries=split_libraries(str(preload)),
         prepared_xacts=tuple(xacts),
         logical_slots=tuple(slots),
+        carried=tuple(carried),
+        timeline=int(control.get("Latest checkpoint's TimeLineID", "1")),
     )
 
 
@@ -332,7 +350,11 @@ async def init_new_cluster(
     )
     if not r.ok:
         raise PgError(f"initdb of {target} failed (exit {r.returncode}):\n{r.tail(15)}")
-    log.info("upgrade_initdb_done", target=str(target))
+    if facts.carried:
+        lines = "".join(f"{n} = '{v}'\n" for n, v in facts.carried)
+        with (target / "postgresql.conf").open("a") as f:
+            f.write("# carried from the old cluster for pg_upgrade (hakeeper upgrade)\n" + lines)
+    log.info("upgrade_initdb_done", target=str(target), carried=dict(facts.carried))
     return target
 
 
@@ -589,6 +611,9 @@ async def run_upgrade(
         log.error("upgrade_failed", exit=r.returncode, reason=why)
         raise PgError(f"pg_upgrade --{method} failed (exit {r.returncode}): {why}")
     new_control = await read_controldata(new_bin_dir, new_data_dir, run_as)
+    tli = int(new_control.get("Latest checkpoint's TimeLineID", "1"))
+    if tli > 1:  # continue_timeline ran: the timeline needs its history file
+        await asyncio.to_thread(_write_first_history, new_data_dir, tli, run_as)
     leftovers = tuple(
         p for name in ("delete_old_cluster.sh", "update_extensions.sql") if (p := work / name).exists()
     )
@@ -605,15 +630,17 @@ async def run_upgrade(
 
 
 async def continue_timeline(new_bin_dir: Path, new_data_dir: Path, timeline: int, run_as: RunAs) -> str:
-    """Start the upgraded cluster's WAL on ``timeline`` (the old cluster's + 1) instead of 1.
+    """Put the freshly initdb'ed new cluster on ``timeline`` (the old cluster's + 1), before
+    pg_upgrade runs.
 
-    pg_upgrade resets the WAL to timeline 1 at the segment of the old cluster's last REDO point,
-    so the new cluster's first WAL file can carry the very name of one the old cluster archived
-    (and the repository keeps names unique), and its members' timelines would read as behind
-    the cluster's history.  ``pg_resetwal -l`` with a higher timeline (pg_upgrade itself uses
-    it to place the WAL) keeps every new name apart from the old ones and the timelines going
-    up.  Run on the cleanly shut down new cluster before its first start.  Returns the first
-    WAL file's name."""
+    pg_upgrade places the new cluster's WAL at the old cluster's last REDO segment with
+    ``pg_resetwal -l 00000001...``, which keeps a higher timeline: on timeline 1 the new
+    cluster's first WAL file could carry the very name of one the old cluster archived (the
+    repository keeps names unique), and its members' timelines would read as behind the
+    cluster's history.  On the next timeline every new name differs from the old ones and
+    timelines keep going up; done before pg_upgrade, the logical slots it creates at its end
+    point into WAL that exists (a ``pg_resetwal`` after it would remove that WAL).  Returns
+    the WAL file name given to pg_resetwal."""
     control = await read_controldata(new_bin_dir, new_data_dir, run_as)
     current = control.get("Latest checkpoint's REDO WAL file", "")
     if not re.fullmatch(r"[0-9A-F]{24}", current):
@@ -630,8 +657,7 @@ async def continue_timeline(new_bin_dir: Path, new_data_dir: Path, timeline: int
     )
     if not r.ok:
         raise PgError(f"pg_resetwal -l {name} of {new_data_dir} failed (exit {r.returncode}): {r.tail(5)}")
-    await asyncio.to_thread(_write_first_history, new_data_dir, timeline, run_as)
-    log.info("upgrade_timeline_continued", first_wal_file=name, timeline=timeline)
+    log.info("upgrade_timeline_continued", wal_file=name, timeline=timeline)
     return name
 
 

@@ -251,3 +251,41 @@ def test_a_failing_pg_upgrade_leaves_the_old_cluster_running_and_writable() -> N
         wait_for(lambda: all(sql(c, n, CHECKSUM_SQL) == want for n in c.names), 60, "equal tables", c)
         left = [p.name for p in c.nodes[primary].data_dir.parent.iterdir() if ".upgrade-18" in p.name]
         assert left and all("-logs-" in n for n in left), left  # pg_upgrade's logs kept, nothing else
+
+
+SLOT_DYNAMIC: dict[str, Any] = {
+    "postgresql": {"parameters": {"wal_level": "logical"}},
+    "slots": {"cdc": {"type": "logical", "database": "postgres", "plugin": "test_decoding"}},
+}
+
+
+def test_a_consumed_logical_slot_is_carried_over_from_17_and_refused_from_15() -> None:
+    """pg_upgrade carries logical slots over from 17 (the new cluster gets wal_level and the slot
+    limits of the old one for its checks); from 15 the preflight lists them with the fix."""
+    with running_cluster(nodes=2, pg_version=17, dynamic=SLOT_DYNAMIC) as c:
+        primary = c.primary()
+        assert primary is not None
+        wait_for(lambda: bool(sql(c, primary, SLOT_SQL)), 30, "the permanent slot", c)
+        sql(c, primary, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        sql(c, primary, "SELECT count(*) FROM pg_logical_slot_get_changes('cdc', NULL, NULL)")
+        res = hk(c, "upgrade", "--to-version", "18", "--force")
+        assert res.returncode == 0, res.stdout + res.stderr
+        primary = c.wait_ready(120)
+        assert majors(c) == dict.fromkeys(c.names, 18)
+        assert sql(c, primary, SLOT_SQL) == [("cdc", "logical")]
+        sql(c, primary, "INSERT INTO t VALUES (2)")
+        changes = [
+            r[0] for r in sql(c, primary, "SELECT data FROM pg_logical_slot_get_changes('cdc', NULL, NULL)")
+        ]
+        assert any("INSERT: id[integer]:2" in str(ch) for ch in changes), changes
+    with running_cluster(nodes=1, pg_version=15, dynamic=SLOT_DYNAMIC) as c:
+        primary = c.primary()
+        assert primary is not None
+        wait_for(lambda: bool(sql(c, primary, SLOT_SQL)), 30, "the permanent slot", c)
+        res = hk(c, "upgrade", "--to-version", "17", "--check")
+        assert res.returncode == 1 and "logical replication slots" in res.stdout and "cdc" in res.stdout, (
+            res.stdout
+        )
+
+
+SLOT_SQL = "SELECT slot_name, slot_type FROM pg_replication_slots WHERE slot_name = 'cdc'"
