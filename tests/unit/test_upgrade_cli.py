@@ -134,3 +134,17 @@ def test_a_history_entry_of_an_upgrade_round_trips_and_older_entries_stay_as_the
     bad = json.dumps([{**up.to_dict(), "upgrade": {**summary, "system_identifier": "x"}}]).encode()
     with pytest.raises(InvalidRecord):
         parse_history_strict(bad)
+
+
+def test_a_member_left_on_the_old_cluster_never_leads_the_upgraded_one() -> None:
+    """After the upgrade etcd names the new system identifier: a node whose data directory is
+    still the old cluster's (its agent was down during the upgrade) waits, whoever leads."""
+    new_sysid = "7300000000000000002"
+    old_data = local("c", system_identifier="7300000000000000001", timeline=1, wal_lsn=999 * 2**20)
+    nobody = replace(view(replica("c"), replica("b", tl=2)), initialized=new_sysid)
+    assert decide(nobody, old_data).action not in (Action.CAMPAIGN, Action.TAKEOVER, Action.PROMOTE)
+    led = replace(view(primary("b", tl=2), replica("c"), leader="b"), initialized=new_sysid)
+    d = decide(led, old_data)
+    assert d.action == Action.WAIT and "another cluster" in d.why
+    writable = local("c", system_identifier="7300000000000000001", in_recovery=False)
+    assert decide(led, writable).action == Action.DEMOTE

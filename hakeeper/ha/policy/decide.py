@@ -184,6 +184,14 @@ RULES: tuple[Rule, ...] = (
         fields=lambda c: {"reason": _abandoned_reason(c)},
         facts=lambda c: {"ours": c.local.system_identifier, "cluster": c.view.initialized},
     ),
+    # Not ours to touch, but not to serve writes either (a multi-host DSN would pick it): stopped.
+    Rule(
+        "our data directory belongs to another cluster, we are writable",
+        lambda c: c.foreign_data and c.local.writable,
+        Action.DEMOTE,
+        "data directory belongs to another cluster and runs read-write: stopping it (nothing removed)",
+        facts=lambda c: {"ours": c.local.system_identifier, "cluster": c.view.initialized},
+    ),
     Rule(
         "our data directory belongs to another cluster",
         lambda c: c.foreign_data,

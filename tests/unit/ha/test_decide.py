@@ -175,6 +175,14 @@ CASES = [
         why_has=("another cluster",),
         facts={"ours": "999", "cluster": SYSID},
     ),
+    Case(
+        "foreign data directory running read-write is stopped, not touched",
+        view(primary("a"), leader="a"),
+        local("b", system_identifier="999", in_recovery=False),
+        Action.DEMOTE,
+        why="data directory belongs to another cluster and runs read-write: stopping it (nothing removed)",
+        facts={"ours": "999", "cluster": SYSID},
+    ),
     # -- what our interrupted bootstrap left (its marker: BootstrapLeft) -------------------------
     Case(
         "our abandoned bootstrap, another member initialized the cluster: discard it",
