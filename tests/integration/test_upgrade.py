@@ -95,18 +95,18 @@ def majors(c: LocalCluster) -> dict[str, int | None]:
     return out
 
 
-@pytest.mark.parametrize(("old", "new"), [(17, 18), (15, 17)])
-def test_upgrade_of_a_running_cluster_under_load(old: int, new: int) -> None:
+@pytest.mark.parametrize(("old", "new", "method"), [(17, 18, "link"), (15, 17, "copy")])
+def test_upgrade_of_a_running_cluster_under_load(old: int, new: int, method: str) -> None:
     repo_dir = cluster_tmpdir("hk-upg-repo-")
     repo = encrypted_fs_repository(repo_dir, resolve_run_as(repo_dir / "x"))
     try:
         with running_cluster(nodes=3, pg_version=old, backup={"repositories": [repo]}) as c:
-            upgrade_under_load(c, old, new)
+            upgrade_under_load(c, old, new, method)
     finally:
         shutil.rmtree(repo_dir, ignore_errors=True)
 
 
-def upgrade_under_load(c: LocalCluster, old: int, new: int) -> None:
+def upgrade_under_load(c: LocalCluster, old: int, new: int, method: str) -> None:
     primary = c.primary()
     assert primary is not None
     sql(c, primary, "CREATE TABLE t (id int PRIMARY KEY)")
@@ -121,7 +121,7 @@ def upgrade_under_load(c: LocalCluster, old: int, new: int) -> None:
     writer = Writer(c.write_dsn())
     writer.start()
     time.sleep(2)
-    res = hk(c, "upgrade", "--to-version", str(new), "--force")
+    res = hk(c, "upgrade", "--to-version", str(new), "--method", method, "--force")
     time.sleep(2)
     writer.stop.set()
     writer.join(10)
@@ -131,6 +131,10 @@ def upgrade_under_load(c: LocalCluster, old: int, new: int) -> None:
 
     assert majors(c) == dict.fromkeys(c.names, new)
     primary = c.wait_ready(120)  # one primary, every other node streaming from it
+    old_dir = c.nodes[primary].data_dir.with_name(f"data.{old}.old")
+    assert (old_dir / "PG_VERSION").read_text().strip() == str(old)
+    # --link moved the old cluster's control file aside (it must not start again); --copy did not
+    assert (old_dir / "global" / "pg_control").exists() == (method == "copy")
     acked = set(writer.acked)
     assert len(acked) > 50, f"the writer wrote too little: {len(acked)}"
     rows = {r[0] for r in sql(c, primary, "SELECT id FROM t")}
