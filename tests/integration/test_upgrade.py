@@ -157,6 +157,11 @@ def upgrade_under_load(c: LocalCluster, old: int, new: int, method: str) -> None
     assert {old, new} <= by_major, listed
     assert any(b.get("id") == old_backup.get("id") for b in items) or old_backup
 
+    # the backup taken after the upgrade restores (a drill: restore, pg_verifybackup, row counts)
+    new_backup = next(b["id"] for b in items if b["pg_major"] == new)
+    res = hk(c, "verify", "--backup", new_backup, "-o", "json")
+    assert res.returncode == 0, res.stdout + res.stderr
+
     # a host crash of the new primary: a replica takes over and takes writes
     crash_host(c, primary)
     survivors = [n for n in c.names if n != primary]
