@@ -253,6 +253,15 @@ def list_document(view: ClusterView, scope: str | None = None) -> dict[str, Any]
         "leader": view.leader.name if view.leader else None,
         "term": view.leader.term if view.leader else None,
         "paused": view.paused,
+        "upgrade": None
+        if view.upgrade is None
+        else {
+            "id": view.upgrade.id,
+            "from_major": view.upgrade.from_major,
+            "to_major": view.upgrade.to_major,
+            "method": view.upgrade.method,
+            "started_at": view.upgrade.started_at,
+        },
         "switchover": None
         if sw is None
         else {
@@ -322,7 +331,12 @@ def members_table(
     versions = server_versions(view)
     release = f", PostgreSQL {versions[0]}" if len(versions) == 1 else ""
     title = f"cluster {scope or '?'} (system {view.initialized or 'not initialized'}{release})"
-    if view.paused:
+    if view.upgrade is not None:
+        up = view.upgrade
+        title += f" [major upgrade {up.from_major} -> {up.to_major} in progress ({up.id}): paused]"
+    elif view.upgrading:
+        title += " [unreadable upgrade key: paused]"
+    elif view.paused:
         title += " [maintenance mode: paused]"
     sw = view.switchover
     if sw is not None:

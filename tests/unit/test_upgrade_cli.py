@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from hakeeper.cli.cluster_cmds import upgrade_note
+from hakeeper.cli.cluster_cmds import list_document, members_table, upgrade_note
 from hakeeper.cli.upgrade_cmds import cluster_problems, member_major, report_rows
 from hakeeper.core.cluster import (
     HistoryEntry,
@@ -148,3 +148,11 @@ def test_a_member_left_on_the_old_cluster_never_leads_the_upgraded_one() -> None
     assert d.action == Action.WAIT and "another cluster" in d.why
     writable = local("c", system_identifier="7300000000000000001", in_recovery=False)
     assert decide(led, writable).action == Action.DEMOTE
+
+
+def test_list_says_an_upgrade_is_in_progress() -> None:
+    v = view(primary("a"), replica("b"), leader="a", upgrade=Upgrade("u9", 17, 18, "link", 5.0))
+    assert "major upgrade 17 -> 18 in progress (u9): paused" in str(members_table(v, "c").title)
+    doc = list_document(v, "c")
+    assert doc["paused"] is True and doc["upgrade"]["to_major"] == 18
+    assert list_document(replace(v, upgrade=None), "c")["upgrade"] is None
