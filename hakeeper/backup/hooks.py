@@ -27,7 +27,7 @@ from hakeeper.backup.heartbeat import Heartbeat
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError
 from hakeeper.backup.schedule import ScheduleRunner
-from hakeeper.backup.source import SourceChoice, backup_node
+from hakeeper.backup.source import SourceChoice, backup_node, choose_source
 from hakeeper.backup.verify import metric_values
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.cluster import ClusterView, Succession
@@ -270,14 +270,18 @@ class AgentBackup:
         return [f"{r.repository}: {r.error}" for r in results if not r.ok]
 
     async def backup_after_upgrade(self) -> dict[str, Any]:
-        """A full backup of this node (the new primary) into the first repository that takes
-        it, copied into the others (as a schedule's full backup does)."""
+        """A full backup of the upgraded cluster (from a streaming standby if there is one, as
+        ``backup create --from auto``; else this node, the new primary) into the first
+        repository that takes it, copied into the others (as a schedule's full backup does)."""
         repos = self.cfg.backup.repositories
         if not repos:
             return {"skipped": "no backup repository is configured"}
         me = Endpoint(self.cfg.name, self.pg.session.host, self.pg.port)
-        choice = SourceChoice(me, me, f"the primary {self.cfg.name} after its major upgrade")
-        out: dict[str, Any] = {"repositories": {}}
+        try:
+            choice = choose_source(self._view(), "auto")
+        except BackupError:
+            choice = SourceChoice(me, me, f"the primary {self.cfg.name}")
+        out: dict[str, Any] = {"source": choice.what, "repositories": {}}
         taken: tuple[str, RepositoryConfig] | None = None
         for rc in repos:
             one: dict[str, Any] = {}

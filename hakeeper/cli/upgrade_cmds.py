@@ -154,7 +154,8 @@ def _backup_summary(backup: dict[str, Any]) -> str:
     parts = []
     for repo, r in (backup.get("repositories") or {}).items():
         parts.append(f"{repo}: {r.get('backup') or 'failed: ' + str(r.get('error'))}")
-    return "; ".join(parts) or "-"
+    source = f" (from {backup['source']})" if backup.get("source") else ""
+    return "; ".join(parts) + source if parts else "-"
 
 
 # --------------------------------------------------------------------------------- etcd
@@ -508,7 +509,7 @@ class Runner:
     def _finish(self, up: Upgrade, leader: str, job: dict[str, Any]) -> None:
         phases = dict(job.get("phases") or {})
         rejoin = [r["seconds"] for r in self.replicas.values() if isinstance(r.get("seconds"), float)]
-        if rejoin:
+        if rejoin and "replicas" not in phases:  # the agent's own measure, else the clones'
             phases["replicas"] = max(rejoin)
         rounded = {k: round(float(v), 3) for k, v in phases.items()}
         summary: dict[str, Any] = {
