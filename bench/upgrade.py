@@ -279,6 +279,7 @@ class UpgradeRun:
         writer = Writer(c.write_dsn(DB))
         writer.start()
         time.sleep(3)
+        res["load_avg"] = round(os.getloadavg()[0], 1)  # a shared machine: the 1-min load at the start
         t0 = time.monotonic()
         try:
             wall, doc = self.hk("upgrade", "--to-version", str(NEW), "--force", "-o", "json")
@@ -321,6 +322,7 @@ class UpgradeRun:
 
         replica = next(n for n in c.names if n != primary)
         log(f"run {self.i}: clone baseline: hakeeper reinit {replica} --force --wait")
+        res["clone_load_avg"] = round(os.getloadavg()[0], 1)
         took, _ = self.hk("reinit", replica, "--force", "--wait", "-o", "json")
         c.wait_ready(600)
         res["clone_s"] = round(took, 2)
@@ -460,6 +462,7 @@ def run_row(label: str, r: dict[str, Any]) -> str:
         _f(r["clone_s"]),
         f"{_f(r['rejoin_over_clone'])}x",
         f"{r['writes_acked']} ({r['write_errors']})",
+        f"{r.get('load_avg', '-')} / {r.get('clone_load_avg', '-')}",
     ]
     return "| " + " | ".join(map(str, cells)) + " |"
 
@@ -479,6 +482,7 @@ def median_row(runs: Sequence[dict[str, Any]]) -> str:
         *meds,
         _f(_med(runs, "clone_s")),
         f"{_f(_med(runs, 'rejoin_over_clone'))}x",
+        "",
         "",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -562,8 +566,13 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "- Phases (s) are the `-o json` report's; the downtime is stop + pg_upgrade + switch + start, "
         "prepare (initdb of 18) and checkpoint come before it, backup and replicas after it "
         "(`replicas`: the slower of the two replicas' rejoin, both cloned in parallel with the new "
-        "binaries). **clone**: `hakeeper reinit <replica> --force --wait` of one replica of the "
-        "upgraded cluster right after the upgrade, same data.",
+        "binaries while the primary also takes the new base backup: three readers of one disk). "
+        "**clone**: `hakeeper reinit <replica> --force --wait` of one replica of the upgraded "
+        "cluster right after the upgrade, same data, alone. **load**: the 1-minute load average "
+        "when the upgrade and the clone started (the machine is shared with other work).",
+        "- The client's gap is a little shorter than the agent's `downtime_s`: the agent starts its "
+        "clock just before it asks for the fast shutdown (a write can still commit meanwhile) and "
+        "stops it when its own probe (every 50 ms) finds the new server out of recovery.",
         "- After each run every node ran 18, one primary with both replicas streaming, and every "
         "acknowledged write was on the new primary (checked; a run fails otherwise). Writes acked "
         "(errors): the writer's INSERTs during the whole run and its failed attempts (during the "
@@ -571,8 +580,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "| run | scale (data) | load s | upgrade wall s | agent downtime s | client downtime s | "
         + " | ".join(PHASES)
-        + " | clone s | rejoin / clone | writes acked (errors) |",
-        "|---|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|",
+        + " | clone s | rejoin / clone | writes acked (errors) | load at upgrade / clone |",
+        "|---|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|",
         *(run_row(str(r["run"]), r) for r in runs),
     ]
     if runs:
