@@ -606,6 +606,12 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         *verdicts(res),
         *(f"- {note}" for note in res.get("notes", [])),
     ]
+    fails = res.get("failures", [])
+    if fails:
+        lines += ["", f"Failed runs ({len(fails)}; not in the tables above):", ""]
+        for f in fails:
+            err = " ".join(x.strip() for x in f["error"] if x.strip())[:600].replace("|", "\\|")
+            lines.append(f"- {f['what']} run {f['run']} (scale {f['scale']}): {err}")
     return "\n".join(lines) + "\n"
 
 
@@ -664,21 +670,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     res: dict[str, Any] = {"machine": machine_facts(), "runs": [], "manual": [], "notes": args.note}
     status = 0
+    res["failures"] = []
+
+    def attempt(key: str, fn: Any, i: int, scale: int) -> None:
+        """A failed run is a result too: recorded (first lines of its error) and reported."""
+        try:
+            res.setdefault(key, []).append(fn(args, i, scale))
+        except BenchError as e:
+            print(f"run {i} ({key}, scale {scale}) failed: {e}", file=sys.stderr)
+            res["failures"].append({"what": key, "run": i, "scale": scale, "error": str(e).splitlines()[:8]})
+
     try:
         for i in range(1, max(args.runs, args.manual_runs) + 1):
             if i <= args.manual_runs:
-                res["manual"].append(manual_run(args, i, args.scale))
+                attempt("manual", manual_run, i, args.scale)
             if i <= args.runs:
-                res["runs"].append(upgrade_run(args, i, args.scale))
+                attempt("runs", upgrade_run, i, args.scale)
             if args.json:
                 args.json.write_text(json.dumps(res, indent=1, default=str))
         if args.small_scale and args.small_scale != args.scale:
             # the same at a small scale: does the downtime depend on the size of the data?
-            res["small"] = [upgrade_run(args, 0, args.small_scale)]
+            attempt("small", upgrade_run, 0, args.small_scale)
             if args.manual_runs:
-                res["small_manual"] = [manual_run(args, 0, args.small_scale)]
-    except (BenchError, KeyboardInterrupt) as e:
-        print(f"bench failed: {e}", file=sys.stderr)
+                attempt("small_manual", manual_run, 0, args.small_scale)
+    except KeyboardInterrupt as e:
+        print(f"bench interrupted: {e}", file=sys.stderr)
+        status = 1
+    if res["failures"]:
         status = 1
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
