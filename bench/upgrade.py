@@ -526,7 +526,14 @@ def verdicts(res: dict[str, Any]) -> list[str]:
                 f"{runs[0]['scale']} ({_gib(runs[0])}) against {little:.2f} s at scale {small[0]['scale']} "
                 f"({_gib(small[0])}): {big / little:.2f}x for "
                 f"{runs[0]['db_bytes'] / small[0]['db_bytes']:.0f}x the data "
-                f"(pg_upgrade phase {_f(bu)} s against {_f(lu)} s)."
+                f"(pg_upgrade phase {_f(bu)} s against {_f(lu)} s; one run at the small scale, on a "
+                "shared machine: the spread between runs is of the same order)."
+            )
+        sm, bm = res.get("small_manual", []), _med(res["manual"], "downtime_s")
+        if sm and bm is not None:
+            out.append(
+                f"  By hand: {bm:.2f} s at scale {runs[0]['scale']} against {sm[0]['downtime_s']:.2f} s at "
+                f"scale {sm[0]['scale']}: with `--link` neither copies the data files."
             )
     ratio = _med(runs, "rejoin_over_clone")
     if ratio is not None:
