@@ -71,6 +71,7 @@ METHODS = ("link", "copy", "clone", "swap")
 CHECK_TIMEOUT = 1800.0  # pg_upgrade --check dumps every database's schema
 POLL_S = 0.5
 PAUSE_TIMEOUT = 60.0
+LEADER_RECORD_WAIT = 60.0  # s for the upgraded leader's member record to report the new major
 REJOIN_TIMEOUT = 6 * 3600.0
 RUNNING = (MemberState.RUNNING, MemberState.STREAMING, MemberState.IN_RECOVERY)
 
@@ -289,7 +290,8 @@ def upgrade(
 
 def _print_problems(problems: list[dict[str, Any]], output: str, check_only: bool) -> None:
     if output != "table":
-        emit_data(output, {"ok": not problems, "problems": problems})
+        if check_only or problems:  # a run that goes on prints one document: its report
+            emit_data(output, {"ok": not problems, "problems": problems})
         return
     if not problems:
         out.print("preflight: no problem found" + ("" if not check_only else "; nothing was changed"))
@@ -352,7 +354,7 @@ class Runner:
             self.say(f"{lm.name} already runs PostgreSQL {self.to_major}: continuing with the replicas")
         else:
             job = self._primary(lm, view, up)
-        self._rejoin(read_view(self.ctx), lm.name, up)
+        self._rejoin(self._leader_on_new_major(lm.name), lm.name, up)
         if job.get("state") == "running":
             job = self._await_backup(lm, up, job)
         self._finish(up, lm.name, job)
@@ -463,6 +465,17 @@ class Runner:
         )
 
     # -- 4. the replicas -----------------------------------------------------------------------
+
+    def _leader_on_new_major(self, leader: str) -> ClusterView:
+        """The view once the leader's member record reports the new major (its agent publishes
+        it on its next cycle after the start; a replica refuses to clone before)."""
+        deadline = time.monotonic() + LEADER_RECORD_WAIT
+        while True:
+            view = read_view(self.ctx)
+            lm = view.members.get(leader)
+            if (lm is not None and member_major(lm) == self.to_major) or time.monotonic() >= deadline:
+                return view
+            time.sleep(POLL_S)
 
     def _rejoin(self, view: ClusterView, leader: str, up: Upgrade) -> None:
         todo = [m for m in view.members.values() if m.name != leader and member_major(m) != self.to_major]
