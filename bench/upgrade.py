@@ -572,8 +572,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "the writer during `hakeeper upgrade` (includes reconnecting through the DSN).",
         "- Phases (s) are the `-o json` report's; the downtime is stop + pg_upgrade + switch + start, "
         "prepare (initdb of 18) and checkpoint come before it, backup and replicas after it "
-        "(`replicas`: the slower of the two replicas' rejoin, both cloned in parallel with the new "
-        "binaries while the primary also takes the new base backup: three readers of one disk). "
+        "(`replicas`: from the new primary's start until both replicas stream again, cloned in "
+        "parallel with the new binaries; the base backup of 18 follows, read from a standby). "
         "**clone**: `hakeeper reinit <replica> --force --wait` of one replica of the upgraded "
         "cluster right after the upgrade, same data, alone. **load**: the 1-minute load average "
         "when the upgrade and the clone started (the machine is shared with other work).",
