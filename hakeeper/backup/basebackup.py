@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1529,6 +1529,63 @@ def nothing_committed_between(before: Snapshot, after: Snapshot) -> bool:
     return need <= after.xip
 
 
+STRADDLE_WAIT = 5.0  # s to wait for transactions in progress at the restore point to end
+
+
+async def _straddling(
+    admin: psycopg.AsyncConnection[Any],
+    per_db: Mapping[str, tuple[Any, Snapshot, Any]],
+    after: Snapshot,
+    changed: Sequence[str],
+) -> list[str]:
+    """The databases whose snapshot missed a transaction that may have committed before the
+    restore point: one still running right after the point (a commit is WAL-logged before it
+    becomes visible, and a synchronous commit waits between the two) and invisible to that
+    snapshot, that then committed or did not end within STRADDLE_WAIT.  Conservative: such a
+    commit cannot be placed before or after the restore point.  (A snapshot does not list
+    every running transaction: its xmax is the newest completed one + 1, so a transaction
+    assigned later but running is in neither ``xip`` nor the range between two xmax.)"""
+    # every transaction holds the lock on its own id; autovacuum's (an ANALYZE writes only
+    # pg_statistic) changes no counted row
+    cur = await admin.execute(
+        "SELECT DISTINCT l.transactionid::text FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted "
+        "AND coalesce(a.backend_type, '') <> 'autovacuum worker'"
+    )
+    running = {_full_xid(int(r[0]), after.xmax) for r in await cur.fetchall()}
+    need = {
+        db: {x for x in running if x in snap.xip or x >= snap.xmax}
+        for db, (_c, snap, _t) in per_db.items()
+        if db not in changed
+    }
+    pending = set().union(*need.values()) if need else set()
+    if not pending:
+        return []
+    status: dict[int, str] = {}
+    deadline = time.monotonic() + STRADDLE_WAIT
+    while True:
+        cur = await admin.execute(
+            "SELECT x, pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) AS x", (sorted(pending),)
+        )
+        status = {int(x): str(st) for x, st in await cur.fetchall()}
+        if all(st != "in progress" for st in status.values()) or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
+    doubtful = {x for x, st in status.items() if st in ("committed", "in progress")}
+    return [db for db, xids in need.items() if xids & doubtful]
+
+
+def _full_xid(xid: int, near: int) -> int:
+    """The 64-bit transaction id of the 32-bit ``xid`` (pg_locks') closest to ``near`` (a
+    snapshot's xid8): the same epoch, or the one before or after across a wraparound."""
+    full = (near & ~0xFFFFFFFF) | xid
+    if full > near + 2**31:
+        full -= 2**32
+    elif full < near - 2**31:
+        full += 2**32
+    return full
+
+
 def table_name(schema: str, table: str) -> str:
     return f"{schema}.{table}"
 
@@ -1645,6 +1702,7 @@ async def _count_rows(
     assert row is not None
     after = Snapshot.parse(row[0])
     changed = [db for db, (_c, snap, _t) in per_db.items() if not nothing_committed_between(snap, after)]
+    changed += await _straddling(admin, per_db, after, changed)
     # 3. the counts, each in its database's snapshot
     rc.exact = not changed
     if changed:

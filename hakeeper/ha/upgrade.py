@@ -44,7 +44,7 @@ from hakeeper.ha.reinit import ReinitStatus, dir_size
 from hakeeper.ha.upgrade_check import free_port, inspect, member_problems
 from hakeeper.ha.upgradejob import JobState, UpgradeJob
 from hakeeper.pg import upgrade as pgu
-from hakeeper.pg.bins import bin_dir_for_major, run_program
+from hakeeper.pg.bins import bin_dir_for_major
 from hakeeper.pg.errors import PgError
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import CommandFailed
@@ -515,21 +515,10 @@ class Upgrader:
 
     async def _vacuumdb(self, to_major: int) -> None:
         pg = self.ctx.pg
-        for argv in pgu.vacuumdb_argv(
-            pg.bin_dir,
-            to_major,
-            host=str(pg.socket_dir),
-            port=pg.port,
-            user=self.ctx.cfg.postgresql.superuser.username,
-        ):
-            t = time.monotonic()
-            r = await run_program(argv, run_as=pg.run_as, timeout=24 * 3600, what="vacuumdb")
-            if not r.ok:
-                log.warning("upgrade_statistics_failed", exit=r.returncode, output=r.tail(5))
-                return
-            log.info(
-                "upgrade_statistics_done", argv=" ".join(argv[1:]), seconds=round(time.monotonic() - t, 1)
-            )
+        user = self.ctx.cfg.postgresql.superuser.username
+        await pgu.run_statistics(
+            pg.bin_dir, to_major, pg.run_as, host=str(pg.socket_dir), port=pg.port, user=user
+        )
 
     async def _roll_back(self, facts: pgu.ClusterFacts, method: pgu.Method, undo: _Undo, reason: str) -> None:
         """Undo everything before the new primary's first start and start the old one again."""
@@ -557,7 +546,7 @@ class Upgrader:
                 with contextlib.suppress(PgError):  # nothing to undo when pg_upgrade stopped early
                     pgu.rollback_link_upgrade(pg.data_dir, new_data_dir=self._new_dir(self._job_to()))
             if undo.new_dir is not None:
-                kept = await asyncio.to_thread(_keep_logs, self._new_dir(self._job_to()))
+                kept = await asyncio.to_thread(pgu.keep_logs, self._new_dir(self._job_to()))
                 if kept is not None:
                     reason = f"{reason} (pg_upgrade's logs: {kept})"
                 await asyncio.to_thread(shutil.rmtree, self._new_dir(self._job_to()), True)
@@ -596,14 +585,3 @@ class Upgrader:
             phase="failed" if error else "done",
         )
         log.info("upgrade_finished", id=job.id, error=error, seconds=round(time.time() - job.started_at, 1))
-
-
-def _keep_logs(new_dir: Path) -> Path | None:
-    """pg_upgrade writes its logs into the new data directory, which a rollback removes: move
-    them beside it first (``<new_dir>-logs-<UTC time>``), where its error message can point."""
-    logs = new_dir / "pg_upgrade_output.d"
-    if not logs.is_dir():
-        return None
-    dest = new_dir.with_name(f"{new_dir.name}-logs-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    os.rename(logs, dest)
-    return dest

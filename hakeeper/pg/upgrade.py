@@ -54,9 +54,11 @@ __all__ = [
     "init_new_cluster",
     "initdb_args",
     "inspect_cluster",
+    "keep_logs",
     "parse_pg_upgrade_output",
     "rollback_link_upgrade",
     "rollback_plan",
+    "run_statistics",
     "run_upgrade",
     "vacuumdb_argv",
 ]
@@ -756,3 +758,30 @@ def vacuumdb_argv(new_bin_dir: Path, new_major: int, *, host: str, port: int, us
     if new_major >= 18:
         return [[*base, "--analyze-in-stages", "--missing-stats-only"], [*base, "--analyze-only"]]
     return [[*base, "--analyze-in-stages"]]
+
+
+async def run_statistics(
+    new_bin_dir: Path, new_major: int, run_as: RunAs, *, host: str, port: int, user: str
+) -> bool:
+    """:func:`vacuumdb_argv`'s commands, one after the other (each logged with its seconds);
+    False when one failed (logged with its output)."""
+    for argv in vacuumdb_argv(new_bin_dir, new_major, host=host, port=port, user=user):
+        t = time.monotonic()
+        r = await run_program(argv, run_as=run_as, timeout=24 * 3600, what="vacuumdb")
+        if not r.ok:
+            log.warning("upgrade_statistics_failed", exit=r.returncode, output=r.tail(5))
+            return False
+        log.info("upgrade_statistics_done", argv=" ".join(argv[1:]), seconds=round(time.monotonic() - t, 1))
+    return True
+
+
+def keep_logs(new_dir: Path) -> Path | None:
+    """pg_upgrade writes its logs into the new data directory, which a rollback removes: move
+    them beside it first (``<new_dir>-logs-<UTC time>``), where an error message can point.
+    Blocking (a rename): call it in a thread."""
+    logs = new_dir / "pg_upgrade_output.d"
+    if not logs.is_dir():
+        return None
+    dest = new_dir.with_name(f"{new_dir.name}-logs-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.rename(logs, dest)
+    return dest

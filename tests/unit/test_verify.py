@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from hakeeper.backup.basebackup import Snapshot, nothing_committed_between
+from hakeeper.backup.basebackup import Snapshot, _full_xid, nothing_committed_between
 from hakeeper.backup.catalog import BackupRecord, RowCounts
 from hakeeper.backup.errors import CorruptObject
 from hakeeper.backup.restore import RestoreError
@@ -265,3 +265,10 @@ def test_scratch_directories_of_killed_drills_are_removed(tmp_path: Path) -> Non
         (d / "data" / "postmaster.pid").write_text(f"{gone.pid}\n")  # not a running postgres
     assert remove_stale_scratch(tmp_path) == [stale]
     assert not stale.exists() and live.exists()
+
+
+def test_a_32_bit_xid_is_placed_in_the_epoch_of_the_snapshot_near_it() -> None:
+    epoch = 3 << 32
+    assert _full_xid(726, epoch + 730) == epoch + 726
+    assert _full_xid(0xFFFFFFF0, epoch + 5) == epoch - 16  # just before the wraparound
+    assert _full_xid(5, epoch - 16) == epoch + 5  # just after it
