@@ -76,6 +76,7 @@ from bench.backup import (
     stop_pg,
     wait_writable_or_log,
 )
+from bench.docs import write_section
 from hakeeper.localcluster import LocalCluster, pg_program, prepare_fs_repository
 from hakeeper.localcluster.layout import HOST, REPLICATION_USER, SUPERUSER
 from hakeeper.util.proc import RunAs, postmaster_pid
@@ -661,14 +662,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def write_docs(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_START}\n{section}{MARK_END}\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    write_section(path, MARK_START, MARK_END, section)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,6 @@ import shutil
 import signal
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,11 +58,13 @@ from typing import Any
 import psycopg
 
 from bench.backup import BenchError, hakeeper_cli, log, mkdir_for, run_cmd, sql
+from bench.docs import write_section
 from bench.failover import machine_facts, make_base_dir, pick_base_port
 from hakeeper.localcluster import LocalCluster, prepare_fs_repository
 from hakeeper.localcluster.layout import HOST, SUPERUSER
 from hakeeper.localcluster.pgbuilds import reachable_bin_dir
 from hakeeper.util.proc import RunAs, children_of, pid_alive, postmaster_pid, resolve_run_as
+from tests.support.load import RowWriter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MARK_START = "<!-- bench:upgrade:start -->"
@@ -88,37 +89,6 @@ MANUAL_PARAMETERS = {"shared_buffers": "64MB", "wal_level": "replica", "wal_log_
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-class Writer(threading.Thread):
-    """One INSERT every 20 ms through the read-write DSN; keeps (id, acknowledgement time)."""
-
-    def __init__(self, dsn: str) -> None:
-        super().__init__(daemon=True)
-        self.dsn = dsn
-        self.acked: list[tuple[int, float]] = []
-        self.failures = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        conn: psycopg.Connection[Any] | None = None
-        while not self.stop.is_set():
-            n += 1
-            try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
-                conn.execute("INSERT INTO bench_writes (id) VALUES (%s)", (n,))
-                self.acked.append((n, time.monotonic()))
-            except psycopg.Error:
-                self.failures += 1
-                if conn is not None:
-                    with contextlib.suppress(psycopg.Error):
-                        conn.close()
-                conn = None
-            time.sleep(WRITE_EVERY)
-        if conn is not None:
-            conn.close()
 
 
 def longest_gap(acks: Sequence[float], start: float, end: float) -> tuple[float, float | None]:
@@ -276,7 +246,7 @@ class UpgradeRun:
             "the upgrade under the writer"
         )
 
-        writer = Writer(c.write_dsn(DB))
+        writer = RowWriter(c.write_dsn(DB), table="bench_writes", every=WRITE_EVERY)
         writer.start()
         time.sleep(3)
         res["load_avg"] = round(os.getloadavg()[0], 1)  # a shared machine: the 1-min load at the start
@@ -623,14 +593,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def write_docs(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_START}\n{section}{MARK_END}\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    write_section(path, MARK_START, MARK_END, section)
 
 
 def manual_run(args: argparse.Namespace, i: int, scale: int) -> dict[str, Any]:

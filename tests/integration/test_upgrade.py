@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from hakeeper.localcluster import LocalCluster
 from hakeeper.localcluster.layout import REPLICATION_USER
 from hakeeper.util.proc import resolve_run_as
 from tests.support.cluster import cluster_tmpdir, crash_host, encrypted_fs_repository, running_cluster
+from tests.support.load import RowWriter
 
 pytestmark = pytest.mark.integration
 
@@ -45,35 +45,6 @@ def sql(c: LocalCluster, name: str, query: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(c.dsn(name), autocommit=True, connect_timeout=5) as conn:
         cur = conn.execute(query)
         return cur.fetchall() if cur.description else []
-
-
-class Writer(threading.Thread):
-    """Inserts a row every 20 ms through the read-write DSN; keeps the ids acknowledged."""
-
-    def __init__(self, dsn: str) -> None:
-        super().__init__(daemon=True)
-        self.dsn = dsn
-        self.acked: list[int] = []
-        self.failures = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        conn: psycopg.Connection[Any] | None = None
-        while not self.stop.is_set():
-            n += 1
-            try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
-                conn.execute("INSERT INTO t VALUES (%s)", (n,))
-                self.acked.append(n)
-            except psycopg.Error:
-                self.failures += 1
-                conn = None
-                time.sleep(0.1)
-            time.sleep(0.02)
-        if conn is not None:
-            conn.close()
 
 
 def wait_for(cond: Any, timeout: float, what: str, c: LocalCluster) -> None:
@@ -118,7 +89,7 @@ def upgrade_under_load(c: LocalCluster, old: int, new: int, method: str) -> None
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no problem found" in res.stdout
 
-    writer = Writer(c.write_dsn())
+    writer = RowWriter(c.write_dsn())
     writer.start()
     time.sleep(2)
     res = hk(c, "upgrade", "--to-version", str(new), "--method", method, "--force")
@@ -135,7 +106,7 @@ def upgrade_under_load(c: LocalCluster, old: int, new: int, method: str) -> None
     assert (old_dir / "PG_VERSION").read_text().strip() == str(old)
     # --link moved the old cluster's control file aside (it must not start again); --copy did not
     assert (old_dir / "global" / "pg_control").exists() == (method == "copy")
-    acked = set(writer.acked)
+    acked = writer.ids
     assert len(acked) > 50, f"the writer wrote too little: {len(acked)}"
     rows = {r[0] for r in sql(c, primary, "SELECT id FROM t")}
     assert acked <= rows, f"acknowledged rows lost: {sorted(acked - rows)[:10]}"
