@@ -109,7 +109,7 @@ class ClusterFacts:
     superuser: str  # the install user (OID 10): pg_upgrade must run as it
     shared_preload_libraries: tuple[str, ...]
     prepared_xacts: tuple[str, ...]
-    logical_slots: tuple[str, ...]
+    logical_slots: tuple[str, ...]  # "name (plugin P, database D, confirmed up to LSN)"
     # settings the new cluster must have for pg_upgrade to carry logical slots over (its checks
     # compare wal_level and max_replication_slots): (name, value) as the old server runs them
     carried: tuple[tuple[str, str], ...] = ()
@@ -257,10 +257,14 @@ async def inspect_cluster(
         if row is None:
             raise PgError(f"the cluster on port {port} has no template0")
         xacts = [r[0] for r in await (await conn.execute("SELECT gid FROM pg_prepared_xacts")).fetchall()]
+        # the name, and where its consumer stands (what it must resume from on a new slot)
         slots = [
-            r[0]
+            f"{r[0]} (plugin {r[1]}, database {r[2]}, confirmed up to {r[3] or 'nothing'})"
             for r in await (
-                await conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'")
+                await conn.execute(
+                    "SELECT slot_name, plugin, database, confirmed_flush_lsn::text "
+                    "FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name"
+                )
             ).fetchall()
         ]
         carried = [
@@ -493,7 +497,9 @@ async def own_checks(
                 "logical replication slots",
                 f"PostgreSQL {facts.major} logical slots are not carried over: "
                 f"{', '.join(facts.logical_slots)}",
-                fix="let their consumers catch up, drop the slots, recreate them after the upgrade",
+                fix="let their consumers catch up and note where they stand, drop the slots, upgrade; "
+                "slots declared in hakeeper's dynamic configuration are created again by the new "
+                "leader, others by hand; their consumers start from the new slot's position",
             )
         )
     size = await asyncio.to_thread(_dir_bytes, facts.data_dir)
