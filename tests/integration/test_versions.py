@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+import yaml
 
 from hakeeper.localcluster import LocalCluster, pgbuilds
 from tests.integration.test_ha import sql, wait_for
@@ -36,6 +37,11 @@ def test_agent_refuses_a_data_directory_of_another_major(major: int) -> None:
             cluster.write_configs()
             cluster.etcd.start(30)
             node = cluster.nodes["node1"]
+            # no binaries of the data directory's major in the node file (with an entry in
+            # postgresql.bin_dirs the agent would run those: the case after a major upgrade)
+            doc = yaml.safe_load(node.config_path.read_text())
+            doc["postgresql"]["bin_dirs"].pop(other, None)
+            node.config_path.write_text(yaml.safe_dump(doc))
             # initdb of the other major, as PostgreSQL's OS user (as the agent would have)
             initdb = pgbuilds.reachable_bin_dir(other, cluster.run_as) / "initdb"
             subprocess.run(
