@@ -56,6 +56,18 @@ def wait_for(cond: Any, timeout: float, what: str, c: LocalCluster) -> None:
         time.sleep(0.5)
 
 
+def settled(c: LocalCluster, timeout: float = 60) -> None:
+    """Until every member's record (what the preflight reads) says running or streaming: the
+    cluster being ready by SQL comes a cycle before the records say so."""
+
+    def done() -> bool:
+        res = hk(c, "list", "-o", "json")
+        ms = json.loads(res.stdout)["members"] if res.returncode == 0 else []
+        return len(ms) == len(c.names) and all(m["state"] in ("running", "streaming") for m in ms)
+
+    wait_for(done, timeout, "every member record running or streaming", c)
+
+
 def majors(c: LocalCluster) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for n in c.names:
@@ -85,6 +97,7 @@ def upgrade_under_load(c: LocalCluster, old: int, new: int, method: str) -> None
     assert res.returncode == 0, res.stderr
     old_backup = json.loads(res.stdout)
 
+    settled(c)
     res = hk(c, "upgrade", "--to-version", str(new), "--check")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no problem found" in res.stdout
@@ -207,6 +220,7 @@ def test_a_failing_pg_upgrade_leaves_the_old_cluster_running_and_writable() -> N
         assert primary is not None
         sql(c, primary, "CREATE EXTENSION pgcrypto; CREATE TABLE t (id int PRIMARY KEY)")
         sql(c, primary, "INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+        settled(c)
         res = hk(c, "upgrade", "--to-version", "18", "--check")
         assert res.returncode == 1 and "pgcrypto" in res.stdout, res.stdout + res.stderr
 
@@ -248,6 +262,7 @@ def test_a_consumed_logical_slot_is_carried_over_from_17_and_refused_from_15() -
         wait_for(lambda: bool(sql(c, primary, SLOT_SQL)), 30, "the permanent slot", c)
         sql(c, primary, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
         sql(c, primary, "SELECT count(*) FROM pg_logical_slot_get_changes('cdc', NULL, NULL)")
+        settled(c)
         res = hk(c, "upgrade", "--to-version", "18", "--force")
         assert res.returncode == 0, res.stdout + res.stderr
         primary = c.wait_ready(120)
