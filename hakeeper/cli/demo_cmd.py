@@ -520,9 +520,10 @@ def demo(
         extra = {"s3_pid": s3_server.pid if s3_server else None}
         _save(state_path, cluster, extra, ready=False)
         primary = _wait_ready(cluster, timeout, state_path, extra)
-        # Only now: a script polling demo.json for "ready" acts on a working cluster.
-        _save(state_path, cluster, extra, ready=True)
+        # Printed first, then saved: a script polling demo.json for "ready" acts on a working
+        # cluster whose summary is already in the output.
         _print_ready(cluster, primary, state_path)
+        _save(state_path, cluster, extra, ready=True)
         _supervise(cluster, state_path, extra)
     except KeyboardInterrupt:
         out.print("\nInterrupted; stopping the demo cluster ...")
