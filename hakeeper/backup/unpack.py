@@ -1,0 +1,277 @@
+"""Parallel unpacking of an indexed backup (layout ``zstd-indexed``; see backup/fileindex.py).
+
+A full restore first creates the tree from the index -- directories, symbolic links, and every
+file at its final size, owned by PostgreSQL's OS user -- and then ``jobs`` workers each take a
+part: fetch it (the repository checks size and SHA-256 while decoding), and ``pwrite`` every
+member slice it holds at the member's file offset.  Parts are independent zstd frames, so the
+workers never wait for each other; zstd's decoder and ``os.pwrite`` release the GIL, so the
+workers' threads use every CPU.
+
+``global/pg_control`` is written last, after every other byte is in place and flushed: a
+directory left by a restore that failed or was killed half-way never holds a pg_control, so no
+PostgreSQL starts on it and nothing takes it for a good copy (the caller empties it on failure
+as well).  A corrupt or missing part fails the unpack with the part's object key.
+
+Delta restores (backup/delta.py) use :func:`write_extents` with only the changed blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hakeeper.backup import catalog
+from hakeeper.backup.errors import RepoError
+from hakeeper.backup.fileindex import (
+    CONTROL_FILE,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_LINK,
+    BadIndex,
+    Extent,
+    FileIndex,
+    assign_to_parts,
+    parse_index,
+    whole_file_extents,
+)
+from hakeeper.backup.repo import Repository
+from hakeeper.util.fsutil import fsync_dir
+from hakeeper.util.log import get_logger
+from hakeeper.util.proc import RunAs
+
+log = get_logger(__name__)
+
+ProgressFn = Callable[[str, int, int | None], None]
+_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnpackError(Exception):
+    """The unpack failed; the message names the part or file."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnpackStats:
+    parts_fetched: int
+    bytes_fetched: int  # stored (compressed) bytes of the parts fetched
+    bytes_written: int  # file bytes written
+    seconds_fetch: float  # wall time the workers spent waiting for the repository, / jobs
+
+
+async def load_index(repo: Repository, scope: str, rec: catalog.BackupRecord) -> FileIndex:
+    """The backup's index, fetched (checked against its SHA-256) and validated."""
+    if rec.index is None:
+        raise UnpackError(f"backup {rec.id} has no file index (layout {rec.layout})")
+    key = catalog.object_key(scope, rec.id, rec.index.name)
+    try:
+        raw = await repo.get(key)
+    except RepoError as e:
+        raise UnpackError(f"the index {key} cannot be read: {e}") from e
+    if len(raw) != rec.index.size:
+        raise UnpackError(f"the index {key} is {len(raw)} bytes, the record says {rec.index.size}")
+    try:
+        return await asyncio.to_thread(parse_index, raw, [p.size for p in rec.parts])
+    except BadIndex as e:
+        log.error("restore_index_refused", backup=rec.id, key=key, reason=str(e))
+        raise UnpackError(f"the index {key} is not one a backup can have written: {e}") from None
+
+
+def _chown_fd(fd: int, ra: RunAs) -> None:
+    if ra.uid is not None and ra.gid is not None:
+        os.fchown(fd, ra.uid, ra.gid)
+
+
+def create_file(path: Path, mode: int, size: int, ra: RunAs, *, exclusive: bool = True) -> None:
+    """A file of ``size`` bytes (a hole until written), mode ``mode``, owned by ``ra``; never
+    through a symbolic link.  Not ``exclusive``: an existing file is truncated or extended."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fchmod(fd, mode)
+        _chown_fd(fd, ra)
+    finally:
+        os.close(fd)
+
+
+def prepare_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> None:
+    """Directories, links and pre-sized files of a full restore into the empty ``data_dir``
+    (blocking).  The index lists every parent before its children (parse_index checked it)."""
+    for m in index.members:
+        p = data_dir / m.path
+        if m.kind == KIND_DIR:
+            os.mkdir(p, 0o700)
+            os.chmod(p, m.mode, follow_symlinks=False)
+            ra.chown(p)
+        elif m.kind == KIND_LINK:
+            assert m.link is not None
+            os.symlink(m.link, p)
+            ra.chown(p)
+        elif m.kind == KIND_FILE and m.path != CONTROL_FILE:  # pg_control: see write_control
+            create_file(p, m.mode, m.size, ra)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _write_slices(
+    data_dir: Path,
+    slices: Sequence[tuple[Extent, int, int, int]],
+    data: bytes,
+    deferred: list[tuple[int, bytes]],
+) -> int:
+    """Write one part's slices (blocking; a worker thread).  pg_control's are kept for last."""
+    view = memoryview(data)
+    written = 0
+    fd: int | None = None
+    fd_path = ""
+    try:
+        for e, in_part, in_extent, n in slices:
+            chunk = view[in_part : in_part + n]
+            if e.path == CONTROL_FILE:  # written last (write_control)
+                deferred.append((e.file_offset + in_extent, bytes(chunk)))
+                continue
+            if fd is None or fd_path != e.path:
+                if fd is not None:
+                    os.close(fd)
+                    fd = None
+                fd = os.open(data_dir / e.path, _WRITE_FLAGS)
+                fd_path = e.path
+            _pwrite_all(fd, chunk, e.file_offset + in_extent)
+            written += n
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return written
+
+
+def write_control(data_dir: Path, index: FileIndex, deferred: Sequence[tuple[int, bytes]], ra: RunAs) -> int:
+    """pg_control created, written and fsynced (blocking): the last file of a restore, so that
+    a directory a failed or killed restore leaves has none.  (A backup without one -- nothing
+    PostgreSQL writes -- gets none.)"""
+    m = index.by_path().get(CONTROL_FILE)
+    if m is None or m.kind != KIND_FILE:
+        return 0
+    create_file(data_dir / CONTROL_FILE, m.mode, m.size, ra, exclusive=False)
+    fd = os.open(data_dir / CONTROL_FILE, _WRITE_FLAGS)
+    try:
+        for off, b in deferred:
+            _pwrite_all(fd, memoryview(b), off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sum(len(b) for _, b in deferred)
+
+
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first_error(e)
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return eg.exceptions[0]
+
+
+async def write_extents(
+    repo: Repository,
+    scope: str,
+    rec: catalog.BackupRecord,
+    extents: Sequence[Extent],
+    data_dir: Path,
+    *,
+    jobs: int,
+    progress: ProgressFn | None = None,
+    deferred: list[tuple[int, bytes]],
+) -> UnpackStats:
+    """Fetch the parts holding ``extents`` (``jobs`` at a time) and write the extents into the
+    existing files of ``data_dir``.  pg_control's slices go to ``deferred`` for the caller to
+    write last (:func:`write_control`).  UnpackError names a part that cannot be fetched or
+    does not match its record."""
+    work = assign_to_parts(extents, [p.size for p in rec.parts])
+    total = sum(sl[3] for w in work for sl in w.slices)
+    jobs = max(1, jobs)
+    sem = asyncio.Semaphore(jobs)
+    done = 0
+    fetched = 0
+    fetch_secs = 0.0
+
+    async def one(i: int, slices: Sequence[tuple[Extent, int, int, int]]) -> None:
+        nonlocal done, fetched, fetch_secs
+        part = rec.parts[i]
+        key = catalog.object_key(scope, rec.id, part.name)
+        async with sem:
+            t0 = time.monotonic()
+            try:
+                data = await repo.get(key)
+            except RepoError as e:
+                log.error("restore_part_failed", backup=rec.id, part=key, reason=str(e))
+                raise UnpackError(f"part {key}: {e}") from e
+            fetch_secs += time.monotonic() - t0
+            if len(data) != part.size:
+                log.error("restore_part_failed", backup=rec.id, part=key, reason="size differs")
+                raise UnpackError(
+                    f"part {key} is {len(data)} bytes uncompressed, the record says {part.size}"
+                )
+            fetched += part.stored_size
+            try:
+                n = await asyncio.to_thread(_write_slices, data_dir, slices, data, deferred)
+            except OSError as e:
+                raise UnpackError(f"writing part {key} into {data_dir}: {e}") from e
+            del data
+            done += n
+            if progress is not None:
+                progress("fetch", done, total)
+
+    try:
+        async with asyncio.TaskGroup() as tg:  # the first failure cancels the other workers
+            for w in work:
+                tg.create_task(one(w.index, w.slices))
+    except BaseExceptionGroup as eg:
+        # the first failure is the news (the others were cancelled because of it)
+        raise _first_error(eg) from None
+    return UnpackStats(
+        parts_fetched=len(work),
+        bytes_fetched=fetched,
+        bytes_written=total,
+        seconds_fetch=fetch_secs / jobs,
+    )
+
+
+async def unpack_full(
+    repo: Repository,
+    scope: str,
+    rec: catalog.BackupRecord,
+    data_dir: Path,
+    ra: RunAs,
+    *,
+    jobs: int,
+    progress: ProgressFn | None = None,
+    before_control: Callable[[], None] | None = None,
+) -> UnpackStats:
+    """An indexed backup unpacked into the empty ``data_dir``: tree first, then the parts by
+    ``jobs`` workers, then ``before_control`` (the caller's flush), then pg_control."""
+    from_index = await load_index(repo, scope, rec)
+    await asyncio.to_thread(prepare_tree, data_dir, from_index, ra)
+    deferred: list[tuple[int, bytes]] = []
+    stats = await write_extents(
+        repo,
+        scope,
+        rec,
+        whole_file_extents(from_index),
+        data_dir,
+        jobs=jobs,
+        progress=progress,
+        deferred=deferred,
+    )
+    if before_control is not None:
+        await asyncio.to_thread(before_control)
+    await asyncio.to_thread(write_control, data_dir, from_index, deferred, ra)
+    await asyncio.to_thread(fsync_dir, data_dir / "global")
+    return stats
