@@ -47,7 +47,14 @@ from hakeeper.backup.fileindex import (
     whole_file_extents,
 )
 from hakeeper.backup.repo import Repository
-from hakeeper.backup.unpack import UnpackStats, create_file, load_index, write_control, write_extents
+from hakeeper.backup.unpack import (
+    UnpackStats,
+    create_file,
+    load_index,
+    set_dir_mode,
+    write_control,
+    write_extents,
+)
 from hakeeper.util.fsutil import fsync_dir, syncfs
 from hakeeper.util.log import get_logger
 from hakeeper.util.proc import RunAs, postmaster_pid
@@ -170,8 +177,7 @@ def _shape_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> tuple[int, list[
         if m.kind == KIND_DIR:
             if have is None:
                 os.mkdir(p, 0o700)
-            os.chmod(p, m.mode, follow_symlinks=False)
-            ra.chown(p)
+            set_dir_mode(p, m.mode, ra)
         elif m.kind == KIND_LINK:
             assert m.link is not None
             if have is not None and os.readlink(p) != m.link:

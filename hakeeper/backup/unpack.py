@@ -97,6 +97,17 @@ def create_file(path: Path, mode: int, size: int, ra: RunAs, *, exclusive: bool 
         os.close(fd)
 
 
+def set_dir_mode(path: Path, mode: int, ra: RunAs) -> None:
+    """Mode and owner of directory ``path``, never through a symbolic link (as root, a link
+    planted in an old copy would hand its target to the PostgreSQL user)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+        _chown_fd(fd, ra)
+    finally:
+        os.close(fd)
+
+
 def prepare_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> None:
     """Directories, links and pre-sized files of a full restore into the empty ``data_dir``
     (blocking).  The index lists every parent before its children (parse_index checked it)."""
@@ -104,8 +115,7 @@ def prepare_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> None:
         p = data_dir / m.path
         if m.kind == KIND_DIR:
             os.mkdir(p, 0o700)
-            os.chmod(p, m.mode, follow_symlinks=False)
-            ra.chown(p)
+            set_dir_mode(p, m.mode, ra)
         elif m.kind == KIND_LINK:
             assert m.link is not None
             os.symlink(m.link, p)
