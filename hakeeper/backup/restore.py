@@ -620,7 +620,8 @@ async def _extract_tar(
     writeback = BackgroundWriteback(data_dir).start() if durable else None
     stdin = proc.stdin
     assert stdin is not None
-    window = max(1, opts.parallel)
+    # at least 3 parts ahead, as before --jobs defaulted to the CPU count (fetch-bound S3 restores)
+    window = max(3, opts.parallel)
     pending: deque[asyncio.Task[bytes]] = deque()
     parts = list(rec.parts)
     total = sum(p.size for p in parts) if stream else (rec.size or sum(p.size for p in parts))
