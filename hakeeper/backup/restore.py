@@ -564,6 +564,8 @@ async def _extract_indexed(
         )
     except UnpackError as e:
         raise RestoreError(f"backup {rec.id}: {e}") from None
+    except OSError as e:  # creating the tree or pg_control (a full disk, ...)
+        raise RestoreError(f"backup {rec.id}: unpacking into {data_dir}: {e}") from None
     finally:
         if writeback is not None:
             writeback.cancel()
