@@ -243,6 +243,7 @@ async def delta_restore(
     present_paths = {m.path for m in present}
     extents: list[Extent] = [e for e in whole_file_extents(index) if e.path not in present_paths]
     sem = asyncio.Semaphore(max(1, jobs))
+    to_hash = sum(m.size for m in present)  # the local copy read and compared, block by block
     hashed = 0
     changed_files = 0
 
@@ -251,6 +252,8 @@ async def delta_restore(
         async with sem:
             blocks, read = await asyncio.to_thread(_compare, data_dir, m, index.block_size, ra)
         hashed += read
+        if progress is not None:
+            progress("compare", hashed, to_hash)
         if blocks:
             changed_files += 1
         return block_extents(m, blocks, index.block_size)
