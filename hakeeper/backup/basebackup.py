@@ -44,6 +44,7 @@ from hakeeper.backup.binding import BindingMismatch, bind
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.repo import PutResult, Repository
+from hakeeper.backup.unpack import compress_part
 from hakeeper.core.backup_config import RowCountConfig
 from hakeeper.core.config import Credentials, secret_value
 from hakeeper.core.lsn import format_lsn
@@ -923,7 +924,7 @@ async def _copy(
     err_task = asyncio.create_task(drain_stderr())
     scanner = TarScanner()
     indexer = fileindex.IndexBuilder()
-    parts = _PartUploader(run, parallel)
+    parts = _PartUploader(run, parallel, level=max(1, min(run.repo.level, 19)))
 
     total = 0
     pending: list[bytes] = []  # chunks of the part being filled (joined once: one copy)
@@ -988,12 +989,9 @@ async def _copy(
     log.info("backup_copy_timing", id=rec.id, **{k: round(v, 3) for k, v in marks.items()})
     label, manifest_raw, ranges = _streamed_label_and_manifest(scanner)
     try:
-        index = indexer.finish()
+        index = indexer.finish(parts.sizes)
     except fileindex.BadIndex as e:
         raise BackupError(f"cannot index pg_basebackup's tar stream: {e}") from e
-    parts_size = sum(r.size for r in results)
-    if index.stream_size != parts_size:
-        raise BackupError(f"the index covers {index.stream_size} bytes, the parts {parts_size}")
     stored = await run.repo.put(
         catalog.object_key(run.scope, rec.id, fileindex.INDEX_NAME), fileindex.to_bytes(index)
     )
@@ -1315,17 +1313,24 @@ def _set_label_fields(
 
 
 class _PartUploader:
-    """Stores parts ``parallel`` at a time, in the order given (part 0, 1, ...)."""
+    """Stores parts ``parallel`` at a time, in the order given (part 0, 1, ...).  With ``level``,
+    each part is compressed here into a zstd frame of its own (in a worker thread) and stored
+    as it is: the repository's SHA-256 then covers the compressed bytes (a twentieth of the data
+    for a typical database), zstd's frame checksum the content (layout zstd-indexed)."""
 
-    def __init__(self, run: _Run, parallel: int, *, as_is: bool = False) -> None:
+    def __init__(self, run: _Run, parallel: int, *, as_is: bool = False, level: int | None = None) -> None:
         self.run = run
-        self.as_is = as_is
+        self.as_is = as_is or level is not None
+        self.level = level
         self.sem = asyncio.Semaphore(max(1, parallel))
         self.tasks: list[asyncio.Task[PutResult]] = []
+        self.sizes: list[int] = []  # uncompressed, per part
 
     async def _upload(self, index: int, data: bytes) -> PutResult:
         try:
             rec = self.run.record
+            if self.level is not None:
+                data = await asyncio.to_thread(compress_part, data, self.level)
             return await self.run.repo.put(
                 catalog.object_key(self.run.scope, rec.id, catalog.part_name(index)),
                 data,
@@ -1341,6 +1346,7 @@ class _PartUploader:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 self.sem.release()
                 raise t.exception()  # type: ignore[misc]
+        self.sizes.append(len(data))
         self.tasks.append(asyncio.create_task(self._upload(len(self.tasks), data)))
 
     async def finish(self) -> list[PutResult]:

@@ -263,7 +263,7 @@ async def delta_restore(
     changed_files += sum(1 for m in index.files() if m.path not in present_paths)
     deferred: list[tuple[int, bytes]] = []
     stats: UnpackStats = await write_extents(
-        repo, scope, rec, extents, data_dir, jobs=jobs, progress=progress, deferred=deferred
+        repo, scope, rec, index, extents, data_dir, jobs=jobs, progress=progress, deferred=deferred
     )
     await asyncio.to_thread(_flush_all, data_dir)
     await asyncio.to_thread(write_control, data_dir, index, deferred, ra)

@@ -5,10 +5,10 @@ While pg_basebackup's tar stream passes, :class:`IndexBuilder` records every mem
 kind (file, directory, symbolic link), mode, size, link target and the offset of its data in the
 *uncompressed* stream -- and, per regular file, an xxh3-128 hash of every block of
 ``block_size`` bytes (aligned to file offsets; the last one shorter).  The stream itself is
-stored in parts, each an independent zstd frame whose uncompressed size the record holds, so
-the stream offset of every part is known: any worker can fetch one part, decompress it and
-write each member slice it overlaps at the right file offset, without reading the parts before
-it (:mod:`hakeeper.backup.unpack`).
+stored in parts, each an independent zstd frame whose uncompressed size the index holds
+(``part_sizes``), so the stream offset of every part is known: any worker can fetch one part,
+decompress it and write each member slice it overlaps at the right file offset, without
+reading the parts before it (:mod:`hakeeper.backup.unpack`).
 
 The block hashes serve delta restore (:mod:`hakeeper.backup.delta`) only: they say which blocks
 of an older local copy differ.  Integrity is the parts' and the index's own SHA-256 (checked by
@@ -76,6 +76,8 @@ class FileIndex:
     block_size: int
     stream_size: int
     members: tuple[Member, ...]
+    # the uncompressed size of every part, in order (the parts are stored compressed, as is)
+    part_sizes: tuple[int, ...] = ()
 
     def files(self) -> Iterator[Member]:
         return (m for m in self.members if m.kind == KIND_FILE)
@@ -122,6 +124,7 @@ def to_bytes(index: FileIndex) -> bytes:
         "block_size": index.block_size,
         "hash": "xxh3-128",
         "stream_size": index.stream_size,
+        "part_sizes": list(index.part_sizes),
         "members": rows,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
@@ -142,9 +145,9 @@ def _safe_path(p: object) -> str:
     return p
 
 
-def parse_index(raw: bytes, part_sizes: Sequence[int]) -> FileIndex:
-    """The index of a backup whose parts have ``part_sizes`` uncompressed bytes, checked to be
-    one a backup can have written (BadIndex otherwise)."""
+def parse_index(raw: bytes, parts: int) -> FileIndex:
+    """The index of a backup of ``parts`` parts, checked to be one a backup can have written
+    (BadIndex otherwise)."""
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -159,6 +162,10 @@ def parse_index(raw: bytes, part_sizes: Sequence[int]) -> FileIndex:
     if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
         raise BadIndex(f"block_size {bs} is not a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
     stream_size = _int(doc.get("stream_size"), "stream_size")
+    sizes = doc.get("part_sizes")
+    if not isinstance(sizes, list) or len(sizes) != parts:
+        raise BadIndex(f"part_sizes is not a list of the backup's {parts} part sizes")
+    part_sizes = tuple(_int(v, "a part size") for v in sizes)
     if stream_size != sum(part_sizes):
         raise BadIndex(f"stream_size {stream_size} is not the parts' total {sum(part_sizes)}")
     rows = doc.get("members")
@@ -172,7 +179,7 @@ def parse_index(raw: bytes, part_sizes: Sequence[int]) -> FileIndex:
         if m.kind == KIND_FILE:
             end = m.offset + m.size
         members.append(m)
-    return FileIndex(block_size=bs, stream_size=stream_size, members=tuple(members))
+    return FileIndex(block_size=bs, stream_size=stream_size, members=tuple(members), part_sizes=part_sizes)
 
 
 def _parse_row(row: object, kinds: dict[str, str], bs: int, stream_size: int, end: int) -> Member:
@@ -426,7 +433,7 @@ class IndexBuilder:
             self._file = None
             self._hasher = None
 
-    def finish(self) -> FileIndex:
+    def finish(self, part_sizes: Sequence[int] = ()) -> FileIndex:
         if not self.ended:
             raise BadIndex("the tar stream ended without its end-of-archive marker")
         seen: set[str] = set()
@@ -434,7 +441,14 @@ class IndexBuilder:
             if m.path in seen:
                 raise BadIndex(f"{m.path} is twice in the tar stream")
             seen.add(m.path)
-        return FileIndex(block_size=self.block_size, stream_size=self.offset, members=tuple(self.members))
+        if part_sizes and sum(part_sizes) != self.offset:
+            raise BadIndex(f"the parts hold {sum(part_sizes)} bytes, the tar stream {self.offset}")
+        return FileIndex(
+            block_size=self.block_size,
+            stream_size=self.offset,
+            members=tuple(self.members),
+            part_sizes=tuple(part_sizes),
+        )
 
 
 # ============================================================================ planning

@@ -2,10 +2,12 @@
 
 A full restore first creates the tree from the index -- directories, symbolic links, and every
 file at its final size, owned by PostgreSQL's OS user -- and then ``jobs`` workers each take a
-part: fetch it (the repository checks size and SHA-256 while decoding), and ``pwrite`` every
-member slice it holds at the member's file offset.  Parts are independent zstd frames, so the
-workers never wait for each other; zstd's decoder and ``os.pwrite`` release the GIL, so the
-workers' threads use every CPU.
+part: fetch it (the repository checks the stored bytes' size and SHA-256), decompress it
+(zstd checks the frame's checksum of the content, and the size must be the index's) and
+``pwrite`` every member slice it holds at the member's file offset.  Parts are independent zstd
+frames, compressed by the backup (:func:`compress_part`) and stored as they are, so the SHA-256
+covers the compressed bytes -- far fewer than the data -- and the workers never wait for each
+other; zstd and ``os.pwrite`` release the GIL, so the workers' threads use every CPU.
 
 ``global/pg_control`` is written last, after every other byte is in place and flushed: a
 directory left by a restore that failed or was killed half-way never holds a pg_control, so no
@@ -24,8 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
 from hakeeper.backup import catalog
-from hakeeper.backup.errors import RepoError
+from hakeeper.backup.errors import CorruptObject, RepoError
 from hakeeper.backup.fileindex import (
     CONTROL_FILE,
     KIND_DIR,
@@ -73,7 +77,7 @@ async def load_index(repo: Repository, scope: str, rec: catalog.BackupRecord) ->
     if len(raw) != rec.index.size:
         raise UnpackError(f"the index {key} is {len(raw)} bytes, the record says {rec.index.size}")
     try:
-        return await asyncio.to_thread(parse_index, raw, [p.size for p in rec.parts])
+        return await asyncio.to_thread(parse_index, raw, len(rec.parts))
     except BadIndex as e:
         log.error("restore_index_refused", backup=rec.id, key=key, reason=str(e))
         raise UnpackError(f"the index {key} is not one a backup can have written: {e}") from None
@@ -189,10 +193,45 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     return eg.exceptions[0]
 
 
+def compress_part(data: bytes, level: int) -> bytes:
+    """A part as it is stored: one zstd frame with its content size and checksum (blocking)."""
+    return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True).compress(data)
+
+
+def _decompress_part(blob: bytes, size: int, key: str) -> bytes:
+    """A part's content; zstd checks the frame's checksum of the decompressed bytes."""
+    try:
+        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise UnpackError(f"part {key} does not decompress: {e}") from None
+    if len(data) != size:
+        raise UnpackError(f"part {key} is {len(data)} bytes uncompressed, the index says {size}")
+    return data
+
+
+def _unpack_part(
+    blob: bytes,
+    size: int,
+    key: str,
+    data_dir: Path,
+    slices: Sequence[tuple[Extent, int, int, int]],
+    deferred: list[tuple[int, bytes]],
+) -> int:
+    """Decompress one part and write its slices (blocking: a worker thread; zstd and pwrite
+    release the GIL)."""
+    data = _decompress_part(blob, size, key)
+    del blob
+    try:
+        return _write_slices(data_dir, slices, data, deferred)
+    except OSError as e:
+        raise UnpackError(f"writing part {key} into {data_dir}: {e}") from e
+
+
 async def write_extents(
     repo: Repository,
     scope: str,
     rec: catalog.BackupRecord,
+    index: FileIndex,
     extents: Sequence[Extent],
     data_dir: Path,
     *,
@@ -204,7 +243,7 @@ async def write_extents(
     existing files of ``data_dir``.  pg_control's slices go to ``deferred`` for the caller to
     write last (:func:`write_control`).  UnpackError names a part that cannot be fetched or
     does not match its record."""
-    work = assign_to_parts(extents, [p.size for p in rec.parts])
+    work = assign_to_parts(extents, index.part_sizes)
     total = sum(sl[3] for w in work for sl in w.slices)
     jobs = max(1, jobs)
     sem = asyncio.Semaphore(jobs)
@@ -219,22 +258,23 @@ async def write_extents(
         async with sem:
             t0 = time.monotonic()
             try:
-                data = await repo.get(key)
+                # the stored zstd frame, checked against its SHA-256 (and size) on the way
+                blob = await repo.get(key)
+                if len(blob) != part.size:
+                    raise CorruptObject(key, f"{len(blob)} bytes, the record says {part.size}")
             except RepoError as e:
                 log.error("restore_part_failed", backup=rec.id, part=key, reason=str(e))
                 raise UnpackError(f"part {key}: {e}") from e
             fetch_secs += time.monotonic() - t0
-            if len(data) != part.size:
-                log.error("restore_part_failed", backup=rec.id, part=key, reason="size differs")
-                raise UnpackError(
-                    f"part {key} is {len(data)} bytes uncompressed, the record says {part.size}"
-                )
             fetched += part.stored_size
             try:
-                n = await asyncio.to_thread(_write_slices, data_dir, slices, data, deferred)
-            except OSError as e:
-                raise UnpackError(f"writing part {key} into {data_dir}: {e}") from e
-            del data
+                n = await asyncio.to_thread(
+                    _unpack_part, blob, index.part_sizes[i], key, data_dir, slices, deferred
+                )
+            except UnpackError as e:
+                log.error("restore_part_failed", backup=rec.id, part=key, reason=str(e))
+                raise
+            del blob
             done += n
             if progress is not None:
                 progress("fetch", done, total)
@@ -274,6 +314,7 @@ async def unpack_full(
         repo,
         scope,
         rec,
+        from_index,
         whole_file_extents(from_index),
         data_dir,
         jobs=jobs,

@@ -63,13 +63,15 @@ def make_tar(fmt: int) -> tuple[bytes, dict[str, bytes]]:
     return buf.getvalue(), files
 
 
-def build(stream: bytes, cuts: list[int], block_size: int = BS) -> FileIndex:
+def build(
+    stream: bytes, cuts: list[int], block_size: int = BS, part_sizes: tuple[int, ...] = ()
+) -> FileIndex:
     b = IndexBuilder(block_size=block_size)
     at = 0
     for c in [*sorted(cuts), len(stream)]:
         b.feed(stream[at:c])
         at = c
-    return b.finish()
+    return b.finish(part_sizes or (len(stream),))
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])  # long names: 'L' / 'x' headers
@@ -98,15 +100,19 @@ def test_index_gives_every_members_offset_and_block_hashes(fmt: int, seed: int) 
 
 def test_index_round_trips_and_parts_reassemble_every_file() -> None:
     stream, files = make_tar(tarfile.GNU_FORMAT)
-    idx = build(stream, [100, 5000])
     # parts of odd sizes: members cross part boundaries
     sizes, at = [], 0
     while at < len(stream):
         n = min(1500, len(stream) - at)
         sizes.append(n)
         at += n
-    again = parse_index(to_bytes(idx), sizes)
+    idx = build(stream, [100, 5000], part_sizes=tuple(sizes))
+    again = parse_index(to_bytes(idx), len(sizes))
     assert again == idx
+    with pytest.raises(BadIndex, match="part sizes"):
+        parse_index(to_bytes(idx), len(sizes) + 1)
+    with pytest.raises(BadIndex, match="the parts hold"):
+        build(stream, [], part_sizes=(len(stream) - 512,))
     out = {m.path: bytearray(m.size) for m in again.files()}
     starts = fileindex.part_offsets(sizes)
     for w in assign_to_parts(whole_file_extents(again), sizes):
@@ -126,8 +132,7 @@ def test_a_tampered_index_is_refused() -> None:
     idx = build(stream, [])
     raw = to_bytes(idx)
     doc = json.loads(raw)
-    sizes = [len(stream)]
-    parse_index(raw, sizes)  # the untouched one passes
+    parse_index(raw, 1)  # the untouched one passes
     rows = doc["members"]
     file_i = next(i for i, r in enumerate(rows) if r[1] == "f" and r[3] > 0)
 
@@ -153,10 +158,12 @@ def test_a_tampered_index_is_refused() -> None:
     }
     for why, raw_bad in bad.items():
         with pytest.raises(BadIndex):
-            parse_index(raw_bad, sizes)
+            parse_index(raw_bad, 1)
             pytest.fail(why)
     with pytest.raises(BadIndex, match="parts' total"):
-        parse_index(raw, [len(stream) - 512])
+        parse_index(tampered(doc, part_sizes=[len(stream) - 512]), 1)
+    with pytest.raises(BadIndex, match="part size is not"):
+        parse_index(tampered(doc, part_sizes=[-1]), 1)  # "a part size is not ..."
 
 
 def test_builder_refuses_hard_links_and_truncated_streams() -> None:

@@ -20,7 +20,7 @@ from hakeeper.backup import catalog, fileindex
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestoreRefused, StoredObject
 from hakeeper.backup.delta import MARKER, check_backup, check_target, delta_restore
 from hakeeper.backup.repo import FilesystemRepository
-from hakeeper.backup.unpack import UnpackError, load_index, unpack_full
+from hakeeper.backup.unpack import UnpackError, compress_part, load_index, unpack_full
 from hakeeper.util.proc import RunAs
 
 NOW = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
@@ -73,14 +73,21 @@ def make_tar(files: dict[str, bytes]) -> bytes:
 async def store(repo: FilesystemRepository, bid: str, stream: bytes) -> BackupRecord:
     """A complete indexed backup record with its parts and index in ``repo``."""
     parts: list[StoredObject] = []
+    sizes: list[int] = []
     for i, at in enumerate(range(0, len(stream), PART)):
-        r = await repo.put(catalog.object_key("s", bid, catalog.part_name(i)), stream[at : at + PART])
+        chunk = stream[at : at + PART]
+        sizes.append(len(chunk))
+        r = await repo.put(
+            catalog.object_key("s", bid, catalog.part_name(i)), compress_part(chunk, 3), as_is=True
+        )
         parts.append(
             StoredObject(name=catalog.part_name(i), size=r.size, stored_size=r.stored_size, sha256=r.sha256)
         )
     b = fileindex.IndexBuilder(block_size=BS)
     b.feed(stream)
-    r = await repo.put(catalog.object_key("s", bid, fileindex.INDEX_NAME), fileindex.to_bytes(b.finish()))
+    r = await repo.put(
+        catalog.object_key("s", bid, fileindex.INDEX_NAME), fileindex.to_bytes(b.finish(sizes))
+    )
     return BackupRecord(
         id=bid,
         label=bid,
@@ -241,10 +248,10 @@ async def test_a_failed_delta_leaves_no_control_file_and_can_be_run_again(tmp_pa
     extract(make_tar(tree(1)), old)
     # the part holding pg_control's data is missing: the delta fails after shaping the tree
     idx = fileindex.parse_index(
-        await repo.get(catalog.object_key("s", "b2", fileindex.INDEX_NAME)), [p.size for p in rec.parts]
+        await repo.get(catalog.object_key("s", "b2", fileindex.INDEX_NAME)), len(rec.parts)
     )
     ctl = idx.by_path()["global/pg_control"]
-    starts = fileindex.part_offsets([p.size for p in rec.parts])
+    starts = fileindex.part_offsets(idx.part_sizes)
     victim = max(i for i, s in enumerate(starts) if s <= ctl.offset)
     key = catalog.object_key("s", "b2", rec.parts[victim].name)
     moved = (tmp_path / "repo" / key).read_bytes()
