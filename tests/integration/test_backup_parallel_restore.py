@@ -96,7 +96,7 @@ def run_restore(
 
 
 def tar_extract(env: Env, rec: BackupRecord, dest: Path) -> dict[str, str]:
-    """The backup's parts through tar -x, the way records without an index are restored."""
+    """The backup's parts through ``tar --zstd -x``, the way records without an index are restored."""
     dest.mkdir(mode=0o700)
     ra = resolve_run_as(dest)
     ra.chown(dest)
@@ -104,9 +104,12 @@ def tar_extract(env: Env, rec: BackupRecord, dest: Path) -> dict[str, str]:
         data_dir=dest, target=Target("latest"), bin_dir=BIN, run_as=ra, superuser=SU, parallel=2
     )
 
+    # the parts are zstd frames stored as they are: in order, one zstd stream (``zstd -d | tar -x``)
+    as_stream = rec.model_copy(update={"index": None, "layout": "zstd-stream"})
+
     async def go() -> None:
         async with make_repository(env.repo_cfg) as repo:
-            await restore_mod._extract_tar(repo, env.scope, rec, dest, opts)
+            await restore_mod._extract_tar(repo, env.scope, as_stream, dest, opts)
 
     asyncio.run(go())
     return snapshot(dest)
