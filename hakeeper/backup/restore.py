@@ -572,7 +572,7 @@ async def _extract_indexed(
     if tally is not None:
         tally.fetched += stats.bytes_fetched
         tally.written += stats.bytes_written
-        tally.total += rec.size
+        tally.total += stats.bytes_total
     return stats.seconds_fetch
 
 

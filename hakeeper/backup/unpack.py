@@ -62,6 +62,7 @@ class UnpackStats:
     parts_fetched: int
     bytes_fetched: int  # stored (compressed) bytes of the parts fetched
     bytes_written: int  # file bytes written
+    bytes_total: int  # the backup's file bytes (the index's)
     seconds_fetch: float  # wall time the workers spent waiting for the repository, / jobs
 
 
@@ -290,6 +291,7 @@ async def write_extents(
         parts_fetched=len(work),
         bytes_fetched=fetched,
         bytes_written=total,
+        bytes_total=index.data_bytes,
         seconds_fetch=fetch_secs / jobs,
     )
 
