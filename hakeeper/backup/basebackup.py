@@ -219,6 +219,10 @@ def grow_pipe(proc: asyncio.subprocess.Process, fd: int, size: int = 1 << 20) ->
         return
     with contextlib.suppress(OSError, AttributeError, ValueError):
         fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, size)
+    if fd == 1 and pipe is not None and hasattr(pipe, "max_size"):
+        # asyncio reads a pipe 256 KiB per loop iteration: a whole (grown) pipe per read instead
+        # is a quarter of the iterations and buffer copies for a stream of gigabytes
+        pipe.max_size = max(int(pipe.max_size), size)
 
 
 # ============================================================================ SQL helpers
