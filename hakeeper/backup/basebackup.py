@@ -900,6 +900,22 @@ def _streamed_label_and_manifest(
     return label, manifest_raw, ranges
 
 
+async def _submit_whole_parts(parts: _PartUploader, pending: list[bytes], part_size: int) -> int:
+    """Hand the parts of exactly ``part_size`` bytes in ``pending`` to ``parts`` and keep the
+    rest pending (its size returned).  Parts of one size, the last one shorter: the reads are up
+    to a whole pipe long, and a delta fetches whole parts, so --part-size is what it says."""
+    buf = memoryview(b"".join(pending))
+    pending.clear()
+    at = 0
+    while len(buf) - at >= part_size:
+        await parts.submit(buf[at : at + part_size])  # a view: no copy of the part
+        at += part_size
+    rest = bytes(buf[at:])
+    if rest:
+        pending.append(rest)
+    return len(rest)
+
+
 async def _copy(
     run: _Run,
     source: Endpoint,
@@ -957,11 +973,8 @@ async def _copy(
             pending_size += len(chunk)
             total += len(chunk)
             run.tick("copy", total, facts.estimated_size or None)
-            if pending_size >= part_size:  # parts need not be of equal size
-                part = b"".join(pending)
-                pending.clear()
-                pending_size = 0
-                await parts.submit(part)
+            if pending_size >= part_size:
+                pending_size = await _submit_whole_parts(parts, pending, part_size)
                 if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
                     rec.size = total
                     await run.save()
@@ -1330,11 +1343,13 @@ class _PartUploader:
         self.tasks: list[asyncio.Task[PutResult]] = []
         self.sizes: list[int] = []  # uncompressed, per part
 
-    async def _upload(self, index: int, data: bytes) -> PutResult:
+    async def _upload(self, index: int, data: bytes | memoryview) -> PutResult:
         try:
             rec = self.run.record
             if self.level is not None:
                 data = await asyncio.to_thread(compress_part, data, self.level)
+            elif isinstance(data, memoryview):
+                data = data.tobytes()
             return await self.run.repo.put(
                 catalog.object_key(self.run.scope, rec.id, catalog.part_name(index)),
                 data,
@@ -1344,7 +1359,7 @@ class _PartUploader:
         finally:
             self.sem.release()
 
-    async def submit(self, data: bytes) -> None:
+    async def submit(self, data: bytes | memoryview) -> None:
         await self.sem.acquire()
         for t in self.tasks:  # fail early: a part that could not be stored ends the backup
             if t.done() and not t.cancelled() and t.exception() is not None:

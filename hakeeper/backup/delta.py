@@ -23,6 +23,7 @@ same cluster to the content of an indexed backup, fetching and writing only what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import struct
@@ -51,6 +52,10 @@ from hakeeper.backup.unpack import (
     UnpackStats,
     create_file,
     load_index,
+    make_dir,
+    make_link,
+    open_under,
+    parent_fd,
     set_dir_mode,
     write_control,
     write_extents,
@@ -152,14 +157,37 @@ def _scan(data_dir: Path) -> dict[str, str]:
 
 
 def _remove(data_dir: Path, rel: str, kind: str) -> None:
-    p = data_dir / rel
+    """Remove ``rel`` below ``data_dir`` without following a link on the way (a directory whose
+    parent was removed already is gone with it)."""
+    try:
+        pfd, name = parent_fd(data_dir, rel)
+    except FileNotFoundError:
+        return
     try:
         if kind == KIND_DIR:
-            shutil.rmtree(p)
+            shutil.rmtree(name, dir_fd=pfd)  # fd-based: never leaves the tree through a link
         else:
-            os.unlink(p)
+            os.unlink(name, dir_fd=pfd)
     except FileNotFoundError:
         pass
+    finally:
+        os.close(pfd)
+
+
+def _replace_link(data_dir: Path, rel: str, target: str, ra: RunAs) -> None:
+    """The symbolic link ``rel`` pointing at ``target`` (an existing one with another target
+    replaced)."""
+    pfd, name = parent_fd(data_dir, rel)
+    try:
+        try:
+            if os.readlink(name, dir_fd=pfd) == target:
+                return
+            os.unlink(name, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+    finally:
+        os.close(pfd)
+    make_link(data_dir, rel, target, ra)
 
 
 def _shape_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> tuple[int, list[Member]]:
@@ -172,24 +200,18 @@ def _shape_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> tuple[int, list[
     gone_set = set(gone)
     present: list[Member] = []
     for m in index.members:
-        p = data_dir / m.path
         have = local.get(m.path) if m.path not in gone_set else None
         if m.kind == KIND_DIR:
             if have is None:
-                os.mkdir(p, 0o700)
-            set_dir_mode(p, m.mode, ra)
+                make_dir(data_dir, m.path)
+            set_dir_mode(data_dir, m.path, m.mode, ra)
         elif m.kind == KIND_LINK:
             assert m.link is not None
-            if have is not None and os.readlink(p) != m.link:
-                os.unlink(p)
-                have = None
-            if have is None:
-                os.symlink(m.link, p)
-            ra.chown(p)
+            _replace_link(data_dir, m.path, m.link, ra)
         elif m.path == CONTROL_FILE:
             continue  # written last (unpack.write_control)
         elif have is None:
-            create_file(p, m.mode, m.size, ra)
+            create_file(data_dir, m.path, m.mode, m.size, ra)
         else:
             present.append(m)
     return len(gone), present
@@ -198,7 +220,7 @@ def _shape_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> tuple[int, list[
 def _compare(data_dir: Path, m: Member, block_size: int, ra: RunAs) -> tuple[list[int], int]:
     """The blocks of local file ``m.path`` that differ from the backup's, and the bytes read;
     then the file is cut or extended to the backup's size, its mode and owner set (blocking)."""
-    fd = os.open(data_dir / m.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_under(data_dir, m.path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
         hashes: list[bytes | None] = []
@@ -236,7 +258,7 @@ async def delta_restore(
     left without pg_control, with the marker: run --delta again)."""
     index = await load_index(repo, scope, rec)
     marker = data_dir / MARKER
-    await asyncio.to_thread(marker.write_text, f"{local_sysid}\n")
+    await asyncio.to_thread(_write_marker, data_dir, local_sysid)
     await asyncio.to_thread(fsync_dir, data_dir)
     await asyncio.to_thread(_drop_control, data_dir)
     removed, present = await asyncio.to_thread(_shape_tree, data_dir, index, ra)
@@ -296,12 +318,31 @@ async def delta_restore(
     return out
 
 
+def _write_marker(data_dir: Path, sysid: int) -> None:
+    """The marker, new (whatever had its name -- an earlier marker, a planted link -- removed
+    first: a link there is never written through)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(data_dir / MARKER)  # unlink never follows the link it removes
+    fd = open_under(data_dir, MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, f"{sysid}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _drop_control(data_dir: Path) -> None:
     try:
-        os.unlink(data_dir / CONTROL_FILE)
+        pfd, name = parent_fd(data_dir, CONTROL_FILE)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # no global/ (or not a directory: removed with what the backup lacks)
+    try:
+        os.unlink(name, dir_fd=pfd)
+        os.fsync(pfd)
     except FileNotFoundError:
-        return
-    fsync_dir(data_dir / "global")
+        pass
+    finally:
+        os.close(pfd)
 
 
 def _flush_all(data_dir: Path) -> None:

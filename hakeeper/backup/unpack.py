@@ -50,7 +50,6 @@ from hakeeper.util.proc import RunAs
 log = get_logger(__name__)
 
 ProgressFn = Callable[[str, int, int | None], None]
-_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UnpackError(Exception):
@@ -89,11 +88,40 @@ def _chown_fd(fd: int, ra: RunAs) -> None:
         os.fchown(fd, ra.uid, ra.gid)
 
 
-def create_file(path: Path, mode: int, size: int, ra: RunAs, *, exclusive: bool = True) -> None:
+def parent_fd(root: Path, rel: str) -> tuple[int, str]:
+    """A descriptor of the directory holding ``root/rel`` and the last name, reached one name at
+    a time without following a symbolic link anywhere below ``root``.
+
+    Why: the directories below ``root`` are the PostgreSQL user's (created for it, or an old
+    copy it owns); running as root, a directory swapped for a link meanwhile must not lead a
+    write, mode or owner change out of the data directory."""
+    *dirs, name = rel.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for d in dirs:
+            nxt = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def open_under(root: Path, rel: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` of ``root/rel`` that follows no symbolic link below ``root``."""
+    pfd, name = parent_fd(root, rel)
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def create_file(root: Path, rel: str, mode: int, size: int, ra: RunAs, *, exclusive: bool = True) -> None:
     """A file of ``size`` bytes (a hole until written), mode ``mode``, owned by ``ra``; never
     through a symbolic link.  Not ``exclusive``: an existing file is truncated or extended."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
-    fd = os.open(path, flags, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0)
+    fd = open_under(root, rel, flags)
     try:
         os.ftruncate(fd, size)
         os.fchmod(fd, mode)
@@ -102,10 +130,10 @@ def create_file(path: Path, mode: int, size: int, ra: RunAs, *, exclusive: bool 
         os.close(fd)
 
 
-def set_dir_mode(path: Path, mode: int, ra: RunAs) -> None:
-    """Mode and owner of directory ``path``, never through a symbolic link (as root, a link
+def set_dir_mode(root: Path, rel: str, mode: int, ra: RunAs) -> None:
+    """Mode and owner of directory ``root/rel``, never through a symbolic link (as root, a link
     planted in an old copy would hand its target to the PostgreSQL user)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_under(root, rel, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fchmod(fd, mode)
         _chown_fd(fd, ra)
@@ -113,20 +141,36 @@ def set_dir_mode(path: Path, mode: int, ra: RunAs) -> None:
         os.close(fd)
 
 
+def make_dir(root: Path, rel: str) -> None:
+    pfd, name = parent_fd(root, rel)
+    try:
+        os.mkdir(name, 0o700, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def make_link(root: Path, rel: str, target: str, ra: RunAs) -> None:
+    pfd, name = parent_fd(root, rel)
+    try:
+        os.symlink(target, name, dir_fd=pfd)
+        if ra.uid is not None and ra.gid is not None:
+            os.chown(name, ra.uid, ra.gid, dir_fd=pfd, follow_symlinks=False)
+    finally:
+        os.close(pfd)
+
+
 def prepare_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> None:
     """Directories, links and pre-sized files of a full restore into the empty ``data_dir``
     (blocking).  The index lists every parent before its children (parse_index checked it)."""
     for m in index.members:
-        p = data_dir / m.path
         if m.kind == KIND_DIR:
-            os.mkdir(p, 0o700)
-            set_dir_mode(p, m.mode, ra)
+            make_dir(data_dir, m.path)
+            set_dir_mode(data_dir, m.path, m.mode, ra)
         elif m.kind == KIND_LINK:
             assert m.link is not None
-            os.symlink(m.link, p)
-            ra.chown(p)
+            make_link(data_dir, m.path, m.link, ra)
         elif m.kind == KIND_FILE and m.path != CONTROL_FILE:  # pg_control: see write_control
-            create_file(p, m.mode, m.size, ra)
+            create_file(data_dir, m.path, m.mode, m.size, ra)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -157,7 +201,7 @@ def _write_slices(
                 if fd is not None:
                     os.close(fd)
                     fd = None
-                fd = os.open(data_dir / e.path, _WRITE_FLAGS)
+                fd = open_under(data_dir, e.path, os.O_WRONLY)
                 fd_path = e.path
             _pwrite_all(fd, chunk, e.file_offset + in_extent)
             written += n
@@ -174,8 +218,8 @@ def write_control(data_dir: Path, index: FileIndex, deferred: Sequence[tuple[int
     m = index.by_path().get(CONTROL_FILE)
     if m is None or m.kind != KIND_FILE:
         return 0
-    create_file(data_dir / CONTROL_FILE, m.mode, m.size, ra, exclusive=False)
-    fd = os.open(data_dir / CONTROL_FILE, _WRITE_FLAGS)
+    create_file(data_dir, CONTROL_FILE, m.mode, m.size, ra, exclusive=False)
+    fd = open_under(data_dir, CONTROL_FILE, os.O_WRONLY)
     try:
         for off, b in deferred:
             _pwrite_all(fd, memoryview(b), off)
@@ -194,7 +238,7 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     return eg.exceptions[0]
 
 
-def compress_part(data: bytes, level: int) -> bytes:
+def compress_part(data: bytes | memoryview, level: int) -> bytes:
     """A part as it is stored: one zstd frame with its content size and checksum (blocking)."""
     return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True).compress(data)
 

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import random
+import shutil
 import struct
 import tarfile
 from pathlib import Path
@@ -262,5 +263,28 @@ async def test_a_failed_delta_leaves_no_control_file_and_can_be_run_again(tmp_pa
     assert check_target(old) == SYSID  # the marker still says which cluster this was
     (tmp_path / "repo" / key).write_bytes(moved)
     await delta_restore(repo, "s", rec, old, RunAs(), SYSID, jobs=2)
+    extract(new_stream, tmp_path / "full")
+    assert snapshot(old) == snapshot(tmp_path / "full")
+
+
+async def test_delta_never_writes_through_links_planted_in_the_old_copy(tmp_path: Path) -> None:
+    """The old copy belongs to the PostgreSQL user: a directory swapped for a link to somewhere
+    else, and a link at the marker's name, lead nothing out of the data directory."""
+    repo = await new_repo(tmp_path / "repo")
+    new_stream = make_tar(tree(1, changed=True))
+    rec = await store(repo, "b2", new_stream)
+    old = tmp_path / "old"
+    extract(make_tar(tree(1)), old)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "big"
+    victim.write_bytes(b"precious")
+    (outside / "marker-victim").write_bytes(b"precious too")
+    shutil.rmtree(old / "base" / "5")
+    (old / "base" / "5").symlink_to(outside)
+    (old / MARKER).symlink_to(outside / "marker-victim")
+    await delta_restore(repo, "s", rec, old, RunAs(), SYSID, jobs=2)
+    assert victim.read_bytes() == b"precious"
+    assert (outside / "marker-victim").read_bytes() == b"precious too"
     extract(new_stream, tmp_path / "full")
     assert snapshot(old) == snapshot(tmp_path / "full")
