@@ -216,7 +216,8 @@ def backup_create(
         str,
         typer.Option(
             "--compress-on",
-            help="server: PostgreSQL compresses (15+, fastest); client: this process compresses every part.",
+            help="server: PostgreSQL compresses (15+, fastest); client: this process compresses every part "
+            "and writes a file index (restore --jobs unpacks it in parallel, restore --delta needs it).",
         ),
     ] = "server",
     staging_dir: Annotated[
