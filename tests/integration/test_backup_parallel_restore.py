@@ -19,6 +19,7 @@ import pytest
 
 from hakeeper.backup import restore as restore_mod
 from hakeeper.backup.catalog import BackupRecord, RestoreRefused, Target
+from hakeeper.backup.delta import MARKER
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
 from hakeeper.util.proc import resolve_run_as
@@ -192,6 +193,11 @@ def test_delta_restore_into_a_drifted_older_copy(area: PgArea) -> None:  # noqa:
     assert r.bytes_fetched < full.bytes_fetched / 2, (r.bytes_fetched, full.bytes_fetched)
     assert r.bytes_written < new_b.size / 2
     check_restored(r, ["a", "b"])
+    # the restored server runs there now: a second delta is refused, nothing touched
+    with pytest.raises(RestoreRefused, match="is running"):
+        run_restore(env, dest, backup_id=new_b.id, start=False, delta=True)
+    # (the server's own writes go on: checked is that the delta never started)
+    assert (dest / "global" / "pg_control").exists() and not (dest / MARKER).exists()
     stop_restored(area, dest)
     # the older format still restores (into an empty directory), replaying the archive to its end
     r0 = run_restore(env, area.data_dir("server"), backup_id=server.id, start=True)
