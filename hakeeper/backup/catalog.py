@@ -71,6 +71,12 @@ BACKUP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # stream, stored as they are (see codec.encode_raw).
 LAYOUT_PARTS: Final = "zstd-parts"
 LAYOUT_STREAM: Final = "zstd-stream"
+# zstd-indexed: every part a zstd frame of its own, compressed here and stored as it is (the
+# parts' sizes and SHA-256 are the compressed bytes'), plus an index object
+# (backup/fileindex.py: every member's offset in the uncompressed stream, a hash per 1 MiB
+# block of every file), so that parts can be unpacked in any order by several workers
+# (backup/unpack.py) and a delta restore fetches only the parts it needs.
+LAYOUT_INDEXED: Final = "zstd-indexed"
 # A "running" record not refreshed for this long belongs to a backup that died (kill -9, host
 # lost): it is treated as failed.  A running backup refreshes its record every 30 s.
 STALE_AFTER = dt.timedelta(minutes=15)
@@ -138,7 +144,8 @@ class BackupRecord(_Model):
     chain_root: str | None = None  # incremental: the full backup its chain starts with
     # --type incremental was asked for but a full was taken: why (a timeline switch, ...)
     became_full: str | None = None
-    layout: Literal["zstd-parts", "zstd-stream"] = LAYOUT_PARTS
+    layout: Literal["zstd-parts", "zstd-stream", "zstd-indexed"] = LAYOUT_PARTS
+    index: StoredObject | None = None  # zstd-indexed: the file index (absent in older records)
     status: BackupStatus
     error: str | None = None
     scope: str

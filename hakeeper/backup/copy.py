@@ -209,8 +209,10 @@ async def copy_backup(
     prefix = layout.backup_prefix(scope, backup_id)
     record = catalog.record_key(scope, backup_id)
     names = [e.name for e in await src.list_objects(prefix) if e.name != record]
-    expected = {prefix + p.name for p in rec.parts} | (
-        {prefix + rec.manifest.name} if rec.manifest else set()
+    expected = (
+        {prefix + p.name for p in rec.parts}
+        | ({prefix + rec.manifest.name} if rec.manifest else set())
+        | ({prefix + rec.index.name} if rec.index else set())
     )
     if not expected <= set(names):
         raise CopyError(f"{src.name}: backup {backup_id} lacks {sorted(expected - set(names))[0]}")

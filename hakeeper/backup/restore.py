@@ -9,8 +9,12 @@ Order of work, so that a restore that cannot succeed stops before a byte is copi
    archived until it is switched) and the primary is reachable, ``pg_switch_wal()`` runs there
    and the restore waits until that segment is archived, then plans again.
 3. Every part's trailer is read (size, SHA-256 against the record).
-4. The parts are fetched and decompressed in parallel (each checked against its SHA-256) and
-   piped in order into ``tar -x`` running as the PostgreSQL OS user.
+4. The parts are fetched and decompressed in parallel (each checked against its SHA-256).  An
+   indexed backup (layout ``zstd-indexed``) is unpacked by ``parallel`` workers, each writing
+   the member slices of its part at their file offsets (backup/unpack.py), pg_control last;
+   older layouts are piped in order into ``tar -x`` running as the PostgreSQL OS user.  With
+   ``delta``, an older copy of the cluster in the directory is brought to the backup's content
+   instead, fetching only the parts holding blocks that differ (backup/delta.py).
 5. Recovery settings go into ``postgresql.auto.conf`` (``restore_command`` with
    :mod:`hakeeper.backup.walfetch`, the target, ``recovery_target_action = 'promote'``, the
    timeline, ``archive_mode = off`` so that a restored copy never archives into the
@@ -47,7 +51,7 @@ from typing import IO, Any
 import psycopg
 import zstandard
 
-from hakeeper.backup import catalog, layout
+from hakeeper.backup import catalog, delta, layout
 from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
 from hakeeper.backup.catalog import (
     COMBINE_IN_PLACE,
@@ -63,6 +67,7 @@ from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.handover import serving
 from hakeeper.backup.incremental_apply import ApplyError, apply_chain
 from hakeeper.backup.repo import FilesystemRepository, Repository
+from hakeeper.backup.unpack import UnpackError, unpack_full
 from hakeeper.backup.walfetch import fast_path_script
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
@@ -119,8 +124,12 @@ class RestoreOptions:
     switch_wal: bool = True
     wal_timeout: float = 60.0
     start_timeout: float = 3600.0
-    parallel: int = 3
+    # workers of an indexed backup's unpack (the CLI's --jobs), or parts fetched ahead for the
+    # tar pipeline of older layouts
+    parallel: int = field(default_factory=lambda: os.cpu_count() or 2)
     progress: ProgressFn | None = None
+    # bring an older copy of the same cluster in data_dir to the backup (backup/delta.py)
+    delta: bool = False
     serve_wal: bool = False  # the caller serves WAL while the server recovers (handover.serving)
     after_copy: AfterCopyFn | None = None
     # How a chain of incremental backups is rebuilt (docs/decisions.md): "in-place" (the full
@@ -157,6 +166,12 @@ class RestoreResult:
     chain: list[str] = field(default_factory=list)  # the backups restored, full first
     combine_mode: str | None = None  # "in-place", or pg_combinebackup's copy mode (a chain)
     seconds_combine: float | None = None
+    # an indexed backup: stored bytes fetched, file bytes written, the backup's file bytes
+    bytes_fetched: int | None = None
+    bytes_written: int | None = None
+    bytes_total: int | None = None
+    delta: bool = False
+    jobs: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -172,6 +187,13 @@ class RestoreResult:
             "dsn": self.dsn,
             "chain": self.chain,
             "combine_mode": self.combine_mode,
+            "delta": self.delta,
+            "jobs": self.jobs,
+            "bytes": {
+                "fetched": self.bytes_fetched,
+                "written": self.bytes_written,
+                "total": self.bytes_total,
+            },
             "seconds": {
                 "plan": round(self.seconds_plan, 3),
                 "fetch_decompress": round(self.seconds_fetch, 3),
@@ -363,8 +385,12 @@ async def _switch_and_wait(repo: Repository, scope: str, opts: RestoreOptions) -
 
 
 async def _verify_parts(repo: Repository, scope: str, rec: catalog.BackupRecord) -> None:
-    """Every part and the manifest exist with the size and checksum the record names."""
-    objs: list[StoredObject] = [*rec.parts, *([rec.manifest] if rec.manifest else [])]
+    """Every part, the manifest and the index exist with the size and checksum the record names."""
+    objs: list[StoredObject] = [
+        *rec.parts,
+        *([rec.manifest] if rec.manifest else []),
+        *([rec.index] if rec.index else []),
+    ]
     if not rec.parts:
         raise RestoreRefused(f"backup {rec.id} has no parts")
     sem = asyncio.Semaphore(16)
@@ -504,7 +530,70 @@ class _TarInput:
         )
 
 
+@dataclass
+class _Tally:
+    """Bytes of an indexed unpack, for the result."""
+
+    fetched: int = 0
+    written: int = 0
+    total: int = 0
+
+
+async def _extract_indexed(
+    repo: Repository,
+    scope: str,
+    rec: catalog.BackupRecord,
+    data_dir: Path,
+    opts: RestoreOptions,
+    durable: bool,
+    tally: _Tally | None,
+) -> float:
+    """An indexed backup unpacked by ``opts.parallel`` workers (backup/unpack.py), written back
+    while it is unpacked and flushed before pg_control, which comes last."""
+    writeback = BackgroundWriteback(data_dir).start() if durable else None
+    try:
+        stats = await unpack_full(
+            repo,
+            scope,
+            rec,
+            data_dir,
+            opts.run_as,
+            jobs=opts.parallel,
+            progress=opts.progress,
+            before_control=writeback.finish if writeback is not None else None,
+        )
+    except UnpackError as e:
+        raise RestoreError(f"backup {rec.id}: {e}") from None
+    except OSError as e:  # creating the tree or pg_control (a full disk, ...)
+        raise RestoreError(f"backup {rec.id}: unpacking into {data_dir}: {e}") from None
+    finally:
+        if writeback is not None:
+            writeback.cancel()
+    if tally is not None:
+        tally.fetched += stats.bytes_fetched
+        tally.written += stats.bytes_written
+        tally.total += stats.bytes_total
+    return stats.seconds_fetch
+
+
 async def _extract(
+    repo: Repository,
+    scope: str,
+    rec: catalog.BackupRecord,
+    data_dir: Path,
+    opts: RestoreOptions,
+    *,
+    durable: bool = True,
+    tally: _Tally | None = None,
+) -> float:
+    """One backup into ``data_dir``: by parallel workers when it has an index, else through
+    tar (:func:`_extract_tar`)."""
+    if rec.index is not None:
+        return await _extract_indexed(repo, scope, rec, data_dir, opts, durable, tally)
+    return await _extract_tar(repo, scope, rec, data_dir, opts, durable=durable)
+
+
+async def _extract_tar(
     repo: Repository,
     scope: str,
     rec: catalog.BackupRecord,
@@ -533,7 +622,8 @@ async def _extract(
     writeback = BackgroundWriteback(data_dir).start() if durable else None
     stdin = proc.stdin
     assert stdin is not None
-    window = max(1, opts.parallel)
+    # at least 3 parts ahead, as before --jobs defaulted to the CPU count (fetch-bound S3 restores)
+    window = max(3, opts.parallel)
     pending: deque[asyncio.Task[bytes]] = deque()
     parts = list(rec.parts)
     total = sum(p.size for p in parts) if stream else (rec.size or sum(p.size for p in parts))
@@ -1185,10 +1275,82 @@ async def _copy_backup(
     """The backup (a full one, or the chain of an incremental one) into ``data_dir``; returns
     the seconds the copy waited for the repository."""
     if len(links) == 1:
-        return await _extract(repo, scope, links[0], data_dir, opts)
+        tally = _Tally()
+        waited = await _extract(repo, scope, links[0], data_dir, opts, tally=tally)
+        if links[0].index is not None:
+            result.bytes_fetched, result.bytes_written, result.bytes_total = (
+                tally.fetched,
+                tally.written,
+                tally.total,
+            )
+        return waited
     if opts.combine == COMBINE_IN_PLACE:
         return await _apply_chain_in_place(repo, scope, links, data_dir, opts, result)
     return await _extract_chain(repo, scope, links, data_dir, opts, result)
+
+
+async def _copy_into_empty(
+    repo: Repository,
+    scope: str,
+    links: list[catalog.BackupRecord],
+    data_dir: Path,
+    opts: RestoreOptions,
+    result: RestoreResult,
+) -> float:
+    """The copy into an empty directory; on any failure the directory is emptied again (and
+    removed if this created it)."""
+    try:
+        created = _mkdir_owned(data_dir, opts.run_as)
+    except UnsafePathError as e:
+        raise RestoreRefused(str(e)) from None
+    try:
+        return await _copy_backup(repo, scope, links, data_dir, opts, result)
+    except BaseException as e:
+        await asyncio.to_thread(_empty_dir, data_dir)
+        if created:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(data_dir.rmdir)
+        if isinstance(e, RepoError):
+            raise RestoreError(f"{e} (restore abandoned; {data_dir} emptied)") from e
+        if isinstance(e, RestoreError):
+            raise RestoreError(f"{e} (restore abandoned; {data_dir} emptied)") from e
+        raise
+
+
+async def _delta_copy(
+    repo: Repository,
+    scope: str,
+    rec: catalog.BackupRecord,
+    data_dir: Path,
+    opts: RestoreOptions,
+    local_sysid: int,
+    result: RestoreResult,
+) -> float:
+    """The delta into the older copy in ``data_dir``.  On failure the directory is left as it
+    is -- without pg_control, with delta's marker: not a usable copy, and a second ``--delta``
+    picks up from there (emptying it would throw away what a retry can reuse)."""
+    try:
+        st = await delta.delta_restore(
+            repo, scope, rec, data_dir, opts.run_as, local_sysid, jobs=opts.parallel, progress=opts.progress
+        )
+    except (UnpackError, OSError) as e:
+        why = (
+            f"backup {rec.id}: {e} (delta restore abandoned; {data_dir} has no pg_control: "
+            "run restore --delta again)"
+        )
+        log.error("restore_failed", backup=rec.id, delta=True, reason=why)
+        raise RestoreError(why) from None
+    result.bytes_fetched, result.bytes_written, result.bytes_total = (
+        st.bytes_fetched,
+        st.bytes_written,
+        st.bytes_total,
+    )
+    result.notes.append(
+        f"delta: fetched {st.parts_fetched} of {st.parts_total} parts ({st.bytes_fetched} stored bytes), "
+        f"wrote {st.bytes_written} of {st.bytes_total} bytes in {st.files_changed} files, "
+        f"removed {st.entries_removed} entries"
+    )
+    return st.seconds_fetch
 
 
 async def restore(
@@ -1198,7 +1360,9 @@ async def restore(
     touched; RestoreError: the copy or the recovery failed."""
     t0 = time.monotonic()
     data_dir = opts.data_dir.absolute()
-    check_data_dir(data_dir)
+    local_sysid = await asyncio.to_thread(delta.check_target, data_dir) if opts.delta else None
+    if local_sysid is None:
+        check_data_dir(data_dir)
     if opts.start and opts.port is None:
         raise RestoreRefused("starting the restored server needs a port")
     if opts.combine not in COMBINE_MODES:
@@ -1216,10 +1380,20 @@ async def restore(
         restore_command_base = f"echo {shlex.quote(f'hakeeper: {e}')} >&2; exit 200; :"
         notes.append("WAL is served to the recovering server by this process (its OS user cannot run it)")
     links = catalog.chain_of(rec, {r.id: r for r in _cat.records})  # planning checked it is whole
+    if local_sysid is not None:
+        try:
+            delta.check_backup(rec, local_sysid, data_dir)
+        except RestoreRefused as e:
+            log.warning("restore_refused", backup=rec.id, reason=str(e))
+            raise
     await asyncio.to_thread(_check_binaries_for, links, opts)
     for link in links:
         await _verify_parts(repo, scope, link)
-    check_data_dir(data_dir)  # again: planning may have taken a while
+    # again: planning may have taken a while
+    if local_sysid is not None:
+        await asyncio.to_thread(delta.check_target, data_dir)
+    else:
+        check_data_dir(data_dir)
     result = RestoreResult(
         backup_id=rec.id,
         repository=repo.name,
@@ -1231,6 +1405,8 @@ async def restore(
         started=False,
         notes=[*plan.notes, *notes],
         chain=[link.id for link in links],
+        delta=opts.delta,
+        jobs=opts.parallel,
     )
     result.seconds_plan = time.monotonic() - t0
     log.info(
@@ -1240,23 +1416,11 @@ async def restore(
         target=result.target,
         covered_until=plan.covered_until,
     )
-    try:
-        created = _mkdir_owned(data_dir, opts.run_as)
-    except UnsafePathError as e:
-        raise RestoreRefused(str(e)) from None
     t1 = time.monotonic()
-    try:
-        fetch_wait = await _copy_backup(repo, scope, links, data_dir, opts, result)
-    except BaseException as e:
-        await asyncio.to_thread(_empty_dir, data_dir)
-        if created:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(data_dir.rmdir)
-        if isinstance(e, RepoError):
-            raise RestoreError(f"{e} (restore abandoned; {data_dir} emptied)") from e
-        if isinstance(e, RestoreError):
-            raise RestoreError(f"{e} (restore abandoned; {data_dir} emptied)") from e
-        raise
+    if local_sysid is not None:
+        fetch_wait = await _delta_copy(repo, scope, rec, data_dir, opts, local_sysid, result)
+    else:
+        fetch_wait = await _copy_into_empty(repo, scope, links, data_dir, opts, result)
     result.seconds_fetch = time.monotonic() - t1
     result.seconds_fetch_wait = fetch_wait
     result.seconds_decompress = max(0.0, result.seconds_fetch - fetch_wait - (result.seconds_combine or 0.0))

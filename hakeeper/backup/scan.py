@@ -85,7 +85,11 @@ def _expected(scope: str, cat: catalog.Catalog) -> dict[str, tuple[str, catalog.
     for rec in cat.records:
         if not rec.usable():
             continue  # running or failed: parts may be absent on purpose
-        for so in [*rec.parts, *([rec.manifest] if rec.manifest else [])]:
+        for so in [
+            *rec.parts,
+            *([rec.manifest] if rec.manifest else []),
+            *([rec.index] if rec.index else []),
+        ]:
             out[catalog.object_key(scope, rec.id, so.name)] = (rec.id, so)
     return out
 

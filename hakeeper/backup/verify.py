@@ -595,6 +595,7 @@ async def run_drill(
     progress: ProgressFn | None = None,
     step: StepFn | None = None,
     store: bool = True,
+    jobs: int | None = None,
 ) -> DrillResult:
     """Run one restore drill (see the module doc) and return its result; ``result.ok`` says
     whether it passed.  ``primary``: where ``pg_switch_wal()`` runs so that the target is
@@ -648,7 +649,7 @@ async def run_drill(
             result.fail(f"catalog: {p}", obj)
         drill = _Drill(cfg, result, bin_dir, step)
         try:
-            await _run(drill, rc, repo, rec, target_time, primary, progress)
+            await _run(drill, rc, repo, rec, target_time, primary, progress, jobs)
         except asyncio.CancelledError:
             result.fail("interrupted")
             raise
@@ -684,6 +685,7 @@ async def _run(
     target_time: dt.datetime | None,
     primary: Endpoint | None,
     progress: ProgressFn | None,
+    jobs: int | None = None,
 ) -> None:
     cfg, result = drill.cfg, drill.result
     vcfg = cfg.backup.verify
@@ -726,6 +728,7 @@ async def _run(
         progress=progress,
         serve_wal=True,
         after_copy=after_copy,
+        parallel=jobs or os.cpu_count() or 2,  # restore --jobs: workers unpacking an indexed backup
         # A drill checks PostgreSQL's own tools end to end: a chain is rebuilt by
         # pg_combinebackup and checked by pg_verifybackup (a restore applies it in place).
         combine=COMBINE_TOOL,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,7 +216,8 @@ def backup_create(
         str,
         typer.Option(
             "--compress-on",
-            help="server: PostgreSQL compresses (15+, fastest); client: this process compresses every part.",
+            help="server: PostgreSQL compresses (15+, fastest); client: this process compresses every part "
+            "and writes a file index (restore --jobs unpacks it in parallel, restore --delta needs it).",
         ),
     ] = "server",
     staging_dir: Annotated[
@@ -695,6 +697,17 @@ def build_target(
     return Target("latest", timeline=tl)
 
 
+def _bytes_line(res: RestoreResult) -> str:
+    """An indexed backup's bytes: what a delta fetched and wrote against the backup's total."""
+    if res.bytes_total is None:
+        return ""
+    how = "delta" if res.delta else f"{res.jobs} jobs"
+    return (
+        f"  bytes     fetched {human_bytes(res.bytes_fetched or 0)} (stored), wrote "
+        f"{human_bytes(res.bytes_written or 0)} of {human_bytes(res.bytes_total)} ({how})"
+    )
+
+
 def _restore_lines(res: RestoreResult) -> list[str]:
     """What ``restore`` prints on a terminal."""
     secs = [
@@ -719,6 +732,7 @@ def _restore_lines(res: RestoreResult) -> list[str]:
         f"  target    {res.target} on timeline {res.timeline}",
         f"  size      {human_bytes(res.size)} in {res.parts} parts",
         f"  chain     {' -> '.join(res.chain)} (full backup first)" if len(res.chain) > 1 else "",
+        _bytes_line(res),
         f"  seconds   {', '.join(secs)}",
     ]
     lines.extend(f"  note      {n}" for n in res.notes)
@@ -734,7 +748,10 @@ def _restore_lines(res: RestoreResult) -> list[str]:
 def restore_cmd(
     config: ConfigReq,
     data_dir: Annotated[
-        Path, typer.Option("--data-dir", "-D", help="Empty or missing directory to restore into.")
+        Path,
+        typer.Option(
+            "--data-dir", "-D", help="Empty or missing directory to restore into (--delta: an older copy)."
+        ),
     ],
     target_time: Annotated[
         str | None, typer.Option("--target-time", help="ISO 8601 time; without a zone: local time.")
@@ -774,9 +791,26 @@ def restore_cmd(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for recovery to end.", min=1)
     ] = 3600.0,
-    parallel: Annotated[
-        int, typer.Option("--parallel", help="Parts fetched and decompressed at once.", min=1)
-    ] = 3,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            "--parallel",
+            help="Workers fetching, checking, decompressing and writing parts at once "
+            "(default: the CPU count; --parallel is the old name).",
+            min=1,
+            max=256,
+        ),
+    ] = None,
+    delta: Annotated[
+        bool,
+        typer.Option(
+            "--delta",
+            help="DATA_DIR holds an older copy of the same cluster (stopped): fetch and write only the "
+            "blocks that differ, remove what the backup lacks (needs a backup with a file index).",
+        ),
+    ] = False,
     combine: Annotated[
         str,
         typer.Option(
@@ -796,7 +830,8 @@ def restore_cmd(
     ] = None,
     output: OutputOpt = "table",
 ) -> None:
-    """Restore a base backup into an empty directory and recover to a target.
+    """Restore a base backup into an empty directory (or, with --delta, over an older copy of the
+    same cluster) and recover to a target.
 
     The newest complete backup before the target is chosen, and the archive is checked to
     reach the target along the target timeline's history before anything is copied.  The
@@ -816,6 +851,7 @@ def restore_cmd(
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
+    from hakeeper.backup.delta import check_target as check_delta_target
     from hakeeper.backup.restore import RestoreError, RestoreOptions, check_data_dir, restore
     from hakeeper.util.proc import resolve_run_as
 
@@ -828,7 +864,10 @@ def restore_cmd(
     except (PgError, RuntimeError) as e:
         raise fail(str(e), 2) from None
     try:
-        check_data_dir(data_dir.absolute())
+        if delta:
+            check_delta_target(data_dir.absolute())
+        else:
+            check_data_dir(data_dir.absolute())
     except RestoreRefused as e:
         raise fail(str(e)) from None
 
@@ -850,7 +889,8 @@ def restore_cmd(
                 switch_wal=not no_switch_wal,
                 wal_timeout=wal_timeout,
                 start_timeout=timeout,
-                parallel=parallel,
+                parallel=jobs or os.cpu_count() or 2,
+                delta=delta,
                 progress=progress,
                 combine=combine,
             )

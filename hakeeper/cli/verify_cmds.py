@@ -52,6 +52,10 @@ def verify_cmd(
     no_switch_wal: Annotated[
         bool, typer.Option("--no-switch-wal", help="Never run pg_switch_wal() on the cluster's primary.")
     ] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", help="Restore workers, as for restore (default: the CPU count).", min=1),
+    ] = None,
     output: OutputOpt = "table",
 ) -> None:
     """Restore drill: restore a backup into a scratch directory on a free port, check it
@@ -92,6 +96,7 @@ def verify_cmd(
                 etcd=client,
                 progress=progress,
                 step=step,
+                jobs=jobs,
             )
         finally:
             await client.close()

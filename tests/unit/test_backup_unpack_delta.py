@@ -1,0 +1,290 @@
+"""Parallel unpack and delta restore of an indexed backup (backup/unpack.py, backup/delta.py)
+against a real filesystem repository and synthetic tar streams: the result equals what tar
+extracts, a corrupt part fails naming it and leaves no pg_control, and a delta into an older
+copy with modified, missing and extra files gives the same tree while fetching less."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+import random
+import shutil
+import struct
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hakeeper.backup import catalog, fileindex
+from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestoreRefused, StoredObject
+from hakeeper.backup.delta import MARKER, check_backup, check_target, delta_restore
+from hakeeper.backup.repo import FilesystemRepository
+from hakeeper.backup.unpack import UnpackError, compress_part, load_index, unpack_full
+from hakeeper.util.proc import RunAs
+
+NOW = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
+SYSID = 7212345678901234567
+BS = 4096
+PART = 3000  # parts far smaller than the files: members cross part boundaries
+
+
+def control(sysid: int, fill: bytes) -> bytes:
+    return struct.pack("<Q", sysid) + fill[: 8192 - 8]
+
+
+def tree(seed: int, changed: bool = False) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    files = {
+        "PG_VERSION": b"15\n",
+        "base/1/1259": rnd.randbytes(6 * BS + 77),
+        "base/1/2619": rnd.randbytes(3 * BS),
+        "base/1/empty": b"",
+        "base/5/big": rnd.randbytes(12 * BS),
+        "global/pg_control": control(SYSID, rnd.randbytes(8192)),
+        "postgresql.auto.conf": b"# Do not edit\n",
+        "backup_label": b"START WAL LOCATION: 0/2000028\n",
+    }
+    if changed:  # the newer backup: one block of one file, a file grown, the control file
+        big = bytearray(files["base/5/big"])
+        big[5 * BS + 10 : 5 * BS + 20] = b"0123456789"
+        files["base/5/big"] = bytes(big)
+        files["base/1/2619"] += b"more" * 100
+        files["global/pg_control"] = control(SYSID, b"\x01" * 8192)
+    return files
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for d in ("base", "base/1", "base/5", "global", "pg_wal", "pg_wal/archive_status"):
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o700
+            t.addfile(ti)
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mode = 0o600
+            t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+async def store(repo: FilesystemRepository, bid: str, stream: bytes) -> BackupRecord:
+    """A complete indexed backup record with its parts and index in ``repo``."""
+    parts: list[StoredObject] = []
+    sizes: list[int] = []
+    for i, at in enumerate(range(0, len(stream), PART)):
+        chunk = stream[at : at + PART]
+        sizes.append(len(chunk))
+        r = await repo.put(
+            catalog.object_key("s", bid, catalog.part_name(i)), compress_part(chunk, 3), as_is=True
+        )
+        parts.append(
+            StoredObject(name=catalog.part_name(i), size=r.size, stored_size=r.stored_size, sha256=r.sha256)
+        )
+    b = fileindex.IndexBuilder(block_size=BS)
+    b.feed(stream)
+    r = await repo.put(
+        catalog.object_key("s", bid, fileindex.INDEX_NAME), fileindex.to_bytes(b.finish(sizes))
+    )
+    return BackupRecord(
+        id=bid,
+        label=bid,
+        status=BackupStatus.COMPLETE,
+        scope="s",
+        repository="fs",
+        start_time=NOW,
+        updated_at=NOW,
+        layout=catalog.LAYOUT_INDEXED,
+        parts=parts,
+        index=StoredObject(
+            name=fileindex.INDEX_NAME, size=r.size, stored_size=r.stored_size, sha256=r.sha256
+        ),
+        system_identifier=str(SYSID),
+        size=len(stream),
+    )
+
+
+async def new_repo(root: Path) -> FilesystemRepository:
+    repo = FilesystemRepository(root, name="fs")
+    await repo.initialize()
+    return repo
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, str]]:
+    """relative path -> (kind and mode, sha256 of a file's content)."""
+    out: dict[str, tuple[str, str]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if p.is_file():
+                out[rel] = (f"f{st.st_mode & 0o777:o}", hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                out[rel] = (f"d{st.st_mode & 0o777:o}", "")
+    return out
+
+
+def extract(stream: bytes, into: Path) -> None:
+    with tarfile.open(fileobj=io.BytesIO(stream)) as t:
+        t.extractall(into, filter="tar")
+
+
+@pytest.mark.parametrize("jobs", [1, 4])
+async def test_parallel_unpack_equals_a_tar_extraction(tmp_path: Path, jobs: int) -> None:
+    repo = await new_repo(tmp_path / "repo")
+    stream = make_tar(tree(1))
+    rec = await store(repo, "b1", stream)
+    assert len(rec.parts) > 20
+    seen: list[int] = []
+    (tmp_path / "out").mkdir()
+    stats = await unpack_full(
+        repo, "s", rec, tmp_path / "out", RunAs(), jobs=jobs, progress=lambda _p, done, _t: seen.append(done)
+    )
+    extract(stream, tmp_path / "tar")
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "tar")
+    # every part up to the last file's data; those holding only the end-of-archive padding
+    # hold nothing to write and are not fetched
+    files = [m for m in (await load_index(repo, "s", rec)).files() if m.size]
+    holding = {
+        i
+        for i in range(len(rec.parts))
+        for m in files
+        if m.offset < (i + 1) * PART and m.offset + m.size > i * PART
+    }
+    assert stats.parts_fetched == len(holding) < len(rec.parts)
+    assert stats.bytes_written == sum(len(v) for v in tree(1).values())
+    assert seen and seen[-1] == stats.bytes_written - 8192  # pg_control comes last, beside progress
+
+
+async def test_a_corrupt_part_fails_naming_it_and_leaves_no_control_file(tmp_path: Path) -> None:
+    repo = await new_repo(tmp_path / "repo")
+    rec = await store(repo, "b1", make_tar(tree(1)))
+    key = catalog.object_key("s", "b1", rec.parts[3].name)
+    path = tmp_path / "repo" / key
+    blob = bytearray(path.read_bytes())
+    blob[40] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnpackError, match=key):
+        await unpack_full(repo, "s", rec, tmp_path / "out", RunAs(), jobs=3)
+    assert not (tmp_path / "out" / "global" / "pg_control").exists()
+
+
+async def test_a_tampered_index_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    repo = await new_repo(tmp_path / "repo")
+    rec = await store(repo, "b1", make_tar(tree(1)))
+    raw = (await repo.get(catalog.object_key("s", "b1", fileindex.INDEX_NAME))).replace(
+        b'"PG_VERSION"', b'"../PG_VER"'
+    )
+    r = await repo.put(catalog.object_key("s", "b1", fileindex.INDEX_NAME), raw)
+    # the record updated too (an attacker with write access to the repository): still refused
+    rec.index = StoredObject(
+        name=fileindex.INDEX_NAME, size=r.size, stored_size=r.stored_size, sha256=r.sha256
+    )
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnpackError, match="not one a backup can have written"):
+        await unpack_full(repo, "s", rec, tmp_path / "out", RunAs(), jobs=2)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+async def test_delta_into_an_older_copy_equals_a_full_unpack_and_fetches_less(tmp_path: Path) -> None:
+    repo = await new_repo(tmp_path / "repo")
+    new_stream = make_tar(tree(1, changed=True))
+    rec = await store(repo, "b2", new_stream)
+    old = tmp_path / "old"
+    extract(make_tar(tree(1)), old)
+    # the older copy drifted further: a modified block, a missing file, extra files and dirs,
+    # WAL, a stale postmaster.pid, a file where the backup has a directory
+    drifted = bytearray((old / "base/1/1259").read_bytes())
+    drifted[2 * BS + 1 : 2 * BS + 3] = b"XX"
+    (old / "base/1/1259").write_bytes(bytes(drifted))
+    (old / "base/1/empty").unlink()
+    (old / "base/1/99999").write_bytes(b"extra")
+    (old / "extra_dir" / "sub").mkdir(parents=True)
+    (old / "pg_wal" / "000000010000000000000001").write_bytes(b"w" * 1000)
+    (old / "postmaster.pid").write_text("999999\n")
+    (old / "pg_wal" / "archive_status").rmdir()
+    (old / "pg_wal" / "archive_status").write_bytes(b"not a dir")
+    sysid = check_target(old)
+    assert sysid == SYSID
+    check_backup(rec, sysid, old)
+    st = await delta_restore(repo, "s", rec, old, RunAs(), sysid, jobs=3)
+    extract(new_stream, tmp_path / "full")
+    assert snapshot(old) == snapshot(tmp_path / "full")
+    assert not (old / MARKER).exists()
+    assert st.bytes_fetched < sum(p.stored_size for p in rec.parts) / 2
+    assert st.parts_fetched < st.parts_total
+    assert 0 < st.bytes_written < st.bytes_total / 2
+    # a second delta right after: nothing differs but pg_control (always rewritten)
+    again = await delta_restore(repo, "s", rec, old, RunAs(), sysid, jobs=2)
+    assert again.bytes_written == 8192 and again.entries_removed == 0
+
+
+async def test_delta_refuses_another_cluster_a_backup_without_index_and_a_plain_dir(tmp_path: Path) -> None:
+    repo = await new_repo(tmp_path / "repo")
+    rec = await store(repo, "b2", make_tar(tree(1)))
+    other = tmp_path / "other"
+    files = tree(1)
+    files["global/pg_control"] = control(SYSID + 1, b"\0" * 8192)
+    extract(make_tar(files), other)
+    with pytest.raises(RestoreRefused, match="another cluster"):
+        check_backup(rec, check_target(other), other)
+    old_format = rec.model_copy(update={"index": None, "layout": catalog.LAYOUT_STREAM})
+    with pytest.raises(RestoreRefused, match="no file index"):
+        check_backup(old_format, SYSID, other)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(RestoreRefused, match="no readable global/pg_control"):
+        check_target(tmp_path / "plain")
+
+
+async def test_a_failed_delta_leaves_no_control_file_and_can_be_run_again(tmp_path: Path) -> None:
+    repo = await new_repo(tmp_path / "repo")
+    new_stream = make_tar(tree(1, changed=True))
+    rec = await store(repo, "b2", new_stream)
+    old = tmp_path / "old"
+    extract(make_tar(tree(1)), old)
+    # the part holding pg_control's data is missing: the delta fails after shaping the tree
+    idx = fileindex.parse_index(
+        await repo.get(catalog.object_key("s", "b2", fileindex.INDEX_NAME)), len(rec.parts)
+    )
+    ctl = idx.by_path()["global/pg_control"]
+    starts = fileindex.part_offsets(idx.part_sizes)
+    victim = max(i for i, s in enumerate(starts) if s <= ctl.offset)
+    key = catalog.object_key("s", "b2", rec.parts[victim].name)
+    moved = (tmp_path / "repo" / key).read_bytes()
+    (tmp_path / "repo" / key).unlink()
+    with pytest.raises(UnpackError, match=key):
+        await delta_restore(repo, "s", rec, old, RunAs(), SYSID, jobs=2)
+    assert not (old / "global" / "pg_control").exists()
+    assert check_target(old) == SYSID  # the marker still says which cluster this was
+    (tmp_path / "repo" / key).write_bytes(moved)
+    await delta_restore(repo, "s", rec, old, RunAs(), SYSID, jobs=2)
+    extract(new_stream, tmp_path / "full")
+    assert snapshot(old) == snapshot(tmp_path / "full")
+
+
+async def test_delta_never_writes_through_links_planted_in_the_old_copy(tmp_path: Path) -> None:
+    """The old copy belongs to the PostgreSQL user: a directory swapped for a link to somewhere
+    else, and a link at the marker's name, lead nothing out of the data directory."""
+    repo = await new_repo(tmp_path / "repo")
+    new_stream = make_tar(tree(1, changed=True))
+    rec = await store(repo, "b2", new_stream)
+    old = tmp_path / "old"
+    extract(make_tar(tree(1)), old)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "big"
+    victim.write_bytes(b"precious")
+    (outside / "marker-victim").write_bytes(b"precious too")
+    shutil.rmtree(old / "base" / "5")
+    (old / "base" / "5").symlink_to(outside)
+    (old / MARKER).symlink_to(outside / "marker-victim")
+    await delta_restore(repo, "s", rec, old, RunAs(), SYSID, jobs=2)
+    assert victim.read_bytes() == b"precious"
+    assert (outside / "marker-victim").read_bytes() == b"precious too"
+    extract(new_stream, tmp_path / "full")
+    assert snapshot(old) == snapshot(tmp_path / "full")
