@@ -43,6 +43,7 @@ from hakeeper.backup import catalog, chain, layout
 from hakeeper.backup.binding import BindingMismatch, bind
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.phases import backup_phases
 from hakeeper.backup.repo import PutResult, Repository
 from hakeeper.core.backup_config import RowCountConfig
 from hakeeper.core.config import Credentials, secret_value
@@ -518,6 +519,7 @@ async def create_backup(
         raise
     record.status = BackupStatus.COMPLETE
     record.error = None
+    record.phases = backup_phases(record)
     await run.save()
     log.info(
         "backup_complete",
