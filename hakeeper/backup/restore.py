@@ -62,12 +62,13 @@ from hakeeper.backup.catalog import (
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.handover import serving
 from hakeeper.backup.incremental_apply import ApplyError, apply_chain
+from hakeeper.backup.phases import PhaseStats, phases_dict, restore_phases
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.walfetch import fast_path_script
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials
-from hakeeper.core.lsn import format_lsn
+from hakeeper.core.lsn import format_lsn, parse_lsn
 from hakeeper.pg.conf import build_conninfo, quote_conf_value
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import SOCKET_SUBDIR
@@ -117,6 +118,11 @@ class RestoreOptions:
     port: int | None = None
     primary: Endpoint | None = None  # where pg_switch_wal() runs to complete the archive
     switch_wal: bool = True
+    # For target "latest": also switch WAL on the primary and wait for that segment (the very
+    # latest point of a running cluster).  False restores what is archived, as pgBackRest does,
+    # without a wait before the copy; the CLI's default (--include-current-wal sets it).
+    include_current_wal: bool = True
+    on_planned: Callable[[RestorePlan], None] | None = None  # told the point before the copy
     wal_timeout: float = 60.0
     start_timeout: float = 3600.0
     parallel: int = 3
@@ -157,6 +163,11 @@ class RestoreResult:
     chain: list[str] = field(default_factory=list)  # the backups restored, full first
     combine_mode: str | None = None  # "in-place", or pg_combinebackup's copy mode (a chain)
     seconds_combine: float | None = None
+    stored_size: int = 0  # bytes fetched from the repository for the copy
+    replay_start_lsn: int | None = None  # where replay starts (the backup's start)
+    replay_goal_lsn: int | None = None  # the target LSN, else the end of the last archived WAL
+    replay_end_lsn: int | None = None  # pg_last_wal_replay_lsn() once recovery ended
+    phases: dict[str, PhaseStats] = field(default_factory=dict)  # backup/phases.py
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -182,6 +193,7 @@ class RestoreResult:
                 "promote": None if self.seconds_promote is None else round(self.seconds_promote, 3),
                 "total": round(self.seconds_total, 3),
             },
+            "phases": phases_dict(self.phases),
             "settings": self.settings,
             "start_command": self.start_command,
             "notes": self.notes,
@@ -189,6 +201,17 @@ class RestoreResult:
 
 
 # ============================================================================ checks
+
+
+def replay_goal(plan: RestorePlan, target: Target) -> int | None:
+    """The LSN replay heads for, for the progress display: a target LSN, else the end of the
+    last archived segment on the way (a bound: a time, xid or name target stops before)."""
+    if target.kind == "lsn" and target.lsn is not None:
+        return target.lsn
+    parsed = layout.parse_segment_name(plan.covered_until) if plan.covered_until else None
+    if parsed is None:
+        return None
+    return (parsed[1] + 1) * layout.DEFAULT_SEGMENT_SIZE
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -310,7 +333,8 @@ async def _plan(repo: Repository, scope: str, opts: RestoreOptions) -> tuple[Cat
         return cat, plan, notes
     if plan.proven:
         return cat, plan, notes
-    if opts.switch_wal and opts.primary is not None:
+    wanted = opts.target.kind != "latest" or opts.include_current_wal
+    if opts.switch_wal and opts.primary is not None and wanted:
         closed = await _switch_and_wait(repo, scope, opts)
         if closed:
             notes.append(f"switched WAL on the primary {opts.primary.address}; {closed} archived")
@@ -325,9 +349,15 @@ async def _plan(repo: Repository, scope: str, opts: RestoreOptions) -> tuple[Cat
         elif not opts.switch_wal:
             hint = " (WAL switch on the primary disabled)"
         raise RestoreRefused(f"{plan.missing}{hint}")
-    if opts.primary is None or not opts.switch_wal:
-        last = plan.covered_until or "none"
-        mod = timefmt.iso(plan.covered_until_modified) if plan.covered_until_modified else "?"
+    last = plan.covered_until or "none"
+    mod = timefmt.iso(plan.covered_until_modified) if plan.covered_until_modified else "?"
+    if not wanted:
+        log.info("restore_wal_switch_skipped", reason="latest restores what is archived", last_archived=last)
+        notes.append(
+            f"recovery ends with the archived WAL ({last}, archived {mod}); WAL still in the primary's "
+            "current segment is not restored (--include-current-wal switches and waits for it)"
+        )
+    elif opts.primary is None or not opts.switch_wal:
         notes.append(
             f"no WAL switch on the primary: recovery ends with the archived WAL ({last}, archived {mod}); "
             "WAL still in the primary's current segment is not restored"
@@ -1031,6 +1061,20 @@ async def _promote_paused(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SELECT pg_wal_replay_resume(), pg_wal_replay_pause()")
 
 
+def _replayed(opts: RestoreOptions, result: RestoreResult, lsn_text: str | None) -> None:
+    """Record how far replay got (pg_last_wal_replay_lsn(): static once recovery ended, so the
+    last value is the end of replay) and report it as the ``wal_replay`` phase's progress."""
+    lsn = parse_lsn(lsn_text) if lsn_text else None
+    if lsn is None:
+        return
+    result.replay_end_lsn = lsn
+    start = result.replay_start_lsn
+    if opts.progress is not None and start is not None:
+        goal = result.replay_goal_lsn
+        total = goal - start if goal is not None and goal > start else None
+        opts.progress("wal_replay", max(0, lsn - start), total)
+
+
 async def _start_and_wait(
     opts: RestoreOptions, data_dir: Path, socket_dir: str, result: RestoreResult
 ) -> None:
@@ -1099,11 +1143,12 @@ async def _start_and_wait(
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     cur = await conn.execute(
                         "SELECT pg_is_in_recovery(), pg_is_in_recovery()"
-                        " AND pg_get_wal_replay_pause_state() = 'paused'"
+                        " AND pg_get_wal_replay_pause_state() = 'paused', pg_last_wal_replay_lsn()::text"
                     )
                     row = await cur.fetchone()
                     in_recovery = bool(row[0]) if row else None
                     paused = bool(row[1]) if row else False
+                    _replayed(opts, result, row[2] if row else None)
                     if in_recovery and not paused and early_promote:
                         # Ask for the promotion now, long before the target: in archive
                         # recovery (recovery.signal, not standby.signal) the startup process
@@ -1205,6 +1250,8 @@ async def restore(
         raise RestoreRefused(f"combine: {opts.combine!r} is not one of {', '.join(COMBINE_MODES)}")
     _cat, plan, notes = await _plan(repo, scope, opts)
     rec = plan.backup
+    if opts.on_planned is not None:
+        opts.on_planned(plan)
     try:
         restore_command_base = python_command(WALFETCH_MODULE, opts.run_as)
         _check_repo_readable(repo, scope, plan, opts.run_as)
@@ -1231,6 +1278,9 @@ async def restore(
         started=False,
         notes=[*plan.notes, *notes],
         chain=[link.id for link in links],
+        stored_size=sum(p.stored_size for link in links for p in link.parts),
+        replay_start_lsn=rec.start_lsn_int,
+        replay_goal_lsn=replay_goal(plan, opts.target),
     )
     result.seconds_plan = time.monotonic() - t0
     log.info(
@@ -1292,4 +1342,5 @@ async def restore(
             await _start_and_wait(opts, data_dir, socket_dir, result)
         result.started = True
     result.seconds_total = time.monotonic() - t0
+    result.phases = restore_phases(result)
     return result
