@@ -13,8 +13,10 @@ on stderr so that stdout keeps only the command's result:
 - nothing (``none``): ``--quiet``, or ``-o json``/``yaml`` off a terminal (a script reads
   stdout and wants nothing else; on a terminal the live display goes to stderr anyway).
 
-A phase begins with its first report and ends when it reaches its total, when another phase
-begins (the operations report their phases one after the other), or when the command ends.
+A phase begins with its first report and ends when another phase begins (the operations report
+their phases one after the other) or when the command ends; its time is from its first report to
+its last.  Reaching its total does not end it: some totals are estimates (a backup's size before
+the copy) that the bytes pass.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class _Phase:
     done: int = 0
     total: int | None = None
     base: int = 0  # done of the earlier rounds (a chain's links report the same phase anew)
+    round_base: int = 0  # base when this stretch began (what its end line does not count)
     ended: bool = False
     line_at: float = 0.0
     task: TaskID | None = None
@@ -176,11 +179,12 @@ class Reporter:
         if ph is None or (ph.ended and done < ph.done):
             for other in self.phases.values():  # a new phase: the ones before it are over
                 if other is not ph and not other.ended:
-                    self._end(other, now)
+                    self._end(other)
             if ph is None:
                 ph = self.phases[name] = _Phase(self.label(name), now, now, line_at=now)
-            else:  # a phase reported again from zero: a new round of it
+            else:  # reported again from zero after it ended: a stretch of its own, its own line
                 ph.base += ph.done
+                ph.round_base = ph.base
                 ph.started, ph.ended, ph.line_at = now, False, now
         elif ph.ended:
             return
@@ -188,8 +192,6 @@ class Reporter:
             ph.base += ph.done
         ph.done, ph.total, ph.last = done, total, now
         self._show(ph, now)
-        if total is not None and done >= total:
-            self._end(ph, now)
 
     def _show(self, ph: _Phase, now: float) -> None:
         if self.bars is not None:
@@ -199,22 +201,24 @@ class Reporter:
             self.bars.update(ph.task, completed=ph.done, total=total)
         elif self.mode == "lines" and now - ph.line_at >= self.every:
             ph.line_at = now
-            self.write(running_line(self.command, ph.label, ph.done, ph.total, now - ph.started))
+            earlier = ph.base - ph.round_base  # earlier rounds in this stretch: their total is gone
+            total = ph.total if not earlier else None
+            self.write(running_line(self.command, ph.label, earlier + ph.done, total, now - ph.started))
 
-    def _end(self, ph: _Phase, now: float) -> None:
+    def _end(self, ph: _Phase) -> None:
         ph.ended = True
         if self.bars is not None and ph.task is not None:
             # finished: the ETA column says "done in", the bar is full
             self.bars.update(ph.task, completed=ph.done, total=ph.done)
             self.bars.stop_task(ph.task)
         elif self.mode == "lines":
-            self.write(phase_line(self.command, ph.label, ph.done, now - ph.started))
+            done = ph.base - ph.round_base + ph.done
+            self.write(phase_line(self.command, ph.label, done, ph.last - ph.started))
 
     def close(self) -> None:
-        now = self.clock()
         for ph in self.phases.values():
             if not ph.ended:
-                self._end(ph, now)
+                self._end(ph)
 
     def observed(self) -> dict[str, PhaseStats]:
         """What the display saw of each phase (for commands whose result has no timings)."""

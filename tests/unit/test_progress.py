@@ -50,11 +50,24 @@ def test_a_line_when_a_phase_ends_and_every_ten_seconds_while_it_runs() -> None:
     for i in range(1, 9):  # 2 GiB in 16 s: a line at 10 s, one at the end
         clock.now += 2
         rep("fetch", i * GiB // 4, 2 * GiB)
-    assert lines[0] == "restore: fetch 1.2 GiB of 2.0 GiB (62%), 128.0 MiB/s, ETA 6.0 s, 10.0 s so far"
+    assert lines == ["restore: fetch 1.2 GiB of 2.0 GiB (62%), 128.0 MiB/s, ETA 6.0 s, 10.0 s so far"]
+    clock.now += 5  # the next phase begins later: the phase's time is to its last report
+    rep("wal", 0, 4)
     assert lines[1] == "restore: fetch 2.0 GiB in 16.0 s (128.0 MiB/s)"
-    assert len(lines) == 2
     rep("fetch", 2 * GiB, 2 * GiB)  # a repeat of the end: not a second end line
-    assert len(lines) == 2
+    rep.close()
+    assert len(lines) == 3 and lines[2].startswith("restore: WAL archived 0 segments")
+
+
+def test_a_total_that_was_an_estimate_does_not_end_the_phase() -> None:
+    rep, lines, clock = reporter()
+    rep("fetch", 0, 100)
+    clock.now += 1
+    rep("fetch", 100, 100)
+    clock.now += 1
+    rep("fetch", 150, 100)  # more than the estimate
+    rep.close()
+    assert lines == ["restore: fetch 150 B in 2.0 s (75 B/s)"]
 
 
 def test_a_new_phase_ends_the_one_before_and_close_ends_the_rest() -> None:
@@ -72,14 +85,21 @@ def test_a_new_phase_ends_the_one_before_and_close_ends_the_rest() -> None:
     assert rep.observed()["wal"].bytes is None  # not bytes
 
 
-def test_a_phase_reported_again_from_zero_is_a_new_round() -> None:
+def test_a_phase_reported_again_from_zero() -> None:
     rep, lines, clock = reporter()
-    for _ in range(2):  # a chain: each link's copy reports "fetch" from zero
+    for _ in range(2):  # a chain: each link's copy reports "fetch" from zero, one stretch
         rep("fetch", 0, 100)
         clock.now += 1
         rep("fetch", 100, 100)
-    assert lines == ["restore: fetch 100 B in 1.0 s (100 B/s)"] * 2
-    assert rep.observed()["fetch"].bytes == 200
+    rep("wal", 1, 1)
+    assert lines == ["restore: fetch 200 B in 2.0 s (100 B/s)"]
+    clock.now += 1
+    rep("fetch", 0, 50)  # after another phase: a stretch of its own, its own line
+    clock.now += 1
+    rep("fetch", 50, 50)
+    rep.close()
+    assert lines[1:] == ["restore: WAL archived 1 segments in 0.0 s", "restore: fetch 50 B in 1.0 s (50 B/s)"]
+    assert rep.observed()["fetch"].bytes == 250
 
 
 def test_quiet_and_json_write_nothing() -> None:
@@ -172,3 +192,21 @@ def test_compact_lines_off_a_terminal() -> None:
     assert lines[0].startswith("restore: fetch + decompress 320.0 MiB in ") and lines[0].endswith("MiB/s)")
     assert lines[1].startswith("restore: WAL replay 48.0 MiB in ")
     assert "\x1b[" not in r.stderr
+
+
+def test_restore_flag_misuse_is_a_usage_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import hakeeper.cli.backup_cmds  # noqa: F401  (registers restore)
+    from hakeeper.cli.app import app
+
+    conf = tmp_path / "node.yml"  # never read: the flags are refused first
+    base = ["restore", "-c", str(conf), "-D", str(tmp_path / "d")]
+    runner = CliRunner()
+    for extra, why in (
+        (["--target-lsn", "0/3000000", "--include-current-wal"], "--include-current-wal goes with --latest"),
+        (["--latest", "--include-current-wal", "--no-switch-wal"], "contradict each other"),
+    ):
+        res = runner.invoke(app, base + extra)
+        assert res.exit_code == 2, res.output
+        assert why in res.output and "Traceback" not in res.output
