@@ -1115,6 +1115,8 @@ async def _start_and_wait(
     asked_at_ready, last_ask = 0, t0
     while True:
         watch.poll()
+        if opts.progress is not None and watch.replay_done_at is not None:  # the checkpoint, for the display
+            opts.progress("end_of_recovery", 0, None)
         pid = postmaster_pid(data_dir)
         if pid is not None:
             seen_pid = True

@@ -885,7 +885,11 @@ def restore_cmd(
         raise RestoreRefused("\n".join(refusals))
 
     try:
-        labels = {"fetch": Label("fetch + decompress"), "wal_replay": Label("WAL replay")}
+        labels = {
+            "fetch": Label("fetch + decompress"),
+            "wal_replay": Label("WAL replay"),
+            "end_of_recovery": Label("end of recovery", "time"),  # the checkpoint, or the promotion
+        }
         with progress_display("restore", labels, output=output, quiet=quiet) as bars:
             res = asyncio.run(go(bars))
     except RestoreRefused as e:

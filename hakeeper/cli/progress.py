@@ -39,7 +39,7 @@ from hakeeper.cli.app import err
 
 ProgressFn = Callable[[str, int, int | None], None]
 Mode = Literal["rich", "lines", "none"]
-Unit = Literal["bytes", "segments", "objects"]
+Unit = Literal["bytes", "segments", "objects", "time"]  # time: a phase with nothing to count
 LINE_EVERY = 10.0  # seconds between two lines of a phase that runs long (off a terminal)
 
 QuietOpt = Annotated[
@@ -64,11 +64,13 @@ class Label:
 
 
 def amount(n: float, unit: Unit) -> str:
+    if unit == "time":
+        return ""
     return human_bytes(n) if unit == "bytes" else f"{n:.0f} {unit}"
 
 
 def rate_text(n: float, seconds: float, unit: Unit) -> str | None:
-    if seconds <= 0:
+    if seconds <= 0 or unit == "time":
         return None
     r = n / seconds
     return f"{human_bytes(r)}/s" if unit == "bytes" else f"{r:.1f} {unit}/s"
@@ -84,14 +86,16 @@ def duration(seconds: float) -> str:
 def phase_line(command: str, label: Label, done: float, seconds: float) -> str:
     """The line that closes a phase off a terminal: ``restore: fetch 2.3 GiB in 3.1 s (742 MiB/s)``."""
     r = rate_text(done, seconds, label.unit)
-    text = f"{command}: {label.text} {amount(done, label.unit)} in {duration(seconds)}"
+    what = amount(done, label.unit)
+    text = f"{command}: {label.text}{' ' + what if what else ''} in {duration(seconds)}"
     return text + (f" ({r})" if r else "")
 
 
 def running_line(command: str, label: Label, done: float, total: float | None, seconds: float) -> str:
     """A line while a long phase runs: how far, the average rate and the ETA."""
-    text = f"{command}: {label.text} {amount(done, label.unit)}"
-    if total:
+    what = amount(done, label.unit)
+    text = f"{command}: {label.text}{' ' + what if what else ''}"
+    if total and label.unit != "time":
         text += f" of {amount(total, label.unit)} ({100 * done / total:.0f}%)"
     r = rate_text(done, seconds, label.unit)
     if r:

@@ -97,7 +97,11 @@ def verify_cmd(
             await client.close()
 
     try:
-        labels = {"fetch": Label("fetch + decompress"), "wal_replay": Label("WAL replay")}
+        labels = {
+            "fetch": Label("fetch + decompress"),
+            "wal_replay": Label("WAL replay"),
+            "end_of_recovery": Label("end of recovery", "time"),  # the checkpoint, or the promotion
+        }
         with progress_display("verify", labels, output=output, quiet=quiet) as bars:
             res = asyncio.run(go(bars))
     except (DrillError, BackupError) as e:

@@ -129,6 +129,7 @@ def test_phases_progress_and_the_point_of_a_latest_restore(
             r"^restore: fetch \+ decompress [\d.]+ [KMG]iB in [\d.]+ s \(", plain.stderr, re.M
         ), plain.stderr
         assert re.search(r"^restore: WAL replay ", plain.stderr, re.M), plain.stderr
+        assert re.search(r"^restore: end of recovery in [\d.]+ s$", plain.stderr, re.M), plain.stderr
         assert re.search(r"^  phases    plan [\d.]+ s; copy [\d.]+ [KMG]iB in ", plain.stdout, re.M), (
             plain.stdout
         )

@@ -116,6 +116,12 @@ def test_line_formats() -> None:
         "backup create: copy 5.0 GiB in 2m05s (41.0 MiB/s)"
     )
     assert (
+        phase_line("restore", Label("end of recovery", "time"), 0, 0.3) == "restore: end of recovery in 0.3 s"
+    )
+    assert running_line("restore", Label("end of recovery", "time"), 0, None, 12.0) == (
+        "restore: end of recovery, 12.0 s so far"
+    )
+    assert (
         running_line("verify", Label("WAL replay"), 0, None, 12.0)
         == "verify: WAL replay 0 B, 0 B/s, 12.0 s so far"  # stalled: said
     )
