@@ -482,6 +482,7 @@ async def create_backup(
                 facts,
                 staging_dir,
             )
+            run.tick("copy", 0, facts.estimated_size or None)  # the phase begins (for the display)
             await _copy_against(run, copy, parent)
         finally:
             if nudge is not None:

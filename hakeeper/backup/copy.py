@@ -135,6 +135,8 @@ async def _copy_all(
     src: Repository, dst: Repository, names: list[str], res: CopyResult, progress: ProgressFn | None
 ) -> None:
     sem = asyncio.Semaphore(PARALLEL)
+    if progress is not None:  # the phase begins before the first object is copied
+        progress("copy", res.objects, len(names))
 
     async def one(n: str) -> None:
         async with sem:

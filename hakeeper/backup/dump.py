@@ -720,6 +720,8 @@ async def _dump_one(
     fmt = req.dump_format
     dest = tmp / db.key / ("dir" if fmt == "directory" else FILE_NAMES[fmt])
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if progress is not None:  # the phase begins (pg_dump says nothing until it is done)
+        progress(f"pg_dump {db.name}", 0, None)
     await _tool(
         _pg_dump_argv(req, with_dbname(req.conninfo, db.name), dest), req.password, f"pg_dump of {db.name!r}"
     )
@@ -739,6 +741,8 @@ async def _dump_one(
         names = [(dest.name, dest)]
     total = sum(p.stat().st_size for _, p in names)
     done = 0
+    if progress is not None:
+        progress(f"upload {db.name}", 0, total)
     sem = asyncio.Semaphore(max(1, req.parallel_uploads))
     stored: dict[str, StoredObject] = {}
     meta = {"dump": run_.record.id, "database": db.key}
@@ -941,6 +945,8 @@ async def restore_dump(
     created = False
     try:
         t_fetch = time.monotonic()
+        if progress is not None:  # the phase begins before the first object arrives
+            progress("fetch", 0, db.size)
         await _fetch_dump(repo, dump_prefix(scope, rec.id), rec, db, req, tmp, progress)
         t_fetched = time.monotonic()
         fetched = db.size + (rec.globals_object.size if req.globals and rec.globals_object else 0)

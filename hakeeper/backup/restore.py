@@ -122,7 +122,7 @@ class RestoreOptions:
     # latest point of a running cluster).  False restores what is archived, as pgBackRest does,
     # without a wait before the copy; the CLI's default (--include-current-wal sets it).
     include_current_wal: bool = True
-    on_planned: Callable[[RestorePlan], None] | None = None  # told the point before the copy
+    on_planned: Callable[[RestorePlan], None] = lambda plan: None  # told the point before the copy
     wal_timeout: float = 60.0
     start_timeout: float = 3600.0
     parallel: int = 3
@@ -1082,6 +1082,9 @@ async def _start_and_wait(
     logf = data_dir / LOG_REL
     watch = _LogWatch(logf)
     t0 = time.monotonic()
+    if opts.progress is not None:  # replay begins with the server's start (as seconds_replay)
+        goal, start = result.replay_goal_lsn, result.replay_start_lsn
+        opts.progress("wal_replay", 0, goal - start if goal and start and goal > start else None)
     r = await run(
         [
             str(opts.bin_dir / "pg_ctl"),
@@ -1115,8 +1118,6 @@ async def _start_and_wait(
     asked_at_ready, last_ask = 0, t0
     while True:
         watch.poll()
-        if opts.progress is not None and watch.replay_done_at is not None:  # the checkpoint, for the display
-            opts.progress("end_of_recovery", 0, None)
         pid = postmaster_pid(data_dir)
         if pid is not None:
             seen_pid = True
@@ -1170,6 +1171,8 @@ async def _start_and_wait(
                         cur = await conn.execute("SELECT pg_is_in_recovery()")
                         row = await cur.fetchone()
                         in_recovery = bool(row[0]) if row else None
+        if opts.progress is not None and watch.replay_done_at is not None:  # after the replay's report
+            opts.progress("end_of_recovery", 0, None)  # the checkpoint (or promotion), for the display
         if in_recovery is False:
             break
         if paused:
@@ -1231,6 +1234,8 @@ async def _copy_backup(
 ) -> float:
     """The backup (a full one, or the chain of an incremental one) into ``data_dir``; returns
     the seconds the copy waited for the repository."""
+    if opts.progress is not None:  # the copy's phase begins before its first part arrives
+        opts.progress("fetch", 0, None)
     if len(links) == 1:
         return await _extract(repo, scope, links[0], data_dir, opts)
     if opts.combine == COMBINE_IN_PLACE:
@@ -1252,8 +1257,7 @@ async def restore(
         raise RestoreRefused(f"combine: {opts.combine!r} is not one of {', '.join(COMBINE_MODES)}")
     _cat, plan, notes = await _plan(repo, scope, opts)
     rec = plan.backup
-    if opts.on_planned is not None:
-        opts.on_planned(plan)
+    opts.on_planned(plan)
     try:
         restore_command_base = python_command(WALFETCH_MODULE, opts.run_as)
         _check_repo_readable(repo, scope, plan, opts.run_as)
