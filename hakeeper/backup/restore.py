@@ -7,7 +7,9 @@ Order of work, so that a restore that cannot succeed stops before a byte is copi
    the WAL on the way, all from the repository's listing and history files.  When the archive
    cannot show that it reaches the target (the segment the primary is writing is never
    archived until it is switched) and the primary is reachable, ``pg_switch_wal()`` runs there
-   and the restore waits until that segment is archived, then plans again.
+   and the restore waits until that segment is archived, then plans again -- for target
+   ``latest`` only with ``include_current_wal`` (else it restores what is archived, without a
+   wait: ``hakeeper restore --latest``'s default).
 3. Every part's trailer is read (size, SHA-256 against the record).
 4. The parts are fetched and decompressed in parallel (each checked against its SHA-256) and
    piped in order into ``tar -x`` running as the PostgreSQL OS user.
