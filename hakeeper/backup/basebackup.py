@@ -43,6 +43,7 @@ from hakeeper.backup import catalog, chain, fileindex, layout
 from hakeeper.backup.binding import BindingMismatch, bind
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.phases import backup_phases
 from hakeeper.backup.repo import PutResult, Repository
 from hakeeper.backup.unpack import compress_part
 from hakeeper.core.backup_config import RowCountConfig
@@ -486,6 +487,7 @@ async def create_backup(
                 facts,
                 staging_dir,
             )
+            run.tick("copy", 0, facts.estimated_size or None)  # the phase begins (for the display)
             await _copy_against(run, copy, parent)
         finally:
             if nudge is not None:
@@ -523,6 +525,7 @@ async def create_backup(
         raise
     record.status = BackupStatus.COMPLETE
     record.error = None
+    record.phases = backup_phases(record)
     await run.save()
     log.info(
         "backup_complete",

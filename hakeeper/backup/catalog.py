@@ -46,6 +46,7 @@ from hakeeper.backup.lineage import (
     era_timeline_allowed,
     lineage_from_binding,
 )
+from hakeeper.backup.phases import PhaseStats
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.core.lsn import format_lsn, parse_lsn
 from hakeeper.core.timefmt import iso
@@ -175,6 +176,8 @@ class BackupRecord(_Model):
     seconds_copy: float | None = None  # pg_basebackup stream, compression, upload
     seconds_wal_wait: float | None = None  # waiting for the archive
     row_counts: RowCounts | None = None  # backup.row_counts; None in older records
+    # seconds/bytes/rate per phase (backup/phases.py); empty in records before issue 16
+    phases: dict[str, PhaseStats] = Field(default_factory=dict)
 
     # -- derived
     @property

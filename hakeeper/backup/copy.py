@@ -32,6 +32,7 @@ from typing import TypeVar
 
 from hakeeper.backup import catalog, codec, dump, layout
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.phases import collect, phase, phases_dict
 from hakeeper.backup.repo import Repository
 from hakeeper.backup.repos import make_repository
 from hakeeper.core.backup_config import BackupConfig, RepositoryConfig
@@ -77,6 +78,8 @@ class CopyResult:
             "wal_present": self.wal_present,
             "already_there": self.already_there,
             "seconds": round(self.seconds, 3),
+            # one pipeline per object (read, check, write, read back): one wall time
+            "phases": phases_dict(collect(copy=phase(self.seconds, self.stored_bytes))),
             "notes": self.notes,
         }
 
@@ -132,6 +135,8 @@ async def _copy_all(
     src: Repository, dst: Repository, names: list[str], res: CopyResult, progress: ProgressFn | None
 ) -> None:
     sem = asyncio.Semaphore(PARALLEL)
+    if progress is not None:  # the phase begins before the first object is copied
+        progress("copy", res.objects, len(names))
 
     async def one(n: str) -> None:
         async with sem:

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hakeeper.backup import catalog
 from hakeeper.backup.catalog import SourceInfo, StoredObject
 from hakeeper.backup.errors import NotFound, RepoError
+from hakeeper.backup.phases import PhaseStats, collect, phase, phases_dict
 from hakeeper.backup.repo import CHUNK, ListEntry, Repository
 from hakeeper.core import timefmt
 from hakeeper.util.log import get_logger
@@ -160,6 +161,8 @@ class DumpRecord(_Model):
     pid: int = Field(default_factory=os.getpid)
     schedule: str | None = None  # the backup schedule that took it (None: by hand)
     label: str | None = None
+    # "dump <database>": pg_dump, compression and upload of each (one pipeline, one wall time)
+    phases: dict[str, PhaseStats] = Field(default_factory=dict)
 
     def usable(self) -> bool:
         return self.status is DumpStatus.COMPLETE and self.stop_time is not None
@@ -661,6 +664,7 @@ async def create_dump(
     record.size = sum(d.size for d in record.databases) + (
         record.globals_object.size if record.globals_object else 0
     )
+    record.phases = collect(**{f"dump {d.name}": phase(d.seconds, d.size) for d in record.databases})
     record.stored_size = sum(d.stored_size for d in record.databases) + (
         record.globals_object.stored_size if record.globals_object else 0
     )
@@ -716,6 +720,8 @@ async def _dump_one(
     fmt = req.dump_format
     dest = tmp / db.key / ("dir" if fmt == "directory" else FILE_NAMES[fmt])
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if progress is not None:  # the phase begins (pg_dump says nothing until it is done)
+        progress(f"pg_dump {db.name}", 0, None)
     await _tool(
         _pg_dump_argv(req, with_dbname(req.conninfo, db.name), dest), req.password, f"pg_dump of {db.name!r}"
     )
@@ -735,6 +741,8 @@ async def _dump_one(
         names = [(dest.name, dest)]
     total = sum(p.stat().st_size for _, p in names)
     done = 0
+    if progress is not None:
+        progress(f"upload {db.name}", 0, total)
     sem = asyncio.Semaphore(max(1, req.parallel_uploads))
     stored: dict[str, StoredObject] = {}
     meta = {"dump": run_.record.id, "database": db.key}
@@ -842,6 +850,7 @@ class DumpRestoreResult:
     entries: int | None  # TOC entries restored (None: the whole plain script)
     seconds: float
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, PhaseStats] = field(default_factory=dict)  # fetch, restore (backup/phases.py)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -854,6 +863,7 @@ class DumpRestoreResult:
             "tables": self.tables,
             "entries": self.entries,
             "seconds": round(self.seconds, 3),
+            "phases": phases_dict(self.phases),
             "notes": self.notes,
         }
 
@@ -934,7 +944,14 @@ async def restore_dump(
     tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="hakeeper-dump-restore-", dir=req.tmp_dir))
     created = False
     try:
+        t_fetch = time.monotonic()
+        if progress is not None:  # the phase begins before the first object arrives
+            progress("fetch", 0, db.size)
         await _fetch_dump(repo, dump_prefix(scope, rec.id), rec, db, req, tmp, progress)
+        t_fetched = time.monotonic()
+        fetched = db.size + (rec.globals_object.size if req.globals and rec.globals_object else 0)
+        if progress is not None:  # the next phase, without a measure of its own until it ends
+            progress("restore", 0, None)
         if fmt == "directory":
             archive = tmp / db.key / "dir"
         else:
@@ -968,6 +985,12 @@ async def restore_dump(
     finally:
         await asyncio.to_thread(shutil.rmtree, tmp, True)
     log.info("dump_restored", id=rec.id, database=db.name, target=_where(target), tables=list(req.tables))
+    if progress is not None:
+        progress("restore", db.size, db.size)
+    phases = collect(
+        fetch=phase(t_fetched - t_fetch, fetched),
+        restore=phase(time.monotonic() - t_fetched, db.size),  # globals, psql or pg_restore
+    )
     return DumpRestoreResult(
         rec.id,
         repo.name,
@@ -979,6 +1002,7 @@ async def restore_dump(
         entries,
         time.monotonic() - t0,
         notes,
+        phases,
     )
 
 

@@ -24,6 +24,7 @@ from hakeeper.backup.binding import rebind_configured
 from hakeeper.backup.copy import CopyError, copy_item
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.heartbeat import Heartbeat
+from hakeeper.backup.phase_metrics import PhaseGauges, drill_phases, schedule_phases
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError
 from hakeeper.backup.schedule import ScheduleRunner
@@ -137,6 +138,7 @@ class AgentBackup:
         self._wal_server: asyncio.Task[None] | None = None  # serves a seeded replica's WAL
         self._bootstrap: BootstrapCopy | None = None  # restored, not yet recovered
         self._verify = _VerifyGauges(registry)
+        self._phases = PhaseGauges(registry)
         b = cfg.backup
         self.archiver: Archiver | None = None
         if b.repositories and b.archive.enabled:
@@ -315,7 +317,13 @@ class AgentBackup:
         return {"archive": self.archiver.status(), "heartbeat": None if hb is None else hb.status()}
 
     def refresh_metrics(self) -> None:
-        self._verify.refresh(self.lookup(self.keys.verify_last), self.lookup(self.keys.verify_last_success))
+        last_success = self.lookup(self.keys.verify_last_success)
+        self._verify.refresh(self.lookup(self.keys.verify_last), last_success)
+        latest = drill_phases(last_success.value if last_success else None)
+        for s in self.cfg.backup.effective_schedules():
+            kv = self.lookup(self.keys.schedule(s.name))
+            latest.update(schedule_phases(s.kind, kv.value if kv else None))
+        self._phases.refresh(latest.items())
 
     async def close(self) -> None:
         self._stop_wal_server()

@@ -17,6 +17,7 @@ from typing import Any
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.binding import BINDING_NAME, read_binding
 from hakeeper.backup.errors import NotFound, RepoError
+from hakeeper.backup.phases import phases_dict
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.core.timefmt import iso
 
@@ -128,6 +129,7 @@ def summarize(repository: str, scope: str, listing: Sequence[ListEntry], cat: ca
             "type": b.kind,
             "parent": b.parent,
             "chain": b.root,
+            "phases": phases_dict(b.phases),  # how long it took, by phase (issue 16)
         }
     info.problems = list(cat.problems)
     by_id = {r.id: r for r in cat.records}

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.errors import RepoError
+from hakeeper.backup.phases import describe, parse_phases
 from hakeeper.backup.repos import make_repository
 from hakeeper.util.log import get_logger
 
@@ -204,6 +205,9 @@ def build_rows(inp: Inputs) -> list[Row]:
             f"(fetch {r.get('fetch')}, decompress {r.get('decompress')}, WAL replay {r.get('wal_replay')}, "
             f"promote {r.get('promote')} s)"
         )
+        phases = parse_phases(ok_drill.get("phases"))
+        if phases:  # throughput by phase (issue 16): where the restore time goes
+            rto_src += f"; restore phases: {describe(phases)}"
     else:
         rto_s, rto, rto_src = None, NOT_MEASURED, "RTO: no restore drill has passed (hakeeper verify)"
     if drill and not drill.get("ok"):

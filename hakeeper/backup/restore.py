@@ -7,7 +7,9 @@ Order of work, so that a restore that cannot succeed stops before a byte is copi
    the WAL on the way, all from the repository's listing and history files.  When the archive
    cannot show that it reaches the target (the segment the primary is writing is never
    archived until it is switched) and the primary is reachable, ``pg_switch_wal()`` runs there
-   and the restore waits until that segment is archived, then plans again.
+   and the restore waits until that segment is archived, then plans again -- for target
+   ``latest`` only with ``include_current_wal`` (else it restores what is archived, without a
+   wait: ``hakeeper restore --latest``'s default).
 3. Every part's trailer is read (size, SHA-256 against the record).
 4. The parts are fetched and decompressed in parallel (each checked against its SHA-256).  An
    indexed backup (layout ``zstd-indexed``) is unpacked by ``parallel`` workers, each writing
@@ -66,13 +68,14 @@ from hakeeper.backup.catalog import (
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 from hakeeper.backup.handover import serving
 from hakeeper.backup.incremental_apply import ApplyError, apply_chain
+from hakeeper.backup.phases import PhaseStats, phases_dict, restore_phases
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.unpack import UnpackError, unpack_full
 from hakeeper.backup.walfetch import fast_path_script
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials
-from hakeeper.core.lsn import format_lsn
+from hakeeper.core.lsn import format_lsn, parse_lsn
 from hakeeper.pg.conf import build_conninfo, quote_conf_value
 from hakeeper.pg.errors import PgError
 from hakeeper.pg.postgres import SOCKET_SUBDIR
@@ -122,6 +125,11 @@ class RestoreOptions:
     port: int | None = None
     primary: Endpoint | None = None  # where pg_switch_wal() runs to complete the archive
     switch_wal: bool = True
+    # For target "latest": also switch WAL on the primary and wait for that segment (the very
+    # latest point of a running cluster).  False restores what is archived, as pgBackRest does,
+    # without a wait before the copy; the CLI's default (--include-current-wal sets it).
+    include_current_wal: bool = True
+    on_planned: Callable[[RestorePlan], None] = lambda plan: None  # told the point before the copy
     wal_timeout: float = 60.0
     start_timeout: float = 3600.0
     # workers of an indexed backup's unpack (the CLI's --jobs), or parts fetched ahead for the
@@ -172,6 +180,11 @@ class RestoreResult:
     bytes_total: int | None = None
     delta: bool = False
     jobs: int | None = None
+    stored_size: int = 0  # bytes fetched from the repository for the copy
+    replay_start_lsn: int | None = None  # where replay starts (the backup's start)
+    replay_goal_lsn: int | None = None  # the target LSN, else the end of the last archived WAL
+    replay_end_lsn: int | None = None  # pg_last_wal_replay_lsn() once recovery ended
+    phases: dict[str, PhaseStats] = field(default_factory=dict)  # backup/phases.py
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -204,6 +217,7 @@ class RestoreResult:
                 "promote": None if self.seconds_promote is None else round(self.seconds_promote, 3),
                 "total": round(self.seconds_total, 3),
             },
+            "phases": phases_dict(self.phases),
             "settings": self.settings,
             "start_command": self.start_command,
             "notes": self.notes,
@@ -211,6 +225,17 @@ class RestoreResult:
 
 
 # ============================================================================ checks
+
+
+def replay_goal(plan: RestorePlan, target: Target) -> int | None:
+    """The LSN replay heads for, for the progress display: a target LSN, else the end of the
+    last archived segment on the way (a bound: a time, xid or name target stops before)."""
+    if target.kind == "lsn" and target.lsn is not None:
+        return target.lsn
+    parsed = layout.parse_segment_name(plan.covered_until) if plan.covered_until else None
+    if parsed is None:
+        return None
+    return (parsed[1] + 1) * layout.DEFAULT_SEGMENT_SIZE
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -332,7 +357,8 @@ async def _plan(repo: Repository, scope: str, opts: RestoreOptions) -> tuple[Cat
         return cat, plan, notes
     if plan.proven:
         return cat, plan, notes
-    if opts.switch_wal and opts.primary is not None:
+    wanted = opts.target.kind != "latest" or opts.include_current_wal
+    if opts.switch_wal and opts.primary is not None and wanted:
         closed = await _switch_and_wait(repo, scope, opts)
         if closed:
             notes.append(f"switched WAL on the primary {opts.primary.address}; {closed} archived")
@@ -347,9 +373,15 @@ async def _plan(repo: Repository, scope: str, opts: RestoreOptions) -> tuple[Cat
         elif not opts.switch_wal:
             hint = " (WAL switch on the primary disabled)"
         raise RestoreRefused(f"{plan.missing}{hint}")
-    if opts.primary is None or not opts.switch_wal:
-        last = plan.covered_until or "none"
-        mod = timefmt.iso(plan.covered_until_modified) if plan.covered_until_modified else "?"
+    last = plan.covered_until or "none"
+    mod = timefmt.iso(plan.covered_until_modified) if plan.covered_until_modified else "?"
+    if not wanted:
+        log.info("restore_wal_switch_skipped", reason="latest restores what is archived", last_archived=last)
+        notes.append(
+            f"recovery ends with the archived WAL ({last}, archived {mod}); WAL still in the primary's "
+            "current segment is not restored (--include-current-wal switches and waits for it)"
+        )
+    elif opts.primary is None or not opts.switch_wal:
         notes.append(
             f"no WAL switch on the primary: recovery ends with the archived WAL ({last}, archived {mod}); "
             "WAL still in the primary's current segment is not restored"
@@ -1121,6 +1153,20 @@ async def _promote_paused(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SELECT pg_wal_replay_resume(), pg_wal_replay_pause()")
 
 
+def _replayed(opts: RestoreOptions, result: RestoreResult, lsn_text: str | None) -> None:
+    """Record how far replay got (pg_last_wal_replay_lsn(): static once recovery ended, so the
+    last value is the end of replay) and report it as the ``wal_replay`` phase's progress."""
+    lsn = parse_lsn(lsn_text) if lsn_text else None
+    if lsn is None:
+        return
+    result.replay_end_lsn = lsn
+    start = result.replay_start_lsn
+    if opts.progress is not None and start is not None:
+        goal = result.replay_goal_lsn
+        total = goal - start if goal is not None and goal > start else None
+        opts.progress("wal_replay", max(0, lsn - start), total)
+
+
 async def _start_and_wait(
     opts: RestoreOptions, data_dir: Path, socket_dir: str, result: RestoreResult
 ) -> None:
@@ -1128,6 +1174,9 @@ async def _start_and_wait(
     logf = data_dir / LOG_REL
     watch = _LogWatch(logf)
     t0 = time.monotonic()
+    if opts.progress is not None:  # replay begins with the server's start (as seconds_replay)
+        goal, start = result.replay_goal_lsn, result.replay_start_lsn
+        opts.progress("wal_replay", 0, goal - start if goal and start and goal > start else None)
     r = await run(
         [
             str(opts.bin_dir / "pg_ctl"),
@@ -1189,11 +1238,12 @@ async def _start_and_wait(
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     cur = await conn.execute(
                         "SELECT pg_is_in_recovery(), pg_is_in_recovery()"
-                        " AND pg_get_wal_replay_pause_state() = 'paused'"
+                        " AND pg_get_wal_replay_pause_state() = 'paused', pg_last_wal_replay_lsn()::text"
                     )
                     row = await cur.fetchone()
                     in_recovery = bool(row[0]) if row else None
                     paused = bool(row[1]) if row else False
+                    _replayed(opts, result, row[2] if row else None)
                     if in_recovery and not paused and early_promote:
                         # Ask for the promotion now, long before the target: in archive
                         # recovery (recovery.signal, not standby.signal) the startup process
@@ -1213,6 +1263,8 @@ async def _start_and_wait(
                         cur = await conn.execute("SELECT pg_is_in_recovery()")
                         row = await cur.fetchone()
                         in_recovery = bool(row[0]) if row else None
+        if opts.progress is not None and watch.replay_done_at is not None:  # after the replay's report
+            opts.progress("end_of_recovery", 0, None)  # the checkpoint (or promotion), for the display
         if in_recovery is False:
             break
         if paused:
@@ -1274,6 +1326,8 @@ async def _copy_backup(
 ) -> float:
     """The backup (a full one, or the chain of an incremental one) into ``data_dir``; returns
     the seconds the copy waited for the repository."""
+    if opts.progress is not None:  # the copy's phase begins before its first part arrives
+        opts.progress("fetch", 0, None)
     if len(links) == 1:
         tally = _Tally()
         waited = await _extract(repo, scope, links[0], data_dir, opts, tally=tally)
@@ -1283,6 +1337,7 @@ async def _copy_backup(
                 tally.written,
                 tally.total,
             )
+            result.stored_size = tally.fetched  # a delta fetches only some of the parts
         return waited
     if opts.combine == COMBINE_IN_PLACE:
         return await _apply_chain_in_place(repo, scope, links, data_dir, opts, result)
@@ -1369,6 +1424,7 @@ async def restore(
         raise RestoreRefused(f"combine: {opts.combine!r} is not one of {', '.join(COMBINE_MODES)}")
     _cat, plan, notes = await _plan(repo, scope, opts)
     rec = plan.backup
+    opts.on_planned(plan)
     try:
         restore_command_base = python_command(WALFETCH_MODULE, opts.run_as)
         _check_repo_readable(repo, scope, plan, opts.run_as)
@@ -1407,6 +1463,9 @@ async def restore(
         chain=[link.id for link in links],
         delta=opts.delta,
         jobs=opts.parallel,
+        stored_size=sum(p.stored_size for link in links for p in link.parts),
+        replay_start_lsn=rec.start_lsn_int,
+        replay_goal_lsn=replay_goal(plan, opts.target),
     )
     result.seconds_plan = time.monotonic() - t0
     log.info(
@@ -1456,4 +1515,5 @@ async def restore(
             await _start_and_wait(opts, data_dir, socket_dir, result)
         result.started = True
     result.seconds_total = time.monotonic() - t0
+    result.phases = restore_phases(result)
     return result

@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from hakeeper.backup.phases import phases_dict
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, ScheduleConfig
 from hakeeper.core.keys import Keys
@@ -302,6 +303,7 @@ async def run_full(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
                     taken = (rec.id, rc)
                     one["backup"] = rec.id
                     one["type"] = rec.kind
+                    one["phases"] = phases_dict(rec.phases)  # exported by every agent (phase_metrics)
                     if rec.parent is not None:
                         one["parent"] = rec.parent
                     if rec.became_full is not None:
@@ -360,6 +362,7 @@ async def run_verify(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
                 "backup": res.backup_id,
                 "ok": res.ok,
                 "rto_seconds": res.rto.total if res.rto else None,
+                "phases": phases_dict(res.phases),
                 "error": res.error,
                 "failed_object": res.failed_object,
             }
@@ -417,6 +420,7 @@ async def run_dump(sched: ScheduleConfig, ctx: JobContext) -> dict[str, Any]:
                     rec = await create_dump(r, cfg.scope, req)
                     dumped = (rec.id, rc)
                     one["dump"] = rec.id
+                    one["phases"] = phases_dict(rec.phases)
                 else:
                     async with make_repository(dumped[1]) as src:
                         await copy_item(src, r, cfg.scope, dumped[0])

@@ -55,6 +55,7 @@ from hakeeper.backup.basebackup import (
 )
 from hakeeper.backup.catalog import COMBINE_TOOL, BackupRecord, RestoreRefused, Target
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.phases import PhaseStats
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import RestoreError, RestoreOptions, RestoreResult, restore
@@ -167,6 +168,8 @@ class DrillResult(_Model):
     row_counts: RowCheck | None = None
     dump: DumpCheck | None = None
     rto: Rto | None = None
+    # seconds/bytes/rate per phase of the drill's restore (backup/phases.py); in etcd's summary
+    phases: dict[str, PhaseStats] = Field(default_factory=dict)
     restore: dict[str, Any] | None = None  # RestoreResult.to_dict() of the restore
     stored: list[str] = Field(default_factory=list)  # where this result was written
     notes: list[str] = Field(default_factory=list)
@@ -742,6 +745,7 @@ async def _run(
         result.fail(f"restore {kind}: {e}", _corrupt_name(e) or _named_in(str(e), cfg.scope, rec.id))
         return
     result.restore = res.to_dict()
+    result.phases = dict(res.phases)
     result.notes.extend(res.notes)
     result.rto = Rto(
         plan=round(res.seconds_plan, 3),

@@ -14,27 +14,18 @@ import contextlib
 import datetime as dt
 import os
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
 from hakeeper.backup import catalog, layout
 from hakeeper.backup.basebackup import BackupError, Endpoint, create_backup, query
 from hakeeper.backup.catalog import COMBINE_IN_PLACE, COMBINE_MODES, BackupRecord, RestoreRefused, Target
 from hakeeper.backup.errors import RepoError
+from hakeeper.backup.phases import parse_phases, phases_dict
 from hakeeper.backup.repos import make_repository
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import (
@@ -45,6 +36,8 @@ from hakeeper.cli.cluster_cmds import (
     fetch_view,
     quiet_logging,
 )
+from hakeeper.cli.progress import Label, ProgressFn, QuietOpt, phases_text, progress_display
+from hakeeper.cli.progress import human_bytes as human_bytes  # re-exported: repo_cmds uses it
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig
 from hakeeper.core.cluster import ClusterView, MemberRole
@@ -67,21 +60,12 @@ ConfigReq = Annotated[
 ]
 RepoOpt = Annotated[str | None, typer.Option("--repo", help="Repository name (default: see each command).")]
 
-ProgressFn = Callable[[str, int, int | None], None]
-
 if TYPE_CHECKING:
+    from hakeeper.backup.catalog import RestorePlan
     from hakeeper.backup.restore import RestoreResult
 
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def rate(size: int, seconds: float | None) -> str:
@@ -100,33 +84,6 @@ def _repo_configs(cfg: NodeConfig, name: str | None) -> list[RepositoryConfig]:
         if r.name == name:
             return [r]
     raise fail(f"unknown repository {name!r} (configured: {', '.join(r.name for r in repos)})", 2)
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool, labels: dict[str, str]) -> Iterator[ProgressFn | None]:
-    """A ProgressFn drawing rich progress bars on stderr (only on a terminal)."""
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    columns = (
-        TextColumn("{task.description:<22}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-    )
-    tasks: dict[str, TaskID] = {}
-    with Progress(*columns, console=err, transient=False) as bars:
-
-        def update(phase: str, done: int, total: int | None) -> None:
-            if phase not in tasks:
-                tasks[phase] = bars.add_task(labels.get(phase, phase), total=total)
-            task = tasks[phase]
-            if total is not None and done > total:
-                total = None
-            bars.update(task, completed=done, total=total)
-
-        yield update
 
 
 async def _view(cfg: NodeConfig) -> ClusterView:
@@ -227,6 +184,7 @@ def backup_create(
         ),
     ] = None,
     output: OutputOpt = "table",
+    quiet: QuietOpt = False,
 ) -> None:
     """Take a base backup, full or incremental, into one repository (default: the first configured).
 
@@ -251,7 +209,7 @@ def backup_create(
 
     async def go(progress: ProgressFn | None) -> tuple[BackupRecord, str]:
         src, primary, note = await pick_source(cfg, source)
-        if output == "table":
+        if output == "table" and not quiet:
             err.print(escape(f"{note} ({src.address}) into repository {rc.name}"))
         r = make_repository(rc)
         try:
@@ -278,7 +236,8 @@ def backup_create(
         return rec, note
 
     try:
-        with progress_bars(output == "table", {"copy": "copying", "wal": "WAL archived (segments)"}) as bars:
+        labels = {"copy": Label("copy"), "wal": Label("WAL archived", "segments")}
+        with progress_display("backup create", labels, output=output, quiet=quiet) as bars:
             rec, _ = asyncio.run(go(bars))
     except (BackupError, RepoError) as e:
         raise fail(str(e)) from None
@@ -301,6 +260,7 @@ def backup_create(
         f"{len(rec.parts)} parts, {rec.files} files",
         f"  seconds  {rec.seconds_copy} copy{rate(rec.size, rec.seconds_copy)}, "
         f"{rec.seconds_wal_wait} waiting for WAL",
+        f"  phases   {phases_text(rec.phases)}" if rec.phases else "",
     ]
     rc_ = rec.row_counts
     if rc_ is not None and rc_.skipped:
@@ -344,6 +304,7 @@ async def _verified(repos: list[RepositoryConfig], cats: list[catalog.Catalog]) 
                     "failed_object": d.failed_object,
                     "error": d.error,
                     "rto_seconds": d.rto.total if d.rto else None,
+                    "phases": phases_dict(d.phases),
                 }
         finally:
             await r.close()
@@ -487,11 +448,16 @@ def backup_info(
         cats = asyncio.run(_catalogs(cfg, repos, wal=True))
     except RepoError as e:
         raise fail(str(e)) from None
-    found = [(c, c.get(backup_id)) for c in cats if c.get(backup_id) is not None]
+    found = [(rc, c, c.get(backup_id)) for rc, c in zip(repos, cats, strict=True)]
+    found = [f for f in found if f[2] is not None]
     if not found:
         raise fail(f"no backup {backup_id!r} in {', '.join(r.name for r in repos)}")
-    c, rec = found[0]
+    rc, c, rec = found[0]
     assert rec is not None
+    try:  # the newest restore drill of it, for its restore timings (a failure hides only those)
+        drill = asyncio.run(_verified([rc], [c])).get((rc.name, rec.id))
+    except (RepoError, OSError):
+        drill = None
     missing: list[str] | None = None
     if rec.usable():
         hist = c.history_of(rec.stop_timeline or rec.timeline or 1) or []
@@ -501,6 +467,7 @@ def backup_info(
     doc["effective_status"] = rec.effective_status(catalog.utcnow())
     doc["wal_missing"] = missing
     doc["cluster"] = c.cluster_of(rec) if c.lineage_problem is None else None
+    doc["last_drill"] = drill
     if output != "table":
         emit_data(output, doc)
         return
@@ -533,6 +500,11 @@ def backup_info(
         f"size       {human_bytes(rec.size)} in {len(rec.parts)} parts, "
         f"{human_bytes(rec.stored_size)} stored, {rec.files} files",
         f"seconds    {rec.seconds_copy} copy, {rec.seconds_wal_wait} waiting for WAL",
+        f"phases     {phases_text(rec.phases)}" if rec.phases else "",
+        f"drill      {drill['id']} ({'passed' if drill['ok'] else 'FAILED'} {drill['at']}): restore "
+        + phases_text(parse_phases(drill["phases"]))
+        if drill and drill.get("phases")
+        else "",
     ]
     out.print(escape("\n".join(ln for ln in lines if ln)))
 
@@ -708,6 +680,32 @@ def _bytes_line(res: RestoreResult) -> str:
     )
 
 
+def _check_restore_flags(
+    start: bool, port: int | None, latest: bool, include_current_wal: bool, no_switch_wal: bool, combine: str
+) -> None:
+    if start and port is None:
+        raise fail("--start needs --port (the restored server must not take the source's port)", 2)
+    if include_current_wal and not latest:
+        raise fail("--include-current-wal goes with --latest (other targets switch WAL when they need it)", 2)
+    if include_current_wal and no_switch_wal:
+        raise fail("--include-current-wal and --no-switch-wal contradict each other", 2)
+    if combine not in COMBINE_MODES:
+        raise fail(f"--combine: {combine!r} is not one of {', '.join(COMBINE_MODES)}", 2)
+
+
+def restore_point_text(plan: RestorePlan, target: Target) -> str:
+    """What ``restore`` says before it copies: the backup, where it ends, and the archived WAL
+    recovery replays up to (the point a --latest restore reaches)."""
+    b = plan.backup
+    end = f"ends at {b.stop_lsn}" + (f", {timefmt.iso(b.stop_time)}" if b.stop_time else "")
+    wal = plan.covered_until or "no WAL after the backup"
+    when = f", archived {timefmt.iso(plan.covered_until_modified)}" if plan.covered_until_modified else ""
+    return (
+        f"restoring backup {b.id} ({b.kind}, {end}) to {target.describe()} on timeline {plan.timeline}; "
+        f"WAL replayed up to {wal}{when}"
+    )
+
+
 def _restore_lines(res: RestoreResult) -> list[str]:
     """What ``restore`` prints on a terminal."""
     secs = [
@@ -734,6 +732,7 @@ def _restore_lines(res: RestoreResult) -> list[str]:
         f"  chain     {' -> '.join(res.chain)} (full backup first)" if len(res.chain) > 1 else "",
         _bytes_line(res),
         f"  seconds   {', '.join(secs)}",
+        f"  phases    {phases_text(res.phases)}" if res.phases else "",
     ]
     lines.extend(f"  note      {n}" for n in res.notes)
     if res.started:
@@ -763,7 +762,20 @@ def restore_cmd(
     target_name: Annotated[
         str | None, typer.Option("--target-name", help="Restore point (pg_create_restore_point).")
     ] = None,
-    latest: Annotated[bool, typer.Option("--latest", help="Everything in the archive.")] = False,
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest", help="Everything in the archive (what is archived now; see --include-current-wal)."
+        ),
+    ] = False,
+    include_current_wal: Annotated[
+        bool,
+        typer.Option(
+            "--include-current-wal",
+            help="With --latest: run pg_switch_wal() on the cluster's primary and wait until that segment "
+            "is archived, so that the restore includes the very latest commits (a wait before the copy).",
+        ),
+    ] = False,
     exclusive: Annotated[
         bool, typer.Option("--exclusive", help="Stop just before the target (time, LSN, xid).")
     ] = False,
@@ -782,7 +794,11 @@ def restore_cmd(
     ] = None,
     no_switch_wal: Annotated[
         bool,
-        typer.Option("--no-switch-wal", help="Never run pg_switch_wal() on the cluster's primary."),
+        typer.Option(
+            "--no-switch-wal",
+            help="Never run pg_switch_wal() on the cluster's primary (a time or LSN target past the "
+            "archive is then refused).",
+        ),
     ] = False,
     wal_timeout: Annotated[
         float,
@@ -829,6 +845,7 @@ def restore_cmd(
         ),
     ] = None,
     output: OutputOpt = "table",
+    quiet: QuietOpt = False,
 ) -> None:
     """Restore a base backup into an empty directory (or, with --delta, over an older copy of the
     same cluster) and recover to a target.
@@ -844,10 +861,7 @@ def restore_cmd(
         )
     except UsageError as e:
         raise fail(str(e), 2) from None
-    if start and port is None:
-        raise fail("--start needs --port (the restored server must not take the source's port)", 2)
-    if combine not in COMBINE_MODES:
-        raise fail(f"--combine: {combine!r} is not one of {', '.join(COMBINE_MODES)}", 2)
+    _check_restore_flags(start, port, latest, include_current_wal, no_switch_wal, combine)
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
@@ -871,8 +885,14 @@ def restore_cmd(
     except RestoreRefused as e:
         raise fail(str(e)) from None
 
+    def announce(plan: RestorePlan) -> None:
+        if output == "table" and not quiet:
+            err.print(escape(restore_point_text(plan, target)))
+
     async def go(progress: ProgressFn | None) -> RestoreResult:
-        primary = None if no_switch_wal else await find_primary(cfg)
+        # --latest restores what is archived (no primary needed) unless the current WAL is wanted
+        switch = not no_switch_wal and (not latest or include_current_wal)
+        primary = await find_primary(cfg) if switch else None
         refusals: list[str] = []
         for rc in repos:
             r = make_repository(rc)
@@ -887,6 +907,8 @@ def restore_cmd(
                 port=port,
                 primary=primary,
                 switch_wal=not no_switch_wal,
+                include_current_wal=include_current_wal,
+                on_planned=announce,
                 wal_timeout=wal_timeout,
                 start_timeout=timeout,
                 parallel=jobs or os.cpu_count() or 2,
@@ -903,7 +925,12 @@ def restore_cmd(
         raise RestoreRefused("\n".join(refusals))
 
     try:
-        with progress_bars(output == "table", {"fetch": "fetch + decompress"}) as bars:
+        labels = {
+            "fetch": Label("fetch + decompress"),
+            "wal_replay": Label("WAL replay"),
+            "end_of_recovery": Label("end of recovery", "time"),  # the checkpoint, or the promotion
+        }
+        with progress_display("restore", labels, output=output, quiet=quiet) as bars:
             res = asyncio.run(go(bars))
     except RestoreRefused as e:
         raise fail(f"restore refused, nothing was copied: {e}") from None
@@ -930,6 +957,7 @@ def backup_copy(
         typer.Option("--from", help="Repository to copy from (default: the first other one holding it)."),
     ] = None,
     output: OutputOpt = "table",
+    quiet: QuietOpt = False,
 ) -> None:
     """Copy a base backup (with the WAL it needs) or a dump to another repository without
     recompressing it (decrypted and sealed again with the target's key where encrypted), and
@@ -949,7 +977,8 @@ def backup_copy(
         return await copy_to(cfg.backup, cfg.scope, item_id, to, source=source, progress=progress)
 
     try:
-        with progress_bars(output == "table", {"copy": "objects copied"}) as bars:
+        labels = {"copy": Label("copy", "objects")}
+        with progress_display("backup copy", labels, output=output, quiet=quiet) as bars:
             res = asyncio.run(go(bars))
     except (CopyError, RepoError) as e:
         raise fail(str(e)) from None

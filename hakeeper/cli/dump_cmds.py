@@ -40,15 +40,13 @@ from hakeeper.backup.repos import make_repository
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.backup_cmds import (
     ConfigReq,
-    ProgressFn,
     RepoOpt,
     _repo_configs,
     find_primary,
-    human_bytes,
     pick_source,
-    progress_bars,
 )
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, quiet_logging
+from hakeeper.cli.progress import Label, ProgressFn, QuietOpt, human_bytes, phases_text, progress_display
 from hakeeper.core import timefmt
 from hakeeper.core.config import NodeConfig, secret_value
 from hakeeper.pg.bins import node_bin_dir
@@ -135,6 +133,7 @@ def dump_create(
     tmp_dir: TmpOpt = None,
     label: Annotated[str | None, typer.Option("--label", help="Free text kept with the dump.")] = None,
     output: OutputOpt = "table",
+    quiet: QuietOpt = False,
 ) -> None:
     """Dump one or more databases (and the globals) into one repository (default: the first)."""
     check_output(output)
@@ -178,13 +177,13 @@ def dump_create(
         else:
             ep, _, note = await pick_source(cfg, source)
             req = node_dump_request(cfg, ep, bin_dir, **what)
-            if output == "table":
+            if output == "table" and not quiet:
                 err.print(escape(f"{note.replace('backing up', 'dumping')} ({ep.address}) into {rc.name}"))
         async with make_repository(rc) as r:
             return await create_dump(r, cfg.scope, req, progress)
 
     try:
-        with progress_bars(output == "table", {}) as bars:
+        with progress_display("dump create", {}, output=output, quiet=quiet) as bars:
             rec = asyncio.run(go(bars))
     except (DumpError, BackupError, RepoError) as e:
         raise fail(str(e)) from None
@@ -200,6 +199,8 @@ def dump_create(
         )
     if rec.globals_object is not None:
         lines.append(f"  globals (roles, tablespaces): {human_bytes(rec.globals_object.size)}")
+    if rec.phases:
+        lines.append(f"  phases: {phases_text(rec.phases)}")
     out.print(escape("\n".join(lines)))
 
 
@@ -375,6 +376,7 @@ def dump_restore(
     repo: RepoOpt = None,
     tmp_dir: TmpOpt = None,
     output: OutputOpt = "table",
+    quiet: QuietOpt = False,
 ) -> None:
     """Restore one database of a dump with pg_restore (psql for a plain dump).
 
@@ -424,7 +426,8 @@ def dump_restore(
         raise DumpError(f"no complete dump {dump_id!r} in {', '.join(misses)}")
 
     try:
-        with progress_bars(output == "table", {"fetch": "fetch + decompress"}) as bars:
+        labels = {"fetch": Label("fetch"), "restore": Label("pg_restore")}
+        with progress_display("dump restore", labels, output=output, quiet=quiet) as bars:
             res = asyncio.run(go(bars))
     except (DumpError, BackupError, RepoError) as e:
         raise fail(f"dump restore failed: {e}") from None
@@ -437,7 +440,9 @@ def dump_restore(
         f"into {res.target}" + (" (created)" if res.created else ""),
         f"  {res.entries if res.entries is not None else 'the whole'} "
         f"{'TOC entries' if res.entries is not None else 'plain script'}, {res.seconds:.1f} s",
+        f"  phases: {phases_text(res.phases)}" if res.phases else "",
     ]
+    lines = [ln for ln in lines if ln]
     lines.extend(f"  note: {n}" for n in res.notes)
     out.print(escape("\n".join(lines)))
 

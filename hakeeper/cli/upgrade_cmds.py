@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 import uuid
 from typing import Annotated, Any
 
 import typer
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
-from hakeeper.cli.app import app, fail, out
+from hakeeper.cli.app import app, err, fail, out
 from hakeeper.cli.cluster_cmds import (
     ConfigOpt,
     EtcdOpt,
@@ -61,6 +63,7 @@ from hakeeper.cli.ops_cmds import (
     send_api,
 )
 from hakeeper.cli.pause_wait import wait_for_pause_state
+from hakeeper.cli.progress import QuietOpt
 from hakeeper.core.cluster import ClusterView, HistoryEntry, Member, MemberRole, MemberState, Upgrade
 from hakeeper.core.keys import Keys
 from hakeeper.core.lsn import parse_lsn
@@ -253,6 +256,7 @@ def upgrade(
     ] = False,
     force: ForceOpt = False,
     output: OutputOpt = "table",
+    quiet: QuietOpt = False,
     token: TokenOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
@@ -285,7 +289,13 @@ def upgrade(
         )
     elif check:
         raise fail(f"upgrade: an upgrade to {to_version} is in progress; run without --check to continue it")
-    Runner(ctx, to_version, method, output).run(view)
+    runner = Runner(ctx, to_version, method, output, quiet=quiet)
+    # On a terminal, the phase under way and the time so far stay in view on stderr (the agents
+    # report phases, not bytes: pg_upgrade --link is seconds, a clone is its own job)
+    live = err.status("upgrade: starting") if err.is_terminal and not quiet else contextlib.nullcontext()
+    with live as status:
+        runner.status = status
+        runner.run(view)
 
 
 def _print_problems(problems: list[dict[str, Any]], output: str, check_only: bool) -> None:
@@ -329,16 +339,21 @@ def _cancel(ctx: Context, view: ClusterView) -> None:
 class Runner:
     """One run of the upgrade (or its continuation), with the progress on the terminal."""
 
-    def __init__(self, ctx: Context, to_major: int, method: str, output: str) -> None:
+    def __init__(self, ctx: Context, to_major: int, method: str, output: str, *, quiet: bool = False) -> None:
         self.ctx = ctx
         self.to_major = to_major
         self.method = method
         self.output = output
+        self.quiet = quiet
+        self.status: Status | None = None  # the live line on a terminal
         self.t0 = time.monotonic()
         self.replicas: dict[str, dict[str, Any]] = {}
 
     def say(self, text: str) -> None:
-        if self.output == "table":
+        """A line per phase (``--quiet``: none; ``-o json``: none, stdout is the JSON)."""
+        if self.status is not None:
+            self.status.update(f"upgrade: {text}")
+        if self.output == "table" and not self.quiet:
             out.print(f"[{time.monotonic() - self.t0:7.1f} s] {text}", markup=False)
 
     def run(self, view: ClusterView) -> None:

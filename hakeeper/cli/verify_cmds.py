@@ -20,11 +20,10 @@ from hakeeper.cli.backup_cmds import (
     RepoOpt,
     UsageError,
     find_primary,
-    human_bytes,
     parse_target_time,
-    progress_bars,
 )
 from hakeeper.cli.cluster_cmds import OutputOpt, check_output, emit_data, etcd_client_for, quiet_logging
+from hakeeper.cli.progress import Label, QuietOpt, human_bytes, phases_text, progress_display
 
 
 def _fmt_s(v: float | None) -> str:
@@ -57,6 +56,7 @@ def verify_cmd(
         typer.Option("--jobs", "-j", help="Restore workers, as for restore (default: the CPU count).", min=1),
     ] = None,
     output: OutputOpt = "table",
+    quiet: QuietOpt = False,
 ) -> None:
     """Restore drill: restore a backup into a scratch directory on a free port, check it
     (pg_verifybackup, row counts, pg_amcheck --heapallindexed, a logical dump restored), measure
@@ -80,7 +80,7 @@ def verify_cmd(
     from hakeeper.backup.verify import DrillError, DrillResult, run_drill
 
     def step(msg: str) -> None:
-        if output == "table":
+        if output == "table" and not quiet:
             err.print(escape(f"verify: {msg}"))
 
     async def go(progress: Any) -> DrillResult:
@@ -102,7 +102,12 @@ def verify_cmd(
             await client.close()
 
     try:
-        with progress_bars(output == "table", {"fetch": "fetch + decompress"}) as bars:
+        labels = {
+            "fetch": Label("fetch + decompress"),
+            "wal_replay": Label("WAL replay"),
+            "end_of_recovery": Label("end of recovery", "time"),  # the checkpoint, or the promotion
+        }
+        with progress_display("verify", labels, output=output, quiet=quiet) as bars:
             res = asyncio.run(go(bars))
     except (DrillError, BackupError) as e:
         raise fail(str(e)) from None
@@ -137,6 +142,8 @@ def _print_drill(res: Any) -> None:
             f"decompress {r.decompress:.1f}, WAL replay {_fmt_s(r.wal_replay)}, promote {_fmt_s(r.promote)}"
             + (f" ({human_bytes(size)})" if size else "")
         )
+    if res.phases:
+        lines.append(f"  phases    {phases_text(res.phases)}")
     lines.extend(f"  note      {n}" for n in res.notes)
     lines.extend(f"  stored    {s}" for s in res.stored)
     out.print(escape("\n".join(lines)))

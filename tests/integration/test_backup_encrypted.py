@@ -309,7 +309,16 @@ def test_encrypted_s3_repository_backup_and_restore_through_the_cli(area: PgArea
         insert(p, "b", 10)
         dest = area.data_dir("restored")
         (port,) = free_ports(1)
-        argv = ["restore", "-c", str(conf), "--data-dir", str(dest), "--latest", "--start"]
+        argv = [
+            "restore",
+            "-c",
+            str(conf),
+            "--data-dir",
+            str(dest),
+            "--latest",
+            "--include-current-wal",
+            "--start",
+        ]
         res = ok(hk(*argv, "--port", str(port), "-o", "json"))
         assert res["started"] is True and res["backup"] == created["id"], res
         assert sql(port, "SELECT batch, count(*) FROM t GROUP BY 1 ORDER BY 1") == [("a", 1000), ("b", 10)]

@@ -116,7 +116,7 @@ def test_incremental_chain_restore_pitr_promotion_expire(
         assert f"parent     {inc1['id']} (chain {full['id']}" in info and "all in the archive" in info
 
         # the last incremental, up to the end of the archive: all five batches
-        res, port = restore(conf, area, "latest", "--latest")
+        res, port = restore(conf, area, "latest", "--latest", "--include-current-wal")
         assert res["chain"] == [full["id"], inc1["id"], inc2["id"]]
         assert res["combine_mode"] == "in-place"  # the default: the links applied to the full
         assert counts(port, c.superuser_password) == {b: 100 for b in "abcde"}
@@ -153,7 +153,7 @@ def test_incremental_chain_restore_pitr_promotion_expire(
         plans = ok(hk("backup", "expire", "-c", conf, "-o", "json"))
         assert sorted(b["id"] for b in plans[0]["backups"]) == sorted([full["id"], inc1["id"], inc2["id"]])
         assert plans[0]["kept"] == [inc3["id"], after["id"]]
-        res, port = restore(conf, area, "after-expire", "--latest")
+        res, port = restore(conf, area, "after-expire", "--latest", "--include-current-wal")
         assert res["chain"] == [after["id"], inc3["id"]]
         assert counts(port, c.superuser_password) == {b: 100 for b in "abcdefg"}
 

@@ -61,7 +61,7 @@ def test_incremental_chain_on_s3(seaweed: SeaweedS3, area: PgArea) -> None:
         assert inc2["stored_size"] < full["stored_size"]
         insert("d")
 
-        res, port = restore(conf, area, "from-s3", "--latest")
+        res, port = restore(conf, area, "from-s3", "--latest", "--include-current-wal")
         assert res["repository"] == "s3" and res["chain"] == [full["id"], inc1["id"], inc2["id"]]
         assert counts(port, c.superuser_password) == {b: 100 for b in "abcd"}
         drill_run = hk("verify", "-c", conf, "--latest", "-o", "json")

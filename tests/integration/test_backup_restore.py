@@ -620,7 +620,8 @@ def test_cli_backup_and_restore_on_s3(area: PgArea) -> None:
         assert bad.returncode == 2 and "exactly one" in bad.stderr and "Traceback" not in bad.stderr
         bad = hk("restore", "-c", str(conf), "--data-dir", str(area.root / "x"), "--target-time", "yesterday")
         assert bad.returncode == 2 and "ISO 8601" in bad.stderr
-        # restore the latest state: the CLI switches WAL on the primary (the node of -c)
+        # restore the very latest state: --include-current-wal switches WAL on the primary (the
+        # node of -c) and waits for that segment (issue 16: plain --latest restores what is archived)
         dest = area.data_dir("restored")
         (port,) = free_ports(1)
         res = ok(
@@ -631,6 +632,7 @@ def test_cli_backup_and_restore_on_s3(area: PgArea) -> None:
                 "--data-dir",
                 str(dest),
                 "--latest",
+                "--include-current-wal",
                 "--start",
                 "--port",
                 str(port),
@@ -814,7 +816,8 @@ def test_cluster_backup_from_standby_and_pitr_across_a_switchover() -> None:
             # latest: across the switchover, up to the new primary's last commit
             (port,) = free_ports(1)
             dest = restore_area.data_dir("r-latest")
-            res = ok(hk("restore", "-c", conf, "-D", str(dest), "--latest", "--start", "--port", str(port)))
+            argv = ["restore", "-c", conf, "-D", str(dest), "--latest", "--include-current-wal", "--start"]
+            res = ok(hk(*argv, "--port", str(port)))
             assert doc["id"] in res and "on timeline 2" in res
             assert batches(port, c.superuser_password) == ["a", "b", "c", "d"]
             assert sql(port, "SELECT pg_is_in_recovery()", password=c.superuser_password) == [(False,)]

@@ -133,6 +133,19 @@ def test_a_schedule_runs_once_per_slot_on_the_leader_keeps_its_retention_and_mov
                 m = metrics(c, leader)
                 assert re.search(r'hakeeper_schedule_runs_total\{result="ok",schedule="quick"\} [3-9]', m), m
                 assert 'hakeeper_schedule_last_success_timestamp_seconds{schedule="quick"}' in m
+                # issue 16: the backup's phases in the run's details (the repository it was taken
+                # into; the copy's has none), exported by every agent -- here the one not leading
+                taken = ok_runs()[-1]["details"]["repositories"]
+                copy = taken["fs"]["phases"]["copy"]
+                assert copy["bytes"] > 0 and copy["seconds"] > 0 and "phases" not in taken["fs2"], taken
+                wait_for(
+                    lambda: (
+                        'hakeeper_backup_phase_bytes{kind="backup",phase="copy",repository="fs"}'
+                        in metrics(c, other)
+                    ),
+                    30,
+                    "the scheduled backup's phases in the other agent's metrics",
+                )
 
                 # kill the leader while it runs a slot: the new leader marks it interrupted
                 wait_for(

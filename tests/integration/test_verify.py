@@ -281,6 +281,14 @@ def test_drill_result_in_etcd_metrics_and_the_report_after_a_failover() -> None:
                 m = metrics(other)
                 total = float(re.findall(r'hakeeper_verify_rto_seconds\{phase="total"\} ([0-9.e+-]+)', m)[0])
                 assert total == drill["rto"]["total"]
+                # issue 16: the drill's throughput by phase, exported by an agent that did not run it
+                copy = drill["phases"]["copy"]
+                assert copy["bytes"] == drill["restore"]["size"] and copy["seconds"] > 0, drill["phases"]
+                assert drill["phases"]["wal_replay"]["seconds"] > 0
+                pat = r'hakeeper_backup_phase_{}\{{kind="drill",phase="copy",repository="fs"\}} ([0-9.e+-]+)'
+                assert float(re.findall(pat.format("bytes"), m)[0]) == copy["bytes"]
+                assert float(re.findall(pat.format("seconds"), m)[0]) == copy["seconds"]
+                assert float(re.findall(pat.format("rate_bytes_per_second"), m)[0]) == copy["rate"]
 
                 t = threading.Thread(target=switcher, daemon=True)
                 t.start()
@@ -300,6 +308,7 @@ def test_drill_result_in_etcd_metrics_and_the_report_after_a_failover() -> None:
                 pitr = rows["WAL archive + PITR"]
                 assert pitr["rto_seconds"] == drill["rto"]["total"], pitr
                 assert drill["id"] in pitr["source"] and "archive lag now" in pitr["source"]
+                assert "restore phases: plan " in pitr["source"] and "; copy " in pitr["source"], pitr
                 assert pitr["rpo_seconds"] < 60, pitr
                 fo = rows["failover"]
                 assert 0 < fo["rto_seconds"] < 120 and "measured by the agents" in fo["source"], fo
