@@ -109,8 +109,8 @@ from bench.backup import (
     tool_version,
     wait_writable_or_log,
 )
-from bench.docs import write_section
 from bench.failover import machine_facts
+from bench.switchover import write_section  # the section carries its own marks
 from hakeeper.localcluster import HOST, SUPERUSER, pg_program, port_is_free
 from hakeeper.util.proc import RunAs, child_env
 from tests.support.ports import free_ports
@@ -900,7 +900,7 @@ class SpeedBench(Bench):
 SCENARIO_TITLES = {
     "backup": "full backup (s)",
     "restore": "restore of the newest backup, to first write (s)",
-    "delta": "delta restore after {pct}% changed, to first write (s)",
+    "delta": "delta restore after {pct:g}% changed, to first write (s)",
     "pitr": "PITR over the WAL, to first write (s)",
 }
 
@@ -962,6 +962,7 @@ def verdicts(res: Results) -> list[str]:
             br_r = med(rows_of(res, "restore", repo, cache, "pgbr"), "total_s")
             raw_r = med(rows_of(res, "restore", "local", cache, "raw"), "s")
             hk_d = med(rows_of(res, "delta", repo, cache, "hk"), "total_s")
+            br_d = med(rows_of(res, "delta", repo, cache, "pgbr"), "total_s")
             if not any((hk_b, br_b, hk_r, br_r, hk_d)):
                 continue
             if hk_b and br_b:
@@ -990,6 +991,20 @@ def verdicts(res: Results) -> list[str]:
                         T_RESTORE_VS_RAW,
                         f"{hk_r:.2f} s / {raw_r:.2f} s; the raw run has no PostgreSQL start and no fsync",
                     )
+                )
+            if br_d and br_r:
+                out.append(
+                    f"- pgBackRest's delta restore vs its full restore ({g}; for comparison): "
+                    f"{br_d:.2f} s / {br_r:.2f} s = {br_d / br_r:.2f}x."
+                )
+            rows_d = rows_of(res, "delta", repo, cache, "hk")
+            fetched = [pick(r, "bytes", "fetched") for r in rows_d]
+            total = [pick(r, "bytes", "total") for r in rows_d]
+            if rows_d and all(fetched) and all(total):
+                shares = [f / t for f, t in zip(fetched, total, strict=True) if f and t]
+                out.append(
+                    f"- hakeeper's delta restore ({g}) fetched a median "
+                    f"{statistics.median(shares) * 100:.1f} % of the backup's bytes."
                 )
             if hk_d and hk_r:
                 out.append(
@@ -1143,7 +1158,7 @@ def setup_lines(res: Results, args: argparse.Namespace) -> list[str]:
         f"- **Raw reference**: `tar -cf - . | zstd -q -T{PARALLEL} -{ZSTD_LEVEL}` of the stopped copy and "
         f"`zstd -q -d -T{PARALLEL} | tar -xf -` into an empty directory (no fsync, no PostgreSQL start).",
         f"- **Delta**: before each run `UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= "
-        f"{args.update_pct}% of the rows` on both sources and a new full backup with each tool (untimed); "
+        f"{args.update_pct:g}% of the rows` on both sources and a new full backup with each tool (untimed); "
         "the "
         "delta restore goes into the directory of the previous one (the first into an untimed full restore, "
         "stopped cleanly); `sum(abalance)` of the range is checked after the first write.",

@@ -11,7 +11,18 @@ import pytest
 
 from bench import pgbr
 from bench.backup import Results
-from bench.restore_speed import flatten, idle_share, need_bytes, parse_args, pick, verdicts
+from bench.restore_speed import (
+    MARK_END,
+    MARK_START,
+    flatten,
+    idle_share,
+    need_bytes,
+    parse_args,
+    pick,
+    render_section,
+    verdicts,
+)
+from bench.switchover import write_section
 
 
 def _restore_json() -> dict[str, Any]:
@@ -128,3 +139,18 @@ def test_pgbackrest_s3_repository_config() -> None:
     assert stanza.index("pg1-path=/d") < stanza.index("[global:archive-get]")
     with_ca = pgbr.s3_repo_lines(2, host="h", port=1, bucket="b", key="k", secret="s", ca_file=Path("/ca"))
     assert "repo2-storage-ca-file=/ca" in with_ca and not any("verify-tls" in x for x in with_ca)
+
+
+def test_section_written_once_and_replaced(tmp_path: Path) -> None:
+    facts = {k: "x" for k in ("date_utc", "nproc", "cpu_model", "memory", "kernel", "postgresql")}
+    facts.update(load_avg_start="0.1 0.1 0.1", hakeeper="abc")
+    res = _res({"restore|fs|warm|hk": [4.0], "restore|fs|warm|pgbr": [5.0]})
+    res.facts = facts
+    args = parse_args(["--scale", "5"])
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nother text\n")
+    for _ in range(2):
+        write_section(out, MARK_START, MARK_END, render_section(res, args, "cmd", "none", None))
+    text = out.read_text()
+    assert text.count(MARK_START) == 1 and text.count(MARK_END) == 1
+    assert "other text" in text and "**0.80x** (target <= 0.8x" in text
