@@ -826,6 +826,12 @@ class SpeedBench(Bench):
                 "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
             )
         )
+        # A commit after the target: recovery stops at the first commit past it; without one it
+        # reaches the end of the WAL first, and PostgreSQL 14+ refuses to promote ("recovery ended
+        # before configured recovery target was reached").
+        time.sleep(0.01)
+        sql(port, self.password, "CREATE TABLE IF NOT EXISTS bench_after_target (at timestamptz)", DB)
+        sql(port, self.password, "INSERT INTO bench_after_target VALUES (clock_timestamp())", DB)
         rows = sql(
             port,
             self.password,
@@ -856,6 +862,14 @@ class SpeedBench(Bench):
         }
         log(f"  {tool}: target {target}, {rows} history rows, archived {time.monotonic() - t1:.1f} s after")
         return target
+
+    def cleanup(self) -> list[str]:
+        """Everything stopped, SeaweedFS last (the agent may still push WAL to it while stopping);
+        the second pass only lists what is left."""
+        super().cleanup()
+        if self.s3 is not None:
+            self.s3.stop()
+        return super().cleanup()
 
     def in_bucket(self, bucket: str, name: str) -> bool:
         assert self.s3 is not None
