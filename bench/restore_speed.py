@@ -136,7 +136,21 @@ T_DELTA_VS_FULL = 0.3
 T_PITR_IDLE = 0.10
 T_BACKUP_VS_PGBR = 0.5
 
-TOOLS = {"hk": "hakeeper", "pgbr": "pgBackRest", "raw": "raw"}
+TOOLS = {"hk": "hakeeper", "hkc": "hakeeper --compress-on client", "pgbr": "pgBackRest", "raw": "raw"}
+# hakeeper's backups in two layouts: "hk" as `backup create` takes them by default, "hkc" with
+# `--compress-on client` (the indexed layout of issue 16's parallel and delta restore, while it is
+# not the default); both back up the same cluster, each restore names its own backup (--backup).
+HK_TOOLS = ("hk", "hkc")
+HK_CREATE_OPTS = {"hk": [], "hkc": ["--compress-on", "client"]}
+
+
+def source_of(tool: str) -> str:
+    return "hk" if tool in HK_TOOLS else tool
+
+
+def variant(tool: str) -> str:
+    """Suffix of a verdict's label: which of hakeeper's backup layouts."""
+    return ", --compress-on client" if tool == "hkc" else ""
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -153,6 +167,7 @@ class HkCaps:
     jobs: bool
     delta: bool
     create_parallel: bool
+    compress_on: bool = False
 
     def restore_opts(self, jobs: int) -> list[str]:
         return ["--jobs", str(jobs)] if self.jobs else ["--parallel", str(PARALLEL)]
@@ -177,6 +192,7 @@ def hk_caps(cli: list[str]) -> HkCaps:
         jobs=bool(re.search(r"--jobs\b", restore)),
         delta=bool(re.search(r"--delta\b", restore)),
         create_parallel=bool(re.search(r"--parallel\b", create)),
+        compress_on=bool(re.search(r"--compress-on\b", create)),
     )
 
 
@@ -415,7 +431,8 @@ class SpeedBench(Bench):
         self.hk_available = False
         self.caps = HkCaps(False, False, True)
         self.jobs: int = args.jobs
-        self.old_copy = {"hk": self.restore_dir / "hk-old", "pgbr": self.restore_dir / "pgbr-old"}
+        self.old_copy = {t: self.restore_dir / f"{t}-old" for t in (*HK_TOOLS, "pgbr")}
+        self.last_id: dict[tuple[str, str], str] = {}  # (hakeeper variant, repo) -> newest backup id
         self.updates = 0  # UPDATEs of the delta scenario so far (abalance = updates on the range)
         self.pgbr_s3 = tls_ok  # pgBackRest reaches S3 only over https
         self.has_backup: set[tuple[str, str]] = set()  # (tool, repo) with a backup to restore
@@ -556,7 +573,9 @@ class SpeedBench(Bench):
 
     # ----------------------------------------------------------------- backups
 
-    def hk_backup(self, i: int, repo: str = "fs", cache: str = "warm", scenario: str = "backup") -> None:
+    def hk_backup(
+        self, i: int, repo: str = "fs", cache: str = "warm", scenario: str = "backup", tool: str = "hk"
+    ) -> None:
         par = ["--parallel", str(PARALLEL)] if self.caps.create_parallel else []
         self.prepare_cache(cache)
         t0 = time.monotonic()
@@ -570,14 +589,17 @@ class SpeedBench(Bench):
             "--from",
             "primary",
             *par,
+            *HK_CREATE_OPTS[tool],
             "-o",
             "json",
         )
         el = time.monotonic() - t0
         rec = parse_json(r.stdout)
-        row: dict[str, Any] = {"run": i, "s": el, "bytes": rec.get("stored_size")}
+        if rec.get("id"):
+            self.last_id[(tool, repo)] = str(rec["id"])
+        row: dict[str, Any] = {"run": i, "s": el, "bytes": rec.get("stored_size"), "id": rec.get("id")}
         row.update({f"hk.{k}": v for k, v in flatten(rec).items()})
-        self.add(scenario, repo, cache, "hk", row)
+        self.add(scenario, repo, cache, tool, row)
         # Untimed: keep the repository at the newest two backups (the disk at scale 600).
         self.hk("backup", "expire", "-c", self.node.config_path, "--repo", HK_REPOS[repo])
 
@@ -599,8 +621,8 @@ class SpeedBench(Bench):
         self.pgbr("expire", f"--repo={n}", f"--repo{n}-retention-full=2")
 
     def backup_any(self, tool: str, i: int, repo: str, cache: str, scenario: str) -> None:
-        if tool == "hk":
-            self.hk_backup(i, repo, cache, scenario)
+        if tool in HK_TOOLS:
+            self.hk_backup(i, repo, cache, scenario, tool)
         else:
             self.pgbr_backup(i, repo, cache, scenario)
         self.has_backup.add((tool, repo))
@@ -627,13 +649,15 @@ class SpeedBench(Bench):
         if not delta:
             rmtree(target)
         self.tracker.add_pgdata(target)
-        port = self.ports.hk_restore if tool == "hk" else self.ports.pgbr_restore
+        port = self.ports.hk_restore if tool in HK_TOOLS else self.ports.pgbr_restore
         logfile: Path | None = None
         self.prepare_cache(cache)
         wall0 = time.time()
         t0 = time.monotonic()
-        if tool == "hk":
+        if tool in HK_TOOLS:
             how = ["--target-time", target_time] if target_time else ["--latest"]
+            if (tool, repo) in self.last_id:  # this variant's newest backup, not the other's
+                how += ["--backup", self.last_id[(tool, repo)]]
             r = self.hk(
                 "restore",
                 "-c",
@@ -676,7 +700,7 @@ class SpeedBench(Bench):
         off, t2 = wait_writable_or_log(port, self.password, target, logfile)
         row: dict[str, Any] = {
             "run": i,
-            "cmd_s" if tool == "hk" else "copy_s": t1 - t0,
+            "cmd_s" if tool in HK_TOOLS else "copy_s": t1 - t0,
             "total_s": t2 - t0,
             "recovery_off_to_write_s": t2 - off,
         }
@@ -727,11 +751,11 @@ class SpeedBench(Bench):
 
     def scenario_delta(self, tools: list[str]) -> None:
         log(f"scenario delta ({self.args.update_pct}% of the accounts updated, new backup, delta restore)")
-        if "hk" in tools and not self.caps.delta:
+        if any(t in HK_TOOLS for t in tools) and not self.caps.delta:
             self.note(
                 "delta: skipped for hakeeper: `hakeeper restore --help` has no --delta in this checkout"
             )
-            tools = [t for t in tools if t != "hk"]
+            tools = [t for t in tools if t not in HK_TOOLS]
         if not tools:
             return
         for t in tools:  # the older copy: an untimed full restore of the newest backup, stopped cleanly
@@ -743,7 +767,8 @@ class SpeedBench(Bench):
         for repo, cache in self.groups():
             for i in range(1, self.args.runs + 1):
                 self.updates += 1
-                for t in tools:  # both sources change, even where a tool skips this repository
+                # both sources change, even where a tool skips this repository
+                for t in sorted({source_of(t) for t in tools}):
                     port = self.ports.hk_pg if t == "hk" else self.ports.pgbr_source
                     t0 = time.monotonic()
                     sql(
@@ -757,8 +782,18 @@ class SpeedBench(Bench):
                 for t in self.tools_for(repo, tools):
                     self.backup_any(t, i, repo, "warm", "delta-backup")
                 for t in self.order(self.tools_for(repo, tools), i):
-                    self.restore_run(t, "delta", repo, cache, i, into=self.old_copy[t])
-        for t in tools:
+                    try:
+                        self.restore_run(t, "delta", repo, cache, i, into=self.old_copy[t])
+                    except BenchError as e:
+                        # e.g. --delta refused for a backup without an index (server-compressed)
+                        if t not in HK_TOOLS:
+                            raise
+                        why = str(e).strip().splitlines()[-1][:300]
+                        self.res.missing.append(f"delta restore with {TOOLS[t]} failed, not measured: {why}")
+                        log(self.res.missing[-1])
+                        stop_pg(self.old_copy[t], self.run_as, mode="immediate")
+                        tools.remove(t)
+        for t in (*HK_TOOLS, "pgbr"):
             rmtree(self.old_copy[t])
 
     def scenario_pitr(self, tools: list[str]) -> None:
@@ -769,11 +804,11 @@ class SpeedBench(Bench):
         tools = self.tools_for(repo, tools)
         for t in tools:
             self.backup_any(t, 0, repo, "warm", "pitr-base")
-        targets = {t: self.make_wal(t, repo) for t in tools}
+        targets = {src: self.make_wal(src, repo) for src in sorted({source_of(t) for t in tools})}
         for _repo, cache in self.groups([repo]):
             for i in range(1, self.args.runs + 1):
                 for t in self.order(tools, i):
-                    self.restore_run(t, "pitr", repo, cache, i, target_time=targets[t])
+                    self.restore_run(t, "pitr", repo, cache, i, target_time=targets[source_of(t)])
 
     def make_wal(self, tool: str, repo: str) -> str:
         """pgbench on ``tool``'s source until --pitr-wal-mb of WAL are written; returns the target
@@ -863,6 +898,17 @@ class SpeedBench(Bench):
         log(f"  {tool}: target {target}, {rows} history rows, archived {time.monotonic() - t1:.1f} s after")
         return target
 
+    def hk_variants(self) -> list[str]:
+        out = ["hk"] if "default" in self.args.hk_variant_list else []
+        if "client" in self.args.hk_variant_list:
+            if self.caps.compress_on:
+                out.append("hkc")
+            else:
+                self.note(
+                    "hakeeper: `backup create --help` has no --compress-on: no client-compressed variant"
+                )
+        return out
+
     def cleanup(self) -> list[str]:
         """Everything stopped, SeaweedFS last (the agent may still push WAL to it while stopping);
         the second pass only lists what is left."""
@@ -888,7 +934,11 @@ class SpeedBench(Bench):
             self.check_hakeeper_commands()
             if self.hk_available:
                 self.caps = hk_caps(self.hk_cli)
-                self.res.dataset["hk_caps"] = {"jobs": self.caps.jobs, "delta": self.caps.delta}
+                self.res.dataset["hk_caps"] = {
+                    "jobs": self.caps.jobs,
+                    "delta": self.caps.delta,
+                    "compress_on": self.caps.compress_on,
+                }
                 if not self.caps.jobs:
                     self.note(
                         "hakeeper: `restore --help` has no --jobs in this checkout: restores run with "
@@ -909,7 +959,8 @@ class SpeedBench(Bench):
         self.raw_reference()
         if pgbr_on:
             self.setup_pgbackrest()
-        tools = [t for t, on in (("hk", hk_measured), ("pgbr", pgbr_on)) if on]
+        tools = self.hk_variants() if hk_measured else []
+        tools += ["pgbr"] if pgbr_on else []
         if not tools:
             return
         steps = {
@@ -919,7 +970,7 @@ class SpeedBench(Bench):
             "pitr": self.scenario_pitr,
         }
         for name in self.args.scenario_list:
-            steps[name](tools)
+            steps[name](list(tools))
 
 
 # --------------------------------------------------------------------------------- report
@@ -949,25 +1000,26 @@ def cell(rows: Sequence[dict[str, Any]], key: str) -> str:
 
 def results_table(res: Results, args: argparse.Namespace) -> list[str]:
     out = [
-        "| scenario | repository | cache | hakeeper median (min-max) | pgBackRest median (min-max) "
-        "| raw `tar \\| zstd` / `zstd -d \\| tar` | hakeeper / pgBackRest |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | repository | cache | hakeeper backups | hakeeper median (min-max) "
+        "| pgBackRest median (min-max) | raw `tar \\| zstd` / `zstd -d \\| tar` | hakeeper / pgBackRest |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for scen in ("backup", "restore", "delta", "pitr"):
         for repo in ("fs", "s3"):
             for cache in ("warm", "cold"):
-                hk = rows_of(res, scen, repo, cache, "hk")
                 br = rows_of(res, scen, repo, cache, "pgbr")
-                if not hk and not br:
-                    continue
                 raw = rows_of(res, scen, "local", cache, "raw") if scen in ("backup", "restore") else []
-                h, b = med(hk, main_value(scen, "hk")), med(br, main_value(scen, "pgbr"))
-                ratio = f"{h / b:.2f}x" if h and b else "-"
                 title = SCENARIO_TITLES[scen].format(pct=args.update_pct)
-                out.append(
-                    f"| {title} | {repo} | {cache} | {cell(hk, main_value(scen, 'hk'))} "
-                    f"| {cell(br, main_value(scen, 'pgbr'))} | {cell(raw, 's')} | {ratio} |"
-                )
+                hks = [t for t in HK_TOOLS if rows_of(res, scen, repo, cache, t)]
+                for t in hks or (["-"] if br else []):
+                    hk = rows_of(res, scen, repo, cache, t)
+                    h, b = med(hk, main_value(scen, "hk")), med(br, main_value(scen, "pgbr"))
+                    ratio = f"{h / b:.2f}x" if h and b else "-"
+                    layout = {"hk": "default", "hkc": "`--compress-on client`"}.get(t, "-")
+                    out.append(
+                        f"| {title} | {repo} | {cache} | {layout} | {cell(hk, main_value(scen, 'hk'))} "
+                        f"| {cell(br, main_value(scen, 'pgbr'))} | {cell(raw, 's')} | {ratio} |"
+                    )
     return out
 
 
@@ -982,90 +1034,101 @@ def verdicts(res: Results) -> list[str]:
     out: list[str] = []
     for repo in ("fs", "s3"):
         for cache in ("warm", "cold"):
-            g = f"{repo}, {cache}"
-            hk_b = med(rows_of(res, "backup", repo, cache, "hk"), "s")
-            br_b = med(rows_of(res, "backup", repo, cache, "pgbr"), "s")
-            hk_r = med(rows_of(res, "restore", repo, cache, "hk"), "total_s")
-            br_r = med(rows_of(res, "restore", repo, cache, "pgbr"), "total_s")
-            raw_r = med(rows_of(res, "restore", "local", cache, "raw"), "s")
-            hk_d = med(rows_of(res, "delta", repo, cache, "hk"), "total_s")
+            for t in HK_TOOLS:
+                out += group_verdicts(res, repo, cache, t)
             br_d = med(rows_of(res, "delta", repo, cache, "pgbr"), "total_s")
-            if not any((hk_b, br_b, hk_r, br_r, hk_d)):
-                continue
-            if hk_b and br_b:
-                out.append(
-                    verdict(
-                        f"backup vs pgBackRest ({g})",
-                        hk_b / br_b,
-                        T_BACKUP_VS_PGBR,
-                        f"{hk_b:.2f} s / {br_b:.2f} s",
-                    )
-                )
-            if hk_r and br_r:
-                out.append(
-                    verdict(
-                        f"restore to first write vs pgBackRest ({g})",
-                        hk_r / br_r,
-                        T_RESTORE_VS_PGBR,
-                        f"{hk_r:.2f} s / {br_r:.2f} s",
-                    )
-                )
-            if hk_r and raw_r:
-                out.append(
-                    verdict(
-                        f"restore to first write vs raw `zstd -d | tar -x` ({g})",
-                        hk_r / raw_r,
-                        T_RESTORE_VS_RAW,
-                        f"{hk_r:.2f} s / {raw_r:.2f} s; the raw run has no PostgreSQL start and no fsync",
-                    )
-                )
+            br_r = med(rows_of(res, "restore", repo, cache, "pgbr"), "total_s")
             if br_d and br_r:
                 out.append(
-                    f"- pgBackRest's delta restore vs its full restore ({g}; for comparison): "
+                    f"- pgBackRest's delta restore vs its full restore ({repo}, {cache}; for comparison): "
                     f"{br_d:.2f} s / {br_r:.2f} s = {br_d / br_r:.2f}x."
-                )
-            rows_d = rows_of(res, "delta", repo, cache, "hk")
-            fetched = [pick(r, "bytes", "fetched") for r in rows_d]
-            total = [pick(r, "bytes", "total") for r in rows_d]
-            if rows_d and all(fetched) and all(total):
-                shares = [f / t for f, t in zip(fetched, total, strict=True) if f and t]
-                out.append(
-                    f"- hakeeper's delta restore ({g}) fetched a median "
-                    f"{statistics.median(shares) * 100:.1f} % of the backup's bytes."
-                )
-            if hk_d and hk_r:
-                out.append(
-                    verdict(
-                        f"delta restore vs full restore ({g})",
-                        hk_d / hk_r,
-                        T_DELTA_VS_FULL,
-                        f"{hk_d:.2f} s / {hk_r:.2f} s",
-                    )
                 )
     for cache in ("warm", "cold"):
         for repo in ("s3", "fs"):
-            rows = rows_of(res, "pitr", repo, cache, "hk")
-            if not rows:
-                continue
-            shares = [s for s in (idle_share(r) for r in rows) if s is not None]
-            share = statistics.median(shares) if shares else None
-            if share is None:
-                out.append(
-                    f"- PITR WAL-fetch idle share ({repo}, {cache}): not measured (hakeeper's `-o json` "
-                    "has no prefetch waiting time, or the replay time was not in the log)."
-                )
-            else:
-                ok = "met" if share < T_PITR_IDLE else "missed"
-                out.append(
-                    f"- PITR WAL-fetch idle time / recovery ({repo}, {cache}): **{share * 100:.1f} %** "
-                    f"(target < {T_PITR_IDLE * 100:.0f} %): **{ok}**."
-                )
-            hk_p, br_p = med(rows, "total_s"), med(rows_of(res, "pitr", repo, cache, "pgbr"), "total_s")
-            if hk_p and br_p:
-                out.append(
-                    f"- PITR to first write ({repo}, {cache}; no target in the issue): hakeeper "
-                    f"{hk_p:.2f} s, pgBackRest {br_p:.2f} s ({hk_p / br_p:.2f}x)."
-                )
+            for t in HK_TOOLS:
+                out += pitr_verdicts(res, repo, cache, t)
+    return out
+
+
+def group_verdicts(res: Results, repo: str, cache: str, t: str) -> list[str]:
+    """The issue's backup, restore and delta targets for one hakeeper variant."""
+    out: list[str] = []
+    g = f"{repo}, {cache}{variant(t)}"
+    hk_b = med(rows_of(res, "backup", repo, cache, t), "s")
+    br_b = med(rows_of(res, "backup", repo, cache, "pgbr"), "s")
+    hk_r = med(rows_of(res, "restore", repo, cache, t), "total_s")
+    br_r = med(rows_of(res, "restore", repo, cache, "pgbr"), "total_s")
+    raw_r = med(rows_of(res, "restore", "local", cache, "raw"), "s")
+    hk_d = med(rows_of(res, "delta", repo, cache, t), "total_s")
+    if hk_b and br_b:
+        out.append(
+            verdict(
+                f"backup vs pgBackRest ({g})", hk_b / br_b, T_BACKUP_VS_PGBR, f"{hk_b:.2f} s / {br_b:.2f} s"
+            )
+        )
+    if hk_r and br_r:
+        out.append(
+            verdict(
+                f"restore to first write vs pgBackRest ({g})",
+                hk_r / br_r,
+                T_RESTORE_VS_PGBR,
+                f"{hk_r:.2f} s / {br_r:.2f} s",
+            )
+        )
+    if hk_r and raw_r:
+        out.append(
+            verdict(
+                f"restore to first write vs raw `zstd -d | tar -x` ({g})",
+                hk_r / raw_r,
+                T_RESTORE_VS_RAW,
+                f"{hk_r:.2f} s / {raw_r:.2f} s; the raw run has no PostgreSQL start and no fsync",
+            )
+        )
+    rows_d = rows_of(res, "delta", repo, cache, t)
+    fetched = [pick(r, "bytes", "fetched") for r in rows_d]
+    total = [pick(r, "bytes", "total") for r in rows_d]
+    if rows_d and all(x is not None for x in fetched) and all(total):
+        shares = [(f or 0) / tt for f, tt in zip(fetched, total, strict=True) if tt]
+        out.append(
+            f"- hakeeper's delta restore ({g}) fetched a median "
+            f"{statistics.median(shares) * 100:.1f} % of the backup's bytes."
+        )
+    if hk_d and hk_r:
+        out.append(
+            verdict(
+                f"delta restore vs full restore ({g})",
+                hk_d / hk_r,
+                T_DELTA_VS_FULL,
+                f"{hk_d:.2f} s / {hk_r:.2f} s",
+            )
+        )
+    return out
+
+
+def pitr_verdicts(res: Results, repo: str, cache: str, t: str) -> list[str]:
+    rows = rows_of(res, "pitr", repo, cache, t)
+    if not rows:
+        return []
+    g = f"{repo}, {cache}{variant(t)}"
+    shares = [s for s in (idle_share(r) for r in rows) if s is not None]
+    share = statistics.median(shares) if shares else None
+    if share is None:
+        out = [
+            f"- PITR WAL-fetch idle share ({g}): not measured (hakeeper's `-o json` "
+            "has no prefetch waiting time, or the replay time was not in the log)."
+        ]
+    else:
+        ok = "met" if share < T_PITR_IDLE else "missed"
+        out = [
+            f"- PITR WAL-fetch idle time / recovery ({g}): **{share * 100:.1f} %** "
+            f"(target < {T_PITR_IDLE * 100:.0f} %): **{ok}**."
+        ]
+    hk_p, br_p = med(rows, "total_s"), med(rows_of(res, "pitr", repo, cache, "pgbr"), "total_s")
+    if hk_p and br_p:
+        out.append(
+            f"- PITR to first write ({g}; no target in the issue): hakeeper "
+            f"{hk_p:.2f} s, pgBackRest {br_p:.2f} s ({hk_p / br_p:.2f}x)."
+        )
     return out
 
 
@@ -1124,14 +1187,14 @@ def hk_phase_lines(res: Results) -> list[str]:
     out = []
     for key, rows in res.rows.items():
         scen, repo, cache, tool = key.split("|")
-        if tool != "hk":
+        if tool not in HK_TOOLS:
             continue
         keys = sorted(
             {k for r in rows for k in r if k.startswith("hk.") and re.search(r"phase|second|prefetch", k)}
         )
         parts = [f"{k[3:]} {med(rows, k):.2f}" for k in keys if med(rows, k) is not None]
         if parts:
-            out.append(f"- `{scen}` {repo} {cache}: " + "; ".join(parts[:24]))
+            out.append(f"- `{scen}` {repo} {cache} {TOOLS[tool]}: " + "; ".join(parts[:24]))
     return out
 
 
@@ -1170,7 +1233,11 @@ def setup_lines(res: Results, args: argparse.Namespace) -> list[str]:
         "SeaweedFS `weed mini` on loopback (same machine, same CPUs) over https with a self-signed CA "
         "(pgBackRest: `repo2-storage-verify-tls=n`; hakeeper: `ca_file`). After every backup the repository "
         "is expired to its newest two (untimed).",
-        f"- **hakeeper**: `backup create --repo R --from primary` and `restore ... --repo R --start "
+        "- **hakeeper**: `backup create --repo R --from primary` as it is (`default`) and with "
+        "`--compress-on client` (the indexed layout of parallel and delta restore, not the default at "
+        "the time of writing; `--hk-variants`), into the same repositories, each restore naming its "
+        "variant's backup with `--backup ID`; "
+        f"`restore ... --repo R --start "
         f"{' '.join(HkCaps(bool(caps.get('jobs')), False, True).restore_opts(args.jobs))} -o json` "
         "(`--latest`, `--target-time T` or `--delta --latest`); the restore's own defaults otherwise.",
         "- **pgBackRest**: `backup --type=full --repo=N`; `restore --repo=N --archive-mode=off [--delta] "
@@ -1285,6 +1352,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pgbr-sync-get", action="store_true", help="pgBackRest archive-get without async prefetch"
     )
     p.add_argument("--s3-http-for-hakeeper", action="store_true", help="hakeeper on S3 over http, not https")
+    p.add_argument(
+        "--hk-variants",
+        default="default,client",
+        help="hakeeper backups measured: default (`backup create` as is) and/or client "
+        "(`--compress-on client`: the indexed layout that --delta needs while it is not the default)",
+    )
     p.add_argument("--skip-pgbackrest", action="store_true")
     p.add_argument("--skip-hakeeper", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -1299,8 +1372,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.repo_list = [r for r in a.repos.split(",") if r]
     a.cache_list = [c for c in a.cache.split(",") if c]
     a.scenario_list = [s for s in a.scenarios.split(",") if s]
+    a.hk_variant_list = [v for v in a.hk_variants.split(",") if v]
     bad = (set(a.repo_list) - {"fs", "s3"}) | (set(a.cache_list) - {"warm", "cold"})
     bad |= set(a.scenario_list) - set(SCENARIO_TITLES)
+    bad |= set(a.hk_variant_list) - {"default", "client"}
     if bad or not a.repo_list or not a.cache_list:
         p.error(f"unknown or missing values: {', '.join(sorted(bad)) or '--repos/--cache empty'}")
     return a
