@@ -1085,13 +1085,22 @@ def group_verdicts(res: Results, repo: str, cache: str, t: str) -> list[str]:
             )
         )
     rows_d = rows_of(res, "delta", repo, cache, t)
-    fetched = [pick(r, "bytes", "fetched") for r in rows_d]
+    written = [pick(r, "bytes", "written") for r in rows_d]
     total = [pick(r, "bytes", "total") for r in rows_d]
-    if rows_d and all(x is not None for x in fetched) and all(total):
-        shares = [(f or 0) / tt for f, tt in zip(fetched, total, strict=True) if tt]
+    fetched = [pick(r, "bytes", "fetched") for r in rows_d]
+    stored = med(rows_of(res, "delta-backup", repo, "warm", t), "bytes")  # compressed, as fetched
+    if rows_d and all(x is not None for x in written) and all(total):
+        w_share = statistics.median((w or 0) / (tt or 1) for w, tt in zip(written, total, strict=True))
+        f_med = statistics.median(f for f in fetched if f is not None) if any(fetched) else None
+        fetched_txt = (
+            f"; fetched {f_med / 2**20:,.1f} MiB of the backup's {stored / 2**20:,.1f} MiB stored "
+            f"({f_med / stored * 100:.0f} %)"
+            if f_med is not None and stored
+            else ""
+        )
         out.append(
-            f"- hakeeper's delta restore ({g}) fetched a median "
-            f"{statistics.median(shares) * 100:.1f} % of the backup's bytes."
+            f"- hakeeper's delta restore ({g}) wrote a median {w_share * 100:.1f} % of the backup's "
+            f"file bytes{fetched_txt}."
         )
     if hk_d and hk_r:
         out.append(

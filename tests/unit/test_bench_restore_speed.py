@@ -31,7 +31,7 @@ def _restore_json() -> dict[str, Any]:
         "id": "20261207T160000Z",
         "delta": True,
         "phases": {"fetch": {"seconds": 2.5, "bytes": 100}, "wal_replay": {"seconds": 40.0}},
-        "bytes": {"fetched": 50, "written": 60, "total": 1000},
+        "bytes": {"fetched": 50 * 2**20, "written": 60, "total": 1000},
         "prefetch": {"requests": 128, "hits": 120, "seconds_waiting": 3.0},
     }
 
@@ -60,7 +60,7 @@ def test_idle_share_prefers_the_log_replay_time() -> None:
 
 def test_pick_finds_delta_bytes() -> None:
     row = _row(_restore_json())
-    assert pick(row, r"bytes", "fetched") == 50
+    assert pick(row, r"bytes", "fetched") == 50 * 2**20
     assert pick(row, r"bytes", "total") == 1000
     assert pick(row, r"nothing") is None
 
@@ -154,3 +154,14 @@ def test_section_written_once_and_replaced(tmp_path: Path) -> None:
     text = out.read_text()
     assert text.count(MARK_START) == 1 and text.count(MARK_END) == 1
     assert "other text" in text and "**0.80x** (target <= 0.8x" in text
+
+
+def test_delta_shares_compare_like_with_like() -> None:
+    # written / total are file bytes; fetched is stored (compressed) bytes, set against the
+    # stored size of the backup the delta restored
+    res = Results()
+    res.rows["delta|fs|warm|hkc"] = [_row(_restore_json(), total_s=1.0)]
+    res.rows["delta-backup|fs|warm|hkc"] = [{"run": 1, "s": 1.0, "bytes": 100 * 2**20}]
+    text = "\n".join(verdicts(res))
+    assert "wrote a median 6.0 % of the backup's file bytes" in text
+    assert "fetched 50.0 MiB of the backup's 100.0 MiB stored (50 %)" in text
