@@ -34,6 +34,12 @@ copy's WAL) and adds:
                write; hakeeper's WAL-fetch idle time (from its ``-o json`` prefetch statistics)
                against the replay time in the PostgreSQL log.
 
+  hakeeper is measured in two backup layouts (``--hk-variants default,client``): as ``backup
+  create`` takes them by default and with ``--compress-on client`` (the indexed layout of parallel
+  and delta restore while it is not the default); both back up the same cluster into the same
+  repositories and every restore names its variant's backup (``--backup ID``).  The delta
+  scenario runs with the first variant whose backups carry a file index.
+
   The options the issue adds to hakeeper (``restore --jobs``, ``restore --delta``, phase timings
   and prefetch statistics in ``-o json``) are detected at run time from ``hakeeper restore
   --help`` / the JSON; a scenario hakeeper cannot run is skipped with the reason printed and
@@ -433,6 +439,7 @@ class SpeedBench(Bench):
         self.jobs: int = args.jobs
         self.old_copy = {t: self.restore_dir / f"{t}-old" for t in (*HK_TOOLS, "pgbr")}
         self.last_id: dict[tuple[str, str], str] = {}  # (hakeeper variant, repo) -> newest backup id
+        self.indexed: dict[str, bool] = {}  # hakeeper variant -> its newest backup has a file index
         self.updates = 0  # UPDATEs of the delta scenario so far (abalance = updates on the range)
         self.pgbr_s3 = tls_ok  # pgBackRest reaches S3 only over https
         self.has_backup: set[tuple[str, str]] = set()  # (tool, repo) with a backup to restore
@@ -599,6 +606,7 @@ class SpeedBench(Bench):
             self.last_id[(tool, repo)] = str(rec["id"])
         row: dict[str, Any] = {"run": i, "s": el, "bytes": rec.get("stored_size"), "id": rec.get("id")}
         row.update({f"hk.{k}": v for k, v in flatten(rec).items()})
+        self.indexed[tool] = any(k.startswith("hk.index.") for k in row)  # what --delta needs
         self.add(scenario, repo, cache, tool, row)
         # Untimed: keep the repository at the newest two backups (the disk at scale 600).
         self.hk("backup", "expire", "-c", self.node.config_path, "--repo", HK_REPOS[repo])
@@ -756,6 +764,7 @@ class SpeedBench(Bench):
                 "delta: skipped for hakeeper: `hakeeper restore --help` has no --delta in this checkout"
             )
             tools = [t for t in tools if t not in HK_TOOLS]
+        tools = self.delta_variants(tools)
         if not tools:
             return
         for t in tools:  # the older copy: an untimed full restore of the newest backup, stopped cleanly
@@ -792,9 +801,32 @@ class SpeedBench(Bench):
                         self.res.missing.append(f"delta restore with {TOOLS[t]} failed, not measured: {why}")
                         log(self.res.missing[-1])
                         stop_pg(self.old_copy[t], self.run_as, mode="immediate")
+                        rmtree(self.old_copy[t])
                         tools.remove(t)
         for t in (*HK_TOOLS, "pgbr"):
             rmtree(self.old_copy[t])
+
+    def delta_variants(self, tools: list[str]) -> list[str]:
+        """One hakeeper variant for the delta scenario: the first whose backups carry a file index
+        (the default layout once it is indexed; else --compress-on client).  One old copy per tool
+        keeps the disk at five data directories.  Without index information every variant is
+        tried (a refusal is then reported as missing)."""
+        hk = [t for t in tools if t in HK_TOOLS]
+        for t in hk:
+            if (t, self.repos[0]) not in self.has_backup:
+                self.backup_any(t, 0, self.repos[0], "warm", "setup-backup")
+        indexed = [t for t in hk if self.indexed.get(t)]
+        if not indexed:
+            return tools
+        for t in hk:
+            if t != indexed[0]:
+                why = (
+                    "measured with"
+                    if self.indexed.get(t)
+                    else "its backups have no file index; measured with"
+                )
+                self.note(f"delta: not measured for {TOOLS[t]} ({why} {TOOLS[indexed[0]]})")
+        return [t for t in tools if t not in HK_TOOLS or t == indexed[0]]
 
     def scenario_pitr(self, tools: list[str]) -> None:
         repo = "s3" if "s3" in self.repos else self.repos[0]
