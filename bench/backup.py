@@ -30,7 +30,7 @@ Everything runs on 127.0.0.1 under a fresh directory in /tmp, on ports BASE..BAS
 
 Usage::
 
-    python -m bench.backup [--scale 150] [--runs 3] [--skip-pgbackrest] [--skip-hakeeper]
+    python -m bench.backup [--scale 150] [--runs 3] [--skip-pgbackrest] [--skip-hakeeper] [--work-dir DIR]
                            [--keep] [--write-docs] [--out docs/benchmarks.md] [--json FILE]
 
 With ``--write-docs`` only the section between ``<!-- bench:backup:start -->`` and
@@ -52,6 +52,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -1655,6 +1656,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--base-port", type=int, default=DEFAULT_BASE_PORT, help="first port (34100); uses up to +61"
     )
+    p.add_argument(
+        "--work-dir", type=Path, default=None, help="where the work directory is made (default: /tmp)"
+    )
     args = p.parse_args(argv)
     if args.runs < 1 or args.scale < 1:
         p.error("--runs and --scale must be at least 1")
@@ -1696,7 +1700,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("zstd") is None:
         print("zstd not found: apt-get install -y zstd", file=sys.stderr)
         return 2
-    work = make_base_dir("hakeeper-bench-backup-")
+    work_parent = args.work_dir or Path("/tmp")
+    # Two sources, the raw extraction and one restore at a time (~15.5 MiB per scale unit), the
+    # repositories (pgbench data compresses ~20x) and the load's WAL: 4 copies and 2 GiB.
+    need = int(4 * args.scale * 15.5 * 2**20) + 2 * 2**30
+    free = shutil.disk_usage(work_parent).free if work_parent.is_dir() else 0
+    if free < need:
+        print(
+            f"{work_parent} has {free / 2**30:.1f} GiB free; scale {args.scale} needs about "
+            f"{need / 2**30:.1f} GiB: pass --work-dir on a larger filesystem",
+            file=sys.stderr,
+        )
+        return 2
+    if args.work_dir is None:
+        work = make_base_dir("hakeeper-bench-backup-")
+    else:
+        work = Path(tempfile.mkdtemp(prefix="hakeeper-bench-backup-", dir=args.work_dir))
+        work.chmod(0o755)  # PostgreSQL's OS user traverses it
     facts = machine_facts()
     facts.update(
         {
@@ -1704,7 +1724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "zstd": tool_version(["zstd", "--version"]).replace("*", "").strip(),
             "tar": tool_version(["tar", "--version"]),
             "disk": disk_facts(work),
-            "work_dir": "/tmp",
+            "work_dir": str(work_parent),
         }
     )
     res = Results(facts=facts)

@@ -6,6 +6,7 @@ incrementals (block incremental came in 2.46)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,26 @@ SUBDIRS = ("repo", "spool", "lock", "log", "sock")  # under the pgBackRest direc
 
 
 def conf_text(
-    base: Path, stanza: str, data_dir: Path, port: int, *, process_max: int, compress_level: int
+    base: Path,
+    stanza: str,
+    data_dir: Path,
+    port: int,
+    *,
+    process_max: int,
+    compress_level: int,
+    extra_global: Sequence[str] = (),
+    extra_sections: Sequence[str] = (),
 ) -> str:
     """``pgbackrest.conf`` for one stanza whose repository, spool, lock and log directories are
-    ``base``'s SUBDIRS (a posix repository; zstd at ``compress_level``; ``start-fast``)."""
+    ``base``'s SUBDIRS (a posix repository; zstd at ``compress_level``; ``start-fast``);
+    ``extra_global`` lines are added to ``[global]`` (e.g. a second repository,
+    :func:`s3_repo_lines`), ``extra_sections`` after the stanza (e.g. ``[global:archive-get]``)."""
     return "\n".join(
         [
             "[global]",
             f"repo1-path={base / 'repo'}",
             "repo1-retention-full=100",
+            *extra_global,
             f"process-max={process_max}",
             "compress-type=zst",
             f"compress-level={compress_level}",
@@ -41,8 +53,34 @@ def conf_text(
             f"pg1-socket-path={base / 'sock'}",
             f"pg1-user={SUPERUSER}",
             "",
+            *extra_sections,
         ]
     )
+
+
+def s3_repo_lines(
+    n: int, *, host: str, port: int, bucket: str, key: str, secret: str, ca_file: Path | None
+) -> list[str]:
+    """``[global]`` lines of repository ``n`` on an S3 server at https://host:port (path-style
+    URIs, as SeaweedFS serves them).  pgBackRest speaks only https to S3; with ``ca_file`` None
+    the certificate is not verified (a self-signed one on loopback)."""
+    lines = [
+        f"repo{n}-type=s3",
+        f"repo{n}-path=/pgbackrest",
+        f"repo{n}-retention-full=100",
+        f"repo{n}-s3-bucket={bucket}",
+        f"repo{n}-s3-endpoint={host}",
+        f"repo{n}-storage-port={port}",
+        f"repo{n}-s3-region=us-east-1",
+        f"repo{n}-s3-key={key}",
+        f"repo{n}-s3-key-secret={secret}",
+        f"repo{n}-s3-uri-style=path",
+    ]
+    if ca_file is None:
+        lines.append(f"repo{n}-storage-verify-tls=n")
+    else:
+        lines.append(f"repo{n}-storage-ca-file={ca_file}")
+    return lines
 
 
 def source_settings(conf: Path, stanza: str, port: int, sock: Path, why: str) -> str:
