@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from hakeeper.api import status
-from hakeeper.api.models import MemberBody, RestartBody
+from hakeeper.api.models import MemberBody, ReinitBody, RestartBody
 from hakeeper.api.responses import ApiError, json_response
 from hakeeper.ha.ports import NodeOperations
 from hakeeper.ha.snapshot import NodeSnapshot
@@ -66,8 +66,9 @@ class MemberRoutes:
         return json_response({"message": self.server.operator.cancel_scheduled_restart()})
 
     async def reinitialize(self, request: web.Request) -> web.StreamResponse:
-        check_target(await self.server.body(request, MemberBody), self.server.snapshot().name, request)
-        job = await self.server.shielded(self.server.operator.reinitialize())
+        body = await self.server.body(request, ReinitBody)
+        check_target(body, self.server.snapshot().name, request)
+        job = await self.server.shielded(self.server.operator.reinitialize(delta=body.delta))
         doc = {"message": f"reinitialize of {job.member} from {job.source} started", **job.doc()}
         return json_response(doc, 202, headers={"Location": f"/reinitialize/{job.id}"})
 

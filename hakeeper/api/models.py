@@ -61,6 +61,18 @@ class RestartBody(MemberBody):
     )
 
 
+class ReinitBody(MemberBody):
+    """POST /reinitialize: clone again, or (``delta``) bring the old copy to the newest backup."""
+
+    delta: StrictBool = Field(
+        False,
+        description=(
+            "Keep the old copy and fetch and write only the blocks that differ from the newest backup "
+            "(one with a file index), then replay the archive and stream; without a usable backup: a clone."
+        ),
+    )
+
+
 class EmptyBody(_Body):
     """DELETE /switchover takes no parameters (an empty body or ``{}``)."""
 

@@ -336,19 +336,29 @@ class AgentBackup:
         b = self.cfg.backup
         return bool(b.repositories) and b.replica_from_backup
 
-    async def seed_replica(self, leader: str, system_identifier: str, timeline: int, lsn: int | None) -> bool:
+    async def seed_replica(
+        self, leader: str, system_identifier: str, timeline: int, lsn: int | None, *, delta: bool = False
+    ) -> bool:
         """``backup.replica_from_backup``: restore the newest complete backup of this cluster
         (same system identifier, on the leader's timeline history, not too far behind) into the
         empty data directory, keeping only ``restore_command`` (walfetch) of its recovery
         settings, and answer its WAL requests until it streams.  False (logged with the reason)
-        means: use pg_basebackup."""
+        means: use pg_basebackup.  ``delta`` (``hakeeper reinit --delta``): the directory holds
+        an older copy of this cluster; only the blocks that differ from the backup are fetched
+        and written (a refusal -- no file index, another system -- also means pg_basebackup)."""
         pg = self.pg
         t0 = time.monotonic()
         log.info(
-            "clone_from_backup_started", leader=leader, system_identifier=system_identifier, timeline=timeline
+            "clone_from_backup_started",
+            leader=leader,
+            system_identifier=system_identifier,
+            timeline=timeline,
+            delta=delta,
         )
         try:
-            seeded = await seed.restore_for_replica(self.cfg, pg, system_identifier, timeline, lsn)
+            seeded = await seed.restore_for_replica(
+                self.cfg, pg, system_identifier, timeline, lsn, delta=delta
+            )
             await asyncio.to_thread(seed.set_seed_settings, pg.data_dir, pg.run_as, seeded.settings)
         except seed.RestoreRefused as e:
             log.info("clone_from_backup_skipped", reason=str(e), fallback="pg_basebackup")
@@ -373,6 +383,10 @@ class AgentBackup:
             chain=res.chain or None,  # an incremental: its chain was combined, full first
             repository=res.repository,
             seconds=round(time.monotonic() - t0, 2),
+            delta=res.delta,
+            bytes_fetched=res.bytes_fetched,  # an indexed backup: stored bytes of the parts fetched
+            bytes_written=res.bytes_written,
+            bytes_total=res.bytes_total,
             note="replays archived WAL, then streams from the leader",
         )
         return True

@@ -275,11 +275,13 @@ async def restore_for_bootstrap(
 
 
 async def restore_for_replica(
-    cfg: NodeConfig, pg: Postgres, sysid: str, leader_tli: int, leader_lsn: int | None
+    cfg: NodeConfig, pg: Postgres, sysid: str, leader_tli: int, leader_lsn: int | None, *, delta: bool = False
 ) -> Seeded:
     """The newest complete backup of system ``sysid`` on the history of the leader's timeline,
     at most ``replica_from_backup_max_wal`` behind the leader, from the first repository that
-    has one; restored without a target (the agent makes it a standby)."""
+    has one; restored without a target (the agent makes it a standby).  ``delta``: the data
+    directory holds an older copy of this cluster (``hakeeper reinit --delta``), brought to the
+    backup by a delta restore (backup/delta.py; refused for a backup without a file index)."""
     bound = cfg.backup.replica_from_backup_max_wal
     refusals: list[str] = []
     for rc in cfg.backup.repositories:
@@ -317,6 +319,7 @@ async def restore_for_replica(
                 backup_id=b.id,
                 switch_wal=False,
                 serve_wal=True,  # the agent serves the WAL until the replica streams (serve_replica_wal)
+                delta=delta,
             )
             try:
                 res = await restore(repo, rc, cfg.scope, opts)

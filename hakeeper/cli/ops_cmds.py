@@ -846,6 +846,7 @@ def _member_action(
     force: bool,
     output: str,
     timeout: float,
+    **fields: Any,
 ) -> dict[str, Any]:
     view = read_view(ctx)
     m = member_or_exit(view, member)
@@ -853,7 +854,7 @@ def _member_action(
         if output == "table":
             out.print(f"{what}: {_describe(m)}", markup=False)
         confirm(question.format(name=m.name), force)
-    ans = call_api(m, "POST", path, ctx, body=member_body(m.name), timeout=timeout)
+    ans = call_api(m, "POST", path, ctx, body=member_body(m.name, **fields), timeout=timeout)
     data = check_answer(ans, what, ctx.auth)
     _print_result(
         output, {"member": m.name, "status": ans.status, **data}, str(data.get("message") or f"{what}: done")
@@ -884,6 +885,14 @@ def reinit(
             "--status", help="Start nothing: show the running or last reinit (with --wait: follow it)."
         ),
     ] = False,
+    delta: Annotated[
+        bool,
+        typer.Option(
+            "--delta",
+            help="Keep the old copy: fetch and write only the blocks that differ from the newest backup "
+            "(one with a file index), replay the archive, stream. Without a usable backup: a clone.",
+        ),
+    ] = False,
     output: OutputOpt = "table",
     token: TokenOpt = None,
     user: UserOpt = None,
@@ -891,7 +900,8 @@ def reinit(
     api_url: ApiUrlOpt = None,
     timeout: TimeoutOpt = 60.0,
 ) -> None:
-    """Rebuild replica MEMBER from scratch: its data directory is removed and cloned again.
+    """Rebuild replica MEMBER from scratch: its data directory is removed and cloned again
+    (--delta: brought to the newest backup block by block instead).
 
     The agent runs it in the background: the command returns once it has started (--wait
     follows it to the end; --status shows how it goes)."""
@@ -909,10 +919,13 @@ def reinit(
             member,
             "/reinitialize",
             "reinit",
-            "Remove the data directory of {name} and clone it again from the leader?",
+            "Bring the data directory of {name} to the newest backup (only the blocks that differ)?"
+            if delta
+            else "Remove the data directory of {name} and clone it again from the leader?",
             force,
             output,
             timeout,
+            **({"delta": True} if delta else {}),
         )
         if not wait:
             if output == "table":
@@ -937,10 +950,11 @@ def reinit_line(job: dict[str, Any]) -> str:
     copied = job.get("bytes_copied")
     size = f", {format_bytes(int(copied))} copied" if isinstance(copied, int) and copied else ""
     head = f"reinit {job.get('id')} of {job.get('member')}"
+    how = f" ({job.get('method')})" if job.get("delta") and job.get("method") else ""
     if state == "running":
-        return f"{head} from {job.get('source')}: {job.get('phase')}{size}"
+        return f"{head} from {job.get('source')}{how}: {job.get('phase')}{size}"
     if state == "succeeded":
-        return f"{head}: succeeded, streaming from {job.get('source')}{size}"
+        return f"{head}: succeeded{how}, streaming from {job.get('source')}{size}"
     return f"{head}: failed during {job.get('phase')}: {job.get('error')}"
 
 

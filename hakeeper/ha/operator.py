@@ -164,10 +164,13 @@ class Operator:
         """The running reinitialize, else the last one since the agent started (None: none)."""
         return self._reinit
 
-    async def reinitialize(self, *, binaries: tuple[Path, int] | None = None) -> ReinitStatus:
+    async def reinitialize(
+        self, *, binaries: tuple[Path, int] | None = None, delta: bool = False
+    ) -> ReinitStatus:
         """Throw this replica's data away and clone it again from the leader, in the background.
         ``binaries``: the clone and everything after it run with these (bin_dir, major): a
-        replica's part of a major upgrade.
+        replica's part of a major upgrade.  ``delta``: keep the old copy and bring it to the
+        newest backup block by block (a clone when no backup fits).
 
         Returns once the request is checked and the job holds the action lock (its handle, state
         running); raises Refused when it may not run, or while another one runs."""
@@ -178,7 +181,7 @@ class Operator:
                 log.warning("operator_request_refused", request="reinitialize", reason=reason)
                 raise Refused(RefusalKind.CONFLICT, reason, reinitialize=cur.doc())
             accepted: asyncio.Future[ReinitStatus] = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._reinit_job(accepted, binaries), name="reinitialize")
+            task = asyncio.create_task(self._reinit_job(accepted, binaries, delta), name="reinitialize")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return await accepted
@@ -198,7 +201,7 @@ class Operator:
                 await task
 
     async def _reinit_job(
-        self, accepted: asyncio.Future[ReinitStatus], binaries: tuple[Path, int] | None = None
+        self, accepted: asyncio.Future[ReinitStatus], binaries: tuple[Path, int] | None, delta: bool
     ) -> None:
         ctx = self.ctx
         try:
@@ -221,10 +224,11 @@ class Operator:
                     state=ReinitState.RUNNING,
                     phase=ReinitPhase.STOPPING,
                     started_at=time.time(),
+                    delta=delta,
                 )
-                log.warning("reinitialize_started", id=self._reinit.id, leader=leader)
+                log.warning("reinitialize_started", id=self._reinit.id, leader=leader, delta=delta)
                 accepted.set_result(self._reinit)
-                await self._rebuild(view, leader, binaries)
+                await self._rebuild(view, leader, binaries, delta)
             # The action lock is free again: the HA loop follows the leader (or a new one) while
             # we watch for the WAL receiver.
             self._update(phase=ReinitPhase.STREAMING)
@@ -260,14 +264,27 @@ class Operator:
         await self._refuse_if_local_primary()
         return view
 
-    async def _rebuild(self, view: ClusterView, leader: str, binaries: tuple[Path, int] | None) -> None:
+    async def _rebuild(
+        self, view: ClusterView, leader: str, binaries: tuple[Path, int] | None, delta: bool
+    ) -> None:
         """Under the action lock: stop, remove, clone (with ``binaries`` if given), start as a
-        replica."""
+        replica; with ``delta``, first try to bring the old copy to the newest backup instead."""
         ctx = self.ctx
         if ctx.pg.is_running():
             await ctx.pg.stop("immediate", timeout=60)
         ctx.guard.disarm()  # only now: a fence that is armed must still fire if the stop failed
-        self._update(phase=ReinitPhase.REMOVING)
+        if delta and binaries is None:
+            self._update(phase=ReinitPhase.DELTA, method="delta")
+            ctx.state.system_identifier = None
+            ctx.state.needs_rewind = False
+            ctx.state.held = None
+            if await replica.delta_from_backup(ctx, view, leader):
+                self._update(bytes_copied=await asyncio.to_thread(dir_size, ctx.pg.data_dir))
+                self._update(phase=ReinitPhase.STARTING)
+                await replica.start_as_replica(ctx, view, leader)
+                return
+            log.warning("reinitialize_delta_fell_back", reason="no usable backup (see the log above)")
+        self._update(phase=ReinitPhase.REMOVING, method="clone")
         await asyncio.to_thread(ctx.pg.remove_data_dir)
         if binaries is not None:
             ctx.pg.bin_dir, ctx.state.binaries_major = binaries

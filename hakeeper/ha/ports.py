@@ -66,10 +66,13 @@ class BackupHooks(Protocol):
         """Whether new replicas are filled from a backup before they stream (replica_from_backup)."""
         ...
 
-    async def seed_replica(self, leader: str, system_identifier: str, timeline: int, lsn: int | None) -> bool:
+    async def seed_replica(
+        self, leader: str, system_identifier: str, timeline: int, lsn: int | None, *, delta: bool = False
+    ) -> bool:
         """Fill the empty data directory from the newest backup of ``system_identifier`` on the
         history of ``timeline`` for a replica of ``leader``; False (with the reason logged) means:
-        clone with pg_basebackup instead."""
+        clone with pg_basebackup instead.  ``delta``: the directory holds an older copy of this
+        cluster, brought to the backup by a delta restore (``hakeeper reinit --delta``)."""
         ...
 
     async def on_streaming(self) -> None:
@@ -132,7 +135,9 @@ class NoBackup:
     def seeds_replicas(self) -> bool:
         return False
 
-    async def seed_replica(self, leader: str, system_identifier: str, timeline: int, lsn: int | None) -> bool:
+    async def seed_replica(
+        self, leader: str, system_identifier: str, timeline: int, lsn: int | None, *, delta: bool = False
+    ) -> bool:
         return False
 
     async def on_streaming(self) -> None:
@@ -171,7 +176,7 @@ class NodeOperations(Protocol):
 
     def cancel_scheduled_restart(self) -> str: ...
 
-    async def reinitialize(self) -> ReinitStatus: ...
+    async def reinitialize(self, *, delta: bool = False) -> ReinitStatus: ...
 
     def reinit_status(self) -> ReinitStatus | None:
         """The running reinitialize, else the last one (None: none since the agent started)."""

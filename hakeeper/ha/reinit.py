@@ -33,6 +33,7 @@ class ReinitState(StrEnum):
 
 class ReinitPhase(StrEnum):
     STOPPING = "stopping"  # stopping the local PostgreSQL
+    DELTA = "delta"  # reinit --delta: bringing the old copy to the newest backup, block by block
     REMOVING = "removing"  # removing the data directory
     CLONING = "cloning"  # pg_basebackup (or a restore from a backup) into the empty directory
     STARTING = "starting"  # starting PostgreSQL as a replica of the leader
@@ -55,6 +56,8 @@ class ReinitStatus:
     finished_at: float | None = None
     error: str | None = None
     bytes_copied: int | None = None
+    delta: bool = False  # asked for: reinit --delta
+    method: str | None = None  # how the copy is made: "delta" (from a backup) or "clone"
 
     @property
     def running(self) -> bool:
@@ -72,6 +75,8 @@ class ReinitStatus:
             "finished_at": timefmt.iso(self.finished_at, timespec="milliseconds", zulu=False),
             "error": self.error,
             "bytes_copied": self.bytes_copied,
+            "delta": self.delta,
+            "method": self.method,
         }
 
 

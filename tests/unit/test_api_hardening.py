@@ -48,9 +48,15 @@ class Operator:
         self.restarts += 1
         return "postgres restarted"
 
-    async def reinitialize(self) -> ReinitStatus:
+    async def reinitialize(self, *, delta: bool = False) -> ReinitStatus:
         self.job = ReinitStatus(
-            "j1", "n1", "n0", ReinitState.RUNNING, ReinitPhase.STOPPING, started_at=1_700_000_000.0
+            "j1",
+            "n1",
+            "n0",
+            ReinitState.RUNNING,
+            ReinitPhase.STOPPING,
+            started_at=1_700_000_000.0,
+            delta=delta,
         )
         return self.job
 
@@ -383,6 +389,25 @@ async def test_reinitialize_answers_202_with_its_handle_and_get_shows_it(api: Ap
         assert status_of(ans) == 200 and body_of(ans)["id"] == "j1" and body_of(ans)["state"] == "running"
     ans = await raw_request(port, b"GET /reinitialize/other HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status_of(ans) == 404 and "no reinitialize other" in body_of(ans)["error"]
+    assert doc["delta"] is False and doc["method"] is None
+
+
+async def test_reinitialize_delta_reaches_the_operator_and_a_bad_one_is_a_400(api: ApiServer) -> None:
+    """``{"delta": true}`` asks the operator for a delta reinit; a non-boolean is refused before
+    anything runs (a string "yes" must not mean true)."""
+    op = cast(Operator, api.operator)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    for bad in (
+        b'{"member": "n1", "delta": "yes"}',
+        b'{"member": "n1", "delta": 1}',
+        b'{"member": "n1", "x": 1}',
+    ):
+        ans = await raw_request(port_of(api), post("/reinitialize", headers, bad))
+        assert status_of(ans) == 400, (bad, ans)
+        assert op.job is None
+    ans = await raw_request(port_of(api), post("/reinitialize", headers, b'{"member": "n1", "delta": true}'))
+    assert status_of(ans) == 202, ans
+    assert op.job is not None and op.job.delta is True and body_of(ans)["delta"] is True
 
 
 async def test_mutating_requests_without_credentials_get_401_first(api: ApiServer) -> None:

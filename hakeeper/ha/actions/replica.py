@@ -96,6 +96,26 @@ async def _seed_from_backup(ctx: Ctx, view: ClusterView, d: Decision) -> bool:
     return await ctx.backup.seed_replica(d.target or "", plan.system_identifier, plan.timeline, plan.lsn)
 
 
+async def delta_from_backup(ctx: Ctx, view: ClusterView, target: str) -> bool:
+    """``hakeeper reinit --delta``: bring the stopped replica's own data directory to the newest
+    backup of this cluster, fetching and writing only the blocks that differ; start_as_replica
+    then makes it a standby that replays the archive and streams.  False (logged with the
+    reason: no usable backup, none with a file index, too far behind the leader, another
+    system) means: remove and clone as a plain reinitialize does."""
+    plan = plan_clone_source(view, target)
+    if not isinstance(plan, CloneFromBackup):
+        log.info("reinitialize_delta_skipped", reason=plan, fallback="clone")
+        return False
+    st = ctx.state
+    st.activity = MemberState.CLONING
+    await ctx.publish(view)
+    try:
+        sysid, tli, lsn = plan.system_identifier, plan.timeline, plan.lsn
+        return await ctx.backup.seed_replica(target, sysid, tli, lsn, delta=True)
+    finally:
+        st.activity = None
+
+
 async def start_replica(ctx: Ctx, view: ClusterView, facts: LocalFacts, d: Decision) -> None:
     ctx.guard.disarm()
     if facts.pg_down_for > 0 and ctx.pg.is_running():
