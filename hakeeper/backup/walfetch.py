@@ -255,9 +255,12 @@ def _started_at() -> float:
 
 
 def _note(pdir: Path, fname: str, hit: bool, t0: float) -> None:
-    """The request's line in the spool's statistics (only segments: probes are not waiting)."""
+    """The request's line in the spool's statistics (only segments: probes are not waiting;
+    only in recovery: pg_rewind's fetches are not replay waiting)."""
     import time
 
+    if not _in_recovery(pdir):
+        return
     try:
         pdir.mkdir(parents=True, exist_ok=True)
     except OSError:

@@ -350,3 +350,36 @@ async def test_a_copy_damaged_on_the_way_is_fetched_again() -> None:
     data, src, problems = await walfetch._get_any([(rc, repo)], "sp/wal/x", retry=False)  # type: ignore[list-item]
     assert (data, src, repo.reads) == (b"good", "flaky", 2)
     assert problems == []
+
+
+async def test_each_segment_request_leaves_its_wait_in_the_stats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [name(1, s, SEG) for s in range(1, 3)]
+    root = await _repo_with(tmp_path, names)
+    data, pdir, _ = _setup(tmp_path, root, max_bytes=16 * SEG)
+    conf = str(tmp_path / "walfetch.json")
+    dest = data / "pg_wal" / "RECOVERYXLOG"
+    # the script stamps its start: Python's start-up is waiting too
+    monkeypatch.setenv(walfetch.T0_ENV, f"{time.time() - 2.0:.6f}")
+    # --no-prefetch: no worker forked inside the test process
+    code = await asyncio.to_thread(walfetch.main, ["--config", conf, "--no-prefetch", names[0], str(dest)])
+    assert code == walfetch.EXIT_OK and dest.read_bytes() == _content(names[0])
+    missing = name(1, 9, SEG)
+    args = ["--config", conf, "--no-prefetch", missing, str(dest)]
+    assert await asyncio.to_thread(walfetch.main, args) == walfetch.EXIT_NOT_FOUND
+    (pdir / names[1]).write_bytes(_content(names[1]))  # prefetched earlier
+    monkeypatch.delenv(walfetch.T0_ENV)
+    args = ["--config", conf, names[1], str(dest)]
+    monkeypatch.setattr(walfetch, "request_prefetch", lambda *a: None)
+    assert await asyncio.to_thread(walfetch.main, args) == walfetch.EXIT_OK
+    lines = (pdir / "stats").read_text().splitlines()
+    assert [ln.split()[:2] for ln in lines] == [[names[0], "0"], [names[1], "1"]]  # a miss "not found": none
+    assert float(lines[0].split()[2]) >= 2.0 and float(lines[1].split()[2]) < 2.0
+    s = prefetch_stats(data)
+    assert (s.requests, s.hits) == (2, 1) and s.seconds_waiting >= 2.0
+    # after recovery (no signal file) requests are not replay waiting: not counted
+    (data / "recovery.signal").unlink()
+    args = ["--config", conf, "--no-prefetch", names[0], str(dest)]
+    assert await asyncio.to_thread(walfetch.main, args) == walfetch.EXIT_OK
+    assert prefetch_stats(data).requests == 2
