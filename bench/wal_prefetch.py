@@ -110,7 +110,10 @@ async def _one(primary: Primary, base: Path, mode: str, root: Path, conf: WalToo
         seconds = time.monotonic() - t0
     finally:
         await pg.stop(mode="immediate")
-    s = parse_stats(log.read_text())
+    text = log.read_text()
+    s = parse_stats(text)
+    slow = [ln for ln in text.splitlines() if len(ln.split()) == 3 and float(ln.split()[2]) >= 0.3]
+    print(f"{mode:6} requests of 0.3 s or more: {'; '.join(slow) or 'none'}")
     print(
         f"{mode:6} requests {s.requests:4}  hits {s.hits:4} ({s.hit_ratio:4.0%})"
         f"  waiting {s.seconds_waiting:7.2f} s"

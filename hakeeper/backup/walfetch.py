@@ -70,6 +70,7 @@ CORRUPT_ATTEMPTS = 3  # fetches of a segment that fails its checks before giving
 DEFAULT_PREFETCH = 16
 DEFAULT_PREFETCH_MAX_BYTES = 512 * 1024 * 1024
 PREFETCH_DIR = walspool.SPOOL_DIR
+SHELL_WAIT_MAX = 30.0  # seconds the script waits for a segment the worker is fetching
 T0_ENV = "HAKEEPER_WALFETCH_T0"  # the script's start (epoch seconds): Python's start-up is waiting too
 HANDOVER_DIR = ".hakeeper-handover"  # see hakeeper.backup.handover
 WORKER_IDLE_EXIT = 30.0  # seconds without a new request before the worker cleans up and exits
@@ -132,12 +133,31 @@ if [ -f "$h/pid" ] && [ -d "/proc/$(cat "$h/pid" 2>/dev/null)" ]; then
   done
   exit 200
 fi
-if [ "${{#f}}" -eq 24 ] && [ -f "$d/$f" ] && [ -f "$d/.lock" ] && ! flock -n "$d/.lock" true 2>/dev/null; then
-  if mv -f "$d/$f" "$p" 2>/dev/null; then
+if [ "${{#f}}" -eq 24 ] && [ -f "$d/.lock" ] && ! flock -n "$d/.lock" true 2>/dev/null; then
+  # A worker runs.  Its segment, if there, is taken at once; one it is downloading (listed in
+  # its window) is waited for, which is quicker than starting Python to download it again.
+  hit=1; n=0; got=0
+  while :; do
+    if mv -f "$d/$f" "$p" 2>/dev/null; then got=1; break; fi
+    if [ $hit -eq 1 ]; then
+      grep -qx "$f" "$d/window" 2>/dev/null || break
+      hit=0; t0="$(date +%s.%N)"
+    fi
+    sleep 0.01; n=$((n+1))
+    if [ $((n % 20)) -eq 0 ]; then
+      grep -qx "$f" "$d/window" 2>/dev/null || break  # the worker gave it up or moved on
+      ! flock -n "$d/.lock" true 2>/dev/null || break  # the worker is gone
+      [ $n -lt {wait_ticks} ] || break
+    fi
+  done
+  if [ $got -eq 1 ]; then
     printf '{{"file": "%s", "seg_size": %s}}' "$f" "$(stat -c %s "$p")" > "$d/.want.sh$$" &&
       mv -f "$d/.want.sh$$" "$d/want"
     echo "$f" >> "$d/hits"
-    echo "$f 1 0" >> "$d/stats"
+    if [ $hit -eq 1 ]; then w=0; else
+      w="$(echo "$t0 $(date +%s.%N)" | awk '{{printf "%.3f", $2 - $1}}')"
+    fi
+    echo "$f $hit $w" >> "$d/stats"
     exit 0
   fi
 fi
@@ -159,6 +179,7 @@ def fast_path_script(python_cmd: str, conf_path: Path, conf_bytes: bytes) -> str
         python=python_cmd,
         conf=shlex.quote(str(conf_path)),
         t0_env=T0_ENV,
+        wait_ticks=int(SHELL_WAIT_MAX / 0.01),
     )
 
 
@@ -193,8 +214,9 @@ def _write_small(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def request_prefetch(conf_path: Path, pdir: Path, fname: str, seg_size: int) -> None:
-    """Tell the prefetch worker that ``fname`` was just handed over; start one if none runs.
+def request_prefetch(conf_path: Path, pdir: Path, fname: str, seg_size: int, window: int = 0) -> None:
+    """Tell the prefetch worker that ``fname`` was just handed over; start one if none runs
+    (``window``: how many segments it will keep ahead, announced before it runs).
 
     ``want`` is written before the lock is tried, and a worker re-reads ``want`` after it
     released the lock, so a request is never missed between the two."""
@@ -214,6 +236,11 @@ def request_prefetch(conf_path: Path, pdir: Path, fname: str, seg_size: int) -> 
     except BlockingIOError:
         os.close(fd)  # a worker runs and follows `want`
         return
+    # Announced before the worker has imported anything: the next request, coming while it
+    # starts, waits for it rather than starting Python to fetch the same segment.
+    walspool.write_window(
+        pdir, walspool.predict_window(fname, seg_size, window, walspool.read_timeline_path(pdir))
+    )
     # We hold the lock; the child inherits it (same open file description) and keeps it.
     try:
         pid = os.fork()
@@ -306,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         if size is not None:
             _note_hit(pdir, a.fname)
             _note(pdir, a.fname, True, t0)
-            if walspool.spool_slots(max_bytes, size) > 0:
-                request_prefetch(a.config, pdir, a.fname, size)
+            window = min(k, walspool.spool_slots(max_bytes, size))
+            if window > 0:
+                request_prefetch(a.config, pdir, a.fname, size, window)
             return EXIT_OK
     import asyncio
 
@@ -327,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             size = a.dest.stat().st_size
         except OSError:
             size = 0
-        if walspool.spool_slots(max_bytes, size) > 0:
-            request_prefetch(a.config, pdir, a.fname, size)
+        window = min(k, walspool.spool_slots(max_bytes, size))
+        if window > 0:
+            request_prefetch(a.config, pdir, a.fname, size, window)
     return code
 
 
@@ -574,6 +603,7 @@ async def _worker_loop(conf: WalToolConfig, pdir: Path, idle_exit: float) -> Non
         last_want = None
         last_change = time.monotonic()
         path: walspool.TimelinePath | None = None
+        announced: list[str] | None = None
         while True:
             now = time.monotonic()
             want = _read_want(pdir)
@@ -601,6 +631,10 @@ async def _worker_loop(conf: WalToolConfig, pdir: Path, idle_exit: float) -> Non
                         (pdir / name).unlink()
                 for name in plan.start:
                     spool.inflight[name] = asyncio.ensure_future(spool.fetch(name))
+                names = walspool.intended(window, slots, absent=spool.absent, given_up=spool.given_up)
+                if names != announced:  # what a request may wait for instead of fetching it
+                    walspool.write_window(pdir, names)
+                    announced = names
             done = [n for n, t in spool.inflight.items() if t.done()]
             for n in done:
                 spool.inflight.pop(n).result()  # fetch() catches its errors; a cancel propagates

@@ -37,6 +37,7 @@ from hakeeper.backup import layout
 SPOOL_DIR = ".hakeeper-prefetch"
 STATS_FILE = "stats"
 HITS_FILE = "hits"
+WINDOW_FILE = "window"  # the names the worker is fetching or will fetch next, one a line
 TMP_MARK = ".tmp."
 
 
@@ -125,6 +126,21 @@ def plan_spool(
     return SpoolPlan(tuple(start), drop)
 
 
+def intended(
+    window: list[str], slots: int, *, absent: Iterable[str] = (), given_up: Iterable[str] = ()
+) -> list[str]:
+    """The names a request may wait for instead of fetching them itself: the window within the
+    bound, up to the first name not in the archive, without the ones the worker gave up."""
+    absent_set, given_up_set = set(absent), set(given_up)
+    out = []
+    for name in window[:slots]:
+        if name in absent_set:
+            break
+        if name not in given_up_set:
+            out.append(name)
+    return out
+
+
 # ====================================================================== statistics
 
 
@@ -199,6 +215,14 @@ def append_line(path: Path, line: str) -> None:
             os.close(fd)
 
 
+def write_window(pdir: Path, names: list[str]) -> None:
+    """``<tag>/window``, replaced atomically (the shell script greps it while it waits)."""
+    tmp = pdir / f".{WINDOW_FILE}{TMP_MARK}{os.getpid()}"
+    with contextlib.suppress(OSError):
+        tmp.write_text("".join(f"{n}\n" for n in names))
+        os.replace(tmp, pdir / WINDOW_FILE)
+
+
 def spool_segments(pdir: Path) -> set[str]:
     """Complete segment files in the spool (temporary files of downloads excluded)."""
     try:
@@ -242,7 +266,9 @@ def clear_spool(pdir: Path) -> None:
             pid = n.rsplit(".", 1)[-1]
             if pid.isdigit() and int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}"):
                 continue  # another live process writes it
-        elif layout.parse_segment_name(n) is None and layout.parse_history_name(n) is None:
+        elif (
+            layout.parse_segment_name(n) is None and layout.parse_history_name(n) is None and n != WINDOW_FILE
+        ):
             continue
         with contextlib.suppress(FileNotFoundError):
             (pdir / n).unlink()
