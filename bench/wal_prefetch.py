@@ -32,7 +32,7 @@ from pathlib import Path
 import hakeeper
 from hakeeper.backup.restore import python_command
 from hakeeper.backup.walfetch import fast_path_script
-from hakeeper.backup.walspool import parse_stats
+from hakeeper.backup.walspool import parse_stats, prefetch_stats
 from hakeeper.core.backup_config import WalToolConfig
 from tests.integration.test_wal_archive import SCOPE, Primary, _archived_at_least, s3_config, s3_repo, until
 from tests.integration.test_wal_prefetch import _base_backup, _batches, _copy, _promoted, _recover
@@ -111,6 +111,12 @@ async def _one(primary: Primary, base: Path, mode: str, root: Path, conf: WalToo
     finally:
         await pg.stop(mode="immediate")
     text = log.read_text()
+    own = prefetch_stats(data)  # what walfetch itself recorded (a shell hit counts 0 s)
+    if own.requests:
+        print(
+            f"{mode:6} walfetch's own stats: {own.requests} requests, {own.hits} hits, "
+            f"{own.seconds_waiting:.2f} s waiting"
+        )
     s = parse_stats(text)
     slow = [ln for ln in text.splitlines() if len(ln.split()) == 3 and float(ln.split()[2]) >= 0.3]
     print(f"{mode:6} requests of 0.3 s or more: {'; '.join(slow) or 'none'}")

@@ -106,8 +106,9 @@ FAST_PATH_SCRIPT = """#!/bin/sh
 # everything else goes to hakeeper.backup.walfetch.  Every segment request leaves a line
 # "<file> <hit> <seconds waited>" in the spool's stats (hakeeper.backup.walspool).
 f="$1"; p="$2"
-h="$(dirname "$p")/{handover}"
-d="$(dirname "$p")/{prefetch}/{tag}"
+case "$p" in */*) pw="${{p%/*}}" ;; *) pw=. ;; esac  # dirname without a fork (one per segment)
+h="$pw/{handover}"
+d="$pw/{prefetch}/{tag}"
 if [ -f "$h/pid" ] && [ -d "/proc/$(cat "$h/pid" 2>/dev/null)" ]; then
   # the restoring process serves WAL (it can read the repository; we may not); segments it
   # wrote ahead of the request are taken at once (it is told, to write the next ones)
