@@ -106,3 +106,25 @@ def test_a_segment_the_worker_is_fetching_is_waited_for_not_fetched_again(tmp_pa
     t0 = time.monotonic()
     assert _run(script, "000000010000000000000007", dest).stdout.startswith("PYTHON")
     assert time.monotonic() - t0 < 0.3
+
+
+def test_the_handover_answers_are_recorded_in_the_stats(tmp_path: Path) -> None:
+    script, pdir = _setup(tmp_path)
+    h = tmp_path / "pg_wal" / ".hakeeper-handover"
+    for sub in ("req", "out"):
+        (h / sub).mkdir(parents=True)
+    (h / "pid").write_text(f"{os.getpid()}\n")  # a live serving process
+    dest = tmp_path / "pg_wal" / "RECOVERYXLOG"
+    ahead, asked = "000000010000000000000007", "000000010000000000000008"
+    (h / "out" / ahead).write_bytes(b"a")  # written ahead of the request
+    assert _run(script, ahead, dest).returncode == 0 and dest.read_bytes() == b"a"
+    answer = subprocess.Popen(
+        ["sh", "-c", f"sleep 0.3; printf b > {h}/out/.t; mv {h}/out/.t {h}/out/{asked}"]
+    )
+    r = _run(script, asked, dest)
+    answer.wait()
+    assert r.returncode == 0 and r.stdout == "" and dest.read_bytes() == b"b"
+    assert (h / "req" / asked).exists() and (h / "req" / f"{ahead}.taken").exists()
+    lines = [ln.split() for ln in (pdir / "stats").read_text().splitlines()]
+    assert lines[0] == [ahead, "1", "0"]
+    assert lines[1][:2] == [asked, "0"] and float(lines[1][2]) >= 0.25
