@@ -129,7 +129,7 @@ if [ -f "$h/pid" ] && [ -d "/proc/$(cat "$h/pid" 2>/dev/null)" ]; then
       exit 0
     fi
     if [ -f "$h/out/$f.missing" ]; then rm -f "$h/out/$f.missing"; exit 1; fi
-    if [ -f "$h/out/$f.error" ]; then rm -f "$h/out/$f.error"; exit 200; fi
+    if [ -f "$h/out/$f.error" ]; then cat "$h/out/$f.error" >&2; rm -f "$h/out/$f.error"; exit 200; fi
     sleep 0.01
   done
   exit 200

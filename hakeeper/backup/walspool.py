@@ -297,3 +297,34 @@ def remove_spool(data_dir: Path) -> None:
             clear_spool(d)
         finally:
             os.close(fd)
+
+
+def discard_spools(data_dir: Path) -> None:
+    """After the restoring process served the WAL (recovery is over): remove every spool no
+    worker holds, statistics included (the restore has read them), and the spool directory
+    when it is then empty.  A worker still running (a fallback of a recovery that outlived
+    the restore) keeps its spool: it cleans up itself."""
+    import fcntl
+    import shutil
+
+    root = spool_root(data_dir)
+    try:
+        tags = [d for d in root.iterdir() if d.is_dir()]
+    except OSError:
+        return
+    for d in tags:
+        try:
+            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        root.rmdir()
