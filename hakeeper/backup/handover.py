@@ -112,6 +112,7 @@ class _Server:
         self.failed: dict[str, str] = {}  # prefetch gave up (a request fetches it once more)
         self.busy: set[str] = set()  # requests being answered
         self.closing = False  # no new downloads once the serving ends
+        self.keep: set[str] = set()  # the window as last planned (within the bound)
         self._fds: list[int] = []  # hdir, req, out: opened once, every later step goes through them
 
     def _mkdirs(self) -> None:
@@ -166,7 +167,7 @@ class _Server:
             os.unlink(name, dir_fd=self._fds[2])
 
     def _wanted(self, name: str) -> bool:
-        return name in self.busy or name in self._window()
+        return name in self.busy or name in self.keep
 
     async def _fetch_to_out(self, fname: str) -> None:
         """Download ``fname`` and, if recovery still wants it, write it to out/ under the very
@@ -199,6 +200,16 @@ class _Server:
 
     # ------------------------------------------------------------------ the window
 
+    def _move_cursor(self, fname: str) -> None:
+        """Recovery reads ``fname``: the window follows it forward, not back.  Recovery asks
+        for a segment again after a later one (its WAL prefetcher decodes ahead, and the file it
+        restored is gone once the next one is restored): that one is fetched for the request
+        alone, and the window, still ahead of it, stays."""
+        new = layout.parse_segment_name(fname, self.seg_size)
+        old = None if self.cursor is None else layout.parse_segment_name(self.cursor, self.seg_size)
+        if new is not None and (old is None or new[1] >= old[1]):
+            self.cursor = fname
+
     def _window(self) -> list[str]:
         if self.cursor is None:
             return []
@@ -211,27 +222,37 @@ class _Server:
         if self.cursor is None or self.closing:
             return
         slots = walspool.spool_slots(self.max_bytes, self.seg_size)
-        window = self._window()
-        keep = set(window)
+        full = self._window()
+        # Segments asked for outside the window (the one just asked for: the window starts
+        # after it; one asked for again behind it) hold their bytes too, in memory while they
+        # download, in out/ until the script took them: the window gets the slots left.
+        held_out = {n for n in self.written if n in self.busy and n not in full}
+        held_dl = {n for n in self.downloads if n in self.busy and n not in full}
+        room = max(0, slots - len(held_out) - len(held_dl))
+        window = full[:room]
+        self.keep = keep = set(window)
         for name in [n for n in self.downloads if n not in keep and n not in self.busy]:
             self.downloads.pop(name).cancel()  # its bytes are freed now; nobody will ask
-        # files being handed over still hold their bytes: they shrink what the window may use
-        held = sum(1 for n in self.written if n in self.busy)
         plan = walspool.plan_spool(
             window,
-            self.written - self.busy,
-            self.downloads,
-            max(0, slots - held),
-            self.parallel,
+            self.written - held_out,
+            [n for n in self.downloads if n not in held_dl],
+            room,
+            max(0, self.parallel - len(held_dl)),
             absent=self.absent,
             skip=self.failed,
         )
         for name in plan.drop:  # before any new download: the bound holds at every moment
+            if name in self.busy:
+                continue  # asked for: the answer hands it over
             self.written.discard(name)
             self._unlink_out(name)
             log.debug("wal_prefetch_dropped", file=name)
         for name in plan.start:
             self.downloads[name] = asyncio.ensure_future(self._fetch_to_out(name))
+        self._note_peak()
+
+    def _note_peak(self) -> None:
         self.outcome.peak_segments = max(self.outcome.peak_segments, len(self.written) + len(self.downloads))
 
     def _learn_history(self, fname: str, data: bytes) -> None:
@@ -255,6 +276,7 @@ class _Server:
         refetched = False
         while True:
             if fname in self.written:
+                self._pump()
                 return "ok", ""
             task = self.downloads.get(fname)
             if task is None:
@@ -270,6 +292,8 @@ class _Server:
                         return "missing", ""
                     refetched = True
                 task = self.downloads[fname] = asyncio.ensure_future(self._fetch_to_out(fname))
+            # the window in the slots this one leaves (before the download runs at all)
+            self._pump()
             await asyncio.shield(task)
             if fname not in self.written and fname not in self.failed and fname in self.absent:
                 return "missing", ""
@@ -291,8 +315,7 @@ class _Server:
             if layout.WAL_FILE_RE.match(fname) is None:
                 outcome, reason = "error", "not a WAL file name"
             elif layout.parse_segment_name(fname, self.seg_size) is not None:
-                self.cursor = fname
-                self._pump()
+                self._move_cursor(fname)  # _segment fills the window once this one holds its slot
                 outcome, reason = await self._segment(fname)
             else:
                 outcome, reason = await self._other(fname)
@@ -324,9 +347,15 @@ class _Server:
         self.written.discard(fname)
         self.outcome.served += 1
         self.outcome.taken_ahead += 1
-        if layout.parse_segment_name(fname, self.seg_size) is not None:
-            self.cursor = fname
+        self._move_cursor(fname)
         self._pump()
+
+    def _still_there(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self._fds[1], follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     async def run(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
@@ -337,10 +366,19 @@ class _Server:
                 except FileNotFoundError:
                     names = []
                 # takes first, in recovery's order: the cursor ends on the newest
+                # The listing ran in a thread while answers finished: one answered (its request
+                # removed) since is no longer there, and answering it again would fetch it again
+                # and leave it in out/ (a request for it again is a new file, seen next time).
                 for name in sorted(n for n in names if n.endswith(TAKEN)):
-                    self._taken(name[: -len(TAKEN)])
+                    if self._still_there(name):
+                        self._taken(name[: -len(TAKEN)])
                 for name in names:
-                    if not name.endswith(TAKEN) and name not in self.busy and not name.startswith("."):
+                    if (
+                        not name.endswith(TAKEN)
+                        and name not in self.busy
+                        and not name.startswith(".")
+                        and self._still_there(name)
+                    ):
                         self.busy.add(name)
                         t = asyncio.ensure_future(self._answer(name))
                         tasks.add(t)

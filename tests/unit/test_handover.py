@@ -122,7 +122,7 @@ async def test_the_window_is_kept_full_within_its_bytes_and_recovery_takes_it(tm
             rc, got = await rec.ask(n)
             assert (rc, got) == (0, content(n)), n
             await asyncio.sleep(0.02)  # replay of a segment
-        assert served.peak_segments <= 4
+        assert served.peak_segments == 4  # the one asked for included
     # taken from out/ without asking: all but the first (the window was full every time)
     assert rec.hits == len(names) - 1
     assert served.served == len(names) and served.taken_ahead == len(names) - 1
@@ -131,6 +131,23 @@ async def test_the_window_is_kept_full_within_its_bytes_and_recovery_takes_it(tm
     # each fetched once; past the archive's end, one look (found absent: the window stops there)
     assert sorted(repo.gets) == sorted([*names, seg(1, 41)])
     assert not handover_dir(data_dir).exists()
+
+
+async def test_the_segment_asked_for_counts_in_the_bound(tmp_path: Path) -> None:
+    # 16 MiB segments (the size assumed before one is seen): the first request already plans a
+    # window, which must leave a slot to the segment being fetched for it
+    big = 16 * SEG
+    names = [layout.segment_name(1, n) for n in range(1, 9)]
+    repo = FakeRepo(tmp_path / "repo", {n: n.encode().ljust(big, b".") for n in names}, delay=0.05)
+    data_dir = _data_dir(tmp_path)
+    rec = Recovery(data_dir)
+    async with serving(data_dir, repo, SCOPE, RunAs(), prefetch=16, max_bytes=3 * big) as served:
+        for n in names:
+            rc, got = await rec.ask(n)
+            assert rc == 0 and got[:24] == n.encode() and len(got) == big
+            await asyncio.sleep(0.1)  # replay: slower than a download
+    assert served.peak_segments == 3 and repo.max_running <= 3
+    assert rec.hits >= len(names) - 2
 
 
 async def test_no_prefetch_when_not_even_one_segment_fits(tmp_path: Path) -> None:
@@ -199,7 +216,7 @@ async def test_a_segment_failing_its_checks_is_fetched_again(tmp_path: Path) -> 
         for n in names:
             assert await rec.ask(n) == (0, content(n))
             await asyncio.sleep(0.05)
-    assert repo.gets.count(names[3]) == CORRUPT_ATTEMPTS
+    assert repo.gets.count(names[3]) == CORRUPT_ATTEMPTS  # until a copy passed its checks
     assert served.failed == {}
 
 
@@ -253,3 +270,56 @@ async def test_the_stats_are_read_and_the_spool_and_handover_removed(tmp_path: P
     assert out is not None and tuple(out.stats) == (3, 2, 0.25)
     assert not handover_dir(data_dir).exists()
     assert not (data_dir / "pg_wal" / SPOOL_DIR).exists()
+
+
+async def test_a_segment_asked_for_while_in_out_is_neither_fetched_again_nor_dropped(tmp_path: Path) -> None:
+    # the request is seen (busy) before its answer moves the cursor: the window still holds it
+    from hakeeper.backup.handover import _Server
+
+    names = [seg(1, n) for n in range(1, 8)]
+    repo = FakeRepo(tmp_path / "repo", {n: content(n) for n in names}, delay=0.5)
+    server = _Server(
+        tmp_path / "h",
+        repo,
+        SCOPE,
+        RunAs(),
+        path=None,
+        prefetch=4,
+        max_bytes=4 * 16 * SEG,
+        parallel=4,
+        outcome=Handover(),
+    )
+    server.cursor = names[0]
+    server.written = {names[1]}
+    server.busy = {names[1]}
+    server._pump()
+    assert sorted(server.downloads) == names[2:5]  # 3 slots beside the one in out/
+    server.cursor = names[1]  # the answer: the file stays until the script took it
+    server._pump()
+    assert server.written == {names[1]}
+    assert sorted(server.downloads) == names[2:5]  # the bound: 4 with the one being handed over
+    server.closing = True
+    for t in server.downloads.values():
+        t.cancel()
+    await asyncio.gather(*server.downloads.values(), return_exceptions=True)
+
+
+async def test_a_segment_asked_for_again_behind_the_window_leaves_the_window_alone(tmp_path: Path) -> None:
+    # PostgreSQL's WAL prefetcher reads ahead: a segment may be asked for again after the next
+    names = [seg(1, n) for n in range(1, 12)]
+    repo = FakeRepo(tmp_path / "repo", {n: content(n) for n in names})
+    data_dir = _data_dir(tmp_path)
+    rec = Recovery(data_dir)
+    async with serving(data_dir, repo, SCOPE, RunAs(), prefetch=16, max_bytes=4 * SEG) as served:
+        order = [*names[:4], names[2], *names[4:]]
+        for n in order:
+            assert await rec.ask(n) == (0, content(n)), n
+            await asyncio.sleep(0.05)
+            assert len(rec.out_segments()) <= 4
+        assert served.peak_segments <= 4
+    assert repo.gets.count(names[2]) == 2  # asked for twice: fetched twice
+    # the window was not moved back; to stay within 4 segments with the one asked for again,
+    # it gave up its furthest segment (fetched again later), nothing else
+    assert repo.gets.count(names[7]) == 2
+    assert set(repo.gets) == {*names, seg(1, 12)}
+    assert len(repo.gets) == len(set(repo.gets)) + 2
