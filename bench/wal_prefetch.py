@@ -28,8 +28,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import hakeeper
+from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import python_command
 from hakeeper.backup.walfetch import fast_path_script
 from hakeeper.backup.walspool import parse_stats, prefetch_stats
@@ -159,9 +161,142 @@ async def main(wal_mb: int, old_root: Path | None) -> None:
         await asyncio.to_thread(server.stop)
 
 
+# ====================================================================== restore --start (the handover)
+
+RUNNER = """
+import asyncio, json, sys
+from pathlib import Path
+from hakeeper.backup import walspool
+from hakeeper.backup.catalog import Target
+from hakeeper.backup.repos import make_repository
+from hakeeper.backup.restore import RestoreOptions, restore
+from hakeeper.core.backup_config import WalToolConfig
+from hakeeper.core.config import Credentials
+from hakeeper.util.proc import resolve_run_as
+a = json.loads(sys.argv[1])
+rc = WalToolConfig.load(Path(a["conf"])).repositories[0]
+dest = Path(a["dest"])
+async def go():
+    async with make_repository(rc) as repo:
+        opts = RestoreOptions(data_dir=dest, target=Target("name", name="end"), bin_dir=Path(a["bin"]),
+            run_as=resolve_run_as(dest), superuser=Credentials(username="postgres", password="su-secret"),
+            start=True, port=a["port"], switch_wal=False, start_timeout=1800)
+        return await restore(repo, rc, a["scope"], opts)
+res = asyncio.run(go())
+d = res.to_dict()
+if "wal_requests" not in d:  # a checkout before RestoreResult had them: the script's stats
+    s = walspool.prefetch_stats(dest)
+    d.update(wal_requests=s.requests, wal_prefetch_hits=s.hits, wal_fetch_wait_s=s.seconds_waiting)
+print(json.dumps(d))
+"""
+
+
+def _restore_start(env: Any, mode: str, root: Path) -> None:
+    """``restore --start`` of the checkout at ``root`` in a child process (its handover)."""
+    from tests.integration.test_backup_restore import BIN, stop_restored
+    from tests.support.ports import free_ports
+
+    dest = env.area.data_dir(f"r-{mode}")
+    arg = {
+        "conf": str(env.walconf),
+        "dest": str(dest),
+        "bin": str(BIN),
+        "port": free_ports(1)[0],
+        "scope": SCOPE2,
+    }
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", RUNNER, json.dumps(arg)],
+            env={**os.environ, "PYTHONPATH": str(root)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        stop_restored(env.area, dest)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        print(f"{mode:6} restore failed: {r.stderr[-2000:]}")
+        return
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    replay = d["seconds"]["wal_replay"] or 0.0
+    req, hits, wait = d["wal_requests"], d["wal_prefetch_hits"], d["wal_fetch_wait_s"] or 0.0
+    print(
+        f"{mode:6} requests {req:4}  written ahead {hits:4} ({hits / max(1, req):4.0%})"
+        f"  waiting {wait:7.2f} s  recovery {replay:7.2f} s  waiting share {wait / max(replay, 1e-9):5.1%}"
+        f"  (restore total {d['seconds']['total']:.1f} s, wall {wall:.1f} s)",
+        flush=True,
+    )
+
+
+SCOPE2 = "bk"
+
+
+def main_restore(wal_mb: int, old_root: Path | None) -> None:
+    from tests.integration.test_backup_restore import (
+        STAGERS,
+        backup,
+        insert,
+        make_env,
+        sql,
+        start_primary,
+        wait,
+    )
+
+    server = SeaweedS3(Path(tempfile.mkdtemp(prefix="hk-bench-s3-")))
+    server.start()
+    area = PgArea()
+    try:
+
+        async def bucket() -> None:
+            await (await s3_repo(server, "hk-bench-handover")).close()
+
+        asyncio.run(bucket())
+        env = make_env(area, s3_config(server, "hk-bench-handover"), SCOPE2)
+        start_primary(env, "p")
+        p = env.port("p")
+        backup(env, "p")
+        for i in range(max(1, wal_mb // 16)):
+            insert(p, f"b{i:04}", 150_000)  # about 16 MB of WAL
+            sql(p, "SELECT pg_switch_wal()")
+        sql(p, "SELECT pg_create_restore_point('end')")
+        last = sql(p, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+
+        async def archived() -> bool:
+            async with make_repository(env.repo_cfg) as repo:
+                names = [e.name.rsplit("/", 1)[1] for e in await repo.list_objects(f"{SCOPE2}/wal/")]
+            return any(n >= last for n in names if len(n) == 24)
+
+        wait(lambda: asyncio.run(archived()), 900, "archived")
+        load = os.getloadavg()[0]
+        print(
+            f"restore --start to a restore point after ~{wal_mb} MB of WAL from SeaweedFS (load {load:.2f})"
+        )
+        _restore_start(env, "new", HERE)
+        if old_root is not None:
+            _restore_start(env, "old", old_root)
+    finally:
+        while STAGERS:
+            st = STAGERS.pop()
+            st.stop.set()
+            st.thread.join(10)
+        area.cleanup()
+        server.stop()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--wal-mb", type=int, default=300)
     ap.add_argument("--old-root", type=Path, default=None)
+    ap.add_argument(
+        "--path",
+        choices=("walfetch", "restore"),
+        default="walfetch",
+        help="walfetch: the restore script with the prefetch spool; restore: restore --start (the handover)",
+    )
     a = ap.parse_args()
-    asyncio.run(main(a.wal_mb, a.old_root))
+    if a.path == "restore":
+        main_restore(a.wal_mb, a.old_root)
+    else:
+        asyncio.run(main(a.wal_mb, a.old_root))
