@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -191,12 +192,12 @@ print(json.dumps(d))
 """
 
 
-def _restore_start(env: Any, mode: str, root: Path) -> None:
+def _restore_start(env: Any, mode: str, root: Path, run: int = 0) -> None:
     """``restore --start`` of the checkout at ``root`` in a child process (its handover)."""
     from tests.integration.test_backup_restore import BIN, stop_restored
     from tests.support.ports import free_ports
 
-    dest = env.area.data_dir(f"r-{mode}")
+    dest = env.area.data_dir(f"r-{mode}-{run}")
     arg = {
         "conf": str(env.walconf),
         "dest": str(dest),
@@ -216,6 +217,7 @@ def _restore_start(env: Any, mode: str, root: Path) -> None:
     finally:
         stop_restored(env.area, dest)
     wall = time.monotonic() - t0
+    shutil.rmtree(dest, ignore_errors=True)  # a GB per run
     if r.returncode != 0:
         print(f"{mode:6} restore failed: {r.stderr[-2000:]}")
         return
@@ -233,7 +235,7 @@ def _restore_start(env: Any, mode: str, root: Path) -> None:
 SCOPE2 = "bk"
 
 
-def main_restore(wal_mb: int, old_root: Path | None) -> None:
+def main_restore(wal_mb: int, old_root: Path | None, repeat: int = 1) -> None:
     from tests.integration.test_backup_restore import (
         STAGERS,
         backup,
@@ -273,9 +275,10 @@ def main_restore(wal_mb: int, old_root: Path | None) -> None:
         print(
             f"restore --start to a restore point after ~{wal_mb} MB of WAL from SeaweedFS (load {load:.2f})"
         )
-        _restore_start(env, "new", HERE)
-        if old_root is not None:
-            _restore_start(env, "old", old_root)
+        runs = [("new", HERE)] + ([("old", old_root)] if old_root is not None else [])
+        for i in range(repeat):  # alternating which goes first: the page cache favours the second
+            for mode, root in runs if i % 2 == 0 else runs[::-1]:
+                _restore_start(env, mode, root, i)
     finally:
         while STAGERS:
             st = STAGERS.pop()
@@ -295,8 +298,9 @@ if __name__ == "__main__":
         default="walfetch",
         help="walfetch: the restore script with the prefetch spool; restore: restore --start (the handover)",
     )
+    ap.add_argument("--repeat", type=int, default=1, help="restore --start runs of each checkout")
     a = ap.parse_args()
     if a.path == "restore":
-        main_restore(a.wal_mb, a.old_root)
+        main_restore(a.wal_mb, a.old_root, a.repeat)
     else:
         asyncio.run(main(a.wal_mb, a.old_root))
