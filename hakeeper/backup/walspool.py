@@ -195,13 +195,37 @@ def prefetch_stats(data_dir: Path) -> PrefetchStats:
         return total
     for tag in tags:
         try:
-            s = parse_stats((tag / STATS_FILE).read_text(errors="replace"))
+            tag_fd = os.open(tag, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # not a directory, or a link
+        try:
+            s = parse_stats(_read_plain(STATS_FILE, tag_fd))
         except OSError:
             continue
+        finally:
+            os.close(tag_fd)
         total = PrefetchStats(
             total.requests + s.requests, total.hits + s.hits, total.seconds_waiting + s.seconds_waiting
         )
     return total
+
+
+STATS_MAX = 16 << 20  # a stats line per segment request: far more than any recovery writes
+
+
+def _read_plain(path: str, dir_fd: int) -> str:
+    """A regular file's text (at most :data:`STATS_MAX` bytes), not through a link: the restore
+    reads the spool as root, and the directory belongs to PostgreSQL's OS user."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(STATS_MAX).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def append_line(path: Path, line: str) -> None:
@@ -303,28 +327,52 @@ def discard_spools(data_dir: Path) -> None:
     """After the restoring process served the WAL (recovery is over): remove every spool no
     worker holds, statistics included (the restore has read them), and the spool directory
     when it is then empty.  A worker still running (a fallback of a recovery that outlived
-    the restore) keeps its spool: it cleans up itself."""
+    the restore) keeps its spool: it cleans up itself.
+
+    This runs as root while the directories belong to PostgreSQL's OS user: every step goes
+    through descriptors opened without following a link, so a link planted there is never
+    written or removed through (``rmtree`` with ``dir_fd`` does not follow links either)."""
+    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        wal_fd = os.open(spool_root(data_dir).parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        try:
+            root_fd = os.open(SPOOL_DIR, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=wal_fd)
+        except OSError:
+            return
+        try:
+            for name in os.listdir(root_fd):
+                _discard_tag(root_fd, name)
+        finally:
+            os.close(root_fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(SPOOL_DIR, dir_fd=wal_fd)  # only if empty (a worker's spool stays)
+    finally:
+        os.close(wal_fd)
+
+
+def _discard_tag(root_fd: int, name: str) -> None:
     import fcntl
     import shutil
 
-    root = spool_root(data_dir)
+    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        tags = [d for d in root.iterdir() if d.is_dir()]
+        tag_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=root_fd)
+    except OSError:
+        return  # not a directory, or a link
+    try:
+        lock_fd = os.open(".lock", os.O_RDWR | os.O_CREAT | nofollow, 0o600, dir_fd=tag_fd)
     except OSError:
         return
-    for d in tags:
+    finally:
+        os.close(tag_fd)
+    try:
         try:
-            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(d, ignore_errors=True)
-        finally:
-            os.close(fd)
-    with contextlib.suppress(OSError):
-        root.rmdir()
+            return  # a worker runs: it cleans up itself when recovery ends
+        shutil.rmtree(name, ignore_errors=True, dir_fd=root_fd)
+    finally:
+        os.close(lock_fd)

@@ -323,3 +323,23 @@ async def test_a_segment_asked_for_again_behind_the_window_leaves_the_window_alo
     assert repo.gets.count(names[7]) == 2
     assert set(repo.gets) == {*names, seg(1, 12)}
     assert len(repo.gets) == len(set(repo.gets)) + 2
+
+
+async def test_the_clean_up_never_goes_through_links(tmp_path: Path) -> None:
+    # the spool belongs to PostgreSQL's OS user; the restore cleans it up as root
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    (victim / "stats").write_text(stats_line(seg(1, 1), True, 0) * 5)
+    data_dir = _data_dir(tmp_path)
+    root = data_dir / "pg_wal" / SPOOL_DIR
+    root.mkdir()
+    (root / "0123456789abcdef").symlink_to(victim)
+    plain = root / "fedcba9876543210"
+    plain.mkdir()
+    (plain / "stats").symlink_to(victim / "stats")
+    async with serving(data_dir, FakeRepo(tmp_path / "repo", {}), SCOPE, RunAs()) as served:
+        pass
+    assert served.stats.requests == 0  # neither stats file was read through its link
+    assert sorted(os.listdir(victim)) == ["keep", "stats"]  # no .lock made there, nothing removed
+    assert not plain.exists() and (root / "0123456789abcdef").is_symlink()
