@@ -71,7 +71,8 @@ from hakeeper.backup.incremental_apply import ApplyError, apply_chain
 from hakeeper.backup.phases import PhaseStats, phases_dict, restore_phases
 from hakeeper.backup.repo import FilesystemRepository, Repository
 from hakeeper.backup.unpack import UnpackError, unpack_full
-from hakeeper.backup.walfetch import fast_path_script
+from hakeeper.backup.walfetch import DEFAULT_PREFETCH, DEFAULT_PREFETCH_MAX_BYTES, fast_path_script
+from hakeeper.backup.walspool import TimelinePath
 from hakeeper.core import timefmt
 from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
 from hakeeper.core.config import Credentials
@@ -145,6 +146,9 @@ class RestoreOptions:
     # or "pg_combinebackup" (every link unpacked, combined by PostgreSQL's tool, the result
     # checked with pg_verifybackup; what restore drills use).
     combine: str = COMBINE_IN_PLACE
+    # WAL fetched ahead of recovery, by this process (--start) or the prefetch spool (later)
+    prefetch: int = DEFAULT_PREFETCH
+    prefetch_max_bytes: int = DEFAULT_PREFETCH_MAX_BYTES
 
 
 @dataclass
@@ -185,6 +189,11 @@ class RestoreResult:
     replay_goal_lsn: int | None = None  # the target LSN, else the end of the last archived WAL
     replay_end_lsn: int | None = None  # pg_last_wal_replay_lsn() once recovery ended
     phases: dict[str, PhaseStats] = field(default_factory=dict)  # backup/phases.py
+    # restore_command's segment requests during --start (walspool stats): taken at once from
+    # what was fetched ahead (hits), and the seconds replay waited for the others
+    wal_requests: int | None = None
+    wal_prefetch_hits: int | None = None
+    wal_fetch_wait_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -218,6 +227,14 @@ class RestoreResult:
                 "total": round(self.seconds_total, 3),
             },
             "phases": phases_dict(self.phases),
+            "wal_requests": self.wal_requests,
+            "wal_prefetch_hits": self.wal_prefetch_hits,
+            "wal_fetch_wait_s": None if self.wal_fetch_wait_s is None else round(self.wal_fetch_wait_s, 3),
+            "wal_fetch_wait_share": (
+                round(self.wal_fetch_wait_s / self.seconds_replay, 4)
+                if self.wal_fetch_wait_s is not None and self.seconds_replay
+                else None
+            ),
             "settings": self.settings,
             "start_command": self.start_command,
             "notes": self.notes,
@@ -1486,7 +1503,12 @@ async def restore(
     if opts.after_copy is not None:
         await opts.after_copy(rec, data_dir)
     wal_conf_path = wal_config_path(data_dir)
-    wal_conf = WalToolConfig(scope=scope, repositories=[repo_cfg]).dump()
+    wal_conf = WalToolConfig(
+        scope=scope,
+        repositories=[repo_cfg],
+        prefetch=opts.prefetch,
+        prefetch_max_bytes=opts.prefetch_max_bytes,
+    ).dump()
     script_path = data_dir / RESTORE_SCRIPT_NAME
     script = fast_path_script(f"{restore_command_base}", wal_conf_path, wal_conf.encode())
     restore_command = f"{shlex.quote(str(script_path))} %f %p"
@@ -1511,9 +1533,19 @@ async def restore(
     result.start_command = pg_ctl_start_command(opts.bin_dir, data_dir, opts.run_as)
     log.info("restore_copied", backup=rec.id, size=rec.size, seconds=round(result.seconds_fetch, 3))
     if opts.start:
-        async with serving(data_dir, repo, scope, opts.run_as):
+        path = TimelinePath(plan.timeline, tuple(plan.history))
+        async with serving(
+            data_dir,
+            repo,
+            scope,
+            opts.run_as,
+            path=path,
+            prefetch=opts.prefetch,
+            max_bytes=opts.prefetch_max_bytes,
+        ) as served:
             await _start_and_wait(opts, data_dir, socket_dir, result)
         result.started = True
+        result.wal_requests, result.wal_prefetch_hits, result.wal_fetch_wait_s = served.stats
     result.seconds_total = time.monotonic() - t0
     result.phases = restore_phases(result)
     return result

@@ -8,12 +8,15 @@ plain "not found": recovery asks for files that do not exist, e.g. the next ``.h
 A status above 125 makes PostgreSQL stop recovery with an error instead of treating the file as
 missing and ending recovery early, which would silently lose the rest of the WAL.
 
-Prefetch (``prefetch`` in the config, default 8; 0 turns it off).  Recovery calls
+Prefetch (``prefetch`` in the config, default 16; 0 turns it off).  Recovery calls
 restore_command once per segment and waits for each; starting Python and importing the S3
-client alone takes about half a second.  So after handing segment N over, this command leaves a
-detached *prefetch worker* (a fork) that downloads N+1 .. N+k, ``prefetch_parallel`` at a time,
-into ``<pg_wal>/.hakeeper-prefetch/<tag>/``; the next calls find their segment there and only
-``rename()`` it to ``%p``, before importing anything heavy.
+client alone takes about half a second, and an S3 round trip per 16 MiB is more than replaying
+it.  So after handing segment N over, this command leaves a detached *prefetch worker* (a fork)
+that keeps N+1 .. N+k downloaded, checked and decompressed, ``prefetch_parallel`` at a time,
+in the spool ``<pg_wal>/.hakeeper-prefetch/<tag>/``; the next calls find their segment there and
+only ``rename()`` it to ``%p``, before importing anything heavy.  The window, its byte bound
+(``prefetch_max_bytes``), timeline switches and the per-request statistics are
+:mod:`hakeeper.backup.walspool`'s.
 
 * Where: in pg_wal, because ``%p`` is in pg_wal: same file system, so handing a file over is an
   atomic rename (no copy); it belongs to PostgreSQL's OS user, who runs this command; it goes
@@ -27,9 +30,17 @@ into ``<pg_wal>/.hakeeper-prefetch/<tag>/``; the next calls find their segment t
   overwritten (``put_unique``), so a name always means the same content.
 * One worker at a time, by ``flock`` on ``<tag>/.lock``: a request writes the segment it got
   to ``<tag>/want``; a running worker follows it, else the request forks a new one holding the
-  lock.  The worker drops files behind the wanted segment, stops a window at the first segment
-  that is not in the archive (yet), and after 30 s without requests removes what it fetched
-  and exits.
+  lock.  The worker keeps the window full as segments are taken (not window by window), drops
+  files recovery will not ask for (behind the wanted segment, or of a timeline recovery left),
+  stops the window at the first segment that is not in the archive (yet), and when recovery
+  ends or after 30 s without requests removes what it fetched and exits.
+* Timeline switches: a ``.history`` file this command fetched is also kept in the spool, and
+  PostgreSQL keeps the target's in pg_wal; the worker predicts names along the newest history
+  (the target's), so past the switch point it fetches the new timeline's segments.  A name is a
+  timeline and a position, so a file is only ever handed over for the name it was fetched as.
+* A segment failing its checks (size, SHA-256, zstd checksum) is fetched again, up to
+  :data:`CORRUPT_ATTEMPTS` times, by the worker and by the request; then the request exits 200
+  naming the segment and the reason, and PostgreSQL stops recovery.
 * Only successful fetches of segments start or move a worker; "not found" (a standby probing
   for the next segment, ``.history`` probes) never does.
 """
@@ -45,6 +56,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hakeeper.backup import walspool
+
 if TYPE_CHECKING:
     from hakeeper.backup.repo import Repository
     from hakeeper.core.backup_config import RepositoryConfig, WalToolConfig
@@ -53,11 +66,16 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_UNKNOWN = 200
 ATTEMPTS = 4
-PREFETCH_DIR = ".hakeeper-prefetch"
+CORRUPT_ATTEMPTS = 3  # fetches of a segment that fails its checks before giving up on it
+DEFAULT_PREFETCH = 16
+DEFAULT_PREFETCH_MAX_BYTES = 512 * 1024 * 1024
+PREFETCH_DIR = walspool.SPOOL_DIR
+SHELL_WAIT_MAX = 30.0  # seconds the script waits for a segment the worker is fetching
+T0_ENV = "HAKEEPER_WALFETCH_T0"  # the script's start (epoch seconds): Python's start-up is waiting too
 HANDOVER_DIR = ".hakeeper-handover"  # see hakeeper.backup.handover
 WORKER_IDLE_EXIT = 30.0  # seconds without a new request before the worker cleans up and exits
 _SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
-_TMP_MARK = ".tmp."
+_TMP_MARK = walspool.TMP_MARK
 
 
 # ====================================================================== the fast path (no heavy imports)
@@ -85,32 +103,66 @@ FAST_PATH_SCRIPT = """#!/bin/sh
 # While the restoring process serves WAL (hakeeper.backup.handover) it answers through files.
 # While a prefetch worker runs (it holds the lock), a segment it already fetched and verified is
 # moved into place here without starting Python, and the worker is told which one was taken;
-# everything else goes to hakeeper.backup.walfetch.
+# everything else goes to hakeeper.backup.walfetch.  Every segment request leaves a line
+# "<file> <hit> <seconds waited>" in the spool's stats (hakeeper.backup.walspool).
 f="$1"; p="$2"
-h="$(dirname "$p")/{handover}"
+case "$p" in */*) pw="${{p%/*}}" ;; *) pw=. ;; esac  # dirname without a fork (one per segment)
+h="$pw/{handover}"
+d="$pw/{prefetch}/{tag}"
 if [ -f "$h/pid" ] && [ -d "/proc/$(cat "$h/pid" 2>/dev/null)" ]; then
   # the restoring process serves WAL (it can read the repository; we may not); segments it
   # wrote ahead of the request are taken at once (it is told, to write the next ones)
-  if [ "${{#f}}" -eq 24 ] && mv -f "$h/out/$f" "$p" 2>/dev/null; then : > "$h/req/$f.taken"; exit 0; fi
+  if [ "${{#f}}" -eq 24 ] && mv -f "$h/out/$f" "$p" 2>/dev/null; then
+    : > "$h/req/$f.taken"
+    {{ mkdir -p "$d" && echo "$f 1 0" >> "$d/stats"; }} 2>/dev/null
+    exit 0
+  fi
+  t0="$(date +%s.%N)"
   : > "$h/req/$f" || exit 200
   while [ -d "/proc/$(cat "$h/pid" 2>/dev/null)" ]; do
-    if [ -f "$h/out/$f" ]; then mv -f "$h/out/$f" "$p" && exit 0; exit 200; fi
+    if [ -f "$h/out/$f" ]; then
+      mv -f "$h/out/$f" "$p" || exit 200
+      if [ "${{#f}}" -eq 24 ]; then
+        w="$(echo "$t0 $(date +%s.%N)" | awk '{{printf "%.3f", $2 - $1}}')"
+        {{ mkdir -p "$d" && echo "$f 0 $w" >> "$d/stats"; }} 2>/dev/null
+      fi
+      exit 0
+    fi
     if [ -f "$h/out/$f.missing" ]; then rm -f "$h/out/$f.missing"; exit 1; fi
-    if [ -f "$h/out/$f.error" ]; then rm -f "$h/out/$f.error"; exit 200; fi
+    if [ -f "$h/out/$f.error" ]; then cat "$h/out/$f.error" >&2; rm -f "$h/out/$f.error"; exit 200; fi
     sleep 0.01
   done
   exit 200
 fi
-d="$(dirname "$p")/{prefetch}/{tag}"
-if [ "${{#f}}" -eq 24 ] && [ -f "$d/$f" ] && [ -f "$d/.lock" ] && ! flock -n "$d/.lock" true 2>/dev/null; then
-  if mv -f "$d/$f" "$p" 2>/dev/null; then
+if [ "${{#f}}" -eq 24 ] && [ -f "$d/.lock" ] && ! flock -n "$d/.lock" true 2>/dev/null; then
+  # A worker runs.  Its segment, if there, is taken at once; one it is downloading (listed in
+  # its window) is waited for, which is quicker than starting Python to download it again.
+  hit=1; n=0; got=0
+  while :; do
+    if mv -f "$d/$f" "$p" 2>/dev/null; then got=1; break; fi
+    if [ $hit -eq 1 ]; then
+      grep -qx "$f" "$d/window" 2>/dev/null || break
+      hit=0; t0="$(date +%s.%N)"
+    fi
+    sleep 0.01; n=$((n+1))
+    if [ $((n % 20)) -eq 0 ]; then
+      grep -qx "$f" "$d/window" 2>/dev/null || break  # the worker gave it up or moved on
+      ! flock -n "$d/.lock" true 2>/dev/null || break  # the worker is gone
+      [ $n -lt {wait_ticks} ] || break
+    fi
+  done
+  if [ $got -eq 1 ]; then
     printf '{{"file": "%s", "seg_size": %s}}' "$f" "$(stat -c %s "$p")" > "$d/.want.sh$$" &&
       mv -f "$d/.want.sh$$" "$d/want"
     echo "$f" >> "$d/hits"
+    if [ $hit -eq 1 ]; then w=0; else
+      w="$(echo "$t0 $(date +%s.%N)" | awk '{{printf "%.3f", $2 - $1}}')"
+    fi
+    echo "$f $hit $w" >> "$d/stats"
     exit 0
   fi
 fi
-{python} --config {conf} "$f" "$p"
+{t0_env}="$(date +%s.%N)" {python} --config {conf} "$f" "$p"
 """
 
 
@@ -127,20 +179,15 @@ def fast_path_script(python_cmd: str, conf_path: Path, conf_bytes: bytes) -> str
         tag=tag,
         python=python_cmd,
         conf=shlex.quote(str(conf_path)),
+        t0_env=T0_ENV,
+        wait_ticks=int(SHELL_WAIT_MAX / 0.01),
     )
 
 
 def _note_hit(pdir: Path, fname: str) -> None:
     """One line per segment served from the prefetch directory (``<tag>/hits``): how well
     prefetch works, for operators and tests."""
-    try:
-        fd = os.open(pdir / "hits", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, f"{fname}\n".encode())
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    walspool.append_line(pdir / walspool.HITS_FILE, f"{fname}\n")
 
 
 def next_segments(fname: str, seg_size: int, count: int) -> list[str]:
@@ -168,8 +215,9 @@ def _write_small(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def request_prefetch(conf_path: Path, pdir: Path, fname: str, seg_size: int) -> None:
-    """Tell the prefetch worker that ``fname`` was just handed over; start one if none runs.
+def request_prefetch(conf_path: Path, pdir: Path, fname: str, seg_size: int, window: int = 0) -> None:
+    """Tell the prefetch worker that ``fname`` was just handed over; start one if none runs
+    (``window``: how many segments it will keep ahead, announced before it runs).
 
     ``want`` is written before the lock is tried, and a worker re-reads ``want`` after it
     released the lock, so a request is never missed between the two."""
@@ -189,6 +237,11 @@ def request_prefetch(conf_path: Path, pdir: Path, fname: str, seg_size: int) -> 
     except BlockingIOError:
         os.close(fd)  # a worker runs and follows `want`
         return
+    # Announced before the worker has imported anything: the next request, coming while it
+    # starts, waits for it rather than starting Python to fetch the same segment.
+    walspool.write_window(
+        pdir, walspool.predict_window(fname, seg_size, window, walspool.read_timeline_path(pdir))
+    )
     # We hold the lock; the child inherits it (same open file description) and keeps it.
     try:
         pid = os.fork()
@@ -219,7 +272,43 @@ def request_prefetch(conf_path: Path, pdir: Path, fname: str, seg_size: int) -> 
         os._exit(code)
 
 
+def _started_at() -> float:
+    """When this request began (epoch seconds): the script's stamp, else now."""
+    import time
+
+    try:
+        return float(os.environ[T0_ENV])
+    except (KeyError, ValueError):
+        return time.time()
+
+
+def _note(pdir: Path, fname: str, hit: bool, t0: float) -> None:
+    """The request's line in the spool's statistics (only segments: probes are not waiting;
+    only in recovery: pg_rewind's fetches are not replay waiting)."""
+    import time
+
+    if not _in_recovery(pdir):
+        return
+    try:
+        pdir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    walspool.append_line(pdir / walspool.STATS_FILE, walspool.stats_line(fname, hit, time.time() - t0))
+
+
+def _keep_history(pdir: Path, fname: str, dest: Path) -> None:
+    """A copy of a fetched ``.history`` for the worker: recovery fetches the target
+    timeline's history before its first segment, so the worker knows the switch points before
+    its window reaches them."""
+    try:
+        pdir.mkdir(parents=True, exist_ok=True)
+        _write(pdir / fname, dest.read_bytes())
+    except OSError as e:
+        print(f"hakeeper walfetch: {fname}: not kept for prefetch: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    t0 = _started_at()
     p = argparse.ArgumentParser(prog="hakeeper-walfetch", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--no-prefetch", action="store_true", help="fetch only the file asked for")
@@ -229,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conf_bytes = a.config.read_bytes()
         raw = json.loads(conf_bytes)
-        k = 0 if a.no_prefetch else int(raw.get("prefetch", 8))
+        k = 0 if a.no_prefetch else int(raw.get("prefetch", DEFAULT_PREFETCH))
+        max_bytes = int(raw.get("prefetch_max_bytes", DEFAULT_PREFETCH_MAX_BYTES))
     except (OSError, ValueError, TypeError, AttributeError) as e:
         print(f"hakeeper walfetch: {a.fname}: config {a.config}: {e}", file=sys.stderr)
         return EXIT_UNKNOWN
@@ -243,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             size = None
         if size is not None:
             _note_hit(pdir, a.fname)
-            request_prefetch(a.config, pdir, a.fname, size)
+            _note(pdir, a.fname, True, t0)
+            window = min(k, walspool.spool_slots(max_bytes, size))
+            if window > 0:
+                request_prefetch(a.config, pdir, a.fname, size, window)
             return EXIT_OK
     import asyncio
 
@@ -254,13 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     if code != EXIT_NOT_FOUND or not a.fname.endswith(".history"):
         if code != EXIT_OK:
             print(f"hakeeper walfetch: {msg}", file=sys.stderr)
+    if segment and code == EXIT_OK:
+        _note(pdir, a.fname, False, t0)
+    if code == EXIT_OK and k > 0 and a.fname.endswith(".history") and _in_recovery(pdir):
+        _keep_history(pdir, a.fname, a.dest)
     if code == EXIT_OK and k > 0 and segment:
         try:
             size = a.dest.stat().st_size
         except OSError:
             size = 0
-        if size > 0:
-            request_prefetch(a.config, pdir, a.fname, size)
+        window = min(k, walspool.spool_slots(max_bytes, size))
+        if window > 0:
+            request_prefetch(a.config, pdir, a.fname, size, window)
     return code
 
 
@@ -284,13 +382,38 @@ def transient_retry() -> Any:
 
 
 async def _get_any(
-    repos: list[tuple[RepositoryConfig, Repository]], key: str, retry: bool = True
+    repos: list[tuple[RepositoryConfig, Repository]],
+    key: str,
+    retry: bool = True,
+    corrupt_attempts: int = CORRUPT_ATTEMPTS,
 ) -> tuple[bytes | None, str | None, list[str]]:
     """(content, repository it came from, problems); content None when no repository has it
-    (problems empty: definitely absent; else unknown)."""
-    from hakeeper.backup.errors import NotFound, RepoError
+    (problems empty: definitely absent; else unknown).  A copy failing its checks is fetched
+    again (``corrupt_attempts`` rounds over the repositories): bytes damaged on the way are
+    not a damaged archive."""
+    import asyncio
+
+    attempt = 1
+    while True:
+        data, src, problems, corrupt = await _get_once(repos, key, retry)
+        if data is not None or not corrupt or attempt >= corrupt_attempts:
+            return data, src, problems
+        print(
+            f"hakeeper walfetch: {key}: failed its checks, fetching again: {'; '.join(problems)}",
+            file=sys.stderr,
+        )
+        await asyncio.sleep(0.2 * attempt)
+        attempt += 1
+
+
+async def _get_once(
+    repos: list[tuple[RepositoryConfig, Repository]], key: str, retry: bool
+) -> tuple[bytes | None, str | None, list[str], bool]:
+    """One round over the repositories: ``_get_any``'s answer and whether a copy was corrupt."""
+    from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
 
     problems: list[str] = []
+    corrupt = False
     for rc, repo in repos:
         try:
             if retry:
@@ -302,10 +425,11 @@ async def _get_any(
         except NotFound:
             continue
         except RepoError as e:  # CorruptObject included: try the next copy
+            corrupt = corrupt or isinstance(e, CorruptObject)
             problems.append(f"{rc.name}: {e}")
             continue
-        return data, rc.name, problems
-    return None, None, problems
+        return data, rc.name, problems, corrupt
+    return None, None, problems, corrupt
 
 
 async def fetch(conf_path: Path, fname: str, dest: Path) -> tuple[int, str]:
@@ -356,32 +480,6 @@ def _read_want(pdir: Path) -> tuple[str, int] | None:
         return None
 
 
-def _cleanup(pdir: Path, keep_from: tuple[str, int] | None) -> None:
-    """Remove prefetched files behind the wanted segment (all of them when ``keep_from`` is
-    None), and temporary files of dead downloads."""
-    try:
-        names = os.listdir(pdir)
-    except FileNotFoundError:
-        return
-    floor = None if keep_from is None else segno_of_name(*keep_from)
-    for n in names:
-        path = pdir / n
-        if _TMP_MARK in n:
-            pid = n.rsplit(".", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}"):
-                continue  # another live process writes it
-            path.unlink(missing_ok=True)
-            continue
-        if not _SEGMENT.match(n):
-            continue
-        if floor is None or keep_from is None:
-            path.unlink(missing_ok=True)
-            continue
-        s = segno_of_name(n, keep_from[1])
-        if s is not None and s < floor:
-            path.unlink(missing_ok=True)
-
-
 def _remove_other_tags(pdir: Path) -> None:
     """Prefetch directories of other configurations that no worker holds: leftovers."""
     import fcntl
@@ -414,8 +512,8 @@ def _in_recovery(pdir: Path) -> bool:
 
 
 def run_worker(conf_path: Path, pdir: Path, lock_fd: int, idle_exit: float = WORKER_IDLE_EXIT) -> None:
-    """Keep the segments after the wanted one prefetched until no request came for
-    ``idle_exit`` seconds; ``lock_fd`` is the flocked ``.lock`` (released at the end)."""
+    """Keep the segments after the wanted one prefetched until recovery ends or no request came
+    for ``idle_exit`` seconds; ``lock_fd`` is the flocked ``.lock`` (released at the end)."""
     import asyncio
     import fcntl
 
@@ -427,7 +525,7 @@ def run_worker(conf_path: Path, pdir: Path, lock_fd: int, idle_exit: float = WOR
         while True:
             asyncio.run(_worker_loop(conf, pdir, idle_exit))
             seen = _read_want(pdir)
-            _cleanup(pdir, None)
+            walspool.clear_spool(pdir)
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
             if _read_want(pdir) == seen:
                 return
@@ -439,52 +537,120 @@ def run_worker(conf_path: Path, pdir: Path, lock_fd: int, idle_exit: float = WOR
         os.close(lock_fd)
 
 
+WORKER_TICK = 0.02  # seconds between looks at `want` while downloads run or nothing changes
+FAILED_COOLDOWN = 0.5  # seconds before a segment that could not be fetched is tried again
+
+
+class _Spool:
+    """The worker's state: downloads running, names found absent, failures."""
+
+    def __init__(
+        self, conf: WalToolConfig, pdir: Path, repos: list[tuple[RepositoryConfig, Repository]]
+    ) -> None:
+        import asyncio
+
+        self.conf = conf
+        self.pdir = pdir
+        self.repos = repos
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.absent: set[str] = set()  # in no repository (yet): the window stops there
+        self.failures: dict[str, int] = {}
+        self.retry_at: dict[str, float] = {}
+        self.given_up: set[str] = set()  # the request fetches these itself (and fails naming them)
+
+    def skip(self, now: float) -> set[str]:
+        return self.given_up | {n for n, t in self.retry_at.items() if t > now}
+
+    async def fetch(self, name: str) -> None:
+        import asyncio
+        import time
+
+        from hakeeper.backup import layout
+
+        key = layout.wal_key(self.conf.scope, name)
+        try:
+            # one round per try: the worker counts its tries itself (and waits between them)
+            data, _, problems = await _get_any(self.repos, key, retry=False, corrupt_attempts=1)
+            if data is not None:
+                await asyncio.to_thread(_write, self.pdir / name, data)
+                self.failures.pop(name, None)
+                self.retry_at.pop(name, None)
+            elif not problems:
+                self.absent.add(name)
+            else:
+                self._failed(name, "; ".join(problems), time.monotonic())
+        except Exception as e:  # a worker problem must not end the worker: the request fetches it
+            self._failed(name, f"{type(e).__name__}: {e}", time.monotonic())
+
+    def _failed(self, name: str, reason: str, now: float) -> None:
+        n = self.failures.get(name, 0) + 1
+        self.failures[name] = n
+        self.retry_at[name] = now + FAILED_COOLDOWN * n
+        if n >= CORRUPT_ATTEMPTS:
+            self.given_up.add(name)
+        # worker.log is the worker's stderr; recovery's own request reports to PostgreSQL's log
+        print(f"hakeeper walfetch prefetch: {name}: not prefetched (attempt {n}): {reason}", file=sys.stderr)
+
+
 async def _worker_loop(conf: WalToolConfig, pdir: Path, idle_exit: float) -> None:
     import asyncio
+    import contextlib
     import time
 
-    from hakeeper.backup import layout
     from hakeeper.backup.repos import make_repository
 
-    repos = [(rc, make_repository(rc)) for rc in conf.repositories]
-    sem = asyncio.Semaphore(conf.prefetch_parallel)
-    end_of_archive: set[str] = set()  # names found in no repository (the window stops there)
-
-    async def one(name: str) -> None:
-        async with sem:
-            if (pdir / name).exists() or name in end_of_archive:
-                return
-            data, _, problems = await _get_any(repos, layout.wal_key(conf.scope, name), retry=False)
-            if data is None:
-                if not problems:
-                    end_of_archive.add(name)
-                return
-            await asyncio.to_thread(_write, pdir / name, data)
-
+    spool = _Spool(conf, pdir, [(rc, make_repository(rc)) for rc in conf.repositories])
     try:
         last_want = None
         last_change = time.monotonic()
+        path: walspool.TimelinePath | None = None
+        announced: list[str] | None = None
         while True:
+            now = time.monotonic()
             want = _read_want(pdir)
             if want != last_want:
                 last_want = want
-                last_change = time.monotonic()
-                end_of_archive.clear()
-                if want is not None:
-                    _cleanup(pdir, want)
-                    window = next_segments(want[0], want[1], conf.prefetch)
-                    results = await asyncio.gather(*(one(n) for n in window), return_exceptions=True)
-                    for res in results:
-                        if isinstance(res, BaseException):
-                            if not isinstance(res, Exception):
-                                raise res
-                            print(f"hakeeper walfetch prefetch: {res}", file=sys.stderr)
-                continue
-            if time.monotonic() - last_change > idle_exit or not _in_recovery(pdir):
+                last_change = now
+                spool.absent.clear()  # the archive may have grown since
+                path = walspool.read_timeline_path(pdir)  # recovery may have fetched a history
+            elif now - last_change > idle_exit or not _in_recovery(pdir):
                 return
-            await asyncio.sleep(0.05)
+            if want is not None:
+                slots = walspool.spool_slots(conf.prefetch_max_bytes, want[1])
+                window = walspool.predict_window(want[0], want[1], min(conf.prefetch, slots), path)
+                plan = walspool.plan_spool(
+                    window,
+                    walspool.spool_segments(pdir),
+                    spool.inflight,
+                    slots,
+                    conf.prefetch_parallel,
+                    absent=spool.absent,
+                    skip=spool.skip(now),
+                )
+                for name in plan.drop:  # before any new download: the bound holds at every moment
+                    with contextlib.suppress(FileNotFoundError):
+                        (pdir / name).unlink()
+                for name in plan.start:
+                    spool.inflight[name] = asyncio.ensure_future(spool.fetch(name))
+                names = walspool.intended(window, slots, absent=spool.absent, given_up=spool.given_up)
+                if names != announced:  # what a request may wait for instead of fetching it
+                    walspool.write_window(pdir, names)
+                    announced = names
+            done = [n for n, t in spool.inflight.items() if t.done()]
+            for n in done:
+                spool.inflight.pop(n).result()  # fetch() catches its errors; a cancel propagates
+            if spool.inflight:
+                await asyncio.wait(
+                    spool.inflight.values(), timeout=WORKER_TICK, return_when=asyncio.FIRST_COMPLETED
+                )
+            else:
+                await asyncio.sleep(WORKER_TICK)
     finally:
-        for _, r in repos:
+        for t in spool.inflight.values():
+            t.cancel()
+        if spool.inflight:
+            await asyncio.wait(spool.inflight.values())
+        for _, r in spool.repos:
             await r.close()
 
 

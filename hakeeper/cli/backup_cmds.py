@@ -27,6 +27,7 @@ from hakeeper.backup.catalog import COMBINE_IN_PLACE, COMBINE_MODES, BackupRecor
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.phases import parse_phases, phases_dict
 from hakeeper.backup.repos import make_repository
+from hakeeper.backup.walfetch import DEFAULT_PREFETCH
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import (
     OutputOpt,
@@ -737,6 +738,11 @@ def _restore_lines(res: RestoreResult) -> list[str]:
     lines.extend(f"  note      {n}" for n in res.notes)
     if res.started:
         lines.append(f"  promoted  new timeline {res.new_timeline}; writable")
+        if res.wal_requests:
+            lines.append(
+                f"  WAL       {res.wal_requests} segments, {res.wal_prefetch_hits} fetched ahead, "
+                f"replay waited {res.wal_fetch_wait_s or 0.0:.1f}s for the rest"
+            )
         lines.append(f"  connect   {res.dsn}")
     else:
         lines.append(f"  start it  {res.start_command}")
@@ -827,6 +833,15 @@ def restore_cmd(
             "blocks that differ, remove what the backup lacks (needs a backup with a file index).",
         ),
     ] = False,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            "--prefetch",
+            help="WAL segments fetched ahead of recovery (0: none), within 512 MiB.",
+            min=0,
+            max=256,
+        ),
+    ] = DEFAULT_PREFETCH,
     combine: Annotated[
         str,
         typer.Option(
@@ -915,6 +930,7 @@ def restore_cmd(
                 delta=delta,
                 progress=progress,
                 combine=combine,
+                prefetch=prefetch,
             )
             try:
                 return await restore(r, rc, cfg.scope, opts)

@@ -479,12 +479,20 @@ class WalToolConfig(_Strict):
     scope: str
     repositories: list[RepositoryConfig]
     prefetch: int = Field(
-        8,
+        16,
         ge=0,
-        le=64,
+        le=256,
         description="walfetch: segments fetched ahead of the one PostgreSQL asks for (0: no prefetch).",
     )
     prefetch_parallel: int = Field(4, ge=1, le=16, description="walfetch: prefetch downloads at once.")
+    prefetch_max_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description=(
+            "walfetch: bytes the prefetch spool in pg_wal may hold, downloads being written included; "
+            "the window shrinks to what fits (less than one segment: no prefetch)."
+        ),
+    )
 
     @classmethod
     def load(cls, path: Path) -> WalToolConfig:

@@ -28,12 +28,12 @@ from hakeeper.backup.archive.plan import ReadyInfo, archive_order, backoff, plan
 from hakeeper.backup.archive.spool import SpoolQueue
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.backup.walfetch import (
-    _cleanup,
     next_segments,
     prefetch_dir,
     segno_of_name,
     serve_prefetched,
 )
+from hakeeper.backup.walspool import clear_spool, plan_spool, predict_window, spool_segments
 from hakeeper.core.backup_config import ArchiveConfig, RepositoryConfig
 
 SEG = 1 << 20  # small "segments": the archiver does not care about the size
@@ -611,10 +611,16 @@ def test_prefetch_dir_depends_on_the_config_and_serves_only_complete_files(tmp_p
 
 
 def test_prefetch_cleanup_drops_what_recovery_passed(tmp_path: Path) -> None:
+    # The worker's spool plan (walspool) replaced walfetch._cleanup: what recovery passed goes,
+    # now the segment just handed over too (recovery never asks for it again).
     for n in (1, 2, 3, 4):
         (tmp_path / seg(n)).write_bytes(b"x")
     (tmp_path / f".{seg(5)}.tmp.999999999").write_bytes(b"x")  # a dead download
-    _cleanup(tmp_path, (seg(3), 16 << 20))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [seg(3), seg(4)]
-    _cleanup(tmp_path, None)
+    window = predict_window(seg(3), 16 << 20, 4, None)
+    plan = plan_spool(window, spool_segments(tmp_path), (), 4, 4)
+    assert plan.drop == (seg(1), seg(2), seg(3)) and seg(4) not in plan.start
+    for dropped in plan.drop:
+        (tmp_path / dropped).unlink()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [seg(4)]
+    clear_spool(tmp_path)
     assert list(tmp_path.iterdir()) == []
