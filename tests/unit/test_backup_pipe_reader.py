@@ -1,0 +1,128 @@
+"""The reader of pg_basebackup's tar stream for indexed backups (basebackup._PipeReader): parts
+of exactly part_size bytes cut from a pipe into reused buffers, the tar scanner and the index
+builder fed on the way, and the zstd level of parts compressed here."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+import time
+
+import pytest
+
+from hakeeper.backup.basebackup import BackupError, _part_level, _PipeReader
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _run(stream: bytes, part_size: int, buffers: int = 2) -> tuple[_PipeReader, list[bytes], int]:
+    """Feed ``stream`` through a pipe (a writer thread, small writes) and collect the parts."""
+    rfd, wfd = os.pipe()
+
+    def write() -> None:
+        for i in range(0, len(stream), 3000):
+            os.write(wfd, stream[i : i + 3000])
+        os.close(wfd)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    reader = _PipeReader(rfd, part_size, buffers)
+    parts: list[bytes] = []
+    ids: set[int] = set()
+    ends = 0
+
+    def deliver(buf: bytearray | None, size: int) -> None:
+        nonlocal ends
+        if buf is None:
+            ends += 1
+            return
+        parts.append(bytes(buf[:size]))
+        ids.add(id(buf))
+        reader.release(buf)
+
+    try:
+        reader.run(time.monotonic(), deliver)
+    finally:
+        writer.join()
+        os.close(rfd)
+    assert len(ids) <= max(2, buffers)  # the buffers are reused, not one per part
+    return reader, parts, ends
+
+
+def test_parts_are_exactly_part_size_and_the_scanner_and_index_see_everything() -> None:
+    files = {
+        "backup_label": b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n",
+        "base/1/1234": os.urandom(70_000),
+        "global/pg_control": b"c" * 8192,
+        "backup_manifest": b'{"PostgreSQL-Backup-Manifest-Version": 1}',
+    }
+    stream = _tar(files)
+    reader, parts, ends = _run(stream, 16384)
+    assert ends == 1
+    assert b"".join(parts) == stream
+    assert [len(p) for p in parts[:-1]] == [16384] * (len(parts) - 1)
+    assert 0 < len(parts[-1]) <= 16384
+    assert reader.total == len(stream)
+    assert reader.scanner.ended
+    assert reader.scanner.files["backup_label"] == files["backup_label"]
+    assert reader.scanner.files["backup_manifest"] == files["backup_manifest"]
+    assert reader.at_end  # past pg_control, between members
+    index = reader.indexer.finish([len(p) for p in parts])
+    by_path = {m.path: m for m in index.members}
+    assert by_path["base/1/1234"].size == 70_000
+    off = by_path["base/1/1234"].offset
+    assert stream[off : off + 70_000] == files["base/1/1234"]
+    assert set(reader.marks) >= {"first_byte", "stream_end"}
+
+
+def test_a_stream_of_exactly_whole_parts_ends_without_an_empty_part() -> None:
+    stream = _tar({"a": b"x" * 1000})  # GNU tar pads to 10240 bytes
+    assert len(stream) % 2048 == 0
+    _reader, parts, ends = _run(stream, 2048)
+    assert ends == 1
+    assert [len(p) for p in parts] == [2048] * (len(stream) // 2048)
+
+
+def test_an_empty_stream_gives_one_empty_part() -> None:
+    reader, parts, ends = _run(b"", 4096)
+    assert (parts, ends, reader.total) == ([b""], 1, 0)
+
+
+def test_not_a_tar_stream_is_refused() -> None:
+    with pytest.raises(BackupError, match="not a valid tar stream"):
+        _run(b"\x01" * 4096, 1024)
+
+
+def test_a_stopped_reader_waiting_for_a_buffer_returns() -> None:
+    rfd, wfd = os.pipe()
+    os.write(wfd, _tar({"a": b"y" * 5000}))
+    reader = _PipeReader(rfd, 1024, 2)
+    got: list[int] = []
+
+    def deliver(buf: bytearray | None, size: int) -> None:
+        got.append(size)  # never released: the reader runs out of buffers and waits
+
+    t = threading.Thread(target=reader.run, args=(time.monotonic(), deliver))
+    t.start()
+    time.sleep(0.3)
+    assert got == [1024, 1024]
+    reader.stop.set()
+    t.join(5)
+    assert not t.is_alive()
+    os.close(rfd)
+    os.close(wfd)
+
+
+@pytest.mark.parametrize(("configured", "used"), [(1, 1), (2, 1), (3, 1), (4, 4), (19, 19), (25, 19)])
+def test_part_level(configured: int, used: int) -> None:
+    assert _part_level(configured) == used
