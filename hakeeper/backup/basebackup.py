@@ -1029,8 +1029,7 @@ class _PipeReader:
         self.scanner = TarScanner()
         self.indexer = fileindex.IndexBuilder()
         self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(max(2, buffers)):
-            self.free.put(bytearray(part_size))
+        self.unallocated = max(2, buffers)  # allocated when first needed: a small backup needs one
         self.stop = threading.Event()
         self.total = 0
         self.last_read = time.monotonic()  # the last sign of life of pg_basebackup
@@ -1042,6 +1041,9 @@ class _PipeReader:
         self.free.put(buf)
 
     def _buffer(self) -> bytearray | None:
+        if self.free.empty() and self.unallocated:
+            self.unallocated -= 1
+            return bytearray(self.part_size)
         while not self.stop.is_set():
             with contextlib.suppress(queue.Empty):
                 buf = self.free.get(timeout=0.2)
@@ -1430,9 +1432,16 @@ class _PartUploader:
                     data = await asyncio.to_thread(compress_part, data, self.level)
                 elif isinstance(data, memoryview):
                     data = data.tobytes()
-            finally:
-                if release is not None:  # the input is no longer needed: its buffer is reused
+            except asyncio.CancelledError:
+                # the worker thread may still be reading the buffer: it is not given back (the
+                # backup is ending; its reader has been told to stop)
+                raise
+            except BaseException:
+                if release is not None:
                     release()
+                raise
+            if release is not None:  # the input is no longer needed: its buffer is reused
+                release()
             return await self.run.repo.put(
                 catalog.object_key(self.run.scope, rec.id, catalog.part_name(index)),
                 data,

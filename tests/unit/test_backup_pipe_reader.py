@@ -4,6 +4,8 @@ builder fed on the way, and the zstd level of parts compressed here."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import os
 import tarfile
@@ -11,8 +13,13 @@ import threading
 import time
 
 import pytest
+import zstandard
 
-from hakeeper.backup.basebackup import BackupError, _part_level, _PipeReader
+from hakeeper.backup import catalog
+from hakeeper.backup.basebackup import BackupError, _part_level, _PartUploader, _PipeReader, _Run
+from hakeeper.backup.catalog import BackupRecord, BackupStatus
+from hakeeper.backup.errors import RepoError
+from hakeeper.backup.repo import PutResult
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -126,3 +133,62 @@ def test_a_stopped_reader_waiting_for_a_buffer_returns() -> None:
 @pytest.mark.parametrize(("configured", "used"), [(1, 1), (2, 1), (3, 1), (4, 4), (19, 19), (25, 19)])
 def test_part_level(configured: int, used: int) -> None:
     assert _part_level(configured) == used
+
+
+class _FakeRepo:
+    """Records what is stored; ``fail``: every put raises."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.stored: dict[str, bytes] = {}
+        self.fail = fail
+
+    async def put(self, name: str, data: bytes, **_kw: object) -> PutResult:
+        if self.fail:
+            raise RepoError("disk full")
+        self.stored[name] = data
+        return PutResult(name, len(data), len(data), "")
+
+
+def _uploader(repo: _FakeRepo) -> _PartUploader:
+    now = catalog.utcnow()
+    rec = BackupRecord(
+        id="b1",
+        label="b1",
+        status=BackupStatus.RUNNING,
+        scope="s",
+        repository="r",
+        start_time=now,
+        updated_at=now,
+    )
+    run = _Run(repo=repo, scope="s", record=rec, progress=None)  # type: ignore[arg-type]
+    return _PartUploader(run, 2, level=1)
+
+
+def test_part_buffers_are_given_back_once_compressed_and_parts_decompress_to_them() -> None:
+    async def go() -> tuple[_FakeRepo, list[int], list[int]]:
+        repo = _FakeRepo()
+        up = _uploader(repo)
+        released: list[int] = []
+        for i in range(3):
+            buf = bytearray(bytes([i]) * 5000)
+            await up.submit(memoryview(buf)[:4000], release=functools.partial(released.append, i))
+        await up.finish()
+        return repo, released, up.sizes
+
+    repo, released, sizes = asyncio.run(go())
+    assert sorted(released) == [0, 1, 2]
+    assert sizes == [4000] * 3
+    parts = [zstandard.ZstdDecompressor().decompress(repo.stored[k]) for k in sorted(repo.stored)]
+    assert parts == [bytes([i]) * 4000 for i in range(3)]
+
+
+def test_a_failed_store_still_gives_the_buffer_back_and_ends_the_backup() -> None:
+    async def go() -> list[int]:
+        up = _uploader(_FakeRepo(fail=True))
+        released: list[int] = []
+        await up.submit(b"x" * 100, release=functools.partial(released.append, 0))
+        with pytest.raises(RepoError):
+            await up.finish()
+        return released
+
+    assert asyncio.run(go()) == [0]
