@@ -1033,7 +1033,7 @@ class _PipeReader:
         self.stop = threading.Event()
         self.total = 0
         self.last_read = time.monotonic()  # the last sign of life of pg_basebackup
-        self.at_end = False  # past pg_control, between members: the server waits for WAL
+        self.at_end = False  # pg_control seen: a silence now is the server waiting for WAL
         self.marks: dict[str, float] = {}
 
     def release(self, buf: bytearray) -> None:
@@ -1079,12 +1079,14 @@ class _PipeReader:
                 self.total += n
                 # The server sends nothing during its checkpoint at the start and, from a
                 # primary, while it waits for the archiving of the backup's last segment after
-                # pg_control (always the last data file) and before the manifest.
+                # pg_control (always the last data file) and before the manifest.  Its header
+                # is enough: pg_basebackup's stdio buffer may hold the rest of the member until
+                # the manifest comes, so "between members" would never be seen there.
                 members = self.scanner.members
                 if not seen_control and len(members) > checked:
                     seen_control = fileindex.CONTROL_FILE in members[checked:]
                     checked = len(members)
-                self.at_end = seen_control and self.scanner.between_members
+                self.at_end = seen_control
             del view
             if filled < self.part_size:  # the end of the stream
                 self.marks["stream_end"] = time.monotonic() - t0

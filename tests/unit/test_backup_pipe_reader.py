@@ -83,7 +83,7 @@ def test_parts_are_exactly_part_size_and_the_scanner_and_index_see_everything() 
     assert reader.scanner.ended
     assert reader.scanner.files["backup_label"] == files["backup_label"]
     assert reader.scanner.files["backup_manifest"] == files["backup_manifest"]
-    assert reader.at_end  # past pg_control, between members
+    assert reader.at_end  # pg_control seen
     index = reader.indexer.finish([len(p) for p in parts])
     by_path = {m.path: m for m in index.members}
     assert by_path["base/1/1234"].size == 70_000
@@ -192,3 +192,15 @@ def test_a_failed_store_still_gives_the_buffer_back_and_ends_the_backup() -> Non
         return released
 
     assert asyncio.run(go()) == [0]
+
+
+def test_the_wal_wait_starts_with_pg_controls_header() -> None:
+    # pg_basebackup's stdio buffer may keep the end of pg_control until the manifest comes: the
+    # stream stops inside the member, and the silence must count as the wait for the WAL
+    stream = _tar({"base/1/1": b"d" * 3000, "global/pg_control": b"c" * 8192})
+    cut = stream.index(b"c" * 100) + 4000  # inside pg_control's data
+    reader, _parts, _ends = _run(stream[:cut], 1 << 20)
+    assert not reader.scanner.between_members
+    assert reader.at_end
+    reader, _parts, _ends = _run(stream[: stream.index(b"global/pg_control")], 1 << 20)
+    assert not reader.at_end  # before it: the idle timeout applies
