@@ -24,12 +24,15 @@ import contextlib
 import ctypes
 import datetime as dt
 import fcntl
+import functools
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -208,22 +211,6 @@ class TarScanner:
                 self.files[self._cap_name] = bytes(self._cap)
         self._cap_name = None
         self._cap = bytearray()
-
-
-def grow_pipe(proc: asyncio.subprocess.Process, fd: int, size: int = 1 << 20) -> None:
-    """Enlarge the pipe to a child's stdin (0) or stdout (1): with the default 64 KiB, the
-    child stalls whenever the event loop is a few milliseconds late (best effort)."""
-    transport = getattr(proc, "_transport", None)
-    pipe = transport.get_pipe_transport(fd) if transport is not None else None
-    f = pipe.get_extra_info("pipe") if pipe is not None else None
-    if f is None:
-        return
-    with contextlib.suppress(OSError, AttributeError, ValueError):
-        fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, size)
-    if fd == 1 and pipe is not None and hasattr(pipe, "max_size"):
-        # asyncio reads a pipe 256 KiB per loop iteration: a whole (grown) pipe per read instead
-        # is a quarter of the iterations and buffer copies for a stream of gigabytes
-        pipe.max_size = max(int(pipe.max_size), size)
 
 
 # ============================================================================ SQL helpers
@@ -820,9 +807,10 @@ async def _spawn_pg_basebackup(
     target: str,
     rec: BackupRecord,
     *extra_args: str,
+    stdout: int | None = None,
 ) -> asyncio.subprocess.Process:
     """pg_basebackup of ``source`` in tar format into ``target`` (``-``: its standard output,
-    a pipe), without WAL; standard error is a pipe."""
+    a pipe: ``stdout``'s write end if given, else asyncio's), without WAL; standard error is a pipe."""
     conninfo = build_conninfo(
         host=source.host,
         port=source.port,
@@ -854,28 +842,14 @@ async def _spawn_pg_basebackup(
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE if target == "-" else asyncio.subprocess.DEVNULL,
+        stdout=stdout
+        if stdout is not None
+        else (asyncio.subprocess.PIPE if target == "-" else asyncio.subprocess.DEVNULL),
         stderr=asyncio.subprocess.PIPE,
         env=child_env(RunAs(), extra),
         start_new_session=True,
         limit=READ_CHUNK,
     )
-
-
-async def _read_stream(stdout: asyncio.StreamReader, wait: float, at_end: bool, total: int) -> bytes:
-    """The next chunk of pg_basebackup's tar stream (empty at its end), or why none came in time."""
-    try:
-        return await asyncio.wait_for(stdout.read(READ_CHUNK), timeout=wait)
-    except TimeoutError as e:
-        if at_end:
-            raise BackupError(
-                f"the server sent the data but then waited more than {wait:.0f}s for the "
-                "archiving of the backup's WAL; is archive_command working?"
-            ) from e
-        raise BackupError(
-            f"pg_basebackup sent nothing for {wait:.0f}s (after {total} bytes): a checkpoint "
-            "that does not finish?"
-        ) from e
 
 
 def _check_exit(rc: int, stderr: str, source: Endpoint) -> None:
@@ -903,22 +877,6 @@ def _streamed_label_and_manifest(
     return label, manifest_raw, ranges
 
 
-async def _submit_whole_parts(parts: _PartUploader, pending: list[bytes], part_size: int) -> int:
-    """Hand the parts of exactly ``part_size`` bytes in ``pending`` to ``parts`` and keep the
-    rest pending (its size returned).  Parts of one size, the last one shorter: the reads are up
-    to a whole pipe long, and a delta fetches whole parts, so --part-size is what it says."""
-    buf = memoryview(b"".join(pending))
-    pending.clear()
-    at = 0
-    while len(buf) - at >= part_size:
-        await parts.submit(buf[at : at + part_size])  # a view: no copy of the part
-        at += part_size
-    rest = bytes(buf[at:])
-    if rest:
-        pending.append(rest)
-    return len(rest)
-
-
 async def _copy(
     run: _Run,
     source: Endpoint,
@@ -932,9 +890,18 @@ async def _copy(
 ) -> None:
     rec = run.record
     t0 = time.monotonic()
-    proc = await _spawn_pg_basebackup(bin_dir, source, replication, "-", rec, *extra)
-    assert proc.stdout is not None and proc.stderr is not None
-    grow_pipe(proc, 1)
+    rfd, wfd = os.pipe()
+    with contextlib.suppress(OSError):
+        # a pipe of 1 MiB: fewer, larger reads, and pg_basebackup waits less for the reader
+        fcntl.fcntl(rfd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    try:
+        proc = await _spawn_pg_basebackup(bin_dir, source, replication, "-", rec, *extra, stdout=wfd)
+    except BaseException:
+        os.close(rfd)
+        raise
+    finally:
+        os.close(wfd)  # the child has its copy: its exit is the end of the stream
+    assert proc.stderr is not None
     stderr_buf = bytearray()
 
     async def drain_stderr() -> None:
@@ -945,46 +912,39 @@ async def _copy(
                 del stderr_buf[: len(stderr_buf) - 65536]
 
     err_task = asyncio.create_task(drain_stderr())
-    scanner = TarScanner()
-    indexer = fileindex.IndexBuilder()
-    parts = _PartUploader(run, parallel, level=max(1, min(run.repo.level, 19)))
+    # a buffer per part being compressed, one being filled, one ready to be
+    reader = _PipeReader(rfd, part_size, parallel + 2)
+    parts = _PartUploader(run, parallel, level=_part_level(run.repo.level))
+    loop = asyncio.get_running_loop()
+    filled: asyncio.Queue[tuple[bytearray | None, int]] = asyncio.Queue()
 
-    total = 0
-    pending: list[bytes] = []  # chunks of the part being filled (joined once: one copy)
-    pending_size = 0
+    def deliver(buf: bytearray | None, size: int) -> None:  # in the reader's thread
+        loop.call_soon_threadsafe(filled.put_nowait, (buf, size))
+
+    read_task = asyncio.ensure_future(asyncio.to_thread(reader.run, t0, deliver))
     idle_timeout = max(wal_timeout, 300.0)
-    marks: dict[str, float] = {}  # seconds since the start: where a copy's time goes (logged)
     try:
         while True:
-            # The server sends nothing during its checkpoint at the start and, from a primary,
-            # while it waits for the archiving of the backup's last segment after pg_control
-            # (always the last data file) and before the manifest.
-            at_end = "global/pg_control" in scanner.members and scanner.between_members
-            chunk = await _read_stream(proc.stdout, wal_timeout if at_end else idle_timeout, at_end, total)
-            if not chunk:
+            get = asyncio.ensure_future(filled.get())
+            await asyncio.wait([get, read_task], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                await asyncio.gather(get, return_exceptions=True)
+                if read_task.done():
+                    read_task.result()  # the reader's error; else its last part is queued
+                    continue
+                _check_silence(reader, wal_timeout, idle_timeout)
+                run.tick("copy", reader.total, facts.estimated_size or None)
+                continue
+            buf, size = get.result()
+            if buf is None:
                 break
-            marks.setdefault("first_byte", time.monotonic() - t0)
-            if at_end:
-                marks.setdefault("pg_control", time.monotonic() - t0)
-            try:
-                scanner.feed(chunk)
-                # hashes every 1 MiB block as it passes: xxh3 at ~20 GB/s costs ~0.2 ms per chunk
-                indexer.feed(chunk)
-            except (TarFormatError, fileindex.BadIndex) as e:
-                raise BackupError(f"pg_basebackup's output is not a valid tar stream: {e}") from e
-            pending.append(chunk)
-            pending_size += len(chunk)
-            total += len(chunk)
-            run.tick("copy", total, facts.estimated_size or None)
-            if pending_size >= part_size:
-                pending_size = await _submit_whole_parts(parts, pending, part_size)
-                if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
-                    rec.size = total
-                    await run.save()
-        marks["stream_end"] = time.monotonic() - t0
-        if pending or not parts.tasks:
-            await parts.submit(b"".join(pending))
-            pending.clear()
+            await parts.submit(memoryview(buf)[:size], release=functools.partial(reader.release, buf))
+            run.tick("copy", reader.total, facts.estimated_size or None)
+            if time.monotonic() - run.last_saved > catalog.HEARTBEAT_S:
+                rec.size = reader.total
+                await run.save()
+        await read_task
         try:
             # A primary waits (server side) until the backup's last segment is archived.
             rc = await asyncio.wait_for(proc.wait(), timeout=wal_timeout)
@@ -995,21 +955,28 @@ async def _copy(
             ) from e
         await err_task
         _check_exit(rc, stderr_buf.decode(errors="replace"), source)
-        marks["pg_basebackup_exit"] = time.monotonic() - t0
+        reader.marks["pg_basebackup_exit"] = time.monotonic() - t0
         results = await parts.finish()
-        marks["parts_stored"] = time.monotonic() - t0
+        reader.marks["parts_stored"] = time.monotonic() - t0
     except BaseException:
-        await _kill(proc)
+        await _kill(proc)  # the pipe's write end closes: the reader sees the end and returns
+        reader.stop.set()
         err_task.cancel()
         await parts.cancel()
-        await asyncio.gather(err_task, return_exceptions=True)
+        await asyncio.gather(err_task, read_task, return_exceptions=True)
         raise
+    finally:
+        if read_task.done():
+            os.close(rfd)
+        else:  # cancelled while the reader still runs: it closes nothing, so close it after
+            read_task.add_done_callback(lambda _t: os.close(rfd))
     rec.stop_time = catalog.utcnow()
     rec.seconds_copy = round(time.monotonic() - t0, 3)
-    log.info("backup_copy_timing", id=rec.id, **{k: round(v, 3) for k, v in marks.items()})
+    log.info("backup_copy_timing", id=rec.id, **{k: round(v, 3) for k, v in reader.marks.items()})
+    scanner, total = reader.scanner, reader.total
     label, manifest_raw, ranges = _streamed_label_and_manifest(scanner)
     try:
-        index = indexer.finish(parts.sizes)
+        index = reader.indexer.finish(parts.sizes)
     except fileindex.BadIndex as e:
         raise BackupError(f"cannot index pg_basebackup's tar stream: {e}") from e
     stored = await run.repo.put(
@@ -1027,6 +994,107 @@ async def _copy(
         ranges,
         facts,
     )
+
+
+def _check_silence(reader: _PipeReader, wal_timeout: float, idle_timeout: float) -> None:
+    """Raise if pg_basebackup has sent nothing for longer than it may."""
+    wait = wal_timeout if reader.at_end else idle_timeout
+    if time.monotonic() - reader.last_read <= wait:
+        return
+    if reader.at_end:
+        raise BackupError(
+            f"the server sent the data but then waited more than {wait:.0f}s for the "
+            "archiving of the backup's WAL; is archive_command working?"
+        )
+    raise BackupError(
+        f"pg_basebackup sent nothing for {wait:.0f}s (after {reader.total} bytes): a checkpoint "
+        "that does not finish?"
+    )
+
+
+class _PipeReader:
+    """Reads pg_basebackup's standard output (a pipe of our own, not asyncio's) in a worker
+    thread, straight into part buffers that are reused once their part is compressed.
+
+    Why not asyncio's StreamReader: each byte was then copied four times in this process (into
+    the reader's buffer, out of it into a chunk, chunks joined into a part, fresh memory
+    faulted in for every part) -- on 2 CPUs that was more CPU than compressing it
+    (docs/benchmarks.md).  Here the kernel copies into the part buffer and zstd reads it.  The
+    tar scanner and the index builder see every read as a view of the buffer in the same
+    thread; the event loop only receives whole parts (and the last, shorter one)."""
+
+    def __init__(self, fd: int, part_size: int, buffers: int) -> None:
+        self.fd = fd
+        self.part_size = part_size
+        self.scanner = TarScanner()
+        self.indexer = fileindex.IndexBuilder()
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        self.unallocated = max(2, buffers)  # allocated when first needed: a small backup needs one
+        self.stop = threading.Event()
+        self.total = 0
+        self.last_read = time.monotonic()  # the last sign of life of pg_basebackup
+        self.at_end = False  # pg_control seen: a silence now is the server waiting for WAL
+        self.marks: dict[str, float] = {}
+
+    def release(self, buf: bytearray) -> None:
+        """A part's buffer may be refilled (its part is compressed)."""
+        self.free.put(buf)
+
+    def _buffer(self) -> bytearray | None:
+        if self.free.empty() and self.unallocated:
+            self.unallocated -= 1
+            return bytearray(self.part_size)
+        while not self.stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                buf = self.free.get(timeout=0.2)
+                # waiting for our own compression is not pg_basebackup being silent
+                self.last_read = time.monotonic()
+                return buf
+        return None
+
+    def run(self, t0: float, deliver: Callable[[bytearray | None, int], None]) -> None:
+        """Blocking (a worker thread): hand over every full part, then the rest and ``None``."""
+        seen_control, checked = False, 0
+        while (buf := self._buffer()) is not None:
+            view = memoryview(buf)
+            filled = 0
+            while filled < self.part_size:
+                n = os.readv(self.fd, [view[filled:]])
+                if n == 0:
+                    break
+                now = time.monotonic()
+                self.last_read = now
+                self.marks.setdefault("first_byte", now - t0)
+                if self.at_end:
+                    self.marks.setdefault("pg_control", now - t0)
+                chunk = view[filled : filled + n]
+                try:
+                    self.scanner.feed(chunk)
+                    # hashes every 1 MiB block as it passes: xxh3 at ~20 GB/s
+                    self.indexer.feed(chunk)
+                except (TarFormatError, fileindex.BadIndex) as e:
+                    raise BackupError(f"pg_basebackup's output is not a valid tar stream: {e}") from e
+                del chunk
+                filled += n
+                self.total += n
+                # The server sends nothing during its checkpoint at the start and, from a
+                # primary, while it waits for the archiving of the backup's last segment after
+                # pg_control (always the last data file) and before the manifest.  Its header
+                # is enough: pg_basebackup's stdio buffer may hold the rest of the member until
+                # the manifest comes, so "between members" would never be seen there.
+                members = self.scanner.members
+                if not seen_control and len(members) > checked:
+                    seen_control = fileindex.CONTROL_FILE in members[checked:]
+                    checked = len(members)
+                self.at_end = seen_control
+            del view
+            if filled < self.part_size:  # the end of the stream
+                self.marks["stream_end"] = time.monotonic() - t0
+                if filled or self.total == 0:
+                    deliver(buf, filled)
+                deliver(None, 0)
+                return
+            deliver(buf, filled)
 
 
 # ------------------------------------------------------------ server-side compression
@@ -1332,6 +1400,16 @@ def _set_label_fields(
         rec.source.standby = label.from_standby
 
 
+def _part_level(level: int) -> int:
+    """The zstd level of a part compressed here: 1 for the configured 1 to 3.  On PostgreSQL
+    pages in 64 MiB parts, level 1 compressed both faster (1.35x on pgbench tables, 2.1x on
+    random md5 text) and *smaller* (pgbench 41x against 36x; md5 text 2.8x against 2.5x) than
+    level 3, and compression is most of the CPU an indexed backup costs here
+    (docs/benchmarks.md).  Higher levels are a deliberate choice of size over time: kept."""
+    level = max(1, min(level, 19))
+    return 1 if level <= 3 else level
+
+
 class _PartUploader:
     """Stores parts ``parallel`` at a time, in the order given (part 0, 1, ...).  With ``level``,
     each part is compressed here into a zstd frame of its own (in a worker thread) and stored
@@ -1346,13 +1424,26 @@ class _PartUploader:
         self.tasks: list[asyncio.Task[PutResult]] = []
         self.sizes: list[int] = []  # uncompressed, per part
 
-    async def _upload(self, index: int, data: bytes | memoryview) -> PutResult:
+    async def _upload(
+        self, index: int, data: bytes | memoryview, release: Callable[[], None] | None
+    ) -> PutResult:
         try:
             rec = self.run.record
-            if self.level is not None:
-                data = await asyncio.to_thread(compress_part, data, self.level)
-            elif isinstance(data, memoryview):
-                data = data.tobytes()
+            try:
+                if self.level is not None:
+                    data = await asyncio.to_thread(compress_part, data, self.level)
+                elif isinstance(data, memoryview):
+                    data = data.tobytes()
+            except asyncio.CancelledError:
+                # the worker thread may still be reading the buffer: it is not given back (the
+                # backup is ending; its reader has been told to stop)
+                raise
+            except BaseException:
+                if release is not None:
+                    release()
+                raise
+            if release is not None:  # the input is no longer needed: its buffer is reused
+                release()
             return await self.run.repo.put(
                 catalog.object_key(self.run.scope, rec.id, catalog.part_name(index)),
                 data,
@@ -1362,14 +1453,17 @@ class _PartUploader:
         finally:
             self.sem.release()
 
-    async def submit(self, data: bytes | memoryview) -> None:
+    async def submit(self, data: bytes | memoryview, release: Callable[[], None] | None = None) -> None:
+        """Store ``data`` as the next part; ``release`` is called once ``data`` has been read."""
         await self.sem.acquire()
         for t in self.tasks:  # fail early: a part that could not be stored ends the backup
             if t.done() and not t.cancelled() and t.exception() is not None:
                 self.sem.release()
+                if release is not None:
+                    release()
                 raise t.exception()  # type: ignore[misc]
         self.sizes.append(len(data))
-        self.tasks.append(asyncio.create_task(self._upload(len(self.tasks), data)))
+        self.tasks.append(asyncio.create_task(self._upload(len(self.tasks), data, release)))
 
     async def finish(self) -> list[PutResult]:
         return list(await asyncio.gather(*self.tasks))
