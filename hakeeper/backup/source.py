@@ -81,6 +81,7 @@ async def backup_node(
     """``create_backup`` of ``choice`` into ``repo`` with the node config's scope, credentials
     and row counts; ``options`` are create_backup's others (label, part_size, parallel, ...)."""
     options.setdefault("row_counts", cfg.backup.row_counts)
+    options.setdefault("compress_on", cfg.backup.compress_on)
     return await create_backup(
         repo,
         scope=cfg.scope,

@@ -171,13 +171,14 @@ def backup_create(
         ),
     ] = 2,
     compress_on: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--compress-on",
             help="server: PostgreSQL compresses (15+, fastest); client: this process compresses every part "
-            "and writes a file index (restore --jobs unpacks it in parallel, restore --delta needs it).",
+            "and writes a file index (restore --jobs unpacks it in parallel, restore --delta needs it). "
+            "Default: backup.compress_on (server).",
         ),
-    ] = "server",
+    ] = None,
     staging_dir: Annotated[
         Path | None,
         typer.Option(
@@ -196,7 +197,7 @@ def backup_create(
         raise fail(f"--type must be full or incremental, not {backup_type!r}", 2)
     if source not in ("auto", "primary", "standby", "local"):
         raise fail(f"--from must be auto, primary, standby or local, not {source!r}", 2)
-    if compress_on not in ("server", "client"):
+    if compress_on is not None and compress_on not in ("server", "client"):
         raise fail(f"--compress-on must be server or client, not {compress_on!r}", 2)
     if staging_dir is not None and not staging_dir.is_dir():
         raise fail(f"--staging-dir {staging_dir} is not a directory", 2)
@@ -227,7 +228,7 @@ def backup_create(
                 parallel=parallel,
                 wal_timeout=wal_timeout,
                 progress=progress,
-                compress_on=compress_on,
+                compress_on=compress_on or cfg.backup.compress_on,
                 staging_dir=staging_dir,
                 row_counts=cfg.backup.row_counts,
                 backup_type=backup_type,

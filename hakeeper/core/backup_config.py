@@ -370,6 +370,13 @@ class BackupConfig(_Strict):
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     row_counts: RowCountConfig = Field(default_factory=RowCountConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    compress_on: Literal["server", "client"] = Field(
+        "server",
+        description="Who compresses base backups (scheduled ones and `backup create` without "
+        "--compress-on). server: PostgreSQL (15+, the fastest backup here); client: hakeeper "
+        "compresses independent parts and writes a file index, which restore --jobs unpacks in "
+        "parallel and restore --delta / reinit --delta need (docs/backup.md, docs/decisions.md).",
+    )
     replica_from_backup: bool = Field(
         True,
         description="A replica that needs a full copy restores the newest complete backup of this "

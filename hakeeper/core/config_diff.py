@@ -123,6 +123,7 @@ POLICY: dict[str, Decision] = {
     "backup.repositories": _restart(_ARCHIVER),
     "backup.archive": _restart(_ARCHIVER),
     "backup.row_counts": _rt("read by the next backup"),
+    "backup.compress_on": _rt("read by the next backup"),
     "backup.verify": _rt("read by the next restore drill"),
     "backup.replica_from_backup": _rt("read at the next clone"),
     "backup.replica_from_backup_max_wal": _rt("read at the next clone"),
