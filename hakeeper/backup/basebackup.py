@@ -46,6 +46,7 @@ from hakeeper.backup import catalog, chain, fileindex, layout
 from hakeeper.backup.binding import BindingMismatch, bind
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, SourceInfo, StoredObject
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.fileindex import tar_checksum_ok, tar_number
 from hakeeper.backup.phases import backup_phases
 from hakeeper.backup.repo import PutResult, Repository
 from hakeeper.backup.unpack import compress_part
@@ -90,25 +91,6 @@ class Endpoint:
 
 class TarFormatError(ValueError):
     pass
-
-
-def _tar_number(field_: bytes) -> int:
-    if field_ and field_[0] & 0x80:  # GNU base-256 for large sizes
-        n = field_[0] & 0x7F
-        for b in field_[1:]:
-            n = (n << 8) | b
-        return n
-    text = field_.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _tar_checksum_ok(hdr: bytes) -> bool:
-    try:
-        want = _tar_number(hdr[148:156])
-    except ValueError:
-        return False
-    got = sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
-    return want == got
 
 
 @dataclass
@@ -162,14 +144,14 @@ class TarScanner:
         if self.ended:
             raise TarFormatError("data after the end of the tar stream")
         self._zero_blocks = 0
-        if not _tar_checksum_ok(hdr):
+        if not tar_checksum_ok(hdr):
             raise TarFormatError(f"bad tar header checksum after {len(self.members)} members")
         name = hdr[:100].split(b"\0", 1)[0].decode(errors="replace")
         if hdr[257:262] == b"ustar":
             prefix = hdr[345:500].split(b"\0", 1)[0].decode(errors="replace")
             if prefix:
                 name = f"{prefix}/{name}"
-        size = _tar_number(hdr[124:136])
+        size = tar_number(hdr[124:136])
         kind = hdr[156:157]
         if kind in (b"L",):  # GNU long name: the body is the next member's name
             self._long_pending = True

@@ -228,7 +228,7 @@ def _parse_row(row: object, kinds: dict[str, str], bs: int, stream_size: int, en
 # ============================================================================ building
 
 
-def _tar_number(field_: bytes) -> int:
+def tar_number(field_: bytes) -> int:
     if field_ and field_[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
         n = field_[0] & 0x7F
         for b in field_[1:]:
@@ -238,9 +238,9 @@ def _tar_number(field_: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def _checksum_ok(hdr: bytes) -> bool:
+def tar_checksum_ok(hdr: bytes) -> bool:
     try:
-        want = _tar_number(hdr[148:156])
+        want = tar_number(hdr[148:156])
     except ValueError:
         return False
     return want == sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
@@ -329,14 +329,14 @@ class IndexBuilder:
             return
         if self.ended or self._zero_blocks:
             raise BadIndex(f"tar data after an end-of-archive block at {self.offset}")
-        if not _checksum_ok(hdr):
+        if not tar_checksum_ok(hdr):
             raise BadIndex(f"bad tar header checksum at offset {self.offset - 512}")
         name = hdr[:100].split(b"\0", 1)[0].decode(errors="surrogateescape")
         if hdr[257:262] == b"ustar":
             prefix = hdr[345:500].split(b"\0", 1)[0].decode(errors="surrogateescape")
             if prefix:
                 name = f"{prefix}/{name}"
-        size = _tar_number(hdr[124:136])
+        size = tar_number(hdr[124:136])
         kind = hdr[156:157]
         if kind in (b"L", b"K", b"x"):  # GNU long name / long link name, pax header
             if size > _MAX_META_BODY:
@@ -359,7 +359,7 @@ class IndexBuilder:
         if self._next_link is not None:
             link_name, self._next_link = self._next_link, None
         path = name.removeprefix("./").rstrip("/")
-        mode = _tar_number(hdr[100:108]) & 0o7777
+        mode = tar_number(hdr[100:108]) & 0o7777
         if not path:
             # "./" itself (GNU tar writes it; PostgreSQL does not): the data directory
             self._start_body(size if kind in _FILE_TYPES else 0)
