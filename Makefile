@@ -66,12 +66,16 @@ integration-15 integration-17 integration-18: integration-%:
 chaos-smoke:
 	@rc=0; stamp=$$(date -u +%Y%m%dT%H%M%SZ); \
 	echo "== PostgreSQL 15: chaos smoke =="; \
-	$(BIN)/python -m chaos smoke --pg-version 15 --out chaos/reports/smoke-$$stamp || rc=1; \
+	$(BIN)/python -m chaos smoke --pg-version 15 --out chaos/reports/smoke-$$stamp || { echo "== PostgreSQL 15 chaos smoke FAILED =="; rc=1; }; \
 	for v in $(MATRIX_MAJORS); do \
 		echo "== PostgreSQL $$v: chaos smoke subset ($(MATRIX_CHAOS)) =="; \
 		$(BIN)/python -m chaos smoke --pg-version $$v --scenarios $(MATRIX_CHAOS) \
 			--out chaos/reports/smoke-$$stamp-pg$$v || { echo "== PostgreSQL $$v chaos subset FAILED =="; rc=1; }; \
 	done; \
+	if [ $$rc -ne 0 ]; then \
+		echo "== chaos smoke: what failed =="; \
+		$(BIN)/python -m chaos summarize --failures chaos/reports/smoke-$$stamp chaos/reports/smoke-$$stamp-pg*; \
+	fi; \
 	exit $$rc
 
 # Every scenario in every replication mode, CHAOS_RUNS runs each (about an hour with 3), then

@@ -5,7 +5,7 @@
     python -m chaos smoke                 # what `make chaos-smoke` (part of `make test`) runs
     python -m chaos smoke --pg-version 17 --scenarios kill-both,partition-all
     python -m chaos full [--runs N]       # every scenario in every mode (`make chaos`)
-    python -m chaos summarize DIR... [--write docs/chaos.md]
+    python -m chaos summarize DIR... [--write docs/chaos.md | --failures]
     python -m chaos cleanup               # namespaces left by a runner that was killed
 
 --pg-version 15|17|18 picks the PostgreSQL major of every cluster (default: $TEST_PG_VERSION,
@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from chaos.net import remove_stale_namespaces
-from chaos.report import summarize, write_summary
+from chaos.report import failures, summarize, write_summary
 from chaos.runner import MODES, Runner, plans_for
 from chaos.scenarios import SCENARIOS, SMOKE
 from hakeeper.localcluster import LocalClusterError, pgbuilds
 
 REPORTS = Path("chaos/reports")
+ERROR_FILE = "error.txt"  # why a run could not go on (no report of its own), for `summarize --failures`
 
 
 def _out_dir(args: argparse.Namespace, what: str) -> Path:
@@ -113,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summarize")
     p.add_argument("dirs", nargs="+")
     p.add_argument("--write", help="replace the summary section of this markdown file")
+    p.add_argument(
+        "--failures",
+        action="store_true",
+        help="only the failed runs, each with its violations, and the runs that could not start "
+        "(what `make chaos-smoke` prints last when it fails, so that a CI log's tail shows why)",
+    )
     sub.add_parser("cleanup")
     return ap
 
@@ -136,6 +143,14 @@ def _summarize(args: argparse.Namespace) -> int:
     for d in args.dirs:
         for f in sorted(Path(d).glob("*.json")):
             found.append(json.loads(f.read_text()))
+    if args.failures:
+        lines = failures(found)
+        for d in args.dirs:
+            err = Path(d) / ERROR_FILE
+            if err.is_file():
+                lines.append(f"{d}: did not run: {err.read_text().strip()}")
+        print("\n".join(lines) if lines else "no failed run in " + ", ".join(args.dirs))
+        return 0
     if args.write:
         write_summary(Path(args.write), found)
         print(f"wrote {args.write}")
@@ -209,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as e:
         print(f"chaos: {e}", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ERROR_FILE).write_text(f"{e}\n")
         return 1
     except KeyboardInterrupt:
         print("chaos: interrupted", file=sys.stderr)

@@ -38,6 +38,22 @@ def rto(r: dict[str, Any]) -> float | None:
     return float(r["rto_s"])
 
 
+def failures(reports: Iterable[dict[str, Any]]) -> list[str]:
+    """A line per failed run (scenario, mode, major, run: its violations; where its cluster's logs
+    were kept) and per skipped one, in a stable order."""
+    out: list[str] = []
+    for r in sorted(
+        reports, key=lambda r: (r.get("pg_version") or 0, r["scenario"], r["mode"], r.get("run") or 0)
+    ):
+        where = f"{r['scenario']} [{r['mode']}] PostgreSQL {r.get('pg_version', '?')}"
+        if r.get("passed") is None:
+            out.append(f"SKIPPED {where}: {r.get('skipped', 'no reason given')}")
+        elif not r["passed"]:
+            kept = f" (logs: {r['cluster_dir']})" if r.get("cluster_dir") else ""
+            out.append(f"FAILED {where} run {r.get('run')}: {'; '.join(r['violations'])}{kept}")
+    return out
+
+
 def summarize(reports: Iterable[dict[str, Any]]) -> str:
     reports = list(reports)
     ran = [r for r in reports if r.get("passed") is not None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,24 @@ def test_an_unsupported_test_pg_version_is_refused_with_exit_2(
     monkeypatch.setenv("TEST_PG_VERSION", "16")
     assert main(["smoke", "--scenarios", "kill-both", "--out", str(tmp_path)]) == 2
     assert "TEST_PG_VERSION='16'" in capsys.readouterr().err
+
+
+def test_summarize_failures_names_each_failed_run_and_a_run_that_could_not_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `make chaos-smoke` prints last when it fails: the CI log's tail says why."""
+    ok, bad = tmp_path / "smoke", tmp_path / "smoke-pg17"
+    ok.mkdir()
+    bad.mkdir()
+    (ok / "kill-both-sync-001.json").write_text(json.dumps({**rep("kill-both", True), "pg_version": 15}))
+    failed = {**rep("double-fault", False), "pg_version": 17, "run": 1, "cluster_dir": "/tmp/c1"}
+    (bad / "double-fault-sync-001.json").write_text(json.dumps(failed))
+    (bad / "error.txt").write_text("a new chaos cluster did not become ready: node2 not streaming\n")
+    assert main(["summarize", "--failures", str(ok), str(bad)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "FAILED double-fault [sync] PostgreSQL 17 run 1: acknowledged write lost (logs: /tmp/c1)",
+        f"{bad}: did not run: a new chaos cluster did not become ready: node2 not streaming",
+    ]
+    assert main(["summarize", "--failures", str(ok)]) == 0
+    assert capsys.readouterr().out.strip() == f"no failed run in {ok}"
