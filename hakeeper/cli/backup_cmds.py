@@ -27,7 +27,7 @@ from hakeeper.backup.catalog import COMBINE_IN_PLACE, COMBINE_MODES, BackupRecor
 from hakeeper.backup.errors import RepoError
 from hakeeper.backup.phases import parse_phases, phases_dict
 from hakeeper.backup.repos import make_repository
-from hakeeper.backup.walfetch import DEFAULT_PREFETCH
+from hakeeper.backup.walfetch import DEFAULT_PREFETCH, DEFAULT_PREFETCH_MAX_BYTES
 from hakeeper.cli.app import app, err, fail, load_or_exit, out
 from hakeeper.cli.cluster_cmds import (
     OutputOpt,
@@ -838,11 +838,21 @@ def restore_cmd(
         int,
         typer.Option(
             "--prefetch",
-            help="WAL segments fetched ahead of recovery (0: none), within 512 MiB.",
+            help="WAL segments fetched ahead of recovery (0: none), within --prefetch-max-mb.",
             min=0,
             max=256,
         ),
     ] = DEFAULT_PREFETCH,
+    prefetch_max_mb: Annotated[
+        int,
+        typer.Option(
+            "--prefetch-max-mb",
+            help="MiB the WAL fetched ahead may hold in pg_wal at once (downloads included); the window "
+            "shrinks to what fits (less than a segment: no prefetch).",
+            min=0,
+            max=1 << 20,
+        ),
+    ] = DEFAULT_PREFETCH_MAX_BYTES >> 20,
     combine: Annotated[
         str,
         typer.Option(
@@ -932,6 +942,7 @@ def restore_cmd(
                 progress=progress,
                 combine=combine,
                 prefetch=prefetch,
+                prefetch_max_bytes=prefetch_max_mb << 20,
             )
             try:
                 return await restore(r, rc, cfg.scope, opts)

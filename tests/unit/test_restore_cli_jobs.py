@@ -112,3 +112,34 @@ def test_jobs_below_one_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert res.exit_code == 2
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "prefetch", "max_bytes"),
+    [
+        ([], 16, 512 << 20),
+        (["--prefetch", "4", "--prefetch-max-mb", "64"], 4, 64 << 20),
+        (["--prefetch-max-mb", "0"], 16, 0),  # nothing fits: no prefetch (the planner's rule)
+    ],
+)
+def test_prefetch_and_its_bound_reach_the_restore(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], prefetch: int, max_bytes: int
+) -> None:
+    seen: list[RestoreOptions] = []
+
+    async def fake_restore(repo: Any, rc: Any, scope: str, opts: RestoreOptions) -> RestoreResult:
+        seen.append(opts)
+        return RestoreResult("b", "fs1", "latest", 1, str(opts.data_dir), 0, 0, False)
+
+    monkeypatch.setattr(restore_mod, "restore", fake_restore)
+    cmd = ["restore", "-c", str(cfg_file(tmp_path)), "-D", str(tmp_path / "t"), "--latest", "--no-switch-wal"]
+    res = runner.invoke(app, [*cmd, *args, "-o", "json"])
+    assert res.exit_code == 0, res.output
+    assert (seen[0].prefetch, seen[0].prefetch_max_bytes) == (prefetch, max_bytes)
+
+
+def test_a_negative_prefetch_bound_is_a_usage_error(tmp_path: Path) -> None:
+    cmd = ["restore", "-c", str(cfg_file(tmp_path)), "-D", str(tmp_path / "t"), "--latest"]
+    res = runner.invoke(app, [*cmd, "--prefetch-max-mb", "-1"])
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output
