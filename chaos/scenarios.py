@@ -273,7 +273,7 @@ async def etcd_quorum_loss(ctx: Ctx) -> None:
 
 
 async def lagging_candidate(ctx: Ctx) -> None:
-    sync = await ctx.sync_standbys() if ctx.mode != "async" else []
+    sync = await _current_sync_standbys(ctx) if ctx.mode != "async" else []
     best = sync[0] if sync else ctx.replicas[0]
     await ctx.sql(best, "SELECT pg_wal_replay_pause()")
     ctx.note(f"replay paused on {best}")
@@ -294,7 +294,7 @@ async def lagging_candidate(ctx: Ctx) -> None:
 
 
 async def double_fault(ctx: Ctx) -> None:
-    sync = await ctx.sync_standbys() if ctx.mode != "async" else []
+    sync = await _current_sync_standbys(ctx) if ctx.mode != "async" else []
     second = sync[0] if sync else ctx.replicas[0]
     ctx.mark("fault")
     ctx.kill_node(ctx.primary)
@@ -306,8 +306,24 @@ async def double_fault(ctx: Ctx) -> None:
     await ctx.restart_agent(ctx.primary)
 
 
+async def _current_sync_standbys(ctx: Ctx, timeout: float = 30.0) -> list[str]:
+    """The primary's synchronous standbys, waited for: right after the previous run settled, the
+    rejoined standby may not be synchronous yet.  Killing a standby that is not the synchronous
+    one would leave a safe candidate, and its legitimate promotion would read as a failure to
+    refuse; so the scenario does not start on a guess (a timeout fails the injection, saying so)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        sync = await ctx.sync_standbys()
+        if sync:
+            return sync
+        if loop.time() >= deadline:
+            raise RuntimeError(f"no synchronous standby on {ctx.primary} after {timeout:.0f}s")
+        await asyncio.sleep(0.5)
+
+
 async def crash_during_switchover(ctx: Ctx) -> None:
-    sync = await ctx.sync_standbys() if ctx.mode != "async" else []
+    sync = await _current_sync_standbys(ctx) if ctx.mode != "async" else []
     candidate = sync[0] if sync else ctx.replicas[0]
     task = asyncio.create_task(
         ctx.api_post(ctx.primary, "/switchover", {"leader": ctx.primary, "candidate": candidate})

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from hakeeper.backup import catalog
 from hakeeper.backup.basebackup import Endpoint
 from hakeeper.backup.catalog import RestoreRefused, Target
-from hakeeper.backup.handover import serving
+from hakeeper.backup.handover import Handover, serving
 from hakeeper.backup.repos import make_repository
 from hakeeper.backup.restore import (
     RESTORE_SCRIPT_NAME,
@@ -341,11 +341,20 @@ async def recover(cfg: NodeConfig, pg: Postgres, seeded: Seeded, timeout: float)
     try:
         # The agent answers the restore script's WAL requests (PostgreSQL's OS user may not be
         # able to run walfetch or read the repository).
-        async with serving(pg.data_dir, repo, seeded.scope, opts.run_as):
+        async with serving(pg.data_dir, repo, seeded.scope, opts.run_as) as served:
             await _start_and_wait(opts, pg.data_dir, str(pg.socket_dir), seeded.result)
     finally:
         await repo.close()
-    return seeded.result
+    res = seeded.result
+    res.wal_requests, res.wal_prefetch_hits, res.wal_fetch_wait_s = served.stats
+    log.info(
+        "seed_recovery_wal",
+        backup=res.backup_id,
+        wal_requests=res.wal_requests,
+        wal_prefetch_hits=res.wal_prefetch_hits,
+        wal_fetch_wait_s=round(res.wal_fetch_wait_s, 3),
+    )
+    return res
 
 
 @contextlib.asynccontextmanager
@@ -367,8 +376,17 @@ async def serve_replica_wal(cfg: NodeConfig, pg: Postgres, seeded: Seeded) -> No
     """Answer a seeded replica's WAL requests until cancelled (when it streams): PostgreSQL's
     OS user may not be able to run walfetch or read the repository."""
     repo = make_repository(seeded.repository)
+    served: Handover | None = None
     try:
-        async with serving(pg.data_dir, repo, seeded.scope, pg.run_as):
+        async with serving(pg.data_dir, repo, seeded.scope, pg.run_as) as served:
             await asyncio.Event().wait()
     finally:
         await repo.close()
+        if served is not None:  # cancelled once the replica streams: what recovery took, and how
+            log.info(
+                "seed_replica_wal_served",
+                backup=seeded.result.backup_id,
+                wal_requests=served.stats.requests,
+                wal_prefetch_hits=served.stats.hits,
+                wal_fetch_wait_s=round(served.stats.seconds_waiting, 3),
+            )

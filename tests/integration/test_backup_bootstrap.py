@@ -155,6 +155,10 @@ def test_new_cluster_bootstrapped_from_another_clusters_backup_to_a_time() -> No
                     wait(lambda: "bootstrap_from_backup_done" in names(log_b), 30, "bootstrap done", b)
                     ev = names(log_b)
                     assert "postgres_initdb_start" not in ev
+                    # recovery to the time took its WAL from the agent's handover, which says how
+                    (served,) = [e for e in events(log_b) if e.get("event") == "seed_recovery_wal"]
+                    assert served["wal_requests"] >= 1, served
+                    assert 0 <= served["wal_prefetch_hits"] <= served["wal_requests"], served
                     rows = q(b, "node1", "SELECT batch, count(*) FROM t GROUP BY 1 ORDER BY 1")
                     assert rows == [("a", 500), ("b", 1)]
                     assert q(b, "node1", "SELECT pg_is_in_recovery()") == [(False,)]
