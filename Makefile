@@ -9,7 +9,7 @@ LINT_DIRS := $(wildcard hakeeper tests bench chaos)
 # pytest exits 5 when it collected no tests: not a failure here.
 PYTEST_NO_TESTS_OK := rc=$$?; if [ $$rc -eq 5 ]; then echo "(no tests collected)"; rc=0; fi; exit $$rc
 
-.PHONY: setup demo test unit integration integration-15 integration-17 integration-18 chaos-smoke chaos \
+.PHONY: setup bench-setup demo test unit integration integration-15 integration-17 integration-18 chaos-smoke chaos \
 	lint typecheck clean
 
 # The version matrix (docs/testing.md): the whole integration suite and chaos smoke run on 15
@@ -20,6 +20,10 @@ PYTEST_MATRIX := $(BIN)/pytest -p no:cacheprovider tests/integration -m "integra
 
 setup:
 	scripts/setup.sh
+
+# What the benchmarks (bench/) run beside hakeeper: pgBackRest 2.45 and wrk (Debian packages).
+bench-setup:
+	EXTRA_PACKAGES="pgbackrest wrk" scripts/setup.sh
 
 demo: setup
 	$(BIN)/hakeeper demo

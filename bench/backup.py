@@ -1695,7 +1695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ports in use: {busy}; pick another --base-port", file=sys.stderr)
         return 2
     if not args.skip_pgbackrest and shutil.which("pgbackrest") is None:
-        print("pgbackrest not found: apt-get install -y pgbackrest (or --skip-pgbackrest)", file=sys.stderr)
+        print("pgbackrest not found: make bench-setup (or --skip-pgbackrest)", file=sys.stderr)
         return 2
     if shutil.which("zstd") is None:
         print("zstd not found: apt-get install -y zstd", file=sys.stderr)

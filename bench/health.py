@@ -1,6 +1,6 @@
 """Benchmark: the leader's ``GET /primary`` health endpoint under load, and the agent's memory.
 
-``wrk`` (a bench-only dependency: ``apt-get install wrk``) runs ``-t1 -c16 -d5s --latency``
+``wrk`` (a bench-only dependency: ``make bench-setup``) runs ``-t1 -c16 -d5s --latency``
 against the leader's API, 5 repetitions, the same command as the Patroni reference numbers.
 The process that answers (the hakeeper agent; with ``--patroni`` also the Patroni process) is
 pinned to CPU 0 with ``taskset -a -p -c 0`` (all its threads); wrk is pinned to CPU 1.
@@ -337,9 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_section(args.out, MARK_START, MARK_END, text)
         return 0
     if wrk_program() is None:
-        print(
-            "wrk is not installed (apt-get install wrk); it is a benchmark-only dependency", file=sys.stderr
-        )
+        print("wrk is not installed (make bench-setup); it is a benchmark-only dependency", file=sys.stderr)
         return 2
     command = "python -m bench.health " + " ".join(sys.argv[1:] if argv is None else argv)
     facts = machine_facts()

@@ -683,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.links < 1 or args.scale < 1 or not 0 < args.update_pct <= 100:
         p.error("--links and --scale must be at least 1, --update-pct in 1..100")
     if not args.skip_pgbackrest and shutil.which("pgbackrest") is None:
-        print("pgbackrest not found: apt-get install -y pgbackrest (or --skip-pgbackrest)", file=sys.stderr)
+        print("pgbackrest not found: make bench-setup (or --skip-pgbackrest)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="hk-bench-incr-"))
     work.chmod(0o755)

@@ -1454,7 +1454,7 @@ def preflight(args: argparse.Namespace) -> str | None:
         if shutil.which(prog) is None:
             return f"{prog} not found: {why}"
     if not args.skip_pgbackrest and shutil.which("pgbackrest") is None:
-        return "pgbackrest not found: apt-get install -y pgbackrest (or --skip-pgbackrest)"
+        return "pgbackrest not found: make bench-setup (or --skip-pgbackrest)"
     if not args.work_dir.is_dir():
         return f"--work-dir {args.work_dir} is not a directory"
     need = need_bytes(args.scale, args.pitr_wal_mb, "pitr" in args.scenario_list)

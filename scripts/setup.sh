@@ -5,7 +5,8 @@
 # something must be installed), creates .venv only when absent, and re-runs
 # `pip install -e '.[test]'` only when pyproject.toml changed since the last successful install.
 #
-# Environment: PYTHON (interpreter for the venv, default python3).
+# Environment: PYTHON (interpreter for the venv, default python3); EXTRA_PACKAGES (more Debian
+# packages to install, space-separated).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +14,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # curl and iproute2 (ip): the integration tests and chaos partitions; etcd-client: the etcdctl of
 # docs/deployment.md (etcd-server only Suggests it).
 PACKAGES=(postgresql-15 etcd-server etcd-client haproxy python3-venv make zstd curl iproute2)
+# EXTRA_PACKAGES: more Debian packages, e.g. the benchmarks' peers (`make bench-setup`).
+read -r -a extra <<<"${EXTRA_PACKAGES:-}"
+PACKAGES+=("${extra[@]}")
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.hakeeper-setup-stamp"
