@@ -6,6 +6,7 @@ copy with modified, missing and extra files gives the same tree while fetching l
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import io
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hakeeper.backup import catalog, fileindex
+from hakeeper.backup import catalog, fileindex, unpack
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestoreRefused, StoredObject
 from hakeeper.backup.delta import MARKER, check_backup, check_target, delta_restore
 from hakeeper.backup.repo import FilesystemRepository
@@ -288,3 +289,74 @@ async def test_delta_never_writes_through_links_planted_in_the_old_copy(tmp_path
     assert (outside / "marker-victim").read_bytes() == b"precious too"
     extract(new_stream, tmp_path / "full")
     assert snapshot(old) == snapshot(tmp_path / "full")
+
+
+def big_tree(seed: int) -> dict[str, bytes]:
+    """Files large enough for O_DIRECT runs (>= unpack.DIRECT_MIN), of odd sizes."""
+    rnd = random.Random(seed)
+    files = tree(seed)
+    files["base/5/big"] = rnd.randbytes(3 * 1024 * 1024 + 4096 * 3 + 513)
+    files["base/5/big2"] = rnd.randbytes(2 * 1024 * 1024)
+    return files
+
+
+async def store_big(repo: FilesystemRepository, bid: str, stream: bytes, part: int) -> BackupRecord:
+    global PART
+    saved, PART = PART, part
+    try:
+        return await store(repo, bid, stream)
+    finally:
+        PART = saved
+
+
+@pytest.mark.parametrize("direct_works", [True, False])
+async def test_large_files_cut_at_unaligned_part_bounds_are_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_works: bool
+) -> None:
+    """Slices that start and end inside 4 KiB blocks, shared by parts that different workers
+    write at once: whole blocks go with O_DIRECT (when the file system takes it), the shared
+    partial blocks through the page cache, and the result equals tar's extraction.  Without
+    O_DIRECT (EINVAL, as on a file system lacking it) every write takes the page cache."""
+    real_open = unpack.open_under
+    direct_opens: list[str] = []
+
+    def spy(root: Path, rel: str, flags: int, mode: int = 0o600) -> int:
+        if flags & os.O_DIRECT:
+            direct_opens.append(rel)
+            if not direct_works:
+                raise OSError(errno.EINVAL, "no O_DIRECT here")
+        return real_open(root, rel, flags, mode)
+
+    monkeypatch.setattr(unpack, "open_under", spy)
+    repo = await new_repo(tmp_path / "repo")
+    stream = make_tar(big_tree(2))
+    rec = await store_big(repo, "b1", stream, 700_001)
+    (tmp_path / "out").mkdir()
+    stats = await unpack_full(repo, "s", rec, tmp_path / "out", RunAs(), jobs=3)
+    extract(stream, tmp_path / "tar")
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "tar")
+    assert stats.bytes_written == sum(len(v) for v in big_tree(2).values())
+    assert {"base/5/big", "base/5/big2"} <= set(direct_opens)
+    assert "PG_VERSION" not in direct_opens  # small files never try
+    if direct_works:  # all but the partial blocks at the slices' ends
+        assert stats.bytes_direct > (3 + 2) * 1024 * 1024 - 20 * 4096
+    else:
+        assert stats.bytes_direct == 0
+
+
+def test_a_part_whose_content_fails_its_checksum_or_size_fails_naming_it(tmp_path: Path) -> None:
+    """The stored bytes passed their SHA-256 but the frame's own content checksum or the size
+    the index gives does not hold (a wrong record): the part fails, named."""
+    content = random.Random(3).randbytes(600_000)
+    blob = bytearray(compress_part(content, 3))
+    (tmp_path / "f").write_bytes(b"")
+    fileindex_ext = fileindex.Extent("f", 0, 0, 300_000)
+    sl = [(fileindex_ext, 0, 0, 300_000)]
+    deferred: list[tuple[int, bytes]] = []
+    with pytest.raises(UnpackError, match="part P1 is 600000 bytes uncompressed, the index says 600001"):
+        unpack._unpack_part(bytes(blob), 600_001, "P1", tmp_path, sl, deferred, True)
+    with pytest.raises(UnpackError, match="part P2 holds more than the 599999 bytes"):
+        unpack._unpack_part(bytes(blob), 599_999, "P2", tmp_path, sl, deferred, True)
+    blob[-1] ^= 0xFF  # the frame's content checksum
+    with pytest.raises(UnpackError, match="part P3 does not decompress"):
+        unpack._unpack_part(bytes(blob), 600_000, "P3", tmp_path, sl, deferred, True)
