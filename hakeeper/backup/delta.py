@@ -12,10 +12,13 @@ same cluster to the content of an indexed backup, fetching and writing only what
    signal files, the old restore script...), as is any entry of another kind than the
    backup's; missing directories, links and files are created.
 4. Every remaining file is read and hashed per block with the index's block bounds (``jobs``
-   threads), then truncated or extended to the backup's size.  Blocks whose hash differs and
+   threads) -- unless it is still the very file the last restore wrote and recorded
+   (backup/restorestate.py: same inode, size, mtime and ctime), whose recorded hashes stand in
+   for reading it -- then truncated or extended to the backup's size.  Blocks whose hash differs and
    blocks the local file does not cover are the work: only the parts holding them are fetched
    (backup/unpack.py), and only those blocks written.
-5. Flush, pg_control written last, marker removed.  The caller writes the recovery settings as
+5. Flush, pg_control written last, marker removed, and the new record of what the directory
+   holds written.  The caller writes the recovery settings as
    for any restore (``postgresql.auto.conf`` is the backup's by then: nothing of the old
    copy's recovery block survives).
 """
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hakeeper.backup import catalog
+from hakeeper.backup import catalog, restorestate
 from hakeeper.backup.catalog import RestoreRefused
 from hakeeper.backup.fileindex import (
     CONTROL_FILE,
@@ -74,6 +77,7 @@ ProgressFn = Callable[[str, int, int | None], None]
 class DeltaStats:
     bytes_total: int  # the backup's file bytes
     bytes_hashed: int  # local bytes read and compared
+    bytes_unchanged_since_restore: int  # local bytes compared by the last restore's record, unread
     bytes_fetched: int  # stored bytes of the parts fetched
     bytes_written: int  # file bytes written
     parts_fetched: int
@@ -217,15 +221,24 @@ def _shape_tree(data_dir: Path, index: FileIndex, ra: RunAs) -> tuple[int, list[
     return len(gone), present
 
 
-def _compare(data_dir: Path, m: Member, block_size: int, ra: RunAs) -> tuple[list[int], int]:
-    """The blocks of local file ``m.path`` that differ from the backup's, and the bytes read;
-    then the file is cut or extended to the backup's size, its mode and owner set (blocking)."""
+def _compare(
+    data_dir: Path, m: Member, block_size: int, ra: RunAs, known: restorestate.Known | None
+) -> tuple[list[int], int, bool]:
+    """The blocks of local file ``m.path`` that differ from the backup's, the bytes read, and
+    whether the last restore's record stood in for reading; then the file is cut or extended
+    to the backup's size, its mode and owner set (blocking).  ``known``: what the last restore
+    recorded of this file; its hashes are taken instead of reading the file when the file is
+    still the one it recorded (restorestate.py)."""
     fd = open_under(data_dir, m.path, os.O_RDWR)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         hashes: list[bytes | None] = []
         read = 0
-        for b in range(len(m.blocks)):
+        trusted = known is not None and known.stamp == restorestate.Stamp.of(st)
+        if known is not None and trusted:
+            hashes = list(known.blocks)
+        for b in range(len(hashes), len(m.blocks)):
             start = b * block_size
             end = min(m.size, start + block_size)
             if size < end:
@@ -240,7 +253,7 @@ def _compare(data_dir: Path, m: Member, block_size: int, ra: RunAs) -> tuple[lis
             os.fchown(fd, ra.uid, ra.gid)
     finally:
         os.close(fd)
-    return changed_blocks(m, block_size, size, hashes), read
+    return changed_blocks(m, block_size, size, hashes), read, trusted
 
 
 async def delta_restore(
@@ -253,29 +266,40 @@ async def delta_restore(
     *,
     jobs: int,
     progress: ProgressFn | None = None,
+    rehash: bool = False,
 ) -> DeltaStats:
     """See the module docstring.  UnpackError: a part could not be fetched (the directory is
-    left without pg_control, with the marker: run --delta again)."""
+    left without pg_control, with the marker: run --delta again).  ``rehash``: read every
+    local file, whatever the last restore recorded."""
     index = await load_index(repo, scope, rec)
+    known = {} if rehash else await asyncio.to_thread(restorestate.load, data_dir, index.block_size)
     marker = data_dir / MARKER
     await asyncio.to_thread(_write_marker, data_dir, local_sysid)
     await asyncio.to_thread(fsync_dir, data_dir)
     await asyncio.to_thread(_drop_control, data_dir)
+    await asyncio.to_thread(restorestate.discard, data_dir)
     removed, present = await asyncio.to_thread(_shape_tree, data_dir, index, ra)
     present_paths = {m.path for m in present}
     extents: list[Extent] = [e for e in whole_file_extents(index) if e.path not in present_paths]
     sem = asyncio.Semaphore(max(1, jobs))
     to_hash = sum(m.size for m in present)  # the local copy read and compared, block by block
     hashed = 0
+    compared = 0
+    trusted_bytes = 0
     changed_files = 0
 
     async def compare(m: Member) -> list[Extent]:
-        nonlocal hashed, changed_files
+        nonlocal hashed, compared, trusted_bytes, changed_files
         async with sem:
-            blocks, read = await asyncio.to_thread(_compare, data_dir, m, index.block_size, ra)
+            blocks, read, trusted = await asyncio.to_thread(
+                _compare, data_dir, m, index.block_size, ra, known.get(m.path)
+            )
         hashed += read
+        compared += m.size
+        if trusted:
+            trusted_bytes += m.size
         if progress is not None:
-            progress("compare", hashed, to_hash)
+            progress("compare", compared, to_hash)
         if blocks:
             changed_files += 1
         return block_extents(m, blocks, index.block_size)
@@ -292,9 +316,11 @@ async def delta_restore(
     await asyncio.to_thread(fsync_dir, data_dir / "global")
     await asyncio.to_thread(marker.unlink)
     await asyncio.to_thread(fsync_dir, data_dir)
+    await asyncio.to_thread(restorestate.record, data_dir, index, ra)
     out = DeltaStats(
         bytes_total=index.data_bytes,
         bytes_hashed=hashed,
+        bytes_unchanged_since_restore=trusted_bytes,
         bytes_fetched=stats.bytes_fetched,
         bytes_written=stats.bytes_written,
         parts_fetched=stats.parts_fetched,
@@ -308,6 +334,7 @@ async def delta_restore(
         backup=rec.id,
         bytes_total=out.bytes_total,
         bytes_hashed=out.bytes_hashed,
+        bytes_unchanged_since_restore=out.bytes_unchanged_since_restore,
         bytes_fetched=out.bytes_fetched,
         bytes_written=out.bytes_written,
         parts_fetched=out.parts_fetched,

@@ -14,7 +14,7 @@ Order of work, so that a restore that cannot succeed stops before a byte is copi
 4. The parts are fetched and decompressed in parallel (each checked against its SHA-256).  An
    indexed backup (layout ``zstd-indexed``) is unpacked by ``parallel`` workers, each writing
    the member slices of its part at their file offsets (backup/unpack.py), pg_control last;
-   older layouts are piped in order into ``tar -x`` running as the PostgreSQL OS user.  With
+   the other layouts are one stream, decoded in order by one thread (backup/untar.py).  With
    ``delta``, an older copy of the cluster in the directory is brought to the backup's content
    instead, fetching only the parts holding blocks that differ (backup/delta.py).
 5. Recovery settings go into ``postgresql.auto.conf`` (``restore_command`` with
@@ -40,20 +40,16 @@ import shlex
 import shutil
 import site
 import stat
-import subprocess
 import sys
-import tempfile
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
-import zstandard
 
-from hakeeper.backup import catalog, delta, layout
+from hakeeper.backup import catalog, delta, layout, restorestate, untar
 from hakeeper.backup.basebackup import BackupError, Endpoint, switch_wal
 from hakeeper.backup.catalog import (
     COMBINE_IN_PLACE,
@@ -92,7 +88,7 @@ from hakeeper.util.fsutil import (
 )
 from hakeeper.util.fsutil import fsync_dir as _fsync_dir
 from hakeeper.util.log import get_logger
-from hakeeper.util.proc import RunAs, child_env, dirs_of_dead_processes, postmaster_pid, run
+from hakeeper.util.proc import RunAs, dirs_of_dead_processes, postmaster_pid, run
 
 log = get_logger(__name__)
 
@@ -133,12 +129,14 @@ class RestoreOptions:
     on_planned: Callable[[RestorePlan], None] = lambda plan: None  # told the point before the copy
     wal_timeout: float = 60.0
     start_timeout: float = 3600.0
-    # workers of an indexed backup's unpack (the CLI's --jobs), or parts fetched ahead for the
-    # tar pipeline of older layouts
+    # workers of an indexed backup's unpack (the CLI's --jobs), or parts fetched ahead of the
+    # stream extraction of the other layouts
     parallel: int = field(default_factory=lambda: os.cpu_count() or 2)
     progress: ProgressFn | None = None
     # bring an older copy of the same cluster in data_dir to the backup (backup/delta.py)
     delta: bool = False
+    # a delta reads every local file, whatever the last restore recorded (backup/restorestate.py)
+    rehash: bool = False
     serve_wal: bool = False  # the caller serves WAL while the server recovers (handover.serving)
     after_copy: AfterCopyFn | None = None
     # How a chain of incremental backups is rebuilt (docs/decisions.md): "in-place" (the full
@@ -165,7 +163,7 @@ class RestoreResult:
     dsn: str | None = None
     seconds_plan: float = 0.0
     seconds_fetch: float = 0.0
-    # seconds_fetch split: the copy waited for the repository (fetch) / for zstd+tar and the
+    # seconds_fetch split: the copy waited for the repository (fetch) / for zstd, writes and the
     # final flush to disk (decompress); see _extract
     seconds_fetch_wait: float | None = None
     seconds_decompress: float | None = None
@@ -493,92 +491,6 @@ def _empty_dir(path: Path) -> None:
                 child.unlink()
 
 
-def _start_tar(
-    data_dir: Path, ra: RunAs, errlog: IO[bytes], *, zstd: bool = False
-) -> subprocess.Popen[bytes]:
-    """``tar -x`` into ``data_dir`` as the PostgreSQL OS user, reading 1 MiB records (tar's
-    default of 10 KiB made the pipe the bottleneck); with ``zstd``, tar decompresses (it runs
-    the zstd program, a process of its own beside tar and us)."""
-    tar = shutil.which("tar") or "/bin/tar"
-    return subprocess.Popen(
-        [
-            tar,
-            "-x",
-            *(["--zstd"] if zstd else []),
-            "-b",
-            "2048",
-            "-f",
-            "-",
-            "-C",
-            str(data_dir),
-            "--no-same-owner",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=errlog,
-        env=child_env(ra, {"LC_ALL": "C"}),
-        cwd="/",
-        start_new_session=True,
-        user=ra.uid,
-        group=ra.gid,
-        extra_groups=[] if ra.uid is not None else None,
-        pipesize=1 << 20,
-    )
-
-
-async def _fetch_part(repo: Repository, key: str, size: int) -> bytes:
-    data = await repo.get(key)
-    if len(data) != size:
-        raise CorruptObject(key, "size differs from the record")
-    return data
-
-
-class _TarInput:
-    """The standard input of ``tar -x``, written from a worker thread: the parts as they are, or
-    decompressed here first (a zstd-stream backup when the zstd program is missing)."""
-
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        stdin: IO[bytes],
-        errlog: IO[bytes],
-        data_dir: Path,
-        backup_id: str,
-        decompress: bool,
-    ) -> None:
-        self.proc = proc
-        self.stdin = stdin
-        self.errlog = errlog
-        self.data_dir = data_dir
-        self.backup_id = backup_id
-        self.dobj = zstandard.ZstdDecompressor().decompressobj() if decompress else None
-
-    def write(self, data: memoryview) -> None:
-        if self.dobj is None:
-            self.stdin.write(data)
-            return
-        try:
-            for i in range(0, len(data), 1 << 20):
-                self.stdin.write(self.dobj.decompress(data[i : i + (1 << 20)]))
-        except zstandard.ZstdError as e:
-            raise CorruptObject(
-                f"backup {self.backup_id}", f"the compressed stream does not decode: {e}"
-            ) from e
-
-    def check_stream_ended(self) -> None:
-        if self.dobj is not None and not self.dobj.eof:
-            raise CorruptObject(f"backup {self.backup_id}", "the compressed stream ends before its end")
-
-    def failed(self) -> RestoreError:
-        """Why tar stopped (it exited; waits for it)."""
-        self.proc.wait()
-        self.errlog.seek(0)
-        err = self.errlog.read().decode(errors="replace").strip()
-        return RestoreError(
-            f"tar -x into {self.data_dir} failed (exit {self.proc.returncode}): {err[-2000:]}"
-        )
-
-
 @dataclass
 class _Tally:
     """Bytes of an indexed unpack, for the result."""
@@ -610,6 +522,8 @@ async def _extract_indexed(
             jobs=opts.parallel,
             progress=opts.progress,
             before_control=writeback.finish if writeback is not None else None,
+            # what the directory now holds, for a later --delta (not for a chain's staged links)
+            after=(lambda idx: restorestate.record(data_dir, idx, opts.run_as)) if durable else None,
         )
     except UnpackError as e:
         raise RestoreError(f"backup {rec.id}: {e}") from None
@@ -635,14 +549,14 @@ async def _extract(
     durable: bool = True,
     tally: _Tally | None = None,
 ) -> float:
-    """One backup into ``data_dir``: by parallel workers when it has an index, else through
-    tar (:func:`_extract_tar`)."""
+    """One backup into ``data_dir``: by parallel workers when it has an index, else as one
+    stream (:func:`_extract_untar`)."""
     if rec.index is not None:
         return await _extract_indexed(repo, scope, rec, data_dir, opts, durable, tally)
-    return await _extract_tar(repo, scope, rec, data_dir, opts, durable=durable)
+    return await _extract_untar(repo, scope, rec, data_dir, opts, durable=durable)
 
 
-async def _extract_tar(
+async def _extract_untar(
     repo: Repository,
     scope: str,
     rec: catalog.BackupRecord,
@@ -651,87 +565,31 @@ async def _extract_tar(
     *,
     durable: bool = True,
 ) -> float:
-    """Fetch and decompress the parts ``opts.parallel`` at a time and write them, in order, to
-    ``tar -x`` (as the PostgreSQL OS user).  The writes are blocking writes in a worker thread:
-    written from the event loop through asyncio's pipe transport, tar waited for the loop
-    (and the GIL) at every pipe-full.
+    """A backup without an index: its parts fetched in order (``opts.parallel`` ahead, at least
+    3) and its tar stream decoded and written by a worker thread (backup/untar.py), written
+    back while it runs and flushed before pg_control (unless not ``durable``: a chain's links,
+    read once by pg_combinebackup and removed).
 
-    Returns the seconds the copy waited for the repository: the time the next part in order
-    was not fetched yet when the pipeline could take it (fetches run ahead, so this is the
-    time the copy was bound by the repository, not the sum of the fetches' durations).  The
-    rest of the copy's time is decompression and untar: writing into zstd/tar (blocked while
-    they are behind), tar finishing after the last byte, and flushing the files to disk
-    (unless not ``durable``: a chain's links, read once by pg_combinebackup and removed)."""
-    errlog = tempfile.TemporaryFile()
-    # zstd-stream: the parts are slices of one zstd stream; the zstd program (through tar)
-    # decompresses it, else a worker thread here does.
-    stream = rec.layout == catalog.LAYOUT_STREAM
-    external = stream and shutil.which("zstd") is not None
-    proc = await asyncio.to_thread(_start_tar, data_dir, opts.run_as, errlog, zstd=external)
+    Returns the seconds the copy waited for the repository (the next part not fetched yet when
+    the extraction could take it); the rest of the copy's time is decompression and writing."""
     writeback = BackgroundWriteback(data_dir).start() if durable else None
-    stdin = proc.stdin
-    assert stdin is not None
-    # at least 3 parts ahead, as before --jobs defaulted to the CPU count (fetch-bound S3 restores)
-    window = max(3, opts.parallel)
-    pending: deque[asyncio.Task[bytes]] = deque()
-    parts = list(rec.parts)
-    total = sum(p.size for p in parts) if stream else (rec.size or sum(p.size for p in parts))
-    done = 0
-    tar = _TarInput(proc, stdin, errlog, data_dir, rec.id, decompress=stream and not external)
-
-    def fetch(p: StoredObject) -> asyncio.Task[bytes]:
-        return asyncio.create_task(_fetch_part(repo, catalog.object_key(scope, rec.id, p.name), p.size))
-
-    nxt = 0
-    fetch_wait = 0.0
     try:
-        while nxt < len(parts) and len(pending) < window:
-            pending.append(fetch(parts[nxt]))
-            nxt += 1
-        while pending:
-            waited = time.monotonic()
-            data = await pending.popleft()
-            fetch_wait += time.monotonic() - waited
-            if nxt < len(parts):
-                pending.append(fetch(parts[nxt]))
-                nxt += 1
-            view = memoryview(data)
-            step = 16 << 20
-            for i in range(0, len(view), step):
-                try:
-                    await asyncio.to_thread(tar.write, view[i : i + step])
-                except BrokenPipeError:
-                    raise await asyncio.to_thread(tar.failed) from None
-                done += min(step, len(view) - i)
-                if opts.progress:
-                    opts.progress("fetch", done, total)
-            del data, view
-        tar.check_stream_ended()
-        try:
-            await asyncio.to_thread(stdin.close)
-        except BrokenPipeError:
-            raise await asyncio.to_thread(tar.failed) from None
-        rc = await asyncio.to_thread(proc.wait)
-        if rc != 0:
-            raise await asyncio.to_thread(tar.failed)
-        if writeback is not None:
-            await asyncio.to_thread(writeback.finish)  # the copy is durable
-        return fetch_wait
-    except BaseException:
+        _, waited = await untar.extract_backup(
+            repo,
+            scope,
+            rec,
+            data_dir,
+            opts.run_as,
+            window=max(3, opts.parallel),
+            progress=opts.progress,
+            before_control=writeback.finish if writeback is not None else None,
+        )
+    except UnpackError as e:
+        raise RestoreError(str(e)) from None
+    finally:
         if writeback is not None:
             writeback.cancel()
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            await asyncio.to_thread(proc.wait)
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            stdin.close()
-        errlog.close()
+    return waited
 
 
 # ============================================================================ chains
@@ -1348,7 +1206,9 @@ async def _copy_backup(
     if len(links) == 1:
         tally = _Tally()
         waited = await _extract(repo, scope, links[0], data_dir, opts, tally=tally)
-        if links[0].index is not None:
+        if links[0].index is None:  # a restore state the source had is not this directory's
+            await asyncio.to_thread(restorestate.discard, data_dir)
+        else:
             result.bytes_fetched, result.bytes_written, result.bytes_total = (
                 tally.fetched,
                 tally.written,
@@ -1357,8 +1217,11 @@ async def _copy_backup(
             result.stored_size = tally.fetched  # a delta fetches only some of the parts
         return waited
     if opts.combine == COMBINE_IN_PLACE:
-        return await _apply_chain_in_place(repo, scope, links, data_dir, opts, result)
-    return await _extract_chain(repo, scope, links, data_dir, opts, result)
+        waited = await _apply_chain_in_place(repo, scope, links, data_dir, opts, result)
+    else:
+        waited = await _extract_chain(repo, scope, links, data_dir, opts, result)
+    await asyncio.to_thread(restorestate.discard, data_dir)  # the full's record, not the chain's
+    return waited
 
 
 async def _copy_into_empty(
@@ -1403,7 +1266,15 @@ async def _delta_copy(
     picks up from there (emptying it would throw away what a retry can reuse)."""
     try:
         st = await delta.delta_restore(
-            repo, scope, rec, data_dir, opts.run_as, local_sysid, jobs=opts.parallel, progress=opts.progress
+            repo,
+            scope,
+            rec,
+            data_dir,
+            opts.run_as,
+            local_sysid,
+            jobs=opts.parallel,
+            progress=opts.progress,
+            rehash=opts.rehash,
         )
     except (UnpackError, OSError) as e:
         why = (
@@ -1420,7 +1291,8 @@ async def _delta_copy(
     result.notes.append(
         f"delta: fetched {st.parts_fetched} of {st.parts_total} parts ({st.bytes_fetched} stored bytes), "
         f"wrote {st.bytes_written} of {st.bytes_total} bytes in {st.files_changed} files, "
-        f"removed {st.entries_removed} entries"
+        f"removed {st.entries_removed} entries; read {st.bytes_hashed} local bytes to compare "
+        f"({st.bytes_unchanged_since_restore} unchanged since the last restore were not read)"
     )
     return st.seconds_fetch
 

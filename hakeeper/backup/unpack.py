@@ -21,6 +21,7 @@ Delta restores (backup/delta.py) use :func:`write_extents` with only the changed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import mmap
 import os
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import zstandard
 
@@ -44,6 +46,7 @@ from hakeeper.backup.fileindex import (
     assign_to_parts,
     parse_index,
     whole_file_extents,
+    without_state,
 )
 from hakeeper.backup.repo import Repository
 from hakeeper.util.fsutil import fsync_dir
@@ -81,7 +84,7 @@ async def load_index(repo: Repository, scope: str, rec: catalog.BackupRecord) ->
     if len(raw) != rec.index.size:
         raise UnpackError(f"the index {key} is {len(raw)} bytes, the record says {rec.index.size}")
     try:
-        return await asyncio.to_thread(parse_index, raw, len(rec.parts))
+        return without_state(await asyncio.to_thread(parse_index, raw, len(rec.parts)))
     except BadIndex as e:
         log.error("restore_index_refused", backup=rec.id, key=key, reason=str(e))
         raise UnpackError(f"the index {key} is not one a backup can have written: {e}") from None
@@ -189,6 +192,12 @@ DIRECT_CHUNK = 8 << 20  # bytes per O_DIRECT write
 DIRECT_MIN = 256 << 10  # smaller runs (a delta's scattered blocks) go through the page cache
 
 
+class ByteSource(Protocol):
+    """Decompressed bytes read in order (a part, or a whole tar stream: backup/untar.py)."""
+
+    def read_exactly(self, view: memoryview) -> None: ...
+
+
 class _PartWriter:
     """Writes one part's slices as its zstd frame is decompressed (blocking: a worker thread).
 
@@ -220,7 +229,9 @@ class _PartWriter:
     def release(self) -> None:
         self.close()
         if self.buf is not None:
-            self.buf.close()
+            # after a failure a traceback may still hold a view of it: then the collector frees it
+            with contextlib.suppress(BufferError):
+                self.buf.close()
 
     def _open(self, path: str) -> None:
         if path != self.path:
@@ -238,7 +249,7 @@ class _PartWriter:
                 self.direct = False  # the file system has no O_DIRECT
         return self.dfd
 
-    def copy(self, reader: _Reader, path: str, offset: int, n: int) -> None:
+    def copy(self, reader: ByteSource, path: str, offset: int, n: int) -> None:
         """``n`` bytes from ``reader`` to ``path`` at ``offset``."""
         self._open(path)
         head = min(n, -offset % DIRECT_ALIGN) if n >= DIRECT_MIN else n
@@ -256,7 +267,7 @@ class _PartWriter:
             n -= whole
         self._buffered(reader, offset, n)
 
-    def _buffered(self, reader: _Reader, offset: int, n: int) -> None:
+    def _buffered(self, reader: ByteSource, offset: int, n: int) -> None:
         assert self.fd is not None
         view = memoryview(self.small)
         while n > 0:
@@ -266,7 +277,7 @@ class _PartWriter:
             offset += k
             n -= k
 
-    def _direct(self, reader: _Reader, dfd: int, buf: mmap.mmap, offset: int, n: int) -> None:
+    def _direct(self, reader: ByteSource, dfd: int, buf: mmap.mmap, offset: int, n: int) -> None:
         view = memoryview(buf)
         while n > 0:
             k = min(n, len(view))
@@ -481,9 +492,11 @@ async def unpack_full(
     jobs: int,
     progress: ProgressFn | None = None,
     before_control: Callable[[], None] | None = None,
+    after: Callable[[FileIndex], object] | None = None,
 ) -> UnpackStats:
     """An indexed backup unpacked into the empty ``data_dir``: tree first, then the parts by
-    ``jobs`` workers, then ``before_control`` (the caller's flush), then pg_control."""
+    ``jobs`` workers, then ``before_control`` (the caller's flush), then pg_control, then
+    ``after`` with the index (blocking, in a thread; the restore's record of what it wrote)."""
     from_index = await load_index(repo, scope, rec)
     await asyncio.to_thread(prepare_tree, data_dir, from_index, ra)
     deferred: list[tuple[int, bytes]] = []
@@ -502,4 +515,6 @@ async def unpack_full(
         await asyncio.to_thread(before_control)
     await asyncio.to_thread(write_control, data_dir, from_index, deferred, ra)
     await asyncio.to_thread(fsync_dir, data_dir / "global")
+    if after is not None:
+        await asyncio.to_thread(after, from_index)
     return stats

@@ -683,10 +683,19 @@ def _bytes_line(res: RestoreResult) -> str:
 
 
 def _check_restore_flags(
-    start: bool, port: int | None, latest: bool, include_current_wal: bool, no_switch_wal: bool, combine: str
+    start: bool,
+    port: int | None,
+    latest: bool,
+    include_current_wal: bool,
+    no_switch_wal: bool,
+    combine: str,
+    delta: bool = False,
+    rehash: bool = False,
 ) -> None:
     if start and port is None:
         raise fail("--start needs --port (the restored server must not take the source's port)", 2)
+    if rehash and not delta:
+        raise fail("--rehash goes with --delta", 2)
     if include_current_wal and not latest:
         raise fail("--include-current-wal goes with --latest (other targets switch WAL when they need it)", 2)
     if include_current_wal and no_switch_wal:
@@ -834,6 +843,14 @@ def restore_cmd(
             "blocks that differ, remove what the backup lacks (needs a backup with a file index).",
         ),
     ] = False,
+    rehash: Annotated[
+        bool,
+        typer.Option(
+            "--rehash",
+            help="With --delta: read and compare every local file, also those unchanged (same inode, "
+            "size, mtime and ctime) since the restore that wrote them recorded their content.",
+        ),
+    ] = False,
     prefetch: Annotated[
         int,
         typer.Option(
@@ -887,7 +904,7 @@ def restore_cmd(
         )
     except UsageError as e:
         raise fail(str(e), 2) from None
-    _check_restore_flags(start, port, latest, include_current_wal, no_switch_wal, combine)
+    _check_restore_flags(start, port, latest, include_current_wal, no_switch_wal, combine, delta, rehash)
     cfg = load_or_exit(config)
     quiet_logging()
     repos = _repo_configs(cfg, repo)
@@ -939,6 +956,7 @@ def restore_cmd(
                 start_timeout=timeout,
                 parallel=jobs or os.cpu_count() or 2,
                 delta=delta,
+                rehash=rehash,
                 progress=progress,
                 combine=combine,
                 prefetch=prefetch,

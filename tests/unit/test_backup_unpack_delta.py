@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hakeeper.backup import catalog, fileindex, unpack
+from hakeeper.backup import catalog, fileindex, restorestate, unpack
 from hakeeper.backup.catalog import BackupRecord, BackupStatus, RestoreRefused, StoredObject
 from hakeeper.backup.delta import MARKER, check_backup, check_target, delta_restore
 from hakeeper.backup.repo import FilesystemRepository
@@ -114,8 +114,9 @@ async def new_repo(root: Path) -> FilesystemRepository:
     return repo
 
 
-def snapshot(root: Path) -> dict[str, tuple[str, str]]:
-    """relative path -> (kind and mode, sha256 of a file's content)."""
+def snapshot(root: Path, *, with_state: bool = False) -> dict[str, tuple[str, str]]:
+    """relative path -> (kind and mode, sha256 of a file's content); without the restore's
+    record of what it wrote, unless asked."""
     out: dict[str, tuple[str, str]] = {}
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
@@ -126,6 +127,8 @@ def snapshot(root: Path) -> dict[str, tuple[str, str]]:
                 out[rel] = (f"f{st.st_mode & 0o777:o}", hashlib.sha256(p.read_bytes()).hexdigest())
             else:
                 out[rel] = (f"d{st.st_mode & 0o777:o}", "")
+    if not with_state:
+        out.pop(fileindex.STATE_FILE, None)
     return out
 
 
@@ -360,3 +363,88 @@ def test_a_part_whose_content_fails_its_checksum_or_size_fails_naming_it(tmp_pat
     blob[-1] ^= 0xFF  # the frame's content checksum
     with pytest.raises(UnpackError, match="part P3 does not decompress"):
         unpack._unpack_part(bytes(blob), 600_000, "P3", tmp_path, sl, deferred, True)
+
+
+async def test_a_delta_skips_reading_files_unchanged_since_the_recorded_restore(tmp_path: Path) -> None:
+    """A full restore records what it wrote; a later delta takes those hashes for files still
+    the same (inode, size, mtime, ctime) and reads only the others -- among them a file whose
+    content was changed with its mtime set back (ctime still moved).  --rehash reads all."""
+    repo = await new_repo(tmp_path / "repo")
+    old_stream = make_tar(big_tree(4))
+    rec1 = await store_big(repo, "b1", old_stream, 500_000)
+    new_files = big_tree(4)
+    big = bytearray(new_files["base/5/big"])
+    big[1000:1010] = b"0123456789"  # the newer backup changed one block of one file
+    new_files["base/5/big"] = bytes(big)
+    new_stream = make_tar(new_files)
+    rec2 = await store_big(repo, "b2", new_stream, 500_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    await unpack_full(
+        repo, "s", rec1, out, RunAs(), jobs=2, after=lambda idx: restorestate.record(out, idx, RunAs())
+    )
+    assert (out / fileindex.STATE_FILE).exists()
+    # behind the record's back: same size, content changed, mtime put back as it was
+    victim = out / "base/5/big2"
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert victim.stat().st_mtime_ns == st.st_mtime_ns
+
+    st1 = await delta_restore(repo, "s", rec2, out, RunAs(), SYSID, jobs=2)
+    extract(new_stream, tmp_path / "full")
+    want = snapshot(tmp_path / "full")
+    got = snapshot(out, with_state=True)
+    assert got.pop(fileindex.STATE_FILE)[0] == "f600"  # the delta's own record
+    assert got == want
+    # read: only big2 (changed behind the record's back) and what was never recorded
+    assert st1.bytes_hashed == len(new_files["base/5/big2"])
+    assert st1.bytes_unchanged_since_restore >= len(new_files["base/5/big"])
+    assert 0 < st1.bytes_written < st1.bytes_total / 2
+
+    # the delta recorded its result: a second one reads nothing; --rehash reads everything
+    st2 = await delta_restore(repo, "s", rec2, out, RunAs(), SYSID, jobs=2)
+    assert st2.bytes_hashed == 0 and st2.bytes_written == 8192
+    st3 = await delta_restore(repo, "s", rec2, out, RunAs(), SYSID, jobs=2, rehash=True)
+    assert st3.bytes_hashed == sum(len(v) for k, v in new_files.items() if k != "global/pg_control")
+    assert st3.bytes_unchanged_since_restore == 0 and st3.bytes_written == 8192
+    assert snapshot(out) == want
+
+
+async def test_a_backup_holding_a_restore_state_restores_without_it(tmp_path: Path) -> None:
+    """A backup of a restored cluster picked up its record: restores leave it out (a delta
+    must not trust another directory's stamps) and write their own."""
+    files = tree(5)
+    files[fileindex.STATE_FILE] = b'{"format": 1, "planted": true}'
+    stream = make_tar(files)
+    repo = await new_repo(tmp_path / "repo")
+    rec = await store(repo, "b1", stream)
+    index = await load_index(repo, "s", rec)
+    assert fileindex.STATE_FILE not in index.by_path()
+    out = tmp_path / "out"
+    out.mkdir()
+    await unpack_full(repo, "s", rec, out, RunAs(), jobs=2)
+    assert not (out / fileindex.STATE_FILE).exists()
+    restorestate.record(out, index, RunAs())
+    known = restorestate.load(out, index.block_size)
+    assert set(known) == {m.path for m in index.files()}
+    assert restorestate.load(out, index.block_size * 2) == {}  # another block size: not used
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"not json",
+        b'{"format": 2, "hash": "xxh3-128", "block_size": 4096, "files": {}}',
+        b'{"format": 1, "hash": "md5", "block_size": 4096, "files": {}}',
+        b'{"format": 1, "hash": "xxh3-128", "block_size": 4096, "files": {"a": [1, 2, 3]}}',
+        b'{"format": 1, "hash": "xxh3-128", "block_size": 4096, "files": {"a": [1, 2, -3, 4, 5, ""]}}',
+        b'{"format": 1, "hash": "xxh3-128", "block_size": 4096, "files": {"a": [1, 2, 5000, 4, 5, "AAAA"]}}',
+        b'{"format": 1, "hash": "xxh3-128", "block_size": 4096, "files": {"a": [1, 2, 10, 4, 5, "!!"]}}',
+    ],
+)
+def test_a_restore_state_that_is_not_one_a_restore_writes_is_refused(doc: bytes) -> None:
+    with pytest.raises(restorestate.BadState):
+        restorestate.parse(doc, 4096)
