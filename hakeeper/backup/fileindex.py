@@ -23,7 +23,6 @@ Pure: no I/O here.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -43,7 +42,7 @@ KIND_LINK = "l"
 _KINDS = (KIND_FILE, KIND_DIR, KIND_LINK)
 CONTROL_FILE = "global/pg_control"
 # what a restore records in the data directory (backup/restorestate.py): a backup of a restored
-# cluster holds one, which restores leave out (each writes its own)
+# cluster holds one, which a restore replaces with its own (or removes) when it ends
 STATE_FILE = "hakeeper-restore-state.json"
 MAX_MEMBERS = 10_000_000
 
@@ -456,13 +455,6 @@ class IndexBuilder:
 
 
 # ============================================================================ planning
-
-
-def without_state(index: FileIndex) -> FileIndex:
-    """The index without the restore state a backup of a restored cluster picked up."""
-    if not any(m.path == STATE_FILE for m in index.members):
-        return index
-    return dataclasses.replace(index, members=tuple(m for m in index.members if m.path != STATE_FILE))
 
 
 def part_offsets(part_sizes: Sequence[int]) -> list[int]:

@@ -15,8 +15,10 @@ as before.  ``--rehash`` ignores the record (a disk that may have rotted under t
 Why in the data directory: it moves with the files -- a file-system snapshot rolled back, or a
 copy, carries its own record, whose inode numbers then no longer match (a copy) or still
 describe exactly these files (a snapshot).  A backup taken of the restored cluster holds the
-file too; restores ignore it there (fileindex.without_state) and write their own.  It holds
-paths, sizes and hashes of the cluster's files: no secret.
+file too; a restore writes it like any file and, when it ends, replaces it with its own record
+(an indexed backup) or removes it (the others: restore.py); until then, stamps taken in
+another directory at another time match nothing here.  It holds paths, sizes and hashes of the
+cluster's files: no secret.
 
 Refusals: a record that is not one this module writes (format, sizes, hash lengths, paths) is
 ignored as a whole and logged; nothing in it can lead a write anywhere, since it only lets the

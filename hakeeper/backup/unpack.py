@@ -46,7 +46,6 @@ from hakeeper.backup.fileindex import (
     assign_to_parts,
     parse_index,
     whole_file_extents,
-    without_state,
 )
 from hakeeper.backup.repo import Repository
 from hakeeper.util.fsutil import fsync_dir
@@ -84,7 +83,7 @@ async def load_index(repo: Repository, scope: str, rec: catalog.BackupRecord) ->
     if len(raw) != rec.index.size:
         raise UnpackError(f"the index {key} is {len(raw)} bytes, the record says {rec.index.size}")
     try:
-        return without_state(await asyncio.to_thread(parse_index, raw, len(rec.parts)))
+        return await asyncio.to_thread(parse_index, raw, len(rec.parts))
     except BadIndex as e:
         log.error("restore_index_refused", backup=rec.id, key=key, reason=str(e))
         raise UnpackError(f"the index {key} is not one a backup can have written: {e}") from None

@@ -38,7 +38,6 @@ from hakeeper.backup import catalog
 from hakeeper.backup.errors import CorruptObject
 from hakeeper.backup.fileindex import (
     CONTROL_FILE,
-    STATE_FILE,
     BadIndex,
     _pax_records,
     _safe_path,
@@ -280,8 +279,8 @@ def extract(
                 body = bytearray(h.size)
                 stream.read_exactly(memoryview(body))
                 control = (h.mode, bytes(body))
-            elif h.kind in _FILE_TYPES and h.path in ("", STATE_FILE):
-                stream.skip(h.size, members.scratch)  # the source's restore record: not ours
+            elif h.kind in _FILE_TYPES and not h.path:
+                stream.skip(h.size, members.scratch)  # "./" as a file: nothing to write
             elif h.kind in _FILE_TYPES:
                 create_file(data_dir, h.path, h.mode, h.size, ra)
                 if h.size:

@@ -55,6 +55,7 @@ from hakeeper.backup.basebackup import (
 )
 from hakeeper.backup.catalog import COMBINE_TOOL, BackupRecord, RestoreRefused, Target
 from hakeeper.backup.errors import CorruptObject, NotFound, RepoError
+from hakeeper.backup.fileindex import STATE_FILE
 from hakeeper.backup.phases import PhaseStats
 from hakeeper.backup.repo import ListEntry, Repository
 from hakeeper.backup.repos import make_repository
@@ -337,7 +338,8 @@ class _Drill:
             await asyncio.to_thread(path.write_bytes, data)
             await asyncio.to_thread(self.run_as.chown, path)
         r = await run(
-            [self.bin_dir / "pg_verifybackup", "--no-parse-wal", "-m", path, data_dir],
+            # the restore's record of what it wrote is not the backup's (backup/restorestate.py)
+            [self.bin_dir / "pg_verifybackup", "--no-parse-wal", "-i", STATE_FILE, "-m", path, data_dir],
             run_as=self.run_as,
             env={"LC_ALL": "C", "LC_MESSAGES": "C"},
             timeout=self.cfg.backup.verify.timeout,

@@ -213,6 +213,16 @@ def test_drill_passes_on_a_good_backup_and_names_a_corrupted_object(area: PgArea
     assert os.listdir(scratch) == []
     assert _postgres_running_in(scratch) == []
 
+    # an indexed backup: its restore records what it wrote (hakeeper-restore-state.json), a file
+    # the backup's manifest does not list, and pg_verifybackup still passes
+    idx = ok(
+        hk("backup", "create", "-c", str(conf), "--from", "local", "--compress-on", "client", "-o", "json")
+    )
+    assert idx["layout"] == "zstd-indexed", idx
+    code, res = _verify(conf)
+    assert code == 0 and res["backup_id"] == idx["id"], res
+    assert res["checks"]["pg_verifybackup"]["ok"] is True, res["checks"]
+
 
 # --------------------------------------------------------------------------- with etcd and agents
 

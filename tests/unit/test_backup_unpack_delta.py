@@ -413,23 +413,22 @@ async def test_a_delta_skips_reading_files_unchanged_since_the_recorded_restore(
     assert snapshot(out) == want
 
 
-async def test_a_backup_holding_a_restore_state_restores_without_it(tmp_path: Path) -> None:
-    """A backup of a restored cluster picked up its record: restores leave it out (a delta
-    must not trust another directory's stamps) and write their own."""
+async def test_a_backup_holding_a_restore_state_gets_the_restore_s_own(tmp_path: Path) -> None:
+    """A backup of a restored cluster picked up its record: a restore writes it like any file,
+    then replaces it with its own when it ends (stamps of another directory match nothing)."""
     files = tree(5)
     files[fileindex.STATE_FILE] = b'{"format": 1, "planted": true}'
-    stream = make_tar(files)
     repo = await new_repo(tmp_path / "repo")
-    rec = await store(repo, "b1", stream)
+    rec = await store(repo, "b1", make_tar(files))
     index = await load_index(repo, "s", rec)
-    assert fileindex.STATE_FILE not in index.by_path()
     out = tmp_path / "out"
     out.mkdir()
     await unpack_full(repo, "s", rec, out, RunAs(), jobs=2)
-    assert not (out / fileindex.STATE_FILE).exists()
+    assert (out / fileindex.STATE_FILE).read_bytes() == files[fileindex.STATE_FILE]
     restorestate.record(out, index, RunAs())
     known = restorestate.load(out, index.block_size)
-    assert set(known) == {m.path for m in index.files()}
+    assert set(known) == {m.path for m in index.files()} - {fileindex.STATE_FILE}
+    assert known["base/1/1259"].stamp == restorestate.Stamp.of((out / "base/1/1259").stat())
     assert restorestate.load(out, index.block_size * 2) == {}  # another block size: not used
 
 
