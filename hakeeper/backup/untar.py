@@ -12,7 +12,8 @@ zstd frame.
 The stream comes from a repository that may have been tampered with (its parts passed their
 SHA-256 against the record, which an attacker with write access may have rewritten too), so
 the members are checked as :mod:`hakeeper.backup.fileindex` checks an index: tar header
-checksums, normalised relative paths, regular files, directories and symbolic links only, nothing
+checksums, normalised relative paths, regular files, directories and symbolic links only, no
+setuid/setgid/sticky modes, nothing
 written through a link (every path is opened one name at a time without following links:
 unpack.open_under), no member twice.  ``global/pg_control`` is written last, after the caller's
 flush, as by an indexed restore: a directory a failed restore leaves never starts.
@@ -246,7 +247,10 @@ class _Members:
         path = name.removeprefix("./").rstrip("/")
         if path:
             _safe_path(path)
-        return Header(path, kind, tar_number(raw[100:108]) & 0o7777, size, link)
+        mode = tar_number(raw[100:108]) & 0o7777
+        if mode & ~0o777:  # PostgreSQL's files are never setuid, setgid or sticky
+            raise UnpackError(f"{self.what}: {path}: mode {mode:o} has bits beyond read/write/execute")
+        return Header(path, kind, mode, size, link)
 
     def end_body(self) -> None:
         self.stream.skip(self._pad, self.scratch)

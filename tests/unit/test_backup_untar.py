@@ -1,7 +1,7 @@
 """Extraction of a backup without a file index (backup/untar.py): the parts of one zstd stream
 (a server-compressed backup) or of independent frames (``zstd-parts``), fetched in order from
 a real filesystem repository, give the tree ``tarfile`` extracts; a corrupt stream, a path
-leaving the directory, a member type a base backup never holds and a stream cut short fail
+leaving the directory, a setuid mode, a member type a base backup never holds and a stream cut short fail
 naming the backup and leave no pg_control."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_a_damaged_or_hostile_stream_fails_naming_the_backup(tmp_path: Path) -> 
     with pytest.raises(UnpackError, match="backup b3: "):
         run_extract(repo, rec3, tmp_path / "o3")
     # a path leaving the directory, a hard link: refused, nothing written outside
-    for bid, member in (("b4", "../escape"), ("b5", "hard")):
+    for bid, member in (("b4", "../escape"), ("b5", "hard"), ("b6", "setuid")):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
             ti = tarfile.TarInfo(member)
@@ -122,8 +122,10 @@ def test_a_damaged_or_hostile_stream_fails_naming_the_backup(tmp_path: Path) -> 
                 ti.linkname = "PG_VERSION"
             else:
                 ti.size = 5
+                ti.mode = 0o4755 if member == "setuid" else 0o600
             t.addfile(ti, io.BytesIO(b"owned") if ti.size else None)
         rec4 = asyncio.run(store_stream(repo, bid, buf.getvalue()))
         with pytest.raises(UnpackError, match=f"backup {bid}: "):
             run_extract(repo, rec4, tmp_path / bid)
     assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "b6" / "setuid").exists()
