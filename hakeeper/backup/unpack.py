@@ -21,10 +21,12 @@ Delta restores (backup/delta.py) use :func:`write_extents` with only the changed
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -197,16 +199,41 @@ class ByteSource(Protocol):
     def read_exactly(self, view: memoryview) -> None: ...
 
 
+_WRITERS: concurrent.futures.ThreadPoolExecutor | None = None
+_WRITERS_LOCK = threading.Lock()
+
+
+def _write_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that carry out O_DIRECT writes while their part goes on decompressing."""
+    global _WRITERS
+    with _WRITERS_LOCK:
+        if _WRITERS is None:
+            _WRITERS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="restore-write")
+        return _WRITERS
+
+
+@dataclass
+class _Pending:
+    """A direct write under way: what to write through the page cache if O_DIRECT fails."""
+
+    future: concurrent.futures.Future[None]
+    fd: int
+    view: memoryview
+    offset: int
+
+
 class _PartWriter:
     """Writes one part's slices as its zstd frame is decompressed (blocking: a worker thread).
 
     The decompressed bytes stream through small buffers instead of a whole part in memory, and
-    runs of whole 4 KiB blocks are written with ``O_DIRECT`` from a page-aligned buffer: on
+    runs of whole 4 KiB blocks are written with ``O_DIRECT`` from page-aligned buffers: on
     this kind of machine buffered writes of gigabytes stall in the kernel's dirty-page
-    throttling (docs/benchmarks.md: 9 GB written at 0.43 GB/s buffered, 1.3 GB/s direct, with
-    the same decompression).  Partial blocks at a slice's ends -- shared with a neighbouring
-    slice another worker may write -- and short runs go through the page cache; a file
-    system without O_DIRECT (EINVAL) gets every write through the page cache."""
+    throttling (docs/decisions.md: 9 GB written at 0.43 GB/s buffered, 1.3 GB/s direct, with
+    the same decompression).  Two buffers take turns: while one is written (a thread of
+    :func:`_write_pool`; an O_DIRECT write waits for the disk) the next is decompressed into.
+    Partial blocks at a slice's ends -- shared with a neighbouring slice another worker may
+    write -- and short runs go through the page cache; a file system without O_DIRECT (EINVAL)
+    gets every write through the page cache."""
 
     def __init__(self, data_dir: Path, direct: bool) -> None:
         self.data_dir = data_dir
@@ -214,23 +241,54 @@ class _PartWriter:
         self.path = ""
         self.fd: int | None = None
         self.dfd: int | None = None
-        self.buf = mmap.mmap(-1, DIRECT_CHUNK) if direct else None  # page-aligned
+        # page-aligned
+        self.bufs = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(2)] if direct else []
+        self.turn = 0
+        self.pending: _Pending | None = None
         self.small = bytearray(DIRECT_CHUNK if not direct else DIRECT_MIN)
         self.direct_bytes = 0  # written with O_DIRECT
 
+    def _settle(self) -> None:
+        """Wait for the write under way; one O_DIRECT refused (EINVAL: an alignment this file
+        system does not take) is written through the page cache, and so is everything after."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        try:
+            p.future.result()
+            self.direct_bytes += len(p.view)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            assert self.fd is not None
+            _pwrite_all(self.fd, p.view, p.offset)
+
     def close(self) -> None:
-        for fd in (self.fd, self.dfd):
-            if fd is not None:
-                os.close(fd)
-        self.fd = self.dfd = None
-        self.path = ""
+        try:
+            self._settle()
+        finally:
+            for fd in (self.fd, self.dfd):
+                if fd is not None:
+                    os.close(fd)
+            self.fd = self.dfd = None
+            self.path = ""
 
     def release(self) -> None:
-        self.close()
-        if self.buf is not None:
+        """Close everything, after the write under way, whatever happened: the path that
+        succeeded called :meth:`close` itself, which raises a failed write."""
+        try:
+            self.close()
+        except OSError:
+            pass  # the failure being handled already is the news
+        finally:
+            self._free()
+
+    def _free(self) -> None:
+        for buf in self.bufs:
             # after a failure a traceback may still hold a view of it: then the collector frees it
             with contextlib.suppress(BufferError):
-                self.buf.close()
+                buf.close()
 
     def _open(self, path: str) -> None:
         if path != self.path:
@@ -258,10 +316,10 @@ class _PartWriter:
         whole = n - n % DIRECT_ALIGN
         if whole:
             dfd = self._direct_fd() if self.direct else None
-            if dfd is None or self.buf is None:
+            if dfd is None:
                 self._buffered(reader, offset, whole)
             else:
-                self._direct(reader, dfd, self.buf, offset, whole)
+                self._direct(reader, dfd, offset, whole)
             offset += whole
             n -= whole
         self._buffered(reader, offset, n)
@@ -276,23 +334,18 @@ class _PartWriter:
             offset += k
             n -= k
 
-    def _direct(self, reader: ByteSource, dfd: int, buf: mmap.mmap, offset: int, n: int) -> None:
-        view = memoryview(buf)
+    def _direct(self, reader: ByteSource, dfd: int, offset: int, n: int) -> None:
         while n > 0:
-            k = min(n, len(view))
-            chunk = view[:k]
+            k = min(n, DIRECT_CHUNK)
+            # the buffer of two turns ago: its write was settled before the last one started
+            chunk = memoryview(self.bufs[self.turn])[:k]
+            self.turn ^= 1
             reader.read_exactly(chunk)
-            try:
-                if not self.direct:
-                    raise OSError(errno.EINVAL, "O_DIRECT refused before")
-                _pwrite_all(dfd, chunk, offset)
-                self.direct_bytes += k
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # an alignment this file system refuses (a larger logical block): the page
-                # cache from here on
-                self.direct = False
+            self._settle()
+            if self.direct:
+                fut = _write_pool().submit(_pwrite_all, dfd, chunk, offset)
+                self.pending = _Pending(fut, dfd, chunk, offset)
+            else:
                 assert self.fd is not None
                 _pwrite_all(self.fd, chunk, offset)
             offset += k
@@ -401,6 +454,7 @@ def _unpack_part(
             writer.copy(reader, e.path, e.file_offset + in_extent, n)
             written += n
         reader.finish(scratch)
+        writer.close()  # the last write done (its failure raised here)
     except OSError as e:
         raise UnpackError(f"writing part {key} into {data_dir}: {e}") from e
     finally:

@@ -295,13 +295,14 @@ def extract(
                 _make_entry(data_dir, h, ra, what)
             members.end_body()
         stream.drain(members.scratch)
+        writer.close()  # the last write done (its failure raised here)
     except BadIndex as e:
         raise UnpackError(f"{what}: {e}") from None
     except OSError as e:
         raise UnpackError(f"{what}: writing into {data_dir}: {e}") from e
     finally:
-        out.bytes_direct = writer.direct_bytes
         writer.release()
+        out.bytes_direct = writer.direct_bytes
     if before_control is not None:
         before_control()
     if control is not None:

@@ -5,6 +5,7 @@ copy with modified, missing and extra files gives the same tree while fetching l
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import errno
 import hashlib
@@ -447,3 +448,34 @@ async def test_a_backup_holding_a_restore_state_gets_the_restore_s_own(tmp_path:
 def test_a_restore_state_that_is_not_one_a_restore_writes_is_refused(doc: bytes) -> None:
     with pytest.raises(restorestate.BadState):
         restorestate.parse(doc, 4096)
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.EIO])
+async def test_a_refused_or_failed_direct_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """O_DIRECT writes run beside the decompression: one refused for its alignment (EINVAL) is
+    written through the page cache, as is the rest, and the result is whole; any other error
+    fails the unpack naming the part."""
+
+    class Refusing:
+        def submit(self, fn: object, *args: object) -> concurrent.futures.Future[None]:
+            f: concurrent.futures.Future[None] = concurrent.futures.Future()
+            f.set_exception(OSError(err, "refused"))
+            return f
+
+    monkeypatch.setattr(unpack, "_write_pool", lambda: Refusing())
+    repo = await new_repo(tmp_path / "repo")
+    stream = make_tar(big_tree(9))
+    rec = await store_big(repo, "b1", stream, 1_500_001)
+    out = tmp_path / "out"
+    out.mkdir()
+    if err == errno.EIO:
+        with pytest.raises(UnpackError, match="writing part .*b1/base.tar"):
+            await unpack_full(repo, "s", rec, out, RunAs(), jobs=2)
+        assert not (out / "global" / "pg_control").exists()
+        return
+    stats = await unpack_full(repo, "s", rec, out, RunAs(), jobs=2)
+    extract(stream, tmp_path / "tar")
+    assert snapshot(out) == snapshot(tmp_path / "tar")
+    assert stats.bytes_direct == 0
