@@ -208,7 +208,7 @@ def _write_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _WRITERS
     with _WRITERS_LOCK:
         if _WRITERS is None:
-            _WRITERS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="restore-write")
+            _WRITERS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="restore-write")
         return _WRITERS
 
 

@@ -471,7 +471,7 @@ async def test_a_refused_or_failed_direct_write(
     out = tmp_path / "out"
     out.mkdir()
     if err == errno.EIO:
-        with pytest.raises(UnpackError, match="writing part .*b1/base.tar"):
+        with pytest.raises(UnpackError, match=r"writing part .*b1/base\.tar"):
             await unpack_full(repo, "s", rec, out, RunAs(), jobs=2)
         assert not (out / "global" / "pg_control").exists()
         return
