@@ -29,7 +29,8 @@ CHUNK = 8 << 20
 
 def sample_part() -> bytes:
     rows = b"".join(b"%10d|%6d|%10d|" % (i, i % 600, 0) + b" " * 84 for i in range(PART // 112 + 1))
-    return zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(rows[:PART])
+    zc = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+    return zc.compress(rows[:PART])
 
 
 def run(mode: str, jobs: int, gb: float, where: Path, blob: bytes) -> tuple[float, float]:
