@@ -156,13 +156,7 @@ class RepositoryConfig(_Strict):
         description="Encrypt every stored object with a key from `key_file` or `key_env` (default: "
         "stored unencrypted).  A repository is encrypted or not from its first write on.",
     )
-    compression_level: int = Field(
-        3,
-        ge=1,
-        le=19,
-        description="zstd level of stored objects.  Base backups use level 1 for 1 to 3 (on PostgreSQL "
-        "pages faster and smaller than 3); 4 and up as given.",
-    )
+    compression_level: int = Field(3, ge=1, le=19, description="zstd level of stored objects.")
     compression_threads: int = Field(
         0, ge=-1, le=64, description="zstd worker threads per object (0: none, -1: one per CPU)."
     )
