@@ -212,6 +212,7 @@ def test_restore_flag_misuse_is_a_usage_error(tmp_path: Path) -> None:
     for extra, why in (
         (["--target-lsn", "0/3000000", "--include-current-wal"], "--include-current-wal goes with --latest"),
         (["--latest", "--include-current-wal", "--no-switch-wal"], "contradict each other"),
+        (["--latest", "--rehash"], "--rehash goes with --delta"),
     ):
         res = runner.invoke(app, base + extra)
         assert res.exit_code == 2, res.output
