@@ -199,6 +199,14 @@ class ByteSource(Protocol):
     def read_exactly(self, view: memoryview) -> None: ...
 
 
+def skip_bytes(reader: ByteSource, n: int, scratch: memoryview) -> None:
+    """Read and drop ``n`` bytes (what lies between the slices a worker writes)."""
+    while n > 0:
+        k = min(n, len(scratch))
+        reader.read_exactly(scratch[:k])
+        n -= k
+
+
 _WRITERS: concurrent.futures.ThreadPoolExecutor | None = None
 _WRITERS_LOCK = threading.Lock()
 
@@ -377,10 +385,7 @@ class _Reader:
         self.pos += got
 
     def skip(self, n: int, scratch: memoryview) -> None:
-        while n > 0:
-            k = min(n, len(scratch))
-            self.read_exactly(scratch[:k])
-            n -= k
+        skip_bytes(self, n, scratch)
 
     def finish(self, scratch: memoryview) -> None:
         """Read to the end: the size must be the index's and the frame's checksum must hold."""

@@ -55,6 +55,7 @@ from hakeeper.backup.unpack import (
     make_link,
     open_under,
     set_dir_mode,
+    skip_bytes,
 )
 from hakeeper.util.fsutil import fsync_dir
 from hakeeper.util.proc import RunAs
@@ -142,10 +143,7 @@ class _Stream:
         self.pos += got
 
     def skip(self, n: int, scratch: memoryview) -> None:
-        while n > 0:
-            k = min(n, len(scratch))
-            self.read_exactly(scratch[:k])
-            n -= k
+        skip_bytes(self, n, scratch)
 
     def drain(self, scratch: memoryview) -> None:
         """Read to the end of the stream (the archive's padding; every frame checked)."""
