@@ -405,15 +405,23 @@ def write_control(data_dir: Path, index: FileIndex, deferred: Sequence[tuple[int
     m = index.by_path().get(CONTROL_FILE)
     if m is None or m.kind != KIND_FILE:
         return 0
-    create_file(data_dir, CONTROL_FILE, m.mode, m.size, ra, exclusive=False)
+    write_control_file(data_dir, m.mode, m.size, deferred, ra)
+    return sum(len(b) for _, b in deferred)
+
+
+def write_control_file(
+    data_dir: Path, mode: int, size: int, chunks: Sequence[tuple[int, bytes]], ra: RunAs
+) -> None:
+    """``global/pg_control`` of ``size`` bytes from ``(offset, bytes)`` chunks, fsynced
+    (blocking; an earlier one, from a delta's old copy, is replaced in place)."""
+    create_file(data_dir, CONTROL_FILE, mode, size, ra, exclusive=False)
     fd = open_under(data_dir, CONTROL_FILE, os.O_WRONLY)
     try:
-        for off, b in deferred:
+        for off, b in chunks:
             _pwrite_all(fd, memoryview(b), off)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return sum(len(b) for _, b in deferred)
 
 
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import queue
 import threading
 import time
@@ -38,6 +37,8 @@ import zstandard
 from hakeeper.backup import catalog
 from hakeeper.backup.errors import CorruptObject
 from hakeeper.backup.fileindex import (
+    _FILE_TYPES,
+    _MAX_META_BODY,
     CONTROL_FILE,
     BadIndex,
     _pax_records,
@@ -49,19 +50,16 @@ from hakeeper.backup.repo import Repository
 from hakeeper.backup.unpack import (
     UnpackError,
     _PartWriter,
-    _pwrite_all,
     create_file,
     make_dir,
     make_link,
-    open_under,
     set_dir_mode,
     skip_bytes,
+    write_control_file,
 )
 from hakeeper.util.fsutil import fsync_dir
 from hakeeper.util.proc import RunAs
 
-_FILE_TYPES = (b"0", b"\0", b"7")
-_MAX_META_BODY = 1 << 20
 END = None  # what the feeder puts after the last part
 
 
@@ -304,7 +302,8 @@ def extract(
     if before_control is not None:
         before_control()
     if control is not None:
-        _write_control(data_dir, control[0], control[1], ra)
+        write_control_file(data_dir, control[0], len(control[1]), [(0, control[1])], ra)
+        fsync_dir(data_dir / "global")
         out.files += 1
         out.bytes_written += len(control[1])
     return out
@@ -323,17 +322,6 @@ def _make_entry(data_dir: Path, h: Header, ra: RunAs, what: str) -> None:
         make_link(data_dir, h.path, h.link, ra)
     else:
         raise UnpackError(f"{what}: {h.path}: tar member type {h.kind!r} is not one a base backup holds")
-
-
-def _write_control(data_dir: Path, mode: int, body: bytes, ra: RunAs) -> None:
-    create_file(data_dir, CONTROL_FILE, mode, len(body), ra)
-    fd = open_under(data_dir, CONTROL_FILE, os.O_WRONLY)
-    try:
-        _pwrite_all(fd, memoryview(body), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(data_dir / "global")
 
 
 ProgressFn = Callable[[str, int, int | None], None]

@@ -91,6 +91,14 @@ async def store(repo: FilesystemRepository, bid: str, stream: bytes) -> BackupRe
     r = await repo.put(
         catalog.object_key("s", bid, fileindex.INDEX_NAME), fileindex.to_bytes(b.finish(sizes))
     )
+    index = StoredObject(name=fileindex.INDEX_NAME, size=r.size, stored_size=r.stored_size, sha256=r.sha256)
+    return complete_record(bid, catalog.LAYOUT_INDEXED, parts, len(stream), index=index)
+
+
+def complete_record(
+    bid: str, layout: str, parts: list[StoredObject], size: int, index: StoredObject | None = None
+) -> BackupRecord:
+    """A complete full backup's record in scope ``s`` of repository ``fs``."""
     return BackupRecord(
         id=bid,
         label=bid,
@@ -99,13 +107,11 @@ async def store(repo: FilesystemRepository, bid: str, stream: bytes) -> BackupRe
         repository="fs",
         start_time=NOW,
         updated_at=NOW,
-        layout=catalog.LAYOUT_INDEXED,
+        layout=layout,
         parts=parts,
-        index=StoredObject(
-            name=fileindex.INDEX_NAME, size=r.size, stored_size=r.stored_size, sha256=r.sha256
-        ),
+        index=index,
         system_identifier=str(SYSID),
-        size=len(stream),
+        size=size,
     )
 
 

@@ -15,12 +15,19 @@ import pytest
 import zstandard
 
 from hakeeper.backup import catalog, fileindex, untar
-from hakeeper.backup.catalog import BackupRecord, BackupStatus, StoredObject
+from hakeeper.backup.catalog import BackupRecord, StoredObject
 from hakeeper.backup.errors import CorruptObject
 from hakeeper.backup.repo import FilesystemRepository
 from hakeeper.backup.unpack import UnpackError, compress_part
 from hakeeper.util.proc import RunAs
-from tests.unit.test_backup_unpack_delta import NOW, SYSID, big_tree, extract, make_tar, new_repo, snapshot
+from tests.unit.test_backup_unpack_delta import (
+    big_tree,
+    complete_record,
+    extract,
+    make_tar,
+    new_repo,
+    snapshot,
+)
 
 
 async def store_stream(
@@ -39,19 +46,7 @@ async def store_stream(
         parts.append(
             StoredObject(name=catalog.part_name(i), size=r.size, stored_size=r.stored_size, sha256=r.sha256)
         )
-    return BackupRecord(
-        id=bid,
-        label=bid,
-        status=BackupStatus.COMPLETE,
-        scope="s",
-        repository="fs",
-        start_time=NOW,
-        updated_at=NOW,
-        layout=catalog.LAYOUT_PARTS if frames else catalog.LAYOUT_STREAM,
-        parts=parts,
-        system_identifier=str(SYSID),
-        size=len(stream),
-    )
+    return complete_record(bid, catalog.LAYOUT_PARTS if frames else catalog.LAYOUT_STREAM, parts, len(stream))
 
 
 def run_extract(repo: FilesystemRepository, rec: BackupRecord, out: Path, **kw: object) -> untar.Extracted:
